@@ -1,0 +1,50 @@
+"""Building blocks of the paper's networks: tanh MLPs and Gaussian layers."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Sequence
+
+import pyro
+import torch
+from torch import nn
+
+_instances = itertools.count()
+
+
+def mlp(sizes: Sequence[int]) -> nn.Sequential:
+    """Linear layers of ``sizes`` with a tanh after each (the paper's hidden units)."""
+    layers: list[nn.Module] = []
+    for n_in, n_out in itertools.pairwise(sizes):
+        layers += [nn.Linear(n_in, n_out), nn.Tanh()]
+    return nn.Sequential(*layers)
+
+
+class GaussianLayer(nn.Module):
+    """``h -> (loc, scale)`` of a diagonal Gaussian: a tanh MLP, then one linear map
+    to the mean and the log standard deviation.
+
+    :param sizes: input size, then hidden sizes; ``out_dim`` is the Gaussian's size.
+    """
+
+    def __init__(self, sizes: Sequence[int], out_dim: int) -> None:
+        super().__init__()
+        self.hidden = mlp(sizes)
+        self.out = nn.Linear(sizes[-1], 2 * out_dim)
+
+    def forward(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        loc, log_scale = self.out(self.hidden(h)).chunk(2, dim=-1)
+        return loc, log_scale.exp()
+
+
+class PyroNetwork(nn.Module):
+    """An ``nn.Module`` whose parameters a Pyro program registers with ``pyro.module``,
+    so that :class:`pyro.infer.SVI` sees them; each instance has its own name, so
+    that two instances never share the global parameter store's entries."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._pyro_name = f"{type(self).__name__}{next(_instances)}"
+
+    def register_with_pyro(self) -> None:
+        pyro.module(self._pyro_name, self)

@@ -1,0 +1,359 @@
+"""Importance-weighted variational objectives as Pyro :class:`~pyro.infer.ELBO` s."""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any, NamedTuple
+
+import torch
+from pyro import poutine
+from pyro.distributions.util import scale_and_mask
+from pyro.infer.elbo import ELBO
+from pyro.infer.util import is_validation_enabled, torch_item
+from pyro.poutine.messenger import Messenger
+from pyro.poutine.trace_struct import Trace
+from pyro.poutine.util import prune_subsample_sites, site_is_subsample
+from pyro.util import check_if_enumerated, check_model_guide_match, warn_if_nan
+
+ESTIMATORS = ("iwae", "stl", "dreg")
+PARTICLE_PLATE = "num_particles_vectorized"  # the plate Pyro's ELBO adds
+
+
+class _DetachParams(Messenger):
+    """Returns ``pyro.param`` values detached, so log q is evaluated at stopped phi."""
+
+    def _pyro_post_param(self, msg: dict) -> None:
+        msg["value"] = msg["value"].detach()
+
+
+@contextmanager
+def _stopped(parameters: list[torch.Tensor]) -> Iterator[None]:
+    # Parameters stop requiring grad only while the guide is re-run, so the re-run
+    # records no graph to them; the first run's graph is untouched.
+    stopped = [p for p in parameters if p.requires_grad]
+    for p in stopped:
+        p.requires_grad_(False)
+    try:
+        with _DetachParams(), warnings.catch_warnings():
+            # pyro.module warns of parameters that do not require grad: here that is
+            # the point.
+            warnings.filterwarnings("ignore", "(?s).*not registered in the param store")
+            yield
+    finally:
+        for p in stopped:
+            p.requires_grad_(True)
+
+
+def _latent_sites(trace: Trace) -> Iterator[tuple[str, dict]]:
+    for name, site in trace.nodes.items():
+        if site["type"] == "sample" and not site["is_observed"]:
+            if not site_is_subsample(site):
+                yield name, site
+
+
+class Particles(NamedTuple):
+    """Log importance weights of k particles, with what is needed to combine them.
+
+    ``log_weights`` has shape ``(k,) + plate_shape``, ``len(plate_shape)`` equal to
+    ``max_plate_nesting``, and size 1 at every dim but the data plate dims
+    ``local_dims``; ``scale`` is the common scale of the sample sites (a number or
+    tensor); ``traces`` the ``(model_trace, guide_trace)`` pairs, one per
+    Python-level particle.
+    """
+
+    log_weights: torch.Tensor
+    scale: Any
+    local_dims: tuple[int, ...]
+    traces: list[tuple[Trace, Trace]]
+
+
+class IWELBO(ELBO):
+    r"""The importance-weighted bound of Burda et al. (2016), per data point.
+
+    For each point :math:`x` of the data plate and particles
+    :math:`z_i \sim q(z|x)`, :math:`i = 1..k`:
+
+    .. math:: L_k(x) = \log \frac{1}{k} \sum_i \frac{p(x, z_i)}{q(z_i|x)}.
+
+    The loss is :math:`-s \sum_x L_k(x)`, with :math:`s` the scale of the sample
+    sites (``N/B`` under a sub-sampled data plate, or set by ``poutine.scale``):
+    the scale multiplies the bound and never enters the logsumexp. Log-probs of
+    sites in other plates are summed into each point's log-weight. The data plate
+    is the plate that encloses every sample site of model and guide; with none,
+    the bound is joint over all sites (then sub-sampling is an error).
+
+    :param int num_particles: k, the number of importance samples per point.
+    :param str estimator: guide gradient: ``"iwae"`` (reparameterised gradient of
+        the bound), ``"stl"`` (sticking the landing, Roeder et al. 2017) or
+        ``"dreg"`` (doubly reparameterised, Tucker et al. 2019). The model gradient
+        and the loss value are the same for all three.
+    :param bool vectorize_particles: draw the k particles in one vectorized plate
+        (requires static model structure) rather than in a Python loop.
+    :param int max_plate_nesting: the number of plates the model and guide nest,
+        not counting the particle plate.
+    """
+
+    def __init__(
+        self,
+        num_particles: int = 5,
+        estimator: str = "iwae",
+        vectorize_particles: bool = True,
+        max_plate_nesting: int = 1,
+        **kwargs: Any,
+    ) -> None:
+        if estimator not in ESTIMATORS:
+            raise ValueError(
+                f"unknown estimator {estimator!r}; "
+                f"choose one of {', '.join(ESTIMATORS)}"
+            )
+        if not isinstance(num_particles, int) or num_particles < 1:
+            raise ValueError(
+                f"num_particles must be an integer >= 1, got {num_particles}"
+            )
+        super().__init__(
+            num_particles=num_particles,
+            max_plate_nesting=max_plate_nesting,
+            vectorize_particles=vectorize_particles,
+            **kwargs,
+        )
+        self.estimator = estimator
+        self._stop_parameters: list[torch.Tensor] = []
+
+    @property
+    def _has_particle_plate(self) -> bool:
+        return self.vectorize_particles and self.num_particles > 1
+
+    def _get_trace(
+        self, model: Callable, guide: Callable, args: tuple, kwargs: dict
+    ) -> tuple[Trace, Trace]:
+        guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
+        if is_validation_enabled():
+            check_if_enumerated(guide_trace)
+        for name, site in _latent_sites(guide_trace):
+            if not site["fn"].has_rsample:
+                raise NotImplementedError(
+                    f"IWELBO needs reparameterizable guide sites, but {name!r} "
+                    f"({type(site['fn']).__name__}) has no rsample; use a "
+                    "reparameterizable or relaxed distribution"
+                )
+        if self.estimator != "iwae":
+            guide_trace = self._stopped_guide_trace(guide, guide_trace, args, kwargs)
+        model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(
+            *args, **kwargs
+        )
+        if is_validation_enabled():
+            check_model_guide_match(model_trace, guide_trace, self.max_plate_nesting)
+        return prune_subsample_sites(model_trace), prune_subsample_sites(guide_trace)
+
+    def _stopped_guide_trace(
+        self, guide: Callable, guide_trace: Trace, args: tuple, kwargs: dict
+    ) -> Trace:
+        """Re-runs the guide at the sampled values with its parameters stopped.
+
+        ``stl`` and ``dreg`` need log q(z|x) with phi held constant while z keeps
+        its dependence on phi. For ``dreg`` each latent value is replaced by a
+        fresh autograd node, whose gradient :meth:`_weighted_loss` rescales by
+        the normalized weight; the guide's own use of z (for example z1 feeding
+        q(z2|z1)) keeps the raw, unscaled path.
+        """
+        replay_trace = guide_trace.copy()
+        for name, site in _latent_sites(guide_trace):
+            value = site["value"]
+            if self.estimator == "dreg" and value.requires_grad:
+                value = value.view_as(value)
+            replay_trace.nodes[name] = {**site, "value": value}
+        parameters = self._stop_parameters + [
+            site["value"]
+            for site in guide_trace.nodes.values()
+            if site["type"] == "param" and site["value"].is_leaf
+        ]
+        with _stopped(parameters):
+            stopped_trace = poutine.trace(
+                poutine.replay(guide, trace=replay_trace)
+            ).get_trace(*args, **kwargs)
+        # Keep the first run's param sites: they carry the trainable tensors.
+        for name, site in guide_trace.nodes.items():
+            if site["type"] == "param":
+                stopped_trace.nodes[name] = site
+        return stopped_trace
+
+    def particles(
+        self, model: Callable, guide: Callable, *args: Any, **kwargs: Any
+    ) -> Particles:
+        """Draws k particles from the guide and weighs them against the model."""
+        if self.max_plate_nesting == float("inf"):
+            self._guess_max_plate_nesting(model, guide, args, kwargs)
+        self._stop_parameters = _parameters_of(guide)
+        try:
+            traces = list(self._get_traces(model, guide, args, kwargs))
+        finally:
+            self._stop_parameters = []
+        plate_nesting = self.max_plate_nesting - int(self._has_particle_plate)
+        sites = [
+            site
+            for pair in traces[:1]
+            for trace in pair
+            for site in trace.nodes.values()
+            if site["type"] == "sample"
+        ]
+        local_dims = _local_plate_dims(sites)
+        scale = _common_scale(sites, local_dims)
+        log_weights = torch.cat(
+            [
+                _log_weight(model_trace, guide_trace, plate_nesting, local_dims)
+                for model_trace, guide_trace in traces
+            ]
+        )
+        return Particles(log_weights, scale, local_dims, traces)
+
+    def _weighted_loss(
+        self, model: Callable, guide: Callable, args: tuple, kwargs: dict
+    ) -> tuple[torch.Tensor, list[tuple[Trace, Trace]]]:
+        log_weights, scale, _, traces = self.particles(model, guide, *args, **kwargs)
+        bound = log_weights.logsumexp(0) - math.log(self.num_particles)
+        loss = -(bound * scale).sum()
+        if self.estimator == "dreg" and loss.requires_grad:
+            weights = log_weights.detach().softmax(0)
+            for i, (model_trace, _) in enumerate(traces):
+                particle_weights = weights if self._has_particle_plate else weights[i]
+                for _, site in _latent_sites(model_trace):
+                    if site["value"].requires_grad:
+                        factor = _align(particle_weights, site)
+                        site["value"].register_hook(lambda g, f=factor: g * f)
+        warn_if_nan(loss, "loss")
+        return loss, traces
+
+    def differentiable_loss(
+        self, model: Callable, guide: Callable, *args: Any, **kwargs: Any
+    ) -> torch.Tensor:
+        """Returns the negative bound, differentiable with the chosen estimator."""
+        return self._weighted_loss(model, guide, args, kwargs)[0]
+
+    def loss(
+        self, model: Callable, guide: Callable, *args: Any, **kwargs: Any
+    ) -> float:
+        """Returns an estimate of the negative bound, as a float."""
+        with torch.no_grad():
+            return torch_item(self._weighted_loss(model, guide, args, kwargs)[0])
+
+    def loss_and_grads(
+        self, model: Callable, guide: Callable, *args: Any, **kwargs: Any
+    ) -> float:
+        """Returns the negative bound and accumulates its gradient in ``.grad``."""
+        loss, traces = self._weighted_loss(model, guide, args, kwargs)
+        trainable = any(
+            site["type"] == "param"
+            for pair in traces
+            for trace in pair
+            for site in trace.nodes.values()
+        )
+        if trainable and loss.requires_grad:
+            loss.backward(retain_graph=self.retain_graph)
+        return torch_item(loss)
+
+
+def _parameters_of(fn: Callable) -> list[torch.Tensor]:
+    return list(fn.parameters()) if isinstance(fn, torch.nn.Module) else []
+
+
+def _local_plate_dims(sites: list[dict]) -> tuple[int, ...]:
+    """Dims of the plates that enclose every sample site: the data plate(s)."""
+    common = None
+    for site in sites:
+        frames = {
+            (f.name, f.dim)
+            for f in site["cond_indep_stack"]
+            if f.vectorized and f.name != PARTICLE_PLATE
+        }
+        common = frames if common is None else common & frames
+    return tuple(sorted(dim for _, dim in common or ()))
+
+
+def _common_scale(sites: list[dict], local_dims: tuple[int, ...]) -> Any:
+    scale = sites[0]["scale"]
+    for site in sites[1:]:
+        if not _same_scale(site["scale"], scale):
+            raise ValueError(
+                f"IWELBO needs one scale for every sample site, but {site['name']!r} "
+                f"has {site['scale']} and {sites[0]['name']!r} has {scale}; "
+                "sub-sample or scale the whole model and guide, not single sites"
+            )
+    if not local_dims and not (isinstance(scale, (int, float)) and scale == 1.0):
+        subsampled = sorted(
+            {
+                f.name
+                for site in sites
+                for f in site["cond_indep_stack"]
+                if f.full_size is not None and f.full_size != f.size
+            }
+        )
+        if subsampled:
+            raise ValueError(
+                f"IWELBO cannot sub-sample plate {subsampled[0]!r}: it does not "
+                "enclose every sample site, so the bound does not factor over its "
+                "points; put all sample sites inside the data plate or use full "
+                "batches"
+            )
+    return scale
+
+
+def _same_scale(a: Any, b: Any) -> bool:
+    if a is b:
+        return True
+    if not (isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor)):
+        return a == b
+    a, b = torch.as_tensor(a), torch.as_tensor(b)
+    return a.shape == b.shape and bool((a == b).all())
+
+
+def _log_weight(
+    model_trace: Trace,
+    guide_trace: Trace,
+    plate_nesting: int,
+    local_dims: tuple[int, ...],
+) -> torch.Tensor:
+    """log p(x, z) - log q(z|x), unscaled, summed over all but particle and data dims.
+
+    :returns: a tensor of shape ``(particles,) + plate_shape``, one of length
+        ``plate_nesting + 1``, with particles 1 when particles are not vectorized.
+    """
+    log_weight = 0.0
+    for trace, sign in ((model_trace, 1.0), (guide_trace, -1.0)):
+        for name, site in trace.nodes.items():
+            if site["type"] != "sample" or (sign < 0 and site["is_observed"]):
+                continue
+            log_prob = site["fn"].log_prob(
+                site["value"], *site["args"], **site["kwargs"]
+            )
+            log_prob = scale_and_mask(log_prob, mask=site["mask"])
+            if log_prob.dim() > plate_nesting + 1:
+                raise ValueError(
+                    f"site {name!r} has batch shape {tuple(log_prob.shape)}, more dims "
+                    f"than max_plate_nesting={plate_nesting} allows; raise "
+                    "max_plate_nesting or declare the dims with pyro.plate"
+                )
+            log_prob = log_prob.reshape(
+                (1,) * (plate_nesting + 1 - log_prob.dim()) + log_prob.shape
+            )
+            sum_dims = [
+                d
+                for d in range(-plate_nesting, 0)
+                if d not in local_dims and log_prob.shape[d] > 1
+            ]
+            if sum_dims:
+                log_prob = log_prob.sum(sum_dims, keepdim=True)
+            log_weight = log_weight + sign * log_prob
+    return log_weight
+
+
+def _align(weights: torch.Tensor, site: dict) -> torch.Tensor:
+    """Reshapes per-particle weights to broadcast against ``site['value']``."""
+    event_dim = site["fn"].event_dim
+    factor = weights.reshape(weights.shape + (1,) * event_dim)
+    extra = factor.dim() - site["value"].dim()
+    if extra > 0:
+        factor = factor.reshape(factor.shape[extra:])
+    return factor
