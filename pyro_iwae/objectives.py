@@ -23,28 +23,52 @@ PARTICLE_PLATE = "num_particles_vectorized"  # the plate Pyro's ELBO adds
 
 
 class _DetachParams(Messenger):
-    """Returns ``pyro.param`` values detached, so log q is evaluated at stopped phi."""
+    """Returns ``pyro.param`` values detached, so log q is evaluated at stopped phi.
+
+    :param modules_parameters: ids of the parameters of the modules that are
+        re-run with detached parameters; any other ``nn.Parameter`` seen at a param
+        site belongs to a module the guide calls but that cannot be stopped.
+    """
+
+    def __init__(self, module_parameters: set[int]) -> None:
+        super().__init__()
+        self.module_parameters = module_parameters
 
     def _pyro_post_param(self, msg: dict) -> None:
-        msg["value"] = msg["value"].detach()
+        value = msg["value"]
+        if (
+            isinstance(value, torch.nn.Parameter)
+            and id(value) not in self.module_parameters
+        ):
+            raise NotImplementedError(
+                f"stl and dreg cannot hold parameter {msg['name']!r} constant: it "
+                "belongs to a module registered with pyro.module inside a function; "
+                "make the guide itself an nn.Module (or PyroModule)"
+            )
+        msg["value"] = value.detach()
 
 
 @contextmanager
-def _stopped(parameters: list[torch.Tensor]) -> Iterator[None]:
-    # Parameters stop requiring grad only while the guide is re-run, so the re-run
-    # records no graph to them; the first run's graph is untouched.
-    stopped = [p for p in parameters if p.requires_grad]
-    for p in stopped:
-        p.requires_grad_(False)
-    try:
-        with _DetachParams(), warnings.catch_warnings():
-            # pyro.module warns of parameters that do not require grad: here that is
-            # the point.
-            warnings.filterwarnings("ignore", "(?s).*not registered in the param store")
-            yield
-    finally:
-        for p in stopped:
-            p.requires_grad_(True)
+def _stopped(module: torch.nn.Module | None) -> Iterator[Callable | None]:
+    """Context for re-running a guide with its parameters held constant.
+
+    Yields a callable that runs ``module`` with detached parameters (``None`` for
+    a function guide); ``pyro.param`` values are detached inside the context.
+    """
+    call, ids = None, set()
+    if module is not None:
+        params = dict(module.named_parameters())
+        ids = {id(p) for p in params.values()}
+        detached = {name: p.detach() for name, p in params.items()}
+
+        def call(*args: Any, **kwargs: Any) -> Any:
+            return torch.func.functional_call(module, detached, args, kwargs)
+
+    with _DetachParams(ids), warnings.catch_warnings():
+        # pyro.module warns of parameters that do not require grad: here that is
+        # the point.
+        warnings.filterwarnings("ignore", "(?s).*not registered in the param store")
+        yield call
 
 
 def _latent_sites(trace: Trace) -> Iterator[tuple[str, dict]]:
@@ -120,7 +144,7 @@ class IWELBO(ELBO):
             **kwargs,
         )
         self.estimator = estimator
-        self._stop_parameters: list[torch.Tensor] = []
+        self._guide_module: torch.nn.Module | None = None
 
     @property
     def _has_particle_plate(self) -> bool:
@@ -165,12 +189,13 @@ class IWELBO(ELBO):
             if self.estimator == "dreg" and value.requires_grad:
                 value = value.view_as(value)
             replay_trace.nodes[name] = {**site, "value": value}
-        parameters = self._stop_parameters + [
-            site["value"]
-            for site in guide_trace.nodes.values()
-            if site["type"] == "param" and site["value"].is_leaf
-        ]
-        with _stopped(parameters):
+        with _stopped(self._guide_module) as call:
+            if call is not None:
+                guide = (
+                    self._vectorized_num_particles(call)
+                    if self._has_particle_plate
+                    else call
+                )
             stopped_trace = poutine.trace(
                 poutine.replay(guide, trace=replay_trace)
             ).get_trace(*args, **kwargs)
@@ -186,11 +211,13 @@ class IWELBO(ELBO):
         """Draws k particles from the guide and weighs them against the model."""
         if self.max_plate_nesting == float("inf"):
             self._guess_max_plate_nesting(model, guide, args, kwargs)
-        self._stop_parameters = _parameters_of(guide)
+        # _get_trace sees the guide wrapped in the particle plate; stl and dreg need
+        # the module itself to re-run it with its parameters stopped.
+        self._guide_module = guide if isinstance(guide, torch.nn.Module) else None
         try:
             traces = list(self._get_traces(model, guide, args, kwargs))
         finally:
-            self._stop_parameters = []
+            self._guide_module = None
         plate_nesting = self.max_plate_nesting - int(self._has_particle_plate)
         sites = [
             site
@@ -255,10 +282,6 @@ class IWELBO(ELBO):
         return torch_item(loss)
 
 
-def _parameters_of(fn: Callable) -> list[torch.Tensor]:
-    return list(fn.parameters()) if isinstance(fn, torch.nn.Module) else []
-
-
 def _local_plate_dims(sites: list[dict]) -> tuple[int, ...]:
     """Dims of the plates that enclose every sample site: the data plate(s)."""
     common = None
@@ -273,6 +296,23 @@ def _local_plate_dims(sites: list[dict]) -> tuple[int, ...]:
 
 
 def _common_scale(sites: list[dict], local_dims: tuple[int, ...]) -> Any:
+    """The scale shared by all sites; sub-sampling outside the data plate fails."""
+    subsampled = sorted(
+        {
+            f.name
+            for site in sites
+            for f in site["cond_indep_stack"]
+            if f.full_size is not None
+            and f.full_size != f.size
+            and f.dim not in local_dims
+        }
+    )
+    if subsampled:
+        raise ValueError(
+            f"IWELBO cannot sub-sample plate {subsampled[0]!r}: it does not enclose "
+            "every sample site, so the bound does not factor over its points; put "
+            "all sample sites inside the sub-sampled plate or use full batches"
+        )
     scale = sites[0]["scale"]
     for site in sites[1:]:
         if not _same_scale(site["scale"], scale):
@@ -280,22 +320,6 @@ def _common_scale(sites: list[dict], local_dims: tuple[int, ...]) -> Any:
                 f"IWELBO needs one scale for every sample site, but {site['name']!r} "
                 f"has {site['scale']} and {sites[0]['name']!r} has {scale}; "
                 "sub-sample or scale the whole model and guide, not single sites"
-            )
-    if not local_dims and not (isinstance(scale, (int, float)) and scale == 1.0):
-        subsampled = sorted(
-            {
-                f.name
-                for site in sites
-                for f in site["cond_indep_stack"]
-                if f.full_size is not None and f.full_size != f.size
-            }
-        )
-        if subsampled:
-            raise ValueError(
-                f"IWELBO cannot sub-sample plate {subsampled[0]!r}: it does not "
-                "enclose every sample site, so the bound does not factor over its "
-                "points; put all sample sites inside the data plate or use full "
-                "batches"
             )
     return scale
 

@@ -1,0 +1,66 @@
+"""A linear-Gaussian model with closed-form log p(x) and posterior, for exact tests.
+
+z ~ N(0, I_d), x | z ~ N(W z + b, sigma^2 I_D), all in float64.
+"""
+
+from __future__ import annotations
+
+import pyro
+import pyro.distributions as dist
+import torch
+
+LATENT_DIM, OBS_DIM, SIGMA = 2, 3, 0.7
+
+
+class LinearGaussian:
+    def __init__(self, seed: int = 0) -> None:
+        g = torch.Generator().manual_seed(seed)
+        self.W = torch.randn(OBS_DIM, LATENT_DIM, generator=g, dtype=torch.float64)
+        self.b = torch.randn(OBS_DIM, generator=g, dtype=torch.float64)
+        precision = torch.eye(LATENT_DIM, dtype=torch.float64) + self.W.T @ self.W / (
+            SIGMA**2
+        )
+        self.post_cov = torch.linalg.inv(precision)
+        # posterior mean = A (x - b)
+        self.A = self.post_cov @ self.W.T / SIGMA**2
+
+    def sample_data(self, n: int, seed: int = 1) -> torch.Tensor:
+        g = torch.Generator().manual_seed(seed)
+        z = torch.randn(n, LATENT_DIM, generator=g, dtype=torch.float64)
+        noise = SIGMA * torch.randn(n, OBS_DIM, generator=g, dtype=torch.float64)
+        return z @ self.W.T + self.b + noise
+
+    def log_marginal(self, x: torch.Tensor) -> torch.Tensor:
+        cov = self.W @ self.W.T + SIGMA**2 * torch.eye(OBS_DIM, dtype=torch.float64)
+        return dist.MultivariateNormal(self.b, cov).log_prob(x)
+
+    def post_loc(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.b) @ self.A.T
+
+    def model(self, data: torch.Tensor, idx: torch.Tensor | None = None) -> None:
+        with pyro.plate("data", data.shape[0], subsample=idx) as i:
+            z = pyro.sample(
+                "z",
+                dist.Normal(data.new_zeros(LATENT_DIM), 1.0).to_event(1),
+            )
+            pyro.sample(
+                "x", dist.Normal(z @ self.W.T + self.b, SIGMA).to_event(1), obs=data[i]
+            )
+
+    def exact_guide(self, data: torch.Tensor, idx: torch.Tensor | None = None) -> None:
+        tril = torch.linalg.cholesky(self.post_cov)
+        with pyro.plate("data", data.shape[0], subsample=idx) as i:
+            pyro.sample(
+                "z", dist.MultivariateNormal(self.post_loc(data[i]), scale_tril=tril)
+            )
+
+    def diagonal_guide(self, shift: float = 0.5, inflate: float = 1.5) -> callable:
+        """A mean-field guide, mean shifted and standard deviation inflated."""
+        scale = inflate * self.post_cov.diagonal().sqrt()
+
+        def guide(data: torch.Tensor, idx: torch.Tensor | None = None) -> None:
+            with pyro.plate("data", data.shape[0], subsample=idx) as i:
+                loc = self.post_loc(data[i]) + shift
+                pyro.sample("z", dist.Normal(loc, scale).to_event(1))
+
+        return guide
