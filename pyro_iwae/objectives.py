@@ -178,15 +178,18 @@ class IWELBO(ELBO):
         """Re-runs the guide at the sampled values with its parameters stopped.
 
         ``stl`` and ``dreg`` need log q(z|x) with phi held constant while z keeps
-        its dependence on phi. For ``dreg`` each latent value is replaced by a
-        fresh autograd node, whose gradient :meth:`_weighted_loss` rescales by
-        the normalized weight; the guide's own use of z (for example z1 feeding
-        q(z2|z1)) keeps the raw, unscaled path.
+        its dependence on phi. Each latent value is replaced by a fresh autograd
+        node; for ``dreg``, :meth:`_weighted_loss` rescales the gradient reaching
+        it by the normalized weight, while the guide's own use of z (z1 feeding
+        q(z2|z1), say) keeps the raw, unscaled path.
         """
         replay_trace = guide_trace.copy()
         for name, site in _latent_sites(guide_trace):
             value = site["value"]
-            if self.estimator == "dreg" and value.requires_grad:
+            if value.requires_grad:
+                # A new tensor object also misses the identity-keyed caches of
+                # transforms, which would hand back an inverse that depends on the
+                # live parameters.
                 value = value.view_as(value)
             replay_trace.nodes[name] = {**site, "value": value}
         with _stopped(self._guide_module) as call:

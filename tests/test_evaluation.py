@@ -1,0 +1,104 @@
+"""log_likelihood and latent activity against closed forms (float64, seeded)."""
+
+import pyro
+import pyro.distributions as dist
+import pytest
+import torch
+from linear_gaussian import LATENT_DIM
+
+from pyro_iwae import active_units, latent_activity, log_likelihood, paper_architecture
+from pyro_iwae.evaluation import default_chunk_size, evaluating
+
+
+def test_log_likelihood_is_within_hundredths_of_a_nat(lg):
+    x = lg.sample_data(20)
+    estimate = log_likelihood(lg.model, lg.diagonal_guide(0.1, 1.3), x)
+    assert estimate.shape == (20,)
+    assert not estimate.requires_grad
+    assert (estimate - lg.log_marginal(x)).abs().max() < 0.04
+
+
+def test_chunked_and_unchunked_agree_under_a_fixed_seed(lg):
+    # 4 points x 2 latent dims x 16 particles: every chunk draws a multiple of 16
+    # normals, so torch's generator yields the same stream in one draw or several.
+    x = lg.sample_data(4)
+    guide = lg.diagonal_guide()
+    estimates = []
+    for chunk_size in (64, 16, 32):
+        pyro.set_rng_seed(7)
+        estimates.append(
+            log_likelihood(lg.model, guide, x, num_samples=64, chunk_size=chunk_size)
+        )
+    for other in estimates[1:]:
+        assert torch.allclose(estimates[0], other, rtol=0, atol=1e-12)
+
+
+def test_default_chunk_size_follows_the_memory_budget(lg):
+    x = lg.sample_data(10)
+    small = default_chunk_size(lg.model, lg.exact_guide, x, memory_budget=2**16)
+    large = default_chunk_size(lg.model, lg.exact_guide, x, memory_budget=2**24)
+    assert 1 <= small < large
+    assert large == pytest.approx(256 * small, rel=0.01)
+
+
+def test_exact_guide_gives_log_marginal_with_any_chunking(lg):
+    x = lg.sample_data(6)
+    for chunk_size in (None, 1, 7):
+        estimate = log_likelihood(
+            lg.model, lg.exact_guide, x, num_samples=50, chunk_size=chunk_size
+        )
+        assert torch.allclose(estimate, lg.log_marginal(x))
+
+
+def test_log_likelihood_needs_a_data_plate(lg):
+    def model(x):
+        w = pyro.sample("w", dist.Normal(x.new_zeros(()), 1.0))
+        with pyro.plate("data", x.shape[0]):
+            pyro.sample("x", dist.Normal(w, 1.0), obs=x[:, 0])
+
+    def guide(x):
+        pyro.sample("w", dist.Normal(x.new_zeros(()), 1.0))
+
+    with pytest.raises(ValueError, match="data plate that encloses every sample site"):
+        log_likelihood(model, guide, torch.zeros(3, 1), num_samples=10)
+    with pytest.raises(ValueError, match="num_samples"):
+        log_likelihood(model, guide, torch.zeros(3, 1), num_samples=0)
+
+
+def test_evaluating_restores_modes():
+    model, guide = paper_architecture(1)
+    model.train()
+    guide.eval()
+    x = torch.zeros(2, 784)
+    log_likelihood(model, guide, x, num_samples=3)
+    assert model.training and all(m.training for m in model.modules())
+    assert not guide.training
+    with evaluating(model):
+        assert not model.training and not torch.is_grad_enabled()
+    assert model.training
+
+
+def test_latent_activity_is_the_variance_of_the_posterior_mean(lg):
+    """For q(z|x) = N(A x + c, s) the activity of unit u is Var_x[(A x)_u]."""
+    x = lg.sample_data(500)
+    A = lg.A.clone()
+    A[1] = 0.0  # the second unit ignores x: inactive
+
+    def guide(data):
+        with pyro.plate("data", data.shape[0]):
+            pyro.sample("z", dist.Normal(data @ A.T, 0.3).to_event(1))
+
+    activity = latent_activity(guide, x, num_samples=3, batch_size=128)["z"]
+    assert activity.shape == (LATENT_DIM,)
+    assert torch.allclose(activity, (x @ A.T).var(0, unbiased=False))
+    assert active_units(guide, x, num_samples=3) == {"z": 1}
+
+
+def test_active_units_of_the_paper_guides():
+    torch.manual_seed(0)
+    x = (torch.rand(64, 784) < 0.3).float()
+    for layers, sizes in ((1, {"z1": 50}), (2, {"z1": 100, "z2": 50})):
+        _, guide = paper_architecture(layers)
+        counts = active_units(guide, x, num_samples=5)
+        assert counts.keys() == sizes.keys()
+        assert all(0 <= counts[k] <= sizes[k] for k in sizes)
