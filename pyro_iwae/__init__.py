@@ -8,7 +8,7 @@ from .evaluation import (
 )
 from .guides import PaperGuide, paper_architecture
 from .models import DATA_PLATE, LATENT_SITES, OBSERVED_SITE, PaperModel
-from .objectives import ESTIMATORS, IWELBO
+from .objectives import CIWELBO, ESTIMATORS, IWELBO, MIWELBO, PIWELBO
 from .registry import (
     GUIDES,
     MODELS,
@@ -21,13 +21,16 @@ from .registry import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "CIWELBO",
     "DATA_PLATE",
     "ESTIMATORS",
     "GUIDES",
     "IWELBO",
     "LATENT_SITES",
+    "MIWELBO",
     "MODELS",
     "OBSERVED_SITE",
+    "PIWELBO",
     "PaperGuide",
     "PaperModel",
     "active_units",

@@ -83,12 +83,14 @@ class Particles(NamedTuple):
 
     ``log_weights`` has shape ``(k,) + plate_shape``, ``len(plate_shape)`` equal to
     ``max_plate_nesting``, and size 1 at every dim but the data plate dims
-    ``local_dims``; ``scale`` is the common scale of the sample sites (a number or
+    ``local_dims``; ``guide_log_prob``, of the same shape, is its log q part;
+    ``scale`` is the common scale of the sample sites (a number or
     tensor); ``traces`` the ``(model_trace, guide_trace)`` pairs, one per
     Python-level particle.
     """
 
     log_weights: torch.Tensor
+    guide_log_prob: torch.Tensor
     scale: Any
     local_dims: tuple[int, ...]
     traces: list[tuple[Trace, Trace]]
@@ -165,9 +167,14 @@ class IWELBO(ELBO):
                 )
         if self.estimator != "iwae":
             guide_trace = self._stopped_guide_trace(guide, guide_trace, args, kwargs)
-        model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(
-            *args, **kwargs
-        )
+            replay_trace = guide_trace
+        elif self._reweights_paths:
+            replay_trace = _aliased(guide_trace)
+        else:
+            replay_trace = guide_trace
+        model_trace = poutine.trace(
+            poutine.replay(model, trace=replay_trace)
+        ).get_trace(*args, **kwargs)
         if is_validation_enabled():
             check_model_guide_match(model_trace, guide_trace, self.max_plate_nesting)
         return prune_subsample_sites(model_trace), prune_subsample_sites(guide_trace)
@@ -183,15 +190,9 @@ class IWELBO(ELBO):
         it by the normalized weight, while the guide's own use of z (z1 feeding
         q(z2|z1), say) keeps the raw, unscaled path.
         """
-        replay_trace = guide_trace.copy()
-        for name, site in _latent_sites(guide_trace):
-            value = site["value"]
-            if value.requires_grad:
-                # A new tensor object also misses the identity-keyed caches of
-                # transforms, which would hand back an inverse that depends on the
-                # live parameters.
-                value = value.view_as(value)
-            replay_trace.nodes[name] = {**site, "value": value}
+        # A new tensor object also misses the identity-keyed caches of transforms,
+        # which would hand back an inverse that depends on the live parameters.
+        replay_trace = _aliased(guide_trace)
         with _stopped(self._guide_module) as call:
             if call is not None:
                 guide = (
@@ -231,28 +232,49 @@ class IWELBO(ELBO):
         ]
         local_dims = _local_plate_dims(sites)
         scale = _common_scale(sites, local_dims)
-        log_weights = torch.cat(
-            [
-                _log_weight(model_trace, guide_trace, plate_nesting, local_dims)
-                for model_trace, guide_trace in traces
-            ]
+        log_p, log_q = (
+            torch.cat(parts)
+            for parts in zip(
+                *(
+                    (
+                        _log_prob(model_trace, plate_nesting, local_dims, False),
+                        _log_prob(guide_trace, plate_nesting, local_dims, True),
+                    )
+                    for model_trace, guide_trace in traces
+                ),
+                strict=True,
+            )
         )
-        return Particles(log_weights, scale, local_dims, traces)
+        return Particles(log_p - log_q, log_q, scale, local_dims, traces)
+
+    #: Whether the guide's gradient is reweighted per particle even with the plain
+    #: estimator (then the model sees its own copies of the latent values).
+    _reweights_paths = False
+
+    def bound(self, log_weights: torch.Tensor) -> torch.Tensor:
+        """The per-point bound from ``log_weights`` of shape ``(k,) + plate_shape``."""
+        return log_weights.logsumexp(0) - math.log(self.num_particles)
+
+    def _path_factor(self, log_weights: torch.Tensor) -> torch.Tensor | None:
+        """Per-particle factor on the gradient that reaches the latent values.
+
+        DReG replaces each normalized weight in the path gradient by its square,
+        so the factor is the normalized weight; ``None`` leaves it alone.
+        """
+        return log_weights.softmax(0) if self.estimator == "dreg" else None
 
     def _weighted_loss(
         self, model: Callable, guide: Callable, args: tuple, kwargs: dict
     ) -> tuple[torch.Tensor, list[tuple[Trace, Trace]]]:
-        log_weights, scale, _, traces = self.particles(model, guide, *args, **kwargs)
-        bound = log_weights.logsumexp(0) - math.log(self.num_particles)
-        loss = -(bound * scale).sum()
-        if self.estimator == "dreg" and loss.requires_grad:
-            weights = log_weights.detach().softmax(0)
-            for i, (model_trace, _) in enumerate(traces):
-                particle_weights = weights if self._has_particle_plate else weights[i]
-                for _, site in _latent_sites(model_trace):
-                    if site["value"].requires_grad:
-                        factor = _align(particle_weights, site)
-                        site["value"].register_hook(lambda g, f=factor: g * f)
+        particles = self.particles(model, guide, *args, **kwargs)
+        log_weights, traces = particles.log_weights, particles.traces
+        loss = -(self.bound(log_weights) * particles.scale).sum()
+        if loss.requires_grad:
+            factor = self._path_factor(log_weights.detach())
+            if factor is not None:
+                _reweight_paths(factor, traces, self._has_particle_plate)
+                if self.estimator == "iwae" and particles.guide_log_prob.requires_grad:
+                    particles.guide_log_prob.register_hook(lambda g: g * factor)
         warn_if_nan(loss, "loss")
         return loss, traces
 
@@ -283,6 +305,143 @@ class IWELBO(ELBO):
         if trainable and loss.requires_grad:
             loss.backward(retain_graph=self.retain_graph)
         return torch_item(loss)
+
+
+class MIWELBO(IWELBO):
+    r"""The multiply importance weighted bound MIWAE(M, K) of Rainforth et al. (2018):
+    the mean of ``num_groups`` (M) independent :class:`IWELBO` bounds of
+    ``num_particles`` (K) particles each,
+
+    .. math:: \frac{1}{M} \sum_m \log \frac{1}{K} \sum_k w_{mk}.
+
+    All M K particles are drawn at once; other arguments as :class:`IWELBO`.
+    """
+
+    def __init__(
+        self,
+        num_particles: int = 8,
+        num_groups: int = 8,
+        estimator: str = "iwae",
+        **kwargs: Any,
+    ) -> None:
+        if not isinstance(num_groups, int) or num_groups < 1:
+            raise ValueError(f"num_groups must be an integer >= 1, got {num_groups}")
+        if not isinstance(num_particles, int) or num_particles < 1:
+            raise ValueError(
+                f"num_particles must be an integer >= 1, got {num_particles}"
+            )
+        super().__init__(
+            num_particles=num_groups * num_particles, estimator=estimator, **kwargs
+        )
+        self.num_groups = num_groups
+        self.group_size = num_particles
+
+    def _grouped(self, log_weights: torch.Tensor) -> torch.Tensor:
+        return log_weights.reshape(
+            (self.num_groups, self.group_size) + log_weights.shape[1:]
+        )
+
+    def bound(self, log_weights: torch.Tensor) -> torch.Tensor:
+        grouped = self._grouped(log_weights)
+        return (grouped.logsumexp(1) - math.log(self.group_size)).mean(0)
+
+    def _path_factor(self, log_weights: torch.Tensor) -> torch.Tensor | None:
+        if self.estimator != "dreg":
+            return None
+        return self._grouped(log_weights).softmax(1).reshape(log_weights.shape)
+
+
+class CIWELBO(IWELBO):
+    r"""The combination bound CIWAE(beta) of Rainforth et al. (2018):
+    ``beta`` times the ELBO plus ``1 - beta`` times the IWAE bound, on the same
+    ``num_particles`` particles,
+
+    .. math:: \beta \frac{1}{K} \sum_k \log w_k
+        + (1 - \beta) \log \frac{1}{K} \sum_k w_k.
+
+    With ``estimator="dreg"`` the ELBO part takes the path gradient alone (as
+    ``stl``, unbiased for the ELBO) and the IWAE part the DReG gradient.
+    """
+
+    def __init__(
+        self,
+        num_particles: int = 64,
+        beta: float = 0.5,
+        estimator: str = "iwae",
+        **kwargs: Any,
+    ) -> None:
+        if not 0.0 <= beta <= 1.0:
+            raise ValueError(f"beta must lie in [0, 1], got {beta}")
+        super().__init__(num_particles=num_particles, estimator=estimator, **kwargs)
+        self.beta = beta
+
+    def bound(self, log_weights: torch.Tensor) -> torch.Tensor:
+        return self.beta * log_weights.mean(0) + (1 - self.beta) * super().bound(
+            log_weights
+        )
+
+    def _path_factor(self, log_weights: torch.Tensor) -> torch.Tensor | None:
+        if self.estimator != "dreg":
+            return None
+        # d bound / d log w_i is beta/K + (1 - beta) w_i; DReG wants
+        # beta/K + (1 - beta) w_i^2 on the path gradient.
+        w = log_weights.softmax(0)
+        elbo_part = self.beta / self.num_particles
+        return (elbo_part + (1 - self.beta) * w**2) / (elbo_part + (1 - self.beta) * w)
+
+
+class PIWELBO(MIWELBO):
+    """The partial bound PIWAE(M, K) of Rainforth et al. (2018): the model is
+    trained on the :class:`IWELBO` bound of all M K particles (the loss is its
+    negative), the guide on the :class:`MIWELBO` bound of the same particles.
+
+    The gradient reaching the guide is reweighted per particle from the IWAE
+    coefficient to the MIWAE one (their ratio is computed in log space, exactly);
+    a particle whose IWAE weight underflows (a log-weight more than about 87
+    nats, in float32, below the best of all M K) passes no gradient.
+    """
+
+    _reweights_paths = True
+
+    def bound(self, log_weights: torch.Tensor) -> torch.Tensor:
+        return IWELBO.bound(self, log_weights)
+
+    def _path_factor(self, log_weights: torch.Tensor) -> torch.Tensor | None:
+        grouped = self._grouped(log_weights)
+        # (1/M) softmax within the group over softmax over all particles:
+        ratio = (
+            log_weights.logsumexp(0)
+            - grouped.logsumexp(1, keepdim=True)
+            - math.log(self.num_groups)
+        ).exp()
+        if self.estimator == "dreg":
+            ratio = ratio * grouped.softmax(1)
+        return ratio.expand_as(grouped).reshape(log_weights.shape)
+
+
+def _aliased(trace: Trace) -> Trace:
+    """A copy of ``trace`` whose latent values are new autograd nodes (views)."""
+    aliased = trace.copy()
+    for name, site in _latent_sites(trace):
+        if site["value"].requires_grad:
+            aliased.nodes[name] = {
+                **site,
+                "value": site["value"].view_as(site["value"]),
+            }
+    return aliased
+
+
+def _reweight_paths(
+    factor: torch.Tensor, traces: list[tuple[Trace, Trace]], vectorized: bool
+) -> None:
+    """Multiplies the gradient reaching each model latent value by its particle's
+    ``factor`` (shape ``(k,) + plate_shape``)."""
+    for i, (model_trace, _) in enumerate(traces):
+        particle_factor = factor if vectorized else factor[i]
+        for _, site in _latent_sites(model_trace):
+            if site["value"].requires_grad:
+                aligned = _align(particle_factor, site)
+                site["value"].register_hook(lambda g, f=aligned: g * f)
 
 
 def _local_plate_dims(sites: list[dict]) -> tuple[int, ...]:
@@ -336,44 +495,41 @@ def _same_scale(a: Any, b: Any) -> bool:
     return a.shape == b.shape and bool((a == b).all())
 
 
-def _log_weight(
-    model_trace: Trace,
-    guide_trace: Trace,
-    plate_nesting: int,
-    local_dims: tuple[int, ...],
+def _log_prob(
+    trace: Trace, plate_nesting: int, local_dims: tuple[int, ...], latent_only: bool
 ) -> torch.Tensor:
-    """log p(x, z) - log q(z|x), unscaled, summed over all but particle and data dims.
+    """Unscaled log-prob of the trace's sample sites (only the latent ones if
+    ``latent_only``), summed over all but the particle and data plate dims.
 
     :returns: a tensor of shape ``(particles,) + plate_shape``, one of length
         ``plate_nesting + 1``, with particles 1 when particles are not vectorized.
     """
-    log_weight = 0.0
-    for trace, sign in ((model_trace, 1.0), (guide_trace, -1.0)):
-        for name, site in trace.nodes.items():
-            if site["type"] != "sample" or (sign < 0 and site["is_observed"]):
-                continue
-            log_prob = site["fn"].log_prob(
-                site["value"], *site["args"], **site["kwargs"]
+    total = 0.0
+    for name, site in trace.nodes.items():
+        if site["type"] != "sample" or (latent_only and site["is_observed"]):
+            continue
+        log_prob = site["fn"].log_prob(site["value"], *site["args"], **site["kwargs"])
+        log_prob = scale_and_mask(log_prob, mask=site["mask"])
+        if log_prob.dim() > plate_nesting + 1:
+            raise ValueError(
+                f"site {name!r} has batch shape {tuple(log_prob.shape)}, more dims "
+                f"than max_plate_nesting={plate_nesting} allows; raise "
+                "max_plate_nesting or declare the dims with pyro.plate"
             )
-            log_prob = scale_and_mask(log_prob, mask=site["mask"])
-            if log_prob.dim() > plate_nesting + 1:
-                raise ValueError(
-                    f"site {name!r} has batch shape {tuple(log_prob.shape)}, more dims "
-                    f"than max_plate_nesting={plate_nesting} allows; raise "
-                    "max_plate_nesting or declare the dims with pyro.plate"
-                )
-            log_prob = log_prob.reshape(
-                (1,) * (plate_nesting + 1 - log_prob.dim()) + log_prob.shape
-            )
-            sum_dims = [
-                d
-                for d in range(-plate_nesting, 0)
-                if d not in local_dims and log_prob.shape[d] > 1
-            ]
-            if sum_dims:
-                log_prob = log_prob.sum(sum_dims, keepdim=True)
-            log_weight = log_weight + sign * log_prob
-    return log_weight
+        log_prob = log_prob.reshape(
+            (1,) * (plate_nesting + 1 - log_prob.dim()) + log_prob.shape
+        )
+        sum_dims = [
+            d
+            for d in range(-plate_nesting, 0)
+            if d not in local_dims and log_prob.shape[d] > 1
+        ]
+        if sum_dims:
+            log_prob = log_prob.sum(sum_dims, keepdim=True)
+        total = total + log_prob
+    if not isinstance(total, torch.Tensor):
+        raise ValueError("IWELBO found no sample sites in the model or the guide")
+    return total
 
 
 def _align(weights: torch.Tensor, site: dict) -> torch.Tensor:

@@ -11,7 +11,7 @@ from pyro import poutine
 from pyro.infer import SVI, RenyiELBO, Trace_ELBO
 from pyro.nn import PyroModule, PyroParam
 
-from pyro_iwae import IWELBO
+from pyro_iwae import CIWELBO, IWELBO, MIWELBO, PIWELBO
 
 
 def bound(elbo, model, guide, *args):
@@ -398,3 +398,89 @@ def test_errors_are_clear(lg):
 
     with pytest.raises(ValueError, match="one scale for every sample site"):
         IWELBO(5).loss(lg.model, poutine.scale(lg.diagonal_guide(), scale=2.0), x)
+
+
+@pytest.mark.parametrize(
+    "elbo", [MIWELBO(4, 3), CIWELBO(10, beta=0.3), PIWELBO(4, 3)], ids=repr
+)
+def test_rainforth_bounds_at_the_exact_posterior_are_log_marginal(lg, elbo):
+    x = lg.sample_data(5)
+    assert elbo.loss(lg.model, lg.exact_guide, x) == pytest.approx(
+        -lg.log_marginal(x).sum().item(), rel=1e-10
+    )
+
+
+def test_miwae_and_ciwae_combine_the_same_log_weights(lg):
+    x = lg.sample_data(3)
+    guide = lg.diagonal_guide()
+    pyro.set_rng_seed(2)
+    log_w = IWELBO(12).particles(lg.model, guide, x).log_weights
+    grouped = log_w.reshape(4, 3, 1, 3)
+    miwae = (grouped.logsumexp(1) - math.log(3)).mean(0).sum()
+    iwae = (log_w.logsumexp(0) - math.log(12)).sum()
+    ciwae = 0.3 * log_w.mean(0).sum() + 0.7 * iwae
+    for elbo, expected in ((MIWELBO(3, 4), miwae), (CIWELBO(12, 0.3), ciwae)):
+        pyro.set_rng_seed(2)
+        assert elbo.loss(lg.model, guide, x) == pytest.approx(-expected.item())
+    pyro.set_rng_seed(2)
+    assert PIWELBO(3, 4).loss(lg.model, guide, x) == pytest.approx(-iwae.item())
+
+
+def test_miwae_has_the_expectation_of_iwae_with_k_particles(lg):
+    replicas = 2000
+    x = lg.sample_data(1).expand(replicas, -1)
+    guide = lg.diagonal_guide(shift=1.0)
+    gaps = {}
+    for name, elbo in (("iwae5", IWELBO(5)), ("miwae", MIWELBO(5, 4))):
+        particles = elbo.particles(lg.model, guide, x)
+        gaps[name] = mean_and_se(elbo.bound(particles.log_weights).reshape(-1))
+    (m1, s1), (m2, s2) = gaps["iwae5"], gaps["miwae"]
+    assert abs(m1 - m2) < 4 * math.hypot(s1, s2)
+
+
+def model_and_guide_gradients(lg, elbo, replicas=1000):
+    pyro.clear_param_store()
+    pyro.set_rng_seed(0)
+    x = lg.sample_data(1).expand(replicas, -1)
+    guide = per_point_guide(lg, replicas)
+    W = lg.W
+    lg.W = W.clone().requires_grad_()
+    try:
+        loss = elbo.differentiable_loss(lg.model, guide, x)
+        store = pyro.get_param_store()
+        grads = torch.autograd.grad(loss, [lg.W, store["loc"], store["log_scale"]])
+    finally:
+        lg.W = W
+    return grads[0], torch.cat(grads[1:], -1)
+
+
+@pytest.mark.parametrize("estimator", ["iwae", "stl", "dreg"])
+def test_piwae_trains_the_model_on_iwae_and_the_guide_on_miwae(lg, estimator):
+    """Same draws for all three (4 x 5 particles): PIWAE's model gradient is
+    IWAE(20)'s, its guide gradient MIWAE(4, 5)'s."""
+    model_pi, guide_pi = model_and_guide_gradients(lg, PIWELBO(5, 4, estimator))
+    model_iw, _ = model_and_guide_gradients(lg, IWELBO(20, estimator))
+    _, guide_mi = model_and_guide_gradients(lg, MIWELBO(5, 4, estimator))
+    assert torch.allclose(model_pi, model_iw)
+    assert torch.allclose(guide_pi, guide_mi)
+
+
+@pytest.mark.parametrize("elbo", ["miwae", "ciwae"])
+def test_dreg_is_unbiased_with_lower_variance_for_miwae_and_ciwae(lg, elbo):
+    def make(estimator):
+        if elbo == "miwae":
+            return MIWELBO(10, 3, estimator)
+        return CIWELBO(30, 0.2, estimator)
+
+    _, plain = model_and_guide_gradients(lg, make("iwae"), replicas=2000)
+    _, dreg = model_and_guide_gradients(lg, make("dreg"), replicas=2000)
+    (m_p, s_p), (m_d, s_d) = mean_and_se(plain), mean_and_se(dreg)
+    assert ((m_p - m_d).abs() < 4 * (s_p**2 + s_d**2).sqrt()).all(), (m_p, m_d)
+    assert (dreg.var(0) < plain.var(0) / 10).all()
+
+
+def test_rainforth_bounds_reject_bad_arguments():
+    with pytest.raises(ValueError, match="num_groups"):
+        MIWELBO(8, 0)
+    with pytest.raises(ValueError, match="beta"):
+        CIWELBO(8, beta=1.5)
