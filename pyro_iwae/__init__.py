@@ -17,10 +17,39 @@ from .registry import (
     register_guide,
     register_model,
 )
+from .sampling import reconstruct, sample_images
+from .training import (
+    CheckpointError,
+    FitCallback,
+    RunConfig,
+    RunError,
+    TrainingDiverged,
+    evaluate_run,
+    fit,
+    load_run,
+    make_objective,
+    make_schedule,
+    paper_schedule,
+    train_run,
+)
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "CheckpointError",
+    "FitCallback",
+    "RunConfig",
+    "RunError",
+    "TrainingDiverged",
+    "evaluate_run",
+    "fit",
+    "load_run",
+    "make_objective",
+    "make_schedule",
+    "paper_schedule",
+    "reconstruct",
+    "sample_images",
+    "train_run",
     "CIWELBO",
     "DATA_PLATE",
     "ESTIMATORS",

@@ -12,6 +12,8 @@ import torch
 
 from .objectives import IWELBO, PARTICLE_PLATE, _latent_sites
 
+#: The paper's threshold on a latent unit's activity for it to count as active.
+ACTIVE_THRESHOLD = 0.01
 #: Bytes of memory one chunk of particles may take, by default.
 DEFAULT_MEMORY_BUDGET = 256 * 2**20
 # Intermediate tensors per element of the sites' distributions (hidden layers,
@@ -119,12 +121,13 @@ def dataset_log_likelihood(
     num_samples: int = 5000,
     batch_size: int = 100,
     chunk_size: int | None = None,
-    callback: Callable[[int], None] | None = None,
+    callback: Callable[[torch.Tensor], None] | None = None,
 ) -> torch.Tensor:
     """:func:`log_likelihood` of every row of ``data`` ([N, ...]), batch by batch.
 
-    ``model`` and ``guide`` are called as ``model(batch)``; ``callback(n)`` is called
-    after each batch of ``n`` points. Returns a tensor of shape ``[N]``.
+    ``model`` and ``guide`` are called as ``model(batch)``; ``callback(estimates)``
+    is called after each batch with its estimates (``[batch]``, nats). Returns a
+    tensor of shape ``[N]``.
     """
     estimates = []
     for start in range(0, data.shape[0], batch_size):
@@ -135,7 +138,7 @@ def dataset_log_likelihood(
             )
         )
         if callback is not None:
-            callback(batch.shape[0])
+            callback(estimates[-1])
     return torch.cat(estimates)
 
 
@@ -179,7 +182,7 @@ def active_units(
     guide: Callable,
     data: torch.Tensor,
     *,
-    threshold: float = 0.01,
+    threshold: float = ACTIVE_THRESHOLD,
     num_samples: int = 100,
     batch_size: int = 500,
 ) -> dict[str, int]:

@@ -1,0 +1,1 @@
+"""The ``pyro-iwae`` command line (installed as the package ``pyro_iwae_cli``)."""

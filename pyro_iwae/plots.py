@@ -1,0 +1,104 @@
+"""PNG figures: image grids and training curves."""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+__all__ = ["IMAGE_SIDE", "save_image_grid", "save_reconstruction_grid", "save_curves"]
+
+#: Images are square, ``IMAGE_SIDE`` x ``IMAGE_SIDE`` pixels (784 in all).
+IMAGE_SIDE = 28
+
+
+def _as_images(images: torch.Tensor) -> torch.Tensor:
+    """``[n, 784]`` (or ``[n, 28, 28]``, ``[n, 1, 28, 28]``) -> ``[n, 1, 28, 28]``."""
+    return images.detach().float().cpu().reshape(-1, 1, IMAGE_SIDE, IMAGE_SIDE)
+
+
+def save_image_grid(
+    images: torch.Tensor, path: str | os.PathLike, *, nrow: int = 8
+) -> Path:
+    """Writes ``images`` (``[n, 784]`` values in [0, 1]) as a PNG grid of 28x28
+    images, ``nrow`` per row; returns the path."""
+    from torchvision.utils import save_image
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_image(_as_images(images), path, nrow=nrow, padding=2, pad_value=0.5)
+    return path
+
+
+def save_reconstruction_grid(
+    originals: torch.Tensor,
+    reconstructions: torch.Tensor,
+    path: str | os.PathLike,
+    *,
+    nrow: int = 8,
+) -> Path:
+    """Writes a PNG grid of rows of ``nrow`` originals, each followed by a row of
+    their reconstructions (both ``[n, 784]`` in [0, 1]); returns the path."""
+    if originals.shape != reconstructions.shape:
+        raise ValueError(
+            f"originals {tuple(originals.shape)} and reconstructions "
+            f"{tuple(reconstructions.shape)} differ in shape"
+        )
+    x, r = _as_images(originals), _as_images(reconstructions)
+    nrow = min(nrow, x.shape[0])
+    rows = []
+    for start in range(0, x.shape[0], nrow):
+        pad = nrow - x[start : start + nrow].shape[0]
+        for part in (x, r):
+            row = part[start : start + nrow]
+            if pad:
+                row = torch.cat([row, row.new_ones(pad, *row.shape[1:])])
+            rows.append(row)
+    return save_image_grid(torch.cat(rows), path, nrow=nrow)
+
+
+def save_curves(
+    metrics: Sequence[dict[str, Any]], path: str | os.PathLike, *, title: str = ""
+) -> Path:
+    """Writes a PNG of the train and test bounds (nats per point) against the epoch,
+    from :func:`pyro_iwae.training.fit`'s metrics; returns the path.
+
+    The epoch axis is logarithmic for long runs (100 epochs or more), where the
+    paper schedule's stages grow geometrically.
+    """
+    from matplotlib.figure import Figure
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig = Figure(figsize=(6, 4), dpi=100)
+    ax = fig.add_subplot()
+    epochs = [m["epoch"] for m in metrics]
+    for key, label in (("train_bound", "train bound"), ("test_bound", "test bound")):
+        points = [
+            (e, m[key])
+            for e, m in zip(epochs, metrics, strict=True)
+            if m.get(key) is not None and math.isfinite(m[key])
+        ]
+        if points:
+            xs, ys = zip(*points, strict=True)
+            k = metrics[-1].get("k")
+            suffix = f" (k={k})" if k is not None else ""
+            ax.plot(xs, ys, marker="." if len(xs) < 50 else None, label=label + suffix)
+    if epochs and epochs[-1] >= 100:
+        ax.set_xscale("log")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("bound (nats per point)")
+    if title:
+        ax.set_title(title)
+    if ax.lines:
+        ax.legend()
+    else:
+        ax.text(0.5, 0.5, "no epochs yet", ha="center", va="center")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+    return path

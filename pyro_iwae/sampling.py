@@ -1,0 +1,72 @@
+"""Samples and reconstructions from trained models, as pixel probabilities."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from pyro import poutine
+
+from .evaluation import evaluating
+from .models import OBSERVED_SITE
+
+__all__ = ["reconstruct", "sample_images"]
+
+
+def _device_of(module: Callable) -> torch.device:
+    if isinstance(module, torch.nn.Module):
+        for p in module.parameters():
+            return p.device
+    return torch.device("cpu")
+
+
+def sample_images(
+    model: Callable,
+    num_samples: int,
+    x_dim: int,
+    device: torch.device | str | None = None,
+    *,
+    observed_site: str = OBSERVED_SITE,
+) -> torch.Tensor:
+    """Pixel probabilities of ``num_samples`` images drawn from the model's prior.
+
+    Draws z from p(z) by running ``model`` (called as ``model(x)``) on a dummy
+    ``x`` of zeros with the observation removed, and returns the mean of
+    p(x|z) at ``observed_site``. Runs without gradients, in eval mode.
+
+    :param device: default: the device of the model's parameters.
+    :returns: a tensor ``[num_samples, x_dim]`` of probabilities in [0, 1].
+    """
+    if num_samples < 1:
+        raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+    device = _device_of(model) if device is None else torch.device(device)
+    x = torch.zeros(num_samples, x_dim, device=device)
+    with evaluating(model):
+        trace = poutine.trace(poutine.uncondition(model)).get_trace(x)
+    return _mean_of(trace, observed_site)
+
+
+def reconstruct(
+    model: Callable,
+    guide: Callable,
+    x: torch.Tensor,
+    *,
+    observed_site: str = OBSERVED_SITE,
+) -> torch.Tensor:
+    """Pixel probabilities of p(x|z) with z ~ q(z|x), one draw per row of ``x``.
+
+    Runs without gradients, in eval mode.
+
+    :param x: a ``[batch, x_dim]`` tensor of 0/1 pixels.
+    :returns: a tensor of ``x``'s shape of probabilities in [0, 1].
+    """
+    with evaluating(model, guide):
+        guide_trace = poutine.trace(guide).get_trace(x)
+        trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(x)
+    return _mean_of(trace, observed_site)
+
+
+def _mean_of(trace: poutine.Trace, site: str) -> torch.Tensor:
+    if site not in trace.nodes:
+        raise ValueError(f"the model has no sample site {site!r}")
+    return trace.nodes[site]["fn"].mean

@@ -1,0 +1,261 @@
+"""The pyro-iwae command line, through Click's CliRunner."""
+
+import json
+
+import pytest
+import torch
+import torchvision
+from click.testing import CliRunner
+
+from pyro_iwae import __version__
+from pyro_iwae.training import CHECKPOINT_FILE, load_checkpoint, read_metrics
+from pyro_iwae_cli import progress
+from pyro_iwae_cli.main import cli
+
+# One short epoch: 200 training points, 50 test points, k = 2.
+SMALL = [
+    "--train-limit",
+    "200",
+    "--test-limit",
+    "50",
+    "--batch-size",
+    "50",
+    "--particles",
+    "2",
+    "--epochs",
+    "1",
+]
+
+
+@pytest.fixture(autouse=True)
+def _runs_dir(tmp_path_factory, monkeypatch):
+    # Runs without --out or --runs-dir must not land in the working directory.
+    monkeypatch.setenv("PYRO_IWAE_RUNS", str(tmp_path_factory.mktemp("default-runs")))
+
+
+def invoke(*args, env=None):
+    return CliRunner().invoke(cli, [str(a) for a in args], env=env)
+
+
+def assert_ok(result):
+    assert result.exit_code == 0, result.output
+    assert "Traceback" not in result.output
+
+
+def assert_one_line_error(result, *fragments):
+    """A non-zero exit, no traceback, and one ``Error:`` line with ``fragments``."""
+    assert result.exit_code not in (0, None), result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit), (
+        result.exception
+    )
+    assert "Traceback" not in result.output
+    errors = [line for line in result.output.splitlines() if line.startswith("Error")]
+    assert len(errors) == 1, result.output
+    for fragment in fragments:
+        assert fragment in errors[0], errors[0]
+    return errors[0]
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """A run directory trained for one short epoch."""
+    run_dir = tmp_path_factory.mktemp("runs") / "run"
+    result = invoke("fit", *SMALL, "--out", run_dir, "--quiet")
+    assert_ok(result)
+    return run_dir
+
+
+@pytest.mark.parametrize("command", [[], ["fit"], ["eval-nll"], ["sample"]])
+def test_help(command):
+    result = invoke(*command, "--help")
+    assert_ok(result)
+    assert "Usage: " in result.output
+    if command:
+        # Every option with a value states its default.
+        assert "[default:" in result.output
+
+
+def test_fit_help_explains_options():
+    text = invoke("fit", "--help").output
+    for option in ("--particles", "--estimator", "--schedule", "--stages", "--resume"):
+        assert option in text
+    assert "paper uses 20" in text and "PYRO_IWAE_RUNS" in text
+
+
+def test_version():
+    result = invoke("--version")
+    assert_ok(result)
+    assert __version__ in result.output
+
+
+def test_fit_writes_run(run):
+    for name in ("config.json", "metrics.jsonl", CHECKPOINT_FILE):
+        assert (run / name).is_file()
+    config = json.loads((run / "config.json").read_text())
+    assert config["num_particles"] == 2 and config["train_limit"] == 200
+    (metrics,) = read_metrics(run)
+    assert metrics["test_points"] == 50 and metrics["steps"] == 4
+
+
+def test_fit_summary_and_default_run_dir(tmp_path):
+    result = invoke("fit", *SMALL, "--runs-dir", tmp_path, "--objective", "vae")
+    assert_ok(result)
+    (run_dir,) = tmp_path.iterdir()
+    assert run_dir.name.endswith("-mnist-mini-vae-k2")
+    assert f"run: {run_dir}" in result.output
+    assert "train bound" in result.output and "test bound" in result.output
+    assert "epoch 1:" in result.output  # the per-epoch line, on stderr
+
+
+def test_eval_nll(run):
+    result = invoke("eval-nll", run, "--k", 10, "--limit", 20, "--quiet")
+    assert_ok(result)
+    assert "NLL = " in result.output and "k=10" in result.output
+    assert "20 points" in result.output and "active units: z1 " in result.output
+    report = json.loads((run / "eval-test-k10.json").read_text())
+    assert report["points"] == 20 and report["k"] == 10
+    assert 0 < report["nll"] < 500 and report["stderr"] > 0
+    assert 0 <= report["active_units"]["z1"] <= report["latent_units"]["z1"] == 50
+    train = invoke("eval-nll", run, "--k", 3, "--limit", 5, "--split", "train")
+    assert_ok(train)
+    assert (run / "eval-train-k3.json").is_file()
+
+
+def test_eval_nll_finds_latest_run(tmp_path):
+    env = {"PYRO_IWAE_RUNS": str(tmp_path)}
+    for seed in (0, 1):
+        assert_ok(invoke("fit", *SMALL, "--seed", seed, "--quiet", env=env))
+    runs = sorted(tmp_path.iterdir())
+    latest = max(runs, key=lambda p: (p / CHECKPOINT_FILE).stat().st_mtime)
+    result = invoke("eval-nll", "--k", 2, "--limit", 5, "--quiet", env=env)
+    assert_ok(result)
+    assert f"run: {latest}" in result.output
+    assert (latest / "eval-test-k2.json").is_file()
+
+
+def test_sample_writes_pngs(run, tmp_path):
+    result = invoke("sample", run, "--n", 10)
+    assert_ok(result)
+    for name in ("samples.png", "samples-reconstructions.png", "samples-curves.png"):
+        assert (run / name).read_bytes()[:4] == b"\x89PNG"
+        assert str(run / name) in result.output
+    out = tmp_path / "figs" / "s.png"
+    assert_ok(invoke("sample", run, "--out", out))
+    assert sorted(p.name for p in out.parent.iterdir()) == [
+        "s-curves.png",
+        "s-reconstructions.png",
+        "s.png",
+    ]
+
+
+def test_resume_after_interrupt(tmp_path, monkeypatch):
+    args = [*SMALL[:-1], "2", "--quiet"]
+    assert_ok(invoke("fit", *args, "--out", tmp_path / "full"))
+
+    def interrupt(self, metrics):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:
+        m.setattr(progress.FitProgress, "on_epoch_end", interrupt)
+        cut = invoke("fit", *args, "--out", tmp_path / "cut")
+    assert cut.exit_code == 130 and "Traceback" not in cut.output
+    assert f"fit --resume --out {tmp_path / 'cut'}" in cut.output
+    assert len(read_metrics(tmp_path / "cut")) == 1
+
+    result = invoke("fit", "--resume", "--out", tmp_path / "cut")
+    assert_ok(result)
+    assert [m["epoch"] for m in read_metrics(tmp_path / "cut")] == [1, 2]
+    full = load_checkpoint(tmp_path / "full" / CHECKPOINT_FILE)
+    resumed = load_checkpoint(tmp_path / "cut" / CHECKPOINT_FILE)
+    for part in ("model", "guide"):
+        for key, value in full[part].items():
+            assert torch.equal(value, resumed[part][key]), key
+    # Resuming a finished run trains nothing more.
+    done = invoke("fit", "--resume", "--out", tmp_path / "cut")
+    assert_ok(done)
+    assert "nothing left to train" in done.output
+    assert len(read_metrics(tmp_path / "cut")) == 2
+
+
+# -- errors: one line, no traceback, a non-zero exit -------------------------
+
+
+def test_cuda_absent(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    for command in (["fit"], ["eval-nll"], ["sample"]):
+        assert_one_line_error(invoke(*command, "--cuda"), "CUDA", "drop --cuda")
+
+
+def test_bad_numbers_and_names():
+    assert_one_line_error(invoke("fit", "--particles", 0), "--particles", "0")
+    assert_one_line_error(invoke("eval-nll", "--k", 0), "--k", "0")
+    assert_one_line_error(invoke("fit", "--dataset", "cifar"), "cifar", "mnist-mini")
+    assert_one_line_error(
+        invoke("fit", "--schedule", "paper", "--epochs", 3), "--stages"
+    )
+    assert_one_line_error(invoke("fit", "--stages", 3), "--schedule paper")
+    assert_one_line_error(
+        invoke("fit", "--objective", "renyi", "--alpha", 1), "--objective vae"
+    )
+    assert_one_line_error(
+        invoke("fit", "--objective", "vae", "--estimator", "dreg"), "--estimator"
+    )
+
+
+def test_missing_data(tmp_path, monkeypatch):
+    missing = tmp_path / "nowhere"
+    result = invoke("fit", "--dataset", "omniglot", "--data-dir", missing, "--quiet")
+    assert_one_line_error(result, "chardata.mat", "--data-dir")
+    # No network: every download mirror refuses the connection.
+    monkeypatch.setattr(torchvision.datasets.MNIST, "mirrors", ["http://127.0.0.1:9/"])
+    result = invoke(
+        "fit", "--dataset", "mnist", "--data-dir", missing, "--runs-dir", tmp_path
+    )
+    assert_one_line_error(result, "could not download", "--data-dir")
+    # The failed run leaves no empty run directory behind.
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["nowhere"]
+
+
+def test_missing_run_dirs(tmp_path):
+    missing = tmp_path / "missing"
+    for command in ("eval-nll", "sample"):
+        assert_one_line_error(invoke(command, missing), "does not exist")
+    assert_one_line_error(
+        invoke("eval-nll", "--runs-dir", tmp_path / "none"), "no run found"
+    )
+    assert_one_line_error(invoke("fit", "--resume", "--out", missing), "does not exist")
+    assert_one_line_error(
+        invoke("eval-nll", tmp_path), "not a run directory", "config.json"
+    )
+
+
+def test_broken_checkpoints(run, tmp_path):
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "config.json").write_bytes((run / "config.json").read_bytes())
+    assert_one_line_error(
+        invoke("fit", "--resume", "--out", broken), "no checkpoint", "new run"
+    )
+    assert_one_line_error(invoke("eval-nll", broken), "no checkpoint")
+
+    data = (run / CHECKPOINT_FILE).read_bytes()
+    (broken / CHECKPOINT_FILE).write_bytes(data[: len(data) // 2])
+    for command in (["eval-nll", broken], ["sample", broken]):
+        assert_one_line_error(invoke(*command), "truncated or corrupt", "new run")
+    assert_one_line_error(
+        invoke("fit", "--resume", "--out", broken), "truncated or corrupt"
+    )
+
+    other = tmp_path / "other"
+    assert_ok(invoke("fit", *SMALL, "--layers", 2, "--out", other, "--quiet"))
+    (broken / CHECKPOINT_FILE).write_bytes((other / CHECKPOINT_FILE).read_bytes())
+    assert_one_line_error(invoke("eval-nll", broken), "another architecture")
+
+
+def test_existing_run_and_conflicting_resume(run):
+    assert_one_line_error(invoke("fit", *SMALL, "--out", run), "--resume")
+    assert_one_line_error(
+        invoke("fit", "--resume", "--out", run, "--particles", 7),
+        "--particles 7",
+        "differs",
+    )
