@@ -24,6 +24,7 @@ from pyro_iwae.plots import save_curves, save_image_grid, save_reconstruction_gr
 from pyro_iwae.sampling import reconstruct, sample_images
 from pyro_iwae.training import (
     CHECKPOINT_FILE,
+    IW_OBJECTIVES,
     OBJECTIVES,
     SCHEDULES,
     RunConfig,
@@ -54,6 +55,8 @@ _CONFIG_OPTIONS = {
     "objective": "objective",
     "estimator": "estimator",
     "alpha": "alpha",
+    "groups": "num_groups",
+    "beta": "beta",
     "particles": "num_particles",
     "schedule": "schedule",
     "stages": "stages",
@@ -164,20 +167,34 @@ def cli() -> None:
     type=click.Choice(OBJECTIVES),
     default="iwae",
     help="iwae: the importance-weighted bound; vae: the ELBO averaged over k "
-    "samples (the paper's 'VAE, k'); renyi: Pyro's RenyiELBO of order --alpha.",
+    "samples (the paper's 'VAE, k'); renyi: Pyro's RenyiELBO of order --alpha; "
+    "miwae, piwae: Rainforth et al.'s bounds on --groups M groups of k particles; "
+    "ciwae: --beta ELBO + (1 - --beta) IWAE.",
 )
 @click.option(
     "--estimator",
     type=click.Choice(ESTIMATORS),
     default="iwae",
-    help="Guide gradient of --objective iwae: iwae (plain), stl (sticking the "
-    "landing) or dreg (doubly reparameterised).",
+    help="Guide gradient of --objective iwae, miwae, piwae or ciwae: iwae "
+    "(plain), stl (sticking the landing) or dreg (doubly reparameterised).",
 )
 @click.option(
     "--alpha",
     type=float,
     default=0.0,
     help="Order of --objective renyi (not 1); 0 is the IWAE bound.",
+)
+@click.option(
+    "--groups",
+    type=click.IntRange(min=1),
+    default=1,
+    help="M, groups of k particles of --objective miwae or piwae.",
+)
+@click.option(
+    "--beta",
+    type=click.FloatRange(0, 1),
+    default=0.5,
+    help="Weight of the ELBO in --objective ciwae.",
 )
 @click.option(
     "--particles",
@@ -272,10 +289,14 @@ def fit(ctx: click.Context, **options: Any) -> None:
             "--stages applies to --schedule paper; add --schedule paper, or use "
             "--epochs"
         )
-    if options["objective"] != "iwae" and _explicit(ctx, "estimator"):
+    if options["objective"] not in IW_OBJECTIVES and _explicit(ctx, "estimator"):
         raise click.UsageError(
-            "--estimator applies to --objective iwae; drop it or use --objective iwae"
+            f"--estimator applies to --objective {', '.join(IW_OBJECTIVES)}; drop it"
         )
+    if options["objective"] not in ("miwae", "piwae") and _explicit(ctx, "groups"):
+        raise click.UsageError("--groups applies to --objective miwae or piwae")
+    if options["objective"] != "ciwae" and _explicit(ctx, "beta"):
+        raise click.UsageError("--beta applies to --objective ciwae; drop it")
     if options["objective"] != "renyi" and _explicit(ctx, "alpha"):
         raise click.UsageError("--alpha applies to --objective renyi; drop it")
     if options["objective"] == "renyi" and options["alpha"] == 1:

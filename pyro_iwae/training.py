@@ -34,7 +34,7 @@ from .evaluation import (
     dataset_log_likelihood,
     latent_activity,
 )
-from .objectives import IWELBO
+from .objectives import CIWELBO, IWELBO, MIWELBO, PIWELBO
 from .registry import build_guide, build_model
 
 __all__ = [
@@ -64,7 +64,9 @@ __all__ = [
     "train_run",
 ]
 
-OBJECTIVES = ("iwae", "vae", "renyi")
+OBJECTIVES = ("iwae", "vae", "renyi", "miwae", "piwae", "ciwae")
+#: Objectives whose guide gradient takes an ``estimator``.
+IW_OBJECTIVES = ("iwae", "miwae", "piwae", "ciwae")
 SCHEDULES = ("constant", "paper")
 CONFIG_FILE = "config.json"
 CHECKPOINT_FILE = "checkpoint.pt"
@@ -98,7 +100,12 @@ class TrainingDiverged(Exception):
 
 
 def make_objective(
-    name: str, num_particles: int, estimator: str = "iwae", alpha: float = 0.0
+    name: str,
+    num_particles: int,
+    estimator: str = "iwae",
+    alpha: float = 0.0,
+    num_groups: int = 1,
+    beta: float = 0.5,
 ) -> ELBO:
     """The training objective ``name`` with ``num_particles`` (k) vectorized particles.
 
@@ -106,7 +113,10 @@ def make_objective(
       (``iwae``, ``stl`` or ``dreg``);
     - ``"vae"``: :class:`pyro.infer.Trace_ELBO`, the ELBO averaged over k
       samples (the paper's "VAE, k");
-    - ``"renyi"``: :class:`pyro.infer.RenyiELBO` of order ``alpha`` (not 1).
+    - ``"renyi"``: :class:`pyro.infer.RenyiELBO` of order ``alpha`` (not 1);
+    - ``"miwae"``, ``"piwae"``: :class:`~pyro_iwae.MIWELBO`,
+      :class:`~pyro_iwae.PIWELBO` with ``num_groups`` (M) groups of k particles;
+    - ``"ciwae"``: :class:`~pyro_iwae.CIWELBO` with weight ``beta`` on the ELBO.
 
     All use ``max_plate_nesting=1`` (one data plate).
     """
@@ -123,6 +133,11 @@ def make_objective(
     }
     if name == "iwae":
         return IWELBO(estimator=estimator, **common)
+    if name in ("miwae", "piwae"):
+        cls = MIWELBO if name == "miwae" else PIWELBO
+        return cls(num_groups=num_groups, estimator=estimator, **common)
+    if name == "ciwae":
+        return CIWELBO(beta=beta, estimator=estimator, **common)
     if name == "vae":
         return Trace_ELBO(**common)
     if alpha == 1:
@@ -741,6 +756,8 @@ class RunConfig:
     estimator: str = "iwae"
     num_particles: int = 5
     alpha: float = 0.0
+    num_groups: int = 1
+    beta: float = 0.5
     schedule: str = "constant"
     stages: int | None = None
     epochs: int = 5
@@ -816,7 +833,12 @@ class RunConfig:
     def make_objective(self) -> ELBO:
         """The training objective (see :func:`make_objective`)."""
         return make_objective(
-            self.objective, self.num_particles, self.estimator, self.alpha
+            self.objective,
+            self.num_particles,
+            self.estimator,
+            self.alpha,
+            self.num_groups,
+            self.beta,
         )
 
     def load_data(self, data_dir: str | os.PathLike | None = None) -> Dataset:

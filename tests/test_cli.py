@@ -200,6 +200,8 @@ def test_bad_numbers_and_names():
     assert_one_line_error(
         invoke("fit", "--objective", "vae", "--estimator", "dreg"), "--estimator"
     )
+    assert_one_line_error(invoke("fit", "--groups", 4), "--objective miwae or piwae")
+    assert_one_line_error(invoke("fit", "--beta", 0.1), "--objective ciwae")
 
 
 def test_missing_data(tmp_path, monkeypatch):

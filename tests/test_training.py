@@ -8,7 +8,7 @@ import pyro
 import pytest
 import torch
 
-from pyro_iwae import paper_architecture
+from pyro_iwae import CIWELBO, MIWELBO, PIWELBO, paper_architecture
 from pyro_iwae.data import Dataset, load_dataset
 from pyro_iwae.training import (
     CHECKPOINT_FILE,
@@ -126,6 +126,12 @@ def test_make_objective():
     assert isinstance(vae, pyro.infer.Trace_ELBO) and vae.num_particles == 3
     renyi = make_objective("renyi", 4, alpha=0.5)
     assert isinstance(renyi, pyro.infer.RenyiELBO) and renyi.alpha == 0.5
+    miwae = make_objective("miwae", 4, "dreg", num_groups=3)
+    assert isinstance(miwae, MIWELBO) and miwae.num_particles == 12
+    assert (miwae.num_groups, miwae.group_size, miwae.estimator) == (3, 4, "dreg")
+    assert isinstance(make_objective("piwae", 4, num_groups=2), PIWELBO)
+    ciwae = make_objective("ciwae", 6, beta=0.05)
+    assert isinstance(ciwae, CIWELBO) and ciwae.beta == 0.05
     for args in (("nope", 2), ("iwae", 0), ("renyi", 2, "iwae", 1.0)):
         with pytest.raises(ValueError):
             make_objective(*args)
@@ -139,6 +145,9 @@ def test_make_objective():
         ("iwae", "dreg", 0.0),
         ("vae", "iwae", 0.0),
         ("renyi", "iwae", 0.5),
+        ("miwae", "dreg", 0.0),
+        ("piwae", "iwae", 0.0),
+        ("ciwae", "stl", 0.0),
     ],
 )
 def test_each_objective_trains(small, name, estimator, alpha):
