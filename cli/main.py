@@ -21,6 +21,7 @@ import pyro_iwae
 from pyro_iwae.data import DATASETS, DataError
 from pyro_iwae.objectives import ESTIMATORS
 from pyro_iwae.plots import save_curves, save_image_grid, save_reconstruction_grid
+from pyro_iwae.reproduction import Grid, run_grid, write_report
 from pyro_iwae.sampling import reconstruct, sample_images
 from pyro_iwae.training import (
     CHECKPOINT_FILE,
@@ -552,3 +553,76 @@ def main() -> None:  # pragma: no cover
 
 if __name__ == "__main__":  # pragma: no cover
     main()
+
+
+@cli.command(context_settings={"show_default": True})
+@click.argument("grid", type=click.Path(dir_okay=False, exists=True, path_type=Path))
+@click.option(
+    "--runs-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    show_default="runs/ beside GRID",
+    help="Folder of the grid's run directories, one per run name.",
+)
+@click.option(
+    "--out-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    show_default="the folder of GRID",
+    help="Folder for table.json, table.md and the plots.",
+)
+@click.option(
+    "--only",
+    multiple=True,
+    help="Run only this run of the grid (repeatable); the report covers all.",
+)
+@click.option(
+    "--report-only", is_flag=True, help="Write the table and plots; train nothing."
+)
+@_data_dir_option
+@_cuda_option
+@_quiet_option
+@_library_errors
+def reproduce(
+    grid: Path,
+    runs_dir: Path | None,
+    out_dir: Path | None,
+    only: tuple[str, ...],
+    report_only: bool,
+    data_dir: Path | None,
+    cuda: bool,
+    quiet: bool,
+) -> None:
+    """Train and evaluate every run of the GRID file (JSON), then write its table.
+
+    Runs already evaluated are skipped and interrupted ones resume from their
+    checkpoints, so the command can be stopped at any moment and run again.
+    """
+    device = _device(cuda)
+    spec = Grid.load(grid)
+    runs_dir = runs_dir or grid.parent / "runs"
+    if not report_only:
+
+        fit_progress, eval_progress = FitProgress(quiet), EvalProgress(quiet)
+
+        def on_run(name: str, what: str) -> None:
+            click.echo(f"{name}: {what}", err=True)
+            if what == "evaluate":
+                eval_progress.reset()
+
+        try:
+            run_grid(
+                spec,
+                runs_dir,
+                only=list(only) or None,
+                data_dir=data_dir,
+                device=device,
+                on_run=on_run,
+                fit_callback=fit_progress,
+                eval_callback=eval_progress,
+            )
+        finally:
+            fit_progress.close()
+            eval_progress.close()
+    for path in write_report(spec, runs_dir, out_dir or grid.parent).values():
+        click.echo(f"wrote {path}")

@@ -109,5 +109,11 @@ class EvalProgress:
         self.bar.set_postfix(nll=f"{self.total_nll / self.points:.2f}", refresh=False)
         self.bar.update(n)
 
+    def reset(self) -> None:
+        """Starts the count afresh, for the next evaluation."""
+        self.bar.reset()
+        self.total_nll = 0.0
+        self.points = 0
+
     def close(self) -> None:
         self.bar.close()

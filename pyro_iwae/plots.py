@@ -10,7 +10,14 @@ from typing import Any
 
 import torch
 
-__all__ = ["IMAGE_SIDE", "save_image_grid", "save_reconstruction_grid", "save_curves"]
+__all__ = [
+    "IMAGE_SIDE",
+    "save_curves",
+    "save_grid_curves",
+    "save_image_grid",
+    "save_nll_against_k",
+    "save_reconstruction_grid",
+]
 
 #: Images are square, ``IMAGE_SIDE`` x ``IMAGE_SIDE`` pixels (784 in all).
 IMAGE_SIDE = 28
@@ -98,6 +105,59 @@ def save_curves(
         ax.legend()
     else:
         ax.text(0.5, 0.5, "no epochs yet", ha="center", va="center")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+    return path
+
+
+def save_grid_curves(
+    curves: dict[str, Sequence[dict[str, Any]]], path: str | os.PathLike
+) -> Path:
+    """Writes a PNG of each run's test bound (nats per point, at its training k)
+    against the epoch, one line per run of ``curves`` (name -> metrics)."""
+    from matplotlib.figure import Figure
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig = Figure(figsize=(7, 4.5), dpi=100)
+    ax = fig.add_subplot()
+    for name, metrics in curves.items():
+        points = [
+            (m["epoch"], -m["test_bound"]) for m in metrics if m.get("test_bound")
+        ]
+        if points:
+            ax.plot(*zip(*points, strict=True), label=name)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("-test bound at the training k (nats)")
+    if ax.lines:
+        ax.legend(fontsize="small")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+    return path
+
+
+def save_nll_against_k(
+    series: dict[str, Sequence[tuple[int, float, float]]], path: str | os.PathLike
+) -> Path:
+    """Writes a PNG of test NLL against k (log axis), one line per name of
+    ``series`` (name -> (k, nll, standard error) points)."""
+    from matplotlib.figure import Figure
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig = Figure(figsize=(6, 4), dpi=100)
+    ax = fig.add_subplot()
+    for name, points in series.items():
+        if points:
+            ks, nlls, errors = zip(*sorted(points), strict=True)
+            ax.errorbar(ks, nlls, yerr=errors, marker="o", capsize=3, label=name)
+    ax.set_xscale("log")
+    ax.set_xlabel("k (training particles)")
+    ax.set_ylabel("test NLL at k = 5000 (nats)")
+    if ax.lines:
+        ax.legend()
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path)

@@ -17,6 +17,7 @@ import json
 import math
 import os
 import pickle
+import platform
 import time
 import zipfile
 from collections.abc import Callable, Iterable, Sequence
@@ -1088,10 +1089,22 @@ def evaluate_run(
         "latent_units": latent,
         "seed": seed,
         "dataset": config.dataset,
+        "versions": versions(),
+        "date": datetime.now().isoformat(timespec="seconds"),
         "file": str(path),
     }
     _write_json(path, result)
     return result
+
+
+def versions() -> dict[str, str]:
+    """Versions of Python, torch and Pyro, and the machine, for the record."""
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "pyro": pyro.__version__,
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores",
+    }
 
 
 def _one_line(e: BaseException) -> str:

@@ -1,0 +1,238 @@
+"""A grid of fit + eval-nll runs, resumable, and its table beside the paper's."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .training import (
+    CHECKPOINT_FILE,
+    FitCallback,
+    RunConfig,
+    RunError,
+    evaluate_run,
+    read_metrics,
+    train_run,
+)
+
+#: Burda et al. (2016), Table 1: MNIST test NLL (nats, k = 5000), by
+#: (stochastic layers, objective, k).
+PAPER_NLL = {
+    (1, "vae", 1): 86.76,
+    (1, "vae", 5): 86.47,
+    (1, "vae", 50): 86.35,
+    (1, "iwae", 1): 86.76,
+    (1, "iwae", 5): 85.54,
+    (1, "iwae", 50): 84.78,
+    (2, "vae", 1): 85.33,
+    (2, "vae", 5): 85.01,
+    (2, "vae", 50): 84.78,
+    (2, "iwae", 1): 85.33,
+    (2, "iwae", 5): 83.89,
+    (2, "iwae", 50): 82.90,
+}
+#: Rainforth et al. (2018) on dynamically binarised MNIST, by objective.
+RAINFORTH_NLL = {"miwae": 84.97, "piwae": 84.46, "ciwae": 84.57}
+
+
+@dataclasses.dataclass(frozen=True)
+class Grid:
+    """Runs that share one budget: ``base`` settings of :class:`RunConfig`,
+    overridden per run by ``runs`` (name -> settings); each is evaluated on the
+    first ``eval_limit`` test points (None: all) with ``eval_samples`` particles."""
+
+    base: dict[str, Any]
+    runs: dict[str, dict[str, Any]]
+    eval_samples: int = 5000
+    eval_limit: int | None = None
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> Grid:
+        """Reads a grid from JSON: ``{"base": {...}, "runs": {name: {...}}, ...}``.
+
+        :raises RunError: if the file is missing, broken, or names unknown settings.
+        """
+        try:
+            values = json.loads(Path(path).read_text())
+            grid = cls(**values)
+        except (OSError, json.JSONDecodeError, TypeError) as e:
+            raise RunError(f"cannot read grid {path} ({e}); fix the file") from e
+        for name in grid.runs:
+            grid.config(name)  # fails early on unknown settings
+        return grid
+
+    def config(self, name: str) -> RunConfig:
+        """The run config of run ``name``."""
+        return RunConfig.from_dict({**self.base, **self.runs[name]})
+
+
+def run_grid(
+    grid: Grid,
+    runs_dir: str | os.PathLike,
+    *,
+    only: list[str] | None = None,
+    data_dir: str | os.PathLike | None = None,
+    device: torch.device | str | None = None,
+    on_run: Callable[[str, str], None] | None = None,
+    fit_callback: FitCallback | None = None,
+    eval_callback: Callable[[torch.Tensor, int], None] | None = None,
+) -> None:
+    """Trains and evaluates each run of ``grid`` in ``runs_dir/<name>``.
+
+    A run with an evaluation is skipped, one with a checkpoint is resumed, and any
+    other is started, so that the grid can be stopped at any moment and run again.
+    ``on_run(name, what)`` is told ``what`` happens to each run ("skip", "train",
+    "resume", "evaluate").
+    """
+    names = only or list(grid.runs)
+    unknown = sorted(set(names) - set(grid.runs))
+    if unknown:
+        raise RunError(
+            f"no run {', '.join(unknown)} in the grid; choose from "
+            f"{', '.join(grid.runs)}"
+        )
+    for name in names:
+        run_dir = Path(runs_dir) / name
+        if _evaluation_path(grid, run_dir).is_file():
+            _tell(on_run, name, "skip")
+            continue
+        resume = (run_dir / CHECKPOINT_FILE).is_file()
+        _tell(on_run, name, "resume" if resume else "train")
+        train_run(
+            grid.config(name),
+            run_dir,
+            resume=resume,
+            data_dir=data_dir,
+            callback=fit_callback,
+        )
+        _tell(on_run, name, "evaluate")
+        evaluate_run(
+            run_dir,
+            num_samples=grid.eval_samples,
+            limit=grid.eval_limit,
+            data_dir=data_dir,
+            device=device,
+            callback=eval_callback,
+        )
+
+
+def _tell(on_run: Callable[[str, str], None] | None, name: str, what: str) -> None:
+    if on_run is not None:
+        on_run(name, what)
+
+
+def _evaluation_path(grid: Grid, run_dir: Path) -> Path:
+    return run_dir / f"eval-test-k{grid.eval_samples}.json"
+
+
+def collect(grid: Grid, runs_dir: str | os.PathLike) -> list[dict[str, Any]]:
+    """One row per run of ``grid`` from its files: settings, test NLL with its
+    standard error (None until evaluated), active units, epochs and train time."""
+    rows = []
+    for name in grid.runs:
+        config = grid.config(name)
+        run_dir = Path(runs_dir) / name
+        metrics = read_metrics(run_dir) if run_dir.is_dir() else []
+        path = _evaluation_path(grid, run_dir)
+        result = json.loads(path.read_text()) if path.is_file() else {}
+        k = config.num_particles * (
+            config.num_groups if config.objective in ("miwae", "piwae") else 1
+        )
+        rows.append(
+            {
+                "run": name,
+                "dataset": config.dataset,
+                "stochastic_layers": config.stochastic_layers,
+                "objective": config.objective,
+                "estimator": config.estimator,
+                "k": k,
+                "num_groups": config.num_groups,
+                "beta": config.beta,
+                "schedule": config.schedule,
+                "stages": config.stages,
+                "batch_size": config.batch_size,
+                "seed": config.seed,
+                "epochs": len(metrics),
+                "train_time_s": sum(m["time"] for m in metrics),
+                "test_nll": result.get("nll"),
+                "test_nll_stderr": result.get("stderr"),
+                "eval_k": result.get("k"),
+                "eval_points": result.get("points"),
+                "active_units": result.get("active_units"),
+                "paper_nll": _paper_nll(config, k),
+                "versions": result.get("versions"),
+                "evaluated": result.get("date"),
+            }
+        )
+    return rows
+
+
+def _paper_nll(config: RunConfig, k: int) -> float | None:
+    if config.objective in RAINFORTH_NLL:
+        return RAINFORTH_NLL[config.objective]
+    if config.estimator != "iwae" or config.objective not in ("iwae", "vae"):
+        return None
+    return PAPER_NLL.get((config.stochastic_layers, config.objective, k))
+
+
+def markdown_table(rows: list[dict[str, Any]]) -> str:
+    """The rows as a Markdown table, the paper's NLL beside ours."""
+    lines = [
+        "| run | layers | objective | estimator | k | epochs | test NLL (nats) "
+        "| paper | active units | train time (min) |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for row in rows:
+        nll = (
+            "not run yet"
+            if row["test_nll"] is None
+            else f"{row['test_nll']:.2f} ± {row['test_nll_stderr']:.2f}"
+        )
+        paper = "" if row["paper_nll"] is None else f"{row['paper_nll']:.2f}"
+        active = ", ".join(f"{k} {v}" for k, v in (row["active_units"] or {}).items())
+        objective = row["objective"]
+        if objective in ("miwae", "piwae"):
+            objective += f" (M={row['num_groups']})"
+        elif objective == "ciwae":
+            objective += f" (beta={row['beta']})"
+        lines.append(
+            f"| {row['run']} | {row['stochastic_layers']} | {objective} | "
+            f"{row['estimator']} | {row['k']} | {row['epochs']} | {nll} | {paper} | "
+            f"{active} | {row['train_time_s'] / 60:.1f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def write_report(
+    grid: Grid, runs_dir: str | os.PathLike, out_dir: str | os.PathLike
+) -> dict[str, Path]:
+    """Writes ``table.json``, ``table.md`` and the plots of ``grid`` into
+    ``out_dir``; returns their paths by kind."""
+    from .plots import save_grid_curves, save_nll_against_k
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rows = collect(grid, runs_dir)
+    paths = {"json": out_dir / "table.json", "markdown": out_dir / "table.md"}
+    paths["json"].write_text(json.dumps(rows, indent=2) + "\n")
+    paths["markdown"].write_text(markdown_table(rows))
+    curves = {name: read_metrics(Path(runs_dir) / name) for name in grid.runs}
+    paths["curves"] = save_grid_curves(curves, out_dir / "test-bound-by-epoch.png")
+    series: dict[str, list[tuple[int, float, float]]] = {}
+    for row in rows:
+        if row["test_nll"] is None or row["objective"] not in ("vae", "iwae"):
+            continue
+        label = "VAE" if row["objective"] == "vae" else "IWAE"
+        if row["estimator"] != "iwae":
+            label += f"-{row['estimator'].upper()}"
+        series.setdefault(label, []).append(
+            (row["k"], row["test_nll"], row["test_nll_stderr"] or 0.0)
+        )
+    paths["nll_k"] = save_nll_against_k(series, out_dir / "nll-by-k.png")
+    return paths

@@ -1,0 +1,85 @@
+"""The reproduction grid: runs, skips, resumes and reports."""
+
+import json
+
+import pytest
+from click.testing import CliRunner
+
+from pyro_iwae.reproduction import Grid, collect, markdown_table
+from pyro_iwae.training import RunError
+from pyro_iwae_cli.main import cli
+
+GRID = {
+    "base": {
+        "dataset": "mnist-mini",
+        "epochs": 1,
+        "train_limit": 200,
+        "test_limit": 40,
+        "batch_size": 50,
+    },
+    "runs": {
+        "vae-k1": {"objective": "vae", "num_particles": 1},
+        "iwae-k5": {"objective": "iwae", "num_particles": 5},
+        "miwae-2x2": {"objective": "miwae", "num_particles": 2, "num_groups": 2},
+    },
+    "eval_samples": 8,
+    "eval_limit": 30,
+}
+
+
+@pytest.fixture
+def grid_file(tmp_path):
+    path = tmp_path / "grid.json"
+    path.write_text(json.dumps(GRID))
+    return path
+
+
+def test_grid_runs_skips_and_reports(grid_file, tmp_path):
+    runner = CliRunner()
+    result = runner.invoke(cli, ["reproduce", str(grid_file), "--quiet"])
+    assert result.exit_code == 0, result.output
+    rows = json.loads((tmp_path / "table.json").read_text())
+    assert [r["run"] for r in rows] == list(GRID["runs"])
+    for row in rows:
+        assert row["eval_k"] == 8 and row["eval_points"] == 30
+        assert 0 < row["test_nll"] < 600 and row["epochs"] == 1
+        assert row["versions"]["torch"]
+    assert rows[2]["k"] == 4
+    assert rows[1]["paper_nll"] == 85.54 and rows[2]["paper_nll"] == 84.97
+    for name in ("table.md", "test-bound-by-epoch.png", "nll-by-k.png"):
+        assert (tmp_path / name).stat().st_size > 0
+
+    again = runner.invoke(cli, ["reproduce", str(grid_file), "--quiet"])
+    assert again.exit_code == 0
+    assert again.stderr.count(": skip") == 3
+
+
+def test_an_interrupted_run_resumes_and_a_missing_one_is_reported(grid_file, tmp_path):
+    runner = CliRunner()
+    only = ["reproduce", str(grid_file), "--quiet", "--only", "vae-k1"]
+    assert runner.invoke(cli, only).exit_code == 0
+    # kill after training: the evaluation is missing, the checkpoint is there
+    (tmp_path / "runs" / "vae-k1" / "eval-test-k8.json").unlink()
+    result = runner.invoke(cli, only)
+    assert result.exit_code == 0 and "vae-k1: resume" in result.stderr
+    table = (tmp_path / "table.md").read_text()
+    assert "not run yet" in table  # the two runs left out by --only
+    bad = runner.invoke(cli, ["reproduce", str(grid_file), "--only", "nope"])
+    assert bad.exit_code != 0 and "no run nope in the grid" in bad.output
+    assert "Traceback" not in bad.output
+
+
+def test_grid_errors_name_the_problem(tmp_path):
+    path = tmp_path / "grid.json"
+    path.write_text(json.dumps({"base": {}, "runs": {"a": {"particles": 3}}}))
+    with pytest.raises(RunError, match="unknown run settings particles"):
+        Grid.load(path)
+    path.write_text("{")
+    with pytest.raises(RunError, match="cannot read grid"):
+        Grid.load(path)
+
+
+def test_table_before_any_run(tmp_path, grid_file):
+    rows = collect(Grid.load(grid_file), tmp_path / "nothing")
+    assert all(r["test_nll"] is None and r["epochs"] == 0 for r in rows)
+    assert markdown_table(rows).count("not run yet") == 3
