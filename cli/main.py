@@ -602,7 +602,6 @@ def reproduce(
     spec = Grid.load(grid)
     runs_dir = runs_dir or grid.parent / "runs"
     if not report_only:
-
         fit_progress, eval_progress = FitProgress(quiet), EvalProgress(quiet)
 
         def on_run(name: str, what: str) -> None:

@@ -1,0 +1,252 @@
+"""Shared helpers of the benchmarks: machine facts, statistics, tables, JSON."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import shlex
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def cpu_model() -> str:
+    """The CPU's model name from ``/proc/cpuinfo`` (else ``platform.processor``)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def git_revision() -> str:
+    """The repository's commit, with ``+dirty`` if the work tree has changes."""
+    try:
+        rev = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return rev + ("+dirty" if dirty else "")
+
+
+def environment(seed: int | None = None, **extra: Any) -> dict[str, Any]:
+    """Machine, versions, date and command line of this run."""
+    import pyro
+
+    import pyro_iwae
+
+    try:
+        affinity = len(os.sched_getaffinity(0))
+    except AttributeError:
+        affinity = os.cpu_count()
+    return {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(
+            timespec="seconds"
+        ),
+        "command": shlex.join(["python", *sys.argv]),
+        "seed": seed,
+        "cpu": cpu_model(),
+        "logical_cpus": os.cpu_count(),
+        "usable_cpus": affinity,
+        "torch_threads": torch.get_num_threads(),
+        "torch_interop_threads": torch.get_num_interop_threads(),
+        "load_average": os.getloadavg(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "pyro": pyro.__version__,
+        "pyro_iwae": pyro_iwae.__version__,
+        "git": git_revision(),
+        **extra,
+    }
+
+
+def environment_markdown(env: dict[str, Any]) -> str:
+    """The environment as a Markdown bullet list."""
+    lines = [
+        f"- date: {env['date']}",
+        f"- command: `{env['command']}`",
+        f"- seed: {env['seed']}",
+        f"- CPU: {env['cpu']}, {env['logical_cpus']} logical CPUs "
+        f"({env['usable_cpus']} usable); torch threads {env['torch_threads']} "
+        f"(inter-op {env['torch_interop_threads']})",
+        "- load average at start: "
+        + ", ".join(f"{x:.2f}" for x in env["load_average"]),
+        f"- versions: Python {env['python']}, torch {env['torch']}, "
+        f"pyro-ppl {env['pyro']}, pyro-iwae {env['pyro_iwae']} (git {env['git']})",
+    ]
+    lines += [
+        f"- {key.replace('_', ' ')}: {value}"
+        for key, value in env.items()
+        if key not in _STANDARD_KEYS
+    ]
+    return "\n".join(lines)
+
+
+_STANDARD_KEYS = {
+    "date",
+    "command",
+    "seed",
+    "cpu",
+    "logical_cpus",
+    "usable_cpus",
+    "torch_threads",
+    "torch_interop_threads",
+    "load_average",
+    "python",
+    "torch",
+    "pyro",
+    "pyro_iwae",
+    "git",
+}
+
+
+def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    """A GitHub-flavoured Markdown table; numeric columns right-aligned."""
+    numeric = [
+        bool(rows) and all(_is_number(row[i]) for row in rows)
+        for i in range(len(headers))
+    ]
+    lines = [
+        "| " + " | ".join(headers) + " |",
+        "|" + "|".join("---:" if n else "---" for n in numeric) + "|",
+    ]
+    lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def _is_number(cell: Any) -> bool:
+    if isinstance(cell, int | float) or cell == "":
+        return True
+    try:
+        float(str(cell).rstrip("%").replace(",", ""))
+    except ValueError:
+        return False
+    return True
+
+
+def quartiles(values: Sequence[float]) -> tuple[float, float, float]:
+    """First quartile, median and third quartile."""
+    if len(values) < 2:
+        return values[0], values[0], values[0]
+    q1, q2, q3 = statistics.quantiles(values, n=4, method="inclusive")
+    return q1, q2, q3
+
+
+def write_json(path: str | os.PathLike, payload: dict[str, Any]) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(payload, f, indent=2)
+        f.write("\n")
+
+
+def matmul_peak(size: int = 2048, repeats: int = 10) -> dict[str, float]:
+    """GFLOP/s of ``torch.mm`` on ``size`` x ``size`` float32 matrices.
+
+    The best of ``repeats`` timed products (after one warm-up) is the peak; the
+    median is reported too, as a measure of the noise on a shared machine.
+    """
+    a = torch.randn(size, size)
+    b = torch.randn(size, size)
+    out = torch.empty(size, size)
+    torch.mm(a, b, out=out)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        torch.mm(a, b, out=out)
+        times.append(time.perf_counter() - start)
+    flops = 2 * size**3
+    return {
+        "size": size,
+        "peak_gflops": flops / min(times) / 1e9,
+        "median_gflops": flops / statistics.median(times) / 1e9,
+    }
+
+
+def timed(fn: Callable[[], Any]) -> float:
+    """Seconds one call of ``fn`` takes."""
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+# Runs argv[2:] and writes its resource usage to the file argv[1]. A direct child
+# of a large process inherits that process's peak RSS into its own ru_maxrss (Linux
+# keeps the high-water mark across fork and exec), so the command runs as the
+# child of this small interpreter, as under /usr/bin/time.
+_MEASURE = """
+import json, resource, subprocess, sys, time
+start = time.perf_counter()
+code = subprocess.call(sys.argv[2:])
+wall = time.perf_counter() - start
+usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+with open(sys.argv[1], "w") as f:
+    json.dump({"returncode": code, "wall_s": wall,
+               "peak_rss_mib": usage.ru_maxrss / 1024,
+               "cpu_s": usage.ru_utime + usage.ru_stime,
+               "minor_faults": usage.ru_minflt}, f)
+"""
+
+
+def run_measured(command: Sequence[str], **kwargs: Any) -> dict[str, Any]:
+    """Runs ``command``; returns its exit code, wall and CPU seconds, peak RSS (MiB)
+    and minor page faults. ``kwargs`` go to :func:`subprocess.run`.
+    """
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "usage.json"
+        subprocess.run([sys.executable, "-c", _MEASURE, str(path), *command], **kwargs)
+        return json.loads(path.read_text())
+
+
+def load_test_images(dataset: str, data_dir: str | None, n: int) -> torch.Tensor:
+    """The first ``n`` binarised test images (``[n, 784]`` of 0/1), fixed seed."""
+    from pyro_iwae.data import load_dataset
+
+    return load_dataset(dataset, data_dir, download=False).test[:n].contiguous()
+
+
+def add_common_arguments(parser) -> None:
+    """Options every benchmark takes: data, seed, validation, JSON output."""
+    parser.add_argument(
+        "--dataset",
+        default="mnist",
+        help="data set of the test images: mnist (needs --data-dir) or mnist-mini "
+        "(embedded, for smoke runs)",
+    )
+    parser.add_argument(
+        "--data-dir",
+        default=None,
+        help="folder holding MNIST/raw (default: pyro_iwae.data.default_data_dir())",
+    )
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--validation",
+        action="store_true",
+        help="keep Pyro's validation on (default: off, the steady-state setting)",
+    )
+    parser.add_argument("--json", metavar="PATH", help="also write results as JSON")
