@@ -40,11 +40,18 @@ class GaussianLayer(nn.Module):
 class PyroNetwork(nn.Module):
     """An ``nn.Module`` whose parameters a Pyro program registers with ``pyro.module``,
     so that :class:`pyro.infer.SVI` sees them; each instance has its own name, so
-    that two instances never share the global parameter store's entries."""
+    that two instances never share the global parameter store's entries.
+
+    Under ``pyro.settings.context(module_local_params=True)`` (Pyro's setting for
+    training modules with a torch optimizer, as with an ``ELBOModule``) the
+    parameters stay local to the module, as a ``PyroModule``'s do, and registering
+    them (which costs a Pyro message per parameter and call) is skipped.
+    """
 
     def __init__(self) -> None:
         super().__init__()
         self._pyro_name = f"{type(self).__name__}{next(_instances)}"
 
     def register_with_pyro(self) -> None:
-        pyro.module(self._pyro_name, self)
+        if not pyro.settings.get("module_local_params"):
+            pyro.module(self._pyro_name, self)

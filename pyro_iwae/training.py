@@ -464,7 +464,7 @@ def fit(
     fit_state = {"schedule": [list(s) for s in schedule], "batch_size": batch_size}
 
     optimizer = torch.optim.Adam(
-        params, lr=schedule[0][1], betas=(0.9, 0.999), eps=1e-4
+        params, lr=schedule[0][1], betas=(0.9, 0.999), eps=1e-4, fused=True
     )
     generator = torch.Generator(device=device)
     position = _Position()
@@ -565,7 +565,10 @@ def fit(
                 if first_step
                 else pyro.validation_enabled(False)
             )
-            with validation:
+            # The torch optimizer holds the parameters: on the differentiable path
+            # modules need not register them with Pyro's global store every step.
+            local_params = pyro.settings.context(module_local_params=differentiable)
+            with validation, local_params:
                 loss = _step(objective, differentiable, model, guide, batch, optimizer)
             first_step = False
             loss_sum = loss_sum + loss

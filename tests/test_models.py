@@ -105,3 +105,16 @@ def test_registry_builds_by_name_and_rejects_unknown_names():
         build_model("paper", stochastic_layers=3)
     with pytest.raises(ValueError, match="registered already"):
         register_guide("paper")(lambda **config: None)
+
+
+def test_networks_register_with_pyro_unless_parameters_are_module_local():
+    model, guide = paper_architecture(1)
+    x = torch.zeros(2, 784)
+    trace = poutine.trace(guide).get_trace(x)
+    assert sum(site["type"] == "param" for site in trace.nodes.values()) == 6
+    with pyro.settings.context(module_local_params=True):
+        trace = poutine.trace(guide).get_trace(x)
+        loss = IWELBO(2)(model, guide)(x)
+    assert not any(site["type"] == "param" for site in trace.nodes.values())
+    loss.backward()
+    assert all(p.grad is not None for p in guide.parameters())
