@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import pyro
-import pyro.distributions as dist
 import torch
 from torch import nn
 
+from .distributions import DiagonalNormal
 from .models import DATA_PLATE, LATENT_SITES, PaperModel, check_stochastic_layers
 from .networks import GaussianLayer, PyroNetwork
 from .registry import register_guide
@@ -33,8 +33,7 @@ class PaperGuide(PyroNetwork):
         h = x
         with pyro.plate(DATA_PLATE, x.shape[0]):
             for name, layer in zip(LATENT_SITES, self.layers, strict=False):
-                loc, scale = layer(h)
-                h = pyro.sample(name, dist.Normal(loc, scale).to_event(1))
+                h = pyro.sample(name, DiagonalNormal(*layer(h)))
 
 
 @register_guide("paper")

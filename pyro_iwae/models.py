@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import pyro
-import pyro.distributions as dist
 import torch
 from torch import nn
 
+from .distributions import BernoulliImage, DiagonalNormal
 from .networks import GaussianLayer, PyroNetwork, mlp
 from .registry import register_model
 
@@ -79,17 +79,13 @@ class PaperModel(PyroNetwork):
         names = LATENT_SITES[: len(self.latent_dims)]
         with pyro.plate(DATA_PLATE, x.shape[0]):
             top = self.latent_dims[-1]
-            z = pyro.sample(
-                names[-1],
-                dist.Normal(x.new_zeros(top), x.new_ones(top)).to_event(1),
-            )
+            zeros = x.new_zeros(top)
+            z = pyro.sample(names[-1], DiagonalNormal(zeros, zeros))
             for name, layer in zip(
                 reversed(names[:-1]), reversed(self.latent_layers), strict=True
             ):
-                loc, scale = layer(z)
-                z = pyro.sample(name, dist.Normal(loc, scale).to_event(1))
-            logits = self.pixels(z)
-            pyro.sample(OBSERVED_SITE, dist.Bernoulli(logits=logits).to_event(1), obs=x)
+                z = pyro.sample(name, DiagonalNormal(*layer(z)))
+            pyro.sample(OBSERVED_SITE, BernoulliImage(self.pixels(z)), obs=x)
 
 
 @register_model("paper")

@@ -21,8 +21,8 @@ def mlp(sizes: Sequence[int]) -> nn.Sequential:
 
 
 class GaussianLayer(nn.Module):
-    """``h -> (loc, scale)`` of a diagonal Gaussian: a tanh MLP, then one linear map
-    to the mean and the log standard deviation.
+    """``h -> (loc, log_scale)`` of a diagonal Gaussian: a tanh MLP, then one linear
+    map to the mean and the log standard deviation.
 
     :param sizes: input size, then hidden sizes; ``out_dim`` is the Gaussian's size.
     """
@@ -34,7 +34,7 @@ class GaussianLayer(nn.Module):
 
     def forward(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         loc, log_scale = self.out(self.hidden(h)).chunk(2, dim=-1)
-        return loc, log_scale.exp()
+        return loc, log_scale
 
 
 class PyroNetwork(nn.Module):

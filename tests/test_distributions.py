@@ -1,0 +1,49 @@
+"""The paper's distributions equal Pyro's Normal / Bernoulli with .to_event(1)."""
+
+import pyro
+import pyro.distributions as dist
+import pytest
+import torch
+from pyro import poutine
+
+from pyro_iwae.distributions import BernoulliImage, DiagonalNormal
+
+
+def test_diagonal_normal_is_normal_to_event():
+    torch.manual_seed(0)
+    loc, log_scale = torch.randn(4, 6).double(), torch.randn(4, 6).double()
+    ours = DiagonalNormal(loc, log_scale)
+    reference = dist.Normal(loc, log_scale.exp()).to_event(1)
+    value = torch.randn(3, 4, 6).double()
+    assert torch.allclose(ours.log_prob(value), reference.log_prob(value))
+    expanded = ours.expand([3, 4])
+    assert expanded.batch_shape == (3, 4) and expanded.event_shape == (6,)
+    assert torch.allclose(
+        expanded.log_prob(value), reference.expand([3, 4]).log_prob(value)
+    )
+    assert torch.equal(expanded.mean, loc.expand(3, 4, 6))
+    assert ours.has_rsample
+
+
+def test_bernoulli_image_is_bernoulli_to_event_and_validates():
+    torch.manual_seed(0)
+    logits = torch.randn(3, 4, 10).double() * 5
+    x = (torch.rand(4, 10) < 0.5).double()
+    ours, reference = BernoulliImage(logits), dist.Bernoulli(logits=logits).to_event(1)
+    assert torch.allclose(ours.log_prob(x), reference.log_prob(x))
+    assert torch.allclose(ours.mean, torch.sigmoid(logits))
+    assert ours.expand([2, 3, 4]).batch_shape == (2, 3, 4)
+    with pytest.raises(ValueError):
+        BernoulliImage(logits, validate_args=True).log_prob(x + 0.5)
+
+
+def test_distributions_broadcast_in_plates():
+    def model(x):
+        with pyro.plate("particles", 5, dim=-2), pyro.plate("data", 4, dim=-1):
+            z = pyro.sample("z", DiagonalNormal(x.new_zeros(6), x.new_zeros(6)))
+            pyro.sample("x", BernoulliImage(z @ x.new_ones(6, 10)), obs=x[:, :10])
+
+    trace = poutine.trace(model).get_trace(torch.zeros(4, 10))
+    trace.compute_log_prob()
+    assert trace.nodes["z"]["value"].shape == (5, 4, 6)
+    assert trace.nodes["x"]["log_prob"].shape == (5, 4)
