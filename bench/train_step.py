@@ -53,10 +53,12 @@ VARIANTS = {
     "iwelbo-stl": ("IWELBO", "stl"),
     "hand-dreg": ("hand", "dreg"),
     "iwelbo-dreg": ("IWELBO", "dreg"),
-    # Diagnostics, between the floor and IWELBO: the hand-written step with
-    # torch.distributions log-probs; IWELBO with pyro.module registration skipped.
+    # Diagnostics: the hand-written step with torch.distributions log-probs; IWELBO
+    # with the networks registering their parameters in Pyro's global store on
+    # every call (the SVI path; pyro-iwae's trainer, like the "iwelbo-" variants,
+    # runs under module_local_params and skips it).
     "hand-dist": ("hand-dist", "iwae"),
-    "iwelbo-noreg": ("IWELBO-noreg", "iwae"),
+    "iwelbo-global": ("IWELBO-global", "iwae"),
 }
 DEFAULT_VARIANTS = list(VARIANTS)[:7]
 
@@ -93,9 +95,13 @@ def make_step(
         params = list(hand.parameters())
         loss = partial(hand.loss, x, k, estimator)
     elif kind.startswith("IWELBO"):
-        if kind == "IWELBO-noreg":
-            model.register_with_pyro = guide.register_with_pyro = lambda: None
-        loss = partial(IWELBO(num_particles=k, estimator=estimator)(model, guide), x)
+        elbo_module = IWELBO(num_particles=k, estimator=estimator)(model, guide)
+        local = kind == "IWELBO"
+
+        def loss() -> torch.Tensor:
+            with pyro.settings.context(module_local_params=local):
+                return elbo_module(x)
+
     else:
         elbo = pyro.infer.RenyiELBO(
             alpha=0, num_particles=k, vectorize_particles=True, max_plate_nesting=1
