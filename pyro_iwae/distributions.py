@@ -12,7 +12,23 @@ import torch.nn.functional as F
 from torch.distributions.utils import broadcast_all
 
 
-class DiagonalNormal(dist.Independent):
+class _OneEventDim(dist.Independent):
+    """An ``Independent`` over the rightmost dim, expandable although its
+    subclasses take other arguments than ``Independent``."""
+
+    def expand(self, batch_shape, _instance=None) -> _OneEventDim:
+        new = self._get_checked_instance(type(self), _instance)
+        shape = torch.Size(batch_shape) + self.event_shape
+        dist.Independent.__init__(new, self.base_dist.expand(shape), 1, False)
+        new._validate_args = self._validate_args
+        self._expand_parameters(new, shape)
+        return new
+
+    def _expand_parameters(self, new: _OneEventDim, shape: torch.Size) -> None:
+        """Sets on ``new`` the subclass's own parameters, expanded to ``shape``."""
+
+
+class DiagonalNormal(_OneEventDim):
     """A Gaussian with diagonal covariance over the rightmost dim, parameterised by
     its mean ``loc`` and log standard deviation ``log_scale`` (same shapes)."""
 
@@ -27,13 +43,8 @@ class DiagonalNormal(dist.Independent):
             dist.Normal(loc, log_scale.exp()), 1, validate_args=validate_args
         )
 
-    def expand(self, batch_shape, _instance=None) -> DiagonalNormal:
-        new = self._get_checked_instance(DiagonalNormal, _instance)
-        shape = torch.Size(batch_shape) + self.event_shape
+    def _expand_parameters(self, new: DiagonalNormal, shape: torch.Size) -> None:
         new.log_scale = self.log_scale.expand(shape)
-        dist.Independent.__init__(new, self.base_dist.expand(shape), 1, False)
-        new._validate_args = self._validate_args
-        return new
 
     def log_prob(self, value: torch.Tensor) -> torch.Tensor:
         if self._validate_args:
@@ -46,18 +57,11 @@ class DiagonalNormal(dist.Independent):
         )
 
 
-class BernoulliImage(dist.Independent):
+class BernoulliImage(_OneEventDim):
     """Independent Bernoulli pixels over the rightmost dim, from their ``logits``."""
 
     def __init__(self, logits: torch.Tensor, validate_args: bool | None = None) -> None:
         super().__init__(dist.Bernoulli(logits=logits), 1, validate_args=validate_args)
-
-    def expand(self, batch_shape, _instance=None) -> BernoulliImage:
-        new = self._get_checked_instance(BernoulliImage, _instance)
-        shape = torch.Size(batch_shape) + self.event_shape
-        dist.Independent.__init__(new, self.base_dist.expand(shape), 1, False)
-        new._validate_args = self._validate_args
-        return new
 
     def log_prob(self, value: torch.Tensor) -> torch.Tensor:
         if self._validate_args:
