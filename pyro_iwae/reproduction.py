@@ -201,9 +201,10 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
             objective += f" (M={row['num_groups']})"
         elif objective == "ciwae":
             objective += f" (beta={row['beta']})"
+        estimator = "" if row["objective"] in ("vae", "renyi") else row["estimator"]
         lines.append(
             f"| {row['run']} | {row['stochastic_layers']} | {objective} | "
-            f"{row['estimator']} | {row['k']} | {row['epochs']} | {nll} | {paper} | "
+            f"{estimator} | {row['k']} | {row['epochs']} | {nll} | {paper} | "
             f"{active} | {row['train_time_s'] / 60:.1f} |"
         )
     return "\n".join(lines) + "\n"
