@@ -27,6 +27,7 @@ __all__ = [
     "default_data_dir",
     "load_dataset",
     "minibatches",
+    "one_line",
 ]
 
 DATASETS: tuple[str, ...] = ("mnist-mini", "mnist", "fashion-mnist", "omniglot")
@@ -249,7 +250,7 @@ def _load_torchvision(name: str, root: Path, download: bool) -> tuple[Tensor, Te
             cls(root, train=True, download=True)
         except (OSError, RuntimeError) as e:
             raise DataError(
-                f"{name}: could not download into {raw} ({_one_line(e)}); check the "
+                f"{name}: could not download into {raw} ({one_line(e)}); check the "
                 f"network, or pass --data-dir pointing at a folder holding "
                 f"{cls.__name__}/raw"
             ) from e
@@ -265,7 +266,7 @@ def _load_torchvision(name: str, root: Path, download: bool) -> tuple[Tensor, Te
         AssertionError,
     ) as e:
         raise DataError(
-            f"{name}: cannot read the files in {raw} ({_one_line(e)}); delete them "
+            f"{name}: cannot read the files in {raw} ({one_line(e)}); delete them "
             "and download again"
         ) from e
     if train.shape[1:] != (28, 28) or test.shape[1:] != (28, 28):
@@ -295,7 +296,7 @@ def _load_omniglot(root: Path) -> tuple[Tensor, Tensor]:
         train, test = mat["data"], mat["testdata"]
     except Exception as e:  # loadmat raises many types on a damaged file
         raise DataError(
-            f"omniglot: cannot read {path} ({_one_line(e)}); download it again "
+            f"omniglot: cannot read {path} ({one_line(e)}); download it again "
             f"from {_OMNIGLOT_URL}"
         ) from e
     for key, x in (("data", train), ("testdata", test)):
@@ -320,6 +321,6 @@ def _flatten(images: Tensor) -> Tensor:
     return images.reshape(images.shape[0], -1).to(torch.float32) / 255
 
 
-def _one_line(e: BaseException) -> str:
-    """Message of ``e`` on one line, since DataError messages must be one line."""
+def one_line(e: BaseException) -> str:
+    """The message of ``e`` on one line: user-facing errors here are one line."""
     return " ".join(str(e).split()).rstrip(":") or type(e).__name__

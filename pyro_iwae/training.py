@@ -29,7 +29,7 @@ import pyro
 import torch
 from pyro.infer import ELBO, RenyiELBO, Trace_ELBO
 
-from .data import Dataset, load_dataset, minibatches
+from .data import Dataset, load_dataset, minibatches, one_line
 from .evaluation import (
     ACTIVE_THRESHOLD,
     dataset_log_likelihood,
@@ -269,7 +269,7 @@ def load_checkpoint(
         zipfile.BadZipFile,
     ) as e:
         raise CheckpointError(
-            f"checkpoint {path} is truncated or corrupt ({_one_line(e)}); delete it "
+            f"checkpoint {path} is truncated or corrupt ({one_line(e)}); delete it "
             "and start a new run"
         ) from e
     if (
@@ -300,7 +300,7 @@ def _load_state(module: torch.nn.Module, state: Any, what: str, path: Path) -> N
     except (RuntimeError, TypeError, KeyError, AttributeError) as e:
         raise CheckpointError(
             f"checkpoint {path} holds a {what} of another architecture "
-            f"({_one_line(e)[:200]}); use the run directory that wrote it, or start "
+            f"({one_line(e)[:200]}); use the run directory that wrote it, or start "
             "a new run"
         ) from e
 
@@ -322,7 +322,7 @@ def read_metrics(
         return [json.loads(line) for line in lines[:limit]]
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise RunError(
-            f"cannot read {path} ({_one_line(e)}); delete the broken lines"
+            f"cannot read {path} ({one_line(e)}); delete the broken lines"
         ) from e
 
 
@@ -493,7 +493,7 @@ def fit(
         except (ValueError, KeyError, TypeError, RuntimeError) as e:
             raise CheckpointError(
                 f"checkpoint {checkpoint_path} does not fit this model and guide "
-                f"({_one_line(e)}); use the run directory that wrote it"
+                f"({one_line(e)}); use the run directory that wrote it"
             ) from e
         history = read_metrics(run_dir, limit=position.epochs_done)
         # Drop the lines of an epoch whose checkpoint was never written.
@@ -812,7 +812,7 @@ class RunConfig:
             values = json.loads(path.read_text())
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
             raise RunError(
-                f"cannot read {path} ({_one_line(e)}); restore it or start a new run"
+                f"cannot read {path} ({one_line(e)}); restore it or start a new run"
             ) from e
         if not isinstance(values, dict):
             raise RunError(
@@ -1012,7 +1012,7 @@ def load_run(
     except ValueError as e:
         raise RunError(
             f"{run_dir / CONFIG_FILE} names no buildable model and guide "
-            f"({_one_line(e)}); restore it or start a new run"
+            f"({one_line(e)}); restore it or start a new run"
         ) from e
     _load_state(model, checkpoint["model"], "model", path)
     _load_state(guide, checkpoint["guide"], "guide", path)
@@ -1108,8 +1108,3 @@ def versions() -> dict[str, str]:
         "pyro": pyro.__version__,
         "machine": f"{platform.machine()}, {os.cpu_count()} cores",
     }
-
-
-def _one_line(e: BaseException) -> str:
-    """The message of ``e`` on one line (errors here are one-line messages)."""
-    return " ".join(str(e).split()).rstrip(":") or type(e).__name__
