@@ -193,4 +193,12 @@ def active_units(
     activity = latent_activity(
         guide, data, num_samples=num_samples, batch_size=batch_size
     )
+    return count_active(activity, threshold)
+
+
+def count_active(
+    activity: dict[str, torch.Tensor], threshold: float = ACTIVE_THRESHOLD
+) -> dict[str, int]:
+    """Site name -> number of units of ``activity`` (see :func:`latent_activity`)
+    above ``threshold``."""
     return {name: int((a > threshold).sum()) for name, a in activity.items()}

@@ -141,9 +141,7 @@ def collect(grid: Grid, runs_dir: str | os.PathLike) -> list[dict[str, Any]]:
         metrics = read_metrics(run_dir) if run_dir.is_dir() else []
         path = _evaluation_path(grid, run_dir)
         result = json.loads(path.read_text()) if path.is_file() else {}
-        k = config.num_particles * (
-            config.num_groups if config.objective in ("miwae", "piwae") else 1
-        )
+        k = config.make_objective().num_particles  # all particles: M K for MIWAE
         rows.append(
             {
                 "run": name,

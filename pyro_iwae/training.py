@@ -31,7 +31,7 @@ from pyro.infer import ELBO, RenyiELBO, Trace_ELBO
 
 from .data import Dataset, load_dataset, minibatches, one_line
 from .evaluation import (
-    ACTIVE_THRESHOLD,
+    count_active,
     dataset_log_likelihood,
     latent_activity,
 )
@@ -1078,7 +1078,7 @@ def evaluate_run(
     n = nll.shape[0]
     stderr = float(nll.std() / math.sqrt(n)) if n > 1 else None
     activity = latent_activity(guide, points)
-    active = {name: int((a > ACTIVE_THRESHOLD).sum()) for name, a in activity.items()}
+    active = count_active(activity)
     latent = {name: a.numel() for name, a in activity.items()}
     path = run_dir / f"eval-{split}-k{num_samples}.json"
     result = {
