@@ -1,36 +1,55 @@
-"""Distributions of the paper's networks, with log-densities summed over the event
-before the cheap terms are added: one pass fewer over ``[k, batch, dim]`` tensors
-than ``Normal(...).to_event(1)`` and ``Bernoulli(...).to_event(1)``, same values."""
+"""Distributions of the paper's networks, with one event dim (the rightmost).
+
+Same values as ``Normal(...).to_event(1)`` and ``Bernoulli(...).to_event(1)``, but
+each is one object instead of an ``Independent`` around a base distribution, and
+log-densities are summed over the event before the cheap terms are added: Pyro's
+plates expand every site's distribution at every step, so construction and
+expansion are on the training loop's hot path.
+"""
 
 from __future__ import annotations
 
 import math
 
-import pyro.distributions as dist
 import torch
 import torch.nn.functional as F
-from torch.distributions.utils import broadcast_all
+from pyro.distributions import TorchDistribution, constraints
+from torch.distributions.utils import lazy_property
+
+_HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
 
 
-class _OneEventDim(dist.Independent):
-    """An ``Independent`` over the rightmost dim, expandable although its
-    subclasses take other arguments than ``Independent``."""
+class _OneEventDim(TorchDistribution):
+    """A distribution whose parameters all have the shape ``batch + (event,)``."""
+
+    _params: tuple[str, ...] = ()
+
+    def __init__(self, shape: torch.Size, validate_args: bool | None) -> None:
+        super().__init__(shape[:-1], shape[-1:], validate_args=validate_args)
 
     def expand(self, batch_shape, _instance=None) -> _OneEventDim:
+        batch_shape = torch.Size(batch_shape)
+        # Each plate around a site expands its distribution again, mostly to the
+        # shape it already has; distributions are immutable, so reuse it.
+        if _instance is None and batch_shape == self.batch_shape:
+            return self
         new = self._get_checked_instance(type(self), _instance)
-        shape = torch.Size(batch_shape) + self.event_shape
-        dist.Independent.__init__(new, self.base_dist.expand(shape), 1, False)
+        shape = batch_shape + self.event_shape
+        for name in self._params:
+            setattr(new, name, getattr(self, name).expand(shape))
+        _OneEventDim.__init__(new, shape, validate_args=False)
         new._validate_args = self._validate_args
-        self._expand_parameters(new, shape)
         return new
-
-    def _expand_parameters(self, new: _OneEventDim, shape: torch.Size) -> None:
-        """Sets on ``new`` the subclass's own parameters, expanded to ``shape``."""
 
 
 class DiagonalNormal(_OneEventDim):
     """A Gaussian with diagonal covariance over the rightmost dim, parameterised by
-    its mean ``loc`` and log standard deviation ``log_scale`` (same shapes)."""
+    its mean ``loc`` and log standard deviation ``log_scale`` (broadcastable)."""
+
+    arg_constraints = {"loc": constraints.real, "log_scale": constraints.real}
+    support = constraints.independent(constraints.real, 1)
+    has_rsample = True
+    _params = ("loc", "log_scale", "scale")
 
     def __init__(
         self,
@@ -38,35 +57,73 @@ class DiagonalNormal(_OneEventDim):
         log_scale: torch.Tensor,
         validate_args: bool | None = None,
     ) -> None:
-        self.log_scale = log_scale
-        super().__init__(
-            dist.Normal(loc, log_scale.exp()), 1, validate_args=validate_args
-        )
+        if loc.shape != log_scale.shape:
+            loc, log_scale = torch.broadcast_tensors(loc, log_scale)
+        self.loc, self.log_scale = loc, log_scale
+        # Before any expansion, so that exp runs over the unexpanded parameters.
+        self.scale = log_scale.exp()
+        super().__init__(loc.shape, validate_args)
 
-    def _expand_parameters(self, new: DiagonalNormal, shape: torch.Size) -> None:
-        new.log_scale = self.log_scale.expand(shape)
+    @property
+    def mean(self) -> torch.Tensor:
+        return self.loc
+
+    @property
+    def stddev(self) -> torch.Tensor:
+        return self.scale
+
+    @property
+    def variance(self) -> torch.Tensor:
+        return self.scale.pow(2)
+
+    def rsample(self, sample_shape: torch.Size = torch.Size()) -> torch.Tensor:
+        shape = self._extended_shape(sample_shape)
+        eps = torch.randn(shape, dtype=self.loc.dtype, device=self.loc.device)
+        return self.loc + eps * self.scale
 
     def log_prob(self, value: torch.Tensor) -> torch.Tensor:
         if self._validate_args:
             self._validate_sample(value)
-        base = self.base_dist
-        squares = ((value - base.loc) / base.scale).pow(2).sum(-1)
+        squares = ((value - self.loc) / self.scale).pow(2).sum(-1)
         dim = self.event_shape[0]
-        return (
-            -0.5 * squares - self.log_scale.sum(-1) - 0.5 * dim * math.log(2 * math.pi)
-        )
+        return -0.5 * squares - self.log_scale.sum(-1) - dim * _HALF_LOG_2PI
+
+    def entropy(self) -> torch.Tensor:
+        return self.event_shape[0] * (0.5 + _HALF_LOG_2PI) + self.log_scale.sum(-1)
 
 
 class BernoulliImage(_OneEventDim):
     """Independent Bernoulli pixels over the rightmost dim, from their ``logits``."""
 
+    arg_constraints = {"logits": constraints.real}
+    support = constraints.independent(constraints.boolean, 1)
+    _params = ("logits",)
+
     def __init__(self, logits: torch.Tensor, validate_args: bool | None = None) -> None:
-        super().__init__(dist.Bernoulli(logits=logits), 1, validate_args=validate_args)
+        self.logits = logits
+        super().__init__(logits.shape, validate_args)
+
+    @lazy_property
+    def probs(self) -> torch.Tensor:
+        return torch.sigmoid(self.logits)
+
+    @property
+    def mean(self) -> torch.Tensor:
+        return self.probs
+
+    @property
+    def variance(self) -> torch.Tensor:
+        return self.probs * (1 - self.probs)
+
+    def sample(self, sample_shape: torch.Size = torch.Size()) -> torch.Tensor:
+        shape = self._extended_shape(sample_shape)
+        with torch.no_grad():
+            return torch.bernoulli(self.probs.expand(shape))
 
     def log_prob(self, value: torch.Tensor) -> torch.Tensor:
         if self._validate_args:
             self._validate_sample(value)
-        logits, value = broadcast_all(self.base_dist.logits, value)
+        logits, value = torch.broadcast_tensors(self.logits, value)
         return -F.binary_cross_entropy_with_logits(logits, value, reduction="none").sum(
             -1
         )

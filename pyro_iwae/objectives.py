@@ -8,6 +8,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any, NamedTuple
 
+import pyro
 import torch
 from pyro import poutine
 from pyro.distributions.util import scale_and_mask
@@ -147,10 +148,23 @@ class IWELBO(ELBO):
         )
         self.estimator = estimator
         self._guide_module: torch.nn.Module | None = None
+        self._particle_plate: tuple[tuple[int, int], pyro.plate] | None = None
 
     @property
     def _has_particle_plate(self) -> bool:
         return self.vectorize_particles and self.num_particles > 1
+
+    def _vectorized_num_particles(self, fn: Callable) -> Callable:
+        """Wraps ``fn`` in the particle plate, as :class:`~pyro.infer.ELBO` does, but
+        builds the plate once: a new ``pyro.plate`` costs a Pyro message and two
+        tensors at every step."""
+        if self.num_particles == 1:
+            return fn
+        key = (self.num_particles, self.max_plate_nesting)
+        if self._particle_plate is None or self._particle_plate[0] != key:
+            plate = pyro.plate(PARTICLE_PLATE, key[0], dim=-key[1])
+            self._particle_plate = (key, plate)
+        return self._particle_plate[1](fn)
 
     def _get_trace(
         self, model: Callable, guide: Callable, args: tuple, kwargs: dict
@@ -269,13 +283,14 @@ class IWELBO(ELBO):
         particles = self.particles(model, guide, *args, **kwargs)
         log_weights, traces = particles.log_weights, particles.traces
         loss = -(self.bound(log_weights) * particles.scale).sum()
+        # No NaN check here: it would read the value back from the device at every
+        # step; loss() and loss_and_grads() check the float they return.
         if loss.requires_grad:
             factor = self._path_factor(log_weights.detach())
             if factor is not None:
                 _reweight_paths(factor, traces, self._has_particle_plate)
                 if self.estimator == "iwae" and particles.guide_log_prob.requires_grad:
                     particles.guide_log_prob.register_hook(lambda g: g * factor)
-        warn_if_nan(loss, "loss")
         return loss, traces
 
     def differentiable_loss(
@@ -289,7 +304,7 @@ class IWELBO(ELBO):
     ) -> float:
         """Returns an estimate of the negative bound, as a float."""
         with torch.no_grad():
-            return torch_item(self._weighted_loss(model, guide, args, kwargs)[0])
+            return _checked_item(self._weighted_loss(model, guide, args, kwargs)[0])
 
     def loss_and_grads(
         self, model: Callable, guide: Callable, *args: Any, **kwargs: Any
@@ -304,7 +319,7 @@ class IWELBO(ELBO):
         )
         if trainable and loss.requires_grad:
             loss.backward(retain_graph=self.retain_graph)
-        return torch_item(loss)
+        return _checked_item(loss)
 
 
 class MIWELBO(IWELBO):
@@ -417,6 +432,12 @@ class PIWELBO(MIWELBO):
         if self.estimator == "dreg":
             ratio = ratio * grouped.softmax(1)
         return ratio.expand_as(grouped).reshape(log_weights.shape)
+
+
+def _checked_item(loss: torch.Tensor) -> float:
+    value = torch_item(loss)
+    warn_if_nan(value, "loss")
+    return value
 
 
 def _aliased(trace: Trace) -> Trace:

@@ -22,7 +22,23 @@ def test_diagonal_normal_is_normal_to_event():
         expanded.log_prob(value), reference.expand([3, 4]).log_prob(value)
     )
     assert torch.equal(expanded.mean, loc.expand(3, 4, 6))
+    assert torch.allclose(expanded.variance, reference.expand([3, 4]).variance)
+    assert torch.allclose(ours.entropy(), reference.entropy())
     assert ours.has_rsample
+
+
+def test_diagonal_normal_draws_as_normal_and_broadcasts_its_parameters():
+    loc, log_scale = torch.randn(4, 6), torch.randn(6)
+    ours = DiagonalNormal(loc, log_scale)
+    assert ours.batch_shape == (4,) and ours.event_shape == (6,)
+    torch.manual_seed(1)
+    value = ours.rsample((2,))
+    torch.manual_seed(1)
+    reference = dist.Normal(loc, log_scale.exp()).to_event(1).rsample((2,))
+    assert torch.equal(value, reference)
+    assert ours.expand([4]) is ours
+    with pytest.raises(ValueError):
+        DiagonalNormal(loc, log_scale, validate_args=True).log_prob(torch.randn(4, 5))
 
 
 def test_bernoulli_image_is_bernoulli_to_event_and_validates():
@@ -33,6 +49,12 @@ def test_bernoulli_image_is_bernoulli_to_event_and_validates():
     assert torch.allclose(ours.log_prob(x), reference.log_prob(x))
     assert torch.allclose(ours.mean, torch.sigmoid(logits))
     assert ours.expand([2, 3, 4]).batch_shape == (2, 3, 4)
+    assert torch.allclose(ours.variance, reference.variance)
+    torch.manual_seed(2)
+    draws = ours.sample((400,))
+    assert draws.shape == (400, 3, 4, 10) and set(draws.unique().tolist()) <= {0, 1}
+    # Each pixel mean within 5 SE of its probability (SE <= 0.025 at 400 draws).
+    assert ((draws.mean(0) - ours.mean).abs() < 0.125).all()
     with pytest.raises(ValueError):
         BernoulliImage(logits, validate_args=True).log_prob(x + 0.5)
 
