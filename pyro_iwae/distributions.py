@@ -76,7 +76,7 @@ class DiagonalNormal(_OneEventDim):
     def variance(self) -> torch.Tensor:
         return self.scale.pow(2)
 
-    def rsample(self, sample_shape: torch.Size = torch.Size()) -> torch.Tensor:
+    def rsample(self, sample_shape: tuple[int, ...] = ()) -> torch.Tensor:
         shape = self._extended_shape(sample_shape)
         eps = torch.randn(shape, dtype=self.loc.dtype, device=self.loc.device)
         return self.loc + eps * self.scale
@@ -115,7 +115,7 @@ class BernoulliImage(_OneEventDim):
     def variance(self) -> torch.Tensor:
         return self.probs * (1 - self.probs)
 
-    def sample(self, sample_shape: torch.Size = torch.Size()) -> torch.Tensor:
+    def sample(self, sample_shape: tuple[int, ...] = ()) -> torch.Tensor:
         shape = self._extended_shape(sample_shape)
         with torch.no_grad():
             return torch.bernoulli(self.probs.expand(shape))
