@@ -247,7 +247,7 @@ class IWELBO(ELBO):
         local_dims = _local_plate_dims(sites)
         scale = _common_scale(sites, local_dims)
         log_p, log_q = (
-            torch.cat(parts)
+            (torch.cat(parts) if len(parts) > 1 else parts[0])
             for parts in zip(
                 *(
                     (
@@ -282,7 +282,10 @@ class IWELBO(ELBO):
     ) -> tuple[torch.Tensor, list[tuple[Trace, Trace]]]:
         particles = self.particles(model, guide, *args, **kwargs)
         log_weights, traces = particles.log_weights, particles.traces
-        loss = -(self.bound(log_weights) * particles.scale).sum()
+        bound = self.bound(log_weights)
+        if not (isinstance(particles.scale, float | int) and particles.scale == 1):
+            bound = bound * particles.scale
+        loss = -bound.sum()
         # No NaN check here: it would read the value back from the device at every
         # step; loss() and loss_and_grads() check the float they return.
         if loss.requires_grad:
@@ -525,7 +528,7 @@ def _log_prob(
     :returns: a tensor of shape ``(particles,) + plate_shape``, one of length
         ``plate_nesting + 1``, with particles 1 when particles are not vectorized.
     """
-    total = 0.0
+    total = None
     for name, site in trace.nodes.items():
         if site["type"] != "sample" or (latent_only and site["is_observed"]):
             continue
@@ -537,9 +540,10 @@ def _log_prob(
                 f"than max_plate_nesting={plate_nesting} allows; raise "
                 "max_plate_nesting or declare the dims with pyro.plate"
             )
-        log_prob = log_prob.reshape(
-            (1,) * (plate_nesting + 1 - log_prob.dim()) + log_prob.shape
-        )
+        if log_prob.dim() < plate_nesting + 1:
+            log_prob = log_prob.reshape(
+                (1,) * (plate_nesting + 1 - log_prob.dim()) + log_prob.shape
+            )
         sum_dims = [
             d
             for d in range(-plate_nesting, 0)
@@ -547,8 +551,8 @@ def _log_prob(
         ]
         if sum_dims:
             log_prob = log_prob.sum(sum_dims, keepdim=True)
-        total = total + log_prob
-    if not isinstance(total, torch.Tensor):
+        total = log_prob if total is None else total + log_prob
+    if total is None:
         raise ValueError("IWELBO found no sample sites in the model or the guide")
     return total
 
