@@ -187,11 +187,11 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for row in rows:
-        nll = (
-            "not run yet"
-            if row["test_nll"] is None
-            else f"{row['test_nll']:.2f} ± {row['test_nll_stderr']:.2f}"
-        )
+        if row["test_nll"] is not None:
+            nll = f"{row['test_nll']:.2f} ± {row['test_nll_stderr']:.2f}"
+        else:
+            nll = "not evaluated yet" if row["epochs"] else "not run yet"
+        train_time = f"{row['train_time_s'] / 60:.1f}" if row["epochs"] else ""
         paper = "" if row["paper_nll"] is None else f"{row['paper_nll']:.2f}"
         active = ", ".join(f"{k} {v}" for k, v in (row["active_units"] or {}).items())
         objective = row["objective"]
@@ -203,7 +203,7 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
         lines.append(
             f"| {row['run']} | {row['stochastic_layers']} | {objective} | "
             f"{estimator} | {row['k']} | {row['epochs']} | {nll} | {paper} | "
-            f"{active} | {row['train_time_s'] / 60:.1f} |"
+            f"{active} | {train_time} |"
         )
     return "\n".join(lines) + "\n"
 

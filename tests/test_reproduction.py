@@ -63,7 +63,12 @@ def test_an_interrupted_run_resumes_and_a_missing_one_is_reported(grid_file, tmp
     result = runner.invoke(cli, only)
     assert result.exit_code == 0 and "vae-k1: resume" in result.stderr
     table = (tmp_path / "table.md").read_text()
-    assert "not run yet" in table  # the two runs left out by --only
+    assert table.count("not run yet") == 2  # the two runs left out by --only
+    # Trained but not evaluated: the table says so rather than "not run".
+    (tmp_path / "runs" / "vae-k1" / "eval-test-k8.json").unlink()
+    rows = collect(Grid.load(grid_file), tmp_path / "runs")
+    assert "| vae-k1 |" in markdown_table(rows)
+    assert "not evaluated yet" in markdown_table(rows)
     bad = runner.invoke(cli, ["reproduce", str(grid_file), "--only", "nope"])
     assert bad.exit_code != 0 and "no run nope in the grid" in bad.output
     assert "Traceback" not in bad.output
