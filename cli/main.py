@@ -415,7 +415,7 @@ def fit(ctx: click.Context, **options: Any) -> None:
     "--chunk-size",
     type=click.IntRange(min=1),
     default=None,
-    show_default="as many as fit in 256 MiB",
+    show_default="as many as fit in 256 MiB, no tensor over 32 MiB",
     help="Particles drawn at once (memory grows with it).",
 )
 @click.option(

@@ -19,6 +19,10 @@ DEFAULT_MEMORY_BUDGET = 256 * 2**20
 # Intermediate tensors per element of the sites' distributions (hidden layers,
 # elementwise log-probs, autograd-free temporaries), measured on the paper's models.
 _BYTES_PER_ELEMENT = 4 * 6
+#: Largest tensor one chunk should allocate, in bytes: glibc serves larger blocks
+#: with fresh mmap'd pages, which the kernel zeroes at every chunk (bench/
+#: log_likelihood.py: about twice the page faults and up to 20% more time).
+LARGEST_TENSOR = 32 * 2**20
 
 
 @contextmanager
@@ -48,7 +52,8 @@ def default_chunk_size(
     max_plate_nesting: int = 1,
     **kwargs: Any,
 ) -> int:
-    """Particles per chunk so that one chunk fits in ``memory_budget`` bytes.
+    """Particles per chunk so that one chunk fits in ``memory_budget`` bytes and
+    no site's per-chunk tensor exceeds :data:`LARGEST_TENSOR` bytes.
 
     Runs model and guide once with one particle and counts the elements of every
     sample site's distribution (batch and event shape), the tensors that grow with
@@ -57,13 +62,16 @@ def default_chunk_size(
     elbo = IWELBO(num_particles=1, max_plate_nesting=max_plate_nesting)
     with evaluating(model, guide):
         traces = elbo.particles(model, guide, *args, **kwargs).traces
-    elements = sum(
-        math.prod(site["fn"].shape())
+    sizes = [
+        (math.prod(site["fn"].shape()), torch.as_tensor(site["value"]).element_size())
         for trace in traces[0]
         for site in trace.nodes.values()
         if site["type"] == "sample"
-    )
-    return max(1, memory_budget // (_BYTES_PER_ELEMENT * max(elements, 1)))
+    ]
+    elements = sum(n for n, _ in sizes)
+    largest = max((n * size for n, size in sizes), default=1)
+    by_budget = memory_budget // (_BYTES_PER_ELEMENT * max(elements, 1))
+    return max(1, min(by_budget, LARGEST_TENSOR // max(largest, 1)))
 
 
 def log_likelihood(

@@ -7,7 +7,7 @@ import torch
 from linear_gaussian import LATENT_DIM
 
 from pyro_iwae import active_units, latent_activity, log_likelihood, paper_architecture
-from pyro_iwae.evaluation import default_chunk_size, evaluating
+from pyro_iwae.evaluation import LARGEST_TENSOR, default_chunk_size, evaluating
 
 
 def test_log_likelihood_is_within_hundredths_of_a_nat(lg):
@@ -39,6 +39,16 @@ def test_default_chunk_size_follows_the_memory_budget(lg):
     large = default_chunk_size(lg.model, lg.exact_guide, x, memory_budget=2**24)
     assert 1 <= small < large
     assert large == pytest.approx(256 * small, rel=0.01)
+
+
+def test_default_chunk_size_keeps_each_tensor_under_the_mmap_threshold():
+    model, guide = paper_architecture(1)
+    x = torch.zeros(100, 784)
+    chunk = default_chunk_size(model, guide, x, memory_budget=2**40)
+    per_particle = 100 * 784 * 4  # the pixel logits, float32
+    assert chunk * per_particle <= LARGEST_TENSOR < (chunk + 1) * per_particle
+    # The paper's model at batch 100: the cap binds before the 256 MiB budget (126).
+    assert default_chunk_size(model, guide, x) == chunk == 106
 
 
 def test_exact_guide_gives_log_marginal_with_any_chunking(lg):
