@@ -31,7 +31,8 @@ class PaperGuide(PyroNetwork):
         """Samples the latents given ``x``, a ``[batch, x_dim]`` tensor."""
         self.register_with_pyro()
         h = x
-        with pyro.plate(DATA_PLATE, x.shape[0]):
+        # On the data's device: else Pyro makes its indices on the CPU every call.
+        with pyro.plate(DATA_PLATE, x.shape[0], device=x.device):
             for name, layer in zip(LATENT_SITES, self.layers, strict=False):
                 h = pyro.sample(name, DiagonalNormal(*layer(h)))
 

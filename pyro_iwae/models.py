@@ -77,7 +77,8 @@ class PaperModel(PyroNetwork):
         """Scores ``x``, a ``[batch, x_dim]`` tensor of 0/1 values."""
         self.register_with_pyro()
         names = LATENT_SITES[: len(self.latent_dims)]
-        with pyro.plate(DATA_PLATE, x.shape[0]):
+        # On the data's device: else Pyro makes its indices on the CPU every call.
+        with pyro.plate(DATA_PLATE, x.shape[0], device=x.device):
             top = self.latent_dims[-1]
             zeros = x.new_zeros(top)
             z = pyro.sample(names[-1], DiagonalNormal(zeros, zeros))
