@@ -1,5 +1,6 @@
 """Importance weighted autoencoders (Burda et al. 2016) for Pyro."""
 
+from ._version import __version__ as __version__
 from .evaluation import (
     active_units,
     dataset_log_likelihood,
@@ -32,8 +33,6 @@ from .training import (
     paper_schedule,
     train_run,
 )
-
-__version__ = "0.1.0"
 
 __all__ = [
     "CheckpointError",

@@ -29,6 +29,7 @@ import pyro
 import torch
 from pyro.infer import ELBO, RenyiELBO, Trace_ELBO
 
+from ._version import __version__
 from .data import Dataset, load_dataset, minibatches, one_line
 from .evaluation import (
     count_active,
@@ -1101,10 +1102,13 @@ def evaluate_run(
 
 
 def versions() -> dict[str, str]:
-    """Versions of Python, torch and Pyro, and the machine, for the record."""
+    """Versions of Python, torch, Pyro and pyro-iwae, and the machine (with the
+    number of threads torch uses), for the record."""
     return {
         "python": platform.python_version(),
         "torch": torch.__version__,
         "pyro": pyro.__version__,
+        "pyro_iwae": __version__,
         "machine": f"{platform.machine()}, {os.cpu_count()} cores",
+        "torch_threads": str(torch.get_num_threads()),
     }
