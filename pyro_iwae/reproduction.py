@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -45,12 +46,15 @@ RAINFORTH_NLL = {"miwae": 84.97, "piwae": 84.46, "ciwae": 84.57}
 class Grid:
     """Runs that share one budget: ``base`` settings of :class:`RunConfig`,
     overridden per run by ``runs`` (name -> settings); each is evaluated on the
-    first ``eval_limit`` test points (None: all) with ``eval_samples`` particles."""
+    first ``eval_limit`` test points (None: all) with ``eval_samples`` particles.
+    ``claims`` are ``[lower, higher]`` pairs of run names, each the claim that run
+    ``lower`` reaches a lower test NLL than run ``higher``."""
 
     base: dict[str, Any]
     runs: dict[str, dict[str, Any]]
     eval_samples: int = 5000
     eval_limit: int | None = None
+    claims: list[list[str]] = dataclasses.field(default_factory=list)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> Grid:
@@ -65,6 +69,14 @@ class Grid:
             raise RunError(f"cannot read grid {path} ({e}); fix the file") from e
         for name in grid.runs:
             grid.config(name)  # fails early on unknown settings
+        for claim in grid.claims:
+            if not (isinstance(claim, list) and len(claim) == 2) or any(
+                name not in grid.runs for name in claim
+            ):
+                raise RunError(
+                    f"claim {claim!r} in {path} is not a pair of run names of the "
+                    "grid; write it as [lower, higher]"
+                )
         return grid
 
     def config(self, name: str) -> RunConfig:
@@ -208,11 +220,71 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
+#: A difference counts as shown when it exceeds this many standard errors.
+CLAIM_Z = 2.0
+
+
+def check_claims(grid: Grid, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Each claim of ``grid`` against the rows: ``difference`` (NLL of ``higher``
+    minus NLL of ``lower``, nats), its standard error, and a ``verdict``: "holds"
+    (difference above :data:`CLAIM_Z` standard errors), "reversed" (below minus
+    that), "not shown" (in between) or "not run yet".
+
+    The standard error treats the two estimates as independent; both runs are
+    scored on the same test points, so it overstates the error of the difference.
+    """
+    by_run = {row["run"]: row for row in rows}
+    results = []
+    for lower, higher in grid.claims:
+        a, b = by_run[lower], by_run[higher]
+        result = {
+            "lower": lower,
+            "higher": higher,
+            "difference": None,
+            "stderr": None,
+            "verdict": "not run yet",
+        }
+        if a["test_nll"] is not None and b["test_nll"] is not None:
+            difference = b["test_nll"] - a["test_nll"]
+            stderr = math.hypot(
+                a["test_nll_stderr"] or 0.0, b["test_nll_stderr"] or 0.0
+            )
+            if difference > CLAIM_Z * stderr:
+                verdict = "holds"
+            elif difference < -CLAIM_Z * stderr:
+                verdict = "reversed"
+            else:
+                verdict = "not shown"
+            result.update(difference=difference, stderr=stderr, verdict=verdict)
+        results.append(result)
+    return results
+
+
+def markdown_claims(claims: list[dict[str, Any]]) -> str:
+    """The checked claims as a Markdown table."""
+    lines = [
+        "| claim | NLL difference (nats) | verdict |",
+        "| --- | --- | --- |",
+    ]
+    for claim in claims:
+        difference = (
+            ""
+            if claim["difference"] is None
+            else f"{claim['difference']:+.2f} ± {claim['stderr']:.2f}"
+        )
+        lines.append(
+            f"| {claim['lower']} below {claim['higher']} | {difference} "
+            f"| {claim['verdict']} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
 def write_report(
     grid: Grid, runs_dir: str | os.PathLike, out_dir: str | os.PathLike
 ) -> dict[str, Path]:
-    """Writes ``table.json``, ``table.md`` and the plots of ``grid`` into
-    ``out_dir``; returns their paths by kind."""
+    """Writes ``table.json``, ``table.md`` (with the claims checked, if the grid
+    has any, also in ``claims.json``) and the plots of ``grid`` into ``out_dir``;
+    returns their paths by kind."""
     from .plots import save_grid_curves, save_nll_against_k
 
     out_dir = Path(out_dir)
@@ -220,7 +292,17 @@ def write_report(
     rows = collect(grid, runs_dir)
     paths = {"json": out_dir / "table.json", "markdown": out_dir / "table.md"}
     paths["json"].write_text(json.dumps(rows, indent=2) + "\n")
-    paths["markdown"].write_text(markdown_table(rows))
+    markdown = markdown_table(rows)
+    if grid.claims:
+        claims = check_claims(grid, rows)
+        paths["claims"] = out_dir / "claims.json"
+        paths["claims"].write_text(json.dumps(claims, indent=2) + "\n")
+        markdown += (
+            f"\nClaims (difference: NLL of the second run minus the first, ± its "
+            f"standard error; holds beyond {CLAIM_Z:g} standard errors):\n\n"
+            + markdown_claims(claims)
+        )
+    paths["markdown"].write_text(markdown)
     curves = {name: read_metrics(Path(runs_dir) / name) for name in grid.runs}
     paths["curves"] = save_grid_curves(curves, out_dir / "test-bound-by-epoch.png")
     series: dict[str, list[tuple[int, float, float]]] = {}

@@ -5,7 +5,7 @@ import json
 import pytest
 from click.testing import CliRunner
 
-from pyro_iwae.reproduction import Grid, collect, markdown_table
+from pyro_iwae.reproduction import Grid, check_claims, collect, markdown_table
 from pyro_iwae.training import RunError
 from pyro_iwae_cli.main import cli
 
@@ -24,6 +24,7 @@ GRID = {
     },
     "eval_samples": 8,
     "eval_limit": 30,
+    "claims": [["iwae-k5", "vae-k1"], ["miwae-2x2", "iwae-k5"]],
 }
 
 
@@ -48,6 +49,11 @@ def test_grid_runs_skips_and_reports(grid_file, tmp_path):
     assert rows[1]["paper_nll"] == 85.54 and rows[2]["paper_nll"] == 84.97
     for name in ("table.md", "test-bound-by-epoch.png", "nll-by-k.png"):
         assert (tmp_path / name).stat().st_size > 0
+    claims = json.loads((tmp_path / "claims.json").read_text())
+    nll = {row["run"]: row["test_nll"] for row in rows}
+    assert claims[0]["difference"] == pytest.approx(nll["vae-k1"] - nll["iwae-k5"])
+    assert {c["verdict"] for c in claims} <= {"holds", "reversed", "not shown"}
+    assert "| iwae-k5 below vae-k1 |" in (tmp_path / "table.md").read_text()
 
     again = runner.invoke(cli, ["reproduce", str(grid_file), "--quiet"])
     assert again.exit_code == 0
@@ -63,7 +69,8 @@ def test_an_interrupted_run_resumes_and_a_missing_one_is_reported(grid_file, tmp
     result = runner.invoke(cli, only)
     assert result.exit_code == 0 and "vae-k1: resume" in result.stderr
     table = (tmp_path / "table.md").read_text()
-    assert table.count("not run yet") == 2  # the two runs left out by --only
+    runs_table = table.split("\n\nClaims")[0]
+    assert runs_table.count("not run yet") == 2  # the two runs left out by --only
     # Trained but not evaluated: the table says so rather than "not run".
     (tmp_path / "runs" / "vae-k1" / "eval-test-k8.json").unlink()
     rows = collect(Grid.load(grid_file), tmp_path / "runs")
@@ -88,3 +95,28 @@ def test_table_before_any_run(tmp_path, grid_file):
     rows = collect(Grid.load(grid_file), tmp_path / "nothing")
     assert all(r["test_nll"] is None and r["epochs"] == 0 for r in rows)
     assert markdown_table(rows).count("not run yet") == 3
+
+
+def test_claims_verdicts_follow_the_standard_error(grid_file):
+    grid = Grid.load(grid_file)
+
+    def row(run, nll, stderr=0.3):
+        return {"run": run, "test_nll": nll, "test_nll_stderr": stderr}
+
+    rows = [row("vae-k1", 90.0), row("iwae-k5", 88.0), row("miwae-2x2", None, None)]
+    holds, missing = check_claims(grid, rows)
+    # 2 nats against sqrt(0.3^2 + 0.3^2) = 0.42: shown.
+    assert holds["verdict"] == "holds" and holds["difference"] == pytest.approx(2.0)
+    assert holds["stderr"] == pytest.approx(0.3 * 2**0.5)
+    assert missing["verdict"] == "not run yet"
+    rows[1] = row("iwae-k5", 89.7)
+    assert check_claims(grid, rows)[0]["verdict"] == "not shown"
+    rows[1] = row("iwae-k5", 91.0)
+    assert check_claims(grid, rows)[0]["verdict"] == "reversed"
+
+
+def test_a_claim_must_name_two_runs(tmp_path):
+    path = tmp_path / "grid.json"
+    path.write_text(json.dumps({**GRID, "claims": [["iwae-k5", "nope"]]}))
+    with pytest.raises(RunError, match="not a pair of run names"):
+        Grid.load(path)
