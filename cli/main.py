@@ -21,7 +21,7 @@ import pyro_iwae
 from pyro_iwae.data import DATASETS, DataError
 from pyro_iwae.objectives import ESTIMATORS
 from pyro_iwae.plots import save_curves, save_image_grid, save_reconstruction_grid
-from pyro_iwae.reproduction import Grid, run_grid, write_report
+from pyro_iwae.reproduction import Grid, run_grid, table_slot, write_report
 from pyro_iwae.sampling import reconstruct, sample_images
 from pyro_iwae.training import (
     CHECKPOINT_FILE,
@@ -579,6 +579,13 @@ if __name__ == "__main__":  # pragma: no cover
 @click.option(
     "--report-only", is_flag=True, help="Write the table and plots; train nothing."
 )
+@click.option(
+    "--readme",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Also put the table into this Markdown file, between the lines "
+    "<!-- grid-table:start --> and <!-- grid-table:end -->.",
+)
 @_data_dir_option
 @_cuda_option
 @_quiet_option
@@ -589,6 +596,7 @@ def reproduce(
     out_dir: Path | None,
     only: tuple[str, ...],
     report_only: bool,
+    readme: Path | None,
     data_dir: Path | None,
     cuda: bool,
     quiet: bool,
@@ -601,6 +609,8 @@ def reproduce(
     device = _device(cuda)
     spec = Grid.load(grid)
     runs_dir = runs_dir or grid.parent / "runs"
+    if readme is not None:
+        table_slot(readme)  # fail before training, not after
     if not report_only:
         fit_progress, eval_progress = FitProgress(quiet), EvalProgress(quiet)
 
@@ -623,5 +633,6 @@ def reproduce(
         finally:
             fit_progress.close()
             eval_progress.close()
-    for path in write_report(spec, runs_dir, out_dir or grid.parent).values():
+    report = write_report(spec, runs_dir, out_dir or grid.parent, readme)
+    for path in report.values():
         click.echo(f"wrote {path}")

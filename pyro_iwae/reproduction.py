@@ -279,12 +279,23 @@ def markdown_claims(claims: list[dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
+#: Markers between which :func:`write_report` puts the table into a Markdown file.
+TABLE_MARKERS = ("<!-- grid-table:start -->", "<!-- grid-table:end -->")
+
+
 def write_report(
-    grid: Grid, runs_dir: str | os.PathLike, out_dir: str | os.PathLike
+    grid: Grid,
+    runs_dir: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    readme: str | os.PathLike | None = None,
 ) -> dict[str, Path]:
     """Writes ``table.json``, ``table.md`` (with the claims checked, if the grid
     has any, also in ``claims.json``) and the plots of ``grid`` into ``out_dir``;
-    returns their paths by kind."""
+    returns their paths by kind. With ``readme``, also replaces what stands
+    between the :data:`TABLE_MARKERS` lines of that Markdown file by table.md.
+
+    :raises RunError: if ``readme`` lacks the markers.
+    """
     from .plots import save_grid_curves, save_nll_against_k
 
     out_dir = Path(out_dir)
@@ -303,6 +314,10 @@ def write_report(
             + markdown_claims(claims)
         )
     paths["markdown"].write_text(markdown)
+    if readme is not None:
+        before, after = table_slot(readme)
+        paths["readme"] = Path(readme)
+        paths["readme"].write_text(before + markdown + after)
     curves = {name: read_metrics(Path(runs_dir) / name) for name in grid.runs}
     paths["curves"] = save_grid_curves(curves, out_dir / "test-bound-by-epoch.png")
     series: dict[str, list[tuple[int, float, float]]] = {}
@@ -317,3 +332,24 @@ def write_report(
         )
     paths["nll_k"] = save_nll_against_k(series, out_dir / "nll-by-k.png")
     return paths
+
+
+def table_slot(path: str | os.PathLike) -> tuple[str, str]:
+    """The text of Markdown file ``path`` up to and including the first of the
+    :data:`TABLE_MARKERS` lines, and from the second on.
+
+    :raises RunError: if the file cannot be read or lacks the markers.
+    """
+    start, end = TABLE_MARKERS
+    try:
+        content = Path(path).read_text()
+    except OSError as e:
+        raise RunError(f"cannot read {path} ({e.strerror})") from e
+    before, found_start, rest = content.partition(start + "\n")
+    _, found_end, after = rest.partition(end)
+    if not (found_start and found_end):
+        raise RunError(
+            f"{path} has no lines {start} and {end} to put the table between; "
+            "add them where the table should go"
+        )
+    return before + start + "\n", end + after

@@ -120,3 +120,33 @@ def test_a_claim_must_name_two_runs(tmp_path):
     path.write_text(json.dumps({**GRID, "claims": [["iwae-k5", "nope"]]}))
     with pytest.raises(RunError, match="not a pair of run names"):
         Grid.load(path)
+
+
+def test_report_fills_a_readme_between_markers(grid_file, tmp_path):
+    readme = tmp_path / "README.md"
+    readme.write_text(
+        "# Results\n\n<!-- grid-table:start -->\nstale table\n"
+        "<!-- grid-table:end -->\n\nEnd.\n"
+    )
+    runner = CliRunner()
+    args = ["reproduce", str(grid_file), "--report-only", "--readme", str(readme)]
+    for _ in range(2):  # the second run replaces the first table
+        result = runner.invoke(cli, args)
+        assert result.exit_code == 0, result.output
+    text = readme.read_text()
+    assert text.startswith("# Results\n\n<!-- grid-table:start -->\n| run |")
+    assert text.endswith("<!-- grid-table:end -->\n\nEnd.\n")
+    assert "stale table" not in text and text.count("| vae-k1 |") == 1
+    assert text.count("<!-- grid-table:start -->") == 1
+
+
+def test_readme_without_markers_fails_before_training(grid_file, tmp_path):
+    readme = tmp_path / "README.md"
+    readme.write_text("# Results\n")
+    result = CliRunner().invoke(
+        cli, ["reproduce", str(grid_file), "--readme", str(readme)]
+    )
+    assert result.exit_code != 0 and "Traceback" not in result.output
+    assert "no lines <!-- grid-table:start -->" in result.output
+    assert not (tmp_path / "runs").exists()
+    assert readme.read_text() == "# Results\n"
