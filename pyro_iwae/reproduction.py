@@ -5,8 +5,11 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import multiprocessing
 import os
-from collections.abc import Callable
+import queue
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +24,12 @@ from .training import (
     read_metrics,
     train_run,
 )
+
+try:
+    import fcntl
+except ImportError:  # Windows
+    fcntl = None
+_HAS_FILE_LOCKS = fcntl is not None
 
 #: Burda et al. (2016), Table 1: MNIST test NLL (nats, k = 5000), by
 #: (stochastic layers, objective, k).
@@ -91,6 +100,7 @@ def run_grid(
     only: list[str] | None = None,
     data_dir: str | os.PathLike | None = None,
     device: torch.device | str | None = None,
+    jobs: int = 1,
     on_run: Callable[[str, str], None] | None = None,
     fit_callback: FitCallback | None = None,
     eval_callback: Callable[[torch.Tensor, int], None] | None = None,
@@ -99,8 +109,15 @@ def run_grid(
 
     A run with an evaluation is skipped, one with a checkpoint is resumed, and any
     other is started, so that the grid can be stopped at any moment and run again.
-    ``on_run(name, what)`` is told ``what`` happens to each run ("skip", "train",
-    "resume", "evaluate").
+    A run that another process is working on (it holds the run's lock file in
+    ``runs_dir``) is left to it. ``on_run(name, what)`` is told ``what`` happens to
+    each run ("skip", "busy", "train", "resume", "evaluate").
+
+    With ``jobs`` > 1, that many worker processes share the runs, each with
+    ``cpu_count // jobs`` torch threads; the callbacks for progress within a run
+    are then not called.
+
+    :raises RunError: on unknown run names, or when a run (or a worker) fails.
     """
     names = only or list(grid.runs)
     unknown = sorted(set(names) - set(grid.runs))
@@ -109,11 +126,50 @@ def run_grid(
             f"no run {', '.join(unknown)} in the grid; choose from "
             f"{', '.join(grid.runs)}"
         )
-    for name in names:
-        run_dir = Path(runs_dir) / name
-        if _evaluation_path(grid, run_dir).is_file():
+    if jobs < 1:
+        raise ValueError(f"jobs must be >= 1, got {jobs}")
+    if jobs > 1 and not _HAS_FILE_LOCKS:
+        raise RunError(
+            "parallel jobs need file locks, which this system lacks; use --jobs 1"
+        )
+    Path(runs_dir).mkdir(parents=True, exist_ok=True)
+    if jobs == 1:
+        for name in names:
+            _run_one(
+                grid,
+                runs_dir,
+                name,
+                data_dir,
+                device,
+                on_run,
+                fit_callback,
+                eval_callback,
+            )
+        return
+    _run_parallel(grid, runs_dir, names, data_dir, device, jobs, on_run)
+
+
+def _run_one(
+    grid: Grid,
+    runs_dir: str | os.PathLike,
+    name: str,
+    data_dir: str | os.PathLike | None,
+    device: torch.device | str | None,
+    on_run: Callable[[str, str], None] | None,
+    fit_callback: FitCallback | None = None,
+    eval_callback: Callable[[torch.Tensor, int], None] | None = None,
+) -> None:
+    run_dir = Path(runs_dir) / name
+    if _evaluation_path(grid, run_dir).is_file():
+        _tell(on_run, name, "skip")
+        return
+    with _run_lock(Path(runs_dir), name) as locked:
+        if not locked:
+            _tell(on_run, name, "busy")
+            return
+        if _evaluation_path(grid, run_dir).is_file():  # finished while we waited
             _tell(on_run, name, "skip")
-            continue
+            return
         resume = (run_dir / CHECKPOINT_FILE).is_file()
         _tell(on_run, name, "resume" if resume else "train")
         train_run(
@@ -132,6 +188,102 @@ def run_grid(
             device=device,
             callback=eval_callback,
         )
+
+
+@contextmanager
+def _run_lock(runs_dir: Path, name: str) -> Iterator[bool]:
+    """Holds ``runs_dir/.<name>.lock`` while the body runs; yields False if another
+    process holds it. The operating system releases it when a process dies."""
+    if not _HAS_FILE_LOCKS:  # Windows: one process per grid
+        yield True
+        return
+    with open(runs_dir / f".{name}.lock", "w") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False
+            return
+        try:
+            yield True
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def _run_parallel(
+    grid: Grid,
+    runs_dir: str | os.PathLike,
+    names: list[str],
+    data_dir: str | os.PathLike | None,
+    device: torch.device | str | None,
+    jobs: int,
+    on_run: Callable[[str, str], None] | None,
+) -> None:
+    context = multiprocessing.get_context("spawn")
+    events = context.Queue()
+    threads = max(1, (os.cpu_count() or 1) // jobs)
+    device = None if device is None else str(device)
+    workers = [
+        context.Process(
+            target=_worker,
+            args=(grid, str(runs_dir), names, data_dir, device, threads, events),
+            daemon=True,
+        )
+        for _ in range(jobs)
+    ]
+    for worker in workers:
+        worker.start()
+    errors, running = [], len(workers)
+    try:
+        while running:
+            try:
+                event = events.get(timeout=1.0)
+            except queue.Empty:
+                if not any(worker.is_alive() for worker in workers):
+                    break  # a worker died without saying so
+                continue
+            if event is None:
+                running -= 1
+            elif event[0] == "error":
+                errors.append(event[1])
+            else:
+                _tell(on_run, *event)
+    finally:
+        for worker in workers:
+            worker.join(timeout=5.0)
+            if worker.is_alive():
+                worker.terminate()
+    died = [w.exitcode for w in workers if w.exitcode not in (0, None)]
+    if errors or died:
+        detail = "; ".join(errors) or f"a worker exited with code {died[0]}"
+        raise RunError(f"the grid did not finish: {detail}")
+
+
+def _worker(
+    grid: Grid,
+    runs_dir: str,
+    names: list[str],
+    data_dir: str | os.PathLike | None,
+    device: str | None,
+    threads: int,
+    events: Any,
+) -> None:
+    """One process of a parallel grid: every run that is not done or taken."""
+    torch.set_num_threads(threads)
+    try:
+        for name in names:
+            try:
+                _run_one(
+                    grid,
+                    runs_dir,
+                    name,
+                    data_dir,
+                    device,
+                    lambda n, what: events.put((n, what)),
+                )
+            except Exception as e:  # reported by the parent, which raises
+                events.put(("error", f"{name}: {e}"))
+    finally:
+        events.put(None)
 
 
 def _tell(on_run: Callable[[str, str], None] | None, name: str, what: str) -> None:

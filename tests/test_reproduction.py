@@ -5,7 +5,14 @@ import json
 import pytest
 from click.testing import CliRunner
 
-from pyro_iwae.reproduction import Grid, check_claims, collect, markdown_table
+from pyro_iwae.reproduction import (
+    Grid,
+    _run_lock,
+    check_claims,
+    collect,
+    markdown_table,
+    run_grid,
+)
 from pyro_iwae.training import RunError
 from pyro_iwae_cli.main import cli
 
@@ -150,3 +157,32 @@ def test_readme_without_markers_fails_before_training(grid_file, tmp_path):
     assert "no lines <!-- grid-table:start -->" in result.output
     assert not (tmp_path / "runs").exists()
     assert readme.read_text() == "# Results\n"
+
+
+def test_parallel_jobs_share_the_runs(grid_file, tmp_path):
+    result = CliRunner().invoke(
+        cli, ["reproduce", str(grid_file), "--quiet", "--jobs", "2"]
+    )
+    assert result.exit_code == 0, result.output
+    for name in GRID["runs"]:
+        # each run trained and evaluated by exactly one of the two workers
+        assert result.stderr.count(f"{name}: train") == 1
+        assert result.stderr.count(f"{name}: evaluate") == 1
+    rows = json.loads((tmp_path / "table.json").read_text())
+    assert all(row["test_nll"] is not None for row in rows)
+
+
+def test_a_run_held_by_another_process_is_left_to_it(grid_file, tmp_path):
+    runs_dir = tmp_path / "runs"
+    runs_dir.mkdir()
+    told = []
+    with _run_lock(runs_dir, "vae-k1") as locked:
+        assert locked
+        run_grid(
+            Grid.load(grid_file),
+            runs_dir,
+            only=["vae-k1"],
+            on_run=lambda name, what: told.append((name, what)),
+        )
+    assert told == [("vae-k1", "busy")]
+    assert not (runs_dir / "vae-k1").exists()
