@@ -269,17 +269,14 @@ def _worker(
 ) -> None:
     """One process of a parallel grid: every run that is not done or taken."""
     torch.set_num_threads(threads)
+
+    def report(name: str, what: str) -> None:
+        events.put((name, what))
+
     try:
         for name in names:
             try:
-                _run_one(
-                    grid,
-                    runs_dir,
-                    name,
-                    data_dir,
-                    device,
-                    lambda n, what: events.put((n, what)),
-                )
+                _run_one(grid, runs_dir, name, data_dir, device, report)
             except Exception as e:  # reported by the parent, which raises
                 events.put(("error", f"{name}: {e}"))
     finally:
