@@ -21,6 +21,7 @@ from .training import (
     RunConfig,
     RunError,
     evaluate_run,
+    read_estimates,
     read_metrics,
     train_run,
 )
@@ -373,14 +374,18 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
 CLAIM_Z = 2.0
 
 
-def check_claims(grid: Grid, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def check_claims(
+    grid: Grid, rows: list[dict[str, Any]], runs_dir: str | os.PathLike | None = None
+) -> list[dict[str, Any]]:
     """Each claim of ``grid`` against the rows: ``difference`` (NLL of ``higher``
     minus NLL of ``lower``, nats), its standard error, and a ``verdict``: "holds"
     (difference above :data:`CLAIM_Z` standard errors), "reversed" (below minus
     that), "not shown" (in between) or "not run yet".
 
-    The standard error treats the two estimates as independent; both runs are
-    scored on the same test points, so it overstates the error of the difference.
+    Where both runs in ``runs_dir`` kept their per-point estimates on the same
+    points, the standard error is that of the mean per-point difference
+    (``paired`` is True); otherwise the two standard errors are combined as if
+    independent, which overstates the error of the difference.
     """
     by_run = {row["run"]: row for row in rows}
     results = []
@@ -391,6 +396,7 @@ def check_claims(grid: Grid, rows: list[dict[str, Any]]) -> list[dict[str, Any]]
             "higher": higher,
             "difference": None,
             "stderr": None,
+            "paired": False,
             "verdict": "not run yet",
         }
         if a["test_nll"] is not None and b["test_nll"] is not None:
@@ -398,6 +404,12 @@ def check_claims(grid: Grid, rows: list[dict[str, Any]]) -> list[dict[str, Any]]
             stderr = math.hypot(
                 a["test_nll_stderr"] or 0.0, b["test_nll_stderr"] or 0.0
             )
+            pair = [_estimates(grid, runs_dir, name) for name in (lower, higher)]
+            if all(p is not None and p.shape == pair[0].shape for p in pair):
+                per_point = pair[0] - pair[1]  # NLL of higher minus NLL of lower
+                difference = float(per_point.mean())
+                stderr = float(per_point.std() / math.sqrt(per_point.numel()))
+                result["paired"] = True
             if difference > CLAIM_Z * stderr:
                 verdict = "holds"
             elif difference < -CLAIM_Z * stderr:
@@ -409,11 +421,21 @@ def check_claims(grid: Grid, rows: list[dict[str, Any]]) -> list[dict[str, Any]]
     return results
 
 
+def _estimates(
+    grid: Grid, runs_dir: str | os.PathLike | None, name: str
+) -> torch.Tensor | None:
+    if runs_dir is None:
+        return None
+    run_dir = Path(runs_dir) / name
+    evaluation = json.loads(_evaluation_path(grid, run_dir).read_text())
+    return read_estimates(run_dir, evaluation)
+
+
 def markdown_claims(claims: list[dict[str, Any]]) -> str:
     """The checked claims as a Markdown table."""
     lines = [
-        "| claim | NLL difference (nats) | verdict |",
-        "| --- | --- | --- |",
+        "| claim | NLL difference (nats) | standard error | verdict |",
+        "| --- | --- | --- | --- |",
     ]
     for claim in claims:
         difference = (
@@ -421,8 +443,11 @@ def markdown_claims(claims: list[dict[str, Any]]) -> str:
             if claim["difference"] is None
             else f"{claim['difference']:+.2f} ± {claim['stderr']:.2f}"
         )
+        kind = ""
+        if claim["difference"] is not None:
+            kind = "paired" if claim["paired"] else "unpaired"
         lines.append(
-            f"| {claim['lower']} below {claim['higher']} | {difference} "
+            f"| {claim['lower']} below {claim['higher']} | {difference} | {kind} "
             f"| {claim['verdict']} |"
         )
     return "\n".join(lines) + "\n"
@@ -454,12 +479,13 @@ def write_report(
     paths["json"].write_text(json.dumps(rows, indent=2) + "\n")
     markdown = markdown_table(rows)
     if grid.claims:
-        claims = check_claims(grid, rows)
+        claims = check_claims(grid, rows, runs_dir)
         paths["claims"] = out_dir / "claims.json"
         paths["claims"].write_text(json.dumps(claims, indent=2) + "\n")
         markdown += (
             f"\nClaims (difference: NLL of the second run minus the first, ± its "
-            f"standard error; holds beyond {CLAIM_Z:g} standard errors):\n\n"
+            "standard error, paired over test points where both runs kept their "
+            f"per-point estimates; holds beyond {CLAIM_Z:g} standard errors):\n\n"
             + markdown_claims(claims)
         )
     paths["markdown"].write_text(markdown)

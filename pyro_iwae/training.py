@@ -241,8 +241,12 @@ def _atomic_write(path: Path, write: Any) -> None:
         tmp.unlink(missing_ok=True)
 
 
+def _write_text(path: Path, text: str) -> None:
+    _atomic_write(path, lambda f: f.write(text.encode()))
+
+
 def _write_json(path: Path, obj: Any) -> None:
-    _atomic_write(path, lambda f: f.write((json.dumps(obj, indent=2) + "\n").encode()))
+    _write_text(path, json.dumps(obj, indent=2) + "\n")
 
 
 def load_checkpoint(
@@ -1044,7 +1048,9 @@ def evaluate_run(
 
     :returns: a dict: ``nll`` (mean, nats), ``stderr`` (std / sqrt(n), None for
         one point), ``k``, ``split``, ``points``, ``time`` (s), ``active_units``
-        (site -> count), ``latent_units`` (site -> size), ``seed``, ``file``.
+        (site -> count), ``latent_units`` (site -> size), ``seed``, ``file``, and
+        ``estimates_file``: the per-point estimates, one per line in nats, beside
+        the JSON (see :func:`read_estimates`).
     :raises RunError, CheckpointError, pyro_iwae.data.DataError: see
         :func:`load_run` and :func:`pyro_iwae.data.load_dataset`.
     """
@@ -1082,6 +1088,7 @@ def evaluate_run(
     active = count_active(activity)
     latent = {name: a.numel() for name, a in activity.items()}
     path = run_dir / f"eval-{split}-k{num_samples}.json"
+    estimates_path = run_dir / f"estimates-{split}-k{num_samples}.txt"
     result = {
         "nll": float(nll.mean()),
         "stderr": stderr,
@@ -1096,9 +1103,24 @@ def evaluate_run(
         "versions": versions(),
         "date": datetime.now().isoformat(timespec="seconds"),
         "file": str(path),
+        "estimates_file": estimates_path.name,
     }
+    # Per point, so that two runs scored on the same points can be compared pairwise.
+    lines = "".join(f"{value:.6f}\n" for value in estimates.double().tolist())
+    _write_text(estimates_path, lines)
     _write_json(path, result)
     return result
+
+
+def read_estimates(run_dir: str | os.PathLike, evaluation: dict) -> torch.Tensor | None:
+    """The per-point log-likelihood estimates (nats, float64) that ``evaluation``
+    (a result of :func:`evaluate_run`) wrote in ``run_dir``; None if it has none."""
+    name = evaluation.get("estimates_file")
+    path = Path(run_dir) / name if name else None
+    if path is None or not path.is_file():
+        return None
+    values = [float(line) for line in path.read_text().split()]
+    return torch.tensor(values, dtype=torch.float64)
 
 
 def versions() -> dict[str, str]:

@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import torch
 from click.testing import CliRunner
 
 from pyro_iwae.reproduction import (
@@ -13,7 +14,7 @@ from pyro_iwae.reproduction import (
     markdown_table,
     run_grid,
 )
-from pyro_iwae.training import RunError
+from pyro_iwae.training import RunError, read_estimates
 from pyro_iwae_cli.main import cli
 
 GRID = {
@@ -58,7 +59,15 @@ def test_grid_runs_skips_and_reports(grid_file, tmp_path):
         assert (tmp_path / name).stat().st_size > 0
     claims = json.loads((tmp_path / "claims.json").read_text())
     nll = {row["run"]: row["test_nll"] for row in rows}
-    assert claims[0]["difference"] == pytest.approx(nll["vae-k1"] - nll["iwae-k5"])
+    # Paired over the same 30 test points, from the per-point estimates (6 decimals).
+    difference = nll["vae-k1"] - nll["iwae-k5"]
+    assert claims[0]["difference"] == pytest.approx(difference, abs=1e-5)
+    assert all(claim["paired"] for claim in claims)
+    run_dir = tmp_path / "runs" / "vae-k1"
+    evaluation = json.loads((run_dir / "eval-test-k8.json").read_text())
+    estimates = read_estimates(run_dir, evaluation)
+    assert estimates.dtype == torch.float64 and estimates.shape == (30,)
+    assert -estimates.mean().item() == pytest.approx(evaluation["nll"], abs=1e-5)
     assert {c["verdict"] for c in claims} <= {"holds", "reversed", "not shown"}
     assert "| iwae-k5 below vae-k1 |" in (tmp_path / "table.md").read_text()
 
@@ -186,3 +195,31 @@ def test_a_run_held_by_another_process_is_left_to_it(grid_file, tmp_path):
         )
     assert told == [("vae-k1", "busy")]
     assert not (runs_dir / "vae-k1").exists()
+
+
+def test_paired_claims_use_the_per_point_differences(grid_file, tmp_path):
+    grid = Grid.load(grid_file)
+    runs_dir = tmp_path / "runs"
+    # Two runs whose per-point NLLs differ by 0.1 + small noise: the per-point
+    # spread (5 nats) hides it unpaired, the pairing shows it.
+    torch.manual_seed(0)
+    base = 90 + 5 * torch.randn(400, dtype=torch.float64)
+    lls = {"vae-k1": -(base + 0.1), "iwae-k5": -(base + 0.01 * torch.randn(400))}
+    rows = []
+    for name, ll in lls.items():
+        (runs_dir / name).mkdir(parents=True)
+        (runs_dir / name / "est.txt").write_text(
+            "".join(f"{v:.6f}\n" for v in ll.tolist())
+        )
+        evaluation = {"estimates_file": "est.txt"}
+        (runs_dir / name / "eval-test-k8.json").write_text(json.dumps(evaluation))
+        rows.append(
+            {"run": name, "test_nll": -ll.mean().item(), "test_nll_stderr": 0.25}
+        )
+    rows.append({"run": "miwae-2x2", "test_nll": None, "test_nll_stderr": None})
+    unpaired = check_claims(grid, rows)[0]
+    paired = check_claims(grid, rows, runs_dir)[0]
+    assert unpaired["verdict"] == "not shown" and not unpaired["paired"]
+    assert paired["verdict"] == "holds" and paired["paired"]
+    assert paired["difference"] == pytest.approx(0.1, abs=0.003)
+    assert paired["stderr"] < 0.001
