@@ -434,7 +434,7 @@ def _estimates(
 def markdown_claims(claims: list[dict[str, Any]]) -> str:
     """The checked claims as a Markdown table."""
     lines = [
-        "| claim | NLL difference (nats) | standard error | verdict |",
+        "| claim | NLL difference (nats) | pairing | verdict |",
         "| --- | --- | --- | --- |",
     ]
     for claim in claims:
