@@ -14,6 +14,7 @@ import math
 import torch
 import torch.nn.functional as F
 from pyro.distributions import TorchDistribution, constraints
+from torch.distributions import register_kl
 from torch.distributions.utils import lazy_property
 
 _HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
@@ -90,6 +91,15 @@ class DiagonalNormal(_OneEventDim):
 
     def entropy(self) -> torch.Tensor:
         return self.event_shape[0] * (0.5 + _HALF_LOG_2PI) + self.log_scale.sum(-1)
+
+
+@register_kl(DiagonalNormal, DiagonalNormal)
+def _kl_diagonal_normal(p: DiagonalNormal, q: DiagonalNormal) -> torch.Tensor:
+    # Closed form, as for Normal(...).to_event(1), so TraceMeanField_ELBO can use it.
+    variance_ratio = (p.scale / q.scale).pow(2)
+    mahalanobis = ((p.loc - q.loc) / q.scale).pow(2)
+    log_ratio = 2 * (p.log_scale - q.log_scale)
+    return 0.5 * (variance_ratio + mahalanobis - 1 - log_ratio).sum(-1)
 
 
 class BernoulliImage(_OneEventDim):
