@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 import warnings
 from collections.abc import Callable, Iterator
@@ -18,6 +19,7 @@ from pyro.poutine.messenger import Messenger
 from pyro.poutine.trace_struct import Trace
 from pyro.poutine.util import prune_subsample_sites, site_is_subsample
 from pyro.util import check_if_enumerated, check_model_guide_match, warn_if_nan
+from torch.distributions import constraints
 
 ESTIMATORS = ("iwae", "stl", "dreg")
 PARTICLE_PLATE = "num_particles_vectorized"  # the plate Pyro's ELBO adds
@@ -207,6 +209,19 @@ class IWELBO(ELBO):
         # A new tensor object also misses the identity-keyed caches of transforms,
         # which would hand back an inverse that depends on the live parameters.
         replay_trace = _aliased(guide_trace)
+        latent = list(_latent_sites(guide_trace))
+        if len(latent) == 1:
+            # With one latent site, q's parameters depend on phi and the inputs
+            # only: detaching them gives what a re-run with phi stopped computes,
+            # without running the guide's networks again.
+            name, site = latent[0]
+            stopped_fn = _detached(site["fn"])
+            if stopped_fn is not None:
+                replay_trace.nodes[name] = {
+                    **replay_trace.nodes[name],
+                    "fn": stopped_fn,
+                }
+                return replay_trace
         with _stopped(self._guide_module) as call:
             if call is not None:
                 guide = (
@@ -435,6 +450,29 @@ class PIWELBO(MIWELBO):
         if self.estimator == "dreg":
             ratio = ratio * grouped.softmax(1)
         return ratio.expand_as(grouped).reshape(log_weights.shape)
+
+
+#: Attribute types of a distribution that cannot hold parameters.
+_PLAIN_ATTRIBUTES = (bool, int, float, str, type(None), torch.Size, torch.dtype)
+
+
+def _detached(fn: Any) -> Any:
+    """A shallow copy of distribution ``fn`` with its tensors (and those of the
+    distributions it wraps) detached; None if it holds anything else that might
+    carry parameters (transforms, modules, callables)."""
+    copied = copy.copy(fn)
+    for key, value in vars(fn).items():
+        if isinstance(value, torch.Tensor):
+            value = value.detach()
+        elif isinstance(value, torch.distributions.Distribution):
+            value = _detached(value)
+            if value is None:
+                return None
+        elif not isinstance(value, _PLAIN_ATTRIBUTES + (constraints.Constraint,)):
+            return None
+        # Through __dict__: lazily computed properties live there too.
+        vars(copied)[key] = value
+    return copied
 
 
 def _checked_item(loss: torch.Tensor) -> float:

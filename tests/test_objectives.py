@@ -11,7 +11,7 @@ from pyro import poutine
 from pyro.infer import SVI, RenyiELBO, Trace_ELBO
 from pyro.nn import PyroModule, PyroParam
 
-from pyro_iwae import CIWELBO, IWELBO, MIWELBO, PIWELBO
+from pyro_iwae import CIWELBO, IWELBO, MIWELBO, PIWELBO, objectives, paper_architecture
 
 
 def bound(elbo, model, guide, *args):
@@ -502,3 +502,48 @@ def test_nan_loss_warns_where_the_value_is_read():
             IWELBO(4).loss(model, guide, x)
         # The differentiable loss does not read its value back (no device sync).
         assert torch.isnan(IWELBO(4).differentiable_loss(model, guide, x))
+
+
+@pytest.mark.parametrize("estimator", ["stl", "dreg"])
+@pytest.mark.parametrize("kind", ["paper", "PyroModule", "pyro.param"])
+def test_one_latent_site_detaches_instead_of_rerunning_the_guide(
+    lg, monkeypatch, estimator, kind
+):
+    """With one latent site, stl and dreg detach the site's distribution instead of
+    re-running the guide with stopped parameters: same loss, same gradients."""
+    if kind == "paper":
+        model, guide = paper_architecture(1)
+        x = torch.rand(6, 784, generator=torch.Generator().manual_seed(0)) < 0.3
+        x = x.float()
+    else:
+        model, x = lg.model, lg.sample_data(6)
+
+    def loss_and_grads():
+        pyro.clear_param_store()
+        pyro.set_rng_seed(0)
+        made = {"PyroModule": PyroLocNet, "pyro.param": param_guide}
+        this_guide = guide if kind == "paper" else made[kind](lg)
+        loss = IWELBO(7, estimator).differentiable_loss(model, this_guide, x)
+        if isinstance(this_guide, torch.nn.Module):
+            params = list(this_guide.parameters())
+        else:
+            params = [p.unconstrained() for p in pyro.get_param_store().values()]
+        return loss, torch.autograd.grad(loss, params)
+
+    fast_loss, fast_grads = loss_and_grads()
+    monkeypatch.setattr(objectives, "_detached", lambda fn: None)  # force re-runs
+    rerun_loss, rerun_grads = loss_and_grads()
+    assert torch.equal(fast_loss, rerun_loss)
+    for fast, rerun in zip(fast_grads, rerun_grads, strict=True):
+        assert torch.allclose(fast, rerun, rtol=1e-5, atol=1e-7)
+    assert any(g.abs().max() > 0 for g in fast_grads)
+
+
+def test_distributions_holding_transforms_are_not_detached():
+    base = dist.Normal(torch.zeros(3), torch.ones(3))
+    flow = dist.TransformedDistribution(base, [dist.transforms.ExpTransform()])
+    assert objectives._detached(flow) is None
+    detached = objectives._detached(
+        dist.Normal(torch.zeros(3, requires_grad=True), 1.0).to_event(1)
+    )
+    assert not detached.base_dist.loc.requires_grad
