@@ -482,7 +482,8 @@ def eval_nll(
     )
     click.echo(f"active units: {units}")
     click.echo(f"time: {result['time']:.1f} s")
-    click.echo(f"wrote {result['file']}")
+    estimates = Path(result["file"]).with_name(result["estimates_file"])
+    click.echo(f"wrote {result['file']} and the per-point estimates {estimates}")
 
 
 @cli.command(context_settings={"show_default": True})

@@ -116,6 +116,10 @@ def test_eval_nll(run):
     assert report["points"] == 20 and report["k"] == 10
     assert 0 < report["nll"] < 500 and report["stderr"] > 0
     assert 0 <= report["active_units"]["z1"] <= report["latent_units"]["z1"] == 50
+    per_point = (run / "estimates-test-k10.txt").read_text().split()
+    assert len(per_point) == 20 and "estimates-test-k10.txt" in result.output
+    mean = -sum(float(v) for v in per_point) / 20
+    assert abs(mean - report["nll"]) < 1e-5
     train = invoke("eval-nll", run, "--k", 3, "--limit", 5, "--split", "train")
     assert_ok(train)
     assert (run / "eval-train-k3.json").is_file()
