@@ -149,11 +149,17 @@ def save_nll_against_k(
     path.parent.mkdir(parents=True, exist_ok=True)
     fig = Figure(figsize=(6, 4), dpi=100)
     ax = fig.add_subplot()
-    for name, points in series.items():
+    all_ks = sorted({k for points in series.values() for k, _, _ in points})
+    for i, (name, points) in enumerate(series.items()):
         if points:
             ks, nlls, errors = zip(*sorted(points), strict=True)
-            ax.errorbar(ks, nlls, yerr=errors, marker="o", capsize=3, label=name)
+            # Nudge each series sideways (a few percent in k) so that error bars
+            # at the same k do not hide one another.
+            nudged = [k * 1.04 ** (i - (len(series) - 1) / 2) for k in ks]
+            ax.errorbar(nudged, nlls, yerr=errors, marker="o", capsize=3, label=name)
     ax.set_xscale("log")
+    ax.set_xticks(all_ks, [str(k) for k in all_ks])
+    ax.minorticks_off()
     ax.set_xlabel("k (training particles)")
     ax.set_ylabel("test NLL at k = 5000 (nats)")
     if ax.lines:
