@@ -644,6 +644,15 @@ def reproduce(
                 fit_callback=fit_progress,
                 eval_callback=eval_progress,
             )
+        except KeyboardInterrupt:
+            fit_progress.close()
+            eval_progress.close()
+            click.echo(
+                "Interrupted; run the same command again to continue (evaluated "
+                "runs are skipped, interrupted ones resume from their checkpoints)",
+                err=True,
+            )
+            sys.exit(130)
         finally:
             fit_progress.close()
             eval_progress.close()

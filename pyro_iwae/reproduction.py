@@ -280,6 +280,8 @@ def _worker(
                 _run_one(grid, runs_dir, name, data_dir, device, report)
             except Exception as e:  # reported by the parent, which raises
                 events.put(("error", f"{name}: {e}"))
+    except KeyboardInterrupt:  # Ctrl-C reaches the whole process group
+        pass  # the run resumes from its last checkpoint next time
     finally:
         events.put(None)
 
