@@ -586,7 +586,7 @@ if __name__ == "__main__":  # pragma: no cover
     default=1,
     show_default=True,
     help="Runs trained at once, in separate processes that share the CPU cores "
-    "(no progress bars then). On a small CPU, 2 jobs of 1 thread train more "
+    "(no progress bars then). With few particles, 2 jobs of 1 thread train more "
     "images per second than 1 job of 2 threads.",
 )
 @click.option(
