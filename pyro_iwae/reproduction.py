@@ -58,13 +58,15 @@ class Grid:
     overridden per run by ``runs`` (name -> settings); each is evaluated on the
     first ``eval_limit`` test points (None: all) with ``eval_samples`` particles.
     ``claims`` are ``[lower, higher]`` pairs of run names, each the claim that run
-    ``lower`` reaches a lower test NLL than run ``higher``."""
+    ``lower`` reaches a lower test NLL than run ``higher``, or pairs of such pairs,
+    ``[[lower, higher], [lower2, higher2]]``: the claim that ``lower`` gains more
+    over ``higher`` than ``lower2`` over ``higher2`` (nats)."""
 
     base: dict[str, Any]
     runs: dict[str, dict[str, Any]]
     eval_samples: int = 5000
     eval_limit: int | None = None
-    claims: list[list[str]] = dataclasses.field(default_factory=list)
+    claims: list[list[Any]] = dataclasses.field(default_factory=list)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> Grid:
@@ -80,18 +82,51 @@ class Grid:
         for name in grid.runs:
             grid.config(name)  # fails early on unknown settings
         for claim in grid.claims:
-            if not (isinstance(claim, list) and len(claim) == 2) or any(
-                name not in grid.runs for name in claim
-            ):
+            if not _is_claim(claim, grid.runs):
                 raise RunError(
                     f"claim {claim!r} in {path} is not a pair of run names of the "
-                    "grid; write it as [lower, higher]"
+                    "grid nor a pair of such pairs; write it as [lower, higher] or "
+                    "[[lower, higher], [lower2, higher2]]"
                 )
         return grid
 
     def config(self, name: str) -> RunConfig:
         """The run config of run ``name``."""
         return RunConfig.from_dict({**self.base, **self.runs[name]})
+
+
+def _is_pair(claim: Any, runs: dict[str, Any]) -> bool:
+    return (
+        isinstance(claim, list)
+        and len(claim) == 2
+        and all(isinstance(name, str) and name in runs for name in claim)
+    )
+
+
+def _is_claim(claim: Any, runs: dict[str, Any]) -> bool:
+    return _is_pair(claim, runs) or (
+        isinstance(claim, list)
+        and len(claim) == 2
+        and all(_is_pair(pair, runs) for pair in claim)
+    )
+
+
+def _claim_terms(claim: list[Any]) -> dict[str, float]:
+    """The claim's difference as a sum of run NLLs: run name -> coefficient."""
+    if isinstance(claim[0], str):
+        lower, higher = claim
+        return {lower: -1.0, higher: 1.0}
+    terms: dict[str, float] = {}
+    for pair, sign in zip(claim, (1.0, -1.0), strict=True):
+        for name, coefficient in _claim_terms(pair).items():
+            terms[name] = terms.get(name, 0.0) + sign * coefficient
+    return terms
+
+
+def _claim_text(claim: list[Any]) -> str:
+    if isinstance(claim[0], str):
+        return f"{claim[0]} below {claim[1]}"
+    return f"{_claim_text(claim[0])} by more than {_claim_text(claim[1])}"
 
 
 def run_grid(
@@ -379,36 +414,44 @@ CLAIM_Z = 2.0
 def check_claims(
     grid: Grid, rows: list[dict[str, Any]], runs_dir: str | os.PathLike | None = None
 ) -> list[dict[str, Any]]:
-    """Each claim of ``grid`` against the rows: ``difference`` (NLL of ``higher``
-    minus NLL of ``lower``, nats), its standard error, and a ``verdict``: "holds"
-    (difference above :data:`CLAIM_Z` standard errors), "reversed" (below minus
-    that), "not shown" (in between) or "not run yet".
+    """Each claim of ``grid`` against the rows: its ``claim`` as in the grid and as
+    ``text``, the ``difference`` (nats; for ``[lower, higher]`` the NLL of
+    ``higher`` minus that of ``lower``, for a pair of pairs the first pair's
+    difference minus the second's), its standard error, and a ``verdict``:
+    "holds" (difference above :data:`CLAIM_Z` standard errors), "reversed" (below
+    minus that), "not shown" (in between) or "not run yet".
 
-    Where both runs in ``runs_dir`` kept their per-point estimates on the same
-    points, the standard error is that of the mean per-point difference
-    (``paired`` is True); otherwise the two standard errors are combined as if
+    Where every run of the claim in ``runs_dir`` kept its per-point estimates on
+    the same points, the standard error is that of the mean per-point difference
+    (``paired`` is True); otherwise the runs' standard errors are combined as if
     independent, which overstates the error of the difference.
     """
     by_run = {row["run"]: row for row in rows}
     results = []
-    for lower, higher in grid.claims:
-        a, b = by_run[lower], by_run[higher]
+    for claim in grid.claims:
+        terms = _claim_terms(claim)
         result = {
-            "lower": lower,
-            "higher": higher,
+            "claim": claim,
+            "text": _claim_text(claim),
             "difference": None,
             "stderr": None,
             "paired": False,
             "verdict": "not run yet",
         }
-        if a["test_nll"] is not None and b["test_nll"] is not None:
-            difference = b["test_nll"] - a["test_nll"]
-            stderr = math.hypot(
-                a["test_nll_stderr"] or 0.0, b["test_nll_stderr"] or 0.0
+        if all(by_run[name]["test_nll"] is not None for name in terms):
+            difference = sum(c * by_run[name]["test_nll"] for name, c in terms.items())
+            stderr = math.sqrt(
+                sum(
+                    (c * (by_run[name]["test_nll_stderr"] or 0.0)) ** 2
+                    for name, c in terms.items()
+                )
             )
-            pair = [_estimates(grid, runs_dir, name) for name in (lower, higher)]
-            if all(p is not None and p.shape == pair[0].shape for p in pair):
-                per_point = pair[0] - pair[1]  # NLL of higher minus NLL of lower
+            estimates = [_estimates(grid, runs_dir, name) for name in terms]
+            if all(e is not None and e.shape == estimates[0].shape for e in estimates):
+                # NLL differences per point: minus the log-likelihood estimates.
+                per_point = -sum(
+                    c * e for c, e in zip(terms.values(), estimates, strict=True)
+                )
                 difference = float(per_point.mean())
                 stderr = float(per_point.std() / math.sqrt(per_point.numel()))
                 result["paired"] = True
@@ -449,8 +492,7 @@ def markdown_claims(claims: list[dict[str, Any]]) -> str:
         if claim["difference"] is not None:
             kind = "paired" if claim["paired"] else "unpaired"
         lines.append(
-            f"| {claim['lower']} below {claim['higher']} | {difference} | {kind} "
-            f"| {claim['verdict']} |"
+            f"| {claim['text']} | {difference} | {kind} | {claim['verdict']} |"
         )
     return "\n".join(lines) + "\n"
 

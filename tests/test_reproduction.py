@@ -1,5 +1,6 @@
 """The reproduction grid: runs, skips, resumes and reports."""
 
+import dataclasses
 import json
 
 import pytest
@@ -11,6 +12,7 @@ from pyro_iwae.reproduction import (
     _run_lock,
     check_claims,
     collect,
+    markdown_claims,
     markdown_table,
     run_grid,
 )
@@ -131,11 +133,71 @@ def test_claims_verdicts_follow_the_standard_error(grid_file):
     assert check_claims(grid, rows)[0]["verdict"] == "reversed"
 
 
-def test_a_claim_must_name_two_runs(tmp_path):
+@pytest.mark.parametrize(
+    "claim",
+    [
+        ["iwae-k5", "nope"],
+        ["iwae-k5"],
+        [["iwae-k5", "vae-k1"], ["iwae-k5", "nope"]],
+        [["iwae-k5", "vae-k1"], "vae-k1"],
+    ],
+)
+def test_a_claim_must_name_two_runs_or_two_pairs(tmp_path, claim):
     path = tmp_path / "grid.json"
-    path.write_text(json.dumps({**GRID, "claims": [["iwae-k5", "nope"]]}))
+    path.write_text(json.dumps({**GRID, "claims": [claim]}))
     with pytest.raises(RunError, match="not a pair of run names"):
         Grid.load(path)
+
+
+def _write_estimates(runs_dir, lls):
+    """Per-point log-likelihood estimates of each run, as an evaluation keeps them."""
+    rows = []
+    for name, ll in lls.items():
+        (runs_dir / name).mkdir(parents=True)
+        (runs_dir / name / "est.txt").write_text(
+            "".join(f"{v:.6f}\n" for v in ll.tolist())
+        )
+        evaluation = {"estimates_file": "est.txt"}
+        (runs_dir / name / "eval-test-k8.json").write_text(json.dumps(evaluation))
+        rows.append(
+            {"run": name, "test_nll": -ll.mean().item(), "test_nll_stderr": 0.25}
+        )
+    return rows
+
+
+def test_a_gain_claim_compares_two_differences(tmp_path):
+    claim = [["iwae-k5", "vae-k1"], ["miwae-2x2", "iwae-k5"]]
+    path = tmp_path / "grid.json"
+    path.write_text(json.dumps({**GRID, "claims": [claim]}))
+    grid = Grid.load(path)
+    # (NLL vae-k1 - NLL iwae-k5) - (NLL iwae-k5 - NLL miwae-2x2) = 0.3 - 0.2 = 0.1
+    torch.manual_seed(0)
+    base = 90 + 5 * torch.randn(400, dtype=torch.float64)
+    noise = 0.01 * torch.randn(3, 400, dtype=torch.float64)
+    lls = {
+        "vae-k1": -(base + 0.3) + noise[0],
+        "iwae-k5": -base + noise[1],
+        "miwae-2x2": -(base - 0.2) + noise[2],
+    }
+    rows = _write_estimates(tmp_path / "runs", lls)
+    unpaired = check_claims(grid, rows)[0]
+    assert unpaired["difference"] == pytest.approx(0.1, abs=0.01)
+    # The run in both pairs counts twice: sqrt(1 + 4 + 1) standard errors.
+    assert unpaired["stderr"] == pytest.approx(0.25 * 6**0.5)
+    assert unpaired["verdict"] == "not shown" and not unpaired["paired"]
+    paired = check_claims(grid, rows, tmp_path / "runs")[0]
+    assert paired["paired"] and paired["verdict"] == "holds"
+    assert paired["difference"] == pytest.approx(0.1, abs=0.005)
+    assert paired["stderr"] < 0.002
+    assert paired["text"] == (
+        "iwae-k5 below vae-k1 by more than miwae-2x2 below iwae-k5"
+    )
+    assert "| iwae-k5 below vae-k1 by more than miwae-2x2 below iwae-k5 |" in (
+        markdown_claims([paired])
+    )
+    # Swapping the pairs reverses the claim.
+    grid = dataclasses.replace(grid, claims=[[claim[1], claim[0]]])
+    assert check_claims(grid, rows, tmp_path / "runs")[0]["verdict"] == "reversed"
 
 
 def test_report_fills_a_readme_between_markers(grid_file, tmp_path):
@@ -205,17 +267,7 @@ def test_paired_claims_use_the_per_point_differences(grid_file, tmp_path):
     torch.manual_seed(0)
     base = 90 + 5 * torch.randn(400, dtype=torch.float64)
     lls = {"vae-k1": -(base + 0.1), "iwae-k5": -(base + 0.01 * torch.randn(400))}
-    rows = []
-    for name, ll in lls.items():
-        (runs_dir / name).mkdir(parents=True)
-        (runs_dir / name / "est.txt").write_text(
-            "".join(f"{v:.6f}\n" for v in ll.tolist())
-        )
-        evaluation = {"estimates_file": "est.txt"}
-        (runs_dir / name / "eval-test-k8.json").write_text(json.dumps(evaluation))
-        rows.append(
-            {"run": name, "test_nll": -ll.mean().item(), "test_nll_stderr": 0.25}
-        )
+    rows = _write_estimates(runs_dir, lls)
     rows.append({"run": "miwae-2x2", "test_nll": None, "test_nll_stderr": None})
     unpaired = check_claims(grid, rows)[0]
     paired = check_claims(grid, rows, runs_dir)[0]
