@@ -527,8 +527,9 @@ def write_report(
         paths["claims"] = out_dir / "claims.json"
         paths["claims"].write_text(json.dumps(claims, indent=2) + "\n")
         markdown += (
-            f"\nClaims (difference: NLL of the second run minus the first, ± its "
-            "standard error, paired over test points where both runs kept their "
+            f"\nClaims (difference: NLL of the second run minus the first, or for "
+            "'by more than' the first pair's difference minus the second's, ± its "
+            "standard error, paired over test points where all the runs kept their "
             f"per-point estimates; holds beyond {CLAIM_Z:g} standard errors):\n\n"
             + markdown_claims(claims)
         )
