@@ -540,6 +540,14 @@ def write_report(
         paths["readme"].write_text(before + markdown + after)
     curves = {name: read_metrics(Path(runs_dir) / name) for name in grid.runs}
     paths["curves"] = save_grid_curves(curves, out_dir / "test-bound-by-epoch.png")
+    paths["nll_k"] = save_nll_against_k(nll_series(rows), out_dir / "nll-by-k.png")
+    return paths
+
+
+def nll_series(rows: list[dict[str, Any]]) -> dict[str, list[tuple[int, float, float]]]:
+    """The evaluated VAE and IWAE rows (any estimator) as series for the plot of
+    NLL against k: label -> ``(k, NLL, standard error)`` points, one series per
+    objective, estimator and number of stochastic layers."""
     series: dict[str, list[tuple[int, float, float]]] = {}
     for row in rows:
         if row["test_nll"] is None or row["objective"] not in ("vae", "iwae"):
@@ -547,11 +555,12 @@ def write_report(
         label = "VAE" if row["objective"] == "vae" else "IWAE"
         if row["estimator"] != "iwae":
             label += f"-{row['estimator'].upper()}"
+        if row["stochastic_layers"] != 1:
+            label += f", {row['stochastic_layers']} layers"
         series.setdefault(label, []).append(
             (row["k"], row["test_nll"], row["test_nll_stderr"] or 0.0)
         )
-    paths["nll_k"] = save_nll_against_k(series, out_dir / "nll-by-k.png")
-    return paths
+    return series
 
 
 def table_slot(path: str | os.PathLike) -> tuple[str, str]:

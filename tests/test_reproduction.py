@@ -14,6 +14,7 @@ from pyro_iwae.reproduction import (
     collect,
     markdown_claims,
     markdown_table,
+    nll_series,
     run_grid,
 )
 from pyro_iwae.training import RunError, read_estimates
@@ -275,3 +276,30 @@ def test_paired_claims_use_the_per_point_differences(grid_file, tmp_path):
     assert paired["verdict"] == "holds" and paired["paired"]
     assert paired["difference"] == pytest.approx(0.1, abs=0.003)
     assert paired["stderr"] < 0.001
+
+
+def test_nll_series_keep_layers_and_estimators_apart():
+    def row(objective, k, estimator="iwae", layers=1, nll=90.0):
+        return {
+            "objective": objective,
+            "estimator": estimator,
+            "stochastic_layers": layers,
+            "k": k,
+            "test_nll": nll,
+            "test_nll_stderr": 0.2,
+        }
+
+    rows = [
+        row("vae", 1),
+        row("vae", 5),
+        row("vae", 5, layers=2),
+        row("iwae", 5, estimator="dreg"),
+        row("miwae", 64),
+        row("iwae", 50, nll=None),
+    ]
+    series = nll_series(rows)
+    assert series == {
+        "VAE": [(1, 90.0, 0.2), (5, 90.0, 0.2)],
+        "VAE, 2 layers": [(5, 90.0, 0.2)],
+        "IWAE-DREG": [(5, 90.0, 0.2)],
+    }
