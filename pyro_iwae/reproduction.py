@@ -255,13 +255,17 @@ def _run_parallel(
     on_run: Callable[[str, str], None] | None,
 ) -> None:
     context = multiprocessing.get_context("spawn")
-    events = context.Queue()
+    # Workers take runs from one queue, so each run is tried by one of them and
+    # "busy" only ever means another pyro-iwae process.
+    tasks, events = context.Queue(), context.Queue()
+    for name in [*names, *[None] * jobs]:
+        tasks.put(name)
     threads = max(1, (os.cpu_count() or 1) // jobs)
     device = None if device is None else str(device)
     workers = [
         context.Process(
             target=_worker,
-            args=(grid, str(runs_dir), names, data_dir, device, threads, events),
+            args=(grid, str(runs_dir), tasks, data_dir, device, threads, events),
             daemon=True,
         )
         for _ in range(jobs)
@@ -297,20 +301,21 @@ def _run_parallel(
 def _worker(
     grid: Grid,
     runs_dir: str,
-    names: list[str],
+    tasks: Any,
     data_dir: str | os.PathLike | None,
     device: str | None,
     threads: int,
     events: Any,
 ) -> None:
-    """One process of a parallel grid: every run that is not done or taken."""
+    """One process of a parallel grid: the runs it takes from ``tasks`` until a
+    None."""
     torch.set_num_threads(threads)
 
     def report(name: str, what: str) -> None:
         events.put((name, what))
 
     try:
-        for name in names:
+        for name in iter(tasks.get, None):
             try:
                 _run_one(grid, runs_dir, name, data_dir, device, report)
             except Exception as e:  # reported by the parent, which raises

@@ -242,6 +242,14 @@ def test_parallel_jobs_share_the_runs(grid_file, tmp_path):
         assert result.stderr.count(f"{name}: evaluate") == 1
     rows = json.loads((tmp_path / "table.json").read_text())
     assert all(row["test_nll"] is not None for row in rows)
+    # Run again: each finished run is reported once, never as busy.
+    again = CliRunner().invoke(
+        cli, ["reproduce", str(grid_file), "--quiet", "--jobs", "2"]
+    )
+    assert again.exit_code == 0, again.output
+    for name in GRID["runs"]:
+        assert again.stderr.count(f"{name}: skip") == 1
+    assert "busy" not in again.stderr
 
 
 def test_a_run_held_by_another_process_is_left_to_it(grid_file, tmp_path):
