@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import multiprocessing
@@ -432,6 +433,8 @@ def check_claims(
     independent, which overstates the error of the difference.
     """
     by_run = {row["run"]: row for row in rows}
+    # A run is in several claims; read its 10,000 estimates once.
+    run_estimates = functools.cache(lambda name: _estimates(grid, runs_dir, name))
     results = []
     for claim in grid.claims:
         terms = _claim_terms(claim)
@@ -451,7 +454,7 @@ def check_claims(
                     for name, c in terms.items()
                 )
             )
-            estimates = [_estimates(grid, runs_dir, name) for name in terms]
+            estimates = [run_estimates(name) for name in terms]
             if all(e is not None and e.shape == estimates[0].shape for e in estimates):
                 # NLL differences per point: minus the log-likelihood estimates.
                 per_point = -sum(
