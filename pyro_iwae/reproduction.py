@@ -368,6 +368,7 @@ def collect(grid: Grid, runs_dir: str | os.PathLike) -> list[dict[str, Any]]:
                 "eval_k": result.get("k"),
                 "eval_points": result.get("points"),
                 "active_units": result.get("active_units"),
+                "estimates_file": result.get("estimates_file"),
                 "paper_nll": _paper_nll(config, k),
                 "versions": result.get("versions"),
                 "evaluated": result.get("date"),
@@ -434,7 +435,13 @@ def check_claims(
     """
     by_run = {row["run"]: row for row in rows}
     # A run is in several claims; read its 10,000 estimates once.
-    run_estimates = functools.cache(lambda name: _estimates(grid, runs_dir, name))
+    run_estimates = functools.cache(
+        lambda name: (
+            None
+            if runs_dir is None
+            else read_estimates(Path(runs_dir) / name, by_run[name])
+        )
+    )
     results = []
     for claim in grid.claims:
         terms = _claim_terms(claim)
@@ -472,16 +479,6 @@ def check_claims(
             result.update(difference=difference, stderr=stderr, verdict=verdict)
         results.append(result)
     return results
-
-
-def _estimates(
-    grid: Grid, runs_dir: str | os.PathLike | None, name: str
-) -> torch.Tensor | None:
-    if runs_dir is None:
-        return None
-    run_dir = Path(runs_dir) / name
-    evaluation = json.loads(_evaluation_path(grid, run_dir).read_text())
-    return read_estimates(run_dir, evaluation)
 
 
 def markdown_claims(claims: list[dict[str, Any]]) -> str:

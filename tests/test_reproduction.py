@@ -151,17 +151,21 @@ def test_a_claim_must_name_two_runs_or_two_pairs(tmp_path, claim):
 
 
 def _write_estimates(runs_dir, lls):
-    """Per-point log-likelihood estimates of each run, as an evaluation keeps them."""
+    """Per-point log-likelihood estimates of each run, as an evaluation keeps them,
+    and the rows that :func:`collect` would make of them."""
     rows = []
     for name, ll in lls.items():
         (runs_dir / name).mkdir(parents=True)
         (runs_dir / name / "est.txt").write_text(
             "".join(f"{v:.6f}\n" for v in ll.tolist())
         )
-        evaluation = {"estimates_file": "est.txt"}
-        (runs_dir / name / "eval-test-k8.json").write_text(json.dumps(evaluation))
         rows.append(
-            {"run": name, "test_nll": -ll.mean().item(), "test_nll_stderr": 0.25}
+            {
+                "run": name,
+                "test_nll": -ll.mean().item(),
+                "test_nll_stderr": 0.25,
+                "estimates_file": "est.txt",
+            }
         )
     return rows
 
