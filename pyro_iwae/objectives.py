@@ -5,7 +5,7 @@ from __future__ import annotations
 import copy
 import math
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from contextlib import contextmanager
 from typing import Any, NamedTuple
 
@@ -243,7 +243,10 @@ class IWELBO(ELBO):
     ) -> Particles:
         """Draws k particles from the guide and weighs them against the model."""
         if self.max_plate_nesting == float("inf"):
-            self._guess_max_plate_nesting(model, guide, args, kwargs)
+            # The guess runs model and guide once; its draws must not shift the
+            # random stream, or a seed would give another first value.
+            with torch.random.fork_rng(devices=_cuda_devices(args, kwargs)):
+                self._guess_max_plate_nesting(model, guide, args, kwargs)
         # _get_trace sees the guide wrapped in the particle plate; stl and dreg need
         # the module itself to re-run it with its parameters stopped.
         self._guide_module = guide if isinstance(guide, torch.nn.Module) else None
@@ -265,10 +268,7 @@ class IWELBO(ELBO):
             (torch.cat(parts) if len(parts) > 1 else parts[0])
             for parts in zip(
                 *(
-                    (
-                        _log_prob(model_trace, plate_nesting, local_dims, False),
-                        _log_prob(guide_trace, plate_nesting, local_dims, True),
-                    )
+                    _log_p_and_q(model_trace, guide_trace, plate_nesting, local_dims)
                     for model_trace, guide_trace in traces
                 ),
                 strict=True,
@@ -306,7 +306,12 @@ class IWELBO(ELBO):
         if loss.requires_grad:
             factor = self._path_factor(log_weights.detach())
             if factor is not None:
-                _reweight_paths(factor, traces, self._has_particle_plate)
+                _reweight_paths(
+                    factor,
+                    traces,
+                    self._has_particle_plate,
+                    stopped=self.estimator != "iwae",
+                )
                 if self.estimator == "iwae" and particles.guide_log_prob.requires_grad:
                     particles.guide_log_prob.register_hook(lambda g: g * factor)
         return loss, traces
@@ -494,13 +499,31 @@ def _aliased(trace: Trace) -> Trace:
 
 
 def _reweight_paths(
-    factor: torch.Tensor, traces: list[tuple[Trace, Trace]], vectorized: bool
+    factor: torch.Tensor,
+    traces: list[tuple[Trace, Trace]],
+    vectorized: bool,
+    stopped: bool,
 ) -> None:
-    """Multiplies the gradient reaching each model latent value by its particle's
-    ``factor`` (shape ``(k,) + plate_shape``)."""
-    for i, (model_trace, _) in enumerate(traces):
+    """Multiplies the gradient reaching each aliased guide value by its particle's
+    ``factor`` (shape ``(k,) + plate_shape``).
+
+    Every path from phi to log w passes through exactly one alias: with log q at
+    stopped phi (``stopped``), the guide's latent values are aliases that the
+    model shares, and an auxiliary site (one the model never sees, as in Pyro's
+    autoguides) reaches log w through log q alone. Otherwise log q's gradient is
+    reweighted as a whole, and only the model's aliased copies are hooked.
+    """
+    for i, (model_trace, guide_trace) in enumerate(traces):
         particle_factor = factor if vectorized else factor[i]
-        for _, site in _latent_sites(model_trace):
+        if stopped:
+            sites = _latent_sites(guide_trace)
+        else:
+            sites = (
+                (name, site)
+                for name, site in _latent_sites(model_trace)
+                if name in guide_trace.nodes
+            )
+        for _, site in sites:
             if site["value"].requires_grad:
                 aligned = _align(particle_factor, site)
                 site["value"].register_hook(lambda g, f=aligned: g * f)
@@ -557,18 +580,60 @@ def _same_scale(a: Any, b: Any) -> bool:
     return a.shape == b.shape and bool((a == b).all())
 
 
+def _log_p_and_q(
+    model_trace: Trace,
+    guide_trace: Trace,
+    plate_nesting: int,
+    local_dims: tuple[int, ...],
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The log p and log q parts of the log weights of one pair of traces.
+
+    A latent site of the model that the guide does not sample is drawn from its
+    prior during replay, so the prior is part of the proposal and cancels from
+    the weight: it enters neither part.
+    """
+    # Lists, not sets: the order of summation must not vary between processes.
+    guide_latent = [name for name, _ in _latent_sites(guide_trace)]
+    prior_proposed = [
+        (name, site)
+        for name, site in _latent_sites(model_trace)
+        if name not in guide_trace.nodes
+    ]
+    for name, site in prior_proposed:
+        if not site["fn"].has_rsample and torch.is_grad_enabled():
+            log_prob = site["fn"].log_prob(site["value"])
+            if log_prob.requires_grad:
+                raise NotImplementedError(
+                    f"IWELBO draws {name!r} from the model's prior (the guide does "
+                    f"not sample it), but its {type(site['fn']).__name__} depends "
+                    "on trainable values and has no rsample, so its gradient "
+                    f"would need a score-function term; sample {name!r} in the "
+                    "guide or give it a fixed prior"
+                )
+    skip = {name for name, _ in prior_proposed}
+    model_sites = [name for name in model_trace.nodes if name not in skip]
+    return (
+        _log_prob(model_trace, model_sites, plate_nesting, local_dims),
+        _log_prob(guide_trace, guide_latent, plate_nesting, local_dims),
+    )
+
+
 def _log_prob(
-    trace: Trace, plate_nesting: int, local_dims: tuple[int, ...], latent_only: bool
+    trace: Trace,
+    names: Collection[str],
+    plate_nesting: int,
+    local_dims: tuple[int, ...],
 ) -> torch.Tensor:
-    """Unscaled log-prob of the trace's sample sites (only the latent ones if
-    ``latent_only``), summed over all but the particle and data plate dims.
+    """Unscaled log-prob of the trace's sample sites among ``names``, summed over
+    all but the particle and data plate dims.
 
     :returns: a tensor of shape ``(particles,) + plate_shape``, one of length
         ``plate_nesting + 1``, with particles 1 when particles are not vectorized.
     """
     total = None
-    for name, site in trace.nodes.items():
-        if site["type"] != "sample" or (latent_only and site["is_observed"]):
+    for name in names:
+        site = trace.nodes[name]
+        if site["type"] != "sample":
             continue
         log_prob = site["fn"].log_prob(site["value"], *site["args"], **site["kwargs"])
         log_prob = scale_and_mask(log_prob, mask=site["mask"])
@@ -603,3 +668,13 @@ def _align(weights: torch.Tensor, site: dict) -> torch.Tensor:
     if extra > 0:
         factor = factor.reshape(factor.shape[extra:])
     return factor
+
+
+def _cuda_devices(args: tuple, kwargs: dict) -> list[int]:
+    """Indices of the CUDA devices of the tensors among ``args`` and ``kwargs``."""
+    tensors = [
+        t
+        for t in (*args, *kwargs.values())
+        if isinstance(t, torch.Tensor) and t.is_cuda
+    ]
+    return sorted({t.device.index for t in tensors})

@@ -13,9 +13,14 @@ LATENT_DIM, OBS_DIM, SIGMA = 2, 3, 0.7
 
 
 class LinearGaussian:
-    def __init__(self, seed: int = 0) -> None:
+    def __init__(self, seed: int = 0, diagonal_posterior: bool = False) -> None:
         g = torch.Generator().manual_seed(seed)
         self.W = torch.randn(OBS_DIM, LATENT_DIM, generator=g, dtype=torch.float64)
+        if diagonal_posterior:
+            # Orthogonal columns make W^T W, and so the posterior, diagonal: a
+            # mean-field guide can then be the exact posterior.
+            q, _ = torch.linalg.qr(self.W)
+            self.W = q * self.W.norm(dim=0)
         self.b = torch.randn(OBS_DIM, generator=g, dtype=torch.float64)
         precision = torch.eye(LATENT_DIM, dtype=torch.float64) + self.W.T @ self.W / (
             SIGMA**2
