@@ -192,7 +192,13 @@ class IWELBO(ELBO):
             poutine.replay(model, trace=replay_trace)
         ).get_trace(*args, **kwargs)
         if is_validation_enabled():
-            check_model_guide_match(model_trace, guide_trace, self.max_plate_nesting)
+            with warnings.catch_warnings():
+                # Such sites are proposed from the prior, and cancel from the
+                # weights (see _log_p_and_q): nothing to warn about.
+                warnings.filterwarnings("ignore", "Found vars in model but not guide")
+                check_model_guide_match(
+                    model_trace, guide_trace, self.max_plate_nesting
+                )
         return prune_subsample_sites(model_trace), prune_subsample_sites(guide_trace)
 
     def _stopped_guide_trace(

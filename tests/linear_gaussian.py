@@ -5,6 +5,8 @@ z ~ N(0, I_d), x | z ~ N(W z + b, sigma^2 I_D), all in float64.
 
 from __future__ import annotations
 
+import math
+
 import pyro
 import pyro.distributions as dist
 import torch
@@ -69,3 +71,39 @@ class LinearGaussian:
                 pyro.sample("z", dist.Normal(loc, scale).to_event(1))
 
         return guide
+
+
+class PriorSiteModel:
+    """The linear-Gaussian model plus a latent u that guides leave to the prior:
+    x | z, u ~ N(W z + b + u c, sigma^2 I), u ~ Bernoulli(1/2) or N(0, 1)."""
+
+    def __init__(self, lg: LinearGaussian, kind: str) -> None:
+        self.lg, self.kind = lg, kind
+        self.c = torch.tensor([0.8, -0.5, 0.3], dtype=torch.float64)
+
+    def prior(self, data: torch.Tensor) -> dist.Distribution:
+        if self.kind == "bernoulli":
+            return dist.Bernoulli(data.new_tensor(0.5))
+        return dist.Normal(data.new_tensor(0.0), 1.0)
+
+    def model(self, data: torch.Tensor) -> None:
+        lg = self.lg
+        with pyro.plate("data", data.shape[0]):
+            z = pyro.sample(
+                "z", dist.Normal(data.new_zeros(LATENT_DIM), 1.0).to_event(1)
+            )
+            u = pyro.sample("u", self.prior(data))
+            loc = z @ lg.W.T + lg.b + u.unsqueeze(-1) * self.c
+            pyro.sample("x", dist.Normal(loc, SIGMA).to_event(1), obs=data)
+
+    def log_marginal(self, x: torch.Tensor) -> torch.Tensor:
+        lg = self.lg
+        cov = lg.W @ lg.W.T + SIGMA**2 * torch.eye(OBS_DIM, dtype=torch.float64)
+        if self.kind == "normal":
+            return dist.MultivariateNormal(
+                lg.b, cov + torch.outer(self.c, self.c)
+            ).log_prob(x)
+        parts = [
+            dist.MultivariateNormal(lg.b + u * self.c, cov).log_prob(x) for u in (0, 1)
+        ]
+        return torch.stack(parts).logsumexp(0) - math.log(2)

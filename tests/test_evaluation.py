@@ -1,12 +1,20 @@
 """log_likelihood and latent activity against closed forms (float64, seeded)."""
 
+import math
+
 import pyro
 import pyro.distributions as dist
 import pytest
 import torch
-from linear_gaussian import LATENT_DIM
+from linear_gaussian import LATENT_DIM, PriorSiteModel
 
-from pyro_iwae import active_units, latent_activity, log_likelihood, paper_architecture
+from pyro_iwae import (
+    IWELBO,
+    active_units,
+    latent_activity,
+    log_likelihood,
+    paper_architecture,
+)
 from pyro_iwae.evaluation import LARGEST_TENSOR, default_chunk_size, evaluating
 
 
@@ -112,3 +120,19 @@ def test_active_units_of_the_paper_guides():
         counts = active_units(guide, x, num_samples=5)
         assert counts.keys() == sizes.keys()
         assert all(0 <= counts[k] <= sizes[k] for k in sizes)
+
+
+@pytest.mark.parametrize("kind", ["bernoulli", "normal"])
+def test_log_likelihood_with_a_latent_site_left_to_the_prior(lg, kind):
+    """u is proposed from its prior: the estimate is exact in expectation, not
+    log 2 (or E[log p(u)]) below it."""
+    m = PriorSiteModel(lg, kind)
+    # Wider than q(z|x) of the model without u, so the weights have light tails.
+    guide = lg.diagonal_guide(shift=0.0, inflate=1.5)
+    x = lg.sample_data(20, seed=4)
+    estimate = log_likelihood(m.model, guide, x, num_samples=5000)
+    log_w = IWELBO(5000).particles(m.model, guide, x).log_weights
+    w = (log_w - log_w.logsumexp(0)).exp().reshape(5000, -1) * 5000
+    se = w.std(0) / math.sqrt(5000)  # delta method: sd of log of the mean weight
+    error = estimate - m.log_marginal(x)
+    assert (error.abs() < 4 * se + 1e-3).all(), (error, se)

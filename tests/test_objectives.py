@@ -6,7 +6,7 @@ import pyro
 import pyro.distributions as dist
 import pytest
 import torch
-from linear_gaussian import LATENT_DIM
+from linear_gaussian import LATENT_DIM, SIGMA, PriorSiteModel
 from pyro import poutine
 from pyro.infer import SVI, RenyiELBO, Trace_ELBO
 from pyro.nn import PyroModule, PyroParam
@@ -547,3 +547,82 @@ def test_distributions_holding_transforms_are_not_detached():
         dist.Normal(torch.zeros(3, requires_grad=True), 1.0).to_event(1)
     )
     assert not detached.base_dist.loc.requires_grad
+
+
+@pytest.mark.parametrize("kind", ["bernoulli", "normal"])
+def test_latent_sites_left_to_the_prior_cancel_from_the_weights(lg, kind):
+    """u is drawn from its prior during replay, so p(u) is part of the proposal:
+    log w = log p(x | z, u) + log p(z) - log q(z), whatever u's value."""
+    m = PriorSiteModel(lg, kind)
+    x = lg.sample_data(4)
+    particles = IWELBO(3).particles(m.model, lg.exact_guide, x)
+    model_trace, guide_trace = particles.traces[0]
+    z, u = model_trace.nodes["z"]["value"], model_trace.nodes["u"]["value"]
+    loc = z @ lg.W.T + lg.b + u.unsqueeze(-1) * m.c
+    expected = (
+        dist.Normal(loc, SIGMA).to_event(1).log_prob(x)
+        + dist.Normal(torch.zeros(2, dtype=torch.float64), 1.0).to_event(1).log_prob(z)
+        - guide_trace.nodes["z"]["fn"].log_prob(z)
+    )
+    assert torch.allclose(particles.log_weights.reshape(3, 4), expected)
+
+
+@pytest.mark.filterwarnings("ignore:Found vars in model but not guide")
+def test_k1_with_a_prior_site_has_trace_elbos_gradient_and_drops_log_p_u(lg):
+    """Trace_ELBO counts log p(u) of a model-only site in its value; it has no
+    gradient here (u's prior is fixed), so the gradients agree."""
+    m = PriorSiteModel(lg, "normal")
+    x = lg.sample_data(4)
+    guide = per_point_guide(lg, 4)
+    W = lg.W
+
+    def run(elbo):
+        pyro.clear_param_store()
+        pyro.set_rng_seed(3)
+        lg.W = W.clone().requires_grad_()
+        loss = elbo.differentiable_loss(m.model, guide, x)
+        store = pyro.get_param_store()
+        return loss, torch.autograd.grad(loss, [lg.W, store["loc"], store["log_scale"]])
+
+    try:
+        loss_iw, grads_iw = run(IWELBO(1))
+        loss_tr, grads_tr = run(Trace_ELBO())
+    finally:
+        lg.W = W
+    pyro.set_rng_seed(3)
+    pyro.clear_param_store()
+    model_trace = IWELBO(1).particles(m.model, guide, x).traces[0][0]
+    u = model_trace.nodes["u"]["value"]
+    log_p_u = dist.Normal(0.0, 1.0).log_prob(u).sum()
+    assert torch.allclose(loss_iw - loss_tr, log_p_u.detach())
+    for a, b in zip(grads_iw, grads_tr, strict=True):
+        assert torch.allclose(a, b)
+
+
+def test_a_trainable_prior_site_without_rsample_is_refused_for_gradients(lg):
+    x = lg.sample_data(4)
+    m = PriorSiteModel(lg, "bernoulli")
+    model = m.model
+    m.prior = lambda data: dist.Bernoulli(
+        logits=pyro.param("logit", data.new_tensor(0.0))
+    )
+    with pytest.raises(NotImplementedError, match="'u'.*score-function"):
+        IWELBO(5).differentiable_loss(model, lg.exact_guide, x)
+    # Without gradients the value is well defined.
+    assert math.isfinite(IWELBO(5).loss(model, lg.exact_guide, x))
+
+
+def test_guessing_max_plate_nesting_does_not_shift_the_random_stream(lg):
+    """With Pyro's default max_plate_nesting=inf the nesting is guessed by a first
+    run; the same seed must still give the same first value."""
+    x = lg.sample_data(1)
+    guide = lg.diagonal_guide()
+
+    def first_loss(elbo):
+        pyro.set_rng_seed(5)
+        return elbo.loss(lg.model, guide, x)
+
+    guessed = first_loss(IWELBO(5, max_plate_nesting=float("inf")))
+    assert guessed == first_loss(IWELBO(5, max_plate_nesting=1))
+    renyi = RenyiELBO(0, num_particles=5, max_plate_nesting=1, vectorize_particles=True)
+    assert guessed == pytest.approx(first_loss(renyi), rel=1e-12)
