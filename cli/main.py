@@ -10,6 +10,7 @@ import dataclasses
 import functools
 import sys
 import time
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -72,16 +73,23 @@ _CONFIG_OPTIONS = {
 
 
 def _library_errors(command: Callable) -> Callable:
-    """Turns the library's own errors into one-line Click errors."""
+    """Turns the library's own errors into one-line Click errors, and every
+    warning into one ``Warning: ...`` line on stderr."""
 
     @functools.wraps(command)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return command(*args, **kwargs)
-        except (RunError, DataError, TrainingDiverged) as e:
-            raise click.ClickException(str(e)) from None
+        with warnings.catch_warnings():
+            warnings.showwarning = _show_warning
+            try:
+                return command(*args, **kwargs)
+            except (RunError, DataError, TrainingDiverged) as e:
+                raise click.ClickException(str(e)) from None
 
     return wrapper
+
+
+def _show_warning(message: Warning | str, *args: Any, **kwargs: Any) -> None:
+    click.echo(f"Warning: {message}", err=True)
 
 
 def _device(cuda: bool) -> str:

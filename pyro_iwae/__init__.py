@@ -2,6 +2,7 @@
 
 from ._version import __version__ as __version__
 from .evaluation import (
+    EstimateWarning,
     active_units,
     dataset_log_likelihood,
     latent_activity,
@@ -50,6 +51,7 @@ __all__ = [
     "sample_images",
     "train_run",
     "CIWELBO",
+    "EstimateWarning",
     "DATA_PLATE",
     "ESTIMATORS",
     "GUIDES",

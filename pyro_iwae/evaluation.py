@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -135,7 +136,8 @@ def dataset_log_likelihood(
 
     ``model`` and ``guide`` are called as ``model(batch)``; ``callback(estimates)``
     is called after each batch with its estimates (``[batch]``, nats). Returns a
-    tensor of shape ``[N]``.
+    tensor of shape ``[N]``; warns (:class:`EstimateWarning`) when
+    :func:`estimate_problem` finds something wrong with the estimates.
     """
     estimates = []
     for start in range(0, data.shape[0], batch_size):
@@ -147,7 +149,51 @@ def dataset_log_likelihood(
         )
         if callback is not None:
             callback(estimates[-1])
-    return torch.cat(estimates)
+    estimates = torch.cat(estimates)
+    problem = estimate_problem(estimates)
+    if problem is not None:
+        warnings.warn(problem, EstimateWarning, stacklevel=2)
+    return estimates
+
+
+class EstimateWarning(UserWarning):
+    """Per-point log-likelihood estimates that should not be trusted as they are."""
+
+
+#: Estimates more than this many interquartile ranges above the upper quartile
+#: are far from the rest (Tukey's "far out" fence is 3; this flags only gross
+#: failures, not the spread between easy and hard data points).
+OUTLIER_FENCE = 10.0
+
+
+def estimate_problem(estimates: torch.Tensor) -> str | None:
+    """One sentence on what is wrong with per-point estimates ``[N]`` (nats), or
+    None: estimates that are not finite, or far above every other point's (a few
+    huge importance weights, or a likelihood that is not a normalised density)."""
+    finite = estimates.isfinite()
+    n = estimates.numel()
+    if not finite.all():
+        bad = n - int(finite.sum())
+        return (
+            f"{bad} of {n} log-likelihood estimates are not finite (nan or inf): "
+            "the model or guide gives invalid log-densities for those points; "
+            "check the data against the likelihood's support"
+        )
+    if n < 4:
+        return None
+    q1, median, q3 = torch.quantile(
+        estimates.double(), estimates.new_tensor([0.25, 0.5, 0.75]).double()
+    ).tolist()
+    fence = q3 + OUTLIER_FENCE * max(q3 - q1, 1.0)
+    far = estimates > fence
+    if not far.any():
+        return None
+    return (
+        f"{int(far.sum())} of {n} log-likelihood estimates lie far above the rest "
+        f"(largest {estimates.max().item():.1f} nats, median {median:.1f}): a few "
+        "importance weights dominate, or the likelihood is not a normalised "
+        "density; check the model, or raise the number of samples"
+    )
 
 
 def latent_activity(

@@ -7,7 +7,7 @@ import torch
 import torchvision
 from click.testing import CliRunner
 
-from pyro_iwae import __version__
+from pyro_iwae import __version__, evaluation
 from pyro_iwae.training import CHECKPOINT_FILE, load_checkpoint, read_metrics
 from pyro_iwae_cli import progress
 from pyro_iwae_cli.main import cli
@@ -265,3 +265,25 @@ def test_existing_run_and_conflicting_resume(run):
         "--particles 7",
         "differs",
     )
+
+
+def test_eval_nll_warns_in_one_line_of_estimates_that_are_not_finite(run, monkeypatch):
+    """The library's warning (tests/test_evaluation.py makes it for real) reaches
+    the user as one line, and the evaluation still writes its files."""
+    log_likelihood = evaluation.log_likelihood
+
+    def some_not_finite(*args, **kwargs):
+        estimates = log_likelihood(*args, **kwargs)
+        estimates[:2] = float("nan")
+        return estimates
+
+    monkeypatch.setattr(evaluation, "log_likelihood", some_not_finite)
+    result = invoke("eval-nll", run, "--k", 5, "--limit", 10, "--quiet")
+    assert_ok(result)
+    warnings = [line for line in result.output.splitlines() if "arning" in line]
+    assert warnings == [
+        "Warning: 2 of 10 log-likelihood estimates are not finite (nan or inf): "
+        "the model or guide gives invalid log-densities for those points; check "
+        "the data against the likelihood's support"
+    ], result.output
+    assert (run / "estimates-test-k5.txt").read_text().count("nan") == 2

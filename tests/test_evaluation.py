@@ -1,6 +1,7 @@
 """log_likelihood and latent activity against closed forms (float64, seeded)."""
 
 import math
+import warnings
 
 import pyro
 import pyro.distributions as dist
@@ -15,7 +16,14 @@ from pyro_iwae import (
     log_likelihood,
     paper_architecture,
 )
-from pyro_iwae.evaluation import LARGEST_TENSOR, default_chunk_size, evaluating
+from pyro_iwae.evaluation import (
+    LARGEST_TENSOR,
+    EstimateWarning,
+    dataset_log_likelihood,
+    default_chunk_size,
+    estimate_problem,
+    evaluating,
+)
 
 
 def test_log_likelihood_is_within_hundredths_of_a_nat(lg):
@@ -136,3 +144,38 @@ def test_log_likelihood_with_a_latent_site_left_to_the_prior(lg, kind):
     se = w.std(0) / math.sqrt(5000)  # delta method: sd of log of the mean weight
     error = estimate - m.log_marginal(x)
     assert (error.abs() < 4 * se + 1e-3).all(), (error, se)
+
+
+def test_estimate_problem_names_non_finite_and_far_out_estimates():
+    g = torch.Generator().manual_seed(0)
+    # A realistic spread: easy and hard MNIST digits differ by 100 nats and more.
+    spread = -90 + 25 * torch.randn(1000, generator=g, dtype=torch.float64)
+    assert estimate_problem(spread) is None
+    assert estimate_problem(spread[:3]) is None
+    nan = spread.clone()
+    nan[[3, 7]] = float("nan")
+    assert estimate_problem(nan).startswith("2 of 1000 log-likelihood estimates")
+    far = spread.clone()
+    far[5] = 5000.0
+    message = estimate_problem(far)
+    assert message.startswith("1 of 1000") and "largest 5000.0 nats" in message
+    near = spread.clone()
+    near[5] = spread.max() + 50  # beyond the spread, not a gross failure
+    assert estimate_problem(near) is None
+
+
+def test_dataset_log_likelihood_warns_of_invalid_estimates(lg):
+    def prior_guide(data):
+        with pyro.plate("data", data.shape[0]):
+            pyro.sample("z", dist.Normal(data.new_zeros(LATENT_DIM), 1.0).to_event(1))
+
+    x = lg.sample_data(6)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        dataset_log_likelihood(lg.model, prior_guide, x, num_samples=3)
+    x[2] = float("inf")  # a valid value of a Normal, of density 0
+    with pytest.warns(EstimateWarning, match="1 of 6 log-likelihood estimates"):
+        estimates = dataset_log_likelihood(
+            lg.model, prior_guide, x, num_samples=3, batch_size=4
+        )
+    assert estimates.isfinite().tolist() == [True, True, False, True, True, True]
