@@ -136,21 +136,25 @@ def test_stl_is_unbiased_at_k1_and_biased_at_k50(lg):
     assert ((m_i - m_s).abs() > 10 * (s_i**2 + s_s**2).sqrt()).any()
 
 
+def loss_and_gradients(lg, elbo, model, guide, x):
+    """Seeded loss and its gradient in (W, the guide's loc and log_scale)."""
+    pyro.clear_param_store()
+    pyro.set_rng_seed(3)
+    W = lg.W
+    lg.W = W.clone().requires_grad_()
+    try:
+        loss = elbo.differentiable_loss(model, guide, x)
+        store = pyro.get_param_store()
+        return loss, torch.autograd.grad(loss, [lg.W, store["loc"], store["log_scale"]])
+    finally:
+        lg.W = W
+
+
 def test_k1_equals_trace_elbo_in_value_and_gradient(lg):
     x = lg.sample_data(4)
     guide = per_point_guide(lg, 4)
-    W = lg.W
-
-    def run(elbo):
-        pyro.clear_param_store()
-        pyro.set_rng_seed(3)
-        lg.W = W.clone().requires_grad_()
-        loss = elbo.differentiable_loss(lg.model, guide, x)
-        store = pyro.get_param_store()
-        return loss, torch.autograd.grad(loss, [lg.W, store["loc"], store["log_scale"]])
-
-    loss_iw, grads_iw = run(IWELBO(1))
-    loss_tr, grads_tr = run(Trace_ELBO())
+    loss_iw, grads_iw = loss_and_gradients(lg, IWELBO(1), lg.model, guide, x)
+    loss_tr, grads_tr = loss_and_gradients(lg, Trace_ELBO(), lg.model, guide, x)
     assert torch.allclose(loss_iw, loss_tr)
     for a, b in zip(grads_iw, grads_tr, strict=True):
         assert torch.allclose(a, b)
@@ -574,21 +578,8 @@ def test_k1_with_a_prior_site_has_trace_elbos_gradient_and_drops_log_p_u(lg):
     m = PriorSiteModel(lg, "normal")
     x = lg.sample_data(4)
     guide = per_point_guide(lg, 4)
-    W = lg.W
-
-    def run(elbo):
-        pyro.clear_param_store()
-        pyro.set_rng_seed(3)
-        lg.W = W.clone().requires_grad_()
-        loss = elbo.differentiable_loss(m.model, guide, x)
-        store = pyro.get_param_store()
-        return loss, torch.autograd.grad(loss, [lg.W, store["loc"], store["log_scale"]])
-
-    try:
-        loss_iw, grads_iw = run(IWELBO(1))
-        loss_tr, grads_tr = run(Trace_ELBO())
-    finally:
-        lg.W = W
+    loss_iw, grads_iw = loss_and_gradients(lg, IWELBO(1), m.model, guide, x)
+    loss_tr, grads_tr = loss_and_gradients(lg, Trace_ELBO(), m.model, guide, x)
     pyro.set_rng_seed(3)
     pyro.clear_param_store()
     model_trace = IWELBO(1).particles(m.model, guide, x).traces[0][0]
