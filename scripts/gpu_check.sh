@@ -1,0 +1,73 @@
+#!/usr/bin/env bash
+# Runs the CUDA path for real on a GPU machine and prints a Markdown log (the
+# source of results/gpu.md). From the repository root:
+#
+#   bash scripts/gpu_check.sh [WHEELS_DIR] [MNIST_GZ_DIR]
+#
+# WHEELS_DIR (optional) holds wheels of packages the machine lacks (there:
+# pyro-ppl, pyro-api, opt_einsum); MNIST_GZ_DIR (optional) the four MNIST IDX
+# files gzipped, for the full-MNIST timings.
+set -uo pipefail
+wheels=${1:-}
+mnist_gz=${2:-}
+site=/tmp/pyro-iwae-site
+data=/tmp/pyro-iwae-data
+runs=/tmp/pyro-iwae-runs
+rm -rf "$site" "$runs" && mkdir -p "$site" "$data/MNIST/raw" "$runs"
+if [[ -n $wheels ]]; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --target "$site" "$wheels"/*.whl
+fi
+# The package itself, as pip would lay it out, without its dependencies (the
+# machine's torch is used) and without building anything there.
+cp -r pyro_iwae "$site/pyro_iwae" && cp -r cli "$site/pyro_iwae_cli"
+mkdir -p "$site/bin"
+printf '#!/usr/bin/env python3\nfrom pyro_iwae_cli.main import cli\ncli()\n' >"$site/bin/pyro-iwae"
+chmod +x "$site/bin/pyro-iwae"
+TIMEFORMAT="wall %R s"
+export PYTHONPATH=$site PATH=$site/bin:$PATH PYTHONUNBUFFERED=1
+if [[ -n $mnist_gz ]]; then
+    for f in "$mnist_gz"/*.gz; do gunzip -c "$f" >"$data/MNIST/raw/$(basename "${f%.gz}")"; done
+fi
+
+step() { echo; echo "### $*"; echo; echo '```text'; }
+end() { echo '```'; }
+
+echo "## GPU check, $(date -u +%Y-%m-%dT%H:%M:%SZ), commit $(git rev-parse --short HEAD 2>/dev/null || echo unknown)"
+step "machine"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+python3 -c "import torch, pyro, sys; print('python', sys.version.split()[0], '| torch', torch.__version__, '| pyro', pyro.__version__, '| cuda', torch.version.cuda, '|', torch.cuda.get_device_name())"
+nproc
+end
+
+step "tests/test_cuda.py on the GPU"
+python3 -m pytest -p no:cacheprovider -q -rs tests/test_cuda.py 2>&1 | tail -15
+end
+
+step "the whole test suite on this machine"
+python3 -m pytest -p no:cacheprovider -q -x 2>&1 | tail -5
+end
+
+step "pyro-iwae fit --cuda (the README's default run: mnist-mini, k = 5, 40 epochs)"
+time pyro-iwae fit --cuda --out "$runs/default" 2>&1 | grep -v "^epoch \([2-9]\|[1-3][0-9]\):"
+end
+
+step "pyro-iwae eval-nll --cuda --k 5000 (1000 test points)"
+time pyro-iwae eval-nll "$runs/default" --k 5000 --cuda --quiet 2>&1
+end
+
+step "the same run evaluated on this machine's CPU (16 cores), --limit 200"
+time pyro-iwae eval-nll "$runs/default" --k 5000 --limit 200 --quiet 2>&1
+end
+
+if [[ -n $mnist_gz ]]; then
+    for k in 5 50; do
+        step "full MNIST: pyro-iwae fit --cuda, one epoch at k = $k (60,000 images, batch 100)"
+        time pyro-iwae fit --cuda --dataset mnist --data-dir "$data" \
+            --particles "$k" --epochs 1 --out "$runs/mnist-k$k" --quiet 2>&1
+        end
+    done
+    step "full MNIST: pyro-iwae eval-nll --cuda --k 5000 on all 10,000 test images"
+    time pyro-iwae eval-nll "$runs/mnist-k5" \
+        --data-dir "$data" --k 5000 --limit 0 --cuda --quiet 2>&1
+    end
+fi

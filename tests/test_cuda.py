@@ -1,0 +1,140 @@
+"""The CUDA path for real: skipped without a GPU (CI has none); run on a GPU machine
+by ``scripts/gpu_check.sh``, whose output is in ``results/gpu.md``."""
+
+import math
+
+import pyro
+import pyro.distributions as dist
+import pytest
+import torch
+from click.testing import CliRunner
+from linear_gaussian import LinearGaussian
+
+from pyro_iwae import IWELBO, log_likelihood, paper_architecture
+from pyro_iwae.data import load_dataset
+from pyro_iwae.training import CHECKPOINT_FILE, RunConfig, load_checkpoint
+from pyro_iwae_cli import progress
+from pyro_iwae_cli.main import cli
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+SMALL = ["--train-limit", 200, "--test-limit", 50, "--batch-size", 50]
+SMALL += ["--particles", 2, "--quiet"]
+
+
+@pytest.fixture
+def lg():
+    """The linear-Gaussian model with its constants on the GPU."""
+    model = LinearGaussian()
+    for name in ("W", "b", "post_cov", "A"):
+        setattr(model, name, getattr(model, name).cuda())
+    return model
+
+
+def invoke(*args):
+    result = CliRunner().invoke(cli, [str(a) for a in args])
+    assert result.exit_code == 0, result.output
+    return result
+
+
+@pytest.mark.parametrize("estimator", ["iwae", "stl", "dreg"])
+def test_exact_posterior_bound_is_log_marginal_on_cuda(lg, estimator):
+    x = lg.sample_data(5).cuda()
+    log_w = IWELBO(10, estimator).particles(lg.model, lg.exact_guide, x).log_weights
+    assert log_w.is_cuda
+    assert torch.allclose(log_w, lg.log_marginal(x).expand_as(log_w))
+
+
+def test_dreg_guide_gradient_is_zero_at_the_exact_posterior_on_cuda(lg):
+    """An auxiliary site feeding a Delta site, as Pyro's autoguides do."""
+    x = lg.sample_data(4).cuda()
+    loc = pyro.param("loc", lg.post_loc(x))
+    tril = pyro.param("tril", torch.linalg.cholesky(lg.post_cov))
+
+    def guide(data):
+        with pyro.plate("data", data.shape[0]):
+            aux = pyro.sample(
+                "aux",
+                dist.MultivariateNormal(loc, scale_tril=tril),
+                infer={"is_auxiliary": True},
+            )
+            pyro.sample("z", dist.Delta(aux, event_dim=1))
+
+    grads = {}
+    for estimator in ("iwae", "dreg"):
+        loss = IWELBO(20, estimator).differentiable_loss(lg.model, guide, x)
+        grads[estimator] = torch.autograd.grad(loss, [loc, tril])
+    assert max(g.abs().max() for g in grads["iwae"]) > 1e-2
+    assert max(g.abs().max() for g in grads["dreg"]) < 1e-9
+
+
+def test_log_likelihood_on_cuda_is_within_standard_errors(lg):
+    x = lg.sample_data(10).cuda()
+    guide = lg.diagonal_guide(shift=0.3, inflate=1.5)
+    estimate = log_likelihood(lg.model, guide, x, num_samples=5000, chunk_size=700)
+    assert estimate.is_cuda and estimate.shape == (10,)
+    log_w = IWELBO(5000).particles(lg.model, guide, x).log_weights.reshape(5000, -1)
+    w = (log_w - log_w.logsumexp(0)).exp() * 5000
+    se = w.std(0) / math.sqrt(5000)
+    assert ((estimate - lg.log_marginal(x)).abs() < 4 * se + 1e-3).all()
+
+
+@pytest.mark.parametrize("estimator", ["iwae", "dreg"])
+def test_training_steps_do_not_synchronise_with_the_host(estimator):
+    """After a warm-up step, loss, backward and Adam run without a device sync
+    (with Pyro's and torch's argument validation off: its checks read values)."""
+    data = load_dataset("mnist-mini")
+    model, guide = paper_architecture(1, data_mean=data.train_mean)
+    model.cuda(), guide.cuda()
+    loss_fn = IWELBO(5, estimator)(model, guide)
+    optimizer = torch.optim.Adam(loss_fn.parameters(), lr=1e-3, eps=1e-4)
+    x = torch.bernoulli(data.train[:100]).cuda()
+
+    def step():
+        optimizer.zero_grad()
+        loss = loss_fn(x) / x.shape[0]
+        loss.backward()
+        optimizer.step()
+        return loss
+
+    validate = torch.distributions.Distribution._validate_args
+    with pyro.validation_enabled(False):
+        torch.distributions.Distribution.set_default_validate_args(False)
+        try:
+            step()
+            torch.cuda.set_sync_debug_mode("error")
+            for _ in range(3):
+                loss = step()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+            torch.distributions.Distribution.set_default_validate_args(validate)
+    assert math.isfinite(loss.item())
+
+
+def test_fit_eval_nll_sample_and_resume_with_cuda(tmp_path, monkeypatch):
+    full, cut = tmp_path / "full", tmp_path / "cut"
+    invoke("fit", *SMALL, "--epochs", 2, "--cuda", "--out", full)
+    assert RunConfig.load(full).device == "cuda"
+
+    def interrupt(self, metrics):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:
+        m.setattr(progress.FitProgress, "on_epoch_end", interrupt)
+        stopped = CliRunner().invoke(
+            cli,
+            [str(a) for a in ("fit", *SMALL, "--epochs", 2, "--cuda", "--out", cut)],
+        )
+    assert stopped.exit_code == 130, stopped.output
+    invoke("fit", "--resume", "--out", cut, "--cuda")
+    ends = [load_checkpoint(run / CHECKPOINT_FILE) for run in (full, cut)]
+    for part in ("model", "guide"):
+        for key, value in ends[0][part].items():
+            assert torch.equal(value, ends[1][part][key]), key
+
+    on_gpu = invoke("eval-nll", full, "--k", 100, "--limit", 50, "--cuda")
+    on_cpu = invoke("eval-nll", full, "--k", 100, "--limit", 50)
+    for result in (on_gpu, on_cpu):
+        assert "NLL = " in result.output and "50 points" in result.output
+    invoke("sample", full, "--cuda", "--out", tmp_path / "samples.png")
+    assert (tmp_path / "samples-reconstructions.png").is_file()
