@@ -159,21 +159,19 @@ def write_json(path: str | os.PathLike, payload: dict[str, Any]) -> None:
         f.write("\n")
 
 
-def matmul_peak(size: int = 2048, repeats: int = 10) -> dict[str, float]:
-    """GFLOP/s of ``torch.mm`` on ``size`` x ``size`` float32 matrices.
+def matmul_peak(
+    size: int = 2048, repeats: int = 10, device: str = "cpu"
+) -> dict[str, float]:
+    """GFLOP/s of ``torch.mm`` on ``size`` x ``size`` float32 matrices on ``device``.
 
     The best of ``repeats`` timed products (after one warm-up) is the peak; the
     median is reported too, as a measure of the noise on a shared machine.
     """
-    a = torch.randn(size, size)
-    b = torch.randn(size, size)
-    out = torch.empty(size, size)
+    a = torch.randn(size, size, device=device)
+    b = torch.randn(size, size, device=device)
+    out = torch.empty(size, size, device=device)
     torch.mm(a, b, out=out)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        torch.mm(a, b, out=out)
-        times.append(time.perf_counter() - start)
+    times = [timed(lambda: torch.mm(a, b, out=out)) for _ in range(repeats)]
     flops = 2 * size**3
     return {
         "size": size,
@@ -183,9 +181,15 @@ def matmul_peak(size: int = 2048, repeats: int = 10) -> dict[str, float]:
 
 
 def timed(fn: Callable[[], Any]) -> float:
-    """Seconds one call of ``fn`` takes."""
+    """Seconds one call of ``fn`` takes, its GPU work included."""
+    # CUDA kernels run asynchronously: wait for them at both ends.
+    cuda = torch.cuda.is_initialized()
+    if cuda:
+        torch.cuda.synchronize()
     start = time.perf_counter()
     fn()
+    if cuda:
+        torch.cuda.synchronize()
     return time.perf_counter() - start
 
 

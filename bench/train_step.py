@@ -83,14 +83,16 @@ def make_step(
     init: tuple[dict, dict],
     adam: str = "default",
 ) -> Callable[[], None]:
-    """A closure doing one training step of variant ``name``, on fresh weights."""
+    """A closure doing one training step of variant ``name``, on fresh weights,
+    on the device of ``x``."""
     kind, estimator = VARIANTS[name]
     model, guide = paper_architecture(1)
+    model.to(x.device), guide.to(x.device)
     model.load_state_dict(init[0])
     guide.load_state_dict(init[1])
     params = [*model.parameters(), *guide.parameters()]
     if kind.startswith("hand"):
-        hand = (HandIWAE if kind == "hand" else HandIWAEDistributions)()
+        hand = (HandIWAE if kind == "hand" else HandIWAEDistributions)().to(x.device)
         hand.load_from(model, guide)
         params = list(hand.parameters())
         loss = partial(hand.loss, x, k, estimator)
@@ -131,7 +133,8 @@ def check_floor(x: torch.Tensor, init: tuple[dict, dict], k: int = 5) -> float:
         model, guide = paper_architecture(1)
         model.load_state_dict(init[0])
         guide.load_state_dict(init[1])
-        hand = HandIWAE().load_from(model, guide)
+        model.to(x.device), guide.to(x.device)
+        hand = HandIWAE().to(x.device).load_from(model, guide)
         torch.manual_seed(0)
         ours = IWELBO(num_particles=k, estimator=estimator)(model, guide)(x)
         ours = ours / x.shape[0]
@@ -155,10 +158,11 @@ def run(args: argparse.Namespace) -> dict:
     pyro.enable_validation(args.validation)
     torch.manual_seed(args.seed)
     images = load_test_images(args.dataset, args.data_dir, max(args.batch))
+    images = images.to(args.device)
     model, guide = paper_architecture(1)
     init = (model.state_dict(), guide.state_dict())
     hand = HandIWAE()
-    peak = matmul_peak(args.matmul_size)
+    peak = matmul_peak(args.matmul_size, device=args.device)
     check = check_floor(images[: min(args.batch)], init)
     results = []
     for batch, k in itertools.product(args.batch, args.k):
@@ -276,6 +280,9 @@ def main(argv: list[str] | None = None) -> None:
         help="torch.optim.Adam implementation, the same for every variant",
     )
     parser.add_argument("--matmul-size", type=int, default=2048)
+    parser.add_argument(
+        "--device", default="cpu", help="where to train: cpu, or cuda on a GPU"
+    )
     add_common_arguments(parser)
     args = parser.parse_args(argv)
     env = environment(
@@ -284,6 +291,7 @@ def main(argv: list[str] | None = None) -> None:
         repeats=args.repeats,
         warmup=args.warmup,
         adam=args.adam,
+        device=args.device,
     )
     out = run(args)
     print(report(env, out))

@@ -59,7 +59,21 @@ step "the same run evaluated on this machine's CPU (16 cores), --limit 200"
 time pyro-iwae eval-nll "$runs/default" --k 5000 --limit 200 --quiet 2>&1
 end
 
+step "bench/cuda_syncs.py: host-device synchronisations per training step"
+(cd bench && python3 cuda_syncs.py 2>&1)
+end
+
 if [[ -n $mnist_gz ]]; then
+    step "bench/train_step.py --device cuda (full MNIST test images; validation off)"
+    (cd bench && python3 train_step.py --device cuda --dataset mnist --data-dir "$data" \
+        --k 5 50 --batch 100 20 --repeats 30 --warmup 5 \
+        --variants hand-iwae iwelbo-iwae renyi hand-dreg iwelbo-dreg 2>&1)
+    end
+    step "bench/train_step.py --device cuda --validation (as fit runs by default)"
+    (cd bench && python3 train_step.py --device cuda --dataset mnist --data-dir "$data" \
+        --k 5 --batch 100 --repeats 30 --warmup 5 --validation \
+        --variants hand-iwae iwelbo-iwae 2>&1)
+    end
     for k in 5 50; do
         step "full MNIST: pyro-iwae fit --cuda, one epoch at k = $k (60,000 images, batch 100)"
         time pyro-iwae fit --cuda --dataset mnist --data-dir "$data" \
