@@ -81,7 +81,9 @@ class HandIWAE(nn.Module):
         """
         loc, log_scale = self.encode(x) if encoded is None else encoded
         scale = log_scale.exp()
-        z = loc + scale * torch.randn((k,) + loc.shape, dtype=loc.dtype)
+        z = loc + scale * torch.randn(
+            (k,) + loc.shape, dtype=loc.dtype, device=loc.device
+        )
         if estimator != "iwae":
             loc, log_scale, scale = loc.detach(), log_scale.detach(), scale.detach()
         if estimator == "dreg":

@@ -38,7 +38,9 @@ class LinearGaussian:
         return z @ self.W.T + self.b + noise
 
     def log_marginal(self, x: torch.Tensor) -> torch.Tensor:
-        cov = self.W @ self.W.T + SIGMA**2 * torch.eye(OBS_DIM, dtype=torch.float64)
+        cov = self.W @ self.W.T + SIGMA**2 * torch.eye(
+            OBS_DIM, dtype=torch.float64, device=self.W.device
+        )
         return dist.MultivariateNormal(self.b, cov).log_prob(x)
 
     def post_loc(self, x: torch.Tensor) -> torch.Tensor:
@@ -98,7 +100,9 @@ class PriorSiteModel:
 
     def log_marginal(self, x: torch.Tensor) -> torch.Tensor:
         lg = self.lg
-        cov = lg.W @ lg.W.T + SIGMA**2 * torch.eye(OBS_DIM, dtype=torch.float64)
+        cov = lg.W @ lg.W.T + SIGMA**2 * torch.eye(
+            OBS_DIM, dtype=torch.float64, device=lg.W.device
+        )
         if self.kind == "normal":
             return dist.MultivariateNormal(
                 lg.b, cov + torch.outer(self.c, self.c)
