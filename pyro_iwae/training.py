@@ -7,6 +7,9 @@ for bit.
 (:meth:`_Fit.train_step` around :func:`_step`, the optimisation step itself)
 and the end-of-epoch work (:meth:`_Fit.end_epoch`: test bound, metrics,
 checkpoint). The files are those of :mod:`pyro_iwae.checkpoints`.
+
+The module runs past 500 lines because the loop is one class whose short
+methods share its state; split across modules, that state would be too.
 """
 
 from __future__ import annotations
@@ -113,36 +116,8 @@ def fit(
     :raises CheckpointError: on ``resume`` without a usable checkpoint, or when
         ``run_dir`` holds a checkpoint and ``resume`` is False.
     """
-    schedule = as_schedule(schedule)
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    if checkpoint_every is not None and checkpoint_every < 1:
-        raise ValueError(f"checkpoint_every must be >= 1, got {checkpoint_every}")
-    if resume and run_dir is None:
-        raise ValueError("resume needs the run_dir of the run to continue")
-    loop = _Fit(
-        model,
-        guide,
-        data,
-        objective,
-        schedule=schedule,
-        batch_size=batch_size,
-        test_data=test_data,
-        test_size=test_size,
-        test_batch_size=test_batch_size,
-        run_dir=run_dir,
-        config=config,
-        checkpoint_every=checkpoint_every,
-        device=device,
-        callback=callback,
-    )
-    if resume:
-        loop.resume()
-    else:
-        loop.start(seed)
-    while not loop.finished:
-        loop.run_epoch()
-    return loop.history
+    # _Fit takes fit's arguments, by their names.
+    return _Fit(**locals()).run()
 
 
 @dataclasses.dataclass
@@ -174,17 +149,21 @@ class _Fit:
         data: Dataset | torch.Tensor,
         objective: ELBO,
         *,
-        schedule: Schedule,
+        schedule: Iterable[Sequence[Any]],
         batch_size: int,
+        seed: int,
         test_data: torch.Tensor | None,
         test_size: int | None,
         test_batch_size: int,
         run_dir: str | os.PathLike | None,
+        resume: bool,
         config: dict[str, Any] | None,
         checkpoint_every: int | None,
         device: torch.device | str | None,
         callback: FitCallback | None,
     ) -> None:
+        schedule = _checked(schedule, batch_size, checkpoint_every, resume, run_dir)
+        self.seed, self.resuming = seed, resume
         self.model, self.guide, self.objective = model, guide, objective
         self.schedule, self.batch_size = schedule, batch_size
         self.test_batch_size, self.checkpoint_every = test_batch_size, checkpoint_every
@@ -221,19 +200,25 @@ class _Fit:
         self.epoch_rng: torch.Tensor | None = None
         self.first_step = True
 
-    @property
-    def finished(self) -> bool:
-        """Whether every epoch of the schedule has run."""
-        return self.position.stage >= len(self.schedule)
+    def run(self) -> list[dict[str, Any]]:
+        """Starts or resumes the run and trains the epochs left; returns the
+        metrics of every epoch."""
+        if self.resuming:
+            self.resume()
+        else:
+            self.start()
+        while self.position.stage < len(self.schedule):
+            self.run_epoch()
+        return self.history
 
-    # -- set-up and resume --------------------------------------------------
+    # -- start and resume ---------------------------------------------------
 
-    def start(self, seed: int) -> None:
+    def start(self) -> None:
         """Seeds a new run and starts its metrics file."""
         # Distinct seeds, so that particle noise and binarisation noise are not
         # drawn from one and the same stream.
-        torch.manual_seed(2 * seed)  # also seeds every CUDA device
-        self.generator.manual_seed(2 * seed + 1)
+        torch.manual_seed(2 * self.seed)  # also seeds every CUDA device
+        self.generator.manual_seed(2 * self.seed + 1)
         if self.run_dir is None:
             return
         if self.checkpoint_path.exists():
@@ -467,6 +452,25 @@ class _Fit:
             f"(by step {position.step}){kept}; start a new run with a lower "
             "learning rate or another seed (resuming would repeat the same steps)"
         )
+
+
+def _checked(
+    schedule: Iterable[Sequence[Any]],
+    batch_size: int,
+    checkpoint_every: int | None,
+    resume: bool,
+    run_dir: str | os.PathLike | None,
+) -> Schedule:
+    """The schedule as (epochs, lr) pairs, once the arguments of fit that need
+    no model are checked."""
+    schedule = as_schedule(schedule)
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if checkpoint_every is not None and checkpoint_every < 1:
+        raise ValueError(f"checkpoint_every must be >= 1, got {checkpoint_every}")
+    if resume and run_dir is None:
+        raise ValueError("resume needs the run_dir of the run to continue")
+    return schedule
 
 
 def _parameters(*modules: Any) -> list[torch.nn.Parameter]:

@@ -109,6 +109,9 @@ def test_grid_errors_name_the_problem(tmp_path):
     path.write_text("{")
     with pytest.raises(RunError, match="cannot read grid"):
         Grid.load(path)
+    path.write_text(json.dumps({"base": {}, "runs": {"a": {"beta": 0.1}}}))
+    with pytest.raises(RunError, match="run a of grid .*beta applies to objective"):
+        Grid.load(path)
 
 
 def test_table_before_any_run(tmp_path, grid_file):
