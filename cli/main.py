@@ -19,26 +19,22 @@ import click
 import torch
 
 import pyro_iwae
+from pyro_iwae.checkpoints import CHECKPOINT_FILE, RunError, read_metrics
+from pyro_iwae.config import RunConfig
 from pyro_iwae.data import DATASETS, DataError
 from pyro_iwae.objectives import ESTIMATORS
 from pyro_iwae.plots import save_curves, save_image_grid, save_reconstruction_grid
 from pyro_iwae.reproduction import Grid, run_grid, table_slot, write_report
-from pyro_iwae.sampling import reconstruct, sample_images
-from pyro_iwae.training import (
-    CHECKPOINT_FILE,
-    IW_OBJECTIVES,
-    OBJECTIVES,
-    SCHEDULES,
-    RunConfig,
-    RunError,
-    TrainingDiverged,
+from pyro_iwae.runs import (
     evaluate_run,
     find_latest_run,
     load_run,
     new_run_dir,
-    read_metrics,
     train_run,
 )
+from pyro_iwae.sampling import reconstruct, sample_images
+from pyro_iwae.schedules import OBJECTIVES, SCHEDULES, ConfigError
+from pyro_iwae.training import TrainingDiverged
 
 from .progress import EvalProgress, FitProgress
 
@@ -69,6 +65,10 @@ _CONFIG_OPTIONS = {
     "train_limit": "train_limit",
     "test_limit": "test_limit",
     "checkpoint_every": "checkpoint_every",
+}
+#: RunConfig field -> its option, for the library's messages.
+_OPTION_NAMES = {
+    field: "--" + option.replace("_", "-") for option, field in _CONFIG_OPTIONS.items()
 }
 
 
@@ -288,65 +288,53 @@ def fit(ctx: click.Context, **options: Any) -> None:
     --test-limit test points, and a checkpoint is written.
     """
     device = _device(options["cuda"])
-    if options["schedule"] == "paper" and _explicit(ctx, "epochs"):
-        raise click.UsageError(
-            "--epochs applies to --schedule constant; use --stages with "
-            "--schedule paper"
-        )
-    if options["schedule"] == "constant" and _explicit(ctx, "stages"):
-        raise click.UsageError(
-            "--stages applies to --schedule paper; add --schedule paper, or use "
-            "--epochs"
-        )
-    if options["objective"] not in IW_OBJECTIVES and _explicit(ctx, "estimator"):
-        raise click.UsageError(
-            f"--estimator applies to --objective {', '.join(IW_OBJECTIVES)}; drop it"
-        )
-    if options["objective"] not in ("miwae", "piwae") and _explicit(ctx, "groups"):
-        raise click.UsageError("--groups applies to --objective miwae or piwae")
-    if options["objective"] != "ciwae" and _explicit(ctx, "beta"):
-        raise click.UsageError("--beta applies to --objective ciwae; drop it")
-    if options["objective"] != "renyi" and _explicit(ctx, "alpha"):
-        raise click.UsageError("--alpha applies to --objective renyi; drop it")
-    if options["objective"] == "renyi" and options["alpha"] == 1:
-        raise click.UsageError(
-            "--alpha 1 is the ordinary ELBO: use --objective vae, or another alpha"
-        )
-
-    values = {field: options[option] for option, field in _CONFIG_OPTIONS.items()}
-    values["stochastic_layers"] = int(values["stochastic_layers"])
-    if options["schedule"] == "constant":
-        values["stages"] = None  # only the paper schedule has stages
+    options["layers"] = int(options["layers"])
+    given = [option for option in _CONFIG_OPTIONS if _explicit(ctx, option)]
     data_dir = options["data_dir"]
+    try:
+        config = RunConfig(
+            **{_CONFIG_OPTIONS[option]: options[option] for option in given},
+            data_dir=None if data_dir is None else str(data_dir.resolve()),
+            device=device,
+        )
+        config.validate(_CONFIG_OPTIONS[option] for option in given)
+        # This command's own defaults (such as its 40 epochs), where they apply.
+        unused = config.unused_settings()
+        defaults = {
+            field: options[option]
+            for option, field in _CONFIG_OPTIONS.items()
+            if option not in given and field not in unused
+        }
+        config = dataclasses.replace(config, **defaults)
+    except ConfigError as e:
+        raise click.UsageError(e.render(_OPTION_NAMES)) from None
+    except ValueError as e:
+        raise click.UsageError(str(e)) from None
+
     created = False
     if options["resume"]:
         run_dir = _run_dir_or_latest(options["out"], options["runs_dir"])
         saved = RunConfig.load(run_dir)
-        for option, field in _CONFIG_OPTIONS.items():
-            if _explicit(ctx, option) and getattr(saved, field) != values[field]:
-                flag = "--" + option.replace("_", "-")
+        for option in given:
+            field = _CONFIG_OPTIONS[option]
+            if getattr(saved, field) != getattr(config, field):
+                flag = _OPTION_NAMES[field]
                 raise click.UsageError(
                     f"{flag} {options[option]} differs from the run's "
                     f"{getattr(saved, field)}; drop {flag} to resume {run_dir}, "
                     "or start a new run"
                 )
         config = dataclasses.replace(saved, device=device)
+    elif options["out"] is None:
+        run_dir = new_run_dir(options["runs_dir"], config)
+        created = True
     else:
-        config = RunConfig(
-            **values,
-            data_dir=None if data_dir is None else str(data_dir.resolve()),
-            device=device,
-        )
-        if options["out"] is None:
-            run_dir = new_run_dir(options["runs_dir"], config)
-            created = True
-        else:
-            run_dir = options["out"]
-            if (run_dir / CHECKPOINT_FILE).exists():
-                raise click.UsageError(
-                    f"{run_dir} holds a run already; pass --resume to continue it, "
-                    "or choose another --out"
-                )
+        run_dir = options["out"]
+        if (run_dir / CHECKPOINT_FILE).exists():
+            raise click.UsageError(
+                f"{run_dir} holds a run already; pass --resume to continue it, "
+                "or choose another --out"
+            )
 
     progress = FitProgress(options["quiet"])
     start = time.perf_counter()

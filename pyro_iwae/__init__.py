@@ -1,6 +1,9 @@
 """Importance weighted autoencoders (Burda et al. 2016) for Pyro."""
 
 from ._version import __version__ as __version__
+from .callbacks import FitCallback, StepInfo
+from .checkpoints import CheckpointError, RunError, load_checkpoint, read_metrics
+from .config import RunConfig
 from .evaluation import (
     EstimateWarning,
     active_units,
@@ -19,34 +22,46 @@ from .registry import (
     register_guide,
     register_model,
 )
-from .sampling import reconstruct, sample_images
-from .training import (
-    CheckpointError,
-    FitCallback,
-    RunConfig,
-    RunError,
-    TrainingDiverged,
+from .runs import (
+    build_run,
     evaluate_run,
-    fit,
+    find_latest_run,
     load_run,
+    new_run_dir,
+    read_estimates,
+    train_run,
+)
+from .sampling import reconstruct, sample_images
+from .schedules import (
+    ConfigError,
+    constant_schedule,
     make_objective,
     make_schedule,
     paper_schedule,
-    train_run,
 )
+from .training import TrainingDiverged, fit
 
 __all__ = [
     "CheckpointError",
+    "ConfigError",
     "FitCallback",
     "RunConfig",
     "RunError",
+    "StepInfo",
     "TrainingDiverged",
+    "build_run",
+    "constant_schedule",
     "evaluate_run",
+    "find_latest_run",
     "fit",
+    "load_checkpoint",
     "load_run",
     "make_objective",
     "make_schedule",
+    "new_run_dir",
     "paper_schedule",
+    "read_estimates",
+    "read_metrics",
     "reconstruct",
     "sample_images",
     "train_run",

@@ -72,7 +72,7 @@ def save_curves(
     metrics: Sequence[dict[str, Any]], path: str | os.PathLike, *, title: str = ""
 ) -> Path:
     """Writes a PNG of the train and test bounds (nats per point) against the epoch,
-    from :func:`pyro_iwae.training.fit`'s metrics; returns the path.
+    from :func:`pyro_iwae.fit`'s metrics; returns the path.
 
     The epoch axis is logarithmic for long runs (100 epochs or more), where the
     paper schedule's stages grow geometrically.

@@ -16,16 +16,10 @@ from typing import Any
 
 import torch
 
-from .training import (
-    CHECKPOINT_FILE,
-    FitCallback,
-    RunConfig,
-    RunError,
-    evaluate_run,
-    read_estimates,
-    read_metrics,
-    train_run,
-)
+from .callbacks import FitCallback
+from .checkpoints import CHECKPOINT_FILE, RunError, read_metrics
+from .config import RunConfig
+from .runs import evaluate_run, read_estimates, train_run
 
 try:
     import fcntl
@@ -73,7 +67,8 @@ class Grid:
     def load(cls, path: str | os.PathLike) -> Grid:
         """Reads a grid from JSON: ``{"base": {...}, "runs": {name: {...}}, ...}``.
 
-        :raises RunError: if the file is missing, broken, or names unknown settings.
+        :raises RunError: if the file is missing or broken, names unknown settings,
+            or gives a run settings that do not go together.
         """
         try:
             values = json.loads(Path(path).read_text())
@@ -81,7 +76,10 @@ class Grid:
         except (OSError, json.JSONDecodeError, TypeError) as e:
             raise RunError(f"cannot read grid {path} ({e}); fix the file") from e
         for name in grid.runs:
-            grid.config(name)  # fails early on unknown settings
+            try:
+                grid.config(name)  # fails early on unknown or clashing settings
+            except ValueError as e:
+                raise RunError(f"run {name} of grid {path}: {e}; fix the file") from e
         for claim in grid.claims:
             if not _is_claim(claim, grid.runs):
                 raise RunError(

@@ -8,7 +8,7 @@ import torchvision
 from click.testing import CliRunner
 
 from pyro_iwae import __version__, evaluation
-from pyro_iwae.training import CHECKPOINT_FILE, load_checkpoint, read_metrics
+from pyro_iwae.checkpoints import CHECKPOINT_FILE, load_checkpoint, read_metrics
 from pyro_iwae_cli import progress
 from pyro_iwae_cli.main import cli
 

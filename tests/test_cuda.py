@@ -11,8 +11,9 @@ from click.testing import CliRunner
 from linear_gaussian import LinearGaussian
 
 from pyro_iwae import IWELBO, log_likelihood, paper_architecture
+from pyro_iwae.checkpoints import CHECKPOINT_FILE, load_checkpoint
+from pyro_iwae.config import RunConfig
 from pyro_iwae.data import load_dataset
-from pyro_iwae.training import CHECKPOINT_FILE, RunConfig, load_checkpoint
 from pyro_iwae_cli import progress
 from pyro_iwae_cli.main import cli
 

@@ -7,6 +7,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
+from pyro_iwae.checkpoints import RunError
 from pyro_iwae.reproduction import (
     Grid,
     _run_lock,
@@ -17,7 +18,7 @@ from pyro_iwae.reproduction import (
     nll_series,
     run_grid,
 )
-from pyro_iwae.training import RunError, read_estimates
+from pyro_iwae.runs import read_estimates
 from pyro_iwae_cli.main import cli
 
 GRID = {
@@ -107,6 +108,9 @@ def test_grid_errors_name_the_problem(tmp_path):
         Grid.load(path)
     path.write_text("{")
     with pytest.raises(RunError, match="cannot read grid"):
+        Grid.load(path)
+    path.write_text(json.dumps({"base": {}, "runs": {"a": {"beta": 0.1}}}))
+    with pytest.raises(RunError, match="run a of grid .*beta applies to objective"):
         Grid.load(path)
 
 

@@ -1,0 +1,332 @@
+"""Runs: a :class:`~pyro_iwae.RunConfig` trained in a run directory, loaded
+back, and evaluated.
+
+A *run directory* holds everything about one training run:
+
+- ``config.json``: the :class:`~pyro_iwae.RunConfig` that rebuilds model, guide
+  and data (see :mod:`pyro_iwae.config`);
+- ``checkpoint.pt`` and ``metrics.jsonl``, written by :func:`pyro_iwae.fit`
+  (see :mod:`pyro_iwae.checkpoints`);
+- ``eval-<split>-k<k>.json`` and ``estimates-<split>-k<k>.txt``, written by
+  :func:`evaluate_run`.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import platform
+import time
+from collections.abc import Callable
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import pyro
+import torch
+
+from ._version import __version__
+from .callbacks import FitCallback
+from .checkpoints import (
+    CHECKPOINT_FILE,
+    CheckpointError,
+    RunError,
+    load_checkpoint,
+    load_state,
+    write_json,
+    write_text,
+)
+from .config import CONFIG_FILE, RunConfig
+from .data import load_dataset, one_line
+from .evaluation import count_active, dataset_log_likelihood, latent_activity
+from .registry import build_guide, build_model
+from .training import fit
+
+__all__ = [
+    "build_run",
+    "evaluate_run",
+    "find_latest_run",
+    "load_run",
+    "new_run_dir",
+    "read_estimates",
+    "train_run",
+    "versions",
+]
+
+
+def build_run(
+    config: RunConfig,
+    data_mean: torch.Tensor | None = None,
+    device: torch.device | str | None = None,
+) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """Model and guide of ``config``, initialised from ``config.seed``.
+
+    :param data_mean: ``[x_dim]`` training grey-level means for the model's output
+        bias (None keeps the default initialisation).
+    """
+    torch.manual_seed(config.seed)
+    model = build_model(
+        config.model,
+        x_dim=config.x_dim,
+        stochastic_layers=config.stochastic_layers,
+        data_mean=data_mean,
+    )
+    guide = build_guide(
+        config.guide, x_dim=config.x_dim, stochastic_layers=config.stochastic_layers
+    )
+    device = torch.device(config.device if device is None else device)
+    return model.to(device), guide.to(device)
+
+
+def new_run_dir(
+    runs_dir: str | os.PathLike, config: RunConfig, now: datetime | None = None
+) -> Path:
+    """Creates and returns a fresh folder under ``runs_dir`` for a run of ``config``,
+    named ``<YYYYmmdd-HHMMSS>-<dataset>-<objective>-k<k>`` (with a suffix if taken)."""
+    stamp = (now or datetime.now()).strftime("%Y%m%d-%H%M%S")
+    base = f"{stamp}-{config.dataset}-{config.objective}-k{config.num_particles}"
+    runs_dir = Path(runs_dir)
+    runs_dir.mkdir(parents=True, exist_ok=True)
+    for i in range(1, 1000):
+        path = runs_dir / (base if i == 1 else f"{base}-{i}")
+        try:
+            path.mkdir()
+        except FileExistsError:
+            continue
+        return path
+    raise RunError(f"too many runs named {base} in {runs_dir}; pass another folder")
+
+
+def find_latest_run(runs_dir: str | os.PathLike) -> Path:
+    """The run directory under ``runs_dir`` whose checkpoint (or config, before its
+    first epoch) was written last.
+
+    :raises RunError: if ``runs_dir`` holds no run.
+    """
+    runs_dir = Path(runs_dir)
+    candidates = []
+    if runs_dir.is_dir():
+        for path in runs_dir.iterdir():
+            for name in (CHECKPOINT_FILE, CONFIG_FILE):
+                if (path / name).is_file():
+                    candidates.append(((path / name).stat().st_mtime, path.name, path))
+                    break
+    if not candidates:
+        raise RunError(
+            f"no run found in {runs_dir}; train one with fit, or pass a run "
+            "directory (or the runs folder that holds it)"
+        )
+    return max(candidates)[2]
+
+
+def train_run(
+    config: RunConfig,
+    run_dir: str | os.PathLike,
+    *,
+    resume: bool = False,
+    data_dir: str | os.PathLike | None = None,
+    callback: FitCallback | None = None,
+) -> list[dict[str, Any]]:
+    """Trains run ``config`` in ``run_dir`` (writing ``config.json``), or resumes it.
+
+    On ``resume`` the saved config must equal ``config`` but for ``device`` and
+    ``data_dir``. ``data_dir`` overrides ``config.data_dir`` for loading only.
+    Returns the metrics of every epoch (see :func:`fit`).
+
+    :raises ConfigError, ValueError: if ``config`` was changed, since it was
+        made, into settings that do not go together (see
+        :meth:`RunConfig.validate`).
+    :raises RunError: on a config that differs from the run's, or a broken run.
+    :raises CheckpointError: on ``resume`` with no usable checkpoint.
+    :raises pyro_iwae.data.DataError: if the data cannot be loaded.
+    :raises TrainingDiverged: see :func:`fit`.
+    """
+    config.validate()  # before anything is written
+    run_dir = Path(run_dir)
+    if resume:
+        saved = RunConfig.load(run_dir)
+        load_checkpoint_path = run_dir / CHECKPOINT_FILE
+        if not load_checkpoint_path.is_file():
+            raise CheckpointError(
+                f"{run_dir} has no checkpoint to resume (it never finished an "
+                "epoch); start a new run instead"
+            )
+        ignored = {"device", "data_dir"}
+        differences = [
+            f"{name}={getattr(saved, name)!r} (not {getattr(config, name)!r})"
+            for name in saved.to_dict()
+            if name not in ignored and getattr(saved, name) != getattr(config, name)
+        ]
+        if differences:
+            raise RunError(
+                f"run {run_dir} was started with {', '.join(differences)}; resume "
+                "it with its own settings or start a new run"
+            )
+    elif (run_dir / CHECKPOINT_FILE).exists():
+        raise RunError(
+            f"{run_dir} holds a run already; resume it or choose another directory"
+        )
+    data = config.load_data(data_dir)
+    if data.x_dim != config.x_dim:
+        raise RunError(
+            f"{config.dataset} images have {data.x_dim} pixels, the config says "
+            f"{config.x_dim}; set x_dim to {data.x_dim}"
+        )
+    if not resume:
+        config.save(run_dir)
+    model, guide = build_run(config, data.train_mean)
+    return fit(
+        model,
+        guide,
+        data,
+        config.make_objective(),
+        schedule=config.make_schedule(),
+        batch_size=config.batch_size,
+        seed=config.seed,
+        test_size=config.test_limit,
+        run_dir=run_dir,
+        resume=resume,
+        config=config.to_dict(),
+        checkpoint_every=config.checkpoint_every,
+        device=config.device,
+        callback=callback,
+    )
+
+
+def load_run(
+    run_dir: str | os.PathLike, device: torch.device | str | None = None
+) -> tuple[RunConfig, torch.nn.Module, torch.nn.Module]:
+    """The config, model and guide of a run, with the checkpoint's parameters.
+
+    :param device: where to put model and guide (default: the CPU).
+    :raises RunError: if ``run_dir`` is not a run directory.
+    :raises CheckpointError: if the checkpoint is missing, corrupt, or of
+        another architecture.
+    """
+    run_dir = Path(run_dir)
+    config = RunConfig.load(run_dir)
+    device = torch.device("cpu" if device is None else device)
+    path = run_dir / CHECKPOINT_FILE
+    checkpoint = load_checkpoint(path, map_location=device)
+    try:
+        model, guide = build_run(config, device=device)
+    except ValueError as e:
+        raise RunError(
+            f"{run_dir / CONFIG_FILE} names no buildable model and guide "
+            f"({one_line(e)}); restore it or start a new run"
+        ) from e
+    load_state(model, checkpoint["model"], "model", path)
+    load_state(guide, checkpoint["guide"], "guide", path)
+    return config, model, guide
+
+
+def evaluate_run(
+    run_dir: str | os.PathLike,
+    *,
+    num_samples: int = 5000,
+    split: str = "test",
+    limit: int | None = None,
+    batch_size: int = 100,
+    chunk_size: int | None = None,
+    data_dir: str | os.PathLike | None = None,
+    seed: int = 0,
+    device: torch.device | str | None = None,
+    callback: Callable[[torch.Tensor, int], None] | None = None,
+) -> dict[str, Any]:
+    """Estimates the negative log-likelihood of a run's model, -L_k per point.
+
+    Uses the first ``limit`` points (None: all) of ``split`` (``"test"``: the
+    binary test set; ``"train"``: the training grey levels, binarised once with
+    ``seed``). Also counts the active units of each latent site on those points.
+    Writes the result to ``eval-<split>-k<num_samples>.json`` in ``run_dir``.
+    ``callback(estimates, total)`` is called after each batch with its
+    log-likelihood estimates (``[batch]``, nats) and the number of points.
+
+    :returns: a dict: ``nll`` (mean, nats), ``stderr`` (std / sqrt(n), None for
+        one point), ``k``, ``split``, ``points``, ``time`` (s), ``active_units``
+        (site -> count), ``latent_units`` (site -> size), ``seed``, ``file``, and
+        ``estimates_file``: the per-point estimates, one per line in nats, beside
+        the JSON (see :func:`read_estimates`).
+    :raises RunError, CheckpointError, pyro_iwae.data.DataError: see
+        :func:`load_run` and :func:`pyro_iwae.data.load_dataset`.
+    """
+    if split not in ("test", "train"):
+        raise ValueError(f"split must be 'test' or 'train', got {split!r}")
+    if num_samples < 1:
+        raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+    run_dir = Path(run_dir)
+    config, model, guide = load_run(run_dir, device)
+    # The test set keeps its fixed binarisation, so that every evaluation (and
+    # the per-epoch test bound) sees the same points.
+    data = load_dataset(config.dataset, data_dir or config.data_dir)
+    if split == "test":
+        points = data.test[:limit]
+    else:
+        generator = torch.Generator().manual_seed(seed)
+        points = torch.bernoulli(data.train[:limit], generator=generator)
+    points = points.to(next(model.parameters()).device)
+    torch.manual_seed(seed)
+    start = time.perf_counter()
+    estimates = dataset_log_likelihood(
+        model,
+        guide,
+        points,
+        num_samples=num_samples,
+        batch_size=batch_size,
+        chunk_size=chunk_size,
+        callback=None if callback is None else lambda e: callback(e, points.shape[0]),
+    )
+    seconds = time.perf_counter() - start
+    nll = -estimates.double()
+    n = nll.shape[0]
+    stderr = float(nll.std() / math.sqrt(n)) if n > 1 else None
+    activity = latent_activity(guide, points)
+    active = count_active(activity)
+    latent = {name: a.numel() for name, a in activity.items()}
+    path = run_dir / f"eval-{split}-k{num_samples}.json"
+    estimates_path = run_dir / f"estimates-{split}-k{num_samples}.txt"
+    result = {
+        "nll": float(nll.mean()),
+        "stderr": stderr,
+        "k": num_samples,
+        "split": split,
+        "points": n,
+        "time": seconds,
+        "active_units": active,
+        "latent_units": latent,
+        "seed": seed,
+        "dataset": config.dataset,
+        "versions": versions(),
+        "date": datetime.now().isoformat(timespec="seconds"),
+        "file": str(path),
+        "estimates_file": estimates_path.name,
+    }
+    # Per point, so that two runs scored on the same points can be compared pairwise.
+    lines = "".join(f"{value:.6f}\n" for value in estimates.double().tolist())
+    write_text(estimates_path, lines)
+    write_json(path, result)
+    return result
+
+
+def read_estimates(run_dir: str | os.PathLike, evaluation: dict) -> torch.Tensor | None:
+    """The per-point log-likelihood estimates (nats, float64) that ``evaluation``
+    (a result of :func:`evaluate_run`) wrote in ``run_dir``; None if it has none."""
+    name = evaluation.get("estimates_file")
+    path = Path(run_dir) / name if name else None
+    if path is None or not path.is_file():
+        return None
+    values = [float(line) for line in path.read_text().split()]
+    return torch.tensor(values, dtype=torch.float64)
+
+
+def versions() -> dict[str, str]:
+    """Versions of Python, torch, Pyro and pyro-iwae, and the machine (with the
+    number of threads torch uses), for the record."""
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "pyro": pyro.__version__,
+        "pyro_iwae": __version__,
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores",
+        "torch_threads": str(torch.get_num_threads()),
+    }

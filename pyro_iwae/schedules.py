@@ -1,0 +1,144 @@
+"""Training objectives and learning-rate schedules, by name.
+
+Also :class:`ConfigError`, the error for settings that do not fit each other,
+whose message a caller can write in its own names for the settings.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+from pyro.infer import ELBO, RenyiELBO, Trace_ELBO
+
+from .objectives import CIWELBO, IWELBO, MIWELBO, PIWELBO
+
+__all__ = [
+    "IW_OBJECTIVES",
+    "OBJECTIVES",
+    "SCHEDULES",
+    "ConfigError",
+    "Schedule",
+    "as_schedule",
+    "constant_schedule",
+    "make_objective",
+    "make_schedule",
+    "paper_schedule",
+]
+
+OBJECTIVES = ("iwae", "vae", "renyi", "miwae", "piwae", "ciwae")
+#: Objectives whose guide gradient takes an ``estimator``.
+IW_OBJECTIVES = ("iwae", "miwae", "piwae", "ciwae")
+SCHEDULES = ("constant", "paper")
+
+Schedule = list[tuple[int, float]]
+
+
+class ConfigError(ValueError):
+    """Settings that do not fit each other.
+
+    :attr:`template` names each setting as ``{field}`` (a field of
+    :class:`~pyro_iwae.RunConfig`); ``str(error)`` writes the field names and
+    :meth:`render` the names a caller uses, such as the CLI's options.
+    """
+
+    def __init__(self, template: str) -> None:
+        self.template = template
+        super().__init__(self.render({}))
+
+    def render(self, names: Mapping[str, str]) -> str:
+        """The message with each setting ``field`` written as ``names[field]``
+        (as ``field`` where ``names`` lacks it)."""
+        return self.template.format_map(_Names(names))
+
+
+class _Names(dict):
+    def __missing__(self, field: str) -> str:
+        return field
+
+
+def make_objective(
+    name: str,
+    num_particles: int,
+    estimator: str = "iwae",
+    alpha: float = 0.0,
+    num_groups: int = 1,
+    beta: float = 0.5,
+) -> ELBO:
+    """The training objective ``name`` with ``num_particles`` (k) vectorized particles.
+
+    - ``"iwae"``: :class:`~pyro_iwae.IWELBO` with gradient ``estimator``
+      (``iwae``, ``stl`` or ``dreg``);
+    - ``"vae"``: :class:`pyro.infer.Trace_ELBO`, the ELBO averaged over k
+      samples (the paper's "VAE, k");
+    - ``"renyi"``: :class:`pyro.infer.RenyiELBO` of order ``alpha`` (not 1);
+    - ``"miwae"``, ``"piwae"``: :class:`~pyro_iwae.MIWELBO`,
+      :class:`~pyro_iwae.PIWELBO` with ``num_groups`` (M) groups of k particles;
+    - ``"ciwae"``: :class:`~pyro_iwae.CIWELBO` with weight ``beta`` on the ELBO.
+
+    All use ``max_plate_nesting=1`` (one data plate).
+
+    :raises ConfigError: for ``renyi`` with ``alpha`` = 1.
+    """
+    if name not in OBJECTIVES:
+        raise ValueError(
+            f"unknown objective {name!r}; choose one of {', '.join(OBJECTIVES)}"
+        )
+    if not isinstance(num_particles, int) or num_particles < 1:
+        raise ValueError(f"num_particles must be an integer >= 1, got {num_particles}")
+    common = {
+        "num_particles": num_particles,
+        "vectorize_particles": True,
+        "max_plate_nesting": 1,
+    }
+    if name == "iwae":
+        return IWELBO(estimator=estimator, **common)
+    if name in ("miwae", "piwae"):
+        cls = MIWELBO if name == "miwae" else PIWELBO
+        return cls(num_groups=num_groups, estimator=estimator, **common)
+    if name == "ciwae":
+        return CIWELBO(beta=beta, estimator=estimator, **common)
+    if name == "vae":
+        return Trace_ELBO(**common)
+    if alpha == 1:
+        raise ConfigError(
+            "{alpha} 1 is the ordinary ELBO: use {objective} vae, or another {alpha}"
+        )
+    return RenyiELBO(alpha=alpha, **common)
+
+
+def paper_schedule(stages: int = 8, lr: float = 1e-3) -> Schedule:
+    """The paper's schedule: stage i = 0..stages-1 runs 3**i epochs at
+    ``lr * 10**(-i/7)``; the full schedule (8 stages) is 3,280 epochs."""
+    if not 1 <= stages <= 8:
+        raise ValueError(f"stages must be in 1..8, got {stages}")
+    return [(3**i, lr * 10 ** (-i / 7)) for i in range(stages)]
+
+
+def constant_schedule(epochs: int, lr: float = 1e-3) -> Schedule:
+    """One stage of ``epochs`` epochs at learning rate ``lr``."""
+    if epochs < 1:
+        raise ValueError(f"epochs must be >= 1, got {epochs}")
+    return [(epochs, lr)]
+
+
+def make_schedule(
+    name: str, *, epochs: int = 1, stages: int | None = None, lr: float = 1e-3
+) -> Schedule:
+    """Schedule ``name`` (``"constant"`` or ``"paper"``) as a list of (epochs, lr)."""
+    if name == "paper":
+        return paper_schedule(8 if stages is None else stages, lr)
+    if name == "constant":
+        return constant_schedule(epochs, lr)
+    raise ValueError(f"unknown schedule {name!r}; choose one of {', '.join(SCHEDULES)}")
+
+
+def as_schedule(schedule: Iterable[Sequence[Any]]) -> Schedule:
+    """``schedule``'s stages as (epochs, lr) pairs of int and float.
+
+    :raises ValueError: if it has no stages, or a stage of no epochs.
+    """
+    stages = [(int(epochs), float(lr)) for epochs, lr in schedule]
+    if not stages or any(epochs < 1 for epochs, _ in stages):
+        raise ValueError(f"a schedule needs stages of >= 1 epoch, got {stages}")
+    return stages

@@ -1,0 +1,59 @@
+"""Broken, foreign and malicious checkpoints."""
+
+import pickle
+
+import pytest
+import torch
+from small_run import small_config
+
+from pyro_iwae.checkpoints import CHECKPOINT_FILE, CheckpointError
+from pyro_iwae.runs import load_run, train_run
+
+
+def test_truncated_checkpoint(run_dir):
+    path = run_dir / CHECKPOINT_FILE
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    with pytest.raises(CheckpointError, match="truncated or corrupt.*start a new run"):
+        load_run(run_dir)
+    with pytest.raises(CheckpointError, match="truncated or corrupt"):
+        train_run(small_config(), run_dir, resume=True)
+
+
+def test_garbage_and_foreign_checkpoints(run_dir):
+    path = run_dir / CHECKPOINT_FILE
+    path.write_bytes(b"not a checkpoint at all")
+    with pytest.raises(CheckpointError, match="truncated or corrupt"):
+        load_run(run_dir)
+    torch.save({"model": {}}, path)
+    with pytest.raises(CheckpointError, match="not a pyro-iwae checkpoint"):
+        load_run(run_dir)
+
+
+class Exploit:
+    ran = False
+
+    def __reduce__(self):
+        return (setattr, (Exploit, "ran", True))
+
+
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")
+def test_checkpoint_never_runs_code(run_dir):
+    path = run_dir / CHECKPOINT_FILE
+    with open(path, "wb") as f:
+        torch.save({"format": "pyro-iwae-checkpoint", "x": Exploit()}, f)
+    with pytest.raises(CheckpointError):
+        load_run(run_dir)
+    assert not Exploit.ran
+    with open(path, "wb") as f:
+        pickle.dump(Exploit(), f)
+    with pytest.raises(CheckpointError):
+        load_run(run_dir)
+    assert not Exploit.ran
+
+
+def test_checkpoint_of_another_architecture(run_dir, tmp_path):
+    other = tmp_path / "other"
+    train_run(small_config(stochastic_layers=2), other)
+    (run_dir / CHECKPOINT_FILE).write_bytes((other / CHECKPOINT_FILE).read_bytes())
+    with pytest.raises(CheckpointError, match="another architecture"):
+        load_run(run_dir)

@@ -1,0 +1,111 @@
+"""RunConfig: which settings go together, for Python users and the CLI alike."""
+
+import json
+
+import pytest
+from click.testing import CliRunner
+
+from pyro_iwae import ConfigError, RunConfig, RunError, train_run
+from pyro_iwae.config import CONFIG_FILE
+from pyro_iwae_cli.main import _OPTION_NAMES, cli
+
+# RunConfig settings that do not go together, the same as fit options, and
+# the start of the library's message.
+CLASHES = [
+    (
+        {"schedule": "paper", "epochs": 3},
+        ["--schedule", "paper", "--epochs", "3"],
+        "epochs applies to schedule constant; use stages with schedule paper",
+    ),
+    ({"stages": 3}, ["--stages", "3"], "stages applies to schedule paper"),
+    (
+        {"objective": "vae", "estimator": "dreg"},
+        ["--objective", "vae", "--estimator", "dreg"],
+        "estimator applies to objective iwae, miwae, piwae or ciwae",
+    ),
+    (
+        {"num_groups": 4},
+        ["--groups", "4"],
+        "num_groups applies to objective miwae or piwae",
+    ),
+    ({"beta": 0.1}, ["--beta", "0.1"], "beta applies to objective ciwae"),
+    ({"alpha": 0.5}, ["--alpha", "0.5"], "alpha applies to objective renyi"),
+    (
+        {"objective": "renyi", "alpha": 1.0},
+        ["--objective", "renyi", "--alpha", "1"],
+        "alpha 1 is the ordinary ELBO: use objective vae",
+    ),
+]
+
+
+@pytest.mark.parametrize("settings, options, message", CLASHES)
+def test_clashing_settings_fail_alike_in_python_and_cli(settings, options, message):
+    with pytest.raises(ConfigError) as caught:
+        RunConfig(**settings)
+    error = caught.value
+    assert isinstance(error, ValueError)
+    assert str(error).startswith(message) and "\n" not in str(error)
+    result = CliRunner().invoke(cli, ["fit", *options])
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    # The CLI writes the library's message, naming its options.
+    assert f"Error: {error.render(_OPTION_NAMES)}\n" in result.output
+
+
+def test_settings_given_at_their_default_clash_when_named():
+    config = RunConfig(schedule="paper", epochs=5)  # epochs at its default
+    with pytest.raises(ConfigError, match="epochs applies to schedule constant"):
+        config.validate(given={"epochs"})
+    with pytest.raises(ConfigError, match="estimator applies"):
+        RunConfig(objective="vae").validate(given=["estimator"])
+    config.validate(given={"stages", "schedule", "estimator"})
+
+
+def test_settings_that_go_together():
+    assert RunConfig().unused_settings() == ["stages", "num_groups", "beta", "alpha"]
+    for settings in (
+        {"schedule": "paper", "stages": 2},
+        {"objective": "miwae", "num_groups": 2, "estimator": "dreg"},
+        {"objective": "ciwae", "beta": 0.1, "estimator": "stl"},
+        {"objective": "renyi", "alpha": 0.5},
+        {"objective": "vae", "num_particles": 3},
+    ):
+        RunConfig(**settings)
+    assert RunConfig(objective="renyi").unused_settings() == [
+        "stages",
+        "estimator",
+        "num_groups",
+        "beta",
+    ]
+
+
+def test_out_of_range_settings():
+    for settings, match in (
+        ({"num_particles": 0}, "num_particles"),
+        ({"schedule": "paper", "stages": 9}, "stages"),
+        ({"epochs": 0}, "epochs"),
+        ({"schedule": "cosine"}, "schedule"),
+        ({"objective": "nope"}, "objective"),
+        ({"estimator": "nope"}, "estimator"),
+        ({"objective": "ciwae", "beta": 2.0}, "beta"),
+    ):
+        with pytest.raises(ValueError, match=match):
+            RunConfig(**settings)
+
+
+def test_train_run_checks_a_config_changed_after_it_was_made(tmp_path):
+    config = RunConfig()
+    config.beta = 0.2
+    with pytest.raises(ConfigError, match="beta applies to objective ciwae"):
+        train_run(config, tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+
+
+def test_load_reads_settings_without_effect_as_defaults(tmp_path):
+    # pyro-iwae 0.1.0 saved the CLI's 40 epochs with the paper schedule.
+    values = {**RunConfig(schedule="paper").to_dict(), "epochs": 40}
+    (tmp_path / CONFIG_FILE).write_text(json.dumps(values))
+    assert RunConfig.load(tmp_path) == RunConfig(schedule="paper")
+    values = {**RunConfig().to_dict(), "objective": "renyi", "alpha": 1.0}
+    (tmp_path / CONFIG_FILE).write_text(json.dumps(values))
+    with pytest.raises(RunError, match="do not go together.*ordinary ELBO"):
+        RunConfig.load(tmp_path)
