@@ -11,7 +11,8 @@ from typing import Any
 import pyro
 import torch
 
-from .objectives import IWELBO, PARTICLE_PLATE, _latent_sites
+from .objectives import IWELBO
+from .traces import PARTICLE_PLATE, latent_sites
 
 #: The paper's threshold on a latent unit's activity for it to count as active.
 ACTIVE_THRESHOLD = 0.01
@@ -220,7 +221,7 @@ def latent_activity(
         for start in range(0, data.shape[0], batch_size):
             batch = data[start : start + batch_size]
             trace = pyro.poutine.trace(sample_plate(guide)).get_trace(batch)
-            for name, site in _latent_sites(trace):
+            for name, site in latent_sites(trace):
                 try:
                     mean = site["fn"].mean
                 except NotImplementedError:

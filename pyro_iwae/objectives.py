@@ -2,83 +2,44 @@
 
 from __future__ import annotations
 
-import copy
 import math
 import warnings
-from collections.abc import Callable, Collection, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import pyro
 import torch
 from pyro import poutine
-from pyro.distributions.util import scale_and_mask
 from pyro.infer.elbo import ELBO
 from pyro.infer.util import is_validation_enabled, torch_item
-from pyro.poutine.messenger import Messenger
 from pyro.poutine.trace_struct import Trace
-from pyro.poutine.util import prune_subsample_sites, site_is_subsample
+from pyro.poutine.util import prune_subsample_sites
 from pyro.util import check_if_enumerated, check_model_guide_match, warn_if_nan
-from torch.distributions import constraints
+
+from .traces import (
+    PARTICLE_PLATE,
+    aliased,
+    common_scale,
+    cuda_devices,
+    data_plate_dims,
+    detached_distribution,
+    latent_sites,
+    log_p_and_q,
+    reweight_paths,
+    stopped_parameters,
+)
+
+__all__ = [
+    "CIWELBO",
+    "ESTIMATORS",
+    "IWELBO",
+    "MIWELBO",
+    "PARTICLE_PLATE",
+    "PIWELBO",
+    "Particles",
+]
 
 ESTIMATORS = ("iwae", "stl", "dreg")
-PARTICLE_PLATE = "num_particles_vectorized"  # the plate Pyro's ELBO adds
-
-
-class _DetachParams(Messenger):
-    """Returns ``pyro.param`` values detached, so log q is evaluated at stopped phi.
-
-    :param modules_parameters: ids of the parameters of the modules that are
-        re-run with detached parameters; any other ``nn.Parameter`` seen at a param
-        site belongs to a module the guide calls but that cannot be stopped.
-    """
-
-    def __init__(self, module_parameters: set[int]) -> None:
-        super().__init__()
-        self.module_parameters = module_parameters
-
-    def _pyro_post_param(self, msg: dict) -> None:
-        value = msg["value"]
-        if (
-            isinstance(value, torch.nn.Parameter)
-            and id(value) not in self.module_parameters
-        ):
-            raise NotImplementedError(
-                f"stl and dreg cannot hold parameter {msg['name']!r} constant: it "
-                "belongs to a module registered with pyro.module inside a function; "
-                "make the guide itself an nn.Module (or PyroModule)"
-            )
-        msg["value"] = value.detach()
-
-
-@contextmanager
-def _stopped(module: torch.nn.Module | None) -> Iterator[Callable | None]:
-    """Context for re-running a guide with its parameters held constant.
-
-    Yields a callable that runs ``module`` with detached parameters (``None`` for
-    a function guide); ``pyro.param`` values are detached inside the context.
-    """
-    call, ids = None, set()
-    if module is not None:
-        params = dict(module.named_parameters())
-        ids = {id(p) for p in params.values()}
-        detached = {name: p.detach() for name, p in params.items()}
-
-        def call(*args: Any, **kwargs: Any) -> Any:
-            return torch.func.functional_call(module, detached, args, kwargs)
-
-    with _DetachParams(ids), warnings.catch_warnings():
-        # pyro.module warns of parameters that do not require grad: here that is
-        # the point.
-        warnings.filterwarnings("ignore", "(?s).*not registered in the param store")
-        yield call
-
-
-def _latent_sites(trace: Trace) -> Iterator[tuple[str, dict]]:
-    for name, site in trace.nodes.items():
-        if site["type"] == "sample" and not site["is_observed"]:
-            if not site_is_subsample(site):
-                yield name, site
 
 
 class Particles(NamedTuple):
@@ -174,7 +135,7 @@ class IWELBO(ELBO):
         guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
         if is_validation_enabled():
             check_if_enumerated(guide_trace)
-        for name, site in _latent_sites(guide_trace):
+        for name, site in latent_sites(guide_trace):
             if not site["fn"].has_rsample:
                 raise NotImplementedError(
                     f"IWELBO needs reparameterizable guide sites, but {name!r} "
@@ -185,7 +146,7 @@ class IWELBO(ELBO):
             guide_trace = self._stopped_guide_trace(guide, guide_trace, args, kwargs)
             replay_trace = guide_trace
         elif self._reweights_paths:
-            replay_trace = _aliased(guide_trace)
+            replay_trace = aliased(guide_trace)
         else:
             replay_trace = guide_trace
         model_trace = poutine.trace(
@@ -194,7 +155,7 @@ class IWELBO(ELBO):
         if is_validation_enabled():
             with warnings.catch_warnings():
                 # Such sites are proposed from the prior, and cancel from the
-                # weights (see _log_p_and_q): nothing to warn about.
+                # weights (see log_p_and_q): nothing to warn about.
                 warnings.filterwarnings("ignore", "Found vars in model but not guide")
                 check_model_guide_match(
                     model_trace, guide_trace, self.max_plate_nesting
@@ -214,21 +175,21 @@ class IWELBO(ELBO):
         """
         # A new tensor object also misses the identity-keyed caches of transforms,
         # which would hand back an inverse that depends on the live parameters.
-        replay_trace = _aliased(guide_trace)
-        latent = list(_latent_sites(guide_trace))
+        replay_trace = aliased(guide_trace)
+        latent = list(latent_sites(guide_trace))
         if len(latent) == 1:
             # With one latent site, q's parameters depend on phi and the inputs
             # only: detaching them gives what a re-run with phi stopped computes,
             # without running the guide's networks again.
             name, site = latent[0]
-            stopped_fn = _detached(site["fn"])
+            stopped_fn = detached_distribution(site["fn"])
             if stopped_fn is not None:
                 replay_trace.nodes[name] = {
                     **replay_trace.nodes[name],
                     "fn": stopped_fn,
                 }
                 return replay_trace
-        with _stopped(self._guide_module) as call:
+        with stopped_parameters(self._guide_module) as call:
             if call is not None:
                 guide = (
                     self._vectorized_num_particles(call)
@@ -251,7 +212,7 @@ class IWELBO(ELBO):
         if self.max_plate_nesting == float("inf"):
             # The guess runs model and guide once; its draws must not shift the
             # random stream, or a seed would give another first value.
-            with torch.random.fork_rng(devices=_cuda_devices(args, kwargs)):
+            with torch.random.fork_rng(devices=cuda_devices(args, kwargs)):
                 self._guess_max_plate_nesting(model, guide, args, kwargs)
         # _get_trace sees the guide wrapped in the particle plate; stl and dreg need
         # the module itself to re-run it with its parameters stopped.
@@ -268,13 +229,13 @@ class IWELBO(ELBO):
             for site in trace.nodes.values()
             if site["type"] == "sample"
         ]
-        local_dims = _local_plate_dims(sites)
-        scale = _common_scale(sites, local_dims)
+        local_dims = data_plate_dims(sites)
+        scale = common_scale(sites, local_dims)
         log_p, log_q = (
             (torch.cat(parts) if len(parts) > 1 else parts[0])
             for parts in zip(
                 *(
-                    _log_p_and_q(model_trace, guide_trace, plate_nesting, local_dims)
+                    log_p_and_q(model_trace, guide_trace, plate_nesting, local_dims)
                     for model_trace, guide_trace in traces
                 ),
                 strict=True,
@@ -312,7 +273,7 @@ class IWELBO(ELBO):
         if loss.requires_grad:
             factor = self._path_factor(log_weights.detach())
             if factor is not None:
-                _reweight_paths(
+                reweight_paths(
                     factor,
                     traces,
                     self._has_particle_plate,
@@ -463,224 +424,7 @@ class PIWELBO(MIWELBO):
         return ratio.expand_as(grouped).reshape(log_weights.shape)
 
 
-#: Attribute types of a distribution that cannot hold parameters.
-_PLAIN_ATTRIBUTES = (bool, int, float, str, type(None), torch.Size, torch.dtype)
-
-
-def _detached(fn: Any) -> Any:
-    """A shallow copy of distribution ``fn`` with its tensors (and those of the
-    distributions it wraps) detached; None if it holds anything else that might
-    carry parameters (transforms, modules, callables)."""
-    copied = copy.copy(fn)
-    for key, value in vars(fn).items():
-        if isinstance(value, torch.Tensor):
-            value = value.detach()
-        elif isinstance(value, torch.distributions.Distribution):
-            value = _detached(value)
-            if value is None:
-                return None
-        elif not isinstance(value, _PLAIN_ATTRIBUTES + (constraints.Constraint,)):
-            return None
-        # Through __dict__: lazily computed properties live there too.
-        vars(copied)[key] = value
-    return copied
-
-
 def _checked_item(loss: torch.Tensor) -> float:
     value = torch_item(loss)
     warn_if_nan(value, "loss")
     return value
-
-
-def _aliased(trace: Trace) -> Trace:
-    """A copy of ``trace`` whose latent values are new autograd nodes (views)."""
-    aliased = trace.copy()
-    for name, site in _latent_sites(trace):
-        if site["value"].requires_grad:
-            aliased.nodes[name] = {
-                **site,
-                "value": site["value"].view_as(site["value"]),
-            }
-    return aliased
-
-
-def _reweight_paths(
-    factor: torch.Tensor,
-    traces: list[tuple[Trace, Trace]],
-    vectorized: bool,
-    stopped: bool,
-) -> None:
-    """Multiplies the gradient reaching each aliased guide value by its particle's
-    ``factor`` (shape ``(k,) + plate_shape``).
-
-    Every path from phi to log w passes through exactly one alias: with log q at
-    stopped phi (``stopped``), the guide's latent values are aliases that the
-    model shares, and an auxiliary site (one the model never sees, as in Pyro's
-    autoguides) reaches log w through log q alone. Otherwise log q's gradient is
-    reweighted as a whole, and only the model's aliased copies are hooked.
-    """
-    for i, (model_trace, guide_trace) in enumerate(traces):
-        particle_factor = factor if vectorized else factor[i]
-        if stopped:
-            sites = _latent_sites(guide_trace)
-        else:
-            sites = (
-                (name, site)
-                for name, site in _latent_sites(model_trace)
-                if name in guide_trace.nodes
-            )
-        for _, site in sites:
-            if site["value"].requires_grad:
-                aligned = _align(particle_factor, site)
-                site["value"].register_hook(lambda g, f=aligned: g * f)
-
-
-def _local_plate_dims(sites: list[dict]) -> tuple[int, ...]:
-    """Dims of the plates that enclose every sample site: the data plate(s)."""
-    common = None
-    for site in sites:
-        frames = {
-            (f.name, f.dim)
-            for f in site["cond_indep_stack"]
-            if f.vectorized and f.name != PARTICLE_PLATE
-        }
-        common = frames if common is None else common & frames
-    return tuple(sorted(dim for _, dim in common or ()))
-
-
-def _common_scale(sites: list[dict], local_dims: tuple[int, ...]) -> Any:
-    """The scale shared by all sites; sub-sampling outside the data plate fails."""
-    subsampled = sorted(
-        {
-            f.name
-            for site in sites
-            for f in site["cond_indep_stack"]
-            if f.full_size is not None
-            and f.full_size != f.size
-            and f.dim not in local_dims
-        }
-    )
-    if subsampled:
-        raise ValueError(
-            f"IWELBO cannot sub-sample plate {subsampled[0]!r}: it does not enclose "
-            "every sample site, so the bound does not factor over its points; put "
-            "all sample sites inside the sub-sampled plate or use full batches"
-        )
-    scale = sites[0]["scale"]
-    for site in sites[1:]:
-        if not _same_scale(site["scale"], scale):
-            raise ValueError(
-                f"IWELBO needs one scale for every sample site, but {site['name']!r} "
-                f"has {site['scale']} and {sites[0]['name']!r} has {scale}; "
-                "sub-sample or scale the whole model and guide, not single sites"
-            )
-    return scale
-
-
-def _same_scale(a: Any, b: Any) -> bool:
-    if a is b:
-        return True
-    if not (isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor)):
-        return a == b
-    a, b = torch.as_tensor(a), torch.as_tensor(b)
-    return a.shape == b.shape and bool((a == b).all())
-
-
-def _log_p_and_q(
-    model_trace: Trace,
-    guide_trace: Trace,
-    plate_nesting: int,
-    local_dims: tuple[int, ...],
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The log p and log q parts of the log weights of one pair of traces.
-
-    A latent site of the model that the guide does not sample is drawn from its
-    prior during replay, so the prior is part of the proposal and cancels from
-    the weight: it enters neither part.
-    """
-    # Lists, not sets: the order of summation must not vary between processes.
-    guide_latent = [name for name, _ in _latent_sites(guide_trace)]
-    prior_proposed = [
-        (name, site)
-        for name, site in _latent_sites(model_trace)
-        if name not in guide_trace.nodes
-    ]
-    for name, site in prior_proposed:
-        if not site["fn"].has_rsample and torch.is_grad_enabled():
-            log_prob = site["fn"].log_prob(site["value"])
-            if log_prob.requires_grad:
-                raise NotImplementedError(
-                    f"IWELBO draws {name!r} from the model's prior (the guide does "
-                    f"not sample it), but its {type(site['fn']).__name__} depends "
-                    "on trainable values and has no rsample, so its gradient "
-                    f"would need a score-function term; sample {name!r} in the "
-                    "guide or give it a fixed prior"
-                )
-    skip = {name for name, _ in prior_proposed}
-    model_sites = [name for name in model_trace.nodes if name not in skip]
-    return (
-        _log_prob(model_trace, model_sites, plate_nesting, local_dims),
-        _log_prob(guide_trace, guide_latent, plate_nesting, local_dims),
-    )
-
-
-def _log_prob(
-    trace: Trace,
-    names: Collection[str],
-    plate_nesting: int,
-    local_dims: tuple[int, ...],
-) -> torch.Tensor:
-    """Unscaled log-prob of the trace's sample sites among ``names``, summed over
-    all but the particle and data plate dims.
-
-    :returns: a tensor of shape ``(particles,) + plate_shape``, one of length
-        ``plate_nesting + 1``, with particles 1 when particles are not vectorized.
-    """
-    total = None
-    for name in names:
-        site = trace.nodes[name]
-        if site["type"] != "sample":
-            continue
-        log_prob = site["fn"].log_prob(site["value"], *site["args"], **site["kwargs"])
-        log_prob = scale_and_mask(log_prob, mask=site["mask"])
-        if log_prob.dim() > plate_nesting + 1:
-            raise ValueError(
-                f"site {name!r} has batch shape {tuple(log_prob.shape)}, more dims "
-                f"than max_plate_nesting={plate_nesting} allows; raise "
-                "max_plate_nesting or declare the dims with pyro.plate"
-            )
-        if log_prob.dim() < plate_nesting + 1:
-            log_prob = log_prob.reshape(
-                (1,) * (plate_nesting + 1 - log_prob.dim()) + log_prob.shape
-            )
-        sum_dims = [
-            d
-            for d in range(-plate_nesting, 0)
-            if d not in local_dims and log_prob.shape[d] > 1
-        ]
-        if sum_dims:
-            log_prob = log_prob.sum(sum_dims, keepdim=True)
-        total = log_prob if total is None else total + log_prob
-    if total is None:
-        raise ValueError("IWELBO found no sample sites in the model or the guide")
-    return total
-
-
-def _align(weights: torch.Tensor, site: dict) -> torch.Tensor:
-    """Reshapes per-particle weights to broadcast against ``site['value']``."""
-    event_dim = site["fn"].event_dim
-    factor = weights.reshape(weights.shape + (1,) * event_dim)
-    extra = factor.dim() - site["value"].dim()
-    if extra > 0:
-        factor = factor.reshape(factor.shape[extra:])
-    return factor
-
-
-def _cuda_devices(args: tuple, kwargs: dict) -> list[int]:
-    """Indices of the CUDA devices of the tensors among ``args`` and ``kwargs``."""
-    tensors = [
-        t
-        for t in (*args, *kwargs.values())
-        if isinstance(t, torch.Tensor) and t.is_cuda
-    ]
-    return sorted({t.device.index for t in tensors})

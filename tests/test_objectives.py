@@ -11,7 +11,15 @@ from pyro import poutine
 from pyro.infer import SVI, RenyiELBO, Trace_ELBO
 from pyro.nn import PyroModule, PyroParam
 
-from pyro_iwae import CIWELBO, IWELBO, MIWELBO, PIWELBO, objectives, paper_architecture
+from pyro_iwae import (
+    CIWELBO,
+    IWELBO,
+    MIWELBO,
+    PIWELBO,
+    objectives,
+    paper_architecture,
+    traces,
+)
 
 
 def bound(elbo, model, guide, *args):
@@ -535,7 +543,9 @@ def test_one_latent_site_detaches_instead_of_rerunning_the_guide(
         return loss, torch.autograd.grad(loss, params)
 
     fast_loss, fast_grads = loss_and_grads()
-    monkeypatch.setattr(objectives, "_detached", lambda fn: None)  # force re-runs
+    monkeypatch.setattr(
+        objectives, "detached_distribution", lambda fn: None
+    )  # force re-runs
     rerun_loss, rerun_grads = loss_and_grads()
     assert torch.equal(fast_loss, rerun_loss)
     for fast, rerun in zip(fast_grads, rerun_grads, strict=True):
@@ -546,8 +556,8 @@ def test_one_latent_site_detaches_instead_of_rerunning_the_guide(
 def test_distributions_holding_transforms_are_not_detached():
     base = dist.Normal(torch.zeros(3), torch.ones(3))
     flow = dist.TransformedDistribution(base, [dist.transforms.ExpTransform()])
-    assert objectives._detached(flow) is None
-    detached = objectives._detached(
+    assert traces.detached_distribution(flow) is None
+    detached = traces.detached_distribution(
         dist.Normal(torch.zeros(3, requires_grad=True), 1.0).to_event(1)
     )
     assert not detached.base_dist.loc.requires_grad

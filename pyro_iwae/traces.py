@@ -1,0 +1,297 @@
+"""Log importance weights from Pyro traces.
+
+What :class:`~pyro_iwae.objectives.IWELBO` needs from a model trace and a guide
+trace, apart from the bound itself: the latent sites, the data plate, the common
+scale, the log p and log q parts of the weights, guides re-run with their
+parameters held constant, and the per-particle reweighting of the path gradient.
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+from collections.abc import Callable, Collection, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from pyro.distributions.util import scale_and_mask
+from pyro.poutine.messenger import Messenger
+from pyro.poutine.trace_struct import Trace
+from pyro.poutine.util import site_is_subsample
+from torch.distributions import constraints
+
+PARTICLE_PLATE = "num_particles_vectorized"  # the plate Pyro's ELBO adds
+
+
+class _DetachParams(Messenger):
+    """Returns ``pyro.param`` values detached, so log q is evaluated at stopped phi.
+
+    :param modules_parameters: ids of the parameters of the modules that are
+        re-run with detached parameters; any other ``nn.Parameter`` seen at a param
+        site belongs to a module the guide calls but that cannot be stopped.
+    """
+
+    def __init__(self, module_parameters: set[int]) -> None:
+        super().__init__()
+        self.module_parameters = module_parameters
+
+    def _pyro_post_param(self, msg: dict) -> None:
+        value = msg["value"]
+        if (
+            isinstance(value, torch.nn.Parameter)
+            and id(value) not in self.module_parameters
+        ):
+            raise NotImplementedError(
+                f"stl and dreg cannot hold parameter {msg['name']!r} constant: it "
+                "belongs to a module registered with pyro.module inside a function; "
+                "make the guide itself an nn.Module (or PyroModule)"
+            )
+        msg["value"] = value.detach()
+
+
+@contextmanager
+def stopped_parameters(module: torch.nn.Module | None) -> Iterator[Callable | None]:
+    """Context for re-running a guide with its parameters held constant.
+
+    Yields a callable that runs ``module`` with detached parameters (``None`` for
+    a function guide); ``pyro.param`` values are detached inside the context.
+    """
+    call, ids = None, set()
+    if module is not None:
+        params = dict(module.named_parameters())
+        ids = {id(p) for p in params.values()}
+        detached = {name: p.detach() for name, p in params.items()}
+
+        def call(*args: Any, **kwargs: Any) -> Any:
+            return torch.func.functional_call(module, detached, args, kwargs)
+
+    with _DetachParams(ids), warnings.catch_warnings():
+        # pyro.module warns of parameters that do not require grad: here that is
+        # the point.
+        warnings.filterwarnings("ignore", "(?s).*not registered in the param store")
+        yield call
+
+
+def latent_sites(trace: Trace) -> Iterator[tuple[str, dict]]:
+    for name, site in trace.nodes.items():
+        if site["type"] == "sample" and not site["is_observed"]:
+            if not site_is_subsample(site):
+                yield name, site
+
+
+#: Attribute types of a distribution that cannot hold parameters.
+_PLAIN_ATTRIBUTES = (bool, int, float, str, type(None), torch.Size, torch.dtype)
+
+
+def detached_distribution(fn: Any) -> Any:
+    """A shallow copy of distribution ``fn`` with its tensors (and those of the
+    distributions it wraps) detached; None if it holds anything else that might
+    carry parameters (transforms, modules, callables)."""
+    copied = copy.copy(fn)
+    for key, value in vars(fn).items():
+        if isinstance(value, torch.Tensor):
+            value = value.detach()
+        elif isinstance(value, torch.distributions.Distribution):
+            value = detached_distribution(value)
+            if value is None:
+                return None
+        elif not isinstance(value, _PLAIN_ATTRIBUTES + (constraints.Constraint,)):
+            return None
+        # Through __dict__: lazily computed properties live there too.
+        vars(copied)[key] = value
+    return copied
+
+
+def aliased(trace: Trace) -> Trace:
+    """A copy of ``trace`` whose latent values are new autograd nodes (views)."""
+    aliased = trace.copy()
+    for name, site in latent_sites(trace):
+        if site["value"].requires_grad:
+            aliased.nodes[name] = {
+                **site,
+                "value": site["value"].view_as(site["value"]),
+            }
+    return aliased
+
+
+def reweight_paths(
+    factor: torch.Tensor,
+    traces: list[tuple[Trace, Trace]],
+    vectorized: bool,
+    stopped: bool,
+) -> None:
+    """Multiplies the gradient reaching each aliased guide value by its particle's
+    ``factor`` (shape ``(k,) + plate_shape``).
+
+    Every path from phi to log w passes through exactly one alias: with log q at
+    stopped phi (``stopped``), the guide's latent values are aliases that the
+    model shares, and an auxiliary site (one the model never sees, as in Pyro's
+    autoguides) reaches log w through log q alone. Otherwise log q's gradient is
+    reweighted as a whole, and only the model's aliased copies are hooked.
+    """
+    for i, (model_trace, guide_trace) in enumerate(traces):
+        particle_factor = factor if vectorized else factor[i]
+        if stopped:
+            sites = latent_sites(guide_trace)
+        else:
+            sites = (
+                (name, site)
+                for name, site in latent_sites(model_trace)
+                if name in guide_trace.nodes
+            )
+        for _, site in sites:
+            if site["value"].requires_grad:
+                aligned = _align(particle_factor, site)
+                site["value"].register_hook(lambda g, f=aligned: g * f)
+
+
+def data_plate_dims(sites: list[dict]) -> tuple[int, ...]:
+    """Dims of the plates that enclose every sample site: the data plate(s)."""
+    common = None
+    for site in sites:
+        frames = {
+            (f.name, f.dim)
+            for f in site["cond_indep_stack"]
+            if f.vectorized and f.name != PARTICLE_PLATE
+        }
+        common = frames if common is None else common & frames
+    return tuple(sorted(dim for _, dim in common or ()))
+
+
+def common_scale(sites: list[dict], local_dims: tuple[int, ...]) -> Any:
+    """The scale shared by all sites; sub-sampling outside the data plate fails."""
+    subsampled = sorted(
+        {
+            f.name
+            for site in sites
+            for f in site["cond_indep_stack"]
+            if f.full_size is not None
+            and f.full_size != f.size
+            and f.dim not in local_dims
+        }
+    )
+    if subsampled:
+        raise ValueError(
+            f"IWELBO cannot sub-sample plate {subsampled[0]!r}: it does not enclose "
+            "every sample site, so the bound does not factor over its points; put "
+            "all sample sites inside the sub-sampled plate or use full batches"
+        )
+    scale = sites[0]["scale"]
+    for site in sites[1:]:
+        if not _same_scale(site["scale"], scale):
+            raise ValueError(
+                f"IWELBO needs one scale for every sample site, but {site['name']!r} "
+                f"has {site['scale']} and {sites[0]['name']!r} has {scale}; "
+                "sub-sample or scale the whole model and guide, not single sites"
+            )
+    return scale
+
+
+def _same_scale(a: Any, b: Any) -> bool:
+    if a is b:
+        return True
+    if not (isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor)):
+        return a == b
+    a, b = torch.as_tensor(a), torch.as_tensor(b)
+    return a.shape == b.shape and bool((a == b).all())
+
+
+def log_p_and_q(
+    model_trace: Trace,
+    guide_trace: Trace,
+    plate_nesting: int,
+    local_dims: tuple[int, ...],
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The log p and log q parts of the log weights of one pair of traces.
+
+    A latent site of the model that the guide does not sample is drawn from its
+    prior during replay, so the prior is part of the proposal and cancels from
+    the weight: it enters neither part.
+    """
+    # Lists, not sets: the order of summation must not vary between processes.
+    guide_latent = [name for name, _ in latent_sites(guide_trace)]
+    prior_proposed = [
+        (name, site)
+        for name, site in latent_sites(model_trace)
+        if name not in guide_trace.nodes
+    ]
+    for name, site in prior_proposed:
+        if not site["fn"].has_rsample and torch.is_grad_enabled():
+            log_prob = site["fn"].log_prob(site["value"])
+            if log_prob.requires_grad:
+                raise NotImplementedError(
+                    f"IWELBO draws {name!r} from the model's prior (the guide does "
+                    f"not sample it), but its {type(site['fn']).__name__} depends "
+                    "on trainable values and has no rsample, so its gradient "
+                    f"would need a score-function term; sample {name!r} in the "
+                    "guide or give it a fixed prior"
+                )
+    skip = {name for name, _ in prior_proposed}
+    model_sites = [name for name in model_trace.nodes if name not in skip]
+    return (
+        _log_prob(model_trace, model_sites, plate_nesting, local_dims),
+        _log_prob(guide_trace, guide_latent, plate_nesting, local_dims),
+    )
+
+
+def _log_prob(
+    trace: Trace,
+    names: Collection[str],
+    plate_nesting: int,
+    local_dims: tuple[int, ...],
+) -> torch.Tensor:
+    """Unscaled log-prob of the trace's sample sites among ``names``, summed over
+    all but the particle and data plate dims.
+
+    :returns: a tensor of shape ``(particles,) + plate_shape``, one of length
+        ``plate_nesting + 1``, with particles 1 when particles are not vectorized.
+    """
+    total = None
+    for name in names:
+        site = trace.nodes[name]
+        if site["type"] != "sample":
+            continue
+        log_prob = site["fn"].log_prob(site["value"], *site["args"], **site["kwargs"])
+        log_prob = scale_and_mask(log_prob, mask=site["mask"])
+        if log_prob.dim() > plate_nesting + 1:
+            raise ValueError(
+                f"site {name!r} has batch shape {tuple(log_prob.shape)}, more dims "
+                f"than max_plate_nesting={plate_nesting} allows; raise "
+                "max_plate_nesting or declare the dims with pyro.plate"
+            )
+        if log_prob.dim() < plate_nesting + 1:
+            log_prob = log_prob.reshape(
+                (1,) * (plate_nesting + 1 - log_prob.dim()) + log_prob.shape
+            )
+        sum_dims = [
+            d
+            for d in range(-plate_nesting, 0)
+            if d not in local_dims and log_prob.shape[d] > 1
+        ]
+        if sum_dims:
+            log_prob = log_prob.sum(sum_dims, keepdim=True)
+        total = log_prob if total is None else total + log_prob
+    if total is None:
+        raise ValueError("IWELBO found no sample sites in the model or the guide")
+    return total
+
+
+def _align(weights: torch.Tensor, site: dict) -> torch.Tensor:
+    """Reshapes per-particle weights to broadcast against ``site['value']``."""
+    event_dim = site["fn"].event_dim
+    factor = weights.reshape(weights.shape + (1,) * event_dim)
+    extra = factor.dim() - site["value"].dim()
+    if extra > 0:
+        factor = factor.reshape(factor.shape[extra:])
+    return factor
+
+
+def cuda_devices(args: tuple, kwargs: dict) -> list[int]:
+    """Indices of the CUDA devices of the tensors among ``args`` and ``kwargs``."""
+    tensors = [
+        t
+        for t in (*args, *kwargs.values())
+        if isinstance(t, torch.Tensor) and t.is_cuda
+    ]
+    return sorted({t.device.index for t in tensors})
