@@ -155,7 +155,8 @@ def load_state(module: torch.nn.Module, state: Any, what: str, path: Path) -> No
     """Loads ``state``, the ``what`` (model or guide) of checkpoint ``path``,
     into ``module``.
 
-    :raises CheckpointError: if the state is of another architecture.
+    :raises CheckpointError: if the state is of another architecture or holds
+        values that are not finite (fit never saves those).
     """
     try:
         module.load_state_dict(state)
@@ -165,6 +166,12 @@ def load_state(module: torch.nn.Module, state: Any, what: str, path: Path) -> No
             f"({one_line(e)[:200]}); use the run directory that wrote it, or start "
             "a new run"
         ) from e
+    for name, value in state.items():
+        if value.is_floating_point() and not value.isfinite().all():
+            raise CheckpointError(
+                f"checkpoint {path} holds values that are not finite in {what} "
+                f"{name!r}; it was altered after training: start a new run"
+            )
 
 
 def rng_state(device: torch.device, data_rng: torch.Tensor) -> dict[str, Any]:

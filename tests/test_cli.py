@@ -287,3 +287,18 @@ def test_eval_nll_warns_in_one_line_of_estimates_that_are_not_finite(run, monkey
         "the data against the likelihood's support"
     ], result.output
     assert (run / "estimates-test-k5.txt").read_text().count("nan") == 2
+
+
+def test_checkpoint_with_values_that_are_not_finite(run, tmp_path):
+    altered = tmp_path / "altered"
+    altered.mkdir()
+    (altered / "config.json").write_bytes((run / "config.json").read_bytes())
+    checkpoint = torch.load(run / CHECKPOINT_FILE, weights_only=True)
+    name, value = next(
+        (n, v) for n, v in checkpoint["guide"].items() if v.is_floating_point()
+    )
+    checkpoint["guide"][name] = torch.full_like(value, float("nan"))
+    torch.save(checkpoint, altered / CHECKPOINT_FILE)
+    for command in (["eval-nll", altered], ["sample", altered]):
+        assert_one_line_error(invoke(*command), "not finite", repr(name), "new run")
+    assert_one_line_error(invoke("fit", "--resume", "--out", altered), "not finite")
