@@ -167,15 +167,15 @@ def chunk_sizes(total: int, chunk_size: int) -> Iterator[int]:
         yield min(chunk_size, total - start)
 
 
-def local_shape(particles: Particles, tensor: torch.Tensor) -> torch.Tensor:
-    """``tensor``, of the plate shape of ``particles`` (no particle dim), reshaped to
-    the data plate's shape; an error without a data plate."""
-    if not particles.local_dims:
+def local_shape(local_dims: tuple[int, ...], tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor``, of a plate shape with data plate dims ``local_dims`` and size 1
+    elsewhere, reshaped to the data plate's shape; an error without a data plate."""
+    if not local_dims:
         raise ValueError(
             "per-point estimates need a data plate that encloses every sample site "
             "of model and guide"
         )
-    return tensor.reshape([tensor.shape[d] for d in particles.local_dims])
+    return tensor.reshape([tensor.shape[d] for d in local_dims])
 
 
 def _particle_chunks(
@@ -235,7 +235,7 @@ def log_likelihood_with_diagnostics(
     khat = _khat_of_top(top.movedim(0, -1), num_samples)
     return Diagnostics(
         *(
-            local_shape(particles, t)
+            local_shape(particles.local_dims, t)
             for t in (sum_w - math.log(num_samples), stderr, ess, khat)
         )
     )
