@@ -1,6 +1,22 @@
 """Importance weighted autoencoders (Burda et al. 2016) for Pyro."""
 
 from ._version import __version__ as __version__
+from .ais import (
+    AISResult,
+    BDMCResult,
+    ais_log_likelihood,
+    ais_schedule,
+    ais_upper_bound,
+    bidirectional_log_likelihood,
+    sample_joint,
+)
+from .diagnostics import (
+    Diagnostics,
+    effective_sample_size,
+    importance_resample,
+    log_likelihood_with_diagnostics,
+    pareto_khat,
+)
 from .evaluation import (
     active_units,
     dataset_log_likelihood,
@@ -35,6 +51,18 @@ from .training import (
 )
 
 __all__ = [
+    "AISResult",
+    "BDMCResult",
+    "Diagnostics",
+    "ais_log_likelihood",
+    "ais_schedule",
+    "ais_upper_bound",
+    "bidirectional_log_likelihood",
+    "effective_sample_size",
+    "importance_resample",
+    "log_likelihood_with_diagnostics",
+    "pareto_khat",
+    "sample_joint",
     "CheckpointError",
     "FitCallback",
     "RunConfig",

@@ -74,7 +74,7 @@ def pareto_khat(log_weights: torch.Tensor, dim: int = 0) -> torch.Tensor:
     importance-sampling estimate from them is unreliable. ``-inf`` where the M + 1
     largest weights are equal up to rounding (their logs span under 1000 machine
     epsilons: a flat tail, as with the exact posterior for guide); NaN where
-    M < 5 (K < 25).
+    M < 5 (K <= 20).
 
     :returns: ``log_weights``'s shape without ``dim``.
     """
