@@ -211,16 +211,20 @@ def bidirectional_log_likelihood(
     guide: Callable,
     *args: Any,
     latents: dict[str, torch.Tensor],
+    num_steps: int = 1000,
+    num_chains: int = 16,
     **options: Any,
 ) -> BDMCResult:
     """Bidirectional Monte Carlo: forward :func:`ais_log_likelihood` and reverse
     :func:`ais_upper_bound` from ``latents`` on the same data, a sandwich around
     log p(x) for data simulated from the model (see :func:`sample_joint`).
 
-    ``options`` as :func:`ais_upper_bound`; both directions use the same tuned
-    step sizes.
+    ``num_steps``, ``num_chains`` and the other settings in ``options`` as
+    :func:`ais_log_likelihood`; both directions use the same tuned step sizes.
     """
-    settings, kwargs = _split_options(options)
+    settings, kwargs = _split_options(
+        dict(options, num_steps=num_steps, num_chains=num_chains)
+    )
     lower, step_sizes = _run(model, guide, args, kwargs, settings, None)
     upper, _ = _run(model, guide, args, kwargs, settings, latents, step_sizes)
     return BDMCResult(lower, upper)

@@ -205,8 +205,8 @@ def log_likelihood_with_diagnostics(
     guide: Callable,
     *args: Any,
     num_samples: int = 5000,
-    chunk_size: int | None = None,
     max_plate_nesting: int = 1,
+    chunk_size: int | None = None,
     **kwargs: Any,
 ) -> Diagnostics:
     """:func:`~pyro_iwae.log_likelihood` (the same estimate, from the same random
@@ -245,8 +245,8 @@ def importance_resample(
     model: Callable,
     guide: Callable,
     *args: Any,
-    num_samples: int = 1000,
-    num_draws: int = 100,
+    num_samples: int,
+    num_draws: int,
     chunk_size: int | None = None,
     max_plate_nesting: int = 1,
     **kwargs: Any,

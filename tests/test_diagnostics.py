@@ -5,7 +5,7 @@ import math
 import pyro
 import pytest
 import torch
-from linear_gaussian import LATENT_DIM, LinearGaussian
+from linear_gaussian import LATENT_DIM
 from pyro.infer import Predictive
 from pyro.ops.stats import fit_generalized_pareto
 
@@ -18,20 +18,7 @@ from pyro_iwae import (
 )
 from pyro_iwae.diagnostics import relative_stderr, tail_length
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny tensors: a second thread only adds contention on a shared machine.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture
-def correlated():
-    """Posterior correlation -0.76: a mean-field guide cannot match it."""
-    return LinearGaussian(seed=11)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_effective_sample_size_of_known_weights():
