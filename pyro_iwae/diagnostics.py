@@ -88,7 +88,7 @@ def _khat_of_top(top: torch.Tensor, num_samples: int) -> torch.Tensor:
     """k-hat from the largest log weights ``top`` (..., at least M + 1), sorted in
     descending order along the last dim, of ``num_samples`` in all."""
     m = tail_length(num_samples)
-    if m < _MIN_TAIL or num_samples < m + 1:
+    if m < _MIN_TAIL:
         return torch.full(top.shape[:-1], math.nan, dtype=top.dtype, device=top.device)
     top = top[..., : m + 1]
     # Equal up to rounding (an exact guide's weights differ by rounding errors of
