@@ -58,10 +58,11 @@ class AISResult(NamedTuple):
     - ``stderr``: its delta-method standard error over chains, in nats (NaN for
       one chain): the Monte Carlo error only, not the bound's bias;
     - ``ess``, ``khat``: Kish's effective sample size (1 to ``num_chains``) and
-      the Pareto k-hat (NaN below 25 chains) of the chains' weights;
+      the Pareto k-hat (NaN for 20 chains or fewer) of the chains' weights;
     - ``acceptance_rate``: the HMC acceptance probability, averaged over chains
       and transitions (NaN with ``num_steps=1``: no transitions);
-    - ``step_size``: the leapfrog step size at the end, averaged over chunks;
+    - ``step_size``: the tuned leapfrog step size of the transition nearest the
+      posterior (NaN with ``num_steps=1``);
     - ``log_weights``: ``[num_chains, batch]``, each chain's log weight: an
       estimate of log p(x) (forward) or of -log p(x) (reverse).
     """
@@ -106,8 +107,8 @@ def ais_schedule(num_steps: int, schedule: str = "sigmoid") -> torch.Tensor:
 
     ``"linear"``: :math:`t / T`. ``"sigmoid"`` (Grosse et al. 2015):
     :math:`\sigma(\delta (2t/T - 1))` rescaled to run from 0 to 1,
-    :math:`\delta` = :data:`SIGMOID_SHARPNESS`; its steps are smallest at both
-    ends, where :math:`\log \pi_\beta` changes fastest.
+    :math:`\delta` = :data:`SIGMOID_SHARPNESS`: finer steps at both ends than in
+    the middle.
     """
     if not isinstance(num_steps, int) or num_steps < 1:
         raise ValueError(f"num_steps must be an integer >= 1, got {num_steps}")
