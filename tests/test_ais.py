@@ -57,7 +57,7 @@ def test_one_step_is_importance_sampling(correlated):
     iwae = log_likelihood(lg.model, guide, x, num_samples=32, chunk_size=16)
     assert torch.allclose(ais.log_likelihood, iwae, rtol=0, atol=1e-12)
     assert ais.log_weights.shape == (32, 5)
-    assert ais.acceptance_rate.isnan().all()  # no transitions
+    assert ais.acceptance_rate.isnan().all() and ais.step_size.isnan().all()
 
 
 def test_exact_guide_gives_log_marginal_from_both_sides(lg):
