@@ -1,9 +1,25 @@
 """Importance weighted autoencoders (Burda et al. 2016) for Pyro."""
 
 from ._version import __version__ as __version__
+from .ais import (
+    AISResult,
+    BDMCResult,
+    ais_log_likelihood,
+    ais_schedule,
+    ais_upper_bound,
+    bidirectional_log_likelihood,
+    sample_joint,
+)
 from .callbacks import FitCallback, StepInfo
 from .checkpoints import CheckpointError, RunError, load_checkpoint, read_metrics
 from .config import RunConfig
+from .diagnostics import (
+    Diagnostics,
+    effective_sample_size,
+    importance_resample,
+    log_likelihood_with_diagnostics,
+    pareto_khat,
+)
 from .evaluation import (
     EstimateWarning,
     active_units,
@@ -42,6 +58,18 @@ from .schedules import (
 from .training import TrainingDiverged, fit
 
 __all__ = [
+    "AISResult",
+    "BDMCResult",
+    "Diagnostics",
+    "ais_log_likelihood",
+    "ais_schedule",
+    "ais_upper_bound",
+    "bidirectional_log_likelihood",
+    "effective_sample_size",
+    "importance_resample",
+    "log_likelihood_with_diagnostics",
+    "pareto_khat",
+    "sample_joint",
     "CheckpointError",
     "ConfigError",
     "FitCallback",

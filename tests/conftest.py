@@ -1,5 +1,6 @@
 import pyro
 import pytest
+import torch
 from linear_gaussian import LinearGaussian
 from small_run import small_config
 
@@ -24,3 +25,20 @@ def run_dir(tmp_path):
     run = tmp_path / "run"
     train_run(small_config(), run)
     return run
+
+
+@pytest.fixture
+def correlated():
+    """A linear-Gaussian model whose posterior has correlation -0.76: a mean-field
+    guide cannot match it."""
+    return LinearGaussian(seed=11)
+
+
+@pytest.fixture
+def one_thread():
+    """One torch thread: on tiny tensors a second only adds contention (on a
+    shared machine, ten times slower per operation)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

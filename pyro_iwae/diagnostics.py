@@ -1,0 +1,318 @@
+"""Diagnostics of importance weights, and sampling-importance-resampling.
+
+Kish's effective sample size, the Pareto k-hat of the weights' tail (Vehtari et
+al., *Pareto smoothed importance sampling*), both per data point, and posterior
+draws per point resampled from the guide's importance-weighted particles.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator
+from typing import Any, NamedTuple
+
+import torch
+
+from .evaluation import DEFAULT_MEMORY_BUDGET, default_chunk_size, evaluating
+from .objectives import IWELBO, Particles
+from .traces import latent_sites
+
+#: k-hat above which an importance-sampling estimate is unreliable (Vehtari et al.).
+KHAT_THRESHOLD = 0.7
+# The Pareto fit needs a few tail weights to mean anything; the loo package and
+# ArviZ give up below 5.
+_MIN_TAIL = 5
+# Tail weights whose logs span at most this many machine epsilons count as equal.
+_FLAT = 1000
+
+
+def effective_sample_size(log_weights: torch.Tensor, dim: int = 0) -> torch.Tensor:
+    r"""Kish's effective sample size :math:`(\sum_i w_i)^2 / \sum_i w_i^2` of the
+    weights :math:`w_i = \exp(\text{log\_weights}_i)` along ``dim``.
+
+    Computed in log space, so any offset of the log weights is harmless. Between
+    1 (one weight dominates) and K, the size of ``dim`` (equal weights).
+
+    :returns: ``log_weights``'s shape without ``dim``.
+    """
+    return torch.exp(2 * log_weights.logsumexp(dim) - (2 * log_weights).logsumexp(dim))
+
+
+def relative_stderr(log_weights: torch.Tensor, dim: int = 0) -> torch.Tensor:
+    r"""Delta-method standard error of :math:`\log \frac{1}{K}\sum_i w_i`, in nats.
+
+    :math:`\mathrm{sd}(w) / (\sqrt{K}\, \bar w)` with the unbiased sd, which is
+    :math:`\sqrt{(K / \mathrm{ESS} - 1) / (K - 1)}`; NaN for K = 1.
+
+    :returns: ``log_weights``'s shape without ``dim``.
+    """
+    return _stderr_of_ess(
+        effective_sample_size(log_weights, dim), log_weights.shape[dim]
+    )
+
+
+def _stderr_of_ess(ess: torch.Tensor, num_samples: int) -> torch.Tensor:
+    if num_samples == 1:
+        return torch.full_like(ess, math.nan)
+    # ESS can exceed K by a rounding error when the weights are all equal.
+    return ((num_samples / ess - 1).clamp(min=0) / (num_samples - 1)).sqrt()
+
+
+def tail_length(num_samples: int) -> int:
+    """M, the number of largest weights the Pareto tail is fitted to, out of
+    ``num_samples``: ``ceil(min(K / 5, 3 sqrt(K)))`` as in PSIS."""
+    return math.ceil(min(0.2 * num_samples, 3 * math.sqrt(num_samples)))
+
+
+def pareto_khat(log_weights: torch.Tensor, dim: int = 0) -> torch.Tensor:
+    r"""Pareto :math:`\hat k` of the importance weights' upper tail along ``dim``.
+
+    Fits a generalized Pareto distribution to the excesses of the largest
+    M = :func:`tail_length` (K) weights over the next largest, by the method of
+    Zhang & Stephens (2009) with the weakly informative prior of PSIS (as
+    :func:`pyro.ops.stats.fit_generalized_pareto`, vectorized). The weights have
+    finite variance for k < 1/2; above :data:`KHAT_THRESHOLD` (0.7) an
+    importance-sampling estimate from them is unreliable. ``-inf`` where the M + 1
+    largest weights are equal up to rounding (their logs span under 1000 machine
+    epsilons: a flat tail, as with the exact posterior for guide); NaN where
+    M < 5 (K <= 20).
+
+    :returns: ``log_weights``'s shape without ``dim``.
+    """
+    num_samples = log_weights.shape[dim]
+    moved = log_weights.movedim(dim, -1)
+    top = moved.topk(min(tail_length(num_samples) + 1, num_samples), dim=-1).values
+    return _khat_of_top(top, num_samples)
+
+
+def _khat_of_top(top: torch.Tensor, num_samples: int) -> torch.Tensor:
+    """k-hat from the largest log weights ``top`` (..., at least M + 1), sorted in
+    descending order along the last dim, of ``num_samples`` in all."""
+    m = tail_length(num_samples)
+    if m < _MIN_TAIL:
+        return torch.full(top.shape[:-1], math.nan, dtype=top.dtype, device=top.device)
+    top = top[..., : m + 1]
+    # Equal up to rounding (an exact guide's weights differ by rounding errors of
+    # the log densities): no tail to fit, and the fit would divide by zero.
+    flat = top[..., 0] - top[..., m] <= _FLAT * torch.finfo(top.dtype).eps
+    # Weights relative to the largest: the fit is scale-free, and this cannot
+    # overflow. Float64 because the excesses can be tiny differences of weights.
+    weights = (top - top[..., :1]).double().exp()
+    excess = (weights[..., :m] - weights[..., m:]).flip(-1)
+    excess = torch.where(flat.unsqueeze(-1), torch.ones_like(excess), excess)
+    khat = _fit_pareto_shape(excess).masked_fill(flat, -math.inf)
+    return khat.to(top.dtype)
+
+
+def _fit_pareto_shape(excess: torch.Tensor) -> torch.Tensor:
+    """Shape k of a generalized Pareto fitted to each row of ``excess`` (..., N),
+    sorted ascending and positive at the end: Pyro's ``fit_generalized_pareto``
+    (Zhang & Stephens 2009, PSIS prior), on every row at once."""
+    n = excess.shape[-1]
+    grid = 30 + int(math.sqrt(n))
+    j = torch.arange(1, grid + 1, dtype=excess.dtype, device=excess.device)
+    # b = k / sigma over a grid scaled to the data: the quartile and the maximum.
+    b = (1 - math.sqrt(grid) / (j - 0.5).sqrt()) / (
+        3 * excess[..., int(n / 4 - 0.5), None]
+    ) + 1 / excess[..., -1:]
+    k = torch.log1p(-b.unsqueeze(-1) * excess.unsqueeze(-2)).mean(-1)
+    profile = n * (torch.log(-b / k) - k - 1)
+    # Pyro drops grid points of weight below 1e-30, NaNs among them.
+    weights = profile.nan_to_num(-math.inf).softmax(-1)
+    weights = torch.where(weights > 1e-30, weights, torch.zeros_like(weights))
+    b_post = (b * weights).sum(-1) / weights.sum(-1)
+    k_post = torch.log1p(-b_post.unsqueeze(-1) * excess).mean(-1)
+    # The prior: shrink toward 1/2 as if 10 more points had k = 1/2.
+    return (k_post * n + 5.0) / (n + 10.0)
+
+
+class Diagnostics(NamedTuple):
+    """Per-point importance-sampling estimate and diagnostics, each of shape
+    ``[batch]``: ``log_likelihood`` (nats), its delta-method ``stderr`` (nats),
+    Kish's ``ess`` of the K weights (1 to K), and the Pareto ``khat`` of their
+    tail (> 0.7: unreliable)."""
+
+    log_likelihood: torch.Tensor
+    stderr: torch.Tensor
+    ess: torch.Tensor
+    khat: torch.Tensor
+
+
+def resolve_chunk_size(
+    model: Callable,
+    guide: Callable,
+    args: tuple,
+    kwargs: dict,
+    chunk_size: int | None,
+    max_plate_nesting: int,
+    memory_budget: int = DEFAULT_MEMORY_BUDGET,
+) -> int:
+    """``chunk_size``, or :func:`default_chunk_size` for ``memory_budget`` if None."""
+    if chunk_size is None:
+        chunk_size = default_chunk_size(
+            model,
+            guide,
+            *args,
+            memory_budget=memory_budget,
+            max_plate_nesting=max_plate_nesting,
+            **kwargs,
+        )
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    return chunk_size
+
+
+def chunk_sizes(total: int, chunk_size: int) -> Iterator[int]:
+    """Chunks of ``chunk_size`` (the last may be smaller) that add up to ``total``."""
+    for start in range(0, total, chunk_size):
+        yield min(chunk_size, total - start)
+
+
+def local_shape(local_dims: tuple[int, ...], tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor``, of a plate shape with data plate dims ``local_dims`` and size 1
+    elsewhere, reshaped to the data plate's shape; an error without a data plate."""
+    if not local_dims:
+        raise ValueError(
+            "per-point estimates need a data plate that encloses every sample site "
+            "of model and guide"
+        )
+    return tensor.reshape([tensor.shape[d] for d in local_dims])
+
+
+def _particle_chunks(
+    model: Callable,
+    guide: Callable,
+    args: tuple,
+    kwargs: dict,
+    num_samples: int,
+    chunk_size: int | None,
+    max_plate_nesting: int,
+) -> Iterator[Particles]:
+    """:meth:`IWELBO.particles` of ``num_samples`` particles, ``chunk_size`` at a
+    time, with the modules in eval mode and no gradients."""
+    if num_samples < 1:
+        raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+    chunk_size = resolve_chunk_size(
+        model, guide, args, kwargs, chunk_size, max_plate_nesting
+    )
+    with evaluating(model, guide):
+        for size in chunk_sizes(num_samples, chunk_size):
+            elbo = IWELBO(num_particles=size, max_plate_nesting=max_plate_nesting)
+            yield elbo.particles(model, guide, *args, **kwargs)
+
+
+def log_likelihood_with_diagnostics(
+    model: Callable,
+    guide: Callable,
+    *args: Any,
+    num_samples: int = 5000,
+    max_plate_nesting: int = 1,
+    chunk_size: int | None = None,
+    **kwargs: Any,
+) -> Diagnostics:
+    """:func:`~pyro_iwae.log_likelihood` (the same estimate, from the same random
+    draws), with its standard error, ESS and Pareto k-hat per point.
+
+    Chunked like ``log_likelihood``: the running sums of the weights and of their
+    squares, and the M + 1 largest weights for k-hat (M = :func:`tail_length`,
+    at most 3 sqrt(K) + 1), are all that is kept between chunks.
+    """
+    sum_w = sum_w2 = top = None
+    tail = min(tail_length(num_samples) + 1, num_samples)
+    for particles in _particle_chunks(
+        model, guide, args, kwargs, num_samples, chunk_size, max_plate_nesting
+    ):
+        log_w = particles.log_weights
+        chunk_w, chunk_w2 = log_w.logsumexp(0), (2 * log_w).logsumexp(0)
+        if sum_w is None:
+            sum_w, sum_w2, candidates = chunk_w, chunk_w2, log_w
+        else:
+            sum_w = torch.logaddexp(sum_w, chunk_w)
+            sum_w2 = torch.logaddexp(sum_w2, chunk_w2)
+            candidates = torch.cat([top, log_w])
+        top = candidates.topk(min(tail, candidates.shape[0]), dim=0).values
+    ess = torch.exp(2 * sum_w - sum_w2)
+    stderr = _stderr_of_ess(ess, num_samples)
+    khat = _khat_of_top(top.movedim(0, -1), num_samples)
+    return Diagnostics(
+        *(
+            local_shape(particles.local_dims, t)
+            for t in (sum_w - math.log(num_samples), stderr, ess, khat)
+        )
+    )
+
+
+def importance_resample(
+    model: Callable,
+    guide: Callable,
+    *args: Any,
+    num_samples: int,
+    num_draws: int,
+    chunk_size: int | None = None,
+    max_plate_nesting: int = 1,
+    **kwargs: Any,
+) -> dict[str, torch.Tensor]:
+    r"""Approximate posterior draws per data point by sampling-importance-resampling.
+
+    For each point x, ``num_samples`` particles :math:`z_i \sim q(z|x)` are weighed
+    by :math:`p(x, z_i) / q(z_i|x)` and ``num_draws`` of them drawn with
+    replacement in proportion to their weights: draws from the IWAE's implied
+    posterior, which tends to p(z|x) as ``num_samples`` grows. Particles come
+    ``chunk_size`` at a time (a weighted reservoir keeps each draw exact), so memory
+    does not grow with ``num_samples``.
+
+    :returns: latent site name -> tensor ``[num_draws, *plate_shape, *event_shape]``
+        with ``max_plate_nesting`` plate dims (``[num_draws, batch, latent_dim]``
+        for the paper's guides): the format of ``pyro.infer.Predictive``'s
+        ``posterior_samples``.
+    """
+    if num_draws < 1:
+        raise ValueError(f"num_draws must be >= 1, got {num_draws}")
+    draws: dict[str, torch.Tensor] = {}
+    total = None
+    for particles in _particle_chunks(
+        model, guide, args, kwargs, num_samples, chunk_size, max_plate_nesting
+    ):
+        log_w = particles.log_weights
+        chunk_total = log_w.logsumexp(0)
+        total = chunk_total if total is None else torch.logaddexp(total, chunk_total)
+        # Each draw picks a particle within the chunk, then takes it over the draw
+        # it holds with probability (chunk's weight) / (weight of all so far).
+        picks = torch.distributions.Categorical(logits=log_w.movedim(0, -1)).sample(
+            (num_draws,)
+        )
+        keep_new = (
+            torch.rand_like(picks, dtype=log_w.dtype) < (chunk_total - total).exp()
+        )
+        guide_trace = particles.traces[0][1]
+        for name, site in latent_sites(guide_trace):
+            value = _with_particle_dim(site["value"], log_w.dim(), site["fn"].event_dim)
+            new = _gather(value, picks)
+            held = draws.get(name)
+            draws[name] = (
+                new
+                if held is None
+                else torch.where(_broadcastable(keep_new, new), new, held)
+            )
+    return draws
+
+
+def _with_particle_dim(
+    value: torch.Tensor, plate_dims: int, event_dim: int
+) -> torch.Tensor:
+    """``value`` with all ``plate_dims`` batch dims (particle dim first) present."""
+    missing = plate_dims + event_dim - value.dim()
+    return value.reshape((1,) * missing + value.shape)
+
+
+def _broadcastable(mask: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """``mask`` with trailing singleton dims to broadcast against ``like``."""
+    return mask.reshape(mask.shape + (1,) * (like.dim() - mask.dim()))
+
+
+def _gather(value: torch.Tensor, picks: torch.Tensor) -> torch.Tensor:
+    """Particles ``picks`` (``[draws] + plate_shape``) of ``value`` (``[particles] +
+    plate_shape + event``), per point: ``[draws] + value.shape[1:]``."""
+    index = _broadcastable(picks, value)
+    index = index.expand((picks.shape[0],) + value.shape[1:])
+    return value.gather(0, index)

@@ -1,0 +1,223 @@
+"""AIS and bidirectional Monte Carlo against the closed-form log p(x) (seeded).
+
+The guide is mean-field, shifted and too wide, on a posterior with correlation
+-0.76 (``LinearGaussian(seed=11)``): plain importance sampling is off by tenths
+of a nat, so what AIS gains shows.
+"""
+
+import math
+
+import pyro
+import pyro.distributions as dist
+import pytest
+import torch
+from linear_gaussian import LATENT_DIM, OBS_DIM, SIGMA
+
+from pyro_iwae import (
+    ais_log_likelihood,
+    ais_schedule,
+    ais_upper_bound,
+    bidirectional_log_likelihood,
+    log_likelihood,
+    sample_joint,
+)
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def mean_and_se(values: torch.Tensor) -> tuple[float, float]:
+    """Mean over points and its standard error."""
+    return float(values.mean()), float(values.std() / math.sqrt(values.numel()))
+
+
+def test_schedules_run_from_guide_to_posterior():
+    for kind in ("sigmoid", "linear"):
+        betas = ais_schedule(10, kind)
+        assert betas.shape == (11,) and betas.dtype == torch.float64
+        assert betas[0] == 0 and betas[-1] == 1 and (betas.diff() > 0).all()
+        assert torch.allclose(betas + betas.flip(0), torch.ones(11, dtype=betas.dtype))
+    # The sigmoid schedule's steps are finer at the ends than the linear one's.
+    sigmoid = ais_schedule(100).diff()
+    assert sigmoid[0] < 0.01 < sigmoid[50]
+    with pytest.raises(ValueError, match="unknown schedule"):
+        ais_schedule(10, "cosine")
+    with pytest.raises(ValueError, match="num_steps"):
+        ais_schedule(0)
+
+
+def test_one_step_is_importance_sampling(correlated):
+    lg = correlated
+    x = lg.sample_data(5)
+    guide = lg.diagonal_guide(0.5, 1.5)
+    pyro.set_rng_seed(3)
+    ais = ais_log_likelihood(
+        lg.model, guide, x, num_steps=1, num_chains=32, chunk_size=16
+    )
+    pyro.set_rng_seed(3)
+    iwae = log_likelihood(lg.model, guide, x, num_samples=32, chunk_size=16)
+    assert torch.allclose(ais.log_likelihood, iwae, rtol=0, atol=1e-12)
+    assert ais.log_weights.shape == (32, 5)
+    assert ais.acceptance_rate.isnan().all() and ais.step_size.isnan().all()
+
+
+def test_exact_guide_gives_log_marginal_from_both_sides(lg):
+    """With q = p(z|x), log w = log p(x) everywhere: every chain's weight is exact."""
+    pyro.set_rng_seed(0)
+    sim = sample_joint(lg.model, torch.zeros(6, OBS_DIM, dtype=torch.float64))
+    bounds = bidirectional_log_likelihood(
+        lg.model,
+        lg.exact_guide,
+        sim["x"],
+        latents={"z": sim["z"]},
+        num_steps=5,
+        num_chains=8,
+    )
+    exact = lg.log_marginal(sim["x"])
+    for result in bounds:
+        assert torch.allclose(result.log_likelihood, exact, rtol=0, atol=1e-10)
+        assert torch.allclose(result.ess, torch.full_like(exact, 8.0))
+        assert (result.stderr < 1e-6).all()
+    assert (bounds.lower.acceptance_rate > 0.3).all()
+
+
+def test_ais_converges_to_log_marginal_as_steps_grow(correlated):
+    lg = correlated
+    x = lg.sample_data(50)
+    exact = lg.log_marginal(x)
+    guide = lg.diagonal_guide(0.5, 1.5)
+    rmse = {}
+    for num_steps in (1, 10, 100):
+        result = ais_log_likelihood(
+            lg.model,
+            guide,
+            x,
+            num_steps=num_steps,
+            num_chains=8,
+            num_leapfrog_steps=3,
+        )
+        error = result.log_likelihood - exact
+        rmse[num_steps] = float(error.square().mean().sqrt())
+    assert rmse[100] < rmse[10] < rmse[1] and rmse[100] < rmse[1] / 3
+    # At 100 steps the error is what the standard errors say it is.
+    z = error / result.stderr
+    assert z.square().mean() < 2 and (z.abs() < 2).float().mean() >= 0.8
+    assert result.acceptance_rate.mean() == pytest.approx(0.65, abs=0.05)
+
+
+def test_ais_is_unbiased_in_p_and_a_lower_bound_in_log_p(correlated):
+    """Each chain's weight estimates p(x) without bias; the log of their mean
+    falls short of log p(x) in expectation (Jensen), most at few chains."""
+    lg = correlated
+    x = lg.sample_data(300, seed=2)
+    exact = lg.log_marginal(x)
+    result = ais_log_likelihood(
+        lg.model,
+        lg.diagonal_guide(0.5, 1.5),
+        x,
+        num_steps=5,
+        num_chains=4,
+        num_leapfrog_steps=3,
+        chunk_size=3,
+    )
+    assert result.log_weights.shape == (4, 300)
+    ratio, ratio_se = mean_and_se((result.log_weights - exact).exp().mean(0))
+    assert abs(ratio - 1) < 3 * ratio_se
+    error, error_se = mean_and_se(result.log_likelihood - exact)
+    assert error < -3 * error_se
+
+
+def test_bidirectional_bounds_sandwich_log_marginal(correlated):
+    lg = correlated
+    pyro.set_rng_seed(1)
+    sim = sample_joint(lg.model, torch.zeros(200, OBS_DIM, dtype=torch.float64))
+    exact = lg.log_marginal(sim["x"])
+    gaps = {}
+    for num_steps in (5, 50):
+        bounds = bidirectional_log_likelihood(
+            lg.model,
+            lg.diagonal_guide(0.5, 1.5),
+            sim["x"],
+            latents={"z": sim["z"]},
+            num_steps=num_steps,
+            num_chains=4,
+            num_leapfrog_steps=3,
+        )
+        lower, lower_se = mean_and_se(bounds.lower.log_likelihood - exact)
+        upper, upper_se = mean_and_se(bounds.upper.log_likelihood - exact)
+        gaps[num_steps] = float(bounds.gap.mean())
+        if num_steps == 5:
+            assert lower < -3 * lower_se and upper > 3 * upper_se
+        else:
+            assert lower < 3 * lower_se and upper > -3 * upper_se
+    assert gaps[50] < gaps[5] / 4
+
+
+def test_latents_in_a_second_plate(correlated):
+    """Latent units in their own plate: a point's energy sums over that plate."""
+    lg = correlated
+
+    def model(data):
+        with pyro.plate("data", data.shape[0], dim=-1):
+            with pyro.plate("units", LATENT_DIM, dim=-2):
+                z = pyro.sample("z", dist.Normal(data.new_zeros(()), 1.0))
+            # Sum over units, keeping that dim: batch shape [..., 1, points].
+            loc = (z.unsqueeze(-1) * lg.W.T.unsqueeze(-2)).sum(-3, keepdim=True) + lg.b
+            pyro.sample("x", dist.Normal(loc, SIGMA).to_event(1), obs=data)
+
+    def guide(data):
+        scale = 1.5 * lg.post_cov.diagonal().sqrt().unsqueeze(-1)
+        with pyro.plate("data", data.shape[0], dim=-1):
+            with pyro.plate("units", LATENT_DIM, dim=-2):
+                pyro.sample("z", dist.Normal(lg.post_loc(data).T + 0.5, scale))
+
+    x = lg.sample_data(50)
+    errors = []
+    for num_steps in (1, 30):
+        result = ais_log_likelihood(
+            model,
+            guide,
+            x,
+            num_steps=num_steps,
+            num_chains=8,
+            num_leapfrog_steps=3,
+            max_plate_nesting=2,
+        )
+        assert result.log_likelihood.shape == (50,)
+        errors.append(result.log_likelihood - lg.log_marginal(x))
+    assert errors[1].abs().mean() < 0.6 * errors[0].abs().mean()
+    assert (errors[1] / result.stderr).square().mean() < 2.5
+
+
+def test_ais_refuses_what_it_cannot_do(lg):
+    x = lg.sample_data(3)
+
+    def positive_model(data):
+        with pyro.plate("data", data.shape[0]):
+            s = pyro.sample("s", dist.Gamma(data.new_ones(()), 1.0))
+            scale = s.unsqueeze(-1).expand(s.shape + (OBS_DIM,))
+            pyro.sample("x", dist.Normal(0.0, scale).to_event(1), obs=data)
+
+    def positive_guide(data):
+        with pyro.plate("data", data.shape[0]):
+            pyro.sample("s", dist.Gamma(data.new_ones(()), 1.0))
+
+    with pytest.raises(ValueError, match="real support"):
+        ais_log_likelihood(positive_model, positive_guide, x, num_steps=2)
+    with pytest.raises(ValueError, match="latent sites"):
+        ais_upper_bound(lg.model, lg.exact_guide, x, latents={"w": x}, num_steps=2)
+    with pytest.raises(ValueError, match="shape"):
+        ais_upper_bound(lg.model, lg.exact_guide, x, latents={"z": x}, num_steps=2)
+    with pytest.raises(ValueError, match="num_chains"):
+        ais_log_likelihood(lg.model, lg.exact_guide, x, num_chains=0)
+    with pytest.raises(ValueError, match="target_accept"):
+        ais_log_likelihood(lg.model, lg.exact_guide, x, target_accept=1.0)
+
+    def joint_model(data):  # no plate: one joint estimate, not one per point
+        z = pyro.sample("z", dist.Normal(data.new_zeros(2), 1.0).to_event(1))
+        pyro.sample("x", dist.Normal(z.sum(-1), 1.0), obs=data.sum())
+
+    def joint_guide(data):
+        pyro.sample("z", dist.Normal(data.new_zeros(2), 1.0).to_event(1))
+
+    with pytest.raises(ValueError, match="data plate"):
+        ais_log_likelihood(joint_model, joint_guide, x, num_steps=2)

@@ -1,0 +1,166 @@
+"""ESS, Pareto k-hat and importance resampling against closed forms (seeded)."""
+
+import math
+
+import pyro
+import pytest
+import torch
+from linear_gaussian import LATENT_DIM
+from pyro.infer import Predictive
+from pyro.ops.stats import fit_generalized_pareto
+
+from pyro_iwae import (
+    effective_sample_size,
+    importance_resample,
+    log_likelihood,
+    log_likelihood_with_diagnostics,
+    pareto_khat,
+)
+from pyro_iwae.diagnostics import relative_stderr, tail_length
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def test_effective_sample_size_of_known_weights():
+    log_w = torch.tensor(
+        [[0.0, 0.0, -math.inf, -math.inf], [0.0, math.log(3), -math.inf, -math.inf]],
+        dtype=torch.float64,
+    )
+    expected = torch.tensor([2, 1.6], dtype=torch.float64)
+    assert torch.allclose(effective_sample_size(log_w, dim=1), expected)
+    # Stable far from 0, in either direction, and along any dim.
+    for offset in (-1e4, 1e4):
+        assert torch.allclose(effective_sample_size((log_w + offset).T), expected)
+
+
+def test_relative_stderr_is_the_delta_method():
+    log_w = torch.randn(5, 300, dtype=torch.float64)
+    w = log_w.exp()
+    expected = w.std(1) / (math.sqrt(300) * w.mean(1))
+    assert torch.allclose(relative_stderr(log_w, dim=1), expected)
+    assert relative_stderr(log_w[:, :1], dim=1).isnan().all()
+
+
+def test_pareto_khat_is_pyros_fit_on_the_tail():
+    log_w = torch.randn(6, 400, dtype=torch.float64) * 2
+    m = tail_length(400)
+    assert m == 60  # 3 sqrt(400) < 400 / 5
+    expected = []
+    for row in log_w:
+        top = row.sort(descending=True).values[: m + 1].exp()
+        expected.append(fit_generalized_pareto(top[:m] - top[m])[0])
+    khat = pareto_khat(log_w.T, dim=0)
+    assert torch.allclose(khat, torch.tensor(expected, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("shape", [0.3, 1.0])
+def test_pareto_khat_recovers_the_tail_index(shape):
+    g = torch.Generator().manual_seed(0)
+    u = torch.rand(16, 4000, generator=g, dtype=torch.float64)
+    weights = (u.pow(-shape) - 1) / shape  # generalized Pareto, shape k, scale 1
+    khat = pareto_khat(weights.log(), dim=1)
+    assert khat.mean() == pytest.approx(shape, abs=0.1)
+    assert (khat - shape).abs().max() < 0.4
+
+
+def test_pareto_khat_of_flat_and_short_tails():
+    assert (pareto_khat(torch.zeros(100, 3)) == -math.inf).all()
+    assert pareto_khat(torch.randn(20, 3)).isnan().all()  # M = 4 < 5
+    assert pareto_khat(torch.randn(21, 3)).isfinite().all()
+
+
+def test_diagnostics_share_log_likelihoods_draws_and_any_chunking(lg):
+    # Chunks of 16 particles x 3 points x 2 dims: a multiple of 16 normals each,
+    # the same stream in one draw or several (as in test_evaluation).
+    x = lg.sample_data(3)
+    guide = lg.diagonal_guide()
+    results = []
+    for chunk_size in (64, 16):
+        pyro.set_rng_seed(7)
+        results.append(
+            log_likelihood_with_diagnostics(
+                lg.model, guide, x, num_samples=64, chunk_size=chunk_size
+            )
+        )
+    pyro.set_rng_seed(7)
+    plain = log_likelihood(lg.model, guide, x, num_samples=64, chunk_size=32)
+    assert torch.allclose(results[0].log_likelihood, plain, rtol=0, atol=1e-12)
+    for a, b in zip(*results, strict=True):
+        assert a.shape == (3,)
+        assert torch.allclose(a, b, rtol=0, atol=1e-10)
+
+
+def test_ess_is_k_for_the_exact_posterior(lg):
+    x = lg.sample_data(10)
+    d = log_likelihood_with_diagnostics(
+        lg.model, lg.exact_guide, x, num_samples=500, chunk_size=70
+    )
+    assert torch.allclose(d.ess, torch.full_like(d.ess, 500.0), rtol=1e-9)
+    assert torch.allclose(d.log_likelihood, lg.log_marginal(x))
+    assert (d.stderr < 1e-6).all()
+    assert (d.khat == -math.inf).all()  # equal weights: no tail
+
+
+def test_khat_flags_a_guide_narrower_than_the_posterior(correlated):
+    """Weights q/p are bounded when q is wider than p in every direction (k <= 0)
+    and heavy-tailed when narrower: with q's variance at most 1/19 of p's in some
+    direction, the tail index is 1 - 1/19 = 0.95."""
+    lg = correlated
+    x = lg.sample_data(30)
+    wide, narrow = (
+        log_likelihood_with_diagnostics(lg.model, guide, x, num_samples=5000)
+        for guide in (lg.diagonal_guide(0.5, 1.5), lg.diagonal_guide(0.0, 0.3))
+    )
+    assert (wide.khat < 0.5).all()
+    # k-hat runs low for k near 1 (0.49 to 1.1 here, over seeds).
+    assert narrow.khat.median() > 0.75 and narrow.khat.min() > 0.4
+    assert (narrow.ess < wide.ess).all()
+
+
+def test_importance_resampling_recovers_a_correlated_posterior(correlated):
+    lg = correlated
+    x = lg.sample_data(20)
+    guide = lg.diagonal_guide(0.5, 1.5)  # mean-field, shifted, too wide
+    num_samples, num_draws = 5000, 2000
+    draws = importance_resample(
+        lg.model,
+        guide,
+        x,
+        num_samples=num_samples,
+        num_draws=num_draws,
+        chunk_size=1200,
+    )
+    assert draws.keys() == {"z"}
+    z = draws["z"]
+    assert z.shape == (num_draws, 20, LATENT_DIM)
+    ess = log_likelihood_with_diagnostics(
+        lg.model, guide, x, num_samples=num_samples
+    ).ess
+    # Monte Carlo error of a draw mean: the resampling's, and the particles'.
+    var = lg.post_cov.diagonal()
+    se = (var * (1 / num_draws + 1 / ess.unsqueeze(-1))).sqrt()
+    z_scores = (z.mean(0) - lg.post_loc(x)) / se
+    assert z_scores.abs().max() < 4.5
+    assert z_scores.square().mean() < 2
+    # What resampling corrects: the guide's own mean is 0.5 off, dozens of SEs.
+    assert (0.5 / se).min() > 10
+    centred = (z - lg.post_loc(x)).reshape(-1, LATENT_DIM)
+    cov = centred.T @ centred / centred.shape[0]
+    # Effective draws: each point's at most min(draws, ESS), halved for ties.
+    n_eff = float(torch.minimum(ess, torch.tensor(num_draws)).sum()) / 2
+    sd = var.sqrt()
+    cov_se = ((torch.outer(var, var) + lg.post_cov.square()) / n_eff).sqrt()
+    assert ((cov - lg.post_cov).abs() < 4 * cov_se).all()
+    corr = cov[0, 1] / (sd[0] * sd[1])
+    assert corr < -0.7  # the guide's is 0
+
+
+def test_resampled_draws_feed_predictive(lg):
+    x = lg.sample_data(4)
+    draws = importance_resample(
+        lg.model, lg.exact_guide, x, num_samples=50, num_draws=7
+    )
+    predicted = Predictive(lg.model, posterior_samples=draws, return_sites=["z"])(x)
+    assert torch.equal(predicted["z"], draws["z"])
+    with pytest.raises(ValueError, match="num_draws"):
+        importance_resample(lg.model, lg.exact_guide, x, num_samples=5, num_draws=0)
