@@ -10,7 +10,13 @@ import torch
 from click.testing import CliRunner
 from linear_gaussian import LinearGaussian
 
-from pyro_iwae import IWELBO, log_likelihood, paper_architecture
+from pyro_iwae import (
+    IWELBO,
+    ais_log_likelihood,
+    log_likelihood,
+    log_likelihood_with_diagnostics,
+    paper_architecture,
+)
 from pyro_iwae.checkpoints import CHECKPOINT_FILE, load_checkpoint
 from pyro_iwae.config import RunConfig
 from pyro_iwae.data import load_dataset
@@ -144,3 +150,14 @@ def test_fit_eval_nll_sample_and_resume_with_cuda(tmp_path, monkeypatch):
         assert "NLL = " in result.output and "50 points" in result.output
     invoke("sample", full, "--cuda", "--out", tmp_path / "samples.png")
     assert (tmp_path / "samples-reconstructions.png").is_file()
+
+
+def test_ais_and_diagnostics_on_cuda(lg):
+    x = lg.sample_data(6)
+    guide = lg.diagonal_guide(shift=0.3, inflate=1.5)
+    result = ais_log_likelihood(lg.model, guide, x, num_steps=50, num_chains=8)
+    assert result.log_likelihood.is_cuda
+    error = result.log_likelihood - lg.log_marginal(x)
+    assert (error.abs() < 5 * result.stderr + 0.05).all(), (error, result.stderr)
+    diagnostics = log_likelihood_with_diagnostics(lg.model, guide, x, num_samples=500)
+    assert diagnostics.ess.is_cuda and (diagnostics.ess <= 500).all()
