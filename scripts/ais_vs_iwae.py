@@ -7,6 +7,11 @@ Writes ``<out>/<run name>.json`` (settings, seed, versions, times, per-point
 estimates) and prints a Markdown table of all runs given.
 
     python scripts/ais_vs_iwae.py RUN_DIR [RUN_DIR ...] --data-dir DATA --cuda
+    python scripts/ais_vs_iwae.py --report results/ais/*.json --pair iwae-k50 vae-k50
+
+``--report`` reads results written before and prints their table; ``--pair A B``
+adds how much higher A's log-likelihood is than B's by each estimator, paired
+over the points they share.
 """
 
 from __future__ import annotations
@@ -115,9 +120,24 @@ def table(results: list[dict]) -> str:
     return "\n".join([head, *rows])
 
 
+def pair(results: list[dict], a: str, b: str) -> str:
+    by_run = {r["run"]: r["estimates"] for r in results}
+    lines = []
+    for method in ("iwae", "ais"):
+        d = torch.tensor(by_run[a][method]) - torch.tensor(by_run[b][method])
+        se = d.std().item() / math.sqrt(d.numel())
+        lines.append(
+            f"- {a} above {b}, by {method.upper()}: {d.mean().item():.3f} ± {se:.3f} "
+            f"nats per point ({d.numel()} points, paired)"
+        )
+    return "\n".join(lines)
+
+
 def main(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("runs", nargs="+", type=Path)
+    parser.add_argument("runs", nargs="*", type=Path)
+    parser.add_argument("--report", nargs="+", type=Path, default=None)
+    parser.add_argument("--pair", nargs=2, metavar=("A", "B"), default=None)
     parser.add_argument("--data-dir", default=None)
     parser.add_argument("--points", type=int, default=1000)
     parser.add_argument("--k", type=int, default=5000)
@@ -128,6 +148,13 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--cuda", action="store_true")
     parser.add_argument("--out", type=Path, default=Path("results/ais"))
     args = parser.parse_args(argv)
+    if args.report:
+        results = [json.loads(path.read_text()) for path in args.report]
+        print(table(results))
+        if args.pair:
+            print()
+            print(pair(results, *args.pair))
+        return
     device = "cuda" if args.cuda else "cpu"
     args.out.mkdir(parents=True, exist_ok=True)
     results = []
