@@ -41,6 +41,7 @@ from typing import Any
 
 import pyro
 import torch
+from pyro.poutine.messenger import Messenger
 from torch import fx
 
 from .evaluation import default_chunk_size, evaluating
@@ -132,21 +133,34 @@ def trace_graph(
     """
     from torch.fx.experimental.proxy_tensor import make_fx
 
-    gm = make_fx(fn, tracing_mode="fake")(*inputs)
+    # Validation reads values (data-dependent): the eager check of the first call
+    # validates, the graph does not.
+    with pyro.validation_enabled(False), _NoParamStore():
+        gm = make_fx(fn, tracing_mode="fake")(*inputs)
     constants = [
         getattr(gm, node.target) for node in gm.graph.nodes if node.op == "get_attr"
     ]
     if any(isinstance(c, torch.Tensor) and c.requires_grad for c in constants):
-        raise _Unsupported(
-            "the program uses a trainable tensor that is neither a parameter of "
-            "the model or guide module nor an input (pyro.param, or pyro.module "
-            "inside a function)"
-        )
+        raise _Unsupported(_PARAM_MESSAGE)
     return gm, _lift_random_ops(gm)
 
 
 class _Unsupported(Exception):
     pass
+
+
+_PARAM_MESSAGE = (
+    "the program uses a trainable tensor that is neither a parameter of the model "
+    "or guide module nor an input (pyro.param, or pyro.module inside a function)"
+)
+
+
+class _NoParamStore(Messenger):
+    """Refuses ``pyro.param`` while tracing, before the param store is touched (it
+    would store a fake tensor)."""
+
+    def _pyro_param(self, msg: dict) -> None:
+        raise _Unsupported(_PARAM_MESSAGE)
 
 
 def _compile(gm: fx.GraphModule, backend: str | None, options: dict) -> Callable:
@@ -306,8 +320,7 @@ class CompiledLoss:
             return None, None
         except Exception as error:  # tracing fails on dynamic structure
             self._disable(
-                "cannot trace the program as a static graph "
-                f"({type(error).__name__}: {str(error).splitlines()[0][:200]})"
+                f"cannot trace the program as a static graph ({_describe(error)})"
             )
             return None, None
         self._graphs[key] = graph
@@ -401,6 +414,11 @@ class CompiledLoss:
             torch.random.set_rng_state(after)
             return None
         return compiled
+
+
+def _describe(error: Exception) -> str:
+    lines = str(error).strip().splitlines()
+    return type(error).__name__ + (f": {lines[0][:200]}" if lines else "")
 
 
 def _close(a: torch.Tensor, b: torch.Tensor, rtol: float) -> bool:
@@ -538,8 +556,7 @@ class CompiledLogLikelihood:
             return None
         except Exception as error:
             self._disable(
-                "cannot trace the program as a static graph "
-                f"({type(error).__name__}: {str(error).splitlines()[0][:200]})"
+                f"cannot trace the program as a static graph ({_describe(error)})"
             )
             return None
         self._graphs[key] = entry
