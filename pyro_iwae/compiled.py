@@ -50,6 +50,7 @@ __all__ = [
     "CompiledLogLikelihood",
     "CompiledLoss",
     "CompileFallbackWarning",
+    "compiled_loss",
     "compiled_log_likelihood",
     "trace_graph",
 ]
@@ -274,7 +275,16 @@ class CompiledLoss:
         _fallback(reason)
 
     def eager(self, *args: Any, **kwargs: Any) -> torch.Tensor:
-        """The eager loss, ``elbo.differentiable_loss(model, guide, *args)``."""
+        """The eager loss, ``elbo.differentiable_loss(model, guide, *args)``.
+
+        For an :class:`~pyro_iwae.IWELBO` this calls its ``_weighted_loss``, the
+        eager computation behind ``differentiable_loss``, so that an objective
+        whose ``differentiable_loss`` routes through a ``CompiledLoss`` (as with a
+        ``compile`` option) does not recurse.
+        """
+        weighted = getattr(self.elbo, "_weighted_loss", None)
+        if weighted is not None:
+            return weighted(self.model, self.guide, args, kwargs)[0]
         return self.elbo.differentiable_loss(self.model, self.guide, *args, **kwargs)
 
     def __call__(self, *args: Any, **kwargs: Any) -> torch.Tensor:
@@ -652,3 +662,19 @@ def compiled_log_likelihood(
 
 
 _LL_CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+_LOSS_CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def compiled_loss(elbo: Any, model: Any, guide: Any, **options: Any) -> CompiledLoss:
+    """The :class:`CompiledLoss` of ``(elbo, model, guide)``, made on first use and
+    then cached on ``elbo`` (weakly): what ``IWELBO(..., compile=True)`` needs in
+    ``differentiable_loss``, ``compiled_loss(self, model, guide)(*args)``.
+    ``options`` go to :class:`CompiledLoss` on first use."""
+    cache = _LOSS_CACHE.setdefault(elbo, {})
+    key = (id(model), id(guide))
+    entry = cache.get(key)
+    if entry is None or entry.model is not model or entry.guide is not guide:
+        entry = cache[key] = CompiledLoss(elbo, model, guide, **options)
+    return entry
