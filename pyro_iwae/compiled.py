@@ -41,6 +41,7 @@ from typing import Any
 
 import pyro
 import torch
+import torch._inductor
 from pyro.poutine.messenger import Messenger
 from torch import fx
 
@@ -164,9 +165,25 @@ class _NoParamStore(Messenger):
         raise _Unsupported(_PARAM_MESSAGE)
 
 
-def _compile(gm: fx.GraphModule, backend: str | None, options: dict) -> Callable:
+def _compile(
+    gm: fx.GraphModule,
+    backend: str | None,
+    options: dict,
+    inputs: Sequence[torch.Tensor],
+    noise_ops: Sequence[tuple[Any, tuple, dict]],
+) -> Callable:
+    """``gm`` compiled: with inductor and no options, by inductor directly (no
+    TorchDynamo guards to check at every call: about 0.3 ms of a 7 ms step); else
+    by ``torch.compile``; ``backend=None`` leaves it as it is."""
     if backend is None:
         return gm
+    if backend == "inductor" and not options:
+        state = torch.random.get_rng_state()
+        try:
+            noise = _draw(noise_ops)
+        finally:
+            torch.random.set_rng_state(state)
+        return torch._inductor.compile(gm, [*inputs, *noise])
     return torch.compile(gm, backend=backend, fullgraph=True, dynamic=False, **options)
 
 
@@ -383,9 +400,8 @@ class CompiledLoss:
             gm, noise_ops = trace_graph(loss_and_grads, inputs)
         full_mask = iter(grad_mask)
         mask = [w and next(full_mask) for w in wanted]
-        return _LossGraph(
-            _compile(gm, self.backend, self.compile_options), noise_ops, mask
-        )
+        fn = _compile(gm, self.backend, self.compile_options, inputs, noise_ops)
+        return _LossGraph(fn, noise_ops, mask)
 
     def _inputs(self, args: tuple, kwargs: dict) -> list[torch.Tensor]:
         leaves = torch.utils._pytree.tree_leaves((args, kwargs))
@@ -631,8 +647,9 @@ class CompiledLogLikelihood:
             step(torch.zeros(()), probe, *tensors, *inputs)
             torch.random.set_rng_state(rng)
             total = torch.zeros(found["shape"])
-            gm, noise_ops = trace_graph(step, [total, probe, *tensors, *inputs])
-        fn = _compile(gm, self.backend, self.compile_options)
+            inputs = [total, probe, *tensors, *inputs]
+            gm, noise_ops = trace_graph(step, inputs)
+            fn = _compile(gm, self.backend, self.compile_options, inputs, noise_ops)
         return fn, noise_ops, found["local_dims"], found["shape"]
 
 
