@@ -31,18 +31,10 @@ import tempfile
 import time
 from pathlib import Path
 
+import common
 import numpy as np
 import pyro
 import torch
-from common import (
-    add_common_arguments,
-    environment,
-    environment_markdown,
-    load_test_images,
-    markdown_table,
-    quartiles,
-    write_json,
-)
 from handwritten import HandIWAE
 
 from pyro_iwae import IWELBO, log_likelihood, paper_architecture
@@ -218,7 +210,7 @@ def ratio(times: dict, a: str, b: str) -> float:
 def summarise(times: dict, **config) -> list[dict]:
     rows = []
     for name, seconds in times.items():
-        q1, median, q3 = quartiles(seconds)
+        q1, median, q3 = common.quartiles(seconds)
         row = {**config, "variant": name, "median_s": median, "q1_s": q1, "q3_s": q3}
         for ref in ("numpyro-svi", "jax-hand", "jax-ll"):
             if ref in times:
@@ -232,7 +224,7 @@ def run(args: argparse.Namespace, peer: Peer, tmp: Path) -> dict:
     pyro.enable_validation(args.validation)
     torch.manual_seed(args.seed)
     n_images = max([*args.batch, args.ll_images])
-    images = load_test_images(args.dataset, args.data_dir, n_images)
+    images = common.load_test_images(args.dataset, args.data_dir, n_images)
     model, guide = paper_architecture(1)
     init = (model.state_dict(), guide.state_dict())
     export(HandIWAE().load_from(model, guide), images, tmp / "init.npz")
@@ -284,7 +276,7 @@ def report(env: dict, out: dict) -> str:
     lines = [
         "## pyro-iwae vs JAX / NumPyro",
         "",
-        environment_markdown(env),
+        common.environment_markdown(env),
         "- same noise, hand-written JAX vs hand-written PyTorch (k 5, batch 20): max "
         f"relative gap in loss and gradients {check['hand_max_rel_gap']:.1e}",
         f"- mean loss per point over {check['draws']} draws at the initial weights: "
@@ -313,7 +305,7 @@ def report(env: dict, out: dict) -> str:
         for r in out["train"]
     ]
     lines.append(
-        markdown_table(
+        common.markdown_table(
             [
                 "batch",
                 "k",
@@ -344,7 +336,7 @@ def report(env: dict, out: dict) -> str:
             "",
             "### log_likelihood",
             "",
-            markdown_table(
+            common.markdown_table(
                 [
                     "images",
                     "K",
@@ -417,7 +409,7 @@ def main(argv: list[str] | None = None) -> None:
         "its multi-threaded Eigen), steadier on a loaded machine; default: each "
         "side's own default (all cores)",
     )
-    add_common_arguments(parser)
+    common.add_common_arguments(parser)
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -425,7 +417,7 @@ def main(argv: list[str] | None = None) -> None:
         peer = Peer(args.jax_python, args.threads)
         try:
             versions = peer("hello")
-            env = environment(
+            env = common.environment(
                 seed=args.seed,
                 jax=versions["jax"],
                 jaxlib=versions["jaxlib"],
@@ -443,7 +435,7 @@ def main(argv: list[str] | None = None) -> None:
             peer.close()
     print(report(env, out))
     if args.json:
-        write_json(args.json, {"environment": env, **out})
+        common.write_json(args.json, {"environment": env, **out})
 
 
 if __name__ == "__main__":

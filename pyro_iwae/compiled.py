@@ -228,7 +228,69 @@ class _PrecomputedGrad(torch.autograd.Function):
         return (None, None, *grads)
 
 
-class CompiledLoss:
+class _GraphCache:
+    """Compiled graphs by input signature, and the fallback once they fail."""
+
+    def __init__(
+        self,
+        model: Any,
+        guide: Any,
+        backend: str | None,
+        compile_options: dict | None,
+        max_signatures: int,
+    ) -> None:
+        self.model = model
+        self.guide = guide
+        self.backend = backend
+        self.compile_options = compile_options or {}
+        self.max_signatures = max_signatures
+        self._graphs: dict[tuple, Any] = {}
+        self._disabled: str | None = None
+
+    @property
+    def compiled(self) -> bool:
+        """False once the compiled path has been given up for good."""
+        return self._disabled is None
+
+    def _disable(self, reason: str) -> None:
+        self._disabled = reason
+        _fallback(reason)
+
+    def _lookup(
+        self, key: Any, args: tuple, kwargs: dict, build: Callable[[], Any]
+    ) -> tuple[Any, bool]:
+        """The graph of ``(key, signature of args)``, built if new: ``(graph,
+        fresh)``, with ``graph`` None where the eager path must run."""
+        if self._disabled is not None:
+            return None, False
+        signature = _signature(args, kwargs)
+        if signature is None:
+            self._disable("an argument is neither a tensor nor hashable")
+            return None, False
+        key = (key, signature)
+        if key in self._graphs:
+            return self._graphs[key], False
+        if len(self._graphs) >= self.max_signatures:
+            self._disable(
+                f"more than {self.max_signatures} input shapes (each one compiles a "
+                "new graph)"
+            )
+            return None, False
+        try:
+            graph = build()
+        except _Unsupported as error:
+            self._disable(str(error))
+            return None, False
+        except Exception as error:  # tracing fails on dynamic structure
+            self._disable(
+                f"cannot trace the program as a static graph ({_describe(error)})"
+            )
+            return None, False
+        self._graphs[key] = graph
+        return graph, True
+
+
+class CompiledLoss(_GraphCache):
     """``elbo.differentiable_loss(model, guide, *args)`` as one compiled graph of the
     loss and its gradients.
 
@@ -261,35 +323,20 @@ class CompiledLoss:
         *,
         backend: str | None = "inductor",
         compile_options: dict | None = None,
+        max_signatures: int = 4,
         verify: bool = True,
         rtol: float = 1e-4,
-        max_signatures: int = 4,
     ) -> None:
+        super().__init__(model, guide, backend, compile_options, max_signatures)
         self.elbo = elbo
-        self.model = model
-        self.guide = guide
-        self.backend = backend
-        self.compile_options = compile_options or {}
         self.verify = verify
         self.rtol = rtol
-        self.max_signatures = max_signatures
-        self._graphs: dict[tuple, _LossGraph | None] = {}
-        self._disabled: str | None = None
         if not (
             isinstance(model, torch.nn.Module) and isinstance(guide, torch.nn.Module)
         ):
             self._disable("model and guide must both be nn.Modules")
         else:
             self._both = _Both(model, guide)
-
-    @property
-    def compiled(self) -> bool:
-        """False once the compiled path has been given up for good."""
-        return self._disabled is None
-
-    def _disable(self, reason: str) -> None:
-        self._disabled = reason
-        _fallback(reason)
 
     def eager(self, *args: Any, **kwargs: Any) -> torch.Tensor:
         """The eager loss, ``elbo.differentiable_loss(model, guide, *args)``.
@@ -327,30 +374,14 @@ class CompiledLoss:
         if self._disabled is not None or not torch.is_grad_enabled():
             return None, None
         named = _named_tensors(self._both)
-        signature = _signature(args, kwargs)
-        if signature is None:
-            self._disable("an argument is neither a tensor nor hashable")
-            return None, None
-        key = (signature, tuple(t.requires_grad for t in named.values()))
-        if key in self._graphs:
-            return self._graphs[key], None
-        if len(self._graphs) >= self.max_signatures:
-            self._disable(
-                f"more than {self.max_signatures} input shapes (each one compiles a "
-                "new graph)"
-            )
-            return None, None
-        try:
-            graph = self._build(named, args, kwargs)
-        except _Unsupported as error:
-            self._disable(str(error))
-            return None, None
-        except Exception as error:  # tracing fails on dynamic structure
-            self._disable(
-                f"cannot trace the program as a static graph ({_describe(error)})"
-            )
-            return None, None
-        self._graphs[key] = graph
+        graph, fresh = self._lookup(
+            tuple(t.requires_grad for t in named.values()),
+            args,
+            kwargs,
+            lambda: self._build(named, args, kwargs),
+        )
+        if not fresh:
+            return graph, None
         if not self.verify:
             return graph, None
         loss = self._verified(graph, args, kwargs)
@@ -452,7 +483,7 @@ def _close(a: torch.Tensor, b: torch.Tensor, rtol: float) -> bool:
     return bool(((a - b).abs().max() <= rtol * scale).item())
 
 
-class CompiledLogLikelihood:
+class CompiledLogLikelihood(_GraphCache):
     """:func:`pyro_iwae.log_likelihood` with each chunk's log-weights, their
     logsumexp and the running total as one compiled graph.
 
@@ -469,27 +500,13 @@ class CompiledLogLikelihood:
         model: Any,
         guide: Any,
         *,
+        max_plate_nesting: int = 1,
         backend: str | None = "inductor",
         compile_options: dict | None = None,
-        max_plate_nesting: int = 1,
         max_signatures: int = 4,
     ) -> None:
-        self.model = model
-        self.guide = guide
-        self.backend = backend
-        self.compile_options = compile_options or {}
+        super().__init__(model, guide, backend, compile_options, max_signatures)
         self.max_plate_nesting = max_plate_nesting
-        self.max_signatures = max_signatures
-        self._graphs: dict[tuple, tuple | None] = {}
-        self._disabled: str | None = None
-
-    @property
-    def compiled(self) -> bool:
-        return self._disabled is None
-
-    def _disable(self, reason: str) -> None:
-        self._disabled = reason
-        _fallback(reason)
 
     def eager(self, *args: Any, num_samples: int, chunk_size: int, **kwargs: Any):
         from .evaluation import log_likelihood
@@ -563,30 +580,8 @@ class CompiledLogLikelihood:
         return named
 
     def _graph(self, chunk: int, args: tuple, kwargs: dict) -> tuple | None:
-        if self._disabled is not None:
-            return None
-        signature = _signature(args, kwargs)
-        if signature is None:
-            self._disable("an argument is neither a tensor nor hashable")
-            return None
-        key = (chunk, signature)
-        if key in self._graphs:
-            return self._graphs[key]
-        if len(self._graphs) >= self.max_signatures:
-            self._disable(f"more than {self.max_signatures} input shapes")
-            return None
-        try:
-            entry = self._build(chunk, args, kwargs)
-        except _Unsupported as error:
-            self._disable(str(error))
-            return None
-        except Exception as error:
-            self._disable(
-                f"cannot trace the program as a static graph ({_describe(error)})"
-            )
-            return None
-        self._graphs[key] = entry
-        return entry
+        build = lambda: self._build(chunk, args, kwargs)  # noqa: E731
+        return self._lookup(chunk, args, kwargs, build)[0]
 
     def _build(self, chunk: int, args: tuple, kwargs: dict) -> tuple:
         from .objectives import IWELBO
