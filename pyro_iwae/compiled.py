@@ -16,8 +16,14 @@ programs whose structure depends on the shapes of their inputs alone. Tracing
 with fake tensors fails on data-dependent control flow, and the first call for
 each input shape is checked against the eager loss and gradients; in either case,
 and for parameters the graph cannot see (a network registered with
-``pyro.module`` inside a function, ``pyro.param``), the objective warns once and
-falls back to the eager path.
+``pyro.module`` inside a function, ``pyro.param``, a ``PyroModule``, whose
+parameters go through ``pyro.param``), the objective warns once and falls back
+to the eager path. Model and guide must be ``nn.Module`` s (such as the paper's
+``PaperModel`` and ``PaperGuide``).
+
+Each new input signature (shapes, dtypes, devices of the tensor arguments) is
+traced and compiled anew: tens of seconds on a 2-core CPU, once per shape. Pyro's
+validation runs in the eager check of the first call, not in the graph.
 
 Usage, as a drop-in for ``elbo.differentiable_loss``::
 
