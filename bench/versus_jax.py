@@ -1,0 +1,442 @@
+"""pyro-iwae against its JAX peer, side by side in one run: training step and
+log_likelihood, ours and theirs alternated round by round.
+
+The JAX side (``jax_peer.py``) runs in its own environment, as a subprocess of this
+script, driven over a line protocol; both sides start from the same initial
+weights (pyro-iwae's, sent over) and see the same binarised MNIST test images.
+Each round times ``--steps`` steps of every variant of one side, then of the other
+(which side goes first alternates); ratios are medians over rounds of the
+per-round ratio, so load on a shared machine hits both sides alike.
+
+Ours: ``iwelbo`` (eager ``IWELBO(k)(model, guide)``, as bench/train_step.py),
+``hand`` (bench/handwritten.py), ``compiled`` (``pyro_iwae.compiled.CompiledLoss``
+with ``torch.optim.Adam``) and ``compiled-fused`` (the same, ``Adam(fused=True)``).
+Theirs: ``numpyro-svi`` (jitted ``SVI.update`` with ``RenyiELBO(alpha=0)``) and
+``jax-hand`` (hand-written loss, gradient and Adam in one jitted function).
+
+    python bench/versus_jax.py --jax-python /work/venv-jax/bin/python \\
+        --data-dir /work/shared/data
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import common
+import numpy as np
+import pyro
+import torch
+from handwritten import HandIWAE
+
+from pyro_iwae import IWELBO, log_likelihood, paper_architecture
+from pyro_iwae.compiled import CompiledLogLikelihood, CompiledLoss
+from pyro_iwae.evaluation import default_chunk_size
+
+LR = 1e-3
+ADAM_EPS = 1e-4
+HERE = Path(__file__).resolve().parent
+OURS = ("iwelbo", "hand", "compiled", "compiled-fused")
+THEIRS = ("numpyro-svi", "jax-hand")
+LL_OURS = ("pyro_iwae", "compiled")
+LL_THEIRS = ("jax-ll",)
+
+
+class Peer:
+    """The JAX worker, over its stdin and stdout."""
+
+    def __init__(self, python: str, threads: int | None = None) -> None:
+        env = dict(os.environ)
+        if threads == 1:
+            flags = "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
+            env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " " + flags).strip()
+        elif threads is not None:
+            raise ValueError("--threads takes 1 (or nothing: each side's default)")
+        self.process = subprocess.Popen(
+            [python, str(HERE / "jax_peer.py")],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            env=env,
+        )
+
+    def __call__(self, cmd: str, **fields) -> dict:
+        self.process.stdin.write(json.dumps({"cmd": cmd, **fields}) + "\n")
+        self.process.stdin.flush()
+        line = self.process.stdout.readline()
+        if not line:
+            raise RuntimeError("the JAX worker exited; see its messages above")
+        reply = json.loads(line)
+        if "error" in reply:
+            raise RuntimeError(f"JAX worker: {reply['error']}")
+        return reply
+
+    def close(self) -> None:
+        if self.process.poll() is None:
+            self.process.stdin.write(json.dumps({"cmd": "quit"}) + "\n")
+            self.process.stdin.close()
+            self.process.wait(timeout=30)
+
+
+def export(hand: HandIWAE, images: torch.Tensor, path: Path) -> None:
+    """Weights as ``[in, out]`` arrays named as jax_peer.py names them, and images."""
+    arrays = {"x": images.numpy()}
+    for prefix, net in (("enc", hand.encoder), ("dec", hand.decoder)):
+        linears = [m for m in net if isinstance(m, torch.nn.Linear)]
+        for i, layer in enumerate(linears):
+            arrays[f"{prefix}{i}_w"] = layer.weight.detach().T.contiguous().numpy()
+            arrays[f"{prefix}{i}_b"] = layer.bias.detach().numpy()
+    np.savez(path, **arrays)
+
+
+def check_peer(peer: Peer, init, images, tmp: Path, k: int = 5, batch: int = 20):
+    """Hand-written JAX vs PyTorch loss and gradients from the same noise (max
+    relative gap), and the mean NumPyro loss per point vs IWELBO's."""
+    model, guide = paper_architecture(1)
+    model.load_state_dict(init[0])
+    guide.load_state_dict(init[1])
+    hand = HandIWAE().load_from(model, guide)
+    x = images[:batch]
+    torch.manual_seed(0)
+    eps = torch.randn(k, batch, 50)
+    torch.manual_seed(0)
+    loss = hand.loss(x, k)
+    loss.backward()
+    np.savez(tmp / "eps.npz", eps=eps.numpy())
+    reply = peer("check", path=str(tmp / "eps.npz"), out=str(tmp / "grads.npz"))
+    theirs = np.load(tmp / "grads.npz")
+    gaps = [abs(reply["loss"] - loss.item()) / abs(loss.item())]
+    for prefix, net in (("enc", hand.encoder), ("dec", hand.decoder)):
+        linears = [m for m in net if isinstance(m, torch.nn.Linear)]
+        for i, layer in enumerate(linears):
+            for name, ours in (("w", layer.weight.grad.T), ("b", layer.bias.grad)):
+                other = torch.from_numpy(theirs[f"{prefix}{i}_{name}"])
+                scale = ours.abs().max().clamp_min(1e-12)
+                gaps.append(((ours - other).abs().max() / scale).item())
+    elbo = IWELBO(num_particles=k)
+    with torch.no_grad():
+        ours = [elbo.loss(model, guide, x) for _ in range(len(reply["numpyro_losses"]))]
+    return {
+        "hand_max_rel_gap": max(gaps),
+        "numpyro_loss_per_point": statistics.mean(reply["numpyro_losses"]) / batch,
+        "iwelbo_loss_per_point": statistics.mean(ours) / batch,
+        "draws": len(ours),
+    }
+
+
+def make_ours(name: str, x: torch.Tensor, k: int, init):
+    """A closure doing one training step of our variant ``name`` (fresh weights),
+    and the seconds its set-up took (compilation included)."""
+    start = time.perf_counter()
+    model, guide = paper_architecture(1)
+    model.load_state_dict(init[0])
+    guide.load_state_dict(init[1])
+    params = [*model.parameters(), *guide.parameters()]
+    n = x.shape[0]
+    if name == "hand":
+        hand = HandIWAE().load_from(model, guide)
+        params = list(hand.parameters())
+
+        def loss():
+            return hand.loss(x, k)
+
+    elif name == "iwelbo":
+        module = IWELBO(num_particles=k)(model, guide)
+
+        def loss():
+            with pyro.settings.context(module_local_params=True):
+                return module(x) / n
+
+    else:
+        compiled = CompiledLoss(IWELBO(num_particles=k), model, guide)
+
+        def loss():
+            return compiled(x) / n
+
+    fused = {"fused": True} if name == "compiled-fused" else {}
+    optim = torch.optim.Adam(params, lr=LR, eps=ADAM_EPS, **fused)
+
+    def step() -> None:
+        optim.zero_grad(set_to_none=True)
+        loss().backward()
+        optim.step()
+
+    step()  # compiles the compiled variants
+    if name.startswith("compiled") and not compiled.compiled:
+        raise RuntimeError("the compiled path fell back to eager")
+    return step, time.perf_counter() - start
+
+
+def time_ours(step, steps: int) -> float:
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    return (time.perf_counter() - start) / steps
+
+
+def alternate(ours: dict, peer: Peer, theirs, rounds: int, warmup: int, steps: int):
+    """Seconds per step of every variant, round by round, the sides alternating."""
+    times = {name: [] for name in [*ours, *theirs]}
+    for round_ in range(warmup + rounds):
+        sides = ["ours", "theirs"] if round_ % 2 == 0 else ["theirs", "ours"]
+        for side in sides:
+            if side == "ours":
+                measured = {name: time_ours(fn, steps) for name, fn in ours.items()}
+            else:
+                measured = {
+                    name: statistics.mean(
+                        peer("time", variant=name, steps=steps)["times_s"]
+                    )
+                    for name in theirs
+                }
+            if round_ >= warmup:
+                for name, seconds in measured.items():
+                    times[name].append(seconds)
+    return times
+
+
+def ratio(times: dict, a: str, b: str) -> float:
+    return statistics.median(x / y for x, y in zip(times[a], times[b], strict=True))
+
+
+def summarise(times: dict, **config) -> list[dict]:
+    rows = []
+    for name, seconds in times.items():
+        q1, median, q3 = common.quartiles(seconds)
+        row = {**config, "variant": name, "median_s": median, "q1_s": q1, "q3_s": q3}
+        for ref in ("numpyro-svi", "jax-hand", "jax-ll"):
+            if ref in times:
+                row[f"vs_{ref}"] = ratio(times, name, ref)
+        row["times_s"] = seconds
+        rows.append(row)
+    return rows
+
+
+def run(args: argparse.Namespace, peer: Peer, tmp: Path) -> dict:
+    pyro.enable_validation(args.validation)
+    torch.manual_seed(args.seed)
+    n_images = max([*args.batch, args.ll_images])
+    images = common.load_test_images(args.dataset, args.data_dir, n_images)
+    model, guide = paper_architecture(1)
+    init = (model.state_dict(), guide.state_dict())
+    export(HandIWAE().load_from(model, guide), images, tmp / "init.npz")
+    peer("load", path=str(tmp / "init.npz"))
+    out = {"check": check_peer(peer, init, images, tmp), "train": [], "ll": []}
+    setup = {}
+    for batch, k in itertools.product(args.batch, args.k):
+        x = images[:batch]
+        ours, seconds = {}, {}
+        for name in args.ours:
+            torch.manual_seed(args.seed)
+            ours[name], seconds[name] = make_ours(name, x, k, init)
+        reply = peer("train", batch=batch, k=k, seed=args.seed)
+        seconds["jax (both)"] = reply["compile_and_warmup_s"]
+        setup[f"batch {batch}, k {k}"] = seconds
+        times = alternate(ours, peer, THEIRS, args.repeats, args.warmup, args.steps)
+        out["train"] += summarise(times, batch=batch, k=k)
+    if args.ll_images:
+        x = images[: args.ll_images]
+        chunk = args.ll_chunk or default_chunk_size(model, guide, x)
+        compiled = CompiledLogLikelihood(model, guide)
+        start = time.perf_counter()
+        compiled(x, num_samples=args.ll_k, chunk_size=chunk)
+        setup["log_likelihood"] = {"compiled": time.perf_counter() - start}
+        estimators = {
+            "pyro_iwae": lambda: log_likelihood(
+                model, guide, x, num_samples=args.ll_k, chunk_size=args.ll_chunk
+            ),
+            "compiled": lambda: compiled(x, num_samples=args.ll_k, chunk_size=chunk),
+        }
+        reply = peer(
+            "ll", images=args.ll_images, num_samples=args.ll_k, chunk=args.jax_chunk
+        )
+        setup["log_likelihood"]["jax-ll"] = reply["compile_and_first_s"]
+        ours = {name: estimators[name] for name in LL_OURS}
+        means = {name: fn().mean().item() for name, fn in ours.items()}
+        means["jax-ll"] = statistics.mean(reply["estimates"])
+        times = alternate(ours, peer, LL_THEIRS, args.ll_repeats, 0, 1)
+        out["ll"] = summarise(
+            times, images=args.ll_images, num_samples=args.ll_k, chunk=chunk
+        )
+        out["ll_mean_estimates"] = means
+    out["setup_s"] = setup
+    return out
+
+
+def report(env: dict, out: dict) -> str:
+    check = out["check"]
+    lines = [
+        "## pyro-iwae vs JAX / NumPyro",
+        "",
+        common.environment_markdown(env),
+        "- same noise, hand-written JAX vs hand-written PyTorch (k 5, batch 20): max "
+        f"relative gap in loss and gradients {check['hand_max_rel_gap']:.1e}",
+        f"- mean loss per point over {check['draws']} draws at the initial weights: "
+        f"NumPyro RenyiELBO(alpha=0) {check['numpyro_loss_per_point']:.3f}, IWELBO "
+        f"{check['iwelbo_loss_per_point']:.3f} (k 5, batch 20)",
+        "- set-up seconds (tracing, compiling, warm-up): "
+        + "; ".join(
+            f"{where}: "
+            + ", ".join(f"{name} {seconds:.1f}" for name, seconds in parts.items())
+            for where, parts in out["setup_s"].items()
+        ),
+        "",
+        "### Training step",
+        "",
+    ]
+    rows = [
+        [
+            r["batch"],
+            r["k"],
+            r["variant"],
+            f"{1e3 * r['median_s']:.2f}",
+            f"{1e3 * r['q1_s']:.2f}–{1e3 * r['q3_s']:.2f}",
+            f"{r['vs_numpyro-svi']:.3f}",
+            f"{r['vs_jax-hand']:.3f}",
+        ]
+        for r in out["train"]
+    ]
+    lines.append(
+        common.markdown_table(
+            [
+                "batch",
+                "k",
+                "variant",
+                "median ms",
+                "IQR ms",
+                "/ numpyro-svi",
+                "/ jax-hand",
+            ],
+            rows,
+        )
+    )
+    if out["ll"]:
+        rows = [
+            [
+                r["images"],
+                r["num_samples"],
+                r["variant"],
+                r["chunk"] if r["variant"] != "jax-ll" else env["jax_chunk"],
+                f"{r['median_s']:.3f}",
+                f"{r['q1_s']:.3f}–{r['q3_s']:.3f}",
+                f"{r['vs_jax-ll']:.3f}",
+                f"{out['ll_mean_estimates'][r['variant']]:.2f}",
+            ]
+            for r in out["ll"]
+        ]
+        lines += [
+            "",
+            "### log_likelihood",
+            "",
+            common.markdown_table(
+                [
+                    "images",
+                    "K",
+                    "variant",
+                    "chunk",
+                    "median s",
+                    "IQR s",
+                    "/ jax-ll",
+                    "mean log p(x)",
+                ],
+                rows,
+            ),
+        ]
+    targets = [
+        (f"training step, batch {r['batch']}, k {r['k']}", r["vs_numpyro-svi"])
+        for r in out["train"]
+        if r["variant"] == "compiled-fused"
+    ] + [
+        (f"log_likelihood, K {r['num_samples']}", r["vs_jax-ll"])
+        for r in out["ll"]
+        if r["variant"] == "compiled"
+    ]
+    lines += [
+        "",
+        "Ratios are medians over rounds of the per-round ratio (the two sides "
+        "alternate round by round); times are per step (per estimate of all images "
+        "for log_likelihood).",
+        "",
+        "Targets (compiled pyro-iwae / NumPyro jitted SVI step, or / jitted JAX "
+        "log_likelihood, <= 1.00):",
+        "",
+    ]
+    lines += [
+        f"- {what}: {value:.3f} ({'met' if value <= 1.0 else 'NOT met'})"
+        for what, value in targets
+    ]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--jax-python",
+        default=os.environ.get("JAX_PYTHON", "/work/venv-jax/bin/python"),
+        help="python of the environment with jax and numpyro (default: $JAX_PYTHON "
+        "or /work/venv-jax/bin/python)",
+    )
+    parser.add_argument("--k", type=int, nargs="+", default=[5, 50])
+    parser.add_argument("--batch", type=int, nargs="+", default=[20, 100])
+    parser.add_argument("--ours", nargs="+", default=list(OURS), choices=OURS)
+    parser.add_argument("--repeats", type=int, default=20, help="timed rounds")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed rounds")
+    parser.add_argument("--steps", type=int, default=5, help="steps per round")
+    parser.add_argument("--ll-images", type=int, default=100)
+    parser.add_argument("--ll-k", type=int, default=5000)
+    parser.add_argument(
+        "--ll-chunk",
+        type=int,
+        default=None,
+        help="our chunk size (default: pyro_iwae's default_chunk_size)",
+    )
+    parser.add_argument("--jax-chunk", type=int, default=100)
+    parser.add_argument("--ll-repeats", type=int, default=3)
+    parser.add_argument(
+        "--threads",
+        type=int,
+        choices=[1],
+        default=None,
+        help="1: one thread on each side (torch.set_num_threads(1); XLA without "
+        "its multi-threaded Eigen), steadier on a loaded machine; default: each "
+        "side's own default (all cores)",
+    )
+    common.add_common_arguments(parser)
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    with tempfile.TemporaryDirectory() as tmp:
+        peer = Peer(args.jax_python, args.threads)
+        try:
+            versions = peer("hello")
+            env = common.environment(
+                seed=args.seed,
+                jax=versions["jax"],
+                jaxlib=versions["jaxlib"],
+                numpyro=versions["numpyro"],
+                jax_devices=", ".join(versions["devices"]),
+                pyro_validation="on" if args.validation else "off",
+                repeats=args.repeats,
+                warmup=args.warmup,
+                steps_per_round=args.steps,
+                jax_chunk=args.jax_chunk,
+                jax_threads="1 (XLA_FLAGS)" if args.threads else "default",
+            )
+            out = run(args, peer, Path(tmp))
+        finally:
+            peer.close()
+    print(report(env, out))
+    if args.json:
+        common.write_json(args.json, {"environment": env, **out})
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

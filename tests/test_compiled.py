@@ -1,0 +1,250 @@
+"""The compiled path gives the eager loss and gradients, and falls back cleanly.
+
+Most tests run the traced aten graph without compiling it (``backend=None``): it
+checks the tracing, the lifted noise and the gradients in well under a second.
+The ones through inductor take tens of seconds each on a 2-core CPU and run only
+with ``PYRO_IWAE_SLOW_TESTS=1``::
+
+    PYRO_IWAE_SLOW_TESTS=1 python -m pytest tests/test_compiled.py
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+
+import pyro
+import pyro.distributions as dist
+import pytest
+import torch
+
+from pyro_iwae import CIWELBO, IWELBO, MIWELBO, PIWELBO, paper_architecture
+from pyro_iwae.compiled import (
+    CompiledLogLikelihood,
+    CompiledLoss,
+    CompileFallbackWarning,
+)
+from pyro_iwae.evaluation import log_likelihood
+
+X_DIM = 12
+slow = pytest.mark.skipif(
+    not os.environ.get("PYRO_IWAE_SLOW_TESTS"),
+    reason="compiles with inductor (tens of seconds); set PYRO_IWAE_SLOW_TESTS=1",
+)
+
+OBJECTIVES = {
+    "iwae": lambda: IWELBO(4, "iwae"),
+    "stl": lambda: IWELBO(4, "stl"),
+    "dreg": lambda: IWELBO(4, "dreg"),
+    "miwae-dreg": lambda: MIWELBO(2, 2, estimator="dreg"),
+    "piwae": lambda: PIWELBO(2, 2),
+    "piwae-dreg": lambda: PIWELBO(2, 2, estimator="dreg"),
+    "ciwae-dreg": lambda: CIWELBO(4, 0.3, estimator="dreg"),
+}
+
+
+def _data(n: int = 3) -> torch.Tensor:
+    g = torch.Generator().manual_seed(1)
+    return (torch.rand(n, X_DIM, generator=g) < 0.4).float()
+
+
+def _loss_and_grads(fn, params, seed: int, *args):
+    for p in params:
+        p.grad = None
+    torch.manual_seed(seed)
+    loss = fn(*args)
+    loss.backward()
+    return loss.detach(), [p.grad.clone() for p in params]
+
+
+def _assert_same(compiled, eager, params, x, rtol=1e-5, seed=3):
+    loss_c, grads_c = _loss_and_grads(compiled, params, seed, x)
+    loss_e, grads_e = _loss_and_grads(eager, params, seed, x)
+    torch.testing.assert_close(loss_c, loss_e, rtol=rtol, atol=0)
+    for a, b in zip(grads_c, grads_e, strict=True):
+        torch.testing.assert_close(a, b, rtol=rtol, atol=rtol * b.abs().max().item())
+
+
+@pytest.mark.parametrize("name", list(OBJECTIVES))
+@pytest.mark.parametrize("layers", [1, 2])
+def test_same_loss_and_gradients_as_eager(name, layers):
+    if layers == 2 and name not in ("iwae", "dreg", "piwae-dreg"):
+        pytest.skip("two layers: one case per path")
+    torch.manual_seed(0)
+    model, guide = paper_architecture(layers, x_dim=X_DIM)
+    elbo = OBJECTIVES[name]()
+    compiled = CompiledLoss(elbo, model, guide, backend=None)
+    params = [*model.parameters(), *guide.parameters()]
+    x = _data()
+    # The first call traces and verifies; the second runs the graph alone.
+    for seed in (3, 4):
+        _assert_same(
+            compiled,
+            lambda x: elbo.differentiable_loss(model, guide, x),
+            params,
+            x,
+            seed=seed,
+        )
+    assert compiled.compiled
+
+
+def test_adam_steps_follow_the_eager_ones():
+    torch.manual_seed(0)
+    init = [m.state_dict() for m in paper_architecture(1, x_dim=X_DIM)]
+    x = _data(4)
+    trained = []
+    for use_compiled in (True, False):
+        model, guide = paper_architecture(1, x_dim=X_DIM)
+        model.load_state_dict(init[0])
+        guide.load_state_dict(init[1])
+        elbo = IWELBO(3, "dreg")
+        compiled = CompiledLoss(elbo, model, guide, backend=None)
+        loss_fn = compiled if use_compiled else compiled.eager
+        optim = torch.optim.Adam([*model.parameters(), *guide.parameters()], lr=1e-2)
+        torch.manual_seed(5)
+        for _ in range(3):
+            optim.zero_grad(set_to_none=True)
+            (loss_fn(x) / x.shape[0]).backward()
+            optim.step()
+        trained.append([*model.state_dict().values(), *guide.state_dict().values()])
+    for a, b in zip(*trained, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_each_input_shape_gets_its_own_graph_up_to_a_limit():
+    model, guide = paper_architecture(1, x_dim=X_DIM)
+    compiled = CompiledLoss(IWELBO(2), model, guide, backend=None, max_signatures=2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        compiled(_data(3))
+        compiled(_data(2))
+        compiled(_data(3))
+    with pytest.warns(CompileFallbackWarning, match="more than 2 input shapes"):
+        loss = compiled(_data(4))
+    assert loss.requires_grad and not compiled.compiled
+
+
+class _BranchingGuide(torch.nn.Module):
+    """Data-dependent control flow: cannot be one static graph."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.loc = torch.nn.Linear(X_DIM, 2)
+
+    def forward(self, x):
+        with pyro.plate("data", x.shape[0]):
+            loc = self.loc(x)
+            if loc.sum() > 0:
+                loc = -loc
+            pyro.sample("z", dist.Normal(loc, 1.0).to_event(1))
+
+
+class _AlternatingGuide(_BranchingGuide):
+    """Structure that changes from call to call with the same shapes."""
+
+    calls = 0
+
+    def forward(self, x):
+        _AlternatingGuide.calls += 1
+        with pyro.plate("data", x.shape[0]):
+            scale = 1.0 if self.calls % 2 else 2.0
+            pyro.sample("z", dist.Normal(self.loc(x), scale).to_event(1))
+
+
+class _SmallModel(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.out = torch.nn.Linear(2, X_DIM)
+
+    def forward(self, x):
+        with pyro.plate("data", x.shape[0]):
+            z = pyro.sample("z", dist.Normal(x.new_zeros(2), 1.0).to_event(1))
+            pyro.sample("x", dist.Bernoulli(logits=self.out(z)).to_event(1), obs=x)
+
+
+def _param_guide(x):
+    loc = pyro.param("loc", torch.zeros(2))
+    with pyro.plate("data", x.shape[0]):
+        pyro.sample("z", dist.Normal(loc, 1.0).to_event(1))
+
+
+class _ParamGuide(torch.nn.Module):
+    def forward(self, x):
+        _param_guide(x)
+
+
+@pytest.mark.parametrize(
+    "guide, message",
+    [
+        (_BranchingGuide(), "cannot trace the program as a static graph"),
+        (_AlternatingGuide(), "differ from the eager ones"),
+        (_ParamGuide(), "neither a parameter of the model or guide module"),
+        (_param_guide, "must both be nn.Modules"),
+    ],
+    ids=["data-dependent", "changing", "pyro.param", "function"],
+)
+def test_programs_that_cannot_be_compiled_fall_back_with_a_warning(guide, message):
+    model = _SmallModel()
+    elbo = IWELBO(3)
+    with pytest.warns(CompileFallbackWarning, match=message) as record:
+        compiled = CompiledLoss(elbo, model, guide, backend=None)
+        loss = compiled(_data())
+    assert len(record) == 1
+    assert not compiled.compiled
+    loss.backward()  # the eager loss, differentiable as ever
+    assert model.out.weight.grad is not None
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        compiled(_data())  # warns once only
+
+
+def test_log_likelihood_matches_eager_when_the_chunk_divides_k():
+    torch.manual_seed(0)
+    model, guide = paper_architecture(1, x_dim=X_DIM)
+    x = _data(4)
+    ll = CompiledLogLikelihood(model, guide, backend=None)
+    for _ in range(2):
+        torch.manual_seed(7)
+        ours = ll(x, num_samples=60, chunk_size=20)
+        torch.manual_seed(7)
+        eager = log_likelihood(model, guide, x, num_samples=60, chunk_size=20)
+        torch.testing.assert_close(ours, eager, rtol=1e-6, atol=1e-5)
+    # A partial last chunk is masked: a valid estimate from the same graph.
+    partial = ll(x, num_samples=50, chunk_size=20)
+    assert partial.shape == (4,) and torch.isfinite(partial).all()
+    assert (partial - eager).abs().max() < 1.0
+    assert len(ll._graphs) == 1 and ll.compiled
+
+
+@slow
+@pytest.mark.parametrize("estimator", ["iwae", "dreg"])
+def test_inductor_gives_the_eager_loss_and_gradients(estimator):
+    torch.manual_seed(0)
+    model, guide = paper_architecture(1, x_dim=X_DIM)
+    elbo = IWELBO(4, estimator)
+    compiled = CompiledLoss(elbo, model, guide)
+    params = [*model.parameters(), *guide.parameters()]
+    for seed in (3, 4):
+        _assert_same(
+            compiled,
+            lambda x: elbo.differentiable_loss(model, guide, x),
+            params,
+            _data(),
+            rtol=1e-4,
+            seed=seed,
+        )
+    assert compiled.compiled
+
+
+@slow
+def test_inductor_log_likelihood_matches_eager():
+    torch.manual_seed(0)
+    model, guide = paper_architecture(1, x_dim=X_DIM)
+    x = _data(4)
+    ll = CompiledLogLikelihood(model, guide)
+    torch.manual_seed(7)
+    ours = ll(x, num_samples=60, chunk_size=20)
+    torch.manual_seed(7)
+    eager = log_likelihood(model, guide, x, num_samples=60, chunk_size=20)
+    torch.testing.assert_close(ours, eager, rtol=1e-5, atol=1e-4)
+    assert ll.compiled
