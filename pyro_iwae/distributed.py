@@ -50,12 +50,14 @@ from pyro.infer import ELBO
 from pyro.infer.elbo import ELBOModule
 
 from .evaluation import EstimateWarning, estimate_problem, log_likelihood
+from .schedules import ConfigError
 
 __all__ = [
     "DistributedLoss",
     "Ranks",
     "batch_seed",
     "current",
+    "forked_rng",
     "from_main",
     "gather_objects",
     "init",
@@ -235,7 +237,7 @@ class DistributedLoss:
     :param objective: an ELBO with ``differentiable_loss``.
     :param example: a batch to make lazy parameters with (one forward pass, its
         random draws undone) before DDP takes the parameters.
-    :raises ValueError: for an objective without ``differentiable_loss``.
+    :raises ConfigError: for an objective without ``differentiable_loss``.
     """
 
     def __init__(
@@ -247,16 +249,11 @@ class DistributedLoss:
         device: torch.device,
         example: torch.Tensor,
     ) -> None:
-        if not hasattr(objective, "differentiable_loss"):
-            raise ValueError(
-                f"{type(objective).__name__} has no differentiable_loss, which "
-                "DistributedDataParallel needs; under torchrun train with an "
-                "IWELBO objective (iwae, vae, miwae, piwae, ciwae)"
-            )
+        check_objective(objective)
         self.ranks = ranks
         module = _ScaledELBOModule(model, guide, objective)
         with (
-            _forked_rng(device),
+            forked_rng(device),
             pyro.settings.context(module_local_params=True),
             pyro.validation_enabled(False),
         ):
@@ -274,22 +271,40 @@ class DistributedLoss:
         return self.ddp(self.local_batch(batch), self.ranks.world / batch.shape[0])
 
 
+def check_objective(objective: ELBO) -> None:
+    """:raises ConfigError: for an objective without ``differentiable_loss``,
+    which DDP needs (Pyro's ``RenyiELBO``)."""
+    if not hasattr(objective, "differentiable_loss"):
+        raise ConfigError(
+            f"{type(objective).__name__}, the {{objective}} given, has no "
+            "differentiable_loss, which DistributedDataParallel needs; under "
+            "torchrun train with iwae, vae, miwae, piwae or ciwae"
+        )
+
+
+def check_batch_size(batch_size: int, world: int) -> None:
+    """:raises ConfigError: if the global ``batch_size`` does not split evenly
+    over ``world`` ranks."""
+    if batch_size % world:
+        raise ConfigError(
+            f"{{batch_size}} {batch_size} is the global batch, split evenly over "
+            f"the {world} processes; choose a multiple of {world}"
+        )
+
+
 def check_batches(num_points: int, batch_size: int, ranks: Ranks | None) -> None:
-    """:raises ValueError: if the global ``batch_size`` does not split evenly over
-    the ranks, or the last mini-batch has fewer points than there are ranks."""
+    """:raises ConfigError: if the global ``batch_size`` does not split evenly
+    over the ranks, or the last mini-batch has fewer points than there are
+    ranks."""
     if ranks is None:
         return
-    if batch_size % ranks.world:
-        raise ValueError(
-            f"the batch size {batch_size} is the global batch, split evenly over "
-            f"the {ranks.world} ranks; choose a multiple of {ranks.world}"
-        )
+    check_batch_size(batch_size, ranks.world)
     last = num_points % batch_size
     if 0 < last < ranks.world:
-        raise ValueError(
+        raise ConfigError(
             f"the last mini-batch of each epoch holds {last} of the {num_points} "
-            f"training points, fewer than the {ranks.world} ranks; choose a batch "
-            f"size that leaves a last batch of at least {ranks.world} points"
+            f"training points, fewer than the {ranks.world} processes; choose a "
+            f"{{batch_size}} that leaves at least {ranks.world} in the last batch"
         )
 
 
@@ -325,7 +340,7 @@ def restore_rank_rng(
 
 
 @contextlib.contextmanager
-def _forked_rng(device: torch.device | None) -> Iterator[None]:
+def forked_rng(device: torch.device | None) -> Iterator[None]:
     """Torch's random states (CPU and ``device``) restored on exit."""
     cuda = device is not None and device.type == "cuda"
     devices = [device.index or 0] if cuda else []
@@ -360,7 +375,7 @@ def sharded_log_likelihood(
     mine = {}
     for index in range(rank, math.ceil(data.shape[0] / batch_size), world):
         batch = data[index * batch_size : (index + 1) * batch_size]
-        with _forked_rng(device):
+        with forked_rng(device):
             torch.manual_seed(batch_seed(seed, index))
             mine[index] = log_likelihood(
                 model, guide, batch, num_samples=num_samples, chunk_size=chunk_size
