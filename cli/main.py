@@ -668,19 +668,24 @@ def reproduce(
 
     Runs already evaluated are skipped and interrupted ones resume from their
     checkpoints, so the command can be stopped at any moment and run again. A run
-    that another pyro-iwae process is working on is left to it.
+    that another pyro-iwae process is working on is left to it, also one of
+    another machine that shares --runs-dir (it holds runs/.RUN.claim). Under
+    torchrun the processes train and evaluate each run together.
     """
     device = _device(cuda)
+    distributed.init(device)
+    main = distributed.is_main()
     spec = Grid.load(grid)
     runs_dir = runs_dir or grid.parent / "runs"
     if readme is not None:
         table_slot(readme)  # fail before training, not after
     if not report_only:
-        fit_progress = FitProgress(quiet or jobs > 1)
-        eval_progress = EvalProgress(quiet or jobs > 1)
+        fit_progress = FitProgress(quiet or jobs > 1 or not main)
+        eval_progress = EvalProgress(quiet or jobs > 1 or not main)
 
         def on_run(name: str, what: str) -> None:
-            click.echo(f"{name}: {what}", err=True)
+            if main:
+                click.echo(f"{name}: {what}", err=True)
             if what == "evaluate":
                 eval_progress.reset()
 
@@ -693,8 +698,8 @@ def reproduce(
                 device=device,
                 jobs=jobs,
                 on_run=on_run,
-                fit_callback=fit_progress,
-                eval_callback=eval_progress,
+                fit_callback=fit_progress if main else None,
+                eval_callback=eval_progress if main else None,
             )
         except KeyboardInterrupt:
             fit_progress.close()
@@ -708,6 +713,8 @@ def reproduce(
         finally:
             fit_progress.close()
             eval_progress.close()
+    if not main:
+        return
     report = write_report(spec, runs_dir, out_dir or grid.parent, readme)
     for path in report.values():
         click.echo(f"wrote {path}")

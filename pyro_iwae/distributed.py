@@ -49,7 +49,7 @@ from pyro import poutine
 from pyro.infer import ELBO
 from pyro.infer.elbo import ELBOModule
 
-from .evaluation import EstimateWarning, estimate_problem, log_likelihood
+from . import evaluation
 from .schedules import ConfigError
 
 __all__ = [
@@ -377,7 +377,7 @@ def sharded_log_likelihood(
         batch = data[index * batch_size : (index + 1) * batch_size]
         with forked_rng(device):
             torch.manual_seed(batch_seed(seed, index))
-            mine[index] = log_likelihood(
+            mine[index] = evaluation.log_likelihood(
                 model, guide, batch, num_samples=num_samples, chunk_size=chunk_size
             )
         if callback is not None:
@@ -389,7 +389,7 @@ def sharded_log_likelihood(
     if not mine:
         return data.new_zeros(0)
     estimates = torch.cat([mine[i] for i in sorted(mine)])
-    problem = estimate_problem(estimates)
+    problem = evaluation.estimate_problem(estimates)
     if problem is not None and is_main():
-        warnings.warn(problem, EstimateWarning, stacklevel=2)
+        warnings.warn(problem, evaluation.EstimateWarning, stacklevel=2)
     return estimates

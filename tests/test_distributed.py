@@ -135,7 +135,9 @@ def test_checkpoints_of_one_or_two_ranks_resume_under_the_other(groups, tmp_path
 def test_eval_estimates_of_two_ranks_equal_those_of_one(groups, tmp_path):
     shutil.copytree(groups / "evaluated", tmp_path / "run")
     two = (groups / "evaluated" / "estimates-test-k20.txt").read_text()
-    one_result = evaluate_run(tmp_path / "run", num_samples=20, limit=100, batch_size=30)
+    one_result = evaluate_run(
+        tmp_path / "run", num_samples=20, limit=100, batch_size=30
+    )
     one = (tmp_path / "run" / "estimates-test-k20.txt").read_text()
     assert len(two.split()) == 100
     assert one == two
