@@ -55,6 +55,7 @@ from .schedules import ConfigError
 __all__ = [
     "DistributedLoss",
     "Ranks",
+    "barrier",
     "batch_seed",
     "current",
     "forked_rng",
@@ -124,7 +125,17 @@ def init(device: torch.device | str | None = None) -> torch.device | None:
         cuda = device is not None and device.type == "cuda"
         if cuda:
             torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
-        dist.init_process_group(backend="nccl" if cuda else "gloo")
+        # torchrun's rendezvous store outlives a restart of the workers
+        # (--max-restarts): keys of each attempt apart, so that the new ranks
+        # do not find the addresses of the dead ones.
+        store, rank, world = next(dist.rendezvous("env://"))
+        attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+        dist.init_process_group(
+            backend="nccl" if cuda else "gloo",
+            store=dist.PrefixStore(f"pyro-iwae/attempt-{attempt}", store),
+            rank=rank,
+            world_size=world,
+        )
     ranks = current()
     if ranks is not None and device is not None and device.type == "cuda":
         device = torch.device("cuda", ranks.local_rank)
@@ -172,6 +183,13 @@ def from_main(fn: Callable[[], T]) -> T:
     if not ok:
         raise value
     return value
+
+
+def barrier() -> None:
+    """Waits until every rank gets here (nothing in a single process): after
+    rank 0's writes, before the other ranks read them."""
+    if current() is not None:
+        dist.barrier()
 
 
 def gather_objects(obj: T) -> list[T]:

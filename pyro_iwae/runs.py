@@ -341,6 +341,7 @@ def evaluate_run(
         lines = "".join(f"{value:.6f}\n" for value in estimates.double().tolist())
         write_text(estimates_path, lines)
         write_json(path, result)
+    distributed.barrier()  # the files are written when any rank returns
     return result
 
 

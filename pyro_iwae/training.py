@@ -241,6 +241,7 @@ class _Fit:
             self.start()
         while self.position.stage < len(self.schedule):
             self.run_epoch()
+        distributed.barrier()  # rank 0's files are written when fit returns
         return self.history
 
     # -- start and resume ---------------------------------------------------
