@@ -55,11 +55,14 @@ def small_data():
     return Dataset("mnist-mini", mini.train[:TRAIN], mini.test[:TEST])
 
 
-def small_fit(run_dir, epochs=2, seed=0, **kwargs):
-    """fit of the small data: model and guide initialised from ``seed``."""
+def small_fit(run_dir, epochs=2, seed=0, watch=None, **kwargs):
+    """fit of the small data: model and guide initialised from ``seed``;
+    ``watch(model, guide)`` makes the callback."""
     data = small_data()
     torch.manual_seed(seed)
     model, guide = paper_architecture(1, data_mean=data.train_mean)
+    if watch is not None:
+        kwargs["callback"] = watch(model, guide)
     fit(
         model,
         guide,
@@ -116,20 +119,13 @@ def train_two_runs(rank, port, tmp):
     two-epoch run; each rank saves its parameters."""
     _init(rank, port)
     tmp = Path(tmp)
-    data = small_data()
-    torch.manual_seed(0)
-    model, guide = paper_architecture(1, data_mean=data.train_mean)
-    first = FirstGradient(model, guide)
-    fit(
-        model,
-        guide,
-        data,
-        make_objective("iwae", K),
-        schedule=[(1, 1e-3)],
-        batch_size=BATCH,
-        run_dir=tmp / "one-epoch",
-        callback=first,
+    watched = []
+    model, guide = small_fit(
+        tmp / "one-epoch",
+        epochs=1,
+        watch=lambda *modules: watched.append(FirstGradient(*modules)) or watched[0],
     )
+    first = watched[0]
     torch.save(
         {"state": state(model, guide), "grads": first.grads},
         tmp / f"one-epoch-rank{rank}.pt",
