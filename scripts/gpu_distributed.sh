@@ -13,17 +13,7 @@ wheels=${1:-}
 site=/tmp/pyro-iwae-site
 runs=/tmp/pyro-iwae-ddp-runs
 rm -rf "$site" "$runs" && mkdir -p "$site" "$runs"
-if [[ -n $wheels ]]; then
-    python3 -m pip install -q --no-index --no-deps --no-compile --target "$site" "$wheels"/*.whl
-fi
-# The package as pip would lay it out, without its dependencies (the machine's
-# torch is used).
-cp -r pyro_iwae "$site/pyro_iwae" && cp -r cli "$site/pyro_iwae_cli"
-mkdir -p "$site/bin"
-printf '#!/usr/bin/env python3\nfrom pyro_iwae_cli.main import cli\ncli()\n' >"$site/bin/pyro-iwae"
-chmod +x "$site/bin/pyro-iwae"
-TIMEFORMAT="wall %R s"
-export PYTHONPATH=$site PATH=$site/bin:$PATH PYTHONUNBUFFERED=1
+source scripts/gpu_site.sh
 torchrun=(python3 -m torch.distributed.run --standalone)
 gpus=$(python3 -c "import torch; print(torch.cuda.device_count())")
 
