@@ -19,9 +19,6 @@ if [[ -n $mnist_gz ]]; then
     for f in "$mnist_gz"/*.gz; do gunzip -c "$f" >"$data/MNIST/raw/$(basename "${f%.gz}")"; done
 fi
 
-step() { echo; echo "### $*"; echo; echo '```text'; }
-end() { echo '```'; }
-
 echo "## GPU check, $(date -u +%Y-%m-%dT%H:%M:%SZ), commit $(git rev-parse --short HEAD 2>/dev/null || echo unknown)"
 step "machine"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader

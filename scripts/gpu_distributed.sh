@@ -17,9 +17,6 @@ source scripts/gpu_site.sh
 torchrun=(python3 -m torch.distributed.run --standalone)
 gpus=$(python3 -c "import torch; print(torch.cuda.device_count())")
 
-step() { echo; echo "### $*"; echo; echo '```text'; }
-end() { echo '```'; }
-
 echo "## torch.distributed on the GPU, $(date -u +%Y-%m-%dT%H:%M:%SZ), commit $(git rev-parse --short HEAD 2>/dev/null || echo unknown)"
 step "machine"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
