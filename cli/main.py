@@ -6,8 +6,11 @@ the library become one-line ``Error: ...`` messages with a non-zero exit code.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
+import io
+import os
 import sys
 import time
 import warnings
@@ -19,6 +22,7 @@ import click
 import torch
 
 import pyro_iwae
+from pyro_iwae import distributed
 from pyro_iwae.checkpoints import CHECKPOINT_FILE, RunError, read_metrics
 from pyro_iwae.config import RunConfig
 from pyro_iwae.data import DATASETS, DataError
@@ -74,18 +78,45 @@ _OPTION_NAMES = {
 
 def _library_errors(command: Callable) -> Callable:
     """Turns the library's own errors into one-line Click errors, and every
-    warning into one ``Warning: ...`` line on stderr."""
+    warning into one ``Warning: ...`` line on stderr.
+
+    Under torchrun, ranks other than 0 print nothing on stdout and prefix their
+    errors with their rank; the process group ends with the command.
+    """
 
     @functools.wraps(command)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        with warnings.catch_warnings():
+        rank = _rank()
+        silent = contextlib.redirect_stdout(io.StringIO())
+        with warnings.catch_warnings(), silent if rank else contextlib.nullcontext():
             warnings.showwarning = _show_warning
             try:
                 return command(*args, **kwargs)
             except (RunError, DataError, TrainingDiverged) as e:
-                raise click.ClickException(str(e)) from None
+                raise click.ClickException(_ranked(str(e), rank)) from None
+            except click.ClickException as e:
+                if not rank:
+                    raise
+                message = _ranked(e.format_message(), rank)
+                raise click.ClickException(message) from None
+            finally:
+                distributed.shutdown()
 
     return wrapper
+
+
+def _rank() -> int:
+    """This process's rank under torchrun (0 without it)."""
+    return int(os.environ["RANK"]) if distributed.launched() else 0
+
+
+def _ranked(message: str, rank: int) -> str:
+    return f"rank {rank}: {message}" if rank else message
+
+
+def _restarted() -> bool:
+    """Whether torchrun restarted this worker after a failure (--max-restarts)."""
+    return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
 
 
 def _show_warning(message: Warning | str, *args: Any, **kwargs: Any) -> None:
@@ -286,8 +317,14 @@ def fit(ctx: click.Context, **options: Any) -> None:
     Training images are binarised afresh for every mini-batch; after each
     epoch the test bound at the training k is computed on the first
     --test-limit test points, and a checkpoint is written.
+
+    Under torchrun (`torchrun --nproc-per-node=N $(command -v pyro-iwae) fit
+    ...`) the N processes train one run: --batch-size is the global batch,
+    split evenly over them; rank 0 writes the run directory. With
+    --max-restarts, pass --out: a restarted worker resumes that run.
     """
     device = _device(options["cuda"])
+    distributed.init(device)
     options["layers"] = int(options["layers"])
     given = [option for option in _CONFIG_OPTIONS if _explicit(ctx, option)]
     data_dir = options["data_dir"]
@@ -306,15 +343,23 @@ def fit(ctx: click.Context, **options: Any) -> None:
             if option not in given and field not in unused
         }
         config = dataclasses.replace(config, **defaults)
+        world = distributed.current().world if distributed.current() else 1
+        distributed.check_batch_size(config.batch_size, world)
     except ConfigError as e:
         raise click.UsageError(e.render(_OPTION_NAMES)) from None
     except ValueError as e:
         raise click.UsageError(str(e)) from None
 
     created = False
+    out = options["out"]
+    if _restarted() and out is not None and not options["resume"]:
+        # torchrun restarted the workers: continue the run they had begun.
+        options["resume"] = distributed.from_main((out / CHECKPOINT_FILE).is_file)
     if options["resume"]:
-        run_dir = _run_dir_or_latest(options["out"], options["runs_dir"])
-        saved = RunConfig.load(run_dir)
+        run_dir = distributed.from_main(
+            lambda: _run_dir_or_latest(out, options["runs_dir"])
+        )
+        saved = distributed.from_main(lambda: RunConfig.load(run_dir))
         for option in given:
             field = _CONFIG_OPTIONS[option]
             if getattr(saved, field) != getattr(config, field):
@@ -325,18 +370,20 @@ def fit(ctx: click.Context, **options: Any) -> None:
                     "or start a new run"
                 )
         config = dataclasses.replace(saved, device=device)
-    elif options["out"] is None:
-        run_dir = new_run_dir(options["runs_dir"], config)
-        created = True
+    elif out is None:
+        run_dir = distributed.from_main(
+            lambda: new_run_dir(options["runs_dir"], config)
+        )
+        created = distributed.is_main()
     else:
-        run_dir = options["out"]
-        if (run_dir / CHECKPOINT_FILE).exists():
+        run_dir = out
+        if distributed.from_main((run_dir / CHECKPOINT_FILE).exists):
             raise click.UsageError(
                 f"{run_dir} holds a run already; pass --resume to continue it, "
                 "or choose another --out"
             )
 
-    progress = FitProgress(options["quiet"])
+    progress = FitProgress(options["quiet"] or not distributed.is_main())
     start = time.perf_counter()
     try:
         history = train_run(
@@ -344,8 +391,10 @@ def fit(ctx: click.Context, **options: Any) -> None:
             run_dir,
             resume=options["resume"],
             data_dir=data_dir,
-            callback=progress,
+            callback=progress if distributed.is_main() else None,
         )
+    except ConfigError as e:
+        raise click.UsageError(e.render(_OPTION_NAMES)) from None
     except DataError:
         if created and not any(run_dir.iterdir()):
             run_dir.rmdir()
@@ -446,10 +495,17 @@ def eval_nll(
     RUN_DIR defaults to the latest run in --runs-dir. Prints the mean NLL with
     its standard error (std / sqrt(n)) and the active units per latent layer,
     and writes them to RUN_DIR/eval-<split>-k<k>.json.
+
+    The particles of each batch of --batch-size points come from a random
+    stream seeded by (--seed, batch number), so the per-point estimates do not
+    depend on how many processes share the work: under torchrun
+    (`torchrun --nproc-per-node=N $(command -v pyro-iwae) eval-nll ...`) the
+    batches are dealt to the N processes and rank 0 writes the same files.
     """
     device = _device(cuda)
-    run_dir = _run_dir_or_latest(run_dir, runs_dir)
-    progress = EvalProgress(quiet)
+    distributed.init(device)
+    run_dir = distributed.from_main(lambda: _run_dir_or_latest(run_dir, runs_dir))
+    progress = EvalProgress(quiet or not distributed.is_main())
     try:
         result = evaluate_run(
             run_dir,
@@ -612,19 +668,24 @@ def reproduce(
 
     Runs already evaluated are skipped and interrupted ones resume from their
     checkpoints, so the command can be stopped at any moment and run again. A run
-    that another pyro-iwae process is working on is left to it.
+    that another pyro-iwae process is working on is left to it, also one of
+    another machine that shares --runs-dir (it holds runs/.RUN.claim). Under
+    torchrun the processes train and evaluate each run together.
     """
     device = _device(cuda)
+    distributed.init(device)
+    main = distributed.is_main()
     spec = Grid.load(grid)
     runs_dir = runs_dir or grid.parent / "runs"
     if readme is not None:
         table_slot(readme)  # fail before training, not after
     if not report_only:
-        fit_progress = FitProgress(quiet or jobs > 1)
-        eval_progress = EvalProgress(quiet or jobs > 1)
+        fit_progress = FitProgress(quiet or jobs > 1 or not main)
+        eval_progress = EvalProgress(quiet or jobs > 1 or not main)
 
         def on_run(name: str, what: str) -> None:
-            click.echo(f"{name}: {what}", err=True)
+            if main:
+                click.echo(f"{name}: {what}", err=True)
             if what == "evaluate":
                 eval_progress.reset()
 
@@ -637,8 +698,8 @@ def reproduce(
                 device=device,
                 jobs=jobs,
                 on_run=on_run,
-                fit_callback=fit_progress,
-                eval_callback=eval_progress,
+                fit_callback=fit_progress if main else None,
+                eval_callback=eval_progress if main else None,
             )
         except KeyboardInterrupt:
             fit_progress.close()
@@ -652,6 +713,8 @@ def reproduce(
         finally:
             fit_progress.close()
             eval_progress.close()
+    if not main:
+        return
     report = write_report(spec, runs_dir, out_dir or grid.parent, readme)
     for path in report.values():
         click.echo(f"wrote {path}")

@@ -25,6 +25,7 @@ from typing import Any
 import pyro
 import torch
 
+from . import distributed
 from ._version import __version__
 from .callbacks import FitCallback
 from .checkpoints import (
@@ -38,7 +39,7 @@ from .checkpoints import (
 )
 from .config import CONFIG_FILE, RunConfig
 from .data import load_dataset, one_line
-from .evaluation import count_active, dataset_log_likelihood, latent_activity
+from .evaluation import count_active, latent_activity
 from .registry import build_guide, build_model
 from .training import fit
 
@@ -135,14 +136,54 @@ def train_run(
 
     :raises ConfigError, ValueError: if ``config`` was changed, since it was
         made, into settings that do not go together (see
-        :meth:`RunConfig.validate`).
+        :meth:`RunConfig.validate`), or under torchrun does not split over the
+        ranks.
     :raises RunError: on a config that differs from the run's, or a broken run.
     :raises CheckpointError: on ``resume`` with no usable checkpoint.
     :raises pyro_iwae.data.DataError: if the data cannot be loaded.
     :raises TrainingDiverged: see :func:`fit`.
+
+    Under torchrun, every rank calls it alike: rank 0 checks and writes the run
+    directory, and the ranks train the run together (see :func:`fit`).
     """
     config.validate()  # before anything is written
+    device = distributed.init(config.device)
+    ranks = distributed.current()
+    if ranks is not None:
+        distributed.check_batch_size(config.batch_size, ranks.world)
+        distributed.check_objective(config.make_objective())
     run_dir = Path(run_dir)
+    distributed.from_main(lambda: _check_run_dir(config, run_dir, resume))
+    data = config.load_data(data_dir)
+    if data.x_dim != config.x_dim:
+        raise RunError(
+            f"{config.dataset} images have {data.x_dim} pixels, the config says "
+            f"{config.x_dim}; set x_dim to {data.x_dim}"
+        )
+    if not resume and distributed.is_main():
+        config.save(run_dir)
+    model, guide = build_run(config, data.train_mean, device)
+    return fit(
+        model,
+        guide,
+        data,
+        config.make_objective(),
+        schedule=config.make_schedule(),
+        batch_size=config.batch_size,
+        seed=config.seed,
+        test_size=config.test_limit,
+        run_dir=run_dir,
+        resume=resume,
+        config=config.to_dict(),
+        checkpoint_every=config.checkpoint_every,
+        device=device,
+        callback=callback,
+    )
+
+
+def _check_run_dir(config: RunConfig, run_dir: Path, resume: bool) -> None:
+    """Checks that ``run_dir`` can be resumed with ``config`` (or, without
+    ``resume``, holds no run)."""
     if resume:
         saved = RunConfig.load(run_dir)
         load_checkpoint_path = run_dir / CHECKPOINT_FILE
@@ -166,31 +207,6 @@ def train_run(
         raise RunError(
             f"{run_dir} holds a run already; resume it or choose another directory"
         )
-    data = config.load_data(data_dir)
-    if data.x_dim != config.x_dim:
-        raise RunError(
-            f"{config.dataset} images have {data.x_dim} pixels, the config says "
-            f"{config.x_dim}; set x_dim to {data.x_dim}"
-        )
-    if not resume:
-        config.save(run_dir)
-    model, guide = build_run(config, data.train_mean)
-    return fit(
-        model,
-        guide,
-        data,
-        config.make_objective(),
-        schedule=config.make_schedule(),
-        batch_size=config.batch_size,
-        seed=config.seed,
-        test_size=config.test_limit,
-        run_dir=run_dir,
-        resume=resume,
-        config=config.to_dict(),
-        checkpoint_every=config.checkpoint_every,
-        device=config.device,
-        callback=callback,
-    )
 
 
 def load_run(
@@ -240,7 +256,16 @@ def evaluate_run(
     ``seed``). Also counts the active units of each latent site on those points.
     Writes the result to ``eval-<split>-k<num_samples>.json`` in ``run_dir``.
     ``callback(estimates, total)`` is called after each batch with its
-    log-likelihood estimates (``[batch]``, nats) and the number of points.
+    log-likelihood estimates (``[batch]``, nats) and the number of points
+    (under torchrun: this rank's batches and points).
+
+    The particles of batch ``i`` (of ``batch_size`` points) are drawn with
+    torch's random stream seeded by ``(seed, i)`` (see
+    :func:`~pyro_iwae.distributed.sharded_log_likelihood`), so the per-point
+    estimates depend on ``seed`` and ``batch_size``, not on how many processes
+    share the work: under torchrun the batches are dealt to the ranks, rank 0
+    gathers the estimates and writes the same files as one process (every rank
+    returns the result). The run directory must be readable by every rank.
 
     :returns: a dict: ``nll`` (mean, nats), ``stderr`` (std / sqrt(n), None for
         one point), ``k``, ``split``, ``points``, ``time`` (s), ``active_units``
@@ -255,6 +280,8 @@ def evaluate_run(
     if num_samples < 1:
         raise ValueError(f"num_samples must be >= 1, got {num_samples}")
     run_dir = Path(run_dir)
+    device = distributed.init(device)
+    ranks = distributed.current()
     config, model, guide = load_run(run_dir, device)
     # The test set keeps its fixed binarisation, so that every evaluation (and
     # the per-epoch test bound) sees the same points.
@@ -265,22 +292,28 @@ def evaluate_run(
         generator = torch.Generator().manual_seed(seed)
         points = torch.bernoulli(data.train[:limit], generator=generator)
     points = points.to(next(model.parameters()).device)
-    torch.manual_seed(seed)
+    world = 1 if ranks is None else ranks.world
+    mine = math.ceil(math.ceil(points.shape[0] / batch_size) / world) * batch_size
     start = time.perf_counter()
-    estimates = dataset_log_likelihood(
+    estimates = distributed.sharded_log_likelihood(
         model,
         guide,
         points,
         num_samples=num_samples,
+        seed=seed,
         batch_size=batch_size,
         chunk_size=chunk_size,
-        callback=None if callback is None else lambda e: callback(e, points.shape[0]),
+        callback=(
+            None
+            if callback is None
+            else lambda e: callback(e, min(mine, points.shape[0]))
+        ),
     )
     seconds = time.perf_counter() - start
     nll = -estimates.double()
     n = nll.shape[0]
     stderr = float(nll.std() / math.sqrt(n)) if n > 1 else None
-    activity = latent_activity(guide, points)
+    activity = distributed.from_main(lambda: _activity(guide, points, seed))
     active = count_active(activity)
     latent = {name: a.numel() for name, a in activity.items()}
     path = run_dir / f"eval-{split}-k{num_samples}.json"
@@ -295,17 +328,31 @@ def evaluate_run(
         "active_units": active,
         "latent_units": latent,
         "seed": seed,
+        "ranks": world,
         "dataset": config.dataset,
         "versions": versions(),
         "date": datetime.now().isoformat(timespec="seconds"),
         "file": str(path),
         "estimates_file": estimates_path.name,
     }
-    # Per point, so that two runs scored on the same points can be compared pairwise.
-    lines = "".join(f"{value:.6f}\n" for value in estimates.double().tolist())
-    write_text(estimates_path, lines)
-    write_json(path, result)
+    if distributed.is_main():
+        # Per point, so that two runs scored on the same points can be compared
+        # pairwise.
+        lines = "".join(f"{value:.6f}\n" for value in estimates.double().tolist())
+        write_text(estimates_path, lines)
+        write_json(path, result)
+    distributed.barrier()  # the files are written when any rank returns
     return result
+
+
+def _activity(
+    guide: torch.nn.Module, points: torch.Tensor, seed: int
+) -> dict[str, torch.Tensor]:
+    """The latent activity of ``guide`` on ``points`` (on the CPU), drawn with
+    its own seed."""
+    with distributed.forked_rng(points.device):
+        torch.manual_seed(seed)
+        return {name: a.cpu() for name, a in latent_activity(guide, points).items()}
 
 
 def read_estimates(run_dir: str | os.PathLike, evaluation: dict) -> torch.Tensor | None:

@@ -6,7 +6,8 @@ for bit.
 :meth:`_Fit.resume`, then epochs (:meth:`_Fit.run_epoch`), each of steps
 (:meth:`_Fit.train_step` around :func:`_step`, the optimisation step itself)
 and the end-of-epoch work (:meth:`_Fit.end_epoch`: test bound, metrics,
-checkpoint). The files are those of :mod:`pyro_iwae.checkpoints`.
+checkpoint). The files are those of :mod:`pyro_iwae.checkpoints`. Under
+``torchrun`` the ranks train one run together (see :mod:`pyro_iwae.distributed`).
 
 The module runs past 500 lines because the loop is one class whose short
 methods share its state; split across modules, that state would be too.
@@ -27,6 +28,7 @@ import pyro
 import torch
 from pyro.infer import ELBO
 
+from . import distributed
 from .callbacks import FitCallback, StepInfo
 from .checkpoints import (
     CHECKPOINT_FILE,
@@ -104,7 +106,8 @@ def fit(
         (checkpoints are always written after each epoch).
     :param device: where to train (model, guide and data are moved there);
         default: the device of the model's first parameter.
-    :param callback: a :class:`FitCallback` told about every step and epoch.
+    :param callback: a :class:`FitCallback` told about every step and epoch
+        (on every rank that passes one, under torchrun).
     :returns: the metrics of every epoch of the run (including those before a
         resume), each a dict: ``epoch`` (from 1), ``stage``, ``stage_epoch``,
         ``lr``, ``k``, ``train_bound`` (mean over the epoch's steps, nats per
@@ -115,6 +118,17 @@ def fit(
         the last checkpoint (all finite) is kept.
     :raises CheckpointError: on ``resume`` without a usable checkpoint, or when
         ``run_dir`` holds a checkpoint and ``resume`` is False.
+
+    Under ``torchrun`` (or once ``torch.distributed`` is initialised), every
+    rank calls ``fit`` with the same arguments and they train one run with
+    ``DistributedDataParallel`` (see :mod:`pyro_iwae.distributed`):
+    ``batch_size`` is the global batch, split evenly over the ranks; each rank
+    draws its Monte Carlo noise from its own seed, and the averaged gradient is
+    that of the single-process loss on the global batch. Rank 0 alone writes
+    ``run_dir``; metrics are reduced over the ranks first, and every rank
+    returns them. A checkpoint written by any number of ranks resumes under any
+    other (the same number continues exactly). With ``device="cuda"`` each rank
+    uses ``cuda:LOCAL_RANK``.
     """
     # _Fit takes fit's arguments, by their names.
     return _Fit(**locals()).run()
@@ -168,13 +182,31 @@ class _Fit:
         self.schedule, self.batch_size = schedule, batch_size
         self.test_batch_size, self.checkpoint_every = test_batch_size, checkpoint_every
         self.config, self.callback = config or {}, callback
-        self.params = _parameters(model, guide)
+        params = _parameters(model, guide)
         if device is None:
-            device = self.params[0].device if self.params else torch.device("cpu")
-        self.device = torch.device(device)
+            device = params[0].device if params else torch.device("cpu")
+        self.device = distributed.init(device)
+        # None in a single process; rank 0 alone writes files.
+        self.ranks = distributed.current()
+        self.writes = distributed.is_main()
         model.to(self.device)
         guide.to(self.device)
         self.train, self.test = _fit_data(data, test_data, test_size, self.device)
+        distributed.check_batches(self.train.shape[0], batch_size, self.ranks)
+        self.distributed_loss = (
+            None
+            if self.ranks is None
+            else distributed.DistributedLoss(
+                model,
+                guide,
+                objective,
+                self.ranks,
+                self.device,
+                self.train[:batch_size].round(),
+            )
+        )
+        # After the distributed loss's forward pass, which makes lazy parameters.
+        self.params = _parameters(model, guide)
         self.num_particles = getattr(objective, "num_particles", 1)
         self.num_steps = math.ceil(self.train.shape[0] / batch_size)
         self.num_epochs = sum(epochs for epochs, _ in schedule)
@@ -209,6 +241,7 @@ class _Fit:
             self.start()
         while self.position.stage < len(self.schedule):
             self.run_epoch()
+        distributed.barrier()  # rank 0's files are written when fit returns
         return self.history
 
     # -- start and resume ---------------------------------------------------
@@ -217,23 +250,30 @@ class _Fit:
         """Seeds a new run and starts its metrics file."""
         # Distinct seeds, so that particle noise and binarisation noise are not
         # drawn from one and the same stream.
-        torch.manual_seed(2 * self.seed)  # also seeds every CUDA device
+        # Each rank draws its own particles; all draw the same mini-batches.
+        noise_seed = 2 * self.seed
+        if self.ranks is not None:
+            noise_seed = distributed.noise_seed(noise_seed, self.ranks.rank)
+        torch.manual_seed(noise_seed)  # also seeds every CUDA device
         self.generator.manual_seed(2 * self.seed + 1)
         if self.run_dir is None:
             return
-        if self.checkpoint_path.exists():
+        if distributed.from_main(self.checkpoint_path.exists):
             raise CheckpointError(
                 f"{self.run_dir} holds a checkpoint already; resume it or choose "
                 "another run directory"
             )
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        write_metrics(self.run_dir, [])
+        if self.writes:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            write_metrics(self.run_dir, [])
 
     def resume(self) -> None:
         """Restores parameters, optimizer, position and random states from the
         checkpoint, and the metrics of the epochs it has finished."""
         path = self.checkpoint_path
-        checkpoint = load_checkpoint(path, map_location=self.device)
+        # Rank 0 reads it and sends it to the others, on the CPU.
+        where = self.device if self.ranks is None else "cpu"
+        checkpoint = distributed.from_main(lambda: load_checkpoint(path, where))
         if checkpoint.get("fit") != self.fit_state:
             raise CheckpointError(
                 f"checkpoint {path} was written with schedule and batch size "
@@ -246,6 +286,8 @@ class _Fit:
             self.optimizer.load_state_dict(checkpoint["optimizer"])
             self.position = _Position(**checkpoint["position"])
             self.epoch_rng = restore_rng(checkpoint["rng"], self.device, self.generator)
+            if self.ranks is not None:
+                self.restore_rank_rng(checkpoint["rng"])
             if self.position.step:
                 self.resumed_epoch = (
                     checkpoint["epoch_loss_sum"],
@@ -256,9 +298,21 @@ class _Fit:
                 f"checkpoint {path} does not fit this model and guide "
                 f"({one_line(e)}); use the run directory that wrote it"
             ) from e
-        self.history = read_metrics(self.run_dir, limit=self.position.epochs_done)
-        # Drop the lines of an epoch whose checkpoint was never written.
-        write_metrics(self.run_dir, self.history)
+        epochs_done = self.position.epochs_done
+        self.history = distributed.from_main(
+            lambda: read_metrics(self.run_dir, limit=epochs_done)
+        )
+        if self.writes:
+            # Drop the lines of an epoch whose checkpoint was never written.
+            write_metrics(self.run_dir, self.history)
+
+    def restore_rank_rng(self, rng: dict[str, Any]) -> None:
+        """Restores this rank's noise from a checkpoint's random states: each
+        rank of a run with as many ranks continues exactly; a checkpoint of one
+        process continues on rank 0, and ranks the writer lacked start afresh."""
+        states = rng.get("ranks") or [{"torch": rng["torch"], "cuda": rng["cuda"]}]
+        fallback = distributed.noise_seed(2 * self.seed, self.position.global_step)
+        distributed.restore_rank_rng(states, self.device, fallback)
 
     # -- an epoch -----------------------------------------------------------
 
@@ -323,6 +377,7 @@ class _Fit:
                 self.guide,
                 batch,
                 self.optimizer,
+                self.distributed_loss,
             )
         self.first_step = False
         loss_sum = loss_sum + loss
@@ -330,7 +385,7 @@ class _Fit:
         position.step += 1
         position.global_step += 1
         if position.step % _CHECK_EVERY == 0:
-            self.check_finite_loss(loss_sum)
+            self.check_finite_loss(distributed.mean_over_ranks(loss_sum))
         if self.callback is not None:
             seconds = time.perf_counter() - start
             images = min(position.step * self.batch_size, self.train.shape[0])
@@ -350,6 +405,8 @@ class _Fit:
             and position.global_step % self.checkpoint_every == 0
             and position.step < self.num_steps
         ):
+            # The epoch's loss sum so far, over all the ranks, for every rank.
+            loss_sum = distributed.mean_over_ranks(loss_sum)
             self.check_finite_loss(loss_sum)
             seconds = time.perf_counter() - start
             self.write_checkpoint(self.epoch_rng, (loss_sum.detach(), seconds))
@@ -359,6 +416,7 @@ class _Fit:
         self, epoch: int, lr: float, loss_sum: torch.Tensor, start: float
     ) -> None:
         """Checks, test bound, metrics and checkpoint after the epoch's steps."""
+        loss_sum = distributed.mean_over_ranks(loss_sum)
         train_bound = -float(loss_sum) / self.num_steps
         train_time = time.perf_counter() - start
         self.check_finite_loss(loss_sum)
@@ -386,7 +444,7 @@ class _Fit:
         position.advance_epoch(self.schedule)
         self.epoch_rng = None
         self.history.append(metrics)
-        if self.run_dir is not None:
+        if self.run_dir is not None and self.writes:
             append_metrics(self.run_dir, metrics)
         self.write_checkpoint(self.generator.get_state(), None)
         if self.callback is not None:
@@ -396,6 +454,18 @@ class _Fit:
         """The bound at the training k, mean over the test points (None: none)."""
         if self.test is None:
             return None
+        if self.ranks is not None:
+            # Shared among the ranks, with its own seeds: the training noise
+            # of each rank goes on undisturbed.
+            estimates = distributed.sharded_log_likelihood(
+                self.model,
+                self.guide,
+                self.test,
+                num_samples=self.num_particles,
+                seed=(self.seed, self.position.epochs_done),
+                batch_size=self.test_batch_size,
+            )
+            return float(estimates.mean())
         estimates = dataset_log_likelihood(
             self.model,
             self.guide,
@@ -417,6 +487,10 @@ class _Fit:
         if self.checkpoint_path is None:
             return
         self.check_finite_parameters()
+        # A collective: every rank's noise, for rank 0 to keep.
+        ranks_rng = None if self.ranks is None else distributed.rng_states(self.device)
+        if not self.writes:
+            return
         contents = {
             "model": self.model.state_dict(),
             "guide": self.guide.state_dict(),
@@ -426,6 +500,8 @@ class _Fit:
             "fit": self.fit_state,
             "config": self.config,
         }
+        if ranks_rng is not None:
+            contents["rng"]["ranks"] = ranks_rng
         if epoch_sums is not None:
             contents["epoch_loss_sum"], contents["epoch_time"] = epoch_sums
         save_checkpoint(self.checkpoint_path, contents)
@@ -516,11 +592,18 @@ def _step(
     guide: torch.nn.Module,
     batch: torch.Tensor,
     optimizer: torch.optim.Optimizer,
+    distributed_loss: distributed.DistributedLoss | None = None,
 ) -> torch.Tensor:
-    """One Adam step on the negative bound per point; returns it, detached."""
+    """One Adam step on the negative bound per point; returns it, detached
+    (under torchrun: this rank's share of it, see
+    :class:`~pyro_iwae.distributed.DistributedLoss`)."""
     n = batch.shape[0]
     optimizer.zero_grad(set_to_none=True)
-    if differentiable:
+    if distributed_loss is not None:
+        loss = distributed_loss(batch)
+        loss.backward()
+        loss = loss.detach()
+    elif differentiable:
         loss = objective.differentiable_loss(model, guide, batch) / n
         loss.backward()
         loss = loss.detach()

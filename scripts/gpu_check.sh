@@ -14,23 +14,10 @@ site=/tmp/pyro-iwae-site
 data=/tmp/pyro-iwae-data
 runs=/tmp/pyro-iwae-runs
 rm -rf "$site" "$runs" && mkdir -p "$site" "$data/MNIST/raw" "$runs"
-if [[ -n $wheels ]]; then
-    python3 -m pip install -q --no-index --no-deps --no-compile --target "$site" "$wheels"/*.whl
-fi
-# The package itself, as pip would lay it out, without its dependencies (the
-# machine's torch is used) and without building anything there.
-cp -r pyro_iwae "$site/pyro_iwae" && cp -r cli "$site/pyro_iwae_cli"
-mkdir -p "$site/bin"
-printf '#!/usr/bin/env python3\nfrom pyro_iwae_cli.main import cli\ncli()\n' >"$site/bin/pyro-iwae"
-chmod +x "$site/bin/pyro-iwae"
-TIMEFORMAT="wall %R s"
-export PYTHONPATH=$site PATH=$site/bin:$PATH PYTHONUNBUFFERED=1
+source scripts/gpu_site.sh
 if [[ -n $mnist_gz ]]; then
     for f in "$mnist_gz"/*.gz; do gunzip -c "$f" >"$data/MNIST/raw/$(basename "${f%.gz}")"; done
 fi
-
-step() { echo; echo "### $*"; echo; echo '```text'; }
-end() { echo '```'; }
 
 echo "## GPU check, $(date -u +%Y-%m-%dT%H:%M:%SZ), commit $(git rev-parse --short HEAD 2>/dev/null || echo unknown)"
 step "machine"

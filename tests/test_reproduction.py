@@ -2,6 +2,8 @@
 
 import dataclasses
 import json
+import os
+import socket
 
 import pytest
 import torch
@@ -264,8 +266,8 @@ def test_a_run_held_by_another_process_is_left_to_it(grid_file, tmp_path):
     runs_dir = tmp_path / "runs"
     runs_dir.mkdir()
     told = []
-    with _run_lock(runs_dir, "vae-k1") as locked:
-        assert locked
+    with _run_lock(runs_dir, "vae-k1") as holder:
+        assert holder is None  # this process holds it
         run_grid(
             Grid.load(grid_file),
             runs_dir,
@@ -274,6 +276,29 @@ def test_a_run_held_by_another_process_is_left_to_it(grid_file, tmp_path):
         )
     assert told == [("vae-k1", "busy")]
     assert not (runs_dir / "vae-k1").exists()
+
+
+def test_a_run_claimed_by_another_machine_is_left_to_it(grid_file, tmp_path):
+    """The claim file, made with O_EXCL, holds runs between machines sharing the
+    folder (where flock is not reliable); a dead process's claim on this
+    machine is taken over, another machine's is not."""
+    runs_dir = tmp_path / "runs"
+    runs_dir.mkdir()
+    claim = runs_dir / ".vae-k1.claim"
+    claim.write_text(json.dumps({"host": "elsewhere", "pid": 1, "since": 0}))
+    told = []
+    grid = Grid.load(grid_file)
+    run_grid(grid, runs_dir, only=["vae-k1"], on_run=lambda *a: told.append(a))
+    ((name, what),) = told
+    assert what.startswith("busy (claimed by process 1 on elsewhere since ")
+    assert not (runs_dir / "vae-k1").exists() and claim.exists()
+    # A claim of a process of this machine that no longer runs.
+    dead = {"host": socket.gethostname(), "pid": 2**22 + 1, "since": 0}
+    claim.write_text(json.dumps(dead))
+    with _run_lock(runs_dir, "vae-k1") as holder:
+        assert holder is None
+        assert json.loads(claim.read_text())["pid"] == os.getpid()
+    assert not claim.exists()
 
 
 def test_paired_claims_use_the_per_point_differences(grid_file, tmp_path):
