@@ -135,6 +135,10 @@ def init(device: torch.device | str | None = None) -> torch.device | None:
             store=dist.PrefixStore(f"pyro-iwae/attempt-{attempt}", store),
             rank=rank,
             world_size=world,
+            # Binds NCCL to this rank's GPU (barriers otherwise guess, and warn).
+            device_id=torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+            if cuda
+            else None,
         )
     ranks = current()
     if ranks is not None and device is not None and device.type == "cuda":
