@@ -30,6 +30,7 @@ from pyro_iwae.objectives import ESTIMATORS
 from pyro_iwae.plots import save_curves, save_image_grid, save_reconstruction_grid
 from pyro_iwae.reproduction import Grid, run_grid, table_slot, write_report
 from pyro_iwae.runs import (
+    EVAL_METHODS,
     evaluate_run,
     find_latest_run,
     load_run,
@@ -474,10 +475,32 @@ def fit(ctx: click.Context, **options: Any) -> None:
 @click.option(
     "--seed", type=int, default=0, help="Random seed of the importance samples."
 )
+@click.option(
+    "--method",
+    type=click.Choice(EVAL_METHODS),
+    default="iwae",
+    help="iwae: the IWAE bound -L_k (the paper's NLL); ais: annealed importance "
+    "sampling from the guide to the posterior with HMC, tighter and slower.",
+)
+@click.option(
+    "--ais-steps",
+    type=click.IntRange(min=1),
+    default=1000,
+    help="With --method ais: annealing steps (one HMC move of 10 leapfrog steps "
+    "each); double it until the NLL stops moving.",
+)
+@click.option(
+    "--chains",
+    type=click.IntRange(min=1),
+    default=16,
+    help="With --method ais: independent chains per point.",
+)
 @_cuda_option
 @_quiet_option
+@click.pass_context
 @_library_errors
 def eval_nll(
+    ctx: click.Context,
     run_dir: Path | None,
     k: int,
     split: str,
@@ -487,14 +510,21 @@ def eval_nll(
     data_dir: Path | None,
     runs_dir: Path,
     seed: int,
+    method: str,
+    ais_steps: int,
+    chains: int,
     cuda: bool,
     quiet: bool,
 ) -> None:
-    """Estimate the negative log-likelihood -L_k of a trained run, in nats.
+    """Estimate the negative log-likelihood of a trained run, in nats.
 
     RUN_DIR defaults to the latest run in --runs-dir. Prints the mean NLL with
-    its standard error (std / sqrt(n)) and the active units per latent layer,
-    and writes them to RUN_DIR/eval-<split>-k<k>.json.
+    its standard error (std / sqrt(n)), how far to trust the estimates (per
+    point: the effective sample size of the importance weights and their
+    Pareto k-hat; above 0.7 an estimate is unreliable) and the active units per
+    latent layer, and writes them to RUN_DIR/eval-<split>-k<k>.json (with
+    --method ais: eval-<split>-ais<steps>x<chains>.json), beside the per-point
+    estimates and diagnostics.
 
     The particles of each batch of --batch-size points come from a random
     stream seeded by (--seed, batch number), so the per-point estimates do not
@@ -502,6 +532,13 @@ def eval_nll(
     (`torchrun --nproc-per-node=N $(command -v pyro-iwae) eval-nll ...`) the
     batches are dealt to the N processes and rank 0 writes the same files.
     """
+    unused = ["--ais-steps", "--chains"] if method == "iwae" else ["--k"]
+    for option in unused:
+        if _explicit(ctx, option[2:].replace("-", "_")):
+            raise click.UsageError(
+                f"{option} does not apply to --method {method}; drop it or choose "
+                f"--method {'ais' if method == 'iwae' else 'iwae'}"
+            )
     device = _device(cuda)
     distributed.init(device)
     run_dir = distributed.from_main(lambda: _run_dir_or_latest(run_dir, runs_dir))
@@ -518,24 +555,50 @@ def eval_nll(
             seed=seed,
             device=device,
             callback=progress,
+            method=method,
+            ais_steps=ais_steps,
+            num_chains=chains,
         )
     finally:
         progress.close()
     stderr = result["stderr"]
     error = "" if stderr is None else f" ± {stderr:.2f}"
+    if method == "iwae":
+        how, samples = f"k={result['k']}", f"{result['k']} samples"
+    else:
+        how = f"AIS, {ais_steps} steps x {chains} chains"
+        samples = f"{chains} chains"
+    d = result["diagnostics"]
+    if d["khat_median"] is None:
+        tail = "Pareto k-hat needs more than 20 samples"
+    else:
+        tail = (
+            f"Pareto k-hat median {d['khat_median']:.2f}, above 0.7 on "
+            f"{100 * d['khat_above_0.7']:.0f}% of points"
+        )
+    trust = f"median ESS {d['ess_median']:.1f} of {samples}; {tail}"
+    if method == "ais":
+        trust += f"; mean HMC acceptance {d['acceptance_mean']:.2f}"
+    elif d["khat_above_0.7"] > 0:
+        trust += " (unreliable there: try more samples or --method ais)"
     click.echo(f"run: {run_dir}")
     click.echo(
         f"NLL = {result['nll']:.2f}{error} nats (mean ± standard error; "
-        f"k={result['k']}, {result['split']} split, {result['points']} points)"
+        f"{how}, {result['split']} split, {result['points']} points)"
     )
+    click.echo(f"diagnostics: {trust}")
     units = ", ".join(
         f"{name} {count}/{result['latent_units'][name]}"
         for name, count in result["active_units"].items()
     )
     click.echo(f"active units: {units}")
     click.echo(f"time: {result['time']:.1f} s")
-    estimates = Path(result["file"]).with_name(result["estimates_file"])
-    click.echo(f"wrote {result['file']} and the per-point estimates {estimates}")
+    folder = Path(result["file"]).parent
+    click.echo(
+        f"wrote {result['file']}, the per-point estimates "
+        f"{folder / result['estimates_file']} and diagnostics "
+        f"{folder / result['diagnostics_file']}"
+    )
 
 
 @cli.command(context_settings={"show_default": True})

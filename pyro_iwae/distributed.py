@@ -38,7 +38,6 @@ import dataclasses
 import hashlib
 import math
 import os
-import warnings
 from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
@@ -67,6 +66,7 @@ __all__ = [
     "mean_over_ranks",
     "noise_seed",
     "sharded_log_likelihood",
+    "sharded_map",
     "shutdown",
 ]
 
@@ -382,14 +382,43 @@ def sharded_log_likelihood(
     callback: Callable[[torch.Tensor], None] | None = None,
 ) -> torch.Tensor:
     """:func:`~pyro_iwae.log_likelihood` of every row of ``data`` ([N, ...]), in
-    batches of ``batch_size`` dealt to the ranks (batch ``i`` to rank ``i mod
-    world``); the particles of batch ``i`` come from torch's random stream seeded
-    with ``batch_seed(seed, i)``, and the stream is left as it was.
+    batches dealt to the ranks as :func:`sharded_map` does.
 
     The estimates, ``[N]`` in the order of ``data``, on every rank, do not depend
     on the number of ranks. ``callback(estimates)`` is called after each of this
     rank's batches. Warns (:class:`~pyro_iwae.EstimateWarning`, on rank 0) as
     :func:`~pyro_iwae.dataset_log_likelihood` does.
+    """
+
+    def estimate(batch: torch.Tensor) -> torch.Tensor:
+        return evaluation.log_likelihood(
+            model, guide, batch, num_samples=num_samples, chunk_size=chunk_size
+        )
+
+    estimates = sharded_map(
+        estimate, data, seed=seed, batch_size=batch_size, callback=callback
+    )
+    if is_main():
+        evaluation.warn_of_problems(estimates, stacklevel=3)
+    return estimates
+
+
+def sharded_map(
+    fn: Callable[[torch.Tensor], torch.Tensor],
+    data: torch.Tensor,
+    *,
+    seed: int | tuple[int, ...],
+    batch_size: int = 100,
+    callback: Callable[[torch.Tensor], None] | None = None,
+) -> torch.Tensor:
+    """``fn`` (per-point results ``[batch, ...]``) on every batch of ``batch_size``
+    rows of ``data``, batches dealt to the ranks (batch ``i`` to rank ``i mod
+    world``), with torch's random stream seeded by ``batch_seed(seed, i)`` for
+    batch ``i`` and left as it was.
+
+    :returns: the results ``[N, ...]`` in the order of ``data``, on every rank,
+        the same for any number of ranks. ``callback(result)`` is called after
+        each of this rank's batches.
     """
     ranks = current()
     rank, world = (0, 1) if ranks is None else (ranks.rank, ranks.world)
@@ -399,9 +428,7 @@ def sharded_log_likelihood(
         batch = data[index * batch_size : (index + 1) * batch_size]
         with forked_rng(device):
             torch.manual_seed(batch_seed(seed, index))
-            mine[index] = evaluation.log_likelihood(
-                model, guide, batch, num_samples=num_samples, chunk_size=chunk_size
-            )
+            mine[index] = fn(batch)
         if callback is not None:
             callback(mine[index])
     if ranks is not None:
@@ -410,8 +437,4 @@ def sharded_log_likelihood(
         mine = {i: e.to(device) for part in gathered for i, e in part.items()}
     if not mine:
         return data.new_zeros(0)
-    estimates = torch.cat([mine[i] for i in sorted(mine)])
-    problem = evaluation.estimate_problem(estimates)
-    if problem is not None and is_main():
-        warnings.warn(problem, evaluation.EstimateWarning, stacklevel=2)
-    return estimates
+    return torch.cat([mine[i] for i in sorted(mine)])

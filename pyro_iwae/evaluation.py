@@ -151,10 +151,16 @@ def dataset_log_likelihood(
         if callback is not None:
             callback(estimates[-1])
     estimates = torch.cat(estimates)
+    warn_of_problems(estimates, stacklevel=3)
+    return estimates
+
+
+def warn_of_problems(estimates: torch.Tensor, stacklevel: int = 2) -> None:
+    """Warns (:class:`EstimateWarning`) when :func:`estimate_problem` finds
+    something wrong with per-point estimates ``[N]``."""
     problem = estimate_problem(estimates)
     if problem is not None:
-        warnings.warn(problem, EstimateWarning, stacklevel=2)
-    return estimates
+        warnings.warn(problem, EstimateWarning, stacklevel=stacklevel)
 
 
 class EstimateWarning(UserWarning):

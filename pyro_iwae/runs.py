@@ -27,6 +27,7 @@ import torch
 
 from . import distributed
 from ._version import __version__
+from .ais import ais_log_likelihood
 from .callbacks import FitCallback
 from .checkpoints import (
     CHECKPOINT_FILE,
@@ -39,11 +40,14 @@ from .checkpoints import (
 )
 from .config import CONFIG_FILE, RunConfig
 from .data import load_dataset, one_line
-from .evaluation import count_active, latent_activity
+from .diagnostics import log_likelihood_with_diagnostics
+from .evaluation import count_active, latent_activity, warn_of_problems
 from .registry import build_guide, build_model
 from .training import fit
 
 __all__ = [
+    "EVAL_METHODS",
+    "KHAT_UNRELIABLE",
     "build_run",
     "evaluate_run",
     "find_latest_run",
@@ -53,6 +57,13 @@ __all__ = [
     "train_run",
     "versions",
 ]
+
+
+#: Estimators of :func:`evaluate_run`: the IWAE bound, or annealed importance sampling.
+EVAL_METHODS = ("iwae", "ais")
+#: Pareto k-hat above which an importance-sampling estimate is unreliable
+#: (Vehtari et al., Pareto smoothed importance sampling).
+KHAT_UNRELIABLE = 0.7
 
 
 def build_run(
@@ -248,13 +259,23 @@ def evaluate_run(
     seed: int = 0,
     device: torch.device | str | None = None,
     callback: Callable[[torch.Tensor, int], None] | None = None,
+    method: str = "iwae",
+    ais_steps: int = 1000,
+    num_chains: int = 16,
 ) -> dict[str, Any]:
-    """Estimates the negative log-likelihood of a run's model, -L_k per point.
+    """Estimates the negative log-likelihood of a run's model, per point.
+
+    ``method="iwae"``: -L_k, the IWAE bound with ``num_samples`` particles, with
+    the effective sample size and Pareto k-hat of each point's importance weights
+    (:func:`~pyro_iwae.log_likelihood_with_diagnostics`). ``method="ais"``:
+    annealed importance sampling with ``ais_steps`` HMC steps and ``num_chains``
+    chains (:func:`~pyro_iwae.ais_log_likelihood`); ``num_samples`` is unused.
 
     Uses the first ``limit`` points (None: all) of ``split`` (``"test"``: the
     binary test set; ``"train"``: the training grey levels, binarised once with
     ``seed``). Also counts the active units of each latent site on those points.
-    Writes the result to ``eval-<split>-k<num_samples>.json`` in ``run_dir``.
+    Writes the result to ``eval-<split>-<tag>.json`` in ``run_dir``, ``<tag>``
+    being ``k<num_samples>`` or ``ais<ais_steps>x<num_chains>``.
     ``callback(estimates, total)`` is called after each batch with its
     log-likelihood estimates (``[batch]``, nats) and the number of points
     (under torchrun: this rank's batches and points).
@@ -271,14 +292,26 @@ def evaluate_run(
         one point), ``k``, ``split``, ``points``, ``time`` (s), ``active_units``
         (site -> count), ``latent_units`` (site -> size), ``seed``, ``file``, and
         ``estimates_file``: the per-point estimates, one per line in nats, beside
-        the JSON (see :func:`read_estimates`).
+        the JSON (see :func:`read_estimates`); ``method``, ``diagnostics`` (median
+        ESS, median k-hat, share of points with k-hat > 0.7; for AIS also the
+        mean acceptance rate) and ``diagnostics_file``: per point, those values
+        (for AIS also each estimate's standard error), a header line naming them.
     :raises RunError, CheckpointError, pyro_iwae.data.DataError: see
         :func:`load_run` and :func:`pyro_iwae.data.load_dataset`.
     """
     if split not in ("test", "train"):
         raise ValueError(f"split must be 'test' or 'train', got {split!r}")
-    if num_samples < 1:
-        raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+    if method not in EVAL_METHODS:
+        raise ValueError(
+            f"unknown method {method!r}; choose one of {', '.join(EVAL_METHODS)}"
+        )
+    for name, value in (
+        ("num_samples", num_samples),
+        ("ais_steps", ais_steps),
+        ("num_chains", num_chains),
+    ):
+        if value < 1:
+            raise ValueError(f"{name} must be >= 1, got {value}")
     run_dir = Path(run_dir)
     device = distributed.init(device)
     ranks = distributed.current()
@@ -294,37 +327,84 @@ def evaluate_run(
     points = points.to(next(model.parameters()).device)
     world = 1 if ranks is None else ranks.world
     mine = math.ceil(math.ceil(points.shape[0] / batch_size) / world) * batch_size
+
+    if method == "iwae":
+        tag, columns = f"k{num_samples}", ("ess", "khat")
+
+        def estimate(batch: torch.Tensor) -> torch.Tensor:
+            d = log_likelihood_with_diagnostics(
+                model, guide, batch, num_samples=num_samples, chunk_size=chunk_size
+            )
+            return torch.stack([d.log_likelihood, d.ess, d.khat], -1)
+
+    else:
+        tag, columns = (
+            f"ais{ais_steps}x{num_chains}",
+            (
+                "stderr",
+                "ess",
+                "khat",
+                "acceptance",
+            ),
+        )
+
+        def estimate(batch: torch.Tensor) -> torch.Tensor:
+            a = ais_log_likelihood(
+                model,
+                guide,
+                batch,
+                num_steps=ais_steps,
+                num_chains=num_chains,
+                chunk_size=chunk_size,
+            )
+            values = (a.stderr, a.ess, a.khat, a.acceptance_rate)
+            return torch.stack([a.log_likelihood, *values], -1)
+
     start = time.perf_counter()
-    estimates = distributed.sharded_log_likelihood(
-        model,
-        guide,
+    results = distributed.sharded_map(
+        estimate,
         points,
-        num_samples=num_samples,
         seed=seed,
         batch_size=batch_size,
-        chunk_size=chunk_size,
         callback=(
             None
             if callback is None
-            else lambda e: callback(e, min(mine, points.shape[0]))
+            else lambda r: callback(r[:, 0], min(mine, points.shape[0]))
         ),
-    )
+    ).double()
     seconds = time.perf_counter() - start
-    nll = -estimates.double()
+    estimates = results[:, 0]
+    if distributed.is_main():
+        warn_of_problems(estimates)
+    nll = -estimates
     n = nll.shape[0]
     stderr = float(nll.std() / math.sqrt(n)) if n > 1 else None
     activity = distributed.from_main(lambda: _activity(guide, points, seed))
     active = count_active(activity)
     latent = {name: a.numel() for name, a in activity.items()}
-    path = run_dir / f"eval-{split}-k{num_samples}.json"
-    estimates_path = run_dir / f"estimates-{split}-k{num_samples}.txt"
+    path = run_dir / f"eval-{split}-{tag}.json"
+    estimates_path = run_dir / f"estimates-{split}-{tag}.txt"
+    diagnostics_path = run_dir / f"diagnostics-{split}-{tag}.txt"
+    values = dict(zip(columns, results[:, 1:].unbind(-1), strict=True))
+    khat = values["khat"].nanmedian()
+    diagnostics = {
+        "ess_median": float(values["ess"].median()),
+        # k-hat needs more than 20 weights (None: too few to fit a tail).
+        "khat_median": float(khat) if khat.isfinite() else None,
+        "khat_above_0.7": float((values["khat"] > KHAT_UNRELIABLE).double().mean()),
+    }
+    if "acceptance" in values:
+        diagnostics["acceptance_mean"] = float(values["acceptance"].mean())
     result = {
         "nll": float(nll.mean()),
         "stderr": stderr,
-        "k": num_samples,
+        "method": method,
+        "k": num_samples if method == "iwae" else None,
+        **({"ais_steps": ais_steps, "chains": num_chains} if method == "ais" else {}),
         "split": split,
         "points": n,
         "time": seconds,
+        "diagnostics": diagnostics,
         "active_units": active,
         "latent_units": latent,
         "seed": seed,
@@ -334,12 +414,15 @@ def evaluate_run(
         "date": datetime.now().isoformat(timespec="seconds"),
         "file": str(path),
         "estimates_file": estimates_path.name,
+        "diagnostics_file": diagnostics_path.name,
     }
     if distributed.is_main():
         # Per point, so that two runs scored on the same points can be compared
         # pairwise.
-        lines = "".join(f"{value:.6f}\n" for value in estimates.double().tolist())
-        write_text(estimates_path, lines)
+        write_text(estimates_path, "".join(f"{v:.6f}\n" for v in estimates.tolist()))
+        rows = (" ".join(f"{v:.6g}" for v in row) for row in results[:, 1:].tolist())
+        header = "# " + " ".join(columns) + "\n"
+        write_text(diagnostics_path, header + "".join(f"{row}\n" for row in rows))
         write_json(path, result)
     distributed.barrier()  # the files are written when any rank returns
     return result

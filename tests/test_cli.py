@@ -7,7 +7,7 @@ import torch
 import torchvision
 from click.testing import CliRunner
 
-from pyro_iwae import __version__, evaluation
+from pyro_iwae import __version__, runs
 from pyro_iwae.checkpoints import CHECKPOINT_FILE, load_checkpoint, read_metrics
 from pyro_iwae_cli import progress
 from pyro_iwae_cli.main import cli
@@ -123,6 +123,40 @@ def test_eval_nll(run):
     train = invoke("eval-nll", run, "--k", 3, "--limit", 5, "--split", "train")
     assert_ok(train)
     assert (run / "eval-train-k3.json").is_file()
+
+
+def test_eval_nll_reports_diagnostics_per_point(run):
+    result = invoke("eval-nll", run, "--k", 40, "--limit", 12, "--quiet")
+    assert_ok(result)
+    line = next(x for x in result.output.splitlines() if x.startswith("diagnostics"))
+    assert "median ESS" in line and "of 40 samples" in line and "k-hat" in line
+    report = json.loads((run / "eval-test-k40.json").read_text())
+    assert report["method"] == "iwae"
+    rows = (run / report["diagnostics_file"]).read_text().splitlines()
+    assert rows[0] == "# ess khat" and len(rows) == 13
+    ess = [float(row.split()[0]) for row in rows[1:]]
+    assert all(1 <= e <= 40 for e in ess)
+    assert report["diagnostics"]["ess_median"] == pytest.approx(
+        sorted(ess)[5], rel=1e-4
+    )
+
+
+def test_eval_nll_with_ais(run):
+    result = invoke(
+        "eval-nll", run, "--method", "ais", "--ais-steps", 3, "--chains", 2,
+        "--limit", 5, "--quiet",
+    )  # fmt: skip
+    assert_ok(result)
+    assert "AIS, 3 steps x 2 chains" in result.output
+    assert "HMC acceptance" in result.output
+    report = json.loads((run / "eval-test-ais3x2.json").read_text())
+    assert report["method"] == "ais" and report["ais_steps"] == 3
+    assert report["chains"] == 2 and report["points"] == 5
+    assert len((run / report["estimates_file"]).read_text().split()) == 5
+    rows = (run / report["diagnostics_file"]).read_text().splitlines()
+    assert rows[0] == "# stderr ess khat acceptance" and len(rows) == 6
+    assert_one_line_error(invoke("eval-nll", run, "--method", "ais", "--k", 9), "--k")
+    assert_one_line_error(invoke("eval-nll", run, "--chains", 4), "--method ais")
 
 
 def test_eval_nll_finds_latest_run(tmp_path):
@@ -270,14 +304,14 @@ def test_existing_run_and_conflicting_resume(run):
 def test_eval_nll_warns_in_one_line_of_estimates_that_are_not_finite(run, monkeypatch):
     """The library's warning (tests/test_evaluation.py makes it for real) reaches
     the user as one line, and the evaluation still writes its files."""
-    log_likelihood = evaluation.log_likelihood
+    with_diagnostics = runs.log_likelihood_with_diagnostics
 
     def some_not_finite(*args, **kwargs):
-        estimates = log_likelihood(*args, **kwargs)
-        estimates[:2] = float("nan")
-        return estimates
+        diagnostics = with_diagnostics(*args, **kwargs)
+        diagnostics.log_likelihood[:2] = float("nan")
+        return diagnostics
 
-    monkeypatch.setattr(evaluation, "log_likelihood", some_not_finite)
+    monkeypatch.setattr(runs, "log_likelihood_with_diagnostics", some_not_finite)
     result = invoke("eval-nll", run, "--k", 5, "--limit", 10, "--quiet")
     assert_ok(result)
     warnings = [line for line in result.output.splitlines() if "arning" in line]
