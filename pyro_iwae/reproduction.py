@@ -58,13 +58,22 @@ class Grid:
     ``claims`` are ``[lower, higher]`` pairs of run names, each the claim that run
     ``lower`` reaches a lower test NLL than run ``higher``, or pairs of such pairs,
     ``[[lower, higher], [lower2, higher2]]``: the claim that ``lower`` gains more
-    over ``higher`` than ``lower2`` over ``higher2`` (nats)."""
+    over ``higher`` than ``lower2`` over ``higher2`` (nats). ``ais`` adds an
+    AIS column for some runs: ``{"runs": [names], "steps": 1000, "chains": 16,
+    "limit": 1000}`` (steps, chains and the first ``limit`` test points, None:
+    all, as :func:`~pyro_iwae.runs.evaluate_run` takes them)."""
 
     base: dict[str, Any]
     runs: dict[str, dict[str, Any]]
     eval_samples: int = 5000
     eval_limit: int | None = None
     claims: list[list[Any]] = dataclasses.field(default_factory=list)
+    ais: dict[str, Any] | None = None
+
+    @property
+    def ais_settings(self) -> dict[str, Any]:
+        """The AIS evaluation's steps, chains and limit, defaults filled in."""
+        return {"steps": 1000, "chains": 16, "limit": 1000, **(self.ais or {})}
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> Grid:
@@ -83,6 +92,12 @@ class Grid:
                 grid.config(name)  # fails early on unknown or clashing settings
             except ValueError as e:
                 raise RunError(f"run {name} of grid {path}: {e}; fix the file") from e
+        unknown = [n for n in (grid.ais or {}).get("runs", []) if n not in grid.runs]
+        if unknown or set(grid.ais or {}) - {"runs", "steps", "chains", "limit"}:
+            raise RunError(
+                f"the ais entry of {path} must be {{'runs': [run names of the grid], "
+                "'steps': N, 'chains': C, 'limit': L}}; fix the file"
+            )
         for claim in grid.claims:
             if not _is_claim(claim, grid.runs):
                 raise RunError(
@@ -211,7 +226,11 @@ def _run_one(
     eval_callback: Callable[[torch.Tensor, int], None] | None = None,
 ) -> None:
     run_dir = Path(runs_dir) / name
-    evaluated = _evaluation_path(grid, run_dir).is_file
+
+    def evaluated() -> bool:
+        paths = [_evaluation_path(grid, run_dir), _ais_path(grid, name, run_dir)]
+        return all(path is None or path.is_file() for path in paths)
+
     if distributed.from_main(evaluated):
         _tell(on_run, name, "skip")
         return
@@ -232,14 +251,27 @@ def _run_one(
             callback=fit_callback,
         )
         _tell(on_run, name, "evaluate")
-        evaluate_run(
-            run_dir,
-            num_samples=grid.eval_samples,
-            limit=grid.eval_limit,
-            data_dir=data_dir,
-            device=device,
-            callback=eval_callback,
-        )
+        if not distributed.from_main(_evaluation_path(grid, run_dir).is_file):
+            evaluate_run(
+                run_dir,
+                num_samples=grid.eval_samples,
+                limit=grid.eval_limit,
+                data_dir=data_dir,
+                device=device,
+                callback=eval_callback,
+            )
+        if _ais_path(grid, name, run_dir) is not None:
+            ais = grid.ais_settings
+            evaluate_run(
+                run_dir,
+                method="ais",
+                ais_steps=ais["steps"],
+                num_chains=ais["chains"],
+                limit=ais["limit"],
+                data_dir=data_dir,
+                device=device,
+                callback=eval_callback,
+            )
 
 
 @contextmanager
@@ -434,6 +466,14 @@ def _evaluation_path(grid: Grid, run_dir: Path) -> Path:
     return run_dir / f"eval-test-k{grid.eval_samples}.json"
 
 
+def _ais_path(grid: Grid, name: str, run_dir: Path) -> Path | None:
+    """The AIS evaluation of run ``name``; None if the grid asks for none."""
+    if name not in (grid.ais or {}).get("runs", []):
+        return None
+    ais = grid.ais_settings
+    return run_dir / f"eval-test-ais{ais['steps']}x{ais['chains']}.json"
+
+
 def collect(grid: Grid, runs_dir: str | os.PathLike) -> list[dict[str, Any]]:
     """One row per run of ``grid`` from its files: settings, test NLL with its
     standard error (None until evaluated), active units, epochs and train time."""
@@ -444,6 +484,12 @@ def collect(grid: Grid, runs_dir: str | os.PathLike) -> list[dict[str, Any]]:
         metrics = read_metrics(run_dir) if run_dir.is_dir() else []
         path = _evaluation_path(grid, run_dir)
         result = json.loads(path.read_text()) if path.is_file() else {}
+        ais_path = _ais_path(grid, name, run_dir)
+        ais = (
+            json.loads(ais_path.read_text())
+            if ais_path is not None and ais_path.is_file()
+            else {}
+        )
         k = config.make_objective().num_particles  # all particles: M K for MIWAE
         rows.append(
             {
@@ -467,6 +513,9 @@ def collect(grid: Grid, runs_dir: str | os.PathLike) -> list[dict[str, Any]]:
                 "eval_points": result.get("points"),
                 "active_units": result.get("active_units"),
                 "estimates_file": result.get("estimates_file"),
+                "ais_nll": ais.get("nll"),
+                "ais_nll_stderr": ais.get("stderr"),
+                "ais_points": ais.get("points"),
                 "paper_nll": _paper_nll(config, k),
                 "versions": result.get("versions"),
                 "evaluated": result.get("date"),
@@ -484,11 +533,14 @@ def _paper_nll(config: RunConfig, k: int) -> float | None:
 
 
 def markdown_table(rows: list[dict[str, Any]]) -> str:
-    """The rows as a Markdown table, the paper's NLL beside ours."""
+    """The rows as a Markdown table, the paper's NLL beside ours (and an AIS
+    column when some row has one)."""
+    with_ais = any(row.get("ais_nll") is not None for row in rows)
+    ais_head = " AIS NLL (nats, points) |" if with_ais else ""
     lines = [
         "| run | layers | objective | estimator | k | epochs | test NLL (nats) "
-        "| paper | active units | train time (min) |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        f"| paper |{ais_head} active units | train time (min) |",
+        "| --- " * (10 + with_ais) + "|",
     ]
     for row in rows:
         if row["test_nll"] is not None:
@@ -504,9 +556,17 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
         elif objective == "ciwae":
             objective += f" (beta={row['beta']})"
         estimator = "" if row["objective"] in ("vae", "renyi") else row["estimator"]
+        ais = ""
+        if with_ais and row.get("ais_nll") is not None:
+            ais = (
+                f" {row['ais_nll']:.2f} ± {row['ais_nll_stderr']:.2f} "
+                f"({row['ais_points']}) |"
+            )
+        elif with_ais:
+            ais = " |"
         lines.append(
             f"| {row['run']} | {row['stochastic_layers']} | {objective} | "
-            f"{estimator} | {row['k']} | {row['epochs']} | {nll} | {paper} | "
+            f"{estimator} | {row['k']} | {row['epochs']} | {nll} | {paper} |{ais} "
             f"{active} | {train_time} |"
         )
     return "\n".join(lines) + "\n"

@@ -344,3 +344,37 @@ def test_nll_series_keep_layers_and_estimators_apart():
         "VAE, 2 layers": [(5, 90.0, 0.2)],
         "IWAE-DREG": [(5, 90.0, 0.2)],
     }
+
+
+def test_an_ais_column_for_chosen_runs(tmp_path):
+    grid = {
+        **GRID,
+        "runs": {"vae-k1": GRID["runs"]["vae-k1"], "iwae-k5": GRID["runs"]["iwae-k5"]},
+        "claims": [],
+        "ais": {"runs": ["iwae-k5"], "steps": 2, "chains": 2, "limit": 4},
+    }
+    path = tmp_path / "grid.json"
+    path.write_text(json.dumps(grid))
+    run_grid(Grid.load(path), tmp_path / "runs", only=["iwae-k5"])
+    ais = json.loads((tmp_path / "runs/iwae-k5/eval-test-ais2x2.json").read_text())
+    assert ais["method"] == "ais" and ais["points"] == 4
+    rows = collect(Grid.load(path), tmp_path / "runs")
+    assert rows[1]["ais_nll"] == ais["nll"] and rows[0]["ais_nll"] is None
+    table = markdown_table(rows)
+    assert "AIS NLL" in table.splitlines()[0]
+    assert f"{ais['nll']:.2f} ± {ais['stderr']:.2f} (4)" in table
+    # A grid that gains an AIS row later evaluates only what is missing.
+    (tmp_path / "runs/iwae-k5/eval-test-ais2x2.json").unlink()
+    told = []
+    run_grid(
+        Grid.load(path),
+        tmp_path / "runs",
+        only=["iwae-k5"],
+        on_run=lambda name, what: told.append(what),
+    )
+    assert told == ["resume", "evaluate"]
+    assert (tmp_path / "runs/iwae-k5/eval-test-ais2x2.json").is_file()
+    grid["ais"] = {"runs": ["nope"]}
+    path.write_text(json.dumps(grid))
+    with pytest.raises(RunError, match="the ais entry"):
+        Grid.load(path)
