@@ -13,12 +13,21 @@ from torch import nn
 
 _instances = itertools.count()
 
+#: Hidden units by name: tanh (the paper's) or relu.
+ACTIVATIONS: dict[str, type[nn.Module]] = {"tanh": nn.Tanh, "relu": nn.ReLU}
 
-def mlp(sizes: Sequence[int]) -> nn.Sequential:
-    """Linear layers of ``sizes`` with a tanh after each (the paper's hidden units)."""
+
+def mlp(sizes: Sequence[int], activation: str = "tanh") -> nn.Sequential:
+    """Linear layers of ``sizes`` with an ``activation`` (:data:`ACTIVATIONS`)
+    after each (tanh: the paper's hidden units)."""
+    if activation not in ACTIVATIONS:
+        raise ValueError(
+            f"unknown activation {activation!r}; choose one of: "
+            f"{', '.join(ACTIVATIONS)}"
+        )
     layers: list[nn.Module] = []
     for n_in, n_out in itertools.pairwise(sizes):
-        layers += [nn.Linear(n_in, n_out), nn.Tanh()]
+        layers += [nn.Linear(n_in, n_out), ACTIVATIONS[activation]()]
     return nn.Sequential(*layers)
 
 
@@ -27,11 +36,14 @@ class GaussianLayer(nn.Module):
     map to the mean and the log standard deviation.
 
     :param sizes: input size, then hidden sizes; ``out_dim`` is the Gaussian's size.
+    :param activation: the hidden units (see :func:`mlp`).
     """
 
-    def __init__(self, sizes: Sequence[int], out_dim: int) -> None:
+    def __init__(
+        self, sizes: Sequence[int], out_dim: int, activation: str = "tanh"
+    ) -> None:
         super().__init__()
-        self.hidden = mlp(sizes)
+        self.hidden = mlp(sizes, activation)
         self.out = nn.Linear(sizes[-1], 2 * out_dim)
 
     def forward(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
