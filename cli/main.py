@@ -21,7 +21,16 @@ import torch
 import pyro_iwae
 from pyro_iwae.checkpoints import CHECKPOINT_FILE, RunError, read_metrics
 from pyro_iwae.config import RunConfig
-from pyro_iwae.data import DATASETS, DataError
+from pyro_iwae.data import (
+    BINARIZATIONS,
+    DATASETS,
+    FILE_SUFFIXES,
+    DataError,
+    is_data_file,
+    load_file,
+)
+from pyro_iwae.likelihoods import LIKELIHOODS
+from pyro_iwae.networks import ACTIVATIONS
 from pyro_iwae.objectives import ESTIMATORS
 from pyro_iwae.plots import save_curves, save_image_grid, save_reconstruction_grid
 from pyro_iwae.reproduction import Grid, run_grid, table_slot, write_report
@@ -49,6 +58,15 @@ _DATA_DIR_DEFAULT = "$PYRO_IWAE_DATA, else ~/.cache/pyro-iwae"
 # fit option -> RunConfig field, for options that a resumed run must keep.
 _CONFIG_OPTIONS = {
     "dataset": "dataset",
+    "binarize": "binarize",
+    "test_fraction": "test_fraction",
+    "likelihood": "likelihood",
+    "sigma": "sigma",
+    "hidden": "hidden",
+    "activation": "activation",
+    "latent_dim": "latent_dim",
+    "model": "model",
+    "guide": "guide",
     "layers": "stochastic_layers",
     "objective": "objective",
     "estimator": "estimator",
@@ -156,14 +174,119 @@ def cli() -> None:
     """
 
 
+def _parse_hidden(
+    ctx: click.Context, param: click.Parameter, value: str | None
+) -> list[int] | None:
+    """``"200,200"`` -> ``[200, 200]``; ``""`` -> ``[]`` (no hidden layer)."""
+    if value is None:
+        return None
+    try:
+        sizes = [int(part) for part in value.split(",") if part.strip()]
+    except ValueError:
+        sizes = [0]
+    if any(size < 1 for size in sizes):
+        raise click.BadParameter(
+            f"{value!r} is not a comma-separated list of positive sizes, such as "
+            "200,200",
+            ctx,
+            param,
+        )
+    return sizes
+
+
+def _check_dataset(ctx: click.Context, param: click.Parameter, value: str) -> str:
+    """A built-in name as it is; a data file's path made absolute."""
+    if value in DATASETS:
+        return value
+    if not is_data_file(value):
+        raise click.BadParameter(
+            f"unknown data set {value!r}; choose one of: {', '.join(DATASETS)}, or "
+            f"pass the path of a {', '.join(FILE_SUFFIXES)} file",
+            ctx,
+            param,
+        )
+    return str(Path(value).expanduser().resolve())
+
+
 @cli.command(context_settings={"show_default": True})
 @click.option(
     "--dataset",
-    type=click.Choice(DATASETS),
     default="mnist-mini",
-    help="Data set; mnist-mini (10,000 / 2,000 MNIST images) ships with the package.",
+    callback=_check_dataset,
+    metavar="NAME|PATH",
+    help=f"Data set: {', '.join(DATASETS)} (mnist-mini, 10,000 / 2,000 MNIST "
+    "images, ships with the package), or the path of your own .npy, .npz (arrays "
+    "train and optionally test) or .pt file of shape [N, ...], used as given.",
 )
 @_data_dir_option
+@click.option(
+    "--test-fraction",
+    type=click.FloatRange(0, 1, min_open=True, max_open=True),
+    default=0.1,
+    help="Share of the points of a --dataset file without a test set held out "
+    "(at random, seed 0) as its test set.",
+)
+@click.option(
+    "--binarize",
+    type=click.Choice(BINARIZATIONS),
+    default=None,
+    show_default="dynamic for the built-in image sets with --likelihood "
+    "bernoulli, none otherwise",
+    help="dynamic: training values in [0, 1] binarised afresh for every "
+    "mini-batch, test values once (seed 0); static: all once; none: as given.",
+)
+@click.option(
+    "--likelihood",
+    type=click.Choice(LIKELIHOODS),
+    default="bernoulli",
+    help="p(x|z): bernoulli (0/1 values), gaussian (real values; --sigma), or "
+    "continuous-bernoulli (values in [0, 1]); all normalised densities in nats.",
+)
+@click.option(
+    "--sigma",
+    type=click.FloatRange(min=0, min_open=True),
+    default=None,
+    show_default="learned, one per dimension",
+    help="Fixed standard deviation of --likelihood gaussian.",
+)
+@click.option(
+    "--hidden",
+    default=None,
+    callback=_parse_hidden,
+    metavar="SIZES",
+    show_default="the paper's: 200,200",
+    help="Hidden layer sizes between x and z1, in encoder and decoder, such as "
+    "200,200 or 500; '' for none.",
+)
+@click.option(
+    "--activation",
+    type=click.Choice(list(ACTIVATIONS)),
+    default="tanh",
+    help="Hidden units of the networks.",
+)
+@click.option(
+    "--latent-dim",
+    type=click.IntRange(min=1),
+    default=None,
+    show_default="the paper's: 50",
+    help="Size of the top latent layer (z1; z2 with --layers 2).",
+)
+@click.option(
+    "--model",
+    default="paper",
+    metavar="NAME|MODULE:BUILDER",
+    help="Model: paper, an import path such as mypackage.models:build_model, or "
+    "an entry point of group pyro_iwae.models.",
+)
+@click.option(
+    "--guide",
+    default="paper",
+    metavar="NAME|MODULE:BUILDER",
+    help="Guide: paper (diagonal Gaussian), lowrank (low-rank-plus-diagonal "
+    "Gaussian), iaf (inverse autoregressive flows), coupling (affine coupling "
+    "flows), an import path such as mypackage.guides:build_guide, or an entry "
+    "point of group pyro_iwae.guides.",
+)
 @click.option(
     "--layers",
     type=click.Choice(["1", "2"]),
@@ -281,21 +404,27 @@ def cli() -> None:
 @click.pass_context
 @_library_errors
 def fit(ctx: click.Context, **options: Any) -> None:
-    """Train a model and guide of the paper; writes a run directory.
+    """Train a model and guide (the paper's, by default); writes a run directory.
 
-    Training images are binarised afresh for every mini-batch; after each
-    epoch the test bound at the training k is computed on the first
-    --test-limit test points, and a checkpoint is written.
+    Training images of the built-in data sets are binarised afresh for every
+    mini-batch (see --binarize); after each epoch the test bound at the
+    training k is computed on the first --test-limit test points, and a
+    checkpoint is written.
     """
     device = _device(options["cuda"])
     options["layers"] = int(options["layers"])
     given = [option for option in _CONFIG_OPTIONS if _explicit(ctx, option)]
     data_dir = options["data_dir"]
+    extra = {}
+    if is_data_file(options["dataset"]) and not options["resume"]:
+        train, _, _ = load_file(options["dataset"], options["test_fraction"])
+        extra["x_dim"] = train.shape[1]
     try:
         config = RunConfig(
             **{_CONFIG_OPTIONS[option]: options[option] for option in given},
             data_dir=None if data_dir is None else str(data_dir.resolve()),
             device=device,
+            **extra,
         )
         config.validate(_CONFIG_OPTIONS[option] for option in given)
         # This command's own defaults (such as its 40 epochs), where they apply.
@@ -472,6 +601,11 @@ def eval_nll(
         f"NLL = {result['nll']:.2f}{error} nats (mean ± standard error; "
         f"k={result['k']}, {result['split']} split, {result['points']} points)"
     )
+    bits = result.get("bits_per_dim")
+    if bits is not None:
+        bits_error = result["bits_per_dim_stderr"]
+        bits_error = "" if bits_error is None else f" ± {bits_error:.4f}"
+        click.echo(f"bits/dim = {bits:.4f}{bits_error} (of the values as given)")
     units = ", ".join(
         f"{name} {count}/{result['latent_units'][name]}"
         for name, count in result["active_units"].items()
@@ -525,21 +659,29 @@ def sample(
     data = config.load_data(data_dir)
     out = run_dir / "samples.png" if out is None else out
     torch.manual_seed(seed)
-    images = sample_images(model, n, config.x_dim)
-    x = data.test[:n].to(device)
-    paths = [
-        save_image_grid(images, out),
-        save_reconstruction_grid(
-            x,
-            reconstruct(model, guide, x),
-            out.with_name(f"{out.stem}-reconstructions.png"),
-        ),
+    paths = []
+    shape = data.image_shape
+    if shape is None:
+        click.echo(f"{config.dataset} holds no pictures: only the curves are drawn")
+    else:
+        images = sample_images(model, n, config.x_dim)
+        x = data.test[:n].to(device)
+        paths += [
+            save_image_grid(images, out, image_shape=shape),
+            save_reconstruction_grid(
+                x,
+                reconstruct(model, guide, x),
+                out.with_name(f"{out.stem}-reconstructions.png"),
+                image_shape=shape,
+            ),
+        ]
+    paths.append(
         save_curves(
             read_metrics(run_dir),
             out.with_name(f"{out.stem}-curves.png"),
             title=f"{run_dir.name}",
-        ),
-    ]
+        )
+    )
     for path in paths:
         click.echo(f"wrote {path}")
 
