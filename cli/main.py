@@ -174,6 +174,26 @@ def cli() -> None:
     """
 
 
+def _choice(
+    name: str, choices: Any, default: str | None, help: str, **kwargs: Any
+) -> Callable:
+    """An option whose value is one of ``choices``."""
+    return click.option(
+        name, type=click.Choice(choices), default=default, help=help, **kwargs
+    )
+
+
+def _optional_size(name: str, help: str, default_text: str) -> Callable:
+    """An option of a positive integer, None when not given."""
+    return click.option(
+        name,
+        type=click.IntRange(min=1),
+        default=None,
+        help=help,
+        show_default=default_text,
+    )
+
+
 def _parse_hidden(
     ctx: click.Context, param: click.Parameter, value: str | None
 ) -> list[int] | None:
@@ -226,20 +246,20 @@ def _check_dataset(ctx: click.Context, param: click.Parameter, value: str) -> st
     help="Share of the points of a --dataset file without a test set held out "
     "(at random, seed 0) as its test set.",
 )
-@click.option(
+@_choice(
     "--binarize",
-    type=click.Choice(BINARIZATIONS),
-    default=None,
+    BINARIZATIONS,
+    None,
+    "dynamic: training values in [0, 1] binarised afresh for every mini-batch, "
+    "test values once (seed 0); static: all once; none: as given.",
     show_default="dynamic for the built-in image sets with --likelihood "
     "bernoulli, none otherwise",
-    help="dynamic: training values in [0, 1] binarised afresh for every "
-    "mini-batch, test values once (seed 0); static: all once; none: as given.",
 )
-@click.option(
+@_choice(
     "--likelihood",
-    type=click.Choice(LIKELIHOODS),
-    default="bernoulli",
-    help="p(x|z): bernoulli (0/1 values), gaussian (real values; --sigma), or "
+    LIKELIHOODS,
+    "bernoulli",
+    "p(x|z): bernoulli (0/1 values), gaussian (real values; --sigma), or "
     "continuous-bernoulli (values in [0, 1]); all normalised densities in nats.",
 )
 @click.option(
@@ -258,18 +278,11 @@ def _check_dataset(ctx: click.Context, param: click.Parameter, value: str) -> st
     help="Hidden layer sizes between x and z1, in encoder and decoder, such as "
     "200,200 or 500; '' for none.",
 )
-@click.option(
-    "--activation",
-    type=click.Choice(list(ACTIVATIONS)),
-    default="tanh",
-    help="Hidden units of the networks.",
-)
-@click.option(
+@_choice("--activation", list(ACTIVATIONS), "tanh", "Hidden units of the networks.")
+@_optional_size(
     "--latent-dim",
-    type=click.IntRange(min=1),
-    default=None,
-    show_default="the paper's: 50",
-    help="Size of the top latent layer (z1; z2 with --layers 2).",
+    "Size of the top latent layer (z1; z2 with --layers 2).",
+    "the paper's: 50",
 )
 @click.option(
     "--model",

@@ -254,14 +254,7 @@ def load_dataset(
             validation = _binarize(validation, generator)
         if binarize == "static":
             train = _binarize(train, generator)
-    return Dataset(
-        name=name,
-        train=train,
-        test=test,
-        validation=validation,
-        binarize=binarize,
-        image_shape=image_shape,
-    )
+    return Dataset(name, train, test, validation, binarize, image_shape)
 
 
 def is_data_file(name: str | os.PathLike) -> bool:

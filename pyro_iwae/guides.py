@@ -109,7 +109,8 @@ class LowRankGuide(PaperGuide):
 class IAFGuide(PaperGuide):
     """The paper's q(z1|x), then ``flows`` inverse autoregressive flows (Kingma
     et al. 2016; gated, "stable" update), each a MADE of hidden size
-    ``flow_hidden``, the units' order reversed between them."""
+    ``flow_hidden`` (default: twice the latent size), the units' order reversed
+    between them."""
 
     def __init__(
         self,
@@ -123,11 +124,12 @@ class IAFGuide(PaperGuide):
         super().__init__(stochastic_layers, x_dim, **variant)
         d = self.z1_dim
         hidden = [flow_hidden or 2 * d]
-        self.flows = nn.ModuleList(
-            T.affine_autoregressive(d, hidden_dims=hidden, stable=True)
-            for _ in range(flows)
-        )
+        self.flows = nn.ModuleList(self.flow(d, hidden) for _ in range(flows))
         self.register_buffer("reverse", torch.arange(d - 1, -1, -1))
+
+    @staticmethod
+    def flow(d: int, hidden: list[int]) -> nn.Module:
+        return T.affine_autoregressive(d, hidden_dims=hidden, stable=True)
 
     def transforms(self) -> list:
         steps: list = []
@@ -146,52 +148,32 @@ class CouplingGuide(IAFGuide):
     """The paper's q(z1|x), then ``flows`` affine coupling flows (RealNVP), the
     units' order reversed between them."""
 
-    def __init__(
-        self,
-        stochastic_layers: int = 1,
-        x_dim: int = 784,
-        *,
-        flows: int = 2,
-        flow_hidden: int | None = None,
-        **variant,
-    ) -> None:
-        PaperGuide.__init__(self, stochastic_layers, x_dim, **variant)
-        d = self.z1_dim
+    @staticmethod
+    def flow(d: int, hidden: list[int]) -> nn.Module:
         if d < 2:
             raise ValueError("the coupling guide needs a latent of 2 or more units")
-        hidden = [flow_hidden or 2 * d]
-        self.flows = nn.ModuleList(
-            T.affine_coupling(d, hidden_dims=hidden) for _ in range(flows)
-        )
-        self.register_buffer("reverse", torch.arange(d - 1, -1, -1))
+        return T.affine_coupling(d, hidden_dims=hidden)
 
 
-@register_guide("paper")
-def paper_guide(x_dim: int = 784, stochastic_layers: int = 1, **variant) -> PaperGuide:
-    """The paper's guide; ``variant``: ``hidden``, ``activation``, ``latent_dim``."""
-    return PaperGuide(stochastic_layers, x_dim, **variant)
+#: The guides registered by name: name -> class.
+ZOO: dict[str, type[PaperGuide]] = {
+    "paper": PaperGuide,
+    "lowrank": LowRankGuide,
+    "iaf": IAFGuide,
+    "coupling": CouplingGuide,
+}
 
 
-@register_guide("lowrank")
-def lowrank_guide(
-    x_dim: int = 784, stochastic_layers: int = 1, **variant
-) -> LowRankGuide:
-    """:class:`LowRankGuide` of rank 5."""
-    return LowRankGuide(stochastic_layers, x_dim, **variant)
+def _register_zoo(name: str, cls: type[PaperGuide]) -> None:
+    def build(x_dim: int = 784, stochastic_layers: int = 1, **variant) -> PaperGuide:
+        return cls(stochastic_layers, x_dim, **variant)
+
+    build.__doc__ = f"{cls.__name__}; ``variant``: its keyword arguments."
+    register_guide(name)(build)
 
 
-@register_guide("iaf")
-def iaf_guide(x_dim: int = 784, stochastic_layers: int = 1, **variant) -> IAFGuide:
-    """:class:`IAFGuide` with two flows."""
-    return IAFGuide(stochastic_layers, x_dim, **variant)
-
-
-@register_guide("coupling")
-def coupling_guide(
-    x_dim: int = 784, stochastic_layers: int = 1, **variant
-) -> CouplingGuide:
-    """:class:`CouplingGuide` with two flows."""
-    return CouplingGuide(stochastic_layers, x_dim, **variant)
+for _name, _cls in ZOO.items():
+    _register_zoo(_name, _cls)
 
 
 def paper_architecture(

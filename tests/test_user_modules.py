@@ -159,3 +159,19 @@ def test_an_observed_site_outside_every_plate(event):
         log_likelihood(model, _guide, torch.randn(5, D), num_samples=3)
     assert "pyro.plate('data', len(x))" in str(e.value)
     assert "\n" not in str(e.value)
+
+
+def test_fit_uses_continuous_data_as_given():
+    """The issue's silent binarisation: a Gaussian model must see the values."""
+    seen = []
+
+    class Recording(LinearModel):
+        def forward(self, x):
+            seen.append(x.detach().clone())
+            super().forward(x)
+
+    x = torch.rand(100, D)
+    fit(Recording(), LinearGuide(), x, IWELBO(num_particles=2), test_size=0)
+    assert torch.equal(torch.cat(seen).sort(0).values, x.sort(0).values)
+    with pytest.raises(ValueError, match=r"binarize needs training values in \[0, 1\]"):
+        fit(LinearModel(), LinearGuide(), 3 * x, IWELBO(2), binarize=True)
