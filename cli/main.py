@@ -25,7 +25,16 @@ import pyro_iwae
 from pyro_iwae import distributed
 from pyro_iwae.checkpoints import CHECKPOINT_FILE, RunError, read_metrics
 from pyro_iwae.config import RunConfig
-from pyro_iwae.data import DATASETS, DataError
+from pyro_iwae.data import (
+    BINARIZATIONS,
+    DATASETS,
+    FILE_SUFFIXES,
+    DataError,
+    is_data_file,
+    load_file,
+)
+from pyro_iwae.likelihoods import LIKELIHOODS
+from pyro_iwae.networks import ACTIVATIONS
 from pyro_iwae.objectives import ESTIMATORS
 from pyro_iwae.plots import save_curves, save_image_grid, save_reconstruction_grid
 from pyro_iwae.reproduction import Grid, run_grid, table_slot, write_report
@@ -54,6 +63,15 @@ _DATA_DIR_DEFAULT = "$PYRO_IWAE_DATA, else ~/.cache/pyro-iwae"
 # fit option -> RunConfig field, for options that a resumed run must keep.
 _CONFIG_OPTIONS = {
     "dataset": "dataset",
+    "binarize": "binarize",
+    "test_fraction": "test_fraction",
+    "likelihood": "likelihood",
+    "sigma": "sigma",
+    "hidden": "hidden",
+    "activation": "activation",
+    "latent_dim": "latent_dim",
+    "model": "model",
+    "guide": "guide",
     "layers": "stochastic_layers",
     "objective": "objective",
     "estimator": "estimator",
@@ -188,14 +206,132 @@ def cli() -> None:
     """
 
 
+def _choice(
+    name: str, choices: Any, default: str | None, help: str, **kwargs: Any
+) -> Callable:
+    """An option whose value is one of ``choices``."""
+    return click.option(
+        name, type=click.Choice(choices), default=default, help=help, **kwargs
+    )
+
+
+def _optional_size(name: str, help: str, default_text: str) -> Callable:
+    """An option of a positive integer, None when not given."""
+    return click.option(
+        name,
+        type=click.IntRange(min=1),
+        default=None,
+        help=help,
+        show_default=default_text,
+    )
+
+
+def _parse_hidden(
+    ctx: click.Context, param: click.Parameter, value: str | None
+) -> list[int] | None:
+    """``"200,200"`` -> ``[200, 200]``; ``""`` -> ``[]`` (no hidden layer)."""
+    if value is None:
+        return None
+    try:
+        sizes = [int(part) for part in value.split(",") if part.strip()]
+    except ValueError:
+        sizes = [0]
+    if any(size < 1 for size in sizes):
+        raise click.BadParameter(
+            f"{value!r} is not a comma-separated list of positive sizes, such as "
+            "200,200",
+            ctx,
+            param,
+        )
+    return sizes
+
+
+def _check_dataset(ctx: click.Context, param: click.Parameter, value: str) -> str:
+    """A built-in name as it is; a data file's path made absolute."""
+    if value in DATASETS:
+        return value
+    if not is_data_file(value):
+        raise click.BadParameter(
+            f"unknown data set {value!r}; choose one of: {', '.join(DATASETS)}, or "
+            f"pass the path of a {', '.join(FILE_SUFFIXES)} file",
+            ctx,
+            param,
+        )
+    return str(Path(value).expanduser().resolve())
+
+
 @cli.command(context_settings={"show_default": True})
 @click.option(
     "--dataset",
-    type=click.Choice(DATASETS),
     default="mnist-mini",
-    help="Data set; mnist-mini (10,000 / 2,000 MNIST images) ships with the package.",
+    callback=_check_dataset,
+    metavar="NAME|PATH",
+    help=f"Data set: {', '.join(DATASETS)} (mnist-mini, 10,000 / 2,000 MNIST "
+    "images, ships with the package), or the path of your own .npy, .npz (arrays "
+    "train and optionally test) or .pt file of shape [N, ...], used as given.",
 )
 @_data_dir_option
+@click.option(
+    "--test-fraction",
+    type=click.FloatRange(0, 1, min_open=True, max_open=True),
+    default=0.1,
+    help="Share of the points of a --dataset file without a test set held out "
+    "(at random, seed 0) as its test set.",
+)
+@_choice(
+    "--binarize",
+    BINARIZATIONS,
+    None,
+    "dynamic: training values in [0, 1] binarised afresh for every mini-batch, "
+    "test values once (seed 0); static: all once; none: as given.",
+    show_default="dynamic for the built-in image sets with --likelihood "
+    "bernoulli, none otherwise",
+)
+@_choice(
+    "--likelihood",
+    LIKELIHOODS,
+    "bernoulli",
+    "p(x|z): bernoulli (0/1 values), gaussian (real values; --sigma), or "
+    "continuous-bernoulli (values in [0, 1]); all normalised densities in nats.",
+)
+@click.option(
+    "--sigma",
+    type=click.FloatRange(min=0, min_open=True),
+    default=None,
+    show_default="learned, one per dimension",
+    help="Fixed standard deviation of --likelihood gaussian.",
+)
+@click.option(
+    "--hidden",
+    default=None,
+    callback=_parse_hidden,
+    metavar="SIZES",
+    show_default="the paper's: 200,200",
+    help="Hidden layer sizes between x and z1, in encoder and decoder, such as "
+    "200,200 or 500; '' for none.",
+)
+@_choice("--activation", list(ACTIVATIONS), "tanh", "Hidden units of the networks.")
+@_optional_size(
+    "--latent-dim",
+    "Size of the top latent layer (z1; z2 with --layers 2).",
+    "the paper's: 50",
+)
+@click.option(
+    "--model",
+    default="paper",
+    metavar="NAME|MODULE:BUILDER",
+    help="Model: paper, an import path such as mypackage.models:build_model, or "
+    "an entry point of group pyro_iwae.models.",
+)
+@click.option(
+    "--guide",
+    default="paper",
+    metavar="NAME|MODULE:BUILDER",
+    help="Guide: paper (diagonal Gaussian), lowrank (low-rank-plus-diagonal "
+    "Gaussian), iaf (inverse autoregressive flows), coupling (affine coupling "
+    "flows), an import path such as mypackage.guides:build_guide, or an entry "
+    "point of group pyro_iwae.guides.",
+)
 @click.option(
     "--layers",
     type=click.Choice(["1", "2"]),
@@ -313,11 +449,12 @@ def cli() -> None:
 @click.pass_context
 @_library_errors
 def fit(ctx: click.Context, **options: Any) -> None:
-    """Train a model and guide of the paper; writes a run directory.
+    """Train a model and guide (the paper's, by default); writes a run directory.
 
-    Training images are binarised afresh for every mini-batch; after each
-    epoch the test bound at the training k is computed on the first
-    --test-limit test points, and a checkpoint is written.
+    Training images of the built-in data sets are binarised afresh for every
+    mini-batch (see --binarize); after each epoch the test bound at the
+    training k is computed on the first --test-limit test points, and a
+    checkpoint is written.
 
     Under torchrun (`torchrun --nproc-per-node=N $(command -v pyro-iwae) fit
     ...`) the N processes train one run: --batch-size is the global batch,
@@ -329,11 +466,16 @@ def fit(ctx: click.Context, **options: Any) -> None:
     options["layers"] = int(options["layers"])
     given = [option for option in _CONFIG_OPTIONS if _explicit(ctx, option)]
     data_dir = options["data_dir"]
+    extra = {}
+    if is_data_file(options["dataset"]) and not options["resume"]:
+        train, _, _ = load_file(options["dataset"], options["test_fraction"])
+        extra["x_dim"] = train.shape[1]
     try:
         config = RunConfig(
             **{_CONFIG_OPTIONS[option]: options[option] for option in given},
             data_dir=None if data_dir is None else str(data_dir.resolve()),
             device=device,
+            **extra,
         )
         config.validate(_CONFIG_OPTIONS[option] for option in given)
         # This command's own defaults (such as its 40 epochs), where they apply.
@@ -586,6 +728,11 @@ def eval_nll(
         f"NLL = {result['nll']:.2f}{error} nats (mean ± standard error; "
         f"{how}, {result['split']} split, {result['points']} points)"
     )
+    bits = result.get("bits_per_dim")
+    if bits is not None:
+        bits_error = result["bits_per_dim_stderr"]
+        bits_error = "" if bits_error is None else f" ± {bits_error:.4f}"
+        click.echo(f"bits/dim = {bits:.4f}{bits_error} (of the values as given)")
     click.echo(f"diagnostics: {trust}")
     units = ", ".join(
         f"{name} {count}/{result['latent_units'][name]}"
@@ -644,21 +791,29 @@ def sample(
     data = config.load_data(data_dir)
     out = run_dir / "samples.png" if out is None else out
     torch.manual_seed(seed)
-    images = sample_images(model, n, config.x_dim)
-    x = data.test[:n].to(device)
-    paths = [
-        save_image_grid(images, out),
-        save_reconstruction_grid(
-            x,
-            reconstruct(model, guide, x),
-            out.with_name(f"{out.stem}-reconstructions.png"),
-        ),
+    paths = []
+    shape = data.image_shape
+    if shape is None:
+        click.echo(f"{config.dataset} holds no pictures: only the curves are drawn")
+    else:
+        images = sample_images(model, n, config.x_dim)
+        x = data.test[:n].to(device)
+        paths += [
+            save_image_grid(images, out, image_shape=shape),
+            save_reconstruction_grid(
+                x,
+                reconstruct(model, guide, x),
+                out.with_name(f"{out.stem}-reconstructions.png"),
+                image_shape=shape,
+            ),
+        ]
+    paths.append(
         save_curves(
             read_metrics(run_dir),
             out.with_name(f"{out.stem}-curves.png"),
             title=f"{run_dir.name}",
-        ),
-    ]
+        )
+    )
     for path in paths:
         click.echo(f"wrote {path}")
 

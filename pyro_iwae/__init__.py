@@ -27,7 +27,14 @@ from .evaluation import (
     latent_activity,
     log_likelihood,
 )
-from .guides import PaperGuide, paper_architecture
+from .guides import (
+    CouplingGuide,
+    IAFGuide,
+    LowRankGuide,
+    PaperGuide,
+    paper_architecture,
+)
+from .likelihoods import LIKELIHOODS
 from .models import DATA_PLATE, LATENT_SITES, OBSERVED_SITE, PaperModel
 from .objectives import CIWELBO, ESTIMATORS, IWELBO, MIWELBO, PIWELBO
 from .registry import (
@@ -94,6 +101,10 @@ __all__ = [
     "sample_images",
     "train_run",
     "CIWELBO",
+    "CouplingGuide",
+    "IAFGuide",
+    "LIKELIHOODS",
+    "LowRankGuide",
     "EstimateWarning",
     "DATA_PLATE",
     "ESTIMATORS",

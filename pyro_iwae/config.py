@@ -18,7 +18,11 @@ from typing import Any
 from pyro.infer import ELBO
 
 from .checkpoints import RunError, write_json
-from .data import Dataset, load_dataset, one_line
+from .data import BINARIZATIONS, DATASETS, Dataset, load_dataset, one_line
+from .likelihoods import check_likelihood
+from .models import architecture
+from .networks import ACTIVATIONS
+from .registry import BuilderError, resolve
 from .schedules import (
     IW_OBJECTIVES,
     ConfigError,
@@ -41,15 +45,28 @@ _APPLIES_WITH: dict[str, tuple[str, tuple[str, ...], str]] = {
     "num_groups": ("objective", ("miwae", "piwae"), "drop it"),
     "beta": ("objective", ("ciwae",), "drop it"),
     "alpha": ("objective", ("renyi",), "drop it"),
+    "sigma": ("likelihood", ("gaussian",), "drop it"),
 }
+
+#: The architecture settings passed to model and guide builders (the likelihood
+#: and its sigma to models only) where they differ from their defaults.
+ARCHITECTURE_SETTINGS = ("hidden", "activation", "latent_dim")
+LIKELIHOOD_SETTINGS = ("likelihood", "sigma")
 
 
 @dataclasses.dataclass
 class RunConfig:
     """Everything needed to rebuild a run's model, guide, data and training.
 
-    Saved as ``config.json`` in the run directory. ``model`` and ``guide`` are
-    registry names (see :func:`pyro_iwae.build_model`); ``epochs`` applies to the
+    Saved as ``config.json`` in the run directory. ``dataset`` is a built-in
+    name or the path of a data file (see :func:`pyro_iwae.data.load_dataset`,
+    with ``binarize``, None for the default: ``"dynamic"`` for the built-in
+    image sets with the Bernoulli likelihood, ``"none"`` otherwise, and
+    ``test_fraction``). ``model`` and ``guide`` are registry names, import
+    paths or entry points (see :func:`pyro_iwae.registry.resolve`), built with
+    ``likelihood`` (and ``sigma``: None learns it), ``hidden`` (None: the
+    paper's), ``activation`` and ``latent_dim`` (None: the paper's) where these
+    differ from their defaults. ``epochs`` applies to the
     ``constant`` schedule, ``stages`` (None: all 8) to the ``paper`` schedule,
     whose first stage runs at ``lr``. ``train_limit`` keeps the first training
     points (None: all); ``test_limit`` test points give the per-epoch test bound.
@@ -66,6 +83,13 @@ class RunConfig:
     stochastic_layers: int = 1
     model: str = "paper"
     guide: str = "paper"
+    likelihood: str = "bernoulli"
+    sigma: float | None = None
+    hidden: list[int] | None = None
+    activation: str = "tanh"
+    latent_dim: int | None = None
+    binarize: str | None = None
+    test_fraction: float = 0.1
     objective: str = "iwae"
     estimator: str = "iwae"
     num_particles: int = 5
@@ -85,6 +109,8 @@ class RunConfig:
     checkpoint_every: int | None = None
 
     def __post_init__(self) -> None:
+        if self.hidden is not None and not isinstance(self.hidden, list):
+            self.hidden = list(self.hidden)  # as config.json gives it back
         self.validate()
 
     def validate(self, given: Iterable[str] = ()) -> None:
@@ -107,6 +133,44 @@ class RunConfig:
                 )
         self.make_schedule()
         self.make_objective()
+        check_likelihood(self.likelihood, self.sigma)
+        if self.activation not in ACTIVATIONS:
+            raise ValueError(
+                f"unknown activation {self.activation!r}; choose one of: "
+                f"{', '.join(ACTIVATIONS)}"
+            )
+        architecture(self.stochastic_layers, self.hidden, self.latent_dim)
+        if self.binarize is not None and self.binarize not in BINARIZATIONS:
+            raise ValueError(
+                f"binarize must be one of {', '.join(BINARIZATIONS)}, got "
+                f"{self.binarize!r}"
+            )
+        if not 0 < self.test_fraction < 1:
+            raise ValueError(
+                f"test_fraction must lie in (0, 1), got {self.test_fraction}"
+            )
+        resolve("model", self.model)
+        resolve("guide", self.guide)
+
+    @property
+    def binarization(self) -> str:
+        """``binarize``, or its default: ``"dynamic"`` for the built-in image
+        sets with the Bernoulli likelihood, ``"none"`` otherwise."""
+        if self.binarize is not None:
+            return self.binarize
+        builtin = self.dataset in DATASETS and self.likelihood == "bernoulli"
+        return "dynamic" if builtin else "none"
+
+    def builder_settings(self, kind: str) -> dict[str, Any]:
+        """The architecture settings for the ``kind`` (model or guide) builder:
+        those that differ from their defaults."""
+        names = ARCHITECTURE_SETTINGS + (LIKELIHOOD_SETTINGS if kind == "model" else ())
+        defaults = _defaults()
+        return {
+            name: tuple(value) if isinstance(value, list) else value
+            for name in names
+            if (value := getattr(self, name)) != defaults[name]
+        }
 
     def unused_settings(self) -> list[str]:
         """The settings that take no effect with this schedule and objective."""
@@ -162,6 +226,8 @@ class RunConfig:
         unused = _unused({**_defaults(), **values})
         try:
             return cls.from_dict({k: v for k, v in values.items() if k not in unused})
+        except BuilderError as e:
+            raise RunError(f"{path}: {one_line(e)}") from e
         except ValueError as e:
             raise RunError(
                 f"{path} holds settings that do not go together ({one_line(e)}); "
@@ -199,7 +265,12 @@ class RunConfig:
         :param data_dir: overrides ``self.data_dir``.
         :raises pyro_iwae.data.DataError: if the data cannot be found or read.
         """
-        data = load_dataset(self.dataset, data_dir or self.data_dir)
+        data = load_dataset(
+            self.dataset,
+            data_dir or self.data_dir,
+            binarize=self.binarization,
+            test_fraction=self.test_fraction,
+        )
         if self.train_limit is not None:
             data = dataclasses.replace(data, train=data.train[: self.train_limit])
         return data

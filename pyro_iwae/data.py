@@ -1,9 +1,14 @@
 """Data sets for IWAE experiments: loading, binarisation and mini-batches.
 
-Images are flattened to 784 grey levels in [0, 1]. Following the paper's code
-(yburda/iwae), training images are kept as grey levels and binarised afresh for
-every mini-batch, while the test (and validation) images are binarised once,
-with a fixed seed, so that evaluations of different models are comparable.
+The built-in data sets are images flattened to 784 grey levels in [0, 1]; a
+user's own data come from a ``.npy``, ``.npz`` or ``.pt`` file of shape
+``[N, ...]``, flattened to ``[N, x_dim]``. Binarisation is a choice
+(:data:`BINARIZATIONS`). With ``"dynamic"`` (the default for the built-in
+data sets), following the paper's code (yburda/iwae), training images are
+kept as grey levels and binarised afresh for every mini-batch, while the test
+(and validation) images are binarised once, with a fixed seed, so that
+evaluations of different models are comparable; ``"static"`` binarises every
+split once; ``"none"`` uses the values as given.
 """
 
 from __future__ import annotations
@@ -11,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import gzip
 import importlib.resources
+import math
 import os
 import struct
 from collections.abc import Iterator
@@ -20,6 +26,7 @@ import torch
 from torch import Tensor
 
 __all__ = [
+    "BINARIZATIONS",
     "DATASETS",
     "DataError",
     "Dataset",
@@ -32,6 +39,14 @@ __all__ = [
 
 DATASETS: tuple[str, ...] = ("mnist-mini", "mnist", "fashion-mnist", "omniglot")
 """Names accepted by :func:`load_dataset`; ``"mnist-mini"`` ships with the package."""
+
+BINARIZATIONS: tuple[str, ...] = ("dynamic", "static", "none")
+"""How the values are binarised: ``"dynamic"`` (training data afresh for every
+mini-batch, test and validation data once with a fixed seed), ``"static"``
+(every split once, with a fixed seed) or ``"none"`` (values as given)."""
+
+#: Suffixes of the files :func:`load_dataset` reads as a user's data set.
+FILE_SUFFIXES: tuple[str, ...] = (".npy", ".npz", ".pt")
 
 _MNIST_MINI = "mnist-mini.idx.gz"
 # File names shared by torchvision's MNIST and FashionMNIST, under <root>/<Class>/raw.
@@ -55,19 +70,27 @@ class DataError(Exception):
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class Dataset:
-    """A data set of flattened images.
+    """A data set of flattened points (images for the built-in ones).
 
-    :param name: Name as passed to :func:`load_dataset`.
-    :param train: Float32 ``[N, x_dim]`` grey levels in [0, 1], to be binarised
-        dynamically (see :func:`minibatches`).
-    :param test: Float32 ``[M, x_dim]`` of 0/1, binarised once with a fixed seed.
-    :param validation: Float32 ``[V, x_dim]`` of 0/1 binarised once, or None.
+    :param name: Name (or path) as passed to :func:`load_dataset`.
+    :param train: Float32 ``[N, x_dim]``: grey levels in [0, 1] to be binarised
+        dynamically (see :func:`minibatches`) if ``binarize`` is ``"dynamic"``,
+        else the values to train on.
+    :param test: Float32 ``[M, x_dim]``: of 0/1, binarised once with a fixed
+        seed, unless ``binarize`` is ``"none"``.
+    :param validation: Float32 ``[V, x_dim]`` as ``test``, or None.
+    :param binarize: one of :data:`BINARIZATIONS`: what was done to the test and
+        validation data, and what :func:`pyro_iwae.fit` does to ``train``.
+    :param image_shape: shape of one point before flattening, for pictures
+        (None: not a picture).
     """
 
     name: str
     train: Tensor
     test: Tensor
     validation: Tensor | None = None
+    binarize: str = "dynamic"
+    image_shape: tuple[int, ...] | None = (28, 28)
 
     @property
     def x_dim(self) -> int:
@@ -96,6 +119,9 @@ def binarize(x: Tensor, generator: torch.Generator | None = None) -> Tensor:
     :param generator: Random generator on ``x.device``, or None for the global one.
     """
     return torch.bernoulli(x, generator=generator)
+
+
+_binarize = binarize  # load_dataset's argument binarize hides the function
 
 
 def minibatches(
@@ -144,14 +170,16 @@ def default_data_dir() -> Path:
 
 
 def load_dataset(
-    name: str = "mnist-mini",
+    name: str | os.PathLike = "mnist-mini",
     data_dir: str | os.PathLike | None = None,
     *,
     validation_size: int = 0,
     download: bool = True,
     seed: int = 0,
+    binarize: str = "dynamic",
+    test_fraction: float = 0.1,
 ) -> Dataset:
-    """Load a data set by name, on the CPU.
+    """Load a data set by name, or a user's data set from a file, on the CPU.
 
     Names are in :data:`DATASETS`:
 
@@ -163,21 +191,39 @@ def load_dataset(
       ``data_dir`` (needs scipy; never downloaded), training set shuffled as in
       the paper.
 
-    :param name: Data set name.
+    Any other name is the path of a file (see :func:`load_file`): a ``.npy``
+    array, a ``.npz`` with arrays ``train`` and optionally ``test``, or a ``.pt``
+    tensor (or dict of ``train`` and ``test`` tensors), each ``[N, ...]``.
+
+    :param name: Data set name or file path.
     :param data_dir: Folder holding the data; defaults to :func:`default_data_dir`.
     :param validation_size: Number of images held out from the *end* of the
         training set as validation data (the paper uses 400 for MNIST and 1345
         for Omniglot); 0 for none.
     :param download: Allow torchvision to download missing MNIST files.
-    :param seed: Seed of the one-off binarisation of the test and validation sets.
+    :param seed: Seed of the one-off binarisation of the test and validation sets
+        (and of the split of a file without a test set).
+    :param binarize: one of :data:`BINARIZATIONS`.
+    :param test_fraction: share of the points of a file without a test set
+        held out, at random (with ``seed``), as its test set.
     :raises DataError: If the name is unknown or the data cannot be found or read.
     """
-    if name not in DATASETS:
+    if binarize not in BINARIZATIONS:
         raise DataError(
-            f"unknown data set {name!r}; choose one of: {', '.join(DATASETS)}"
+            f"binarize must be one of {', '.join(BINARIZATIONS)}, got {binarize!r}"
         )
+    image_shape: tuple[int, ...] | None = (28, 28)
     root = default_data_dir() if data_dir is None else Path(data_dir).expanduser()
-    if name == "mnist-mini":
+    if name not in DATASETS:
+        if not is_data_file(name):
+            raise DataError(
+                f"unknown data set {str(name)!r}; choose one of: "
+                f"{', '.join(DATASETS)}, or pass the path of a "
+                f"{', '.join(FILE_SUFFIXES)} file"
+            )
+        train, test, image_shape = load_file(name, test_fraction, seed)
+        name = str(name)
+    elif name == "mnist-mini":
         train, test = _load_mnist_mini()
     elif name == "omniglot":
         train, test = _load_omniglot(root)
@@ -192,12 +238,129 @@ def load_dataset(
     validation = train[n - validation_size :] if validation_size else None
     train = train[: n - validation_size]
 
-    # Test first, so that the test set does not depend on validation_size.
-    generator = torch.Generator().manual_seed(seed)
-    test = binarize(test, generator)
-    if validation is not None:
-        validation = binarize(validation, generator)
-    return Dataset(name=name, train=train, test=test, validation=validation)
+    if binarize != "none":
+        for split, x in (("train", train), ("test", test)):
+            if not bool(((x >= 0) & (x <= 1)).all()):
+                raise DataError(
+                    f"{name}: binarize {binarize} needs values in [0, 1], but the "
+                    f"{split} data hold values in [{float(x.min()):g}, "
+                    f"{float(x.max()):g}]; scale them into [0, 1] or use binarize "
+                    "none"
+                )
+        # Test first, so that the test set does not depend on validation_size.
+        generator = torch.Generator().manual_seed(seed)
+        test = _binarize(test, generator)
+        if validation is not None:
+            validation = _binarize(validation, generator)
+        if binarize == "static":
+            train = _binarize(train, generator)
+    return Dataset(name, train, test, validation, binarize, image_shape)
+
+
+def is_data_file(name: str | os.PathLike) -> bool:
+    """Whether ``name`` names a user's data file rather than a built-in data set:
+    a path with one of :data:`FILE_SUFFIXES`."""
+    return str(name) not in DATASETS and Path(name).suffix in FILE_SUFFIXES
+
+
+def load_file(
+    path: str | os.PathLike, test_fraction: float = 0.1, seed: int = 0
+) -> tuple[Tensor, Tensor, tuple[int, ...] | None]:
+    """Train and test data of a user's file, float32 ``[N, x_dim]``, and the shape
+    of one point if it is a picture (None otherwise).
+
+    A point of shape ``[H, W]`` or ``[C, H, W]`` (C of 1 or 3), or a flat one
+    whose size is a square, is a picture. Without a test set, a random
+    ``test_fraction`` of the points (drawn with ``seed``) is held out as one.
+
+    :raises DataError: if the file is missing, unreadable, or of the wrong shape.
+    """
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise DataError(
+            f"data file {path} not found; pass the path of a {', '.join(FILE_SUFFIXES)}"
+            " file of shape [N, ...]"
+        )
+    try:
+        arrays = _read_arrays(path)
+    except DataError:
+        raise
+    except Exception as e:  # numpy and torch raise many types on damaged files
+        raise DataError(f"cannot read {path} ({one_line(e)}); check the file") from e
+    if "train" not in arrays:
+        raise DataError(
+            f"{path} holds {', '.join(sorted(arrays)) or 'no arrays'}, not an array "
+            "named train; save the training data as train (and the test data as test)"
+        )
+    train = _as_points(arrays["train"], path, "train")
+    if "test" in arrays:
+        test = _as_points(arrays["test"], path, "test")
+        if test.shape[1:] != train.shape[1:]:
+            raise DataError(
+                f"{path}: test points have shape {list(test.shape[1:])}, training "
+                f"points {list(train.shape[1:])}; save both with the same shape"
+            )
+    else:
+        if not 0 < test_fraction < 1:
+            raise DataError(
+                f"test_fraction must lie in (0, 1), got {test_fraction}; {path} has "
+                "no test set, so a share of its points is held out"
+            )
+        n = train.shape[0]
+        n_test = max(1, round(test_fraction * n))
+        if n_test >= n:
+            raise DataError(
+                f"{path} holds {n} points, too few to hold out a test set; give it "
+                "more points, or a test array"
+            )
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+        train, test = train[order[n_test:]], train[order[:n_test]]
+    shape = tuple(train.shape[1:])
+    flat = math.prod(shape)
+    side = math.isqrt(flat)
+    if len(shape) == 2 or (len(shape) == 3 and shape[0] in (1, 3)):
+        image_shape: tuple[int, ...] | None = shape
+    elif len(shape) == 1 and side * side == flat and flat > 1:
+        image_shape = (side, side)
+    else:
+        image_shape = None
+    return train.reshape(len(train), -1), test.reshape(len(test), -1), image_shape
+
+
+def _read_arrays(path: Path) -> dict[str, object]:
+    if path.suffix == ".pt":
+        value = torch.load(path, map_location="cpu", weights_only=True)
+        if isinstance(value, dict):
+            return value
+        return {"train": value}
+    import numpy as np
+
+    value = np.load(path, allow_pickle=False)
+    if path.suffix == ".npz":
+        with value:
+            return {key: value[key] for key in value.files}
+    return {"train": value}
+
+
+def _as_points(value: object, path: Path, key: str) -> Tensor:
+    """``value`` as float32 ``[N, ...]``; one clear error for anything else."""
+    try:
+        x = torch.as_tensor(value)
+    except (TypeError, ValueError, RuntimeError) as e:
+        raise DataError(
+            f"{path}: {key} is not a numeric array ({one_line(e)}); save numbers"
+        ) from e
+    if x.is_complex():
+        raise DataError(f"{path}: {key} holds complex numbers; save real ones")
+    if x.dim() < 2 or x.shape[0] < 1 or x[0].numel() < 1:
+        raise DataError(
+            f"{path}: {key} has shape {list(x.shape)}; save an array of shape "
+            "[N, ...], one row per data point (reshape(-1, 1) for scalars)"
+        )
+    x = x.to(torch.float32)
+    if not bool(torch.isfinite(x).all()):
+        raise DataError(f"{path}: {key} holds nan or infinite values; remove them")
+    return x
 
 
 def _read_idx(payload: bytes) -> list[Tensor]:

@@ -137,3 +137,41 @@ class BernoulliImage(_OneEventDim):
         return -F.binary_cross_entropy_with_logits(logits, value, reduction="none").sum(
             -1
         )
+
+
+class ContinuousBernoulliImage(_OneEventDim):
+    """Independent continuous Bernoulli values in [0, 1] over the rightmost dim
+    (Loaiza-Ganem & Cunningham 2019), from their ``logits``: the density
+    ``C(p) p^x (1 - p)^(1 - x)`` with its normalising constant ``C(p)``, as
+    :class:`torch.distributions.ContinuousBernoulli`, summed over the event."""
+
+    arg_constraints = {"logits": constraints.real}
+    support = constraints.independent(constraints.unit_interval, 1)
+    has_rsample = True
+    _params = ("logits",)
+
+    def __init__(self, logits: torch.Tensor, validate_args: bool | None = None) -> None:
+        self.logits = logits
+        super().__init__(logits.shape, validate_args)
+
+    @lazy_property
+    def _pixels(self) -> torch.distributions.ContinuousBernoulli:
+        return torch.distributions.ContinuousBernoulli(
+            logits=self.logits, validate_args=False
+        )
+
+    @property
+    def mean(self) -> torch.Tensor:
+        return self._pixels.mean
+
+    @property
+    def variance(self) -> torch.Tensor:
+        return self._pixels.variance
+
+    def rsample(self, sample_shape: tuple[int, ...] = ()) -> torch.Tensor:
+        return self._pixels.rsample(sample_shape)
+
+    def log_prob(self, value: torch.Tensor) -> torch.Tensor:
+        if self._validate_args:
+            self._validate_sample(value)
+        return self._pixels.log_prob(value).sum(-1)

@@ -10,9 +10,11 @@ from typing import Any
 
 import pyro
 import torch
+from pyro.poutine.util import site_is_subsample
 
+from .networks import prepare_pyro_modules
 from .objectives import IWELBO
-from .traces import PARTICLE_PLATE, latent_sites
+from .traces import PARTICLE_PLATE, cuda_devices, latent_sites
 
 #: The paper's threshold on a latent unit's activity for it to count as active.
 ACTIVE_THRESHOLD = 0.01
@@ -29,17 +31,22 @@ LARGEST_TENSOR = 32 * 2**20
 
 @contextmanager
 def evaluating(*fns: Callable) -> Iterator[None]:
-    """Puts the modules among ``fns`` in eval mode without gradients, then restores."""
+    """Puts the modules among ``fns`` in eval mode without gradients, then restores.
+
+    ``PyroModule`` s run with their own parameters (Pyro's module-local
+    parameters, see :func:`~pyro_iwae.networks.local_params`).
+    """
     modes = [
         (module, module.training)
         for fn in fns
         if isinstance(fn, torch.nn.Module)
         for module in fn.modules()
     ]
+    local = prepare_pyro_modules(*fns) or pyro.settings.get("module_local_params")
     try:
         for module, _ in modes:
             module.training = False
-        with torch.no_grad():
+        with torch.no_grad(), pyro.settings.context(module_local_params=local):
             yield
     finally:
         for module, training in modes:
@@ -98,29 +105,119 @@ def log_likelihood(
     """
     if num_samples < 1:
         raise ValueError(f"num_samples must be >= 1, got {num_samples}")
-    if chunk_size is None:
-        chunk_size = default_chunk_size(
-            model, guide, *args, max_plate_nesting=max_plate_nesting, **kwargs
-        )
-    if chunk_size < 1:
-        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
-    total = None
-    with evaluating(model, guide):
-        for start in range(0, num_samples, chunk_size):
-            elbo = IWELBO(
-                num_particles=min(chunk_size, num_samples - start),
-                max_plate_nesting=max_plate_nesting,
+    _check_not_empty(args, kwargs)
+    try:
+        if chunk_size is None:
+            chunk_size = default_chunk_size(
+                model, guide, *args, max_plate_nesting=max_plate_nesting, **kwargs
             )
-            particles = elbo.particles(model, guide, *args, **kwargs)
-            chunk = particles.log_weights.logsumexp(0)
-            total = chunk if total is None else torch.logaddexp(total, chunk)
-    if not particles.local_dims:
-        raise ValueError(
-            "log_likelihood needs a data plate that encloses every sample site of "
-            "model and guide, to give one estimate per data point"
-        )
+        if chunk_size < 1:
+            raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+        total = None
+        with evaluating(model, guide):
+            for start in range(0, num_samples, chunk_size):
+                elbo = IWELBO(
+                    num_particles=min(chunk_size, num_samples - start),
+                    max_plate_nesting=max_plate_nesting,
+                )
+                particles = elbo.particles(model, guide, *args, **kwargs)
+                if start == 0:
+                    _check_plates(*particles.traces[0])
+                chunk = particles.log_weights.logsumexp(0)
+                total = chunk if total is None else torch.logaddexp(total, chunk)
+    except (ValueError, RuntimeError) as e:
+        # Shape errors from deep inside Pyro: say what is wrong with the plates.
+        problem = _plate_problem(model, guide, args, kwargs)
+        if problem is None or str(e) == problem:
+            raise
+        raise ValueError(problem) from e
     shape = [total.shape[d] for d in particles.local_dims]
     return (total - math.log(num_samples)).reshape(shape)
+
+
+def _check_not_empty(args: tuple, kwargs: dict) -> None:
+    """:raises ValueError: if a tensor argument is an empty batch."""
+    named = [(f"argument {i + 1}", a) for i, a in enumerate(args)]
+    named += [(f"argument {k}", a) for k, a in kwargs.items()]
+    for name, value in named:
+        if isinstance(value, torch.Tensor) and value.dim() and not value.shape[0]:
+            raise ValueError(
+                f"log_likelihood got an empty batch ({name} has shape "
+                f"{list(value.shape)}); pass at least one data point"
+            )
+
+
+def _plate_problem(
+    model: Callable, guide: Callable, args: tuple, kwargs: dict
+) -> str | None:
+    """What :func:`_check_plates` finds in one run of guide and model (without
+    particle plates), or None (also when they do not run)."""
+    try:
+        with (
+            torch.random.fork_rng(devices=cuda_devices(args, kwargs)),
+            evaluating(model, guide),
+            pyro.poutine.block(),
+        ):
+            guide_trace = pyro.poutine.trace(guide).get_trace(*args, **kwargs)
+            replayed = pyro.poutine.replay(model, trace=guide_trace)
+            model_trace = pyro.poutine.trace(replayed).get_trace(*args, **kwargs)
+        _check_plates(model_trace, guide_trace)
+    except ValueError as e:
+        return str(e)
+    except Exception:  # noqa: BLE001 - the original error is the one to raise
+        return None
+    return None
+
+
+def _check_plates(model_trace: pyro.poutine.Trace, guide_trace: pyro.poutine.Trace):
+    """Checks that a data plate encloses every sample site and that the observed
+    values run along it.
+
+    :raises ValueError: naming the site and what to do.
+    """
+    sites = [
+        site
+        for trace in (model_trace, guide_trace)
+        for site in trace.nodes.values()
+        if site["type"] == "sample" and not site_is_subsample(site)
+    ]
+    frames = {
+        site["name"]: {
+            f
+            for f in site["cond_indep_stack"]
+            if f.vectorized and f.name != PARTICLE_PLATE
+        }
+        for site in sites
+    }
+    common = set.intersection(*frames.values()) if frames else set()
+    if not common:
+        outside = [name for name, fs in frames.items() if not fs]
+        where = (
+            f"site {outside[0]!r} is outside every plate"
+            if outside
+            else "no plate encloses every sample site"
+        )
+        raise ValueError(
+            f"log_likelihood needs a data plate that encloses every sample site of "
+            f"model and guide, to give one estimate per data point, but {where}: "
+            f"put it inside the data plate (with pyro.plate('data', len(x)): ...)"
+        )
+    for site in sites:
+        if not site["is_observed"]:
+            continue
+        value, event_dim = site["value"], len(site["fn"].event_shape)
+        for frame in sorted(common, key=lambda f: f.dim):
+            dim = frame.dim - event_dim
+            if frame.size > 1 and (
+                value.dim() < -dim or value.shape[dim] != frame.size
+            ):
+                raise ValueError(
+                    f"the observed value of site {site['name']!r} has shape "
+                    f"{list(value.shape)}, which does not run along the data plate "
+                    f"{frame.name!r} of size {frame.size}: the data lack their batch "
+                    "dimension; pass a batch of shape [N, ...] (x.unsqueeze(0) for "
+                    "one point)"
+                )
 
 
 def dataset_log_likelihood(
@@ -140,6 +237,13 @@ def dataset_log_likelihood(
     tensor of shape ``[N]``; warns (:class:`EstimateWarning`) when
     :func:`estimate_problem` finds something wrong with the estimates.
     """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if not data.dim() or not data.shape[0]:
+        raise ValueError(
+            f"data has shape {list(data.shape)}, no data points; pass a tensor of "
+            "shape [N, ...] with N >= 1"
+        )
     estimates = []
     for start in range(0, data.shape[0], batch_size):
         batch = data[start : start + batch_size]

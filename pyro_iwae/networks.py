@@ -2,21 +2,32 @@
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 from collections.abc import Sequence
 
 import pyro
 import torch
+from pyro.nn import PyroModule
 from torch import nn
 
 _instances = itertools.count()
 
+#: Hidden units by name: tanh (the paper's) or relu.
+ACTIVATIONS: dict[str, type[nn.Module]] = {"tanh": nn.Tanh, "relu": nn.ReLU}
 
-def mlp(sizes: Sequence[int]) -> nn.Sequential:
-    """Linear layers of ``sizes`` with a tanh after each (the paper's hidden units)."""
+
+def mlp(sizes: Sequence[int], activation: str = "tanh") -> nn.Sequential:
+    """Linear layers of ``sizes`` with an ``activation`` (:data:`ACTIVATIONS`)
+    after each (tanh: the paper's hidden units)."""
+    if activation not in ACTIVATIONS:
+        raise ValueError(
+            f"unknown activation {activation!r}; choose one of: "
+            f"{', '.join(ACTIVATIONS)}"
+        )
     layers: list[nn.Module] = []
     for n_in, n_out in itertools.pairwise(sizes):
-        layers += [nn.Linear(n_in, n_out), nn.Tanh()]
+        layers += [nn.Linear(n_in, n_out), ACTIVATIONS[activation]()]
     return nn.Sequential(*layers)
 
 
@@ -25,11 +36,14 @@ class GaussianLayer(nn.Module):
     map to the mean and the log standard deviation.
 
     :param sizes: input size, then hidden sizes; ``out_dim`` is the Gaussian's size.
+    :param activation: the hidden units (see :func:`mlp`).
     """
 
-    def __init__(self, sizes: Sequence[int], out_dim: int) -> None:
+    def __init__(
+        self, sizes: Sequence[int], out_dim: int, activation: str = "tanh"
+    ) -> None:
         super().__init__()
-        self.hidden = mlp(sizes)
+        self.hidden = mlp(sizes, activation)
         self.out = nn.Linear(sizes[-1], 2 * out_dim)
 
     def forward(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -55,3 +69,43 @@ class PyroNetwork(nn.Module):
     def register_with_pyro(self) -> None:
         if not pyro.settings.get("module_local_params"):
             pyro.module(self._pyro_name, self)
+
+
+def prepare_pyro_modules(*fns: object) -> bool:
+    """Lets the :class:`~pyro.nn.PyroModule` s among ``fns`` (and inside them) run
+    under ``pyro.settings.context(module_local_params=True)``; returns whether
+    there was one.
+
+    A ``PyroModule`` made while that setting was off has no local parameter
+    state, and Pyro fails with ``'_Context' object has no attribute
+    'param_state'`` when it is called with the setting on (as :func:`pyro_iwae.fit`
+    trains). Its parameters are the module's own either way: this gives it the
+    empty state Pyro would have given it.
+    """
+    found = False
+    for fn in fns:
+        if not isinstance(fn, nn.Module):
+            continue
+        for module in fn.modules():
+            if isinstance(module, PyroModule):
+                found = True
+                context = module._pyro_context
+                if not hasattr(context, "param_state"):
+                    context.param_state = {"params": {}, "constraints": {}}
+    return found
+
+
+def local_params(
+    *fns: object, enabled: bool = True
+) -> contextlib.AbstractContextManager:
+    """``pyro.settings.context(module_local_params=enabled)``, once the
+    ``PyroModule`` s among ``fns`` are ready for it (see
+    :func:`prepare_pyro_modules`).
+
+    With the setting on, a ``PyroModule`` 's parameters (``PyroParam`` s
+    included) are its own, never those of a same-named entry of Pyro's global
+    parameter store (a model and a guide that are both top-level ``PyroModule``
+    s share their names there).
+    """
+    prepare_pyro_modules(*fns)
+    return pyro.settings.context(module_local_params=enabled)

@@ -23,21 +23,33 @@ __all__ = [
 IMAGE_SIDE = 28
 
 
-def _as_images(images: torch.Tensor) -> torch.Tensor:
-    """``[n, 784]`` (or ``[n, 28, 28]``, ``[n, 1, 28, 28]``) -> ``[n, 1, 28, 28]``."""
-    return images.detach().float().cpu().reshape(-1, 1, IMAGE_SIDE, IMAGE_SIDE)
+def _as_images(
+    images: torch.Tensor, image_shape: Sequence[int] = (IMAGE_SIDE, IMAGE_SIDE)
+) -> torch.Tensor:
+    """``[n, 784]`` (or ``[n, 28, 28]``, ``[n, 1, 28, 28]``) -> ``[n, 1, 28, 28]``,
+    for ``image_shape`` ``[H, W]`` (``[C, H, W]`` keeps its C channels), values
+    clipped to [0, 1]."""
+    shape = tuple(image_shape)
+    if len(shape) == 2:
+        shape = (1, *shape)
+    return images.detach().float().cpu().reshape(-1, *shape).clamp(0, 1)
 
 
 def save_image_grid(
-    images: torch.Tensor, path: str | os.PathLike, *, nrow: int = 8
+    images: torch.Tensor,
+    path: str | os.PathLike,
+    *,
+    nrow: int = 8,
+    image_shape: Sequence[int] = (IMAGE_SIDE, IMAGE_SIDE),
 ) -> Path:
     """Writes ``images`` (``[n, 784]`` values in [0, 1]) as a PNG grid of 28x28
-    images, ``nrow`` per row; returns the path."""
+    images (of ``image_shape``), ``nrow`` per row; returns the path."""
     from torchvision.utils import save_image
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_image(_as_images(images), path, nrow=nrow, padding=2, pad_value=0.5)
+    images = _as_images(images, image_shape)
+    save_image(images, path, nrow=nrow, padding=2, pad_value=0.5)
     return path
 
 
@@ -47,15 +59,18 @@ def save_reconstruction_grid(
     path: str | os.PathLike,
     *,
     nrow: int = 8,
+    image_shape: Sequence[int] = (IMAGE_SIDE, IMAGE_SIDE),
 ) -> Path:
     """Writes a PNG grid of rows of ``nrow`` originals, each followed by a row of
-    their reconstructions (both ``[n, 784]`` in [0, 1]); returns the path."""
+    their reconstructions (both ``[n, 784]`` in [0, 1], of ``image_shape``);
+    returns the path."""
     if originals.shape != reconstructions.shape:
         raise ValueError(
             f"originals {tuple(originals.shape)} and reconstructions "
             f"{tuple(reconstructions.shape)} differ in shape"
         )
-    x, r = _as_images(originals), _as_images(reconstructions)
+    x = _as_images(originals, image_shape)
+    r = _as_images(reconstructions, image_shape)
     nrow = min(nrow, x.shape[0])
     rows = []
     for start in range(0, x.shape[0], nrow):
@@ -65,7 +80,7 @@ def save_reconstruction_grid(
             if pad:
                 row = torch.cat([row, row.new_ones(pad, *row.shape[1:])])
             rows.append(row)
-    return save_image_grid(torch.cat(rows), path, nrow=nrow)
+    return save_image_grid(torch.cat(rows), path, nrow=nrow, image_shape=x.shape[1:])
 
 
 def save_curves(

@@ -1,7 +1,24 @@
-"""Models and guides by name, so that a front end can choose them with a string."""
+"""Models and guides by name, so that a front end can choose them with a string.
+
+A name is one of:
+
+- a name registered with :func:`register_model` / :func:`register_guide`
+  (``"paper"``; the guides ``"lowrank"``, ``"iaf"``, ``"coupling"``);
+- an import path ``"package.module:builder"``;
+- the name of an entry point in the group ``pyro_iwae.models`` /
+  ``pyro_iwae.guides`` of an installed package.
+
+A builder is called with keyword arguments: ``x_dim`` and ``stochastic_layers``
+always, ``data_mean`` always for models, and the architecture settings that
+differ from their defaults (``likelihood``, ``sigma``, ``hidden``,
+``activation``, ``latent_dim``); one it does not take is an error.
+"""
 
 from __future__ import annotations
 
+import importlib
+import importlib.metadata
+import inspect
 from collections.abc import Callable
 
 import torch
@@ -10,6 +27,14 @@ Builder = Callable[..., torch.nn.Module]
 
 MODELS: dict[str, Builder] = {}
 GUIDES: dict[str, Builder] = {}
+
+#: Entry-point groups searched for models and guides by name.
+ENTRY_POINT_GROUPS = {"model": "pyro_iwae.models", "guide": "pyro_iwae.guides"}
+
+
+class BuilderError(ValueError):
+    """A model or guide name that does not resolve to a builder, or a builder
+    that cannot take the settings; the message says what to do."""
 
 
 def _register(table: dict[str, Builder], kind: str) -> Callable[[str], Callable]:
@@ -31,21 +56,86 @@ register_model = _register(MODELS, "model")
 register_guide = _register(GUIDES, "guide")
 
 
-def _build(
-    table: dict[str, Builder], kind: str, name: str, **config
-) -> torch.nn.Module:
-    if name not in table:
-        raise ValueError(
-            f"unknown {kind} {name!r}; registered: {', '.join(sorted(table))}"
+def resolve(kind: str, name: str) -> Builder:
+    """The builder of the ``kind`` (``"model"`` or ``"guide"``) named ``name``.
+
+    :raises BuilderError: if it is not registered, cannot be imported, or is
+        not callable.
+    """
+    table = MODELS if kind == "model" else GUIDES
+    if name in table:
+        return table[name]
+    group = ENTRY_POINT_GROUPS[kind]
+    if ":" in name:
+        module_name, _, attribute = name.partition(":")
+        try:
+            builder = importlib.import_module(module_name)
+            for part in attribute.split("."):
+                builder = getattr(builder, part)
+        except Exception as e:  # noqa: BLE001 - any import failure is the user's
+            raise BuilderError(
+                f"cannot import {kind} {name!r} ({type(e).__name__}: "
+                f"{' '.join(str(e).split())}); check the path (package.module:"
+                "builder) and that its package is installed"
+            ) from e
+    else:
+        points = [
+            p for p in importlib.metadata.entry_points(group=group) if p.name == name
+        ]
+        if not points:
+            known = sorted(
+                {
+                    *table,
+                    *(p.name for p in importlib.metadata.entry_points(group=group)),
+                }
+            )
+            raise BuilderError(
+                f"unknown {kind} {name!r}; choose one of: {', '.join(known)}, an "
+                f"import path package.module:builder, or an entry point of group "
+                f"{group}"
+            )
+        try:
+            builder = points[0].load()
+        except Exception as e:  # noqa: BLE001
+            raise BuilderError(
+                f"cannot load {kind} {name!r} of entry point group {group} "
+                f"({type(e).__name__}: {' '.join(str(e).split())}); reinstall the "
+                "package that provides it"
+            ) from e
+    if not callable(builder):
+        raise BuilderError(f"{kind} {name!r} is not callable; point at a builder")
+    return builder
+
+
+def _build(kind: str, name: str, **config) -> torch.nn.Module:
+    builder = resolve(kind, name)
+    try:
+        parameters = inspect.signature(builder).parameters.values()
+    except (TypeError, ValueError):  # no signature: pass everything
+        parameters = ()
+    if parameters and not any(p.kind is p.VAR_KEYWORD for p in parameters):
+        names = {p.name for p in parameters}
+        extra = [key for key in config if key not in names]
+        if extra:
+            raise BuilderError(
+                f"{kind} {name!r} takes no {', '.join(extra)}; drop "
+                f"{'that setting' if len(extra) == 1 else 'those settings'}, or "
+                "give its builder keyword arguments of those names"
+            )
+    module = builder(**config)
+    if not isinstance(module, torch.nn.Module):
+        raise BuilderError(
+            f"{kind} {name!r} built a {type(module).__name__}, not a torch.nn.Module "
+            "(such as a PyroModule); return a module"
         )
-    return table[name](**config)
+    return module
 
 
 def build_model(name: str, **config) -> torch.nn.Module:
-    """Builds the model registered as ``name`` with keyword ``config``."""
-    return _build(MODELS, "model", name, **config)
+    """Builds the model ``name`` (see :func:`resolve`) with keyword ``config``."""
+    return _build("model", name, **config)
 
 
 def build_guide(name: str, **config) -> torch.nn.Module:
-    """Builds the guide registered as ``name`` with keyword ``config``."""
-    return _build(GUIDES, "guide", name, **config)
+    """Builds the guide ``name`` (see :func:`resolve`) with keyword ``config``."""
+    return _build("guide", name, **config)

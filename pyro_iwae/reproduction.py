@@ -515,8 +515,10 @@ def collect(grid: Grid, runs_dir: str | os.PathLike) -> list[dict[str, Any]]:
                 "seed": config.seed,
                 "epochs": len(metrics),
                 "train_time_s": sum(m["time"] for m in metrics),
+                "likelihood": config.likelihood,
                 "test_nll": result.get("nll"),
                 "test_nll_stderr": result.get("stderr"),
+                "bits_per_dim": result.get("bits_per_dim"),
                 "eval_k": result.get("k"),
                 "eval_points": result.get("points"),
                 "active_units": result.get("active_units"),
@@ -533,6 +535,9 @@ def collect(grid: Grid, runs_dir: str | os.PathLike) -> list[dict[str, Any]]:
 
 
 def _paper_nll(config: RunConfig, k: int) -> float | None:
+    variant = config.builder_settings("model") or config.binarization != "dynamic"
+    if variant or (config.model, config.guide) != ("paper", "paper"):
+        return None  # not the paper's model and data
     if config.objective in RAINFORTH_NLL:
         return RAINFORTH_NLL[config.objective]
     if config.estimator != "iwae" or config.objective not in ("iwae", "vae"):
@@ -553,6 +558,8 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
     for row in rows:
         if row["test_nll"] is not None:
             nll = f"{row['test_nll']:.2f} ± {row['test_nll_stderr']:.2f}"
+            if row.get("bits_per_dim") is not None:
+                nll += f" ({row['bits_per_dim']:.4f} bits/dim)"
         else:
             nll = "not evaluated yet" if row["epochs"] else "not run yet"
         train_time = f"{row['train_time_s'] / 60:.1f}" if row["epochs"] else ""

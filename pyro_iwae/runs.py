@@ -39,10 +39,11 @@ from .checkpoints import (
     write_text,
 )
 from .config import CONFIG_FILE, RunConfig
-from .data import load_dataset, one_line
+from .data import DataError, Dataset, is_data_file, load_dataset, one_line
 from .diagnostics import log_likelihood_with_diagnostics
 from .evaluation import count_active, latent_activity, warn_of_problems
-from .registry import build_guide, build_model
+from .likelihoods import CONTINUOUS, support_problem
+from .registry import BuilderError, build_guide, build_model
 from .training import fit
 
 __all__ = [
@@ -82,9 +83,13 @@ def build_run(
         x_dim=config.x_dim,
         stochastic_layers=config.stochastic_layers,
         data_mean=data_mean,
+        **config.builder_settings("model"),
     )
     guide = build_guide(
-        config.guide, x_dim=config.x_dim, stochastic_layers=config.stochastic_layers
+        config.guide,
+        x_dim=config.x_dim,
+        stochastic_layers=config.stochastic_layers,
+        **config.builder_settings("guide"),
     )
     device = torch.device(config.device if device is None else device)
     return model.to(device), guide.to(device)
@@ -96,7 +101,10 @@ def new_run_dir(
     """Creates and returns a fresh folder under ``runs_dir`` for a run of ``config``,
     named ``<YYYYmmdd-HHMMSS>-<dataset>-<objective>-k<k>`` (with a suffix if taken)."""
     stamp = (now or datetime.now()).strftime("%Y%m%d-%H%M%S")
-    base = f"{stamp}-{config.dataset}-{config.objective}-k{config.num_particles}"
+    dataset = (
+        Path(config.dataset).stem if is_data_file(config.dataset) else config.dataset
+    )
+    base = f"{stamp}-{dataset}-{config.objective}-k{config.num_particles}"
     runs_dir = Path(runs_dir)
     runs_dir.mkdir(parents=True, exist_ok=True)
     for i in range(1, 1000):
@@ -168,12 +176,16 @@ def train_run(
     data = config.load_data(data_dir)
     if data.x_dim != config.x_dim:
         raise RunError(
-            f"{config.dataset} images have {data.x_dim} pixels, the config says "
+            f"{config.dataset} points have {data.x_dim} values, the config says "
             f"{config.x_dim}; set x_dim to {data.x_dim}"
         )
+    check_support(config, data)
+    try:
+        model, guide = build_run(config, data.train_mean, device)
+    except BuilderError as e:
+        raise RunError(one_line(e)) from e
     if not resume and distributed.is_main():
         config.save(run_dir)
-    model, guide = build_run(config, data.train_mean, device)
     return fit(
         model,
         guide,
@@ -218,6 +230,18 @@ def _check_run_dir(config: RunConfig, run_dir: Path, resume: bool) -> None:
         raise RunError(
             f"{run_dir} holds a run already; resume it or choose another directory"
         )
+
+
+def check_support(config: RunConfig, data: Dataset) -> None:
+    """:raises DataError: if the data, as the model will see them, lie outside
+    the support of the run's likelihood."""
+    splits = [("test", data.test)]
+    if data.binarize != "dynamic":  # else binarised before the model sees them
+        splits.insert(0, ("training", data.train))
+    for split, x in splits:
+        problem = support_problem(config.likelihood, x, f"{split} data")
+        if problem is not None:
+            raise DataError(f"{config.dataset}: {problem}")
 
 
 def load_run(
@@ -272,8 +296,9 @@ def evaluate_run(
     chains (:func:`~pyro_iwae.ais_log_likelihood`); ``num_samples`` is unused.
 
     Uses the first ``limit`` points (None: all) of ``split`` (``"test"``: the
-    binary test set; ``"train"``: the training grey levels, binarised once with
-    ``seed``). Also counts the active units of each latent site on those points.
+    test set; ``"train"``: the training data, binarised once with ``seed`` if
+    the run binarises them dynamically). Also counts the active units of each
+    latent site on those points.
     Writes the result to ``eval-<split>-<tag>.json`` in ``run_dir``, ``<tag>``
     being ``k<num_samples>`` or ``ais<ais_steps>x<num_chains>``.
     ``callback(estimates, total)`` is called after each batch with its
@@ -289,7 +314,9 @@ def evaluate_run(
     returns the result). The run directory must be readable by every rank.
 
     :returns: a dict: ``nll`` (mean, nats), ``stderr`` (std / sqrt(n), None for
-        one point), ``k``, ``split``, ``points``, ``time`` (s), ``active_units``
+        one point), ``bits_per_dim`` (``nll / (x_dim log 2)``, and its
+        ``bits_per_dim_stderr``, for continuous likelihoods; None otherwise),
+        ``k``, ``split``, ``points``, ``time`` (s), ``active_units``
         (site -> count), ``latent_units`` (site -> size), ``seed``, ``file``, and
         ``estimates_file``: the per-point estimates, one per line in nats, beside
         the JSON (see :func:`read_estimates`); ``method``, ``diagnostics`` (median
@@ -318,12 +345,19 @@ def evaluate_run(
     config, model, guide = load_run(run_dir, device)
     # The test set keeps its fixed binarisation, so that every evaluation (and
     # the per-epoch test bound) sees the same points.
-    data = load_dataset(config.dataset, data_dir or config.data_dir)
+    data = load_dataset(
+        config.dataset,
+        data_dir or config.data_dir,
+        binarize=config.binarization,
+        test_fraction=config.test_fraction,
+    )
     if split == "test":
         points = data.test[:limit]
-    else:
+    elif data.binarize == "dynamic":
         generator = torch.Generator().manual_seed(seed)
         points = torch.bernoulli(data.train[:limit], generator=generator)
+    else:
+        points = data.train[:limit]
     points = points.to(next(model.parameters()).device)
     world = 1 if ranks is None else ranks.world
     mine = math.ceil(math.ceil(points.shape[0] / batch_size) / world) * batch_size
@@ -395,9 +429,16 @@ def evaluate_run(
     }
     if "acceptance" in values:
         diagnostics["acceptance_mean"] = float(values["acceptance"].mean())
+    bits = None
+    if config.likelihood in CONTINUOUS:
+        bits = 1 / (config.x_dim * math.log(2))
     result = {
         "nll": float(nll.mean()),
         "stderr": stderr,
+        "bits_per_dim": None if bits is None else float(nll.mean()) * bits,
+        "bits_per_dim_stderr": None
+        if bits is None or stderr is None
+        else stderr * bits,
         "method": method,
         "k": num_samples if method == "iwae" else None,
         **({"ais_steps": ais_steps, "chains": num_chains} if method == "ais" else {}),

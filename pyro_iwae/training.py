@@ -44,6 +44,7 @@ from .checkpoints import (
 )
 from .data import Dataset, minibatches, one_line
 from .evaluation import dataset_log_likelihood
+from .networks import prepare_pyro_modules
 from .schedules import Schedule, as_schedule
 
 __all__ = ["TrainingDiverged", "fit"]
@@ -75,6 +76,7 @@ def fit(
     checkpoint_every: int | None = None,
     device: torch.device | str | None = None,
     callback: FitCallback | None = None,
+    binarize: bool | None = None,
 ) -> list[dict[str, Any]]:
     """Trains ``model`` and ``guide`` (called as ``model(x)``, ``guide(x)``) by Adam.
 
@@ -83,11 +85,12 @@ def fit(
     point, ``objective.differentiable_loss(model, guide, x) / batch`` (for
     objectives without ``differentiable_loss``, such as ``RenyiELBO``, the
     gradients of ``loss_and_grads`` divided by the batch size). Mini-batches of
-    the training grey levels are shuffled and binarised afresh every epoch.
+    the training data are shuffled every epoch, and binarised afresh only where
+    ``binarize`` says so.
 
-    :param data: a :class:`~pyro_iwae.data.Dataset` (its ``train`` grey levels
-        for training, its binary ``test`` set for the test bound) or a tensor
-        ``[N, x_dim]`` of training grey levels in [0, 1].
+    :param data: a :class:`~pyro_iwae.data.Dataset` (its ``train`` data for
+        training, its ``test`` set for the test bound) or a tensor ``[N, ...]``
+        of training data, used as given.
     :param objective: a Pyro ELBO, e.g. from :func:`~pyro_iwae.make_objective`;
         its ``num_particles`` is the k of the per-epoch test bound.
     :param schedule: stages ``(epochs, lr)``, see
@@ -108,6 +111,9 @@ def fit(
         default: the device of the model's first parameter.
     :param callback: a :class:`FitCallback` told about every step and epoch
         (on every rank that passes one, under torchrun).
+    :param binarize: replace each mini-batch by a Bernoulli draw of its values
+        (dynamic binarisation; the values must lie in [0, 1]); None: as the
+        Dataset says (``data.binarize == "dynamic"``), never for a tensor.
     :returns: the metrics of every epoch of the run (including those before a
         resume), each a dict: ``epoch`` (from 1), ``stage``, ``stage_epoch``,
         ``lr``, ``k``, ``train_bound`` (mean over the epoch's steps, nats per
@@ -175,6 +181,7 @@ class _Fit:
         checkpoint_every: int | None,
         device: torch.device | str | None,
         callback: FitCallback | None,
+        binarize: bool | None,
     ) -> None:
         schedule = _checked(schedule, batch_size, checkpoint_every, resume, run_dir)
         self.seed, self.resuming = seed, resume
@@ -183,6 +190,7 @@ class _Fit:
         self.test_batch_size, self.checkpoint_every = test_batch_size, checkpoint_every
         self.config, self.callback = config or {}, callback
         params = _parameters(model, guide)
+        prepare_pyro_modules(model, guide)  # trained with module-local params
         if device is None:
             device = params[0].device if params else torch.device("cpu")
         self.device = distributed.init(device)
@@ -192,7 +200,9 @@ class _Fit:
         model.to(self.device)
         guide.to(self.device)
         self.train, self.test = _fit_data(data, test_data, test_size, self.device)
+        self.binarize = _binarizes(data, binarize, self.train)
         distributed.check_batches(self.train.shape[0], batch_size, self.ranks)
+        first = self.train[:batch_size]
         self.distributed_loss = (
             None
             if self.ranks is None
@@ -202,7 +212,7 @@ class _Fit:
                 objective,
                 self.ranks,
                 self.device,
-                self.train[:batch_size].round(),
+                first.round() if self.binarize else first,
             )
         )
         # After the distributed loss's forward pass, which makes lazy parameters.
@@ -337,7 +347,10 @@ class _Fit:
         else:
             self.generator.set_state(self.epoch_rng)
         batches = minibatches(
-            self.train, self.batch_size, generator=self.generator, binarize=True
+            self.train,
+            self.batch_size,
+            generator=self.generator,
+            binarize=self.binarize,
         )
         if self.resumed_epoch is not None:
             # Replay the finished steps' draws from the data generator, then
@@ -583,6 +596,20 @@ def _fit_data(
         test = test_data[:test_size] if test_size is not None else test_data
         test = test.to(device) if test.shape[0] else None
     return train, test
+
+
+def _binarizes(
+    data: Dataset | torch.Tensor, binarize: bool | None, train: torch.Tensor
+) -> bool:
+    """Whether fit binarises each mini-batch; checks that it can."""
+    if binarize is None:
+        binarize = isinstance(data, Dataset) and data.binarize == "dynamic"
+    if binarize and not bool(((train >= 0) & (train <= 1)).all()):
+        raise ValueError(
+            "binarize needs training values in [0, 1] (Bernoulli probabilities); "
+            "scale the data into [0, 1], or train on them as given (binarize=False)"
+        )
+    return bool(binarize)
 
 
 def _step(

@@ -61,7 +61,13 @@ def test_settings_given_at_their_default_clash_when_named():
 
 
 def test_settings_that_go_together():
-    assert RunConfig().unused_settings() == ["stages", "num_groups", "beta", "alpha"]
+    assert RunConfig().unused_settings() == [
+        "stages",
+        "num_groups",
+        "beta",
+        "alpha",
+        "sigma",
+    ]
     for settings in (
         {"schedule": "paper", "stages": 2},
         {"objective": "miwae", "num_groups": 2, "estimator": "dreg"},
@@ -75,6 +81,7 @@ def test_settings_that_go_together():
         "estimator",
         "num_groups",
         "beta",
+        "sigma",
     ]
 
 

@@ -99,7 +99,10 @@ def test_registry_builds_by_name_and_rejects_unknown_names():
     guide = build_guide("paper", x_dim=20, stochastic_layers=2)
     x = (torch.rand(5, 20) < 0.5).float()
     assert log_likelihood(model, guide, x, num_samples=4).shape == (5,)
-    with pytest.raises(ValueError, match="unknown guide 'nope'; registered: .*paper"):
+    with pytest.raises(
+        ValueError,
+        match="unknown guide 'nope'; choose one of: .*paper",
+    ):
         build_guide("nope")
     with pytest.raises(ValueError, match="stochastic_layers must be 1 or 2"):
         build_model("paper", stochastic_layers=3)

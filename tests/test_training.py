@@ -81,7 +81,7 @@ def test_each_objective_trains(small, name, estimator, alpha):
     before = state(model, guide)
     objective = make_objective(name, K, estimator, alpha)
     data = small.train[:100]
-    history = fit(model, guide, data, objective, batch_size=BATCH)
+    history = fit(model, guide, data, objective, batch_size=BATCH, binarize=True)
     assert len(history) == 1 and history[0]["test_bound"] is None
     assert math.isfinite(history[0]["train_bound"]) and history[0]["steps"] == 2
     after = state(model, guide)
@@ -98,7 +98,12 @@ def test_renyi_alpha_zero_step_equals_iwae_step(small):
     for name in ("iwae", "renyi"):
         model, guide = make_pair(small)
         fit(
-            model, guide, small.train[:BATCH], make_objective(name, K), batch_size=BATCH
+            model,
+            guide,
+            small.train[:BATCH],
+            make_objective(name, K),
+            batch_size=BATCH,
+            binarize=True,
         )
         results.append(state(model, guide))
     for key in results[0]:

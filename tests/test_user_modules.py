@@ -1,0 +1,177 @@
+"""fit and log_likelihood for any nn.Module / PyroModule model and guide, and
+one clear error for each bad input of log_likelihood and dataset_log_likelihood."""
+
+import pyro
+import pyro.distributions as dist
+import pytest
+import torch
+from pyro.nn import PyroModule, PyroParam
+from torch import nn
+
+from pyro_iwae import (
+    IWELBO,
+    dataset_log_likelihood,
+    fit,
+    log_likelihood,
+    paper_architecture,
+)
+
+D, Z = 4, 2
+
+
+class LinearModel(PyroModule):
+    """x ~ N(W z + b, sigma^2): a PyroModule with an nn.Linear and a PyroParam."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.decoder = nn.Linear(Z, D)
+        self.scale = PyroParam(torch.tensor(2.0), dist.constraints.positive)
+
+    def forward(self, x: torch.Tensor) -> None:
+        with pyro.plate("data", x.shape[0]):
+            z = pyro.sample("z", dist.Normal(x.new_zeros(Z), 1.0).to_event(1))
+            loc = self.decoder(z)
+            pyro.sample("x", dist.Normal(loc, self.scale).to_event(1), obs=x)
+
+
+class LinearGuide(PyroModule):
+    """q(z|x): an nn.Linear encoder and a PyroParam named as the model's."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.encoder = nn.Linear(D, Z)
+        self.scale = PyroParam(torch.full((Z,), 0.5), dist.constraints.positive)
+
+    def forward(self, x: torch.Tensor) -> None:
+        with pyro.plate("data", x.shape[0]):
+            pyro.sample("z", dist.Normal(self.encoder(x), self.scale).to_event(1))
+
+
+def data(n: int = 400) -> torch.Tensor:
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(D, Z, generator=g)
+    return torch.randn(n, Z, generator=g) @ w.T + 0.3 * torch.randn(n, D, generator=g)
+
+
+@pytest.mark.parametrize("estimator", ["iwae", "dreg"])
+def test_fit_trains_pyro_modules_made_outside_local_param_mode(estimator):
+    """The issue's AttributeError: '_Context' object has no attribute 'param_state'."""
+    model, guide = LinearModel(), LinearGuide()
+    x = data()
+    before = log_likelihood(model, guide, x, num_samples=50).mean()
+    history = fit(
+        model,
+        guide,
+        x,
+        IWELBO(num_particles=5, estimator=estimator),
+        schedule=[(15, 1e-2)],
+        test_data=x[:100],
+    )
+    after = log_likelihood(model, guide, x, num_samples=50).mean()
+    assert after > before + 1.0
+    assert history[-1]["test_bound"] > history[0]["test_bound"]
+    # Same-named PyroParams of model and guide stay each their own.
+    assert model.scale.shape == () and guide.scale.shape == (Z,)
+
+
+def test_log_likelihood_of_pyro_modules_does_not_mix_their_parameters():
+    model, guide = LinearModel(), LinearGuide()
+    x = data(20)
+    pyro.clear_param_store()
+    first = log_likelihood(model, guide, x, num_samples=20)
+    assert first.shape == (20,) and torch.isfinite(first).all()
+    assert model.scale.shape == () and guide.scale.shape == (Z,)
+
+
+def test_train_run_with_a_registered_pyro_module_model(tmp_path):
+    from pyro_iwae import RunConfig, register_model, train_run
+    from pyro_iwae.registry import MODELS
+
+    class Bernoulli(PyroModule):
+        def __init__(self, x_dim: int) -> None:
+            super().__init__()
+            self.decoder = nn.Linear(50, x_dim)
+
+        def forward(self, x: torch.Tensor) -> None:
+            with pyro.plate("data", x.shape[0]):
+                z = pyro.sample("z1", dist.Normal(x.new_zeros(50), 1.0).to_event(1))
+                logits = self.decoder(z)
+                pyro.sample("x", dist.Bernoulli(logits=logits).to_event(1), obs=x)
+
+    register_model("test-pyro-module")(lambda x_dim, **_: Bernoulli(x_dim))
+    try:
+        config = RunConfig(
+            model="test-pyro-module",
+            train_limit=200,
+            test_limit=50,
+            batch_size=50,
+            num_particles=2,
+            epochs=1,
+        )
+        (metrics,) = train_run(config, tmp_path / "run")
+        assert metrics["test_bound"] < 0
+    finally:
+        del MODELS["test-pyro-module"]
+
+
+# -- bad input: one sentence that names the argument and what to do ----------
+
+
+@pytest.fixture(scope="module")
+def paper():
+    return paper_architecture(1)
+
+
+def test_a_point_without_its_batch_dimension(paper):
+    x = torch.bernoulli(torch.full((784,), 0.3))
+    with pytest.raises(ValueError, match=r"shape \[784\].*unsqueeze\(0\)") as e:
+        log_likelihood(*paper, x, num_samples=3)
+    assert "\n" not in str(e.value)
+    assert log_likelihood(*paper, x.unsqueeze(0), num_samples=3).shape == (1,)
+
+
+def test_an_empty_batch(paper):
+    with pytest.raises(ValueError, match=r"empty batch.*\[0, 784\].*at least one"):
+        log_likelihood(*paper, torch.zeros(0, 784), num_samples=3)
+    with pytest.raises(ValueError, match=r"data has shape \[0, 784\]"):
+        dataset_log_likelihood(*paper, torch.zeros(0, 784), num_samples=3)
+
+
+def test_dataset_batch_size_zero(paper):
+    with pytest.raises(ValueError, match="batch_size must be >= 1, got 0"):
+        dataset_log_likelihood(*paper, torch.zeros(3, 784), batch_size=0)
+
+
+def _guide(x):
+    with pyro.plate("data", x.shape[0]):
+        pyro.sample("z", dist.Normal(x.new_zeros(Z), 1.0).to_event(1))
+
+
+@pytest.mark.parametrize("event", [True, False])
+def test_an_observed_site_outside_every_plate(event):
+    def model(x):
+        with pyro.plate("data", x.shape[0]):
+            z = pyro.sample("z", dist.Normal(x.new_zeros(Z), 1.0).to_event(1))
+        likelihood = dist.Normal(z.sum(-1, keepdim=True).expand(x.shape), 1.0)
+        pyro.sample("x", likelihood.to_event(1) if event else likelihood, obs=x)
+
+    with pytest.raises(ValueError, match="site 'x' is outside every plate") as e:
+        log_likelihood(model, _guide, torch.randn(5, D), num_samples=3)
+    assert "pyro.plate('data', len(x))" in str(e.value)
+    assert "\n" not in str(e.value)
+
+
+def test_fit_uses_continuous_data_as_given():
+    """The issue's silent binarisation: a Gaussian model must see the values."""
+    seen = []
+
+    class Recording(LinearModel):
+        def forward(self, x):
+            seen.append(x.detach().clone())
+            super().forward(x)
+
+    x = torch.rand(100, D)
+    fit(Recording(), LinearGuide(), x, IWELBO(num_particles=2), test_size=0)
+    assert torch.equal(torch.cat(seen).sort(0).values, x.sort(0).values)
+    with pytest.raises(ValueError, match=r"binarize needs training values in \[0, 1\]"):
+        fit(LinearModel(), LinearGuide(), 3 * x, IWELBO(2), binarize=True)
