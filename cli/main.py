@@ -24,6 +24,7 @@ from pyro_iwae.config import RunConfig
 from pyro_iwae.data import DATASETS, DataError
 from pyro_iwae.objectives import ESTIMATORS
 from pyro_iwae.plots import save_curves, save_image_grid, save_reconstruction_grid
+from pyro_iwae.registry import GUIDES, MODELS
 from pyro_iwae.reproduction import Grid, run_grid, table_slot, write_report
 from pyro_iwae.runs import (
     evaluate_run,
@@ -50,6 +51,8 @@ _DATA_DIR_DEFAULT = "$PYRO_IWAE_DATA, else ~/.cache/pyro-iwae"
 _CONFIG_OPTIONS = {
     "dataset": "dataset",
     "layers": "stochastic_layers",
+    "model": "model",
+    "guide": "guide",
     "objective": "objective",
     "estimator": "estimator",
     "alpha": "alpha",
@@ -83,6 +86,10 @@ def _library_errors(command: Callable) -> Callable:
             try:
                 return command(*args, **kwargs)
             except (RunError, DataError, TrainingDiverged) as e:
+                raise click.ClickException(str(e)) from None
+            except NotImplementedError as e:
+                # The objective refusing a model or guide (a discrete guide
+                # without --estimator vimco): its message says what to use.
                 raise click.ClickException(str(e)) from None
 
     return wrapper
@@ -172,6 +179,19 @@ def cli() -> None:
     "latents 100 and 50).",
 )
 @click.option(
+    "--model",
+    type=click.Choice(sorted(MODELS)),
+    default="paper",
+    help="Model by registered name: paper (Gaussian latents), sbn (sigmoid belief "
+    "network: --layers layers of 200 binary units).",
+)
+@click.option(
+    "--guide",
+    type=click.Choice(sorted(GUIDES)),
+    default="paper",
+    help="Guide by registered name; sbn's binary sites need --estimator vimco.",
+)
+@click.option(
     "--objective",
     type=click.Choice(OBJECTIVES),
     default="iwae",
@@ -185,7 +205,10 @@ def cli() -> None:
     type=click.Choice(ESTIMATORS),
     default="iwae",
     help="Guide gradient of --objective iwae, miwae, piwae or ciwae: iwae "
-    "(plain), stl (sticking the landing) or dreg (doubly reparameterised).",
+    "(plain), stl (sticking the landing), dreg (doubly reparameterised), vimco "
+    "(score-function gradient with leave-one-out baselines for discrete guide "
+    "sites, k >= 2) or reinforce (the same without baselines: a variance "
+    "reference only).",
 )
 @click.option(
     "--alpha",

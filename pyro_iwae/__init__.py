@@ -32,6 +32,7 @@ from .runs import (
     train_run,
 )
 from .sampling import reconstruct, sample_images
+from .sbn import SBNGuide, SBNModel, sbn_architecture
 from .schedules import (
     ConfigError,
     constant_schedule,
@@ -65,6 +66,9 @@ __all__ = [
     "reconstruct",
     "sample_images",
     "train_run",
+    "SBNGuide",
+    "SBNModel",
+    "sbn_architecture",
     "CIWELBO",
     "EstimateWarning",
     "DATA_PLATE",
