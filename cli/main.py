@@ -142,6 +142,13 @@ def _runs_dir_option(help: str) -> Callable:
     )
 
 
+def _registered_option(table: dict, name: str, help: str) -> Callable:
+    """``name``: a choice of ``table``'s registered names, ``paper`` by default."""
+    return click.option(
+        name, type=click.Choice(sorted(table)), default="paper", help=help
+    )
+
+
 _cuda_option = click.option(
     "--cuda", is_flag=True, help="Run on the GPU (fails if CUDA is unavailable)."
 )
@@ -178,18 +185,14 @@ def cli() -> None:
     help="Stochastic layers of the paper's architecture (1: latent 50; 2: "
     "latents 100 and 50).",
 )
-@click.option(
+@_registered_option(
+    MODELS,
     "--model",
-    type=click.Choice(sorted(MODELS)),
-    default="paper",
-    help="Model by registered name: paper (Gaussian latents), sbn (sigmoid belief "
+    "Model by registered name: paper (Gaussian latents), sbn (sigmoid belief "
     "network: --layers layers of 200 binary units).",
 )
-@click.option(
-    "--guide",
-    type=click.Choice(sorted(GUIDES)),
-    default="paper",
-    help="Guide by registered name; sbn's binary sites need --estimator vimco.",
+@_registered_option(
+    GUIDES, "--guide", "Guide by registered name; sbn's needs --estimator vimco."
 )
 @click.option(
     "--objective",

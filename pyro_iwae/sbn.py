@@ -30,24 +30,26 @@ def _check_layers(layers: int) -> None:
         raise ValueError(f"an SBN needs stochastic_layers >= 1, got {layers!r}")
 
 
+@register_model("sbn")
 class SBNModel(PyroNetwork):
     """p(x, h) of a sigmoid belief network: ``h_L ~ Bernoulli(sigmoid(b))``,
     ``h_l | h_{l+1} ~ Bernoulli(sigmoid(W h_{l+1} + c))`` and Bernoulli pixels
     from a linear map of ``h_1``.
 
-    :param layers: latent layers of ``units`` binary units each.
+    :param stochastic_layers: latent layers of ``units`` binary units each.
     :param data_mean: optional ``[x_dim]`` training mean; the pixel bias starts at
         its logit.
     """
 
     def __init__(
         self,
-        layers: int = 1,
         x_dim: int = 784,
+        stochastic_layers: int = 1,
         data_mean: torch.Tensor | None = None,
         units: int = SBN_UNITS,
     ) -> None:
         super().__init__()
+        layers = stochastic_layers
         _check_layers(layers)
         self.sites = sbn_sites(layers)
         self.prior_logits = nn.Parameter(torch.zeros(units))
@@ -73,12 +75,16 @@ class SBNModel(PyroNetwork):
             pyro.sample(OBSERVED_SITE, BernoulliImage(self.pixels(h)), obs=x)
 
 
+@register_guide("sbn")
 class SBNGuide(PyroNetwork):
     """q(h|x) of a sigmoid belief network: ``h_1 | x ~ Bernoulli(sigmoid(W x + c))``,
     then ``h_{l+1} | h_l`` likewise (linear layers, as Mnih and Rezende 2016)."""
 
-    def __init__(self, layers: int = 1, x_dim: int = 784, units: int = SBN_UNITS):
+    def __init__(
+        self, x_dim: int = 784, stochastic_layers: int = 1, units: int = SBN_UNITS
+    ) -> None:
         super().__init__()
+        layers = stochastic_layers
         _check_layers(layers)
         self.sites = sbn_sites(layers)
         sizes = (x_dim,) + (units,) * layers
@@ -95,25 +101,11 @@ class SBNGuide(PyroNetwork):
                 h = pyro.sample(name, BernoulliImage(layer(h)))
 
 
-@register_model("sbn")
-def sbn_model(
-    x_dim: int = 784, stochastic_layers: int = 1, data_mean: torch.Tensor | None = None
-) -> SBNModel:
-    return SBNModel(stochastic_layers, x_dim, data_mean)
-
-
-@register_guide("sbn")
-def sbn_guide(x_dim: int = 784, stochastic_layers: int = 1) -> SBNGuide:
-    return SBNGuide(stochastic_layers, x_dim)
-
-
 def sbn_architecture(
-    stochastic_layers: int = 1,
-    x_dim: int = 784,
-    data_mean: torch.Tensor | None = None,
+    stochastic_layers: int = 1, x_dim: int = 784, data_mean: torch.Tensor | None = None
 ) -> tuple[SBNModel, SBNGuide]:
     """An SBN model and guide with ``stochastic_layers`` layers of 200 binary units,
-    called as ``model(x)`` / ``guide(x)`` like :func:`~pyro_iwae.paper_architecture`."""
-    return SBNModel(stochastic_layers, x_dim, data_mean), SBNGuide(
-        stochastic_layers, x_dim
-    )
+    called as ``model(x)`` / ``guide(x)`` like :func:`~pyro_iwae.paper_architecture`.
+    (Registered as ``"sbn"``: the classes are their own builders.)"""
+    model = SBNModel(x_dim, stochastic_layers, data_mean)
+    return model, SBNGuide(x_dim, stochastic_layers)
