@@ -113,6 +113,10 @@ def _library_errors(command: Callable) -> Callable:
                 return command(*args, **kwargs)
             except (RunError, DataError, TrainingDiverged) as e:
                 raise click.ClickException(_ranked(str(e), rank)) from None
+            except NotImplementedError as e:
+                # The objective refusing a model or guide (a discrete guide
+                # without --estimator vimco): its message says what to use.
+                raise click.ClickException(_ranked(str(e), rank)) from None
             except click.ClickException as e:
                 if not rank:
                     raise
@@ -320,8 +324,9 @@ def _check_dataset(ctx: click.Context, param: click.Parameter, value: str) -> st
     "--model",
     default="paper",
     metavar="NAME|MODULE:BUILDER",
-    help="Model: paper, an import path such as mypackage.models:build_model, or "
-    "an entry point of group pyro_iwae.models.",
+    help="Model: paper, sbn (sigmoid belief network: --layers layers of 200 "
+    "binary units), an import path such as mypackage.models:build_model, or an "
+    "entry point of group pyro_iwae.models.",
 )
 @click.option(
     "--guide",
@@ -329,8 +334,9 @@ def _check_dataset(ctx: click.Context, param: click.Parameter, value: str) -> st
     metavar="NAME|MODULE:BUILDER",
     help="Guide: paper (diagonal Gaussian), lowrank (low-rank-plus-diagonal "
     "Gaussian), iaf (inverse autoregressive flows), coupling (affine coupling "
-    "flows), an import path such as mypackage.guides:build_guide, or an entry "
-    "point of group pyro_iwae.guides.",
+    "flows), sbn (binary units; needs --estimator vimco), an import path such "
+    "as mypackage.guides:build_guide, or an entry point of group "
+    "pyro_iwae.guides.",
 )
 @click.option(
     "--layers",
@@ -353,7 +359,10 @@ def _check_dataset(ctx: click.Context, param: click.Parameter, value: str) -> st
     type=click.Choice(ESTIMATORS),
     default="iwae",
     help="Guide gradient of --objective iwae, miwae, piwae or ciwae: iwae "
-    "(plain), stl (sticking the landing) or dreg (doubly reparameterised).",
+    "(plain), stl (sticking the landing), dreg (doubly reparameterised), vimco "
+    "(score-function gradient with leave-one-out baselines for discrete guide "
+    "sites, k >= 2) or reinforce (the same without baselines: a variance "
+    "reference only).",
 )
 @click.option(
     "--alpha",

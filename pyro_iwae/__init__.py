@@ -55,6 +55,7 @@ from .runs import (
     train_run,
 )
 from .sampling import reconstruct, sample_images
+from .sbn import SBNGuide, SBNModel, sbn_architecture
 from .schedules import (
     ConfigError,
     constant_schedule,
@@ -100,6 +101,9 @@ __all__ = [
     "reconstruct",
     "sample_images",
     "train_run",
+    "SBNGuide",
+    "SBNModel",
+    "sbn_architecture",
     "CIWELBO",
     "CouplingGuide",
     "IAFGuide",

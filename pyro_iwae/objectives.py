@@ -26,6 +26,7 @@ from .traces import (
     latent_sites,
     log_p_and_q,
     reweight_paths,
+    score_log_prob,
     stopped_parameters,
 )
 
@@ -37,9 +38,15 @@ __all__ = [
     "PARTICLE_PLATE",
     "PIWELBO",
     "Particles",
+    "SCORE_ESTIMATORS",
+    "leave_one_out_signal",
 ]
 
-ESTIMATORS = ("iwae", "stl", "dreg")
+ESTIMATORS = ("iwae", "stl", "dreg", "vimco", "reinforce")
+#: Estimators that give guide sites without ``rsample`` a score-function gradient.
+SCORE_ESTIMATORS = ("vimco", "reinforce")
+#: Estimators that evaluate log q at stopped guide parameters.
+_STOPPED_ESTIMATORS = ("stl", "dreg")
 
 
 class Particles(NamedTuple):
@@ -50,7 +57,9 @@ class Particles(NamedTuple):
     ``local_dims``; ``guide_log_prob``, of the same shape, is its log q part;
     ``scale`` is the common scale of the sample sites (a number or
     tensor); ``traces`` the ``(model_trace, guide_trace)`` pairs, one per
-    Python-level particle.
+    Python-level particle. ``score_log_prob``, of the same shape, is the log q of
+    the guide sites without ``rsample``, made only for a score-function estimator
+    when gradients are recorded (else None).
     """
 
     log_weights: torch.Tensor
@@ -58,6 +67,7 @@ class Particles(NamedTuple):
     scale: Any
     local_dims: tuple[int, ...]
     traces: list[tuple[Trace, Trace]]
+    score_log_prob: torch.Tensor | None = None
 
 
 class IWELBO(ELBO):
@@ -77,9 +87,13 @@ class IWELBO(ELBO):
 
     :param int num_particles: k, the number of importance samples per point.
     :param str estimator: guide gradient: ``"iwae"`` (reparameterised gradient of
-        the bound), ``"stl"`` (sticking the landing, Roeder et al. 2017) or
-        ``"dreg"`` (doubly reparameterised, Tucker et al. 2019). The model gradient
-        and the loss value are the same for all three.
+        the bound), ``"stl"`` (sticking the landing, Roeder et al. 2017),
+        ``"dreg"`` (doubly reparameterised, Tucker et al. 2019), ``"vimco"``
+        (Mnih and Rezende 2016: guide sites without ``rsample`` get a
+        score-function gradient with a leave-one-out baseline per particle, the
+        others the ``"iwae"`` gradient; needs k >= 2) or ``"reinforce"`` (the same
+        without a baseline: a reference for variance, not for training). The model
+        gradient and the loss value are the same for all.
     :param bool vectorize_particles: draw the k particles in one vectorized plate
         (requires static model structure) rather than in a Python loop.
     :param int max_plate_nesting: the number of plates the model and guide nest,
@@ -103,6 +117,7 @@ class IWELBO(ELBO):
             raise ValueError(
                 f"num_particles must be an integer >= 1, got {num_particles}"
             )
+        _check_vimco(estimator, num_particles)
         super().__init__(
             num_particles=num_particles,
             max_plate_nesting=max_plate_nesting,
@@ -135,14 +150,17 @@ class IWELBO(ELBO):
         guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
         if is_validation_enabled():
             check_if_enumerated(guide_trace)
-        for name, site in latent_sites(guide_trace):
-            if not site["fn"].has_rsample:
-                raise NotImplementedError(
-                    f"IWELBO needs reparameterizable guide sites, but {name!r} "
-                    f"({type(site['fn']).__name__}) has no rsample; use a "
-                    "reparameterizable or relaxed distribution"
-                )
-        if self.estimator != "iwae":
+        if self.estimator not in SCORE_ESTIMATORS and torch.is_grad_enabled():
+            for name, site in latent_sites(guide_trace):
+                if not site["fn"].has_rsample:
+                    raise NotImplementedError(
+                        f"IWELBO's {self.estimator!r} gradient needs "
+                        f"reparameterizable guide sites, but {name!r} "
+                        f"({type(site['fn']).__name__}) has no rsample; use "
+                        "estimator='vimco' (a score-function gradient for such "
+                        "sites) or a reparameterizable distribution"
+                    )
+        if self.estimator in _STOPPED_ESTIMATORS:
             guide_trace = self._stopped_guide_trace(guide, guide_trace, args, kwargs)
             replay_trace = guide_trace
         elif self._reweights_paths:
@@ -232,7 +250,7 @@ class IWELBO(ELBO):
         local_dims = data_plate_dims(sites)
         scale = common_scale(sites, local_dims)
         log_p, log_q = (
-            (torch.cat(parts) if len(parts) > 1 else parts[0])
+            _cat(parts)
             for parts in zip(
                 *(
                     log_p_and_q(model_trace, guide_trace, plate_nesting, local_dims)
@@ -241,7 +259,17 @@ class IWELBO(ELBO):
                 strict=True,
             )
         )
-        return Particles(log_p - log_q, log_q, scale, local_dims, traces)
+        score = None
+        if self.estimator in SCORE_ESTIMATORS and torch.is_grad_enabled():
+            # Computed apart from log_q (the sites' log-probs run twice), so that
+            # log w sums its terms in the same order for every estimator.
+            parts = [
+                score_log_prob(guide_trace, plate_nesting, local_dims)
+                for _, guide_trace in traces
+            ]
+            if parts[0] is not None:
+                score = _cat(parts)
+        return Particles(log_p - log_q, log_q, scale, local_dims, traces, score)
 
     #: Whether the guide's gradient is reweighted per particle even with the plain
     #: estimator (then the model sees its own copies of the latent values).
@@ -259,12 +287,30 @@ class IWELBO(ELBO):
         """
         return log_weights.softmax(0) if self.estimator == "dreg" else None
 
+    def _guide_bound(self, log_weights: torch.Tensor) -> torch.Tensor:
+        """The per-point bound that the guide is trained on."""
+        return self.bound(log_weights)
+
+    def _score_signal(self, log_weights: torch.Tensor) -> torch.Tensor:
+        """Per-particle learning signal of the score-function term, shape
+        ``(k,) + plate_shape``: the guide's bound less each particle's baseline
+        (none for ``reinforce``)."""
+        if self.estimator == "reinforce":
+            return self._guide_bound(log_weights).expand_as(log_weights)
+        return leave_one_out_signal(log_weights)
+
     def _weighted_loss(
         self, model: Callable, guide: Callable, args: tuple, kwargs: dict
     ) -> tuple[torch.Tensor, list[tuple[Trace, Trace]]]:
         particles = self.particles(model, guide, *args, **kwargs)
         log_weights, traces = particles.log_weights, particles.traces
         bound = self.bound(log_weights)
+        score = particles.score_log_prob
+        if score is not None and score.requires_grad:
+            # The sampled values of these sites carry no gradient: the score term
+            # adds E[signal_i * d log q(h_i)], zero in value.
+            surrogate = (self._score_signal(log_weights.detach()) * score).sum(0)
+            bound = bound + (surrogate - surrogate.detach())
         if not (isinstance(particles.scale, float | int) and particles.scale == 1):
             bound = bound * particles.scale
         loss = -bound.sum()
@@ -273,13 +319,9 @@ class IWELBO(ELBO):
         if loss.requires_grad:
             factor = self._path_factor(log_weights.detach())
             if factor is not None:
-                reweight_paths(
-                    factor,
-                    traces,
-                    self._has_particle_plate,
-                    stopped=self.estimator != "iwae",
-                )
-                if self.estimator == "iwae" and particles.guide_log_prob.requires_grad:
+                stopped = self.estimator in _STOPPED_ESTIMATORS
+                reweight_paths(factor, traces, self._has_particle_plate, stopped)
+                if not stopped and particles.guide_log_prob.requires_grad:
                     particles.guide_log_prob.register_hook(lambda g: g * factor)
         return loss, traces
 
@@ -335,6 +377,8 @@ class MIWELBO(IWELBO):
             raise ValueError(
                 f"num_particles must be an integer >= 1, got {num_particles}"
             )
+        # The leave-one-out baseline is taken within each group.
+        _check_vimco(estimator, num_particles)
         super().__init__(
             num_particles=num_groups * num_particles, estimator=estimator, **kwargs
         )
@@ -354,6 +398,17 @@ class MIWELBO(IWELBO):
         if self.estimator != "dreg":
             return None
         return self._grouped(log_weights).softmax(1).reshape(log_weights.shape)
+
+    def _guide_bound(self, log_weights: torch.Tensor) -> torch.Tensor:
+        return MIWELBO.bound(self, log_weights)
+
+    def _score_signal(self, log_weights: torch.Tensor) -> torch.Tensor:
+        if self.estimator == "reinforce":
+            return super()._score_signal(log_weights)
+        # Only the particle's own group depends on it; the other groups' bounds
+        # are part of its baseline.
+        signal = leave_one_out_signal(self._grouped(log_weights), dim=1)
+        return (signal / self.num_groups).reshape(log_weights.shape)
 
 
 class CIWELBO(IWELBO):
@@ -394,6 +449,16 @@ class CIWELBO(IWELBO):
         elbo_part = self.beta / self.num_particles
         return (elbo_part + (1 - self.beta) * w**2) / (elbo_part + (1 - self.beta) * w)
 
+    def _score_signal(self, log_weights: torch.Tensor) -> torch.Tensor:
+        if self.estimator == "reinforce":
+            return super()._score_signal(log_weights)
+        # The same baseline in both parts: log w_i replaced by the mean of the
+        # others' log weights.
+        elbo_part = log_weights - _mean_of_others(log_weights, 0)
+        return self.beta / self.num_particles * elbo_part + (
+            1 - self.beta
+        ) * leave_one_out_signal(log_weights)
+
 
 class PIWELBO(MIWELBO):
     """The partial bound PIWAE(M, K) of Rainforth et al. (2018): the model is
@@ -422,6 +487,46 @@ class PIWELBO(MIWELBO):
         if self.estimator == "dreg":
             ratio = ratio * grouped.softmax(1)
         return ratio.expand_as(grouped).reshape(log_weights.shape)
+
+
+def leave_one_out_signal(log_weights: torch.Tensor, dim: int = 0) -> torch.Tensor:
+    r"""VIMCO's learning signal :math:`L - L_{-i}` for each particle ``i`` along
+    ``dim`` (Mnih and Rezende 2016, eq. 9-10), in log space.
+
+    :math:`L = \log \frac{1}{k} \sum_j w_j`; :math:`L_{-i}` is the same with
+    :math:`\log w_i` replaced by the mean of the other log weights (the geometric
+    mean of the other weights). Needs ``k >= 2`` particles along ``dim``.
+    """
+    lw = log_weights.movedim(dim, 0)
+    # Sums of the others' weights from prefix and suffix logsumexps: subtracting
+    # w_i from the total would cancel catastrophically when w_i dominates.
+    edge = lw.new_full(lw[:1].shape, -math.inf)
+    before = torch.cat([edge, lw.logcumsumexp(0)[:-1]])
+    after = torch.cat([lw.flip(0).logcumsumexp(0).flip(0)[1:], edge])
+    others = torch.logaddexp(before, after)
+    baseline = torch.logaddexp(others, _mean_of_others(lw, 0))
+    return (lw.logsumexp(0, keepdim=True) - baseline).movedim(0, dim)
+
+
+def _mean_of_others(log_weights: torch.Tensor, dim: int) -> torch.Tensor:
+    """For each entry along ``dim``, the mean of the other entries."""
+    k = log_weights.shape[dim]
+    # Centred first: sum - x_i would lose digits to large log weights.
+    centre = log_weights.mean(dim, keepdim=True)
+    deviation = log_weights - centre
+    return centre + (deviation.sum(dim, keepdim=True) - deviation) / (k - 1)
+
+
+def _check_vimco(estimator: str, particles_per_bound: int) -> None:
+    if estimator == "vimco" and particles_per_bound < 2:
+        raise ValueError(
+            "estimator='vimco' needs at least 2 particles per bound for its "
+            f"leave-one-out baseline, got {particles_per_bound}"
+        )
+
+
+def _cat(parts: list[torch.Tensor]) -> torch.Tensor:
+    return torch.cat(parts) if len(parts) > 1 else parts[0]
 
 
 def _checked_item(loss: torch.Tensor) -> float:

@@ -235,6 +235,17 @@ def log_p_and_q(
     )
 
 
+def score_log_prob(
+    guide_trace: Trace, plate_nesting: int, local_dims: tuple[int, ...]
+) -> torch.Tensor | None:
+    """The log q of the guide's latent sites without ``rsample`` (shaped as
+    :func:`log_p_and_q`'s parts), or None if every site has one."""
+    names = [
+        name for name, site in latent_sites(guide_trace) if not site["fn"].has_rsample
+    ]
+    return _log_prob(guide_trace, names, plate_nesting, local_dims) if names else None
+
+
 def _log_prob(
     trace: Trace,
     names: Collection[str],

@@ -378,7 +378,7 @@ class LinearGaussianModule(torch.nn.Module):
 def test_errors_are_clear(lg):
     x = lg.sample_data(4)
     with pytest.raises(ValueError, match="unknown estimator"):
-        IWELBO(5, "reinforce")
+        IWELBO(5, "nvil")
     with pytest.raises(ValueError, match="num_particles"):
         IWELBO(0)
 
@@ -388,8 +388,8 @@ def test_errors_are_clear(lg):
                 "z", dist.Bernoulli(0.5 * data.new_ones(LATENT_DIM)).to_event(1)
             )
 
-    with pytest.raises(NotImplementedError, match="reparameterizable"):
-        IWELBO(5).loss(lg.model, discrete_guide, x)
+    with pytest.raises(NotImplementedError, match="rsample; use estimator='vimco'"):
+        IWELBO(5).differentiable_loss(lg.model, discrete_guide, x)
 
     def global_model(data, idx=None):
         w = pyro.sample("w", dist.Normal(data.new_zeros(()), 1.0))

@@ -1,0 +1,70 @@
+"""The sigmoid belief network: built by name, trained with VIMCO, from the CLI."""
+
+import json
+
+import pyro
+import pytest
+import torch
+from click.testing import CliRunner
+
+from pyro_iwae import IWELBO, build_guide, build_model, log_likelihood
+from pyro_iwae.data import load_dataset, minibatches
+from pyro_iwae.sbn import sbn_architecture
+from pyro_iwae_cli.main import cli
+
+
+@pytest.mark.parametrize("layers", [1, 2])
+def test_sbn_sites_are_binary_and_guide_sites_have_no_rsample(layers):
+    model = build_model("sbn", x_dim=12, stochastic_layers=layers)
+    guide = build_guide("sbn", x_dim=12, stochastic_layers=layers)
+    x = (torch.rand(3, 12) < 0.5).float()
+    guide_trace = pyro.poutine.trace(guide).get_trace(x)
+    model_trace = pyro.poutine.trace(
+        pyro.poutine.replay(model, trace=guide_trace)
+    ).get_trace(x)
+    names = [f"h{i + 1}" for i in range(layers)]
+    for name in names:
+        site = guide_trace.nodes[name]
+        assert not site["fn"].has_rsample
+        assert site["value"].shape == (3, 200)
+        assert set(site["value"].unique().tolist()) <= {0.0, 1.0}
+        assert model_trace.nodes[name]["value"] is site["value"]
+    with pytest.raises(ValueError, match="stochastic_layers"):
+        build_model("sbn", stochastic_layers=0)
+
+
+def test_vimco_trains_the_sbn():
+    data = load_dataset("mnist-mini")
+    torch.manual_seed(0)
+    model, guide = sbn_architecture(1, data_mean=data.train_mean)
+    loss_fn = IWELBO(5, "vimco")(model, guide)
+    optimizer = torch.optim.Adam(loss_fn.parameters(), lr=3e-3)
+    test = data.test[:200].round()
+    before = -log_likelihood(model, guide, test, num_samples=50).mean()
+    for x in minibatches(data.train[:2000], batch_size=25, binarize=True):
+        optimizer.zero_grad()
+        (loss_fn(x) / x.shape[0]).backward()
+        optimizer.step()
+    after = -log_likelihood(model, guide, test, num_samples=50).mean()
+    assert after < before - 10, (before, after)
+
+
+SMALL = ["--train-limit", "100", "--test-limit", "20", "--batch-size", "50"]
+SMALL += ["--particles", "2", "--epochs", "1", "--quiet"]
+
+
+def test_cli_fits_the_sbn_with_vimco_and_names_vimco_otherwise(tmp_path):
+    out = tmp_path / "run"
+    sbn = ["fit", "--model", "sbn", "--guide", "sbn", *SMALL]
+    result = CliRunner().invoke(cli, [*sbn, "--estimator", "vimco", "--out", out])
+    assert result.exit_code == 0, result.output
+    config = json.loads((out / "config.json").read_text())
+    assert (config["model"], config["guide"], config["estimator"]) == (
+        "sbn",
+        "sbn",
+        "vimco",
+    )
+    result = CliRunner().invoke(cli, [*sbn, "--out", tmp_path / "plain"])
+    assert result.exit_code == 1
+    assert "Error:" in result.output and "estimator='vimco'" in result.output
+    assert "Traceback" not in result.output

@@ -1,0 +1,203 @@
+"""VIMCO and REINFORCE against exact gradients of a tiny discrete model (float64).
+
+One Bernoulli latent h, q(h) = Bernoulli(logits=phi) and p(x|h) Gaussian: with k
+particles there are 2^k k-tuples, so E[L_k] is an exact, differentiable function of
+phi. Each of ``REPLICAS`` copies of the data point has its own phi, so one backward
+pass gives that many independent gradient estimates.
+"""
+
+import itertools
+import math
+
+import pyro
+import pyro.distributions as dist
+import pytest
+import torch
+
+from pyro_iwae import CIWELBO, IWELBO, MIWELBO, PIWELBO, log_likelihood
+
+REPLICAS = 20000
+X, PRIOR, LOCS, PHI = 0.8, 0.4, (-1.0, 1.5), 0.3
+
+
+def model(x):
+    mu = pyro.param("mu", lambda: torch.tensor(LOCS, dtype=torch.float64))
+    with pyro.plate("data", x.shape[0]):
+        h = pyro.sample("h", dist.Bernoulli(x.new_tensor(PRIOR)))
+        pyro.sample("x", dist.Normal(mu[h.long()], 1.0), obs=x)
+
+
+def guide(x):
+    phi = pyro.param("phi", lambda: x.new_full(x.shape, PHI))
+    with pyro.plate("data", x.shape[0]):
+        pyro.sample("h", dist.Bernoulli(logits=phi))
+
+
+def log_joint(h):
+    mu = torch.tensor(LOCS, dtype=torch.float64)
+    x = torch.tensor(X, dtype=torch.float64)
+    prior = dist.Bernoulli(torch.tensor(PRIOR, dtype=torch.float64)).log_prob(h)
+    return prior + dist.Normal(mu[h.long()], 1.0).log_prob(x)
+
+
+def exact_gradient(bound, k):
+    """d E[bound(log w)] / d phi, by enumerating every k-tuple of particles."""
+    phi = torch.tensor(PHI, dtype=torch.float64, requires_grad=True)
+    tuples = torch.tensor(list(itertools.product((0.0, 1.0), repeat=k)))
+    h = tuples.T.double()  # [k, 2^k]: each column a tuple, as a batch of points
+    log_q = dist.Bernoulli(logits=phi).log_prob(h)
+    expected = (log_q.sum(0).exp() * bound(log_joint(h) - log_q)).sum()
+    return torch.autograd.grad(expected, phi)[0]
+
+
+def gradients(elbo, replicas=REPLICAS, seed=0):
+    """Per-replica estimates of d bound / d phi, and the gradient in mu."""
+    pyro.clear_param_store()
+    pyro.set_rng_seed(seed)
+    x = torch.full((replicas,), X, dtype=torch.float64)
+    loss = elbo.differentiable_loss(model, guide, x)
+    store = pyro.get_param_store()
+    d_phi, d_mu = torch.autograd.grad(loss, [store["phi"], store["mu"]])
+    return -d_phi, d_mu
+
+
+def mean_and_se(t):
+    return t.mean(0), t.std(0) / math.sqrt(t.shape[0])
+
+
+@pytest.mark.parametrize(
+    "k, vectorize", [(2, True), (2, False), (5, True)], ids=["k2", "k2-loop", "k5"]
+)
+def test_vimco_is_unbiased_for_the_gradient_of_the_expected_bound(k, vectorize):
+    elbo = IWELBO(k, "vimco", vectorize_particles=vectorize)
+    exact = exact_gradient(elbo.bound, k)
+    mean, se = mean_and_se(gradients(elbo)[0])
+    assert abs(mean - exact) < 4 * se, (mean, se, exact)
+    assert abs(exact) > 10 * se  # the check has power
+
+
+@pytest.mark.parametrize("k", [2, 5])
+def test_reinforce_is_unbiased_and_vimco_has_far_lower_variance(k):
+    exact = exact_gradient(IWELBO(k).bound, k)
+    reinforce = gradients(IWELBO(k, "reinforce"))[0]
+    vimco = gradients(IWELBO(k, "vimco"))[0]
+    mean, se = mean_and_se(reinforce)
+    assert abs(mean - exact) < 4 * se, (mean, se, exact)
+    assert vimco.var() < reinforce.var() / 10, (vimco.var(), reinforce.var())
+
+
+@pytest.mark.parametrize(
+    "elbo",
+    [MIWELBO(2, 2, "vimco"), CIWELBO(3, 0.3, "vimco"), CIWELBO(3, 0.3, "reinforce")],
+    ids=repr,
+)
+def test_vimco_is_unbiased_for_miwae_and_ciwae(elbo):
+    exact = exact_gradient(elbo.bound, elbo.num_particles)
+    mean, se = mean_and_se(gradients(elbo)[0])
+    assert abs(mean - exact) < 4 * se, (mean, se, exact)
+
+
+@pytest.mark.parametrize("estimator", ["vimco", "reinforce"])
+def test_piwae_trains_the_model_on_iwae_and_the_guide_on_miwae(estimator):
+    """Same draws for all three (2 x 3 particles)."""
+    replicas = 50
+    phi_pi, mu_pi = gradients(PIWELBO(3, 2, estimator), replicas)
+    phi_mi, _ = gradients(MIWELBO(3, 2, estimator), replicas)
+    _, mu_iw = gradients(IWELBO(6, estimator), replicas)
+    assert torch.allclose(phi_pi, phi_mi)
+    assert torch.allclose(mu_pi, mu_iw)
+
+
+class RsampleBernoulli(dist.Bernoulli):
+    """A Bernoulli that claims an rsample: IWELBO's path gradient then treats the
+    sampled value as a constant, which is what VIMCO's path part must do."""
+
+    has_rsample = True
+
+    def rsample(self, sample_shape=()):
+        return self.sample(sample_shape)
+
+
+def mixed_model(x):
+    a = pyro.param("a", torch.tensor([-0.5, 1.0], dtype=torch.float64))
+    with pyro.plate("data", x.shape[0]):
+        h = pyro.sample("h", dist.Bernoulli(x.new_tensor(PRIOR)))
+        z = pyro.sample("z", dist.Normal(a[h.long()], 1.0))
+        pyro.sample("x", dist.Normal(z, 0.5), obs=x)
+
+
+def mixed_guide(bernoulli):
+    def guide(x):
+        phi = pyro.param("phi", lambda: x.new_full(x.shape, PHI))
+        loc = pyro.param("loc", lambda: x.new_zeros(x.shape + (2,)))
+        log_scale = pyro.param("log_scale", lambda: x.new_full(x.shape, -0.3))
+        with pyro.plate("data", x.shape[0]):
+            h = pyro.sample("h", bernoulli(logits=phi))
+            z_loc = torch.where(h.bool(), loc[..., 1], loc[..., 0])
+            pyro.sample("z", dist.Normal(z_loc, log_scale.exp()))
+
+    return guide
+
+
+@pytest.mark.parametrize("estimator", ["vimco", "reinforce"])
+def test_continuous_sites_of_a_mixed_guide_keep_iwelbos_path_gradient(estimator):
+    """Same draws: the gradients in the continuous site's parameters and the
+    model's are IWELBO's path gradient; phi's is not."""
+    x = torch.linspace(-1, 2, 6, dtype=torch.float64)
+    grads = {}
+    for name, bernoulli, elbo in (
+        ("score", dist.Bernoulli, IWELBO(5, estimator)),
+        ("path", RsampleBernoulli, IWELBO(5)),
+    ):
+        pyro.clear_param_store()
+        pyro.set_rng_seed(4)
+        loss = elbo.differentiable_loss(mixed_model, mixed_guide(bernoulli), x)
+        store = pyro.get_param_store()
+        params = [store[n].unconstrained() for n in ("a", "loc", "log_scale", "phi")]
+        grads[name] = torch.autograd.grad(loss, params)
+    for score, path in zip(grads["score"][:3], grads["path"][:3], strict=True):
+        assert torch.allclose(score, path)
+        assert score.abs().max() > 1e-3
+    assert not torch.allclose(grads["score"][3], grads["path"][3])
+
+
+def test_log_likelihood_and_loss_work_for_discrete_guides():
+    """No gradient, no estimator needed: at the exact posterior every weight is
+    p(x); from the prior the estimate converges to it."""
+    x = torch.tensor([X, -0.5, 2.0], dtype=torch.float64)
+    h = torch.tensor([0.0, 1.0], dtype=torch.float64)
+    mu = torch.tensor(LOCS, dtype=torch.float64)
+    joint = dist.Bernoulli(torch.tensor(PRIOR)).log_prob(h).unsqueeze(-1) + dist.Normal(
+        mu.unsqueeze(-1), 1.0
+    ).log_prob(x)
+    exact = joint.logsumexp(0)  # [3]
+    posterior_logit = joint[1] - joint[0]
+
+    def exact_guide(x):
+        with pyro.plate("data", x.shape[0]):
+            pyro.sample("h", dist.Bernoulli(logits=posterior_logit))
+
+    def prior_guide(x):
+        with pyro.plate("data", x.shape[0]):
+            pyro.sample("h", dist.Bernoulli(x.new_tensor(PRIOR)))
+
+    pyro.clear_param_store()
+    pyro.set_rng_seed(0)
+    assert torch.allclose(log_likelihood(model, exact_guide, x, num_samples=20), exact)
+    estimate = log_likelihood(model, prior_guide, x, num_samples=20000)
+    assert torch.allclose(estimate, exact, atol=0.05)
+    assert IWELBO(5).loss(model, exact_guide, x) == pytest.approx(-exact.sum().item())
+
+
+def test_errors_name_vimco():
+    x = torch.full((3,), X, dtype=torch.float64)
+    pyro.clear_param_store()
+    for estimator in ("iwae", "stl", "dreg"):
+        with pytest.raises(NotImplementedError, match="'h'.*estimator='vimco'"):
+            IWELBO(5, estimator).differentiable_loss(model, guide, x)
+    with pytest.raises(ValueError, match="at least 2 particles"):
+        IWELBO(1, "vimco")
+    with pytest.raises(ValueError, match="at least 2 particles"):
+        MIWELBO(1, 4, "vimco")
+    # A guide without discrete sites gets the plain path gradient.
+    assert IWELBO(1, "reinforce").num_particles == 1
