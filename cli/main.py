@@ -87,6 +87,7 @@ _CONFIG_OPTIONS = {
     "seed": "seed",
     "train_limit": "train_limit",
     "test_limit": "test_limit",
+    "compile": "compile",
     "checkpoint_every": "checkpoint_every",
 }
 #: RunConfig field -> its option, for the library's messages.
@@ -452,6 +453,14 @@ def _check_dataset(ctx: click.Context, param: click.Parameter, value: str) -> st
     type=click.IntRange(min=1),
     default=None,
     help="Also write a checkpoint every N steps (default: after each epoch only).",
+)
+@click.option(
+    "--compile",
+    is_flag=True,
+    help="Run each training step's loss and gradients as one graph compiled by "
+    "torch's inductor (tens of seconds to compile per batch shape; the same "
+    "numbers to float tolerance). Programs it cannot capture fall back to the "
+    "eager path with a warning.",
 )
 @_cuda_option
 @_quiet_option

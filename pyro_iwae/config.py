@@ -46,6 +46,7 @@ _APPLIES_WITH: dict[str, tuple[str, tuple[str, ...], str]] = {
     "beta": ("objective", ("ciwae",), "drop it"),
     "alpha": ("objective", ("renyi",), "drop it"),
     "sigma": ("likelihood", ("gaussian",), "drop it"),
+    "compile": ("objective", IW_OBJECTIVES, "drop it"),
 }
 
 #: The architecture settings passed to model and guide builders (the likelihood
@@ -107,6 +108,7 @@ class RunConfig:
     train_limit: int | None = None
     test_limit: int = 1000
     checkpoint_every: int | None = None
+    compile: bool = False
 
     def __post_init__(self) -> None:
         if self.hidden is not None and not isinstance(self.hidden, list):
@@ -257,6 +259,7 @@ class RunConfig:
             self.alpha,
             self.num_groups,
             self.beta,
+            self.compile,
         )
 
     def load_data(self, data_dir: str | os.PathLike | None = None) -> Dataset:

@@ -98,6 +98,14 @@ class IWELBO(ELBO):
         (requires static model structure) rather than in a Python loop.
     :param int max_plate_nesting: the number of plates the model and guide nest,
         not counting the particle plate.
+    :param compile: compute :meth:`differentiable_loss` (and so the loss of
+        ``IWELBO(...)(model, guide)`` and :meth:`loss_and_grads`) as one compiled
+        graph of the loss and its gradients, per input shape, for ``nn.Module``
+        models and guides of static structure
+        (:class:`~pyro_iwae.compiled.CompiledLoss`; other programs fall back to
+        the eager path with one warning). ``True``
+        compiles with inductor; a string names another ``torch.compile`` backend;
+        ``None`` as a backend runs the traced graph uncompiled.
     """
 
     def __init__(
@@ -106,6 +114,7 @@ class IWELBO(ELBO):
         estimator: str = "iwae",
         vectorize_particles: bool = True,
         max_plate_nesting: int = 1,
+        compile: bool | str | None = False,
         **kwargs: Any,
     ) -> None:
         if estimator not in ESTIMATORS:
@@ -125,6 +134,7 @@ class IWELBO(ELBO):
             **kwargs,
         )
         self.estimator = estimator
+        self.compile = compile
         self._guide_module: torch.nn.Module | None = None
         self._particle_plate: tuple[tuple[int, int], pyro.plate] | None = None
 
@@ -329,6 +339,12 @@ class IWELBO(ELBO):
         self, model: Callable, guide: Callable, *args: Any, **kwargs: Any
     ) -> torch.Tensor:
         """Returns the negative bound, differentiable with the chosen estimator."""
+        if self.compile is not False:
+            # Imported here: compiled imports evaluation, which imports this module.
+            from .compiled import compiled_loss
+
+            backend = "inductor" if self.compile is True else self.compile
+            return compiled_loss(self, model, guide, backend=backend)(*args, **kwargs)
         return self._weighted_loss(model, guide, args, kwargs)[0]
 
     def loss(
@@ -342,6 +358,10 @@ class IWELBO(ELBO):
         self, model: Callable, guide: Callable, *args: Any, **kwargs: Any
     ) -> float:
         """Returns the negative bound and accumulates its gradient in ``.grad``."""
+        if self.compile is not False:
+            loss = self.differentiable_loss(model, guide, *args, **kwargs)
+            loss.backward()
+            return _checked_item(loss)
         loss, traces = self._weighted_loss(model, guide, args, kwargs)
         trainable = any(
             site["type"] == "param"

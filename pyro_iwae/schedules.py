@@ -64,8 +64,10 @@ def make_objective(
     alpha: float = 0.0,
     num_groups: int = 1,
     beta: float = 0.5,
+    compile: bool = False,
 ) -> ELBO:
-    """The training objective ``name`` with ``num_particles`` (k) vectorized particles.
+    """The training objective ``name`` with ``num_particles`` (k) vectorized particles;
+    ``compile`` compiles the importance-weighted ones (see :class:`~pyro_iwae.IWELBO`).
 
     - ``"iwae"``: :class:`~pyro_iwae.IWELBO` with gradient ``estimator``
       (``iwae``, ``stl`` or ``dreg``);
@@ -91,13 +93,14 @@ def make_objective(
         "vectorize_particles": True,
         "max_plate_nesting": 1,
     }
+    weighted = {**common, "estimator": estimator, "compile": compile}
     if name == "iwae":
-        return IWELBO(estimator=estimator, **common)
+        return IWELBO(**weighted)
     if name in ("miwae", "piwae"):
         cls = MIWELBO if name == "miwae" else PIWELBO
-        return cls(num_groups=num_groups, estimator=estimator, **common)
+        return cls(num_groups=num_groups, **weighted)
     if name == "ciwae":
-        return CIWELBO(beta=beta, estimator=estimator, **common)
+        return CIWELBO(beta=beta, **weighted)
     if name == "vae":
         return Trace_ELBO(**common)
     if alpha == 1:

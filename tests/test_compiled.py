@@ -23,8 +23,11 @@ from pyro_iwae.compiled import (
     CompiledLogLikelihood,
     CompiledLoss,
     CompileFallbackWarning,
+    compiled_loss,
 )
+from pyro_iwae.config import RunConfig
 from pyro_iwae.evaluation import log_likelihood
+from pyro_iwae.schedules import ConfigError
 
 X_DIM = 12
 slow = pytest.mark.skipif(
@@ -248,3 +251,45 @@ def test_inductor_log_likelihood_matches_eager():
     eager = log_likelihood(model, guide, x, num_samples=60, chunk_size=20)
     torch.testing.assert_close(ours, eager, rtol=1e-5, atol=1e-4)
     assert ll.compiled
+
+
+@pytest.mark.parametrize("estimator", ["iwae", "dreg"])
+def test_iwelbo_compile_option_gives_the_eager_loss_and_gradients(estimator):
+    """IWELBO(compile=...) routes differentiable_loss, ELBOModule and
+    loss_and_grads through the compiled graph (here traced, not compiled)."""
+    torch.manual_seed(0)
+    model, guide = paper_architecture(1, x_dim=X_DIM)
+    eager, traced = IWELBO(4, estimator), IWELBO(4, estimator, compile=None)
+    params = [*model.parameters(), *guide.parameters()]
+    x = _data()
+    _assert_same(traced(model, guide), eager(model, guide), params, x)
+    assert list(compiled_loss(traced, model, guide)._graphs)  # a graph was made
+    for p in params:
+        p.grad = None
+    torch.manual_seed(5)
+    value = traced.loss_and_grads(model, guide, x)
+    grads = [p.grad.clone() for p in params]
+    loss, expected = _loss_and_grads(eager(model, guide), params, 5, x)
+    assert value == pytest.approx(loss.item(), rel=1e-6)
+    for a, b in zip(grads, expected, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5 * b.abs().max().item())
+
+
+def test_compile_is_a_run_setting_of_the_weighted_objectives():
+    assert RunConfig(compile=True).make_objective().compile is True
+    with pytest.raises(ConfigError, match="compile.*objective"):
+        RunConfig(objective="vae", compile=True)
+
+
+@slow
+def test_fit_compile_from_the_command_line(tmp_path):
+    from click.testing import CliRunner
+
+    from pyro_iwae_cli.main import cli
+
+    args = ["fit", "--train-limit", "200", "--test-limit", "50", "--batch-size"]
+    args += ["50", "--particles", "2", "--epochs", "1", "--quiet", "--compile"]
+    result = CliRunner().invoke(cli, [*args, "--out", str(tmp_path / "run")])
+    assert result.exit_code == 0, result.output
+    assert "Warning" not in result.output  # compiled, no fallback
+    assert RunConfig.load(tmp_path / "run").compile is True
