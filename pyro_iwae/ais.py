@@ -15,6 +15,9 @@ reverse from an exact posterior sample (for data simulated from the model, the
 latents that made it), the same path gives a stochastic upper bound (Grosse et al.
 2015, *Sandwiching the marginal likelihood using bidirectional Monte Carlo*;
 Wu et al. 2017, *On the quantitative analysis of decoder-based generative models*).
+
+The module runs past 500 lines because forward AIS, reverse AIS and their shared
+HMC kernel, schedule and step-size tuning are one piece of logic.
 """
 
 from __future__ import annotations

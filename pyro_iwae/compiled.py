@@ -34,6 +34,10 @@ Usage, as a drop-in for ``elbo.differentiable_loss``::
     optimizer.step()
 
 and :func:`compiled_log_likelihood` for evaluation.
+
+The module runs past 500 lines because the loss and the log-likelihood share
+one tracing machinery (fake tensors, lifted random draws, the graph cache and
+its fallbacks), which is most of it.
 """
 
 from __future__ import annotations

@@ -10,16 +10,14 @@ import torch
 from click.testing import CliRunner
 
 from pyro_iwae.checkpoints import RunError
-from pyro_iwae.reproduction import (
-    Grid,
-    _run_lock,
+from pyro_iwae.grid_report import (
     check_claims,
     collect,
     markdown_claims,
     markdown_table,
     nll_series,
-    run_grid,
 )
+from pyro_iwae.reproduction import Grid, _run_lock, run_grid
 from pyro_iwae.runs import read_estimates
 from pyro_iwae_cli.main import cli
 
