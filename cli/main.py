@@ -225,6 +225,11 @@ def _choice(
     )
 
 
+def _count_option(name: str, default: int, help: str) -> Callable:
+    """An option of a positive integer."""
+    return click.option(name, type=click.IntRange(min=1), default=default, help=help)
+
+
 def _optional_size(name: str, help: str, default_text: str) -> Callable:
     """An option of a positive integer, None when not given."""
     return click.option(
@@ -640,26 +645,20 @@ def fit(ctx: click.Context, **options: Any) -> None:
 @click.option(
     "--seed", type=int, default=0, help="Random seed of the importance samples."
 )
-@click.option(
+@_choice(
     "--method",
-    type=click.Choice(EVAL_METHODS),
-    default="iwae",
-    help="iwae: the IWAE bound -L_k (the paper's NLL); ais: annealed importance "
+    EVAL_METHODS,
+    "iwae",
+    "iwae: the IWAE bound -L_k (the paper's NLL); ais: annealed importance "
     "sampling from the guide to the posterior with HMC, tighter and slower.",
 )
-@click.option(
+@_count_option(
     "--ais-steps",
-    type=click.IntRange(min=1),
-    default=1000,
-    help="With --method ais: annealing steps (one HMC move of 10 leapfrog steps "
+    1000,
+    "With --method ais: annealing steps (one HMC move of 10 leapfrog steps "
     "each); double it until the NLL stops moving.",
 )
-@click.option(
-    "--chains",
-    type=click.IntRange(min=1),
-    default=16,
-    help="With --method ais: independent chains per point.",
-)
+@_count_option("--chains", 16, "With --method ais: independent chains per point.")
 @_cuda_option
 @_quiet_option
 @click.pass_context
