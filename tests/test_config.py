@@ -82,6 +82,7 @@ def test_settings_that_go_together():
         "num_groups",
         "beta",
         "sigma",
+        "compile",
     ]
 
 
