@@ -40,7 +40,7 @@ from .checkpoints import (
 )
 from .config import CONFIG_FILE, RunConfig
 from .data import DataError, Dataset, is_data_file, load_dataset, one_line
-from .diagnostics import log_likelihood_with_diagnostics
+from .diagnostics import KHAT_THRESHOLD, log_likelihood_with_diagnostics
 from .evaluation import count_active, latent_activity, warn_of_problems
 from .likelihoods import CONTINUOUS, support_problem
 from .registry import BuilderError, build_guide, build_model
@@ -48,7 +48,6 @@ from .training import fit
 
 __all__ = [
     "EVAL_METHODS",
-    "KHAT_UNRELIABLE",
     "build_run",
     "evaluate_run",
     "find_latest_run",
@@ -62,9 +61,6 @@ __all__ = [
 
 #: Estimators of :func:`evaluate_run`: the IWAE bound, or annealed importance sampling.
 EVAL_METHODS = ("iwae", "ais")
-#: Pareto k-hat above which an importance-sampling estimate is unreliable
-#: (Vehtari et al., Pareto smoothed importance sampling).
-KHAT_UNRELIABLE = 0.7
 
 
 def build_run(
@@ -425,7 +421,7 @@ def evaluate_run(
         "ess_median": float(values["ess"].median()),
         # k-hat needs more than 20 weights (None: too few to fit a tail).
         "khat_median": float(khat) if khat.isfinite() else None,
-        "khat_above_0.7": float((values["khat"] > KHAT_UNRELIABLE).double().mean()),
+        "khat_above_0.7": float((values["khat"] > KHAT_THRESHOLD).double().mean()),
     }
     if "acceptance" in values:
         diagnostics["acceptance_mean"] = float(values["acceptance"].mean())
