@@ -36,14 +36,17 @@ from torch.distributions import constraints
 from .diagnostics import (
     _broadcastable,
     _with_particle_dim,
-    chunk_sizes,
     effective_sample_size,
-    local_shape,
     pareto_khat,
     relative_stderr,
+)
+from .evaluation import (
+    DEFAULT_MEMORY_BUDGET,
+    chunk_sizes,
+    evaluating,
+    local_shape,
     resolve_chunk_size,
 )
-from .evaluation import DEFAULT_MEMORY_BUDGET, evaluating
 from .objectives import IWELBO
 from .traces import latent_sites
 

@@ -8,13 +8,12 @@ draws per point resampled from the guide's importance-weighted particles.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import torch
 
-from .evaluation import DEFAULT_MEMORY_BUDGET, default_chunk_size, evaluating
-from .objectives import IWELBO, Particles
+from .evaluation import local_shape, particle_chunks
 from .traces import latent_sites
 
 #: k-hat above which an importance-sampling estimate is unreliable (Vehtari et al.).
@@ -138,69 +137,6 @@ class Diagnostics(NamedTuple):
     khat: torch.Tensor
 
 
-def resolve_chunk_size(
-    model: Callable,
-    guide: Callable,
-    args: tuple,
-    kwargs: dict,
-    chunk_size: int | None,
-    max_plate_nesting: int,
-    memory_budget: int = DEFAULT_MEMORY_BUDGET,
-) -> int:
-    """``chunk_size``, or :func:`default_chunk_size` for ``memory_budget`` if None."""
-    if chunk_size is None:
-        chunk_size = default_chunk_size(
-            model,
-            guide,
-            *args,
-            memory_budget=memory_budget,
-            max_plate_nesting=max_plate_nesting,
-            **kwargs,
-        )
-    if chunk_size < 1:
-        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
-    return chunk_size
-
-
-def chunk_sizes(total: int, chunk_size: int) -> Iterator[int]:
-    """Chunks of ``chunk_size`` (the last may be smaller) that add up to ``total``."""
-    for start in range(0, total, chunk_size):
-        yield min(chunk_size, total - start)
-
-
-def local_shape(local_dims: tuple[int, ...], tensor: torch.Tensor) -> torch.Tensor:
-    """``tensor``, of a plate shape with data plate dims ``local_dims`` and size 1
-    elsewhere, reshaped to the data plate's shape; an error without a data plate."""
-    if not local_dims:
-        raise ValueError(
-            "per-point estimates need a data plate that encloses every sample site "
-            "of model and guide"
-        )
-    return tensor.reshape([tensor.shape[d] for d in local_dims])
-
-
-def _particle_chunks(
-    model: Callable,
-    guide: Callable,
-    args: tuple,
-    kwargs: dict,
-    num_samples: int,
-    chunk_size: int | None,
-    max_plate_nesting: int,
-) -> Iterator[Particles]:
-    """:meth:`IWELBO.particles` of ``num_samples`` particles, ``chunk_size`` at a
-    time, with the modules in eval mode and no gradients."""
-    if num_samples < 1:
-        raise ValueError(f"num_samples must be >= 1, got {num_samples}")
-    chunk_size = resolve_chunk_size(
-        model, guide, args, kwargs, chunk_size, max_plate_nesting
-    )
-    with evaluating(model, guide):
-        for size in chunk_sizes(num_samples, chunk_size):
-            elbo = IWELBO(num_particles=size, max_plate_nesting=max_plate_nesting)
-            yield elbo.particles(model, guide, *args, **kwargs)
-
-
 def log_likelihood_with_diagnostics(
     model: Callable,
     guide: Callable,
@@ -219,7 +155,7 @@ def log_likelihood_with_diagnostics(
     """
     sum_w = sum_w2 = top = None
     tail = min(tail_length(num_samples) + 1, num_samples)
-    for particles in _particle_chunks(
+    for particles in particle_chunks(
         model, guide, args, kwargs, num_samples, chunk_size, max_plate_nesting
     ):
         log_w = particles.log_weights
@@ -270,7 +206,7 @@ def importance_resample(
         raise ValueError(f"num_draws must be >= 1, got {num_draws}")
     draws: dict[str, torch.Tensor] = {}
     total = None
-    for particles in _particle_chunks(
+    for particles in particle_chunks(
         model, guide, args, kwargs, num_samples, chunk_size, max_plate_nesting
     ):
         log_w = particles.log_weights

@@ -13,7 +13,7 @@ import torch
 from pyro.poutine.util import site_is_subsample
 
 from .networks import prepare_pyro_modules
-from .objectives import IWELBO
+from .objectives import IWELBO, Particles
 from .traces import PARTICLE_PLATE, cuda_devices, latent_sites
 
 #: The paper's threshold on a latent unit's activity for it to count as active.
@@ -103,36 +103,92 @@ def log_likelihood(
 
     :returns: a tensor of shape ``[batch]`` (the data plate's size), in nats.
     """
+    total = None
+    for particles in particle_chunks(
+        model, guide, args, kwargs, num_samples, chunk_size, max_plate_nesting
+    ):
+        chunk = particles.log_weights.logsumexp(0)
+        total = chunk if total is None else torch.logaddexp(total, chunk)
+    return local_shape(particles.local_dims, total - math.log(num_samples))
+
+
+def particle_chunks(
+    model: Callable,
+    guide: Callable,
+    args: tuple,
+    kwargs: dict,
+    num_samples: int,
+    chunk_size: int | None,
+    max_plate_nesting: int,
+) -> Iterator[Particles]:
+    """:meth:`IWELBO.particles` of ``num_samples`` particles, ``chunk_size`` at a
+    time (None: :func:`default_chunk_size`), with the modules in eval mode and no
+    gradients: what :func:`log_likelihood` and the diagnostics combine.
+
+    :raises ValueError: for an empty batch, or plates that give no estimate per
+        point (shape errors from deep inside Pyro become one sentence on what is
+        wrong with the plates).
+    """
     if num_samples < 1:
         raise ValueError(f"num_samples must be >= 1, got {num_samples}")
     _check_not_empty(args, kwargs)
     try:
-        if chunk_size is None:
-            chunk_size = default_chunk_size(
-                model, guide, *args, max_plate_nesting=max_plate_nesting, **kwargs
-            )
-        if chunk_size < 1:
-            raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
-        total = None
+        chunk_size = resolve_chunk_size(
+            model, guide, args, kwargs, chunk_size, max_plate_nesting
+        )
         with evaluating(model, guide):
-            for start in range(0, num_samples, chunk_size):
-                elbo = IWELBO(
-                    num_particles=min(chunk_size, num_samples - start),
-                    max_plate_nesting=max_plate_nesting,
-                )
+            for index, size in enumerate(chunk_sizes(num_samples, chunk_size)):
+                elbo = IWELBO(num_particles=size, max_plate_nesting=max_plate_nesting)
                 particles = elbo.particles(model, guide, *args, **kwargs)
-                if start == 0:
+                if index == 0:
                     _check_plates(*particles.traces[0])
-                chunk = particles.log_weights.logsumexp(0)
-                total = chunk if total is None else torch.logaddexp(total, chunk)
+                yield particles
     except (ValueError, RuntimeError) as e:
-        # Shape errors from deep inside Pyro: say what is wrong with the plates.
         problem = _plate_problem(model, guide, args, kwargs)
         if problem is None or str(e) == problem:
             raise
         raise ValueError(problem) from e
-    shape = [total.shape[d] for d in particles.local_dims]
-    return (total - math.log(num_samples)).reshape(shape)
+
+
+def resolve_chunk_size(
+    model: Callable,
+    guide: Callable,
+    args: tuple,
+    kwargs: dict,
+    chunk_size: int | None,
+    max_plate_nesting: int,
+    memory_budget: int = DEFAULT_MEMORY_BUDGET,
+) -> int:
+    """``chunk_size``, or :func:`default_chunk_size` for ``memory_budget`` if None."""
+    if chunk_size is None:
+        chunk_size = default_chunk_size(
+            model,
+            guide,
+            *args,
+            memory_budget=memory_budget,
+            max_plate_nesting=max_plate_nesting,
+            **kwargs,
+        )
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    return chunk_size
+
+
+def chunk_sizes(total: int, chunk_size: int) -> Iterator[int]:
+    """Chunks of ``chunk_size`` (the last may be smaller) that add up to ``total``."""
+    for start in range(0, total, chunk_size):
+        yield min(chunk_size, total - start)
+
+
+def local_shape(local_dims: tuple[int, ...], tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor``, of a plate shape with data plate dims ``local_dims`` and size 1
+    elsewhere, reshaped to the data plate's shape; an error without a data plate."""
+    if not local_dims:
+        raise ValueError(
+            "per-point estimates need a data plate that encloses every sample site "
+            "of model and guide"
+        )
+    return tensor.reshape([tensor.shape[d] for d in local_dims])
 
 
 def _check_not_empty(args: tuple, kwargs: dict) -> None:
