@@ -10,7 +10,9 @@ per-round ratio, so load on a shared machine hits both sides alike.
 
 Ours: ``iwelbo`` (eager ``IWELBO(k)(model, guide)``, as bench/train_step.py),
 ``hand`` (bench/handwritten.py), ``compiled`` (``pyro_iwae.compiled.CompiledLoss``
-with ``torch.optim.Adam``) and ``compiled-fused`` (the same, ``Adam(fused=True)``).
+with ``torch.optim.Adam``), ``compiled-fused`` (the same, ``Adam(fused=True)``) and
+``compiled-adam`` (the same, with the optimizer's step compiled by
+``torch.compile``: Adam's update as inductor kernels).
 Theirs: ``numpyro-svi`` (jitted ``SVI.update`` with ``RenyiELBO(alpha=0)``) and
 ``jax-hand`` (hand-written loss, gradient and Adam in one jitted function).
 
@@ -44,7 +46,7 @@ from pyro_iwae.evaluation import default_chunk_size
 LR = 1e-3
 ADAM_EPS = 1e-4
 HERE = Path(__file__).resolve().parent
-OURS = ("iwelbo", "hand", "compiled", "compiled-fused")
+OURS = ("iwelbo", "hand", "compiled", "compiled-fused", "compiled-adam")
 THEIRS = ("numpyro-svi", "jax-hand")
 LL_OURS = ("pyro_iwae", "compiled")
 LL_THEIRS = ("jax-ll",)
@@ -163,11 +165,12 @@ def make_ours(name: str, x: torch.Tensor, k: int, init):
 
     fused = {"fused": True} if name == "compiled-fused" else {}
     optim = torch.optim.Adam(params, lr=LR, eps=ADAM_EPS, **fused)
+    update = torch.compile(optim.step) if name == "compiled-adam" else optim.step
 
     def step() -> None:
         optim.zero_grad(set_to_none=True)
         loss().backward()
-        optim.step()
+        update()
 
     step()  # compiles the compiled variants
     if name.startswith("compiled") and not compiled.compiled:

@@ -19,6 +19,7 @@ from pyro.infer import ELBO
 
 from .checkpoints import RunError, write_json
 from .data import BINARIZATIONS, DATASETS, Dataset, load_dataset, one_line
+from .guides import ZOO
 from .likelihoods import check_likelihood
 from .models import architecture
 from .networks import ACTIVATIONS
@@ -141,7 +142,13 @@ class RunConfig:
                 f"unknown activation {self.activation!r}; choose one of: "
                 f"{', '.join(ACTIVATIONS)}"
             )
-        architecture(self.stochastic_layers, self.hidden, self.latent_dim)
+        if self.model == "paper" or self.guide in ZOO:
+            architecture(self.stochastic_layers, self.hidden, self.latent_dim)
+        elif not isinstance(self.stochastic_layers, int) or self.stochastic_layers < 1:
+            raise ValueError(
+                f"stochastic_layers must be an integer >= 1, got "
+                f"{self.stochastic_layers!r}"
+            )
         if self.binarize is not None and self.binarize not in BINARIZATIONS:
             raise ValueError(
                 f"binarize must be one of {', '.join(BINARIZATIONS)}, got "

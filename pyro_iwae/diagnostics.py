@@ -13,7 +13,7 @@ from typing import Any, NamedTuple
 
 import torch
 
-from .evaluation import local_shape, particle_chunks
+from .evaluation import local_shape, log_weight_chunks, particle_chunks
 from .traces import latent_sites
 
 #: k-hat above which an importance-sampling estimate is unreliable (Vehtari et al.).
@@ -144,10 +144,12 @@ def log_likelihood_with_diagnostics(
     num_samples: int = 5000,
     max_plate_nesting: int = 1,
     chunk_size: int | None = None,
+    compile: bool | str | None = False,
     **kwargs: Any,
 ) -> Diagnostics:
     """:func:`~pyro_iwae.log_likelihood` (the same estimate, from the same random
-    draws), with its standard error, ESS and Pareto k-hat per point.
+    draws, also with ``compile``), with its standard error, ESS and Pareto k-hat
+    per point.
 
     Chunked like ``log_likelihood``: the running sums of the weights and of their
     squares, and the M + 1 largest weights for k-hat (M = :func:`tail_length`,
@@ -155,8 +157,15 @@ def log_likelihood_with_diagnostics(
     """
     sum_w = sum_w2 = top = None
     tail = min(tail_length(num_samples) + 1, num_samples)
-    for particles in particle_chunks(
-        model, guide, args, kwargs, num_samples, chunk_size, max_plate_nesting
+    for particles in log_weight_chunks(
+        model,
+        guide,
+        args,
+        kwargs,
+        num_samples,
+        chunk_size,
+        max_plate_nesting,
+        compile,
     ):
         log_w = particles.log_weights
         chunk_w, chunk_w2 = log_w.logsumexp(0), (2 * log_w).logsumexp(0)

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, NamedTuple
 
 import pyro
 import torch
@@ -90,6 +90,7 @@ def log_likelihood(
     num_samples: int = 5000,
     chunk_size: int | None = None,
     max_plate_nesting: int = 1,
+    compile: bool | str | None = False,
     **kwargs: Any,
 ) -> torch.Tensor:
     r"""Importance-sampled :math:`\log p(x)` for each point of the data plate.
@@ -99,17 +100,66 @@ def log_likelihood(
     Particles are drawn ``chunk_size`` at a time and combined by a running
     logsumexp, so memory does not grow with ``num_samples``; by default the chunk
     size is chosen by :func:`default_chunk_size`. Runs without gradients, with
-    modules in eval mode.
+    modules in eval mode. ``compile`` (True, or a ``torch.compile`` backend)
+    computes each chunk's log-weights in one compiled graph (see
+    :func:`log_weight_chunks`).
 
     :returns: a tensor of shape ``[batch]`` (the data plate's size), in nats.
     """
-    total = None
+    chunks = log_weight_chunks(
+        model, guide, args, kwargs, num_samples, chunk_size, max_plate_nesting, compile
+    )
+    return combine_chunks(chunks, num_samples)
+
+
+class LogWeights(NamedTuple):
+    """A chunk of log importance weights, ``(chunk,) + plate_shape`` (see
+    :class:`~pyro_iwae.objectives.Particles`), and the data plate dims."""
+
+    log_weights: torch.Tensor
+    local_dims: tuple[int, ...]
+
+
+def log_weight_chunks(
+    model: Callable,
+    guide: Callable,
+    args: tuple,
+    kwargs: dict,
+    num_samples: int,
+    chunk_size: int | None,
+    max_plate_nesting: int,
+    compile: bool | str | None = False,
+) -> Iterator[LogWeights]:
+    """The log-weights of :func:`particle_chunks`; with ``compile`` (True for
+    inductor, a ``torch.compile`` backend name, or None for the traced graph
+    uncompiled), those of a :class:`~pyro_iwae.compiled.CompiledLogLikelihood`
+    cached on the guide, which falls back to these with a warning for programs
+    it cannot compile.
+    """
+    if compile is not False:
+        # compiled.py builds on this module, so it is imported on first use.
+        from .compiled import cached_log_likelihood
+
+        backend = "inductor" if compile is True else compile
+        estimator = cached_log_likelihood(model, guide, backend, max_plate_nesting)
+        yield from estimator.chunks(
+            *args, num_samples=num_samples, chunk_size=chunk_size, **kwargs
+        )
+        return
     for particles in particle_chunks(
         model, guide, args, kwargs, num_samples, chunk_size, max_plate_nesting
     ):
-        chunk = particles.log_weights.logsumexp(0)
-        total = chunk if total is None else torch.logaddexp(total, chunk)
-    return local_shape(particles.local_dims, total - math.log(num_samples))
+        yield LogWeights(particles.log_weights, particles.local_dims)
+
+
+def combine_chunks(chunks: Iterable[LogWeights], num_samples: int) -> torch.Tensor:
+    """``log (1/K) sum_i w_i`` per point over the chunks of ``num_samples = K``
+    particles, by a running logsumexp: ``[batch]`` (the data plate's shape)."""
+    total = None
+    for chunk in chunks:
+        part = chunk.log_weights.logsumexp(0)
+        total = part if total is None else torch.logaddexp(total, part)
+    return local_shape(chunk.local_dims, total - math.log(num_samples))
 
 
 def particle_chunks(
@@ -131,7 +181,7 @@ def particle_chunks(
     """
     if num_samples < 1:
         raise ValueError(f"num_samples must be >= 1, got {num_samples}")
-    _check_not_empty(args, kwargs)
+    check_not_empty(args, kwargs)
     try:
         chunk_size = resolve_chunk_size(
             model, guide, args, kwargs, chunk_size, max_plate_nesting
@@ -191,7 +241,7 @@ def local_shape(local_dims: tuple[int, ...], tensor: torch.Tensor) -> torch.Tens
     return tensor.reshape([tensor.shape[d] for d in local_dims])
 
 
-def _check_not_empty(args: tuple, kwargs: dict) -> None:
+def check_not_empty(args: tuple, kwargs: dict) -> None:
     """:raises ValueError: if a tensor argument is an empty batch."""
     named = [(f"argument {i + 1}", a) for i, a in enumerate(args)]
     named += [(f"argument {k}", a) for k, a in kwargs.items()]

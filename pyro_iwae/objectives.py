@@ -160,16 +160,8 @@ class IWELBO(ELBO):
         guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
         if is_validation_enabled():
             check_if_enumerated(guide_trace)
-        if self.estimator not in SCORE_ESTIMATORS and torch.is_grad_enabled():
-            for name, site in latent_sites(guide_trace):
-                if not site["fn"].has_rsample:
-                    raise NotImplementedError(
-                        f"IWELBO's {self.estimator!r} gradient needs "
-                        f"reparameterizable guide sites, but {name!r} "
-                        f"({type(site['fn']).__name__}) has no rsample; use "
-                        "estimator='vimco' (a score-function gradient for such "
-                        "sites) or a reparameterizable distribution"
-                    )
+        if torch.is_grad_enabled():
+            self._check_guide_trace(guide_trace)
         if self.estimator in _STOPPED_ESTIMATORS:
             guide_trace = self._stopped_guide_trace(guide, guide_trace, args, kwargs)
             replay_trace = guide_trace
@@ -189,6 +181,34 @@ class IWELBO(ELBO):
                     model_trace, guide_trace, self.max_plate_nesting
                 )
         return prune_subsample_sites(model_trace), prune_subsample_sites(guide_trace)
+
+    def check_guide(self, guide: Callable, *args: Any, **kwargs: Any) -> None:
+        """Runs ``guide`` once to refuse up front what the first gradient step
+        would: a latent site without ``rsample`` under a path-gradient estimator.
+
+        The run draws from a forked random stream, so it shifts no later draw.
+
+        :raises NotImplementedError: naming the site and what to use instead.
+        """
+        if self.estimator in SCORE_ESTIMATORS:
+            return
+        with torch.random.fork_rng(devices=cuda_devices(args, kwargs)):
+            with torch.no_grad():
+                guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
+        self._check_guide_trace(guide_trace)
+
+    def _check_guide_trace(self, guide_trace: Trace) -> None:
+        if self.estimator in SCORE_ESTIMATORS:
+            return
+        for name, site in latent_sites(guide_trace):
+            if not site["fn"].has_rsample:
+                raise NotImplementedError(
+                    f"IWELBO's {self.estimator!r} gradient needs "
+                    f"reparameterizable guide sites, but {name!r} "
+                    f"({type(site['fn']).__name__}) has no rsample; use "
+                    "estimator='vimco' (a score-function gradient for such "
+                    "sites) or a reparameterizable distribution"
+                )
 
     def _stopped_guide_trace(
         self, guide: Callable, guide_trace: Trace, args: tuple, kwargs: dict

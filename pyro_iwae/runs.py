@@ -43,6 +43,7 @@ from .data import DataError, Dataset, is_data_file, load_dataset, one_line
 from .diagnostics import KHAT_THRESHOLD, log_likelihood_with_diagnostics
 from .evaluation import count_active, latent_activity, warn_of_problems
 from .likelihoods import CONTINUOUS, support_problem
+from .objectives import IWELBO
 from .registry import BuilderError, build_guide, build_model
 from .training import fit
 
@@ -180,13 +181,17 @@ def train_run(
         model, guide = build_run(config, data.train_mean, device)
     except BuilderError as e:
         raise RunError(one_line(e)) from e
+    objective = config.make_objective()
+    if isinstance(objective, IWELBO):
+        # A guide the estimator cannot train fails here, before the run is written.
+        objective.check_guide(guide, data.train[:1].to(device))
     if not resume and distributed.is_main():
         config.save(run_dir)
     return fit(
         model,
         guide,
         data,
-        config.make_objective(),
+        objective,
         schedule=config.make_schedule(),
         batch_size=config.batch_size,
         seed=config.seed,
@@ -282,12 +287,15 @@ def evaluate_run(
     method: str = "iwae",
     ais_steps: int = 1000,
     num_chains: int = 16,
+    compile: bool | str | None = False,
 ) -> dict[str, Any]:
     """Estimates the negative log-likelihood of a run's model, per point.
 
     ``method="iwae"``: -L_k, the IWAE bound with ``num_samples`` particles, with
     the effective sample size and Pareto k-hat of each point's importance weights
-    (:func:`~pyro_iwae.log_likelihood_with_diagnostics`). ``method="ais"``:
+    (:func:`~pyro_iwae.log_likelihood_with_diagnostics`; ``compile``: True or a
+    ``torch.compile`` backend computes each chunk's log-weights in one compiled
+    graph, traced and compiled once per batch shape). ``method="ais"``:
     annealed importance sampling with ``ais_steps`` HMC steps and ``num_chains``
     chains (:func:`~pyro_iwae.ais_log_likelihood`); ``num_samples`` is unused.
 
@@ -363,7 +371,12 @@ def evaluate_run(
 
         def estimate(batch: torch.Tensor) -> torch.Tensor:
             d = log_likelihood_with_diagnostics(
-                model, guide, batch, num_samples=num_samples, chunk_size=chunk_size
+                model,
+                guide,
+                batch,
+                num_samples=num_samples,
+                chunk_size=chunk_size,
+                compile=compile,
             )
             return torch.stack([d.log_likelihood, d.ess, d.khat], -1)
 

@@ -23,10 +23,13 @@ from pyro_iwae.compiled import (
     CompiledLogLikelihood,
     CompiledLoss,
     CompileFallbackWarning,
+    cached_log_likelihood,
     compiled_loss,
 )
 from pyro_iwae.config import RunConfig
+from pyro_iwae.diagnostics import log_likelihood_with_diagnostics
 from pyro_iwae.evaluation import log_likelihood
+from pyro_iwae.runs import evaluate_run, read_estimates, train_run
 from pyro_iwae.schedules import ConfigError
 
 X_DIM = 12
@@ -219,6 +222,41 @@ def test_log_likelihood_matches_eager_when_the_chunk_divides_k():
     assert len(ll._graphs) == 1 and ll.compiled
 
 
+def test_log_likelihood_and_diagnostics_take_the_compiled_path():
+    torch.manual_seed(0)
+    model, guide = paper_architecture(1, x_dim=X_DIM)
+    x = _data(4)
+    torch.manual_seed(7)
+    eager = log_likelihood_with_diagnostics(model, guide, x, num_samples=60)
+    torch.manual_seed(7)
+    traced = log_likelihood_with_diagnostics(
+        model, guide, x, num_samples=60, compile=None
+    )
+    for a, b in zip(traced, eager, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    assert list(cached_log_likelihood(model, guide, None)._graphs)  # it ran there
+    torch.manual_seed(7)
+    estimate = log_likelihood(model, guide, x, num_samples=60, compile=None)
+    torch.testing.assert_close(estimate, eager.log_likelihood, rtol=1e-6, atol=1e-5)
+
+
+def test_eval_run_compiled_gives_the_eager_estimates(tmp_path):
+    config = RunConfig(
+        train_limit=100, test_limit=20, batch_size=50, num_particles=2, epochs=1
+    )
+    train_run(config, tmp_path)
+    options = dict(num_samples=40, chunk_size=20, limit=30, batch_size=20)
+    eager = evaluate_run(tmp_path, **options)
+    eager_estimates = read_estimates(tmp_path, eager)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", CompileFallbackWarning)  # no eager fallback
+        traced = evaluate_run(tmp_path, compile=None, **options)
+    torch.testing.assert_close(
+        read_estimates(tmp_path, traced), eager_estimates, rtol=1e-6, atol=1e-4
+    )
+    assert traced["diagnostics"] == pytest.approx(eager["diagnostics"], rel=1e-4)
+
+
 @slow
 @pytest.mark.parametrize("estimator", ["iwae", "dreg"])
 def test_inductor_gives_the_eager_loss_and_gradients(estimator):
@@ -293,3 +331,26 @@ def test_fit_compile_from_the_command_line(tmp_path):
     assert result.exit_code == 0, result.output
     assert "Warning" not in result.output  # compiled, no fallback
     assert RunConfig.load(tmp_path / "run").compile is True
+
+
+@slow
+def test_eval_nll_compile_from_the_command_line(tmp_path):
+    from click.testing import CliRunner
+
+    from pyro_iwae_cli.main import cli
+
+    run = tmp_path / "run"
+    args = ["fit", "--train-limit", "200", "--test-limit", "50", "--batch-size"]
+    args += ["50", "--particles", "2", "--epochs", "1", "--quiet", "--out", str(run)]
+    assert CliRunner().invoke(cli, args).exit_code == 0
+    evaluate = ["eval-nll", str(run), "--k", "200", "--chunk-size", "50"]
+    evaluate += ["--limit", "60", "--batch-size", "30", "--quiet"]
+    eager = CliRunner().invoke(cli, evaluate)
+    assert eager.exit_code == 0, eager.output
+    evaluation = {"estimates_file": "estimates-test-k200.txt"}
+    estimates = read_estimates(run, evaluation)
+    result = CliRunner().invoke(cli, [*evaluate, "--compile"])
+    assert result.exit_code == 0, result.output
+    assert "Warning" not in result.output  # compiled, no fallback
+    compiled = read_estimates(run, evaluation)
+    torch.testing.assert_close(compiled, estimates, rtol=1e-5, atol=1e-3)

@@ -53,9 +53,10 @@ SMALL = ["--train-limit", "100", "--test-limit", "20", "--batch-size", "50"]
 SMALL += ["--particles", "2", "--epochs", "1", "--quiet"]
 
 
-def test_cli_fits_the_sbn_with_vimco_and_names_vimco_otherwise(tmp_path):
+@pytest.mark.parametrize("layers", [1, 3])
+def test_cli_fits_the_sbn_with_vimco_and_names_vimco_otherwise(tmp_path, layers):
     out = tmp_path / "run"
-    sbn = ["fit", "--model", "sbn", "--guide", "sbn", *SMALL]
+    sbn = ["fit", "--model", "sbn", "--guide", "sbn", "--layers", layers, *SMALL]
     result = CliRunner().invoke(cli, [*sbn, "--estimator", "vimco", "--out", out])
     assert result.exit_code == 0, result.output
     config = json.loads((out / "config.json").read_text())
@@ -64,7 +65,20 @@ def test_cli_fits_the_sbn_with_vimco_and_names_vimco_otherwise(tmp_path):
         "sbn",
         "vimco",
     )
-    result = CliRunner().invoke(cli, [*sbn, "--out", tmp_path / "plain"])
+    assert config["stochastic_layers"] == layers
+    checkpoint = torch.load(out / "checkpoint.pt", weights_only=False)
+    names = " ".join(str(key) for key in checkpoint["model"])
+    assert names.count("latent_layers.") == 2 * (layers - 1)  # weight and bias
+    plain = tmp_path / "plain"
+    result = CliRunner().invoke(cli, [*sbn, "--out", plain])
     assert result.exit_code == 1
     assert "Error:" in result.output and "estimator='vimco'" in result.output
+    assert "Traceback" not in result.output
+    assert not (plain / "config.json").exists()  # refused before it was written
+
+
+def test_three_layers_are_for_the_sbn_only(tmp_path):
+    result = CliRunner().invoke(cli, ["fit", "--layers", "3", *SMALL])
+    assert result.exit_code != 0
+    assert "stochastic_layers must be 1 or 2" in result.output
     assert "Traceback" not in result.output

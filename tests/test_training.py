@@ -2,6 +2,7 @@
 
 import math
 
+import pyro
 import pytest
 import torch
 from small_run import BATCH, TEST, TRAIN, K
@@ -124,6 +125,26 @@ def test_bound_improves_over_epochs(small):
     train = [m["train_bound"] for m in history]
     assert test[-1] > test[0] + 10, test
     assert train[-1] > train[0] + 10, train
+
+
+def test_only_the_first_step_validates(small):
+    """Pyro's and torch's argument checks read values back (a host-device sync
+    each on CUDA): fit runs them on its first step only."""
+    model, guide = make_pair(small)
+    seen = []
+
+    def record(module, args):
+        validate_args = torch.distributions.Distribution._validate_args
+        seen.append((pyro.infer.util.is_validation_enabled(), validate_args))
+
+    guide.register_forward_pre_hook(record)
+    with pyro.validation_enabled(True):
+        objective = make_objective("iwae", K)
+        fit(model, guide, small, objective, schedule=[(1, 1e-3)], batch_size=BATCH)
+        assert torch.distributions.Distribution._validate_args  # restored
+    steps = TRAIN // BATCH
+    assert seen[0] == (True, True)
+    assert seen[1:steps] == [(False, False)] * (steps - 1)
 
 
 def test_callback_sees_steps_and_epochs(small):
