@@ -565,11 +565,12 @@ def fit(ctx: click.Context, **options: Any) -> None:
             data_dir=data_dir,
             callback=progress if distributed.is_main() else None,
         )
-    except ConfigError as e:
-        raise click.UsageError(e.render(_OPTION_NAMES)) from None
-    except DataError:
+    except Exception as e:
+        # A run refused before it was written leaves no empty folder behind.
         if created and not any(run_dir.iterdir()):
             run_dir.rmdir()
+        if isinstance(e, ConfigError):
+            raise click.UsageError(e.render(_OPTION_NAMES)) from None
         raise
     except KeyboardInterrupt:
         progress.close()
@@ -598,10 +599,12 @@ def fit(ctx: click.Context, **options: Any) -> None:
             f"{last['train_bound']:.2f}, test {test_text}"
         )
         epochs = last["epoch"]
+        compiling = sum(m.get("compile_time", 0.0) for m in history)
+        compiling = f", {compiling:.1f} s of it compiling" if compiling else ""
         click.echo(
             f"trained {epochs} epoch{'s' if epochs > 1 else ''} in "
             f"{last['elapsed']:.1f} s ({last['images_per_s']:.0f} img/s in the "
-            f"last); this call took {seconds:.1f} s"
+            f"last); this call took {seconds:.1f} s{compiling}"
         )
     click.echo(f"next: pyro-iwae eval-nll {run_dir} --k 5000")
 
@@ -772,7 +775,9 @@ def eval_nll(
         for name, count in result["active_units"].items()
     )
     click.echo(f"active units: {units}")
-    click.echo(f"time: {result['time']:.1f} s")
+    compiling = result["compile_time"]
+    compiling = f" ({compiling:.1f} s of it compiling)" if compiling else ""
+    click.echo(f"time: {result['time']:.1f} s{compiling}")
     folder = Path(result["file"]).parent
     click.echo(
         f"wrote {result['file']}, the per-point estimates "

@@ -152,6 +152,17 @@ def log_weight_chunks(
         yield LogWeights(particles.log_weights, particles.local_dims)
 
 
+def compile_seconds(compile: bool | str | None) -> float:
+    """:func:`pyro_iwae.compiled.compile_seconds` where ``compile`` (an objective's
+    or an evaluation's option) asks for compiled graphs; 0 where it is False, so
+    that the eager path need not import inductor."""
+    if compile is False:
+        return 0.0
+    from .compiled import compile_seconds as seconds
+
+    return seconds()
+
+
 def combine_chunks(chunks: Iterable[LogWeights], num_samples: int) -> torch.Tensor:
     """``log (1/K) sum_i w_i`` per point over the chunks of ``num_samples = K``
     particles, by a running logsumexp: ``[batch]`` (the data plate's shape)."""

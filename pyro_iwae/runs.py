@@ -41,7 +41,12 @@ from .checkpoints import (
 from .config import CONFIG_FILE, RunConfig
 from .data import DataError, Dataset, is_data_file, load_dataset, one_line
 from .diagnostics import KHAT_THRESHOLD, log_likelihood_with_diagnostics
-from .evaluation import count_active, latent_activity, warn_of_problems
+from .evaluation import (
+    compile_seconds,
+    count_active,
+    latent_activity,
+    warn_of_problems,
+)
 from .likelihoods import CONTINUOUS, support_problem
 from .objectives import IWELBO
 from .registry import BuilderError, build_guide, build_model
@@ -320,7 +325,8 @@ def evaluate_run(
     :returns: a dict: ``nll`` (mean, nats), ``stderr`` (std / sqrt(n), None for
         one point), ``bits_per_dim`` (``nll / (x_dim log 2)``, and its
         ``bits_per_dim_stderr``, for continuous likelihoods; None otherwise),
-        ``k``, ``split``, ``points``, ``time`` (s), ``active_units``
+        ``k``, ``split``, ``points``, ``time`` (s; ``compile_time`` of it spent
+        compiling graphs, with ``compile``), ``active_units``
         (site -> count), ``latent_units`` (site -> size), ``seed``, ``file``, and
         ``estimates_file``: the per-point estimates, one per line in nats, beside
         the JSON (see :func:`read_estimates`); ``method``, ``diagnostics`` (median
@@ -404,6 +410,7 @@ def evaluate_run(
             return torch.stack([a.log_likelihood, *values], -1)
 
     start = time.perf_counter()
+    compiled_before = compile_seconds(compile)
     results = distributed.sharded_map(
         estimate,
         points,
@@ -416,6 +423,7 @@ def evaluate_run(
         ),
     ).double()
     seconds = time.perf_counter() - start
+    compile_time = compile_seconds(compile) - compiled_before
     estimates = results[:, 0]
     if distributed.is_main():
         warn_of_problems(estimates)
@@ -454,6 +462,7 @@ def evaluate_run(
         "split": split,
         "points": n,
         "time": seconds,
+        "compile_time": compile_time,
         "diagnostics": diagnostics,
         "active_units": active,
         "latent_units": latent,

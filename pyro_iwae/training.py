@@ -43,7 +43,7 @@ from .checkpoints import (
     write_metrics,
 )
 from .data import Dataset, minibatches, one_line
-from .evaluation import dataset_log_likelihood
+from .evaluation import compile_seconds, dataset_log_likelihood
 from .networks import prepare_pyro_modules
 from .schedules import Schedule, as_schedule
 
@@ -119,7 +119,8 @@ def fit(
         ``lr``, ``k``, ``train_bound`` (mean over the epoch's steps, nats per
         point), ``test_bound`` (nats per point, None without test data),
         ``test_points``, ``time`` (s of training), ``images_per_s``,
-        ``eval_time`` (s), ``elapsed`` (s since the run began), ``steps``.
+        ``eval_time`` (s), ``compile_time`` (s of ``time`` spent compiling, with a
+        ``compile`` objective), ``elapsed`` (s since the run began), ``steps``.
     :raises TrainingDiverged: when the loss or a parameter is NaN or infinite;
         the last checkpoint (all finite) is kept.
     :raises CheckpointError: on ``resume`` without a usable checkpoint, or when
@@ -241,6 +242,7 @@ class _Fit:
         # The data generator's state at the start of the current epoch.
         self.epoch_rng: torch.Tensor | None = None
         self.first_step = True
+        self.compile_time_so_far = compile_seconds(getattr(objective, "compile", False))
 
     def run(self) -> list[dict[str, Any]]:
         """Starts or resumes the run and trains the epochs left; returns the
@@ -451,6 +453,7 @@ class _Fit:
             "time": train_time,
             "images_per_s": _rate(self.train.shape[0], train_time),
             "eval_time": eval_time,
+            "compile_time": self.compile_time(),
             "elapsed": position.elapsed,
             "steps": position.global_step,
         }
@@ -462,6 +465,13 @@ class _Fit:
         self.write_checkpoint(self.generator.get_state(), None)
         if self.callback is not None:
             self.callback.on_epoch_end(metrics)
+
+    def compile_time(self) -> float:
+        """Seconds spent tracing and compiling graphs since the last call (part of
+        the epoch's ``time``; 0 on the eager path)."""
+        now = compile_seconds(getattr(self.objective, "compile", False))
+        spent, self.compile_time_so_far = now - self.compile_time_so_far, now
+        return spent
 
     def test_bound(self) -> float | None:
         """The bound at the training k, mean over the test points (None: none)."""

@@ -75,6 +75,10 @@ def test_cli_fits_the_sbn_with_vimco_and_names_vimco_otherwise(tmp_path, layers)
     assert "Error:" in result.output and "estimator='vimco'" in result.output
     assert "Traceback" not in result.output
     assert not (plain / "config.json").exists()  # refused before it was written
+    runs = tmp_path / "runs"
+    result = CliRunner().invoke(cli, [*sbn, "--runs-dir", runs])
+    assert result.exit_code == 1 and "estimator='vimco'" in result.output
+    assert not runs.exists() or not any(runs.iterdir())  # no empty run folder
 
 
 def test_three_layers_are_for_the_sbn_only(tmp_path):
