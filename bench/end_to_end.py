@@ -4,7 +4,10 @@ Runs, as subprocesses, ``pyro-iwae fit`` for one epoch of the training set at
 each k, then ``pyro-iwae eval-nll --k 5000`` on the whole test set with the first
 run. Reports wall time, images per second and peak RSS of each command (its
 ``ru_maxrss``, measured as ``/usr/bin/time -v`` does); the commands' own output
-goes to stderr. With the defaults this takes many minutes.
+goes to stderr. ``--compile both`` runs every command eagerly and with
+``--compile``, and reports the seconds each spent compiling (from cold: inductor's
+cache is a fresh folder for each command). With the defaults this takes many
+minutes.
 
     python bench/end_to_end.py --data-dir /work/shared/data
     python bench/end_to_end.py --dataset mnist-mini --particles 5 --eval-k 100 \\
@@ -15,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shlex
 import shutil
 import subprocess
@@ -50,59 +54,74 @@ def check_cli() -> str | None:
 
 
 def fit_counts(run_dir: Path) -> dict:
-    """Images of the run's last epoch and the seconds the trainer's clock gave it."""
+    """Images of the run's last epoch, the seconds the trainer's clock gave it and
+    those it spent compiling."""
     try:
         last = (run_dir / "metrics.jsonl").read_text().strip().splitlines()[-1]
         metrics = json.loads(last)
         return {
             "images": round(metrics["images_per_s"] * metrics["time"]),
             "inner_s": metrics["time"],
+            "compile_s": metrics.get("compile_time", 0.0),
         }
     except (OSError, IndexError, KeyError, TypeError, ValueError):
-        return {"images": None, "inner_s": None}
+        return {"images": None, "inner_s": None, "compile_s": None}
 
 
 def eval_counts(run_dir: Path, k: int) -> dict:
-    """Test points of ``eval-nll`` and its own timing, from the JSON it writes."""
+    """Test points of ``eval-nll``, its own timing and its compile time, from the
+    JSON it writes."""
     try:
         result = json.loads((run_dir / f"eval-test-k{k}.json").read_text())
-        return {"images": result["points"], "inner_s": result["time"]}
+        return {
+            "images": result["points"],
+            "inner_s": result["time"],
+            "compile_s": result.get("compile_time", 0.0),
+        }
     except (OSError, KeyError, ValueError):
-        return {"images": None, "inner_s": None}
+        return {"images": None, "inner_s": None, "compile_s": None}
+
+
+def measured(command: list[str], work_dir: Path, compiled: bool) -> dict:
+    """``run_measured`` of ``command``; a compiled one gets a fresh inductor cache."""
+    env = dict(os.environ)
+    if compiled:
+        cache = work_dir / f"inductor-cache-{len(list(work_dir.glob('inductor-*')))}"
+        env["TORCHINDUCTOR_CACHE_DIR"] = str(cache)
+    return {
+        "command": shlex.join(command),
+        **run_measured(command, stdout=sys.stderr, env=env),
+    }
 
 
 def run(args: argparse.Namespace, work_dir: Path) -> list[dict]:
     data = ["--dataset", args.dataset]
     if args.data_dir:
         data += ["--data-dir", args.data_dir]
+    modes = {"off": [False], "on": [True], "both": [False, True]}[args.compile]
     results = []
-    for k in args.particles:
-        run_dir = work_dir / f"fit-k{k}"
-        command = [EXECUTABLE, "fit", *data, "--particles", str(k), "--epochs", "1"]
-        command += ["--seed", str(args.seed), "--out", str(run_dir), "--quiet"]
-        command += shlex.split(args.fit_args)
-        result = {
-            "command": shlex.join(command),
-            **run_measured(command, stdout=sys.stderr),
-        }
-        results.append({"step": f"fit, k = {k}", **fit_counts(run_dir), **result})
-    run_dir = work_dir / f"fit-k{args.particles[0]}"
-    command = [EXECUTABLE, "eval-nll", str(run_dir), "--k", str(args.eval_k)]
-    command += ["--limit", str(args.eval_limit), "--seed", str(args.seed), "--quiet"]
-    if args.data_dir:
-        command += ["--data-dir", args.data_dir]
-    command += shlex.split(args.eval_args)
-    result = {
-        "command": shlex.join(command),
-        **run_measured(command, stdout=sys.stderr),
-    }
-    results.append(
-        {
-            "step": f"eval-nll, k = {args.eval_k}",
-            **eval_counts(run_dir, args.eval_k),
-            **result,
-        }
-    )
+    for compiled in modes:
+        flag, label = (["--compile"], ", compiled") if compiled else ([], "")
+        for k in args.particles:
+            run_dir = work_dir / f"fit-k{k}{'-compiled' if compiled else ''}"
+            command = [EXECUTABLE, "fit", *data, "--particles", str(k), "--epochs"]
+            command += ["1", "--seed", str(args.seed), "--out", str(run_dir)]
+            command += ["--quiet", *flag, *shlex.split(args.fit_args)]
+            result = measured(command, work_dir, compiled)
+            step = f"fit, k = {k}{label}"
+            results.append({"step": step, **fit_counts(run_dir), **result})
+        run_dir = (
+            work_dir / f"fit-k{args.particles[0]}{'-compiled' if compiled else ''}"
+        )
+        command = [EXECUTABLE, "eval-nll", str(run_dir), "--k", str(args.eval_k)]
+        command += ["--limit", str(args.eval_limit), "--seed", str(args.seed)]
+        command += ["--quiet", *flag]
+        if args.data_dir:
+            command += ["--data-dir", args.data_dir]
+        command += shlex.split(args.eval_args)
+        result = measured(command, work_dir, compiled)
+        step = f"eval-nll, k = {args.eval_k}{label}"
+        results.append({"step": step, **eval_counts(run_dir, args.eval_k), **result})
     return results
 
 
@@ -115,6 +134,7 @@ def report(env: dict, results: list[dict]) -> str:
             r["images"] if r["images"] is not None else "?",
             f"{r['images'] / r['wall_s']:.0f}" if r["images"] else "?",
             f"{r['images'] / r['inner_s']:.0f}" if r["images"] else "?",
+            "?" if r["compile_s"] is None else f"{r['compile_s']:.1f}",
             f"{r['peak_rss_mib']:.0f}",
             r["returncode"],
         ]
@@ -128,6 +148,7 @@ def report(env: dict, results: list[dict]) -> str:
             "images",
             "images/s",
             "images/s (tool's clock)",
+            "of which compiling s",
             "peak RSS MiB",
             "exit",
         ],
@@ -144,7 +165,9 @@ def report(env: dict, results: list[dict]) -> str:
             "",
             "images/s is over the command's whole wall time (start-up, data loading "
             "and fit's per-epoch test bound included); the tool's clock is the "
-            "epoch time in fit's metrics.jsonl and the time in eval-nll's JSON. "
+            "epoch time in fit's metrics.jsonl and the time in eval-nll's JSON, "
+            "compile time included; 'of which compiling' is the part of the tool's "
+            "clock spent tracing and compiling graphs (from a cold inductor cache). "
             "Commands:",
             "",
             *commands,
@@ -162,6 +185,12 @@ def main(argv: list[str] | None = None) -> int:
         "--eval-limit", type=int, default=0, help="test points (0: all of them)"
     )
     parser.add_argument("--seed", type=int, default=0, help="passed to both commands")
+    parser.add_argument(
+        "--compile",
+        choices=["off", "on", "both"],
+        default="off",
+        help="run the commands eagerly, with --compile, or both ways",
+    )
     parser.add_argument("--fit-args", default="", help="extra options for fit")
     parser.add_argument("--eval-args", default="", help="extra options for eval-nll")
     parser.add_argument(
