@@ -49,6 +49,9 @@ def main() -> int:
     parser.add_argument("--skip-fit", action="store_true")
     parser.add_argument("--skip-eval", action="store_true")
     parser.add_argument("--json", metavar="PATH")
+    parser.add_argument(
+        "--note", default="", help="a line for the report (such as what else ran)"
+    )
     args = parser.parse_args()
     if shutil.which(EXECUTABLE) is None:
         print(f"{EXECUTABLE} is not on PATH (pip install -e .)", file=sys.stderr)
@@ -60,8 +63,7 @@ def main() -> int:
     info = environment(
         processes=args.processes,
         threads_per_process=1,
-        note="the 2 cores are shared with other developers' jobs: timings are "
-        "provisional (see the load averages)",
+        **({"note": args.note} if args.note else {}),
     )
     rows, results = [], {"environment": info, "runs": []}
     tmp = Path(tempfile.mkdtemp(prefix="bench-distributed-"))
