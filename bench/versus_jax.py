@@ -55,19 +55,20 @@ LL_THEIRS = ("jax-ll",)
 class Peer:
     """The JAX worker, over its stdin and stdout."""
 
-    def __init__(self, python: str, threads: int | None = None) -> None:
+    def __init__(self, python: str, cpus: set[int] | None = None) -> None:
         env = dict(os.environ)
-        if threads == 1:
+        if cpus is not None:
+            # XLA's flags alone still let its thread pool use every core (1.7
+            # cores measured on 2); the affinity holds it to ``cpus``.
             flags = "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
             env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " " + flags).strip()
-        elif threads is not None:
-            raise ValueError("--threads takes 1 (or nothing: each side's default)")
         self.process = subprocess.Popen(
             [python, str(HERE / "jax_peer.py")],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             text=True,
             env=env,
+            preexec_fn=None if cpus is None else lambda: os.sched_setaffinity(0, cpus),
         )
 
     def __call__(self, cmd: str, **fields) -> dict:
@@ -408,16 +409,19 @@ def main(argv: list[str] | None = None) -> None:
         type=int,
         choices=[1],
         default=None,
-        help="1: one thread on each side (torch.set_num_threads(1); XLA without "
-        "its multi-threaded Eigen), steadier on a loaded machine; default: each "
-        "side's own default (all cores)",
+        help="1: one core on each side (both processes pinned to the same CPU "
+        "with sched_setaffinity; torch.set_num_threads(1); XLA without its "
+        "multi-threaded Eigen); default: each side's own default (all cores)",
     )
     common.add_common_arguments(parser)
     args = parser.parse_args(argv)
+    cpus = None
     if args.threads:
+        cpus = {min(os.sched_getaffinity(0))}
+        os.sched_setaffinity(0, cpus)
         torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as tmp:
-        peer = Peer(args.jax_python, args.threads)
+        peer = Peer(args.jax_python, cpus)
         try:
             versions = peer("hello")
             env = common.environment(
@@ -431,7 +435,11 @@ def main(argv: list[str] | None = None) -> None:
                 warmup=args.warmup,
                 steps_per_round=args.steps,
                 jax_chunk=args.jax_chunk,
-                jax_threads="1 (XLA_FLAGS)" if args.threads else "default",
+                cores=(
+                    f"one, CPU {min(cpus)} for both sides (sched_setaffinity)"
+                    if cpus
+                    else "all, each side's default threads"
+                ),
             )
             out = run(args, peer, Path(tmp))
         finally:
