@@ -254,9 +254,8 @@ class _PrecomputedGrad(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_output):
         # One multi-tensor op: the per-tensor Python loop cost ~0.2 ms a step.
-        scaled = iter(
-            torch._foreach_mul([g for g in ctx.grads if g is not None], grad_output)
-        )
+        present = [g for g in ctx.grads if g is not None]
+        scaled = iter(torch._foreach_mul(present, grad_output) if present else ())
         grads = [None if g is None else next(scaled) for g in ctx.grads]
         return (None, None, *grads)
 
