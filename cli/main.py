@@ -349,12 +349,10 @@ def _check_dataset(ctx: click.Context, param: click.Parameter, value: str) -> st
     "as mypackage.guides:build_guide, or an entry point of group "
     "pyro_iwae.guides.",
 )
-@click.option(
+@_count_option(
     "--layers",
-    type=click.IntRange(min=1),
-    default=1,
-    show_default=True,
-    help="Stochastic layers: of the paper's architecture 1 (latent 50) or 2 "
+    1,
+    "Stochastic layers: of the paper's architecture 1 (latent 50) or 2 "
     "(latents 100 and 50); of --model sbn any number of 200 binary units each "
     "(3: the VIMCO paper's 200-200-200).",
 )
@@ -888,12 +886,10 @@ if __name__ == "__main__":  # pragma: no cover
 @click.option(
     "--report-only", is_flag=True, help="Write the table and plots; train nothing."
 )
-@click.option(
+@_count_option(
     "--jobs",
-    type=click.IntRange(min=1),
-    default=1,
-    show_default=True,
-    help="Runs trained at once, in separate processes that share the CPU cores "
+    1,
+    "Runs trained at once, in separate processes that share the CPU cores "
     "(no progress bars then). With few particles, 2 jobs of 1 thread train more "
     "images per second than 1 job of 2 threads.",
 )

@@ -597,11 +597,11 @@ class CompiledLogLikelihood(_GraphCache):
             yield from log_weight_chunks(
                 self.model,
                 self.guide,
-                args,
-                kwargs,
-                num_samples,
-                chunk_size,
-                self.max_plate_nesting,
+                *args,
+                num_samples=num_samples,
+                chunk_size=chunk_size,
+                max_plate_nesting=self.max_plate_nesting,
+                **kwargs,
             )
             return
         fn, noise_ops, local_dims = entry

@@ -160,12 +160,12 @@ def log_likelihood_with_diagnostics(
     for particles in log_weight_chunks(
         model,
         guide,
-        args,
-        kwargs,
-        num_samples,
-        chunk_size,
-        max_plate_nesting,
-        compile,
+        *args,
+        num_samples=num_samples,
+        chunk_size=chunk_size,
+        max_plate_nesting=max_plate_nesting,
+        compile=compile,
+        **kwargs,
     ):
         log_w = particles.log_weights
         chunk_w, chunk_w2 = log_w.logsumexp(0), (2 * log_w).logsumexp(0)

@@ -107,7 +107,14 @@ def log_likelihood(
     :returns: a tensor of shape ``[batch]`` (the data plate's size), in nats.
     """
     chunks = log_weight_chunks(
-        model, guide, args, kwargs, num_samples, chunk_size, max_plate_nesting, compile
+        model,
+        guide,
+        *args,
+        num_samples=num_samples,
+        chunk_size=chunk_size,
+        max_plate_nesting=max_plate_nesting,
+        compile=compile,
+        **kwargs,
     )
     return combine_chunks(chunks, num_samples)
 
@@ -123,18 +130,18 @@ class LogWeights(NamedTuple):
 def log_weight_chunks(
     model: Callable,
     guide: Callable,
-    args: tuple,
-    kwargs: dict,
+    *args: Any,
     num_samples: int,
-    chunk_size: int | None,
-    max_plate_nesting: int,
+    chunk_size: int | None = None,
+    max_plate_nesting: int = 1,
     compile: bool | str | None = False,
+    **kwargs: Any,
 ) -> Iterator[LogWeights]:
-    """The log-weights of :func:`particle_chunks`; with ``compile`` (True for
-    inductor, a ``torch.compile`` backend name, or None for the traced graph
-    uncompiled), those of a :class:`~pyro_iwae.compiled.CompiledLogLikelihood`
-    cached on the guide, which falls back to these with a warning for programs
-    it cannot compile.
+    """The log-weights of :func:`particle_chunks` for ``model(*args, **kwargs)``;
+    with ``compile`` (True for inductor, a ``torch.compile`` backend name, or None
+    for the traced graph uncompiled), those of a
+    :class:`~pyro_iwae.compiled.CompiledLogLikelihood` cached on the guide, which
+    falls back to these with a warning for programs it cannot compile.
     """
     if compile is not False:
         # compiled.py builds on this module, so it is imported on first use.
