@@ -44,6 +44,7 @@ from .diagnostics import KHAT_THRESHOLD, log_likelihood_with_diagnostics
 from .evaluation import (
     compile_seconds,
     count_active,
+    evaluating,
     latent_activity,
     warn_of_problems,
 )
@@ -188,8 +189,10 @@ def train_run(
         raise RunError(one_line(e)) from e
     objective = config.make_objective()
     if isinstance(objective, IWELBO):
-        # A guide the estimator cannot train fails here, before the run is written.
-        objective.check_guide(guide, data.train[:1].to(device))
+        # A guide the estimator cannot train fails here, before the run is written;
+        # in eval mode, so that no batch-norm statistics move before training.
+        with evaluating(guide):
+            objective.check_guide(guide, data.train[:1].to(device))
     if not resume and distributed.is_main():
         config.save(run_dir)
     return fit(
