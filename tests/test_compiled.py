@@ -19,6 +19,7 @@ import pytest
 import torch
 
 from pyro_iwae import CIWELBO, IWELBO, MIWELBO, PIWELBO, paper_architecture
+from pyro_iwae.checkpoints import read_metrics
 from pyro_iwae.compiled import (
     CompiledLogLikelihood,
     CompiledLoss,
@@ -255,6 +256,8 @@ def test_eval_run_compiled_gives_the_eager_estimates(tmp_path):
         read_estimates(tmp_path, traced), eager_estimates, rtol=1e-6, atol=1e-4
     )
     assert traced["diagnostics"] == pytest.approx(eager["diagnostics"], rel=1e-4)
+    # The time spent tracing (here; compiling with inductor) is reported apart.
+    assert eager["compile_time"] == 0 < traced["compile_time"] < traced["time"]
 
 
 @slow
@@ -331,6 +334,9 @@ def test_fit_compile_from_the_command_line(tmp_path):
     assert result.exit_code == 0, result.output
     assert "Warning" not in result.output  # compiled, no fallback
     assert RunConfig.load(tmp_path / "run").compile is True
+    (metrics,) = read_metrics(tmp_path / "run")
+    assert 0 < metrics["compile_time"] < metrics["time"]
+    assert "of it compiling" in result.output
 
 
 @slow
