@@ -549,19 +549,6 @@ class CompiledLogLikelihood(_GraphCache):
         super().__init__(model, guide, backend, compile_options, max_signatures)
         self.max_plate_nesting = max_plate_nesting
 
-    def eager(self, *args: Any, num_samples: int, chunk_size: int, **kwargs: Any):
-        from .evaluation import log_likelihood
-
-        return log_likelihood(
-            self.model,
-            self.guide,
-            *args,
-            num_samples=num_samples,
-            chunk_size=chunk_size,
-            max_plate_nesting=self.max_plate_nesting,
-            **kwargs,
-        )
-
     def __call__(
         self,
         *args: Any,
@@ -593,7 +580,9 @@ class CompiledLogLikelihood(_GraphCache):
         )
         chunk_size = min(chunk_size, num_samples)
         entry = self._graph(chunk_size, args, kwargs)
-        if entry is None:
+        # Without a data plate the eager path runs: its plate checks say what is
+        # wrong with the program.
+        if entry is None or not entry[2]:
             yield from log_weight_chunks(
                 self.model,
                 self.guide,
@@ -605,11 +594,6 @@ class CompiledLogLikelihood(_GraphCache):
             )
             return
         fn, noise_ops, local_dims = entry
-        if not local_dims:
-            raise ValueError(
-                "log_likelihood needs a data plate that encloses every sample site "
-                "of model and guide, to give one estimate per data point"
-            )
         tensors = [
             leaf
             for leaf in torch.utils._pytree.tree_leaves((args, kwargs))

@@ -171,9 +171,10 @@ def train_run(
     config.validate()  # before anything is written
     device = distributed.init(config.device)
     ranks = distributed.current()
+    objective = config.make_objective()
     if ranks is not None:
         distributed.check_batch_size(config.batch_size, ranks.world)
-        distributed.check_objective(config.make_objective())
+        distributed.check_objective(objective)
     run_dir = Path(run_dir)
     distributed.from_main(lambda: _check_run_dir(config, run_dir, resume))
     data = config.load_data(data_dir)
@@ -187,7 +188,6 @@ def train_run(
         model, guide = build_run(config, data.train_mean, device)
     except BuilderError as e:
         raise RunError(one_line(e)) from e
-    objective = config.make_objective()
     if isinstance(objective, IWELBO):
         # A guide the estimator cannot train fails here, before the run is written;
         # in eval mode, so that no batch-norm statistics move before training.
