@@ -10,6 +10,7 @@ with ``PYRO_IWAE_SLOW_TESTS=1``::
 
 from __future__ import annotations
 
+import functools
 import os
 import warnings
 
@@ -17,6 +18,7 @@ import pyro
 import pyro.distributions as dist
 import pytest
 import torch
+import torch.nn.functional as F
 
 from pyro_iwae import CIWELBO, IWELBO, MIWELBO, PIWELBO, paper_architecture
 from pyro_iwae.checkpoints import read_metrics
@@ -24,6 +26,8 @@ from pyro_iwae.compiled import (
     CompiledLogLikelihood,
     CompiledLoss,
     CompileFallbackWarning,
+    _bernoulli_log_prob_sum,
+    _group_bernoulli_sums,
     cached_log_likelihood,
     compiled_loss,
 )
@@ -360,3 +364,54 @@ def test_eval_nll_compile_from_the_command_line(tmp_path):
     assert "Warning" not in result.output  # compiled, no fallback
     compiled = read_estimates(run, evaluation)
     torch.testing.assert_close(compiled, estimates, rtol=1e-5, atol=1e-3)
+
+
+def _bce_sum(logits, target):
+    return F.binary_cross_entropy_with_logits(logits, target, reduction="none").sum(-1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_grouped_bernoulli_sum_is_the_log_density(dtype):
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(50, 784, generator=g) * 6
+    logits[0, :10] = torch.tensor([-1e4, 1e4, -90, 90, -20, 20, 0, 1e-8, -1e-8, 40])
+    binary = (torch.rand(50, 784, generator=g) < 0.3).double()
+    grey = torch.rand(50, 784, generator=g).double()
+    for target in (binary, grey):
+        exact = _bce_sum(logits.double(), target)
+        grouped = _bernoulli_log_prob_sum(logits.to(dtype), target.to(dtype), 14)
+        per_element = _bce_sum(logits.to(dtype), target.to(dtype))
+        if dtype == torch.float64:
+            torch.testing.assert_close(grouped, exact, rtol=1e-12, atol=1e-9)
+        else:  # float32 rounding: a few ulps, as the per-element sum's
+            error = (grouped.double() - exact).abs()
+            assert (error / exact).max() <= 4 * torch.finfo(torch.float32).eps
+            assert error.mean() <= 2 * (per_element.double() - exact).abs().mean()
+
+
+def test_the_evaluation_graph_takes_the_grouped_bernoulli_sum():
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    logits = torch.randn(3, 5, 784)
+    target = (torch.rand(784) < 0.5).float().expand(3, 5, 784)
+
+    def program(logits, target, size):
+        summed = _bce_sum(logits[..., :size], target[..., :size])
+        kept = [  # summed over another dim, weighted, reduced: not the pattern
+            F.binary_cross_entropy_with_logits(logits, target, reduction="none")
+            .sum(0)
+            .sum(),
+            F.binary_cross_entropy_with_logits(logits, target, weight=target),
+            F.binary_cross_entropy_with_logits(logits, target),
+        ]
+        return summed, *kept
+
+    for size, factors in [(784, 14), (12, 12), (17, None)]:
+        gm = make_fx(functools.partial(program, size=size))(logits, target)
+        _group_bernoulli_sums(gm)
+        calls = [n.args for n in gm.graph.nodes if n.target is _bernoulli_log_prob_sum]
+        assert [c[2] for c in calls] == ([factors] if factors else [])
+        bce = torch.ops.aten.binary_cross_entropy_with_logits.default
+        assert sum(n.target is bce for n in gm.graph.nodes) == 4 - len(calls)
+        for a, b in zip(gm(logits, target), program(logits, target, size), strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-4)
