@@ -48,8 +48,9 @@ class HandIWAE(nn.Module):
             mine.copy_(other)
         return self
 
-    def decoder_flops(self, particles: int) -> int:
-        """Matmul FLOPs of the decoder, forward and backward, for ``particles``.
+    def decoder_flops(self, particles: int, backward: bool = True) -> int:
+        """Matmul FLOPs of the decoder for ``particles``: forward and backward, or
+        forward alone (``backward=False``, as in evaluation).
 
         Forward is 2 FLOPs per multiply-add; backward twice that (gradients of
         the weights and of each layer's input, which reparameterised z needs).
@@ -59,7 +60,7 @@ class HandIWAE(nn.Module):
             for m in self.decoder
             if isinstance(m, nn.Linear)
         )
-        return 6 * macs * particles
+        return (6 if backward else 2) * macs * particles
 
     def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Mean and log standard deviation of q(z|x)."""

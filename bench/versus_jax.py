@@ -48,8 +48,10 @@ ADAM_EPS = 1e-4
 HERE = Path(__file__).resolve().parent
 OURS = ("iwelbo", "hand", "compiled", "compiled-fused", "compiled-adam")
 THEIRS = ("numpyro-svi", "jax-hand")
-LL_OURS = ("pyro_iwae", "compiled")
+LL_OURS = ("pyro_iwae", "compiled", "decoder-products")
 LL_THEIRS = ("jax-ll",)
+#: The estimators among LL_OURS (the rest are reference computations).
+LL = ("pyro_iwae", "compiled")
 
 
 class Peer:
@@ -179,6 +181,22 @@ def make_ours(name: str, x: torch.Tensor, k: int, init):
     return step, time.perf_counter() - start
 
 
+def decoder_products(hand: HandIWAE, rows: int, chunks: int):
+    """The decoder's three matrix products alone (no tanh, no log-density, no
+    noise), ``chunks`` times on ``rows`` rows: the most GFLOP/s the decoder can
+    reach in log_likelihood with these products."""
+    layers = [m for m in hand.decoder if isinstance(m, torch.nn.Linear)]
+    inputs = [torch.randn(rows, m.in_features) for m in layers]
+
+    def run() -> None:
+        with torch.no_grad():
+            for _ in range(chunks):
+                for layer, a in zip(layers, inputs, strict=True):
+                    torch.addmm(layer.bias, a, layer.weight.t())
+
+    return run
+
+
 def time_ours(step, steps: int) -> float:
     start = time.perf_counter()
     for _ in range(steps):
@@ -231,11 +249,12 @@ def run(args: argparse.Namespace, peer: Peer, tmp: Path) -> dict:
     images = common.load_test_images(args.dataset, args.data_dir, n_images)
     model, guide = paper_architecture(1)
     init = (model.state_dict(), guide.state_dict())
-    export(HandIWAE().load_from(model, guide), images, tmp / "init.npz")
+    hand = HandIWAE().load_from(model, guide)
+    export(hand, images, tmp / "init.npz")
     peer("load", path=str(tmp / "init.npz"))
     out = {"check": check_peer(peer, init, images, tmp), "train": [], "ll": []}
     setup = {}
-    for batch, k in itertools.product(args.batch, args.k):
+    for batch, k in itertools.product(args.batch, args.k) if args.train else ():
         x = images[:batch]
         ours, seconds = {}, {}
         for name in args.ours:
@@ -258,14 +277,19 @@ def run(args: argparse.Namespace, peer: Peer, tmp: Path) -> dict:
                 model, guide, x, num_samples=args.ll_k, chunk_size=args.ll_chunk
             ),
             "compiled": lambda: compiled(x, num_samples=args.ll_k, chunk_size=chunk),
+            "decoder-products": decoder_products(
+                hand, chunk * len(x), -(-args.ll_k // chunk)
+            ),
         }
         reply = peer(
             "ll", images=args.ll_images, num_samples=args.ll_k, chunk=args.jax_chunk
         )
         setup["log_likelihood"]["jax-ll"] = reply["compile_and_first_s"]
         ours = {name: estimators[name] for name in LL_OURS}
-        means = {name: fn().mean().item() for name, fn in ours.items()}
+        means = {name: fn().mean().item() for name, fn in ours.items() if name in LL}
         means["jax-ll"] = statistics.mean(reply["estimates"])
+        out["matmul"] = common.matmul_peak()
+        out["ll_decoder_gflop"] = hand.decoder_flops(len(x) * args.ll_k, False) / 1e9
         times = alternate(ours, peer, LL_THEIRS, args.ll_repeats, 0, 1)
         out["ll"] = summarise(
             times, images=args.ll_images, num_samples=args.ll_k, chunk=chunk
@@ -292,9 +316,6 @@ def report(env: dict, out: dict) -> str:
             + ", ".join(f"{name} {seconds:.1f}" for name, seconds in parts.items())
             for where, parts in out["setup_s"].items()
         ),
-        "",
-        "### Training step",
-        "",
     ]
     rows = [
         [
@@ -308,21 +329,16 @@ def report(env: dict, out: dict) -> str:
         ]
         for r in out["train"]
     ]
-    lines.append(
-        common.markdown_table(
-            [
-                "batch",
-                "k",
-                "variant",
-                "median ms",
-                "IQR ms",
-                "/ numpyro-svi",
-                "/ jax-hand",
-            ],
-            rows,
+    if rows:
+        lines += ["", "### Training step", ""]
+        headers = ["batch", "k", "variant", "median ms", "IQR ms"]
+        lines.append(
+            common.markdown_table([*headers, "/ numpyro-svi", "/ jax-hand"], rows)
         )
-    )
     if out["ll"]:
+        peak = out["matmul"]["peak_gflops"]
+        gflop = out["ll_decoder_gflop"]
+        mean = out["ll_mean_estimates"]
         rows = [
             [
                 r["images"],
@@ -332,7 +348,9 @@ def report(env: dict, out: dict) -> str:
                 f"{r['median_s']:.3f}",
                 f"{r['q1_s']:.3f}–{r['q3_s']:.3f}",
                 f"{r['vs_jax-ll']:.3f}",
-                f"{out['ll_mean_estimates'][r['variant']]:.2f}",
+                f"{gflop / r['median_s']:.1f}",
+                f"{100 * gflop / r['median_s'] / peak:.0f}%",
+                f"{mean[r['variant']]:.2f}" if r["variant"] in mean else "—",
             ]
             for r in out["ll"]
         ]
@@ -349,10 +367,19 @@ def report(env: dict, out: dict) -> str:
                     "median s",
                     "IQR s",
                     "/ jax-ll",
+                    "decoder GFLOP/s",
+                    "of peak",
                     "mean log p(x)",
                 ],
                 rows,
             ),
+            "",
+            f"Decoder GFLOP/s: the decoder's {gflop:.0f} GFLOP of matrix products "
+            "(forward) over the whole estimate's time; peak: "
+            f"{peak:.1f} GFLOP/s, the best of `torch.mm` {out['matmul']['size']}^2 "
+            f"(median {out['matmul']['median_gflops']:.1f}). `decoder-products` runs "
+            "those products alone (`addmm` on the same rows, nothing else): the "
+            "ceiling of that figure with these products.",
         ]
     targets = [
         (f"training step, batch {r['batch']}, k {r['k']}", r["vs_numpyro-svi"])
@@ -360,6 +387,14 @@ def report(env: dict, out: dict) -> str:
         if r["variant"] == "compiled-fused"
     ] + [
         (f"log_likelihood, K {r['num_samples']}", r["vs_jax-ll"])
+        for r in out["ll"]
+        if r["variant"] == "compiled"
+    ]
+    gemm_targets = [
+        (
+            f"decoder GFLOP/s in compiled log_likelihood, K {r['num_samples']}",
+            out["ll_decoder_gflop"] / r["median_s"] / out["matmul"]["peak_gflops"],
+        )
         for r in out["ll"]
         if r["variant"] == "compiled"
     ]
@@ -376,6 +411,11 @@ def report(env: dict, out: dict) -> str:
     lines += [
         f"- {what}: {value:.3f} ({'met' if value <= 1.0 else 'NOT met'})"
         for what, value in targets
+    ]
+    lines += [
+        f"- {what}: {100 * share:.0f}% of peak, target >= 60% "
+        f"({'met' if share >= 0.6 else 'NOT met'})"
+        for what, share in gemm_targets
     ]
     return "\n".join(lines)
 
@@ -394,7 +434,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=20, help="timed rounds")
     parser.add_argument("--warmup", type=int, default=2, help="untimed rounds")
     parser.add_argument("--steps", type=int, default=5, help="steps per round")
-    parser.add_argument("--ll-images", type=int, default=100)
+    parser.add_argument(
+        "--no-train",
+        dest="train",
+        action="store_false",
+        help="skip the training steps (log_likelihood only)",
+    )
+    parser.add_argument(
+        "--ll-images", type=int, default=100, help="0 skips log_likelihood"
+    )
     parser.add_argument("--ll-k", type=int, default=5000)
     parser.add_argument(
         "--ll-chunk",
