@@ -25,6 +25,11 @@ Each new input signature (shapes, dtypes, devices of the tensor arguments) is
 traced and compiled anew: tens of seconds on a 2-core CPU, once per shape. Pyro's
 validation runs in the eager check of the first call, not in the graph.
 
+On a GPU the compiled graph is replayed as a CUDA graph (inductor's CUDA-graph
+trees): one launch a step, and nothing read back to the host but what the
+caller asks for (``loss.item()``). Its outputs are copied out of the graph's
+memory pool, so they stay valid after the next call.
+
 Usage, as a drop-in for ``elbo.differentiable_loss``::
 
     loss_fn = CompiledLoss(IWELBO(num_particles=5), model, guide)
@@ -63,6 +68,7 @@ from .evaluation import (
     log_weight_chunks,
     resolve_chunk_size,
 )
+from .traces import cuda_devices
 
 __all__ = [
     "CompiledLogLikelihood",
@@ -269,18 +275,30 @@ def _compile(
     noise_ops: Sequence[tuple[Any, tuple, dict]],
 ) -> Callable:
     """``gm`` compiled: with inductor and no options, by inductor directly (no
-    TorchDynamo guards to check at every call: about 0.3 ms of a 7 ms step); else
-    by ``torch.compile``; ``backend=None`` leaves it as it is."""
+    TorchDynamo guards to check at every call: about 0.3 ms of a 7 ms step), as a
+    CUDA graph where every input is on a GPU; else by ``torch.compile``;
+    ``backend=None`` leaves it as it is."""
     if backend is None:
         return gm
     if backend == "inductor" and not options:
-        state = torch.random.get_rng_state()
-        try:
+        with torch.random.fork_rng(devices=cuda_devices(tuple(inputs), {})):
             noise = _draw(noise_ops)
-        finally:
-            torch.random.set_rng_state(state)
-        return torch._inductor.compile(gm, [*inputs, *noise])
+        if {t.device.type for t in inputs} != {"cuda"}:
+            return torch._inductor.compile(gm, [*inputs, *noise])
+        # One replay a call instead of a launch a kernel; shapes are static (a
+        # graph per input signature) and the noise is an input, drawn eagerly.
+        replay = torch._inductor.compile(
+            gm, [*inputs, *noise], options={"triton.cudagraphs": True}
+        )
+        return lambda *args: _own(replay(*args))
     return torch.compile(gm, backend=backend, fullgraph=True, dynamic=False, **options)
+
+
+def _own(outputs: Any) -> Any:
+    """The graph's outputs copied out of its CUDA-graph memory pool, which the next
+    replay overwrites (a caller may keep a chunk's log-weights, or call the loss
+    twice before ``backward``)."""
+    return torch.utils._pytree.tree_map_only(torch.Tensor, torch.clone, outputs)
 
 
 def _signature(args: tuple, kwargs: dict) -> tuple | None:
@@ -560,23 +578,18 @@ class CompiledLoss(_GraphCache):
         self, graph: _LossGraph, params: list[torch.Tensor], args: tuple, kwargs: dict
     ) -> torch.Tensor | None:
         """The compiled loss of this call if it and its gradients are the eager
-        ones, from the same noise; else None (the random state is then the eager
-        path's)."""
+        ones, from the same noise (CPU and GPU random states); else None."""
         trainable = [p for p, m in zip(params, graph.grad_mask, strict=True) if m]
-        state = torch.random.get_rng_state()
-        eager = self.eager(*args, **kwargs)
-        eager_grads = torch.autograd.grad(eager, trainable, allow_unused=True)
-        after = torch.random.get_rng_state()
-        torch.random.set_rng_state(state)
+        devices = cuda_devices((*params, *self._inputs(args, kwargs)), {})
+        with torch.random.fork_rng(devices=devices):
+            eager = self.eager(*args, **kwargs)
+            eager_grads = torch.autograd.grad(eager, trainable, allow_unused=True)
         compiled = self._run(graph, params, args, kwargs)
         compiled_grads = [g for g in compiled.grad_fn.grads if g is not None]
         ok = _close(compiled.detach(), eager.detach(), self.rtol)
         for e, c in zip(eager_grads, compiled_grads, strict=True):
             ok = ok and e is not None and _close(c, e, self.rtol)
-        if not ok:
-            torch.random.set_rng_state(after)
-            return None
-        return compiled
+        return compiled if ok else None
 
 
 def _describe(error: Exception) -> str:
