@@ -42,6 +42,14 @@ step "pyro-iwae eval-nll --cuda --k 5000 (1000 test points)"
 time pyro-iwae eval-nll "$runs/default" --k 5000 --cuda --quiet 2>&1
 end
 
+step "the compiled path on the GPU (CUDA graphs): fit --cuda --compile, 5 epochs"
+time pyro-iwae fit --cuda --compile --epochs 5 --out "$runs/compiled" 2>&1 | tail -4
+end
+
+step "eval-nll --cuda --compile --k 5000 (1000 test points; same run as above)"
+time pyro-iwae eval-nll "$runs/default" --k 5000 --cuda --compile --quiet 2>&1
+end
+
 step "the same run evaluated on this machine's CPU (16 cores), --limit 200"
 time pyro-iwae eval-nll "$runs/default" --k 5000 --limit 200 --quiet 2>&1
 end
