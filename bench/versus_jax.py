@@ -487,6 +487,8 @@ def main(argv: list[str] | None = None) -> None:
                 warmup=args.warmup,
                 steps_per_round=args.steps,
                 jax_chunk=args.jax_chunk,
+                ll_repeats=args.ll_repeats,
+                parts="train, log_likelihood" if args.train else "log_likelihood",
                 cores=(
                     f"one, CPU {min(cpus)} for both sides (sched_setaffinity)"
                     if cpus
