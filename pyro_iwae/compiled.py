@@ -6,10 +6,14 @@ first call for an input shape runs the Pyro program once under
 :func:`torch.fx.experimental.proxy_tensor.make_fx` (with fake tensors), which
 records the aten ops of the loss *and of its backward pass*, with the model's and
 guide's parameters as inputs and Pyro's machinery left out. The random draws of
-the program are lifted out of that graph and made eagerly, in the same order and
-with the same calls, so the compiled loss sees exactly the noise the eager loss
-would under the same seed. The rest is compiled once (``torch.compile``, inductor
-by default) and later calls run the compiled graph alone.
+the program (``randn``, ``rand``, and the in-place fills of fresh tensors with
+which ``torch.distributions`` reparameterise, as ``Normal.rsample``) are lifted
+out of that graph and made eagerly, in the same order and with the same calls, so
+the compiled loss sees exactly the noise the eager loss would under the same
+seed. (Draws whose arguments are tensors, as ``torch.bernoulli(probs)``, stay in
+the graph, where inductor draws them from its own generator.) The rest is
+compiled once (``torch.compile``, inductor by default) and later calls run the
+compiled graph alone.
 
 The graph bakes in the program's Python control flow, so it is only valid for
 programs whose structure depends on the shapes of their inputs alone. Tracing
@@ -139,9 +143,19 @@ def _lift_random_ops(gm: fx.GraphModule) -> list[tuple[Any, tuple, dict]]:
     last_input = [n for n in graph.nodes if n.op == "placeholder"][-1]
     lifted = []
     for node in list(graph.nodes):
-        if node.op != "call_function" or node.target not in _RANDOM_OPS:
+        if node.op != "call_function":
             continue
-        leaves = torch.utils._pytree.tree_leaves((node.args, node.kwargs))
+        if node.target in _RANDOM_OPS:
+            draw, drawn = (node.target, node.args, dict(node.kwargs)), [node]
+        elif _fills_fresh_tensor(node):
+            # torch.distributions' rsample: empty(shape).normal_(), as one draw.
+            empty = node.args[0]
+            fill_args = (empty.args, empty.kwargs, node.target, node.args[1:])
+            fill_args += (node.kwargs,)
+            draw, drawn = (_filled, fill_args, {}), [node, empty]
+        else:
+            continue
+        leaves = torch.utils._pytree.tree_leaves(draw[1:])
         if any(isinstance(a, fx.Node) for a in leaves):
             continue
         with graph.inserting_after(last_input):
@@ -149,11 +163,41 @@ def _lift_random_ops(gm: fx.GraphModule) -> list[tuple[Any, tuple, dict]]:
         last_input = placeholder
         placeholder.meta = dict(node.meta)
         node.replace_all_uses_with(placeholder)
-        graph.erase_node(node)
-        lifted.append((node.target, node.args, dict(node.kwargs)))
+        for dead in drawn:
+            graph.erase_node(dead)
+        lifted.append(draw)
     graph.lint()
     gm.recompile()
     return lifted
+
+
+#: In-place random fills that a fresh ``aten.empty`` may take.
+_RANDOM_FILLS = {torch.ops.aten.normal_.default, torch.ops.aten.uniform_.default}
+
+
+def _fills_fresh_tensor(node: fx.Node) -> bool:
+    """Whether ``node`` fills a tensor fresh from ``aten.empty`` that nothing else
+    uses with random numbers, as ``torch.empty(shape).normal_()``."""
+    if node.target not in _RANDOM_FILLS or not node.args:
+        return False
+    empty = node.args[0]
+    return (
+        isinstance(empty, fx.Node)
+        and empty.target is torch.ops.aten.empty.memory_format
+        and len(empty.users) == 1
+    )
+
+
+def _filled(
+    empty_args: tuple,
+    empty_kwargs: dict,
+    fill: Callable,
+    fill_args: tuple,
+    fill_kwargs: dict,
+) -> torch.Tensor:
+    """A lifted fill: the same ``aten.empty`` and in-place random ``fill``, eagerly."""
+    fresh = torch.ops.aten.empty.memory_format(*empty_args, **empty_kwargs)
+    return fill(fresh, *fill_args, **fill_kwargs)
 
 
 def _bernoulli_log_prob_sum(
@@ -175,8 +219,9 @@ def _bernoulli_log_prob_sum(
 
 def _group_bernoulli_sums(gm: fx.GraphModule) -> None:
     """Rewrites each ``sum(-1)`` of an elementwise ``binary_cross_entropy_with_logits``
-    (the Bernoulli log-density of an image, summed over its pixels) as
-    :func:`_bernoulli_log_prob_sum`.
+    (the Bernoulli log-density of an image, summed over its pixels: the paper
+    model's, or Pyro's ``Bernoulli(logits=...).to_event(1)``, with a ``neg`` and a
+    same-shape ``view`` in between) as :func:`_bernoulli_log_prob_sum`.
 
     In the compiled evaluation the per-pixel ``exp`` and ``log1p`` took 40% of
     the time; with one ``log`` per 14 pixels (784 = 14 x 56) that kernel runs
@@ -188,39 +233,67 @@ def _group_bernoulli_sums(gm: fx.GraphModule) -> None:
             continue
         names = ("self", "target", "weight", "pos_weight", "reduction")
         call = dict(zip(names, node.args, strict=False)) | node.kwargs
-        if call.get("weight") is not None or call.get("pos_weight") is not None:
-            continue
-        if call.get("reduction", 1) != 0 or len(node.users) != 1:
-            continue
-        (user,) = node.users
         value = node.meta.get("val")
         if (
-            user.target is not aten.sum.dim_IntList
-            or user.args[0] is not node
+            call.get("weight") is not None
+            or call.get("pos_weight") is not None
+            or call.get("reduction", 1) != 0
             or value is None
             or value.dtype not in (torch.float32, torch.float64)
-            or list(user.args[1]) not in ([-1], [value.dim() - 1])
-            or user.args[2:] not in ((), (False,))
-            or user.kwargs.get("dtype") is not None
         ):
             continue
+        found = _pixel_sum(node, value.shape)
         size = value.shape[-1]
         divisors = [f for f in range(16, 3, -1) if size % f == 0]
-        if not divisors:
+        if found is None or not divisors:
             continue
+        total, chain, negated = found
         # Whole vectors of 8 floats left after the products run fastest (784: 14).
         factors = next((f for f in divisors if size // f % 8 == 0), divisors[0])
-        logits, target = call["self"], call["target"]
-        with gm.graph.inserting_before(user):
+        with gm.graph.inserting_before(total):
             grouped = gm.graph.call_function(
-                _bernoulli_log_prob_sum, (logits, target, factors)
+                _bernoulli_log_prob_sum, (call["self"], call["target"], factors)
             )
-        grouped.meta = dict(user.meta)
-        user.replace_all_uses_with(grouped)
-        gm.graph.erase_node(user)
-        gm.graph.erase_node(node)
+            if negated:
+                grouped = gm.graph.call_function(aten.neg.default, (grouped,))
+        grouped.meta = dict(total.meta)
+        total.replace_all_uses_with(grouped)
+        for dead in [total, *reversed(chain)]:
+            gm.graph.erase_node(dead)
     gm.graph.lint()
     gm.recompile()
+
+
+def _pixel_sum(node: fx.Node, shape: torch.Size) -> tuple | None:
+    """``(sum, chain, negated)`` where ``node`` feeds nothing but ``sum(-1)``
+    through the single-use ``chain`` (``node`` first) of ``neg`` and same-shape
+    ``view`` nodes, ``negated`` if it holds an odd number of ``neg``; else None."""
+    aten = torch.ops.aten
+    chain, negated = [node], False
+    while len(chain[-1].users) == 1:
+        (user,) = chain[-1].users
+        value = user.meta.get("val")
+        if user.target is aten.neg.default:
+            negated = not negated
+        elif not (
+            user.target in (aten.view.default, aten.reshape.default)
+            and value is not None
+            and value.shape == shape
+        ):
+            break
+        chain.append(user)
+    if len(chain[-1].users) != 1:
+        return None
+    (total,) = chain[-1].users
+    if (
+        total.target is not aten.sum.dim_IntList
+        or total.args[0] is not chain[-1]
+        or list(total.args[1]) not in ([-1], [len(shape) - 1])
+        or total.args[2:] not in ((), (False,))
+        or total.kwargs.get("dtype") is not None
+    ):
+        return None
+    return total, chain, negated
 
 
 def _draw(noise_ops: Sequence[tuple[Any, tuple, dict]]) -> list[torch.Tensor]:

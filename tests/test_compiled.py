@@ -184,6 +184,54 @@ class _ParamGuide(torch.nn.Module):
         _param_guide(x)
 
 
+class _TorchNormalGuide(torch.nn.Module):
+    """A guide as Pyro users write it: torch's ``Normal``, whose ``rsample`` fills
+    a fresh tensor in place (``empty(shape).normal_()``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.loc = torch.nn.Linear(X_DIM, 2)
+        self.log_scale = torch.nn.Linear(X_DIM, 2)
+
+    def forward(self, x):
+        with pyro.plate("data", x.shape[0]):
+            scale = self.log_scale(x).exp()
+            pyro.sample("z", dist.Normal(self.loc(x), scale).to_event(1))
+
+
+def _seeded_ops(graph: torch.fx.Graph) -> list:
+    return [
+        n
+        for n in graph.nodes
+        if isinstance(n.target, torch._ops.OpOverload)
+        and torch.Tag.nondeterministic_seeded in n.target.tags
+    ]
+
+
+def test_every_random_draw_is_lifted_out_of_the_graph():
+    """torch.distributions' in-place fills leave the graph as ``randn`` does, so a
+    compiled backend cannot draw noise of its own: the compiled loss and
+    log-likelihood see the eager draws."""
+    torch.manual_seed(0)
+    model, guide = _SmallModel(), _TorchNormalGuide()
+    x = _data()
+    elbo = IWELBO(3, "dreg")
+    loss = CompiledLoss(elbo, model, guide, backend=None)
+    params = [*model.parameters(), *guide.parameters()]
+    _assert_same(loss, lambda x: elbo.differentiable_loss(model, guide, x), params, x)
+    ll = CompiledLogLikelihood(model, guide, backend=None)
+    torch.manual_seed(7)
+    ours = ll(x, num_samples=8, chunk_size=4)
+    torch.manual_seed(7)
+    eager = log_likelihood(model, guide, x, num_samples=8, chunk_size=4)
+    torch.testing.assert_close(ours, eager, rtol=1e-6, atol=1e-5)
+    graphs = [(g.fn.graph, g.noise_ops) for g in loss._graphs.values()]
+    graphs += [(fn.graph, noise_ops) for fn, noise_ops, _ in ll._graphs.values()]
+    assert len(graphs) == 2
+    for graph, noise_ops in graphs:
+        assert not _seeded_ops(graph) and len(noise_ops) == 1
+
+
 @pytest.mark.parametrize(
     "guide, message",
     [
@@ -281,6 +329,20 @@ def test_inductor_gives_the_eager_loss_and_gradients(estimator):
             rtol=1e-4,
             seed=seed,
         )
+    assert compiled.compiled
+
+
+@slow
+def test_inductor_keeps_the_draws_of_a_torch_distributions_guide():
+    torch.manual_seed(0)
+    model, guide = _SmallModel(), _TorchNormalGuide()
+    elbo = IWELBO(3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", CompileFallbackWarning)
+        compiled = CompiledLoss(elbo, model, guide)
+        params = [*model.parameters(), *guide.parameters()]
+        eager = lambda x: elbo.differentiable_loss(model, guide, x)  # noqa: E731
+        _assert_same(compiled, eager, params, _data(), rtol=1e-4)
     assert compiled.compiled
 
 
@@ -396,22 +458,27 @@ def test_the_evaluation_graph_takes_the_grouped_bernoulli_sum():
     target = (torch.rand(784) < 0.5).float().expand(3, 5, 784)
 
     def program(logits, target, size):
-        summed = _bce_sum(logits[..., :size], target[..., :size])
+        logits, pixels = logits[..., :size], target[..., :size]
+        rewritten = [  # ours; Pyro's (neg, then a same-shape view, then sum)
+            _bce_sum(logits, pixels),
+            dist.Bernoulli(logits=logits).to_event(1).log_prob(pixels),
+        ]
         kept = [  # summed over another dim, weighted, reduced: not the pattern
-            F.binary_cross_entropy_with_logits(logits, target, reduction="none")
+            F.binary_cross_entropy_with_logits(logits, pixels, reduction="none")
             .sum(0)
             .sum(),
-            F.binary_cross_entropy_with_logits(logits, target, weight=target),
-            F.binary_cross_entropy_with_logits(logits, target),
+            F.binary_cross_entropy_with_logits(logits, pixels, weight=pixels),
+            F.binary_cross_entropy_with_logits(logits, pixels),
         ]
-        return summed, *kept
+        return *rewritten, *kept
 
+    bce = torch.ops.aten.binary_cross_entropy_with_logits.default
     for size, factors in [(784, 14), (12, 12), (17, None)]:
-        gm = make_fx(functools.partial(program, size=size))(logits, target)
+        with pyro.validation_enabled(False):  # validation reads values
+            gm = make_fx(functools.partial(program, size=size))(logits, target)
         _group_bernoulli_sums(gm)
         calls = [n.args for n in gm.graph.nodes if n.target is _bernoulli_log_prob_sum]
-        assert [c[2] for c in calls] == ([factors] if factors else [])
-        bce = torch.ops.aten.binary_cross_entropy_with_logits.default
-        assert sum(n.target is bce for n in gm.graph.nodes) == 4 - len(calls)
+        assert [c[2] for c in calls] == ([factors] * 2 if factors else [])
+        assert sum(n.target is bce for n in gm.graph.nodes) == 5 - len(calls)
         for a, b in zip(gm(logits, target), program(logits, target, size), strict=True):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-4)
