@@ -93,16 +93,34 @@ def test_log_likelihood_on_cuda_is_within_standard_errors(lg):
     assert ((estimate - lg.log_marginal(x)).abs() < 4 * se + 1e-3).all()
 
 
+def _quiet_validation():
+    """Pyro's and torch's argument checks off (they read values back)."""
+    validate = torch.distributions.Distribution._validate_args
+    stack = contextlib.ExitStack()
+    stack.enter_context(pyro.validation_enabled(False))
+    torch.distributions.Distribution.set_default_validate_args(False)
+    stack.callback(torch.distributions.Distribution.set_default_validate_args, validate)
+    return stack
+
+
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
 @pytest.mark.parametrize("estimator", ["iwae", "dreg"])
-def test_training_steps_do_not_synchronise_with_the_host(estimator):
-    """After a warm-up step, loss, backward and Adam run without a device sync
-    (with Pyro's and torch's argument validation off: its checks read values)."""
+def test_training_steps_do_not_synchronise_with_the_host(estimator, compiled):
+    """After warm-up steps, loss, backward and Adam run without a device sync
+    (with Pyro's and torch's argument validation off: its checks read values).
+    Compiled: replayed as a CUDA graph (inductor skips none), with the eager loss
+    and gradients from the same noise."""
+    from torch._dynamo.utils import counters
+
     data = load_dataset("mnist-mini")
     model, guide = paper_architecture(1, data_mean=data.train_mean)
     model.cuda(), guide.cuda()
-    loss_fn = IWELBO(5, estimator)(model, guide)
-    optimizer = torch.optim.Adam(loss_fn.parameters(), lr=1e-3, eps=1e-4)
+    elbo = IWELBO(5, estimator)
+    loss_fn = CompiledLoss(elbo, model, guide) if compiled else elbo(model, guide)
+    params = [*model.parameters(), *guide.parameters()]
+    optimizer = torch.optim.Adam(params, lr=1e-3, eps=1e-4, fused=True)
     x = torch.bernoulli(data.train[:100]).cuda()
+    skips = counters["inductor"]["cudagraph_skips"]
 
     def step():
         optimizer.zero_grad()
@@ -111,18 +129,29 @@ def test_training_steps_do_not_synchronise_with_the_host(estimator):
         optimizer.step()
         return loss
 
-    validate = torch.distributions.Distribution._validate_args
-    with pyro.validation_enabled(False):
-        torch.distributions.Distribution.set_default_validate_args(False)
-        try:
+    with _quiet_validation():
+        for _ in range(3):  # compiled: trace and check, warm up, record
             step()
-            torch.cuda.set_sync_debug_mode("error")
+        torch.cuda.set_sync_debug_mode("error")
+        try:
             for _ in range(3):
                 loss = step()
         finally:
             torch.cuda.set_sync_debug_mode("default")
-            torch.distributions.Distribution.set_default_validate_args(validate)
-    assert math.isfinite(loss.item())
+        assert math.isfinite(loss.item())
+        assert counters["inductor"]["cudagraph_skips"] == skips
+        if not compiled:
+            return
+        assert loss_fn.compiled
+        grads = []
+        for fn in (loss_fn, loss_fn.eager):
+            optimizer.zero_grad()
+            torch.manual_seed(3)
+            loss = fn(x)
+            loss.backward()
+            grads.append([loss.detach(), *(p.grad.clone() for p in params)])
+    for a, b in zip(*grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4 * b.abs().max().item())
 
 
 def test_fit_eval_nll_sample_and_resume_with_cuda(tmp_path, monkeypatch):
@@ -163,62 +192,6 @@ def test_ais_and_diagnostics_on_cuda(lg):
     assert (error.abs() < 5 * result.stderr + 0.05).all(), (error, result.stderr)
     diagnostics = log_likelihood_with_diagnostics(lg.model, guide, x, num_samples=500)
     assert diagnostics.ess.is_cuda and (diagnostics.ess <= 500).all()
-
-
-def _quiet_validation():
-    """Pyro's and torch's argument checks off (they read values back)."""
-    validate = torch.distributions.Distribution._validate_args
-    stack = contextlib.ExitStack()
-    stack.enter_context(pyro.validation_enabled(False))
-    torch.distributions.Distribution.set_default_validate_args(False)
-    stack.callback(torch.distributions.Distribution.set_default_validate_args, validate)
-    return stack
-
-
-@pytest.mark.parametrize("estimator", ["iwae", "dreg"])
-def test_compiled_step_replays_a_cuda_graph_without_host_syncs(estimator):
-    """The compiled step on a GPU: the eager loss and gradients from the same
-    noise, run as a CUDA graph (inductor skips none), and the steps after the
-    recording read nothing back to the host."""
-    from torch._dynamo.utils import counters
-
-    data = load_dataset("mnist-mini")
-    model, guide = paper_architecture(1, data_mean=data.train_mean)
-    model.cuda(), guide.cuda()
-    elbo = IWELBO(5, estimator)
-    loss_fn = CompiledLoss(elbo, model, guide)
-    params = [*model.parameters(), *guide.parameters()]
-    optimizer = torch.optim.Adam(params, lr=1e-3, eps=1e-4, fused=True)
-    x = torch.bernoulli(data.train[:100]).cuda()
-    skips = counters["inductor"]["cudagraph_skips"]
-
-    def step():
-        optimizer.zero_grad()
-        loss = loss_fn(x) / x.shape[0]
-        loss.backward()
-        optimizer.step()
-        return loss
-
-    with _quiet_validation():
-        for _ in range(3):  # trace and check, warm up, record
-            step()
-        torch.cuda.set_sync_debug_mode("error")
-        try:
-            for _ in range(3):
-                loss = step()
-        finally:
-            torch.cuda.set_sync_debug_mode("default")
-        assert loss_fn.compiled and math.isfinite(loss.item())
-        assert counters["inductor"]["cudagraph_skips"] == skips
-        grads = []
-        for fn in (loss_fn, loss_fn.eager):
-            optimizer.zero_grad()
-            torch.manual_seed(3)
-            loss = fn(x)
-            loss.backward()
-            grads.append([loss.detach(), *(p.grad.clone() for p in params)])
-    for a, b in zip(*grads, strict=True):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4 * b.abs().max().item())
 
 
 def test_compiled_log_likelihood_on_cuda_matches_eager():
