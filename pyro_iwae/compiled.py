@@ -10,10 +10,12 @@ the program (``randn``, ``rand``, and the in-place fills of fresh tensors with
 which ``torch.distributions`` reparameterise, as ``Normal.rsample``) are lifted
 out of that graph and made eagerly, in the same order and with the same calls, so
 the compiled loss sees exactly the noise the eager loss would under the same
-seed. (Draws whose arguments are tensors, as ``torch.bernoulli(probs)``, stay in
-the graph, where inductor draws them from its own generator.) The rest is
-compiled once (``torch.compile``, inductor by default) and later calls run the
-compiled graph alone.
+seed. Draws whose arguments are tensors, as ``torch.bernoulli(probs)``, stay in
+the graph, where inductor draws them from its own generator: the loss's
+first-call check then fails and it falls back to the eager path; the
+log-likelihood stays compiled, a valid estimate from other draws than eager's.
+The rest is compiled once (``torch.compile``, inductor by default) and later
+calls run the compiled graph alone.
 
 The graph bakes in the program's Python control flow, so it is only valid for
 programs whose structure depends on the shapes of their inputs alone. Tracing
