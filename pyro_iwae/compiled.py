@@ -84,6 +84,7 @@ __all__ = [
     "compile_seconds",
     "compiled_loss",
     "compiled_log_likelihood",
+    "seeded_ops",
     "trace_graph",
 ]
 
@@ -332,6 +333,23 @@ _PARAM_MESSAGE = (
     "the program uses a trainable tensor that is neither a parameter of the model "
     "or guide module nor an input (pyro.param, or pyro.module inside a function)"
 )
+
+
+_SEEDED_MESSAGE = (
+    "the program draws random numbers from tensors it computes (as "
+    "torch.bernoulli(probs)); compiled, they would come from another generator "
+    "than the eager path's"
+)
+
+
+def seeded_ops(graph: fx.Graph) -> list[fx.Node]:
+    """The random ops left in ``graph`` (those whose draws could not be lifted)."""
+    return [
+        node
+        for node in graph.nodes
+        if isinstance(node.target, torch._ops.OpOverload)
+        and torch.Tag.nondeterministic_seeded in node.target.tags
+    ]
 
 
 class _NoParamStore(Messenger):
@@ -628,6 +646,8 @@ class CompiledLoss(_GraphCache):
         inputs = [t.detach() for t in tensors] + [leaves[i] for i in positions]
         with torch.enable_grad():
             gm, noise_ops = trace_graph(loss_and_grads, inputs)
+        if self.backend is not None and seeded_ops(gm.graph):
+            raise _Unsupported(_SEEDED_MESSAGE)
         full_mask = iter(grad_mask)
         mask = [w and next(full_mask) for w in wanted]
         fn = _compile(gm, self.backend, self.compile_options, inputs, noise_ops)

@@ -20,7 +20,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pyro_iwae import CIWELBO, IWELBO, MIWELBO, PIWELBO, paper_architecture
+from pyro_iwae import (
+    CIWELBO,
+    IWELBO,
+    MIWELBO,
+    PIWELBO,
+    paper_architecture,
+    sbn_architecture,
+)
 from pyro_iwae.checkpoints import read_metrics
 from pyro_iwae.compiled import (
     CompiledLogLikelihood,
@@ -29,7 +36,9 @@ from pyro_iwae.compiled import (
     _bernoulli_log_prob_sum,
     _group_bernoulli_sums,
     cached_log_likelihood,
+    compile_seconds,
     compiled_loss,
+    seeded_ops,
 )
 from pyro_iwae.config import RunConfig
 from pyro_iwae.diagnostics import log_likelihood_with_diagnostics
@@ -199,15 +208,6 @@ class _TorchNormalGuide(torch.nn.Module):
             pyro.sample("z", dist.Normal(self.loc(x), scale).to_event(1))
 
 
-def _seeded_ops(graph: torch.fx.Graph) -> list:
-    return [
-        n
-        for n in graph.nodes
-        if isinstance(n.target, torch._ops.OpOverload)
-        and torch.Tag.nondeterministic_seeded in n.target.tags
-    ]
-
-
 def test_every_random_draw_is_lifted_out_of_the_graph():
     """torch.distributions' in-place fills leave the graph as ``randn`` does, so a
     compiled backend cannot draw noise of its own: the compiled loss and
@@ -229,7 +229,20 @@ def test_every_random_draw_is_lifted_out_of_the_graph():
     graphs += [(fn.graph, noise_ops) for fn, noise_ops, _ in ll._graphs.values()]
     assert len(graphs) == 2
     for graph, noise_ops in graphs:
-        assert not _seeded_ops(graph) and len(noise_ops) == 1
+        assert not seeded_ops(graph) and len(noise_ops) == 1
+
+
+def test_draws_from_computed_tensors_fall_back_before_compiling():
+    """A Bernoulli guide (the SBN's, for VIMCO) draws from probabilities the graph
+    computes: refused after tracing, with a warning that says why, and without
+    spending the compile time."""
+    model, guide = sbn_architecture(1, x_dim=X_DIM)
+    compiled = CompiledLoss(IWELBO(3, estimator="vimco"), model, guide)
+    before = compile_seconds()
+    with pytest.warns(CompileFallbackWarning, match="random numbers from tensors"):
+        loss = compiled(_data())
+    assert not compiled.compiled and loss.requires_grad
+    assert compile_seconds() - before < 5  # traced (< 1 s), not compiled (> 10 s)
 
 
 @pytest.mark.parametrize(
