@@ -11,6 +11,7 @@ with ``PYRO_IWAE_SLOW_TESTS=1``::
 from __future__ import annotations
 
 import functools
+import math
 import os
 import warnings
 
@@ -34,7 +35,9 @@ from pyro_iwae.compiled import (
     CompiledLoss,
     CompileFallbackWarning,
     _bernoulli_log_prob_sum,
+    _cheaper_tanh,
     _group_bernoulli_sums,
+    _tanh,
     cached_log_likelihood,
     compile_seconds,
     compiled_loss,
@@ -495,3 +498,27 @@ def test_the_evaluation_graph_takes_the_grouped_bernoulli_sum():
         assert sum(n.target is bce for n in gm.graph.nodes) == 5 - len(calls)
         for a, b in zip(gm(logits, target), program(logits, target, size), strict=True):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_the_cheaper_tanh_is_tanh(dtype):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(10000, generator=g, dtype=torch.float64) * 4
+    special = [0.0, -0.0, 1e-30, -1e-30, 1e-4, 20.0, -20.0, 1e4, math.inf, -math.inf]
+    x = torch.cat([x, torch.tensor(special, dtype=torch.float64)])
+    ours = _tanh(x.to(dtype))
+    error = (ours.double() - torch.tanh(x)).abs().max()
+    assert error <= 2 * torch.finfo(dtype).eps
+    assert torch.equal(ours.signbit(), x.signbit())  # -0.0 stays -0.0
+    assert torch.isnan(_tanh(torch.tensor([math.nan], dtype=dtype))).all()
+
+
+def test_the_evaluation_graph_takes_the_cheaper_tanh():
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    x = torch.randn(5, 7)
+    gm = make_fx(lambda x: torch.tanh(torch.tanh(x) * 2))(x)
+    _cheaper_tanh(gm)
+    targets = [n.target for n in gm.graph.nodes]
+    assert targets.count(_tanh) == 2 and torch.ops.aten.tanh.default not in targets
+    torch.testing.assert_close(gm(x), torch.tanh(torch.tanh(x) * 2))
