@@ -731,8 +731,9 @@ class CompiledLogLikelihood(_GraphCache):
 
     One graph serves every chunk of a call: the last, partial chunk is drawn in
     full and its surplus particles dropped (so it draws more noise than the
-    eager path; with ``chunk_size`` dividing ``num_samples`` the draws, and the
-    estimates, are the eager ones). The chunks are combined eagerly
+    eager path; with ``chunk_size`` dividing ``num_samples`` the draws are the
+    eager ones, and the estimates too, to float rounding). The chunks are
+    combined eagerly
     (:func:`~pyro_iwae.evaluation.combine_chunks`, or the diagnostics of
     :func:`~pyro_iwae.log_likelihood_with_diagnostics`): a few small ops per
     chunk. Falls back to the eager path, with a warning, as
