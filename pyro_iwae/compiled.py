@@ -364,9 +364,9 @@ _PARAM_MESSAGE = (
 
 
 _SEEDED_MESSAGE = (
-    "the program draws random numbers from tensors it computes (as "
-    "torch.bernoulli(probs)); compiled, they would come from another generator "
-    "than the eager path's"
+    "the program draws random numbers with tensor arguments (as "
+    "torch.bernoulli(probs) or torch.randn_like(x)); compiled, they would come "
+    "from another generator than the eager path's"
 )
 
 
