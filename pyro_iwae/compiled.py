@@ -404,15 +404,28 @@ def _compile(
     if backend == "inductor" and not options:
         with torch.random.fork_rng(devices=cuda_devices(tuple(inputs), {})):
             noise = _draw(noise_ops)
+        examples = _static_fakes([*inputs, *noise])
         if {t.device.type for t in inputs} != {"cuda"}:
-            return torch._inductor.compile(gm, [*inputs, *noise])
+            return torch._inductor.compile(gm, examples)
         # One replay a call instead of a launch a kernel; shapes are static (a
         # graph per input signature) and the noise is an input, drawn eagerly.
         replay = torch._inductor.compile(
-            gm, [*inputs, *noise], options={"triton.cudagraphs": True}
+            gm, examples, options={"triton.cudagraphs": True}
         )
         return lambda *args: _own(replay(*args))
     return torch.compile(gm, backend=backend, fullgraph=True, dynamic=False, **options)
+
+
+def _static_fakes(tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """Fake copies of ``tensors`` with static shapes, in a fake mode with a shape
+    environment: inductor's on-disk graph cache needs one (with real example
+    inputs it makes a fake mode without, and compiles every graph anew in every
+    process)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.experimental.symbolic_shapes import ShapeEnv
+
+    mode = FakeTensorMode(shape_env=ShapeEnv(), allow_non_fake_inputs=True)
+    return [mode.from_tensor(t, static_shapes=True) for t in tensors]
 
 
 def _own(outputs: Any) -> Any:

@@ -363,6 +363,24 @@ def test_inductor_keeps_the_draws_of_a_torch_distributions_guide():
 
 
 @slow
+def test_a_second_compile_of_the_same_graph_hits_inductors_cache():
+    """The graphs carry a shape environment, so inductor's on-disk FX graph cache
+    serves a later process (or object) the same compiled code."""
+    from torch._dynamo.utils import counters
+
+    bypassed = counters["inductor"]["fxgraph_cache_bypass"]
+    for seed in (0, 1):  # other weights, the same graph
+        torch.manual_seed(seed)
+        model, guide = paper_architecture(1, x_dim=X_DIM)
+        hits = counters["inductor"]["fxgraph_cache_hit"]
+        compiled = CompiledLoss(IWELBO(2), model, guide)
+        compiled(_data())
+        assert compiled.compiled
+    assert counters["inductor"]["fxgraph_cache_hit"] > hits
+    assert counters["inductor"]["fxgraph_cache_bypass"] == bypassed
+
+
+@slow
 def test_inductor_log_likelihood_matches_eager():
     torch.manual_seed(0)
     model, guide = paper_architecture(1, x_dim=X_DIM)
