@@ -6,7 +6,9 @@ run. Reports wall time, images per second and peak RSS of each command (its
 ``ru_maxrss``, measured as ``/usr/bin/time -v`` does); the commands' own output
 goes to stderr. ``--compile both`` runs every command eagerly and with
 ``--compile``, and reports the seconds each spent compiling (from cold: inductor's
-cache is a fresh folder for each command). With the defaults this takes many
+cache is a fresh folder for each command); ``--compile warm`` runs the compiled
+commands twice, the second time with the inductor cache the first one filled
+(what later runs on the same machine pay). With the defaults this takes many
 minutes.
 
     python bench/end_to_end.py --data-dir /work/shared/data
@@ -82,12 +84,15 @@ def eval_counts(run_dir: Path, k: int) -> dict:
         return {"images": None, "inner_s": None, "compile_s": None}
 
 
-def measured(command: list[str], work_dir: Path, compiled: bool) -> dict:
-    """``run_measured`` of ``command``; a compiled one gets a fresh inductor cache."""
+def measured(command: list[str], work_dir: Path, cache: str | None) -> dict:
+    """``run_measured`` of ``command``; a compiled one gets a fresh inductor cache
+    (``cache="cold"``), or the one cache that every ``"shared"`` command uses."""
     env = dict(os.environ)
-    if compiled:
-        cache = work_dir / f"inductor-cache-{len(list(work_dir.glob('inductor-*')))}"
-        env["TORCHINDUCTOR_CACHE_DIR"] = str(cache)
+    if cache == "cold":
+        folder = work_dir / f"inductor-cache-{len(list(work_dir.glob('inductor-*')))}"
+        env["TORCHINDUCTOR_CACHE_DIR"] = str(folder)
+    elif cache == "shared":
+        env["TORCHINDUCTOR_CACHE_DIR"] = str(work_dir / "inductor-cache-shared")
     return {
         "command": shlex.join(command),
         **run_measured(command, stdout=sys.stderr, env=env),
@@ -98,28 +103,34 @@ def run(args: argparse.Namespace, work_dir: Path) -> list[dict]:
     data = ["--dataset", args.dataset]
     if args.data_dir:
         data += ["--data-dir", args.data_dir]
-    modes = {"off": [False], "on": [True], "both": [False, True]}[args.compile]
+    # (label, inductor cache) of each pass over the commands; "warm": every
+    # compiled command twice, the second time with the cache the first one filled.
+    passes = {
+        "off": [("", None)],
+        "on": [(", compiled", "cold")],
+        "both": [("", None), (", compiled", "cold")],
+        "warm": [(", compiled, cold cache", "shared"), (", compiled, warm", "shared")],
+    }[args.compile]
     results = []
-    for compiled in modes:
-        flag, label = (["--compile"], ", compiled") if compiled else ([], "")
+    for number, (label, cache) in enumerate(passes):
+        flag = ["--compile"] if cache else []
+        suffix = f"-{number}" if cache else ""
         for k in args.particles:
-            run_dir = work_dir / f"fit-k{k}{'-compiled' if compiled else ''}"
+            run_dir = work_dir / f"fit-k{k}{suffix}"
             command = [EXECUTABLE, "fit", *data, "--particles", str(k), "--epochs"]
             command += ["1", "--seed", str(args.seed), "--out", str(run_dir)]
             command += ["--quiet", *flag, *shlex.split(args.fit_args)]
-            result = measured(command, work_dir, compiled)
+            result = measured(command, work_dir, cache)
             step = f"fit, k = {k}{label}"
             results.append({"step": step, **fit_counts(run_dir), **result})
-        run_dir = (
-            work_dir / f"fit-k{args.particles[0]}{'-compiled' if compiled else ''}"
-        )
+        run_dir = work_dir / f"fit-k{args.particles[0]}{suffix}"
         command = [EXECUTABLE, "eval-nll", str(run_dir), "--k", str(args.eval_k)]
         command += ["--limit", str(args.eval_limit), "--seed", str(args.seed)]
         command += ["--quiet", *flag]
         if args.data_dir:
             command += ["--data-dir", args.data_dir]
         command += shlex.split(args.eval_args)
-        result = measured(command, work_dir, compiled)
+        result = measured(command, work_dir, cache)
         step = f"eval-nll, k = {args.eval_k}{label}"
         results.append({"step": step, **eval_counts(run_dir, args.eval_k), **result})
     return results
@@ -167,7 +178,8 @@ def report(env: dict, results: list[dict]) -> str:
             "and fit's per-epoch test bound included); the tool's clock is the "
             "epoch time in fit's metrics.jsonl and the time in eval-nll's JSON, "
             "compile time included; 'of which compiling' is the part of the tool's "
-            "clock spent tracing and compiling graphs (from a cold inductor cache). "
+            "clock spent tracing and compiling graphs (from a cold inductor cache "
+            "unless the step says warm). "
             "Commands:",
             "",
             *commands,
@@ -187,9 +199,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0, help="passed to both commands")
     parser.add_argument(
         "--compile",
-        choices=["off", "on", "both"],
+        choices=["off", "on", "both", "warm"],
         default="off",
-        help="run the commands eagerly, with --compile, or both ways",
+        help="run the commands eagerly, with --compile (each from a fresh inductor "
+        "cache), or both ways; warm: with --compile twice, the second time with "
+        "the cache the first filled",
     )
     parser.add_argument("--fit-args", default="", help="extra options for fit")
     parser.add_argument("--eval-args", default="", help="extra options for eval-nll")
