@@ -436,13 +436,15 @@ def _own(outputs: Any) -> Any:
 
 
 def _signature(args: tuple, kwargs: dict) -> tuple | None:
-    """A hashable key of the call: tensor shapes, dtypes and devices, other values
-    themselves; None if some value is not hashable."""
+    """A hashable key of the call: tensor shapes, strides, dtypes and devices,
+    other values themselves; None if some value is not hashable. (A compiled
+    graph is only valid for the memory layout it was compiled for.)"""
     leaves, spec = torch.utils._pytree.tree_flatten((args, kwargs))
     key = []
     for leaf in leaves:
         if isinstance(leaf, torch.Tensor):
-            key.append(("T", tuple(leaf.shape), leaf.dtype, leaf.device))
+            layout = (tuple(leaf.shape), leaf.stride(), leaf.dtype, leaf.device)
+            key.append(("T", *layout))
         else:
             try:
                 hash(leaf)

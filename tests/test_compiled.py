@@ -381,6 +381,24 @@ def test_a_second_compile_of_the_same_graph_hits_inductors_cache():
 
 
 @slow
+def test_inputs_of_another_memory_layout_get_their_own_graph():
+    """A graph asserts the strides it was compiled for: the same values in
+    column-major order get a graph of their own, not a failed assertion."""
+    torch.manual_seed(0)
+    model, guide = paper_architecture(1, x_dim=X_DIM)
+    x = _data(4)
+    columns = x.t().contiguous().t()
+    ll = CompiledLogLikelihood(model, guide)
+    for data in (x, columns):
+        torch.manual_seed(1)
+        ours = ll(data, num_samples=20, chunk_size=10)
+        torch.manual_seed(1)
+        eager = log_likelihood(model, guide, data, num_samples=20, chunk_size=10)
+        torch.testing.assert_close(ours, eager, rtol=1e-5, atol=1e-4)
+    assert len(ll._graphs) == 2 and ll.compiled
+
+
+@slow
 def test_inductor_log_likelihood_matches_eager():
     torch.manual_seed(0)
     model, guide = paper_architecture(1, x_dim=X_DIM)
