@@ -14,6 +14,7 @@ import contextlib
 import dataclasses
 import functools
 import io
+import logging
 import os
 import sys
 import time
@@ -111,6 +112,9 @@ def _library_errors(command: Callable) -> Callable:
 
     @functools.wraps(command)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
+        # torch logs "No CUDA runtime is found" when --compile loads its C++
+        # toolchain on a machine with a CUDA toolkit and no GPU: noise on the CPU.
+        logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
         rank = _rank()
         silent = contextlib.redirect_stdout(io.StringIO())
         with warnings.catch_warnings(), silent if rank else contextlib.nullcontext():

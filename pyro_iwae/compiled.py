@@ -532,7 +532,12 @@ class _GraphCache:
         global _compile_seconds
         start = time.perf_counter()
         try:
-            graph = build()
+            with warnings.catch_warnings():
+                # Raised inside inductor's own lowerings: nothing a user can act on.
+                warnings.filterwarnings(
+                    "ignore", "`torch._prims_common.check` is deprecated", FutureWarning
+                )
+                graph = build()
         except _Unsupported as error:
             self._disable(str(error))
             return None, False

@@ -399,6 +399,23 @@ def test_inputs_of_another_memory_layout_get_their_own_graph():
 
 
 @slow
+def test_compiling_a_zoo_guide_says_nothing_a_user_cannot_act_on():
+    """The low-rank guide's lowering makes torch warn of its own deprecated
+    helper; the compiled path keeps that from the user (and stays compiled)."""
+    from pyro_iwae.guides import LowRankGuide
+
+    torch.manual_seed(0)
+    model, _ = paper_architecture(1, x_dim=X_DIM)
+    guide = LowRankGuide(1, X_DIM)
+    ll = CompiledLogLikelihood(model, guide)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        ll(_data(4), num_samples=20, chunk_size=10)
+    assert ll.compiled
+    assert not [w for w in caught if issubclass(w.category, FutureWarning)]
+
+
+@slow
 def test_inductor_log_likelihood_matches_eager():
     torch.manual_seed(0)
     model, guide = paper_architecture(1, x_dim=X_DIM)
