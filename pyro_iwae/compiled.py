@@ -153,9 +153,8 @@ def _lift_random_ops(gm: fx.GraphModule) -> list[tuple[Any, tuple, dict]]:
         elif _fills_fresh_tensor(node):
             # torch.distributions' rsample: empty(shape).normal_(), as one draw.
             empty = node.args[0]
-            fill_args = (empty.args, empty.kwargs, node.target, node.args[1:])
-            fill_args += (node.kwargs,)
-            draw, drawn = (_filled, fill_args, {}), [node, empty]
+            fill = (empty.args, empty.kwargs, node.target, node.args[1:], node.kwargs)
+            draw, drawn = (_filled, fill, {}), [node, empty]
         else:
             continue
         leaves = torch.utils._pytree.tree_leaves(draw[1:])
@@ -443,8 +442,7 @@ def _signature(args: tuple, kwargs: dict) -> tuple | None:
     key = []
     for leaf in leaves:
         if isinstance(leaf, torch.Tensor):
-            layout = (tuple(leaf.shape), leaf.stride(), leaf.dtype, leaf.device)
-            key.append(("T", *layout))
+            key.append(("T", tuple(leaf.shape), leaf.stride(), leaf.dtype, leaf.device))
         else:
             try:
                 hash(leaf)
