@@ -14,7 +14,7 @@ from pyro.poutine.util import site_is_subsample
 
 from .networks import prepare_pyro_modules
 from .objectives import IWELBO, Particles
-from .traces import PARTICLE_PLATE, cuda_devices, latent_sites
+from .traces import PARTICLE_PLATE, check_not_empty, cuda_devices, latent_sites
 
 #: The paper's threshold on a latent unit's activity for it to count as active.
 ACTIVE_THRESHOLD = 0.01
@@ -257,18 +257,6 @@ def local_shape(local_dims: tuple[int, ...], tensor: torch.Tensor) -> torch.Tens
             "of model and guide"
         )
     return tensor.reshape([tensor.shape[d] for d in local_dims])
-
-
-def check_not_empty(args: tuple, kwargs: dict) -> None:
-    """:raises ValueError: if a tensor argument is an empty batch."""
-    named = [(f"argument {i + 1}", a) for i, a in enumerate(args)]
-    named += [(f"argument {k}", a) for k, a in kwargs.items()]
-    for name, value in named:
-        if isinstance(value, torch.Tensor) and value.dim() and not value.shape[0]:
-            raise ValueError(
-                f"log_likelihood got an empty batch ({name} has shape "
-                f"{list(value.shape)}); pass at least one data point"
-            )
 
 
 def _plate_problem(

@@ -19,6 +19,7 @@ from pyro.util import check_if_enumerated, check_model_guide_match, warn_if_nan
 from .traces import (
     PARTICLE_PLATE,
     aliased,
+    check_not_empty,
     common_scale,
     cuda_devices,
     data_plate_dims,
@@ -127,6 +128,12 @@ class IWELBO(ELBO):
                 f"num_particles must be an integer >= 1, got {num_particles}"
             )
         _check_vimco(estimator, num_particles)
+        if kwargs.get("jit_options") is not None or kwargs.get("ignore_jit_warnings"):
+            raise ValueError(
+                "IWELBO is not traced with torch.jit, so jit_options and "
+                "ignore_jit_warnings would be ignored; use compile=True for a "
+                "compiled loss"
+            )
         super().__init__(
             num_particles=num_particles,
             max_plate_nesting=max_plate_nesting,
@@ -257,6 +264,7 @@ class IWELBO(ELBO):
         self, model: Callable, guide: Callable, *args: Any, **kwargs: Any
     ) -> Particles:
         """Draws k particles from the guide and weighs them against the model."""
+        check_not_empty(args, kwargs, type(self).__name__)
         if self.max_plate_nesting == float("inf"):
             # The guess runs model and guide once; its draws must not shift the
             # random stream, or a seed would give another first value.
@@ -289,6 +297,9 @@ class IWELBO(ELBO):
                 strict=True,
             )
         )
+        if self._has_particle_plate and log_p.shape[0] != self.num_particles:
+            # No site depends on the particle: all k weights are the same.
+            log_p = log_p.expand((self.num_particles,) + log_p.shape[1:])
         score = None
         if self.estimator in SCORE_ESTIMATORS and torch.is_grad_enabled():
             # Computed apart from log_q (the sites' log-probs run twice), so that

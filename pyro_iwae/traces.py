@@ -49,6 +49,19 @@ class _DetachParams(Messenger):
             )
         msg["value"] = value.detach()
 
+    def _pyro_post_sample(self, msg: dict) -> None:
+        # A distribution may evaluate modules lazily in log_prob (a flow's
+        # inverse and log-determinant): evaluated later, it would see the live
+        # parameters again. So log q is computed here, while they are stopped.
+        if not msg["is_observed"] and not site_is_subsample(msg):
+            msg[STOPPED_LOG_PROB] = msg["fn"].log_prob(
+                msg["value"], *msg["args"], **msg["kwargs"]
+            )
+
+
+#: Key of a trace site's unscaled log-prob computed with its parameters stopped.
+STOPPED_LOG_PROB = "stopped_log_prob"
+
 
 @contextmanager
 def stopped_parameters(module: torch.nn.Module | None) -> Iterator[Callable | None]:
@@ -177,6 +190,8 @@ def common_scale(sites: list[dict], local_dims: tuple[int, ...]) -> Any:
             "every sample site, so the bound does not factor over its points; put "
             "all sample sites inside the sub-sampled plate or use full batches"
         )
+    if not sites:
+        return 1.0
     scale = sites[0]["scale"]
     for site in sites[1:]:
         if not _same_scale(site["scale"], scale):
@@ -229,9 +244,14 @@ def log_p_and_q(
                 )
     skip = {name for name, _ in prior_proposed}
     model_sites = [name for name in model_trace.nodes if name not in skip]
-    return (
-        _log_prob(model_trace, model_sites, plate_nesting, local_dims),
-        _log_prob(guide_trace, guide_latent, plate_nesting, local_dims),
+    log_p = _log_prob(model_trace, model_sites, plate_nesting, local_dims)
+    log_q = _log_prob(guide_trace, guide_latent, plate_nesting, local_dims)
+    # A program without sample sites contributes log 1 = 0 to each part.
+    like = log_p if log_p is not None else log_q
+    zero = torch.zeros(()) if like is None else like.new_zeros(())
+    return tuple(
+        zero.reshape((1,) * (plate_nesting + 1)) if part is None else part
+        for part in (log_p, log_q)
     )
 
 
@@ -251,19 +271,24 @@ def _log_prob(
     names: Collection[str],
     plate_nesting: int,
     local_dims: tuple[int, ...],
-) -> torch.Tensor:
+) -> torch.Tensor | None:
     """Unscaled log-prob of the trace's sample sites among ``names``, summed over
     all but the particle and data plate dims.
 
     :returns: a tensor of shape ``(particles,) + plate_shape``, one of length
-        ``plate_nesting + 1``, with particles 1 when particles are not vectorized.
+        ``plate_nesting + 1``, with particles 1 when particles are not vectorized;
+        None if there is no sample site among ``names``.
     """
     total = None
     for name in names:
         site = trace.nodes[name]
         if site["type"] != "sample":
             continue
-        log_prob = site["fn"].log_prob(site["value"], *site["args"], **site["kwargs"])
+        log_prob = site.get(STOPPED_LOG_PROB)
+        if log_prob is None:
+            log_prob = site["fn"].log_prob(
+                site["value"], *site["args"], **site["kwargs"]
+            )
         log_prob = scale_and_mask(log_prob, mask=site["mask"])
         if log_prob.dim() > plate_nesting + 1:
             raise ValueError(
@@ -283,8 +308,6 @@ def _log_prob(
         if sum_dims:
             log_prob = log_prob.sum(sum_dims, keepdim=True)
         total = log_prob if total is None else total + log_prob
-    if total is None:
-        raise ValueError("IWELBO found no sample sites in the model or the guide")
     return total
 
 
@@ -306,3 +329,15 @@ def cuda_devices(args: tuple, kwargs: dict) -> list[int]:
         if isinstance(t, torch.Tensor) and t.is_cuda
     ]
     return sorted({t.device.index for t in tensors})
+
+
+def check_not_empty(args: tuple, kwargs: dict, caller: str = "log_likelihood") -> None:
+    """:raises ValueError: if a tensor argument is an empty batch."""
+    named = [(f"argument {i + 1}", a) for i, a in enumerate(args)]
+    named += [(f"argument {k}", a) for k, a in kwargs.items()]
+    for name, value in named:
+        if isinstance(value, torch.Tensor) and value.dim() and not value.shape[0]:
+            raise ValueError(
+                f"{caller} got an empty batch ({name} has shape "
+                f"{list(value.shape)}); pass at least one data point"
+            )

@@ -6,7 +6,7 @@ import pyro
 import pyro.distributions as dist
 import pytest
 import torch
-from linear_gaussian import LATENT_DIM, SIGMA, PriorSiteModel
+from linear_gaussian import LATENT_DIM, SIGMA, LinearGaussian, PriorSiteModel
 from pyro import poutine
 from pyro.infer import SVI, RenyiELBO, Trace_ELBO
 from pyro.nn import PyroModule, PyroParam
@@ -627,3 +627,151 @@ def test_guessing_max_plate_nesting_does_not_shift_the_random_stream(lg):
     assert guessed == first_loss(IWELBO(5, max_plate_nesting=1))
     renyi = RenyiELBO(0, num_particles=5, max_plate_nesting=1, vectorize_particles=True)
     assert guessed == pytest.approx(first_loss(renyi), rel=1e-12)
+
+
+@pytest.fixture
+def float64_default():
+    """float64 as torch's default dtype: Pyro's autoregressive inverse starts from a
+    tensor of the default dtype, and its masked layers keep their masks in it."""
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(default)
+
+
+class FlowGuide(torch.nn.Module):
+    """A user's flow guide: N(0, I) through a Pyro flow module whose output layer is
+    zero (the identity for coupling), then affinely onto the exact posterior."""
+
+    def __init__(self, lg, flow):
+        super().__init__()
+        self.lg = lg
+        self.flow = flow
+        with torch.no_grad():
+            for name, p in flow.named_parameters():
+                if name.startswith("nn.layers.1") or name.startswith("arn.layers.1"):
+                    p.zero_()
+        self.tril = torch.nn.Parameter(torch.linalg.cholesky(lg.post_cov))
+
+    def forward(self, data):
+        with pyro.plate("data", data.shape[0]):
+            base = dist.Normal(data.new_zeros(LATENT_DIM), 1.0).to_event(1)
+            onto = dist.transforms.LowerCholeskyAffine(
+                self.lg.post_loc(data), self.tril
+            )
+            pyro.sample("z", dist.TransformedDistribution(base, [self.flow, onto]))
+
+
+def _renamed(lg, site):
+    """``lg``'s model with its latent site named ``site`` (the zoo's name)."""
+
+    def model(data):
+        with pyro.plate("data", data.shape[0]):
+            z = pyro.sample(
+                site, dist.Normal(data.new_zeros(LATENT_DIM), 1.0).to_event(1)
+            )
+            pyro.sample(
+                "x", dist.Normal(z @ lg.W.T + lg.b, SIGMA).to_event(1), obs=data
+            )
+
+    return model
+
+
+def zoo_flow_at_posterior(name, x):
+    """The zoo's ``iaf`` or ``coupling`` guide set to the exact (diagonal) posterior
+    of x's single point: the encoder outputs a constant, and the flows, with zero
+    output layers, are a fixed scaled permutation M, undone in the base."""
+    from pyro_iwae.guides import ZOO
+
+    lg = LinearGaussian(diagonal_posterior=True)
+    guide = ZOO[name](1, x.shape[-1], hidden=[4], latent_dim=LATENT_DIM)
+    with torch.no_grad():
+        for flow in guide.flows:
+            for layer_name, p in flow.named_parameters():
+                if ".layers.1" in layer_name:
+                    p.zero_()
+        m = lg.post_loc(x[:1])[0]
+        s = lg.post_cov.diagonal().sqrt()
+        M = dist.TransformedDistribution(
+            dist.Normal(torch.zeros(2, dtype=x.dtype), 1.0), guide.transforms()
+        ).transforms
+        basis = torch.eye(LATENT_DIM, dtype=x.dtype)
+        for t in M:
+            basis = t(basis)
+        inverse = torch.linalg.inv(basis)
+        out = guide.layers[0].out
+        out.weight.zero_()
+        out.bias.copy_(torch.cat([m @ inverse, (s @ inverse).abs().log()]))
+    return lg, guide
+
+
+@pytest.mark.parametrize(
+    "flow", ["coupling", "autoregressive", "zoo-iaf", "zoo-coupling"]
+)
+def test_stl_and_dreg_vanish_at_the_posterior_for_guides_with_flow_modules(
+    lg, flow, float64_default
+):
+    """Flows evaluate their networks lazily in log_prob; with phi stopped only while
+    the guide runs, STL and DReG gave the plain gradient to the flows' parameters
+    (max |g| 1.7 to 15 in issue 22)."""
+    import pyro.distributions.transforms as T
+
+    pyro.set_rng_seed(0)
+    if flow.startswith("zoo-"):
+        x = LinearGaussian(diagonal_posterior=True).sample_data(1).expand(6, -1)
+        lg, guide = zoo_flow_at_posterior(flow[4:], x)
+        model = _renamed(lg, "z1")
+    else:
+        x = lg.sample_data(6)
+        make = T.affine_coupling if flow == "coupling" else T.affine_autoregressive
+        model, guide = lg.model, FlowGuide(lg, make(LATENT_DIM, hidden_dims=[4]))
+    log_w = IWELBO(7).particles(model, guide, x).log_weights
+    assert torch.allclose(log_w, lg.log_marginal(x).expand_as(log_w))
+    params = list(guide.parameters())
+    for estimator in ("iwae", "stl", "dreg"):
+        loss = IWELBO(5, estimator).differentiable_loss(model, guide, x)
+        grads = torch.autograd.grad(loss, params, allow_unused=True)
+        largest = max(g.abs().max().item() for g in grads if g is not None)
+        if estimator == "iwae":
+            assert largest > 1e-2
+        else:
+            assert largest < 1e-9, (estimator, largest)
+
+
+def _observed_only_model(data):
+    loc = pyro.param("loc", data.new_tensor(0.3))
+    with pyro.plate("data", data.shape[0]):
+        pyro.sample("x", dist.Normal(loc, 1.0), obs=data)
+
+
+def _nothing(data):
+    pass
+
+
+@pytest.mark.parametrize("vectorize", [True, False])
+@pytest.mark.parametrize("k", [1, 4])
+def test_a_model_without_latent_sites_has_log_p_x_as_its_bound(vectorize, k):
+    """With no latent site every weight is p(x): L_k = log p(x) for any k, value and
+    gradient equal to Trace_ELBO's; an empty model and guide give 0."""
+    x = torch.tensor([0.5, -1.0, 2.0], dtype=torch.float64)
+    elbo = IWELBO(k, vectorize_particles=vectorize)
+    loss = elbo.differentiable_loss(_observed_only_model, _nothing, x)
+    loc = pyro.param("loc")
+    expected = -dist.Normal(loc, 1.0).log_prob(x).sum()
+    assert torch.allclose(loss, expected)
+    (grad,) = torch.autograd.grad(loss, [loc.unconstrained()])
+    (reference,) = torch.autograd.grad(
+        Trace_ELBO().differentiable_loss(_observed_only_model, _nothing, x),
+        [loc.unconstrained()],
+    )
+    assert torch.allclose(grad, reference)
+    assert elbo.loss(_nothing, _nothing, x) == 0.0
+    assert elbo.loss_and_grads(_nothing, _nothing, x) == 0.0
+
+
+def test_bad_calls_are_refused_in_one_line(lg):
+    model, guide = paper_architecture()
+    with pytest.raises(ValueError, match=r"IWELBO got an empty batch .*\[0, 784\]"):
+        IWELBO(5).loss(model, guide, torch.zeros(0, 784))
+    with pytest.raises(ValueError, match="jit_options"):
+        IWELBO(5, jit_options={"check_trace": False})
