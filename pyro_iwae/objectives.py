@@ -18,12 +18,15 @@ from pyro.util import check_if_enumerated, check_model_guide_match, warn_if_nan
 
 from .traces import (
     PARTICLE_PLATE,
+    TieGlobals,
     aliased,
     check_not_empty,
     common_scale,
     cuda_devices,
     data_plate_dims,
     detached_distribution,
+    global_latent_names,
+    is_subsampled,
     latent_sites,
     log_p_and_q,
     reweight_paths,
@@ -48,6 +51,8 @@ ESTIMATORS = ("iwae", "stl", "dreg", "vimco", "reinforce")
 SCORE_ESTIMATORS = ("vimco", "reinforce")
 #: Estimators that evaluate log q at stopped guide parameters.
 _STOPPED_ESTIMATORS = ("stl", "dreg")
+#: How latent sites outside the data plate enter the bound.
+GLOBAL_LATENTS = ("auto", "joint", "factor")
 
 
 class Particles(NamedTuple):
@@ -60,7 +65,10 @@ class Particles(NamedTuple):
     tensor); ``traces`` the ``(model_trace, guide_trace)`` pairs, one per
     Python-level particle. ``score_log_prob``, of the same shape, is the log q of
     the guide sites without ``rsample``, made only for a score-function estimator
-    when gradients are recorded (else None).
+    when gradients are recorded (else None). ``global_log_weight``, of shape
+    ``(k,) + (1,) * len(plate_shape)``, is ``log p - log q`` of the global latent
+    sites under ``global_latents="factor"`` (each at its own scale; equal within a
+    group of particles that shares them), else None.
     """
 
     log_weights: torch.Tensor
@@ -69,6 +77,7 @@ class Particles(NamedTuple):
     local_dims: tuple[int, ...]
     traces: list[tuple[Trace, Trace]]
     score_log_prob: torch.Tensor | None = None
+    global_log_weight: torch.Tensor | None = None
 
 
 class IWELBO(ELBO):
@@ -116,8 +125,14 @@ class IWELBO(ELBO):
         vectorize_particles: bool = True,
         max_plate_nesting: int = 1,
         compile: bool | str | None = False,
+        global_latents: str = "auto",
         **kwargs: Any,
     ) -> None:
+        if global_latents not in GLOBAL_LATENTS:
+            raise ValueError(
+                f"unknown global_latents {global_latents!r}; "
+                f"choose one of {', '.join(GLOBAL_LATENTS)}"
+            )
         if estimator not in ESTIMATORS:
             raise ValueError(
                 f"unknown estimator {estimator!r}; "
@@ -142,6 +157,9 @@ class IWELBO(ELBO):
         )
         self.estimator = estimator
         self.compile = compile
+        self.global_latents = global_latents
+        # The global latent sites the last call tied across particles.
+        self._tied: tuple[str, ...] = ()
         self._guide_module: torch.nn.Module | None = None
         self._particle_plate: tuple[tuple[int, int], pyro.plate] | None = None
 
@@ -162,6 +180,20 @@ class IWELBO(ELBO):
         return self._particle_plate[1](fn)
 
     def _get_trace(
+        self, model: Callable, guide: Callable, args: tuple, kwargs: dict
+    ) -> tuple[Trace, Trace]:
+        if not (self._tied and self._has_particle_plate):
+            return self._get_untied_trace(model, guide, args, kwargs)
+        # Outside the tracers, so that they record the tied values.
+        with TieGlobals(
+            self._tied,
+            self.num_particles,
+            self._global_group_size,
+            -self.max_plate_nesting,
+        ):
+            return self._get_untied_trace(model, guide, args, kwargs)
+
+    def _get_untied_trace(
         self, model: Callable, guide: Callable, args: tuple, kwargs: dict
     ) -> tuple[Trace, Trace]:
         guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
@@ -244,7 +276,9 @@ class IWELBO(ELBO):
                     "fn": stopped_fn,
                 }
                 return replay_trace
-        with stopped_parameters(self._guide_module) as call:
+        # The global latents are parameters of the local sites' q: held constant
+        # there too (their own log q keeps its path).
+        with stopped_parameters(self._guide_module, self._tied) as call:
             if call is not None:
                 guide = (
                     self._vectorized_num_particles(call)
@@ -254,10 +288,13 @@ class IWELBO(ELBO):
             stopped_trace = poutine.trace(
                 poutine.replay(guide, trace=replay_trace)
             ).get_trace(*args, **kwargs)
-        # Keep the first run's param sites: they carry the trainable tensors.
+        # Keep the first run's param sites: they carry the trainable tensors; and
+        # the global latents' live values, for the model.
         for name, site in guide_trace.nodes.items():
             if site["type"] == "param":
                 stopped_trace.nodes[name] = site
+            elif name in self._tied and name in stopped_trace.nodes:
+                stopped_trace.nodes[name]["value"] = replay_trace.nodes[name]["value"]
         return stopped_trace
 
     def particles(
@@ -270,47 +307,88 @@ class IWELBO(ELBO):
             # random stream, or a seed would give another first value.
             with torch.random.fork_rng(devices=cuda_devices(args, kwargs)):
                 self._guess_max_plate_nesting(model, guide, args, kwargs)
+        traces = self._traces(model, guide, args, kwargs)
+        sites = _sample_sites(traces[0])
+        local_dims, global_names = self._split_sites(sites)
+        if tuple(global_names) != self._tied and self._has_particle_plate:
+            # The sites to tie are known once the program has run: run it again.
+            self._tied = tuple(global_names)
+            traces = self._traces(model, guide, args, kwargs)
+            sites = _sample_sites(traces[0])
+        _check_global_sites(traces[0][1], global_names)
+        return self._weigh(traces, sites, local_dims, global_names)
+
+    def _traces(
+        self, model: Callable, guide: Callable, args: tuple, kwargs: dict
+    ) -> list[tuple[Trace, Trace]]:
         # _get_trace sees the guide wrapped in the particle plate; stl and dreg need
         # the module itself to re-run it with its parameters stopped.
         self._guide_module = guide if isinstance(guide, torch.nn.Module) else None
         try:
-            traces = list(self._get_traces(model, guide, args, kwargs))
+            return list(self._get_traces(model, guide, args, kwargs))
         finally:
             self._guide_module = None
+
+    def _split_sites(self, sites: list[dict]) -> tuple[tuple[int, ...], list[str]]:
+        """The data plate dims and the global latent sites (none for the joint
+        bound): under ``"factor"``, or ``"auto"`` with a sub-sampled data plate,
+        the data plate is the one that encloses every observed site."""
+        if self.global_latents != "joint":
+            local_dims = data_plate_dims([s for s in sites if s["is_observed"]])
+            global_names = global_latent_names(sites, local_dims) if local_dims else []
+            if global_names and (
+                self.global_latents == "factor" or is_subsampled(sites, local_dims)
+            ):
+                if self.num_particles > 1 and not self.vectorize_particles:
+                    raise ValueError(
+                        "global latent sites (here "
+                        f"{global_names[0]!r}) are shared by the particles only "
+                        "with vectorize_particles=True"
+                    )
+                return local_dims, global_names
+        return data_plate_dims(sites), []
+
+    def _weigh(
+        self,
+        traces: list[tuple[Trace, Trace]],
+        sites: list[dict],
+        local_dims: tuple[int, ...],
+        global_names: list[str],
+    ) -> Particles:
         plate_nesting = self.max_plate_nesting - int(self._has_particle_plate)
-        sites = [
-            site
-            for pair in traces[:1]
-            for trace in pair
-            for site in trace.nodes.values()
-            if site["type"] == "sample"
-        ]
-        local_dims = data_plate_dims(sites)
-        scale = common_scale(sites, local_dims)
-        log_p, log_q = (
-            _cat(parts)
-            for parts in zip(
-                *(
-                    log_p_and_q(model_trace, guide_trace, plate_nesting, local_dims)
-                    for model_trace, guide_trace in traces
-                ),
-                strict=True,
-            )
+        scale = common_scale(
+            [s for s in sites if s["name"] not in global_names], local_dims
         )
+        parts = [
+            log_p_and_q(*pair, plate_nesting, local_dims, scale, global_names)
+            for pair in traces
+        ]
+        log_p, log_q = (_cat([part[i] for part in parts]) for i in (0, 1))
         if self._has_particle_plate and log_p.shape[0] != self.num_particles:
             # No site depends on the particle: all k weights are the same.
             log_p = log_p.expand((self.num_particles,) + log_p.shape[1:])
+        log_global = None
+        if global_names:
+            log_global = _cat([part.log_global for part in parts])
         score = None
         if self.estimator in SCORE_ESTIMATORS and torch.is_grad_enabled():
             # Computed apart from log_q (the sites' log-probs run twice), so that
             # log w sums its terms in the same order for every estimator.
-            parts = [
-                score_log_prob(guide_trace, plate_nesting, local_dims)
+            score_parts = [
+                score_log_prob(guide_trace, plate_nesting, local_dims, scale)
                 for _, guide_trace in traces
             ]
-            if parts[0] is not None:
-                score = _cat(parts)
-        return Particles(log_p - log_q, log_q, scale, local_dims, traces, score)
+            if score_parts[0] is not None:
+                score = _cat(score_parts)
+        return Particles(
+            log_p - log_q, log_q, scale, local_dims, traces, score, log_global
+        )
+
+    @property
+    def _global_group_size(self) -> int:
+        """The number of consecutive particles that share one draw of the global
+        latent sites."""
+        return self.num_particles
 
     #: Whether the guide's gradient is reweighted per particle even with the plain
     #: estimator (then the model sees its own copies of the latent values).
@@ -355,13 +433,19 @@ class IWELBO(ELBO):
         if not (isinstance(particles.scale, float | int) and particles.scale == 1):
             bound = bound * particles.scale
         loss = -bound.sum()
+        if particles.global_log_weight is not None:
+            # An ELBO term in the global latents: one value per group of particles,
+            # so the mean over particles is the mean over groups.
+            loss = loss - particles.global_log_weight.mean(0).sum()
         # No NaN check here: it would read the value back from the device at every
         # step; loss() and loss_and_grads() check the float they return.
         if loss.requires_grad:
             factor = self._path_factor(log_weights.detach())
             if factor is not None:
                 stopped = self.estimator in _STOPPED_ESTIMATORS
-                reweight_paths(factor, traces, self._has_particle_plate, stopped)
+                reweight_paths(
+                    factor, traces, self._has_particle_plate, stopped, self._tied
+                )
                 if not stopped and particles.guide_log_prob.requires_grad:
                     particles.guide_log_prob.register_hook(lambda g: g * factor)
         return loss, traces
@@ -435,6 +519,10 @@ class MIWELBO(IWELBO):
         )
         self.num_groups = num_groups
         self.group_size = num_particles
+
+    @property
+    def _global_group_size(self) -> int:
+        return self.group_size
 
     def _grouped(self, log_weights: torch.Tensor) -> torch.Tensor:
         return log_weights.reshape(
@@ -524,6 +612,11 @@ class PIWELBO(MIWELBO):
 
     _reweights_paths = True
 
+    @property
+    def _global_group_size(self) -> int:
+        # The model's bound pools all M K particles: they share one draw.
+        return self.num_particles
+
     def bound(self, log_weights: torch.Tensor) -> torch.Tensor:
         return IWELBO.bound(self, log_weights)
 
@@ -584,3 +677,25 @@ def _checked_item(loss: torch.Tensor) -> float:
     value = torch_item(loss)
     warn_if_nan(value, "loss")
     return value
+
+
+def _sample_sites(pair: tuple[Trace, Trace]) -> list[dict]:
+    return [
+        site
+        for trace in pair
+        for site in trace.nodes.values()
+        if site["type"] == "sample"
+    ]
+
+
+def _check_global_sites(guide_trace: Trace, global_names: list[str]) -> None:
+    if not torch.is_grad_enabled():
+        return
+    for name, site in latent_sites(guide_trace):
+        if name in global_names and not site["fn"].has_rsample:
+            raise NotImplementedError(
+                f"IWELBO cannot train the global latent site {name!r} "
+                f"({type(site['fn']).__name__} has no rsample) with "
+                "global_latents='factor'; use a reparameterizable distribution "
+                "for it, or global_latents='joint' on full batches"
+            )

@@ -12,7 +12,7 @@ import copy
 import warnings
 from collections.abc import Callable, Collection, Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from pyro.distributions.util import scale_and_mask
@@ -25,16 +25,21 @@ PARTICLE_PLATE = "num_particles_vectorized"  # the plate Pyro's ELBO adds
 
 
 class _DetachParams(Messenger):
-    """Returns ``pyro.param`` values detached, so log q is evaluated at stopped phi.
+    """Returns ``pyro.param`` values detached, so log q is evaluated at stopped phi,
+    and the values of the sample sites in ``detached_values`` (after their own
+    log-prob) to the rest of the program.
 
     :param modules_parameters: ids of the parameters of the modules that are
         re-run with detached parameters; any other ``nn.Parameter`` seen at a param
         site belongs to a module the guide calls but that cannot be stopped.
     """
 
-    def __init__(self, module_parameters: set[int]) -> None:
+    def __init__(
+        self, module_parameters: set[int], detached_values: Collection[str] = ()
+    ) -> None:
         super().__init__()
         self.module_parameters = module_parameters
+        self.detached_values = frozenset(detached_values)
 
     def _pyro_post_param(self, msg: dict) -> None:
         value = msg["value"]
@@ -57,6 +62,9 @@ class _DetachParams(Messenger):
             msg[STOPPED_LOG_PROB] = msg["fn"].log_prob(
                 msg["value"], *msg["args"], **msg["kwargs"]
             )
+            if msg["name"] in self.detached_values:
+                # The program below sees a constant: a parameter of q, stopped.
+                msg["value"] = msg["value"].detach()
 
 
 #: Key of a trace site's unscaled log-prob computed with its parameters stopped.
@@ -64,11 +72,15 @@ STOPPED_LOG_PROB = "stopped_log_prob"
 
 
 @contextmanager
-def stopped_parameters(module: torch.nn.Module | None) -> Iterator[Callable | None]:
+def stopped_parameters(
+    module: torch.nn.Module | None, detached_values: Collection[str] = ()
+) -> Iterator[Callable | None]:
     """Context for re-running a guide with its parameters held constant.
 
     Yields a callable that runs ``module`` with detached parameters (``None`` for
-    a function guide); ``pyro.param`` values are detached inside the context.
+    a function guide); ``pyro.param`` values, and the values of the sample sites
+    in ``detached_values`` seen by the rest of the guide, are detached inside the
+    context.
     """
     call, ids = None, set()
     if module is not None:
@@ -79,7 +91,7 @@ def stopped_parameters(module: torch.nn.Module | None) -> Iterator[Callable | No
         def call(*args: Any, **kwargs: Any) -> Any:
             return torch.func.functional_call(module, detached, args, kwargs)
 
-    with _DetachParams(ids), warnings.catch_warnings():
+    with _DetachParams(ids, detached_values), warnings.catch_warnings():
         # pyro.module warns of parameters that do not require grad: here that is
         # the point.
         warnings.filterwarnings("ignore", "(?s).*not registered in the param store")
@@ -133,6 +145,7 @@ def reweight_paths(
     traces: list[tuple[Trace, Trace]],
     vectorized: bool,
     stopped: bool,
+    skip: Collection[str] = (),
 ) -> None:
     """Multiplies the gradient reaching each aliased guide value by its particle's
     ``factor`` (shape ``(k,) + plate_shape``).
@@ -142,6 +155,8 @@ def reweight_paths(
     model shares, and an auxiliary site (one the model never sees, as in Pyro's
     autoguides) reaches log w through log q alone. Otherwise log q's gradient is
     reweighted as a whole, and only the model's aliased copies are hooked.
+    Sites in ``skip`` (global latents: their weight is not per particle) keep
+    their gradient.
     """
     for i, (model_trace, guide_trace) in enumerate(traces):
         particle_factor = factor if vectorized else factor[i]
@@ -153,10 +168,66 @@ def reweight_paths(
                 for name, site in latent_sites(model_trace)
                 if name in guide_trace.nodes
             )
-        for _, site in sites:
-            if site["value"].requires_grad:
+        for name, site in sites:
+            if site["value"].requires_grad and name not in skip:
                 aligned = _align(particle_factor, site)
                 site["value"].register_hook(lambda g, f=aligned: g * f)
+
+
+class TieGlobals(Messenger):
+    """Gives each latent site in ``names`` one value per group of ``group_size``
+    consecutive particles (the group's first), so that the particles of a group
+    share their global latents.
+
+    :param particle_dim: the particle plate's dim (negative, counted from the
+        right of a site's batch shape).
+    """
+
+    def __init__(
+        self,
+        names: Collection[str],
+        num_particles: int,
+        group_size: int,
+        particle_dim: int,
+    ) -> None:
+        super().__init__()
+        self.names = frozenset(names)
+        self.num_particles = num_particles
+        self.group_size = group_size
+        self.particle_dim = particle_dim
+
+    def _pyro_post_sample(self, msg: dict) -> None:
+        if msg["name"] not in self.names or msg["is_observed"]:
+            return
+        value = msg["value"]
+        axis = value.dim() - msg["fn"].event_dim + self.particle_dim
+        if axis < 0 or value.shape[axis] != self.num_particles:
+            return  # not batched over particles: shared already
+        groups = (self.num_particles // self.group_size, self.group_size)
+        grouped = value.unflatten(axis, groups)
+        first = grouped.narrow(axis + 1, 0, 1).expand_as(grouped)
+        msg["value"] = first.flatten(axis, axis + 1)
+
+
+def global_latent_names(sites: list[dict], local_dims: tuple[int, ...]) -> list[str]:
+    """Names of the latent sites that a plate of ``local_dims`` does not enclose."""
+    names: list[str] = []
+    for site in sites:
+        if site["is_observed"] or site_is_subsample(site) or site["name"] in names:
+            continue
+        dims = {f.dim for f in site["cond_indep_stack"] if f.vectorized}
+        if not set(local_dims) <= dims:
+            names.append(site["name"])
+    return names
+
+
+def is_subsampled(sites: list[dict], dims: tuple[int, ...]) -> bool:
+    """Whether a plate at one of ``dims`` is sub-sampled at some site."""
+    return any(
+        f.dim in dims and f.full_size is not None and f.full_size != f.size
+        for site in sites
+        for f in site["cond_indep_stack"]
+    )
 
 
 def data_plate_dims(sites: list[dict]) -> tuple[int, ...]:
@@ -173,7 +244,13 @@ def data_plate_dims(sites: list[dict]) -> tuple[int, ...]:
 
 
 def common_scale(sites: list[dict], local_dims: tuple[int, ...]) -> Any:
-    """The scale shared by all sites; sub-sampling outside the data plate fails."""
+    """The scale that multiplies the bound: the one shared by the observed sites
+    (by all sites where none is observed, else 1). Another scale on a latent
+    site enters its log-weight relative to it (:func:`relative_scale`).
+
+    :raises ValueError: if a plate outside ``local_dims`` is sub-sampled, or the
+        observed sites have different scales.
+    """
     subsampled = sorted(
         {
             f.name
@@ -187,20 +264,31 @@ def common_scale(sites: list[dict], local_dims: tuple[int, ...]) -> Any:
     if subsampled:
         raise ValueError(
             f"IWELBO cannot sub-sample plate {subsampled[0]!r}: it does not enclose "
-            "every sample site, so the bound does not factor over its points; put "
-            "all sample sites inside the sub-sampled plate or use full batches"
+            "every sample site, so the bound does not factor over its points; use "
+            "global_latents='factor' (the sites outside it are then global "
+            "latents) or full batches"
         )
+    observed = [site for site in sites if site["is_observed"]]
     if not sites:
         return 1.0
-    scale = sites[0]["scale"]
-    for site in sites[1:]:
-        if not _same_scale(site["scale"], scale):
+    first = (observed or sites)[0]
+    for site in observed or sites:
+        if not _same_scale(site["scale"], first["scale"]):
+            if not observed:
+                return 1.0
             raise ValueError(
-                f"IWELBO needs one scale for every sample site, but {site['name']!r} "
-                f"has {site['scale']} and {sites[0]['name']!r} has {scale}; "
-                "sub-sample or scale the whole model and guide, not single sites"
+                f"IWELBO needs one scale for the observed sites, but "
+                f"{site['name']!r} has {site['scale']} and {first['name']!r} has "
+                f"{first['scale']}; scale latent sites or the whole model, not "
+                "single observed sites"
             )
-    return scale
+    return first["scale"]
+
+
+def relative_scale(site: dict, scale: Any) -> Any:
+    """The factor on ``site``'s log-prob inside the log-weight: its own scale over
+    the ``scale`` of the bound (1 where they agree)."""
+    return 1.0 if _same_scale(site["scale"], scale) else site["scale"] / scale
 
 
 def _same_scale(a: Any, b: Any) -> bool:
@@ -212,17 +300,35 @@ def _same_scale(a: Any, b: Any) -> bool:
     return a.shape == b.shape and bool((a == b).all())
 
 
+class LogWeightParts(NamedTuple):
+    """The parts of the log-weights of one pair of traces, each of shape
+    ``(particles,) + plate_shape`` (see :func:`_log_prob`).
+
+    ``log_p`` and ``log_q`` hold the sites local to the data plate, relative to
+    the bound's scale; ``log_global`` is ``log p - log q`` of the global latent
+    sites, each times its own scale and summed over every plate (None if there
+    are none).
+    """
+
+    log_p: torch.Tensor
+    log_q: torch.Tensor
+    log_global: torch.Tensor | None
+
+
 def log_p_and_q(
     model_trace: Trace,
     guide_trace: Trace,
     plate_nesting: int,
     local_dims: tuple[int, ...],
-) -> tuple[torch.Tensor, torch.Tensor]:
+    scale: Any = 1.0,
+    global_names: Collection[str] = (),
+) -> LogWeightParts:
     """The log p and log q parts of the log weights of one pair of traces.
 
     A latent site of the model that the guide does not sample is drawn from its
     prior during replay, so the prior is part of the proposal and cancels from
-    the weight: it enters neither part.
+    the weight: it enters neither part. Sites among ``global_names`` go to the
+    global part.
     """
     # Lists, not sets: the order of summation must not vary between processes.
     guide_latent = [name for name, _ in latent_sites(guide_trace)]
@@ -244,26 +350,46 @@ def log_p_and_q(
                 )
     skip = {name for name, _ in prior_proposed}
     model_sites = [name for name in model_trace.nodes if name not in skip]
-    log_p = _log_prob(model_trace, model_sites, plate_nesting, local_dims)
-    log_q = _log_prob(guide_trace, guide_latent, plate_nesting, local_dims)
+    local_p = [name for name in model_sites if name not in global_names]
+    local_q = [name for name in guide_latent if name not in global_names]
+    log_p = _log_prob(model_trace, local_p, plate_nesting, local_dims, scale)
+    log_q = _log_prob(guide_trace, local_q, plate_nesting, local_dims, scale)
+    log_global = None
+    if global_names:
+        global_p = [name for name in model_sites if name in global_names]
+        global_q = [name for name in guide_latent if name in global_names]
+        parts = [
+            _log_prob(trace, names, plate_nesting, ())
+            for trace, names in ((model_trace, global_p), (guide_trace, global_q))
+        ]
+        if parts[0] is not None and parts[1] is not None:
+            log_global = parts[0] - parts[1]
+        else:
+            log_global = parts[0] if parts[0] is not None else -parts[1]
     # A program without sample sites contributes log 1 = 0 to each part.
     like = log_p if log_p is not None else log_q
     zero = torch.zeros(()) if like is None else like.new_zeros(())
-    return tuple(
+    log_p, log_q = (
         zero.reshape((1,) * (plate_nesting + 1)) if part is None else part
         for part in (log_p, log_q)
     )
+    return LogWeightParts(log_p, log_q, log_global)
 
 
 def score_log_prob(
-    guide_trace: Trace, plate_nesting: int, local_dims: tuple[int, ...]
+    guide_trace: Trace,
+    plate_nesting: int,
+    local_dims: tuple[int, ...],
+    scale: Any = 1.0,
 ) -> torch.Tensor | None:
     """The log q of the guide's latent sites without ``rsample`` (shaped as
     :func:`log_p_and_q`'s parts), or None if every site has one."""
     names = [
         name for name, site in latent_sites(guide_trace) if not site["fn"].has_rsample
     ]
-    return _log_prob(guide_trace, names, plate_nesting, local_dims) if names else None
+    if not names:
+        return None
+    return _log_prob(guide_trace, names, plate_nesting, local_dims, scale)
 
 
 def _log_prob(
@@ -271,9 +397,11 @@ def _log_prob(
     names: Collection[str],
     plate_nesting: int,
     local_dims: tuple[int, ...],
+    scale: Any = 1.0,
 ) -> torch.Tensor | None:
-    """Unscaled log-prob of the trace's sample sites among ``names``, summed over
-    all but the particle and data plate dims.
+    """Log-prob of the trace's sample sites among ``names``, each relative to the
+    bound's ``scale`` (see :func:`relative_scale`), summed over all but the
+    particle and data plate dims.
 
     :returns: a tensor of shape ``(particles,) + plate_shape``, one of length
         ``plate_nesting + 1``, with particles 1 when particles are not vectorized;
@@ -289,7 +417,9 @@ def _log_prob(
             log_prob = site["fn"].log_prob(
                 site["value"], *site["args"], **site["kwargs"]
             )
-        log_prob = scale_and_mask(log_prob, mask=site["mask"])
+        log_prob = scale_and_mask(
+            log_prob, relative_scale(site, scale), mask=site["mask"]
+        )
         if log_prob.dim() > plate_nesting + 1:
             raise ValueError(
                 f"site {name!r} has batch shape {tuple(log_prob.shape)}, more dims "

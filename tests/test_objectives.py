@@ -403,13 +403,25 @@ def test_errors_are_clear(lg):
             pass
 
     data = lg.sample_data(100)
-    with pytest.raises(ValueError, match="cannot sub-sample plate 'data'"):
-        IWELBO(5).loss(global_model, global_guide, data, torch.arange(10))
+    joint = IWELBO(5, global_latents="joint")
+    with pytest.raises(ValueError, match="cannot sub-sample plate 'data'.*factor"):
+        joint.loss(global_model, global_guide, data, torch.arange(10))
     # without sub-sampling, a global latent gives the joint bound
-    assert math.isfinite(IWELBO(5).loss(global_model, global_guide, data))
+    assert math.isfinite(joint.loss(global_model, global_guide, data))
+    with pytest.raises(ValueError, match="unknown global_latents"):
+        IWELBO(5, global_latents="shared")
 
-    with pytest.raises(ValueError, match="one scale for every sample site"):
-        IWELBO(5).loss(lg.model, poutine.scale(lg.diagonal_guide(), scale=2.0), x)
+    def scaled_observation(data):
+        with pyro.plate("data", data.shape[0]):
+            z = pyro.sample(
+                "z", dist.Normal(data.new_zeros(LATENT_DIM), 1.0).to_event(1)
+            )
+            with poutine.scale(scale=2.0):
+                pyro.sample("x", dist.Normal(z, 1.0).to_event(1), obs=data[:, :2])
+            pyro.sample("y", dist.Normal(z.sum(-1), 1.0), obs=data[:, 2])
+
+    with pytest.raises(ValueError, match="one scale for the observed sites.*'x'"):
+        IWELBO(5).loss(scaled_observation, lg.diagonal_guide(), x)
 
 
 @pytest.mark.parametrize(

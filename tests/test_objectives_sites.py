@@ -1,0 +1,230 @@
+"""IWELBO on kinds of sites beyond local latents (float64, seeded): global latents
+outside the data plate (the factored bound, exact against a Gaussian model with a
+global latent) and latent sites with their own scale (a temperature)."""
+
+import math
+import os
+
+import pyro
+import pyro.distributions as dist
+import pytest
+import torch
+from global_gaussian import GlobalGaussian
+from linear_gaussian import LATENT_DIM, SIGMA
+from pyro import poutine
+from pyro.infer import Trace_ELBO
+
+from pyro_iwae import CIWELBO, IWELBO, MIWELBO, PIWELBO
+
+OBJECTIVES = {
+    "iwae": lambda estimator, **kw: IWELBO(6, estimator, **kw),
+    "miwae": lambda estimator, **kw: MIWELBO(3, 2, estimator, **kw),
+    "ciwae": lambda estimator, **kw: CIWELBO(6, 0.3, estimator, **kw),
+    "piwae": lambda estimator, **kw: PIWELBO(3, 2, estimator, **kw),
+}
+
+
+@pytest.fixture
+def gg():
+    return GlobalGaussian()
+
+
+def guide_params():
+    store = pyro.get_param_store()
+    return [store.get_param(n).unconstrained() for n in sorted(store.keys())]
+
+
+@pytest.mark.parametrize("objective", OBJECTIVES)
+@pytest.mark.parametrize("estimator", ["iwae", "stl", "dreg"])
+def test_factored_bound_is_log_p_x_at_the_exact_posterior(gg, objective, estimator):
+    """With q(theta) = p(theta | x) and q(z_i | x_i, theta) exact, every term is
+    constant: the factored bound is log p(x_1..N) on every draw, and the STL and
+    DReG gradients of the local guide parameters are zero (the plain one is not).
+    The global latents are parameters of the local q, so DReG's gradient for
+    theta's guide is unbiased but not zero here."""
+    x = gg.sample_data(5)
+    guide = gg.guide()
+    elbo = OBJECTIVES[objective](estimator, global_latents="factor")
+    for _ in range(3):
+        loss = elbo.differentiable_loss(gg.model, guide, x)
+        assert torch.allclose(-loss, gg.log_marginal(x)), (loss, gg.log_marginal(x))
+    (local,) = torch.autograd.grad(loss, [pyro.param("z_shift").unconstrained()])
+    if estimator == "iwae":
+        assert local.abs() > 1e-3
+    else:
+        assert local.abs() < 1e-9
+
+
+def test_factored_bound_is_below_log_p_x_and_rises_with_k(gg):
+    x = gg.sample_data(5)
+    guide = gg.guide(shift=0.4, inflate=1.5, local_shift=0.5)
+    exact = gg.log_marginal(x).item()
+    means = []
+    for k in (1, 5, 50):
+        elbo = IWELBO(k, global_latents="factor")
+        with torch.no_grad():
+            draws = torch.tensor(
+                [-elbo.differentiable_loss(gg.model, guide, x) for _ in range(400)]
+            )
+        mean, se = draws.mean().item(), draws.std().item() / math.sqrt(400)
+        assert mean + 4 * se < exact, (k, mean, se, exact)
+        means.append((mean, se))
+    for (low, se_low), (high, se_high) in zip(means, means[1:], strict=False):
+        assert high - low > 4 * math.hypot(se_low, se_high), means
+
+
+def test_mini_batch_estimates_average_to_the_full_batch_bound(gg):
+    """(N / M) times a batch's local bounds, plus the global term, is unbiased for
+    the full-batch factored bound; ``auto`` factors the bound under sub-sampling."""
+    x = gg.sample_data(6)
+    guide = gg.guide(shift=0.3, inflate=1.3, local_shift=0.4)
+    generator = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        full = torch.tensor(
+            [
+                -IWELBO(4, global_latents="factor").differentiable_loss(
+                    gg.model, guide, x
+                )
+                for _ in range(1500)
+            ]
+        )
+        batches = torch.tensor(
+            [
+                -IWELBO(4).differentiable_loss(
+                    gg.model, guide, x, torch.randperm(6, generator=generator)[:2]
+                )
+                for _ in range(1500)
+            ]
+        )
+    se = math.hypot(full.std() / math.sqrt(1500), batches.std() / math.sqrt(1500))
+    assert abs(full.mean() - batches.mean()) < 4 * se, (full.mean(), batches.mean())
+    # the check can fail: the joint bound of the full batch is another number
+    with torch.no_grad():
+        joint = torch.tensor(
+            [
+                -IWELBO(4, global_latents="joint").differentiable_loss(
+                    gg.model, guide, x
+                )
+                for _ in range(300)
+            ]
+        )
+    assert abs(joint.mean() - full.mean()) > 4 * se
+
+
+SLOW = pytest.mark.skipif(
+    not os.environ.get("PYRO_IWAE_SLOW_TESTS"),
+    reason="a thousand gradient draws (a minute); set PYRO_IWAE_SLOW_TESTS=1",
+)
+
+
+@pytest.mark.parametrize(
+    "objective",
+    [name if name == "iwae" else pytest.param(name, marks=SLOW) for name in OBJECTIVES],
+)
+def test_dreg_keeps_the_factored_gradient_mean(gg, objective):
+    """Away from the posterior, DReG's guide gradient (global and local sites) has
+    the plain estimator's mean within 4 standard errors."""
+    x = gg.sample_data(3)
+    draws = {}
+    for estimator in ("iwae", "dreg"):
+        pyro.clear_param_store()
+        pyro.set_rng_seed(0)
+        guide = gg.guide(shift=0.3, inflate=1.3, local_shift=0.4)
+        elbo = OBJECTIVES[objective](estimator, global_latents="factor")
+        rows = []
+        for _ in range(400):
+            loss = elbo.differentiable_loss(gg.model, guide, x)
+            rows.append(
+                torch.cat(
+                    [g.reshape(-1) for g in torch.autograd.grad(loss, guide_params())]
+                )
+            )
+        draws[estimator] = torch.stack(rows)
+    plain, dreg = draws["iwae"], draws["dreg"]
+    se = (plain.var(0) / len(plain) + dreg.var(0) / len(dreg)).sqrt()
+    assert ((plain.mean(0) - dreg.mean(0)).abs() < 4 * se).all()
+    assert (dreg.var(0) <= plain.var(0) * 1.05).all()
+
+
+def test_global_latents_are_shared_within_a_group_of_particles(gg):
+    x = gg.sample_data(4)
+    particles = MIWELBO(3, 2, global_latents="factor").particles(
+        gg.model, gg.guide(shift=0.2), x
+    )
+    model_trace, guide_trace = particles.traces[0]
+    theta = guide_trace.nodes["theta"]["value"].reshape(2, 3)
+    assert (theta == theta[:, :1]).all() and theta[0, 0] != theta[1, 0]
+    assert torch.equal(model_trace.nodes["theta"]["value"].reshape(2, 3), theta)
+    assert particles.global_log_weight.shape == (6, 1)
+    # the local weights are per point; the sites outside the data plate are not
+    assert particles.log_weights.shape == (6, 4)
+
+
+def test_factored_bound_needs_vectorized_particles(gg):
+    x = gg.sample_data(4)
+    with pytest.raises(ValueError, match="'theta'.*vectorize_particles=True"):
+        IWELBO(3, vectorize_particles=False, global_latents="factor").loss(
+            gg.model, gg.guide(), x
+        )
+    # k = 1 needs no sharing
+    IWELBO(1, vectorize_particles=False, global_latents="factor").loss(
+        gg.model, gg.guide(), x
+    )
+
+
+def annealed(beta, subsample=None):
+    """A linear-Gaussian model and guide whose latent site has scale ``beta``."""
+
+    def model(data):
+        with pyro.plate("data", 8, subsample=subsample) as i:
+            with poutine.scale(scale=beta):
+                z = pyro.sample(
+                    "z", dist.Normal(data.new_zeros(LATENT_DIM), 1.0).to_event(1)
+                )
+            loc = z @ torch.ones(LATENT_DIM, 3, dtype=data.dtype)
+            pyro.sample("x", dist.Normal(loc, SIGMA).to_event(1), obs=data[i])
+
+    def guide(data):
+        loc = pyro.param("loc", data.new_zeros(8, LATENT_DIM))
+        with pyro.plate("data", 8, subsample=subsample) as i:
+            with poutine.scale(scale=beta):
+                pyro.sample("z", dist.Normal(loc[i], 0.8).to_event(1))
+
+    return model, guide
+
+
+@pytest.mark.parametrize("subsample", [None, torch.tensor([1, 4, 6])])
+@pytest.mark.parametrize("beta", [0.25, 1.0])
+def test_a_scaled_latent_site_is_trace_elbos_annealed_elbo_at_k1(beta, subsample):
+    """KL annealing: at k = 1 the bound is Trace_ELBO's with the same scales, in
+    value and gradient, also under sub-sampling."""
+    x = torch.randn(
+        8, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(0)
+    )
+    model, guide = annealed(beta, subsample)
+    guide(x)
+    loc = pyro.param("loc").unconstrained()
+    results = []
+    for elbo in (IWELBO(1), Trace_ELBO()):
+        pyro.set_rng_seed(5)
+        loss = elbo.differentiable_loss(model, guide, x)
+        results.append((loss, torch.autograd.grad(loss, [loc])[0]))
+    (ours, our_grad), (theirs, their_grad) = results
+    assert torch.allclose(ours, theirs) and torch.allclose(our_grad, their_grad)
+
+
+def test_a_scaled_latent_site_enters_the_log_weight_times_its_scale():
+    """log w = log p(x | z) + beta (log p(z) - log q(z)), checked from the traces."""
+    x = torch.randn(
+        8, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(0)
+    )
+    model, guide = annealed(0.25)
+    particles = IWELBO(4).particles(model, guide, x)
+    model_trace, guide_trace = particles.traces[0]
+    model_trace.compute_log_prob()
+    guide_trace.compute_log_prob()
+    expected = model_trace.nodes["x"]["unscaled_log_prob"] + 0.25 * (
+        model_trace.nodes["z"]["unscaled_log_prob"]
+        - guide_trace.nodes["z"]["unscaled_log_prob"]
+    )
+    assert torch.allclose(particles.log_weights, expected)
