@@ -50,6 +50,12 @@ from pyro_iwae.runs import evaluate_run, read_estimates, train_run
 from pyro_iwae.schedules import ConfigError
 
 X_DIM = 12
+# A fallback to the eager path fails the test unless the test expects it (with
+# pytest.warns): a compiled-against-eager comparison must compare the compiled
+# path's numbers, not two eager runs whose random streams a fallback shifted.
+pytestmark = pytest.mark.filterwarnings(
+    "error::pyro_iwae.compiled.CompileFallbackWarning"
+)
 slow = pytest.mark.skipif(
     not os.environ.get("PYRO_IWAE_SLOW_TESTS"),
     reason="compiles with inductor (tens of seconds); set PYRO_IWAE_SLOW_TESTS=1",
@@ -130,6 +136,7 @@ def test_adam_steps_follow_the_eager_ones():
             (loss_fn(x) / x.shape[0]).backward()
             optim.step()
         trained.append([*model.state_dict().values(), *guide.state_dict().values()])
+        assert compiled.compiled
     for a, b in zip(*trained, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
@@ -229,8 +236,8 @@ def test_every_random_draw_is_lifted_out_of_the_graph():
     eager = log_likelihood(model, guide, x, num_samples=8, chunk_size=4)
     torch.testing.assert_close(ours, eager, rtol=1e-6, atol=1e-5)
     graphs = [(g.fn.graph, g.noise_ops) for g in loss._graphs.values()]
-    graphs += [(fn.graph, noise_ops) for fn, noise_ops, _ in ll._graphs.values()]
-    assert len(graphs) == 2
+    graphs += [(g.fn.graph, g.noise_ops) for g in ll._graphs.values()]
+    assert len(graphs) == 2 and loss.compiled and ll.compiled
     for graph, noise_ops in graphs:
         assert not seeded_ops(graph) and len(noise_ops) == 1
 
@@ -291,6 +298,66 @@ def test_log_likelihood_matches_eager_when_the_chunk_divides_k():
     assert len(ll._graphs) == 1 and ll.compiled
 
 
+class _SettingModel(torch.nn.Module):
+    """A latent whose size is a setting a user may change between calls."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.out = torch.nn.Linear(3, X_DIM)
+        self.latent_dim = 2
+
+    def forward(self, x):
+        with pyro.plate("data", x.shape[0]):
+            z = pyro.sample(
+                "z", dist.Normal(x.new_zeros(self.latent_dim), 1.0).to_event(1)
+            )
+            z = F.pad(z, (0, 3 - self.latent_dim))
+            pyro.sample("x", dist.Bernoulli(logits=self.out(z)).to_event(1), obs=x)
+
+
+class _SettingGuide(torch.nn.Module):
+    def __init__(self, model: _SettingModel) -> None:
+        super().__init__()
+        self.loc = torch.nn.Linear(X_DIM, 3)
+        self.setting = [model]  # not a submodule: its parameters are the model's
+
+    def forward(self, x):
+        with pyro.plate("data", x.shape[0]):
+            loc = self.loc(x)[..., : self.setting[0].latent_dim]
+            pyro.sample("z", dist.Normal(loc, 1.0).to_event(1))
+
+
+def test_log_likelihood_gets_a_graph_per_program_structure():
+    """A latent's size changed between calls (same input shapes) gets a graph of
+    its own: the estimate is the new program's, not the first graph's."""
+    torch.manual_seed(0)
+    model = _SettingModel()
+    guide = _SettingGuide(model)
+    x = _data(4)
+    ll = CompiledLogLikelihood(model, guide, backend=None)
+    for latent_dim in (2, 3, 2):
+        model.latent_dim = latent_dim
+        torch.manual_seed(7)
+        ours = ll(x, num_samples=40, chunk_size=20)
+        torch.manual_seed(7)
+        eager = log_likelihood(model, guide, x, num_samples=40, chunk_size=20)
+        torch.testing.assert_close(ours, eager, rtol=1e-6, atol=1e-5)
+    assert len(ll._graphs) == 2 and ll.compiled
+
+
+def test_log_likelihood_falls_back_when_the_structure_changes_within_a_call():
+    """A program that differs from run to run (a scale that alternates) is caught
+    by the first chunk's check against eager, as the compiled loss is."""
+    model = _SmallModel()
+    ll = CompiledLogLikelihood(model, _AlternatingGuide(), backend=None)
+    with pytest.warns(CompileFallbackWarning, match="differ from the eager ones"):
+        estimate = ll(_data(4), num_samples=40, chunk_size=20)
+    assert not ll.compiled and estimate.shape == (4,)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ll(_data(4), num_samples=40, chunk_size=20)  # warns once only
+
+
 def test_log_likelihood_and_diagnostics_take_the_compiled_path():
     torch.manual_seed(0)
     model, guide = paper_architecture(1, x_dim=X_DIM)
@@ -303,7 +370,8 @@ def test_log_likelihood_and_diagnostics_take_the_compiled_path():
     )
     for a, b in zip(traced, eager, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
-    assert list(cached_log_likelihood(model, guide, None)._graphs)  # it ran there
+    ll = cached_log_likelihood(model, guide, None)
+    assert list(ll._graphs) and ll.compiled  # it ran there
     torch.manual_seed(7)
     estimate = log_likelihood(model, guide, x, num_samples=60, compile=None)
     torch.testing.assert_close(estimate, eager.log_likelihood, rtol=1e-6, atol=1e-5)
@@ -439,7 +507,8 @@ def test_iwelbo_compile_option_gives_the_eager_loss_and_gradients(estimator):
     params = [*model.parameters(), *guide.parameters()]
     x = _data()
     _assert_same(traced(model, guide), eager(model, guide), params, x)
-    assert list(compiled_loss(traced, model, guide)._graphs)  # a graph was made
+    loss_fn = compiled_loss(traced, model, guide)
+    assert list(loss_fn._graphs) and loss_fn.compiled  # a graph was made, and ran
     for p in params:
         p.grad = None
     torch.manual_seed(5)
