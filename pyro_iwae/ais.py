@@ -44,6 +44,7 @@ from .diagnostics import (
 )
 from .evaluation import (
     DEFAULT_MEMORY_BUDGET,
+    check_count,
     chunk_sizes,
     evaluating,
     local_shape,
@@ -57,6 +58,10 @@ SCHEDULES = ("sigmoid", "linear")
 TARGET_ACCEPT = 0.65
 #: Sharpness of the sigmoid schedule (Grosse et al. 2015 use 4).
 SIGMOID_SHARPNESS = 4.0
+
+
+class AISError(ValueError):
+    """A model or guide that AIS cannot anneal; the message says what to use."""
 
 
 class AISResult(NamedTuple):
@@ -119,8 +124,7 @@ def ais_schedule(num_steps: int, schedule: str = "sigmoid") -> torch.Tensor:
     :math:`\delta` = :data:`SIGMOID_SHARPNESS`: finer steps at both ends than in
     the middle.
     """
-    if not isinstance(num_steps, int) or num_steps < 1:
-        raise ValueError(f"num_steps must be an integer >= 1, got {num_steps}")
+    check_count("num_steps", num_steps)
     t = torch.linspace(0.0, 1.0, num_steps + 1, dtype=torch.float64)
     if schedule == "linear":
         return t
@@ -350,9 +354,7 @@ def _run(
 
 def _check(settings: _Settings) -> None:
     for name in ("num_chains", "num_leapfrog_steps", "tune_chains"):
-        value = getattr(settings, name)
-        if not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be an integer >= 1, got {value}")
+        check_count(name, getattr(settings, name))
     if not settings.step_size > 0 or not 0 < settings.target_accept < 1:
         raise ValueError(
             "step_size must be > 0 and target_accept in (0, 1), got "
@@ -704,13 +706,13 @@ def _is_delta(fn: Any) -> bool:
 
 def _refuse_guide_site(name: str, fn: Any) -> None:
     if fn.support.is_discrete:
-        raise ValueError(
-            f"AIS moves latents by HMC, which cannot move the guide's discrete site "
-            f"{name!r} ({type(fn).__name__}); estimate log p(x) with "
-            "log_likelihood (importance sampling) instead"
+        raise AISError(
+            f"AIS moves the guide's latents by HMC, which cannot move its discrete "
+            f"site {name!r} ({type(fn).__name__}); estimate log p(x) by importance "
+            "sampling instead: log_likelihood (--method iwae from the command line)"
         )
-    raise ValueError(
+    raise AISError(
         f"AIS needs guide sites with real support (HMC moves in R^d), but {name!r} "
         f"({type(fn).__name__}) has support {fn.support}; sample it unconstrained "
-        "and transform it in the model, or use log_likelihood"
+        "and transform it in the model, or use log_likelihood (--method iwae)"
     )

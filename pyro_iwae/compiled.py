@@ -54,6 +54,7 @@ its fallbacks), which is most of it.
 from __future__ import annotations
 
 import contextlib
+import logging
 import time
 import warnings
 import weakref
@@ -68,7 +69,8 @@ from torch import fx
 
 from .evaluation import (
     LogWeights,
-    check_not_empty,
+    check_batch,
+    check_count,
     combine_chunks,
     evaluating,
     log_weight_chunks,
@@ -362,6 +364,44 @@ _PARAM_MESSAGE = (
 )
 
 
+_PYRO_MODULE_MESSAGE = (
+    "a PyroModule's parameters go through pyro.param, outside the nn.Module "
+    "parameters a graph takes as inputs; build model and guide from plain "
+    "nn.Modules to compile them"
+)
+
+
+def _pyro_modules(*fns: Any) -> bool:
+    """Whether a ``PyroModule`` is among ``fns`` or their submodules."""
+    return any(
+        isinstance(module, pyro.nn.PyroModule)
+        for fn in fns
+        if isinstance(fn, torch.nn.Module)
+        for module in fn.modules()
+    )
+
+
+#: Torch's loggers that report, while a program is traced or compiled, what a
+#: user cannot act on: a fake-tensor kernel's failure (with its traceback; the
+#: eager path then raises the program's own error, or the fallback warning says
+#: why), and "No CUDA runtime is found" when inductor loads its C++ toolchain on
+#: a machine with a CUDA toolkit and no GPU.
+_NOISY_LOGGERS = ("torch._subclasses.fake_tensor", "torch.utils.cpp_extension")
+
+
+@contextlib.contextmanager
+def _quiet_torch_logs() -> Iterator[None]:
+    loggers = [logging.getLogger(name) for name in _NOISY_LOGGERS]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        for logger, level in zip(loggers, levels, strict=True):
+            logger.setLevel(level)
+
+
 _SEEDED_MESSAGE = (
     "the program draws random numbers with tensor arguments (as "
     "torch.bernoulli(probs) or torch.randn_like(x)); compiled, they would come "
@@ -530,7 +570,9 @@ class _GraphCache:
         global _compile_seconds
         start = time.perf_counter()
         try:
-            with warnings.catch_warnings():
+            if _pyro_modules(self.model, self.guide):
+                raise _Unsupported(_PYRO_MODULE_MESSAGE)
+            with warnings.catch_warnings(), _quiet_torch_logs():
                 # Raised inside inductor's own lowerings: nothing a user can act on.
                 warnings.filterwarnings(
                     "ignore", "`torch._prims_common.check` is deprecated", FutureWarning
@@ -809,12 +851,17 @@ class CompiledLogLikelihood(_GraphCache):
         noise; where they differ (a structure that changes from run to run), it
         warns and falls back to the eager path for good.
         """
-        if num_samples < 1:
-            raise ValueError(f"num_samples must be >= 1, got {num_samples}")
-        check_not_empty(args, kwargs)
-        chunk_size = resolve_chunk_size(
-            self.model, self.guide, args, kwargs, chunk_size, self.max_plate_nesting
-        )
+        check_count("num_samples", num_samples)
+        check_batch(args, kwargs)
+        try:
+            chunk_size = resolve_chunk_size(
+                self.model, self.guide, args, kwargs, chunk_size, self.max_plate_nesting
+            )
+        except (ValueError, RuntimeError):
+            # A program that fails eagerly: the eager path says why, in one line
+            # where it can.
+            yield from self._eager(args, kwargs, num_samples, chunk_size)
+            return
         chunk_size = min(chunk_size, num_samples)
         graph, fresh = self._graph(chunk_size, args, kwargs)
         # Without a data plate the eager path runs: its plate checks say what is

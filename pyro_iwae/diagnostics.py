@@ -13,7 +13,7 @@ from typing import Any, NamedTuple
 
 import torch
 
-from .evaluation import local_shape, log_weight_chunks, particle_chunks
+from .evaluation import check_count, local_shape, log_weight_chunks, particle_chunks
 from .traces import latent_sites
 
 #: k-hat above which an importance-sampling estimate is unreliable (Vehtari et al.).
@@ -212,8 +212,7 @@ def importance_resample(
         for the paper's guides): the format of ``pyro.infer.Predictive``'s
         ``posterior_samples``.
     """
-    if num_draws < 1:
-        raise ValueError(f"num_draws must be >= 1, got {num_draws}")
+    check_count("num_draws", num_draws)
     draws: dict[str, torch.Tensor] = {}
     total = None
     for particles in particle_chunks(

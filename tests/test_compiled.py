@@ -13,6 +13,8 @@ from __future__ import annotations
 import functools
 import math
 import os
+import subprocess
+import sys
 import warnings
 
 import pyro
@@ -358,6 +360,63 @@ def test_log_likelihood_falls_back_when_the_structure_changes_within_a_call():
         ll(_data(4), num_samples=40, chunk_size=20)  # warns once only
 
 
+class _GuideOfThreeLatents(_TorchNormalGuide):
+    """z of size 3 where the model's has size 2: the model's decoder fails."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.loc = torch.nn.Linear(X_DIM, 3)
+        self.log_scale = torch.nn.Linear(X_DIM, 3)
+
+
+class _OneParticleModel(_SmallModel):
+    """Runs with one particle only: it reshapes z to ``[batch, 2]``."""
+
+    def forward(self, x):
+        with pyro.plate("data", x.shape[0]):
+            z = pyro.sample("z", dist.Normal(x.new_zeros(2), 1.0).to_event(1))
+            logits = self.out(z.reshape(x.shape[0], 2))
+            pyro.sample("x", dist.Bernoulli(logits=logits).to_event(1), obs=x)
+
+
+def test_a_failing_program_prints_no_torch_internals(capfd):
+    """A model and guide that do not fit raise their own error, as eagerly, with
+    no log of torch's tracing before it (nor a fallback warning: the program is
+    wrong, not the compiled path); one that fails only in the traced graph
+    falls back with one warning, and raises eagerly, also without that log."""
+    ll = CompiledLogLikelihood(_SmallModel(), _GuideOfThreeLatents(), backend=None)
+    with pytest.raises(RuntimeError, match="mat1 and mat2"):
+        ll(_data(4), num_samples=10, chunk_size=5)
+    ll = CompiledLogLikelihood(_OneParticleModel(), _TorchNormalGuide(), backend=None)
+    with (
+        pytest.warns(CompileFallbackWarning, match="cannot trace"),
+        pytest.raises(RuntimeError, match="invalid for input"),
+    ):
+        ll(_data(4), num_samples=10, chunk_size=5)
+    err = capfd.readouterr().err
+    assert "fake_tensor" not in err and "Traceback" not in err
+
+
+class _PyroModuleGuide(pyro.nn.PyroModule):
+    def __init__(self) -> None:
+        super().__init__()
+        self.loc = pyro.nn.PyroModule[torch.nn.Linear](X_DIM, 2)
+
+    def forward(self, x):
+        with pyro.plate("data", x.shape[0]):
+            pyro.sample("z", dist.Normal(self.loc(x), 1.0).to_event(1))
+
+
+def test_a_pyro_module_falls_back_for_the_readmes_reason():
+    model = _SmallModel()
+    message = "PyroModule's parameters go through pyro.param"
+    with pytest.warns(CompileFallbackWarning, match=message) as record:
+        CompiledLoss(IWELBO(3), model, _PyroModuleGuide(), backend=None)(_data())
+        ll = CompiledLogLikelihood(model, _PyroModuleGuide(), backend=None)
+        ll(_data(), num_samples=4)
+    assert len(record) == 2 and "Error" not in str(record[0].message)
+
+
 def test_log_likelihood_and_diagnostics_take_the_compiled_path():
     torch.manual_seed(0)
     model, guide = paper_architecture(1, x_dim=X_DIM)
@@ -644,3 +703,24 @@ def test_the_evaluation_graph_takes_the_cheaper_tanh():
     targets = [n.target for n in gm.graph.nodes]
     assert targets.count(_tanh) == 2 and torch.ops.aten.tanh.default not in targets
     torch.testing.assert_close(gm(x), torch.tanh(torch.tanh(x) * 2))
+
+
+@slow
+def test_compiling_with_inductor_prints_nothing_a_user_cannot_act_on():
+    """On a machine with a CUDA toolkit and no GPU, torch logs "No CUDA runtime is
+    found" when inductor first loads its C++ toolchain: the library keeps it
+    from the user, not only the command line (a fresh process: the line comes
+    once, at that first load)."""
+    script = """
+import torch
+from pyro_iwae import log_likelihood, paper_architecture
+model, guide = paper_architecture(1, x_dim=12)
+x = (torch.rand(3, 12) < 0.4).float()
+log_likelihood(model, guide, x, num_samples=8, chunk_size=4, compile=True)
+"""
+    result = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=600
+    )
+    assert result.returncode == 0, result.stderr
+    assert "No CUDA runtime" not in result.stderr
+    assert "Warning" not in result.stderr  # compiled, no fallback
