@@ -96,6 +96,18 @@ def _assert_same(compiled, eager, params, x, rtol=1e-5, seed=3):
         torch.testing.assert_close(a, b, rtol=rtol, atol=rtol * b.abs().max().item())
 
 
+def _assert_eager_estimates(ll, model, guide, x, num_samples, chunk_size, tol):
+    """``ll`` gives ``log_likelihood``'s estimates from the same seed."""
+    torch.manual_seed(7)
+    ours = ll(x, num_samples=num_samples, chunk_size=chunk_size)
+    torch.manual_seed(7)
+    eager = log_likelihood(
+        model, guide, x, num_samples=num_samples, chunk_size=chunk_size
+    )
+    torch.testing.assert_close(ours, eager, rtol=tol[0], atol=tol[1])
+    return eager
+
+
 @pytest.mark.parametrize("name", list(OBJECTIVES))
 @pytest.mark.parametrize("layers", [1, 2])
 def test_same_loss_and_gradients_as_eager(name, layers):
@@ -288,11 +300,7 @@ def test_log_likelihood_matches_eager_when_the_chunk_divides_k():
     x = _data(4)
     ll = CompiledLogLikelihood(model, guide, backend=None)
     for _ in range(2):
-        torch.manual_seed(7)
-        ours = ll(x, num_samples=60, chunk_size=20)
-        torch.manual_seed(7)
-        eager = log_likelihood(model, guide, x, num_samples=60, chunk_size=20)
-        torch.testing.assert_close(ours, eager, rtol=1e-6, atol=1e-5)
+        eager = _assert_eager_estimates(ll, model, guide, x, 60, 20, (1e-6, 1e-5))
     # A partial last chunk is masked: a valid estimate from the same graph.
     partial = ll(x, num_samples=50, chunk_size=20)
     assert partial.shape == (4,) and torch.isfinite(partial).all()
@@ -339,11 +347,7 @@ def test_log_likelihood_gets_a_graph_per_program_structure():
     ll = CompiledLogLikelihood(model, guide, backend=None)
     for latent_dim in (2, 3, 2):
         model.latent_dim = latent_dim
-        torch.manual_seed(7)
-        ours = ll(x, num_samples=40, chunk_size=20)
-        torch.manual_seed(7)
-        eager = log_likelihood(model, guide, x, num_samples=40, chunk_size=20)
-        torch.testing.assert_close(ours, eager, rtol=1e-6, atol=1e-5)
+        _assert_eager_estimates(ll, model, guide, x, 40, 20, (1e-6, 1e-5))
     assert len(ll._graphs) == 2 and ll.compiled
 
 
@@ -517,11 +521,7 @@ def test_inputs_of_another_memory_layout_get_their_own_graph():
     columns = x.t().contiguous().t()
     ll = CompiledLogLikelihood(model, guide)
     for data in (x, columns):
-        torch.manual_seed(1)
-        ours = ll(data, num_samples=20, chunk_size=10)
-        torch.manual_seed(1)
-        eager = log_likelihood(model, guide, data, num_samples=20, chunk_size=10)
-        torch.testing.assert_close(ours, eager, rtol=1e-5, atol=1e-4)
+        _assert_eager_estimates(ll, model, guide, data, 20, 10, (1e-5, 1e-4))
     assert len(ll._graphs) == 2 and ll.compiled
 
 
@@ -548,11 +548,7 @@ def test_inductor_log_likelihood_matches_eager():
     model, guide = paper_architecture(1, x_dim=X_DIM)
     x = _data(4)
     ll = CompiledLogLikelihood(model, guide)
-    torch.manual_seed(7)
-    ours = ll(x, num_samples=60, chunk_size=20)
-    torch.manual_seed(7)
-    eager = log_likelihood(model, guide, x, num_samples=60, chunk_size=20)
-    torch.testing.assert_close(ours, eager, rtol=1e-5, atol=1e-4)
+    _assert_eager_estimates(ll, model, guide, x, 60, 20, (1e-5, 1e-4))
     assert ll.compiled
 
 
