@@ -28,6 +28,7 @@ import torch
 
 import pyro_iwae
 from pyro_iwae import distributed
+from pyro_iwae.ais import AISError
 from pyro_iwae.checkpoints import CHECKPOINT_FILE, RunError, read_metrics
 from pyro_iwae.config import RunConfig
 from pyro_iwae.data import (
@@ -121,7 +122,7 @@ def _library_errors(command: Callable) -> Callable:
             warnings.showwarning = _show_warning
             try:
                 return command(*args, **kwargs)
-            except (RunError, DataError, TrainingDiverged) as e:
+            except (RunError, DataError, TrainingDiverged, AISError) as e:
                 raise click.ClickException(_ranked(str(e), rank)) from None
             except NotImplementedError as e:
                 # The objective refusing a model or guide (a discrete guide

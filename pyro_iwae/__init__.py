@@ -2,6 +2,7 @@
 
 from ._version import __version__ as __version__
 from .ais import (
+    AISError,
     AISResult,
     BDMCResult,
     ais_log_likelihood,
@@ -66,6 +67,7 @@ from .schedules import (
 from .training import TrainingDiverged, fit
 
 __all__ = [
+    "AISError",
     "AISResult",
     "BDMCResult",
     "Diagnostics",

@@ -54,11 +54,12 @@ its fallbacks), which is most of it.
 from __future__ import annotations
 
 import contextlib
+import logging
 import time
 import warnings
 import weakref
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import pyro
 import torch
@@ -68,7 +69,8 @@ from torch import fx
 
 from .evaluation import (
     LogWeights,
-    check_not_empty,
+    check_batch,
+    check_count,
     combine_chunks,
     evaluating,
     log_weight_chunks,
@@ -362,6 +364,44 @@ _PARAM_MESSAGE = (
 )
 
 
+_PYRO_MODULE_MESSAGE = (
+    "a PyroModule's parameters go through pyro.param, outside the nn.Module "
+    "parameters a graph takes as inputs; build model and guide from plain "
+    "nn.Modules to compile them"
+)
+
+
+def _pyro_modules(*fns: Any) -> bool:
+    """Whether a ``PyroModule`` is among ``fns`` or their submodules."""
+    return any(
+        isinstance(module, pyro.nn.PyroModule)
+        for fn in fns
+        if isinstance(fn, torch.nn.Module)
+        for module in fn.modules()
+    )
+
+
+#: Torch's loggers that report, while a program is traced or compiled, what a
+#: user cannot act on: a fake-tensor kernel's failure (with its traceback; the
+#: eager path then raises the program's own error, or the fallback warning says
+#: why), and "No CUDA runtime is found" when inductor loads its C++ toolchain on
+#: a machine with a CUDA toolkit and no GPU.
+_NOISY_LOGGERS = ("torch._subclasses.fake_tensor", "torch.utils.cpp_extension")
+
+
+@contextlib.contextmanager
+def _quiet_torch_logs() -> Iterator[None]:
+    loggers = [logging.getLogger(name) for name in _NOISY_LOGGERS]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        for logger, level in zip(loggers, levels, strict=True):
+            logger.setLevel(level)
+
+
 _SEEDED_MESSAGE = (
     "the program draws random numbers with tensor arguments (as "
     "torch.bernoulli(probs) or torch.randn_like(x)); compiled, they would come "
@@ -530,7 +570,9 @@ class _GraphCache:
         global _compile_seconds
         start = time.perf_counter()
         try:
-            with warnings.catch_warnings():
+            if _pyro_modules(self.model, self.guide):
+                raise _Unsupported(_PYRO_MODULE_MESSAGE)
+            with warnings.catch_warnings(), _quiet_torch_logs():
                 # Raised inside inductor's own lowerings: nothing a user can act on.
                 warnings.filterwarnings(
                     "ignore", "`torch._prims_common.check` is deprecated", FutureWarning
@@ -799,29 +841,34 @@ class CompiledLogLikelihood(_GraphCache):
     ) -> Iterator[LogWeights]:
         """The log-weights of ``num_samples`` particles, ``chunk_size`` at a time
         (None: :func:`~pyro_iwae.evaluation.default_chunk_size`), each chunk from
-        one call of the compiled graph (see :func:`log_weight_chunks`)."""
-        if num_samples < 1:
-            raise ValueError(f"num_samples must be >= 1, got {num_samples}")
-        check_not_empty(args, kwargs)
-        chunk_size = resolve_chunk_size(
-            self.model, self.guide, args, kwargs, chunk_size, self.max_plate_nesting
-        )
+        one call of the compiled graph (see :func:`log_weight_chunks`).
+
+        Each call first runs model and guide once, eagerly, with one particle (a
+        few milliseconds, on a forked random stream): a program whose sites
+        (names, distributions, shapes) differ from those a graph was traced with
+        gets a graph of its own, as a new input shape does. The first chunk of
+        each new graph is checked against the eager log-weights from the same
+        noise; where they differ (a structure that changes from run to run), it
+        warns and falls back to the eager path for good.
+        """
+        check_count("num_samples", num_samples)
+        check_batch(args, kwargs)
+        try:
+            chunk_size = resolve_chunk_size(
+                self.model, self.guide, args, kwargs, chunk_size, self.max_plate_nesting
+            )
+        except (ValueError, RuntimeError):
+            # A program that fails eagerly: the eager path says why, in one line
+            # where it can.
+            yield from self._eager(args, kwargs, num_samples, chunk_size)
+            return
         chunk_size = min(chunk_size, num_samples)
-        entry = self._graph(chunk_size, args, kwargs)
+        graph, fresh = self._graph(chunk_size, args, kwargs)
         # Without a data plate the eager path runs: its plate checks say what is
         # wrong with the program.
-        if entry is None or not entry[2]:
-            yield from log_weight_chunks(
-                self.model,
-                self.guide,
-                *args,
-                num_samples=num_samples,
-                chunk_size=chunk_size,
-                max_plate_nesting=self.max_plate_nesting,
-                **kwargs,
-            )
+        if graph is None or not graph.local_dims:
+            yield from self._eager(args, kwargs, num_samples, chunk_size)
             return
-        fn, noise_ops, local_dims = entry
         tensors = [
             leaf
             for leaf in torch.utils._pytree.tree_leaves((args, kwargs))
@@ -830,9 +877,65 @@ class CompiledLogLikelihood(_GraphCache):
         params = list(self._named().values())
         with evaluating(self.model, self.guide):
             for start in range(0, num_samples, chunk_size):
-                # A partial last chunk is drawn in full, its surplus dropped.
-                log_w = fn(*params, *tensors, *_draw(noise_ops))
-                yield LogWeights(log_w[: num_samples - start], local_dims)
+                if fresh:
+                    log_w = self._verified(
+                        graph, chunk_size, params, tensors, args, kwargs
+                    )
+                    fresh = False
+                    if log_w is None:
+                        self._disable(
+                            "the compiled log-weights differ from the eager ones "
+                            "(does the program's structure change between calls?)"
+                        )
+                        yield from self._eager(args, kwargs, num_samples, chunk_size)
+                        return
+                else:
+                    # A partial last chunk is drawn in full, its surplus dropped.
+                    log_w = graph.fn(*params, *tensors, *_draw(graph.noise_ops))
+                yield LogWeights(log_w[: num_samples - start], graph.local_dims)
+
+    def _eager(
+        self, args: tuple, kwargs: dict, num_samples: int, chunk_size: int
+    ) -> Iterator[LogWeights]:
+        return log_weight_chunks(
+            self.model,
+            self.guide,
+            *args,
+            num_samples=num_samples,
+            chunk_size=chunk_size,
+            max_plate_nesting=self.max_plate_nesting,
+            **kwargs,
+        )
+
+    def _verified(
+        self,
+        graph: _LogWeightsGraph,
+        chunk: int,
+        params: list[torch.Tensor],
+        tensors: list[torch.Tensor],
+        args: tuple,
+        kwargs: dict,
+    ) -> torch.Tensor | None:
+        """The compiled log-weights of a chunk if they are the eager ones from the
+        same noise (or, where the graph draws some noise of its own, if they have
+        their shape and finite entries); else None."""
+        from .objectives import IWELBO
+
+        with torch.random.fork_rng(devices=cuda_devices(args, kwargs)):
+            compiled = graph.fn(*params, *tensors, *_draw(graph.noise_ops))
+        elbo = IWELBO(num_particles=chunk, max_plate_nesting=self.max_plate_nesting)
+        eager = elbo.particles(self.model, self.guide, *args, **kwargs).log_weights
+        if compiled.shape != eager.shape:
+            return None
+        finite = eager.isfinite()
+        if graph.own_draws:
+            return compiled if torch.equal(finite, compiled.isfinite()) else None
+        same = torch.equal(finite, compiled.isfinite()) and torch.equal(
+            compiled[~finite], eager[~finite]
+        )
+        if same and finite.any():
+            same = _close(compiled[finite], eager[finite], _VERIFY_RTOL)
+        return compiled if same else None
 
     def _named(self) -> dict[str, torch.Tensor]:
         named = {}
@@ -841,11 +944,55 @@ class CompiledLogLikelihood(_GraphCache):
                 named.update((prefix + k, v) for k, v in _named_tensors_of(fn).items())
         return named
 
-    def _graph(self, chunk: int, args: tuple, kwargs: dict) -> tuple | None:
+    def _graph(
+        self, chunk: int, args: tuple, kwargs: dict
+    ) -> tuple[_LogWeightsGraph | None, bool]:
+        """The graph of this call (None: run eagerly), and whether it is new."""
+        if not self.compiled:
+            return None, False
+        structure = self._structure(args, kwargs)
+        if structure is None:
+            return None, False
         build = lambda: self._build(chunk, args, kwargs)  # noqa: E731
-        return self._lookup(chunk, args, kwargs, build)[0]
+        return self._lookup((chunk, structure), args, kwargs, build)
 
-    def _build(self, chunk: int, args: tuple, kwargs: dict) -> tuple:
+    def _structure(self, args: tuple, kwargs: dict) -> tuple | None:
+        """What a graph bakes in beyond the input signature, from one eager run of
+        model and guide with one particle: each sample site's name, distribution
+        types, shapes, and scale and mask where they are Python values. None if
+        the run fails (the eager path then says why)."""
+        from .objectives import IWELBO
+
+        elbo = IWELBO(num_particles=1, max_plate_nesting=self.max_plate_nesting)
+        try:
+            with (
+                torch.random.fork_rng(devices=cuda_devices(args, kwargs)),
+                evaluating(self.model, self.guide),
+            ):
+                traces = elbo.particles(self.model, self.guide, *args, **kwargs).traces
+        except Exception:  # noqa: BLE001 - the eager path raises it again, in full
+            return None
+        return tuple(
+            (
+                name,
+                site["is_observed"],
+                _distribution_types(site["fn"]),
+                tuple(site["fn"].batch_shape),
+                tuple(site["fn"].event_shape),
+                tuple(site["value"].shape),
+                site["value"].dtype,
+                *(
+                    value
+                    for value in (site["scale"], site["mask"])
+                    if not isinstance(value, torch.Tensor)
+                ),
+            )
+            for trace in traces[0]
+            for name, site in trace.nodes.items()
+            if site["type"] == "sample"
+        )
+
+    def _build(self, chunk: int, args: tuple, kwargs: dict) -> _LogWeightsGraph:
         from .objectives import IWELBO
 
         named = self._named()
@@ -900,8 +1047,33 @@ class CompiledLogLikelihood(_GraphCache):
             # eager one, and Adam would magnify the different rounding.
             _group_bernoulli_sums(gm)
             _cheaper_tanh(gm)
+            # Left in the graph, a compiler draws these from its own generator.
+            own_draws = self.backend is not None and bool(seeded_ops(gm.graph))
             fn = _compile(gm, self.backend, self.compile_options, inputs, noise_ops)
-        return fn, noise_ops, found["local_dims"]
+        return _LogWeightsGraph(fn, noise_ops, found["local_dims"], own_draws)
+
+
+class _LogWeightsGraph(NamedTuple):
+    """The compiled log-weights graph of one input signature and structure; with
+    ``own_draws``, some of its random draws are the compiler's, not eager's."""
+
+    fn: Callable
+    noise_ops: list
+    local_dims: tuple[int, ...]
+    own_draws: bool
+
+
+#: Relative tolerance of the first-chunk check of the compiled log-weights.
+_VERIFY_RTOL = 1e-4
+
+
+def _distribution_types(fn: Any) -> tuple[type, ...]:
+    """The types of ``fn`` and of the distributions it wraps (``base_dist``)."""
+    types = []
+    while fn is not None:
+        types.append(type(fn))
+        fn = getattr(fn, "base_dist", None)
+    return tuple(types)
 
 
 def _named_tensors_of(module: torch.nn.Module) -> dict[str, torch.Tensor]:

@@ -13,7 +13,7 @@ from typing import Any, NamedTuple
 
 import torch
 
-from .evaluation import local_shape, log_weight_chunks, particle_chunks
+from .evaluation import check_count, local_shape, log_weight_chunks, particle_chunks
 from .traces import latent_sites
 
 #: k-hat above which an importance-sampling estimate is unreliable (Vehtari et al.).
@@ -206,13 +206,13 @@ def importance_resample(
     ``chunk_size`` at a time (a weighted reservoir keeps each draw exact), so memory
     does not grow with ``num_samples``.
 
-    :returns: latent site name -> tensor ``[num_draws, *plate_shape, *event_shape]``
+    :returns: latent site name (the guide's, and the model's that the guide leaves
+        to the prior) -> tensor ``[num_draws, *plate_shape, *event_shape]``
         with ``max_plate_nesting`` plate dims (``[num_draws, batch, latent_dim]``
         for the paper's guides): the format of ``pyro.infer.Predictive``'s
         ``posterior_samples``.
     """
-    if num_draws < 1:
-        raise ValueError(f"num_draws must be >= 1, got {num_draws}")
+    check_count("num_draws", num_draws)
     draws: dict[str, torch.Tensor] = {}
     total = None
     for particles in particle_chunks(
@@ -229,8 +229,16 @@ def importance_resample(
         keep_new = (
             torch.rand_like(picks, dtype=log_w.dtype) < (chunk_total - total).exp()
         )
-        guide_trace = particles.traces[0][1]
-        for name, site in latent_sites(guide_trace):
+        model_trace, guide_trace = particles.traces[0]
+        # A latent the guide leaves out is drawn from the model with the rest of
+        # its particle: its resampled values are posterior draws too.
+        sites = [*latent_sites(guide_trace)]
+        sites += [
+            (name, site)
+            for name, site in latent_sites(model_trace)
+            if name not in guide_trace.nodes
+        ]
+        for name, site in sites:
             value = _with_particle_dim(site["value"], log_w.dim(), site["fn"].event_dim)
             new = _gather(value, picks)
             held = draws.get(name)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 import warnings
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
@@ -14,7 +15,13 @@ from pyro.poutine.util import site_is_subsample
 
 from .networks import prepare_pyro_modules
 from .objectives import IWELBO, Particles
-from .traces import PARTICLE_PLATE, check_not_empty, cuda_devices, latent_sites
+from .traces import (
+    PARTICLE_PLATE,
+    check_not_empty,
+    cuda_devices,
+    latent_sites,
+    tensor_arguments,
+)
 
 #: The paper's threshold on a latent unit's activity for it to count as active.
 ACTIVE_THRESHOLD = 0.01
@@ -193,13 +200,13 @@ def particle_chunks(
     time (None: :func:`default_chunk_size`), with the modules in eval mode and no
     gradients: what :func:`log_likelihood` and the diagnostics combine.
 
-    :raises ValueError: for an empty batch, or plates that give no estimate per
+    :raises ValueError: for an empty batch, NaN in the data, or plates that give
+        no estimate per
         point (shape errors from deep inside Pyro become one sentence on what is
         wrong with the plates).
     """
-    if num_samples < 1:
-        raise ValueError(f"num_samples must be >= 1, got {num_samples}")
-    check_not_empty(args, kwargs)
+    check_count("num_samples", num_samples)
+    check_batch(args, kwargs)
     try:
         chunk_size = resolve_chunk_size(
             model, guide, args, kwargs, chunk_size, max_plate_nesting
@@ -213,7 +220,7 @@ def particle_chunks(
                 yield particles
     except (ValueError, RuntimeError) as e:
         problem = _plate_problem(model, guide, args, kwargs)
-        if problem is None or str(e) == problem:
+        if problem is None:
             raise
         raise ValueError(problem) from e
 
@@ -237,8 +244,7 @@ def resolve_chunk_size(
             max_plate_nesting=max_plate_nesting,
             **kwargs,
         )
-    if chunk_size < 1:
-        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    check_count("chunk_size", chunk_size)
     return chunk_size
 
 
@@ -259,6 +265,38 @@ def local_shape(local_dims: tuple[int, ...], tensor: torch.Tensor) -> torch.Tens
     return tensor.reshape([tensor.shape[d] for d in local_dims])
 
 
+def check_count(name: str, value: Any) -> None:
+    """:raises ValueError: naming ``name``, unless ``value`` is an integer >= 1 (a
+    float such as ``5e2`` is refused with the integer to pass instead)."""
+    if isinstance(value, numbers.Integral) and not isinstance(value, bool):
+        if value >= 1:
+            return
+        raise ValueError(f"{name} must be an integer >= 1, got {value}")
+    hint = ""
+    if isinstance(value, float) and value.is_integer():
+        hint = f"; pass {name}={int(value)}"
+    raise ValueError(
+        f"{name} must be an integer >= 1, got {value!r} ({type(value).__name__}){hint}"
+    )
+
+
+def check_batch(args: tuple, kwargs: dict) -> None:
+    """:raises ValueError: if a tensor argument is an empty batch or holds NaN
+    (which would come out as the guide's or the model's invalid parameters)."""
+    check_not_empty(args, kwargs)
+    for name, value in tensor_arguments(args, kwargs):
+        if value.is_floating_point() and value.isnan().any():
+            rows = (
+                value.isnan().reshape(value.shape[0], -1).any(-1)
+                if value.dim()
+                else value.isnan().reshape(1)
+            )
+            raise ValueError(
+                f"the data hold NaN ({name}: {int(rows.sum())} of {rows.numel()} "
+                "points); drop those points or fill in their missing values"
+            )
+
+
 def _plate_problem(
     model: Callable, guide: Callable, args: tuple, kwargs: dict
 ) -> str | None:
@@ -275,10 +313,23 @@ def _plate_problem(
             model_trace = pyro.poutine.trace(replayed).get_trace(*args, **kwargs)
         _check_plates(model_trace, guide_trace)
     except ValueError as e:
-        return str(e)
+        return str(innermost(e))
     except Exception:  # noqa: BLE001 - the original error is the one to raise
         return None
     return None
+
+
+def innermost(error: BaseException) -> BaseException:
+    """``error`` without the trace shapes Pyro appends to an error raised inside
+    a traced program (a copy of it, raised from it, with the shapes after its
+    message)."""
+    while (
+        (cause := error.__cause__) is not None
+        and type(cause) is type(error)
+        and str(error).startswith(str(cause))
+    ):
+        error = cause
+    return error
 
 
 def _check_plates(model_trace: pyro.poutine.Trace, guide_trace: pyro.poutine.Trace):

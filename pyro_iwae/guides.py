@@ -56,6 +56,7 @@ class PaperGuide(PyroNetwork):
         latent_dim: int | None = None,
     ) -> None:
         super().__init__()
+        self.x_dim = x_dim
         arch = architecture(stochastic_layers, hidden, latent_dim)
         sizes = (x_dim, *arch["latent"])
         self.layers = nn.ModuleList(
@@ -76,6 +77,7 @@ class PaperGuide(PyroNetwork):
     def forward(self, x: torch.Tensor) -> None:
         """Samples the latents given ``x``, a ``[batch, x_dim]`` tensor."""
         self.register_with_pyro()
+        self.check_images(x)
         # On the data's device: else Pyro makes its indices on the CPU every call.
         with pyro.plate(DATA_PLATE, x.shape[0], device=x.device):
             h = pyro.sample(LATENT_SITES[0], self.z1_distribution(x))

@@ -122,6 +122,7 @@ class PaperModel(PyroNetwork):
         """Scores ``x``, a ``[batch, x_dim]`` tensor (of 0/1 values for the
         Bernoulli likelihood)."""
         self.register_with_pyro()
+        self.check_images(x)
         names = LATENT_SITES[: len(self.latent_dims)]
         # On the data's device: else Pyro makes its indices on the CPU every call.
         with pyro.plate(DATA_PLATE, x.shape[0], device=x.device):

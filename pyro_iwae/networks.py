@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import math
 from collections.abc import Sequence
 
 import pyro
@@ -69,6 +70,24 @@ class PyroNetwork(nn.Module):
     def register_with_pyro(self) -> None:
         if not pyro.settings.get("module_local_params"):
             pyro.module(self._pyro_name, self)
+
+    def check_images(self, x: torch.Tensor) -> None:
+        """:raises ValueError: unless ``x`` is ``[batch, self.x_dim]`` (flattened
+        images), saying what to pass instead of the shape error a layer would
+        raise."""
+        if x.dim() == 2 and x.shape[-1] == self.x_dim:
+            return
+        shape = list(x.shape)
+        if x.dim() == 1 and shape[0] == self.x_dim:
+            fix = "one point: x.unsqueeze(0)"
+        elif x.dim() > 2 and math.prod(shape[1:]) == self.x_dim:
+            fix = "flatten each image: x.reshape(len(x), -1)"
+        else:
+            fix = f"the networks were built for x_dim={self.x_dim}"
+        raise ValueError(
+            f"{type(self).__name__} takes x of shape [batch, {self.x_dim}], got "
+            f"shape {shape}; {fix}"
+        )
 
 
 def prepare_pyro_modules(*fns: object) -> bool:

@@ -4,7 +4,10 @@ A name is one of:
 
 - a name registered with :func:`register_model` / :func:`register_guide`
   (``"paper"``; the guides ``"lowrank"``, ``"iaf"``, ``"coupling"``);
-- an import path ``"package.module:builder"``;
+- an import path ``"package.module:builder"``, looked up among the installed
+  packages and then, as ``python -m`` would, in the current folder (after the
+  installed packages, so that a file there never shadows one of theirs): so
+  ``--guide mymod:build`` finds ``./mymod.py``;
 - the name of an entry point in the group ``pyro_iwae.models`` /
   ``pyro_iwae.guides`` of an installed package.
 
@@ -19,7 +22,10 @@ from __future__ import annotations
 import importlib
 import importlib.metadata
 import inspect
+import os
+import sys
 from collections.abc import Callable
+from types import ModuleType
 
 import torch
 
@@ -69,14 +75,15 @@ def resolve(kind: str, name: str) -> Builder:
     if ":" in name:
         module_name, _, attribute = name.partition(":")
         try:
-            builder = importlib.import_module(module_name)
+            builder = _import(module_name)
             for part in attribute.split("."):
                 builder = getattr(builder, part)
         except Exception as e:  # noqa: BLE001 - any import failure is the user's
             raise BuilderError(
                 f"cannot import {kind} {name!r} ({type(e).__name__}: "
                 f"{' '.join(str(e).split())}); check the path (package.module:"
-                "builder) and that its package is installed"
+                "builder) and that its package is installed or its module is in "
+                "the current folder"
             ) from e
     else:
         points = [
@@ -105,6 +112,27 @@ def resolve(kind: str, name: str) -> Builder:
     if not callable(builder):
         raise BuilderError(f"{kind} {name!r} is not callable; point at a builder")
     return builder
+
+
+def _import(module_name: str) -> ModuleType:
+    """``importlib.import_module(module_name)``, retried with the current folder
+    at the end of ``sys.path`` when its top-level package is not found (the
+    ``pyro-iwae`` command's path holds its own folder, not the current one)."""
+    try:
+        return importlib.import_module(module_name)
+    except ModuleNotFoundError as e:
+        here = os.getcwd()
+        on_path = {os.path.abspath(entry or ".") for entry in sys.path}
+        if e.name != module_name.partition(".")[0] or here in on_path:
+            raise
+    sys.path.append(here)
+    importlib.invalidate_caches()
+    try:
+        return importlib.import_module(module_name)
+    except ModuleNotFoundError as e:
+        if e.name == module_name.partition(".")[0]:
+            sys.path.remove(here)  # not there either: leave the path as it was
+        raise
 
 
 def _build(kind: str, name: str, **config) -> torch.nn.Module:

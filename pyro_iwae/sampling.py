@@ -7,7 +7,7 @@ from collections.abc import Callable
 import torch
 from pyro import poutine
 
-from .evaluation import evaluating
+from .evaluation import check_count, evaluating
 from .models import OBSERVED_SITE
 
 __all__ = ["reconstruct", "sample_images"]
@@ -37,8 +37,7 @@ def sample_images(
     :param device: default: the device of the model's parameters.
     :returns: a tensor ``[num_samples, x_dim]`` of probabilities in [0, 1].
     """
-    if num_samples < 1:
-        raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+    check_count("num_samples", num_samples)
     device = _device_of(model) if device is None else torch.device(device)
     x = torch.zeros(num_samples, x_dim, device=device)
     with evaluating(model):

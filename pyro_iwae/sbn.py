@@ -49,6 +49,7 @@ class SBNModel(PyroNetwork):
         units: int = SBN_UNITS,
     ) -> None:
         super().__init__()
+        self.x_dim = x_dim
         layers = stochastic_layers
         _check_layers(layers)
         self.sites = sbn_sites(layers)
@@ -66,6 +67,7 @@ class SBNModel(PyroNetwork):
     def forward(self, x: torch.Tensor) -> None:
         """Scores ``x``, a ``[batch, x_dim]`` tensor of 0/1 values."""
         self.register_with_pyro()
+        self.check_images(x)
         with pyro.plate(DATA_PLATE, x.shape[0], device=x.device):
             h = pyro.sample(self.sites[-1], BernoulliImage(self.prior_logits))
             for name, layer in zip(
@@ -84,6 +86,7 @@ class SBNGuide(PyroNetwork):
         self, x_dim: int = 784, stochastic_layers: int = 1, units: int = SBN_UNITS
     ) -> None:
         super().__init__()
+        self.x_dim = x_dim
         layers = stochastic_layers
         _check_layers(layers)
         self.sites = sbn_sites(layers)
@@ -95,6 +98,7 @@ class SBNGuide(PyroNetwork):
     def forward(self, x: torch.Tensor) -> None:
         """Samples the binary latents given ``x``, a ``[batch, x_dim]`` tensor."""
         self.register_with_pyro()
+        self.check_images(x)
         h = x
         with pyro.plate(DATA_PLATE, x.shape[0], device=x.device):
             for name, layer in zip(self.sites, self.layers, strict=True):

@@ -461,12 +461,17 @@ def cuda_devices(args: tuple, kwargs: dict) -> list[int]:
     return sorted({t.device.index for t in tensors})
 
 
-def check_not_empty(args: tuple, kwargs: dict, caller: str = "log_likelihood") -> None:
-    """:raises ValueError: if a tensor argument is an empty batch."""
+def tensor_arguments(args: tuple, kwargs: dict) -> list[tuple[str, torch.Tensor]]:
+    """The tensor arguments of a call, each with its name for an error message."""
     named = [(f"argument {i + 1}", a) for i, a in enumerate(args)]
     named += [(f"argument {k}", a) for k, a in kwargs.items()]
-    for name, value in named:
-        if isinstance(value, torch.Tensor) and value.dim() and not value.shape[0]:
+    return [(name, a) for name, a in named if isinstance(a, torch.Tensor)]
+
+
+def check_not_empty(args: tuple, kwargs: dict, caller: str = "log_likelihood") -> None:
+    """:raises ValueError: if a tensor argument is an empty batch."""
+    for name, value in tensor_arguments(args, kwargs):
+        if value.dim() and not value.shape[0]:
             raise ValueError(
                 f"{caller} got an empty batch ({name} has shape "
                 f"{list(value.shape)}); pass at least one data point"

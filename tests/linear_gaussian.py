@@ -76,15 +76,18 @@ class LinearGaussian:
 
 
 class PriorSiteModel:
-    """The linear-Gaussian model plus a latent u that guides leave to the prior:
-    x | z, u ~ N(W z + b + u c, sigma^2 I), u ~ Bernoulli(1/2) or N(0, 1)."""
+    """The linear-Gaussian model plus latents that guides leave to the prior:
+    x | z, u ~ N(W z + b + u c, sigma^2 I), u ~ Bernoulli(1/2) ("bernoulli") or
+    N(0, 1) ("normal"); "mixed" has both, u ~ Bernoulli(1/2) and v ~ N(0, 1):
+    x | z, u, v ~ N(W z + b + u c + v d, sigma^2 I)."""
 
     def __init__(self, lg: LinearGaussian, kind: str) -> None:
         self.lg, self.kind = lg, kind
         self.c = torch.tensor([0.8, -0.5, 0.3], dtype=torch.float64)
+        self.d = torch.tensor([-0.4, 0.6, 0.9], dtype=torch.float64)
 
     def prior(self, data: torch.Tensor) -> dist.Distribution:
-        if self.kind == "bernoulli":
+        if self.kind in ("bernoulli", "mixed"):
             return dist.Bernoulli(data.new_tensor(0.5))
         return dist.Normal(data.new_tensor(0.0), 1.0)
 
@@ -96,18 +99,55 @@ class PriorSiteModel:
             )
             u = pyro.sample("u", self.prior(data))
             loc = z @ lg.W.T + lg.b + u.unsqueeze(-1) * self.c
+            if self.kind == "mixed":
+                v = pyro.sample("v", dist.Normal(data.new_tensor(0.0), 1.0))
+                loc = loc + v.unsqueeze(-1) * self.d
             pyro.sample("x", dist.Normal(loc, SIGMA).to_event(1), obs=data)
 
-    def log_marginal(self, x: torch.Tensor) -> torch.Tensor:
-        lg = self.lg
-        cov = lg.W @ lg.W.T + SIGMA**2 * torch.eye(
-            OBS_DIM, dtype=torch.float64, device=lg.W.device
+    def _gaussian_part(self) -> torch.Tensor:
+        """The columns of the Gaussian latents' map to x: z's, then v's or u's."""
+        columns = [self.lg.W]
+        if self.kind != "bernoulli":
+            columns.append((self.d if self.kind == "mixed" else self.c).unsqueeze(-1))
+        return torch.cat(columns, -1)
+
+    def _per_discrete_value(self, x: torch.Tensor) -> list[tuple]:
+        """(log p(x, u), E[Gaussian latents | x, u]) for each value of the Bernoulli
+        u (one entry, u = 0 with log p(u) = 0, without one)."""
+        lg, w = self.lg, self._gaussian_part()
+        eye = torch.eye(OBS_DIM, dtype=torch.float64, device=w.device)
+        values = (0, 1) if self.kind in ("bernoulli", "mixed") else (0,)
+        log_prior = -math.log(len(values))
+        post_cov = torch.linalg.inv(
+            torch.eye(w.shape[-1], dtype=torch.float64) + w.T @ w / SIGMA**2
         )
-        if self.kind == "normal":
-            return dist.MultivariateNormal(
-                lg.b, cov + torch.outer(self.c, self.c)
-            ).log_prob(x)
-        parts = [
-            dist.MultivariateNormal(lg.b + u * self.c, cov).log_prob(x) for u in (0, 1)
-        ]
-        return torch.stack(parts).logsumexp(0) - math.log(2)
+        parts = []
+        for u in values:
+            centred = x - lg.b - u * self.c
+            log_px = dist.MultivariateNormal(
+                torch.zeros_like(lg.b), w @ w.T + SIGMA**2 * eye
+            ).log_prob(centred)
+            mean = centred @ (post_cov @ w.T / SIGMA**2).T
+            parts.append((log_px + log_prior, mean))
+        return parts
+
+    def log_marginal(self, x: torch.Tensor) -> torch.Tensor:
+        parts = self._per_discrete_value(x)
+        return torch.stack([log_joint for log_joint, _ in parts]).logsumexp(0)
+
+    def posterior_means(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Site name -> E[site | x]: ``[N, LATENT_DIM]`` for z, ``[N]`` for u
+        (P(u = 1 | x) for a Bernoulli u) and v."""
+        parts = self._per_discrete_value(x)
+        log_joint = torch.stack([lj for lj, _ in parts])
+        probs = (log_joint - log_joint.logsumexp(0)).exp()
+        means = [mean for _, mean in parts]
+        gaussian = sum(p.unsqueeze(-1) * m for p, m in zip(probs, means, strict=True))
+        means = {"z": gaussian[:, :LATENT_DIM]}
+        if self.kind == "bernoulli":
+            means["u"] = probs[1]
+        elif self.kind == "mixed":
+            means["u"], means["v"] = probs[1], gaussian[:, LATENT_DIM]
+        else:
+            means["u"] = gaussian[:, LATENT_DIM]
+        return means

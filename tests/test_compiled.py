@@ -13,6 +13,8 @@ from __future__ import annotations
 import functools
 import math
 import os
+import subprocess
+import sys
 import warnings
 
 import pyro
@@ -50,6 +52,12 @@ from pyro_iwae.runs import evaluate_run, read_estimates, train_run
 from pyro_iwae.schedules import ConfigError
 
 X_DIM = 12
+# A fallback to the eager path fails the test unless the test expects it (with
+# pytest.warns): a compiled-against-eager comparison must compare the compiled
+# path's numbers, not two eager runs whose random streams a fallback shifted.
+pytestmark = pytest.mark.filterwarnings(
+    "error::pyro_iwae.compiled.CompileFallbackWarning"
+)
 slow = pytest.mark.skipif(
     not os.environ.get("PYRO_IWAE_SLOW_TESTS"),
     reason="compiles with inductor (tens of seconds); set PYRO_IWAE_SLOW_TESTS=1",
@@ -86,6 +94,18 @@ def _assert_same(compiled, eager, params, x, rtol=1e-5, seed=3):
     torch.testing.assert_close(loss_c, loss_e, rtol=rtol, atol=0)
     for a, b in zip(grads_c, grads_e, strict=True):
         torch.testing.assert_close(a, b, rtol=rtol, atol=rtol * b.abs().max().item())
+
+
+def _assert_eager_estimates(ll, model, guide, x, num_samples, chunk_size, tol):
+    """``ll`` gives ``log_likelihood``'s estimates from the same seed."""
+    torch.manual_seed(7)
+    ours = ll(x, num_samples=num_samples, chunk_size=chunk_size)
+    torch.manual_seed(7)
+    eager = log_likelihood(
+        model, guide, x, num_samples=num_samples, chunk_size=chunk_size
+    )
+    torch.testing.assert_close(ours, eager, rtol=tol[0], atol=tol[1])
+    return eager
 
 
 @pytest.mark.parametrize("name", list(OBJECTIVES))
@@ -130,6 +150,7 @@ def test_adam_steps_follow_the_eager_ones():
             (loss_fn(x) / x.shape[0]).backward()
             optim.step()
         trained.append([*model.state_dict().values(), *guide.state_dict().values()])
+        assert compiled.compiled
     for a, b in zip(*trained, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
@@ -229,8 +250,8 @@ def test_every_random_draw_is_lifted_out_of_the_graph():
     eager = log_likelihood(model, guide, x, num_samples=8, chunk_size=4)
     torch.testing.assert_close(ours, eager, rtol=1e-6, atol=1e-5)
     graphs = [(g.fn.graph, g.noise_ops) for g in loss._graphs.values()]
-    graphs += [(fn.graph, noise_ops) for fn, noise_ops, _ in ll._graphs.values()]
-    assert len(graphs) == 2
+    graphs += [(g.fn.graph, g.noise_ops) for g in ll._graphs.values()]
+    assert len(graphs) == 2 and loss.compiled and ll.compiled
     for graph, noise_ops in graphs:
         assert not seeded_ops(graph) and len(noise_ops) == 1
 
@@ -279,16 +300,125 @@ def test_log_likelihood_matches_eager_when_the_chunk_divides_k():
     x = _data(4)
     ll = CompiledLogLikelihood(model, guide, backend=None)
     for _ in range(2):
-        torch.manual_seed(7)
-        ours = ll(x, num_samples=60, chunk_size=20)
-        torch.manual_seed(7)
-        eager = log_likelihood(model, guide, x, num_samples=60, chunk_size=20)
-        torch.testing.assert_close(ours, eager, rtol=1e-6, atol=1e-5)
+        eager = _assert_eager_estimates(ll, model, guide, x, 60, 20, (1e-6, 1e-5))
     # A partial last chunk is masked: a valid estimate from the same graph.
     partial = ll(x, num_samples=50, chunk_size=20)
     assert partial.shape == (4,) and torch.isfinite(partial).all()
     assert (partial - eager).abs().max() < 1.0
     assert len(ll._graphs) == 1 and ll.compiled
+
+
+class _SettingModel(torch.nn.Module):
+    """A latent whose size is a setting a user may change between calls."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.out = torch.nn.Linear(3, X_DIM)
+        self.latent_dim = 2
+
+    def forward(self, x):
+        with pyro.plate("data", x.shape[0]):
+            z = pyro.sample(
+                "z", dist.Normal(x.new_zeros(self.latent_dim), 1.0).to_event(1)
+            )
+            z = F.pad(z, (0, 3 - self.latent_dim))
+            pyro.sample("x", dist.Bernoulli(logits=self.out(z)).to_event(1), obs=x)
+
+
+class _SettingGuide(torch.nn.Module):
+    def __init__(self, model: _SettingModel) -> None:
+        super().__init__()
+        self.loc = torch.nn.Linear(X_DIM, 3)
+        self.setting = [model]  # not a submodule: its parameters are the model's
+
+    def forward(self, x):
+        with pyro.plate("data", x.shape[0]):
+            loc = self.loc(x)[..., : self.setting[0].latent_dim]
+            pyro.sample("z", dist.Normal(loc, 1.0).to_event(1))
+
+
+def test_log_likelihood_gets_a_graph_per_program_structure():
+    """A latent's size changed between calls (same input shapes) gets a graph of
+    its own: the estimate is the new program's, not the first graph's."""
+    torch.manual_seed(0)
+    model = _SettingModel()
+    guide = _SettingGuide(model)
+    x = _data(4)
+    ll = CompiledLogLikelihood(model, guide, backend=None)
+    for latent_dim in (2, 3, 2):
+        model.latent_dim = latent_dim
+        _assert_eager_estimates(ll, model, guide, x, 40, 20, (1e-6, 1e-5))
+    assert len(ll._graphs) == 2 and ll.compiled
+
+
+def test_log_likelihood_falls_back_when_the_structure_changes_within_a_call():
+    """A program that differs from run to run (a scale that alternates) is caught
+    by the first chunk's check against eager, as the compiled loss is."""
+    model = _SmallModel()
+    ll = CompiledLogLikelihood(model, _AlternatingGuide(), backend=None)
+    with pytest.warns(CompileFallbackWarning, match="differ from the eager ones"):
+        estimate = ll(_data(4), num_samples=40, chunk_size=20)
+    assert not ll.compiled and estimate.shape == (4,)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ll(_data(4), num_samples=40, chunk_size=20)  # warns once only
+
+
+class _GuideOfThreeLatents(_TorchNormalGuide):
+    """z of size 3 where the model's has size 2: the model's decoder fails."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.loc = torch.nn.Linear(X_DIM, 3)
+        self.log_scale = torch.nn.Linear(X_DIM, 3)
+
+
+class _OneParticleModel(_SmallModel):
+    """Runs with one particle only: it reshapes z to ``[batch, 2]``."""
+
+    def forward(self, x):
+        with pyro.plate("data", x.shape[0]):
+            z = pyro.sample("z", dist.Normal(x.new_zeros(2), 1.0).to_event(1))
+            logits = self.out(z.reshape(x.shape[0], 2))
+            pyro.sample("x", dist.Bernoulli(logits=logits).to_event(1), obs=x)
+
+
+def test_a_failing_program_prints_no_torch_internals(capfd):
+    """A model and guide that do not fit raise their own error, as eagerly, with
+    no log of torch's tracing before it (nor a fallback warning: the program is
+    wrong, not the compiled path); one that fails only in the traced graph
+    falls back with one warning, and raises eagerly, also without that log."""
+    ll = CompiledLogLikelihood(_SmallModel(), _GuideOfThreeLatents(), backend=None)
+    with pytest.raises(RuntimeError, match="mat1 and mat2"):
+        ll(_data(4), num_samples=10, chunk_size=5)
+    ll = CompiledLogLikelihood(_OneParticleModel(), _TorchNormalGuide(), backend=None)
+    with (
+        pytest.warns(CompileFallbackWarning, match="cannot trace"),
+        pytest.raises(RuntimeError, match="invalid for input"),
+    ):
+        ll(_data(4), num_samples=10, chunk_size=5)
+    err = capfd.readouterr().err
+    assert "fake_tensor" not in err and "Traceback" not in err
+
+
+class _PyroModuleGuide(pyro.nn.PyroModule):
+    def __init__(self) -> None:
+        super().__init__()
+        self.loc = pyro.nn.PyroModule[torch.nn.Linear](X_DIM, 2)
+
+    def forward(self, x):
+        with pyro.plate("data", x.shape[0]):
+            pyro.sample("z", dist.Normal(self.loc(x), 1.0).to_event(1))
+
+
+def test_a_pyro_module_falls_back_for_the_readmes_reason():
+    model = _SmallModel()
+    message = "PyroModule's parameters go through pyro.param"
+    with pytest.warns(CompileFallbackWarning, match=message) as record:
+        CompiledLoss(IWELBO(3), model, _PyroModuleGuide(), backend=None)(_data())
+        ll = CompiledLogLikelihood(model, _PyroModuleGuide(), backend=None)
+        ll(_data(), num_samples=4)
+    assert len(record) == 2 and "Error" not in str(record[0].message)
 
 
 def test_log_likelihood_and_diagnostics_take_the_compiled_path():
@@ -303,7 +433,8 @@ def test_log_likelihood_and_diagnostics_take_the_compiled_path():
     )
     for a, b in zip(traced, eager, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
-    assert list(cached_log_likelihood(model, guide, None)._graphs)  # it ran there
+    ll = cached_log_likelihood(model, guide, None)
+    assert list(ll._graphs) and ll.compiled  # it ran there
     torch.manual_seed(7)
     estimate = log_likelihood(model, guide, x, num_samples=60, compile=None)
     torch.testing.assert_close(estimate, eager.log_likelihood, rtol=1e-6, atol=1e-5)
@@ -390,11 +521,7 @@ def test_inputs_of_another_memory_layout_get_their_own_graph():
     columns = x.t().contiguous().t()
     ll = CompiledLogLikelihood(model, guide)
     for data in (x, columns):
-        torch.manual_seed(1)
-        ours = ll(data, num_samples=20, chunk_size=10)
-        torch.manual_seed(1)
-        eager = log_likelihood(model, guide, data, num_samples=20, chunk_size=10)
-        torch.testing.assert_close(ours, eager, rtol=1e-5, atol=1e-4)
+        _assert_eager_estimates(ll, model, guide, data, 20, 10, (1e-5, 1e-4))
     assert len(ll._graphs) == 2 and ll.compiled
 
 
@@ -421,11 +548,7 @@ def test_inductor_log_likelihood_matches_eager():
     model, guide = paper_architecture(1, x_dim=X_DIM)
     x = _data(4)
     ll = CompiledLogLikelihood(model, guide)
-    torch.manual_seed(7)
-    ours = ll(x, num_samples=60, chunk_size=20)
-    torch.manual_seed(7)
-    eager = log_likelihood(model, guide, x, num_samples=60, chunk_size=20)
-    torch.testing.assert_close(ours, eager, rtol=1e-5, atol=1e-4)
+    _assert_eager_estimates(ll, model, guide, x, 60, 20, (1e-5, 1e-4))
     assert ll.compiled
 
 
@@ -439,7 +562,8 @@ def test_iwelbo_compile_option_gives_the_eager_loss_and_gradients(estimator):
     params = [*model.parameters(), *guide.parameters()]
     x = _data()
     _assert_same(traced(model, guide), eager(model, guide), params, x)
-    assert list(compiled_loss(traced, model, guide)._graphs)  # a graph was made
+    loss_fn = compiled_loss(traced, model, guide)
+    assert list(loss_fn._graphs) and loss_fn.compiled  # a graph was made, and ran
     for p in params:
         p.grad = None
     torch.manual_seed(5)
@@ -575,3 +699,24 @@ def test_the_evaluation_graph_takes_the_cheaper_tanh():
     targets = [n.target for n in gm.graph.nodes]
     assert targets.count(_tanh) == 2 and torch.ops.aten.tanh.default not in targets
     torch.testing.assert_close(gm(x), torch.tanh(torch.tanh(x) * 2))
+
+
+@slow
+def test_compiling_with_inductor_prints_nothing_a_user_cannot_act_on():
+    """On a machine with a CUDA toolkit and no GPU, torch logs "No CUDA runtime is
+    found" when inductor first loads its C++ toolchain: the library keeps it
+    from the user, not only the command line (a fresh process: the line comes
+    once, at that first load)."""
+    script = """
+import torch
+from pyro_iwae import log_likelihood, paper_architecture
+model, guide = paper_architecture(1, x_dim=12)
+x = (torch.rand(3, 12) < 0.4).float()
+log_likelihood(model, guide, x, num_samples=8, chunk_size=4, compile=True)
+"""
+    result = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=600
+    )
+    assert result.returncode == 0, result.stderr
+    assert "No CUDA runtime" not in result.stderr
+    assert "Warning" not in result.stderr  # compiled, no fallback

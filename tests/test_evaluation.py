@@ -121,13 +121,25 @@ def test_latent_activity_is_the_variance_of_the_posterior_mean(lg):
 
 
 def test_active_units_of_the_paper_guides():
+    """Each layer's output weights scaled so that its first units are active
+    (activity 0.08 and more) and the rest are not (below 0.003): the counts are
+    those units, and the first layer's activity is Var_x of its mean, exactly."""
     torch.manual_seed(0)
     x = (torch.rand(64, 784) < 0.3).float()
-    for layers, sizes in ((1, {"z1": 50}), (2, {"z1": 100, "z2": 50})):
+    for layers, active in ((1, {"z1": 10}), (2, {"z1": 10, "z2": 7})):
         _, guide = paper_architecture(layers)
-        counts = active_units(guide, x, num_samples=5)
-        assert counts.keys() == sizes.keys()
-        assert all(0 <= counts[k] <= sizes[k] for k in sizes)
+        with torch.no_grad():
+            for layer, (count, gain) in zip(
+                guide.layers, ((10, 20.0), (7, 120.0)), strict=False
+            ):
+                loc_rows = layer.out.weight[: layer.out.out_features // 2]
+                loc_rows.mul_(0.5)
+                loc_rows[:count].mul_(gain)
+        assert active_units(guide, x, num_samples=5) == active
+        activity = latent_activity(guide, x, num_samples=5)
+        with torch.no_grad():
+            expected = guide.layers[0](x)[0].var(0, unbiased=False)
+        torch.testing.assert_close(activity["z1"], expected, rtol=1e-5, atol=1e-7)
 
 
 @pytest.mark.parametrize("kind", ["bernoulli", "normal"])

@@ -86,3 +86,16 @@ def test_three_layers_are_for_the_sbn_only(tmp_path):
     assert result.exit_code != 0
     assert "stochastic_layers must be 1 or 2" in result.output
     assert "Traceback" not in result.output
+
+
+def test_eval_nll_with_ais_on_the_sbn_says_to_use_iwae(tmp_path):
+    """AIS cannot move the SBN's binary latents: one line pointing to the
+    importance-sampling estimate, not a traceback."""
+    out = tmp_path / "run"
+    fit = ["fit", "--model", "sbn", "--guide", "sbn", *SMALL, "--estimator", "vimco"]
+    assert CliRunner().invoke(cli, [*fit, "--out", out]).exit_code == 0
+    ais = ["eval-nll", out, "--method", "ais", "--ais-steps", 2, "--limit", 4]
+    result = CliRunner().invoke(cli, [str(a) for a in ais])
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    (error,) = [line for line in result.output.splitlines() if line.startswith("Err")]
+    assert "discrete site 'h1'" in error and "--method iwae" in error

@@ -14,6 +14,7 @@ from pyro_iwae import (
     fit,
     log_likelihood,
     paper_architecture,
+    sbn_architecture,
 )
 
 D, Z = 4, 2
@@ -128,6 +129,32 @@ def test_a_point_without_its_batch_dimension(paper):
         log_likelihood(*paper, x, num_samples=3)
     assert "\n" not in str(e.value)
     assert log_likelihood(*paper, x.unsqueeze(0), num_samples=3).shape == (1,)
+
+
+@pytest.mark.parametrize("architecture", [paper_architecture, sbn_architecture])
+def test_images_that_are_not_flattened(architecture):
+    model, guide = architecture(1)
+    x = torch.bernoulli(torch.full((3, 28, 28), 0.3))
+    with pytest.raises(ValueError, match=r"\[batch, 784\].*\[3, 28, 28\]") as e:
+        log_likelihood(model, guide, x, num_samples=3)
+    assert "\n" not in str(e.value) and "x.reshape(len(x), -1)" in str(e.value)
+    assert log_likelihood(model, guide, x.flatten(1), num_samples=3).shape == (3,)
+
+
+def test_data_with_nan_are_named_as_the_problem(paper):
+    x = torch.bernoulli(torch.full((4, 784), 0.3))
+    x[2, 17] = float("nan")
+    with pytest.raises(ValueError, match=r"data hold NaN.*1 of 4 points") as e:
+        log_likelihood(*paper, x, num_samples=3)
+    assert "guide" not in str(e.value) and "\n" not in str(e.value)
+
+
+def test_a_count_given_as_a_float_is_named(paper):
+    x = torch.bernoulli(torch.full((2, 784), 0.3))
+    with pytest.raises(ValueError, match=r"num_samples must be an integer.*500\.0"):
+        log_likelihood(*paper, x, num_samples=5e2)
+    with pytest.raises(ValueError, match=r"chunk_size must be an integer"):
+        log_likelihood(*paper, x, num_samples=4, chunk_size=2.0)
 
 
 def test_an_empty_batch(paper):

@@ -1,0 +1,45 @@
+"""Builders by import path: the installed packages first, then the current folder."""
+
+import os
+import sys
+
+import pytest
+import torch
+
+from pyro_iwae.registry import BuilderError, build_guide
+
+BUILDER = """
+import torch
+
+
+def build(x_dim, stochastic_layers):
+    return torch.nn.Linear(x_dim, stochastic_layers)
+"""
+
+
+@pytest.fixture
+def bare_folder(tmp_path, monkeypatch):
+    """The current folder is ``tmp_path`` and is not on ``sys.path`` (as for the
+    ``pyro-iwae`` command, whose path holds its own folder)."""
+    monkeypatch.chdir(tmp_path)
+    here = os.getcwd()
+    path = [p for p in sys.path if os.path.abspath(p or ".") != here]
+    monkeypatch.setattr(sys, "path", path)
+    return tmp_path
+
+
+def test_an_import_path_finds_a_module_of_the_current_folder(bare_folder, monkeypatch):
+    (bare_folder / "folder_guides.py").write_text(BUILDER)
+    monkeypatch.delitem(sys.modules, "folder_guides", raising=False)
+    guide = build_guide("folder_guides:build", x_dim=3, stochastic_layers=1)
+    assert isinstance(guide, torch.nn.Linear) and guide.in_features == 3
+    # After the installed packages: a file here shadows none of theirs.
+    assert sys.path[-1] == os.getcwd()
+    monkeypatch.delitem(sys.modules, "folder_guides")
+
+
+def test_a_module_found_nowhere_leaves_the_path_as_it_was(bare_folder):
+    before = list(sys.path)
+    with pytest.raises(BuilderError, match="installed or its module is in the current"):
+        build_guide("no_such_guides:build", x_dim=3, stochastic_layers=1)
+    assert sys.path == before
