@@ -27,6 +27,7 @@ from .evaluation import (
     latent_activity,
     log_likelihood,
 )
+from .gradient_check import GradientCheck, ParameterCheck, check_guide_gradients
 from .guides import (
     CouplingGuide,
     IAFGuide,
@@ -74,6 +75,9 @@ __all__ = [
     "ais_upper_bound",
     "bidirectional_log_likelihood",
     "effective_sample_size",
+    "GradientCheck",
+    "ParameterCheck",
+    "check_guide_gradients",
     "importance_resample",
     "log_likelihood_with_diagnostics",
     "pareto_khat",
