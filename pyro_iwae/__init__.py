@@ -27,7 +27,12 @@ from .evaluation import (
     latent_activity,
     log_likelihood,
 )
-from .gradient_check import GradientCheck, ParameterCheck, check_guide_gradients
+from .gradient_check import (
+    GradientCheck,
+    ParameterCheck,
+    check_guide_gradients,
+    check_run_guide,
+)
 from .guides import (
     CouplingGuide,
     IAFGuide,
@@ -78,6 +83,7 @@ __all__ = [
     "GradientCheck",
     "ParameterCheck",
     "check_guide_gradients",
+    "check_run_guide",
     "importance_resample",
     "log_likelihood_with_diagnostics",
     "pareto_khat",

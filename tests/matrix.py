@@ -156,8 +156,8 @@ def _joint(name: str) -> Callable[[int], Setup]:
         lg = LinearGaussian(diagonal_posterior=name != "AutoMultivariateNormal")
         x = one_point(lg, points)
         cls = getattr(autoguide, name)
-        guide = cls(lg.model, hidden_dim=[8]) if name == "AutoIAFNormal" else cls(
-            lg.model
+        guide = (
+            cls(lg.model, hidden_dim=[8]) if name == "AutoIAFNormal" else cls(lg.model)
         )
         guide(x)
         loc = lg.post_loc(x).reshape(-1)
@@ -174,7 +174,8 @@ def _joint(name: str) -> Callable[[int], Setup]:
             guide.loc = torch.nn.Parameter(loc.clone())
             guide.scale = PyroParam(scale.clone(), constraints.softplus_positive)
             if name == "AutoLowRankMultivariateNormal":
-                guide.cov_factor = torch.nn.Parameter(torch.zeros_like(guide.cov_factor))
+                zero = torch.zeros_like(guide.cov_factor)
+                guide.cov_factor = torch.nn.Parameter(zero)
         guide.double()
         return Setup(lg.model, guide, x, lg.log_marginal(x))
 
@@ -331,10 +332,9 @@ def marginal_cov(lg: LinearGaussian) -> torch.Tensor:
 
 def u_logits(b, c, cov, x: torch.Tensor) -> torch.Tensor:
     """log p(u=1|x) - log p(u=0|x) for the Bernoulli prior site (prior 1/2)."""
-    return (
-        dist.MultivariateNormal(b + c, cov).log_prob(x)
-        - dist.MultivariateNormal(b, cov).log_prob(x)
-    )
+    return dist.MultivariateNormal(b + c, cov).log_prob(x) - dist.MultivariateNormal(
+        b, cov
+    ).log_prob(x)
 
 
 def evaluator_setup(kind: str, points: int = 4) -> EvaluatorSetup:

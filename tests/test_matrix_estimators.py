@@ -85,6 +85,7 @@ def test_dreg_has_the_plain_mean_with_lower_variance(name):
     assert_plain_mean(name, IWELBO(5, "dreg"), lower_variance=True)
 
 
+@slow
 @pytest.mark.parametrize("name", list(GUIDES))
 def test_stl_has_the_plain_mean_with_one_particle(name):
     assert_plain_mean(name, IWELBO(1, "stl"), lower_variance=False)
