@@ -18,6 +18,7 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Callable
+from types import SimpleNamespace
 from typing import NamedTuple
 
 import pyro
@@ -132,9 +133,20 @@ def _user_module(make: Callable[[LinearGaussian], torch.nn.Module]):
     def build(points: int) -> Setup:
         lg = LinearGaussian()
         x = one_point(lg, points)
-        return Setup(LinearGaussianModel(lg), make(lg).double(), x, lg.log_marginal(x))
+        guide = make(lg).double()
+        if isinstance(guide, FlowGuide):
+            _traceable(guide)
+        return Setup(LinearGaussianModel(lg), guide, x, lg.log_marginal(x))
 
     return build
+
+
+def _traceable(guide: FlowGuide) -> None:
+    """Gives a ``FlowGuide`` the posterior mean map as buffers: a compiled graph
+    sees the module's parameters and buffers only, not ``guide.lg``'s tensors."""
+    guide.register_buffer("A", guide.lg.A.clone())
+    guide.register_buffer("b", guide.lg.b.clone())
+    guide.lg = SimpleNamespace(post_loc=lambda data: (data - guide.b) @ guide.A.T)
 
 
 def _per_point(kind: str) -> Callable[[int], Setup]:
