@@ -8,10 +8,16 @@ from pathlib import Path
 import click
 
 from pyro_iwae import RunConfig, check_run_guide
+from pyro_iwae.data import DATASETS
 from pyro_iwae.objectives import ESTIMATORS
 from pyro_iwae.schedules import ConfigError
 
-from .main import _check_dataset, _data_dir_option, _library_errors, cli
+from .main import (
+    _count_option,
+    _data_dir_option,
+    _library_errors,
+    cli,
+)
 
 # check-guide option -> RunConfig field.
 _FIELDS = {
@@ -38,7 +44,7 @@ _FIELDS = {
 @click.option(
     "--model", default="paper", metavar="NAME|MODULE:BUILDER", help="Model, as fit."
 )
-@click.option("--layers", type=click.IntRange(min=1), default=1, help="As fit.")
+@_count_option("--layers", 1, "Stochastic layers, as fit.")
 @click.option(
     "--objective",
     type=click.Choice(["iwae", "miwae", "piwae", "ciwae"]),
@@ -51,32 +57,29 @@ _FIELDS = {
     default="dreg",
     help="Estimator checked against the plain one (iwae; reinforce for vimco).",
 )
-@click.option(
-    "--particles", type=click.IntRange(min=1), default=5, help="Particles, k."
-)
+@_count_option("--particles", 5, "Particles, k.")
 @click.option(
     "--dataset",
+    type=click.Choice(DATASETS),
     default="mnist-mini",
-    callback=_check_dataset,
-    help="Data set whose first test points form the batch (a built-in name).",
+    help="Built-in data set whose first test points form the batch; with RUN_DIR "
+    "the run's data set (a data file too).",
 )
 @_data_dir_option
-@click.option(
-    "--batch-size", type=click.IntRange(min=1), default=8, help="Points in the batch."
-)
+@_count_option("--batch-size", 8, "Points in the batch.")
 @click.option(
     "--draws",
     type=click.IntRange(min=20),
     default=100,
     help="Paired draws of both gradients (each: two losses and backward passes).",
 )
+@click.option("--seed", type=int, default=0, help="Initialisation and draws' seed.")
 @click.option(
     "--alpha",
     type=click.FloatRange(0, 1, min_open=True, max_open=True),
     default=1e-3,
     help="Chance of flagging an unbiased estimator anywhere.",
 )
-@click.option("--seed", type=int, default=0, help="Initialisation and draws' seed.")
 @_library_errors
 def check_guide(
     run_dir: Path | None,
