@@ -108,8 +108,10 @@ class GradientCheck(NamedTuple):
         else:
             names = ", ".join(p.name for p in self.flagged)
             verdict = (
-                f"FAILED: the {self.estimator!r} gradient is biased for {names}; "
-                f"train this guide with estimator={self.reference!r}"
+                f"FAILED: the {self.estimator!r} gradient's mean differs for "
+                f"{names}: its log q may not be the density of what it samples, or "
+                "hold a parameter the estimator cannot stop; train with "
+                f"estimator={self.reference!r} or fix the guide"
             )
         return "\n".join([header, *rows, verdict])
 

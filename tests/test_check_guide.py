@@ -25,7 +25,7 @@ def test_a_guide_whose_sampler_and_density_disagree_is_flagged():
     assert result.exit_code == 1, result.output
     assert "MEANS DIFFER" in result.output
     assert result.output.splitlines()[-1].startswith("FAILED")
-    assert "for matrix;" in result.output
+    assert "differs for matrix:" in result.output
 
 
 def test_a_trained_run_with_another_estimator(run_dir):
