@@ -37,9 +37,12 @@ DRAWS = 30
 EXACT = [name for name, row in GUIDES.items() if row.exact]
 
 
-def guide_gradients(setup: Setup, objective, seed: int = 0):
-    """The loss and the flattened guide gradient of one seeded call."""
+def guide_gradients(setup: Setup, objective, seed: int = 0, model: bool = False):
+    """The loss and the flattened guide gradient of one seeded call (with
+    ``model``, the model's too, where it is an ``nn.Module``)."""
     params = list(guide_parameters(setup.guide, (setup.x,), {}).values())
+    if model and isinstance(setup.model, torch.nn.Module):
+        params += list(setup.model.parameters())
     torch.manual_seed(seed)
     loss = objective.differentiable_loss(setup.model, setup.guide, setup.x)
     grads = torch.autograd.grad(loss, params, allow_unused=True)
@@ -112,8 +115,8 @@ def test_score_estimators_give_reparameterized_guides_the_plain_gradient(name):
 @pytest.mark.parametrize("name", list(GUIDES))
 def test_one_particle_is_trace_elbo_in_value_and_gradient(name, objective):
     setup = build(name, POINTS, perturb=True)
-    loss, grads = guide_gradients(setup, OBJECTIVES[objective](1, "iwae"))
-    reference, expected = guide_gradients(setup, Trace_ELBO())
+    loss, grads = guide_gradients(setup, OBJECTIVES[objective](1, "iwae"), model=True)
+    reference, expected = guide_gradients(setup, Trace_ELBO(), model=True)
     torch.testing.assert_close(loss, reference, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(grads, expected, rtol=1e-10, atol=1e-12)
     assert expected.abs().max() > 1e-3
