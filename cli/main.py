@@ -975,3 +975,6 @@ def reproduce(
     report = write_report(spec, runs_dir, out_dir or grid.parent, readme)
     for path in report.values():
         click.echo(f"wrote {path}")
+
+
+from . import check_guide as check_guide  # noqa: E402  (registers check-guide)

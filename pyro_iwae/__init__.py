@@ -28,6 +28,12 @@ from .evaluation import (
     latent_activity,
     log_likelihood,
 )
+from .gradient_check import (
+    GradientCheck,
+    ParameterCheck,
+    check_guide_gradients,
+    check_run_guide,
+)
 from .guides import (
     CouplingGuide,
     IAFGuide,
@@ -76,6 +82,10 @@ __all__ = [
     "ais_upper_bound",
     "bidirectional_log_likelihood",
     "effective_sample_size",
+    "GradientCheck",
+    "ParameterCheck",
+    "check_guide_gradients",
+    "check_run_guide",
     "importance_resample",
     "log_likelihood_with_diagnostics",
     "pareto_khat",

@@ -641,16 +641,6 @@ def test_guessing_max_plate_nesting_does_not_shift_the_random_stream(lg):
     assert guessed == pytest.approx(first_loss(renyi), rel=1e-12)
 
 
-@pytest.fixture
-def float64_default():
-    """float64 as torch's default dtype: Pyro's autoregressive inverse starts from a
-    tensor of the default dtype, and its masked layers keep their masks in it."""
-    default = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(default)
-
-
 class FlowGuide(torch.nn.Module):
     """A user's flow guide: N(0, I) through a Pyro flow module whose output layer is
     zero (the identity for coupling), then affinely onto the exact posterior."""

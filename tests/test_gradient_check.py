@@ -1,0 +1,91 @@
+"""check_guide_gradients: flags a biased estimator, passes an unbiased one.
+
+That it passes every zoo guide, autoguide and user guide with DReG (and STL at
+k = 1) is the matrix's mean cells (``test_matrix_estimators.py``); here, that it
+fails where it must: issue 22's flow bug, restored.
+"""
+
+import pyro
+import pytest
+import torch
+from matrix import build
+from scipy import stats
+from test_vimco import guide as discrete_guide
+from test_vimco import model as discrete_model
+
+from pyro_iwae import IWELBO, MIWELBO, check_guide_gradients, traces
+from pyro_iwae.gradient_check import t_threshold
+
+pytestmark = pytest.mark.usefixtures("float64_default")
+
+
+@pytest.mark.parametrize("name", ["zoo-iaf", "zoo-coupling", "user-flow-coupling"])
+def test_flags_dreg_on_flow_guides_when_the_flows_are_not_stopped(name, monkeypatch):
+    """Issue 22's defect 1: without log q computed while the parameters are
+    stopped, the flows get a biased DReG gradient."""
+    setup = build(name, 8, perturb=True)
+    check = check_guide_gradients(
+        setup.model, setup.guide, setup.x, objective=IWELBO(5, "dreg"), num_draws=20
+    )
+    assert check.passed, check.table()
+    monkeypatch.delattr(traces._DetachParams, "_pyro_post_sample")
+    check = check_guide_gradients(
+        setup.model, setup.guide, setup.x, objective=IWELBO(5, "dreg"), num_draws=20
+    )
+    assert not check.passed
+    assert any(p.name.startswith("flow") for p in check.flagged), check.table()
+    assert "FAILED" in check.table() and "MEANS DIFFER" in check.table()
+
+
+def test_flags_stl_with_many_particles():
+    """STL is biased for k > 1 (Tucker et al. 2019): a known bias to detect."""
+    setup = build("pyro.param-one-site", 200, perturb=True)
+    check = check_guide_gradients(
+        setup.model, setup.guide, setup.x, objective=IWELBO(20, "stl"), num_draws=20
+    )
+    assert not check.passed
+
+
+def test_vimco_has_the_reinforce_mean_on_a_discrete_guide():
+    pyro.clear_param_store()
+    x = torch.full((200,), 0.8, dtype=torch.float64)
+    for objective in (IWELBO(4, "vimco"), MIWELBO(2, 2, "vimco")):
+        check = check_guide_gradients(
+            discrete_model, discrete_guide, x, objective=objective, num_draws=30
+        )
+        assert check.reference == "reinforce"
+        assert check.passed, check.table()
+        assert check.parameters[0].variance_ratio < 0.5  # the baseline helps
+
+
+def test_the_table_names_every_parameter_and_the_verdict():
+    setup = build("zoo-paper", 4, perturb=True)
+    check = check_guide_gradients(
+        setup.model, setup.guide, setup.x, num_draws=20, seed=3
+    )
+    lines = check.table().splitlines()
+    assert lines[0].startswith("IWELBO(num_particles=5): guide gradient of")
+    names = [p.name for p in check.parameters]
+    assert names == [n for n, _ in setup.guide.named_parameters()]
+    for line, p in zip(lines[2:], check.parameters, strict=False):
+        assert line.split()[:2] == [p.name, str(p.size)]
+    assert lines[-1].startswith("passed")
+
+
+@pytest.mark.parametrize(
+    "entries, draws, rel",
+    [(1, 20, 0.001), (20, 30, 0.001), (10**5, 100, 0.001), (10**6, 20, 0.015)],
+)
+def test_the_threshold_is_the_t_quantile(entries, draws, rel):
+    exact = stats.t.ppf(1 - 1e-3 / (2 * entries), draws - 1)
+    assert t_threshold(entries, draws, 1e-3) == pytest.approx(exact, rel=rel)
+
+
+def test_bad_arguments_are_refused():
+    setup = build("zoo-paper", 4)
+    with pytest.raises(ValueError, match="num_draws must be an integer >= 20"):
+        check_guide_gradients(setup.model, setup.guide, setup.x, num_draws=19)
+    with pytest.raises(ValueError, match="alpha"):
+        check_guide_gradients(setup.model, setup.guide, setup.x, alpha=2.0)
+    with pytest.raises(ValueError, match="no trainable parameters"):
+        check_guide_gradients(setup.model, lambda x: None, setup.x)
