@@ -20,6 +20,7 @@ from .diagnostics import (
     log_likelihood_with_diagnostics,
     pareto_khat,
 )
+from .errors import DataError, PyroIwaeError
 from .evaluation import (
     EstimateWarning,
     active_units,
@@ -80,6 +81,8 @@ __all__ = [
     "sample_joint",
     "CheckpointError",
     "ConfigError",
+    "DataError",
+    "PyroIwaeError",
     "FitCallback",
     "RunConfig",
     "RunError",

@@ -18,7 +18,8 @@ from typing import Any
 from pyro.infer import ELBO
 
 from .checkpoints import RunError, write_json
-from .data import BINARIZATIONS, DATASETS, Dataset, load_dataset, one_line
+from .data import BINARIZATIONS, DATASETS, Dataset, load_dataset
+from .errors import one_line
 from .guides import ZOO
 from .likelihoods import check_likelihood
 from .models import architecture

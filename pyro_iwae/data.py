@@ -25,6 +25,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from .errors import DataError, one_line
+
 __all__ = [
     "BINARIZATIONS",
     "DATASETS",
@@ -62,10 +64,6 @@ _OMNIGLOT_URL = (
 )
 # The paper's code shuffles the Omniglot training set with this numpy seed.
 _OMNIGLOT_SHUFFLE_SEED = 123
-
-
-class DataError(Exception):
-    """A data set cannot be found, fetched or read; the message says what to do."""
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -482,8 +480,3 @@ def _load_omniglot(root: Path) -> tuple[Tensor, Tensor]:
 def _flatten(images: Tensor) -> Tensor:
     """Map uint8 ``[N, 28, 28]`` images to float32 ``[N, 784]`` in [0, 1]."""
     return images.reshape(images.shape[0], -1).to(torch.float32) / 255
-
-
-def one_line(e: BaseException) -> str:
-    """The message of ``e`` on one line: user-facing errors here are one line."""
-    return " ".join(str(e).split()).rstrip(":") or type(e).__name__

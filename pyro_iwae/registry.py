@@ -23,6 +23,8 @@ from collections.abc import Callable
 
 import torch
 
+from .errors import BuilderError
+
 Builder = Callable[..., torch.nn.Module]
 
 MODELS: dict[str, Builder] = {}
@@ -30,11 +32,6 @@ GUIDES: dict[str, Builder] = {}
 
 #: Entry-point groups searched for models and guides by name.
 ENTRY_POINT_GROUPS = {"model": "pyro_iwae.models", "guide": "pyro_iwae.guides"}
-
-
-class BuilderError(ValueError):
-    """A model or guide name that does not resolve to a builder, or a builder
-    that cannot take the settings; the message says what to do."""
 
 
 def _register(table: dict[str, Builder], kind: str) -> Callable[[str], Callable]:

@@ -1,16 +1,17 @@
 """Training objectives and learning-rate schedules, by name.
 
-Also :class:`ConfigError`, the error for settings that do not fit each other,
-whose message a caller can write in its own names for the settings.
+:class:`ConfigError`, the error for settings that do not fit each other, lives
+in :mod:`pyro_iwae.errors` and is importable from here as before.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 from pyro.infer import ELBO, RenyiELBO, Trace_ELBO
 
+from .errors import ConfigError
 from .objectives import CIWELBO, IWELBO, MIWELBO, PIWELBO
 
 __all__ = [
@@ -32,29 +33,6 @@ IW_OBJECTIVES = ("iwae", "miwae", "piwae", "ciwae")
 SCHEDULES = ("constant", "paper")
 
 Schedule = list[tuple[int, float]]
-
-
-class ConfigError(ValueError):
-    """Settings that do not fit each other.
-
-    :attr:`template` names each setting as ``{field}`` (a field of
-    :class:`~pyro_iwae.RunConfig`); ``str(error)`` writes the field names and
-    :meth:`render` the names a caller uses, such as the CLI's options.
-    """
-
-    def __init__(self, template: str) -> None:
-        self.template = template
-        super().__init__(self.render({}))
-
-    def render(self, names: Mapping[str, str]) -> str:
-        """The message with each setting ``field`` written as ``names[field]``
-        (as ``field`` where ``names`` lacks it)."""
-        return self.template.format_map(_Names(names))
-
-
-class _Names(dict):
-    def __missing__(self, field: str) -> str:
-        return field
 
 
 def make_objective(

@@ -42,7 +42,8 @@ from .checkpoints import (
     save_checkpoint,
     write_metrics,
 )
-from .data import Dataset, minibatches, one_line
+from .data import Dataset, minibatches
+from .errors import TrainingDiverged, one_line
 from .evaluation import compile_seconds, dataset_log_likelihood
 from .networks import prepare_pyro_modules
 from .schedules import Schedule, as_schedule
@@ -52,10 +53,6 @@ __all__ = ["TrainingDiverged", "fit"]
 # Steps between checks that the loss is finite: each check reads a number from
 # the device, so checking every step would synchronise a GPU every step.
 _CHECK_EVERY = 50
-
-
-class TrainingDiverged(Exception):
-    """The loss or the parameters became NaN or infinite during training."""
 
 
 def fit(
