@@ -34,6 +34,7 @@ __all__ = [
     "Dataset",
     "binarize",
     "default_data_dir",
+    "file_width",
     "load_dataset",
     "minibatches",
     "one_line",
@@ -259,6 +260,24 @@ def is_data_file(name: str | os.PathLike) -> bool:
     """Whether ``name`` names a user's data file rather than a built-in data set:
     a path with one of :data:`FILE_SUFFIXES`."""
     return str(name) not in DATASETS and Path(name).suffix in FILE_SUFFIXES
+
+
+def file_width(path: str | os.PathLike, test_fraction: float = 0.1) -> int:
+    """x_dim of a user's data file: the values of one point.
+
+    :raises DataError: see :func:`load_file`.
+    """
+    import numpy as np
+
+    path = Path(path).expanduser()
+    if path.suffix == ".npy" and path.is_file():
+        try:  # the header alone, not the whole array
+            shape = np.load(path, mmap_mode="r").shape
+        except Exception:  # left to load_file, which says what is wrong
+            shape = ()
+        if len(shape) > 1:
+            return math.prod(shape[1:])
+    return load_file(path, test_fraction)[0].shape[1]
 
 
 def load_file(

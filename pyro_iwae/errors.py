@@ -49,6 +49,11 @@ class PyroIwaeError(Exception):
         return one_line(self.template.format_map(_Names(names)))
 
 
+def literal(text: object) -> str:
+    """``text`` with its braces doubled, to stand as itself in a template."""
+    return str(text).replace("{", "{{").replace("}", "}}")
+
+
 class _Names(dict):
     def __missing__(self, field: str) -> str:
         return field
@@ -59,11 +64,11 @@ class ConfigError(PyroIwaeError, ValueError):
 
     :attr:`template` names each setting as ``{field}``; ``str(error)`` writes the
     field names and :meth:`render` the names a caller uses, such as the CLI's
-    options.
+    options. ``literal=True`` takes the message as it is, braces and all.
     """
 
-    def __init__(self, template: str) -> None:
-        super().__init__(template, template=True)
+    def __init__(self, template: str, *, literal: bool = False) -> None:
+        super().__init__(template, template=not literal)
 
 
 class RunError(PyroIwaeError):

@@ -22,6 +22,8 @@ __all__ = [
     "Schedule",
     "as_schedule",
     "constant_schedule",
+    "continues",
+    "locate",
     "make_objective",
     "make_schedule",
     "paper_schedule",
@@ -112,6 +114,29 @@ def make_schedule(
     if name == "constant":
         return constant_schedule(epochs, lr)
     raise ValueError(f"unknown schedule {name!r}; choose one of {', '.join(SCHEDULES)}")
+
+
+def continues(schedule: Schedule, earlier: Schedule, epochs: int) -> bool:
+    """Whether ``schedule`` runs the first ``epochs`` epochs of ``earlier`` at
+    the same learning rates, as a run that trained them with ``earlier`` and
+    goes on (for more epochs or stages, or fewer not yet trained) needs."""
+    return _per_epoch(schedule)[:epochs] == _per_epoch(earlier)[:epochs] and (
+        epochs <= min(len(_per_epoch(schedule)), len(_per_epoch(earlier)))
+    )
+
+
+def locate(schedule: Schedule, epochs_done: int) -> tuple[int, int]:
+    """(stage, epochs finished in it) of ``schedule`` after ``epochs_done``
+    epochs; (number of stages, 0) once it is finished."""
+    for stage, (epochs, _) in enumerate(schedule):
+        if epochs_done < epochs:
+            return stage, epochs_done
+        epochs_done -= epochs
+    return len(schedule), 0
+
+
+def _per_epoch(schedule: Schedule) -> list[float]:
+    return [lr for epochs, lr in schedule for _ in range(epochs)]
 
 
 def as_schedule(schedule: Iterable[Sequence[Any]]) -> Schedule:
