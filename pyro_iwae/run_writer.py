@@ -230,8 +230,8 @@ def _remove_if_empty(path: Path) -> None:
     try:
         contents = list(path.iterdir())
         if [p.name for p in contents] in ([], [f".{WRITER}.lock"]):
-            for path in contents:
-                path.unlink()
+            for item in contents:
+                item.unlink()
             path.rmdir()
     except OSError:
         pass  # another process is at it: it is not ours to remove

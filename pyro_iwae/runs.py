@@ -235,6 +235,7 @@ def plan_fit(
     resume: bool = False,
     restarted: bool = False,
     defaults: dict[str, Any] | None = None,
+    make_folder: bool = True,
 ) -> tuple[Run, RunConfig, bool]:
     """The run a fit means, its config, and whether it resumes.
 
@@ -244,7 +245,9 @@ def plan_fit(
     ``given`` over its config (see :meth:`Run.resumed_config`); else a new run
     at ``out`` (else in a fresh folder of ``runs_dir``). ``restarted``: torchrun
     restarted the workers, which resume the run at ``out`` if it has a
-    checkpoint. Under torchrun, rank 0 decides for all.
+    checkpoint. Under torchrun, rank 0 decides for all. Without
+    ``make_folder`` (to learn the config alone), a new run in ``runs_dir`` is
+    ``Run(runs_dir)``, its folder not made.
 
     :raises ConfigError, ValueError: for settings that do not go together.
     :raises RunError: if there is no run to resume.
@@ -257,6 +260,8 @@ def plan_fit(
     config = RunConfig.merge(given, defaults=defaults)
     if out is not None:
         return Run(out), config, False
+    if not make_folder:
+        return Run(runs_dir), config, False
     return distributed.from_main(lambda: Run.new(config, runs_dir)), config, False
 
 
