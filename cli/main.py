@@ -8,15 +8,9 @@ declares (see :mod:`.options`).
 
 from __future__ import annotations
 
-import contextlib
-import functools
-import io
 import json
-import logging
-import os
 import sys
 import time
-import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -30,123 +24,27 @@ from pyro_iwae.config import RunConfig
 from pyro_iwae.data import DATASETS
 from pyro_iwae.errors import ConfigError, PyroIwaeError
 from pyro_iwae.eval_results import EvalSettings, Evaluation
-from pyro_iwae.grid_report import table_slot, write_report
 from pyro_iwae.plots import save_curves, save_image_grid, save_reconstruction_grid
-from pyro_iwae.reproduction import Grid, run_grid
 from pyro_iwae.runs import Run, plan_fit
 from pyro_iwae.sampling import reconstruct, sample_images
 from pyro_iwae.settings import read_settings
 
+from .common import (
+    cuda_option,
+    device_of,
+    explicit,
+    library_errors,
+    restarted,
+    runs_dir_option,
+)
 from .options import OPTION_NAMES, cli_text, run_option, settings_options
 from .progress import EvalProgress, FitProgress, speed_text
 
-RUNS_ENV = "PYRO_IWAE_RUNS"
 #: RunConfig field -> its option, for the library's messages.
 _OPTION_NAMES = OPTION_NAMES
 
 
-def _library_errors(command: Callable) -> Callable:
-    """Turns the library's own errors into one-line Click errors, in the
-    options' spelling, and every warning into one ``Warning: ...`` line on
-    stderr.
-
-    Under torchrun, ranks other than 0 print nothing on stdout and prefix their
-    errors with their rank; the process group ends with the command.
-    """
-
-    @functools.wraps(command)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        # torch logs "No CUDA runtime is found" when --compile loads its C++
-        # toolchain on a machine with a CUDA toolkit and no GPU: noise on the CPU.
-        logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
-        rank = _rank()
-        silent = contextlib.redirect_stdout(io.StringIO())
-        with warnings.catch_warnings(), silent if rank else contextlib.nullcontext():
-            warnings.showwarning = _show_warning
-            try:
-                return command(*args, **kwargs)
-            except ConfigError as e:
-                message = _ranked(cli_text(e.render(OPTION_NAMES)), rank)
-                raise click.UsageError(message) from None
-            except PyroIwaeError as e:
-                message = _ranked(cli_text(e.render(OPTION_NAMES)), rank)
-                raise click.ClickException(message) from None
-            except NotImplementedError as e:
-                # The objective refusing a model or guide (a discrete guide
-                # without --estimator vimco): its message says what to use.
-                raise click.ClickException(_ranked(cli_text(str(e)), rank)) from None
-            except click.ClickException as e:
-                if not rank:
-                    raise
-                message = _ranked(e.format_message(), rank)
-                raise click.ClickException(message) from None
-            finally:
-                distributed.shutdown()
-
-    return wrapper
-
-
-def _rank() -> int:
-    """This process's rank under torchrun (0 without it)."""
-    return int(os.environ["RANK"]) if distributed.launched() else 0
-
-
-def _ranked(message: str, rank: int) -> str:
-    return f"rank {rank}: {message}" if rank else message
-
-
-def _restarted() -> bool:
-    """Whether torchrun restarted this worker after a failure (--max-restarts)."""
-    return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
-
-
-def _show_warning(message: Warning | str, *args: Any, **kwargs: Any) -> None:
-    click.echo(f"Warning: {cli_text(str(message))}", err=True)
-
-
-def _device(cuda: bool) -> str:
-    if not cuda:
-        return "cpu"
-    if not torch.cuda.is_available():
-        raise click.UsageError(
-            "--cuda: CUDA is not available on this machine (no GPU, or torch was "
-            "built without CUDA); drop --cuda to run on the CPU"
-        )
-    return "cuda"
-
-
-def _explicit(ctx: click.Context, name: str) -> bool:
-    """Whether option ``name`` was given on the command line or in the environment."""
-    source = ctx.get_parameter_source(name)
-    return source not in (None, click.core.ParameterSource.DEFAULT)
-
-
-def _runs_dir_option(help: str) -> Callable:
-    return click.option(
-        "--runs-dir",
-        type=click.Path(file_okay=False, path_type=Path),
-        default=Path("runs"),
-        envvar=RUNS_ENV,
-        show_envvar=True,
-        help=help,
-    )
-
-
 _data_dir_option = run_option("data_dir")
-_cuda_option = click.option(
-    "--cuda", is_flag=True, help="Run on the GPU (fails if CUDA is unavailable)."
-)
-_quiet_option = click.option(
-    "--quiet",
-    is_flag=True,
-    help="No progress bars or per-run lines (the bars are also off when stderr "
-    "is not a terminal).",
-)
-
-
-def _count_option(name: str, default: int, help: str) -> Callable:
-    """An option of a positive integer."""
-    return click.option(name, type=click.IntRange(min=1), default=default, help=help)
 
 
 def _dataset_option(command: str) -> Callable:
@@ -192,7 +90,7 @@ def cli() -> None:
     show_default="a new folder in --runs-dir named <time>-<dataset>-<objective>-k<k>",
     help="Run directory for config.json, metrics.jsonl and checkpoint.pt.",
 )
-@_runs_dir_option("Folder for new run directories (and --resume without --out).")
+@runs_dir_option("Folder for new run directories (and --resume without --out).")
 @click.option(
     "--resume",
     is_flag=True,
@@ -200,7 +98,7 @@ def cli() -> None:
     "its last checkpoint, with its own settings; more --epochs or --stages "
     "extend it.",
 )
-@_cuda_option
+@cuda_option
 @click.option(
     "--quiet",
     is_flag=True,
@@ -208,7 +106,7 @@ def cli() -> None:
     "is not a terminal).",
 )
 @click.pass_context
-@_library_errors
+@library_errors
 def fit(ctx: click.Context, **options: Any) -> None:
     """Train a model and guide (the paper's, by default); writes a run directory.
 
@@ -224,10 +122,15 @@ def fit(ctx: click.Context, **options: Any) -> None:
     --max-restarts, pass --out: a restarted worker resumes that run.
     """
     given = read_settings(options["config_file"]) if options["config_file"] else {}
-    given.update({n: options[n] for n in _fields(RunConfig) if _explicit(ctx, n)})
+    # A file's settings at their defaults (such as a printed config's) name none.
+    defaults = RunConfig().to_dict()
+    named = [n for n, v in given.items() if defaults.get(n, v) != v]
+    flags = {n: options[n] for n in _fields(RunConfig) if explicit(ctx, n)}
+    given.update(flags)
+    named += list(flags)
     if given.get("data_dir") is not None:
         given["data_dir"] = str(Path(given["data_dir"]).expanduser().resolve())
-    device = _device(options["cuda"] or given.get("device") == "cuda")
+    device = device_of(options["cuda"] or given.get("device") == "cuda")
     given["device"] = device
     distributed.init(device)
     try:
@@ -236,9 +139,10 @@ def fit(ctx: click.Context, **options: Any) -> None:
             out=options["out"],
             runs_dir=options["runs_dir"],
             resume=options["resume"],
-            restarted=_restarted(),
+            restarted=restarted(),
             defaults=RunConfig.command_defaults(),
             make_folder=not options["print_config"],
+            named=named,
         )
     except ValueError as e:
         if isinstance(e, PyroIwaeError) and not isinstance(e, ConfigError):
@@ -310,15 +214,15 @@ def _train(run: Run, config: RunConfig, resume: bool, quiet: bool) -> None:
 @settings_options(EvalSettings)
 @_dataset_option("eval-nll")
 @_data_dir_option
-@_runs_dir_option("Folder searched for the latest run when RUN_DIR is omitted.")
-@_cuda_option
+@runs_dir_option("Folder searched for the latest run when RUN_DIR is omitted.")
+@cuda_option
 @click.option(
     "--quiet",
     is_flag=True,
     help="No progress bar (it is also off when stderr is not a terminal).",
 )
 @click.pass_context
-@_library_errors
+@library_errors
 def eval_nll(
     ctx: click.Context,
     run_dir: Path | None,
@@ -347,8 +251,8 @@ def eval_nll(
     batches are dealt to the N processes and rank 0 writes the same files.
     """
     settings = EvalSettings(**values)
-    settings.validate([name for name in values if _explicit(ctx, name)])
-    device = _device(cuda)
+    settings.validate([name for name in values if explicit(ctx, name)])
+    device = device_of(cuda)
     distributed.init(device)
     run = distributed.from_main(lambda: Run.find(run_dir, runs_dir))
     progress = EvalProgress(quiet or not distributed.is_main())
@@ -434,10 +338,10 @@ def _eval_report(result: Evaluation) -> list[str]:
 )
 @_dataset_option("sample")
 @_data_dir_option
-@_runs_dir_option("Folder searched for the latest run when RUN_DIR is omitted.")
+@runs_dir_option("Folder searched for the latest run when RUN_DIR is omitted.")
 @click.option("--seed", type=int, default=0, help="Random seed of the samples.")
-@_cuda_option
-@_library_errors
+@cuda_option
+@library_errors
 def sample(
     run_dir: Path | None,
     n: int,
@@ -454,7 +358,7 @@ def sample(
     probabilities of p(x|z): z from the prior for samples, z ~ q(z|x) for the
     reconstructions (each row of test images above its reconstructions).
     """
-    device = _device(cuda)
+    device = device_of(cuda)
     run = Run.find(run_dir, runs_dir)
     config, model, guide = run.load(device)
     data = run.data(data_dir, dataset, config)
@@ -495,111 +399,7 @@ if __name__ == "__main__":  # pragma: no cover
     main()
 
 
-@cli.command(context_settings={"show_default": True})
-@click.argument("grid", type=click.Path(dir_okay=False, exists=True, path_type=Path))
-@click.option(
-    "--runs-dir",
-    type=click.Path(file_okay=False, path_type=Path),
-    default=None,
-    show_default="runs/ beside GRID",
-    help="Folder of the grid's run directories, one per run name.",
-)
-@click.option(
-    "--out-dir",
-    type=click.Path(file_okay=False, path_type=Path),
-    default=None,
-    show_default="the folder of GRID",
-    help="Folder for table.json, table.md and the plots.",
-)
-@click.option(
-    "--only",
-    multiple=True,
-    help="Run only this run of the grid (repeatable); the report covers all.",
-)
-@click.option(
-    "--report-only", is_flag=True, help="Write the table and plots; train nothing."
-)
-@_count_option(
-    "--jobs",
-    1,
-    "Runs trained at once, in separate processes that share the CPU cores "
-    "(no progress bars then). With few particles, 2 jobs of 1 thread train more "
-    "images per second than 1 job of 2 threads.",
-)
-@click.option(
-    "--readme",
-    type=click.Path(dir_okay=False, path_type=Path),
-    default=None,
-    help="Also put the table into this Markdown file, between the lines "
-    "<!-- grid-table:start --> and <!-- grid-table:end -->.",
-)
-@_data_dir_option
-@_cuda_option
-@_quiet_option
-@_library_errors
-def reproduce(
-    grid: Path,
-    runs_dir: Path | None,
-    out_dir: Path | None,
-    only: tuple[str, ...],
-    report_only: bool,
-    jobs: int,
-    readme: Path | None,
-    data_dir: Path | None,
-    cuda: bool,
-    quiet: bool,
-) -> None:
-    """Train and evaluate every run of the GRID file (JSON), then write its table.
+# Registered last: it builds on the group and its helpers.
+from .grid import reproduce  # noqa: E402
 
-    Runs already evaluated are skipped and interrupted ones resume from their
-    checkpoints, so the command can be stopped at any moment and run again. A run
-    that another pyro-iwae process is working on is left to it, also one of
-    another machine that shares --runs-dir (it holds runs/.RUN.claim). Under
-    torchrun the processes train and evaluate each run together.
-    """
-    device = _device(cuda)
-    distributed.init(device)
-    main = distributed.is_main()
-    spec = Grid.load(grid)
-    runs_dir = runs_dir or grid.parent / "runs"
-    if readme is not None:
-        table_slot(readme)  # fail before training, not after
-    if not report_only:
-        fit_progress = FitProgress(quiet or jobs > 1 or not main)
-        eval_progress = EvalProgress(quiet or jobs > 1 or not main)
-
-        def on_run(name: str, what: str) -> None:
-            if main:
-                click.echo(f"{name}: {what}", err=True)
-            if what == "evaluate":
-                eval_progress.reset()
-
-        try:
-            run_grid(
-                spec,
-                runs_dir,
-                only=list(only) or None,
-                data_dir=data_dir,
-                device=device,
-                jobs=jobs,
-                on_run=on_run,
-                fit_callback=fit_progress if main else None,
-                eval_callback=eval_progress if main else None,
-            )
-        except KeyboardInterrupt:
-            fit_progress.close()
-            eval_progress.close()
-            click.echo(
-                "Interrupted; run the same command again to continue (evaluated "
-                "runs are skipped, interrupted ones resume from their checkpoints)",
-                err=True,
-            )
-            sys.exit(130)
-        finally:
-            fit_progress.close()
-            eval_progress.close()
-    if not main:
-        return
-    report = write_report(spec, runs_dir, out_dir or grid.parent, readme)
-    for path in report.values():
-        click.echo(f"wrote {path}")
+cli.add_command(reproduce)

@@ -367,23 +367,27 @@ class RunConfig:
         *,
         base: RunConfig | None = None,
         defaults: dict[str, Any] | None = None,
+        named: Iterable[str] | None = None,
     ) -> RunConfig:
         """The config of the settings a user ``given`` (field -> value), over
         ``base`` (None: the fields' defaults), with ``defaults`` (a command's own,
         such as :meth:`command_defaults`) for the settings not given where they
-        take effect. Checked with the ``given`` settings named (see
-        :meth:`validate`); a new config of a data file learns its ``x_dim``
-        from the file.
+        take effect. Checked with the settings ``named`` (default: all those
+        ``given``) named (see :meth:`validate`); a new config of a data file
+        learns its ``x_dim`` from the file, and the file's absolute path.
 
         :raises ConfigError, ValueError: see :meth:`validate`.
         :raises RunError: on unknown settings.
         :raises pyro_iwae.data.DataError: if a data file cannot be read.
         """
         values = {**(_defaults() if base is None else base.to_dict()), **given}
-        if base is None and is_data_file(values["dataset"]) and "x_dim" not in given:
-            values["x_dim"] = file_width(values["dataset"], values["test_fraction"])
+        if base is None and is_data_file(values["dataset"]):
+            values["dataset"] = str(Path(values["dataset"]).expanduser().resolve())
+            if "x_dim" not in given:
+                width = file_width(values["dataset"], values["test_fraction"])
+                values["x_dim"] = width
         config = cls.from_dict(values)
-        config.validate(given)
+        config.validate(given if named is None else named)
         if base is not None or not defaults:
             return config
         skipped = set(given) | set(config.unused_settings())

@@ -17,7 +17,7 @@ from __future__ import annotations
 import math
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -236,11 +236,13 @@ def plan_fit(
     restarted: bool = False,
     defaults: dict[str, Any] | None = None,
     make_folder: bool = True,
+    named: Iterable[str] | None = None,
 ) -> tuple[Run, RunConfig, bool]:
     """The run a fit means, its config, and whether it resumes.
 
     ``given``: the settings a user chose (field -> value); ``defaults``: a
-    command's own, where they take effect (see :meth:`RunConfig.merge`). With
+    command's own, where they take effect, and ``named``: the settings a user
+    named (see :meth:`RunConfig.merge`). With
     ``resume``, the run at ``out`` (else the latest in ``runs_dir``) with
     ``given`` over its config (see :meth:`Run.resumed_config`); else a new run
     at ``out`` (else in a fresh folder of ``runs_dir``). ``restarted``: torchrun
@@ -257,7 +259,7 @@ def plan_fit(
     if resume:
         run = distributed.from_main(lambda: Run.find(out, runs_dir))
         return run, distributed.from_main(lambda: run.resumed_config(given)), True
-    config = RunConfig.merge(given, defaults=defaults)
+    config = RunConfig.merge(given, defaults=defaults, named=named)
     if out is not None:
         return Run(out), config, False
     if not make_folder:
