@@ -17,7 +17,7 @@ import click
 import torch
 
 from pyro_iwae import distributed
-from pyro_iwae.errors import ConfigError, PyroIwaeError
+from pyro_iwae.errors import ConfigError, PyroIwaeError, one_line
 
 from .options import OPTION_NAMES, cli_text
 
@@ -80,7 +80,7 @@ def restarted() -> bool:
 
 
 def _show_warning(message: Warning | str, *args: Any, **kwargs: Any) -> None:
-    click.echo(f"Warning: {cli_text(str(message))}", err=True)
+    click.echo(f"Warning: {cli_text(one_line(message))}", err=True)
 
 
 def device_of(cuda: bool) -> str:

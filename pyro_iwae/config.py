@@ -26,7 +26,7 @@ from .data import (
     is_data_file,
     load_dataset,
 )
-from .errors import one_line
+from .errors import ConfigError, one_line
 from .guides import ZOO
 from .likelihoods import LIKELIHOODS, check_likelihood
 from .models import architecture
@@ -299,6 +299,12 @@ class RunConfig:
             raise ValueError(
                 f"unknown activation {self.activation!r}; choose one of: "
                 f"{', '.join(ACTIVATIONS)}"
+            )
+        if self.model == "sbn" and self.guide in ZOO:
+            raise ConfigError(
+                "{model} sbn samples binary units h1, h2, ... that the "
+                f"{self.guide} guide does not: use {{guide}} sbn with "
+                "{estimator} vimco"
             )
         if self.model == "paper" or self.guide in ZOO:
             architecture(self.stochastic_layers, self.hidden, self.latent_dim)

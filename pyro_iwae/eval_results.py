@@ -138,13 +138,12 @@ class EvalSettings:
             return f"k{self.num_samples}"
         return f"ais{self.ais_steps}x{self.num_chains}"
 
-    def identity(self, points: int) -> dict[str, Any]:
-        """What makes the estimates of ``points`` points what they are, in the
-        keys of an evaluation's JSON."""
+    def identity(self) -> dict[str, Any]:
+        """What makes the estimates of a point what they are, in the keys of an
+        evaluation's JSON."""
         return {
             "method": self.method,
             "split": self.split,
-            "points": points,
             "seed": self.seed,
             "batch_size": self.batch_size,
             **self.method_settings(),
@@ -165,13 +164,14 @@ class Evaluation:
     ``bits_per_dim`` (``nll / (x_dim log 2)``) and its ``bits_per_dim_stderr``
     for continuous likelihoods (None otherwise); ``method``, ``k`` (None with
     AIS), ``ais_steps`` and ``chains`` (None without AIS), ``split``,
-    ``points``, ``seed``, ``batch_size``; ``time`` (s) and ``compile_time`` (s
-    of it spent compiling graphs); ``diagnostics``: median ESS, median k-hat
-    (None below 21 samples), the share of points with k-hat > 0.7 and, with
-    AIS, the mean acceptance rate; ``active_units`` and ``latent_units`` (site
-    -> count, size); ``ranks``, ``dataset``, ``versions``, ``date``; ``file``
-    (the JSON's path) and the names of the per-point ``estimates_file`` and
-    ``diagnostics_file`` beside it.
+    ``points`` (the first ``limit``, None: all), ``seed``, ``batch_size``;
+    ``time`` (s) and ``compile_time`` (s of it spent compiling graphs);
+    ``diagnostics``: median ESS, median k-hat (None below 21 samples), the
+    share of points with k-hat > 0.7 and, with AIS, the mean acceptance
+    rate; ``active_units`` and ``latent_units`` (site -> count, size);
+    ``ranks``, ``dataset``, ``versions``, ``date``; ``file`` (the JSON's path)
+    and the names of the per-point ``estimates_file`` and ``diagnostics_file``
+    beside it.
 
     ``evaluation["nll"]`` reads a field as from the JSON's dict.
     """
@@ -200,6 +200,7 @@ class Evaluation:
     ais_steps: int | None = None
     chains: int | None = None
     batch_size: int = 100
+    limit: int | None = None
 
     def __getitem__(self, key: str) -> Any:
         return self.to_json()[key]
@@ -247,24 +248,26 @@ def columns(method: str) -> tuple[str, ...]:
 
 
 def result_path(
-    run_dir: str | os.PathLike, settings: EvalSettings, points: int
+    run_dir: str | os.PathLike, settings: EvalSettings, points: int | None = None
 ) -> Path:
-    """Where the evaluation of ``points`` points with ``settings`` goes:
-    ``eval-<split>-<tag>.json`` unless that holds one of other settings, then a
-    name that spells them all (see the module)."""
+    """Where the evaluation with ``settings`` (of ``points`` points, where
+    known) is, or goes: ``eval-<split>-<tag>.json`` unless that holds one of
+    other settings, then a name that spells them all (see the module)."""
     run_dir = Path(run_dir)
     plain = run_dir / f"eval-{settings.split}-{settings.tag}.json"
-    if not plain.is_file() or _same(plain, settings.identity(points)):
+    if not plain.is_file() or _same(plain, settings, points):
         return plain
+    limit = "all" if settings.limit is None else settings.limit
     return run_dir / (
-        f"eval-{settings.split}-{settings.tag}-n{points}-seed{settings.seed}"
+        f"eval-{settings.split}-{settings.tag}-n{limit}-seed{settings.seed}"
         f"-batch{settings.batch_size}.json"
     )
 
 
-def _same(path: Path, identity: dict[str, Any]) -> bool:
-    """Whether the evaluation in ``path`` was made with ``identity``'s settings
-    (files of pyro-iwae 0.1 lack the batch size; theirs was 100)."""
+def _same(path: Path, settings: EvalSettings, points: int | None) -> bool:
+    """Whether the evaluation in ``path`` was made with ``settings`` (on
+    ``points`` points where known). Files of pyro-iwae 0.1 lack the batch size
+    (theirs was 100) and the limit (their points tell it)."""
     try:
         saved = json.loads(path.read_text())
     except (OSError, ValueError):
@@ -272,7 +275,13 @@ def _same(path: Path, identity: dict[str, Any]) -> bool:
     if not isinstance(saved, dict):
         return True
     saved = {"batch_size": 100, "method": "iwae", **saved}
-    return all(saved.get(key) == value for key, value in identity.items())
+    if not all(saved.get(k) == v for k, v in settings.identity().items()):
+        return False
+    if points is not None:
+        return saved.get("points") == points
+    if "limit" in saved:
+        return saved["limit"] == settings.limit
+    return settings.limit is None or saved.get("points") == settings.limit
 
 
 def summarise(
@@ -313,6 +322,7 @@ def summarise(
         latent_units={name: a.numel() for name, a in activity.items()},
         seed=settings.seed,
         batch_size=settings.batch_size,
+        limit=settings.limit,
         ranks=1 if ranks is None else ranks.world,
         dataset=config.dataset,
         versions=versions(),

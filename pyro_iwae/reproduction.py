@@ -18,6 +18,7 @@ from . import distributed
 from .callbacks import FitCallback
 from .checkpoints import CHECKPOINT_FILE, RunError
 from .config import RunConfig
+from .eval_results import EvalSettings, result_path
 from .locks import HAS_FILE_LOCKS, hold_for_ranks
 from .locks import hold as _run_lock  # noqa: F401  (imported from here by tests)
 from .runs import evaluate_run, train_run
@@ -324,7 +325,9 @@ def _tell(on_run: Callable[[str, str], None] | None, name: str, what: str) -> No
 
 
 def evaluation_path(grid: Grid, run_dir: Path) -> Path:
-    return run_dir / f"eval-test-k{grid.eval_samples}.json"
+    """The evaluation of a run of ``grid`` (see :func:`result_path`)."""
+    settings = EvalSettings(num_samples=grid.eval_samples, limit=grid.eval_limit)
+    return result_path(run_dir, settings)
 
 
 def ais_path(grid: Grid, name: str, run_dir: Path) -> Path | None:
@@ -332,4 +335,10 @@ def ais_path(grid: Grid, name: str, run_dir: Path) -> Path | None:
     if name not in (grid.ais or {}).get("runs", []):
         return None
     ais = grid.ais_settings
-    return run_dir / f"eval-test-ais{ais['steps']}x{ais['chains']}.json"
+    settings = EvalSettings(
+        method="ais",
+        ais_steps=ais["steps"],
+        num_chains=ais["chains"],
+        limit=ais["limit"],
+    )
+    return result_path(run_dir, settings)
