@@ -100,14 +100,22 @@ def explicit(ctx: click.Context, name: str) -> bool:
     return source not in (None, click.core.ParameterSource.DEFAULT)
 
 
+def path_option(
+    name: str, help: str, *, folder: bool = True, **kwargs: Any
+) -> Callable:
+    """An option of a folder (or with ``folder=False`` a file; ``exists``: that
+    must exist), None by default."""
+    kwargs = {"default": None, **kwargs}
+    exists = kwargs.pop("exists", False)
+    kind = click.Path(
+        exists=exists, file_okay=not folder, dir_okay=folder, path_type=Path
+    )
+    return click.option(name, type=kind, help=help, **kwargs)
+
+
 def runs_dir_option(help: str) -> Callable:
-    return click.option(
-        "--runs-dir",
-        type=click.Path(file_okay=False, path_type=Path),
-        default=Path("runs"),
-        envvar=RUNS_ENV,
-        show_envvar=True,
-        help=help,
+    return path_option(
+        "--runs-dir", help, default=Path("runs"), envvar=RUNS_ENV, show_envvar=True
     )
 
 

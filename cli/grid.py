@@ -11,26 +11,29 @@ from pyro_iwae import distributed
 from pyro_iwae.grid_report import table_slot, write_report
 from pyro_iwae.reproduction import Grid, run_grid
 
-from .common import count_option, cuda_option, device_of, library_errors, quiet_option
+from .common import (
+    count_option,
+    cuda_option,
+    device_of,
+    library_errors,
+    path_option,
+    quiet_option,
+)
 from .options import run_option
 from .progress import EvalProgress, FitProgress
 
 
 @click.command(context_settings={"show_default": True})
 @click.argument("grid", type=click.Path(dir_okay=False, exists=True, path_type=Path))
-@click.option(
+@path_option(
     "--runs-dir",
-    type=click.Path(file_okay=False, path_type=Path),
-    default=None,
+    "Folder of the grid's run directories, one per run name.",
     show_default="runs/ beside GRID",
-    help="Folder of the grid's run directories, one per run name.",
 )
-@click.option(
+@path_option(
     "--out-dir",
-    type=click.Path(file_okay=False, path_type=Path),
-    default=None,
+    "Folder for table.json, table.md and the plots.",
     show_default="the folder of GRID",
-    help="Folder for table.json, table.md and the plots.",
 )
 @click.option(
     "--only",
@@ -47,12 +50,11 @@ from .progress import EvalProgress, FitProgress
     "(no progress bars then). With few particles, 2 jobs of 1 thread train more "
     "images per second than 1 job of 2 threads.",
 )
-@click.option(
+@path_option(
     "--readme",
-    type=click.Path(dir_okay=False, path_type=Path),
-    default=None,
-    help="Also put the table into this Markdown file, between the lines "
+    "Also put the table into this Markdown file, between the lines "
     "<!-- grid-table:start --> and <!-- grid-table:end -->.",
+    folder=False,
 )
 @run_option("data_dir")
 @cuda_option

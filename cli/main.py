@@ -34,6 +34,7 @@ from .common import (
     device_of,
     explicit,
     library_errors,
+    path_option,
     restarted,
     runs_dir_option,
 )
@@ -69,13 +70,12 @@ def cli() -> None:
 
 @cli.command(context_settings={"show_default": True})
 @settings_options(RunConfig)
-@click.option(
+@path_option(
     "--config",
-    "config_file",
-    type=click.Path(dir_okay=False, exists=True, path_type=Path),
-    default=None,
-    help="Settings file (JSON, TOML, or YAML with PyYAML installed) in the keys "
-    "of a run's config.json; options given override it.",
+    "Settings file (JSON, TOML, or YAML with PyYAML installed) in the keys of a "
+    "run's config.json; options given override it.",
+    folder=False,
+    exists=True,
 )
 @click.option(
     "--print-config",
@@ -83,12 +83,10 @@ def cli() -> None:
     help="Print the settings the run would use, as JSON in the keys of a run's "
     "config.json, and train nothing.",
 )
-@click.option(
+@path_option(
     "--out",
-    type=click.Path(file_okay=False, path_type=Path),
-    default=None,
+    "Run directory for config.json, metrics.jsonl and checkpoint.pt.",
     show_default="a new folder in --runs-dir named <time>-<dataset>-<objective>-k<k>",
-    help="Run directory for config.json, metrics.jsonl and checkpoint.pt.",
 )
 @runs_dir_option("Folder for new run directories (and --resume without --out).")
 @click.option(
@@ -121,7 +119,7 @@ def fit(ctx: click.Context, **options: Any) -> None:
     split evenly over them; rank 0 writes the run directory. With
     --max-restarts, pass --out: a restarted worker resumes that run.
     """
-    given = read_settings(options["config_file"]) if options["config_file"] else {}
+    given = read_settings(options["config"]) if options["config"] else {}
     # A file's settings at their defaults (such as a printed config's) name none.
     defaults = RunConfig().to_dict()
     named = [n for n, v in given.items() if defaults.get(n, v) != v]
@@ -328,13 +326,12 @@ def _eval_report(result: Evaluation) -> list[str]:
     default=64,
     help="Number of samples (and of test images reconstructed).",
 )
-@click.option(
+@path_option(
     "--out",
-    type=click.Path(dir_okay=False, path_type=Path),
-    default=None,
+    "PNG of the samples; the reconstructions and training curves go next to it "
+    "as <name>-reconstructions.png and <name>-curves.png.",
+    folder=False,
     show_default="RUN_DIR/samples.png",
-    help="PNG of the samples; the reconstructions and training curves go next "
-    "to it as <name>-reconstructions.png and <name>-curves.png.",
 )
 @_dataset_option("sample")
 @_data_dir_option

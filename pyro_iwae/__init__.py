@@ -20,7 +20,8 @@ from .diagnostics import (
     log_likelihood_with_diagnostics,
     pareto_khat,
 )
-from .errors import DataError, PyroIwaeError
+from .errors import DataError, PyroIwaeError, RunBusy
+from .eval_results import EvalSettings, Evaluation
 from .evaluation import (
     EstimateWarning,
     active_units,
@@ -47,6 +48,7 @@ from .registry import (
     register_model,
 )
 from .runs import (
+    Run,
     build_run,
     evaluate_run,
     find_latest_run,
@@ -82,7 +84,11 @@ __all__ = [
     "CheckpointError",
     "ConfigError",
     "DataError",
+    "EvalSettings",
+    "Evaluation",
     "PyroIwaeError",
+    "Run",
+    "RunBusy",
     "FitCallback",
     "RunConfig",
     "RunError",

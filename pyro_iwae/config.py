@@ -2,8 +2,10 @@
 ``config.json`` in the run directory.
 
 The rules of which settings go together live here, in :data:`_APPLIES_WITH`
-and :meth:`RunConfig.validate`, so that the Python API and the command line
-refuse the same settings with the same messages.
+and :meth:`RunConfig.validate`, and each field declares its option, help,
+defaults and allowed values once (see :mod:`pyro_iwae.settings`), so that the
+Python API and the command line, whose fit options are made from these
+declarations, refuse the same settings with the same messages.
 """
 
 from __future__ import annotations

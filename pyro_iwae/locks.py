@@ -19,7 +19,7 @@ try:
 except ImportError:  # Windows
     fcntl = None
 
-__all__ = ["HAS_FILE_LOCKS", "hold", "hold_for_ranks"]
+__all__ = ["HAS_FILE_LOCKS", "hold", "hold_for_ranks", "holder"]
 
 #: Whether this system has ``fcntl.flock`` (not Windows).
 HAS_FILE_LOCKS = fcntl is not None
@@ -70,6 +70,14 @@ def hold(folder: Path, name: str) -> Iterator[str | None]:
                 yield holder
         finally:
             fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def holder(folder: Path, name: str) -> str:
+    """Who holds ``name`` of ``folder``, as far as its claim file tells
+    (``""`` when it tells nothing)."""
+    path = Path(folder) / f".{name}.claim"
+    claim = _read_claim(path)
+    return "" if claim is None else _holder_text(claim, path)
 
 
 @contextmanager

@@ -112,10 +112,11 @@ def train(
     try:
         with locks.hold_for_ranks(path, WRITER) as holder:
             if holder is not None:
+                holder = holder or locks.holder(path, WRITER) or "its lock is taken"
                 raise RunBusy(
-                    f"{path} is being written by another process "
-                    f"({holder or 'its lock is taken'}); nothing was changed: "
-                    "wait for it to end, or choose another run directory"
+                    f"{path} is being written by another process ({holder}); "
+                    "nothing was changed: wait for it to end, or choose another "
+                    "run directory"
                 )
             try:
                 return _train(path, config, objective, resume, data_dir, callback)

@@ -202,8 +202,38 @@ class Run:
         device: torch.device | str | None = None,
         callback: Callable[[torch.Tensor, int], None] | None = None,
     ) -> Evaluation:
-        """Estimates the negative log-likelihood of the run's model, per point,
-        and writes the result (see :func:`evaluate_run`)."""
+        """Estimates the negative log-likelihood of the run's model, per point.
+
+        With ``settings`` (None: the defaults of :class:`EvalSettings`) of method
+        ``"iwae"``: -L_k, the IWAE bound with ``num_samples`` particles, with the
+        effective sample size and Pareto k-hat of each point's importance
+        weights (:func:`~pyro_iwae.log_likelihood_with_diagnostics`;
+        ``compile``: True or a ``torch.compile`` backend computes each chunk's
+        log-weights in one graph compiled once per batch shape); of method
+        ``"ais"``: annealed importance sampling with ``ais_steps`` HMC steps and
+        ``num_chains`` chains (:func:`~pyro_iwae.ais_log_likelihood`).
+
+        Uses the first ``limit`` points (None: all) of ``split`` (``"test"``:
+        the test set; ``"train"``: the training data, binarised once with
+        ``seed`` if the run binarises them dynamically) of the run's data, or of
+        ``dataset`` and ``data_dir`` where given (a data file since moved, say),
+        and counts the active units of each latent site on them. Writes the
+        result and the per-point estimates and diagnostics to the run directory
+        (see :mod:`pyro_iwae.eval_results`: one of other settings is never
+        replaced). ``callback(estimates, total)`` is called after each batch
+        with its estimates (``[batch]``, nats) and the number of points (under
+        torchrun: this rank's batches and points).
+
+        The particles of batch ``i`` (of ``batch_size`` points) are drawn with
+        torch's random stream seeded by ``(seed, i)``, so the estimates depend on
+        ``seed`` and ``batch_size``, not on how many processes share the work:
+        under torchrun the batches are dealt to the ranks, rank 0 gathers the
+        estimates and writes the same files as one process (every rank returns
+        the result). The run directory must be readable by every rank.
+
+        :raises RunError, CheckpointError, pyro_iwae.data.DataError: see
+            :func:`load_run` and :meth:`data`.
+        """
         settings = EvalSettings() if settings is None else settings
         device = distributed.init(device)
         config, model, guide = self.load(device)
@@ -377,35 +407,9 @@ def evaluate_run(
     compile: bool | str | None = False,
     dataset: str | os.PathLike | None = None,
 ) -> Evaluation:
-    """Estimates the negative log-likelihood of a run's model, per point.
-
-    ``method="iwae"``: -L_k, the IWAE bound with ``num_samples`` particles, with
-    the effective sample size and Pareto k-hat of each point's importance weights
-    (:func:`~pyro_iwae.log_likelihood_with_diagnostics`; ``compile``: True or a
-    ``torch.compile`` backend computes each chunk's log-weights in one compiled
-    graph, traced and compiled once per batch shape). ``method="ais"``:
-    annealed importance sampling with ``ais_steps`` HMC steps and ``num_chains``
-    chains (:func:`~pyro_iwae.ais_log_likelihood`). The settings of the other
-    method keep their defaults (see :class:`EvalSettings`).
-
-    Uses the first ``limit`` points (None or 0: all) of ``split`` (``"test"``:
-    the test set; ``"train"``: the training data, binarised once with ``seed``
-    if the run binarises them dynamically) of the run's data, or of
-    ``dataset`` and ``data_dir`` where given (a data file since moved, say).
-    Also counts the active units of each latent site on those points. Writes
-    the result and the per-point estimates and diagnostics to the run
-    directory (see :mod:`pyro_iwae.eval_results`; an evaluation of other
-    settings is never replaced). ``callback(estimates, total)`` is called after
-    each batch with its log-likelihood estimates (``[batch]``, nats) and the
-    number of points (under torchrun: this rank's batches and points).
-
-    The particles of batch ``i`` (of ``batch_size`` points) are drawn with
-    torch's random stream seeded by ``(seed, i)`` (see
-    :func:`~pyro_iwae.distributed.sharded_log_likelihood`), so the per-point
-    estimates depend on ``seed`` and ``batch_size``, not on how many processes
-    share the work: under torchrun the batches are dealt to the ranks, rank 0
-    gathers the estimates and writes the same files as one process (every rank
-    returns the result). The run directory must be readable by every rank.
+    """Estimates the negative log-likelihood of a run's model, per point, with
+    the settings of :class:`EvalSettings` (the other method's keep their
+    defaults): ``Run(run_dir).evaluate(...)``, see :meth:`Run.evaluate`.
 
     :returns: an :class:`Evaluation`, the content of the JSON file.
     :raises ConfigError: for settings out of range or of the other method.
@@ -446,31 +450,23 @@ def _estimator(
 ) -> Callable[[torch.Tensor], torch.Tensor]:
     """Per batch ``[n, x_dim]``: ``[n, 1 + columns]``, each point's estimate and
     its diagnostics (see :func:`~pyro_iwae.eval_results.columns`)."""
+    if settings.method == "iwae":
+        estimate = log_likelihood_with_diagnostics
+        options = {"num_samples": settings.num_samples, "compile": settings.compile}
+        values = ("ess", "khat")
+    else:
+        estimate = ais_log_likelihood
+        options = {"num_steps": settings.ais_steps, "num_chains": settings.num_chains}
+        values = ("stderr", "ess", "khat", "acceptance_rate")
 
-    def iwae(batch: torch.Tensor) -> torch.Tensor:
-        d = log_likelihood_with_diagnostics(
-            model,
-            guide,
-            batch,
-            num_samples=settings.num_samples,
-            chunk_size=settings.chunk_size,
-            compile=settings.compile,
+    def per_point(batch: torch.Tensor) -> torch.Tensor:
+        result = estimate(
+            model, guide, batch, chunk_size=settings.chunk_size, **options
         )
-        return torch.stack([d.log_likelihood, d.ess, d.khat], -1)
+        columns = [getattr(result, name) for name in values]
+        return torch.stack([result.log_likelihood, *columns], -1)
 
-    def ais(batch: torch.Tensor) -> torch.Tensor:
-        a = ais_log_likelihood(
-            model,
-            guide,
-            batch,
-            num_steps=settings.ais_steps,
-            num_chains=settings.num_chains,
-            chunk_size=settings.chunk_size,
-        )
-        values = (a.stderr, a.ess, a.khat, a.acceptance_rate)
-        return torch.stack([a.log_likelihood, *values], -1)
-
-    return iwae if settings.method == "iwae" else ais
+    return per_point
 
 
 def _estimate(

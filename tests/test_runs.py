@@ -219,3 +219,33 @@ def test_run_object_trains_and_evaluates_as_the_cli_does(tmp_path):
     assert saved == evaluation.to_json() and "ais_steps" not in saved
     with pytest.raises(ConfigError, match="ais_steps applies to method ais"):
         EvalSettings(ais_steps=5)
+
+
+def test_two_fits_started_together_one_is_refused(tmp_path):
+    """A real second process: the first fit's run comes out whole, as if alone."""
+    import subprocess
+    import sys
+    import time
+
+    run_dir = tmp_path / "run"
+    command = [sys.executable, "-m", "pyro_iwae_cli.main", "fit", *map(str, SMALL)]
+    first = subprocess.Popen(
+        [*command[:-1], "10", "--out", str(run_dir), "--quiet"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    claim = run_dir / f".{WRITER}.claim"
+    deadline = time.monotonic() + 120
+    while not claim.exists() and first.poll() is None:
+        assert time.monotonic() < deadline, "the first fit never took its lock"
+        time.sleep(0.05)
+    second = invoke("fit", *SMALL, "--seed", 1, "--out", run_dir, "--quiet")
+    output, _ = first.communicate(timeout=300)
+    assert first.returncode == 0, output
+    error = assert_one_line_error(second, "being written by another process")
+    assert f"process {first.pid}" in error
+    assert [m["epoch"] for m in read_metrics(run_dir)] == list(range(1, 11))
+    assert json.loads((run_dir / "config.json").read_text())["seed"] == 0
+    assert load_checkpoint(run_dir / CHECKPOINT_FILE)["config"]["seed"] == 0
+    assert not claim.exists()
