@@ -299,3 +299,28 @@ def test_two_fits_started_together_one_is_refused(tmp_path):
     assert json.loads((run_dir / "config.json").read_text())["seed"] == 0
     assert load_checkpoint(run_dir / CHECKPOINT_FILE)["config"]["seed"] == 0
     assert not claim.exists()
+
+
+def test_result_path_finds_an_evaluation_by_its_settings(tmp_path):
+    from pyro_iwae.eval_results import EvalSettings, result_path
+
+    twenty = EvalSettings(num_samples=5, limit=20)
+    assert result_path(tmp_path, twenty).name == "eval-test-k5.json"
+    (tmp_path / "eval-test-k5.json").write_text(
+        json.dumps({"method": "iwae", "k": 5, "split": "test", "points": 20,
+                    "seed": 0, "batch_size": 100, "limit": 20})
+    )  # fmt: skip
+    assert result_path(tmp_path, twenty).name == "eval-test-k5.json"
+    assert result_path(tmp_path, twenty, points=20).name == "eval-test-k5.json"
+    every = EvalSettings(num_samples=5, limit=0)
+    assert result_path(tmp_path, every).name == "eval-test-k5-nall-seed0-batch100.json"
+    seeded = EvalSettings(num_samples=5, limit=20, seed=2)
+    assert result_path(tmp_path, seeded).name.endswith("-n20-seed2-batch100.json")
+    # A file of pyro-iwae 0.1 (no limit, no batch size) is known by its points.
+    (tmp_path / "eval-test-k5.json").write_text(
+        json.dumps({"k": 5, "split": "test", "points": 20, "seed": 0})
+    )
+    assert result_path(tmp_path, twenty).name == "eval-test-k5.json"
+    assert result_path(tmp_path, EvalSettings(num_samples=5, limit=10)).name == (
+        "eval-test-k5-n10-seed0-batch100.json"
+    )
