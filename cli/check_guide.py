@@ -8,79 +8,69 @@ from pathlib import Path
 import click
 
 from pyro_iwae import RunConfig, check_run_guide
-from pyro_iwae.data import DATASETS
+from pyro_iwae.errors import ConfigError
 from pyro_iwae.objectives import ESTIMATORS
-from pyro_iwae.schedules import ConfigError
 
-from .main import (
-    _count_option,
-    _data_dir_option,
-    _library_errors,
-    cli,
+from .common import count_option, library_errors
+from .main import _data_dir_option, cli
+from .options import OPTION_NAMES, run_option
+
+# The RunConfig settings that pick the model, guide and objective checked.
+_FIELDS = (
+    "model",
+    "guide",
+    "stochastic_layers",
+    "objective",
+    "estimator",
+    "num_particles",
+    "dataset",
+    "seed",
 )
-
-# check-guide option -> RunConfig field.
-_FIELDS = {
-    "model": "model",
-    "guide": "guide",
-    "layers": "stochastic_layers",
-    "objective": "objective",
-    "estimator": "estimator",
-    "particles": "num_particles",
-    "dataset": "dataset",
-    "seed": "seed",
-}
 
 
 @cli.command("check-guide", context_settings={"show_default": True})
 @click.argument("run_dir", required=False, type=click.Path(path_type=Path))
-@click.option(
-    "--guide",
-    default="paper",
-    metavar="NAME|MODULE:BUILDER",
+@run_option(
+    "guide",
     help="Guide to check, as for fit (a zoo name, mypackage.guides:build_guide, "
     "or an entry point); with RUN_DIR, the run's trained guide instead.",
 )
-@click.option(
-    "--model", default="paper", metavar="NAME|MODULE:BUILDER", help="Model, as fit."
-)
-@_count_option("--layers", 1, "Stochastic layers, as fit.")
-@click.option(
-    "--objective",
-    type=click.Choice(["iwae", "miwae", "piwae", "ciwae"]),
-    default="iwae",
+@run_option("model", help="Model, as for fit.")
+@run_option("stochastic_layers", help="Stochastic layers, as for fit.")
+@run_option(
+    "objective",
+    choices=("iwae", "miwae", "piwae", "ciwae"),
     help="The bound whose guide gradient is checked.",
 )
-@click.option(
-    "--estimator",
-    type=click.Choice([e for e in ESTIMATORS if e != "iwae"]),
-    default="dreg",
+@run_option(
+    "estimator",
+    choices=tuple(e for e in ESTIMATORS if e != "iwae"),
+    command_default="dreg",
     help="Estimator checked against the plain one (iwae; reinforce for vimco).",
 )
-@_count_option("--particles", 5, "Particles, k.")
-@click.option(
-    "--dataset",
-    type=click.Choice(DATASETS),
-    default="mnist-mini",
+@run_option("num_particles", command_default=5, help="Particles, k.")
+@run_option(
+    "dataset",
+    command_default="mnist-mini",
     help="Built-in data set whose first test points form the batch; with RUN_DIR "
     "the run's data set (a data file too).",
 )
 @_data_dir_option
-@_count_option("--batch-size", 8, "Points in the batch.")
+@count_option("--batch-size", 8, "Points in the batch.")
 @click.option(
     "--draws",
     type=click.IntRange(min=20),
     default=100,
     help="Paired draws of both gradients (each: two losses and backward passes).",
 )
-@click.option("--seed", type=int, default=0, help="Initialisation and draws' seed.")
+@run_option("seed", help="Initialisation and draws' seed.")
 @click.option(
     "--alpha",
     type=click.FloatRange(0, 1, min_open=True, max_open=True),
     default=1e-3,
     help="Chance of flagging an unbiased estimator anywhere.",
 )
-@_library_errors
+@library_errors
 def check_guide(
     run_dir: Path | None,
     batch_size: int,
@@ -99,12 +89,9 @@ def check_guide(
     --guide, --layers); the estimator, objective and k are the options'.
     """
     try:
-        settings = RunConfig(
-            **{field: options[option] for option, field in _FIELDS.items()}
-        )
+        settings = RunConfig(**{field: options[field] for field in _FIELDS})
     except ConfigError as e:
-        names = {field: f"--{option}" for option, field in _FIELDS.items()}
-        raise click.UsageError(e.render(names)) from None
+        raise click.UsageError(e.render(OPTION_NAMES)) from None
     except ValueError as e:
         raise click.UsageError(str(e)) from None
     try:

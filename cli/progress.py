@@ -22,22 +22,37 @@ def bars_enabled(quiet: bool) -> bool:
     return not quiet and sys.stderr.isatty()
 
 
-def format_metrics(metrics: dict[str, Any]) -> str:
-    """One line summarising an epoch's metrics."""
+def format_metrics(metrics: dict[str, Any], unit: str = "img/s") -> str:
+    """One line summarising an epoch's metrics; ``unit``: of its speed."""
     test = metrics.get("test_bound")
     test_text = "n/a" if test is None else f"{test:.2f}"
     return (
         f"epoch {metrics['epoch']}: train bound {metrics['train_bound']:.2f}, "
         f"test bound {test_text} nats (k={metrics['k']}), lr {metrics['lr']:.2g}, "
-        f"{metrics['time']:.1f} s, {metrics['images_per_s']:.0f} img/s"
+        f"{metrics['time']:.1f} s, {speed_text(metrics, unit)}"
+    )
+
+
+def speed_text(metrics: dict[str, Any], unit: str = "img/s") -> str:
+    """An epoch's training speed; with compiling in it, the speed without it
+    and the seconds spent compiling apart."""
+    seconds, compiling = metrics["time"], metrics.get("compile_time") or 0.0
+    if compiling <= 0 or compiling >= seconds:
+        return f"{metrics['images_per_s']:.0f} {unit}"
+    points = metrics["images_per_s"] * seconds
+    return (
+        f"{points / (seconds - compiling):.0f} {unit} besides {compiling:.1f} s "
+        "compiling"
     )
 
 
 class FitProgress(FitCallback):
-    """A tqdm bar per epoch (running bound, images/s) and a line after each epoch."""
+    """A tqdm bar per epoch (running bound, speed in ``unit``, such as img/s)
+    and a line after each epoch."""
 
-    def __init__(self, quiet: bool) -> None:
+    def __init__(self, quiet: bool, unit: str = "img/s") -> None:
         self.quiet = quiet
+        self.unit = unit
         self.enabled = bars_enabled(quiet)
         self.bar: tqdm | None = None
         self.last_refresh = 0.0
@@ -68,7 +83,7 @@ class FitProgress(FitCallback):
             self.last_refresh = now
             self.bar.set_postfix(
                 bound=f"{info.running_bound:.2f}",
-                img_s=f"{info.images_per_s:.0f}",
+                **{self.unit.replace("/", "_"): f"{info.images_per_s:.0f}"},
                 refresh=False,
             )
         self.bar.update(1)
@@ -77,7 +92,7 @@ class FitProgress(FitCallback):
         self.epochs_run += 1
         self.close()
         if not self.quiet:
-            click.echo(format_metrics(metrics), err=True)
+            click.echo(format_metrics(metrics, self.unit), err=True)
 
     def close(self) -> None:
         if self.bar is not None:
@@ -93,7 +108,7 @@ class EvalProgress:
         self.bar = tqdm(
             total=None,
             desc="eval-nll",
-            unit="img",
+            unit="pt",
             file=sys.stderr,
             disable=not bars_enabled(quiet),
             dynamic_ncols=True,

@@ -21,6 +21,8 @@ from .diagnostics import (
     log_likelihood_with_diagnostics,
     pareto_khat,
 )
+from .errors import DataError, PyroIwaeError, RunBusy
+from .eval_results import EvalSettings, Evaluation
 from .evaluation import (
     EstimateWarning,
     active_units,
@@ -53,6 +55,7 @@ from .registry import (
     register_model,
 )
 from .runs import (
+    Run,
     build_run,
     evaluate_run,
     find_latest_run,
@@ -92,6 +95,12 @@ __all__ = [
     "sample_joint",
     "CheckpointError",
     "ConfigError",
+    "DataError",
+    "EvalSettings",
+    "Evaluation",
+    "PyroIwaeError",
+    "Run",
+    "RunBusy",
     "FitCallback",
     "RunConfig",
     "RunError",

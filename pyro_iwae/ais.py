@@ -42,6 +42,7 @@ from .diagnostics import (
     pareto_khat,
     relative_stderr,
 )
+from .errors import PyroIwaeError
 from .evaluation import (
     DEFAULT_MEMORY_BUDGET,
     check_count,
@@ -60,7 +61,7 @@ TARGET_ACCEPT = 0.65
 SIGMOID_SHARPNESS = 4.0
 
 
-class AISError(ValueError):
+class AISError(PyroIwaeError, ValueError):
     """A model or guide that AIS cannot anneal; the message says what to use."""
 
 

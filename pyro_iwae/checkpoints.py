@@ -22,7 +22,7 @@ from typing import IO, Any
 
 import torch
 
-from .data import one_line
+from .errors import CheckpointError, RunError, one_line
 
 __all__ = [
     "CHECKPOINT_FILE",
@@ -48,14 +48,6 @@ METRICS_FILE = "metrics.jsonl"
 _CHECKPOINT_FORMAT = "pyro-iwae-checkpoint"
 _CHECKPOINT_VERSION = 1
 _CHECKPOINT_KEYS = {"version", "model", "guide", "optimizer", "position", "rng", "fit"}
-
-
-class RunError(Exception):
-    """A run directory or its files cannot be used; the message says what to do."""
-
-
-class CheckpointError(RunError):
-    """A checkpoint is missing, unreadable or does not fit the model and guide."""
 
 
 def atomic_write(path: Path, write: Callable[[IO[bytes]], Any]) -> None:

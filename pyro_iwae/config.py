@@ -2,8 +2,10 @@
 ``config.json`` in the run directory.
 
 The rules of which settings go together live here, in :data:`_APPLIES_WITH`
-and :meth:`RunConfig.validate`, so that the Python API and the command line
-refuse the same settings with the same messages.
+and :meth:`RunConfig.validate`, and each field declares its option, help,
+defaults and allowed values once (see :mod:`pyro_iwae.settings`), so that the
+Python API and the command line, whose fit options are made from these
+declarations, refuse the same settings with the same messages.
 """
 
 from __future__ import annotations
@@ -18,18 +20,36 @@ from typing import Any
 from pyro.infer import ELBO
 
 from .checkpoints import RunError, write_json
-from .data import BINARIZATIONS, DATASETS, Dataset, load_dataset, one_line
+from .data import (
+    BINARIZATIONS,
+    DATASETS,
+    Dataset,
+    file_width,
+    is_data_file,
+    load_dataset,
+)
+from .errors import ConfigError, one_line
 from .guides import ZOO
-from .likelihoods import check_likelihood
+from .likelihoods import LIKELIHOODS, check_likelihood
 from .models import architecture
 from .networks import ACTIVATIONS
+from .objectives import ESTIMATORS
 from .registry import BuilderError, resolve
 from .schedules import (
     IW_OBJECTIVES,
-    ConfigError,
+    OBJECTIVES,
+    SCHEDULES,
     Schedule,
     make_objective,
     make_schedule,
+)
+from .settings import (
+    NO_DEFAULT,
+    check_applies,
+    check_values,
+    declared,
+    setting,
+    unused,
 )
 
 __all__ = ["CONFIG_FILE", "RunConfig"]
@@ -80,36 +100,182 @@ class RunConfig:
     :raises ValueError: for a schedule or objective that cannot be built.
     """
 
-    dataset: str = "mnist-mini"
-    data_dir: str | None = None
-    stochastic_layers: int = 1
-    model: str = "paper"
-    guide: str = "paper"
-    likelihood: str = "bernoulli"
-    sigma: float | None = None
-    hidden: list[int] | None = None
-    activation: str = "tanh"
-    latent_dim: int | None = None
-    binarize: str | None = None
-    test_fraction: float = 0.1
-    objective: str = "iwae"
-    estimator: str = "iwae"
-    num_particles: int = 5
-    alpha: float = 0.0
-    num_groups: int = 1
-    beta: float = 0.5
-    schedule: str = "constant"
-    stages: int | None = None
-    epochs: int = 5
-    batch_size: int = 100
-    lr: float = 1e-3
-    seed: int = 0
+    dataset: str = setting(
+        "mnist-mini",
+        f"Data set: {', '.join(DATASETS)} (mnist-mini, 10,000 / 2,000 MNIST images, "
+        "ships with the package), or the path of your own .npy, .npz (arrays train "
+        "and optionally test) or .pt file of shape [N, ...], used as given.",
+        metavar="NAME|PATH",
+        kind="dataset",
+    )
+    data_dir: str | None = setting(
+        None,
+        "Folder holding the data (MNIST/raw, FashionMNIST/raw or chardata.mat); "
+        "mnist-mini is embedded and needs none.",
+        default_text="$PYRO_IWAE_DATA, else ~/.cache/pyro-iwae",
+        kind="folder",
+    )
+    stochastic_layers: int = setting(
+        1,
+        "Stochastic layers: of the paper's architecture 1 (latent 50) or 2 "
+        "(latents 100 and 50); of {model} sbn any number of 200 binary units each "
+        "(3: the VIMCO paper's 200-200-200).",
+        flag="--layers",
+        low=1,
+    )
+    model: str = setting(
+        "paper",
+        "Model: paper, sbn (sigmoid belief network: {stochastic_layers} layers of "
+        "200 binary units; train it with {guide} sbn), an import path such as "
+        "mypackage.models:build_model, or an entry point of group pyro_iwae.models.",
+        metavar="NAME|MODULE:BUILDER",
+    )
+    guide: str = setting(
+        "paper",
+        "Guide: paper (diagonal Gaussian), lowrank (low-rank-plus-diagonal "
+        "Gaussian), iaf (inverse autoregressive flows), coupling (affine coupling "
+        "flows), sbn (binary units; needs {estimator} vimco), an import path such "
+        "as mypackage.guides:build_guide, or an entry point of group "
+        "pyro_iwae.guides.",
+        metavar="NAME|MODULE:BUILDER",
+    )
+    likelihood: str = setting(
+        "bernoulli",
+        "p(x|z): bernoulli (0/1 values), gaussian (real values; {sigma}), or "
+        "continuous-bernoulli (values in [0, 1]); all normalised densities in nats.",
+        choices=tuple(LIKELIHOODS),
+    )
+    sigma: float | None = setting(
+        None,
+        "Fixed standard deviation of {likelihood} gaussian.",
+        low=0,
+        open=(True, False),
+        default_text="learned, one per dimension",
+    )
+    hidden: list[int] | None = setting(
+        None,
+        "Hidden layer sizes between x and z1, in encoder and decoder, such as "
+        "200,200 or 500; '' for none.",
+        metavar="SIZES",
+        default_text="the paper's: 200,200",
+        kind="sizes",
+    )
+    activation: str = setting(
+        "tanh", "Hidden units of the networks.", choices=tuple(ACTIVATIONS)
+    )
+    latent_dim: int | None = setting(
+        None,
+        "Size of the top latent layer (z1; z2 with {stochastic_layers} 2).",
+        low=1,
+        default_text="the paper's: 50",
+    )
+    binarize: str | None = setting(
+        None,
+        "dynamic: training values in [0, 1] binarised afresh for every "
+        "mini-batch, test values once (seed 0); static: all once; none: as given.",
+        choices=BINARIZATIONS,
+        default_text="dynamic for the built-in image sets with {likelihood} "
+        "bernoulli, none otherwise",
+    )
+    test_fraction: float = setting(
+        0.1,
+        "Share of the points of a {dataset} file without a test set held out (at "
+        "random, seed 0) as its test set.",
+        low=0,
+        high=1,
+        open=(True, True),
+    )
+    objective: str = setting(
+        "iwae",
+        "iwae: the importance-weighted bound; vae: the ELBO averaged over k "
+        "samples (the paper's 'VAE, k'); renyi: Pyro's RenyiELBO of order "
+        "{alpha}; miwae, piwae: Rainforth et al.'s bounds on {num_groups} M groups "
+        "of k particles; ciwae: {beta} ELBO + (1 - {beta}) IWAE.",
+        choices=OBJECTIVES,
+    )
+    estimator: str = setting(
+        "iwae",
+        "Guide gradient of {objective} iwae, miwae, piwae or ciwae: iwae (plain), "
+        "stl (sticking the landing), dreg (doubly reparameterised), vimco "
+        "(score-function gradient with leave-one-out baselines for discrete guide "
+        "sites, k >= 2) or reinforce (the same without baselines: a variance "
+        "reference only).",
+        choices=ESTIMATORS,
+    )
+    num_particles: int = setting(
+        5,
+        "k, importance samples per data point.",
+        flag="--particles",
+        short="-k",
+        low=1,
+    )
+    alpha: float = setting(
+        0.0, "Order of {objective} renyi (not 1); 0 is the IWAE bound."
+    )
+    num_groups: int = setting(
+        1,
+        "M, groups of k particles of {objective} miwae or piwae.",
+        flag="--groups",
+        low=1,
+    )
+    beta: float = setting(
+        0.5, "Weight of the ELBO in {objective} ciwae.", low=0, high=1
+    )
+    schedule: str = setting(
+        "constant",
+        "constant: {epochs} at {lr}; paper: stage i = 0..7 runs 3^i epochs at "
+        "lr * 10^(-i/7) (3,280 epochs in all).",
+        choices=SCHEDULES,
+    )
+    stages: int | None = setting(
+        None,
+        "Run only the first N stages of {schedule} paper.",
+        low=1,
+        high=8,
+        command_default=8,
+    )
+    epochs: int = setting(
+        5,
+        "Epochs of {schedule} constant.",
+        low=1,
+        # About a minute on a 2-core laptop CPU.
+        command_default=40,
+    )
+    batch_size: int = setting(
+        100,
+        "Points per mini-batch (the paper uses 20; 100 runs faster on a CPU).",
+        low=1,
+    )
+    lr: float = setting(
+        1e-3,
+        "Learning rate of Adam (the first stage's, for {schedule} paper).",
+        low=0,
+        open=(True, False),
+    )
+    seed: int = setting(0, "Random seed.")
     device: str = "cpu"
     x_dim: int = 784
-    train_limit: int | None = None
-    test_limit: int = 1000
-    checkpoint_every: int | None = None
-    compile: bool = False
+    train_limit: int | None = setting(
+        None,
+        "Train on the first N training points only (default: all).",
+        low=1,
+    )
+    test_limit: int = setting(
+        1000, "Test points for the test bound after each epoch (0: none).", low=0
+    )
+    checkpoint_every: int | None = setting(
+        None,
+        "Also write a checkpoint every N steps (default: after each epoch only).",
+        low=1,
+    )
+    compile: bool = setting(
+        False,
+        "Run each training step's loss and gradients as one graph compiled by "
+        "torch's inductor (tens of seconds to compile per batch shape, reported "
+        "apart; the same numbers to float tolerance). Programs it cannot capture "
+        "fall back to the eager path with a warning.",
+        kind="flag",
+    )
 
     def __post_init__(self) -> None:
         if self.hidden is not None and not isinstance(self.hidden, list):
@@ -127,13 +293,7 @@ class RunConfig:
         :raises ConfigError: for settings that do not go together.
         :raises ValueError: for a schedule or objective that cannot be built.
         """
-        given, defaults = set(given), _defaults()
-        for field in self.unused_settings():
-            if field in given or getattr(self, field) != defaults[field]:
-                setting, values, instead = _APPLIES_WITH[field]
-                raise ConfigError(
-                    f"{{{field}}} applies to {{{setting}}} {_or(values)}; {instead}"
-                )
+        check_applies(self.to_dict(), _defaults(), given, _APPLIES_WITH)
         self.make_schedule()
         self.make_objective()
         check_likelihood(self.likelihood, self.sigma)
@@ -141,6 +301,12 @@ class RunConfig:
             raise ValueError(
                 f"unknown activation {self.activation!r}; choose one of: "
                 f"{', '.join(ACTIVATIONS)}"
+            )
+        if self.model == "sbn" and self.guide in ZOO:
+            raise ConfigError(
+                "{model} sbn samples binary units h1, h2, ... that the "
+                f"{self.guide} guide does not: use {{guide}} sbn with "
+                "{estimator} vimco"
             )
         if self.model == "paper" or self.guide in ZOO:
             architecture(self.stochastic_layers, self.hidden, self.latent_dim)
@@ -160,6 +326,7 @@ class RunConfig:
             )
         resolve("model", self.model)
         resolve("guide", self.guide)
+        check_values(self)
 
     @property
     def binarization(self) -> str:
@@ -200,6 +367,50 @@ class RunConfig:
                 "another pyro-iwae version: use that version or start a new run"
             )
         return cls(**values)
+
+    @classmethod
+    def merge(
+        cls,
+        given: dict[str, Any],
+        *,
+        base: RunConfig | None = None,
+        defaults: dict[str, Any] | None = None,
+        named: Iterable[str] | None = None,
+    ) -> RunConfig:
+        """The config of the settings a user ``given`` (field -> value), over
+        ``base`` (None: the fields' defaults), with ``defaults`` (a command's own,
+        such as :meth:`command_defaults`) for the settings not given where they
+        take effect. Checked with the settings ``named`` (default: all those
+        ``given``) named (see :meth:`validate`); a new config of a data file
+        learns its ``x_dim`` from the file, and the file's absolute path.
+
+        :raises ConfigError, ValueError: see :meth:`validate`.
+        :raises RunError: on unknown settings.
+        :raises pyro_iwae.data.DataError: if a data file cannot be read.
+        """
+        values = {**(_defaults() if base is None else base.to_dict()), **given}
+        if base is None and is_data_file(values["dataset"]):
+            values["dataset"] = str(Path(values["dataset"]).expanduser().resolve())
+            if "x_dim" not in given:
+                width = file_width(values["dataset"], values["test_fraction"])
+                values["x_dim"] = width
+        config = cls.from_dict(values)
+        config.validate(given if named is None else named)
+        if base is not None or not defaults:
+            return config
+        skipped = set(given) | set(config.unused_settings())
+        chosen = {k: v for k, v in defaults.items() if k not in skipped}
+        return dataclasses.replace(config, **chosen)
+
+    @staticmethod
+    def command_defaults() -> dict[str, Any]:
+        """The command line's defaults where they differ from the fields' (such
+        as its 40 epochs, about a minute on a 2-core laptop CPU)."""
+        return {
+            name: s.command_default
+            for name, (_, s) in declared(RunConfig).items()
+            if s.command_default is not NO_DEFAULT
+        }
 
     @classmethod
     def load(cls, run_dir: str | os.PathLike) -> RunConfig:
@@ -288,17 +499,8 @@ class RunConfig:
 
 def _unused(values: dict[str, Any]) -> list[str]:
     """The fields of :data:`_APPLIES_WITH` that take no effect with ``values``."""
-    return [
-        field
-        for field, (setting, applies, _) in _APPLIES_WITH.items()
-        if values[setting] not in applies
-    ]
+    return unused(values, _APPLIES_WITH)
 
 
 def _defaults() -> dict[str, Any]:
     return {f.name: f.default for f in dataclasses.fields(RunConfig)}
-
-
-def _or(values: tuple[str, ...]) -> str:
-    """``a``, ``a or b``, ``a, b or c``."""
-    return " or ".join(filter(None, (", ".join(values[:-1]), values[-1])))

@@ -25,6 +25,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from .errors import DataError, one_line
+
 __all__ = [
     "BINARIZATIONS",
     "DATASETS",
@@ -32,6 +34,7 @@ __all__ = [
     "Dataset",
     "binarize",
     "default_data_dir",
+    "file_width",
     "load_dataset",
     "minibatches",
     "one_line",
@@ -62,10 +65,6 @@ _OMNIGLOT_URL = (
 )
 # The paper's code shuffles the Omniglot training set with this numpy seed.
 _OMNIGLOT_SHUFFLE_SEED = 123
-
-
-class DataError(Exception):
-    """A data set cannot be found, fetched or read; the message says what to do."""
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -261,6 +260,24 @@ def is_data_file(name: str | os.PathLike) -> bool:
     """Whether ``name`` names a user's data file rather than a built-in data set:
     a path with one of :data:`FILE_SUFFIXES`."""
     return str(name) not in DATASETS and Path(name).suffix in FILE_SUFFIXES
+
+
+def file_width(path: str | os.PathLike, test_fraction: float = 0.1) -> int:
+    """x_dim of a user's data file: the values of one point.
+
+    :raises DataError: see :func:`load_file`.
+    """
+    import numpy as np
+
+    path = Path(path).expanduser()
+    if path.suffix == ".npy" and path.is_file():
+        try:  # the header alone, not the whole array
+            shape = np.load(path, mmap_mode="r").shape
+        except Exception:  # left to load_file, which says what is wrong
+            shape = ()
+        if len(shape) > 1:
+            return math.prod(shape[1:])
+    return load_file(path, test_fraction)[0].shape[1]
 
 
 def load_file(
@@ -482,8 +499,3 @@ def _load_omniglot(root: Path) -> tuple[Tensor, Tensor]:
 def _flatten(images: Tensor) -> Tensor:
     """Map uint8 ``[N, 28, 28]`` images to float32 ``[N, 784]`` in [0, 1]."""
     return images.reshape(images.shape[0], -1).to(torch.float32) / 255
-
-
-def one_line(e: BaseException) -> str:
-    """The message of ``e`` on one line: user-facing errors here are one line."""
-    return " ".join(str(e).split()).rstrip(":") or type(e).__name__

@@ -29,6 +29,8 @@ from types import ModuleType
 
 import torch
 
+from .errors import BuilderError
+
 Builder = Callable[..., torch.nn.Module]
 
 MODELS: dict[str, Builder] = {}
@@ -36,11 +38,6 @@ GUIDES: dict[str, Builder] = {}
 
 #: Entry-point groups searched for models and guides by name.
 ENTRY_POINT_GROUPS = {"model": "pyro_iwae.models", "guide": "pyro_iwae.guides"}
-
-
-class BuilderError(ValueError):
-    """A model or guide name that does not resolve to a builder, or a builder
-    that cannot take the settings; the message says what to do."""
 
 
 def _register(table: dict[str, Builder], kind: str) -> Callable[[str], Callable]:

@@ -8,10 +8,7 @@ import json
 import multiprocessing
 import os
 import queue
-import socket
-import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager, nullcontext
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -21,13 +18,10 @@ from . import distributed
 from .callbacks import FitCallback
 from .checkpoints import CHECKPOINT_FILE, RunError
 from .config import RunConfig
+from .eval_results import EvalSettings, result_path
+from .locks import HAS_FILE_LOCKS, hold_for_ranks
+from .locks import hold as _run_lock  # noqa: F401  (imported from here by tests)
 from .runs import evaluate_run, train_run
-
-try:
-    import fcntl
-except ImportError:  # Windows
-    fcntl = None
-_HAS_FILE_LOCKS = fcntl is not None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -155,7 +149,7 @@ def run_grid(
             "processes train each run together; use --jobs 1, or start several "
             "torchrun jobs on the grid"
         )
-    if jobs > 1 and not _HAS_FILE_LOCKS:
+    if jobs > 1 and not HAS_FILE_LOCKS:
         raise RunError(
             "parallel jobs need file locks, which this system lacks; use --jobs 1"
         )
@@ -196,7 +190,7 @@ def _run_one(
     if distributed.from_main(evaluated):
         _tell(on_run, name, "skip")
         return
-    with _ranks_lock(Path(runs_dir), name) as holder:
+    with hold_for_ranks(Path(runs_dir), name) as holder:
         if holder is not None:
             _tell(on_run, name, "busy" + (f" ({holder})" if holder else ""))
             return
@@ -234,108 +228,6 @@ def _run_one(
                 device=device,
                 callback=eval_callback,
             )
-
-
-@contextmanager
-def _ranks_lock(runs_dir: Path, name: str) -> Iterator[str | None]:
-    """:func:`_run_lock`, taken by rank 0 for all the ranks under torchrun;
-    yields None if this process (group) holds the run, else who holds it."""
-    main = distributed.is_main()
-    with _run_lock(runs_dir, name) if main else nullcontext(None) as holder:
-        yield distributed.from_main(lambda: holder)
-
-
-@contextmanager
-def _run_lock(runs_dir: Path, name: str) -> Iterator[str | None]:
-    """Holds run ``name`` of ``runs_dir`` while the body runs; yields None, or
-    if another process holds it, who (``""`` when unknown).
-
-    Two locks, both needed:
-
-    - ``.<name>.lock``, an ``fcntl.flock``: between the processes of one
-      machine; the operating system releases it when a process dies. Not
-      reliable between machines on NFS.
-    - ``.<name>.claim``, created with ``O_CREAT | O_EXCL`` (atomic on a local
-      disk and on NFS version 3 and later) and holding the host, process id and
-      start time of its holder; removed when the body ends. Between machines
-      that share ``runs_dir``. A claim of a process of this machine that has
-      died is taken over (under the flock, so by one process only); a claim of
-      another machine stays until that machine's process ends it, or someone
-      deletes the file by hand once sure that process is gone.
-    """
-    if not _HAS_FILE_LOCKS:  # Windows: the claim file alone
-        with _claim(runs_dir / f".{name}.claim", takeover=False) as holder:
-            yield holder
-        return
-    with open(runs_dir / f".{name}.lock", "w") as lock:
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            yield ""
-            return
-        try:
-            with _claim(runs_dir / f".{name}.claim", takeover=True) as holder:
-                yield holder
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
-
-
-@contextmanager
-def _claim(path: Path, takeover: bool) -> Iterator[str | None]:
-    """Creates the claim file ``path`` exclusively for the body; yields None, or
-    who holds it if it exists (see :func:`_run_lock`)."""
-    me = {"host": socket.gethostname(), "pid": os.getpid(), "since": time.time()}
-    for attempt in (1, 2):
-        try:
-            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-        except FileExistsError:
-            holder = _read_claim(path)
-            if takeover and attempt == 1 and _claim_is_dead(holder, me["host"]):
-                path.unlink(missing_ok=True)
-                continue
-            yield _holder_text(holder, path)
-            return
-        with os.fdopen(fd, "w") as f:
-            json.dump(me, f)
-            f.flush()
-            os.fsync(f.fileno())
-        break
-    try:
-        yield None
-    finally:
-        if _read_claim(path) == me:
-            path.unlink(missing_ok=True)
-
-
-def _read_claim(path: Path) -> dict[str, Any] | None:
-    try:
-        claim = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None  # gone, or being written
-    return claim if isinstance(claim, dict) else None
-
-
-def _claim_is_dead(claim: dict[str, Any] | None, host: str) -> bool:
-    """Whether ``claim`` is of a process of this ``host`` that no longer runs."""
-    if claim is None or claim.get("host") != host:
-        return False
-    try:
-        os.kill(int(claim["pid"]), 0)
-    except ProcessLookupError:
-        return True
-    except (OSError, KeyError, TypeError, ValueError):
-        return False
-    return False
-
-
-def _holder_text(claim: dict[str, Any] | None, path: Path) -> str:
-    if claim is None:
-        return f"claimed in {path}"
-    since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(claim.get("since", 0)))
-    return (
-        f"claimed by process {claim.get('pid')} on {claim.get('host')} since "
-        f"{since}; delete {path} if that process is gone"
-    )
 
 
 def _run_parallel(
@@ -433,7 +325,9 @@ def _tell(on_run: Callable[[str, str], None] | None, name: str, what: str) -> No
 
 
 def evaluation_path(grid: Grid, run_dir: Path) -> Path:
-    return run_dir / f"eval-test-k{grid.eval_samples}.json"
+    """The evaluation of a run of ``grid`` (see :func:`result_path`)."""
+    settings = EvalSettings(num_samples=grid.eval_samples, limit=grid.eval_limit)
+    return result_path(run_dir, settings)
 
 
 def ais_path(grid: Grid, name: str, run_dir: Path) -> Path | None:
@@ -441,4 +335,10 @@ def ais_path(grid: Grid, name: str, run_dir: Path) -> Path | None:
     if name not in (grid.ais or {}).get("runs", []):
         return None
     ais = grid.ais_settings
-    return run_dir / f"eval-test-ais{ais['steps']}x{ais['chains']}.json"
+    settings = EvalSettings(
+        method="ais",
+        ais_steps=ais["steps"],
+        num_chains=ais["chains"],
+        limit=ais["limit"],
+    )
+    return result_path(run_dir, settings)

@@ -1,5 +1,5 @@
 """Runs: a :class:`~pyro_iwae.RunConfig` trained in a run directory, loaded
-back, and evaluated.
+back, and evaluated, through :class:`Run`.
 
 A *run directory* holds everything about one training run:
 
@@ -7,95 +7,301 @@ A *run directory* holds everything about one training run:
   and data (see :mod:`pyro_iwae.config`);
 - ``checkpoint.pt`` and ``metrics.jsonl``, written by :func:`pyro_iwae.fit`
   (see :mod:`pyro_iwae.checkpoints`);
-- ``eval-<split>-k<k>.json`` and ``estimates-<split>-k<k>.txt``, written by
-  :func:`evaluate_run`.
+- the evaluations of :meth:`Run.evaluate` (see :mod:`pyro_iwae.eval_results`);
+- ``.writer.lock`` and, while a process trains the run, ``.writer.claim``: the
+  lock of :func:`pyro_iwae.locks.hold` that keeps a second writer out.
 """
 
 from __future__ import annotations
 
 import math
 import os
-import platform
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-import pyro
 import torch
 
-from . import distributed
-from ._version import __version__
+from . import distributed, run_writer
 from .ais import ais_log_likelihood
 from .callbacks import FitCallback
 from .checkpoints import (
     CHECKPOINT_FILE,
-    CheckpointError,
-    RunError,
     load_checkpoint,
     load_state,
-    write_json,
-    write_text,
+    read_metrics,
 )
 from .config import CONFIG_FILE, RunConfig
-from .data import DataError, Dataset, is_data_file, load_dataset, one_line
-from .diagnostics import KHAT_THRESHOLD, log_likelihood_with_diagnostics
+from .data import Dataset, is_data_file, load_dataset
+from .diagnostics import log_likelihood_with_diagnostics
+from .errors import (
+    DataError,
+    RunError,
+    one_line,
+)
+from .eval_results import (
+    EVAL_METHODS,
+    EvalSettings,
+    Evaluation,
+    read_estimates,
+    result_path,
+    summarise,
+    versions,
+)
 from .evaluation import (
     compile_seconds,
-    count_active,
-    evaluating,
     latent_activity,
     warn_of_problems,
 )
-from .likelihoods import CONTINUOUS, support_problem
-from .objectives import IWELBO
-from .registry import BuilderError, build_guide, build_model
-from .training import fit
+from .run_writer import build_run
 
 __all__ = [
     "EVAL_METHODS",
+    "Evaluation",
+    "EvalSettings",
+    "Run",
     "build_run",
     "evaluate_run",
     "find_latest_run",
     "load_run",
     "new_run_dir",
+    "plan_fit",
     "read_estimates",
     "train_run",
     "versions",
 ]
 
 
-#: Estimators of :func:`evaluate_run`: the IWAE bound, or annealed importance sampling.
-EVAL_METHODS = ("iwae", "ais")
+class Run:
+    """A run directory and what can be done with it: train a new run there,
+    resume it (for more epochs or stages, too), load, evaluate.
 
-
-def build_run(
-    config: RunConfig,
-    data_mean: torch.Tensor | None = None,
-    device: torch.device | str | None = None,
-) -> tuple[torch.nn.Module, torch.nn.Module]:
-    """Model and guide of ``config``, initialised from ``config.seed``.
-
-    :param data_mean: ``[x_dim]`` training grey-level means for the model's output
-        bias (None keeps the default initialisation).
+    Training holds the run's lock (see the module), so that a second writer,
+    of this machine or another sharing the folder, is refused with
+    :class:`~pyro_iwae.errors.RunBusy` and changes nothing; the lock of a
+    process that died is taken over. A new run that fails or is interrupted
+    before its first checkpoint leaves nothing behind: no files, and no folder
+    where :class:`Run` made it.
     """
-    torch.manual_seed(config.seed)
-    model = build_model(
-        config.model,
-        x_dim=config.x_dim,
-        stochastic_layers=config.stochastic_layers,
-        data_mean=data_mean,
-        **config.builder_settings("model"),
-    )
-    guide = build_guide(
-        config.guide,
-        x_dim=config.x_dim,
-        stochastic_layers=config.stochastic_layers,
-        **config.builder_settings("guide"),
-    )
-    device = torch.device(config.device if device is None else device)
-    return model.to(device), guide.to(device)
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.path = Path(path)
+        self._made = False  # whether this object made the folder
+
+    def __repr__(self) -> str:
+        return f"Run({str(self.path)!r})"
+
+    def __fspath__(self) -> str:
+        return str(self.path)
+
+    @classmethod
+    def new(cls, config: RunConfig, runs_dir: str | os.PathLike = "runs") -> Run:
+        """A run in a fresh folder of ``runs_dir`` (see :func:`new_run_dir`)."""
+        run = cls(new_run_dir(runs_dir, config))
+        run._made = True
+        return run
+
+    @classmethod
+    def find(
+        cls, path: str | os.PathLike | None = None, runs_dir: str | os.PathLike = "runs"
+    ) -> Run:
+        """The run at ``path``, else the latest in ``runs_dir``.
+
+        :raises RunError: if ``runs_dir`` holds no run.
+        """
+        return cls(path if path is not None else find_latest_run(runs_dir))
+
+    @property
+    def config(self) -> RunConfig:
+        """The run's saved configuration (see :meth:`RunConfig.load`)."""
+        return RunConfig.load(self.path)
+
+    @property
+    def has_checkpoint(self) -> bool:
+        """Whether the run has finished an epoch (or step) it can resume from."""
+        return (self.path / CHECKPOINT_FILE).is_file()
+
+    def metrics(self) -> list[dict[str, Any]]:
+        """The per-epoch metrics of the run (see :func:`read_metrics`)."""
+        return read_metrics(self.path)
+
+    def load(
+        self, device: torch.device | str | None = None
+    ) -> tuple[RunConfig, torch.nn.Module, torch.nn.Module]:
+        """Config, model and guide with the checkpoint's parameters (see
+        :func:`load_run`)."""
+        return load_run(self.path, device)
+
+    def data(
+        self,
+        data_dir: str | os.PathLike | None = None,
+        dataset: str | os.PathLike | None = None,
+        config: RunConfig | None = None,
+    ) -> Dataset:
+        """The run's data, all of it, binarised as in training; ``dataset`` and
+        ``data_dir`` override where they are (such as a data file since moved).
+
+        :raises DataError: if they cannot be read or are of another width.
+        """
+        config = self.config if config is None else config
+        name = config.dataset if dataset is None else _as_dataset(dataset)
+        data = load_dataset(
+            name,
+            data_dir or config.data_dir,
+            binarize=config.binarization,
+            test_fraction=config.test_fraction,
+        )
+        if data.x_dim != config.x_dim:
+            raise DataError(
+                f"{name} points have {data.x_dim} values, the run's model takes "
+                f"{config.x_dim}; pass the data the run was trained on"
+            )
+        return data
+
+    def resumed_config(self, given: dict[str, Any] | None = None) -> RunConfig:
+        """The run's config with the settings ``given`` (field -> value): only
+        :data:`~pyro_iwae.run_writer.EXTENDABLE` ones (more epochs or stages),
+        device and data folder may differ from the run's.
+
+        :raises ConfigError: for another setting that differs, or settings that
+            do not go together.
+        """
+        return run_writer.resumed_config(self.path, given)
+
+    def train(
+        self,
+        config: RunConfig | None = None,
+        *,
+        resume: bool = False,
+        data_dir: str | os.PathLike | None = None,
+        callback: FitCallback | None = None,
+    ) -> list[dict[str, Any]]:
+        """Trains ``config`` here (writing ``config.json``), or resumes the run
+        with ``config`` (None: its own; more epochs or stages extend it): see
+        :func:`pyro_iwae.run_writer.train`. Returns the metrics of every epoch.
+
+        :raises RunBusy: if another process (group) trains the run.
+        """
+        return run_writer.train(
+            self.path,
+            config,
+            resume=resume,
+            data_dir=data_dir,
+            callback=callback,
+            made=self._made,
+        )
+
+    def evaluate(
+        self,
+        settings: EvalSettings | None = None,
+        *,
+        data_dir: str | os.PathLike | None = None,
+        dataset: str | os.PathLike | None = None,
+        device: torch.device | str | None = None,
+        callback: Callable[[torch.Tensor, int], None] | None = None,
+    ) -> Evaluation:
+        """Estimates the negative log-likelihood of the run's model, per point.
+
+        With ``settings`` (None: the defaults of :class:`EvalSettings`) of method
+        ``"iwae"``: -L_k, the IWAE bound with ``num_samples`` particles, with the
+        effective sample size and Pareto k-hat of each point's importance
+        weights (:func:`~pyro_iwae.log_likelihood_with_diagnostics`;
+        ``compile``: True or a ``torch.compile`` backend computes each chunk's
+        log-weights in one graph compiled once per batch shape); of method
+        ``"ais"``: annealed importance sampling with ``ais_steps`` HMC steps and
+        ``num_chains`` chains (:func:`~pyro_iwae.ais_log_likelihood`).
+
+        Uses the first ``limit`` points (None: all) of ``split`` (``"test"``:
+        the test set; ``"train"``: the training data, binarised once with
+        ``seed`` if the run binarises them dynamically) of the run's data, or of
+        ``dataset`` and ``data_dir`` where given (a data file since moved, say),
+        and counts the active units of each latent site on them. Writes the
+        result and the per-point estimates and diagnostics to the run directory
+        (see :mod:`pyro_iwae.eval_results`: one of other settings is never
+        replaced). ``callback(estimates, total)`` is called after each batch
+        with its estimates (``[batch]``, nats) and the number of points (under
+        torchrun: this rank's batches and points).
+
+        The particles of batch ``i`` (of ``batch_size`` points) are drawn with
+        torch's random stream seeded by ``(seed, i)``, so the estimates depend on
+        ``seed`` and ``batch_size``, not on how many processes share the work:
+        under torchrun the batches are dealt to the ranks, rank 0 gathers the
+        estimates and writes the same files as one process (every rank returns
+        the result). The run directory must be readable by every rank.
+
+        :raises RunError, CheckpointError, pyro_iwae.data.DataError: see
+            :func:`load_run` and :meth:`data`.
+        """
+        settings = EvalSettings() if settings is None else settings
+        device = distributed.init(device)
+        config, model, guide = self.load(device)
+        data = self.data(data_dir, dataset, config)
+        points = _points(data, settings).to(next(model.parameters()).device)
+        path = distributed.from_main(
+            lambda: result_path(self.path, settings, points.shape[0])
+        )
+        results, seconds, compile_time = _estimate(
+            model, guide, points, settings, callback
+        )
+        activity = distributed.from_main(
+            lambda: _activity(guide, points, settings.seed)
+        )
+        evaluation = summarise(results, settings, config, activity, path)
+        evaluation.time, evaluation.compile_time = seconds, compile_time
+        if distributed.is_main():
+            warn_of_problems(results[:, 0])
+            evaluation.write(results[:, 0], results[:, 1:])
+        distributed.barrier()  # the files are written when any rank returns
+        return evaluation
+
+
+def plan_fit(
+    given: dict[str, Any],
+    *,
+    out: str | os.PathLike | None = None,
+    runs_dir: str | os.PathLike = "runs",
+    resume: bool = False,
+    restarted: bool = False,
+    defaults: dict[str, Any] | None = None,
+    make_folder: bool = True,
+    named: Iterable[str] | None = None,
+) -> tuple[Run, RunConfig, bool]:
+    """The run a fit means, its config, and whether it resumes.
+
+    ``given``: the settings a user chose (field -> value); ``defaults``: a
+    command's own, where they take effect, and ``named``: the settings a user
+    named (see :meth:`RunConfig.merge`). With
+    ``resume``, the run at ``out`` (else the latest in ``runs_dir``) with
+    ``given`` over its config (see :meth:`Run.resumed_config`); else a new run
+    at ``out`` (else in a fresh folder of ``runs_dir``). ``restarted``: torchrun
+    restarted the workers, which resume the run at ``out`` if it has a
+    checkpoint. Under torchrun, rank 0 decides for all. Without
+    ``make_folder`` (to learn the config alone), a new run in ``runs_dir`` is
+    ``Run(runs_dir)``, its folder not made.
+
+    :raises ConfigError, ValueError: for settings that do not go together.
+    :raises RunError: if there is no run to resume.
+    """
+    if restarted and out is not None and not resume:
+        resume = distributed.from_main(lambda: Run(out).has_checkpoint)
+    if resume:
+        run = distributed.from_main(lambda: Run.find(out, runs_dir))
+        return run, distributed.from_main(lambda: run.resumed_config(given)), True
+    config = RunConfig.merge(given, defaults=defaults, named=named)
+    if out is not None:
+        return Run(out), config, False
+    if not make_folder:
+        return Run(runs_dir), config, False
+    return distributed.from_main(lambda: Run.new(config, runs_dir)), config, False
+
+
+def _as_dataset(dataset: str | os.PathLike) -> str:
+    """A built-in name as it is; a data file's path made absolute."""
+    if is_data_file(dataset):
+        return str(Path(dataset).expanduser().resolve())
+    return str(dataset)
 
 
 def new_run_dir(
@@ -150,107 +356,10 @@ def train_run(
     data_dir: str | os.PathLike | None = None,
     callback: FitCallback | None = None,
 ) -> list[dict[str, Any]]:
-    """Trains run ``config`` in ``run_dir`` (writing ``config.json``), or resumes it.
-
-    On ``resume`` the saved config must equal ``config`` but for ``device`` and
-    ``data_dir``. ``data_dir`` overrides ``config.data_dir`` for loading only.
-    Returns the metrics of every epoch (see :func:`fit`).
-
-    :raises ConfigError, ValueError: if ``config`` was changed, since it was
-        made, into settings that do not go together (see
-        :meth:`RunConfig.validate`), or under torchrun does not split over the
-        ranks.
-    :raises RunError: on a config that differs from the run's, or a broken run.
-    :raises CheckpointError: on ``resume`` with no usable checkpoint.
-    :raises pyro_iwae.data.DataError: if the data cannot be loaded.
-    :raises TrainingDiverged: see :func:`fit`.
-
-    Under torchrun, every rank calls it alike: rank 0 checks and writes the run
-    directory, and the ranks train the run together (see :func:`fit`).
-    """
-    config.validate()  # before anything is written
-    device = distributed.init(config.device)
-    ranks = distributed.current()
-    objective = config.make_objective()
-    if ranks is not None:
-        distributed.check_batch_size(config.batch_size, ranks.world)
-        distributed.check_objective(objective)
-    run_dir = Path(run_dir)
-    distributed.from_main(lambda: _check_run_dir(config, run_dir, resume))
-    data = config.load_data(data_dir)
-    if data.x_dim != config.x_dim:
-        raise RunError(
-            f"{config.dataset} points have {data.x_dim} values, the config says "
-            f"{config.x_dim}; set x_dim to {data.x_dim}"
-        )
-    check_support(config, data)
-    try:
-        model, guide = build_run(config, data.train_mean, device)
-    except BuilderError as e:
-        raise RunError(one_line(e)) from e
-    if isinstance(objective, IWELBO):
-        # A guide the estimator cannot train fails here, before the run is written;
-        # in eval mode, so that no batch-norm statistics move before training.
-        with evaluating(guide):
-            objective.check_guide(guide, data.train[:1].to(device))
-    if not resume and distributed.is_main():
-        config.save(run_dir)
-    return fit(
-        model,
-        guide,
-        data,
-        objective,
-        schedule=config.make_schedule(),
-        batch_size=config.batch_size,
-        seed=config.seed,
-        test_size=config.test_limit,
-        run_dir=run_dir,
-        resume=resume,
-        config=config.to_dict(),
-        checkpoint_every=config.checkpoint_every,
-        device=device,
-        callback=callback,
+    """Trains run ``config`` in ``run_dir``, or resumes it: :meth:`Run.train`."""
+    return Run(run_dir).train(
+        config, resume=resume, data_dir=data_dir, callback=callback
     )
-
-
-def _check_run_dir(config: RunConfig, run_dir: Path, resume: bool) -> None:
-    """Checks that ``run_dir`` can be resumed with ``config`` (or, without
-    ``resume``, holds no run)."""
-    if resume:
-        saved = RunConfig.load(run_dir)
-        load_checkpoint_path = run_dir / CHECKPOINT_FILE
-        if not load_checkpoint_path.is_file():
-            raise CheckpointError(
-                f"{run_dir} has no checkpoint to resume (it never finished an "
-                "epoch); start a new run instead"
-            )
-        ignored = {"device", "data_dir"}
-        differences = [
-            f"{name}={getattr(saved, name)!r} (not {getattr(config, name)!r})"
-            for name in saved.to_dict()
-            if name not in ignored and getattr(saved, name) != getattr(config, name)
-        ]
-        if differences:
-            raise RunError(
-                f"run {run_dir} was started with {', '.join(differences)}; resume "
-                "it with its own settings or start a new run"
-            )
-    elif (run_dir / CHECKPOINT_FILE).exists():
-        raise RunError(
-            f"{run_dir} holds a run already; resume it or choose another directory"
-        )
-
-
-def check_support(config: RunConfig, data: Dataset) -> None:
-    """:raises DataError: if the data, as the model will see them, lie outside
-    the support of the run's likelihood."""
-    splits = [("test", data.test)]
-    if data.binarize != "dynamic":  # else binarised before the model sees them
-        splits.insert(0, ("training", data.train))
-    for split, x in splits:
-        problem = support_problem(config.likelihood, x, f"{split} data")
-        if problem is not None:
-            raise DataError(f"{config.dataset}: {problem}")
 
 
 def load_run(
@@ -296,198 +405,94 @@ def evaluate_run(
     ais_steps: int = 1000,
     num_chains: int = 16,
     compile: bool | str | None = False,
-) -> dict[str, Any]:
-    """Estimates the negative log-likelihood of a run's model, per point.
+    dataset: str | os.PathLike | None = None,
+) -> Evaluation:
+    """Estimates the negative log-likelihood of a run's model, per point, with
+    the settings of :class:`EvalSettings` (the other method's keep their
+    defaults): ``Run(run_dir).evaluate(...)``, see :meth:`Run.evaluate`.
 
-    ``method="iwae"``: -L_k, the IWAE bound with ``num_samples`` particles, with
-    the effective sample size and Pareto k-hat of each point's importance weights
-    (:func:`~pyro_iwae.log_likelihood_with_diagnostics`; ``compile``: True or a
-    ``torch.compile`` backend computes each chunk's log-weights in one compiled
-    graph, traced and compiled once per batch shape). ``method="ais"``:
-    annealed importance sampling with ``ais_steps`` HMC steps and ``num_chains``
-    chains (:func:`~pyro_iwae.ais_log_likelihood`); ``num_samples`` is unused.
-
-    Uses the first ``limit`` points (None: all) of ``split`` (``"test"``: the
-    test set; ``"train"``: the training data, binarised once with ``seed`` if
-    the run binarises them dynamically). Also counts the active units of each
-    latent site on those points.
-    Writes the result to ``eval-<split>-<tag>.json`` in ``run_dir``, ``<tag>``
-    being ``k<num_samples>`` or ``ais<ais_steps>x<num_chains>``.
-    ``callback(estimates, total)`` is called after each batch with its
-    log-likelihood estimates (``[batch]``, nats) and the number of points
-    (under torchrun: this rank's batches and points).
-
-    The particles of batch ``i`` (of ``batch_size`` points) are drawn with
-    torch's random stream seeded by ``(seed, i)`` (see
-    :func:`~pyro_iwae.distributed.sharded_log_likelihood`), so the per-point
-    estimates depend on ``seed`` and ``batch_size``, not on how many processes
-    share the work: under torchrun the batches are dealt to the ranks, rank 0
-    gathers the estimates and writes the same files as one process (every rank
-    returns the result). The run directory must be readable by every rank.
-
-    :returns: a dict: ``nll`` (mean, nats), ``stderr`` (std / sqrt(n), None for
-        one point), ``bits_per_dim`` (``nll / (x_dim log 2)``, and its
-        ``bits_per_dim_stderr``, for continuous likelihoods; None otherwise),
-        ``k``, ``split``, ``points``, ``time`` (s; ``compile_time`` of it spent
-        compiling graphs, with ``compile``), ``active_units``
-        (site -> count), ``latent_units`` (site -> size), ``seed``, ``file``, and
-        ``estimates_file``: the per-point estimates, one per line in nats, beside
-        the JSON (see :func:`read_estimates`); ``method``, ``diagnostics`` (median
-        ESS, median k-hat, share of points with k-hat > 0.7; for AIS also the
-        mean acceptance rate) and ``diagnostics_file``: per point, those values
-        (for AIS also each estimate's standard error), a header line naming them.
+    :returns: an :class:`Evaluation`, the content of the JSON file.
+    :raises ConfigError: for settings out of range or of the other method.
     :raises RunError, CheckpointError, pyro_iwae.data.DataError: see
-        :func:`load_run` and :func:`pyro_iwae.data.load_dataset`.
+        :func:`load_run` and :meth:`Run.data`.
     """
-    if split not in ("test", "train"):
-        raise ValueError(f"split must be 'test' or 'train', got {split!r}")
-    if method not in EVAL_METHODS:
-        raise ValueError(
-            f"unknown method {method!r}; choose one of {', '.join(EVAL_METHODS)}"
-        )
-    for name, value in (
-        ("num_samples", num_samples),
-        ("ais_steps", ais_steps),
-        ("num_chains", num_chains),
-    ):
-        if value < 1:
-            raise ValueError(f"{name} must be >= 1, got {value}")
-    run_dir = Path(run_dir)
-    device = distributed.init(device)
-    ranks = distributed.current()
-    config, model, guide = load_run(run_dir, device)
-    # The test set keeps its fixed binarisation, so that every evaluation (and
-    # the per-epoch test bound) sees the same points.
-    data = load_dataset(
-        config.dataset,
-        data_dir or config.data_dir,
-        binarize=config.binarization,
-        test_fraction=config.test_fraction,
-    )
-    if split == "test":
-        points = data.test[:limit]
-    elif data.binarize == "dynamic":
-        generator = torch.Generator().manual_seed(seed)
-        points = torch.bernoulli(data.train[:limit], generator=generator)
-    else:
-        points = data.train[:limit]
-    points = points.to(next(model.parameters()).device)
-    world = 1 if ranks is None else ranks.world
-    mine = math.ceil(math.ceil(points.shape[0] / batch_size) / world) * batch_size
-
-    if method == "iwae":
-        tag, columns = f"k{num_samples}", ("ess", "khat")
-
-        def estimate(batch: torch.Tensor) -> torch.Tensor:
-            d = log_likelihood_with_diagnostics(
-                model,
-                guide,
-                batch,
-                num_samples=num_samples,
-                chunk_size=chunk_size,
-                compile=compile,
-            )
-            return torch.stack([d.log_likelihood, d.ess, d.khat], -1)
-
-    else:
-        tag, columns = (
-            f"ais{ais_steps}x{num_chains}",
-            (
-                "stderr",
-                "ess",
-                "khat",
-                "acceptance",
-            ),
-        )
-
-        def estimate(batch: torch.Tensor) -> torch.Tensor:
-            a = ais_log_likelihood(
-                model,
-                guide,
-                batch,
-                num_steps=ais_steps,
-                num_chains=num_chains,
-                chunk_size=chunk_size,
-            )
-            values = (a.stderr, a.ess, a.khat, a.acceptance_rate)
-            return torch.stack([a.log_likelihood, *values], -1)
-
-    start = time.perf_counter()
-    compiled_before = compile_seconds(compile)
-    results = distributed.sharded_map(
-        estimate,
-        points,
-        seed=seed,
+    settings = EvalSettings(
+        num_samples=num_samples,
+        split=split,
+        limit=limit,
+        chunk_size=chunk_size,
         batch_size=batch_size,
-        callback=(
-            None
-            if callback is None
-            else lambda r: callback(r[:, 0], min(mine, points.shape[0]))
-        ),
+        seed=seed,
+        method=method,
+        ais_steps=ais_steps,
+        num_chains=num_chains,
+        compile=compile,
+    )
+    return Run(run_dir).evaluate(
+        settings, data_dir=data_dir, dataset=dataset, device=device, callback=callback
+    )
+
+
+def _points(data: Dataset, settings: EvalSettings) -> torch.Tensor:
+    """The points to evaluate: the test set keeps its fixed binarisation, so
+    that every evaluation (and the per-epoch test bound) sees the same points."""
+    limit = settings.limit
+    if settings.split == "test":
+        return data.test[:limit]
+    if data.binarize == "dynamic":
+        generator = torch.Generator().manual_seed(settings.seed)
+        return torch.bernoulli(data.train[:limit], generator=generator)
+    return data.train[:limit]
+
+
+def _estimator(
+    model: torch.nn.Module, guide: torch.nn.Module, settings: EvalSettings
+) -> Callable[[torch.Tensor], torch.Tensor]:
+    """Per batch ``[n, x_dim]``: ``[n, 1 + columns]``, each point's estimate and
+    its diagnostics (see :func:`~pyro_iwae.eval_results.columns`)."""
+    if settings.method == "iwae":
+        estimate = log_likelihood_with_diagnostics
+        options = {"num_samples": settings.num_samples, "compile": settings.compile}
+        values = ("ess", "khat")
+    else:
+        estimate = ais_log_likelihood
+        options = {"num_steps": settings.ais_steps, "num_chains": settings.num_chains}
+        values = ("stderr", "ess", "khat", "acceptance_rate")
+
+    def per_point(batch: torch.Tensor) -> torch.Tensor:
+        result = estimate(
+            model, guide, batch, chunk_size=settings.chunk_size, **options
+        )
+        columns = [getattr(result, name) for name in values]
+        return torch.stack([result.log_likelihood, *columns], -1)
+
+    return per_point
+
+
+def _estimate(
+    model: torch.nn.Module,
+    guide: torch.nn.Module,
+    points: torch.Tensor,
+    settings: EvalSettings,
+    callback: Callable[[torch.Tensor, int], None] | None,
+) -> tuple[torch.Tensor, float, float]:
+    """The estimates and diagnostics of ``points`` (float64 ``[n, 1 +
+    columns]``), the seconds they took and the seconds of those compiling."""
+    ranks = distributed.current()
+    world = 1 if ranks is None else ranks.world
+    batches = math.ceil(points.shape[0] / settings.batch_size)
+    mine = min(math.ceil(batches / world) * settings.batch_size, points.shape[0])
+    start = time.perf_counter()
+    compiled_before = compile_seconds(settings.compile)
+    results = distributed.sharded_map(
+        _estimator(model, guide, settings),
+        points,
+        seed=settings.seed,
+        batch_size=settings.batch_size,
+        callback=None if callback is None else lambda r: callback(r[:, 0], mine),
     ).double()
     seconds = time.perf_counter() - start
-    compile_time = compile_seconds(compile) - compiled_before
-    estimates = results[:, 0]
-    if distributed.is_main():
-        warn_of_problems(estimates)
-    nll = -estimates
-    n = nll.shape[0]
-    stderr = float(nll.std() / math.sqrt(n)) if n > 1 else None
-    activity = distributed.from_main(lambda: _activity(guide, points, seed))
-    active = count_active(activity)
-    latent = {name: a.numel() for name, a in activity.items()}
-    path = run_dir / f"eval-{split}-{tag}.json"
-    estimates_path = run_dir / f"estimates-{split}-{tag}.txt"
-    diagnostics_path = run_dir / f"diagnostics-{split}-{tag}.txt"
-    values = dict(zip(columns, results[:, 1:].unbind(-1), strict=True))
-    khat = values["khat"].nanmedian()
-    diagnostics = {
-        "ess_median": float(values["ess"].median()),
-        # k-hat needs more than 20 weights (None: too few to fit a tail).
-        "khat_median": float(khat) if khat.isfinite() else None,
-        "khat_above_0.7": float((values["khat"] > KHAT_THRESHOLD).double().mean()),
-    }
-    if "acceptance" in values:
-        diagnostics["acceptance_mean"] = float(values["acceptance"].mean())
-    bits = None
-    if config.likelihood in CONTINUOUS:
-        bits = 1 / (config.x_dim * math.log(2))
-    result = {
-        "nll": float(nll.mean()),
-        "stderr": stderr,
-        "bits_per_dim": None if bits is None else float(nll.mean()) * bits,
-        "bits_per_dim_stderr": None
-        if bits is None or stderr is None
-        else stderr * bits,
-        "method": method,
-        "k": num_samples if method == "iwae" else None,
-        **({"ais_steps": ais_steps, "chains": num_chains} if method == "ais" else {}),
-        "split": split,
-        "points": n,
-        "time": seconds,
-        "compile_time": compile_time,
-        "diagnostics": diagnostics,
-        "active_units": active,
-        "latent_units": latent,
-        "seed": seed,
-        "ranks": world,
-        "dataset": config.dataset,
-        "versions": versions(),
-        "date": datetime.now().isoformat(timespec="seconds"),
-        "file": str(path),
-        "estimates_file": estimates_path.name,
-        "diagnostics_file": diagnostics_path.name,
-    }
-    if distributed.is_main():
-        # Per point, so that two runs scored on the same points can be compared
-        # pairwise.
-        write_text(estimates_path, "".join(f"{v:.6f}\n" for v in estimates.tolist()))
-        rows = (" ".join(f"{v:.6g}" for v in row) for row in results[:, 1:].tolist())
-        header = "# " + " ".join(columns) + "\n"
-        write_text(diagnostics_path, header + "".join(f"{row}\n" for row in rows))
-        write_json(path, result)
-    distributed.barrier()  # the files are written when any rank returns
-    return result
+    return results, seconds, compile_seconds(settings.compile) - compiled_before
 
 
 def _activity(
@@ -498,27 +503,3 @@ def _activity(
     with distributed.forked_rng(points.device):
         torch.manual_seed(seed)
         return {name: a.cpu() for name, a in latent_activity(guide, points).items()}
-
-
-def read_estimates(run_dir: str | os.PathLike, evaluation: dict) -> torch.Tensor | None:
-    """The per-point log-likelihood estimates (nats, float64) that ``evaluation``
-    (a result of :func:`evaluate_run`) wrote in ``run_dir``; None if it has none."""
-    name = evaluation.get("estimates_file")
-    path = Path(run_dir) / name if name else None
-    if path is None or not path.is_file():
-        return None
-    values = [float(line) for line in path.read_text().split()]
-    return torch.tensor(values, dtype=torch.float64)
-
-
-def versions() -> dict[str, str]:
-    """Versions of Python, torch, Pyro and pyro-iwae, and the machine (with the
-    number of threads torch uses), for the record."""
-    return {
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "pyro": pyro.__version__,
-        "pyro_iwae": __version__,
-        "machine": f"{platform.machine()}, {os.cpu_count()} cores",
-        "torch_threads": str(torch.get_num_threads()),
-    }

@@ -1,16 +1,17 @@
 """Training objectives and learning-rate schedules, by name.
 
-Also :class:`ConfigError`, the error for settings that do not fit each other,
-whose message a caller can write in its own names for the settings.
+:class:`ConfigError`, the error for settings that do not fit each other, lives
+in :mod:`pyro_iwae.errors` and is importable from here as before.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 from pyro.infer import ELBO, RenyiELBO, Trace_ELBO
 
+from .errors import ConfigError
 from .objectives import CIWELBO, IWELBO, MIWELBO, PIWELBO
 
 __all__ = [
@@ -21,6 +22,8 @@ __all__ = [
     "Schedule",
     "as_schedule",
     "constant_schedule",
+    "continues",
+    "locate",
     "make_objective",
     "make_schedule",
     "paper_schedule",
@@ -32,29 +35,6 @@ IW_OBJECTIVES = ("iwae", "miwae", "piwae", "ciwae")
 SCHEDULES = ("constant", "paper")
 
 Schedule = list[tuple[int, float]]
-
-
-class ConfigError(ValueError):
-    """Settings that do not fit each other.
-
-    :attr:`template` names each setting as ``{field}`` (a field of
-    :class:`~pyro_iwae.RunConfig`); ``str(error)`` writes the field names and
-    :meth:`render` the names a caller uses, such as the CLI's options.
-    """
-
-    def __init__(self, template: str) -> None:
-        self.template = template
-        super().__init__(self.render({}))
-
-    def render(self, names: Mapping[str, str]) -> str:
-        """The message with each setting ``field`` written as ``names[field]``
-        (as ``field`` where ``names`` lacks it)."""
-        return self.template.format_map(_Names(names))
-
-
-class _Names(dict):
-    def __missing__(self, field: str) -> str:
-        return field
 
 
 def make_objective(
@@ -134,6 +114,29 @@ def make_schedule(
     if name == "constant":
         return constant_schedule(epochs, lr)
     raise ValueError(f"unknown schedule {name!r}; choose one of {', '.join(SCHEDULES)}")
+
+
+def continues(schedule: Schedule, earlier: Schedule, epochs: int) -> bool:
+    """Whether ``schedule`` runs the first ``epochs`` epochs of ``earlier`` at
+    the same learning rates, as a run that trained them with ``earlier`` and
+    goes on (for more epochs or stages, or fewer not yet trained) needs."""
+    return _per_epoch(schedule)[:epochs] == _per_epoch(earlier)[:epochs] and (
+        epochs <= min(len(_per_epoch(schedule)), len(_per_epoch(earlier)))
+    )
+
+
+def locate(schedule: Schedule, epochs_done: int) -> tuple[int, int]:
+    """(stage, epochs finished in it) of ``schedule`` after ``epochs_done``
+    epochs; (number of stages, 0) once it is finished."""
+    for stage, (epochs, _) in enumerate(schedule):
+        if epochs_done < epochs:
+            return stage, epochs_done
+        epochs_done -= epochs
+    return len(schedule), 0
+
+
+def _per_epoch(schedule: Schedule) -> list[float]:
+    return [lr for epochs, lr in schedule for _ in range(epochs)]
 
 
 def as_schedule(schedule: Iterable[Sequence[Any]]) -> Schedule:

@@ -42,20 +42,17 @@ from .checkpoints import (
     save_checkpoint,
     write_metrics,
 )
-from .data import Dataset, minibatches, one_line
+from .data import Dataset, minibatches
+from .errors import TrainingDiverged, one_line
 from .evaluation import compile_seconds, dataset_log_likelihood
 from .networks import prepare_pyro_modules
-from .schedules import Schedule, as_schedule
+from .schedules import Schedule, as_schedule, continues, locate
 
 __all__ = ["TrainingDiverged", "fit"]
 
 # Steps between checks that the loss is finite: each check reads a number from
 # the device, so checking every step would synchronise a GPU every step.
 _CHECK_EVERY = 50
-
-
-class TrainingDiverged(Exception):
-    """The loss or the parameters became NaN or infinite during training."""
 
 
 def fit(
@@ -286,17 +283,16 @@ class _Fit:
         # Rank 0 reads it and sends it to the others, on the CPU.
         where = self.device if self.ranks is None else "cpu"
         checkpoint = distributed.from_main(lambda: load_checkpoint(path, where))
-        if checkpoint.get("fit") != self.fit_state:
-            raise CheckpointError(
-                f"checkpoint {path} was written with schedule and batch size "
-                f"{checkpoint.get('fit')}, not {self.fit_state}; resume with the "
-                "run's own settings or start a new run"
-            )
+        self.check_continues(checkpoint)
         load_state(self.model, checkpoint["model"], "model", path)
         load_state(self.guide, checkpoint["guide"], "guide", path)
         try:
             self.optimizer.load_state_dict(checkpoint["optimizer"])
             self.position = _Position(**checkpoint["position"])
+            if checkpoint["fit"] != self.fit_state:  # a schedule extended
+                done = self.position.epochs_done
+                stage, stage_epoch = locate(self.schedule, done)
+                self.position.stage, self.position.stage_epoch = stage, stage_epoch
             self.epoch_rng = restore_rng(checkpoint["rng"], self.device, self.generator)
             if self.ranks is not None:
                 self.restore_rank_rng(checkpoint["rng"])
@@ -317,6 +313,28 @@ class _Fit:
         if self.writes:
             # Drop the lines of an epoch whose checkpoint was never written.
             write_metrics(self.run_dir, self.history)
+
+    def check_continues(self, checkpoint: dict[str, Any]) -> None:
+        """:raises CheckpointError: unless the checkpoint was written with this
+        batch size and a schedule that this one continues (the same, or one
+        with more epochs or stages)."""
+        saved = checkpoint.get("fit")
+        position = checkpoint.get("position")
+        if isinstance(saved, dict) and isinstance(position, dict):
+            epochs = position.get("epochs_done", 0) + bool(position.get("step"))
+            try:
+                earlier = as_schedule(saved.get("schedule", []))
+            except (TypeError, ValueError):
+                earlier = []
+            if saved.get("batch_size") == self.batch_size and continues(
+                self.schedule, earlier, epochs
+            ):
+                return
+        raise CheckpointError(
+            f"checkpoint {self.checkpoint_path} was written with schedule and batch "
+            f"size {saved}, not {self.fit_state}; resume with the run's own "
+            "settings (a schedule may only go on for longer) or start a new run"
+        )
 
     def restore_rank_rng(self, rng: dict[str, Any]) -> None:
         """Restores this rank's noise from a checkpoint's random states: each

@@ -117,3 +117,61 @@ def test_load_reads_settings_without_effect_as_defaults(tmp_path):
     (tmp_path / CONFIG_FILE).write_text(json.dumps(values))
     with pytest.raises(RunError, match="do not go together.*ordinary ELBO"):
         RunConfig.load(tmp_path)
+
+
+def _print_config(*args):
+    result = CliRunner().invoke(cli, ["fit", *map(str, args), "--print-config"])
+    assert result.exit_code == 0, result.output
+    return json.loads(result.output)
+
+
+def test_config_file_and_print_config_round_trip(tmp_path):
+    """--print-config prints the settings in config.json's keys, the command's
+    own defaults included; a file of them gives them back, options override
+    it, and nothing is trained or written."""
+    printed = _print_config("--particles", 3, "--runs-dir", tmp_path / "runs")
+    assert printed == RunConfig(num_particles=3, epochs=40).to_dict()
+    path = tmp_path / "settings.json"
+    path.write_text(json.dumps(printed))
+    assert _print_config("--config", path) == printed
+    assert _print_config("--config", path, "--lr", 0.01)["lr"] == 0.01
+    toml = tmp_path / "settings.toml"
+    toml.write_text('objective = "vae"\nnum_particles = 2\nschedule = "paper"\n')
+    from_toml = _print_config("--config", toml)
+    assert from_toml["objective"] == "vae" and from_toml["stages"] == 8
+    assert from_toml["epochs"] == RunConfig().epochs  # 40 applies to constant only
+    assert not (tmp_path / "runs").exists()
+    # The file's settings are checked as options are, in the options' names.
+    toml.write_text('schedule = "paper"\nepochs = 3\n')
+    result = CliRunner().invoke(cli, ["fit", "--config", str(toml)])
+    assert result.exit_code == 2 and "Error: --epochs applies to" in result.output
+    broken = tmp_path / "broken.json"
+    broken.write_text("{")
+    result = CliRunner().invoke(cli, ["fit", "--config", str(broken)])
+    assert result.exit_code != 0 and "cannot read settings file" in result.output
+
+
+def test_yaml_config_needs_pyyaml(tmp_path, monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util,
+        "find_spec",
+        lambda name, *a: None if name == "yaml" else real(name, *a),
+    )
+    path = tmp_path / "settings.yaml"
+    path.write_text("num_particles: 3\n")
+    result = CliRunner().invoke(cli, ["fit", "--config", str(path)])
+    errors = [line for line in result.output.splitlines() if "Error" in line]
+    assert result.exit_code != 0 and len(errors) == 1 and "PyYAML" in errors[0]
+
+
+def test_fit_options_are_made_from_the_config_fields():
+    from pyro_iwae.settings import declared
+
+    text = CliRunner().invoke(cli, ["fit", "--help"]).output
+    for name in declared(RunConfig):
+        assert _OPTION_NAMES[name] in text, name
+    # The command's own defaults: 40 epochs, all 8 stages of the paper's schedule.
+    assert RunConfig.command_defaults() == {"stages": 8, "epochs": 40}

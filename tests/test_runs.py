@@ -1,11 +1,18 @@
-"""Run directories: their files, and the runs that cannot be used."""
+"""Run directories: their files, and the runs that cannot be used; Run: one
+writer at a time, evaluations that keep each other, data pointed at again,
+Ctrl-C advice that works, runs extended, through the CLI as a user meets them."""
 
 import json
+import os
+import shutil
 
+import numpy as np
 import pytest
 import torch
 from small_run import BATCH, TEST, TRAIN, K, small_config
+from test_cli import SMALL, assert_ok, assert_one_line_error, invoke
 
+from pyro_iwae import PyroIwaeError, locks
 from pyro_iwae.checkpoints import (
     CHECKPOINT_FILE,
     METRICS_FILE,
@@ -15,7 +22,11 @@ from pyro_iwae.checkpoints import (
     read_metrics,
 )
 from pyro_iwae.config import CONFIG_FILE, RunConfig
-from pyro_iwae.runs import find_latest_run, load_run, train_run
+from pyro_iwae.errors import ConfigError, DataError, RunBusy, TrainingDiverged
+from pyro_iwae.run_writer import WRITER
+from pyro_iwae.runs import Run, find_latest_run, load_run, train_run
+from pyro_iwae_cli import progress
+from pyro_iwae_cli.options import cli_text
 
 
 def test_one_epoch_writes_run_files(tmp_path):
@@ -65,3 +76,251 @@ def test_existing_run_is_not_overwritten_and_resume_needs_same_config(run_dir):
         train_run(small_config(), run_dir)
     with pytest.raises(RunError, match="num_particles=2"):
         train_run(small_config(num_particles=3), run_dir, resume=True)
+
+
+def _files(folder):
+    """Name -> bytes of every file of ``folder`` but its lock."""
+    return {
+        p.name: p.read_bytes()
+        for p in sorted(folder.iterdir())
+        if p.is_file() and not p.name.startswith(f".{WRITER}.")
+    }
+
+
+def test_errors_share_one_base_and_keep_their_old_bases():
+    for cls in (ConfigError, RunError, CheckpointError, DataError, TrainingDiverged):
+        assert issubclass(cls, PyroIwaeError)
+    assert issubclass(ConfigError, ValueError) and issubclass(RunBusy, RunError)
+    error = ConfigError("{num_particles} 0 is too few:\n use {objective} vae")
+    assert str(error) == "num_particles 0 is too few: use objective vae"
+    assert error.render({"num_particles": "--particles"}).startswith("--particles 0")
+
+
+def test_cli_spells_python_arguments_as_options():
+    message = "use estimator='vimco' (k >= 2), resume=True or num_particles=3"
+    assert (
+        cli_text(message) == "use --estimator vimco (k >= 2), --resume or --particles 3"
+    )
+    assert cli_text("x='y' stays") == "x='y' stays"
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("runs") / "run"
+    assert_ok(invoke("fit", *SMALL, "--out", run_dir, "--quiet"))
+    return run_dir
+
+
+def test_a_second_writer_is_refused_and_changes_nothing(trained, tmp_path):
+    run_dir = tmp_path / "run"
+    shutil.copytree(trained, run_dir)
+    before = _files(run_dir)
+    with locks.hold(run_dir, WRITER) as holder:  # as another process would
+        assert holder is None
+        for command in (
+            ["fit", *SMALL, "--seed", 1, "--out", run_dir],
+            ["fit", "--resume", "--out", run_dir],
+        ):
+            error = assert_one_line_error(invoke(*command, "--quiet"))
+            assert "being written by another process" in error
+            assert _files(run_dir) == before
+    # A new run in a folder being written: refused, the folder left as it is.
+    fresh = tmp_path / "fresh"
+    fresh.mkdir()
+    with locks.hold(fresh, WRITER):
+        assert_one_line_error(invoke("fit", *SMALL, "--out", fresh), "being written")
+    assert not (fresh / "config.json").exists()
+
+
+def test_a_dead_writers_lock_is_taken_over(trained, tmp_path):
+    run_dir = tmp_path / "run"
+    shutil.copytree(trained, run_dir)
+    claim = run_dir / f".{WRITER}.claim"
+    dead = {"host": os.uname().nodename, "pid": 2**22 + 1, "since": 0}
+    claim.write_text(json.dumps(dead))
+    result = invoke("fit", "--resume", "--epochs", 2, "--out", run_dir, "--quiet")
+    assert_ok(result)
+    assert [m["epoch"] for m in read_metrics(run_dir)] == [1, 2]
+    assert not claim.exists()
+
+
+def test_an_evaluation_of_other_settings_is_kept(trained, tmp_path):
+    run_dir = tmp_path / "run"
+    shutil.copytree(trained, run_dir)
+    assert_ok(invoke("eval-nll", run_dir, "--k", 4, "--limit", 20, "--quiet"))
+    first = (run_dir / "eval-test-k4.json").read_text()
+    result = invoke("eval-nll", run_dir, "--k", 4, "--limit", 10, "--quiet")
+    assert_ok(result)
+    assert (run_dir / "eval-test-k4.json").read_text() == first
+    other = json.loads((run_dir / "eval-test-k4-n10-seed0-batch100.json").read_text())
+    assert other["points"] == 10 and other["k"] == 4
+    estimates = (run_dir / other["estimates_file"]).read_text().split()
+    assert len(estimates) == 10
+    assert "wrote eval-test-k4-n10-seed0-batch100.json" in result.output
+    assert str(run_dir) not in result.output.split("wrote")[1]
+    # Another seed too; the same settings again replace their own file.
+    assert_ok(invoke("eval-nll", run_dir, "--k", 4, "--limit", 20, "--seed", 1))
+    assert (run_dir / "eval-test-k4-n20-seed1-batch100.json").is_file()
+    assert_ok(invoke("eval-nll", run_dir, "--k", 4, "--limit", 20, "--quiet"))
+    assert json.loads((run_dir / "eval-test-k4.json").read_text())["points"] == 20
+
+
+def test_a_moved_data_file_is_pointed_at_again(tmp_path):
+    generator = np.random.default_rng(0)
+    data = tmp_path / "points.npy"
+    np.save(data, (generator.random((120, 16)) < 0.3).astype(np.float32))
+    run_dir = tmp_path / "run"
+    options = ["--batch-size", 20, "--particles", 2, "--epochs", 1, "--quiet"]
+    assert_ok(invoke("fit", "--dataset", data, *options, "--out", run_dir))
+    moved = tmp_path / "elsewhere" / "points.npy"
+    moved.parent.mkdir()
+    data.rename(moved)
+    assert_one_line_error(invoke("eval-nll", run_dir, "--k", 3), "not found")
+    result = invoke("eval-nll", run_dir, "--k", 3, "--dataset", moved, "--quiet")
+    assert_ok(result)
+    assert "12 points" in result.output
+    assert_ok(invoke("sample", run_dir, "--dataset", moved))
+    wrong = tmp_path / "wide.npy"
+    np.save(wrong, np.zeros((50, 9), dtype=np.float32))
+    error = assert_one_line_error(invoke("eval-nll", run_dir, "--dataset", wrong))
+    assert "9 values" in error and "16" in error
+
+
+def _interrupt(*args, **kwargs):
+    raise KeyboardInterrupt
+
+
+def test_ctrl_c_before_the_first_epoch_ends_keeps_nothing(tmp_path, monkeypatch):
+    run_dir = tmp_path / "run"
+    with monkeypatch.context() as m:
+        m.setattr(progress.FitProgress, "on_step", _interrupt)
+        cut = invoke("fit", *SMALL, "--out", run_dir, "--quiet")
+    assert cut.exit_code == 130 and "Traceback" not in cut.output
+    assert "run the same command again" in cut.output and "--resume" not in cut.output
+    assert not run_dir.exists()
+    assert_ok(invoke("fit", *SMALL, "--out", run_dir, "--quiet"))  # as advised
+    # In a new folder of --runs-dir: that folder goes too.
+    runs = tmp_path / "runs"
+    with monkeypatch.context() as m:
+        m.setattr(progress.FitProgress, "on_epoch_start", _interrupt)
+        cut = invoke("fit", *SMALL, "--runs-dir", runs, "--quiet")
+    assert cut.exit_code == 130 and not any(runs.iterdir())
+
+
+def test_ctrl_c_mid_run_advises_a_resume_that_works(tmp_path, monkeypatch):
+    run_dir = tmp_path / "run"
+    args = [*SMALL[:-1], "3", "--checkpoint-every", 2, "--quiet"]
+    calls = []
+
+    def step_then_stop(self, info):
+        calls.append(info)
+        if len(calls) == 7:  # epoch 2, step 3: after the mid-epoch checkpoint
+            raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:
+        m.setattr(progress.FitProgress, "on_step", step_then_stop)
+        cut = invoke("fit", *args, "--out", run_dir)
+    assert cut.exit_code == 130
+    advice = cut.output.split("continue with: ")[1].split()
+    assert advice[:4] == ["pyro-iwae", "fit", "--resume", "--out"]
+    assert_ok(invoke(*advice[1:], "--quiet"))
+    assert [m["epoch"] for m in read_metrics(run_dir)] == [1, 2, 3]
+
+
+def test_a_finished_run_is_extended_by_more_epochs(tmp_path):
+    whole, extended = tmp_path / "whole", tmp_path / "extended"
+    assert_ok(invoke("fit", *SMALL[:-1], "2", "--out", whole, "--quiet"))
+    assert_ok(invoke("fit", *SMALL, "--out", extended, "--quiet"))
+    result = invoke("fit", "--resume", "--epochs", 2, "--out", extended, "--quiet")
+    assert_ok(result)
+    assert [m["epoch"] for m in read_metrics(extended)] == [1, 2]
+    assert json.loads((extended / "config.json").read_text())["epochs"] == 2
+    a = load_checkpoint(whole / CHECKPOINT_FILE)
+    b = load_checkpoint(extended / CHECKPOINT_FILE)
+    for part in ("model", "guide"):
+        for key, value in a[part].items():
+            assert torch.equal(value, b[part][key]), key
+    # Fewer epochs than it has trained, or another learning rate: refused.
+    assert_one_line_error(
+        invoke("fit", "--resume", "--epochs", 1, "--out", extended), "schedule"
+    )
+    assert_one_line_error(
+        invoke("fit", "--resume", "--lr", 0.1, "--out", extended), "--lr", "differs"
+    )
+
+
+def test_resume_without_runs_leaves_no_runs_folder(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("PYRO_IWAE_RUNS", raising=False)
+    assert_one_line_error(invoke("fit", "--resume"), "no run found")
+    assert not (tmp_path / "runs").exists()
+
+
+def test_run_object_trains_and_evaluates_as_the_cli_does(tmp_path):
+    from pyro_iwae.runs import EvalSettings
+
+    config = RunConfig(train_limit=100, test_limit=20, batch_size=50, epochs=1)
+    run = Run.new(config, tmp_path)
+    history = run.train(config)
+    assert len(history) == 1 and run.has_checkpoint
+    evaluation = run.evaluate(EvalSettings(num_samples=3, limit=8))
+    assert evaluation.points == 8 and evaluation["k"] == 3
+    saved = json.loads((run.path / "eval-test-k3.json").read_text())
+    assert saved == evaluation.to_json() and "ais_steps" not in saved
+    with pytest.raises(ConfigError, match="ais_steps applies to method ais"):
+        EvalSettings(ais_steps=5)
+
+
+def test_two_fits_started_together_one_is_refused(tmp_path):
+    """A real second process: the first fit's run comes out whole, as if alone."""
+    import subprocess
+    import sys
+    import time
+
+    run_dir = tmp_path / "run"
+    command = [sys.executable, "-m", "pyro_iwae_cli.main", "fit", *map(str, SMALL)]
+    first = subprocess.Popen(
+        [*command[:-1], "10", "--out", str(run_dir), "--quiet"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    claim = run_dir / f".{WRITER}.claim"
+    deadline = time.monotonic() + 120
+    while not claim.exists() and first.poll() is None:
+        assert time.monotonic() < deadline, "the first fit never took its lock"
+        time.sleep(0.05)
+    second = invoke("fit", *SMALL, "--seed", 1, "--out", run_dir, "--quiet")
+    output, _ = first.communicate(timeout=300)
+    assert first.returncode == 0, output
+    error = assert_one_line_error(second, "being written by another process")
+    assert f"process {first.pid}" in error
+    assert [m["epoch"] for m in read_metrics(run_dir)] == list(range(1, 11))
+    assert json.loads((run_dir / "config.json").read_text())["seed"] == 0
+    assert load_checkpoint(run_dir / CHECKPOINT_FILE)["config"]["seed"] == 0
+    assert not claim.exists()
+
+
+def test_result_path_finds_an_evaluation_by_its_settings(tmp_path):
+    from pyro_iwae.eval_results import EvalSettings, result_path
+
+    twenty = EvalSettings(num_samples=5, limit=20)
+    assert result_path(tmp_path, twenty).name == "eval-test-k5.json"
+    (tmp_path / "eval-test-k5.json").write_text(
+        json.dumps({"method": "iwae", "k": 5, "split": "test", "points": 20,
+                    "seed": 0, "batch_size": 100, "limit": 20})
+    )  # fmt: skip
+    assert result_path(tmp_path, twenty).name == "eval-test-k5.json"
+    assert result_path(tmp_path, twenty, points=20).name == "eval-test-k5.json"
+    every = EvalSettings(num_samples=5, limit=0)
+    assert result_path(tmp_path, every).name == "eval-test-k5-nall-seed0-batch100.json"
+    seeded = EvalSettings(num_samples=5, limit=20, seed=2)
+    assert result_path(tmp_path, seeded).name.endswith("-n20-seed2-batch100.json")
+    # A file of pyro-iwae 0.1 (no limit, no batch size) is known by its points.
+    (tmp_path / "eval-test-k5.json").write_text(
+        json.dumps({"k": 5, "split": "test", "points": 20, "seed": 0})
+    )
+    assert result_path(tmp_path, twenty).name == "eval-test-k5.json"
+    assert result_path(tmp_path, EvalSettings(num_samples=5, limit=10)).name == (
+        "eval-test-k5-n10-seed0-batch100.json"
+    )

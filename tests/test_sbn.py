@@ -72,12 +72,12 @@ def test_cli_fits_the_sbn_with_vimco_and_names_vimco_otherwise(tmp_path, layers)
     plain = tmp_path / "plain"
     result = CliRunner().invoke(cli, [*sbn, "--out", plain])
     assert result.exit_code == 1
-    assert "Error:" in result.output and "estimator='vimco'" in result.output
+    assert "Error:" in result.output and "--estimator vimco" in result.output
     assert "Traceback" not in result.output
     assert not (plain / "config.json").exists()  # refused before it was written
     runs = tmp_path / "runs"
     result = CliRunner().invoke(cli, [*sbn, "--runs-dir", runs])
-    assert result.exit_code == 1 and "estimator='vimco'" in result.output
+    assert result.exit_code == 1 and "--estimator vimco" in result.output
     assert not runs.exists() or not any(runs.iterdir())  # no empty run folder
 
 

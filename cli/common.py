@@ -1,0 +1,135 @@
+"""What the commands share: the error wrapper that turns the library's errors
+into one-line messages, and common options."""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import io
+import logging
+import os
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import click
+import torch
+
+from pyro_iwae import distributed
+from pyro_iwae.errors import ConfigError, PyroIwaeError, one_line
+
+from .options import OPTION_NAMES, cli_text
+
+RUNS_ENV = "PYRO_IWAE_RUNS"
+
+
+def library_errors(command: Callable) -> Callable:
+    """Turns the library's own errors into one-line Click errors, in the
+    options' spelling, and every warning into one ``Warning: ...`` line on
+    stderr.
+
+    Under torchrun, ranks other than 0 print nothing on stdout and prefix their
+    errors with their rank; the process group ends with the command.
+    """
+
+    @functools.wraps(command)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        # torch logs "No CUDA runtime is found" when --compile loads its C++
+        # toolchain on a machine with a CUDA toolkit and no GPU: noise on the CPU.
+        logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
+        rank = _rank()
+        silent = contextlib.redirect_stdout(io.StringIO())
+        with warnings.catch_warnings(), silent if rank else contextlib.nullcontext():
+            warnings.showwarning = _show_warning
+            try:
+                return command(*args, **kwargs)
+            except ConfigError as e:
+                message = _ranked(cli_text(e.render(OPTION_NAMES)), rank)
+                raise click.UsageError(message) from None
+            except PyroIwaeError as e:
+                message = _ranked(cli_text(e.render(OPTION_NAMES)), rank)
+                raise click.ClickException(message) from None
+            except NotImplementedError as e:
+                # The objective refusing a model or guide (a discrete guide
+                # without --estimator vimco): its message says what to use.
+                raise click.ClickException(_ranked(cli_text(str(e)), rank)) from None
+            except click.ClickException as e:
+                if not rank:
+                    raise
+                message = _ranked(e.format_message(), rank)
+                raise click.ClickException(message) from None
+            finally:
+                distributed.shutdown()
+
+    return wrapper
+
+
+def _rank() -> int:
+    """This process's rank under torchrun (0 without it)."""
+    return int(os.environ["RANK"]) if distributed.launched() else 0
+
+
+def _ranked(message: str, rank: int) -> str:
+    return f"rank {rank}: {message}" if rank else message
+
+
+def restarted() -> bool:
+    """Whether torchrun restarted this worker after a failure (--max-restarts)."""
+    return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
+
+
+def _show_warning(message: Warning | str, *args: Any, **kwargs: Any) -> None:
+    click.echo(f"Warning: {cli_text(one_line(message))}", err=True)
+
+
+def device_of(cuda: bool) -> str:
+    if not cuda:
+        return "cpu"
+    if not torch.cuda.is_available():
+        raise click.UsageError(
+            "--cuda: CUDA is not available on this machine (no GPU, or torch was "
+            "built without CUDA); drop --cuda to run on the CPU"
+        )
+    return "cuda"
+
+
+def explicit(ctx: click.Context, name: str) -> bool:
+    """Whether option ``name`` was given on the command line or in the environment."""
+    source = ctx.get_parameter_source(name)
+    return source not in (None, click.core.ParameterSource.DEFAULT)
+
+
+def path_option(
+    name: str, help: str, *, folder: bool = True, **kwargs: Any
+) -> Callable:
+    """An option of a folder (or with ``folder=False`` a file; ``exists``: that
+    must exist), None by default."""
+    kwargs = {"default": None, **kwargs}
+    exists = kwargs.pop("exists", False)
+    kind = click.Path(
+        exists=exists, file_okay=not folder, dir_okay=folder, path_type=Path
+    )
+    return click.option(name, type=kind, help=help, **kwargs)
+
+
+def runs_dir_option(help: str) -> Callable:
+    return path_option(
+        "--runs-dir", help, default=Path("runs"), envvar=RUNS_ENV, show_envvar=True
+    )
+
+
+cuda_option = click.option(
+    "--cuda", is_flag=True, help="Run on the GPU (fails if CUDA is unavailable)."
+)
+quiet_option = click.option(
+    "--quiet",
+    is_flag=True,
+    help="No progress bars or per-run lines (the bars are also off when stderr "
+    "is not a terminal).",
+)
+
+
+def count_option(name: str, default: int, help: str) -> Callable:
+    """An option of a positive integer."""
+    return click.option(name, type=click.IntRange(min=1), default=default, help=help)

@@ -1,0 +1,128 @@
+"""``pyro-iwae reproduce``: a grid of runs trained, evaluated and reported."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+
+from pyro_iwae import distributed
+from pyro_iwae.grid_report import table_slot, write_report
+from pyro_iwae.reproduction import Grid, run_grid
+
+from .common import (
+    count_option,
+    cuda_option,
+    device_of,
+    library_errors,
+    path_option,
+    quiet_option,
+)
+from .options import run_option
+from .progress import EvalProgress, FitProgress
+
+
+@click.command(context_settings={"show_default": True})
+@click.argument("grid", type=click.Path(dir_okay=False, exists=True, path_type=Path))
+@path_option(
+    "--runs-dir",
+    "Folder of the grid's run directories, one per run name.",
+    show_default="runs/ beside GRID",
+)
+@path_option(
+    "--out-dir",
+    "Folder for table.json, table.md and the plots.",
+    show_default="the folder of GRID",
+)
+@click.option(
+    "--only",
+    multiple=True,
+    help="Run only this run of the grid (repeatable); the report covers all.",
+)
+@click.option(
+    "--report-only", is_flag=True, help="Write the table and plots; train nothing."
+)
+@count_option(
+    "--jobs",
+    1,
+    "Runs trained at once, in separate processes that share the CPU cores "
+    "(no progress bars then). With few particles, 2 jobs of 1 thread train more "
+    "images per second than 1 job of 2 threads.",
+)
+@path_option(
+    "--readme",
+    "Also put the table into this Markdown file, between the lines "
+    "<!-- grid-table:start --> and <!-- grid-table:end -->.",
+    folder=False,
+)
+@run_option("data_dir")
+@cuda_option
+@quiet_option
+@library_errors
+def reproduce(
+    grid: Path,
+    runs_dir: Path | None,
+    out_dir: Path | None,
+    only: tuple[str, ...],
+    report_only: bool,
+    jobs: int,
+    readme: Path | None,
+    data_dir: Path | None,
+    cuda: bool,
+    quiet: bool,
+) -> None:
+    """Train and evaluate every run of the GRID file (JSON), then write its table.
+
+    Runs already evaluated are skipped and interrupted ones resume from their
+    checkpoints, so the command can be stopped at any moment and run again. A run
+    that another pyro-iwae process is working on is left to it, also one of
+    another machine that shares --runs-dir (it holds runs/.RUN.claim). Under
+    torchrun the processes train and evaluate each run together.
+    """
+    device = device_of(cuda)
+    distributed.init(device)
+    main = distributed.is_main()
+    spec = Grid.load(grid)
+    runs_dir = runs_dir or grid.parent / "runs"
+    if readme is not None:
+        table_slot(readme)  # fail before training, not after
+    if not report_only:
+        fit_progress = FitProgress(quiet or jobs > 1 or not main)
+        eval_progress = EvalProgress(quiet or jobs > 1 or not main)
+
+        def on_run(name: str, what: str) -> None:
+            if main:
+                click.echo(f"{name}: {what}", err=True)
+            if what == "evaluate":
+                eval_progress.reset()
+
+        try:
+            run_grid(
+                spec,
+                runs_dir,
+                only=list(only) or None,
+                data_dir=data_dir,
+                device=device,
+                jobs=jobs,
+                on_run=on_run,
+                fit_callback=fit_progress if main else None,
+                eval_callback=eval_progress if main else None,
+            )
+        except KeyboardInterrupt:
+            fit_progress.close()
+            eval_progress.close()
+            click.echo(
+                "Interrupted; run the same command again to continue (evaluated "
+                "runs are skipped, interrupted ones resume from their checkpoints)",
+                err=True,
+            )
+            sys.exit(130)
+        finally:
+            fit_progress.close()
+            eval_progress.close()
+    if not main:
+        return
+    report = write_report(spec, runs_dir, out_dir or grid.parent, readme)
+    for path in report.values():
+        click.echo(f"wrote {path}")

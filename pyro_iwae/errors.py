@@ -1,0 +1,96 @@
+"""The errors pyro-iwae raises for bad input, under one base class.
+
+Every one of them carries a one-line message that says what is wrong and what
+to do. A message may name a setting as ``{field}`` (a field of
+:class:`~pyro_iwae.RunConfig`, or a setting of an evaluation): ``str(error)``
+writes the field's own name, :meth:`PyroIwaeError.render` the name a caller
+uses for it, such as a command-line option.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+__all__ = [
+    "BuilderError",
+    "CheckpointError",
+    "ConfigError",
+    "DataError",
+    "PyroIwaeError",
+    "RunBusy",
+    "RunError",
+    "TrainingDiverged",
+    "one_line",
+]
+
+
+def one_line(e: BaseException | str) -> str:
+    """The message of ``e`` on one line: user-facing errors here are one line."""
+    text = " ".join(str(e).split()).rstrip(":")
+    return text or (type(e).__name__ if isinstance(e, BaseException) else "")
+
+
+class PyroIwaeError(Exception):
+    """Base of pyro-iwae's errors for bad input; its message says what to do.
+
+    ``PyroIwaeError(message)`` keeps ``message`` as it is; with
+    ``template=True``, ``{field}`` in it names a setting (see the module).
+    """
+
+    def __init__(self, message: str, *, template: bool = False) -> None:
+        self.template = message if template else None
+        super().__init__(self.render({}))
+
+    def render(self, names: Mapping[str, str]) -> str:
+        """The message on one line, each setting ``{field}`` written as
+        ``names[field]`` (as ``field`` where ``names`` lacks it)."""
+        if self.template is None:
+            return one_line(self.args[0] if self.args else "")
+        return one_line(self.template.format_map(_Names(names)))
+
+
+def literal(text: object) -> str:
+    """``text`` with its braces doubled, to stand as itself in a template."""
+    return str(text).replace("{", "{{").replace("}", "}}")
+
+
+class _Names(dict):
+    def __missing__(self, field: str) -> str:
+        return field
+
+
+class ConfigError(PyroIwaeError, ValueError):
+    """Settings that do not fit each other.
+
+    :attr:`template` names each setting as ``{field}``; ``str(error)`` writes the
+    field names and :meth:`render` the names a caller uses, such as the CLI's
+    options. ``literal=True`` takes the message as it is, braces and all.
+    """
+
+    def __init__(self, template: str, *, literal: bool = False) -> None:
+        super().__init__(template, template=not literal)
+
+
+class RunError(PyroIwaeError):
+    """A run directory or its files cannot be used; the message says what to do."""
+
+
+class RunBusy(RunError):
+    """Another process (group) is writing the run; nothing of it was changed."""
+
+
+class CheckpointError(RunError):
+    """A checkpoint is missing, unreadable or does not fit the model and guide."""
+
+
+class DataError(PyroIwaeError):
+    """A data set cannot be found, fetched or read; the message says what to do."""
+
+
+class BuilderError(PyroIwaeError, ValueError):
+    """A model or guide name that does not resolve to a builder, or a builder
+    that cannot take the settings; the message says what to do."""
+
+
+class TrainingDiverged(PyroIwaeError):
+    """The loss or the parameters became NaN or infinite during training."""

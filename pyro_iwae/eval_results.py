@@ -1,0 +1,376 @@
+"""What an evaluation of a run is asked (:class:`EvalSettings`) and what it
+found (:class:`Evaluation`), and the files it leaves in the run directory:
+``eval-<split>-<tag>.json``, the per-point ``estimates-<split>-<tag>.txt`` and
+``diagnostics-<split>-<tag>.txt``.
+
+``<tag>`` is ``k<num_samples>`` or ``ais<ais_steps>x<num_chains>``. An
+evaluation never replaces one of other settings: where that name holds one
+(of other points, seed or batch size), it takes a name that spells its
+settings (``eval-test-k5000-n20-seed0-batch100.json``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import platform
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import pyro
+import torch
+
+from . import distributed
+from ._version import __version__
+from .checkpoints import write_json, write_text
+from .config import RunConfig
+from .diagnostics import KHAT_THRESHOLD
+from .evaluation import count_active
+from .likelihoods import CONTINUOUS
+from .settings import check_applies, check_values, setting
+
+__all__ = [
+    "EVAL_METHODS",
+    "EvalSettings",
+    "Evaluation",
+    "read_estimates",
+    "result_path",
+    "summarise",
+    "versions",
+]
+
+#: Estimators of an evaluation: the IWAE bound, or annealed importance sampling.
+EVAL_METHODS = ("iwae", "ais")
+
+# Settings that take effect with one method only (see settings.check_applies).
+_APPLIES_WITH = {
+    "num_samples": ("method", ("iwae",), "drop it or choose {method} iwae"),
+    "compile": ("method", ("iwae",), "drop it or choose {method} iwae"),
+    "ais_steps": ("method", ("ais",), "drop it or choose {method} ais"),
+    "num_chains": ("method", ("ais",), "drop it or choose {method} ais"),
+}
+
+
+@dataclasses.dataclass
+class EvalSettings:
+    """How to estimate a run's negative log-likelihood (see
+    :func:`~pyro_iwae.runs.evaluate_run`); checked when made.
+
+    :raises ConfigError: for values out of range or settings of another method.
+    """
+
+    num_samples: int = setting(
+        5000,
+        "Importance samples per point (the paper's NLL uses 5000).",
+        flag="--k",
+        low=1,
+    )
+    split: str = setting(
+        "test",
+        "Data to evaluate: the binarised test set, or the training set binarised "
+        "once with {seed}.",
+        choices=("test", "train"),
+    )
+    limit: int | None = setting(
+        None,
+        "Evaluate the first N points only; 0 for all (the paper's protocol).",
+        low=0,
+        # About 80 s at k = 5000 on a 2-core laptop CPU.
+        command_default=1000,
+    )
+    chunk_size: int | None = setting(
+        None,
+        "Particles drawn at once (memory grows with it).",
+        low=1,
+        default_text="as many as fit in 256 MiB, no tensor over 32 MiB",
+    )
+    batch_size: int = setting(100, "Data points per batch.", low=1)
+    seed: int = setting(0, "Random seed of the importance samples.")
+    method: str = setting(
+        "iwae",
+        "iwae: the IWAE bound -L_k (the paper's NLL); ais: annealed importance "
+        "sampling from the guide to the posterior with HMC, tighter and slower.",
+        choices=EVAL_METHODS,
+    )
+    ais_steps: int = setting(
+        1000,
+        "With {method} ais: annealing steps (one HMC move of 10 leapfrog steps "
+        "each); double it until the NLL stops moving.",
+        low=1,
+    )
+    num_chains: int = setting(
+        16,
+        "With {method} ais: independent chains per point.",
+        flag="--chains",
+        low=1,
+    )
+    compile: bool | str | None = setting(
+        False,
+        "With {method} iwae: compute each chunk's log-weights in one graph compiled "
+        "by torch's inductor (tens of seconds to compile per batch shape; the same "
+        "estimates to float tolerance where {chunk_size} divides {num_samples}). "
+        "Programs it cannot capture fall back to the eager path with a warning.",
+        kind="flag",
+    )
+
+    def __post_init__(self) -> None:
+        if self.limit == 0:
+            self.limit = None  # all points
+        self.validate()
+
+    def validate(self, given: tuple[str, ...] | list[str] = ()) -> None:
+        """Checks the values; settings of the other method must keep their
+        defaults, and those named in ``given`` may not be set at all.
+
+        :raises ConfigError: naming the settings as ``{field}``.
+        """
+        defaults = {f.name: f.default for f in dataclasses.fields(EvalSettings)}
+        check_applies(dataclasses.asdict(self), defaults, given, _APPLIES_WITH)
+        check_values(self)
+
+    @property
+    def tag(self) -> str:
+        """``k<num_samples>``, or ``ais<ais_steps>x<num_chains>``."""
+        if self.method == "iwae":
+            return f"k{self.num_samples}"
+        return f"ais{self.ais_steps}x{self.num_chains}"
+
+    def identity(self) -> dict[str, Any]:
+        """What makes the estimates of a point what they are, in the keys of an
+        evaluation's JSON."""
+        return {
+            "method": self.method,
+            "split": self.split,
+            "seed": self.seed,
+            "batch_size": self.batch_size,
+            **self.method_settings(),
+        }
+
+    def method_settings(self) -> dict[str, Any]:
+        """``k``, or ``ais_steps`` and ``chains``, as an evaluation's JSON has them."""
+        if self.method == "iwae":
+            return {"k": self.num_samples}
+        return {"ais_steps": self.ais_steps, "chains": self.num_chains}
+
+
+@dataclasses.dataclass
+class Evaluation:
+    """The result of an evaluation of a run, as written to its JSON file.
+
+    ``nll`` (mean, nats) and ``stderr`` (std / sqrt(n), None for one point);
+    ``bits_per_dim`` (``nll / (x_dim log 2)``) and its ``bits_per_dim_stderr``
+    for continuous likelihoods (None otherwise); ``method``, ``k`` (None with
+    AIS), ``ais_steps`` and ``chains`` (None without AIS), ``split``,
+    ``points`` (the first ``limit``, None: all), ``seed``, ``batch_size``;
+    ``time`` (s) and ``compile_time`` (s of it spent compiling graphs);
+    ``diagnostics``: median ESS, median k-hat (None below 21 samples), the
+    share of points with k-hat > 0.7 and, with AIS, the mean acceptance
+    rate; ``active_units`` and ``latent_units`` (site -> count, size);
+    ``ranks``, ``dataset``, ``versions``, ``date``; ``file`` (the JSON's path)
+    and the names of the per-point ``estimates_file`` and ``diagnostics_file``
+    beside it.
+
+    ``evaluation["nll"]`` reads a field as from the JSON's dict.
+    """
+
+    nll: float
+    stderr: float | None
+    bits_per_dim: float | None
+    bits_per_dim_stderr: float | None
+    method: str
+    k: int | None
+    split: str
+    points: int
+    time: float
+    compile_time: float
+    diagnostics: dict[str, float | None]
+    active_units: dict[str, int]
+    latent_units: dict[str, int]
+    seed: int
+    ranks: int
+    dataset: str
+    versions: dict[str, str]
+    date: str
+    file: str
+    estimates_file: str
+    diagnostics_file: str
+    ais_steps: int | None = None
+    chains: int | None = None
+    batch_size: int = 100
+    limit: int | None = None
+
+    def __getitem__(self, key: str) -> Any:
+        return self.to_json()[key]
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return self.to_json().get(key, default)
+
+    def to_json(self) -> dict[str, Any]:
+        """The JSON file's dict (``ais_steps`` and ``chains`` with AIS only)."""
+        values = dataclasses.asdict(self)
+        if self.method != "ais":
+            del values["ais_steps"], values["chains"]
+        return values
+
+    @property
+    def folder(self) -> Path:
+        """The run directory the files are in."""
+        return Path(self.file).parent
+
+    def write(self, estimates: torch.Tensor, per_point: torch.Tensor) -> None:
+        """Writes the per-point ``estimates`` ``[n]`` (nats), the ``per_point``
+        diagnostics ``[n, columns]`` (named in ``diagnostics``'s order of
+        columns) and the JSON."""
+        columns = _COLUMNS[self.method]
+        write_text(
+            self.folder / self.estimates_file,
+            "".join(f"{v:.6f}\n" for v in estimates.tolist()),
+        )
+        rows = (" ".join(f"{v:.6g}" for v in row) for row in per_point.tolist())
+        header = "# " + " ".join(columns) + "\n"
+        write_text(
+            self.folder / self.diagnostics_file,
+            header + "".join(f"{row}\n" for row in rows),
+        )
+        write_json(Path(self.file), self.to_json())
+
+
+#: The per-point diagnostics of each method, in the diagnostics file's order.
+_COLUMNS = {"iwae": ("ess", "khat"), "ais": ("stderr", "ess", "khat", "acceptance")}
+
+
+def columns(method: str) -> tuple[str, ...]:
+    """The per-point diagnostics of ``method``, as its diagnostics file has them."""
+    return _COLUMNS[method]
+
+
+def result_path(
+    run_dir: str | os.PathLike, settings: EvalSettings, points: int | None = None
+) -> Path:
+    """Where the evaluation with ``settings`` (of ``points`` points, where
+    known) is, or goes: ``eval-<split>-<tag>.json`` unless that holds one of
+    other settings, then a name that spells them all (see the module)."""
+    run_dir = Path(run_dir)
+    plain = run_dir / f"eval-{settings.split}-{settings.tag}.json"
+    if not plain.is_file() or _same(plain, settings, points):
+        return plain
+    limit = "all" if settings.limit is None else settings.limit
+    return run_dir / (
+        f"eval-{settings.split}-{settings.tag}-n{limit}-seed{settings.seed}"
+        f"-batch{settings.batch_size}.json"
+    )
+
+
+def _same(path: Path, settings: EvalSettings, points: int | None) -> bool:
+    """Whether the evaluation in ``path`` was made with ``settings`` (on
+    ``points`` points where known). Files of pyro-iwae 0.1 lack the batch size
+    (theirs was 100) and the limit (their points tell it)."""
+    try:
+        saved = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return True  # unreadable: nothing worth keeping
+    if not isinstance(saved, dict):
+        return True
+    saved = {"batch_size": 100, "method": "iwae", **saved}
+    if not all(saved.get(k) == v for k, v in settings.identity().items()):
+        return False
+    if points is not None:
+        return saved.get("points") == points
+    if "limit" in saved:
+        return saved["limit"] == settings.limit
+    return settings.limit is None or saved.get("points") == settings.limit
+
+
+def summarise(
+    results: torch.Tensor,
+    settings: EvalSettings,
+    config: RunConfig,
+    activity: dict[str, torch.Tensor],
+    path: Path,
+) -> Evaluation:
+    """The :class:`Evaluation` of ``results``, float64 ``[n, 1 + columns]``:
+    each point's log-likelihood estimate and its diagnostics (see
+    :func:`columns`), made with ``settings`` on the data of ``config``, with the
+    latent ``activity`` (see :func:`~pyro_iwae.latent_activity`), to be written
+    to ``path``; its times left at 0."""
+    nll = -results[:, 0]
+    n = nll.shape[0]
+    stderr = float(nll.std() / math.sqrt(n)) if n > 1 else None
+    bits = None
+    if config.likelihood in CONTINUOUS:
+        bits = 1 / (config.x_dim * math.log(2))
+    tag = path.name[len("eval-") : -len(".json")]
+    ranks = distributed.current()
+    return Evaluation(
+        nll=float(nll.mean()),
+        stderr=stderr,
+        bits_per_dim=None if bits is None else float(nll.mean()) * bits,
+        bits_per_dim_stderr=None if bits is None or stderr is None else stderr * bits,
+        method=settings.method,
+        k=settings.num_samples if settings.method == "iwae" else None,
+        ais_steps=settings.ais_steps if settings.method == "ais" else None,
+        chains=settings.num_chains if settings.method == "ais" else None,
+        split=settings.split,
+        points=n,
+        time=0.0,
+        compile_time=0.0,
+        diagnostics=_diagnostics(results, settings.method),
+        active_units=count_active(activity),
+        latent_units={name: a.numel() for name, a in activity.items()},
+        seed=settings.seed,
+        batch_size=settings.batch_size,
+        limit=settings.limit,
+        ranks=1 if ranks is None else ranks.world,
+        dataset=config.dataset,
+        versions=versions(),
+        date=datetime.now().isoformat(timespec="seconds"),
+        file=str(path),
+        estimates_file=f"estimates-{tag}.txt",
+        diagnostics_file=f"diagnostics-{tag}.txt",
+    )
+
+
+def _diagnostics(results: torch.Tensor, method: str) -> dict[str, float | None]:
+    """Median ESS, median k-hat (None: too few weights to fit a tail, 20 or
+    fewer), the share of points with k-hat above 0.7 and, for AIS, the mean
+    acceptance rate."""
+    values = dict(zip(columns(method), results[:, 1:].unbind(-1), strict=True))
+    khat = values["khat"].nanmedian()
+    diagnostics = {
+        "ess_median": float(values["ess"].median()),
+        "khat_median": float(khat) if khat.isfinite() else None,
+        "khat_above_0.7": float((values["khat"] > KHAT_THRESHOLD).double().mean()),
+    }
+    if "acceptance" in values:
+        diagnostics["acceptance_mean"] = float(values["acceptance"].mean())
+    return diagnostics
+
+
+def read_estimates(
+    run_dir: str | os.PathLike, evaluation: dict | Evaluation
+) -> torch.Tensor | None:
+    """The per-point log-likelihood estimates (nats, float64) that ``evaluation``
+    (an :class:`Evaluation` or its JSON's dict) wrote in ``run_dir``; None if it
+    has none."""
+    name = evaluation.get("estimates_file")
+    path = Path(run_dir) / name if name else None
+    if path is None or not path.is_file():
+        return None
+    values = [float(line) for line in path.read_text().split()]
+    return torch.tensor(values, dtype=torch.float64)
+
+
+def versions() -> dict[str, str]:
+    """Versions of Python, torch, Pyro and pyro-iwae, and the machine (with the
+    number of threads torch uses), for the record."""
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "pyro": pyro.__version__,
+        "pyro_iwae": __version__,
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores",
+        "torch_threads": str(torch.get_num_threads()),
+    }

@@ -1,0 +1,278 @@
+"""The writer of a run directory: a run trained there (new, resumed or
+extended by more epochs or stages) under the run's lock, and nothing left
+behind by a new run that failed before its first checkpoint. Used through
+:class:`pyro_iwae.runs.Run`."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import distributed, locks
+from .callbacks import FitCallback
+from .checkpoints import CHECKPOINT_FILE, METRICS_FILE
+from .config import CONFIG_FILE, RunConfig
+from .data import Dataset
+from .errors import (
+    BuilderError,
+    CheckpointError,
+    ConfigError,
+    DataError,
+    RunBusy,
+    RunError,
+    literal,
+    one_line,
+)
+from .evaluation import evaluating
+from .likelihoods import support_problem
+from .objectives import IWELBO
+from .registry import build_guide, build_model
+from .training import fit
+
+__all__ = [
+    "EXTENDABLE",
+    "WRITER",
+    "build_run",
+    "check_support",
+    "resumed_config",
+    "train",
+]
+
+#: The name of the lock a run's writer holds in the run directory.
+WRITER = "writer"
+#: Settings a resumed run may change: its schedule may go on for longer.
+EXTENDABLE = ("epochs", "stages")
+# Settings that change where and from what a run loads, not what it computes.
+_PLACES = ("device", "data_dir")
+
+
+def resumed_config(path: Path, given: dict[str, Any] | None = None) -> RunConfig:
+    """The config of the run in ``path`` with the settings ``given`` (field ->
+    value): only :data:`EXTENDABLE` ones, device and data folder may differ
+    from the run's.
+
+    :raises ConfigError: for another setting that differs, or settings that
+        do not go together.
+    """
+    saved = RunConfig.load(path)
+    given = dict(given or {})
+    for name, value in given.items():
+        if name in EXTENDABLE or name in _PLACES:
+            continue
+        if getattr(saved, name) != value:
+            raise ConfigError(
+                f"{{{name}}} {literal(value)} differs from the run's "
+                f"{literal(getattr(saved, name))}; drop {{{name}}} to resume "
+                f"{literal(path)}, or start a new run"
+            )
+    return RunConfig.merge(given, base=saved)
+
+
+def train(
+    path: Path,
+    config: RunConfig | None = None,
+    *,
+    resume: bool = False,
+    data_dir: str | os.PathLike | None = None,
+    callback: FitCallback | None = None,
+    made: bool = False,
+) -> list[dict[str, Any]]:
+    """Trains ``config`` here (writing ``config.json``), or resumes the run.
+
+    On ``resume`` ``config`` (None: the run's own) must equal the saved one
+    but for ``device``, ``data_dir`` and a schedule that goes on for longer
+    (see :data:`EXTENDABLE`). ``data_dir`` overrides ``config.data_dir``
+    for loading only. Returns the metrics of every epoch (see :func:`fit`).
+
+    :raises RunBusy: if another process (group) trains the run.
+    :raises ConfigError, ValueError: if ``config`` was changed, since it was
+        made, into settings that do not go together (see
+        :meth:`RunConfig.validate`), or under torchrun does not split over
+        the ranks.
+    :raises RunError: on a config that differs from the run's, or a broken run.
+    :raises CheckpointError: on ``resume`` with no usable checkpoint.
+    :raises pyro_iwae.data.DataError: if the data cannot be loaded.
+    :raises TrainingDiverged: see :func:`fit`.
+
+    Under torchrun, every rank calls it alike: rank 0 holds the lock, checks
+    and writes the run directory, and the ranks train the run together.
+    """
+    config = RunConfig.load(path) if config is None else config
+    config.validate()  # before anything is written
+    distributed.init(config.device)
+    ranks = distributed.current()
+    objective = config.make_objective()
+    if ranks is not None:
+        distributed.check_batch_size(config.batch_size, ranks.world)
+        distributed.check_objective(objective)
+    made = distributed.from_main(lambda m=made: _make_folder(path, resume, m))
+    try:
+        with locks.hold_for_ranks(path, WRITER) as holder:
+            if holder is not None:
+                holder = holder or locks.holder(path, WRITER) or "its lock is taken"
+                raise RunBusy(
+                    f"{path} is being written by another process ({holder}); "
+                    "nothing was changed: wait for it to end, or choose another "
+                    "run directory"
+                )
+            try:
+                return _train(path, config, objective, resume, data_dir, callback)
+            except BaseException:
+                if not resume and distributed.is_main():
+                    _discard_unsaved(path)
+                raise
+    finally:
+        if made and distributed.is_main():
+            _remove_if_empty(path)
+
+
+def _make_folder(path: Path, resume: bool, made: bool) -> bool:
+    """Makes the folder of a new run; whether it was made for it."""
+    if resume:
+        RunConfig.load(path)  # raises if it is no run directory
+        return False
+    try:
+        path.mkdir(parents=True)
+    except FileExistsError:
+        return made
+    return True
+
+
+def _train(
+    path: Path,
+    config: RunConfig,
+    objective: Any,
+    resume: bool,
+    data_dir: str | os.PathLike | None,
+    callback: FitCallback | None,
+) -> list[dict[str, Any]]:
+    """:func:`train`, with the lock held."""
+    changed = distributed.from_main(lambda: _check(path, config, resume))
+    data = config.load_data(data_dir)
+    if data.x_dim != config.x_dim:
+        raise RunError(
+            f"{config.dataset} points have {data.x_dim} values, the config "
+            f"says {config.x_dim}; set x_dim to {data.x_dim}"
+        )
+    check_support(config, data)
+    device = distributed.init(config.device)
+    try:
+        model, guide = build_run(config, data.train_mean, device)
+    except BuilderError as e:
+        raise RunError(one_line(e)) from e
+    if isinstance(objective, IWELBO):
+        # A guide the estimator cannot train fails here, before the run is
+        # written; in eval mode, so that no batch-norm statistics move.
+        with evaluating(guide):
+            objective.check_guide(guide, data.train[:1].to(device))
+    if changed and distributed.is_main():
+        config.save(path)
+    return fit(
+        model,
+        guide,
+        data,
+        objective,
+        schedule=config.make_schedule(),
+        batch_size=config.batch_size,
+        seed=config.seed,
+        test_size=config.test_limit,
+        run_dir=path,
+        resume=resume,
+        config=config.to_dict(),
+        checkpoint_every=config.checkpoint_every,
+        device=device,
+        callback=callback,
+    )
+
+
+def _check(path: Path, config: RunConfig, resume: bool) -> bool:
+    """Checks that the run can be resumed with ``config`` (or, without
+    ``resume``, holds no run); whether ``config.json`` is to be written."""
+    if not resume:
+        if (path / CHECKPOINT_FILE).is_file():
+            raise RunError(
+                f"{literal(path)} holds a run already; resume it "
+                "({resume}) or choose another run directory ({out})",
+                template=True,
+            )
+        return True
+    saved = RunConfig.load(path)
+    if not (path / CHECKPOINT_FILE).is_file():
+        raise CheckpointError(
+            f"{path} has no checkpoint to resume (it never finished an "
+            "epoch); start a new run instead"
+        )
+    kept = set(_PLACES) | set(EXTENDABLE)
+    differences = [
+        f"{name}={getattr(saved, name)!r} (not {getattr(config, name)!r})"
+        for name in saved.to_dict()
+        if name not in kept and getattr(saved, name) != getattr(config, name)
+    ]
+    if differences:
+        raise RunError(
+            f"run {path} was started with {', '.join(differences)}; "
+            "resume it with its own settings or start a new run"
+        )
+    return any(getattr(saved, name) != getattr(config, name) for name in EXTENDABLE)
+
+
+def _discard_unsaved(path: Path) -> None:
+    """Removes the files of a new run that has no checkpoint yet."""
+    if not (path / CHECKPOINT_FILE).is_file():
+        for name in (CONFIG_FILE, METRICS_FILE):
+            (path / name).unlink(missing_ok=True)
+
+
+def _remove_if_empty(path: Path) -> None:
+    """Removes the folder made for a run if it holds no more than its lock."""
+    try:
+        contents = list(path.iterdir())
+        if [p.name for p in contents] in ([], [f".{WRITER}.lock"]):
+            for item in contents:
+                item.unlink()
+            path.rmdir()
+    except OSError:
+        pass  # another process is at it: it is not ours to remove
+
+
+def build_run(
+    config: RunConfig,
+    data_mean: torch.Tensor | None = None,
+    device: torch.device | str | None = None,
+) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """Model and guide of ``config``, initialised from ``config.seed``.
+
+    :param data_mean: ``[x_dim]`` training grey-level means for the model's output
+        bias (None keeps the default initialisation).
+    """
+    torch.manual_seed(config.seed)
+    model = build_model(
+        config.model,
+        x_dim=config.x_dim,
+        stochastic_layers=config.stochastic_layers,
+        data_mean=data_mean,
+        **config.builder_settings("model"),
+    )
+    guide = build_guide(
+        config.guide,
+        x_dim=config.x_dim,
+        stochastic_layers=config.stochastic_layers,
+        **config.builder_settings("guide"),
+    )
+    device = torch.device(config.device if device is None else device)
+    return model.to(device), guide.to(device)
+
+
+def check_support(config: RunConfig, data: Dataset) -> None:
+    """:raises DataError: if the data, as the model will see them, lie outside
+    the support of the run's likelihood."""
+    splits = [("test", data.test)]
+    if data.binarize != "dynamic":  # else binarised before the model sees them
+        splits.insert(0, ("training", data.train))
+    for split, x in splits:
+        problem = support_problem(config.likelihood, x, f"{split} data")
+        if problem is not None:
+            raise DataError(f"{config.dataset}: {problem}")

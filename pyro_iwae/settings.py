@@ -1,0 +1,194 @@
+"""Settings declared once: each field of a settings dataclass (such as
+:class:`~pyro_iwae.RunConfig`) names its command-line option, help, defaults and
+allowed values in its metadata (:func:`setting`), from which the checks here and
+the command line's options are made; and settings read from a file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import json
+import math
+import os
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import tomllib
+
+from .errors import ConfigError, literal, one_line
+
+__all__ = [
+    "Setting",
+    "check_applies",
+    "check_values",
+    "declared",
+    "option_names",
+    "read_settings",
+    "setting",
+]
+
+#: Marks a :class:`Setting` without a command default of its own.
+NO_DEFAULT = object()
+
+
+@dataclasses.dataclass(frozen=True)
+class Setting:
+    """How a setting is given: ``help``, the option ``flag`` (``--field-name``
+    if None) and a ``short`` one, the ``choices`` or the range ``low`` ..
+    ``high`` (``open`` ends excluded) of its values, ``command_default``: the
+    command line's default where it differs from the field's, ``default_text``
+    to show for a default of None, ``metavar``, and ``kind``: ``"flag"`` (a
+    switch), ``"sizes"`` (a comma-separated list), ``"dataset"``, ``"folder"``
+    or None (a value of the field's type)."""
+
+    help: str
+    flag: str | None = None
+    short: str | None = None
+    choices: tuple[str, ...] | None = None
+    low: float | None = None
+    high: float | None = None
+    open: tuple[bool, bool] = (False, False)
+    command_default: Any = NO_DEFAULT
+    default_text: str | None = None
+    metavar: str | None = None
+    kind: str | None = None
+
+
+def setting(default: Any, help: str, **options: Any) -> Any:
+    """A dataclass field of ``default`` declared as a :class:`Setting`."""
+    return dataclasses.field(
+        default=default, metadata={"setting": Setting(help, **options)}
+    )
+
+
+def declared(cls: type) -> dict[str, tuple[dataclasses.Field, Setting]]:
+    """The fields of dataclass ``cls`` declared with :func:`setting`, by name."""
+    return {
+        f.name: (f, f.metadata["setting"])
+        for f in dataclasses.fields(cls)
+        if "setting" in f.metadata
+    }
+
+
+def option_names(cls: type) -> dict[str, str]:
+    """Field -> its command-line option (``--particles``), for messages."""
+    return {
+        name: s.flag or "--" + name.replace("_", "-")
+        for name, (_, s) in declared(cls).items()
+    }
+
+
+def check_values(obj: Any) -> None:
+    """Checks each declared setting of ``obj`` against its choices and range.
+
+    :raises ConfigError: naming the setting as ``{field}``.
+    """
+    for name, (_, s) in declared(type(obj)).items():
+        value = getattr(obj, name)
+        if value is None or s.kind in ("flag", "sizes", "dataset", "folder"):
+            continue
+        if s.choices is not None and value not in s.choices:
+            raise ConfigError(
+                f"{{{name}}} {literal(repr(value))} is unknown; choose one of: "
+                f"{literal(', '.join(s.choices))}"
+            )
+        if s.low is not None or s.high is not None:
+            _check_range(name, value, s)
+
+
+def _check_range(name: str, value: Any, s: Setting) -> None:
+    low = -math.inf if s.low is None else s.low
+    high = math.inf if s.high is None else s.high
+    number = isinstance(value, int | float) and not isinstance(value, bool)
+    inside = number and (
+        (low < value if s.open[0] else low <= value)
+        and (value < high if s.open[1] else value <= high)
+    )
+    if not inside:
+        bounds = [
+            f"{'>' if s.open[0] else '>='} {s.low:g}" if s.low is not None else "",
+            f"{'<' if s.open[1] else '<='} {s.high:g}" if s.high is not None else "",
+        ]
+        raise ConfigError(
+            f"{{{name}}} must be {' and '.join(filter(None, bounds))}, got "
+            f"{literal(repr(value))}"
+        )
+
+
+def check_applies(
+    values: Mapping[str, Any],
+    defaults: Mapping[str, Any],
+    given: Iterable[str],
+    applies_with: Mapping[str, tuple[str, tuple[Any, ...], str]],
+) -> None:
+    """Checks that each setting of ``applies_with`` (field -> (that setting,
+    those values, what to do instead)) that takes no effect with ``values``
+    keeps its default, and is not among the settings ``given`` at all.
+
+    :raises ConfigError: naming the settings as ``{field}``.
+    """
+    given = set(given)
+    for field in unused(values, applies_with):
+        if field in given or values[field] != defaults[field]:
+            setting_, applies, instead = applies_with[field]
+            raise ConfigError(
+                f"{{{field}}} applies to {{{setting_}}} {_or(applies)}; {instead}"
+            )
+
+
+def unused(
+    values: Mapping[str, Any],
+    applies_with: Mapping[str, tuple[str, tuple[Any, ...], str]],
+) -> list[str]:
+    """The fields of ``applies_with`` that take no effect with ``values``."""
+    return [
+        field
+        for field, (setting_, applies, _) in applies_with.items()
+        if values[setting_] not in applies
+    ]
+
+
+def _or(values: tuple[Any, ...]) -> str:
+    """``a``, ``a or b``, ``a, b or c``."""
+    values = tuple(str(v) for v in values)
+    return " or ".join(filter(None, (", ".join(values[:-1]), values[-1])))
+
+
+def read_settings(path: str | os.PathLike) -> dict[str, Any]:
+    """The settings of a file: a JSON object, a TOML table, or (with PyYAML
+    installed) a YAML mapping, by the file's suffix; keys as in ``config.json``.
+
+    :raises ConfigError: if the file cannot be read or holds no such mapping.
+    """
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix in (".yaml", ".yml") and importlib.util.find_spec("yaml") is None:
+        raise ConfigError(
+            f"reading {path} needs PyYAML: pip install pyyaml, or write the "
+            "settings as JSON or TOML",
+            literal=True,
+        )
+    try:
+        text = path.read_text()
+        if suffix == ".toml":
+            values = tomllib.loads(text)
+        elif suffix in (".yaml", ".yml"):
+            import yaml
+
+            values = yaml.safe_load(text)
+        else:
+            values = json.loads(text)
+    except Exception as e:  # the parsers raise their own error types
+        raise ConfigError(
+            f"cannot read settings file {path} ({one_line(e)}); fix the file",
+            literal=True,
+        ) from e
+    if not isinstance(values, dict):
+        raise ConfigError(
+            f"{path} holds no mapping of settings; write them as in a run's "
+            "config.json",
+            literal=True,
+        )
+    return values
