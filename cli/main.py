@@ -19,7 +19,7 @@ import os
 import sys
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +28,7 @@ import torch
 
 import pyro_iwae
 from pyro_iwae import distributed
+from pyro_iwae.callbacks import CallbackList, FitCallback
 from pyro_iwae.checkpoints import CHECKPOINT_FILE, RunError, read_metrics
 from pyro_iwae.config import RunConfig
 from pyro_iwae.data import (
@@ -54,6 +55,7 @@ from pyro_iwae.runs import (
 )
 from pyro_iwae.sampling import reconstruct, sample_images
 from pyro_iwae.schedules import OBJECTIVES, SCHEDULES, ConfigError
+from pyro_iwae.tracking import TRACKERS, TrackingError, log_evaluation, make_trackers
 from pyro_iwae.training import TrainingDiverged
 
 from .progress import EvalProgress, FitProgress
@@ -173,6 +175,22 @@ def _explicit(ctx: click.Context, name: str) -> bool:
     return source not in (None, click.core.ParameterSource.DEFAULT)
 
 
+def _trackers(
+    names: Sequence[str], run_dir: Path, result: dict[str, Any] | None = None
+) -> list[FitCallback]:
+    """The trackers ``names`` of the run (none off rank 0); with ``result``, logs
+    that evaluation to them instead."""
+    # MLflow logs at INFO when it creates its database: noise on a terminal.
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
+    try:
+        if result is not None:
+            log_evaluation(names, run_dir, result)
+            return []
+        return make_trackers(names, run_dir)
+    except TrackingError as e:
+        raise click.ClickException(str(e)) from None
+
+
 def _run_dir_or_latest(run_dir: Path | None, runs_dir: Path) -> Path:
     return run_dir if run_dir is not None else find_latest_run(runs_dir)
 
@@ -201,6 +219,14 @@ def _runs_dir_option(help: str) -> Callable:
 
 _cuda_option = click.option(
     "--cuda", is_flag=True, help="Run on the GPU (fails if CUDA is unavailable)."
+)
+_logger_option = click.option(
+    "--logger",
+    "loggers",
+    type=click.Choice(TRACKERS),
+    multiple=True,
+    help="Also log to this tracker, in the run directory (repeat for several; "
+    "mlflow uses $MLFLOW_TRACKING_URI when set).",
 )
 _quiet_option = click.option(
     "--quiet",
@@ -478,6 +504,7 @@ def _check_dataset(ctx: click.Context, param: click.Parameter, value: str) -> st
 )
 @_cuda_option
 @_quiet_option
+@_logger_option
 @click.pass_context
 @_library_errors
 def fit(ctx: click.Context, **options: Any) -> None:
@@ -565,7 +592,12 @@ def fit(ctx: click.Context, **options: Any) -> None:
             run_dir,
             resume=options["resume"],
             data_dir=data_dir,
-            callback=progress if distributed.is_main() else None,
+            callback=CallbackList(
+                [
+                    progress if distributed.is_main() else None,
+                    *_trackers(options["loggers"], run_dir),
+                ]
+            ),
         )
     except Exception as e:
         # A run refused before it was written leaves no empty folder behind.
@@ -675,6 +707,7 @@ def fit(ctx: click.Context, **options: Any) -> None:
 )
 @_cuda_option
 @_quiet_option
+@_logger_option
 @click.pass_context
 @_library_errors
 def eval_nll(
@@ -694,6 +727,7 @@ def eval_nll(
     compile: bool,
     cuda: bool,
     quiet: bool,
+    loggers: tuple[str, ...],
 ) -> None:
     """Estimate the negative log-likelihood of a trained run, in nats.
 
@@ -741,6 +775,7 @@ def eval_nll(
         )
     finally:
         progress.close()
+    _trackers(loggers, run_dir, result)
     stderr = result["stderr"]
     error = "" if stderr is None else f" ± {stderr:.2f}"
     if method == "iwae":
