@@ -9,9 +9,10 @@ declares (see :mod:`.options`).
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,7 @@ import torch
 
 import pyro_iwae
 from pyro_iwae import distributed
+from pyro_iwae.callbacks import CallbackList
 from pyro_iwae.config import RunConfig
 from pyro_iwae.data import DATASETS
 from pyro_iwae.errors import ConfigError, PyroIwaeError
@@ -28,6 +30,7 @@ from pyro_iwae.plots import save_curves, save_image_grid, save_reconstruction_gr
 from pyro_iwae.runs import Run, plan_fit
 from pyro_iwae.sampling import reconstruct, sample_images
 from pyro_iwae.settings import read_settings
+from pyro_iwae.tracking import TRACKERS, log_evaluation, make_trackers
 
 from .common import (
     cuda_option,
@@ -46,6 +49,19 @@ _OPTION_NAMES = OPTION_NAMES
 
 
 _data_dir_option = run_option("data_dir")
+_logger_option = click.option(
+    "--logger",
+    "loggers",
+    type=click.Choice(TRACKERS),
+    multiple=True,
+    help="Also log to this tracker, in the run directory (repeat for several; "
+    "mlflow uses $MLFLOW_TRACKING_URI when set).",
+)
+
+
+def _quiet_mlflow() -> None:
+    # MLflow logs at INFO when it creates its database: noise on a terminal.
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
 
 
 def _dataset_option(command: str) -> Callable:
@@ -103,6 +119,7 @@ def cli() -> None:
     help="No progress bar or per-epoch lines (the bar is also off when stderr "
     "is not a terminal).",
 )
+@_logger_option
 @click.pass_context
 @library_errors
 def fit(ctx: click.Context, **options: Any) -> None:
@@ -150,20 +167,25 @@ def fit(ctx: click.Context, **options: Any) -> None:
     if options["print_config"]:
         click.echo(json.dumps(config.to_dict(), indent=2))
         return
-    _train(run, config, resume, options["quiet"])
+    _train(run, config, resume, options["quiet"], options["loggers"])
 
 
 def _fields(cls: type) -> list[str]:
     return list(cls.__dataclass_fields__)
 
 
-def _train(run: Run, config: RunConfig, resume: bool, quiet: bool) -> None:
-    """Trains ``run`` and reports; Ctrl-C says how to go on."""
+def _train(
+    run: Run, config: RunConfig, resume: bool, quiet: bool, loggers: Sequence[str]
+) -> None:
+    """Trains ``run`` and reports, also to the trackers ``loggers``; Ctrl-C says
+    how to go on."""
     unit = "img/s" if config.dataset in DATASETS else "points/s"
     progress = FitProgress(quiet or not distributed.is_main(), unit)
+    _quiet_mlflow()
+    callback = CallbackList([progress, *make_trackers(loggers, run.path)])
     start = time.perf_counter()
     try:
-        history = run.train(config, resume=resume, callback=progress)
+        history = run.train(config, resume=resume, callback=callback)
     except KeyboardInterrupt:
         progress.close()
         if run.has_checkpoint:
@@ -219,6 +241,7 @@ def _train(run: Run, config: RunConfig, resume: bool, quiet: bool) -> None:
     is_flag=True,
     help="No progress bar (it is also off when stderr is not a terminal).",
 )
+@_logger_option
 @click.pass_context
 @library_errors
 def eval_nll(
@@ -229,6 +252,7 @@ def eval_nll(
     runs_dir: Path,
     cuda: bool,
     quiet: bool,
+    loggers: tuple[str, ...],
     **values: Any,
 ) -> None:
     """Estimate the negative log-likelihood of a trained run, in nats.
@@ -264,6 +288,8 @@ def eval_nll(
         )
     finally:
         progress.close()
+    _quiet_mlflow()
+    log_evaluation(loggers, run.path, evaluation.to_json())
     click.echo(f"run: {run.path}")
     for line in _eval_report(evaluation):
         click.echo(line)

@@ -5,11 +5,12 @@ after each epoch."""
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import torch
 
-__all__ = ["FitCallback", "StepInfo"]
+__all__ = ["CallbackList", "FitCallback", "StepInfo"]
 
 
 @dataclasses.dataclass
@@ -28,6 +29,16 @@ class StepInfo:
     images_per_s: float
     loss_tensor: torch.Tensor
     loss_sum: torch.Tensor
+    parameters: Sequence[torch.nn.Parameter] = ()
+
+    def grad_norm(self) -> torch.Tensor | None:
+        """The Euclidean norm of this step's gradient over all trained
+        parameters, as a 0-d tensor on the training device (None: no gradient).
+        Computed only when asked; reading it as a number synchronises."""
+        grads = [p.grad for p in self.parameters if p.grad is not None]
+        if not grads:
+            return None
+        return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
 
     @property
     def loss(self) -> float:
@@ -43,6 +54,17 @@ class StepInfo:
 class FitCallback:
     """Hooks called by :func:`pyro_iwae.fit`; override any of them (they do nothing)."""
 
+    def on_fit_start(
+        self,
+        model: torch.nn.Module,
+        guide: torch.nn.Module,
+        test_data: torch.Tensor | None,
+        config: dict[str, Any],
+    ) -> None:
+        """Once, before the first step of this call of :func:`pyro_iwae.fit`:
+        the model and guide it trains, its test points (``[M, x_dim]``, None
+        without), and the ``config`` it was given (a run's settings)."""
+
     def on_epoch_start(
         self, epoch: int, num_epochs: int, num_steps: int, lr: float
     ) -> None:
@@ -53,3 +75,27 @@ class FitCallback:
 
     def on_epoch_end(self, metrics: dict[str, Any]) -> None:
         """After each epoch, once its metrics and checkpoint are written."""
+
+
+class CallbackList(FitCallback):
+    """Several callbacks (trackers, a progress bar) as one, called in order;
+    None entries are left out."""
+
+    def __init__(self, callbacks: Iterable[FitCallback | None]) -> None:
+        self.callbacks = [c for c in callbacks if c is not None]
+
+    def on_fit_start(self, *args: Any) -> None:
+        for c in self.callbacks:
+            c.on_fit_start(*args)
+
+    def on_epoch_start(self, *args: Any) -> None:
+        for c in self.callbacks:
+            c.on_epoch_start(*args)
+
+    def on_step(self, info: StepInfo) -> None:
+        for c in self.callbacks:
+            c.on_step(info)
+
+    def on_epoch_end(self, metrics: dict[str, Any]) -> None:
+        for c in self.callbacks:
+            c.on_epoch_end(metrics)

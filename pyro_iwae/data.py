@@ -364,8 +364,11 @@ def _as_points(value: object, path: Path, key: str) -> Tensor:
     try:
         x = torch.as_tensor(value)
     except (TypeError, ValueError, RuntimeError) as e:
+        # torch's own message lists every dtype it takes: too long for one line.
+        dtype = getattr(value, "dtype", type(value).__name__)
         raise DataError(
-            f"{path}: {key} is not a numeric array ({one_line(e)}); save numbers"
+            f"{path}: {key} is an array of {dtype}, not numbers; save integers, "
+            "floats or booleans"
         ) from e
     if x.is_complex():
         raise DataError(f"{path}: {key} holds complex numbers; save real ones")

@@ -8,8 +8,9 @@ changes.
 
 - :func:`init` starts the process group from torchrun's environment (``RANK``,
   ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR``, ``MASTER_PORT``): gloo on
-  the CPU, NCCL with CUDA, each rank on ``cuda:LOCAL_RANK``. :func:`fit` calls
-  it, so a Python script that calls ``fit`` under torchrun needs nothing more.
+  the CPU, NCCL with CUDA, each rank on ``cuda:LOCAL_RANK``.
+  :func:`~pyro_iwae.fit` calls it, so a Python script that calls ``fit`` under
+  torchrun needs nothing more.
 - Training (:class:`DistributedLoss`): the objective is wrapped as an
   :class:`~pyro.infer.elbo.ELBOModule` inside
   :class:`~torch.nn.parallel.DistributedDataParallel`, created after one forward
@@ -254,8 +255,9 @@ class DistributedLoss:
     bound per point of the global batch, as one process computes it. The value
     returned is this rank's share; :func:`mean_over_ranks` of it is the loss.
 
-    :param model, guide: ``nn.Module`` s on ``device``, the same on every rank
-        (DDP sends rank 0's parameters to the others).
+    :param model: an ``nn.Module`` on ``device``, the same on every rank (DDP
+        sends rank 0's parameters to the others).
+    :param guide: likewise.
     :param objective: an ELBO with ``differentiable_loss``.
     :param example: a batch to make lazy parameters with (one forward pass, its
         random draws undone) before DDP takes the parameters.

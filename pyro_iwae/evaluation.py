@@ -360,10 +360,18 @@ def _check_plates(model_trace: pyro.poutine.Trace, guide_trace: pyro.poutine.Tra
             if outside
             else "no plate encloses every sample site"
         )
+        advice = "put it inside the data plate (with pyro.plate('data', len(x)): ...)"
+        if outside and outside[0] not in model_trace.nodes:
+            # A guide's own site, such as an autoguide's one vector for all points
+            # (AutoDiagonalNormal, AutoMultivariateNormal, ...): not the user's code.
+            advice = (
+                "use a guide that samples each point's latents in the data plate, "
+                "such as AutoNormal instead of a joint autoguide"
+            )
         raise ValueError(
             f"log_likelihood needs a data plate that encloses every sample site of "
             f"model and guide, to give one estimate per data point, but {where}: "
-            f"put it inside the data plate (with pyro.plate('data', len(x)): ...)"
+            f"{advice}"
         )
     for site in sites:
         if not site["is_observed"]:

@@ -76,10 +76,11 @@ class PaperModel(PyroNetwork):
     :param x_dim: number of pixels.
     :param data_mean: optional ``[x_dim]`` mean grey level of the training data; the
         output bias starts at its logit (see :meth:`set_output_bias`).
-    :param likelihood: p(x|z1), one of :data:`~pyro_iwae.likelihoods.LIKELIHOODS`.
+    :param likelihood: p(x|z1), one of :data:`~pyro_iwae.LIKELIHOODS`.
     :param sigma: the fixed standard deviation of the ``"gaussian"`` likelihood;
         None: learned, one per dimension.
-    :param hidden, latent_dim: see :func:`architecture`.
+    :param hidden: see :func:`~pyro_iwae.models.architecture`.
+    :param latent_dim: likewise.
     :param activation: hidden units, ``"tanh"`` or ``"relu"``.
     """
 

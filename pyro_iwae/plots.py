@@ -12,6 +12,8 @@ import torch
 
 __all__ = [
     "IMAGE_SIDE",
+    "image_grid",
+    "reconstruction_grid",
     "save_curves",
     "save_grid_curves",
     "save_image_grid",
@@ -35,35 +37,30 @@ def _as_images(
     return images.detach().float().cpu().reshape(-1, *shape).clamp(0, 1)
 
 
-def save_image_grid(
+def image_grid(
     images: torch.Tensor,
-    path: str | os.PathLike,
     *,
     nrow: int = 8,
     image_shape: Sequence[int] = (IMAGE_SIDE, IMAGE_SIDE),
-) -> Path:
-    """Writes ``images`` (``[n, 784]`` values in [0, 1]) as a PNG grid of 28x28
-    images (of ``image_shape``), ``nrow`` per row; returns the path."""
-    from torchvision.utils import save_image
+) -> torch.Tensor:
+    """``images`` (``[n, 784]`` values in [0, 1]) as one ``[C, H, W]`` picture of
+    28x28 images (of ``image_shape``), ``nrow`` per row, on the CPU."""
+    from torchvision.utils import make_grid
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     images = _as_images(images, image_shape)
-    save_image(images, path, nrow=nrow, padding=2, pad_value=0.5)
-    return path
+    return make_grid(images, nrow=nrow, padding=2, pad_value=0.5)
 
 
-def save_reconstruction_grid(
+def reconstruction_grid(
     originals: torch.Tensor,
     reconstructions: torch.Tensor,
-    path: str | os.PathLike,
     *,
     nrow: int = 8,
     image_shape: Sequence[int] = (IMAGE_SIDE, IMAGE_SIDE),
-) -> Path:
-    """Writes a PNG grid of rows of ``nrow`` originals, each followed by a row of
-    their reconstructions (both ``[n, 784]`` in [0, 1], of ``image_shape``);
-    returns the path."""
+) -> torch.Tensor:
+    """Rows of ``nrow`` originals, each followed by a row of their reconstructions
+    (both ``[n, 784]`` in [0, 1], of ``image_shape``), as one ``[C, H, W]``
+    picture."""
     if originals.shape != reconstructions.shape:
         raise ValueError(
             f"originals {tuple(originals.shape)} and reconstructions "
@@ -80,7 +77,42 @@ def save_reconstruction_grid(
             if pad:
                 row = torch.cat([row, row.new_ones(pad, *row.shape[1:])])
             rows.append(row)
-    return save_image_grid(torch.cat(rows), path, nrow=nrow, image_shape=x.shape[1:])
+    return image_grid(torch.cat(rows), nrow=nrow, image_shape=x.shape[1:])
+
+
+def _save_picture(picture: torch.Tensor, path: str | os.PathLike) -> Path:
+    from torchvision.utils import save_image
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_image(picture, path)
+    return path
+
+
+def save_image_grid(
+    images: torch.Tensor,
+    path: str | os.PathLike,
+    *,
+    nrow: int = 8,
+    image_shape: Sequence[int] = (IMAGE_SIDE, IMAGE_SIDE),
+) -> Path:
+    """Writes :func:`image_grid` of ``images`` as a PNG; returns the path."""
+    return _save_picture(image_grid(images, nrow=nrow, image_shape=image_shape), path)
+
+
+def save_reconstruction_grid(
+    originals: torch.Tensor,
+    reconstructions: torch.Tensor,
+    path: str | os.PathLike,
+    *,
+    nrow: int = 8,
+    image_shape: Sequence[int] = (IMAGE_SIDE, IMAGE_SIDE),
+) -> Path:
+    """Writes :func:`reconstruction_grid` of the two as a PNG; returns the path."""
+    picture = reconstruction_grid(
+        originals, reconstructions, nrow=nrow, image_shape=image_shape
+    )
+    return _save_picture(picture, path)
 
 
 def save_curves(

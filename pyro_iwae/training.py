@@ -248,6 +248,8 @@ class _Fit:
             self.resume()
         else:
             self.start()
+        if self.callback is not None:
+            self.callback.on_fit_start(self.model, self.guide, self.test, self.config)
         while self.position.stage < len(self.schedule):
             self.run_epoch()
         distributed.barrier()  # rank 0's files are written when fit returns
@@ -431,6 +433,7 @@ class _Fit:
                     images_per_s=_rate(images, seconds),
                     loss_tensor=loss,
                     loss_sum=loss_sum,
+                    parameters=self.params,
                 )
             )
         if (

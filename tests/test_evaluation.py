@@ -191,3 +191,17 @@ def test_dataset_log_likelihood_warns_of_invalid_estimates(lg):
             lg.model, prior_guide, x, num_samples=3, batch_size=4
         )
     assert estimates.isfinite().tolist() == [True, True, False, True, True, True]
+
+
+def test_a_joint_autoguide_is_told_to_use_auto_normal():
+    from pyro.infer.autoguide import AutoDiagonalNormal
+
+    def model(x):
+        with pyro.plate("data", x.shape[0]):
+            z = pyro.sample("z", dist.Normal(x.new_zeros(2), 1.0).to_event(1))
+            pyro.sample("x", dist.Normal(z, 1.0).to_event(1), obs=x)
+
+    guide = AutoDiagonalNormal(model)
+    with pytest.raises(ValueError, match="outside every plate") as e:
+        log_likelihood(model, guide, torch.randn(4, 2), num_samples=3)
+    assert "AutoNormal" in str(e.value) and "pyro.plate(" not in str(e.value)

@@ -250,3 +250,14 @@ def test_cli_seed_style_configuration_on_mnist_grey_levels(tmp_path):
     assert_ok(result)
     assert "bits/dim" in result.output and "z1 " in result.output
     assert_ok(invoke("sample", run, "--n", 4))
+
+
+def test_a_string_array_is_named_by_its_dtype_in_one_short_line(tmp_path):
+    np.save(tmp_path / "words.npy", np.array([["a", "b"], ["c", "d"]]))
+    with pytest.raises(DataError) as e:
+        load_dataset(tmp_path / "words.npy", binarize="none")
+    message = str(e.value)
+    assert "train is an array of <U1, not numbers" in message
+    assert "save integers, floats or booleans" in message
+    # Not torch's list of every dtype it takes.
+    assert "float16" not in message and len(message) < 160 + len(str(tmp_path))

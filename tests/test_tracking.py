@@ -1,0 +1,171 @@
+"""Trackers: what a 2-epoch fit and an evaluation logged, read back with
+TensorBoard's own reader, MLflow's client and the csv module."""
+
+import csv
+import json
+import math
+import sys
+
+import pytest
+import torch
+from click.testing import CliRunner
+from small_run import small_config
+
+from pyro_iwae import FitCallback, evaluate_run, train_run
+from pyro_iwae.callbacks import CallbackList
+from pyro_iwae.tracking import (
+    MLFLOW_RUN_FILE,
+    TrackingError,
+    log_evaluation,
+    make_trackers,
+)
+from pyro_iwae_cli.main import cli
+
+event_accumulator = pytest.importorskip(
+    "tensorboard.backend.event_processing.event_accumulator"
+)
+mlflow_tracking = pytest.importorskip("mlflow.tracking")
+
+SCALARS = (
+    "train/bound",
+    "test/bound",
+    "train/lr",
+    "train/points_per_s",
+    "train/epoch_seconds",
+    "train/grad_norm",
+)
+
+
+@pytest.fixture(scope="module")
+def tracked(tmp_path_factory):
+    """A 2-epoch run logged to all three trackers (images every epoch), then
+    evaluated and the evaluation logged; its history and evaluation."""
+    run_dir = tmp_path_factory.mktemp("tracked") / "run"
+    trackers = make_trackers(["tensorboard", "mlflow", "csv"], run_dir, images_every=1)
+    history = train_run(
+        small_config(epochs=2), run_dir, callback=CallbackList(trackers)
+    )
+    result = evaluate_run(run_dir, num_samples=30, limit=20)
+    log_evaluation(["tensorboard", "mlflow", "csv"], run_dir, result)
+    return run_dir, history, result
+
+
+def test_tensorboard_events_read_back(tracked):
+    run_dir, history, result = tracked
+    acc = event_accumulator.EventAccumulator(
+        str(run_dir / "tensorboard"), size_guidance={"images": 0, "tensors": 0}
+    )
+    acc.Reload()
+    tags = acc.Tags()
+    assert set(SCALARS) <= set(tags["scalars"])
+    for tag, key in (("train/bound", "train_bound"), ("test/bound", "test_bound")):
+        events = acc.Scalars(tag)
+        assert [e.step for e in events] == [1, 2]
+        assert [e.value for e in events] == pytest.approx(
+            [m[key] for m in history], rel=1e-6
+        )
+    assert all(e.value > 0 for e in acc.Scalars("train/grad_norm"))
+    for name in ("samples", "reconstructions"):
+        images = acc.Images(name)
+        assert [i.step for i in images] == [1, 2]
+        assert images[0].width > 28 and images[0].height > 28
+    (nll,) = acc.Scalars("eval_test/nll")
+    assert nll.step == 2 and nll.value == pytest.approx(result["nll"], rel=1e-6)
+    assert "eval_test/khat_median" in tags["scalars"]
+    assert "config/text_summary" in tags["tensors"]
+
+
+def test_mlflow_store_read_back(tracked):
+    run_dir, history, result = tracked
+    remembered = json.loads((run_dir / MLFLOW_RUN_FILE).read_text())
+    client = mlflow_tracking.MlflowClient(remembered["tracking_uri"])
+    run = client.get_run(remembered["run_id"])
+    assert run.info.status == "FINISHED"
+    assert run.data.params["num_particles"] == "2"
+    assert run.data.params["batch_size"] == "50"
+    bounds = client.get_metric_history(run.info.run_id, "train/bound")
+    bounds = sorted((m.step, m.value) for m in bounds)
+    assert [step for step, _ in bounds] == [1, 2]
+    assert [v for _, v in bounds] == pytest.approx([m["train_bound"] for m in history])
+    for name in SCALARS:
+        assert len(client.get_metric_history(run.info.run_id, name)) == 2
+    assert run.data.metrics["eval_test/nll"] == pytest.approx(result["nll"])
+    assert run.data.metrics["eval_test/ess_median"] == pytest.approx(
+        result["diagnostics"]["ess_median"]
+    )
+    samples = client.list_artifacts(run.info.run_id, "samples")
+    assert [a.path for a in samples] == [
+        "samples/epoch-0001.png",
+        "samples/epoch-0002.png",
+    ]
+
+
+def test_csv_read_back(tracked):
+    run_dir, history, result = tracked
+    with (run_dir / "tracking.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert [int(r["step"]) for r in rows] == [1, 2]
+    for row, metrics in zip(rows, history, strict=True):
+        assert float(row["train/bound"]) == pytest.approx(metrics["train_bound"])
+        assert float(row["train/lr"]) == metrics["lr"]
+        assert math.isfinite(float(row["train/grad_norm"]))
+    with (run_dir / "tracking-evaluation.csv").open() as f:
+        (row,) = list(csv.DictReader(f))
+    assert float(row["eval_test/nll"]) == pytest.approx(result["nll"])
+    config = json.loads((run_dir / "tracking-config.json").read_text())
+    assert config["num_particles"] == 2
+    assert sorted(p.name for p in (run_dir / "images").iterdir()) == [
+        "reconstructions-epoch-0001.png",
+        "reconstructions-epoch-0002.png",
+        "samples-epoch-0001.png",
+        "samples-epoch-0002.png",
+    ]
+
+
+def test_grad_norm_is_the_norm_of_the_step_gradient(tmp_path):
+    class Check(FitCallback):
+        checked = 0
+
+        def on_step(self, info):
+            grads = [p.grad.flatten() for p in info.parameters if p.grad is not None]
+            expected = torch.cat(grads).double().norm()
+            assert float(info.grad_norm()) == pytest.approx(float(expected), rel=1e-5)
+            Check.checked += 1
+
+    train_run(small_config(), tmp_path / "run", callback=Check())
+    assert Check.checked == 6  # 300 points in batches of 50
+
+
+def test_missing_library_is_one_line(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)
+    with pytest.raises(TrackingError, match=r"pip install 'pyro-iwae\[tensorboard\]'"):
+        make_trackers(["tensorboard"], tmp_path)
+    with pytest.raises(TrackingError, match="unknown logger 'wandb'"):
+        make_trackers(["wandb"], tmp_path)
+    result = CliRunner().invoke(
+        cli,
+        ["fit", "--epochs", "1", "--train-limit", "100", "--test-limit", "10"]
+        + ["--out", str(tmp_path / "run"), "--logger", "tensorboard", "--quiet"],
+    )
+    assert result.exit_code == 1
+    assert result.output.strip().splitlines() == [
+        "Error: the tensorboard logger needs the tensorboard package: "
+        "pip install 'pyro-iwae[tensorboard]'"
+    ]
+
+
+def test_cli_logs_fit_and_evaluation(tmp_path):
+    run_dir = tmp_path / "run"
+    fit = ["fit", "--epochs", "2", "--train-limit", "100", "--test-limit", "20"]
+    result = CliRunner().invoke(
+        cli, [*fit, "--out", str(run_dir), "--logger", "csv", "--quiet"]
+    )
+    assert result.exit_code == 0, result.output
+    result = CliRunner().invoke(
+        cli, ["eval-nll", str(run_dir), "--k", "10", "--limit", "10", "--logger", "csv"]
+    )
+    assert result.exit_code == 0, result.output
+    with (run_dir / "tracking.csv").open() as f:
+        assert [r["step"] for r in csv.DictReader(f)] == ["1", "2"]
+    with (run_dir / "tracking-evaluation.csv").open() as f:
+        assert [r["step"] for r in csv.DictReader(f)] == ["2"]
