@@ -9,12 +9,14 @@ Each round times ``--steps`` steps of every variant of one side, then of the oth
 per-round ratio, so load on a shared machine hits both sides alike.
 
 Ours: ``fit`` (the step ``pyro_iwae.fit`` runs by default: eager
-``IWELBO(k).differentiable_loss`` over the batch size, backward, ``Adam(fused=True)``,
-Pyro's validation off, module-local parameters), ``fit-compiled`` (the same with
+``IWELBO(k).differentiable_loss`` over the batch size, backward,
+``Adam(fused=True)``, Pyro's validation off, module-local parameters,
+subnormals flushed to zero), ``fit-compiled`` (the same with
 ``IWELBO(k, compile=True)``: ``fit --compile``), ``pyro-svi`` (Pyro's own path:
 ``SVI(model, guide, pyro.optim.Adam, loss=IWELBO(k)).step``), ``pyro-svi-compiled``
-(the same with ``IWELBO(k, compile=True)``) and ``hand`` (bench/handwritten.py,
-``Adam(fused=True)``).
+(the same with ``IWELBO(k, compile=True)``; Pyro's rows as Pyro runs them, without
+flushing subnormals) and ``hand`` (bench/handwritten.py, ``Adam(fused=True)``,
+subnormals flushed).
 Theirs: ``numpyro-run`` (NumPyro's fastest path, ``SVI.run``: a jitted
 ``lax.scan`` of 10 steps per call), ``numpyro-update`` (jitted ``SVI.update``, one
 call a step), both with ``RenyiELBO(alpha=0)``, and ``jax-hand`` (hand-written
@@ -53,6 +55,7 @@ from handwritten import HandIWAE
 
 from pyro_iwae import IWELBO, log_likelihood, paper_architecture
 from pyro_iwae.compiled import CompiledLogLikelihood
+from pyro_iwae.denormals import flush_denormals
 from pyro_iwae.evaluation import default_chunk_size
 
 LR = 1e-3
@@ -191,9 +194,11 @@ def make_ours(name: str, x: torch.Tensor, k: int, init):
         optim = torch.optim.Adam(params, lr=LR, eps=ADAM_EPS, fused=True)
 
         def step() -> None:
-            optim.zero_grad(set_to_none=True)
-            loss().backward()
-            optim.step()
+            # fit flushes subnormals to zero (pyro_iwae.denormals), as XLA does.
+            with flush_denormals():
+                optim.zero_grad(set_to_none=True)
+                loss().backward()
+                optim.step()
 
     step()  # compiles the compiled variants
     if compile:
