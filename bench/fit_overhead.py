@@ -238,10 +238,24 @@ def main(argv: list[str] | None = None) -> None:
         "--rounds); the least disturbed then make up the number",
     )
     common.add_common_arguments(parser)
+    parser.add_argument(
+        "--flush-at-start",
+        action="store_true",
+        help="flush subnormals from the start of the process, before torch "
+        "starts its thread pool, whose threads then inherit the mode (fit sets "
+        "it only in the calling thread; compare runs with and without this)",
+    )
     args = parser.parse_args(argv)
+    if args.flush_at_start:
+        torch.set_flush_denormal(True)
     if args.threads:
         torch.set_num_threads(args.threads)
-    env = common.environment(seed=args.seed, k=args.k, batch=args.batch)
+    env = common.environment(
+        seed=args.seed,
+        k=args.k,
+        batch=args.batch,
+        flush_at_start=args.flush_at_start,
+    )
     out = run(args)
     print(report(env, out, args))
     if args.json:
