@@ -33,6 +33,59 @@ def cpu_model() -> str:
     return platform.processor() or "unknown"
 
 
+def cpu_isa() -> str:
+    """The widest vector ISA among the CPU's flags (``/proc/cpuinfo``) and the
+    one torch's kernels dispatch to, as ``"AVX-512 (torch: AVX512)"``."""
+    flags: set[str] = set()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+                    break
+    except OSError:
+        pass
+    names = [("avx512f", "AVX-512"), ("avx2", "AVX2"), ("avx", "AVX")]
+    widest = next((name for flag, name in names if flag in flags), "unknown")
+    extras = sorted(f for f in flags if f.startswith(("amx", "avx512_bf16")))
+    torch_isa = torch.backends.cpu.get_cpu_capability()
+    return f"{widest}{' + ' + ', '.join(extras) if extras else ''} (torch: {torch_isa})"
+
+
+class CpuMeter:
+    """CPU seconds the whole machine was busy (``/proc/stat``, steal included:
+    a VM's neighbours) against those of our own processes, so that a timing can
+    say how much *other* work ran beside it.
+
+    ``mark()`` returns a reading; ``outside_cores(a, b, own_cpu_s)`` is the
+    mean number of cores that other processes kept busy between two readings,
+    given the CPU seconds our processes used meanwhile.
+    """
+
+    TICK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+    @staticmethod
+    def machine_busy_s() -> float:
+        try:
+            with open("/proc/stat") as f:
+                fields = [int(v) for v in f.readline().split()[1:]]
+        except (OSError, ValueError):
+            return float("nan")
+        # user nice system idle iowait irq softirq steal (guest is in user).
+        busy = sum(fields[:3]) + sum(fields[5:8])
+        return busy / CpuMeter.TICK
+
+    def mark(self) -> tuple[float, float]:
+        return time.perf_counter(), self.machine_busy_s()
+
+    @staticmethod
+    def outside_cores(
+        a: tuple[float, float], b: tuple[float, float], own_cpu_s: float
+    ) -> float:
+        wall = b[0] - a[0]
+        return max(0.0, (b[1] - a[1] - own_cpu_s) / wall) if wall > 0 else 0.0
+
+
 def _git(*args: str) -> str:
     return subprocess.run(
         ["git", *args], cwd=REPO, capture_output=True, text=True, check=True
@@ -66,6 +119,7 @@ def environment(seed: int | None = None, **extra: Any) -> dict[str, Any]:
         "command": shlex.join(["python", *sys.argv]),
         "seed": seed,
         "cpu": cpu_model(),
+        "isa": cpu_isa(),
         "logical_cpus": os.cpu_count(),
         "usable_cpus": affinity,
         "torch_threads": torch.get_num_threads(),
@@ -89,6 +143,7 @@ def environment_markdown(env: dict[str, Any]) -> str:
         f"- CPU: {env['cpu']}, {env['logical_cpus']} logical CPUs "
         f"({env['usable_cpus']} usable); torch threads {env['torch_threads']} "
         f"(inter-op {env['torch_interop_threads']})",
+        f"- ISA: {env.get('isa', 'not recorded')}",
         "- load average at start: "
         + ", ".join(f"{x:.2f}" for x in env["load_average"]),
         f"- versions: Python {env['python']}, torch {env['torch']}, "
@@ -107,6 +162,7 @@ _STANDARD_KEYS = {
     "command",
     "seed",
     "cpu",
+    "isa",
     "logical_cpus",
     "usable_cpus",
     "torch_threads",

@@ -8,13 +8,25 @@ Each round times ``--steps`` steps of every variant of one side, then of the oth
 (which side goes first alternates); ratios are medians over rounds of the
 per-round ratio, so load on a shared machine hits both sides alike.
 
-Ours: ``iwelbo`` (eager ``IWELBO(k)(model, guide)``, as bench/train_step.py),
-``hand`` (bench/handwritten.py), ``compiled`` (``pyro_iwae.compiled.CompiledLoss``
-with ``torch.optim.Adam``), ``compiled-fused`` (the same, ``Adam(fused=True)``) and
-``compiled-adam`` (the same, with the optimizer's step compiled by
-``torch.compile``: Adam's update as inductor kernels).
-Theirs: ``numpyro-svi`` (jitted ``SVI.update`` with ``RenyiELBO(alpha=0)``) and
-``jax-hand`` (hand-written loss, gradient and Adam in one jitted function).
+Ours: ``fit`` (the step ``pyro_iwae.fit`` runs by default: eager
+``IWELBO(k).differentiable_loss`` over the batch size, backward,
+``Adam(fused=True)``, Pyro's validation off, module-local parameters,
+subnormals flushed to zero), ``fit-compiled`` (the same with
+``IWELBO(k, compile=True)``: ``fit --compile``), ``pyro-svi`` (Pyro's own path:
+``SVI(model, guide, pyro.optim.Adam, loss=IWELBO(k)).step``), ``pyro-svi-compiled``
+(the same with ``IWELBO(k, compile=True)``; Pyro's rows as Pyro runs them, without
+flushing subnormals) and ``hand`` (bench/handwritten.py, ``Adam(fused=True)``,
+subnormals flushed).
+Theirs: ``numpyro-run`` (NumPyro's fastest path, ``SVI.run``: a jitted
+``lax.scan`` of 10 steps per call), ``numpyro-update`` (jitted ``SVI.update``, one
+call a step), both with ``RenyiELBO(alpha=0)``, and ``jax-hand`` (hand-written
+loss, gradient and Adam in one jitted function).
+
+Outside load: every round reads the machine's busy CPU time (``/proc/stat``)
+and our two processes' own CPU time; a round in which other processes kept more
+than ``--max-outside`` cores busy is discarded and run again (up to
+``--max-rounds``), and the report gives, per cell, the rounds kept and the
+outside load they saw. Ratios are to the fastest NumPyro path of the cell.
 
     python bench/versus_jax.py --jax-python /work/venv-jax/bin/python \\
         --data-dir /work/shared/data
@@ -36,18 +48,23 @@ from pathlib import Path
 import common
 import numpy as np
 import pyro
+import pyro.infer
+import pyro.optim
 import torch
 from handwritten import HandIWAE
 
 from pyro_iwae import IWELBO, log_likelihood, paper_architecture
-from pyro_iwae.compiled import CompiledLogLikelihood, CompiledLoss
+from pyro_iwae.compiled import CompiledLogLikelihood
+from pyro_iwae.denormals import flush_denormals
 from pyro_iwae.evaluation import default_chunk_size
 
 LR = 1e-3
 ADAM_EPS = 1e-4
 HERE = Path(__file__).resolve().parent
-OURS = ("iwelbo", "hand", "compiled", "compiled-fused", "compiled-adam")
-THEIRS = ("numpyro-svi", "jax-hand")
+OURS = ("fit", "fit-compiled", "pyro-svi", "pyro-svi-compiled", "hand")
+THEIRS = ("numpyro-run", "numpyro-update", "jax-hand")
+#: The NumPyro paths; ratios are to the fastest of them in each cell.
+NUMPYRO = ("numpyro-run", "numpyro-update")
 LL_OURS = ("pyro_iwae", "compiled", "decoder-products")
 LL_THEIRS = ("jax-ll",)
 #: The estimators among LL_OURS (the rest are reference computations).
@@ -60,9 +77,12 @@ class Peer:
     def __init__(self, python: str, cpus: set[int] | None = None) -> None:
         env = dict(os.environ)
         if cpus is not None:
-            # XLA's flags alone still let its thread pool use every core (1.7
-            # cores measured on 2); the affinity holds it to ``cpus``.
-            flags = "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
+            # XLA's flag alone still let its thread pool use every core (1.7
+            # cores measured on 2); the affinity holds it to ``cpus``. (The
+            # "intra_op_parallelism_threads=1" once given here, without a
+            # leading "--", was ignored; it is no XLA flag, and with "--" XLA
+            # aborts on it.)
+            flags = "--xla_cpu_multi_thread_eigen=false"
             env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " " + flags).strip()
         self.process = subprocess.Popen(
             [python, str(HERE / "jax_peer.py")],
@@ -144,40 +164,48 @@ def make_ours(name: str, x: torch.Tensor, k: int, init):
     model, guide = paper_architecture(1)
     model.load_state_dict(init[0])
     guide.load_state_dict(init[1])
-    params = [*model.parameters(), *guide.parameters()]
     n = x.shape[0]
-    if name == "hand":
-        hand = HandIWAE().load_from(model, guide)
-        params = list(hand.parameters())
+    compile = name.endswith("-compiled")
+    if name.startswith("pyro-svi"):
+        optim = pyro.optim.Adam({"lr": LR, "eps": ADAM_EPS})
+        elbo = IWELBO(num_particles=k, compile=compile)
+        svi = pyro.infer.SVI(model, guide, optim, loss=elbo)
 
-        def loss():
-            return hand.loss(x, k)
-
-    elif name == "iwelbo":
-        module = IWELBO(num_particles=k)(model, guide)
-
-        def loss():
-            with pyro.settings.context(module_local_params=True):
-                return module(x) / n
+        def step() -> None:
+            svi.step(x)
 
     else:
-        compiled = CompiledLoss(IWELBO(num_particles=k), model, guide)
+        params = [*model.parameters(), *guide.parameters()]
+        if name == "hand":
+            hand = HandIWAE().load_from(model, guide)
+            params = list(hand.parameters())
 
-        def loss():
-            return compiled(x) / n
+            def loss():
+                return hand.loss(x, k)
 
-    fused = {"fused": True} if name == "compiled-fused" else {}
-    optim = torch.optim.Adam(params, lr=LR, eps=ADAM_EPS, **fused)
-    update = torch.compile(optim.step) if name == "compiled-adam" else optim.step
+        else:
+            elbo = IWELBO(num_particles=k, compile=compile)
 
-    def step() -> None:
-        optim.zero_grad(set_to_none=True)
-        loss().backward()
-        update()
+            def loss():
+                # As pyro_iwae.training._step, under fit's settings.
+                with pyro.settings.context(module_local_params=True):
+                    return elbo.differentiable_loss(model, guide, x) / n
+
+        optim = torch.optim.Adam(params, lr=LR, eps=ADAM_EPS, fused=True)
+
+        def step() -> None:
+            # fit flushes subnormals to zero (pyro_iwae.denormals), as XLA does.
+            with flush_denormals():
+                optim.zero_grad(set_to_none=True)
+                loss().backward()
+                optim.step()
 
     step()  # compiles the compiled variants
-    if name.startswith("compiled") and not compiled.compiled:
-        raise RuntimeError("the compiled path fell back to eager")
+    if compile:
+        from pyro_iwae.compiled import compiled_loss
+
+        if not compiled_loss(elbo, model, guide).compiled:
+            raise RuntimeError(f"{name}: the compiled path fell back to eager")
     return step, time.perf_counter() - start
 
 
@@ -197,46 +225,89 @@ def decoder_products(hand: HandIWAE, rows: int, chunks: int):
     return run
 
 
-def time_ours(step, steps: int) -> float:
+def time_ours(step, steps: int) -> tuple[float, float]:
+    """Seconds per step (the mean over ``steps``) and the CPU seconds they took."""
+    cpu = time.process_time()
     start = time.perf_counter()
     for _ in range(steps):
         step()
-    return (time.perf_counter() - start) / steps
+    wall = time.perf_counter() - start
+    return wall / steps, time.process_time() - cpu
 
 
-def alternate(ours: dict, peer: Peer, theirs, rounds: int, warmup: int, steps: int):
-    """Seconds per step of every variant, round by round, the sides alternating."""
-    times = {name: [] for name in [*ours, *theirs]}
-    for round_ in range(warmup + rounds):
+def alternate(
+    ours: dict,
+    peer: Peer,
+    theirs,
+    rounds: int,
+    warmup: int,
+    steps: int,
+    max_outside: float = float("inf"),
+    max_rounds: int | None = None,
+):
+    """Seconds per step of every variant, round by round, the sides alternating;
+    and the outside load of each round (cores other processes kept busy).
+
+    Rounds with more than ``max_outside`` cores of outside load are dropped and
+    run again, up to ``max_rounds`` rounds in all; if too few are clean by then,
+    the least disturbed of the dropped ones make up the number. Returns
+    ``(times, kept rounds' loads, dropped rounds' loads)``.
+    """
+    meter = common.CpuMeter()
+    max_rounds = max(rounds, max_rounds or 3 * rounds)
+    kept: list[tuple[float, dict]] = []  # (outside cores, {variant: seconds})
+    dropped: list[tuple[float, dict]] = []
+    for round_ in range(warmup + max_rounds):
         sides = ["ours", "theirs"] if round_ % 2 == 0 else ["theirs", "ours"]
+        measured, own_cpu = {}, 0.0
+        mark = meter.mark()
         for side in sides:
             if side == "ours":
-                measured = {name: time_ours(fn, steps) for name, fn in ours.items()}
+                for name, fn in ours.items():
+                    measured[name], cpu = time_ours(fn, steps)
+                    own_cpu += cpu
             else:
-                measured = {
-                    name: statistics.mean(
-                        peer("time", variant=name, steps=steps)["times_s"]
-                    )
-                    for name in theirs
-                }
-            if round_ >= warmup:
-                for name, seconds in measured.items():
-                    times[name].append(seconds)
-    return times
+                for name in theirs:
+                    reply = peer("time", variant=name, steps=steps)
+                    measured[name] = statistics.mean(reply["times_s"])
+                    own_cpu += reply["cpu_s"]
+        outside = meter.outside_cores(mark, meter.mark(), own_cpu)
+        if round_ < warmup:
+            continue
+        (kept if outside <= max_outside else dropped).append((outside, measured))
+        if len(kept) >= rounds:
+            break
+    if len(kept) < rounds:
+        dropped.sort(key=lambda r: r[0])
+        short = rounds - len(kept)
+        kept, dropped = kept + dropped[:short], dropped[short:]
+    times = {name: [m[name] for _, m in kept] for name in [*ours, *theirs]}
+    return times, [load for load, _ in kept], [load for load, _ in dropped]
 
 
 def ratio(times: dict, a: str, b: str) -> float:
     return statistics.median(x / y for x, y in zip(times[a], times[b], strict=True))
 
 
+def fastest(times: dict, names) -> str:
+    """The one of ``names`` with the lowest median time."""
+    present = [n for n in names if n in times]
+    return min(present, key=lambda n: statistics.median(times[n]))
+
+
 def summarise(times: dict, **config) -> list[dict]:
     rows = []
+    refs = {"jax-hand": "jax-hand", "jax-ll": "jax-ll"}
+    if any(n in times for n in NUMPYRO):
+        refs["numpyro"] = fastest(times, NUMPYRO)
     for name, seconds in times.items():
         q1, median, q3 = common.quartiles(seconds)
         row = {**config, "variant": name, "median_s": median, "q1_s": q1, "q3_s": q3}
-        for ref in ("numpyro-svi", "jax-hand", "jax-ll"):
+        for key, ref in refs.items():
             if ref in times:
-                row[f"vs_{ref}"] = ratio(times, name, ref)
+                row[f"vs_{key}"] = ratio(times, name, ref)
+        if "numpyro" in refs:
+            row["fastest_numpyro"] = refs["numpyro"]
         row["times_s"] = seconds
         rows.append(row)
     return rows
@@ -252,7 +323,12 @@ def run(args: argparse.Namespace, peer: Peer, tmp: Path) -> dict:
     hand = HandIWAE().load_from(model, guide)
     export(hand, images, tmp / "init.npz")
     peer("load", path=str(tmp / "init.npz"))
-    out = {"check": check_peer(peer, init, images, tmp), "train": [], "ll": []}
+    out = {
+        "check": check_peer(peer, init, images, tmp),
+        "train": [],
+        "ll": [],
+        "load": {},
+    }
     setup = {}
     for batch, k in itertools.product(args.batch, args.k) if args.train else ():
         x = images[:batch]
@@ -263,8 +339,18 @@ def run(args: argparse.Namespace, peer: Peer, tmp: Path) -> dict:
         reply = peer("train", batch=batch, k=k, seed=args.seed)
         seconds["jax (both)"] = reply["compile_and_warmup_s"]
         setup[f"batch {batch}, k {k}"] = seconds
-        times = alternate(ours, peer, THEIRS, args.repeats, args.warmup, args.steps)
+        times, loads, dropped = alternate(
+            ours,
+            peer,
+            args.theirs,
+            args.repeats,
+            args.warmup,
+            args.steps,
+            args.max_outside,
+            args.max_rounds,
+        )
         out["train"] += summarise(times, batch=batch, k=k)
+        out["load"][f"batch {batch}, k {k}"] = {"kept": loads, "dropped": dropped}
     if args.ll_images:
         x = images[: args.ll_images]
         chunk = args.ll_chunk or default_chunk_size(model, guide, x)
@@ -290,7 +376,10 @@ def run(args: argparse.Namespace, peer: Peer, tmp: Path) -> dict:
         means["jax-ll"] = statistics.mean(reply["estimates"])
         out["ll_decoder_gflop"] = hand.decoder_flops(len(x) * args.ll_k, False) / 1e9
         before = common.matmul_peak(repeats=30)
-        times = alternate(ours, peer, LL_THEIRS, args.ll_repeats, 0, 1)
+        times, loads, dropped = alternate(
+            ours, peer, LL_THEIRS, args.ll_repeats, 0, 1, args.max_outside
+        )
+        out["load"]["log_likelihood"] = {"kept": loads, "dropped": dropped}
         # The machine's speed drifts: the better of two measurements is the peak.
         after = common.matmul_peak(repeats=30)
         out["matmul"] = max(before, after, key=lambda m: m["peak_gflops"])
@@ -299,6 +388,7 @@ def run(args: argparse.Namespace, peer: Peer, tmp: Path) -> dict:
         )
         out["ll_mean_estimates"] = means
     out["setup_s"] = setup
+    out["max_outside"] = args.max_outside
     return out
 
 
@@ -320,6 +410,15 @@ def report(env: dict, out: dict) -> str:
             for where, parts in out["setup_s"].items()
         ),
     ]
+    limit = out.get("max_outside")
+    lines.append(
+        "- outside load (cores other processes kept busy, from /proc/stat less "
+        "our two processes' CPU time), per cell: median of the rounds kept "
+        f"[max], rounds kept, rounds dropped (over {limit} cores): "
+        + "; ".join(
+            f"{cell}: {load_summary(loads)}" for cell, loads in out["load"].items()
+        )
+    )
     rows = [
         [
             r["batch"],
@@ -327,7 +426,8 @@ def report(env: dict, out: dict) -> str:
             r["variant"],
             f"{1e3 * r['median_s']:.2f}",
             f"{1e3 * r['q1_s']:.2f}–{1e3 * r['q3_s']:.2f}",
-            f"{r['vs_numpyro-svi']:.3f}",
+            f"{r['vs_numpyro']:.3f}",
+            r["fastest_numpyro"],
             f"{r['vs_jax-hand']:.3f}",
         ]
         for r in out["train"]
@@ -336,7 +436,9 @@ def report(env: dict, out: dict) -> str:
         lines += ["", "### Training step", ""]
         headers = ["batch", "k", "variant", "median ms", "IQR ms"]
         lines.append(
-            common.markdown_table([*headers, "/ numpyro-svi", "/ jax-hand"], rows)
+            common.markdown_table(
+                [*headers, "/ fastest NumPyro", "(which)", "/ jax-hand"], rows
+            )
         )
     if out["ll"]:
         peak = out["matmul"]["peak_gflops"]
@@ -386,9 +488,12 @@ def report(env: dict, out: dict) -> str:
             "ceiling of that figure with these products.",
         ]
     targets = [
-        (f"training step, batch {r['batch']}, k {r['k']}", r["vs_numpyro-svi"])
+        (
+            f"training step ({r['variant']}), batch {r['batch']}, k {r['k']}",
+            r["vs_numpyro"],
+        )
         for r in out["train"]
-        if r["variant"] == "compiled-fused"
+        if r["variant"] in ("fit", "fit-compiled")
     ] + [
         (f"log_likelihood, K {r['num_samples']}", r["vs_jax-ll"])
         for r in out["ll"]
@@ -405,11 +510,13 @@ def report(env: dict, out: dict) -> str:
     lines += [
         "",
         "Ratios are medians over rounds of the per-round ratio (the two sides "
-        "alternate round by round); times are per step (per estimate of all images "
-        "for log_likelihood).",
+        "alternate round by round) to the NumPyro path with the lower median in "
+        "that cell; times are per step (per estimate of all images for "
+        "log_likelihood); rounds with more outside load than the limit were "
+        "dropped and run again.",
         "",
-        "Targets (compiled pyro-iwae / NumPyro jitted SVI step, or / jitted JAX "
-        "log_likelihood, <= 1.00):",
+        "Targets (pyro-iwae's fit step, default and compiled / the fastest NumPyro "
+        "path, or compiled / jitted JAX log_likelihood, <= 1.00):",
         "",
     ]
     lines += [
@@ -424,6 +531,16 @@ def report(env: dict, out: dict) -> str:
     return "\n".join(lines)
 
 
+def load_summary(loads: dict) -> str:
+    kept, dropped = loads["kept"], loads["dropped"]
+    if not kept:
+        return "no rounds"
+    return (
+        f"{statistics.median(kept):.2f} [{max(kept):.2f}], {len(kept)} kept, "
+        f"{len(dropped)} dropped"
+    )
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
@@ -435,9 +552,29 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--k", type=int, nargs="+", default=[5, 50])
     parser.add_argument("--batch", type=int, nargs="+", default=[20, 100])
     parser.add_argument("--ours", nargs="+", default=list(OURS), choices=OURS)
+    parser.add_argument("--theirs", nargs="+", default=list(THEIRS), choices=THEIRS)
     parser.add_argument("--repeats", type=int, default=20, help="timed rounds")
     parser.add_argument("--warmup", type=int, default=2, help="untimed rounds")
-    parser.add_argument("--steps", type=int, default=5, help="steps per round")
+    parser.add_argument(
+        "--steps",
+        type=int,
+        default=10,
+        help="steps per round (numpyro-run: one call of 10 steps per 10)",
+    )
+    parser.add_argument(
+        "--max-outside",
+        type=float,
+        default=0.3,
+        help="drop a round in which other processes kept more than this many "
+        "cores busy (default 0.3)",
+    )
+    parser.add_argument(
+        "--max-rounds",
+        type=int,
+        default=None,
+        help="give up replacing dropped rounds after this many (default: 3 x "
+        "--repeats); the least disturbed then make up the number",
+    )
     parser.add_argument(
         "--no-train",
         dest="train",

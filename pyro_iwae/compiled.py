@@ -58,13 +58,14 @@ import logging
 import time
 import warnings
 import weakref
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any, NamedTuple
 
 import pyro
 import torch
 import torch._inductor
 from pyro.poutine.messenger import Messenger
+from pyro.poutine.runtime import am_i_wrapped
 from torch import fx
 
 from .evaluation import (
@@ -661,6 +662,7 @@ class CompiledLoss(_GraphCache):
         graph, loss = self._graph(named, args, kwargs)
         if graph is None:
             return self.eager(*args, **kwargs)
+        _announce_params(named.values())
         if loss is not None:
             return loss
         return self._run(graph, list(named.values()), args, kwargs)
@@ -773,6 +775,20 @@ class CompiledLoss(_GraphCache):
         for e, c in zip(eager_grads, compiled_grads, strict=True):
             ok = ok and e is not None and _close(c, e, self.rtol)
         return compiled if ok else None
+
+
+def _announce_params(params: Iterable[torch.Tensor]) -> None:
+    """Under Pyro's global parameter store (``SVI``), the parameters that the
+    eager program registered there, as ``pyro.param`` sites: the compiled graph
+    skips the program, and ``SVI.step`` optimises only the parameters whose
+    sites it sees."""
+    if pyro.settings.get("module_local_params") or not am_i_wrapped():
+        return
+    store = pyro.get_param_store()
+    for p in params:
+        name = store.param_name(p)
+        if name is not None:
+            pyro.param(name)
 
 
 def _describe(error: Exception) -> str:

@@ -154,7 +154,9 @@ def minibatches(
         if order is None:
             batch = data[start : start + batch_size]
         else:
-            batch = data[order[start : start + batch_size]]
+            # index_select: the same rows as data[index], in a fraction of
+            # the time (advanced indexing is a general gather).
+            batch = data.index_select(0, order[start : start + batch_size])
         if binarize:
             batch = torch.bernoulli(batch, generator=generator)
         yield batch

@@ -43,6 +43,7 @@ from .checkpoints import (
     write_metrics,
 )
 from .data import Dataset, minibatches
+from .denormals import flush_denormals
 from .errors import TrainingDiverged, one_line
 from .evaluation import compile_seconds, dataset_log_likelihood
 from .networks import prepare_pyro_modules
@@ -250,8 +251,11 @@ class _Fit:
             self.start()
         if self.callback is not None:
             self.callback.on_fit_start(self.model, self.guide, self.test, self.config)
-        while self.position.stage < len(self.schedule):
-            self.run_epoch()
+        # IWAE's gradients are full of subnormals, each costing microcode on
+        # the CPU: flushing them made a step ~1.6x as fast (see denormals.py).
+        with flush_denormals(self.device.type == "cpu"):
+            while self.position.stage < len(self.schedule):
+                self.run_epoch()
         distributed.barrier()  # rank 0's files are written when fit returns
         return self.history
 

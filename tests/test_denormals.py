@@ -1,0 +1,33 @@
+"""Tests of pyro_iwae.denormals: the flush mode is on inside the block, off again
+after it, and a subnormal result becomes exactly zero only inside."""
+
+import torch
+
+from pyro_iwae.denormals import flush_denormals, flushing_denormals
+
+
+def test_flush_denormals_turns_the_mode_on_and_restores_it():
+    assert not flushing_denormals()
+    x = torch.tensor([1e-20], dtype=torch.float32)
+    # 1e-20 squared is 1e-40: subnormal in float32, kept unless flushed.
+    assert (x * x).item() > 0.0
+    with flush_denormals():
+        if torch.set_flush_denormal(True):  # a CPU with the mode
+            assert flushing_denormals()
+            assert (x * x).item() == 0.0
+    assert not flushing_denormals()
+    assert (x * x).item() > 0.0
+
+
+def test_flush_denormals_keeps_a_mode_set_before():
+    if not torch.set_flush_denormal(True):
+        return  # no such mode on this CPU
+    try:
+        with flush_denormals():
+            pass
+        assert flushing_denormals()
+        with flush_denormals(enabled=False):
+            assert flushing_denormals()
+    finally:
+        torch.set_flush_denormal(False)
+    assert not flushing_denormals()
