@@ -289,7 +289,7 @@ def eval_nll(
     finally:
         progress.close()
     _quiet_mlflow()
-    log_evaluation(loggers, run.path, evaluation.to_json())
+    log_evaluation(loggers, run.path, evaluation)
     click.echo(f"run: {run.path}")
     for line in _eval_report(evaluation):
         click.echo(line)
