@@ -1063,8 +1063,10 @@ class CompiledLogLikelihood(_GraphCache):
             # eager one, and Adam would magnify the different rounding.
             _group_bernoulli_sums(gm)
             _cheaper_tanh(gm)
-            # Left in the graph, a compiler draws these from its own generator.
-            own_draws = self.backend is not None and bool(seeded_ops(gm.graph))
+            # Random ops left in the graph (a Bernoulli of computed probabilities)
+            # draw after the lifted ones, out of eager's order, and under a
+            # compiler from its own generator: the check cannot replay them.
+            own_draws = bool(seeded_ops(gm.graph))
             fn = _compile(gm, self.backend, self.compile_options, inputs, noise_ops)
         return _LogWeightsGraph(fn, noise_ops, found["local_dims"], own_draws)
 
