@@ -14,8 +14,10 @@
 Settings from the environment: ``IWELBO_SWAP_PARTICLES`` (default 2),
 ``IWELBO_SWAP_ESTIMATOR`` (default ``vimco``: the score-function gradient with
 a leave-one-out baseline for guide sites without ``rsample``, the plain
-reparameterised gradient for the others); ``IWELBO_SWAP_OFF=1`` keeps each
-test's own ELBO (the same tests, for a baseline).
+reparameterised gradient for the others), ``IWELBO_SWAP_VECTORIZE`` (default
+1: the particles in a vectorized plate, IWELBO's default; 0: in a Python loop);
+``IWELBO_SWAP_OFF=1`` keeps each test's own ELBO (the same tests, for a
+baseline).
 """
 
 from __future__ import annotations
@@ -80,13 +82,19 @@ def _patch(module) -> None:
     original = module.assert_ok
     particles = int(os.environ.get("IWELBO_SWAP_PARTICLES", "2"))
     estimator = os.environ.get("IWELBO_SWAP_ESTIMATOR", "vimco")
+    vectorize = os.environ.get("IWELBO_SWAP_VECTORIZE", "1") == "1"
 
     def assert_ok(model, guide, elbo, **kwargs):
         _called[_current[0]] = type(elbo).__name__
         if os.environ.get("IWELBO_SWAP_OFF") == "1":
             return original(model, guide, elbo, **kwargs)
         nesting = getattr(elbo, "max_plate_nesting", float("inf"))
-        iwelbo = IWELBO(particles, estimator, max_plate_nesting=nesting)
+        iwelbo = IWELBO(
+            particles,
+            estimator,
+            max_plate_nesting=nesting,
+            vectorize_particles=vectorize,
+        )
         return original(model, guide, iwelbo, **kwargs)
 
     module.assert_ok = assert_ok

@@ -67,6 +67,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--particles", type=int, default=2)
     parser.add_argument("--estimator", default="vimco")
     parser.add_argument(
+        "--no-vectorize",
+        action="store_true",
+        help="draw the particles in a Python loop (vectorize_particles=False)",
+    )
+    parser.add_argument(
         "--out", type=Path, default=ROOT / "results" / "valid_programs.md"
     )
     return parser.parse_args(argv)
@@ -121,6 +126,7 @@ def run_tests(workdir: Path, swap: bool, args: argparse.Namespace) -> dict:
         "IWELBO_SWAP_PARTICLES": str(args.particles),
         "IWELBO_SWAP_ESTIMATOR": args.estimator,
         "IWELBO_SWAP_OFF": "0" if swap else "1",
+        "IWELBO_SWAP_VECTORIZE": "0" if args.no_vectorize else "1",
     }
     command = [
         sys.executable,
@@ -188,13 +194,15 @@ def report(swapped: dict, baseline: dict, source: str, args: argparse.Namespace)
         "",
         f"Pyro's `{TEST_MODULE}` (from {source}) with "
         f"`IWELBO({args.particles}, estimator={args.estimator!r}, "
-        "max_plate_nesting=<the test's>)` in place of each test's ELBO in every "
-        "call of its `assert_ok` (one SVI step, then `loss`, `differentiable_loss` "
-        "and `loss_and_grads` agree), under Pyro's own warning filters (warnings "
-        "are errors). A test parametrized over several ELBO classes runs once; "
-        "tests of invalid programs (`assert_error`, `assert_warning`) are not "
-        "counted. Made by `scripts/pyro_valid_models.py` with "
-        "`scripts/iwelbo_swap_plugin.py`.",
+        "max_plate_nesting=<the test's>, "
+        f"vectorize_particles={not args.no_vectorize})` "
+        "in place of each test's ELBO in every call of its `assert_ok` "
+        "(one SVI step, then `loss`, `differentiable_loss` and "
+        "`loss_and_grads` agree), under Pyro's own warning filters "
+        "(warnings are errors). A test parametrized over several ELBO "
+        "classes runs once; tests of invalid programs (`assert_error`, "
+        "`assert_warning`) are not counted. Made by "
+        "`scripts/pyro_valid_models.py` with `scripts/iwelbo_swap_plugin.py`.",
         "",
         f"**{len(passed)} of {len(swapped)} pass** under IWELBO; with their own "
         f"ELBOs, {base_passed} of the same {len(baseline)} pass.",
