@@ -127,7 +127,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     pyro.set_rng_seed(args.seed)
     pyro.clear_param_store()
-    data = load_dataset(args.data, args.data_dir, download=args.data_dir is None)
+    data = load_dataset(args.data, args.data_dir)
     train = data.train[: args.train_limit]
     test = data.test[: args.test_limit]
     mean = train.mean(0).clamp(1e-3, 1 - 1e-3)
