@@ -82,6 +82,10 @@ class Dataset:
         validation data, and what :func:`pyro_iwae.fit` does to ``train``.
     :param image_shape: shape of one point before flattening, for pictures
         (None: not a picture).
+    :param train_labels: int64 ``[N]`` class of each training point (digits
+        0-9 for MNIST), or None where the source has no labels (Omniglot, a
+        file); ``test_labels`` and ``validation_labels`` the same for those
+        splits.
     """
 
     name: str
@@ -90,6 +94,9 @@ class Dataset:
     validation: Tensor | None = None
     binarize: str = "dynamic"
     image_shape: tuple[int, ...] | None = (28, 28)
+    train_labels: Tensor | None = None
+    test_labels: Tensor | None = None
+    validation_labels: Tensor | None = None
 
     @property
     def x_dim(self) -> int:
@@ -105,9 +112,11 @@ class Dataset:
         """Return a copy with every tensor on ``device``."""
         return dataclasses.replace(
             self,
-            train=self.train.to(device),
-            test=self.test.to(device),
-            validation=None if self.validation is None else self.validation.to(device),
+            **{
+                field.name: getattr(self, field.name).to(device)
+                for field in dataclasses.fields(self)
+                if isinstance(getattr(self, field.name), Tensor)
+            },
         )
 
 
@@ -214,6 +223,7 @@ def load_dataset(
             f"binarize must be one of {', '.join(BINARIZATIONS)}, got {binarize!r}"
         )
     image_shape: tuple[int, ...] | None = (28, 28)
+    labels: list[Tensor] = []  # train and test labels, where the source has them
     root = default_data_dir() if data_dir is None else Path(data_dir).expanduser()
     if name not in DATASETS:
         if not is_data_file(name):
@@ -225,11 +235,11 @@ def load_dataset(
         train, test, image_shape = load_file(name, test_fraction, seed)
         name = str(name)
     elif name == "mnist-mini":
-        train, test = _load_mnist_mini()
+        train, test, *labels = _load_mnist_mini()
     elif name == "omniglot":
         train, test = _load_omniglot(root)
     else:
-        train, test = _load_torchvision(name, root, download)
+        train, test, *labels = _load_torchvision(name, root, download)
 
     n = train.shape[0]
     if not 0 <= validation_size < n:
@@ -238,6 +248,12 @@ def load_dataset(
         )
     validation = train[n - validation_size :] if validation_size else None
     train = train[: n - validation_size]
+    train_labels = test_labels = validation_labels = None
+    if labels:
+        train_labels, test_labels = labels
+        if validation_size:
+            validation_labels = train_labels[n - validation_size :]
+        train_labels = train_labels[: n - validation_size]
 
     if binarize != "none":
         for split, x in (("train", train), ("test", test)):
@@ -255,7 +271,17 @@ def load_dataset(
             validation = _binarize(validation, generator)
         if binarize == "static":
             train = _binarize(train, generator)
-    return Dataset(name, train, test, validation, binarize, image_shape)
+    return Dataset(
+        name,
+        train,
+        test,
+        validation,
+        binarize,
+        image_shape,
+        train_labels,
+        test_labels,
+        validation_labels,
+    )
 
 
 def is_data_file(name: str | os.PathLike) -> bool:
@@ -407,19 +433,25 @@ def _read_idx(payload: bytes) -> list[Tensor]:
     return records
 
 
-def _load_mnist_mini() -> tuple[Tensor, Tensor]:
+def _load_mnist_mini() -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Train and test images, then their labels."""
     resource = importlib.resources.files(__package__) / "resources" / _MNIST_MINI
     try:
-        train_x, _, test_x, _ = _read_idx(gzip.decompress(resource.read_bytes()))
+        train_x, train_y, test_x, test_y = _read_idx(
+            gzip.decompress(resource.read_bytes())
+        )
     except (OSError, EOFError, ValueError, struct.error) as e:
         raise DataError(
             f"the embedded data set {_MNIST_MINI} is missing or corrupt ({e}); "
             "reinstall pyro-iwae"
         ) from e
-    return _flatten(train_x), _flatten(test_x)
+    return _flatten(train_x), _flatten(test_x), train_y.long(), test_y.long()
 
 
-def _load_torchvision(name: str, root: Path, download: bool) -> tuple[Tensor, Tensor]:
+def _load_torchvision(
+    name: str, root: Path, download: bool
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Train and test images, then their labels."""
     from torchvision import datasets
 
     cls = datasets.MNIST if name == "mnist" else datasets.FashionMNIST
@@ -440,8 +472,9 @@ def _load_torchvision(name: str, root: Path, download: bool) -> tuple[Tensor, Te
                 f"{cls.__name__}/raw"
             ) from e
     try:
-        train = cls(root, train=True, download=False).data
-        test = cls(root, train=False, download=False).data
+        train_set = cls(root, train=True, download=False)
+        test_set = cls(root, train=False, download=False)
+        train, test = train_set.data, test_set.data
     except (
         OSError,
         RuntimeError,
@@ -458,7 +491,12 @@ def _load_torchvision(name: str, root: Path, download: bool) -> tuple[Tensor, Te
         raise DataError(
             f"{name}: the images in {raw} are not 28x28; delete them and download again"
         )
-    return _flatten(train), _flatten(test)
+    return (
+        _flatten(train),
+        _flatten(test),
+        train_set.targets.long(),
+        test_set.targets.long(),
+    )
 
 
 def _load_omniglot(root: Path) -> tuple[Tensor, Tensor]:

@@ -82,6 +82,22 @@ def test_validation_takes_last_images(mini):
     assert torch.equal(data.test, mini.test)
 
 
+def test_mnist_mini_labels_follow_the_split():
+    """The labels are those of MNIST's head (shared/data/README.md: the first ten
+    training labels 5 0 4 1 9 2 1 3 1 4, test labels 7 2 1 0 4 1 4 9 5 9)."""
+    data = load_dataset("mnist-mini", validation_size=400)
+    assert data.train_labels.dtype == torch.int64
+    assert data.train_labels.shape == (9600,) and data.test_labels.shape == (2000,)
+    assert data.train_labels[:10].tolist() == [5, 0, 4, 1, 9, 2, 1, 3, 1, 4]
+    assert data.test_labels[:10].tolist() == [7, 2, 1, 0, 4, 1, 4, 9, 5, 9]
+    whole = load_dataset("mnist-mini")
+    assert torch.equal(
+        torch.cat([data.train_labels, data.validation_labels]), whole.train_labels
+    )
+    assert whole.validation_labels is None
+    assert torch.bincount(whole.train_labels).min() > 800  # all ten digits
+
+
 @pytest.mark.parametrize("size", [-1, 10000])
 def test_validation_size_out_of_range(size):
     with pytest.raises(DataError, match="validation_size"):
@@ -93,6 +109,7 @@ def test_to_device(mini):
     assert moved is not mini and moved.name == mini.name
     assert torch.equal(moved.train, mini.train)
     assert moved.validation is None
+    assert torch.equal(moved.train_labels, mini.train_labels)
 
 
 @pytest.mark.parametrize("device", devices)
@@ -202,6 +219,8 @@ def test_shared_mnist(mini):
     assert abs(data.train_mean.mean().item() - 0.1307) < 0.001
     # The embedded set is the head of the real one.
     assert torch.equal(data.train[:10000], mini.train)
+    assert torch.equal(data.train_labels[:10000], mini.train_labels)
+    assert torch.equal(data.test_labels[:2000], mini.test_labels)
 
 
 # Omniglot: the tests write small files in the format of the paper's chardata.mat.
@@ -234,6 +253,7 @@ def test_omniglot(tmp_path):
     assert data.train.shape == (25, 784) and data.train.dtype == torch.float32
     assert data.validation.shape == (5, 784)
     assert data.test.shape == (10, 784)
+    assert data.train_labels is None and data.test_labels is None
     # Fortran-order storage undone: the top row is lit, not the left column.
     images = data.train.view(-1, 28, 28)
     assert (images[:, 0, :] == 1).all()
