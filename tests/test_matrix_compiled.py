@@ -81,7 +81,7 @@ def cells():
                 )
 
 
-@pytest.mark.parametrize("name, estimator, objective", cells())
+@pytest.mark.parametrize("name, estimator, objective", list(cells()))
 def test_traced_graph_gives_the_eager_loss_and_gradients(name, estimator, objective):
     assert_compiled_is_eager(name, estimator, objective, None)
 
