@@ -31,7 +31,6 @@ from pyro_iwae import (
     paper_architecture,
     sbn_architecture,
 )
-from pyro_iwae.checkpoints import read_metrics
 from pyro_iwae.compiled import (
     CompiledLogLikelihood,
     CompiledLoss,
@@ -45,11 +44,12 @@ from pyro_iwae.compiled import (
     compiled_loss,
     seeded_ops,
 )
-from pyro_iwae.config import RunConfig
-from pyro_iwae.diagnostics import log_likelihood_with_diagnostics
-from pyro_iwae.evaluation import log_likelihood
-from pyro_iwae.runs import evaluate_run, read_estimates, train_run
-from pyro_iwae.schedules import ConfigError
+from pyro_iwae.infer.diagnostics import log_likelihood_with_diagnostics
+from pyro_iwae.infer.evaluation import log_likelihood
+from pyro_iwae.runs.checkpoints import read_metrics
+from pyro_iwae.runs.config import RunConfig
+from pyro_iwae.runs.run import evaluate_run, read_estimates, train_run
+from pyro_iwae.runs.schedules import ConfigError
 
 X_DIM = 12
 # A fallback to the eager path fails the test unless the test expects it (with
@@ -556,7 +556,7 @@ def test_inputs_of_another_memory_layout_get_their_own_graph():
 def test_compiling_a_zoo_guide_says_nothing_a_user_cannot_act_on():
     """The low-rank guide's lowering makes torch warn of its own deprecated
     helper; the compiled path keeps that from the user (and stays compiled)."""
-    from pyro_iwae.guides import LowRankGuide
+    from pyro_iwae.nn.guides import LowRankGuide
 
     torch.manual_seed(0)
     model, _ = paper_architecture(1, x_dim=X_DIM)

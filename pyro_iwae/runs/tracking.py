@@ -3,7 +3,7 @@ results to TensorBoard, MLflow or CSV files.
 
 A tracker is a :class:`~pyro_iwae.FitCallback`: pass it to :func:`~pyro_iwae.fit`
 or :func:`~pyro_iwae.train_run` (several at once in a
-:class:`~pyro_iwae.callbacks.CallbackList`). Per epoch it logs the train and
+:class:`~pyro_iwae.runs.callbacks.CallbackList`). Per epoch it logs the train and
 test bounds (nats per point), the learning rate, throughput (points per
 second), the mean gradient norm over the epoch's steps and the seconds spent;
 images of samples from the model and of test points above their reconstructions
@@ -29,9 +29,9 @@ from typing import Any
 
 import torch
 
+from ..errors import PyroIwaeError
 from . import distributed
 from .callbacks import FitCallback, StepInfo
-from .errors import PyroIwaeError
 from .plots import image_grid, reconstruction_grid
 
 __all__ = [
@@ -160,7 +160,7 @@ class Tracker(FitCallback):
         reconstructions, when the points are square images."""
         if self.model is None or self.test is None:
             return
-        from .sampling import reconstruct, sample_images
+        from ..infer.sampling import reconstruct, sample_images
 
         x = self.test[:NUM_IMAGES]
         shape = _square(x.shape[-1])

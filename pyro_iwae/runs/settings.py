@@ -17,7 +17,7 @@ from typing import Any
 
 import tomllib
 
-from .errors import ConfigError, literal, one_line
+from ..errors import ConfigError, literal, one_line
 
 __all__ = [
     "Setting",

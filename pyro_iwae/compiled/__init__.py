@@ -68,7 +68,7 @@ from pyro.poutine.messenger import Messenger
 from pyro.poutine.runtime import am_i_wrapped
 from torch import fx
 
-from .evaluation import (
+from ..infer.evaluation import (
     LogWeights,
     check_batch,
     check_count,
@@ -77,7 +77,7 @@ from .evaluation import (
     log_weight_chunks,
     resolve_chunk_size,
 )
-from .traces import cuda_devices
+from ..infer.traces import cuda_devices
 
 __all__ = [
     "CompiledLogLikelihood",
@@ -810,7 +810,7 @@ class CompiledLogLikelihood(_GraphCache):
     eager path; with ``chunk_size`` dividing ``num_samples`` the draws are the
     eager ones, and the estimates too, to float rounding). The chunks are
     combined eagerly
-    (:func:`~pyro_iwae.evaluation.combine_chunks`, or the diagnostics of
+    (:func:`~pyro_iwae.infer.evaluation.combine_chunks`, or the diagnostics of
     :func:`~pyro_iwae.log_likelihood_with_diagnostics`): a few small ops per
     chunk. Falls back to the eager path, with a warning, as
     :class:`CompiledLoss` does.
@@ -856,7 +856,7 @@ class CompiledLogLikelihood(_GraphCache):
         **kwargs: Any,
     ) -> Iterator[LogWeights]:
         """The log-weights of ``num_samples`` particles, ``chunk_size`` at a time
-        (None: :func:`~pyro_iwae.evaluation.default_chunk_size`), each chunk from
+        (None: :func:`~pyro_iwae.infer.evaluation.default_chunk_size`), each chunk from
         one call of the compiled graph (see :func:`log_weight_chunks`).
 
         Each call first runs model and guide once, eagerly, with one particle (a
@@ -935,7 +935,7 @@ class CompiledLogLikelihood(_GraphCache):
         """The compiled log-weights of a chunk if they are the eager ones from the
         same noise (or, where the graph draws some noise of its own, if they have
         their shape and finite entries); else None."""
-        from .objectives import IWELBO
+        from ..infer.objectives import IWELBO
 
         with torch.random.fork_rng(devices=cuda_devices(args, kwargs)):
             compiled = graph.fn(*params, *tensors, *_draw(graph.noise_ops))
@@ -977,7 +977,7 @@ class CompiledLogLikelihood(_GraphCache):
         model and guide with one particle: each sample site's name, distribution
         types, shapes, and scale and mask where they are Python values. None if
         the run fails (the eager path then says why)."""
-        from .objectives import IWELBO
+        from ..infer.objectives import IWELBO
 
         elbo = IWELBO(num_particles=1, max_plate_nesting=self.max_plate_nesting)
         try:
@@ -1009,7 +1009,7 @@ class CompiledLogLikelihood(_GraphCache):
         )
 
     def _build(self, chunk: int, args: tuple, kwargs: dict) -> _LogWeightsGraph:
-        from .objectives import IWELBO
+        from ..infer.objectives import IWELBO
 
         named = self._named()
         names = list(named)

@@ -456,7 +456,7 @@ class IWELBO(ELBO):
         """Returns the negative bound, differentiable with the chosen estimator."""
         if self.compile is not False:
             # Imported here: compiled imports evaluation, which imports this module.
-            from .compiled import compiled_loss
+            from ..compiled import compiled_loss
 
             backend = "inductor" if self.compile is True else self.compile
             return compiled_loss(self, model, guide, backend=backend)(*args, **kwargs)

@@ -13,7 +13,7 @@ import pyro
 import torch
 from pyro.poutine.util import site_is_subsample
 
-from .networks import prepare_pyro_modules
+from ..nn.networks import prepare_pyro_modules
 from .objectives import IWELBO, Particles
 from .traces import (
     PARTICLE_PLATE,
@@ -41,7 +41,7 @@ def evaluating(*fns: Callable) -> Iterator[None]:
     """Puts the modules among ``fns`` in eval mode without gradients, then restores.
 
     ``PyroModule`` s run with their own parameters (Pyro's module-local
-    parameters, see :func:`~pyro_iwae.networks.local_params`).
+    parameters, see :func:`~pyro_iwae.nn.networks.local_params`).
     """
     modes = [
         (module, module.training)
@@ -128,7 +128,7 @@ def log_likelihood(
 
 class LogWeights(NamedTuple):
     """A chunk of log importance weights, ``(chunk,) + plate_shape`` (see
-    :class:`~pyro_iwae.objectives.Particles`), and the data plate dims."""
+    :class:`~pyro_iwae.infer.objectives.Particles`), and the data plate dims."""
 
     log_weights: torch.Tensor
     local_dims: tuple[int, ...]
@@ -152,7 +152,7 @@ def log_weight_chunks(
     """
     if compile is not False:
         # compiled.py builds on this module, so it is imported on first use.
-        from .compiled import cached_log_likelihood
+        from ..compiled import cached_log_likelihood
 
         backend = "inductor" if compile is True else compile
         estimator = cached_log_likelihood(model, guide, backend, max_plate_nesting)
@@ -172,7 +172,7 @@ def compile_seconds(compile: bool | str | None) -> float:
     that the eager path need not import inductor."""
     if compile is False:
         return 0.0
-    from .compiled import compile_seconds as seconds
+    from ..compiled import compile_seconds as seconds
 
     return seconds()
 

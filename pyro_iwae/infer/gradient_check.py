@@ -26,9 +26,9 @@ import pyro
 import torch
 from pyro import poutine
 
-from .config import RunConfig
+from ..runs.config import RunConfig
+from ..runs.run import build_run, load_run
 from .objectives import IWELBO, SCORE_ESTIMATORS
-from .runs import build_run, load_run
 from .traces import cuda_devices
 
 __all__ = [

@@ -6,8 +6,8 @@ for bit.
 :meth:`_Fit.resume`, then epochs (:meth:`_Fit.run_epoch`), each of steps
 (:meth:`_Fit.train_step` around :func:`_step`, the optimisation step itself)
 and the end-of-epoch work (:meth:`_Fit.end_epoch`: test bound, metrics,
-checkpoint). The files are those of :mod:`pyro_iwae.checkpoints`. Under
-``torchrun`` the ranks train one run together (see :mod:`pyro_iwae.distributed`).
+checkpoint). The files are those of :mod:`pyro_iwae.runs.checkpoints`. Under
+``torchrun`` the ranks train one run together (see :mod:`pyro_iwae.runs.distributed`).
 
 The module runs past 500 lines because the loop is one class whose short
 methods share its state; split across modules, that state would be too.
@@ -28,6 +28,10 @@ import pyro
 import torch
 from pyro.infer import ELBO
 
+from ..data import Dataset, minibatches
+from ..errors import TrainingDiverged, one_line
+from ..infer.evaluation import compile_seconds, dataset_log_likelihood
+from ..nn.networks import prepare_pyro_modules
 from . import distributed
 from .callbacks import FitCallback, StepInfo
 from .checkpoints import (
@@ -42,11 +46,7 @@ from .checkpoints import (
     save_checkpoint,
     write_metrics,
 )
-from .data import Dataset, minibatches
 from .denormals import flush_denormals
-from .errors import TrainingDiverged, one_line
-from .evaluation import compile_seconds, dataset_log_likelihood
-from .networks import prepare_pyro_modules
 from .schedules import Schedule, as_schedule, continues, locate
 
 __all__ = ["TrainingDiverged", "fit"]
@@ -126,7 +126,7 @@ def fit(
 
     Under ``torchrun`` (or once ``torch.distributed`` is initialised), every
     rank calls ``fit`` with the same arguments and they train one run with
-    ``DistributedDataParallel`` (see :mod:`pyro_iwae.distributed`):
+    ``DistributedDataParallel`` (see :mod:`pyro_iwae.runs.distributed`):
     ``batch_size`` is the global batch, split evenly over the ranks; each rank
     draws its Monte Carlo noise from its own seed, and the averaged gradient is
     that of the single-process loss on the global batch. Rank 0 alone writes
@@ -658,7 +658,7 @@ def _step(
 ) -> torch.Tensor:
     """One Adam step on the negative bound per point; returns it, detached
     (under torchrun: this rank's share of it, see
-    :class:`~pyro_iwae.distributed.DistributedLoss`)."""
+    :class:`~pyro_iwae.runs.distributed.DistributedLoss`)."""
     n = batch.shape[0]
     optimizer.zero_grad(set_to_none=True)
     if distributed_loss is not None:

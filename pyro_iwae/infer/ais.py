@@ -35,6 +35,7 @@ from pyro.poutine.trace_struct import Trace
 from pyro.poutine.util import site_is_subsample
 from torch.distributions import constraints
 
+from ..errors import PyroIwaeError
 from .diagnostics import (
     _broadcastable,
     _with_particle_dim,
@@ -42,7 +43,6 @@ from .diagnostics import (
     pareto_khat,
     relative_stderr,
 )
-from .errors import PyroIwaeError
 from .evaluation import (
     DEFAULT_MEMORY_BUDGET,
     check_count,
