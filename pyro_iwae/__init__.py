@@ -30,7 +30,6 @@ from .infer.gradient_check import (
     GradientCheck,
     ParameterCheck,
     check_guide_gradients,
-    check_run_guide,
 )
 from .infer.objectives import CIWELBO, ESTIMATORS, IWELBO, MIWELBO, PIWELBO
 from .infer.sampling import reconstruct, sample_images
@@ -53,6 +52,7 @@ from .nn.registry import (
 )
 from .nn.sbn import SBNGuide, SBNModel, sbn_architecture
 from .runs.callbacks import FitCallback, StepInfo
+from .runs.check_guide import check_run_guide
 from .runs.checkpoints import CheckpointError, RunError, load_checkpoint, read_metrics
 from .runs.config import RunConfig
 from .runs.eval_results import EvalSettings, Evaluation
