@@ -1,9 +1,8 @@
 """Importance weighted autoencoders (Burda et al. 2016) for Pyro."""
 
 from ._version import __version__ as __version__
-from .errors import DataError, PyroIwaeError, RunBusy
+from .errors import AISError, DataError, PyroIwaeError, RunBusy
 from .infer.ais import (
-    AISError,
     AISResult,
     BDMCResult,
     ais_log_likelihood,
