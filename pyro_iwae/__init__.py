@@ -1,5 +1,7 @@
 """Importance weighted autoencoders (Burda et al. 2016) for Pyro."""
 
+# Registers the compiled path with infer.hooks, for the compile options.
+from . import compiled as compiled
 from ._version import __version__ as __version__
 from .errors import AISError, DataError, PyroIwaeError, RunBusy
 from .infer.ais import (
