@@ -187,7 +187,7 @@ def make_ours(name: str, x: torch.Tensor, k: int, init):
             elbo = IWELBO(num_particles=k, compile=compile)
 
             def loss():
-                # As pyro_iwae.runs.training._step, under fit's settings.
+                # As pyro_iwae.runs.fit_steps.adam_step, under fit's settings.
                 with pyro.settings.context(module_local_params=True):
                     return elbo.differentiable_loss(model, guide, x) / n
 
