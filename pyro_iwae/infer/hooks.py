@@ -2,7 +2,7 @@
 
 ``IWELBO(compile=...)``, ``log_likelihood(..., compile=...)`` and the other
 evaluations with a ``compile`` option ask the registered :class:`Compiler` for
-their graphs. :mod:`pyro_iwae.compiled` registers one when imported (``import
+their graphs. ``pyro_iwae.compiled`` registers one when imported (``import
 pyro_iwae`` imports it), so that inference never imports the compiler: the
 compiled path depends on the core, as Pyro's ``JitTrace_ELBO`` on
 ``Trace_ELBO``, never the reverse.
@@ -31,9 +31,9 @@ class Compiler(Protocol):
         self, model: Callable, guide: Callable, backend: str | None, plates: int
     ) -> Any:
         """An object whose ``chunks(*args, num_samples=, chunk_size=, **kwargs)``
-        yields the :class:`~pyro_iwae.infer.evaluation.LogWeights` of
-        :func:`~pyro_iwae.infer.evaluation.log_weight_chunks` from compiled
-        graphs (``plates``: the ``max_plate_nesting``)."""
+        yields what ``pyro_iwae.infer.evaluation.log_weight_chunks`` yields (the
+        log-weights of each chunk of particles), from compiled graphs
+        (``plates``: the ``max_plate_nesting``)."""
         ...
 
     def seconds(self) -> float:

@@ -57,7 +57,7 @@ _APPLIES_WITH = {
 @dataclasses.dataclass
 class EvalSettings:
     """How to estimate a run's negative log-likelihood (see
-    :func:`~pyro_iwae.runs.run.evaluate_run`); checked when made.
+    :func:`~pyro_iwae.evaluate_run`); checked when made.
 
     :raises ConfigError: for values out of range or settings of another method.
     """

@@ -35,7 +35,7 @@ class Grid:
     over ``higher`` than ``lower2`` over ``higher2`` (nats). ``ais`` adds an
     AIS column for some runs: ``{"runs": [names], "steps": 1000, "chains": 16,
     "limit": 1000}`` (steps, chains and the first ``limit`` test points, None:
-    all, as :func:`~pyro_iwae.runs.run.evaluate_run` takes them)."""
+    all, as :func:`~pyro_iwae.evaluate_run` takes them)."""
 
     base: dict[str, Any]
     runs: dict[str, dict[str, Any]]

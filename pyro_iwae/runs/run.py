@@ -162,7 +162,7 @@ class Run:
 
     def resumed_config(self, given: dict[str, Any] | None = None) -> RunConfig:
         """The run's config with the settings ``given`` (field -> value): only
-        :data:`~pyro_iwae.runs.run_writer.EXTENDABLE` ones (more epochs or stages),
+        ``pyro_iwae.runs.run_writer.EXTENDABLE`` ones (more epochs or stages),
         device and data folder may differ from the run's.
 
         :raises ConfigError: for another setting that differs, or settings that
@@ -180,7 +180,7 @@ class Run:
     ) -> list[dict[str, Any]]:
         """Trains ``config`` here (writing ``config.json``), or resumes the run
         with ``config`` (None: its own; more epochs or stages extend it): see
-        :func:`pyro_iwae.runs.run_writer.train`. Returns the metrics of every epoch.
+        ``pyro_iwae.runs.run_writer.train``. Returns the metrics of every epoch.
 
         :raises RunBusy: if another process (group) trains the run.
         """
@@ -219,7 +219,7 @@ class Run:
         ``dataset`` and ``data_dir`` where given (a data file since moved, say),
         and counts the active units of each latent site on them. Writes the
         result and the per-point estimates and diagnostics to the run directory
-        (see :mod:`pyro_iwae.runs.eval_results`: one of other settings is never
+        (see ``pyro_iwae.runs.eval_results``: one of other settings is never
         replaced). ``callback(estimates, total)`` is called after each batch
         with its estimates (``[batch]``, nats) and the number of points (under
         torchrun: this rank's batches and points).
