@@ -32,6 +32,7 @@ import torch
 from ..errors import PyroIwaeError
 from . import distributed
 from .callbacks import FitCallback, StepInfo
+from .eval_results import Evaluation
 from .plots import image_grid, reconstruction_grid
 
 __all__ = [
@@ -172,10 +173,14 @@ class Tracker(FitCallback):
         picture = reconstruction_grid(x, recon, image_shape=shape)
         self.log_image("reconstructions", picture, step)
 
-    def log_evaluation(self, result: dict[str, Any], step: int = 0) -> None:
-        """Logs an evaluation: a dict as :func:`~pyro_iwae.evaluate_run` returns
-        (``nll``, ``stderr``, ``num_samples``, ``split`` and, where present,
-        ``ess_median``, ``khat_median``, ``khat_above_0.7``)."""
+    def log_evaluation(
+        self, result: Evaluation | dict[str, Any], step: int = 0
+    ) -> None:
+        """Logs an evaluation: an :class:`~pyro_iwae.Evaluation` as
+        :func:`~pyro_iwae.evaluate_run` returns, or its JSON's dict (``nll``,
+        ``stderr``, ``split`` and, where present, the ``diagnostics``' medians)."""
+        if isinstance(result, Evaluation):
+            result = result.to_json()
         prefix = f"eval_{result.get('split', 'test')}/"
         keys = {
             "nll": "nll",
@@ -393,7 +398,7 @@ def make_trackers(
 def log_evaluation(
     names: Sequence[str],
     run_dir: str | os.PathLike,
-    result: dict[str, Any],
+    result: Evaluation | dict[str, Any],
     *,
     mlflow_uri: str | None = None,
 ) -> None:
