@@ -158,41 +158,11 @@ class Chains:
                 for name, value in z.items()
                 if not (redraw and name in self.redrawn)
             }
-            guide_trace = self.template.copy()
-            for name, site in latent_sites(self.template):
-                if name in self.derived:
-                    guide_trace.remove_node(name)
-                else:
-                    guide_trace.nodes[name] = {**site, "value": leaves[name]}
-            model = self.model
-            if self.prior_sites:
-                prior_trace = Trace()
-                for name in self.prior_sites:
-                    if name in leaves:
-                        site = self.prior_template.nodes[name]
-                        prior_trace.add_node(name, **{**site, "value": leaves[name]})
-                model = poutine.replay(model, trace=prior_trace)
-            particles = self.elbo.particles(
-                model,
-                poutine.replay(self.guide, trace=guide_trace),
-                *self.args,
-                **self.kwargs,
-            )
+            model, guide = self._replaying(leaves)
+            particles = self.elbo.particles(model, guide, *self.args, **self.kwargs)
             model_trace = particles.traces[0][0]
-            log_q, log_w = particles.guide_log_prob, particles.log_weights
-            log_redrawn = 0.0
-            if self.prior_sites:
-                nesting = self.plate_dims - 1
-                log_prior = _log_prob(
-                    model_trace, self.prior_sites, nesting, self.local_dims
-                )
-                # The prior of these sites is part of the proposal: it cancels from
-                # log w and belongs to log q.
-                log_q = log_q + log_prior
-                if self.redrawn:
-                    log_redrawn = _log_prob(
-                        model_trace, self.redrawn, nesting, self.local_dims
-                    ).detach()
+            log_q, log_redrawn = self._proposal(particles.guide_log_prob, model_trace)
+            log_w = particles.log_weights
             drawn = {
                 name: _with_particle_dim(
                     model_trace.nodes[name]["value"].detach(),
@@ -202,21 +172,69 @@ class Chains:
                 for name in self.redrawn
                 if redraw
             }
-            if beta is None:
-                return Point(log_q.detach(), log_w.detach(), log_redrawn, None, drawn)
-            # Chains and points are independent: the gradient of the sum is each
-            # one's own gradient.
-            moved = [name for name in self.moved if name in leaves]
-            grads = (
-                torch.autograd.grad(
-                    (log_q + beta * log_w).sum(),
-                    [leaves[name] for name in moved],
-                    allow_unused=True,
-                )
-                if moved
-                else ()
+            grad = None
+            if beta is not None:
+                grad = self._gradient(log_q + beta * log_w, leaves, z)
+        return Point(log_q.detach(), log_w.detach(), log_redrawn, grad, drawn)
+
+    def _replaying(self, leaves: dict[str, torch.Tensor]) -> tuple[Callable, Callable]:
+        """Model and guide with their latent sites replayed at ``leaves`` (the
+        guide's sites, and the model's the guide leaves out); the sites missing
+        from ``leaves`` are drawn afresh."""
+        guide_trace = self.template.copy()
+        for name, site in latent_sites(self.template):
+            if name in self.derived:
+                guide_trace.remove_node(name)
+            else:
+                guide_trace.nodes[name] = {**site, "value": leaves[name]}
+        model = self.model
+        if self.prior_sites:
+            prior_trace = Trace()
+            for name in self.prior_sites:
+                if name in leaves:
+                    site = self.prior_template.nodes[name]
+                    prior_trace.add_node(name, **{**site, "value": leaves[name]})
+            model = poutine.replay(model, trace=prior_trace)
+        return model, poutine.replay(self.guide, trace=guide_trace)
+
+    def _proposal(
+        self, guide_log_prob: torch.Tensor, model_trace: Trace
+    ) -> tuple[torch.Tensor, torch.Tensor | float]:
+        """``(log_q, log_redrawn)`` of :class:`Point`, from the guide's log density
+        and the model's trace."""
+        if not self.prior_sites:
+            return guide_log_prob, 0.0
+        nesting = self.plate_dims - 1
+        log_prior = _log_prob(model_trace, self.prior_sites, nesting, self.local_dims)
+        # The prior of these sites is part of the proposal: it cancels from
+        # log w and belongs to log q.
+        log_q = guide_log_prob + log_prior
+        log_redrawn: torch.Tensor | float = 0.0
+        if self.redrawn:
+            log_redrawn = _log_prob(
+                model_trace, self.redrawn, nesting, self.local_dims
+            ).detach()
+        return log_q, log_redrawn
+
+    def _gradient(
+        self,
+        log_pi: torch.Tensor,
+        leaves: dict[str, torch.Tensor],
+        z: dict[str, torch.Tensor],
+    ) -> dict[str, torch.Tensor]:
+        """The gradient of ``log_pi`` with respect to the moved sites among
+        ``leaves``, in the shape of their values in ``z``."""
+        # Chains and points are independent: the gradient of the sum is each
+        # one's own gradient.
+        moved = [name for name in self.moved if name in leaves]
+        grads = (
+            torch.autograd.grad(
+                log_pi.sum(), [leaves[name] for name in moved], allow_unused=True
             )
-        grad = {
+            if moved
+            else ()
+        )
+        return {
             name: (
                 torch.zeros_like(z[name])
                 if g is None
@@ -224,7 +242,6 @@ class Chains:
             )
             for name, g in zip(moved, grads, strict=True)
         }
-        return Point(log_q.detach(), log_w.detach(), log_redrawn, grad, drawn)
 
     def kinetic(self, momentum: dict[str, torch.Tensor]) -> torch.Tensor:
         """Half the squared norm of ``momentum`` per chain and point."""
