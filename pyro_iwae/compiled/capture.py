@@ -190,3 +190,25 @@ def call_signature(args: tuple, kwargs: dict) -> tuple | None:
                 return None
             key.append(leaf)
     return (str(spec), tuple(key))
+
+
+class CallArgs:
+    """A call's ``(args, kwargs)`` with its tensors as a flat list: a graph takes
+    them as inputs, and :meth:`rebuild` puts the traced ones in their places."""
+
+    def __init__(self, args: tuple, kwargs: dict) -> None:
+        self.leaves, self.spec = torch.utils._pytree.tree_flatten((args, kwargs))
+        self.positions = [
+            i for i, leaf in enumerate(self.leaves) if isinstance(leaf, torch.Tensor)
+        ]
+
+    @property
+    def tensors(self) -> list[torch.Tensor]:
+        return [self.leaves[i] for i in self.positions]
+
+    def rebuild(self, tensors: Sequence[torch.Tensor]) -> tuple[tuple, dict]:
+        """``(args, kwargs)`` with ``tensors`` in place of the call's tensors."""
+        leaves = list(self.leaves)
+        for i, t in zip(self.positions, tensors, strict=True):
+            leaves[i] = t
+        return torch.utils._pytree.tree_unflatten(leaves, self.spec)

@@ -24,7 +24,7 @@ from ..infer.evaluation import (
 from ..infer.objectives import IWELBO
 from ..infer.traces import cuda_devices
 from .backend import GraphCache, close_enough, compile_graph
-from .capture import draw_noise, seeded_ops, trace_graph
+from .capture import CallArgs, draw_noise, seeded_ops, trace_graph
 from .rewrites import cheaper_tanh, group_bernoulli_sums
 
 
@@ -234,7 +234,6 @@ class CompiledLogLikelihood(GraphCache):
         )
 
     def _build(self, chunk: int, args: tuple, kwargs: dict) -> _LogWeightsGraph:
-
         named = self._named()
         names = list(named)
         modules = {
@@ -242,21 +241,13 @@ class CompiledLogLikelihood(GraphCache):
             for prefix, fn in (("model.", self.model), ("guide.", self.guide))
             if isinstance(fn, torch.nn.Module)
         }
-        leaves, spec = torch.utils._pytree.tree_flatten((args, kwargs))
-        positions = [
-            i for i, leaf in enumerate(leaves) if isinstance(leaf, torch.Tensor)
-        ]
+        call = CallArgs(args, kwargs)
         n = len(names)
         found: dict[str, Any] = {}
         elbo = IWELBO(num_particles=chunk, max_plate_nesting=self.max_plate_nesting)
 
         def step(*flat):
-            call_leaves = list(leaves)
-            for i, t in zip(positions, flat[n:], strict=True):
-                call_leaves[i] = t
-            call_args, call_kwargs = torch.utils._pytree.tree_unflatten(
-                call_leaves, spec
-            )
+            call_args, call_kwargs = call.rebuild(flat[n:])
             states = {
                 prefix: {
                     name[len(prefix) :]: t
@@ -280,8 +271,7 @@ class CompiledLogLikelihood(GraphCache):
             return particles.log_weights
 
         with evaluating(self.model, self.guide):
-            inputs = [*(t.detach() for t in named.values())]
-            inputs += [leaves[i] for i in positions]
+            inputs = [t.detach() for t in named.values()] + call.tensors
             gm, noise_ops = trace_graph(step, inputs)
             # Not in the training graph: there the loss is checked against the
             # eager one, and Adam would magnify the different rounding.

@@ -13,7 +13,14 @@ from pyro.poutine.runtime import am_i_wrapped
 
 from ..infer.traces import cuda_devices
 from .backend import GraphCache, close_enough, compile_graph
-from .capture import SEEDED_MESSAGE, Unsupported, draw_noise, seeded_ops, trace_graph
+from .capture import (
+    SEEDED_MESSAGE,
+    CallArgs,
+    Unsupported,
+    draw_noise,
+    seeded_ops,
+    trace_graph,
+)
 
 
 class _Both(torch.nn.Module):
@@ -169,10 +176,7 @@ class CompiledLoss(GraphCache):
         names = list(named)
         tensors = list(named.values())
         wanted = [t.requires_grad for t in tensors]
-        leaves, spec = torch.utils._pytree.tree_flatten((args, kwargs))
-        positions = [
-            i for i, leaf in enumerate(leaves) if isinstance(leaf, torch.Tensor)
-        ]
+        call = CallArgs(args, kwargs)
         n = len(tensors)
         grad_mask: list[bool] = []
 
@@ -181,12 +185,7 @@ class CompiledLoss(GraphCache):
                 t.detach().requires_grad_(w)
                 for t, w in zip(flat[:n], wanted, strict=True)
             ]
-            call_leaves = list(leaves)
-            for i, t in zip(positions, flat[n:], strict=True):
-                call_leaves[i] = t
-            call_args, call_kwargs = torch.utils._pytree.tree_unflatten(
-                call_leaves, spec
-            )
+            call_args, call_kwargs = call.rebuild(flat[n:])
             state = dict(zip(names, params, strict=True))
             with (
                 pyro.settings.context(module_local_params=True),
@@ -198,7 +197,7 @@ class CompiledLoss(GraphCache):
             grad_mask[:] = [g is not None for g in grads]
             return (loss.detach(), *(g for g in grads if g is not None))
 
-        inputs = [t.detach() for t in tensors] + [leaves[i] for i in positions]
+        inputs = [t.detach() for t in tensors] + call.tensors
         with torch.enable_grad():
             gm, noise_ops = trace_graph(loss_and_grads, inputs)
         if self.backend is not None and seeded_ops(gm.graph):
