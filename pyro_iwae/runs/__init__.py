@@ -6,34 +6,7 @@ The top layer, on :mod:`pyro_iwae.infer`, :mod:`pyro_iwae.nn` and
 :mod:`pyro_iwae.data`; the command line (``pyro_iwae_cli``) calls it.
 """
 
-from .run import (
-    EVAL_METHODS,
-    EvalSettings,
-    Evaluation,
-    Run,
-    build_run,
-    evaluate_run,
-    find_latest_run,
-    load_run,
-    new_run_dir,
-    plan_fit,
-    read_estimates,
-    train_run,
-    versions,
-)
-
-__all__ = [
-    "EVAL_METHODS",
-    "EvalSettings",
-    "Evaluation",
-    "Run",
-    "build_run",
-    "evaluate_run",
-    "find_latest_run",
-    "load_run",
-    "new_run_dir",
-    "plan_fit",
-    "read_estimates",
-    "train_run",
-    "versions",
-]
+# The names of pyro_iwae.runs.run, as they were importable from pyro_iwae.runs
+# before it became this package.
+from .run import *  # noqa: F403
+from .run import __all__ as __all__
