@@ -277,8 +277,10 @@ class CompiledLogLikelihood(GraphCache):
             # eager one, and Adam would magnify the different rounding.
             group_bernoulli_sums(gm)
             cheaper_tanh(gm)
-            # Left in the graph, a compiler draws these from its own generator.
-            own_draws = self.backend is not None and bool(seeded_ops(gm.graph))
+            # Left in the graph, a compiler draws these from its own generator;
+            # uncompiled, the graph draws them after the lifted draws, not
+            # among them as the eager program does: other numbers either way.
+            own_draws = bool(seeded_ops(gm.graph))
             fn = compile_graph(
                 gm, self.backend, self.compile_options, inputs, noise_ops
             )
