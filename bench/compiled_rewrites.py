@@ -3,8 +3,9 @@ with none of them, with the grouped Bernoulli log-density alone, and with it and
 the ``exp``-based ``tanh``, timed round by round on the same images, and a
 per-kernel profile of one chunk of the last.
 
-The variants switch the rewrites off by replacing ``pyro_iwae.compiled``'s
-``_group_bernoulli_sums`` and ``_cheaper_tanh`` with no-ops while their graph is
+The variants switch the rewrites off by replacing
+``pyro_iwae.compiled.log_likelihood``'s ``group_bernoulli_sums`` and
+``cheaper_tanh`` with no-ops while their graph is
 built (a benchmark's switch, not an option of the library)::
 
     python bench/compiled_rewrites.py --data-dir /work/shared/data
@@ -23,14 +24,14 @@ import pyro
 import torch
 import torch._inductor.config
 
-from pyro_iwae import compiled as compiled_module
+import pyro_iwae.compiled.log_likelihood as compiled_module
 from pyro_iwae import paper_architecture
 from pyro_iwae.compiled import CompiledLogLikelihood
 
 #: Variant: the rewrites it leaves out.
 VARIANTS = {
-    "no rewrite": ("_group_bernoulli_sums", "_cheaper_tanh"),
-    "grouped log-density": ("_cheaper_tanh",),
+    "no rewrite": ("group_bernoulli_sums", "cheaper_tanh"),
+    "grouped log-density": ("cheaper_tanh",),
     "grouped log-density + exp tanh": (),
 }
 

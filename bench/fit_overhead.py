@@ -12,7 +12,7 @@ steps of the paper's one-layer model at ``--k`` and ``--batch``:
 - ``step``: that step on one fixed batch of test images (what
   bench/versus_jax.py's ``fit`` row times);
 - ``step-no-flush``: ``step`` without flushing subnormal floats to zero (the
-  steps above run under ``pyro_iwae.denormals.flush_denormals``, as ``fit``
+  steps above run under ``pyro_iwae.runs.denormals.flush_denormals``, as ``fit``
   does since it was found to cost a third of the step; see denormals.py).
 
 ``fit`` - ``step+data`` is the trainer's own bookkeeping, ``step+data`` -
@@ -37,11 +37,11 @@ import pyro
 import torch
 
 from pyro_iwae import IWELBO, fit, paper_architecture
-from pyro_iwae.callbacks import FitCallback
 from pyro_iwae.data import load_dataset, minibatches
+from pyro_iwae.runs.callbacks import FitCallback
 
 try:
-    from pyro_iwae.denormals import flush_denormals
+    from pyro_iwae.runs.denormals import flush_denormals
 except ImportError:  # a pyro-iwae from before it, to time fit as it was then
     import contextlib
 

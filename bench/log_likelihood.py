@@ -37,7 +37,7 @@ from common import (
 from handwritten import HandIWAE
 
 from pyro_iwae import log_likelihood, paper_architecture
-from pyro_iwae.evaluation import default_chunk_size
+from pyro_iwae.infer.evaluation import default_chunk_size
 
 VARIANTS = ("pyro_iwae", "hand")
 #: Target ratio of pyro_iwae.log_likelihood to the hand-written estimator.

@@ -55,8 +55,8 @@ from handwritten import HandIWAE
 
 from pyro_iwae import IWELBO, log_likelihood, paper_architecture
 from pyro_iwae.compiled import CompiledLogLikelihood
-from pyro_iwae.denormals import flush_denormals
-from pyro_iwae.evaluation import default_chunk_size
+from pyro_iwae.infer.evaluation import default_chunk_size
+from pyro_iwae.runs.denormals import flush_denormals
 
 LR = 1e-3
 ADAM_EPS = 1e-4
@@ -187,14 +187,14 @@ def make_ours(name: str, x: torch.Tensor, k: int, init):
             elbo = IWELBO(num_particles=k, compile=compile)
 
             def loss():
-                # As pyro_iwae.training._step, under fit's settings.
+                # As pyro_iwae.runs.fit_steps.adam_step, under fit's settings.
                 with pyro.settings.context(module_local_params=True):
                     return elbo.differentiable_loss(model, guide, x) / n
 
         optim = torch.optim.Adam(params, lr=LR, eps=ADAM_EPS, fused=True)
 
         def step() -> None:
-            # fit flushes subnormals to zero (pyro_iwae.denormals), as XLA does.
+            # fit flushes subnormals to zero (pyro_iwae.runs.denormals), as XLA does.
             with flush_denormals():
                 optim.zero_grad(set_to_none=True)
                 loss().backward()

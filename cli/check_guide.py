@@ -9,7 +9,7 @@ import click
 
 from pyro_iwae import RunConfig, check_run_guide
 from pyro_iwae.errors import ConfigError
-from pyro_iwae.objectives import ESTIMATORS
+from pyro_iwae.infer.objectives import ESTIMATORS
 
 from .common import count_option, library_errors
 from .main import _data_dir_option, cli

@@ -16,8 +16,8 @@ from typing import Any
 import click
 import torch
 
-from pyro_iwae import distributed
 from pyro_iwae.errors import ConfigError, PyroIwaeError, one_line
+from pyro_iwae.runs import distributed
 
 from .options import OPTION_NAMES, cli_text
 

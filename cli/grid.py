@@ -7,9 +7,9 @@ from pathlib import Path
 
 import click
 
-from pyro_iwae import distributed
-from pyro_iwae.grid_report import table_slot, write_report
-from pyro_iwae.reproduction import Grid, run_grid
+from pyro_iwae.runs import distributed
+from pyro_iwae.runs.grid_report import table_slot, write_report
+from pyro_iwae.runs.reproduction import Grid, run_grid
 
 from .common import (
     count_option,

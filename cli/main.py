@@ -20,17 +20,17 @@ import click
 import torch
 
 import pyro_iwae
-from pyro_iwae import distributed
-from pyro_iwae.callbacks import CallbackList
-from pyro_iwae.config import RunConfig
 from pyro_iwae.data import DATASETS
 from pyro_iwae.errors import ConfigError, PyroIwaeError
-from pyro_iwae.eval_results import EvalSettings, Evaluation
-from pyro_iwae.plots import save_curves, save_image_grid, save_reconstruction_grid
-from pyro_iwae.runs import Run, plan_fit
-from pyro_iwae.sampling import reconstruct, sample_images
-from pyro_iwae.settings import read_settings
-from pyro_iwae.tracking import TRACKERS, log_evaluation, make_trackers
+from pyro_iwae.infer.sampling import reconstruct, sample_images
+from pyro_iwae.runs import distributed
+from pyro_iwae.runs.callbacks import CallbackList
+from pyro_iwae.runs.config import RunConfig
+from pyro_iwae.runs.eval_results import EvalSettings, Evaluation
+from pyro_iwae.runs.plots import save_curves, save_image_grid, save_reconstruction_grid
+from pyro_iwae.runs.run import Run, plan_fit
+from pyro_iwae.runs.settings import read_settings
+from pyro_iwae.runs.tracking import TRACKERS, log_evaluation, make_trackers
 
 from .common import (
     cuda_option,

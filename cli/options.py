@@ -1,5 +1,5 @@
 """Click options made from the settings the library declares (see
-:mod:`pyro_iwae.settings`), and the library's messages in the command line's
+:mod:`pyro_iwae.runs.settings`), and the library's messages in the command line's
 spelling."""
 
 from __future__ import annotations
@@ -12,10 +12,10 @@ from typing import Any
 
 import click
 
-from pyro_iwae.config import RunConfig
 from pyro_iwae.data import DATASETS, FILE_SUFFIXES, is_data_file
-from pyro_iwae.eval_results import EvalSettings
-from pyro_iwae.settings import NO_DEFAULT, Setting, declared, option_names
+from pyro_iwae.runs.config import RunConfig
+from pyro_iwae.runs.eval_results import EvalSettings
+from pyro_iwae.runs.settings import NO_DEFAULT, Setting, declared, option_names
 
 #: Setting -> its option, for the library's messages (fit's and eval-nll's,
 #: and the arguments of a run that messages name).

@@ -10,7 +10,7 @@ import click
 import torch
 from tqdm import tqdm
 
-from pyro_iwae.callbacks import FitCallback, StepInfo
+from pyro_iwae.runs.callbacks import FitCallback, StepInfo
 
 # Seconds between refreshes of a bar's running bound: reading it copies a number
 # from the training device.
@@ -102,7 +102,7 @@ class FitProgress(FitCallback):
 
 class EvalProgress:
     """A tqdm bar over data points with the running NLL; a callable for
-    :func:`pyro_iwae.runs.evaluate_run`."""
+    :func:`pyro_iwae.runs.run.evaluate_run`."""
 
     def __init__(self, quiet: bool) -> None:
         self.bar = tqdm(

@@ -1,8 +1,10 @@
 """Importance weighted autoencoders (Burda et al. 2016) for Pyro."""
 
+# Registers the compiled path with infer.hooks, for the compile options.
+from . import compiled as compiled
 from ._version import __version__ as __version__
-from .ais import (
-    AISError,
+from .errors import AISError, DataError, PyroIwaeError, RunBusy
+from .infer.ais import (
     AISResult,
     BDMCResult,
     ais_log_likelihood,
@@ -11,42 +13,37 @@ from .ais import (
     bidirectional_log_likelihood,
     sample_joint,
 )
-from .callbacks import FitCallback, StepInfo
-from .checkpoints import CheckpointError, RunError, load_checkpoint, read_metrics
-from .config import RunConfig
-from .diagnostics import (
+from .infer.diagnostics import (
     Diagnostics,
     effective_sample_size,
     importance_resample,
     log_likelihood_with_diagnostics,
     pareto_khat,
 )
-from .errors import DataError, PyroIwaeError, RunBusy
-from .eval_results import EvalSettings, Evaluation
-from .evaluation import (
+from .infer.evaluation import (
     EstimateWarning,
     active_units,
     dataset_log_likelihood,
     latent_activity,
     log_likelihood,
 )
-from .gradient_check import (
+from .infer.gradient_check import (
     GradientCheck,
     ParameterCheck,
     check_guide_gradients,
-    check_run_guide,
 )
-from .guides import (
+from .infer.objectives import CIWELBO, ESTIMATORS, IWELBO, MIWELBO, PIWELBO
+from .infer.sampling import reconstruct, sample_images
+from .nn.guides import (
     CouplingGuide,
     IAFGuide,
     LowRankGuide,
     PaperGuide,
     paper_architecture,
 )
-from .likelihoods import LIKELIHOODS
-from .models import DATA_PLATE, LATENT_SITES, OBSERVED_SITE, PaperModel
-from .objectives import CIWELBO, ESTIMATORS, IWELBO, MIWELBO, PIWELBO
-from .registry import (
+from .nn.likelihoods import LIKELIHOODS
+from .nn.models import DATA_PLATE, LATENT_SITES, OBSERVED_SITE, PaperModel
+from .nn.registry import (
     GUIDES,
     MODELS,
     build_guide,
@@ -54,7 +51,13 @@ from .registry import (
     register_guide,
     register_model,
 )
-from .runs import (
+from .nn.sbn import SBNGuide, SBNModel, sbn_architecture
+from .runs.callbacks import FitCallback, StepInfo
+from .runs.check_guide import check_run_guide
+from .runs.checkpoints import CheckpointError, RunError, load_checkpoint, read_metrics
+from .runs.config import RunConfig
+from .runs.eval_results import EvalSettings, Evaluation
+from .runs.run import (
     Run,
     build_run,
     evaluate_run,
@@ -64,16 +67,14 @@ from .runs import (
     read_estimates,
     train_run,
 )
-from .sampling import reconstruct, sample_images
-from .sbn import SBNGuide, SBNModel, sbn_architecture
-from .schedules import (
+from .runs.schedules import (
     ConfigError,
     constant_schedule,
     make_objective,
     make_schedule,
     paper_schedule,
 )
-from .training import TrainingDiverged, fit
+from .runs.training import TrainingDiverged, fit
 
 __all__ = [
     "AISError",

@@ -94,3 +94,7 @@ class BuilderError(PyroIwaeError, ValueError):
 
 class TrainingDiverged(PyroIwaeError):
     """The loss or the parameters became NaN or infinite during training."""
+
+
+class AISError(PyroIwaeError, ValueError):
+    """A model or guide that AIS cannot anneal; the message says what to use."""

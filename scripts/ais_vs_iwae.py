@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 from pyro_iwae import ais_log_likelihood, log_likelihood_with_diagnostics
-from pyro_iwae.runs import load_run, versions
+from pyro_iwae.runs.run import load_run, versions
 
 
 def batches(points: torch.Tensor, size: int):

@@ -16,7 +16,7 @@ from pathlib import Path
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from pyro_iwae import RunConfig, train_run
-from pyro_iwae.tracking import TENSORBOARD_DIR, TensorBoardTracker
+from pyro_iwae.runs.tracking import TENSORBOARD_DIR, TensorBoardTracker
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 PANELS = (

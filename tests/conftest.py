@@ -4,7 +4,7 @@ import torch
 from linear_gaussian import LinearGaussian
 from small_run import small_config
 
-from pyro_iwae.runs import train_run
+from pyro_iwae.runs.run import train_run
 
 
 @pytest.fixture(autouse=True)

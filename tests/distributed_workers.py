@@ -18,10 +18,10 @@ import torch.multiprocessing as mp
 from small_run import BATCH, TEST, TRAIN, K
 
 from pyro_iwae import evaluate_run, paper_architecture
-from pyro_iwae.callbacks import FitCallback
 from pyro_iwae.data import Dataset, load_dataset
-from pyro_iwae.schedules import make_objective
-from pyro_iwae.training import fit
+from pyro_iwae.runs.callbacks import FitCallback
+from pyro_iwae.runs.schedules import make_objective
+from pyro_iwae.runs.training import fit
 
 WORLD = 2
 #: Steps per epoch of the small data, and when runs are stopped (mid-epoch 2).

@@ -34,7 +34,7 @@ from test_objectives import FlowGuide, LocNet, PyroLocNet, zoo_flow_at_posterior
 from test_objectives_guides import setup as per_point_setup
 
 from pyro_iwae import CIWELBO, IWELBO, MIWELBO, PIWELBO
-from pyro_iwae.guides import ZOO
+from pyro_iwae.nn.guides import ZOO
 
 #: The slower cells run only with ``PYRO_IWAE_SLOW_TESTS=1`` (``.ci/run`` does).
 slow = pytest.mark.skipif(
@@ -255,7 +255,7 @@ PERTURBATION = 0.1
 def perturbed(setup: Setup) -> None:
     """Moves every guide parameter by ``PERTURBATION`` times a seeded N(0, 1)
     draw: off the exact posterior, and with every flow layer active."""
-    from pyro_iwae.gradient_check import guide_parameters
+    from pyro_iwae.infer.gradient_check import guide_parameters
 
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():

@@ -17,7 +17,7 @@ from linear_gaussian import LinearGaussian
 from pyro.infer import autoguide
 
 from pyro_iwae import IWELBO, log_likelihood
-from pyro_iwae.networks import local_params
+from pyro_iwae.nn.networks import local_params
 
 N = 10
 JOINT = {

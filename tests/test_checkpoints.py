@@ -6,8 +6,8 @@ import pytest
 import torch
 from small_run import small_config
 
-from pyro_iwae.checkpoints import CHECKPOINT_FILE, CheckpointError
-from pyro_iwae.runs import load_run, train_run
+from pyro_iwae.runs.checkpoints import CHECKPOINT_FILE, CheckpointError
+from pyro_iwae.runs.run import load_run, train_run
 
 
 def test_truncated_checkpoint(run_dir):

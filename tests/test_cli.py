@@ -7,8 +7,9 @@ import torch
 import torchvision
 from click.testing import CliRunner
 
-from pyro_iwae import __version__, runs
-from pyro_iwae.checkpoints import CHECKPOINT_FILE, load_checkpoint, read_metrics
+from pyro_iwae import __version__
+from pyro_iwae.runs import run as runs
+from pyro_iwae.runs.checkpoints import CHECKPOINT_FILE, load_checkpoint, read_metrics
 from pyro_iwae_cli import progress
 from pyro_iwae_cli.main import cli
 

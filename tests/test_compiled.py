@@ -31,25 +31,27 @@ from pyro_iwae import (
     paper_architecture,
     sbn_architecture,
 )
-from pyro_iwae.checkpoints import read_metrics
 from pyro_iwae.compiled import (
     CompiledLogLikelihood,
     CompiledLoss,
     CompileFallbackWarning,
-    _bernoulli_log_prob_sum,
-    _cheaper_tanh,
-    _group_bernoulli_sums,
-    _tanh,
     cached_log_likelihood,
     compile_seconds,
     compiled_loss,
     seeded_ops,
 )
-from pyro_iwae.config import RunConfig
-from pyro_iwae.diagnostics import log_likelihood_with_diagnostics
-from pyro_iwae.evaluation import log_likelihood
-from pyro_iwae.runs import evaluate_run, read_estimates, train_run
-from pyro_iwae.schedules import ConfigError
+from pyro_iwae.compiled.rewrites import (
+    bernoulli_log_prob_sum,
+    cheaper_tanh,
+    exp_tanh,
+    group_bernoulli_sums,
+)
+from pyro_iwae.infer.diagnostics import log_likelihood_with_diagnostics
+from pyro_iwae.infer.evaluation import log_likelihood
+from pyro_iwae.runs.checkpoints import read_metrics
+from pyro_iwae.runs.config import RunConfig
+from pyro_iwae.runs.run import evaluate_run, read_estimates, train_run
+from pyro_iwae.runs.schedules import ConfigError
 
 X_DIM = 12
 # A fallback to the eager path fails the test unless the test expects it (with
@@ -556,7 +558,7 @@ def test_inputs_of_another_memory_layout_get_their_own_graph():
 def test_compiling_a_zoo_guide_says_nothing_a_user_cannot_act_on():
     """The low-rank guide's lowering makes torch warn of its own deprecated
     helper; the compiled path keeps that from the user (and stays compiled)."""
-    from pyro_iwae.guides import LowRankGuide
+    from pyro_iwae.nn.guides import LowRankGuide
 
     torch.manual_seed(0)
     model, _ = paper_architecture(1, x_dim=X_DIM)
@@ -661,7 +663,7 @@ def test_grouped_bernoulli_sum_is_the_log_density(dtype):
     grey = torch.rand(50, 784, generator=g).double()
     for target in (binary, grey):
         exact = _bce_sum(logits.double(), target)
-        grouped = _bernoulli_log_prob_sum(logits.to(dtype), target.to(dtype), 14)
+        grouped = bernoulli_log_prob_sum(logits.to(dtype), target.to(dtype), 14)
         per_element = _bce_sum(logits.to(dtype), target.to(dtype))
         if dtype == torch.float64:
             torch.testing.assert_close(grouped, exact, rtol=1e-12, atol=1e-9)
@@ -696,8 +698,8 @@ def test_the_evaluation_graph_takes_the_grouped_bernoulli_sum():
     for size, factors in [(784, 14), (12, 12), (17, None)]:
         with pyro.validation_enabled(False):  # validation reads values
             gm = make_fx(functools.partial(program, size=size))(logits, target)
-        _group_bernoulli_sums(gm)
-        calls = [n.args for n in gm.graph.nodes if n.target is _bernoulli_log_prob_sum]
+        group_bernoulli_sums(gm)
+        calls = [n.args for n in gm.graph.nodes if n.target is bernoulli_log_prob_sum]
         assert [c[2] for c in calls] == ([factors] * 2 if factors else [])
         assert sum(n.target is bce for n in gm.graph.nodes) == 5 - len(calls)
         for a, b in zip(gm(logits, target), program(logits, target, size), strict=True):
@@ -710,11 +712,11 @@ def test_the_cheaper_tanh_is_tanh(dtype):
     x = torch.randn(10000, generator=g, dtype=torch.float64) * 4
     special = [0.0, -0.0, 1e-30, -1e-30, 1e-4, 20.0, -20.0, 1e4, math.inf, -math.inf]
     x = torch.cat([x, torch.tensor(special, dtype=torch.float64)])
-    ours = _tanh(x.to(dtype))
+    ours = exp_tanh(x.to(dtype))
     error = (ours.double() - torch.tanh(x)).abs().max()
     assert error <= 2 * torch.finfo(dtype).eps
     assert torch.equal(ours.signbit(), x.signbit())  # -0.0 stays -0.0
-    assert torch.isnan(_tanh(torch.tensor([math.nan], dtype=dtype))).all()
+    assert torch.isnan(exp_tanh(torch.tensor([math.nan], dtype=dtype))).all()
 
 
 def test_the_evaluation_graph_takes_the_cheaper_tanh():
@@ -722,9 +724,9 @@ def test_the_evaluation_graph_takes_the_cheaper_tanh():
 
     x = torch.randn(5, 7)
     gm = make_fx(lambda x: torch.tanh(torch.tanh(x) * 2))(x)
-    _cheaper_tanh(gm)
+    cheaper_tanh(gm)
     targets = [n.target for n in gm.graph.nodes]
-    assert targets.count(_tanh) == 2 and torch.ops.aten.tanh.default not in targets
+    assert targets.count(exp_tanh) == 2 and torch.ops.aten.tanh.default not in targets
     torch.testing.assert_close(gm(x), torch.tanh(torch.tanh(x) * 2))
 
 

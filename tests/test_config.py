@@ -6,7 +6,7 @@ import pytest
 from click.testing import CliRunner
 
 from pyro_iwae import ConfigError, RunConfig, RunError, train_run
-from pyro_iwae.config import CONFIG_FILE
+from pyro_iwae.runs.config import CONFIG_FILE
 from pyro_iwae_cli.main import _OPTION_NAMES, cli
 
 # RunConfig settings that do not go together, the same as fit options, and
@@ -168,7 +168,7 @@ def test_yaml_config_needs_pyyaml(tmp_path, monkeypatch):
 
 
 def test_fit_options_are_made_from_the_config_fields():
-    from pyro_iwae.settings import declared
+    from pyro_iwae.runs.settings import declared
 
     text = CliRunner().invoke(cli, ["fit", "--help"]).output
     for name in declared(RunConfig):

@@ -18,10 +18,10 @@ from pyro_iwae import (
     log_likelihood_with_diagnostics,
     paper_architecture,
 )
-from pyro_iwae.checkpoints import CHECKPOINT_FILE, load_checkpoint
 from pyro_iwae.compiled import CompiledLogLikelihood, CompiledLoss
-from pyro_iwae.config import RunConfig
 from pyro_iwae.data import load_dataset
+from pyro_iwae.runs.checkpoints import CHECKPOINT_FILE, load_checkpoint
+from pyro_iwae.runs.config import RunConfig
 from pyro_iwae_cli import progress
 from pyro_iwae_cli.main import cli
 

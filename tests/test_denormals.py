@@ -1,9 +1,9 @@
-"""Tests of pyro_iwae.denormals: the flush mode is on inside the block, off again
+"""Tests of pyro_iwae.runs.denormals: the flush mode is on inside the block, off again
 after it, and a subnormal result becomes exactly zero only inside."""
 
 import torch
 
-from pyro_iwae.denormals import flush_denormals, flushing_denormals
+from pyro_iwae.runs.denormals import flush_denormals, flushing_denormals
 
 
 def test_flush_denormals_turns_the_mode_on_and_restores_it():

@@ -16,7 +16,7 @@ from pyro_iwae import (
     log_likelihood_with_diagnostics,
     pareto_khat,
 )
-from pyro_iwae.diagnostics import relative_stderr, tail_length
+from pyro_iwae.infer.diagnostics import relative_stderr, tail_length
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

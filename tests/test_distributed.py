@@ -21,11 +21,12 @@ from distributed_workers import (
 )
 from small_run import K, small_config
 
-from pyro_iwae import distributed, evaluate_run, paper_architecture, train_run
-from pyro_iwae.callbacks import FitCallback
-from pyro_iwae.checkpoints import CHECKPOINT_FILE, load_checkpoint, read_metrics
+from pyro_iwae import evaluate_run, paper_architecture, train_run
 from pyro_iwae.data import minibatches
-from pyro_iwae.schedules import ConfigError, make_objective
+from pyro_iwae.runs import distributed
+from pyro_iwae.runs.callbacks import FitCallback
+from pyro_iwae.runs.checkpoints import CHECKPOINT_FILE, load_checkpoint, read_metrics
+from pyro_iwae.runs.schedules import ConfigError, make_objective
 
 
 @pytest.fixture(scope="module")

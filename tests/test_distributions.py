@@ -6,7 +6,7 @@ import pytest
 import torch
 from pyro import poutine
 
-from pyro_iwae.distributions import BernoulliImage, DiagonalNormal
+from pyro_iwae.nn.distributions import BernoulliImage, DiagonalNormal
 
 
 def test_diagonal_normal_is_normal_to_event():

@@ -16,7 +16,7 @@ from pyro_iwae import (
     log_likelihood,
     paper_architecture,
 )
-from pyro_iwae.evaluation import (
+from pyro_iwae.infer.evaluation import (
     LARGEST_TENSOR,
     EstimateWarning,
     dataset_log_likelihood,

@@ -13,8 +13,9 @@ from scipy import stats
 from test_vimco import guide as discrete_guide
 from test_vimco import model as discrete_model
 
-from pyro_iwae import IWELBO, MIWELBO, check_guide_gradients, traces
-from pyro_iwae.gradient_check import t_threshold
+from pyro_iwae import IWELBO, MIWELBO, check_guide_gradients
+from pyro_iwae.infer import traces
+from pyro_iwae.infer.gradient_check import t_threshold
 
 pytestmark = pytest.mark.usefixtures("float64_default")
 

@@ -115,7 +115,7 @@ def test_user_guide_by_entry_point(tmp_path, monkeypatch):
     dist_info.mkdir(parents=True)
     (dist_info / "METADATA").write_text("Metadata-Version: 2.1\nName: my-guides\n")
     (dist_info / "entry_points.txt").write_text(
-        "[pyro_iwae.guides]\nmean-field = user_guides:build_guide\n"
+        "[pyro_iwae.nn.guides]\nmean-field = user_guides:build_guide\n"
     )
     monkeypatch.syspath_prepend(str(tmp_path / "site"))
     fit_interrupted_and_reloaded(tmp_path / "run", "mean-field", monkeypatch)

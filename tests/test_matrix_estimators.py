@@ -26,7 +26,7 @@ from matrix import (
 from pyro.infer import Trace_ELBO
 
 from pyro_iwae import IWELBO, check_guide_gradients
-from pyro_iwae.gradient_check import guide_parameters
+from pyro_iwae.infer.gradient_check import guide_parameters
 
 pytestmark = pytest.mark.usefixtures("float64_default")
 

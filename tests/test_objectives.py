@@ -16,10 +16,9 @@ from pyro_iwae import (
     IWELBO,
     MIWELBO,
     PIWELBO,
-    objectives,
     paper_architecture,
-    traces,
 )
+from pyro_iwae.infer import objectives, traces
 
 
 def bound(elbo, model, guide, *args):
@@ -683,7 +682,7 @@ def zoo_flow_at_posterior(name, x):
     """The zoo's ``iaf`` or ``coupling`` guide set to the exact (diagonal) posterior
     of x's single point: the encoder outputs a constant, and the flows, with zero
     output layers, are a fixed scaled permutation M, undone in the base."""
-    from pyro_iwae.guides import ZOO
+    from pyro_iwae.nn.guides import ZOO
 
     lg = LinearGaussian(diagonal_posterior=True)
     guide = ZOO[name](1, x.shape[-1], hidden=[4], latent_dim=LATENT_DIM)

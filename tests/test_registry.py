@@ -6,7 +6,7 @@ import sys
 import pytest
 import torch
 
-from pyro_iwae.registry import BuilderError, build_guide
+from pyro_iwae.nn.registry import BuilderError, build_guide
 
 BUILDER = """
 import torch

@@ -9,16 +9,16 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from pyro_iwae.checkpoints import RunError
-from pyro_iwae.grid_report import (
+from pyro_iwae.runs.checkpoints import RunError
+from pyro_iwae.runs.grid_report import (
     check_claims,
     collect,
     markdown_claims,
     markdown_table,
     nll_series,
 )
-from pyro_iwae.reproduction import Grid, _run_lock, run_grid
-from pyro_iwae.runs import read_estimates
+from pyro_iwae.runs.reproduction import Grid, _run_lock, run_grid
+from pyro_iwae.runs.run import read_estimates
 from pyro_iwae_cli.main import cli
 
 GRID = {

@@ -12,8 +12,10 @@ import torch
 from small_run import BATCH, TEST, TRAIN, K, small_config
 from test_cli import SMALL, assert_ok, assert_one_line_error, invoke
 
-from pyro_iwae import PyroIwaeError, locks
-from pyro_iwae.checkpoints import (
+from pyro_iwae import PyroIwaeError
+from pyro_iwae.errors import ConfigError, DataError, RunBusy, TrainingDiverged
+from pyro_iwae.runs import locks
+from pyro_iwae.runs.checkpoints import (
     CHECKPOINT_FILE,
     METRICS_FILE,
     CheckpointError,
@@ -21,10 +23,9 @@ from pyro_iwae.checkpoints import (
     load_checkpoint,
     read_metrics,
 )
-from pyro_iwae.config import CONFIG_FILE, RunConfig
-from pyro_iwae.errors import ConfigError, DataError, RunBusy, TrainingDiverged
-from pyro_iwae.run_writer import WRITER
-from pyro_iwae.runs import Run, find_latest_run, load_run, train_run
+from pyro_iwae.runs.config import CONFIG_FILE, RunConfig
+from pyro_iwae.runs.run import Run, find_latest_run, load_run, train_run
+from pyro_iwae.runs.run_writer import WRITER
 from pyro_iwae_cli import progress
 from pyro_iwae_cli.options import cli_text
 
@@ -257,7 +258,7 @@ def test_resume_without_runs_leaves_no_runs_folder(tmp_path, monkeypatch):
 
 
 def test_run_object_trains_and_evaluates_as_the_cli_does(tmp_path):
-    from pyro_iwae.runs import EvalSettings
+    from pyro_iwae.runs.run import EvalSettings
 
     config = RunConfig(train_limit=100, test_limit=20, batch_size=50, epochs=1)
     run = Run.new(config, tmp_path)
@@ -302,7 +303,7 @@ def test_two_fits_started_together_one_is_refused(tmp_path):
 
 
 def test_result_path_finds_an_evaluation_by_its_settings(tmp_path):
-    from pyro_iwae.eval_results import EvalSettings, result_path
+    from pyro_iwae.runs.eval_results import EvalSettings, result_path
 
     twenty = EvalSettings(num_samples=5, limit=20)
     assert result_path(tmp_path, twenty).name == "eval-test-k5.json"

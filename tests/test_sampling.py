@@ -6,8 +6,8 @@ from matplotlib.image import imread
 
 from pyro_iwae import paper_architecture
 from pyro_iwae.data import load_dataset
-from pyro_iwae.plots import save_curves, save_image_grid, save_reconstruction_grid
-from pyro_iwae.sampling import reconstruct, sample_images
+from pyro_iwae.infer.sampling import reconstruct, sample_images
+from pyro_iwae.runs.plots import save_curves, save_image_grid, save_reconstruction_grid
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

@@ -9,7 +9,7 @@ from click.testing import CliRunner
 
 from pyro_iwae import IWELBO, build_guide, build_model, log_likelihood
 from pyro_iwae.data import load_dataset, minibatches
-from pyro_iwae.sbn import sbn_architecture
+from pyro_iwae.nn.sbn import sbn_architecture
 from pyro_iwae_cli.main import cli
 
 

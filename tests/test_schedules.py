@@ -4,7 +4,7 @@ import pyro
 import pytest
 
 from pyro_iwae import CIWELBO, MIWELBO, PIWELBO
-from pyro_iwae.schedules import (
+from pyro_iwae.runs.schedules import (
     constant_schedule,
     make_objective,
     make_schedule,

@@ -12,8 +12,8 @@ from click.testing import CliRunner
 from small_run import small_config
 
 from pyro_iwae import FitCallback, evaluate_run, train_run
-from pyro_iwae.callbacks import CallbackList
-from pyro_iwae.tracking import (
+from pyro_iwae.runs.callbacks import CallbackList
+from pyro_iwae.runs.tracking import (
     MLFLOW_RUN_FILE,
     TrackingError,
     log_evaluation,

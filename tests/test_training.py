@@ -8,11 +8,11 @@ import torch
 from small_run import BATCH, TEST, TRAIN, K
 
 from pyro_iwae import paper_architecture
-from pyro_iwae.callbacks import FitCallback
-from pyro_iwae.checkpoints import CHECKPOINT_FILE, load_checkpoint, read_metrics
 from pyro_iwae.data import Dataset, load_dataset
-from pyro_iwae.schedules import make_objective, paper_schedule
-from pyro_iwae.training import TrainingDiverged, fit
+from pyro_iwae.runs.callbacks import FitCallback
+from pyro_iwae.runs.checkpoints import CHECKPOINT_FILE, load_checkpoint, read_metrics
+from pyro_iwae.runs.schedules import make_objective, paper_schedule
+from pyro_iwae.runs.training import TrainingDiverged, fit
 
 
 @pytest.fixture(scope="module")

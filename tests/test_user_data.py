@@ -13,8 +13,8 @@ from test_cli import assert_ok, assert_one_line_error, invoke
 
 from pyro_iwae import load_run
 from pyro_iwae.data import DataError, load_dataset
-from pyro_iwae.distributions import ContinuousBernoulliImage
-from pyro_iwae.likelihoods import Likelihood, support_problem
+from pyro_iwae.nn.distributions import ContinuousBernoulliImage
+from pyro_iwae.nn.likelihoods import Likelihood, support_problem
 
 # -- data files --------------------------------------------------------------
 

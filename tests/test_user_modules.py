@@ -86,7 +86,7 @@ def test_log_likelihood_of_pyro_modules_does_not_mix_their_parameters():
 
 def test_train_run_with_a_registered_pyro_module_model(tmp_path):
     from pyro_iwae import RunConfig, register_model, train_run
-    from pyro_iwae.registry import MODELS
+    from pyro_iwae.nn.registry import MODELS
 
     class Bernoulli(PyroModule):
         def __init__(self, x_dim: int) -> None:

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from pyro_iwae import DATA_PLATE
-from pyro_iwae.distributions import DiagonalNormal
+from pyro_iwae.nn.distributions import DiagonalNormal
 
 
 class MeanFieldGuide(nn.Module):

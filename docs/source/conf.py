@@ -33,7 +33,7 @@ autodoc_typehints = "signature"
 # reaches no documentation site), so only those are let through.
 nitpicky = True
 nitpick_ignore = [
-    ("py:class", "pyro_iwae.distributed.T"),  # a TypeVar
+    ("py:class", "pyro_iwae.runs.distributed.T"),  # a TypeVar
     # Module-level helpers that docstrings name but the API does not include.
     ("py:func", "tail_length"),
     ("py:data", "KHAT_THRESHOLD"),

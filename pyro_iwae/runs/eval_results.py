@@ -23,13 +23,13 @@ from typing import Any
 import pyro
 import torch
 
+from .._version import __version__
+from ..infer.diagnostics import KHAT_THRESHOLD
+from ..infer.evaluation import count_active
+from ..nn.likelihoods import CONTINUOUS
 from . import distributed
-from ._version import __version__
 from .checkpoints import write_json, write_text
 from .config import RunConfig
-from .diagnostics import KHAT_THRESHOLD
-from .evaluation import count_active
-from .likelihoods import CONTINUOUS
 from .settings import check_applies, check_values, setting
 
 __all__ = [
@@ -57,7 +57,7 @@ _APPLIES_WITH = {
 @dataclasses.dataclass
 class EvalSettings:
     """How to estimate a run's negative log-likelihood (see
-    :func:`~pyro_iwae.runs.evaluate_run`); checked when made.
+    :func:`~pyro_iwae.evaluate_run`); checked when made.
 
     :raises ConfigError: for values out of range or settings of another method.
     """

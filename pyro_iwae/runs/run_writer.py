@@ -1,7 +1,7 @@
 """The writer of a run directory: a run trained there (new, resumed or
 extended by more epochs or stages) under the run's lock, and nothing left
 behind by a new run that failed before its first checkpoint. Used through
-:class:`pyro_iwae.runs.Run`."""
+:class:`pyro_iwae.runs.run.Run`."""
 
 from __future__ import annotations
 
@@ -11,12 +11,8 @@ from typing import Any
 
 import torch
 
-from . import distributed, locks
-from .callbacks import FitCallback
-from .checkpoints import CHECKPOINT_FILE, METRICS_FILE
-from .config import CONFIG_FILE, RunConfig
-from .data import Dataset
-from .errors import (
+from ..data import Dataset
+from ..errors import (
     BuilderError,
     CheckpointError,
     ConfigError,
@@ -26,10 +22,14 @@ from .errors import (
     literal,
     one_line,
 )
-from .evaluation import evaluating
-from .likelihoods import support_problem
-from .objectives import IWELBO
-from .registry import build_guide, build_model
+from ..infer.evaluation import evaluating
+from ..infer.objectives import IWELBO
+from ..nn.likelihoods import support_problem
+from ..nn.registry import build_guide, build_model
+from . import distributed, locks
+from .callbacks import FitCallback
+from .checkpoints import CHECKPOINT_FILE, METRICS_FILE
+from .config import CONFIG_FILE, RunConfig
 from .training import fit
 
 __all__ = [

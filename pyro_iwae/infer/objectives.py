@@ -16,6 +16,7 @@ from pyro.poutine.trace_struct import Trace
 from pyro.poutine.util import prune_subsample_sites
 from pyro.util import check_if_enumerated, check_model_guide_match, warn_if_nan
 
+from .hooks import backend_of, compiler
 from .traces import (
     PARTICLE_PLATE,
     TieGlobals,
@@ -455,11 +456,15 @@ class IWELBO(ELBO):
     ) -> torch.Tensor:
         """Returns the negative bound, differentiable with the chosen estimator."""
         if self.compile is not False:
-            # Imported here: compiled imports evaluation, which imports this module.
-            from .compiled import compiled_loss
+            loss = compiler().loss(self, model, guide, backend_of(self.compile))
+            return loss(*args, **kwargs)
+        return self.eager_loss(model, guide, *args, **kwargs)
 
-            backend = "inductor" if self.compile is True else self.compile
-            return compiled_loss(self, model, guide, backend=backend)(*args, **kwargs)
+    def eager_loss(
+        self, model: Callable, guide: Callable, *args: Any, **kwargs: Any
+    ) -> torch.Tensor:
+        """:meth:`differentiable_loss` computed eagerly whatever ``compile`` says:
+        what a compiled loss traces, and checks its graphs against."""
         return self._weighted_loss(model, guide, args, kwargs)[0]
 
     def loss(

@@ -11,8 +11,8 @@ from typing import Any
 
 from pyro.infer import ELBO, RenyiELBO, Trace_ELBO
 
-from .errors import ConfigError
-from .objectives import CIWELBO, IWELBO, MIWELBO, PIWELBO
+from ..errors import ConfigError
+from ..infer.objectives import CIWELBO, IWELBO, MIWELBO, PIWELBO
 
 __all__ = [
     "IW_OBJECTIVES",

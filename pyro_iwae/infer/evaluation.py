@@ -13,7 +13,8 @@ import pyro
 import torch
 from pyro.poutine.util import site_is_subsample
 
-from .networks import prepare_pyro_modules
+from ..nn.networks import prepare_pyro_modules
+from .hooks import backend_of, compiler
 from .objectives import IWELBO, Particles
 from .traces import (
     PARTICLE_PLATE,
@@ -41,7 +42,7 @@ def evaluating(*fns: Callable) -> Iterator[None]:
     """Puts the modules among ``fns`` in eval mode without gradients, then restores.
 
     ``PyroModule`` s run with their own parameters (Pyro's module-local
-    parameters, see :func:`~pyro_iwae.networks.local_params`).
+    parameters, see :func:`~pyro_iwae.nn.networks.local_params`).
     """
     modes = [
         (module, module.training)
@@ -128,7 +129,7 @@ def log_likelihood(
 
 class LogWeights(NamedTuple):
     """A chunk of log importance weights, ``(chunk,) + plate_shape`` (see
-    :class:`~pyro_iwae.objectives.Particles`), and the data plate dims."""
+    :class:`~pyro_iwae.infer.objectives.Particles`), and the data plate dims."""
 
     log_weights: torch.Tensor
     local_dims: tuple[int, ...]
@@ -151,11 +152,8 @@ def log_weight_chunks(
     falls back to these with a warning for programs it cannot compile.
     """
     if compile is not False:
-        # compiled.py builds on this module, so it is imported on first use.
-        from .compiled import cached_log_likelihood
-
-        backend = "inductor" if compile is True else compile
-        estimator = cached_log_likelihood(model, guide, backend, max_plate_nesting)
+        backend = backend_of(compile)
+        estimator = compiler().log_likelihood(model, guide, backend, max_plate_nesting)
         yield from estimator.chunks(
             *args, num_samples=num_samples, chunk_size=chunk_size, **kwargs
         )
@@ -168,13 +166,10 @@ def log_weight_chunks(
 
 def compile_seconds(compile: bool | str | None) -> float:
     """:func:`pyro_iwae.compiled.compile_seconds` where ``compile`` (an objective's
-    or an evaluation's option) asks for compiled graphs; 0 where it is False, so
-    that the eager path need not import inductor."""
+    or an evaluation's option) asks for compiled graphs; 0 where it is False."""
     if compile is False:
         return 0.0
-    from .compiled import compile_seconds as seconds
-
-    return seconds()
+    return compiler().seconds()
 
 
 def combine_chunks(chunks: Iterable[LogWeights], num_samples: int) -> torch.Tensor:

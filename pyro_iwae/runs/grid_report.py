@@ -1,7 +1,7 @@
 """The report of a grid of runs: its table beside the published numbers, the
 claims it checks with paired standard errors, and the plots' series.
 
-Reads what :mod:`pyro_iwae.reproduction` leaves in the runs folder; trains
+Reads what :mod:`pyro_iwae.runs.reproduction` leaves in the runs folder; trains
 nothing.
 """
 
@@ -17,7 +17,7 @@ from typing import Any
 from .checkpoints import RunError, read_metrics
 from .config import RunConfig
 from .reproduction import Grid, ais_path, evaluation_path
-from .runs import read_estimates
+from .run import read_estimates
 
 #: Burda et al. (2016), Table 1: MNIST test NLL (nats, k = 5000), by
 #: (stochastic layers, objective, k).

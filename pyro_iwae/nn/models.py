@@ -79,7 +79,7 @@ class PaperModel(PyroNetwork):
     :param likelihood: p(x|z1), one of :data:`~pyro_iwae.LIKELIHOODS`.
     :param sigma: the fixed standard deviation of the ``"gaussian"`` likelihood;
         None: learned, one per dimension.
-    :param hidden: see :func:`~pyro_iwae.models.architecture`.
+    :param hidden: see :func:`~pyro_iwae.nn.models.architecture`.
     :param latent_dim: likewise.
     :param activation: hidden units, ``"tanh"`` or ``"relu"``.
     """

@@ -7,8 +7,8 @@ from collections.abc import Callable
 import torch
 from pyro import poutine
 
+from ..nn.models import OBSERVED_SITE
 from .evaluation import check_count, evaluating
-from .models import OBSERVED_SITE
 
 __all__ = ["reconstruct", "sample_images"]
 

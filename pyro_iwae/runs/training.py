@@ -4,13 +4,15 @@ for bit.
 
 :func:`fit` runs a :class:`_Fit`: its set-up, then :meth:`_Fit.start` or
 :meth:`_Fit.resume`, then epochs (:meth:`_Fit.run_epoch`), each of steps
-(:meth:`_Fit.train_step` around :func:`_step`, the optimisation step itself)
+(:meth:`_Fit.train_step` around
+:func:`~pyro_iwae.runs.fit_steps.adam_step`, the optimisation step itself)
 and the end-of-epoch work (:meth:`_Fit.end_epoch`: test bound, metrics,
-checkpoint). The files are those of :mod:`pyro_iwae.checkpoints`. Under
-``torchrun`` the ranks train one run together (see :mod:`pyro_iwae.distributed`).
+checkpoint). The files are those of :mod:`pyro_iwae.runs.checkpoints`. Under
+``torchrun`` the ranks train one run together (see :mod:`pyro_iwae.runs.distributed`).
 
-The module runs past 500 lines because the loop is one class whose short
-methods share its state; split across modules, that state would be too.
+The loop is one class whose short methods share its state; the pieces
+without state (argument checks, the data and parameters, one Adam step) are in
+:mod:`pyro_iwae.runs.fit_steps`.
 """
 
 from __future__ import annotations
@@ -28,6 +30,10 @@ import pyro
 import torch
 from pyro.infer import ELBO
 
+from ..data import Dataset, minibatches
+from ..errors import TrainingDiverged, one_line
+from ..infer.evaluation import compile_seconds
+from ..nn.networks import prepare_pyro_modules
 from . import distributed
 from .callbacks import FitCallback, StepInfo
 from .checkpoints import (
@@ -42,12 +48,20 @@ from .checkpoints import (
     save_checkpoint,
     write_metrics,
 )
-from .data import Dataset, minibatches
 from .denormals import flush_denormals
-from .errors import TrainingDiverged, one_line
-from .evaluation import compile_seconds, dataset_log_likelihood
-from .networks import prepare_pyro_modules
-from .schedules import Schedule, as_schedule, continues, locate
+from .fit_steps import (
+    Position,
+    adam_step,
+    binarizes,
+    check_continues,
+    checked_schedule,
+    fit_data,
+    fit_state,
+    parameters_of,
+    rate,
+    test_bound,
+)
+from .schedules import locate
 
 __all__ = ["TrainingDiverged", "fit"]
 
@@ -126,7 +140,7 @@ def fit(
 
     Under ``torchrun`` (or once ``torch.distributed`` is initialised), every
     rank calls ``fit`` with the same arguments and they train one run with
-    ``DistributedDataParallel`` (see :mod:`pyro_iwae.distributed`):
+    ``DistributedDataParallel`` (see :mod:`pyro_iwae.runs.distributed`):
     ``batch_size`` is the global batch, split evenly over the ranks; each rank
     draws its Monte Carlo noise from its own seed, and the averaged gradient is
     that of the single-process loss on the global batch. Rank 0 alone writes
@@ -137,25 +151,6 @@ def fit(
     """
     # _Fit takes fit's arguments, by their names.
     return _Fit(**locals()).run()
-
-
-@dataclasses.dataclass
-class _Position:
-    """Where training stands: the next epoch to run, and how far into it."""
-
-    stage: int = 0  # index into the schedule
-    stage_epoch: int = 0  # epochs finished in this stage
-    epochs_done: int = 0  # epochs finished in all
-    step: int = 0  # steps finished in the current epoch
-    global_step: int = 0
-    elapsed: float = 0.0  # seconds of training and evaluation, over resumes
-
-    def advance_epoch(self, schedule: Schedule) -> None:
-        self.stage_epoch += 1
-        self.epochs_done += 1
-        self.step = 0
-        if self.stage_epoch == schedule[self.stage][0]:
-            self.stage, self.stage_epoch = self.stage + 1, 0
 
 
 class _Fit:
@@ -182,13 +177,15 @@ class _Fit:
         callback: FitCallback | None,
         binarize: bool | None,
     ) -> None:
-        schedule = _checked(schedule, batch_size, checkpoint_every, resume, run_dir)
+        schedule = checked_schedule(
+            schedule, batch_size, checkpoint_every, resume, run_dir
+        )
         self.seed, self.resuming = seed, resume
         self.model, self.guide, self.objective = model, guide, objective
         self.schedule, self.batch_size = schedule, batch_size
         self.test_batch_size, self.checkpoint_every = test_batch_size, checkpoint_every
         self.config, self.callback = config or {}, callback
-        params = _parameters(model, guide)
+        params = parameters_of(model, guide)
         prepare_pyro_modules(model, guide)  # trained with module-local params
         if device is None:
             device = params[0].device if params else torch.device("cpu")
@@ -198,8 +195,8 @@ class _Fit:
         self.writes = distributed.is_main()
         model.to(self.device)
         guide.to(self.device)
-        self.train, self.test = _fit_data(data, test_data, test_size, self.device)
-        self.binarize = _binarizes(data, binarize, self.train)
+        self.train, self.test = fit_data(data, test_data, test_size, self.device)
+        self.binarize = binarizes(data, binarize, self.train)
         distributed.check_batches(self.train.shape[0], batch_size, self.ranks)
         first = self.train[:batch_size]
         self.distributed_loss = (
@@ -215,7 +212,7 @@ class _Fit:
             )
         )
         # After the distributed loss's forward pass, which makes lazy parameters.
-        self.params = _parameters(model, guide)
+        self.params = parameters_of(model, guide)
         self.num_particles = getattr(objective, "num_particles", 1)
         self.num_steps = math.ceil(self.train.shape[0] / batch_size)
         self.num_epochs = sum(epochs for epochs, _ in schedule)
@@ -224,16 +221,13 @@ class _Fit:
             None if self.run_dir is None else self.run_dir / CHECKPOINT_FILE
         )
         # What a checkpoint must have been written with to be resumed here.
-        self.fit_state = {
-            "schedule": [list(stage) for stage in schedule],
-            "batch_size": batch_size,
-        }
+        self.fit_state = fit_state(schedule, batch_size)
         self.differentiable = hasattr(objective, "differentiable_loss")
         self.optimizer = torch.optim.Adam(
             self.params, lr=schedule[0][1], betas=(0.9, 0.999), eps=1e-4, fused=True
         )
         self.generator = torch.Generator(device=self.device)
-        self.position = _Position()
+        self.position = Position()
         self.history: list[dict[str, Any]] = []
         # The (loss sum, seconds) of the steps of an epoch resumed mid-way.
         self.resumed_epoch: tuple[torch.Tensor, float] | None = None
@@ -289,12 +283,12 @@ class _Fit:
         # Rank 0 reads it and sends it to the others, on the CPU.
         where = self.device if self.ranks is None else "cpu"
         checkpoint = distributed.from_main(lambda: load_checkpoint(path, where))
-        self.check_continues(checkpoint)
+        check_continues(checkpoint, self.schedule, self.batch_size, path)
         load_state(self.model, checkpoint["model"], "model", path)
         load_state(self.guide, checkpoint["guide"], "guide", path)
         try:
             self.optimizer.load_state_dict(checkpoint["optimizer"])
-            self.position = _Position(**checkpoint["position"])
+            self.position = Position(**checkpoint["position"])
             if checkpoint["fit"] != self.fit_state:  # a schedule extended
                 done = self.position.epochs_done
                 stage, stage_epoch = locate(self.schedule, done)
@@ -319,28 +313,6 @@ class _Fit:
         if self.writes:
             # Drop the lines of an epoch whose checkpoint was never written.
             write_metrics(self.run_dir, self.history)
-
-    def check_continues(self, checkpoint: dict[str, Any]) -> None:
-        """:raises CheckpointError: unless the checkpoint was written with this
-        batch size and a schedule that this one continues (the same, or one
-        with more epochs or stages)."""
-        saved = checkpoint.get("fit")
-        position = checkpoint.get("position")
-        if isinstance(saved, dict) and isinstance(position, dict):
-            epochs = position.get("epochs_done", 0) + bool(position.get("step"))
-            try:
-                earlier = as_schedule(saved.get("schedule", []))
-            except (TypeError, ValueError):
-                earlier = []
-            if saved.get("batch_size") == self.batch_size and continues(
-                self.schedule, earlier, epochs
-            ):
-                return
-        raise CheckpointError(
-            f"checkpoint {self.checkpoint_path} was written with schedule and batch "
-            f"size {saved}, not {self.fit_state}; resume with the run's own "
-            "settings (a schedule may only go on for longer) or start a new run"
-        )
 
     def restore_rank_rng(self, rng: dict[str, Any]) -> None:
         """Restores this rank's noise from a checkpoint's random states: each
@@ -409,7 +381,7 @@ class _Fit:
         # modules need not register them with Pyro's global store every step.
         local_params = pyro.settings.context(module_local_params=self.differentiable)
         with validation, local_params:
-            loss = _step(
+            loss = adam_step(
                 self.objective,
                 self.differentiable,
                 self.model,
@@ -434,7 +406,7 @@ class _Fit:
                     num_epochs=self.num_epochs,
                     step=position.step,
                     num_steps=self.num_steps,
-                    images_per_s=_rate(images, seconds),
+                    images_per_s=rate(images, seconds),
                     loss_tensor=loss,
                     loss_sum=loss_sum,
                     parameters=self.params,
@@ -476,7 +448,7 @@ class _Fit:
             "test_bound": test_bound,
             "test_points": 0 if self.test is None else self.test.shape[0],
             "time": train_time,
-            "images_per_s": _rate(self.train.shape[0], train_time),
+            "images_per_s": rate(self.train.shape[0], train_time),
             "eval_time": eval_time,
             "compile_time": self.compile_time(),
             "elapsed": position.elapsed,
@@ -502,26 +474,15 @@ class _Fit:
         """The bound at the training k, mean over the test points (None: none)."""
         if self.test is None:
             return None
-        if self.ranks is not None:
-            # Shared among the ranks, with its own seeds: the training noise
-            # of each rank goes on undisturbed.
-            estimates = distributed.sharded_log_likelihood(
-                self.model,
-                self.guide,
-                self.test,
-                num_samples=self.num_particles,
-                seed=(self.seed, self.position.epochs_done),
-                batch_size=self.test_batch_size,
-            )
-            return float(estimates.mean())
-        estimates = dataset_log_likelihood(
+        return test_bound(
             self.model,
             self.guide,
             self.test,
             num_samples=self.num_particles,
             batch_size=self.test_batch_size,
+            seed=(self.seed, self.position.epochs_done),
+            sharded=self.ranks is not None,
         )
-        return float(estimates.mean())
 
     # -- checkpoints and checks ---------------------------------------------
 
@@ -576,111 +537,3 @@ class _Fit:
             f"(by step {position.step}){kept}; start a new run with a lower "
             "learning rate or another seed (resuming would repeat the same steps)"
         )
-
-
-def _checked(
-    schedule: Iterable[Sequence[Any]],
-    batch_size: int,
-    checkpoint_every: int | None,
-    resume: bool,
-    run_dir: str | os.PathLike | None,
-) -> Schedule:
-    """The schedule as (epochs, lr) pairs, once the arguments of fit that need
-    no model are checked."""
-    schedule = as_schedule(schedule)
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    if checkpoint_every is not None and checkpoint_every < 1:
-        raise ValueError(f"checkpoint_every must be >= 1, got {checkpoint_every}")
-    if resume and run_dir is None:
-        raise ValueError("resume needs the run_dir of the run to continue")
-    return schedule
-
-
-def _parameters(*modules: Any) -> list[torch.nn.Parameter]:
-    """The parameters of the modules among ``modules``, each once."""
-    params: dict[int, torch.nn.Parameter] = {}
-    for module in modules:
-        if not isinstance(module, torch.nn.Module):
-            raise TypeError(
-                f"fit needs the model and guide to be torch.nn.Module s (e.g. "
-                f"PyroModule), got {type(module).__name__}; write it as a PyroModule "
-                "with PyroParam s in place of pyro.param"
-            )
-        for p in module.parameters():
-            params.setdefault(id(p), p)
-    return list(params.values())
-
-
-def _fit_data(
-    data: Dataset | torch.Tensor,
-    test_data: torch.Tensor | None,
-    test_size: int | None,
-    device: torch.device,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The training grey levels and the test points (None: none) on ``device``."""
-    if isinstance(data, Dataset):
-        train = data.train
-        if test_data is None:
-            test_data = data.test
-    else:
-        train = data
-    train = train.to(device)
-    test = None
-    if test_data is not None:
-        test = test_data[:test_size] if test_size is not None else test_data
-        test = test.to(device) if test.shape[0] else None
-    return train, test
-
-
-def _binarizes(
-    data: Dataset | torch.Tensor, binarize: bool | None, train: torch.Tensor
-) -> bool:
-    """Whether fit binarises each mini-batch; checks that it can."""
-    if binarize is None:
-        binarize = isinstance(data, Dataset) and data.binarize == "dynamic"
-    if binarize and not bool(((train >= 0) & (train <= 1)).all()):
-        raise ValueError(
-            "binarize needs training values in [0, 1] (Bernoulli probabilities); "
-            "scale the data into [0, 1], or train on them as given (binarize=False)"
-        )
-    return bool(binarize)
-
-
-def _step(
-    objective: ELBO,
-    differentiable: bool,
-    model: torch.nn.Module,
-    guide: torch.nn.Module,
-    batch: torch.Tensor,
-    optimizer: torch.optim.Optimizer,
-    distributed_loss: distributed.DistributedLoss | None = None,
-) -> torch.Tensor:
-    """One Adam step on the negative bound per point; returns it, detached
-    (under torchrun: this rank's share of it, see
-    :class:`~pyro_iwae.distributed.DistributedLoss`)."""
-    n = batch.shape[0]
-    optimizer.zero_grad(set_to_none=True)
-    if distributed_loss is not None:
-        loss = distributed_loss(batch)
-        loss.backward()
-        loss = loss.detach()
-    elif differentiable:
-        loss = objective.differentiable_loss(model, guide, batch) / n
-        loss.backward()
-        loss = loss.detach()
-    else:
-        # RenyiELBO: no differentiable_loss; it accumulates the gradient of the
-        # summed bound, so scale the gradients to the bound per point.
-        value = objective.loss_and_grads(model, guide, batch)
-        for group in optimizer.param_groups:
-            for p in group["params"]:
-                if p.grad is not None:
-                    p.grad.div_(n)
-        loss = torch.as_tensor(value / n, device=batch.device)
-    optimizer.step()
-    return loss
-
-
-def _rate(images: int, seconds: float) -> float:
-    return images / seconds if seconds > 0 else 0.0

@@ -21,7 +21,7 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
-from .errors import ConfigError, literal, one_line
+from ..errors import ConfigError, literal, one_line
 
 __all__ = [
     "Setting",

@@ -1,5 +1,5 @@
 """A grid of fit + eval-nll runs, resumable, spread over processes and machines;
-its report is :mod:`pyro_iwae.grid_report`."""
+its report is :mod:`pyro_iwae.runs.grid_report`."""
 
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ from .config import RunConfig
 from .eval_results import EvalSettings, result_path
 from .locks import HAS_FILE_LOCKS, hold_for_ranks
 from .locks import hold as _run_lock  # noqa: F401  (imported from here by tests)
-from .runs import evaluate_run, train_run
+from .run import evaluate_run, train_run
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,7 +35,7 @@ class Grid:
     over ``higher`` than ``lower2`` over ``higher2`` (nats). ``ais`` adds an
     AIS column for some runs: ``{"runs": [names], "steps": 1000, "chains": 16,
     "limit": 1000}`` (steps, chains and the first ``limit`` test points, None:
-    all, as :func:`~pyro_iwae.runs.evaluate_run` takes them)."""
+    all, as :func:`~pyro_iwae.evaluate_run` takes them)."""
 
     base: dict[str, Any]
     runs: dict[str, dict[str, Any]]

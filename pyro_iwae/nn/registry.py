@@ -8,8 +8,8 @@ A name is one of:
   packages and then, as ``python -m`` would, in the current folder (after the
   installed packages, so that a file there never shadows one of theirs): so
   ``--guide mymod:build`` finds ``./mymod.py``;
-- the name of an entry point in the group ``pyro_iwae.models`` /
-  ``pyro_iwae.guides`` of an installed package.
+- the name of an entry point in the group ``pyro_iwae.nn.models`` /
+  ``pyro_iwae.nn.guides`` of an installed package.
 
 A builder is called with keyword arguments: ``x_dim`` and ``stochastic_layers``
 always, ``data_mean`` always for models, and the architecture settings that
@@ -29,7 +29,7 @@ from types import ModuleType
 
 import torch
 
-from .errors import BuilderError
+from ..errors import BuilderError
 
 Builder = Callable[..., torch.nn.Module]
 
@@ -37,7 +37,7 @@ MODELS: dict[str, Builder] = {}
 GUIDES: dict[str, Builder] = {}
 
 #: Entry-point groups searched for models and guides by name.
-ENTRY_POINT_GROUPS = {"model": "pyro_iwae.models", "guide": "pyro_iwae.guides"}
+ENTRY_POINT_GROUPS = {"model": "pyro_iwae.nn.models", "guide": "pyro_iwae.nn.guides"}
 
 
 def _register(table: dict[str, Builder], kind: str) -> Callable[[str], Callable]:

@@ -3,7 +3,7 @@ results to TensorBoard, MLflow or CSV files.
 
 A tracker is a :class:`~pyro_iwae.FitCallback`: pass it to :func:`~pyro_iwae.fit`
 or :func:`~pyro_iwae.train_run` (several at once in a
-:class:`~pyro_iwae.callbacks.CallbackList`). Per epoch it logs the train and
+:class:`~pyro_iwae.runs.callbacks.CallbackList`). Per epoch it logs the train and
 test bounds (nats per point), the learning rate, throughput (points per
 second), the mean gradient norm over the epoch's steps and the seconds spent;
 images of samples from the model and of test points above their reconstructions
@@ -23,15 +23,15 @@ import json
 import math
 import os
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from ..errors import PyroIwaeError
 from . import distributed
 from .callbacks import FitCallback, StepInfo
-from .errors import PyroIwaeError
 from .eval_results import Evaluation
 from .plots import image_grid, reconstruction_grid
 
@@ -161,7 +161,7 @@ class Tracker(FitCallback):
         reconstructions, when the points are square images."""
         if self.model is None or self.test is None:
             return
-        from .sampling import reconstruct, sample_images
+        from ..infer.sampling import reconstruct, sample_images
 
         x = self.test[:NUM_IMAGES]
         shape = _square(x.shape[-1])
@@ -174,11 +174,11 @@ class Tracker(FitCallback):
         self.log_image("reconstructions", picture, step)
 
     def log_evaluation(
-        self, result: Evaluation | Mapping[str, Any], step: int = 0
+        self, result: Evaluation | dict[str, Any], step: int = 0
     ) -> None:
-        """Logs an evaluation: what :func:`~pyro_iwae.evaluate_run` returns, or
-        its JSON's dict (``nll``, ``stderr``, ``split`` and, where present, the
-        diagnostics' ``ess_median``, ``khat_median``, ``khat_above_0.7``)."""
+        """Logs an evaluation: an :class:`~pyro_iwae.Evaluation` as
+        :func:`~pyro_iwae.evaluate_run` returns, or its JSON's dict (``nll``,
+        ``stderr``, ``split`` and, where present, the ``diagnostics``' medians)."""
         if isinstance(result, Evaluation):
             result = result.to_json()
         prefix = f"eval_{result.get('split', 'test')}/"
@@ -398,7 +398,7 @@ def make_trackers(
 def log_evaluation(
     names: Sequence[str],
     run_dir: str | os.PathLike,
-    result: Evaluation | Mapping[str, Any],
+    result: Evaluation | dict[str, Any],
     *,
     mlflow_uri: str | None = None,
 ) -> None:

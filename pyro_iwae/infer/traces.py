@@ -1,6 +1,6 @@
 """Log importance weights from Pyro traces.
 
-What :class:`~pyro_iwae.objectives.IWELBO` needs from a model trace and a guide
+What :class:`~pyro_iwae.infer.objectives.IWELBO` needs from a model trace and a guide
 trace, apart from the bound itself: the latent sites, the data plate, the common
 scale, the log p and log q parts of the weights, guides re-run with their
 parameters held constant, and the per-particle reweighting of the path gradient.

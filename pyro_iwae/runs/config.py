@@ -3,7 +3,7 @@
 
 The rules of which settings go together live here, in :data:`_APPLIES_WITH`
 and :meth:`RunConfig.validate`, and each field declares its option, help,
-defaults and allowed values once (see :mod:`pyro_iwae.settings`), so that the
+defaults and allowed values once (see :mod:`pyro_iwae.runs.settings`), so that the
 Python API and the command line, whose fit options are made from these
 declarations, refuse the same settings with the same messages.
 """
@@ -19,8 +19,7 @@ from typing import Any
 
 from pyro.infer import ELBO
 
-from .checkpoints import RunError, write_json
-from .data import (
+from ..data import (
     BINARIZATIONS,
     DATASETS,
     Dataset,
@@ -28,13 +27,14 @@ from .data import (
     is_data_file,
     load_dataset,
 )
-from .errors import ConfigError, one_line
-from .guides import ZOO
-from .likelihoods import LIKELIHOODS, check_likelihood
-from .models import architecture
-from .networks import ACTIVATIONS
-from .objectives import ESTIMATORS
-from .registry import BuilderError, resolve
+from ..errors import ConfigError, one_line
+from ..infer.objectives import ESTIMATORS
+from ..nn.guides import ZOO
+from ..nn.likelihoods import LIKELIHOODS, check_likelihood
+from ..nn.models import architecture
+from ..nn.networks import ACTIVATIONS
+from ..nn.registry import BuilderError, resolve
+from .checkpoints import RunError, write_json
 from .schedules import (
     IW_OBJECTIVES,
     OBJECTIVES,
@@ -85,7 +85,7 @@ class RunConfig:
     with ``binarize``, None for the default: ``"dynamic"`` for the built-in
     image sets with the Bernoulli likelihood, ``"none"`` otherwise, and
     ``test_fraction``). ``model`` and ``guide`` are registry names, import
-    paths or entry points (see :func:`pyro_iwae.registry.resolve`), built with
+    paths or entry points (see :func:`pyro_iwae.nn.registry.resolve`), built with
     ``likelihood`` (and ``sigma``: None learns it), ``hidden`` (None: the
     paper's), ``activation`` and ``latent_dim`` (None: the paper's) where these
     differ from their defaults. ``epochs`` applies to the
@@ -127,7 +127,7 @@ class RunConfig:
         "paper",
         "Model: paper, sbn (sigmoid belief network: {stochastic_layers} layers of "
         "200 binary units; train it with {guide} sbn), an import path such as "
-        "mypackage.models:build_model, or an entry point of group pyro_iwae.models.",
+        "mypackage.models:build_model, or an entry point of group pyro_iwae.nn.models.",
         metavar="NAME|MODULE:BUILDER",
     )
     guide: str = setting(
@@ -136,7 +136,7 @@ class RunConfig:
         "Gaussian), iaf (inverse autoregressive flows), coupling (affine coupling "
         "flows), sbn (binary units; needs {estimator} vimco), an import path such "
         "as mypackage.guides:build_guide, or an entry point of group "
-        "pyro_iwae.guides.",
+        "pyro_iwae.nn.guides.",
         metavar="NAME|MODULE:BUILDER",
     )
     likelihood: str = setting(

@@ -42,7 +42,7 @@ class PaperGuide(PyroNetwork):
     Gaussian from a tanh MLP (784-200-200-50 for one stochastic layer; 784-200-200-100
     then 100-100-100-50 for two).
 
-    :param hidden: see :func:`~pyro_iwae.models.architecture`.
+    :param hidden: see :func:`~pyro_iwae.nn.models.architecture`.
     :param latent_dim: likewise.
     :param activation: hidden units, ``"tanh"`` or ``"relu"``.
     """

@@ -4,12 +4,12 @@ back, and evaluated, through :class:`Run`.
 A *run directory* holds everything about one training run:
 
 - ``config.json``: the :class:`~pyro_iwae.RunConfig` that rebuilds model, guide
-  and data (see :mod:`pyro_iwae.config`);
+  and data (see :mod:`pyro_iwae.runs.config`);
 - ``checkpoint.pt`` and ``metrics.jsonl``, written by :func:`pyro_iwae.fit`
-  (see :mod:`pyro_iwae.checkpoints`);
-- the evaluations of :meth:`Run.evaluate` (see :mod:`pyro_iwae.eval_results`);
+  (see :mod:`pyro_iwae.runs.checkpoints`);
+- the evaluations of :meth:`Run.evaluate` (see :mod:`pyro_iwae.runs.eval_results`);
 - ``.writer.lock`` and, while a process trains the run, ``.writer.claim``: the
-  lock of :func:`pyro_iwae.locks.hold` that keeps a second writer out.
+  lock of :func:`pyro_iwae.runs.locks.hold` that keeps a second writer out.
 """
 
 from __future__ import annotations
@@ -24,8 +24,20 @@ from typing import Any
 
 import torch
 
+from ..data import Dataset, is_data_file, load_dataset
+from ..errors import (
+    DataError,
+    RunError,
+    one_line,
+)
+from ..infer.ais import ais_log_likelihood
+from ..infer.diagnostics import log_likelihood_with_diagnostics
+from ..infer.evaluation import (
+    compile_seconds,
+    latent_activity,
+    warn_of_problems,
+)
 from . import distributed, run_writer
-from .ais import ais_log_likelihood
 from .callbacks import FitCallback
 from .checkpoints import (
     CHECKPOINT_FILE,
@@ -34,13 +46,6 @@ from .checkpoints import (
     read_metrics,
 )
 from .config import CONFIG_FILE, RunConfig
-from .data import Dataset, is_data_file, load_dataset
-from .diagnostics import log_likelihood_with_diagnostics
-from .errors import (
-    DataError,
-    RunError,
-    one_line,
-)
 from .eval_results import (
     EVAL_METHODS,
     EvalSettings,
@@ -49,11 +54,6 @@ from .eval_results import (
     result_path,
     summarise,
     versions,
-)
-from .evaluation import (
-    compile_seconds,
-    latent_activity,
-    warn_of_problems,
 )
 from .run_writer import build_run
 
@@ -162,7 +162,7 @@ class Run:
 
     def resumed_config(self, given: dict[str, Any] | None = None) -> RunConfig:
         """The run's config with the settings ``given`` (field -> value): only
-        :data:`~pyro_iwae.run_writer.EXTENDABLE` ones (more epochs or stages),
+        ``pyro_iwae.runs.run_writer.EXTENDABLE`` ones (more epochs or stages),
         device and data folder may differ from the run's.
 
         :raises ConfigError: for another setting that differs, or settings that
@@ -180,7 +180,7 @@ class Run:
     ) -> list[dict[str, Any]]:
         """Trains ``config`` here (writing ``config.json``), or resumes the run
         with ``config`` (None: its own; more epochs or stages extend it): see
-        :func:`pyro_iwae.run_writer.train`. Returns the metrics of every epoch.
+        ``pyro_iwae.runs.run_writer.train``. Returns the metrics of every epoch.
 
         :raises RunBusy: if another process (group) trains the run.
         """
@@ -219,7 +219,7 @@ class Run:
         ``dataset`` and ``data_dir`` where given (a data file since moved, say),
         and counts the active units of each latent site on them. Writes the
         result and the per-point estimates and diagnostics to the run directory
-        (see :mod:`pyro_iwae.eval_results`: one of other settings is never
+        (see ``pyro_iwae.runs.eval_results``: one of other settings is never
         replaced). ``callback(estimates, total)`` is called after each batch
         with its estimates (``[batch]``, nats) and the number of points (under
         torchrun: this rank's batches and points).
@@ -449,7 +449,7 @@ def _estimator(
     model: torch.nn.Module, guide: torch.nn.Module, settings: EvalSettings
 ) -> Callable[[torch.Tensor], torch.Tensor]:
     """Per batch ``[n, x_dim]``: ``[n, 1 + columns]``, each point's estimate and
-    its diagnostics (see :func:`~pyro_iwae.eval_results.columns`)."""
+    its diagnostics (see :func:`~pyro_iwae.runs.eval_results.columns`)."""
     if settings.method == "iwae":
         estimate = log_likelihood_with_diagnostics
         options = {"num_samples": settings.num_samples, "compile": settings.compile}

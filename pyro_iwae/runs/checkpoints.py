@@ -22,7 +22,7 @@ from typing import IO, Any
 
 import torch
 
-from .errors import CheckpointError, RunError, one_line
+from ..errors import CheckpointError, RunError, one_line
 
 __all__ = [
     "CHECKPOINT_FILE",

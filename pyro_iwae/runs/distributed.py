@@ -49,7 +49,7 @@ from pyro import poutine
 from pyro.infer import ELBO
 from pyro.infer.elbo import ELBOModule
 
-from . import evaluation
+from ..infer import evaluation
 from .schedules import ConfigError
 
 __all__ = [

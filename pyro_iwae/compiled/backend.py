@@ -1,0 +1,201 @@
+"""The compiler behind the graphs: inductor (as CUDA-graph trees where every input
+is on a GPU) or another ``torch.compile`` backend, and :class:`GraphCache`, the
+compiled graphs of a program by input signature with the fallback to the eager
+path once they fail.
+
+Inductor is imported on the first compilation, not with the package.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import torch
+from torch import fx
+
+from ..infer.traces import cuda_devices
+from .capture import (
+    PYRO_MODULE_MESSAGE,
+    Unsupported,
+    call_signature,
+    draw_noise,
+    pyro_modules,
+)
+
+#: Seconds this process has spent tracing and compiling graphs (all caches).
+_compile_seconds = 0.0
+
+
+def compile_seconds() -> float:
+    """Seconds this process has spent tracing and compiling graphs so far: what
+    ``fit`` and ``evaluate_run`` report as ``compile_time``."""
+    return _compile_seconds
+
+
+class CompileFallbackWarning(UserWarning):
+    """The compiled path was given up for a program; the eager path runs instead."""
+
+
+def _fallback(reason: str) -> None:
+    warnings.warn(
+        f"pyro_iwae.compiled: {reason}; falling back to the eager path",
+        CompileFallbackWarning,
+        stacklevel=3,
+    )
+
+
+#: Torch's loggers that report, while a program is traced or compiled, what a
+#: user cannot act on: a fake-tensor kernel's failure (with its traceback; the
+#: eager path then raises the program's own error, or the fallback warning says
+#: why), and "No CUDA runtime is found" when inductor loads its C++ toolchain on
+#: a machine with a CUDA toolkit and no GPU.
+_NOISY_LOGGERS = ("torch._subclasses.fake_tensor", "torch.utils.cpp_extension")
+
+
+@contextlib.contextmanager
+def _quiet_torch_logs() -> Iterator[None]:
+    loggers = [logging.getLogger(name) for name in _NOISY_LOGGERS]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        for logger, level in zip(loggers, levels, strict=True):
+            logger.setLevel(level)
+
+
+def compile_graph(
+    gm: fx.GraphModule,
+    backend: str | None,
+    options: dict,
+    inputs: Sequence[torch.Tensor],
+    noise_ops: Sequence[tuple[Any, tuple, dict]],
+) -> Callable:
+    """``gm`` compiled: with inductor and no options, by inductor directly (no
+    TorchDynamo guards to check at every call: about 0.3 ms of a 7 ms step), as a
+    CUDA graph where every input is on a GPU; else by ``torch.compile``;
+    ``backend=None`` leaves it as it is."""
+    if backend is None:
+        return gm
+    if backend == "inductor" and not options:
+        # Here, not at the top: importing inductor takes seconds.
+        import torch._inductor as inductor
+
+        with torch.random.fork_rng(devices=cuda_devices(tuple(inputs), {})):
+            noise = draw_noise(noise_ops)
+        examples = _static_fakes([*inputs, *noise])
+        if {t.device.type for t in inputs} != {"cuda"}:
+            return inductor.compile(gm, examples)
+        # One replay a call instead of a launch a kernel; shapes are static (a
+        # graph per input signature) and the noise is an input, drawn eagerly.
+        replay = inductor.compile(gm, examples, options={"triton.cudagraphs": True})
+        return lambda *args: _own(replay(*args))
+    return torch.compile(gm, backend=backend, fullgraph=True, dynamic=False, **options)
+
+
+def _static_fakes(tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """Fake copies of ``tensors`` with static shapes, in a fake mode with a shape
+    environment: inductor's on-disk graph cache needs one (with real example
+    inputs it makes a fake mode without, and compiles every graph anew in every
+    process)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.experimental.symbolic_shapes import ShapeEnv
+
+    mode = FakeTensorMode(shape_env=ShapeEnv(), allow_non_fake_inputs=True)
+    return [mode.from_tensor(t, static_shapes=True) for t in tensors]
+
+
+def _own(outputs: Any) -> Any:
+    """The graph's outputs copied out of its CUDA-graph memory pool, which the next
+    replay overwrites (a caller may keep a chunk's log-weights, or call the loss
+    twice before ``backward``)."""
+    return torch.utils._pytree.tree_map_only(torch.Tensor, torch.clone, outputs)
+
+
+class GraphCache:
+    """Compiled graphs by input signature, and the fallback once they fail."""
+
+    def __init__(
+        self,
+        model: Any,
+        guide: Any,
+        backend: str | None,
+        compile_options: dict | None,
+        max_signatures: int,
+    ) -> None:
+        self.model = model
+        self.guide = guide
+        self.backend = backend
+        self.compile_options = compile_options or {}
+        self.max_signatures = max_signatures
+        self._graphs: dict[tuple, Any] = {}
+        self._disabled: str | None = None
+
+    @property
+    def compiled(self) -> bool:
+        """False once the compiled path has been given up for good."""
+        return self._disabled is None
+
+    def _disable(self, reason: str) -> None:
+        self._disabled = reason
+        _fallback(reason)
+
+    def _lookup(
+        self, key: Any, args: tuple, kwargs: dict, build: Callable[[], Any]
+    ) -> tuple[Any, bool]:
+        """The graph of ``(key, signature of args)``, built if new: ``(graph,
+        fresh)``, with ``graph`` None where the eager path must run."""
+        if self._disabled is not None:
+            return None, False
+        signature = call_signature(args, kwargs)
+        if signature is None:
+            self._disable("an argument is neither a tensor nor hashable")
+            return None, False
+        key = (key, signature)
+        if key in self._graphs:
+            return self._graphs[key], False
+        if len(self._graphs) >= self.max_signatures:
+            self._disable(
+                f"more than {self.max_signatures} input shapes (each one compiles a "
+                "new graph)"
+            )
+            return None, False
+        global _compile_seconds
+        start = time.perf_counter()
+        try:
+            if pyro_modules(self.model, self.guide):
+                raise Unsupported(PYRO_MODULE_MESSAGE)
+            with warnings.catch_warnings(), _quiet_torch_logs():
+                # Raised inside inductor's own lowerings: nothing a user can act on.
+                warnings.filterwarnings(
+                    "ignore", "`torch._prims_common.check` is deprecated", FutureWarning
+                )
+                graph = build()
+        except Unsupported as error:
+            self._disable(str(error))
+            return None, False
+        except Exception as error:  # tracing fails on dynamic structure
+            self._disable(
+                f"cannot trace the program as a static graph ({_describe(error)})"
+            )
+            return None, False
+        finally:
+            _compile_seconds += time.perf_counter() - start
+        self._graphs[key] = graph
+        return graph, True
+
+
+def _describe(error: Exception) -> str:
+    lines = str(error).strip().splitlines()
+    return type(error).__name__ + (f": {lines[0][:200]}" if lines else "")
+
+
+def close_enough(a: torch.Tensor, b: torch.Tensor, rtol: float) -> bool:
+    scale = b.abs().max().clamp_min(1e-6)
+    return bool(((a - b).abs().max() <= rtol * scale).item())

@@ -1,0 +1,214 @@
+"""Graph capture: a Pyro program's tensor ops as one aten graph, traced with fake
+tensors by ``make_fx``, its random draws lifted out as inputs.
+
+The draws with constant arguments (``randn``, ``rand``, and the in-place fills
+of fresh tensors with which ``torch.distributions`` reparameterise, as
+``Normal.rsample``) become trailing inputs of the graph, drawn eagerly before
+each run in the same order and with the same calls, so that a graph sees the
+noise the eager program would under the same seed. Draws with tensor arguments
+stay in the graph (:func:`seeded_ops`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import pyro
+import torch
+from pyro.poutine.messenger import Messenger
+from torch import fx
+
+#: Aten random ops whose draws are lifted out of the graph (all of their
+#: arguments must be constants: shapes, dtypes, devices, numbers).
+_RANDOM_OPS = {
+    torch.ops.aten.randn.default,
+    torch.ops.aten.rand.default,
+    torch.ops.aten.normal.float_float,
+    torch.ops.aten.randint.default,
+    torch.ops.aten.randint.low,
+}
+
+
+def _lift_random_ops(gm: fx.GraphModule) -> list[tuple[Any, tuple, dict]]:
+    """Turns each random op with constant arguments into a new trailing input.
+
+    Returns the ops, in graph (execution) order, as ``(op, args, kwargs)`` to be
+    called eagerly before each run of the graph.
+    """
+    graph = gm.graph
+    last_input = [n for n in graph.nodes if n.op == "placeholder"][-1]
+    lifted = []
+    for node in list(graph.nodes):
+        if node.op != "call_function":
+            continue
+        if node.target in _RANDOM_OPS:
+            draw, drawn = (node.target, node.args, dict(node.kwargs)), [node]
+        elif _fills_fresh_tensor(node):
+            # torch.distributions' rsample: empty(shape).normal_(), as one draw.
+            empty = node.args[0]
+            fill = (empty.args, empty.kwargs, node.target, node.args[1:], node.kwargs)
+            draw, drawn = (_filled, fill, {}), [node, empty]
+        else:
+            continue
+        leaves = torch.utils._pytree.tree_leaves(draw[1:])
+        if any(isinstance(a, fx.Node) for a in leaves):
+            continue
+        with graph.inserting_after(last_input):
+            placeholder = graph.placeholder(f"noise_{len(lifted)}")
+        last_input = placeholder
+        placeholder.meta = dict(node.meta)
+        node.replace_all_uses_with(placeholder)
+        for dead in drawn:
+            graph.erase_node(dead)
+        lifted.append(draw)
+    graph.lint()
+    gm.recompile()
+    return lifted
+
+
+#: In-place random fills that a fresh ``aten.empty`` may take.
+_RANDOM_FILLS = {torch.ops.aten.normal_.default, torch.ops.aten.uniform_.default}
+
+
+def _fills_fresh_tensor(node: fx.Node) -> bool:
+    """Whether ``node`` fills a tensor fresh from ``aten.empty`` that nothing else
+    uses with random numbers, as ``torch.empty(shape).normal_()``."""
+    if node.target not in _RANDOM_FILLS or not node.args:
+        return False
+    empty = node.args[0]
+    return (
+        isinstance(empty, fx.Node)
+        and empty.target is torch.ops.aten.empty.memory_format
+        and len(empty.users) == 1
+    )
+
+
+def _filled(
+    empty_args: tuple,
+    empty_kwargs: dict,
+    fill: Callable,
+    fill_args: tuple,
+    fill_kwargs: dict,
+) -> torch.Tensor:
+    """A lifted fill: the same ``aten.empty`` and in-place random ``fill``, eagerly."""
+    fresh = torch.ops.aten.empty.memory_format(*empty_args, **empty_kwargs)
+    return fill(fresh, *fill_args, **fill_kwargs)
+
+
+def draw_noise(noise_ops: Sequence[tuple[Any, tuple, dict]]) -> list[torch.Tensor]:
+    return [op(*args, **kwargs) for op, args, kwargs in noise_ops]
+
+
+def trace_graph(
+    fn: Callable[..., Sequence[torch.Tensor]], inputs: Sequence[torch.Tensor]
+) -> tuple[fx.GraphModule, list[tuple[Any, tuple, dict]]]:
+    """``fn(*inputs)`` as an aten graph (fake-tensor tracing) with its random
+    draws lifted out as trailing inputs; see :func:`_lift_random_ops`.
+
+    Raises whatever tracing raises: data-dependent control flow among others.
+    """
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    # Validation reads values (data-dependent): the eager check of the first call
+    # validates, the graph does not.
+    with pyro.validation_enabled(False), _NoParamStore():
+        gm = make_fx(fn, tracing_mode="fake")(*inputs)
+    constants = [
+        getattr(gm, node.target) for node in gm.graph.nodes if node.op == "get_attr"
+    ]
+    if any(isinstance(c, torch.Tensor) and c.requires_grad for c in constants):
+        raise Unsupported(_PARAM_MESSAGE)
+    return gm, _lift_random_ops(gm)
+
+
+class Unsupported(Exception):
+    pass
+
+
+_PARAM_MESSAGE = (
+    "the program uses a trainable tensor that is neither a parameter of the model "
+    "or guide module nor an input (pyro.param, or pyro.module inside a function)"
+)
+
+
+PYRO_MODULE_MESSAGE = (
+    "a PyroModule's parameters go through pyro.param, outside the nn.Module "
+    "parameters a graph takes as inputs; build model and guide from plain "
+    "nn.Modules to compile them"
+)
+
+
+def pyro_modules(*fns: Any) -> bool:
+    """Whether a ``PyroModule`` is among ``fns`` or their submodules."""
+    return any(
+        isinstance(module, pyro.nn.PyroModule)
+        for fn in fns
+        if isinstance(fn, torch.nn.Module)
+        for module in fn.modules()
+    )
+
+
+SEEDED_MESSAGE = (
+    "the program draws random numbers with tensor arguments (as "
+    "torch.bernoulli(probs) or torch.randn_like(x)); compiled, they would come "
+    "from another generator than the eager path's"
+)
+
+
+def seeded_ops(graph: fx.Graph) -> list[fx.Node]:
+    """The random ops left in ``graph`` (those whose draws could not be lifted)."""
+    return [
+        node
+        for node in graph.nodes
+        if isinstance(node.target, torch._ops.OpOverload)
+        and torch.Tag.nondeterministic_seeded in node.target.tags
+    ]
+
+
+class _NoParamStore(Messenger):
+    """Refuses ``pyro.param`` while tracing, before the param store is touched (it
+    would store a fake tensor)."""
+
+    def _pyro_param(self, msg: dict) -> None:
+        raise Unsupported(_PARAM_MESSAGE)
+
+
+def call_signature(args: tuple, kwargs: dict) -> tuple | None:
+    """A hashable key of the call: tensor shapes, strides, dtypes and devices,
+    other values themselves; None if some value is not hashable. (A compiled
+    graph is only valid for the memory layout it was compiled for.)"""
+    leaves, spec = torch.utils._pytree.tree_flatten((args, kwargs))
+    key = []
+    for leaf in leaves:
+        if isinstance(leaf, torch.Tensor):
+            key.append(("T", tuple(leaf.shape), leaf.stride(), leaf.dtype, leaf.device))
+        else:
+            try:
+                hash(leaf)
+            except TypeError:
+                return None
+            key.append(leaf)
+    return (str(spec), tuple(key))
+
+
+class CallArgs:
+    """A call's ``(args, kwargs)`` with its tensors as a flat list: a graph takes
+    them as inputs, and :meth:`rebuild` puts the traced ones in their places."""
+
+    def __init__(self, args: tuple, kwargs: dict) -> None:
+        self.leaves, self.spec = torch.utils._pytree.tree_flatten((args, kwargs))
+        self.positions = [
+            i for i, leaf in enumerate(self.leaves) if isinstance(leaf, torch.Tensor)
+        ]
+
+    @property
+    def tensors(self) -> list[torch.Tensor]:
+        return [self.leaves[i] for i in self.positions]
+
+    def rebuild(self, tensors: Sequence[torch.Tensor]) -> tuple[tuple, dict]:
+        """``(args, kwargs)`` with ``tensors`` in place of the call's tensors."""
+        leaves = list(self.leaves)
+        for i, t in zip(self.positions, tensors, strict=True):
+            leaves[i] = t
+        return torch.utils._pytree.tree_unflatten(leaves, self.spec)

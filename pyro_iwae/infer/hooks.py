@@ -1,0 +1,71 @@
+"""The hook through which a compiled path plugs into inference.
+
+``IWELBO(compile=...)``, ``log_likelihood(..., compile=...)`` and the other
+evaluations with a ``compile`` option ask the registered :class:`Compiler` for
+their graphs. ``pyro_iwae.compiled`` registers one when imported (``import
+pyro_iwae`` imports it), so that inference never imports the compiler: the
+compiled path depends on the core, as Pyro's ``JitTrace_ELBO`` on
+``Trace_ELBO``, never the reverse.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, Protocol
+
+import torch
+
+
+class Compiler(Protocol):
+    """What inference asks of a compiled path."""
+
+    def loss(
+        self, elbo: Any, model: Callable, guide: Callable, backend: str | None
+    ) -> Callable[..., torch.Tensor]:
+        """``elbo.differentiable_loss(model, guide, *args, **kwargs)`` as a
+        callable of ``(*args, **kwargs)`` that runs compiled graphs; it computes
+        the eager loss with ``elbo.eager_loss``."""
+        ...
+
+    def log_likelihood(
+        self, model: Callable, guide: Callable, backend: str | None, plates: int
+    ) -> Any:
+        """An object whose ``chunks(*args, num_samples=, chunk_size=, **kwargs)``
+        yields what ``pyro_iwae.infer.evaluation.log_weight_chunks`` yields (the
+        log-weights of each chunk of particles), from compiled graphs
+        (``plates``: the ``max_plate_nesting``)."""
+        ...
+
+    def seconds(self) -> float:
+        """Seconds this process has spent tracing and compiling graphs so far."""
+        ...
+
+
+_compiler: Compiler | None = None
+
+
+def register_compiler(compiler: Compiler | None) -> Compiler | None:
+    """Makes ``compiler`` the one that ``compile`` options use (None: none);
+    returns the one registered before."""
+    global _compiler
+    previous, _compiler = _compiler, compiler
+    return previous
+
+
+def compiler() -> Compiler:
+    """The registered :class:`Compiler`.
+
+    :raises RuntimeError: none is registered (``pyro_iwae.compiled`` not imported).
+    """
+    if _compiler is None:
+        raise RuntimeError(
+            "a compile option needs the compiled path, which is not loaded; "
+            "import pyro_iwae (or pyro_iwae.compiled) first"
+        )
+    return _compiler
+
+
+def backend_of(compile: bool | str | None) -> str | None:
+    """The ``torch.compile`` backend a ``compile`` option names: True means
+    inductor, a string a backend, None the traced graph uncompiled."""
+    return "inductor" if compile is True else compile

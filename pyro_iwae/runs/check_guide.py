@@ -1,0 +1,52 @@
+"""A run's guide checked by :func:`~pyro_iwae.check_guide_gradients`: its model
+and guide (trained, or as initialised), on its own test points."""
+
+from __future__ import annotations
+
+import os
+
+from ..infer.gradient_check import GradientCheck, check_guide_gradients
+from ..infer.objectives import IWELBO
+from .config import RunConfig
+from .run import build_run, load_run
+
+__all__ = ["check_run_guide"]
+
+
+def check_run_guide(
+    run: RunConfig | str | os.PathLike,
+    *,
+    objective: IWELBO | None = None,
+    batch_size: int = 8,
+    num_draws: int = 100,
+    alpha: float = 1e-3,
+    seed: int = 0,
+    data_dir: str | os.PathLike | None = None,
+) -> GradientCheck:
+    """:func:`check_guide_gradients` on a run's model and guide, with the first
+    ``batch_size`` test points of its data set.
+
+    :param run: a run directory (its checkpoint's parameters), or a
+        :class:`~pyro_iwae.RunConfig` (model and guide as initialised from its
+        seed, before any training).
+    :param objective: the objective and estimator to check; default the run's.
+    :raises RunError, CheckpointError, pyro_iwae.data.DataError: see
+        :func:`~pyro_iwae.load_run` and :meth:`~pyro_iwae.RunConfig.load_data`.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if isinstance(run, RunConfig):
+        config = run
+        model, guide = build_run(config, device="cpu")
+    else:
+        config, model, guide = load_run(run)
+    x = config.load_data(data_dir).test[:batch_size]
+    return check_guide_gradients(
+        model,
+        guide,
+        x,
+        objective=config.make_objective() if objective is None else objective,
+        num_draws=num_draws,
+        alpha=alpha,
+        seed=seed,
+    )

@@ -1,0 +1,207 @@
+"""The parts of :func:`~pyro_iwae.fit` that hold none of its loop's state: the
+checks of its arguments, the data and parameters it trains, one Adam step, and
+where training stands in the schedule (saved in checkpoints)."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from pyro.infer import ELBO
+
+from ..data import Dataset
+from ..errors import CheckpointError
+from ..infer.evaluation import dataset_log_likelihood
+from . import distributed
+from .schedules import Schedule, as_schedule, continues
+
+
+@dataclasses.dataclass
+class Position:
+    """Where training stands: the next epoch to run, and how far into it."""
+
+    stage: int = 0  # index into the schedule
+    stage_epoch: int = 0  # epochs finished in this stage
+    epochs_done: int = 0  # epochs finished in all
+    step: int = 0  # steps finished in the current epoch
+    global_step: int = 0
+    elapsed: float = 0.0  # seconds of training and evaluation, over resumes
+
+    def advance_epoch(self, schedule: Schedule) -> None:
+        self.stage_epoch += 1
+        self.epochs_done += 1
+        self.step = 0
+        if self.stage_epoch == schedule[self.stage][0]:
+            self.stage, self.stage_epoch = self.stage + 1, 0
+
+
+def checked_schedule(
+    schedule: Iterable[Sequence[Any]],
+    batch_size: int,
+    checkpoint_every: int | None,
+    resume: bool,
+    run_dir: str | os.PathLike | None,
+) -> Schedule:
+    """The schedule as (epochs, lr) pairs, once the arguments of fit that need
+    no model are checked."""
+    schedule = as_schedule(schedule)
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if checkpoint_every is not None and checkpoint_every < 1:
+        raise ValueError(f"checkpoint_every must be >= 1, got {checkpoint_every}")
+    if resume and run_dir is None:
+        raise ValueError("resume needs the run_dir of the run to continue")
+    return schedule
+
+
+def parameters_of(*modules: Any) -> list[torch.nn.Parameter]:
+    """The parameters of the modules among ``modules``, each once."""
+    params: dict[int, torch.nn.Parameter] = {}
+    for module in modules:
+        if not isinstance(module, torch.nn.Module):
+            raise TypeError(
+                f"fit needs the model and guide to be torch.nn.Module s (e.g. "
+                f"PyroModule), got {type(module).__name__}; write it as a PyroModule "
+                "with PyroParam s in place of pyro.param"
+            )
+        for p in module.parameters():
+            params.setdefault(id(p), p)
+    return list(params.values())
+
+
+def fit_data(
+    data: Dataset | torch.Tensor,
+    test_data: torch.Tensor | None,
+    test_size: int | None,
+    device: torch.device,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The training grey levels and the test points (None: none) on ``device``."""
+    if isinstance(data, Dataset):
+        train = data.train
+        if test_data is None:
+            test_data = data.test
+    else:
+        train = data
+    train = train.to(device)
+    test = None
+    if test_data is not None:
+        test = test_data[:test_size] if test_size is not None else test_data
+        test = test.to(device) if test.shape[0] else None
+    return train, test
+
+
+def binarizes(
+    data: Dataset | torch.Tensor, binarize: bool | None, train: torch.Tensor
+) -> bool:
+    """Whether fit binarises each mini-batch; checks that it can."""
+    if binarize is None:
+        binarize = isinstance(data, Dataset) and data.binarize == "dynamic"
+    if binarize and not bool(((train >= 0) & (train <= 1)).all()):
+        raise ValueError(
+            "binarize needs training values in [0, 1] (Bernoulli probabilities); "
+            "scale the data into [0, 1], or train on them as given (binarize=False)"
+        )
+    return bool(binarize)
+
+
+def adam_step(
+    objective: ELBO,
+    differentiable: bool,
+    model: torch.nn.Module,
+    guide: torch.nn.Module,
+    batch: torch.Tensor,
+    optimizer: torch.optim.Optimizer,
+    distributed_loss: distributed.DistributedLoss | None = None,
+) -> torch.Tensor:
+    """One Adam step on the negative bound per point; returns it, detached
+    (under torchrun: this rank's share of it, see
+    :class:`~pyro_iwae.runs.distributed.DistributedLoss`)."""
+    n = batch.shape[0]
+    optimizer.zero_grad(set_to_none=True)
+    if distributed_loss is not None:
+        loss = distributed_loss(batch)
+        loss.backward()
+        loss = loss.detach()
+    elif differentiable:
+        loss = objective.differentiable_loss(model, guide, batch) / n
+        loss.backward()
+        loss = loss.detach()
+    else:
+        # RenyiELBO: no differentiable_loss; it accumulates the gradient of the
+        # summed bound, so scale the gradients to the bound per point.
+        value = objective.loss_and_grads(model, guide, batch)
+        for group in optimizer.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    p.grad.div_(n)
+        loss = torch.as_tensor(value / n, device=batch.device)
+    optimizer.step()
+    return loss
+
+
+def rate(images: int, seconds: float) -> float:
+    return images / seconds if seconds > 0 else 0.0
+
+
+def fit_state(schedule: Schedule, batch_size: int) -> dict[str, Any]:
+    """What a checkpoint must have been written with to be resumed by a fit
+    with this ``schedule`` and ``batch_size`` (its ``"fit"`` entry)."""
+    return {"schedule": [list(stage) for stage in schedule], "batch_size": batch_size}
+
+
+def check_continues(
+    checkpoint: dict[str, Any], schedule: Schedule, batch_size: int, path: Path
+) -> None:
+    """:raises CheckpointError: unless the checkpoint at ``path`` was written with
+    this batch size and a schedule that this one continues (the same, or one
+    with more epochs or stages)."""
+    saved = checkpoint.get("fit")
+    position = checkpoint.get("position")
+    if isinstance(saved, dict) and isinstance(position, dict):
+        epochs = position.get("epochs_done", 0) + bool(position.get("step"))
+        try:
+            earlier = as_schedule(saved.get("schedule", []))
+        except (TypeError, ValueError):
+            earlier = []
+        if saved.get("batch_size") == batch_size and continues(
+            schedule, earlier, epochs
+        ):
+            return
+    raise CheckpointError(
+        f"checkpoint {path} was written with schedule and batch "
+        f"size {saved}, not {fit_state(schedule, batch_size)}; resume with the "
+        "run's own settings (a schedule may only go on for longer) or start a new run"
+    )
+
+
+def test_bound(
+    model: torch.nn.Module,
+    guide: torch.nn.Module,
+    test: torch.Tensor,
+    *,
+    num_samples: int,
+    batch_size: int,
+    seed: tuple[int, int],
+    sharded: bool,
+) -> float:
+    """The bound of ``num_samples`` particles, mean over the ``test`` points;
+    ``sharded``: shared among the ranks of a torchrun, with its own ``seed``, so
+    that the training noise of each rank goes on undisturbed."""
+    if sharded:
+        estimates = distributed.sharded_log_likelihood(
+            model,
+            guide,
+            test,
+            num_samples=num_samples,
+            seed=seed,
+            batch_size=batch_size,
+        )
+    else:
+        estimates = dataset_log_likelihood(
+            model, guide, test, num_samples=num_samples, batch_size=batch_size
+        )
+    return float(estimates.mean())
