@@ -16,6 +16,7 @@ __all__ = [
     "CheckpointError",
     "ConfigError",
     "DataError",
+    "ParticleBroadcastError",
     "PyroIwaeError",
     "RunBusy",
     "RunError",
@@ -94,3 +95,9 @@ class BuilderError(PyroIwaeError, ValueError):
 
 class TrainingDiverged(PyroIwaeError):
     """The loss or the parameters became NaN or infinite during training."""
+
+
+class ParticleBroadcastError(PyroIwaeError, ValueError):
+    """A model or guide that fails under the particle plate of
+    ``vectorize_particles=True`` but runs without it: its networks do not
+    broadcast over a leading particle dimension."""

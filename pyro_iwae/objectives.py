@@ -16,6 +16,7 @@ from pyro.poutine.trace_struct import Trace
 from pyro.poutine.util import prune_subsample_sites
 from pyro.util import check_if_enumerated, check_model_guide_match, warn_if_nan
 
+from .errors import ParticleBroadcastError, PyroIwaeError, one_line
 from .traces import (
     PARTICLE_PLATE,
     TieGlobals,
@@ -307,6 +308,49 @@ class IWELBO(ELBO):
             # random stream, or a seed would give another first value.
             with torch.random.fork_rng(devices=cuda_devices(args, kwargs)):
                 self._guess_max_plate_nesting(model, guide, args, kwargs)
+        try:
+            return self._particles(model, guide, args, kwargs)
+        except (RuntimeError, ValueError, IndexError, TypeError) as error:
+            if not self._has_particle_plate or isinstance(error, PyroIwaeError):
+                raise
+            if not self._runs_without_particles(model, guide, args, kwargs):
+                raise
+            cause = one_line(error).rstrip(".")
+            raise ParticleBroadcastError(
+                "the model or guide fails under vectorize_particles=True but runs "
+                f"without it ({cause}): it must broadcast over a leading "
+                f"particle dimension of size {self.num_particles} (use "
+                "x.shape[-1] and x.reshape(*x.shape[:-1], ...), not "
+                "x.view(batch, -1)), or pass vectorize_particles=False"
+            ) from None
+
+    def _runs_without_particles(
+        self, model: Callable, guide: Callable, args: tuple, kwargs: dict
+    ) -> bool:
+        """Whether one particle without the particle plate weighs without error
+        (on a forked random stream, without gradients or warnings)."""
+        single = IWELBO(
+            1,
+            vectorize_particles=False,
+            max_plate_nesting=self.max_plate_nesting - 1,
+            global_latents=self.global_latents,
+        )
+        try:
+            with (
+                torch.random.fork_rng(devices=cuda_devices(args, kwargs)),
+                torch.no_grad(),
+                warnings.catch_warnings(),
+            ):
+                warnings.simplefilter("ignore")
+                single._particles(model, guide, args, kwargs)
+        except Exception:
+            # A failure here is the program's own, not the particle plate's.
+            return False
+        return True
+
+    def _particles(
+        self, model: Callable, guide: Callable, args: tuple, kwargs: dict
+    ) -> Particles:
         traces = self._traces(model, guide, args, kwargs)
         sites = _sample_sites(traces[0])
         local_dims, global_names = self._split_sites(sites)
