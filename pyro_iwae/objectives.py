@@ -14,8 +14,10 @@ from pyro.infer.elbo import ELBO
 from pyro.infer.util import is_validation_enabled, torch_item
 from pyro.poutine.trace_struct import Trace
 from pyro.poutine.util import prune_subsample_sites
-from pyro.util import check_if_enumerated, check_model_guide_match, warn_if_nan
+from pyro.util import check_model_guide_match, warn_if_nan
 
+from .enumeration import check_enumeration
+from .enumeration import enumerates as enumerates_sites
 from .errors import ParticleBroadcastError, PyroIwaeError, one_line
 from .traces import (
     PARTICLE_PLATE,
@@ -161,6 +163,9 @@ class IWELBO(ELBO):
         self.global_latents = global_latents
         # The global latent sites the last call tied across particles.
         self._tied: tuple[str, ...] = ()
+        # Whether a call has found sites marked for enumeration: then model and
+        # guide run under poutine.enum.
+        self._enumerates = False
         self._guide_module: torch.nn.Module | None = None
         self._particle_plate: tuple[tuple[int, int], pyro.plate] | None = None
 
@@ -197,9 +202,11 @@ class IWELBO(ELBO):
     def _get_untied_trace(
         self, model: Callable, guide: Callable, args: tuple, kwargs: dict
     ) -> tuple[Trace, Trace]:
+        if self._enumerates:
+            # The model's enumerated dims are allocated left of the guide's.
+            guide = poutine.enum(guide, first_available_dim=-1 - self.max_plate_nesting)
+            model = poutine.enum(model)
         guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
-        if is_validation_enabled():
-            check_if_enumerated(guide_trace)
         if torch.is_grad_enabled():
             self._check_guide_trace(guide_trace)
         if self.estimator in _STOPPED_ESTIMATORS:
@@ -311,7 +318,9 @@ class IWELBO(ELBO):
         try:
             return self._particles(model, guide, args, kwargs)
         except (RuntimeError, ValueError, IndexError, TypeError) as error:
-            if not self._has_particle_plate or isinstance(error, PyroIwaeError):
+            if not self._has_particle_plate or isinstance(
+                error, PyroIwaeError | NotImplementedError
+            ):
                 raise
             if not self._runs_without_particles(model, guide, args, kwargs):
                 raise
@@ -328,7 +337,7 @@ class IWELBO(ELBO):
         self, model: Callable, guide: Callable, args: tuple, kwargs: dict
     ) -> bool:
         """Whether one particle without the particle plate weighs without error
-        (on a forked random stream, without gradients or warnings)."""
+        (on a forked random stream, without warnings)."""
         single = IWELBO(
             1,
             vectorize_particles=False,
@@ -338,7 +347,6 @@ class IWELBO(ELBO):
         try:
             with (
                 torch.random.fork_rng(devices=cuda_devices(args, kwargs)),
-                torch.no_grad(),
                 warnings.catch_warnings(),
             ):
                 warnings.simplefilter("ignore")
@@ -354,11 +362,18 @@ class IWELBO(ELBO):
         traces = self._traces(model, guide, args, kwargs)
         sites = _sample_sites(traces[0])
         local_dims, global_names = self._split_sites(sites)
-        if tuple(global_names) != self._tied and self._has_particle_plate:
-            # The sites to tie are known once the program has run: run it again.
-            self._tied = tuple(global_names)
+        enumerates = self._enumerates or any(map(enumerates_sites, traces[0]))
+        retie = tuple(global_names) != self._tied and self._has_particle_plate
+        if retie or enumerates != self._enumerates:
+            # The sites to tie, or to enumerate, are known once the program has
+            # run: run it again.
+            if retie:
+                self._tied = tuple(global_names)
+            self._enumerates = enumerates
             traces = self._traces(model, guide, args, kwargs)
             sites = _sample_sites(traces[0])
+        if self._enumerates:
+            check_enumeration(*traces[0], global_names)
         _check_global_sites(traces[0][1], global_names)
         return self._weigh(traces, sites, local_dims, global_names)
 

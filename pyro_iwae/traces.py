@@ -327,15 +327,22 @@ def log_p_and_q(
 
     A latent site of the model that the guide does not sample is drawn from its
     prior during replay, so the prior is part of the proposal and cancels from
-    the weight: it enters neither part. Sites among ``global_names`` go to the
-    global part.
+    the weight: it enters neither part; unless the model enumerated it, then it
+    is summed out of log p (:func:`~pyro_iwae.enumeration.sum_out_enumerated`).
+    Sites among ``global_names`` go to the global part.
     """
     # Lists, not sets: the order of summation must not vary between processes.
     guide_latent = [name for name, _ in latent_sites(guide_trace)]
+    enumerated = [
+        name
+        for name, site in latent_sites(model_trace)
+        if name not in guide_trace.nodes
+        and site["infer"].get("_enumerate_dim") is not None
+    ]
     prior_proposed = [
         (name, site)
         for name, site in latent_sites(model_trace)
-        if name not in guide_trace.nodes
+        if name not in guide_trace.nodes and name not in enumerated
     ]
     for name, site in prior_proposed:
         if not site["fn"].has_rsample and torch.is_grad_enabled():
@@ -352,7 +359,17 @@ def log_p_and_q(
     model_sites = [name for name in model_trace.nodes if name not in skip]
     local_p = [name for name in model_sites if name not in global_names]
     local_q = [name for name in guide_latent if name not in global_names]
+    summed_out = None
+    if enumerated:
+        # Imported here: enumeration builds on this module.
+        from .enumeration import sum_out_enumerated
+
+        summed_out, local_p = sum_out_enumerated(
+            model_trace, guide_trace, local_p, plate_nesting, local_dims, scale
+        )
     log_p = _log_prob(model_trace, local_p, plate_nesting, local_dims, scale)
+    if summed_out is not None:
+        log_p = summed_out if log_p is None else log_p + summed_out
     log_q = _log_prob(guide_trace, local_q, plate_nesting, local_dims, scale)
     log_global = None
     if global_names:

@@ -3,10 +3,14 @@ that do not broadcast over the particle dimension (a one-line error), discrete s
 enumerated in the model (summed out of log p exactly) and in the guide (each value
 with its own particles), each checked against exact values on small models."""
 
+import functools
+import warnings
+
 import pyro
 import pyro.distributions as dist
 import pytest
 import torch
+from pyro.infer import TraceEnum_ELBO, config_enumerate
 from torch import nn
 
 from pyro_iwae import IWELBO, PyroIwaeError
@@ -76,3 +80,178 @@ def test_a_program_that_fails_without_particles_keeps_its_own_error():
     with pytest.raises(RuntimeError, match="cannot be multiplied") as error:
         IWELBO(3).loss(model, guide, x)
     assert not isinstance(error.value, PyroIwaeError)
+
+
+# A mixture with a continuous latent beside it: in each of N points, y ~ Cat(PI),
+# z ~ N(0, 1), a | z ~ N(z, S), and b_j | y ~ N(MU[y], SD[y]) for j in an inner
+# plate (one y per point, or one per b_j). log p(x) is closed form, and
+# q(z | a) = N(a / (1 + S^2), S / sqrt(1 + S^2)) is the exact posterior of z.
+PI = torch.tensor([0.2, 0.5, 0.3], dtype=torch.float64)
+MU = torch.tensor([-2.0, 0.5, 3.0], dtype=torch.float64)
+SD = torch.tensor([0.5, 1.0, 0.8], dtype=torch.float64)
+S = 0.6
+
+
+def mixture_model(a, b, per_element=False, subsample=None):
+    with pyro.plate("data", a.shape[0], dim=-2, subsample=subsample) as i:
+        if not per_element:
+            y = pyro.sample("y", dist.Categorical(PI), infer={"enumerate": "parallel"})
+        z = pyro.sample("z", dist.Normal(0.0, 1.0).expand([1, 1]))
+        pyro.sample("a", dist.Normal(z, S), obs=a[i])
+        with pyro.plate("inner", b.shape[1], dim=-1):
+            if per_element:
+                y = pyro.sample(
+                    "y", dist.Categorical(PI), infer={"enumerate": "parallel"}
+                )
+            pyro.sample("b", dist.Normal(MU[y], SD[y]), obs=b[i])
+
+
+def mixture_guide(a, b, per_element=False, subsample=None, shift=0.0, inflate=1.0):
+    with pyro.plate("data", a.shape[0], dim=-2, subsample=subsample) as i:
+        loc = pyro.param("loc", a / (1 + S**2) + shift)[i]
+        pyro.sample("z", dist.Normal(loc, inflate * S / (1 + S**2) ** 0.5))
+
+
+def mixture_log_marginal(a, b, per_element=False):
+    log_a = dist.Normal(0.0, (1 + S**2) ** 0.5).log_prob(a).sum()
+    log_b = dist.Normal(MU, SD).log_prob(b.unsqueeze(-1))  # (n, m, values of y)
+    if per_element:
+        return log_a + (log_b + PI.log()).logsumexp(-1).sum()
+    return log_a + (log_b.sum(-2) + PI.log()).logsumexp(-1).sum()
+
+
+def mixture_data(n=4, m=3):
+    g = torch.Generator().manual_seed(2)
+    a = torch.randn(n, 1, generator=g, dtype=torch.float64) * 1.5
+    b = torch.randn(n, m, generator=g, dtype=torch.float64) * 2.0
+    return a, b
+
+
+def replicated_bounds(elbo, draws, model, guide, x):
+    """``draws`` independent estimates of the bound of the points ``x`` (along
+    dim 0), in one call: the points are repeated ``draws`` times in the data plate
+    and each copy's per-point bounds are summed."""
+    with torch.no_grad():
+        particles = elbo.particles(model, guide, x.repeat(draws))
+    values = elbo.bound(particles.log_weights).reshape(draws, -1).sum(-1)
+    return values.mean().item(), values.std().item() / draws**0.5
+
+
+@pytest.mark.parametrize("vectorize", [True, False])
+@pytest.mark.parametrize("per_element", [False, True])
+def test_model_enumeration_with_the_exact_guide_is_log_p_x(per_element, vectorize):
+    """With y summed out and q(z | a) exact, every weight is p(x): the bound is
+    log p(x) on every draw, for any k; y per point or per element of an inner
+    plate."""
+    a, b = mixture_data()
+    exact = mixture_log_marginal(a, b, per_element)
+    for k in (1, 4):
+        elbo = IWELBO(k, max_plate_nesting=2, vectorize_particles=vectorize)
+        for _ in range(3):
+            loss = elbo.differentiable_loss(
+                mixture_model, mixture_guide, a, b, per_element
+            )
+            assert torch.allclose(-loss, exact), (k, -loss, exact)
+
+
+def shifted_mixture(x):
+    """x | y, z ~ N(MU[y] + z, S) with z ~ N(0, 1): the posterior of z is a
+    mixture, which a Gaussian guide cannot match."""
+    with pyro.plate("data", x.shape[0]):
+        y = pyro.sample("y", dist.Categorical(PI), infer={"enumerate": "parallel"})
+        z = pyro.sample("z", dist.Normal(0.0, 1.0))
+        pyro.sample("x", dist.Normal(MU[y] + z, S), obs=x)
+
+
+def shifted_guide(x):
+    with pyro.plate("data", x.shape[0]):
+        pyro.sample("z", dist.Normal(0.5 * x, 1.0))
+
+
+def test_model_enumeration_is_below_log_p_x_and_rises_with_k():
+    x = torch.tensor([-1.5, 0.2, 2.7, 4.0], dtype=torch.float64)
+    exact = (
+        (PI.log() + dist.Normal(MU, (1 + S**2) ** 0.5).log_prob(x.unsqueeze(-1)))
+        .logsumexp(-1)
+        .sum()
+        .item()
+    )
+    means = []
+    for k in (1, 3, 9):
+        mean, se = replicated_bounds(IWELBO(k), 400, shifted_mixture, shifted_guide, x)
+        assert mean + 4 * se < exact, (k, mean, se, exact)
+        means.append((mean, se))
+    for (low, se_low), (high, se_high) in zip(means, means[1:], strict=False):
+        assert high - low > 4 * (se_low**2 + se_high**2) ** 0.5, means
+
+
+@pytest.mark.parametrize("subsample", [None, torch.tensor([0, 3])])
+@pytest.mark.parametrize("per_element", [False, True])
+def test_model_enumeration_at_k1_is_traceenum_elbo(per_element, subsample):
+    """One particle: the negative loss is TraceEnum_ELBO's ELBO on the same draw,
+    in value and gradient, also under a sub-sampled data plate."""
+    a, b = mixture_data()
+    guide = functools.partial(mixture_guide, shift=0.4, inflate=1.3)
+    args = (a, b, per_element, subsample)
+    ours = IWELBO(1, max_plate_nesting=2)
+    ours.loss(mixture_model, guide, *args)  # finds the enumerated site
+    loc = pyro.param("loc").unconstrained()
+    results = []
+    for elbo in (ours, TraceEnum_ELBO(max_plate_nesting=2)):
+        pyro.set_rng_seed(4)
+        loss = elbo.differentiable_loss(mixture_model, guide, *args)
+        results.append((loss, torch.autograd.grad(loss, [loc])[0]))
+    (loss, grad), (their_loss, their_grad) = results
+    assert torch.allclose(loss, their_loss), (loss, their_loss)
+    assert torch.allclose(grad, their_grad)
+    assert grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("estimator", ["stl", "dreg"])
+def test_model_enumeration_keeps_zero_variance_path_gradients(estimator):
+    """At the exact posterior of z, STL's and DReG's guide gradients vanish with
+    y summed out, as without enumerated sites; the plain gradient does not."""
+    a, b = mixture_data()
+    elbo = IWELBO(4, estimator, max_plate_nesting=2)
+    plain = IWELBO(4, max_plate_nesting=2)
+    for objective, vanishes in ((elbo, True), (plain, False)):
+        loss = objective.differentiable_loss(mixture_model, mixture_guide, a, b)
+        (grad,) = torch.autograd.grad(loss, [pyro.param("loc").unconstrained()])
+        assert (grad.abs().max() < 1e-9) == vanishes, (objective.estimator, grad)
+
+
+def test_model_enumeration_warns_of_nothing():
+    a, b = mixture_data()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        IWELBO(3, max_plate_nesting=2).loss(
+            config_enumerate(mixture_model), mixture_guide, a, b
+        )
+
+
+def test_sequential_enumeration_is_refused_in_one_line():
+    def model(x):
+        with pyro.plate("data", x.shape[0]):
+            y = pyro.sample(
+                "y", dist.Categorical(PI), infer={"enumerate": "sequential"}
+            )
+            z = pyro.sample("z", dist.Normal(0.0, 1.0))
+            pyro.sample("x", dist.Normal(MU[y] + z, S), obs=x)
+
+    x = torch.tensor([0.3, 1.2], dtype=torch.float64)
+    with pytest.raises(NotImplementedError, match="'y'.*parallel"):
+        IWELBO(2).loss(model, shifted_guide, x)
+
+
+def test_an_enumerated_global_site_is_refused_in_a_factored_bound():
+    def model(x):
+        y = pyro.sample("y", dist.Categorical(PI), infer={"enumerate": "parallel"})
+        with pyro.plate("data", x.shape[0]):
+            z = pyro.sample("z", dist.Normal(0.0, 1.0))
+            pyro.sample("x", dist.Normal(MU[y] + z, S), obs=x)
+
+    x = torch.tensor([0.3, 1.2], dtype=torch.float64)
+    with pytest.raises(NotImplementedError, match="global site 'y'.*joint"):
+        IWELBO(2, global_latents="factor").loss(model, shifted_guide, x)
+    # the joint bound sums it out over all points at once
+    assert IWELBO(2, global_latents="joint").loss(model, shifted_guide, x) > 0

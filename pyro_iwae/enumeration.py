@@ -1,0 +1,165 @@
+"""Discrete sites enumerated in parallel, for :class:`~pyro_iwae.IWELBO`.
+
+A latent site that the model samples and the guide does not, marked
+``infer={"enumerate": "parallel"}`` (or by :func:`~pyro.infer.config_enumerate`),
+is summed out of log p exactly, for each particle of the other latents: the
+model's log-factors that depend on enumerated values are contracted by variable
+elimination over their plates (Pyro's :func:`~pyro.ops.contract.contract_to_tensor`
+in the log semiring), down to the particle and data plate dims.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Collection
+from typing import Any
+
+import torch
+from pyro.distributions.util import scale_and_mask
+from pyro.ops import packed
+from pyro.ops.contract import contract_to_tensor
+from pyro.ops.rings import LogRing
+from pyro.poutine.trace_struct import Trace
+
+from .traces import PARTICLE_PLATE, _same_scale, latent_sites, relative_scale
+
+__all__ = [
+    "check_enumeration",
+    "enumerates",
+    "is_model_enumerated",
+    "sum_out_enumerated",
+]
+
+
+def enumerates(trace: Trace) -> bool:
+    """Whether a latent site of ``trace`` is marked for enumeration."""
+    return any(site["infer"].get("enumerate") for _, site in latent_sites(trace))
+
+
+def is_model_enumerated(site: dict, guide_trace: Trace) -> bool:
+    """Whether the model site ``site`` was enumerated by the model itself."""
+    return (
+        site["type"] == "sample"
+        and site["infer"].get("_enumerate_dim") is not None
+        and site["name"] not in guide_trace.nodes
+    )
+
+
+def check_enumeration(
+    model_trace: Trace, guide_trace: Trace, global_names: Collection[str]
+) -> None:
+    """:raises NotImplementedError: for sequential enumeration, enumeration in the
+    guide, or an enumerated site among the global latents ``global_names``."""
+    for role, trace in (("guide", guide_trace), ("model", model_trace)):
+        for name, site in latent_sites(trace):
+            how = site["infer"].get("enumerate")
+            if how == "sequential":
+                raise NotImplementedError(
+                    f"IWELBO enumerates only in parallel, but {role} site {name!r} "
+                    "is marked 'sequential'; mark it infer={'enumerate': "
+                    "'parallel'} (config_enumerate's default)"
+                )
+            if role == "guide" and how:
+                raise NotImplementedError(
+                    f"IWELBO does not enumerate guide sites, but {name!r} is marked "
+                    "for enumeration; enumerate it in the model instead (leave it "
+                    "out of the guide) or sample it with estimator='vimco'"
+                )
+            if role == "model" and how and name in global_names:
+                raise NotImplementedError(
+                    f"IWELBO cannot enumerate the global site {name!r} (outside the "
+                    "data plate) in a bound that factors over the data plate; use "
+                    "global_latents='joint' on full batches, or sample it in the guide"
+                )
+
+
+def sum_out_enumerated(
+    model_trace: Trace,
+    guide_trace: Trace,
+    names: Collection[str],
+    plate_nesting: int,
+    local_dims: tuple[int, ...],
+    scale: Any = 1.0,
+) -> tuple[torch.Tensor | None, list[str]]:
+    """Log-prob of the model sites among ``names`` that depend on a site enumerated
+    in the model, with the enumerated values summed out.
+
+    The factors are contracted in the log semiring: logsumexp over each enumerated
+    site's values, a sum over every plate but the particle plate and the data
+    plate dims ``local_dims``. They share one scale relative to the bound's
+    ``scale`` (see :func:`~pyro_iwae.traces.relative_scale`), which multiplies the
+    result; the enumerated sites' own factors are not masked (a mask would drop
+    their normalisation), the others are.
+
+    :returns: the summed-out log-prob, of shape ``(particles,) + plate_shape`` as
+        :func:`~pyro_iwae.traces.log_p_and_q`'s parts (None if no site among
+        ``names`` depends on an enumerated site), and the names left to sum as
+        usual.
+    :raises ValueError: if the factors of enumerated sites have different scales.
+    """
+    enumerated = [
+        name
+        for name in names
+        if is_model_enumerated(model_trace.nodes[name], guide_trace)
+    ]
+    if not enumerated:
+        return None, list(names)
+    model_trace.symbolize_dims()
+    sum_dims = {
+        model_trace.nodes[name]["infer"]["_enumerate_symbol"] for name in enumerated
+    }
+    tree: OrderedDict[frozenset, list[torch.Tensor]] = OrderedDict()
+    target: set[str] = set()
+    rest, first, common = [], None, 1.0
+    for name in names:
+        site = model_trace.nodes[name]
+        if site["type"] != "sample":
+            continue
+        log_prob = site["fn"].log_prob(site["value"], *site["args"], **site["kwargs"])
+        mask = None if name in enumerated else site["mask"]
+        term = packed.pack(
+            scale_and_mask(log_prob, mask=mask), site["infer"]["_dim_to_symbol"]
+        )
+        if sum_dims.isdisjoint(term._pyro_dims):
+            rest.append(name)
+            continue
+        site_scale = relative_scale(site, scale)
+        if first is None:
+            first, common = name, site_scale
+        elif not _same_scale(site_scale, common):
+            raise ValueError(
+                f"IWELBO sums out enumerated sites over factors of one scale, but "
+                f"{name!r} and {first!r} have different scales; scale the whole "
+                "model, or none of the sites that depend on an enumerated site"
+            )
+        ordinal = frozenset(
+            model_trace.plate_to_symbol[f.name]
+            for f in site["cond_indep_stack"]
+            if f.vectorized
+        )
+        target.update(
+            model_trace.plate_to_symbol[f.name]
+            for f in site["cond_indep_stack"]
+            if f.vectorized and (f.name == PARTICLE_PLATE or f.dim in local_dims)
+        )
+        tree.setdefault(ordinal, []).append(term)
+    dim_to_size = {
+        dim: size
+        for terms in tree.values()
+        for term in terms
+        for dim, size in zip(term._pyro_dims, term.shape, strict=True)
+    }
+    result = contract_to_tensor(
+        tree,
+        sum_dims,
+        target_ordinal=frozenset(target),
+        ring=LogRing(dim_to_size=dim_to_size),
+    )
+    result = packed.unpack(result, model_trace.symbol_to_dim)
+    if not _same_scale(common, 1.0):
+        result = result * common
+    if result.dim() < plate_nesting + 1:
+        result = result.reshape(
+            (1,) * (plate_nesting + 1 - result.dim()) + result.shape
+        )
+    return result, rest
