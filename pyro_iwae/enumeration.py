@@ -26,7 +26,9 @@ from .traces import PARTICLE_PLATE, _same_scale, latent_sites, relative_scale
 __all__ = [
     "check_enumeration",
     "enumerates",
+    "guide_enumerated",
     "is_model_enumerated",
+    "merge_strata",
     "sum_out_enumerated",
 ]
 
@@ -34,6 +36,35 @@ __all__ = [
 def enumerates(trace: Trace) -> bool:
     """Whether a latent site of ``trace`` is marked for enumeration."""
     return any(site["infer"].get("enumerate") for _, site in latent_sites(trace))
+
+
+def guide_enumerated(guide_trace: Trace) -> list[str]:
+    """Names of the guide's latent sites whose values are enumerated."""
+    return [
+        name
+        for name, site in latent_sites(guide_trace)
+        if site["infer"].get("_enumerate_dim") is not None
+    ]
+
+
+def merge_strata(
+    log_p: torch.Tensor, log_q: torch.Tensor, plate_nesting: int, particles: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``log_p`` and ``log_q`` with the dims of values enumerated in the guide
+    merged into the particle dim.
+
+    :param particles: the size of the particle dim (k, or 1 for a particle of a
+        Python loop).
+    :returns: both parts, of shape ``(strata * particles,) + plate_shape``,
+        ``strata`` the number of joint values enumerated in the guide (as they
+        were when nothing is enumerated in the guide).
+    """
+    if log_p.dim() == log_q.dim() == plate_nesting + 1:
+        return log_p, log_q
+    shape = list(torch.broadcast_shapes(log_p.shape, log_q.shape))
+    shape[-1 - plate_nesting] = particles
+    flat = (-1,) + tuple(shape[len(shape) - plate_nesting :])
+    return log_p.expand(shape).reshape(flat), log_q.expand(shape).reshape(flat)
 
 
 def is_model_enumerated(site: dict, guide_trace: Trace) -> bool:
@@ -46,30 +77,42 @@ def is_model_enumerated(site: dict, guide_trace: Trace) -> bool:
 
 
 def check_enumeration(
-    model_trace: Trace, guide_trace: Trace, global_names: Collection[str]
+    model_trace: Trace,
+    guide_trace: Trace,
+    local_dims: tuple[int, ...],
+    global_names: Collection[str],
 ) -> None:
-    """:raises NotImplementedError: for sequential enumeration, enumeration in the
-    guide, or an enumerated site among the global latents ``global_names``."""
+    """:raises NotImplementedError: for sequential enumeration, an enumerated site
+    among the global latents ``global_names``, or a guide site enumerated in
+    plates other than the data plate dims ``local_dims``."""
     for role, trace in (("guide", guide_trace), ("model", model_trace)):
         for name, site in latent_sites(trace):
             how = site["infer"].get("enumerate")
+            if not how or (role == "model" and name in guide_trace.nodes):
+                continue
             if how == "sequential":
                 raise NotImplementedError(
                     f"IWELBO enumerates only in parallel, but {role} site {name!r} "
                     "is marked 'sequential'; mark it infer={'enumerate': "
                     "'parallel'} (config_enumerate's default)"
                 )
-            if role == "guide" and how:
-                raise NotImplementedError(
-                    f"IWELBO does not enumerate guide sites, but {name!r} is marked "
-                    "for enumeration; enumerate it in the model instead (leave it "
-                    "out of the guide) or sample it with estimator='vimco'"
-                )
-            if role == "model" and how and name in global_names:
+            if name in global_names:
                 raise NotImplementedError(
                     f"IWELBO cannot enumerate the global site {name!r} (outside the "
                     "data plate) in a bound that factors over the data plate; use "
                     "global_latents='joint' on full batches, or sample it in the guide"
+                )
+            dims = sorted(
+                f.dim
+                for f in site["cond_indep_stack"]
+                if f.vectorized and f.name != PARTICLE_PLATE
+            )
+            if role == "guide" and dims != sorted(local_dims):
+                raise NotImplementedError(
+                    "IWELBO enumerates a guide site only in the data plate (each "
+                    f"point's values with their own particles), but {name!r} is in "
+                    f"plates at dims {dims}, the data plate at {sorted(local_dims)}; "
+                    "enumerate it in the model instead (leave it out of the guide)"
                 )
 
 
@@ -80,6 +123,7 @@ def sum_out_enumerated(
     plate_nesting: int,
     local_dims: tuple[int, ...],
     scale: Any = 1.0,
+    width: int | None = None,
 ) -> tuple[torch.Tensor | None, list[str]]:
     """Log-prob of the model sites among ``names`` that depend on a site enumerated
     in the model, with the enumerated values summed out.
@@ -91,7 +135,7 @@ def sum_out_enumerated(
     result; the enumerated sites' own factors are not masked (a mask would drop
     their normalisation), the others are.
 
-    :returns: the summed-out log-prob, of shape ``(particles,) + plate_shape`` as
+    :returns: the summed-out log-prob, of ``width`` dims shaped as
         :func:`~pyro_iwae.traces.log_p_and_q`'s parts (None if no site among
         ``names`` depends on an enumerated site), and the names left to sum as
         usual.
@@ -158,8 +202,7 @@ def sum_out_enumerated(
     result = packed.unpack(result, model_trace.symbol_to_dim)
     if not _same_scale(common, 1.0):
         result = result * common
-    if result.dim() < plate_nesting + 1:
-        result = result.reshape(
-            (1,) * (plate_nesting + 1 - result.dim()) + result.shape
-        )
+    width = plate_nesting + 1 if width is None else width
+    if result.dim() < width:
+        result = result.reshape((1,) * (width - result.dim()) + result.shape)
     return result, rest

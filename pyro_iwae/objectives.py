@@ -16,7 +16,7 @@ from pyro.poutine.trace_struct import Trace
 from pyro.poutine.util import prune_subsample_sites
 from pyro.util import check_model_guide_match, warn_if_nan
 
-from .enumeration import check_enumeration
+from .enumeration import check_enumeration, guide_enumerated, merge_strata
 from .enumeration import enumerates as enumerates_sites
 from .errors import ParticleBroadcastError, PyroIwaeError, one_line
 from .traces import (
@@ -63,15 +63,17 @@ class Particles(NamedTuple):
 
     ``log_weights`` has shape ``(k,) + plate_shape``, ``len(plate_shape)`` equal to
     ``max_plate_nesting``, and size 1 at every dim but the data plate dims
-    ``local_dims``; ``guide_log_prob``, of the same shape, is its log q part;
-    ``scale`` is the common scale of the sample sites (a number or
-    tensor); ``traces`` the ``(model_trace, guide_trace)`` pairs, one per
-    Python-level particle. ``score_log_prob``, of the same shape, is the log q of
-    the guide sites without ``rsample``, made only for a score-function estimator
-    when gradients are recorded (else None). ``global_log_weight``, of shape
-    ``(k,) + (1,) * len(plate_shape)``, is ``log p - log q`` of the global latent
-    sites under ``global_latents="factor"`` (each at its own scale; equal within a
-    group of particles that shares them), else None.
+    ``local_dims`` (``(strata * k,) + plate_shape`` when the guide enumerates sites:
+    k particles for each of their ``strata`` joint values, the log q of an
+    enumerated site of K values replaced by ``log(1/K)``); ``guide_log_prob``, of
+    the same shape, is its log q part; ``scale`` is the common scale of the sample
+    sites (a number or tensor); ``traces`` the ``(model_trace, guide_trace)`` pairs,
+    one per Python-level particle. ``score_log_prob``, of the same shape, is the log
+    q of the guide sites without ``rsample``, made only for a score-function
+    estimator when gradients are recorded (else None). ``global_log_weight``, of
+    shape ``(k,) + (1,) * len(plate_shape)``, is ``log p - log q`` of the global
+    latent sites under ``global_latents="factor"`` (each at its own scale; equal
+    within a group of particles that shares them), else None.
     """
 
     log_weights: torch.Tensor
@@ -97,6 +99,13 @@ class IWELBO(ELBO):
     sites in other plates are summed into each point's log-weight. The data plate
     is the plate that encloses every sample site of model and guide; with none,
     the bound is joint over all sites (then sub-sampling is an error).
+
+    Discrete sites marked ``infer={"enumerate": "parallel"}`` are not sampled: a
+    site only the model has is summed out of :math:`p(x, z_i)` exactly, per
+    particle; a site of the guide (in the data plate) gives each of its values
+    y its own k particles of the sites below it, and the bound becomes
+    :math:`\log \sum_y \frac{1}{k} \sum_i p(x, y, z_{yi}) / q(z_{yi}|x, y)`,
+    in which q(y) cancels (see the documentation's page on enumeration).
 
     :param int num_particles: k, the number of importance samples per point.
     :param str estimator: guide gradient: ``"iwae"`` (reparameterised gradient of
@@ -248,7 +257,7 @@ class IWELBO(ELBO):
         if self.estimator in SCORE_ESTIMATORS:
             return
         for name, site in latent_sites(guide_trace):
-            if not site["fn"].has_rsample:
+            if not site["fn"].has_rsample and not _enumerated(site):
                 raise NotImplementedError(
                     f"IWELBO's {self.estimator!r} gradient needs "
                     f"reparameterizable guide sites, but {name!r} "
@@ -373,9 +382,43 @@ class IWELBO(ELBO):
             traces = self._traces(model, guide, args, kwargs)
             sites = _sample_sites(traces[0])
         if self._enumerates:
-            check_enumeration(*traces[0], global_names)
+            check_enumeration(*traces[0], local_dims, global_names)
+            self._check_strata(traces[0][1])
         _check_global_sites(traces[0][1], global_names)
         return self._weigh(traces, sites, local_dims, global_names)
+
+    #: Whether the bound takes values enumerated in the guide, each with its own
+    #: particles, merged into the particle dim (a grouped bound would mix them).
+    _takes_strata = True
+
+    def _check_strata(self, guide_trace: Trace) -> None:
+        enumerated = guide_enumerated(guide_trace)
+        if not enumerated:
+            return
+        if not self._takes_strata:
+            raise NotImplementedError(
+                f"{type(self).__name__} does not take sites enumerated in the "
+                f"guide (here {enumerated[0]!r}); use IWELBO or CIWELBO, or "
+                "enumerate the site in the model (leave it out of the guide)"
+            )
+        if self.estimator == "dreg":
+            raise NotImplementedError(
+                "estimator='dreg' does not take sites enumerated in the guide "
+                f"(here {enumerated[0]!r}); use estimator='stl' or 'iwae', or "
+                "enumerate the site in the model (leave it out of the guide)"
+            )
+        unenumerated = [
+            name
+            for name, site in latent_sites(guide_trace)
+            if not site["fn"].has_rsample and name not in enumerated
+        ]
+        if unenumerated and self.estimator in SCORE_ESTIMATORS:
+            raise NotImplementedError(
+                f"IWELBO's score-function gradient for {unenumerated[0]!r} does not "
+                f"take sites enumerated in the guide (here {enumerated[0]!r}); "
+                f"enumerate {unenumerated[0]!r} too, or enumerate "
+                f"{enumerated[0]!r} in the model (leave it out of the guide)"
+            )
 
     def _traces(
         self, model: Callable, guide: Callable, args: tuple, kwargs: dict
@@ -422,8 +465,13 @@ class IWELBO(ELBO):
             log_p_and_q(*pair, plate_nesting, local_dims, scale, global_names)
             for pair in traces
         ]
-        log_p, log_q = (_cat([part[i] for part in parts]) for i in (0, 1))
-        if self._has_particle_plate and log_p.shape[0] != self.num_particles:
+        particles = self.num_particles if self._has_particle_plate else 1
+        merged = [
+            merge_strata(part.log_p, part.log_q, plate_nesting, particles)
+            for part in parts
+        ]
+        log_p, log_q = (_cat([part[i] for part in merged]) for i in (0, 1))
+        if self._has_particle_plate and log_p.shape[0] == 1:
             # No site depends on the particle: all k weights are the same.
             log_p = log_p.expand((self.num_particles,) + log_p.shape[1:])
         log_global = None
@@ -454,8 +502,9 @@ class IWELBO(ELBO):
     _reweights_paths = False
 
     def bound(self, log_weights: torch.Tensor) -> torch.Tensor:
-        """The per-point bound from ``log_weights`` of shape ``(k,) + plate_shape``."""
-        return log_weights.logsumexp(0) - math.log(self.num_particles)
+        """The per-point bound from ``log_weights`` of shape ``(k,) + plate_shape``
+        (``(strata * k,) + plate_shape`` with values enumerated in the guide)."""
+        return log_weights.logsumexp(0) - math.log(log_weights.shape[0])
 
     def _path_factor(self, log_weights: torch.Tensor) -> torch.Tensor | None:
         """Per-particle factor on the gradient that reaches the latent values.
@@ -578,6 +627,8 @@ class MIWELBO(IWELBO):
         )
         self.num_groups = num_groups
         self.group_size = num_particles
+
+    _takes_strata = False
 
     @property
     def _global_group_size(self) -> int:
@@ -736,6 +787,11 @@ def _checked_item(loss: torch.Tensor) -> float:
     value = torch_item(loss)
     warn_if_nan(value, "loss")
     return value
+
+
+def _enumerated(site: dict) -> bool:
+    """Whether a guide site is, or will be, enumerated in parallel."""
+    return site["infer"].get("enumerate") == "parallel"
 
 
 def _sample_sites(pair: tuple[Trace, Trace]) -> list[dict]:

@@ -9,6 +9,7 @@ parameters held constant, and the per-particle reweighting of the path gradient.
 from __future__ import annotations
 
 import copy
+import math
 import warnings
 from collections.abc import Callable, Collection, Iterator
 from contextlib import contextmanager
@@ -333,6 +334,14 @@ def log_p_and_q(
     """
     # Lists, not sets: the order of summation must not vary between processes.
     guide_latent = [name for name, _ in latent_sites(guide_trace)]
+    # Values enumerated in the guide: each gets its own particles, in dims left of
+    # the particle dim; their own log q is replaced by the uniform log(1 / K).
+    strata = {
+        name: site["infer"]["_enumerate_dim"]
+        for name, site in latent_sites(guide_trace)
+        if site["infer"].get("_enumerate_dim") is not None
+    }
+    width = max([plate_nesting + 1] + [-dim for dim in strata.values()])
     enumerated = [
         name
         for name, site in latent_sites(model_trace)
@@ -358,19 +367,25 @@ def log_p_and_q(
     skip = {name for name, _ in prior_proposed}
     model_sites = [name for name in model_trace.nodes if name not in skip]
     local_p = [name for name in model_sites if name not in global_names]
-    local_q = [name for name in guide_latent if name not in global_names]
+    local_q = [
+        name for name in guide_latent if name not in global_names and name not in strata
+    ]
     summed_out = None
     if enumerated:
         # Imported here: enumeration builds on this module.
         from .enumeration import sum_out_enumerated
 
         summed_out, local_p = sum_out_enumerated(
-            model_trace, guide_trace, local_p, plate_nesting, local_dims, scale
+            model_trace, guide_trace, local_p, plate_nesting, local_dims, scale, width
         )
-    log_p = _log_prob(model_trace, local_p, plate_nesting, local_dims, scale)
+    log_p = _log_prob(model_trace, local_p, plate_nesting, local_dims, scale, width)
     if summed_out is not None:
         log_p = summed_out if log_p is None else log_p + summed_out
-    log_q = _log_prob(guide_trace, local_q, plate_nesting, local_dims, scale)
+    log_q = _log_prob(guide_trace, local_q, plate_nesting, local_dims, scale, width)
+    for name, dim in strata.items():
+        site = guide_trace.nodes[name]
+        log_uniform = -math.log(site["value"].shape[dim - site["fn"].event_dim])
+        log_q = log_uniform if log_q is None else log_q + log_uniform
     log_global = None
     if global_names:
         global_p = [name for name in model_sites if name in global_names]
@@ -384,10 +399,14 @@ def log_p_and_q(
         else:
             log_global = parts[0] if parts[0] is not None else -parts[1]
     # A program without sample sites contributes log 1 = 0 to each part.
-    like = log_p if log_p is not None else log_q
+    like = next(
+        (part for part in (log_p, log_q) if isinstance(part, torch.Tensor)), None
+    )
     zero = torch.zeros(()) if like is None else like.new_zeros(())
     log_p, log_q = (
-        zero.reshape((1,) * (plate_nesting + 1)) if part is None else part
+        part
+        if isinstance(part, torch.Tensor)
+        else zero.reshape((1,) * width) + (part or 0.0)
         for part in (log_p, log_q)
     )
     return LogWeightParts(log_p, log_q, log_global)
@@ -402,7 +421,9 @@ def score_log_prob(
     """The log q of the guide's latent sites without ``rsample`` (shaped as
     :func:`log_p_and_q`'s parts), or None if every site has one."""
     names = [
-        name for name, site in latent_sites(guide_trace) if not site["fn"].has_rsample
+        name
+        for name, site in latent_sites(guide_trace)
+        if not site["fn"].has_rsample and site["infer"].get("_enumerate_dim") is None
     ]
     if not names:
         return None
@@ -415,15 +436,20 @@ def _log_prob(
     plate_nesting: int,
     local_dims: tuple[int, ...],
     scale: Any = 1.0,
+    width: int | None = None,
 ) -> torch.Tensor | None:
     """Log-prob of the trace's sample sites among ``names``, each relative to the
     bound's ``scale`` (see :func:`relative_scale`), summed over all but the
     particle and data plate dims.
 
+    :param width: the number of dims of the result: ``plate_nesting + 1`` (the
+        default), or more when the guide enumerates values left of the particles.
     :returns: a tensor of shape ``(particles,) + plate_shape``, one of length
-        ``plate_nesting + 1``, with particles 1 when particles are not vectorized;
-        None if there is no sample site among ``names``.
+        ``plate_nesting + 1``, with particles 1 when particles are not vectorized
+        (``enumerated_shape + (particles,) + plate_shape`` for a larger
+        ``width``); None if there is no sample site among ``names``.
     """
+    width = plate_nesting + 1 if width is None else width
     total = None
     for name in names:
         site = trace.nodes[name]
@@ -437,15 +463,15 @@ def _log_prob(
         log_prob = scale_and_mask(
             log_prob, relative_scale(site, scale), mask=site["mask"]
         )
-        if log_prob.dim() > plate_nesting + 1:
+        if log_prob.dim() > width:
             raise ValueError(
                 f"site {name!r} has batch shape {tuple(log_prob.shape)}, more dims "
                 f"than max_plate_nesting={plate_nesting} allows; raise "
                 "max_plate_nesting or declare the dims with pyro.plate"
             )
-        if log_prob.dim() < plate_nesting + 1:
+        if log_prob.dim() < width:
             log_prob = log_prob.reshape(
-                (1,) * (plate_nesting + 1 - log_prob.dim()) + log_prob.shape
+                (1,) * (width - log_prob.dim()) + log_prob.shape
             )
         sum_dims = [
             d

@@ -13,7 +13,7 @@ import torch
 from pyro.infer import TraceEnum_ELBO, config_enumerate
 from torch import nn
 
-from pyro_iwae import IWELBO, PyroIwaeError
+from pyro_iwae import IWELBO, MIWELBO, PyroIwaeError
 
 
 class FlatModel(nn.Module):
@@ -255,3 +255,111 @@ def test_an_enumerated_global_site_is_refused_in_a_factored_bound():
         IWELBO(2, global_latents="factor").loss(model, shifted_guide, x)
     # the joint bound sums it out over all points at once
     assert IWELBO(2, global_latents="joint").loss(model, shifted_guide, x) > 0
+
+
+def labelled_model(x, b):
+    """The shifted mixture with its label y enumerated in the guide, beside a
+    second label c, enumerated in the model, that only b depends on."""
+    with pyro.plate("data", x.shape[0]):
+        y = pyro.sample("y", dist.Categorical(PI))
+        z = pyro.sample("z", dist.Normal(0.0, 1.0))
+        pyro.sample("x", dist.Normal(MU[y] + z, S), obs=x)
+        c = pyro.sample("c", dist.Categorical(PI), infer={"enumerate": "parallel"})
+        pyro.sample("b", dist.Normal(MU[c], SD[c]), obs=b)
+
+
+def labelled_guide(x, b, shift=0.0, inflate=1.0):
+    """q(y) with trainable logits, enumerated; q(z | x, y) is exact for shift 0
+    and inflate 1."""
+    logits = pyro.param("logits", torch.zeros(3, dtype=torch.float64))
+    with pyro.plate("data", x.shape[0]):
+        y = pyro.sample(
+            "y", dist.Categorical(logits=logits), infer={"enumerate": "parallel"}
+        )
+        loc = (x - MU[y]) / (1 + S**2) + pyro.param("shift", torch.tensor(shift))
+        pyro.sample("z", dist.Normal(loc, inflate * S / (1 + S**2) ** 0.5))
+
+
+def labelled_log_marginal(x, b):
+    marginal = dist.Normal(MU, (1 + S**2) ** 0.5).log_prob(x.unsqueeze(-1))
+    mixture = dist.Normal(MU, SD).log_prob(b.unsqueeze(-1))
+    return sum((part + PI.log()).logsumexp(-1).sum() for part in (marginal, mixture))
+
+
+LABELLED = (
+    torch.tensor([-1.5, 0.2, 2.7, 4.0], dtype=torch.float64),
+    torch.tensor([0.1, -2.2, 3.1, 1.0], dtype=torch.float64),
+)
+
+
+@pytest.mark.parametrize("estimator", ["iwae", "stl"])
+@pytest.mark.parametrize("vectorize", [True, False])
+def test_guide_enumeration_with_the_exact_guide_is_log_p_x(vectorize, estimator):
+    """Each value of y with its own k particles from the exact q(z | x, y): every
+    weight p(x, y, z) / q(z | x, y) is p(x, y), the bound log sum_y p(x, y) =
+    log p(x) on every draw, and q(y) gets no gradient (it cancels)."""
+    exact = labelled_log_marginal(*LABELLED)
+    for k in (1, 3):
+        elbo = IWELBO(k, estimator, vectorize_particles=vectorize)
+        for _ in range(2):
+            loss = elbo.differentiable_loss(labelled_model, labelled_guide, *LABELLED)
+            assert torch.allclose(-loss, exact), (k, -loss, exact)
+    logits, shift = (pyro.param(name).unconstrained() for name in ("logits", "shift"))
+    grads = torch.autograd.grad(loss, [logits, shift], allow_unused=True)
+    assert grads[0] is None or grads[0].abs().max() < 1e-12
+    # the bound does depend on the guide of z
+    assert grads[1] is not None and (grads[1].abs() > 1e-6) == (estimator == "iwae")
+
+
+def test_guide_enumeration_is_below_log_p_x_and_rises_with_k():
+    x, b = LABELLED
+    guide = functools.partial(labelled_guide, shift=0.8, inflate=1.7)
+    exact = labelled_log_marginal(x, b).item()
+    draws = 300
+    means = []
+    for k in (1, 2, 5):
+        with torch.no_grad():
+            particles = IWELBO(k).particles(
+                labelled_model, guide, x.repeat(draws), b.repeat(draws)
+            )
+        # three values of y, each with k particles, per point
+        assert particles.log_weights.shape == (3 * k, 4 * draws)
+        values = IWELBO(k).bound(particles.log_weights).reshape(draws, -1).sum(-1)
+        mean, se = values.mean().item(), values.std().item() / draws**0.5
+        assert mean + 4 * se < exact, (k, mean, se, exact)
+        means.append((mean, se))
+    for (low, se_low), (high, se_high) in zip(means, means[1:], strict=False):
+        assert high - low > 4 * (se_low**2 + se_high**2) ** 0.5, means
+
+
+@pytest.mark.parametrize(
+    "elbo, match",
+    [
+        (IWELBO(3, "dreg"), "'dreg'.*'y'.*'stl'"),
+        (MIWELBO(2, 2), "MIWELBO.*'y'.*IWELBO"),
+    ],
+)
+def test_guide_enumeration_refuses_what_would_mix_its_strata(elbo, match):
+    with pytest.raises(NotImplementedError, match=match):
+        elbo.loss(labelled_model, labelled_guide, *LABELLED)
+
+
+def test_guide_enumeration_in_a_plate_beside_the_data_is_refused():
+    """Values of y for the two elements of a point would need K^2 strata."""
+
+    def model(x):
+        with pyro.plate("data", x.shape[0], dim=-2):
+            z = pyro.sample("z", dist.Normal(0.0, 1.0))
+            with pyro.plate("inner", 2, dim=-1):
+                y = pyro.sample("y", dist.Categorical(PI))
+                pyro.sample("x", dist.Normal(MU[y] + z, S), obs=x)
+
+    def guide(x):
+        with pyro.plate("data", x.shape[0], dim=-2):
+            pyro.sample("z", dist.Normal(0.0, 1.0))
+            with pyro.plate("inner", 2, dim=-1):
+                pyro.sample("y", dist.Categorical(PI), infer={"enumerate": "parallel"})
+
+    x = torch.zeros(3, 2, dtype=torch.float64)
+    with pytest.raises(NotImplementedError, match="'y'.*in the model"):
+        IWELBO(2, max_plate_nesting=2).loss(model, guide, x)
