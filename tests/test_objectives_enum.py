@@ -363,3 +363,64 @@ def test_guide_enumeration_in_a_plate_beside_the_data_is_refused():
     x = torch.zeros(3, 2, dtype=torch.float64)
     with pytest.raises(NotImplementedError, match="'y'.*in the model"):
         IWELBO(2, max_plate_nesting=2).loss(model, guide, x)
+
+
+class SemiSupervised(nn.Module):
+    """The M2 pattern of Kingma et al. (2014): a label y observed where given,
+    else enumerated in the guide, which proposes z from x and y."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.decoder = nn.Linear(2 + 3, 6).double()
+        self.classifier = nn.Linear(6, 3).double()
+        self.encoder = nn.Linear(6 + 3, 4).double()
+
+    def model(self, xs, ys=None):
+        pyro.module("decoder", self.decoder)
+        with pyro.plate("data", xs.shape[0]):
+            prior = dist.Normal(xs.new_zeros(xs.shape[0], 2), 1.0).to_event(1)
+            z = pyro.sample("z", prior)
+            uniform = dist.OneHotCategorical(logits=xs.new_zeros(3))
+            y = pyro.sample("y", uniform, obs=ys)
+            shape = torch.broadcast_shapes(z.shape[:-1], y.shape[:-1])
+            inputs = torch.cat([z.expand(shape + (2,)), y.expand(shape + (3,))], -1)
+            logits = self.decoder(inputs)
+            pyro.sample("x", dist.Bernoulli(logits=logits).to_event(1), obs=xs)
+
+    @config_enumerate
+    def guide(self, xs, ys=None):
+        pyro.module("classifier", self.classifier)
+        pyro.module("encoder", self.encoder)
+        with pyro.plate("data", xs.shape[0]):
+            if ys is None:
+                label = dist.OneHotCategorical(logits=self.classifier(xs))
+                ys = pyro.sample("y", label)
+            shape = torch.broadcast_shapes(ys.shape[:-1], xs.shape[:-1])
+            inputs = torch.cat([xs.expand(shape + (6,)), ys.expand(shape + (3,))], -1)
+            loc, log_scale = self.encoder(inputs).chunk(2, -1)
+            pyro.sample("z", dist.Normal(loc, log_scale.exp()).to_event(1))
+
+
+def test_a_semi_supervised_label_is_enumerated_without_warnings():
+    """Unlabelled points: three values of y, each with k particles of z, and no
+    Pyro warning about ignored enumeration; labelled points: y is observed. Both
+    train the classifier only through the labelled bound (q(y) cancels)."""
+    ss = SemiSupervised()
+    g = torch.Generator().manual_seed(0)
+    xs = torch.bernoulli(torch.full((8, 6), 0.4, dtype=torch.float64), generator=g)
+    ys = torch.eye(3, dtype=torch.float64)[torch.randint(0, 3, (8,), generator=g)]
+    elbo = IWELBO(4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        unlabelled = elbo.particles(ss.model, ss.guide, xs)
+        labelled = elbo.particles(ss.model, ss.guide, xs, ys)
+    assert unlabelled.log_weights.shape == (3 * 4, 8)
+    assert labelled.log_weights.shape == (4, 8)
+    loss = elbo.differentiable_loss(ss.model, ss.guide, xs)
+    grads = torch.autograd.grad(
+        loss,
+        list(ss.classifier.parameters()) + list(ss.encoder.parameters()),
+        allow_unused=True,
+    )
+    assert all(g is None or not g.any() for g in grads[:2])
+    assert all(g is not None and g.abs().sum() > 0 for g in grads[2:])
