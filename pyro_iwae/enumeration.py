@@ -29,6 +29,8 @@ __all__ = [
     "guide_enumerated",
     "is_model_enumerated",
     "merge_strata",
+    "shared_by_strata",
+    "strata_shape",
     "sum_out_enumerated",
 ]
 
@@ -36,6 +38,24 @@ __all__ = [
 def enumerates(trace: Trace) -> bool:
     """Whether a latent site of ``trace`` is marked for enumeration."""
     return any(site["infer"].get("enumerate") for _, site in latent_sites(trace))
+
+
+def shared_by_strata(guide_trace: Trace) -> tuple[str, str] | None:
+    """A guide latent site whose value some value enumerated in the guide does
+    not index (sampled above it, or beside it), with that enumerated site; None
+    if every sampled site has its own value for each enumerated value."""
+    enumerated = guide_enumerated(guide_trace)
+    for name, site in latent_sites(guide_trace):
+        if name in enumerated:
+            continue
+        batch_shape = site["fn"].batch_shape
+        for other in enumerated:
+            dim = guide_trace.nodes[other]["infer"]["_enumerate_dim"]
+            value = guide_trace.nodes[other]["value"]
+            size = value.shape[dim - guide_trace.nodes[other]["fn"].event_dim]
+            if len(batch_shape) < -dim or batch_shape[dim] != size:
+                return name, other
+    return None
 
 
 def guide_enumerated(guide_trace: Trace) -> list[str]:
@@ -48,23 +68,40 @@ def guide_enumerated(guide_trace: Trace) -> list[str]:
 
 
 def merge_strata(
-    log_p: torch.Tensor, log_q: torch.Tensor, plate_nesting: int, particles: int
+    log_p: torch.Tensor,
+    log_q: torch.Tensor,
+    plate_nesting: int,
+    particles: int | None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``log_p`` and ``log_q`` with the dims of values enumerated in the guide
     merged into the particle dim.
 
-    :param particles: the size of the particle dim (k, or 1 for a particle of a
-        Python loop).
+    :param particles: the size of the particle dim, k; None for a particle of a
+        Python loop (then the enumerated dims start at the particle dim's place).
     :returns: both parts, of shape ``(strata * particles,) + plate_shape``,
         ``strata`` the number of joint values enumerated in the guide (as they
         were when nothing is enumerated in the guide).
     """
     if log_p.dim() == log_q.dim() == plate_nesting + 1:
         return log_p, log_q
-    shape = list(torch.broadcast_shapes(log_p.shape, log_q.shape))
-    shape[-1 - plate_nesting] = particles
-    flat = (-1,) + tuple(shape[len(shape) - plate_nesting :])
+    shape = strata_shape(log_p, log_q, plate_nesting, particles)
+    flat = (-1,) + shape[len(shape) - plate_nesting :]
     return log_p.expand(shape).reshape(flat), log_q.expand(shape).reshape(flat)
+
+
+def strata_shape(
+    log_p: torch.Tensor,
+    log_q: torch.Tensor,
+    plate_nesting: int,
+    particles: int | None,
+) -> tuple[int, ...]:
+    """The shape of the log-weights of one pair of traces before
+    :func:`merge_strata`: ``enumerated_shape + (particles,) + plate_shape``
+    (without the particles of a Python loop, None)."""
+    shape = list(torch.broadcast_shapes(log_p.shape, log_q.shape))
+    if particles is not None:
+        shape[-1 - plate_nesting] = particles
+    return tuple(shape)
 
 
 def is_model_enumerated(site: dict, guide_trace: Trace) -> bool:

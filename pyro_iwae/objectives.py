@@ -16,7 +16,13 @@ from pyro.poutine.trace_struct import Trace
 from pyro.poutine.util import prune_subsample_sites
 from pyro.util import check_model_guide_match, warn_if_nan
 
-from .enumeration import check_enumeration, guide_enumerated, merge_strata
+from .enumeration import (
+    check_enumeration,
+    guide_enumerated,
+    merge_strata,
+    shared_by_strata,
+    strata_shape,
+)
 from .enumeration import enumerates as enumerates_sites
 from .errors import ParticleBroadcastError, PyroIwaeError, one_line
 from .traces import (
@@ -73,7 +79,9 @@ class Particles(NamedTuple):
     estimator when gradients are recorded (else None). ``global_log_weight``, of
     shape ``(k,) + (1,) * len(plate_shape)``, is ``log p - log q`` of the global
     latent sites under ``global_latents="factor"`` (each at its own scale; equal
-    within a group of particles that shares them), else None.
+    within a group of particles that shares them), else None. ``strata_shape`` is
+    the shape of one pair's log-weights before the values enumerated in the guide
+    were merged into the particle dim (None without such values).
     """
 
     log_weights: torch.Tensor
@@ -83,6 +91,7 @@ class Particles(NamedTuple):
     traces: list[tuple[Trace, Trace]]
     score_log_prob: torch.Tensor | None = None
     global_log_weight: torch.Tensor | None = None
+    strata_shape: tuple[int, ...] | None = None
 
 
 class IWELBO(ELBO):
@@ -401,11 +410,14 @@ class IWELBO(ELBO):
                 f"guide (here {enumerated[0]!r}); use IWELBO or CIWELBO, or "
                 "enumerate the site in the model (leave it out of the guide)"
             )
-        if self.estimator == "dreg":
+        shared = shared_by_strata(guide_trace)
+        if self.estimator == "dreg" and shared is not None:
             raise NotImplementedError(
-                "estimator='dreg' does not take sites enumerated in the guide "
-                f"(here {enumerated[0]!r}); use estimator='stl' or 'iwae', or "
-                "enumerate the site in the model (leave it out of the guide)"
+                f"estimator='dreg' reweights each particle's path, but guide site "
+                f"{shared[0]!r} has one value for all values of {shared[1]!r}, "
+                "which is enumerated in the guide; sample it below (depending on) "
+                f"{shared[1]!r}, use estimator='stl', or enumerate {shared[1]!r} "
+                "in the model (leave it out of the guide)"
             )
         unenumerated = [
             name
@@ -465,11 +477,16 @@ class IWELBO(ELBO):
             log_p_and_q(*pair, plate_nesting, local_dims, scale, global_names)
             for pair in traces
         ]
-        particles = self.num_particles if self._has_particle_plate else 1
+        particles = self.num_particles if self._has_particle_plate else None
         merged = [
             merge_strata(part.log_p, part.log_q, plate_nesting, particles)
             for part in parts
         ]
+        strata = None
+        if guide_enumerated(traces[0][1]):
+            strata = strata_shape(
+                parts[0].log_p, parts[0].log_q, plate_nesting, particles
+            )
         log_p, log_q = (_cat([part[i] for part in merged]) for i in (0, 1))
         if self._has_particle_plate and log_p.shape[0] == 1:
             # No site depends on the particle: all k weights are the same.
@@ -488,7 +505,7 @@ class IWELBO(ELBO):
             if score_parts[0] is not None:
                 score = _cat(score_parts)
         return Particles(
-            log_p - log_q, log_q, scale, local_dims, traces, score, log_global
+            log_p - log_q, log_q, scale, local_dims, traces, score, log_global, strata
         )
 
     @property
@@ -549,6 +566,13 @@ class IWELBO(ELBO):
         # step; loss() and loss_and_grads() check the float they return.
         if loss.requires_grad:
             factor = self._path_factor(log_weights.detach())
+            if factor is not None and particles.strata_shape is not None:
+                # Per pair of traces, as the values enumerated in the guide index
+                # the sites below them.
+                shape = particles.strata_shape
+                if not self._has_particle_plate:
+                    shape = (len(traces),) + shape
+                factor = factor.reshape(shape)
             if factor is not None:
                 stopped = self.estimator in _STOPPED_ESTIMATORS
                 reweight_paths(
