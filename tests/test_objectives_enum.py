@@ -4,6 +4,7 @@ enumerated in the model (summed out of log p exactly) and in the guide (each val
 with its own particles), each checked against exact values on small models."""
 
 import functools
+import math
 import warnings
 
 import pyro
@@ -13,7 +14,14 @@ import torch
 from pyro.infer import TraceEnum_ELBO, config_enumerate
 from torch import nn
 
-from pyro_iwae import IWELBO, MIWELBO, PyroIwaeError
+from pyro_iwae import (
+    CIWELBO,
+    IWELBO,
+    MIWELBO,
+    PIWELBO,
+    PyroIwaeError,
+    log_likelihood,
+)
 
 
 class FlatModel(nn.Module):
@@ -141,17 +149,24 @@ def replicated_bounds(elbo, draws, model, guide, x):
 @pytest.mark.parametrize("per_element", [False, True])
 def test_model_enumeration_with_the_exact_guide_is_log_p_x(per_element, vectorize):
     """With y summed out and q(z | a) exact, every weight is p(x): the bound is
-    log p(x) on every draw, for any k; y per point or per element of an inner
-    plate."""
+    log p(x) on every draw, for any k and each of the bounds; y per point or per
+    element of an inner plate."""
     a, b = mixture_data()
     exact = mixture_log_marginal(a, b, per_element)
-    for k in (1, 4):
-        elbo = IWELBO(k, max_plate_nesting=2, vectorize_particles=vectorize)
-        for _ in range(3):
+    options = {"max_plate_nesting": 2, "vectorize_particles": vectorize}
+    objectives = [IWELBO(1, **options), IWELBO(4, **options)]
+    if vectorize:
+        objectives += [
+            MIWELBO(2, 2, **options),
+            CIWELBO(4, 0.5, **options),
+            PIWELBO(2, 2, "dreg", **options),
+        ]
+    for elbo in objectives:
+        for _ in range(2):
             loss = elbo.differentiable_loss(
                 mixture_model, mixture_guide, a, b, per_element
             )
-            assert torch.allclose(-loss, exact), (k, -loss, exact)
+            assert torch.allclose(-loss, exact), (elbo, -loss, exact)
 
 
 def shifted_mixture(x):
@@ -498,3 +513,35 @@ def test_two_sites_enumerated_in_the_guide_give_each_joint_value_particles(vecto
     assert particles.log_weights.shape == (3 * 2 * 3, 4)
     loss = elbo.differentiable_loss(two_label_model, two_label_guide, x)
     assert torch.allclose(-loss, exact), (-loss, exact)
+
+
+def test_log_likelihood_takes_enumerated_sites():
+    """log_likelihood in chunks: exact per point with the exact guides, with the
+    label enumerated in the guide (each chunk holds every value's particles) or
+    in the model."""
+    x, b = LABELLED
+    estimate = log_likelihood(
+        labelled_model, labelled_guide, x, b, num_samples=10, chunk_size=4
+    )
+    marginal = dist.Normal(MU, (1 + S**2) ** 0.5).log_prob(x.unsqueeze(-1))
+    mixture = dist.Normal(MU, SD).log_prob(b.unsqueeze(-1))
+    exact = sum((part + PI.log()).logsumexp(-1) for part in (marginal, mixture))
+    assert torch.allclose(estimate, exact)
+    a, b = mixture_data()
+    estimate = log_likelihood(
+        mixture_model, mixture_guide, a, b, num_samples=6, max_plate_nesting=2
+    )
+    assert torch.allclose(estimate.sum(), mixture_log_marginal(a, b))
+
+
+def test_ciwelbo_takes_guide_enumeration_with_a_uniform_proposal_for_y():
+    """CIWELBO's ELBO part, with y enumerated in the guide, is the ELBO under a
+    uniform q(y): with q(z | x, y) exact, each log-weight is log p(x, y) + log 3."""
+    x, b = LABELLED
+    beta = 0.3
+    loss = CIWELBO(2, beta).differentiable_loss(labelled_model, labelled_guide, x, b)
+    joint = dist.Normal(MU, (1 + S**2) ** 0.5).log_prob(x.unsqueeze(-1)) + PI.log()
+    log_b = (dist.Normal(MU, SD).log_prob(b.unsqueeze(-1)) + PI.log()).logsumexp(-1)
+    elbo_part = (joint.mean(-1) + math.log(3) + log_b).sum()
+    iwae_part = labelled_log_marginal(x, b)
+    assert torch.allclose(-loss, beta * elbo_part + (1 - beta) * iwae_part)
