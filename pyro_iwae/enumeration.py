@@ -119,9 +119,10 @@ def check_enumeration(
     local_dims: tuple[int, ...],
     global_names: Collection[str],
 ) -> None:
-    """:raises NotImplementedError: for sequential enumeration, an enumerated site
-    among the global latents ``global_names``, or a guide site enumerated in
-    plates other than the data plate dims ``local_dims``."""
+    """:raises NotImplementedError: for sequential enumeration, enumeration of
+    ``num_samples`` values (tensor Monte Carlo), an enumerated site among the
+    global latents ``global_names``, or a guide site enumerated in plates other
+    than the data plate dims ``local_dims``."""
     for role, trace in (("guide", guide_trace), ("model", model_trace)):
         for name, site in latent_sites(trace):
             how = site["infer"].get("enumerate")
@@ -132,6 +133,12 @@ def check_enumeration(
                     f"IWELBO enumerates only in parallel, but {role} site {name!r} "
                     "is marked 'sequential'; mark it infer={'enumerate': "
                     "'parallel'} (config_enumerate's default)"
+                )
+            if site["infer"].get("num_samples") is not None:
+                raise NotImplementedError(
+                    f"IWELBO sums over the whole support of an enumerated site, but "
+                    f"{role} site {name!r} asks for num_samples (tensor Monte "
+                    "Carlo); drop num_samples, or sample the site"
                 )
             if name in global_names:
                 raise NotImplementedError(

@@ -258,6 +258,19 @@ def test_sequential_enumeration_is_refused_in_one_line():
         IWELBO(2).loss(model, shifted_guide, x)
 
 
+def test_tensor_monte_carlo_is_refused_in_one_line():
+    def model(x):
+        with pyro.plate("data", x.shape[0]):
+            infer = {"enumerate": "parallel", "num_samples": 2}
+            y = pyro.sample("y", dist.Categorical(PI), infer=infer)
+            z = pyro.sample("z", dist.Normal(0.0, 1.0))
+            pyro.sample("x", dist.Normal(MU[y] + z, S), obs=x)
+
+    x = torch.tensor([0.3, 1.2], dtype=torch.float64)
+    with pytest.raises(NotImplementedError, match="'y'.*num_samples"):
+        IWELBO(2).loss(model, shifted_guide, x)
+
+
 def test_an_enumerated_global_site_is_refused_in_a_factored_bound():
     def model(x):
         y = pyro.sample("y", dist.Categorical(PI), infer={"enumerate": "parallel"})
