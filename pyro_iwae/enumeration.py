@@ -19,12 +19,15 @@ from pyro.distributions.util import scale_and_mask
 from pyro.ops import packed
 from pyro.ops.contract import contract_to_tensor
 from pyro.ops.rings import LogRing
+from pyro.poutine.messenger import Messenger
 from pyro.poutine.trace_struct import Trace
 
 from .traces import PARTICLE_PLATE, _same_scale, latent_sites, relative_scale
 
 __all__ = [
+    "Unenumerated",
     "check_enumeration",
+    "enumerated_beside_data",
     "enumerates",
     "guide_enumerated",
     "is_model_enumerated",
@@ -56,6 +59,38 @@ def shared_by_strata(guide_trace: Trace) -> tuple[str, str] | None:
             if len(batch_shape) < -dim or batch_shape[dim] != size:
                 return name, other
     return None
+
+
+def enumerated_beside_data(
+    guide_trace: Trace, local_dims: tuple[int, ...]
+) -> frozenset[str]:
+    """The guide sites marked for parallel enumeration in plates other than the
+    data plate dims ``local_dims``: their values in the n elements of such a
+    plate would need K^n strata, so they are sampled instead."""
+    return frozenset(
+        name
+        for name, site in latent_sites(guide_trace)
+        if site["infer"].get("enumerate") == "parallel"
+        and sorted(
+            f.dim
+            for f in site["cond_indep_stack"]
+            if f.vectorized and f.name != PARTICLE_PLATE
+        )
+        != sorted(local_dims)
+    )
+
+
+class Unenumerated(Messenger):
+    """Removes the enumeration mark of the sample sites in ``names``, so that
+    :class:`~pyro.poutine.enum_messenger.EnumMessenger` samples them."""
+
+    def __init__(self, names: Collection[str]) -> None:
+        super().__init__()
+        self.names = frozenset(names)
+
+    def _pyro_sample(self, msg: dict) -> None:
+        if msg["name"] in self.names and msg["infer"].get("enumerate"):
+            msg["infer"] = {**msg["infer"], "enumerate": None}
 
 
 def guide_enumerated(guide_trace: Trace) -> list[str]:
@@ -114,15 +149,11 @@ def is_model_enumerated(site: dict, guide_trace: Trace) -> bool:
 
 
 def check_enumeration(
-    model_trace: Trace,
-    guide_trace: Trace,
-    local_dims: tuple[int, ...],
-    global_names: Collection[str],
+    model_trace: Trace, guide_trace: Trace, global_names: Collection[str]
 ) -> None:
     """:raises NotImplementedError: for sequential enumeration, enumeration of
-    ``num_samples`` values (tensor Monte Carlo), an enumerated site among the
-    global latents ``global_names``, or a guide site enumerated in plates other
-    than the data plate dims ``local_dims``."""
+    ``num_samples`` values (tensor Monte Carlo), or an enumerated site among the
+    global latents ``global_names``."""
     for role, trace in (("guide", guide_trace), ("model", model_trace)):
         for name, site in latent_sites(trace):
             how = site["infer"].get("enumerate")
@@ -145,18 +176,6 @@ def check_enumeration(
                     f"IWELBO cannot enumerate the global site {name!r} (outside the "
                     "data plate) in a bound that factors over the data plate; use "
                     "global_latents='joint' on full batches, or sample it in the guide"
-                )
-            dims = sorted(
-                f.dim
-                for f in site["cond_indep_stack"]
-                if f.vectorized and f.name != PARTICLE_PLATE
-            )
-            if role == "guide" and dims != sorted(local_dims):
-                raise NotImplementedError(
-                    "IWELBO enumerates a guide site only in the data plate (each "
-                    f"point's values with their own particles), but {name!r} is in "
-                    f"plates at dims {dims}, the data plate at {sorted(local_dims)}; "
-                    "enumerate it in the model instead (leave it out of the guide)"
                 )
 
 

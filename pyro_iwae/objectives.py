@@ -17,7 +17,9 @@ from pyro.poutine.util import prune_subsample_sites
 from pyro.util import check_model_guide_match, warn_if_nan
 
 from .enumeration import (
+    Unenumerated,
     check_enumeration,
+    enumerated_beside_data,
     guide_enumerated,
     merge_strata,
     shared_by_strata,
@@ -182,8 +184,10 @@ class IWELBO(ELBO):
         # The global latent sites the last call tied across particles.
         self._tied: tuple[str, ...] = ()
         # Whether a call has found sites marked for enumeration: then model and
-        # guide run under poutine.enum.
+        # guide run under poutine.enum; and the guide sites marked for it that are
+        # sampled instead (see enumerated_beside_data).
         self._enumerates = False
+        self._sampled: frozenset[str] = frozenset()
         self._guide_module: torch.nn.Module | None = None
         self._particle_plate: tuple[tuple[int, int], pyro.plate] | None = None
 
@@ -221,6 +225,8 @@ class IWELBO(ELBO):
         self, model: Callable, guide: Callable, args: tuple, kwargs: dict
     ) -> tuple[Trace, Trace]:
         if self._enumerates:
+            if self._sampled:
+                guide = Unenumerated(self._sampled)(guide)
             # The model's enumerated dims are allocated left of the guide's.
             guide = poutine.enum(guide, first_available_dim=-1 - self.max_plate_nesting)
             model = poutine.enum(model)
@@ -381,17 +387,18 @@ class IWELBO(ELBO):
         sites = _sample_sites(traces[0])
         local_dims, global_names = self._split_sites(sites)
         enumerates = self._enumerates or any(map(enumerates_sites, traces[0]))
+        sampled = self._sampled | enumerated_beside_data(traces[0][1], local_dims)
         retie = tuple(global_names) != self._tied and self._has_particle_plate
-        if retie or enumerates != self._enumerates:
+        if retie or enumerates != self._enumerates or sampled != self._sampled:
             # The sites to tie, or to enumerate, are known once the program has
             # run: run it again.
             if retie:
                 self._tied = tuple(global_names)
-            self._enumerates = enumerates
+            self._enumerates, self._sampled = enumerates, sampled
             traces = self._traces(model, guide, args, kwargs)
             sites = _sample_sites(traces[0])
         if self._enumerates:
-            check_enumeration(*traces[0], local_dims, global_names)
+            check_enumeration(*traces[0], global_names)
             self._check_strata(traces[0][1])
         _check_global_sites(traces[0][1], global_names)
         return self._weigh(traces, sites, local_dims, global_names)
@@ -814,7 +821,8 @@ def _checked_item(loss: torch.Tensor) -> float:
 
 
 def _enumerated(site: dict) -> bool:
-    """Whether a guide site is, or will be, enumerated in parallel."""
+    """Whether a guide site is, or may be, enumerated in parallel (one sampled
+    instead is checked when it is sampled)."""
     return site["infer"].get("enumerate") == "parallel"
 
 

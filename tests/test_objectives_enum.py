@@ -411,8 +411,10 @@ def test_dreg_with_guide_enumeration_keeps_the_plain_gradient_mean():
     assert (plain.mean(0).abs() > 4 * se).any()  # the test can tell a wrong mean
 
 
-def test_guide_enumeration_in_a_plate_beside_the_data_is_refused():
-    """Values of y for the two elements of a point would need K^2 strata."""
+def test_guide_enumeration_in_a_plate_beside_the_data_samples_the_site():
+    """Values of y for the n elements of an inner plate would need K^n strata:
+    y is sampled, as without the mark (so with a score-function estimator), and
+    the bound is that of a sampled y."""
 
     def model(x):
         with pyro.plate("data", x.shape[0], dim=-2):
@@ -421,15 +423,27 @@ def test_guide_enumeration_in_a_plate_beside_the_data_is_refused():
                 y = pyro.sample("y", dist.Categorical(PI))
                 pyro.sample("x", dist.Normal(MU[y] + z, S), obs=x)
 
-    def guide(x):
+    def guide(x, enumerate="parallel"):
         with pyro.plate("data", x.shape[0], dim=-2):
             pyro.sample("z", dist.Normal(0.0, 1.0))
             with pyro.plate("inner", 2, dim=-1):
-                pyro.sample("y", dist.Categorical(PI), infer={"enumerate": "parallel"})
+                q = dist.Categorical(pyro.param("q", PI.clone()))
+                pyro.sample("y", q, infer={"enumerate": enumerate})
 
     x = torch.zeros(3, 2, dtype=torch.float64)
-    with pytest.raises(NotImplementedError, match="'y'.*in the model"):
-        IWELBO(2, max_plate_nesting=2).loss(model, guide, x)
+    elbo = IWELBO(4, "vimco", max_plate_nesting=2)
+    particles = elbo.particles(model, guide, x)
+    assert particles.traces[0][1].nodes["y"]["value"].shape == (4, 3, 2)
+    assert particles.log_weights.shape == (4, 3, 1)
+    pyro.set_rng_seed(1)
+    marked = elbo.differentiable_loss(model, guide, x)
+    pyro.set_rng_seed(1)
+    unmarked = elbo.differentiable_loss(
+        model, functools.partial(guide, enumerate=None), x
+    )
+    assert torch.equal(marked, unmarked)
+    with pytest.raises(NotImplementedError, match="'y'.*vimco"):
+        IWELBO(4, max_plate_nesting=2).differentiable_loss(model, guide, x)
 
 
 class SemiSupervised(nn.Module):
