@@ -27,7 +27,7 @@ from .traces import PARTICLE_PLATE, _same_scale, latent_sites, relative_scale
 __all__ = [
     "Unenumerated",
     "check_enumeration",
-    "enumerated_beside_data",
+    "sampled_instead",
     "enumerates",
     "guide_enumerated",
     "is_model_enumerated",
@@ -61,22 +61,25 @@ def shared_by_strata(guide_trace: Trace) -> tuple[str, str] | None:
     return None
 
 
-def enumerated_beside_data(
-    guide_trace: Trace, local_dims: tuple[int, ...]
-) -> frozenset[str]:
-    """The guide sites marked for parallel enumeration in plates other than the
-    data plate dims ``local_dims``: their values in the n elements of such a
-    plate would need K^n strata, so they are sampled instead."""
+def sampled_instead(guide_trace: Trace, local_dims: tuple[int, ...]) -> frozenset[str]:
+    """The guide sites marked for enumeration that are sampled instead: those in
+    plates other than the data plate dims ``local_dims`` (their values in the n
+    elements of such a plate would need K^n strata), those marked
+    ``"sequential"``, and those that ask for ``num_samples`` values."""
     return frozenset(
         name
         for name, site in latent_sites(guide_trace)
-        if site["infer"].get("enumerate") == "parallel"
-        and sorted(
-            f.dim
-            for f in site["cond_indep_stack"]
-            if f.vectorized and f.name != PARTICLE_PLATE
+        if site["infer"].get("enumerate")
+        and (
+            site["infer"]["enumerate"] != "parallel"
+            or site["infer"].get("num_samples") is not None
+            or sorted(
+                f.dim
+                for f in site["cond_indep_stack"]
+                if f.vectorized and f.name != PARTICLE_PLATE
+            )
+            != sorted(local_dims)
         )
-        != sorted(local_dims)
     )
 
 
@@ -151,9 +154,10 @@ def is_model_enumerated(site: dict, guide_trace: Trace) -> bool:
 def check_enumeration(
     model_trace: Trace, guide_trace: Trace, global_names: Collection[str]
 ) -> None:
-    """:raises NotImplementedError: for sequential enumeration, enumeration of
-    ``num_samples`` values (tensor Monte Carlo), or an enumerated site among the
-    global latents ``global_names``."""
+    """:raises NotImplementedError: for sequential enumeration in the model,
+    enumeration of ``num_samples`` values (tensor Monte Carlo) in the model, or an
+    enumerated site among the global latents ``global_names`` (guide sites that
+    are not enumerated in parallel are sampled: see :func:`sampled_instead`)."""
     for role, trace in (("guide", guide_trace), ("model", model_trace)):
         for name, site in latent_sites(trace):
             how = site["infer"].get("enumerate")
@@ -161,15 +165,15 @@ def check_enumeration(
                 continue
             if how == "sequential":
                 raise NotImplementedError(
-                    f"IWELBO enumerates only in parallel, but {role} site {name!r} "
+                    f"IWELBO enumerates only in parallel, but model site {name!r} "
                     "is marked 'sequential'; mark it infer={'enumerate': "
                     "'parallel'} (config_enumerate's default)"
                 )
             if site["infer"].get("num_samples") is not None:
                 raise NotImplementedError(
                     f"IWELBO sums over the whole support of an enumerated site, but "
-                    f"{role} site {name!r} asks for num_samples (tensor Monte "
-                    "Carlo); drop num_samples, or sample the site"
+                    f"model site {name!r} asks for num_samples (tensor Monte "
+                    "Carlo); drop num_samples, or sample the site in the guide"
                 )
             if name in global_names:
                 raise NotImplementedError(

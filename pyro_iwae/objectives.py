@@ -19,9 +19,9 @@ from pyro.util import check_model_guide_match, warn_if_nan
 from .enumeration import (
     Unenumerated,
     check_enumeration,
-    enumerated_beside_data,
     guide_enumerated,
     merge_strata,
+    sampled_instead,
     shared_by_strata,
     strata_shape,
 )
@@ -185,7 +185,7 @@ class IWELBO(ELBO):
         self._tied: tuple[str, ...] = ()
         # Whether a call has found sites marked for enumeration: then model and
         # guide run under poutine.enum; and the guide sites marked for it that are
-        # sampled instead (see enumerated_beside_data).
+        # sampled instead (see sampled_instead).
         self._enumerates = False
         self._sampled: frozenset[str] = frozenset()
         self._guide_module: torch.nn.Module | None = None
@@ -387,7 +387,7 @@ class IWELBO(ELBO):
         sites = _sample_sites(traces[0])
         local_dims, global_names = self._split_sites(sites)
         enumerates = self._enumerates or any(map(enumerates_sites, traces[0]))
-        sampled = self._sampled | enumerated_beside_data(traces[0][1], local_dims)
+        sampled = self._sampled | sampled_instead(traces[0][1], local_dims)
         retie = tuple(global_names) != self._tied and self._has_particle_plate
         if retie or enumerates != self._enumerates or sampled != self._sampled:
             # The sites to tie, or to enumerate, are known once the program has

@@ -3,6 +3,7 @@ that do not broadcast over the particle dimension (a one-line error), discrete s
 enumerated in the model (summed out of log p exactly) and in the guide (each value
 with its own particles), each checked against exact values on small models."""
 
+import contextlib
 import functools
 import math
 import warnings
@@ -411,36 +412,47 @@ def test_dreg_with_guide_enumeration_keeps_the_plain_gradient_mean():
     assert (plain.mean(0).abs() > 4 * se).any()  # the test can tell a wrong mean
 
 
-def test_guide_enumeration_in_a_plate_beside_the_data_samples_the_site():
-    """Values of y for the n elements of an inner plate would need K^n strata:
-    y is sampled, as without the mark (so with a score-function estimator), and
-    the bound is that of a sampled y."""
+@pytest.mark.parametrize(
+    "inner, mark",
+    [
+        (True, {"enumerate": "parallel"}),
+        (False, {"enumerate": "sequential"}),
+        (False, {"enumerate": "parallel", "num_samples": 2}),
+    ],
+)
+def test_guide_sites_that_cannot_be_strata_are_sampled(inner, mark):
+    """Values of y for the n elements of an inner plate would need K^n strata;
+    sequential enumeration and num_samples ask for something else: y is sampled,
+    as without the mark (so with a score-function estimator), and the bound is
+    that of a sampled y."""
 
     def model(x):
         with pyro.plate("data", x.shape[0], dim=-2):
             z = pyro.sample("z", dist.Normal(0.0, 1.0))
-            with pyro.plate("inner", 2, dim=-1):
+            inner_plate = pyro.plate("inner", 2, dim=-1)
+            with inner_plate if inner else contextlib.nullcontext():
                 y = pyro.sample("y", dist.Categorical(PI))
+            with inner_plate:
                 pyro.sample("x", dist.Normal(MU[y] + z, S), obs=x)
 
-    def guide(x, enumerate="parallel"):
+    def guide(x, mark=mark):
         with pyro.plate("data", x.shape[0], dim=-2):
             pyro.sample("z", dist.Normal(0.0, 1.0))
-            with pyro.plate("inner", 2, dim=-1):
+            inner_plate = pyro.plate("inner", 2, dim=-1)
+            with inner_plate if inner else contextlib.nullcontext():
                 q = dist.Categorical(pyro.param("q", PI.clone()))
-                pyro.sample("y", q, infer={"enumerate": enumerate})
+                y = pyro.sample("y", q, infer=mark)
+            return y
 
     x = torch.zeros(3, 2, dtype=torch.float64)
     elbo = IWELBO(4, "vimco", max_plate_nesting=2)
     particles = elbo.particles(model, guide, x)
-    assert particles.traces[0][1].nodes["y"]["value"].shape == (4, 3, 2)
+    assert particles.traces[0][1].nodes["y"]["value"].shape == (4, 3, 2 if inner else 1)
     assert particles.log_weights.shape == (4, 3, 1)
     pyro.set_rng_seed(1)
     marked = elbo.differentiable_loss(model, guide, x)
     pyro.set_rng_seed(1)
-    unmarked = elbo.differentiable_loss(
-        model, functools.partial(guide, enumerate=None), x
-    )
+    unmarked = elbo.differentiable_loss(model, functools.partial(guide, mark={}), x)
     assert torch.equal(marked, unmarked)
     with pytest.raises(NotImplementedError, match="'y'.*vimco"):
         IWELBO(4, max_plate_nesting=2).differentiable_loss(model, guide, x)
