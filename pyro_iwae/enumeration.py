@@ -120,7 +120,11 @@ def merge_strata(
         ``strata`` the number of joint values enumerated in the guide (as they
         were when nothing is enumerated in the guide).
     """
-    if log_p.dim() == log_q.dim() == plate_nesting + 1:
+    if log_p.dim() == log_q.dim() == plate_nesting + 1 and (
+        particles is not None or log_p.shape[0] == log_q.shape[0]
+    ):
+        # Nothing enumerated in the guide (in a Python loop, values would fill
+        # the particle dim's place).
         return log_p, log_q
     shape = strata_shape(log_p, log_q, plate_nesting, particles)
     flat = (-1,) + shape[len(shape) - plate_nesting :]

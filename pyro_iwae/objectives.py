@@ -404,8 +404,10 @@ class IWELBO(ELBO):
         return self._weigh(traces, sites, local_dims, global_names)
 
     #: Whether the bound takes values enumerated in the guide, each with its own
-    #: particles, merged into the particle dim (a grouped bound would mix them).
+    #: particles, merged into the particle dim (a grouped bound would mix them),
+    #: and a score-function signal from each particle's sum over those values.
     _takes_strata = True
+    _takes_strata_scores = True
 
     def _check_strata(self, guide_trace: Trace) -> None:
         enumerated = guide_enumerated(guide_trace)
@@ -426,17 +428,21 @@ class IWELBO(ELBO):
                 f"{shared[1]!r}, use estimator='stl', or enumerate {shared[1]!r} "
                 "in the model (leave it out of the guide)"
             )
-        unenumerated = [
+        sampled = [
             name
             for name, site in latent_sites(guide_trace)
             if not site["fn"].has_rsample and name not in enumerated
         ]
-        if unenumerated and self.estimator in SCORE_ESTIMATORS:
+        if (
+            sampled
+            and self.estimator in SCORE_ESTIMATORS
+            and not self._takes_strata_scores
+        ):
             raise NotImplementedError(
-                f"IWELBO's score-function gradient for {unenumerated[0]!r} does not "
-                f"take sites enumerated in the guide (here {enumerated[0]!r}); "
-                f"enumerate {unenumerated[0]!r} too, or enumerate "
-                f"{enumerated[0]!r} in the model (leave it out of the guide)"
+                f"{type(self).__name__}'s score-function gradient for {sampled[0]!r} "
+                f"does not take sites enumerated in the guide (here "
+                f"{enumerated[0]!r}); use IWELBO, or enumerate {enumerated[0]!r} in "
+                "the model (leave it out of the guide)"
             )
 
     def _traces(
@@ -505,8 +511,15 @@ class IWELBO(ELBO):
         if self.estimator in SCORE_ESTIMATORS and torch.is_grad_enabled():
             # Computed apart from log_q (the sites' log-probs run twice), so that
             # log w sums its terms in the same order for every estimator.
+            # The values enumerated in the guide fill the leading dims, the
+            # particle dim's place too in a Python loop.
+            values = None
+            if strata is not None:
+                values = (len(strata), len(strata) - plate_nesting - 1)
+                if not self._has_particle_plate:
+                    values = (len(strata), len(strata) - plate_nesting)
             score_parts = [
-                score_log_prob(guide_trace, plate_nesting, local_dims, scale)
+                score_log_prob(guide_trace, plate_nesting, local_dims, scale, values)
                 for _, guide_trace in traces
             ]
             if score_parts[0] is not None:
@@ -529,6 +542,24 @@ class IWELBO(ELBO):
         """The per-point bound from ``log_weights`` of shape ``(k,) + plate_shape``
         (``(strata * k,) + plate_shape`` with values enumerated in the guide)."""
         return log_weights.logsumexp(0) - math.log(log_weights.shape[0])
+
+    def _per_particle(
+        self, log_weights: torch.Tensor, particles: Particles, pairs: int
+    ) -> torch.Tensor:
+        """``log_weights`` with the values enumerated in the guide summed out of
+        each particle, shape ``(k,) + plate_shape``: log of the particle's estimate
+        of p(x), the sum over values (as they are without such values)."""
+        shape, plates = particles.strata_shape, log_weights.dim() - 1
+        if shape is None:
+            return log_weights
+        if not self._has_particle_plate:
+            # Python-loop particles: the values fill the particle dim's place too.
+            values = log_weights.reshape((pairs,) + shape).flatten(
+                1, len(shape) - plates
+            )
+            return values.logsumexp(1) - math.log(values.shape[1])
+        values = log_weights.reshape(shape).flatten(0, len(shape) - plates - 2)
+        return values.logsumexp(0) - math.log(values.shape[0])
 
     def _path_factor(self, log_weights: torch.Tensor) -> torch.Tensor | None:
         """Per-particle factor on the gradient that reaches the latent values.
@@ -560,7 +591,10 @@ class IWELBO(ELBO):
         if score is not None and score.requires_grad:
             # The sampled values of these sites carry no gradient: the score term
             # adds E[signal_i * d log q(h_i)], zero in value.
-            surrogate = (self._score_signal(log_weights.detach()) * score).sum(0)
+            signal = self._score_signal(
+                self._per_particle(log_weights.detach(), particles, len(traces))
+            )
+            surrogate = (signal * score).sum(0)
             bound = bound + (surrogate - surrogate.detach())
         if not (isinstance(particles.scale, float | int) and particles.scale == 1):
             bound = bound * particles.scale
@@ -702,6 +736,9 @@ class CIWELBO(IWELBO):
     With ``estimator="dreg"`` the ELBO part takes the path gradient alone (as
     ``stl``, unbiased for the ELBO) and the IWAE part the DReG gradient.
     """
+
+    #: Its ELBO part weighs each value's particles on their own.
+    _takes_strata_scores = False
 
     def __init__(
         self,

@@ -417,9 +417,16 @@ def score_log_prob(
     plate_nesting: int,
     local_dims: tuple[int, ...],
     scale: Any = 1.0,
+    strata: tuple[int, int] | None = None,
 ) -> torch.Tensor | None:
     """The log q of the guide's latent sites without ``rsample`` (shaped as
-    :func:`log_p_and_q`'s parts), or None if every site has one."""
+    :func:`log_p_and_q`'s parts), or None if every site has one.
+
+    :param strata: when the guide enumerates values left of the particles, the
+        number of dims of the pair's log-weights and how many of them, leading,
+        hold the values: each site's log q is summed over those, as its own (a
+        site shared by the values counts once).
+    """
     names = [
         name
         for name, site in latent_sites(guide_trace)
@@ -427,7 +434,16 @@ def score_log_prob(
     ]
     if not names:
         return None
-    return _log_prob(guide_trace, names, plate_nesting, local_dims, scale)
+    if strata is None:
+        return _log_prob(guide_trace, names, plate_nesting, local_dims, scale)
+    width, values = strata
+    total = None
+    for name in names:
+        log_prob = _log_prob(
+            guide_trace, [name], plate_nesting, local_dims, scale, width
+        ).sum(list(range(values)))
+        total = log_prob if total is None else total + log_prob
+    return total.reshape((1,) * (plate_nesting + 1 - total.dim()) + total.shape)
 
 
 def _log_prob(
