@@ -6,6 +6,11 @@ is summed out of log p exactly, for each particle of the other latents: the
 model's log-factors that depend on enumerated values are contracted by variable
 elimination over their plates (Pyro's :func:`~pyro.ops.contract.contract_to_tensor`
 in the log semiring), down to the particle and data plate dims.
+
+A guide site so marked, in the data plate, gives each of its values its own
+particles of the sites below it: the values' dims, left of the particle dim, are
+merged into it (:func:`merge_strata`), and the site's own log q is replaced by
+that of the uniform distribution on its values, so that q(y) cancels.
 """
 
 from __future__ import annotations
@@ -27,11 +32,11 @@ from .traces import PARTICLE_PLATE, _same_scale, latent_sites, relative_scale
 __all__ = [
     "Unenumerated",
     "check_enumeration",
-    "sampled_instead",
     "enumerates",
     "guide_enumerated",
     "is_model_enumerated",
     "merge_strata",
+    "sampled_instead",
     "shared_by_strata",
     "strata_shape",
     "sum_out_enumerated",
