@@ -21,7 +21,7 @@ from .diagnostics import (
     log_likelihood_with_diagnostics,
     pareto_khat,
 )
-from .errors import DataError, PyroIwaeError, RunBusy
+from .errors import DataError, ParticleBroadcastError, PyroIwaeError, RunBusy
 from .eval_results import EvalSettings, Evaluation
 from .evaluation import (
     EstimateWarning,
@@ -98,6 +98,7 @@ __all__ = [
     "DataError",
     "EvalSettings",
     "Evaluation",
+    "ParticleBroadcastError",
     "PyroIwaeError",
     "Run",
     "RunBusy",

@@ -348,7 +348,8 @@ class IWELBO(ELBO):
                 raise
             if not self._runs_without_particles(model, guide, args, kwargs):
                 raise
-            cause = one_line(error).rstrip(".")
+            # The first line: Pyro appends the trace's shapes to the message.
+            cause = one_line(str(error).strip().split("\n")[0] or error).rstrip(".")
             raise ParticleBroadcastError(
                 "the model or guide fails under vectorize_particles=True but runs "
                 f"without it ({cause}): it must broadcast over a leading "

@@ -20,6 +20,7 @@ from pyro_iwae import (
     IWELBO,
     MIWELBO,
     PIWELBO,
+    ParticleBroadcastError,
     PyroIwaeError,
     log_likelihood,
 )
@@ -61,13 +62,16 @@ def test_a_network_that_does_not_broadcast_over_particles_gets_one_line(flatten)
     the network: both are named as a broadcasting failure."""
     x = torch.randn(4, 6, dtype=torch.float64)
     model, guide = FlatModel(flatten), FlatGuide()
-    with pytest.raises(PyroIwaeError) as error:
+    with pytest.raises(ParticleBroadcastError) as error:
         IWELBO(3).loss(model, guide, x)
     message = str(error.value)
     assert "\n" not in message
     assert "leading particle dimension of size 3" in message
     assert "vectorize_particles=False" in message
     assert isinstance(error.value, ValueError)
+    assert isinstance(error.value, PyroIwaeError)
+    # the cause is quoted by its first line, without Pyro's table of shapes
+    assert "Trace Shapes" not in message
     # what the message offers works, and so does a network that broadcasts
     assert IWELBO(3, vectorize_particles=False).loss(model, guide, x) > 0
     assert IWELBO(3).loss(FlatModel(None), guide, x) > 0
