@@ -42,6 +42,7 @@ from .diagnostics import (
     pareto_khat,
     relative_stderr,
 )
+from .enumeration import Unenumerated
 from .errors import PyroIwaeError
 from .evaluation import (
     DEFAULT_MEMORY_BUDGET,
@@ -408,6 +409,9 @@ class _Chains:
         num_chains: int,
         settings: _Settings,
     ) -> None:
+        # The chains move or redraw every latent site: marks for enumeration, which
+        # IWELBO would follow, do not apply.
+        model, guide = Unenumerated()(model), Unenumerated()(guide)
         self.model, self.guide, self.args, self.kwargs = model, guide, args, kwargs
         self.settings = settings
         self.elbo = IWELBO(

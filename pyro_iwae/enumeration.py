@@ -89,15 +89,17 @@ def sampled_instead(guide_trace: Trace, local_dims: tuple[int, ...]) -> frozense
 
 
 class Unenumerated(Messenger):
-    """Removes the enumeration mark of the sample sites in ``names``, so that
-    :class:`~pyro.poutine.enum_messenger.EnumMessenger` samples them."""
+    """Removes the enumeration mark of the sample sites in ``names`` (of every
+    site for None), so that they are sampled."""
 
-    def __init__(self, names: Collection[str]) -> None:
+    def __init__(self, names: Collection[str] | None = None) -> None:
         super().__init__()
-        self.names = frozenset(names)
+        self.names = None if names is None else frozenset(names)
 
     def _pyro_sample(self, msg: dict) -> None:
-        if msg["name"] in self.names and msg["infer"].get("enumerate"):
+        if (self.names is None or msg["name"] in self.names) and msg["infer"].get(
+            "enumerate"
+        ):
             msg["infer"] = {**msg["infer"], "enumerate": None}
 
 
