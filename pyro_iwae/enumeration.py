@@ -232,6 +232,8 @@ def sum_out_enumerated(
     }
     tree: OrderedDict[frozenset, list[torch.Tensor]] = OrderedDict()
     target: set[str] = set()
+    # Packing drops dims of size 1: a plate of one element is in no term.
+    dim_to_size: dict[str, int] = {}
     rest, first, common = [], None, 1.0
     for name in names:
         site = model_trace.nodes[name]
@@ -259,18 +261,12 @@ def sum_out_enumerated(
             for f in site["cond_indep_stack"]
             if f.vectorized
         )
-        target.update(
-            model_trace.plate_to_symbol[f.name]
-            for f in site["cond_indep_stack"]
-            if f.vectorized and (f.name == PARTICLE_PLATE or f.dim in local_dims)
-        )
+        for f in site["cond_indep_stack"]:
+            if f.vectorized and (f.name == PARTICLE_PLATE or f.dim in local_dims):
+                target.add(model_trace.plate_to_symbol[f.name])
+                dim_to_size[model_trace.plate_to_symbol[f.name]] = f.size
+        dim_to_size.update(zip(term._pyro_dims, term.shape, strict=True))
         tree.setdefault(ordinal, []).append(term)
-    dim_to_size = {
-        dim: size
-        for terms in tree.values()
-        for term in terms
-        for dim, size in zip(term._pyro_dims, term.shape, strict=True)
-    }
     result = contract_to_tensor(
         tree,
         sum_dims,

@@ -12,6 +12,7 @@ import pyro
 import pyro.distributions as dist
 import pytest
 import torch
+from pyro import poutine
 from pyro.infer import TraceEnum_ELBO, config_enumerate
 from torch import nn
 
@@ -665,3 +666,54 @@ def test_ais_samples_sites_marked_for_enumeration():
         estimates.append(result.log_likelihood)
     assert torch.isfinite(estimates[0]).all()
     assert torch.equal(estimates[0], estimates[1])
+
+
+def annealed_mixture_prior(x, beta=0.3, split=False):
+    """z ~ sum_y PI[y] N(MU[y], 1) as its prior, annealed by ``beta`` (the whole
+    summed-out factor; with ``split``, only the label's)."""
+    with pyro.plate("data", x.shape[0]):
+        with poutine.scale(scale=beta):
+            y = pyro.sample("y", dist.Categorical(PI), infer={"enumerate": "parallel"})
+        with poutine.scale(scale=1.0 if split else beta):
+            z = pyro.sample("z", dist.Normal(MU[y], 1.0))
+        pyro.sample("x", dist.Normal(z, S), obs=x)
+
+
+def annealed_guide(x, beta=0.3, split=False):
+    loc = pyro.param("loc", x.clone())
+    with pyro.plate("data", x.shape[0]), poutine.scale(scale=1.0 if split else beta):
+        pyro.sample("z", dist.Normal(loc, 0.7))
+
+
+@pytest.mark.parametrize("vectorize", [True, False])
+def test_an_annealed_enumerated_factor_enters_times_its_scale(vectorize):
+    """KL annealing of a mixture prior: beta multiplies the summed-out factor,
+    outside its sum over y, as it does the guide's log q (checked per particle
+    from the traces); factors of different scales are refused in one line."""
+    x, beta = LABELLED[0], 0.3
+    elbo = IWELBO(3, vectorize_particles=vectorize)
+    particles = elbo.particles(annealed_mixture_prior, annealed_guide, x, beta)
+    loc = pyro.param("loc")
+    for i, (_, guide_trace) in enumerate(particles.traces):
+        z = guide_trace.nodes["z"]["value"]
+        log_prior = (
+            PI.log() + dist.Normal(MU, 1.0).log_prob(z.unsqueeze(-1))
+        ).logsumexp(-1)
+        expected = beta * (log_prior - dist.Normal(loc, 0.7).log_prob(z)) + dist.Normal(
+            z, S
+        ).log_prob(x)
+        ours = particles.log_weights if vectorize else particles.log_weights[i]
+        assert torch.allclose(ours, expected)
+    with pytest.raises(ValueError, match="'z' and 'y' have different scales"):
+        IWELBO(2).loss(annealed_mixture_prior, annealed_guide, x, beta, True)
+
+
+@pytest.mark.parametrize("k", [1, 3])
+def test_model_enumeration_of_a_single_point(k):
+    """A data plate of one element is in no packed factor (size-1 dims are
+    dropped): the sum still lands on the plate's dims."""
+    a, b = mixture_data(n=1)
+    loss = IWELBO(k, max_plate_nesting=2).differentiable_loss(
+        mixture_model, mixture_guide, a, b
+    )
+    assert torch.allclose(-loss, mixture_log_marginal(a, b))
