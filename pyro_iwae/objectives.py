@@ -332,7 +332,11 @@ class IWELBO(ELBO):
     def particles(
         self, model: Callable, guide: Callable, *args: Any, **kwargs: Any
     ) -> Particles:
-        """Draws k particles from the guide and weighs them against the model."""
+        """Draws k particles from the guide and weighs them against the model.
+
+        :raises ParticleBroadcastError: if the model or guide fails under the
+            particle plate but weighs one particle without it.
+        """
         check_not_empty(args, kwargs, type(self).__name__)
         if self.max_plate_nesting == float("inf"):
             # The guess runs model and guide once; its draws must not shift the
