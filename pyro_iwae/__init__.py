@@ -3,7 +3,13 @@
 # Registers the compiled path with infer.hooks, for the compile options.
 from . import compiled as compiled
 from ._version import __version__ as __version__
-from .errors import AISError, DataError, PyroIwaeError, RunBusy
+from .errors import (
+    AISError,
+    DataError,
+    ParticleBroadcastError,
+    PyroIwaeError,
+    RunBusy,
+)
 from .infer.ais import (
     AISResult,
     BDMCResult,
@@ -99,6 +105,7 @@ __all__ = [
     "DataError",
     "EvalSettings",
     "Evaluation",
+    "ParticleBroadcastError",
     "PyroIwaeError",
     "Run",
     "RunBusy",

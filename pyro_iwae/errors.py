@@ -16,6 +16,7 @@ __all__ = [
     "CheckpointError",
     "ConfigError",
     "DataError",
+    "ParticleBroadcastError",
     "PyroIwaeError",
     "RunBusy",
     "RunError",
@@ -98,3 +99,9 @@ class TrainingDiverged(PyroIwaeError):
 
 class AISError(PyroIwaeError, ValueError):
     """A model or guide that AIS cannot anneal; the message says what to use."""
+
+
+class ParticleBroadcastError(PyroIwaeError, ValueError):
+    """A model or guide that fails under the particle plate of
+    ``vectorize_particles=True`` but runs without it: its networks do not
+    broadcast over a leading particle dimension."""

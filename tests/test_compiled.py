@@ -28,6 +28,7 @@ from pyro_iwae import (
     IWELBO,
     MIWELBO,
     PIWELBO,
+    ParticleBroadcastError,
     paper_architecture,
     sbn_architecture,
 )
@@ -423,7 +424,7 @@ def test_a_failing_program_prints_no_torch_internals(capfd):
     ll = CompiledLogLikelihood(_OneParticleModel(), _TorchNormalGuide(), backend=None)
     with (
         pytest.warns(CompileFallbackWarning, match="cannot trace"),
-        pytest.raises(RuntimeError, match="invalid for input"),
+        pytest.raises(ParticleBroadcastError, match=r"invalid for input of size 40\)"),
     ):
         ll(_data(4), num_samples=10, chunk_size=5)
     err = capfd.readouterr().err

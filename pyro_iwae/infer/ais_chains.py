@@ -17,6 +17,7 @@ from torch.distributions import constraints
 
 from ..errors import AISError
 from .diagnostics import _broadcastable, _with_particle_dim
+from .enumeration import Unenumerated
 from .evaluation import local_shape
 from .objectives import IWELBO
 from .traces import _log_prob, latent_sites
@@ -81,6 +82,9 @@ class Chains:
         num_chains: int,
         settings: ChainSettings,
     ) -> None:
+        # The chains move or redraw every latent site: marks for enumeration, which
+        # IWELBO would follow, do not apply.
+        model, guide = Unenumerated()(model), Unenumerated()(guide)
         self.model, self.guide, self.args, self.kwargs = model, guide, args, kwargs
         self.settings = settings
         self.elbo = IWELBO(

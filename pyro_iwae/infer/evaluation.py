@@ -174,12 +174,17 @@ def compile_seconds(compile: bool | str | None) -> float:
 
 def combine_chunks(chunks: Iterable[LogWeights], num_samples: int) -> torch.Tensor:
     """``log (1/K) sum_i w_i`` per point over the chunks of ``num_samples = K``
-    particles, by a running logsumexp: ``[batch]`` (the data plate's shape)."""
-    total = None
+    particles, by a running logsumexp: ``[batch]`` (the data plate's shape).
+
+    With values enumerated in the guide, a chunk holds each value's particles, and
+    the mean runs over all of them (see :class:`~pyro_iwae.infer.objectives.Particles`).
+    """
+    total, count = None, 0
     for chunk in chunks:
         part = chunk.log_weights.logsumexp(0)
         total = part if total is None else torch.logaddexp(total, part)
-    return local_shape(chunk.local_dims, total - math.log(num_samples))
+        count += chunk.log_weights.shape[0]
+    return local_shape(chunk.local_dims, total - math.log(max(count, num_samples)))
 
 
 def particle_chunks(

@@ -14,9 +14,21 @@ from pyro.infer.elbo import ELBO
 from pyro.infer.util import is_validation_enabled, torch_item
 from pyro.poutine.trace_struct import Trace
 from pyro.poutine.util import prune_subsample_sites
-from pyro.util import check_if_enumerated, check_model_guide_match, warn_if_nan
+from pyro.util import check_model_guide_match, warn_if_nan
 
+from ..errors import ParticleBroadcastError, PyroIwaeError, one_line
+from .enumeration import (
+    Unenumerated,
+    check_enumeration,
+    guide_enumerated,
+    merge_strata,
+    sampled_instead,
+    shared_by_strata,
+    strata_shape,
+)
+from .enumeration import enumerates as enumerates_sites
 from .hooks import backend_of, compiler
+from .log_weights import log_p_and_q
 from .traces import (
     PARTICLE_PLATE,
     TieGlobals,
@@ -29,7 +41,6 @@ from .traces import (
     global_latent_names,
     is_subsampled,
     latent_sites,
-    log_p_and_q,
     reweight_paths,
     score_log_prob,
     stopped_parameters,
@@ -61,15 +72,19 @@ class Particles(NamedTuple):
 
     ``log_weights`` has shape ``(k,) + plate_shape``, ``len(plate_shape)`` equal to
     ``max_plate_nesting``, and size 1 at every dim but the data plate dims
-    ``local_dims``; ``guide_log_prob``, of the same shape, is its log q part;
-    ``scale`` is the common scale of the sample sites (a number or
-    tensor); ``traces`` the ``(model_trace, guide_trace)`` pairs, one per
-    Python-level particle. ``score_log_prob``, of the same shape, is the log q of
-    the guide sites without ``rsample``, made only for a score-function estimator
-    when gradients are recorded (else None). ``global_log_weight``, of shape
-    ``(k,) + (1,) * len(plate_shape)``, is ``log p - log q`` of the global latent
-    sites under ``global_latents="factor"`` (each at its own scale; equal within a
-    group of particles that shares them), else None.
+    ``local_dims`` (``(strata * k,) + plate_shape`` when the guide enumerates sites:
+    k particles for each of their ``strata`` joint values, the log q of an
+    enumerated site of K values replaced by ``log(1/K)``); ``guide_log_prob``, of
+    the same shape, is its log q part; ``scale`` is the common scale of the sample
+    sites (a number or tensor); ``traces`` the ``(model_trace, guide_trace)`` pairs,
+    one per Python-level particle. ``score_log_prob``, of the same shape, is the log
+    q of the guide sites without ``rsample``, made only for a score-function
+    estimator when gradients are recorded (else None). ``global_log_weight``, of
+    shape ``(k,) + (1,) * len(plate_shape)``, is ``log p - log q`` of the global
+    latent sites under ``global_latents="factor"`` (each at its own scale; equal
+    within a group of particles that shares them), else None. ``strata_shape`` is
+    the shape of one pair's log-weights before the values enumerated in the guide
+    were merged into the particle dim (None without such values).
     """
 
     log_weights: torch.Tensor
@@ -79,6 +94,7 @@ class Particles(NamedTuple):
     traces: list[tuple[Trace, Trace]]
     score_log_prob: torch.Tensor | None = None
     global_log_weight: torch.Tensor | None = None
+    strata_shape: tuple[int, ...] | None = None
 
 
 class IWELBO(ELBO):
@@ -95,6 +111,13 @@ class IWELBO(ELBO):
     sites in other plates are summed into each point's log-weight. The data plate
     is the plate that encloses every sample site of model and guide; with none,
     the bound is joint over all sites (then sub-sampling is an error).
+
+    Discrete sites marked ``infer={"enumerate": "parallel"}`` are not sampled: a
+    site only the model has is summed out of :math:`p(x, z_i)` exactly, per
+    particle; a site of the guide (in the data plate) gives each of its values
+    y its own k particles of the sites below it, and the bound becomes
+    :math:`\log \sum_y \frac{1}{k} \sum_i p(x, y, z_{yi}) / q(z_{yi}|x, y)`,
+    in which q(y) cancels (see the documentation's page on enumeration).
 
     :param int num_particles: k, the number of importance samples per point.
     :param str estimator: guide gradient: ``"iwae"`` (reparameterised gradient of
@@ -161,6 +184,11 @@ class IWELBO(ELBO):
         self.global_latents = global_latents
         # The global latent sites the last call tied across particles.
         self._tied: tuple[str, ...] = ()
+        # Whether a call has found sites marked for enumeration: then model and
+        # guide run under poutine.enum; and the guide sites marked for it that are
+        # sampled instead (see sampled_instead).
+        self._enumerates = False
+        self._sampled: frozenset[str] = frozenset()
         self._guide_module: torch.nn.Module | None = None
         self._particle_plate: tuple[tuple[int, int], pyro.plate] | None = None
 
@@ -197,9 +225,13 @@ class IWELBO(ELBO):
     def _get_untied_trace(
         self, model: Callable, guide: Callable, args: tuple, kwargs: dict
     ) -> tuple[Trace, Trace]:
+        if self._enumerates:
+            if self._sampled:
+                guide = Unenumerated(self._sampled)(guide)
+            # The model's enumerated dims are allocated left of the guide's.
+            guide = poutine.enum(guide, first_available_dim=-1 - self.max_plate_nesting)
+            model = poutine.enum(model)
         guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
-        if is_validation_enabled():
-            check_if_enumerated(guide_trace)
         if torch.is_grad_enabled():
             self._check_guide_trace(guide_trace)
         if self.estimator in _STOPPED_ESTIMATORS:
@@ -241,7 +273,7 @@ class IWELBO(ELBO):
         if self.estimator in SCORE_ESTIMATORS:
             return
         for name, site in latent_sites(guide_trace):
-            if not site["fn"].has_rsample:
+            if not site["fn"].has_rsample and not _enumerated(site):
                 raise NotImplementedError(
                     f"IWELBO's {self.estimator!r} gradient needs "
                     f"reparameterizable guide sites, but {name!r} "
@@ -301,23 +333,123 @@ class IWELBO(ELBO):
     def particles(
         self, model: Callable, guide: Callable, *args: Any, **kwargs: Any
     ) -> Particles:
-        """Draws k particles from the guide and weighs them against the model."""
+        """Draws k particles from the guide and weighs them against the model.
+
+        :raises ParticleBroadcastError: if the model or guide fails under the
+            particle plate but weighs one particle without it.
+        """
         check_not_empty(args, kwargs, type(self).__name__)
         if self.max_plate_nesting == float("inf"):
             # The guess runs model and guide once; its draws must not shift the
             # random stream, or a seed would give another first value.
             with torch.random.fork_rng(devices=cuda_devices(args, kwargs)):
                 self._guess_max_plate_nesting(model, guide, args, kwargs)
+        try:
+            return self._particles(model, guide, args, kwargs)
+        except (RuntimeError, ValueError, IndexError, TypeError) as error:
+            if not self._has_particle_plate or isinstance(
+                error, PyroIwaeError | NotImplementedError
+            ):
+                raise
+            if not self._runs_without_particles(model, guide, args, kwargs):
+                raise
+            # The first line: Pyro appends the trace's shapes to the message.
+            cause = one_line(str(error).strip().split("\n")[0] or error).rstrip(".")
+            raise ParticleBroadcastError(
+                "the model or guide fails under vectorize_particles=True but runs "
+                f"without it ({cause}): it must broadcast over a leading "
+                f"particle dimension of size {self.num_particles} (use "
+                "x.shape[-1] and x.reshape(*x.shape[:-1], ...), not "
+                "x.view(batch, -1)), or pass vectorize_particles=False"
+            ) from None
+
+    def _runs_without_particles(
+        self, model: Callable, guide: Callable, args: tuple, kwargs: dict
+    ) -> bool:
+        """Whether one particle without the particle plate weighs without error
+        (on a forked random stream, without warnings)."""
+        single = IWELBO(
+            1,
+            vectorize_particles=False,
+            max_plate_nesting=self.max_plate_nesting - 1,
+            global_latents=self.global_latents,
+        )
+        try:
+            with (
+                torch.random.fork_rng(devices=cuda_devices(args, kwargs)),
+                warnings.catch_warnings(),
+            ):
+                warnings.simplefilter("ignore")
+                single._particles(model, guide, args, kwargs)
+        except Exception:
+            # A failure here is the program's own, not the particle plate's.
+            return False
+        return True
+
+    def _particles(
+        self, model: Callable, guide: Callable, args: tuple, kwargs: dict
+    ) -> Particles:
         traces = self._traces(model, guide, args, kwargs)
         sites = _sample_sites(traces[0])
         local_dims, global_names = self._split_sites(sites)
-        if tuple(global_names) != self._tied and self._has_particle_plate:
-            # The sites to tie are known once the program has run: run it again.
-            self._tied = tuple(global_names)
+        enumerates = self._enumerates or any(map(enumerates_sites, traces[0]))
+        sampled = self._sampled | sampled_instead(traces[0][1], local_dims)
+        retie = tuple(global_names) != self._tied and self._has_particle_plate
+        if retie or enumerates != self._enumerates or sampled != self._sampled:
+            # The sites to tie, or to enumerate, are known once the program has
+            # run: run it again.
+            if retie:
+                self._tied = tuple(global_names)
+            self._enumerates, self._sampled = enumerates, sampled
             traces = self._traces(model, guide, args, kwargs)
             sites = _sample_sites(traces[0])
+        if self._enumerates:
+            check_enumeration(*traces[0], global_names)
+            self._check_strata(traces[0][1])
         _check_global_sites(traces[0][1], global_names)
         return self._weigh(traces, sites, local_dims, global_names)
+
+    #: Whether the bound takes values enumerated in the guide, each with its own
+    #: particles, merged into the particle dim (a grouped bound would mix them),
+    #: and a score-function signal from each particle's sum over those values.
+    _takes_strata = True
+    _takes_strata_scores = True
+
+    def _check_strata(self, guide_trace: Trace) -> None:
+        enumerated = guide_enumerated(guide_trace)
+        if not enumerated:
+            return
+        if not self._takes_strata:
+            raise NotImplementedError(
+                f"{type(self).__name__} does not take sites enumerated in the "
+                f"guide (here {enumerated[0]!r}); use IWELBO or CIWELBO, or "
+                "enumerate the site in the model (leave it out of the guide)"
+            )
+        shared = shared_by_strata(guide_trace)
+        if self.estimator == "dreg" and shared is not None:
+            raise NotImplementedError(
+                f"estimator='dreg' reweights each particle's path, but guide site "
+                f"{shared[0]!r} has one value for all values of {shared[1]!r}, "
+                "which is enumerated in the guide; sample it below (depending on) "
+                f"{shared[1]!r}, use estimator='stl', or enumerate {shared[1]!r} "
+                "in the model (leave it out of the guide)"
+            )
+        sampled = [
+            name
+            for name, site in latent_sites(guide_trace)
+            if not site["fn"].has_rsample and name not in enumerated
+        ]
+        if (
+            sampled
+            and self.estimator in SCORE_ESTIMATORS
+            and not self._takes_strata_scores
+        ):
+            raise NotImplementedError(
+                f"{type(self).__name__}'s score-function gradient for {sampled[0]!r} "
+                f"does not take sites enumerated in the guide (here "
+                f"{enumerated[0]!r}); use IWELBO, or enumerate {enumerated[0]!r} in "
+                "the model (leave it out of the guide)"
+            )
 
     def _traces(
         self, model: Callable, guide: Callable, args: tuple, kwargs: dict
@@ -364,8 +496,18 @@ class IWELBO(ELBO):
             log_p_and_q(*pair, plate_nesting, local_dims, scale, global_names)
             for pair in traces
         ]
-        log_p, log_q = (_cat([part[i] for part in parts]) for i in (0, 1))
-        if self._has_particle_plate and log_p.shape[0] != self.num_particles:
+        particles = self.num_particles if self._has_particle_plate else None
+        merged = [
+            merge_strata(part.log_p, part.log_q, plate_nesting, particles)
+            for part in parts
+        ]
+        strata = None
+        if guide_enumerated(traces[0][1]):
+            strata = strata_shape(
+                parts[0].log_p, parts[0].log_q, plate_nesting, particles
+            )
+        log_p, log_q = (_cat([part[i] for part in merged]) for i in (0, 1))
+        if self._has_particle_plate and log_p.shape[0] == 1:
             # No site depends on the particle: all k weights are the same.
             log_p = log_p.expand((self.num_particles,) + log_p.shape[1:])
         log_global = None
@@ -375,14 +517,21 @@ class IWELBO(ELBO):
         if self.estimator in SCORE_ESTIMATORS and torch.is_grad_enabled():
             # Computed apart from log_q (the sites' log-probs run twice), so that
             # log w sums its terms in the same order for every estimator.
+            # The values enumerated in the guide fill the leading dims, the
+            # particle dim's place too in a Python loop.
+            values = None
+            if strata is not None:
+                values = (len(strata), len(strata) - plate_nesting - 1)
+                if not self._has_particle_plate:
+                    values = (len(strata), len(strata) - plate_nesting)
             score_parts = [
-                score_log_prob(guide_trace, plate_nesting, local_dims, scale)
+                score_log_prob(guide_trace, plate_nesting, local_dims, scale, values)
                 for _, guide_trace in traces
             ]
             if score_parts[0] is not None:
                 score = _cat(score_parts)
         return Particles(
-            log_p - log_q, log_q, scale, local_dims, traces, score, log_global
+            log_p - log_q, log_q, scale, local_dims, traces, score, log_global, strata
         )
 
     @property
@@ -396,8 +545,27 @@ class IWELBO(ELBO):
     _reweights_paths = False
 
     def bound(self, log_weights: torch.Tensor) -> torch.Tensor:
-        """The per-point bound from ``log_weights`` of shape ``(k,) + plate_shape``."""
-        return log_weights.logsumexp(0) - math.log(self.num_particles)
+        """The per-point bound from ``log_weights`` of shape ``(k,) + plate_shape``
+        (``(strata * k,) + plate_shape`` with values enumerated in the guide)."""
+        return log_weights.logsumexp(0) - math.log(log_weights.shape[0])
+
+    def _per_particle(
+        self, log_weights: torch.Tensor, particles: Particles, pairs: int
+    ) -> torch.Tensor:
+        """``log_weights`` with the values enumerated in the guide summed out of
+        each particle, shape ``(k,) + plate_shape``: log of the particle's estimate
+        of p(x), the sum over values (as they are without such values)."""
+        shape, plates = particles.strata_shape, log_weights.dim() - 1
+        if shape is None:
+            return log_weights
+        if not self._has_particle_plate:
+            # Python-loop particles: the values fill the particle dim's place too.
+            values = log_weights.reshape((pairs,) + shape).flatten(
+                1, len(shape) - plates
+            )
+            return values.logsumexp(1) - math.log(values.shape[1])
+        values = log_weights.reshape(shape).flatten(0, len(shape) - plates - 2)
+        return values.logsumexp(0) - math.log(values.shape[0])
 
     def _path_factor(self, log_weights: torch.Tensor) -> torch.Tensor | None:
         """Per-particle factor on the gradient that reaches the latent values.
@@ -429,7 +597,10 @@ class IWELBO(ELBO):
         if score is not None and score.requires_grad:
             # The sampled values of these sites carry no gradient: the score term
             # adds E[signal_i * d log q(h_i)], zero in value.
-            surrogate = (self._score_signal(log_weights.detach()) * score).sum(0)
+            signal = self._score_signal(
+                self._per_particle(log_weights.detach(), particles, len(traces))
+            )
+            surrogate = (signal * score).sum(0)
             bound = bound + (surrogate - surrogate.detach())
         if not (isinstance(particles.scale, float | int) and particles.scale == 1):
             bound = bound * particles.scale
@@ -442,6 +613,13 @@ class IWELBO(ELBO):
         # step; loss() and loss_and_grads() check the float they return.
         if loss.requires_grad:
             factor = self._path_factor(log_weights.detach())
+            if factor is not None and particles.strata_shape is not None:
+                # Per pair of traces, as the values enumerated in the guide index
+                # the sites below them.
+                shape = particles.strata_shape
+                if not self._has_particle_plate:
+                    shape = (len(traces),) + shape
+                factor = factor.reshape(shape)
             if factor is not None:
                 stopped = self.estimator in _STOPPED_ESTIMATORS
                 reweight_paths(
@@ -525,6 +703,8 @@ class MIWELBO(IWELBO):
         self.num_groups = num_groups
         self.group_size = num_particles
 
+    _takes_strata = False
+
     @property
     def _global_group_size(self) -> int:
         return self.group_size
@@ -566,6 +746,9 @@ class CIWELBO(IWELBO):
     With ``estimator="dreg"`` the ELBO part takes the path gradient alone (as
     ``stl``, unbiased for the ELBO) and the IWAE part the DReG gradient.
     """
+
+    #: Its ELBO part weighs each value's particles on their own.
+    _takes_strata_scores = False
 
     def __init__(
         self,
@@ -682,6 +865,12 @@ def _checked_item(loss: torch.Tensor) -> float:
     value = torch_item(loss)
     warn_if_nan(value, "loss")
     return value
+
+
+def _enumerated(site: dict) -> bool:
+    """Whether a guide site is, or may be, enumerated in parallel (one sampled
+    instead is checked when it is sampled)."""
+    return site["infer"].get("enumerate") == "parallel"
 
 
 def _sample_sites(pair: tuple[Trace, Trace]) -> list[dict]:

@@ -12,7 +12,7 @@ import copy
 import warnings
 from collections.abc import Callable, Collection, Iterator
 from contextlib import contextmanager
-from typing import Any, NamedTuple
+from typing import Any
 
 import torch
 from pyro.distributions.util import scale_and_mask
@@ -300,96 +300,39 @@ def _same_scale(a: Any, b: Any) -> bool:
     return a.shape == b.shape and bool((a == b).all())
 
 
-class LogWeightParts(NamedTuple):
-    """The parts of the log-weights of one pair of traces, each of shape
-    ``(particles,) + plate_shape`` (see :func:`_log_prob`).
-
-    ``log_p`` and ``log_q`` hold the sites local to the data plate, relative to
-    the bound's scale; ``log_global`` is ``log p - log q`` of the global latent
-    sites, each times its own scale and summed over every plate (None if there
-    are none).
-    """
-
-    log_p: torch.Tensor
-    log_q: torch.Tensor
-    log_global: torch.Tensor | None
-
-
-def log_p_and_q(
-    model_trace: Trace,
-    guide_trace: Trace,
-    plate_nesting: int,
-    local_dims: tuple[int, ...],
-    scale: Any = 1.0,
-    global_names: Collection[str] = (),
-) -> LogWeightParts:
-    """The log p and log q parts of the log weights of one pair of traces.
-
-    A latent site of the model that the guide does not sample is drawn from its
-    prior during replay, so the prior is part of the proposal and cancels from
-    the weight: it enters neither part. Sites among ``global_names`` go to the
-    global part.
-    """
-    # Lists, not sets: the order of summation must not vary between processes.
-    guide_latent = [name for name, _ in latent_sites(guide_trace)]
-    prior_proposed = [
-        (name, site)
-        for name, site in latent_sites(model_trace)
-        if name not in guide_trace.nodes
-    ]
-    for name, site in prior_proposed:
-        if not site["fn"].has_rsample and torch.is_grad_enabled():
-            log_prob = site["fn"].log_prob(site["value"])
-            if log_prob.requires_grad:
-                raise NotImplementedError(
-                    f"IWELBO draws {name!r} from the model's prior (the guide does "
-                    f"not sample it), but its {type(site['fn']).__name__} depends "
-                    "on trainable values and has no rsample, so its gradient "
-                    f"would need a score-function term; sample {name!r} in the "
-                    "guide or give it a fixed prior"
-                )
-    skip = {name for name, _ in prior_proposed}
-    model_sites = [name for name in model_trace.nodes if name not in skip]
-    local_p = [name for name in model_sites if name not in global_names]
-    local_q = [name for name in guide_latent if name not in global_names]
-    log_p = _log_prob(model_trace, local_p, plate_nesting, local_dims, scale)
-    log_q = _log_prob(guide_trace, local_q, plate_nesting, local_dims, scale)
-    log_global = None
-    if global_names:
-        global_p = [name for name in model_sites if name in global_names]
-        global_q = [name for name in guide_latent if name in global_names]
-        parts = [
-            _log_prob(trace, names, plate_nesting, ())
-            for trace, names in ((model_trace, global_p), (guide_trace, global_q))
-        ]
-        if parts[0] is not None and parts[1] is not None:
-            log_global = parts[0] - parts[1]
-        else:
-            log_global = parts[0] if parts[0] is not None else -parts[1]
-    # A program without sample sites contributes log 1 = 0 to each part.
-    like = log_p if log_p is not None else log_q
-    zero = torch.zeros(()) if like is None else like.new_zeros(())
-    log_p, log_q = (
-        zero.reshape((1,) * (plate_nesting + 1)) if part is None else part
-        for part in (log_p, log_q)
-    )
-    return LogWeightParts(log_p, log_q, log_global)
-
-
 def score_log_prob(
     guide_trace: Trace,
     plate_nesting: int,
     local_dims: tuple[int, ...],
     scale: Any = 1.0,
+    strata: tuple[int, int] | None = None,
 ) -> torch.Tensor | None:
-    """The log q of the guide's latent sites without ``rsample`` (shaped as
-    :func:`log_p_and_q`'s parts), or None if every site has one."""
+    """The log q of the guide's latent sites without ``rsample`` (shaped as the
+    parts of :func:`~pyro_iwae.infer.log_weights.log_p_and_q`), or None if every
+    site has one.
+
+    :param strata: when the guide enumerates values left of the particles, the
+        number of dims of the pair's log-weights and how many of them, leading,
+        hold the values: each site's log q is summed over those, as its own (a
+        site shared by the values counts once).
+    """
     names = [
-        name for name, site in latent_sites(guide_trace) if not site["fn"].has_rsample
+        name
+        for name, site in latent_sites(guide_trace)
+        if not site["fn"].has_rsample and site["infer"].get("_enumerate_dim") is None
     ]
     if not names:
         return None
-    return _log_prob(guide_trace, names, plate_nesting, local_dims, scale)
+    if strata is None:
+        return _log_prob(guide_trace, names, plate_nesting, local_dims, scale)
+    width, values = strata
+    total = None
+    for name in names:
+        log_prob = _log_prob(
+            guide_trace, [name], plate_nesting, local_dims, scale, width
+        ).sum(list(range(values)))
+        total = log_prob if total is None else total + log_prob
+    return total.reshape((1,) * (plate_nesting + 1 - total.dim()) + total.shape)
 
 
 def _log_prob(
@@ -398,15 +341,20 @@ def _log_prob(
     plate_nesting: int,
     local_dims: tuple[int, ...],
     scale: Any = 1.0,
+    width: int | None = None,
 ) -> torch.Tensor | None:
     """Log-prob of the trace's sample sites among ``names``, each relative to the
     bound's ``scale`` (see :func:`relative_scale`), summed over all but the
     particle and data plate dims.
 
+    :param width: the number of dims of the result: ``plate_nesting + 1`` (the
+        default), or more when the guide enumerates values left of the particles.
     :returns: a tensor of shape ``(particles,) + plate_shape``, one of length
-        ``plate_nesting + 1``, with particles 1 when particles are not vectorized;
-        None if there is no sample site among ``names``.
+        ``plate_nesting + 1``, with particles 1 when particles are not vectorized
+        (``enumerated_shape + (particles,) + plate_shape`` for a larger
+        ``width``); None if there is no sample site among ``names``.
     """
+    width = plate_nesting + 1 if width is None else width
     total = None
     for name in names:
         site = trace.nodes[name]
@@ -420,15 +368,15 @@ def _log_prob(
         log_prob = scale_and_mask(
             log_prob, relative_scale(site, scale), mask=site["mask"]
         )
-        if log_prob.dim() > plate_nesting + 1:
+        if log_prob.dim() > width:
             raise ValueError(
                 f"site {name!r} has batch shape {tuple(log_prob.shape)}, more dims "
                 f"than max_plate_nesting={plate_nesting} allows; raise "
                 "max_plate_nesting or declare the dims with pyro.plate"
             )
-        if log_prob.dim() < plate_nesting + 1:
+        if log_prob.dim() < width:
             log_prob = log_prob.reshape(
-                (1,) * (plate_nesting + 1 - log_prob.dim()) + log_prob.shape
+                (1,) * (width - log_prob.dim()) + log_prob.shape
             )
         sum_dims = [
             d
