@@ -55,8 +55,9 @@ def test_vae(one_thread):
     assert result["log_px"] > result["final"], result
 
 
-def test_ss_vae(one_thread):
-    result = smoke("ss_vae")
+@pytest.mark.parametrize("label", ["vimco", "enum"])
+def test_ss_vae(one_thread, label):
+    result = load("ss_vae").main(["--smoke", "--label", label])
     before, after = result["before"], result["after"]
     assert all(map(math.isfinite, (*before.values(), *after.values())))
     # ten classes: chance is 0.1; 200 labels and 16 steps give about 0.6
