@@ -39,6 +39,7 @@ def log_p_and_q(
     local_dims: tuple[int, ...],
     scale: Any = 1.0,
     global_names: Collection[str] = (),
+    prior_scores: bool = False,
 ) -> LogWeightParts:
     """The log p and log q parts of the log weights of one pair of traces.
 
@@ -46,7 +47,10 @@ def log_p_and_q(
     prior during replay, so the prior is part of the proposal and cancels from
     the weight: it enters neither part; unless the model enumerated it, then it
     is summed out of log p (:func:`~pyro_iwae.infer.enumeration.sum_out_enumerated`).
-    Sites among ``global_names`` go to the global part.
+    Sites among ``global_names`` go to the global part. Such a site without
+    ``rsample`` whose prior depends on trainable values is refused unless
+    ``prior_scores`` (the score-function estimators: its log p is then part of
+    :func:`~pyro_iwae.infer.traces.score_log_prob`).
     """
     # Lists, not sets: the order of summation must not vary between processes.
     guide_latent = [name for name, _ in latent_sites(guide_trace)]
@@ -70,15 +74,15 @@ def log_p_and_q(
         if name not in guide_trace.nodes and name not in enumerated
     ]
     for name, site in prior_proposed:
-        if not site["fn"].has_rsample and torch.is_grad_enabled():
+        if not (site["fn"].has_rsample or prior_scores) and torch.is_grad_enabled():
             log_prob = site["fn"].log_prob(site["value"])
             if log_prob.requires_grad:
                 raise NotImplementedError(
                     f"IWELBO draws {name!r} from the model's prior (the guide does "
                     f"not sample it), but its {type(site['fn']).__name__} depends "
                     "on trainable values and has no rsample, so its gradient "
-                    f"would need a score-function term; sample {name!r} in the "
-                    "guide or give it a fixed prior"
+                    f"would need a score-function term; use estimator='vimco', "
+                    f"sample {name!r} in the guide or give it a fixed prior"
                 )
     skip = {name for name, _ in prior_proposed}
     model_sites = [name for name in model_trace.nodes if name not in skip]

@@ -493,7 +493,14 @@ class IWELBO(ELBO):
             [s for s in sites if s["name"] not in global_names], local_dims
         )
         parts = [
-            log_p_and_q(*pair, plate_nesting, local_dims, scale, global_names)
+            log_p_and_q(
+                *pair,
+                plate_nesting,
+                local_dims,
+                scale,
+                global_names,
+                prior_scores=self.estimator in SCORE_ESTIMATORS,
+            )
             for pair in traces
         ]
         particles = self.num_particles if self._has_particle_plate else None
@@ -525,8 +532,15 @@ class IWELBO(ELBO):
                 if not self._has_particle_plate:
                     values = (len(strata), len(strata) - plate_nesting)
             score_parts = [
-                score_log_prob(guide_trace, plate_nesting, local_dims, scale, values)
-                for _, guide_trace in traces
+                score_log_prob(
+                    guide_trace,
+                    plate_nesting,
+                    local_dims,
+                    scale,
+                    values,
+                    model_trace=model_trace,
+                )
+                for model_trace, guide_trace in traces
             ]
             if score_parts[0] is not None:
                 score = _cat(score_parts)

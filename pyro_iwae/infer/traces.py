@@ -306,30 +306,45 @@ def score_log_prob(
     local_dims: tuple[int, ...],
     scale: Any = 1.0,
     strata: tuple[int, int] | None = None,
+    model_trace: Trace | None = None,
 ) -> torch.Tensor | None:
-    """The log q of the guide's latent sites without ``rsample`` (shaped as the
+    """The log-density of the proposal's sites without ``rsample`` (shaped as the
     parts of :func:`~pyro_iwae.infer.log_weights.log_p_and_q`), or None if every
-    site has one.
+    site has one: the guide's latent sites and, given ``model_trace``, the
+    model's latent sites that the guide leaves to the prior (their prior is part
+    of the proposal), but those enumerated.
 
     :param strata: when the guide enumerates values left of the particles, the
         number of dims of the pair's log-weights and how many of them, leading,
         hold the values: each site's log q is summed over those, as its own (a
         site shared by the values counts once).
     """
-    names = [
-        name
+    sites = [
+        (guide_trace, name)
         for name, site in latent_sites(guide_trace)
         if not site["fn"].has_rsample and site["infer"].get("_enumerate_dim") is None
     ]
-    if not names:
+    if model_trace is not None:
+        sites += [
+            (model_trace, name)
+            for name, site in latent_sites(model_trace)
+            if name not in guide_trace.nodes
+            and not site["fn"].has_rsample
+            and site["infer"].get("_enumerate_dim") is None
+        ]
+    if not sites:
         return None
-    if strata is None:
-        return _log_prob(guide_trace, names, plate_nesting, local_dims, scale)
-    width, values = strata
     total = None
-    for name in names:
+    if strata is None:
+        for trace in dict.fromkeys(trace for trace, _ in sites):
+            names = [name for t, name in sites if t is trace]
+            log_prob = _log_prob(trace, names, plate_nesting, local_dims, scale)
+            total = log_prob if total is None else total + log_prob
+        return total
+    width, values = strata
+    for trace, name in sites:
         log_prob = _log_prob(
-            guide_trace, [name], plate_nesting, local_dims, scale, width
+            trace, [name], plate_nesting, local_dims, scale, width
         ).sum(list(range(values)))
         total = log_prob if total is None else total + log_prob
     return total.reshape((1,) * (plate_nesting + 1 - total.dim()) + total.shape)
