@@ -468,9 +468,12 @@ class IWELBO(ELBO):
         the data plate is the one that encloses every observed site."""
         if self.global_latents != "joint":
             local_dims = data_plate_dims([s for s in sites if s["is_observed"]])
-            global_names = global_latent_names(sites, local_dims) if local_dims else []
+            # With no plate around every observed site, all latents are global:
+            # the bound is then the ELBO, the only one sub-sampling leaves unbiased.
+            global_names = global_latent_names(sites, local_dims)
             if global_names and (
-                self.global_latents == "factor" or is_subsampled(sites, local_dims)
+                self.global_latents == "factor"
+                or is_subsampled(sites, local_dims if local_dims else None)
             ):
                 if self.num_particles > 1 and not self.vectorize_particles:
                     raise ValueError(
@@ -489,9 +492,14 @@ class IWELBO(ELBO):
         global_names: list[str],
     ) -> Particles:
         plate_nesting = self.max_plate_nesting - int(self._has_particle_plate)
-        scale = common_scale(
-            [s for s in sites if s["name"] not in global_names], local_dims
-        )
+        if global_names and not local_dims:
+            # Every latent is global, shared by the particles: each site's scale
+            # can enter the log-weight, whose logsumexp runs over equal terms.
+            scale = 1.0
+        else:
+            scale = common_scale(
+                [s for s in sites if s["name"] not in global_names], local_dims
+            )
         parts = [
             log_p_and_q(
                 *pair,

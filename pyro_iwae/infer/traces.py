@@ -210,21 +210,25 @@ class TieGlobals(Messenger):
 
 
 def global_latent_names(sites: list[dict], local_dims: tuple[int, ...]) -> list[str]:
-    """Names of the latent sites that a plate of ``local_dims`` does not enclose."""
+    """Names of the latent sites that a plate of ``local_dims`` does not enclose
+    (every latent site for no ``local_dims``)."""
     names: list[str] = []
     for site in sites:
         if site["is_observed"] or site_is_subsample(site) or site["name"] in names:
             continue
         dims = {f.dim for f in site["cond_indep_stack"] if f.vectorized}
-        if not set(local_dims) <= dims:
+        if not local_dims or not set(local_dims) <= dims:
             names.append(site["name"])
     return names
 
 
-def is_subsampled(sites: list[dict], dims: tuple[int, ...]) -> bool:
-    """Whether a plate at one of ``dims`` is sub-sampled at some site."""
+def is_subsampled(sites: list[dict], dims: tuple[int, ...] | None) -> bool:
+    """Whether a plate at one of ``dims`` (None: any plate, sequential ones too)
+    is sub-sampled at some site."""
     return any(
-        f.dim in dims and f.full_size is not None and f.full_size != f.size
+        (dims is None or f.dim in dims)
+        and f.full_size is not None
+        and f.full_size != f.size
         for site in sites
         for f in site["cond_indep_stack"]
     )
