@@ -32,6 +32,7 @@ from .log_weights import log_p_and_q
 from .traces import (
     PARTICLE_PLATE,
     TieGlobals,
+    _log_prob,
     aliased,
     check_not_empty,
     common_scale,
@@ -85,6 +86,8 @@ class Particles(NamedTuple):
     within a group of particles that shares them), else None. ``strata_shape`` is
     the shape of one pair's log-weights before the values enumerated in the guide
     were merged into the particle dim (None without such values).
+    ``global_score_log_prob``, shaped as ``global_log_weight``, is the log q of
+    the global guide sites without ``rsample``, made as ``score_log_prob`` is.
     """
 
     log_weights: torch.Tensor
@@ -95,6 +98,7 @@ class Particles(NamedTuple):
     score_log_prob: torch.Tensor | None = None
     global_log_weight: torch.Tensor | None = None
     strata_shape: tuple[int, ...] | None = None
+    global_score_log_prob: torch.Tensor | None = None
 
 
 class IWELBO(ELBO):
@@ -406,7 +410,11 @@ class IWELBO(ELBO):
         if self._enumerates:
             check_enumeration(*traces[0], global_names)
             self._check_strata(traces[0][1])
-        _check_global_sites(traces[0][1], global_names)
+        score_draw = (
+            self.estimator in SCORE_ESTIMATORS
+            and self._global_group_size == self.num_particles
+        )
+        _check_global_sites(traces[0][1], global_names, score_draw)
         return self._weigh(traces, sites, local_dims, global_names)
 
     #: Whether the bound takes values enumerated in the guide, each with its own
@@ -528,7 +536,7 @@ class IWELBO(ELBO):
         log_global = None
         if global_names:
             log_global = _cat([part.log_global for part in parts])
-        score = None
+        score = global_score = None
         if self.estimator in SCORE_ESTIMATORS and torch.is_grad_enabled():
             # Computed apart from log_q (the sites' log-probs run twice), so that
             # log w sums its terms in the same order for every estimator.
@@ -547,13 +555,24 @@ class IWELBO(ELBO):
                     scale,
                     values,
                     model_trace=model_trace,
+                    skip=global_names,
                 )
                 for model_trace, guide_trace in traces
             ]
             if score_parts[0] is not None:
                 score = _cat(score_parts)
+            if global_names:
+                global_score = _global_score(traces, global_names, plate_nesting)
         return Particles(
-            log_p - log_q, log_q, scale, local_dims, traces, score, log_global, strata
+            log_p - log_q,
+            log_q,
+            scale,
+            local_dims,
+            traces,
+            score,
+            log_global,
+            strata,
+            global_score,
         )
 
     @property
@@ -631,6 +650,12 @@ class IWELBO(ELBO):
             # An ELBO term in the global latents: one value per group of particles,
             # so the mean over particles is the mean over groups.
             loss = loss - particles.global_log_weight.mean(0).sum()
+        global_score = particles.global_score_log_prob
+        if global_score is not None and global_score.requires_grad:
+            # One draw of the global sites for all particles (_check_global_sites):
+            # its score-function term has the whole objective as its signal.
+            surrogate = -loss.detach() * global_score.mean(0).sum()
+            loss = loss - (surrogate - surrogate.detach())
         # No NaN check here: it would read the value back from the device at every
         # step; loss() and loss_and_grads() check the float they return.
         if loss.requires_grad:
@@ -904,14 +929,36 @@ def _sample_sites(pair: tuple[Trace, Trace]) -> list[dict]:
     ]
 
 
-def _check_global_sites(guide_trace: Trace, global_names: list[str]) -> None:
-    if not torch.is_grad_enabled():
+def _check_global_sites(
+    guide_trace: Trace, global_names: list[str], score_draw: bool
+) -> None:
+    """Refuses global guide sites without ``rsample`` unless ``score_draw`` (a
+    score-function estimator and one draw of the global sites)."""
+    if not torch.is_grad_enabled() or score_draw:
         return
     for name, site in latent_sites(guide_trace):
         if name in global_names and not site["fn"].has_rsample:
             raise NotImplementedError(
                 f"IWELBO cannot train the global latent site {name!r} "
                 f"({type(site['fn']).__name__} has no rsample) with "
-                "global_latents='factor'; use a reparameterizable distribution "
-                "for it, or global_latents='joint' on full batches"
+                "global_latents='factor' and this estimator; use "
+                "IWELBO(estimator='vimco'), a reparameterizable distribution for "
+                "it, or global_latents='joint' on full batches"
             )
+
+
+def _global_score(
+    traces: list[tuple[Trace, Trace]], global_names: list[str], plate_nesting: int
+) -> torch.Tensor | None:
+    """log q of the global guide sites without ``rsample``, per particle (None
+    if they all have one)."""
+    names = [
+        name
+        for name, site in latent_sites(traces[0][1])
+        if name in global_names and not site["fn"].has_rsample
+    ]
+    if not names:
+        return None
+    return _cat(
+        [_log_prob(guide_trace, names, plate_nesting, ()) for _, guide_trace in traces]
+    )

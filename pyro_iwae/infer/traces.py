@@ -311,12 +311,13 @@ def score_log_prob(
     scale: Any = 1.0,
     strata: tuple[int, int] | None = None,
     model_trace: Trace | None = None,
+    skip: Collection[str] = (),
 ) -> torch.Tensor | None:
     """The log-density of the proposal's sites without ``rsample`` (shaped as the
     parts of :func:`~pyro_iwae.infer.log_weights.log_p_and_q`), or None if every
     site has one: the guide's latent sites and, given ``model_trace``, the
     model's latent sites that the guide leaves to the prior (their prior is part
-    of the proposal), but those enumerated.
+    of the proposal), but those enumerated and those in ``skip``.
 
     :param strata: when the guide enumerates values left of the particles, the
         number of dims of the pair's log-weights and how many of them, leading,
@@ -326,13 +327,16 @@ def score_log_prob(
     sites = [
         (guide_trace, name)
         for name, site in latent_sites(guide_trace)
-        if not site["fn"].has_rsample and site["infer"].get("_enumerate_dim") is None
+        if not site["fn"].has_rsample
+        and site["infer"].get("_enumerate_dim") is None
+        and name not in skip
     ]
     if model_trace is not None:
         sites += [
             (model_trace, name)
             for name, site in latent_sites(model_trace)
             if name not in guide_trace.nodes
+            and name not in skip
             and not site["fn"].has_rsample
             and site["infer"].get("_enumerate_dim") is None
         ]
