@@ -936,15 +936,25 @@ def _check_global_sites(
     score-function estimator and one draw of the global sites)."""
     if not torch.is_grad_enabled() or score_draw:
         return
-    for name, site in latent_sites(guide_trace):
-        if name in global_names and not site["fn"].has_rsample:
-            raise NotImplementedError(
-                f"IWELBO cannot train the global latent site {name!r} "
-                f"({type(site['fn']).__name__} has no rsample) with "
-                "global_latents='factor' and this estimator; use "
-                "IWELBO(estimator='vimco'), a reparameterizable distribution for "
-                "it, or global_latents='joint' on full batches"
-            )
+    for name, site in _unreparameterized(guide_trace, global_names):
+        raise NotImplementedError(
+            f"IWELBO cannot train the global latent site {name!r} "
+            f"({type(site['fn']).__name__} has no rsample) with "
+            "global_latents='factor' and this estimator; use "
+            "IWELBO(estimator='vimco'), a reparameterizable distribution for "
+            "it, or global_latents='joint' on full batches"
+        )
+
+
+def _unreparameterized(
+    guide_trace: Trace, global_names: list[str]
+) -> list[tuple[str, dict]]:
+    """The global guide sites without ``rsample``."""
+    return [
+        (name, site)
+        for name, site in latent_sites(guide_trace)
+        if name in global_names and not site["fn"].has_rsample
+    ]
 
 
 def _global_score(
@@ -952,11 +962,7 @@ def _global_score(
 ) -> torch.Tensor | None:
     """log q of the global guide sites without ``rsample``, per particle (None
     if they all have one)."""
-    names = [
-        name
-        for name, site in latent_sites(traces[0][1])
-        if name in global_names and not site["fn"].has_rsample
-    ]
+    names = [name for name, _ in _unreparameterized(traces[0][1], global_names)]
     if not names:
         return None
     return _cat(
