@@ -94,9 +94,30 @@ def test_stl_has_the_plain_mean_with_one_particle(name):
     assert_plain_mean(name, IWELBO(1, "stl"), lower_variance=False)
 
 
+# Open defects the slow cells found (issue 22 follow-up, in the closing note):
+# DReG under MIWELBO/PIWELBO on these flow guides differs from the plain mean
+# (user-flow-autoregressive: 'tril') or does not lower the first coupling
+# layer's variance. Strict: a fix turns them into failures to remove here.
+KNOWN_DEFECTS = {
+    (guide, objective)
+    for guide in ("zoo-coupling", "user-flow-autoregressive")
+    for objective in ("MIWELBO", "PIWELBO")
+}
+RAINFORTH_CELLS = [
+    pytest.param(
+        name,
+        objective,
+        marks=pytest.mark.xfail(strict=True, reason="open DReG defect, see above")
+        if (name, objective) in KNOWN_DEFECTS
+        else (),
+    )
+    for objective in ("MIWELBO", "CIWELBO", "PIWELBO")
+    for name in GUIDES
+]
+
+
 @slow
-@pytest.mark.parametrize("objective", ["MIWELBO", "CIWELBO", "PIWELBO"])
-@pytest.mark.parametrize("name", list(GUIDES))
+@pytest.mark.parametrize("name, objective", RAINFORTH_CELLS)
 def test_rainforth_dreg_has_the_plain_mean_with_lower_variance(name, objective):
     assert_plain_mean(name, OBJECTIVES[objective](6, "dreg"), lower_variance=True)
 
