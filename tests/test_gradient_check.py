@@ -73,6 +73,26 @@ def test_the_table_names_every_parameter_and_the_verdict():
     assert lines[-1].startswith("passed")
 
 
+def test_the_whole_guide_variance_ratio_is_that_of_the_summed_variances():
+    setup = build("zoo-paper", 4, perturb=True)
+    check = check_guide_gradients(
+        setup.model, setup.guide, setup.x, num_draws=20, seed=3
+    )
+    params = list(setup.guide.parameters())
+    draws = {"dreg": [], "iwae": []}
+    for i in range(20):
+        for estimator, grads in draws.items():
+            torch.manual_seed(3 + i)
+            loss = IWELBO(5, estimator).differentiable_loss(
+                setup.model, setup.guide, setup.x
+            )
+            flat = torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss, params)])
+            grads.append(flat)
+    dreg, iwae = (torch.stack(d).var(0).sum() for d in draws.values())
+    assert check.variance_ratio == pytest.approx((dreg / iwae).item(), rel=1e-8)
+    assert check.table().splitlines()[-2].split()[0] == "(all)"
+
+
 @pytest.mark.parametrize(
     "entries, draws, rel",
     [(1, 20, 0.001), (20, 30, 0.001), (10**5, 100, 0.001), (10**6, 20, 0.015)],

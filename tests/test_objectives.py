@@ -657,8 +657,11 @@ class FlowGuide(torch.nn.Module):
     def forward(self, data):
         with pyro.plate("data", data.shape[0]):
             base = dist.Normal(data.new_zeros(LATENT_DIM), 1.0).to_event(1)
+            # LowerCholeskyAffine maps with the whole matrix but takes its
+            # log-determinant from the diagonal: only a lower-triangular scale
+            # makes log q the density of what is sampled.
             onto = dist.transforms.LowerCholeskyAffine(
-                self.lg.post_loc(data), self.tril
+                self.lg.post_loc(data), self.tril.tril()
             )
             pyro.sample("z", dist.TransformedDistribution(base, [self.flow, onto]))
 

@@ -42,7 +42,8 @@ class ParameterCheck(NamedTuple):
     ``max_abs_t``: the largest ``|t|`` over its entries of the paired difference of
     the two estimators' mean gradients; ``variance_ratio``: the estimator's gradient
     variance over the reference's, each summed over the entries (NaN where the
-    reference's is zero); ``flagged``: ``max_abs_t`` is above the check's threshold.
+    reference's is zero); ``flagged``: ``max_abs_t`` is above the check's threshold;
+    ``reference_variance``: the reference's variance summed over the entries.
     """
 
     name: str
@@ -50,6 +51,7 @@ class ParameterCheck(NamedTuple):
     max_abs_t: float
     variance_ratio: float
     flagged: bool
+    reference_variance: float = math.nan
 
     @property
     def verdict(self) -> str:
@@ -74,6 +76,18 @@ class GradientCheck(NamedTuple):
         return not any(p.flagged for p in self.parameters)
 
     @property
+    def variance_ratio(self) -> float:
+        """The estimator's gradient variance over the reference's, each summed over
+        every entry of every parameter (NaN where the reference's is zero)."""
+        weighted = [
+            (p.variance_ratio * p.reference_variance, p.reference_variance)
+            for p in self.parameters
+            if p.reference_variance > 0
+        ]
+        total = sum(ref for _, ref in weighted)
+        return sum(v for v, _ in weighted) / total if total > 0 else math.nan
+
+    @property
     def flagged(self) -> tuple[ParameterCheck, ...]:
         return tuple(p for p in self.parameters if p.flagged)
 
@@ -96,6 +110,12 @@ class GradientCheck(NamedTuple):
                 f"{p.name:<{width}}  {p.size:>7}  {p.max_abs_t:>8.2f}  {ratio:>9}  "
                 f"{p.verdict}"
             )
+        ratio = "-" if math.isnan(self.variance_ratio) else f"{self.variance_ratio:.3g}"
+        rows.append(
+            f"{'(all)':<{width}}  {sum(p.size for p in self.parameters):>7}  "
+            f"{max((p.max_abs_t for p in self.parameters), default=0.0):>8.2f}  "
+            f"{ratio:>9}"
+        )
         if self.passed:
             verdict = (
                 f"passed: the {self.estimator!r} gradient has the {self.reference!r} "
@@ -183,8 +203,10 @@ def check_guide_gradients(
     threshold = t_threshold(sum(sizes), num_draws, alpha)
     checks = []
     for (name, size), m in zip(zip(params, sizes, strict=True), moments, strict=True):
-        t, ratio = m.result()
-        checks.append(ParameterCheck(name, size, t, ratio, t > threshold))
+        t, ratio, reference_variance = m.result()
+        checks.append(
+            ParameterCheck(name, size, t, ratio, t > threshold, reference_variance)
+        )
     return GradientCheck(
         objective=f"{type(objective).__name__}(num_particles="
         f"{objective.num_particles})",
@@ -255,8 +277,9 @@ class _PairedMoments:
         self.sum_sq += centred**2
         self.n += 1
 
-    def result(self) -> tuple[float, float]:
-        """(max |t| of the difference's mean, estimator / reference variance)."""
+    def result(self) -> tuple[float, float, float]:
+        """(max |t| of the difference's mean, estimator / reference variance,
+        reference variance), variances summed over the entries."""
         n = self.n
         mean = self.sum / n
         var = ((self.sum_sq - n * mean**2) / (n - 1)).clamp(min=0)
@@ -269,4 +292,4 @@ class _PairedMoments:
         t = torch.where(diff_mean == 0, torch.zeros_like(se), diff_mean / se)
         total_ref = var[1].sum().item()
         ratio = var[0].sum().item() / total_ref if total_ref > 0 else math.nan
-        return t.max().item(), ratio
+        return t.max().item(), ratio, total_ref
