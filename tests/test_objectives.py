@@ -178,6 +178,47 @@ def test_subsampled_bound_is_scaled_batch_bound(lg):
     assert sub == pytest.approx(100 / 4 * batch, rel=1e-10)
 
 
+@pytest.mark.parametrize("vectorize", [True, False])
+def test_particles_weigh_the_same_random_sub_sample(lg, vectorize):
+    """A plate that draws its own sub-sample draws it once for all k particles,
+    also when they are drawn one run at a time: at the exact posterior the bound
+    is then (N / M) times the sub-sample's log p(x) on every draw (with a
+    sub-sample per particle, the logsumexp would mix points)."""
+    data = lg.sample_data(40)
+    tril = torch.linalg.cholesky(lg.post_cov)
+
+    def model(data):
+        with pyro.plate("data", len(data), subsample_size=3) as i:
+            z = pyro.sample(
+                "z", dist.Normal(data.new_zeros(LATENT_DIM), 1.0).to_event(1)
+            )
+            pyro.sample(
+                "x", dist.Normal(z @ lg.W.T + lg.b, SIGMA).to_event(1), obs=data[i]
+            )
+
+    def guide(data):
+        with pyro.plate("data", len(data), subsample_size=3) as i:
+            pyro.sample(
+                "z", dist.MultivariateNormal(lg.post_loc(data[i]), scale_tril=tril)
+            )
+
+    elbo = IWELBO(4, vectorize_particles=vectorize)
+    for seed in range(3):
+        pyro.set_rng_seed(seed)
+        particles = elbo.particles(model, guide, data)
+        # the points each particle weighed, from its observed site's value
+        (idx,) = {
+            tuple(
+                torch.cdist(model_trace.nodes["x"]["value"], data).argmin(-1).tolist()
+            )
+            for model_trace, _ in particles.traces
+        }
+        pyro.set_rng_seed(seed)
+        loss = elbo.loss(model, guide, data)
+        exact = 40 / 3 * lg.log_marginal(data[list(idx)]).sum()
+        assert loss == pytest.approx(-exact.item(), rel=1e-10)
+
+
 def test_poutine_scale_multiplies_the_bound(lg):
     x = lg.sample_data(4)
     guide = lg.diagonal_guide()

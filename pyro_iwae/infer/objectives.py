@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import warnings
 from collections.abc import Callable
@@ -31,7 +32,9 @@ from .hooks import backend_of, compiler
 from .log_weights import log_p_and_q
 from .traces import (
     PARTICLE_PLATE,
+    SharedSubsamples,
     TieGlobals,
+    TieSequentialGlobals,
     _log_prob,
     aliased,
     check_not_empty,
@@ -192,9 +195,15 @@ class IWELBO(ELBO):
         # guide run under poutine.enum; and the guide sites marked for it that are
         # sampled instead (see sampled_instead).
         self._enumerates = False
+        #: Whether a first run has shown which sites are marked for enumeration.
+        self._discovered = False
         self._sampled: frozenset[str] = frozenset()
         self._guide_module: torch.nn.Module | None = None
         self._particle_plate: tuple[tuple[int, int], pyro.plate] | None = None
+        self._sequential_tie: TieSequentialGlobals | None = None
+        self._shared_subsamples: contextlib.AbstractContextManager = (
+            contextlib.nullcontext()
+        )
 
     @property
     def _has_particle_plate(self) -> bool:
@@ -215,6 +224,11 @@ class IWELBO(ELBO):
     def _get_trace(
         self, model: Callable, guide: Callable, args: tuple, kwargs: dict
     ) -> tuple[Trace, Trace]:
+        if self._sequential_tie is not None:
+            with self._sequential_tie:
+                pair = self._get_untied_trace(model, guide, args, kwargs)
+            self._sequential_tie.index += 1
+            return pair
         if not (self._tied and self._has_particle_plate):
             return self._get_untied_trace(model, guide, args, kwargs)
         # Outside the tracers, so that they record the tied values.
@@ -229,7 +243,9 @@ class IWELBO(ELBO):
     def _get_untied_trace(
         self, model: Callable, guide: Callable, args: tuple, kwargs: dict
     ) -> tuple[Trace, Trace]:
-        if self._enumerates:
+        # Under enum from the first run on (while it is not known whether any
+        # site is marked): a program may check the shapes its values take.
+        if self._enumerates or not self._discovered:
             if self._sampled:
                 guide = Unenumerated(self._sampled)(guide)
             # The model's enumerated dims are allocated left of the guide's.
@@ -393,18 +409,31 @@ class IWELBO(ELBO):
     def _particles(
         self, model: Callable, guide: Callable, args: tuple, kwargs: dict
     ) -> Particles:
+        # One call weighs one sub-sample: the run that finds the sites to tie
+        # and its rerun, and every particle (see SharedSubsamples).
+        self._shared_subsamples = SharedSubsamples()
+        try:
+            return self._shared_particles(model, guide, args, kwargs)
+        finally:
+            self._shared_subsamples = contextlib.nullcontext()
+
+    def _shared_particles(
+        self, model: Callable, guide: Callable, args: tuple, kwargs: dict
+    ) -> Particles:
         traces = self._traces(model, guide, args, kwargs)
         sites = _sample_sites(traces[0])
         local_dims, global_names = self._split_sites(sites)
         enumerates = self._enumerates or any(map(enumerates_sites, traces[0]))
         sampled = self._sampled | sampled_instead(traces[0][1], local_dims)
-        retie = tuple(global_names) != self._tied and self._has_particle_plate
-        if retie or enumerates != self._enumerates or sampled != self._sampled:
-            # The sites to tie, or to enumerate, are known once the program has
-            # run: run it again.
+        retie = tuple(global_names) != self._tied and self.num_particles > 1
+        # The sites to tie, or to sample instead of enumerating, are known once
+        # the program has run (under enum from the first run on): run it again.
+        rerun = retie or sampled != self._sampled
+        self._discovered = True
+        self._enumerates, self._sampled = enumerates, sampled
+        if rerun:
             if retie:
                 self._tied = tuple(global_names)
-            self._enumerates, self._sampled = enumerates, sampled
             traces = self._traces(model, guide, args, kwargs)
             sites = _sample_sites(traces[0])
         if self._enumerates:
@@ -465,10 +494,15 @@ class IWELBO(ELBO):
         # _get_trace sees the guide wrapped in the particle plate; stl and dreg need
         # the module itself to re-run it with its parameters stopped.
         self._guide_module = guide if isinstance(guide, torch.nn.Module) else None
+        if self._tied and not self._has_particle_plate and self.num_particles > 1:
+            self._sequential_tie = TieSequentialGlobals(
+                self._tied, self._global_group_size
+            )
         try:
-            return list(self._get_traces(model, guide, args, kwargs))
+            with self._shared_subsamples:
+                return list(self._get_traces(model, guide, args, kwargs))
         finally:
-            self._guide_module = None
+            self._guide_module = self._sequential_tie = None
 
     def _split_sites(self, sites: list[dict]) -> tuple[tuple[int, ...], list[str]]:
         """The data plate dims and the global latent sites (none for the joint
@@ -483,12 +517,6 @@ class IWELBO(ELBO):
                 self.global_latents == "factor"
                 or is_subsampled(sites, local_dims if local_dims else None)
             ):
-                if self.num_particles > 1 and not self.vectorize_particles:
-                    raise ValueError(
-                        "global latent sites (here "
-                        f"{global_names[0]!r}) are shared by the particles only "
-                        "with vectorize_particles=True"
-                    )
                 return local_dims, global_names
         return data_plate_dims(sites), []
 

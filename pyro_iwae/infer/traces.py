@@ -209,6 +209,41 @@ class TieGlobals(Messenger):
         msg["value"] = first.flatten(axis, axis + 1)
 
 
+class SharedSubsamples(Messenger):
+    """Gives every run inside it the indices that each sub-sampled plate drew in
+    the first: all particles, drawn one run at a time or not, and a second run
+    of the same call weigh the same points."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._indices: dict[str, Any] = {}
+
+    def _pyro_post_sample(self, msg: dict) -> None:
+        if site_is_subsample(msg):
+            msg["value"] = self._indices.setdefault(msg["name"], msg["value"])
+
+
+class TieSequentialGlobals(Messenger):
+    """:class:`TieGlobals` for particles drawn one run at a time: in the run of
+    particle ``index``, each latent site in ``names`` takes the value the first
+    particle of its group of ``group_size`` drew. Enter it once per run and
+    advance ``index`` between runs."""
+
+    def __init__(self, names: Collection[str], group_size: int) -> None:
+        super().__init__()
+        self.names = frozenset(names)
+        self.group_size = group_size
+        self.index = 0
+        self._values: dict[tuple[int, str], torch.Tensor] = {}
+
+    def _pyro_post_sample(self, msg: dict) -> None:
+        if msg["name"] not in self.names or msg["is_observed"]:
+            return
+        key = (self.index // self.group_size, msg["name"])
+        # The guide's run stores the value; the model's replays it already.
+        msg["value"] = self._values.setdefault(key, msg["value"])
+
+
 def global_latent_names(sites: list[dict], local_dims: tuple[int, ...]) -> list[str]:
     """Names of the latent sites that a plate of ``local_dims`` does not enclose
     (every latent site for no ``local_dims``)."""
