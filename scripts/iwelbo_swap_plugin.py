@@ -3,7 +3,9 @@
 
 - Every call of the module's ``assert_ok(model, guide, elbo, **kwargs)`` (the
   tests of valid programs) gets ``IWELBO(num_particles, estimator,
-  max_plate_nesting=elbo.max_plate_nesting)`` instead of ``elbo``; the other
+  max_plate_nesting=elbo.max_plate_nesting)`` instead of ``elbo``, with
+  ``num_particles`` the test ELBO's own where it asks for more (as a user
+  swapping IWELBO in would keep it: some programs check their shapes); the other
   tests (``assert_error``, ``assert_warning``: invalid programs) run as Pyro
   wrote them and are not counted.
 - A test parametrized over several ELBO classes runs once, with the first of
@@ -89,8 +91,11 @@ def _patch(module) -> None:
         if os.environ.get("IWELBO_SWAP_OFF") == "1":
             return original(model, guide, elbo, **kwargs)
         nesting = getattr(elbo, "max_plate_nesting", float("inf"))
+        if getattr(elbo, "vectorize_particles", False) and elbo.num_particles > 1:
+            nesting -= 1  # the ELBO counted its particle plate in
+        particles_asked = max(particles, getattr(elbo, "num_particles", 1))
         iwelbo = IWELBO(
-            particles,
+            particles_asked,
             estimator,
             max_plate_nesting=nesting,
             vectorize_particles=vectorize,

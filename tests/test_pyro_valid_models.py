@@ -1,8 +1,9 @@
 """scripts/pyro_valid_models.py on a small stand-in for Pyro's test module: one
 test per program (the first of the ELBO classes it is parametrized over), IWELBO
 swapped into ``assert_ok`` only, tests of invalid programs not counted, and the
-failures grouped by reason in the report. Slow: it runs pytest twice in
-subprocesses (half a minute)."""
+failures grouped by reason in the report, each test under vectorized and
+sequential particles. Slow: it runs pytest three times in subprocesses (half a
+minute)."""
 
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ import pyro
 import pyro.distributions as dist
 import pytest
 import torch
-from pyro.infer import SVI, Trace_ELBO, TraceGraph_ELBO
+from pyro.infer import SVI, Trace_ELBO, TraceEnum_ELBO, TraceGraph_ELBO
 from pyro.optim import Adam
 
 SEEN = []
@@ -61,6 +62,27 @@ def test_shape_ok(Elbo):
     assert_ok(model, guide, Elbo(), check_shape=True)
 
 
+def test_vectorized_shape_ok():
+    def model():
+        with pyro.plate("data", 3):
+            z = pyro.sample("z", dist.Normal(0.0, 1.0))
+            assert z.shape == (4, 3)
+            pyro.sample("x", dist.Normal(z, 1.0), obs=torch.zeros(3))
+
+    # a program for a vectorized ELBO of 4 particles (which the swap keeps)
+    elbo = Trace_ELBO(4, max_plate_nesting=1, vectorize_particles=True)
+    assert_ok(model, guide, elbo)
+
+
+def test_global_enumeration_ok():
+    def model():
+        pyro.sample("w", dist.Bernoulli(0.5), infer={"enumerate": "parallel"})
+        with pyro.plate("data", 10, 5):
+            pyro.sample("z", dist.Normal(0.0, 1.0))
+
+    assert_ok(model, model, TraceEnum_ELBO(max_plate_nesting=1))
+
+
 def test_invalid_error():
     def bad_model():
         wrong = dist.Normal(torch.zeros(2), 1.0).to_event(1)
@@ -72,7 +94,7 @@ def test_invalid_error():
 
 @pytest.mark.skipif(
     not os.environ.get("PYRO_IWAE_SLOW_TESTS"),
-    reason="runs pytest twice in subprocesses; set PYRO_IWAE_SLOW_TESTS=1",
+    reason="runs pytest three times in subprocesses; set PYRO_IWAE_SLOW_TESTS=1",
 )
 def test_measures_a_stand_in_module(tmp_path, monkeypatch):
     source = tmp_path / "pyro"
@@ -92,10 +114,16 @@ def test_measures_a_stand_in_module(tmp_path, monkeypatch):
     monkeypatch.setattr(sys, "argv", ["pyro_valid_models.py"])
     pyro_valid_models.main(["--pyro-source", str(source), "--out", str(out)])
     report = out.read_text()
-    # the shape check sees IWELBO's particle dim: only under the swap
-    assert "**1 of 2 pass** under IWELBO" in report, report
-    assert "2 of the same 2 pass" in report, report
-    assert "### 1 x: assert <shape> == <shape>" in report, report
-    assert "- `test_shape_ok[Trace_ELBO]`: assert torch.Size([2, 3])" in report
+    # the shape checks see IWELBO's particle dim only when vectorized (the test
+    # ELBO's 4 particles are kept); a global enumerated site is refused under both
+    assert "**3 of 4 pass** under IWELBO with one of the two settings" in report, report
+    assert "(2 vectorized, 2 sequential)" in report, report
+    assert "4 of the same 4 pass" in report, report
+    assert "### 1 x: NotImplementedError: IWELBO cannot enumerate" in report, report
+    assert "- `test_global_enumeration_ok`: NotImplementedError" in report
+    assert "(sequential: NotImplementedError: IWELBO cannot enumerate" in report
+    assert "## Pass only sequential: 1\n\n- `test_shape_ok[Trace_ELBO]`" in report
+    assert "vectorized: assert torch.Size([2, 3]) == (3,)" in report, report
+    assert "## Pass only vectorized: 1\n\n- `test_vectorized_shape_ok`" in report
     assert "test_invalid_error" not in report
     assert "- `test_ok[Trace_ELBO]`" in report and "TraceGraph" not in report
