@@ -2,7 +2,8 @@
 
 Runs, as subprocesses, ``pyro-iwae fit`` for one epoch of the training set at
 each k, then ``pyro-iwae eval-nll --k 5000`` on the whole test set with the first
-run. Reports wall time, images per second and peak RSS of each command (its
+run; with ``--jax-python``, the same epoch (first k) and estimate in NumPyro
+(``jax_epoch.py``), cold and warm. Reports wall time, images per second and peak RSS of each command (its
 ``ru_maxrss``, measured as ``/usr/bin/time -v`` does); the commands' own output
 goes to stderr. ``--compile both`` runs every command eagerly and with
 ``--compile``, and reports the seconds each spent compiling (from cold: inductor's
@@ -133,6 +134,49 @@ def run(args: argparse.Namespace, work_dir: Path) -> list[dict]:
         result = measured(command, work_dir, cache)
         step = f"eval-nll, k = {args.eval_k}{label}"
         results.append({"step": step, **eval_counts(run_dir, args.eval_k), **result})
+    if args.jax_python:
+        results += numpyro_rows(args, work_dir)
+    return results
+
+
+def numpyro_rows(args: argparse.Namespace, work_dir: Path) -> list[dict]:
+    """The same two steps in NumPyro (``jax_epoch.py``, one process each), from a
+    cold JAX compilation cache, then warm (the cache the first filled)."""
+    results = []
+    cache = work_dir / "jax-cache"
+    for label in ("cold", "warm"):
+        for phase in ("train", "eval"):
+            out = work_dir / f"jax-{phase}-{label}.json"
+            command = [args.jax_python, str(Path(__file__).with_name("jax_epoch.py"))]
+            command += ["--data-dir", args.data_dir or "", "--phase", phase]
+            command += ["--particles", str(args.particles[0]), "--seed", str(args.seed)]
+            command += ["--eval-k", str(args.eval_k), "--eval-limit"]
+            command += [str(args.eval_limit), "--cache", str(cache), "--out", str(out)]
+            command += shlex.split(args.jax_args)
+            result = {"command": shlex.join(command), **run_measured(command)}
+            try:
+                reply = json.loads(out.read_text())
+            except (OSError, ValueError):
+                reply = {}
+            inner = reply.get("epoch_s" if phase == "train" else "eval_s")
+            if phase == "train" and inner is not None:
+                inner += reply.get("init_s", 0.0)
+            step = (
+                f"NumPyro epoch, k = {args.particles[0]}, {label}"
+                if phase == "train"
+                else f"NumPyro log-likelihood, k = {args.eval_k}, {label}"
+            )
+            results.append(
+                {
+                    "step": step,
+                    "images": reply.get(
+                        "train_images" if phase == "train" else "test_images"
+                    ),
+                    "inner_s": inner,
+                    "compile_s": None,
+                    **result,
+                }
+            )
     return results
 
 
@@ -179,8 +223,11 @@ def report(env: dict, results: list[dict]) -> str:
             "epoch time in fit's metrics.jsonl and the time in eval-nll's JSON, "
             "compile time included; 'of which compiling' is the part of the tool's "
             "clock spent tracing and compiling graphs (from a cold inductor cache "
-            "unless the step says warm). "
-            "Commands:",
+            "unless the step says warm). For NumPyro (jax_epoch.py), the tool's "
+            "clock is its SVI init and jitted epoch, or its jitted estimate, "
+            "compiling included; 'warm' runs with the JAX compilation cache the "
+            "cold run filled; its estimate uses the initial weights (the same "
+            "work). Commands:",
             "",
             *commands,
         ]
@@ -211,7 +258,15 @@ def main(argv: list[str] | None = None) -> int:
         "--work-dir", help="keep the run directories here (default: a temporary one)"
     )
     parser.add_argument("--json", metavar="PATH", help="also write results as JSON")
+    parser.add_argument(
+        "--jax-python",
+        help="the Python of an environment with jax and numpyro: also time NumPyro's "
+        "epoch and log-likelihood (jax_epoch.py; needs --data-dir)",
+    )
+    parser.add_argument("--jax-args", default="", help="extra options for jax_epoch.py")
     args = parser.parse_args(argv)
+    if args.jax_python and not args.data_dir:
+        parser.error("--jax-python needs --data-dir (the folder holding MNIST/raw)")
     problem = check_cli()
     if problem:
         print(f"cannot run the end-to-end benchmark: {problem}", file=sys.stderr)
