@@ -66,17 +66,24 @@ def shared_by_strata(guide_trace: Trace) -> tuple[str, str] | None:
     return None
 
 
-def sampled_instead(guide_trace: Trace, local_dims: tuple[int, ...]) -> frozenset[str]:
+def sampled_instead(
+    guide_trace: Trace,
+    local_dims: tuple[int, ...],
+    global_names: Collection[str] = (),
+) -> frozenset[str]:
     """The guide sites marked for enumeration that are sampled instead: those in
     plates other than the data plate dims ``local_dims`` (their values in the n
-    elements of such a plate would need K^n strata), those marked
-    ``"sequential"``, and those that ask for ``num_samples`` values."""
+    elements of such a plate would need K^n strata), the global latents
+    ``global_names`` of a factored bound (drawn once for a group of particles,
+    as the ELBO over them does), those marked ``"sequential"``, and those that
+    ask for ``num_samples`` values."""
     return frozenset(
         name
         for name, site in latent_sites(guide_trace)
         if site["infer"].get("enumerate")
         and (
-            site["infer"]["enumerate"] != "parallel"
+            name in global_names
+            or site["infer"]["enumerate"] != "parallel"
             or site["infer"].get("num_samples") is not None
             or sorted(
                 f.dim
@@ -188,9 +195,10 @@ def check_enumeration(
                 )
             if name in global_names:
                 raise NotImplementedError(
-                    f"IWELBO cannot enumerate the global site {name!r} (outside the "
-                    "data plate) in a bound that factors over the data plate; use "
-                    "global_latents='joint' on full batches, or sample it in the guide"
+                    f"IWELBO cannot sum the model's global site {name!r} (outside "
+                    "the data plate) out of a bound that factors over the data "
+                    "plate; use global_latents='joint' on full batches, or sample "
+                    "it in the guide"
                 )
 
 

@@ -424,7 +424,9 @@ class IWELBO(ELBO):
         sites = _sample_sites(traces[0])
         local_dims, global_names = self._split_sites(sites)
         enumerates = self._enumerates or any(map(enumerates_sites, traces[0]))
-        sampled = self._sampled | sampled_instead(traces[0][1], local_dims)
+        sampled = self._sampled | sampled_instead(
+            traces[0][1], local_dims, global_names
+        )
         retie = tuple(global_names) != self._tied and self.num_particles > 1
         # The sites to tie, or to sample instead of enumerating, are known once
         # the program has run (under enum from the first run on): run it again.
