@@ -38,7 +38,8 @@ from .infer.gradient_check import (
     ParameterCheck,
     check_guide_gradients,
 )
-from .infer.objectives import CIWELBO, ESTIMATORS, IWELBO, MIWELBO, PIWELBO
+from .infer.grouped import CIWELBO, MIWELBO, PIWELBO
+from .infer.objectives import ESTIMATORS, IWELBO
 from .infer.sampling import reconstruct, sample_images
 from .nn.guides import (
     CouplingGuide,

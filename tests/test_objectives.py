@@ -18,7 +18,8 @@ from pyro_iwae import (
     PIWELBO,
     paper_architecture,
 )
-from pyro_iwae.infer import objectives, traces
+from pyro_iwae.infer import particles as particle_draws
+from pyro_iwae.infer import traces
 
 
 def bound(elbo, model, guide, *args):
@@ -596,7 +597,7 @@ def test_one_latent_site_detaches_instead_of_rerunning_the_guide(
 
     fast_loss, fast_grads = loss_and_grads()
     monkeypatch.setattr(
-        objectives, "detached_distribution", lambda fn: None
+        particle_draws, "detached_distribution", lambda fn: None
     )  # force re-runs
     rerun_loss, rerun_grads = loss_and_grads()
     assert torch.equal(fast_loss, rerun_loss)

@@ -35,6 +35,7 @@ __all__ = [
     "enumerates",
     "guide_enumerated",
     "is_model_enumerated",
+    "marked_parallel",
     "merge_strata",
     "sampled_instead",
     "shared_by_strata",
@@ -288,3 +289,9 @@ def sum_out_enumerated(
     if result.dim() < width:
         result = result.reshape((1,) * (width - result.dim()) + result.shape)
     return result, rest
+
+
+def marked_parallel(site: dict) -> bool:
+    """Whether a guide site is, or may be, enumerated in parallel (one sampled
+    instead is checked when it is sampled)."""
+    return site["infer"].get("enumerate") == "parallel"

@@ -15,7 +15,8 @@ from pyro.poutine.util import site_is_subsample
 
 from ..nn.networks import prepare_pyro_modules
 from .hooks import backend_of, compiler
-from .objectives import IWELBO, Particles
+from .log_weights import Particles
+from .objectives import IWELBO
 from .traces import (
     PARTICLE_PLATE,
     check_not_empty,
@@ -129,7 +130,7 @@ def log_likelihood(
 
 class LogWeights(NamedTuple):
     """A chunk of log importance weights, ``(chunk,) + plate_shape`` (see
-    :class:`~pyro_iwae.infer.objectives.Particles`), and the data plate dims."""
+    :class:`~pyro_iwae.infer.log_weights.Particles`), and the data plate dims."""
 
     log_weights: torch.Tensor
     local_dims: tuple[int, ...]
@@ -177,7 +178,7 @@ def combine_chunks(chunks: Iterable[LogWeights], num_samples: int) -> torch.Tens
     particles, by a running logsumexp: ``[batch]`` (the data plate's shape).
 
     With values enumerated in the guide, a chunk holds each value's particles, and
-    the mean runs over all of them (see :class:`~pyro_iwae.infer.objectives.Particles`).
+    the mean runs over all of them (see :class:`~pyro_iwae.infer.log_weights.Particles`).
     """
     total, count = None, 0
     for chunk in chunks:

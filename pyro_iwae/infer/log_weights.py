@@ -14,7 +14,14 @@ from pyro.poutine.trace_struct import Trace
 from .enumeration import sum_out_enumerated
 from .traces import _log_prob, latent_sites
 
-__all__ = ["LogWeightParts", "log_p_and_q"]
+__all__ = [
+    "LogWeightParts",
+    "Particles",
+    "cat_particles",
+    "check_global_sites",
+    "global_score_log_prob",
+    "log_p_and_q",
+]
 
 
 class LogWeightParts(NamedTuple):
@@ -127,3 +134,82 @@ def log_p_and_q(
         for part in (log_p, log_q)
     )
     return LogWeightParts(log_p, log_q, log_global)
+
+
+class Particles(NamedTuple):
+    """Log importance weights of k particles, with what is needed to combine them.
+
+    ``log_weights`` has shape ``(k,) + plate_shape``, ``len(plate_shape)`` equal to
+    ``max_plate_nesting``, and size 1 at every dim but the data plate dims
+    ``local_dims`` (``(strata * k,) + plate_shape`` when the guide enumerates sites:
+    k particles for each of their ``strata`` joint values, the log q of an
+    enumerated site of K values replaced by ``log(1/K)``); ``guide_log_prob``, of
+    the same shape, is its log q part; ``scale`` is the common scale of the sample
+    sites (a number or tensor); ``traces`` the ``(model_trace, guide_trace)`` pairs,
+    one per Python-level particle. ``score_log_prob``, of the same shape, is the log
+    q of the guide sites without ``rsample``, made only for a score-function
+    estimator when gradients are recorded (else None). ``global_log_weight``, of
+    shape ``(k,) + (1,) * len(plate_shape)``, is ``log p - log q`` of the global
+    latent sites under ``global_latents="factor"`` (each at its own scale; equal
+    within a group of particles that shares them), else None. ``strata_shape`` is
+    the shape of one pair's log-weights before the values enumerated in the guide
+    were merged into the particle dim (None without such values).
+    ``global_score_log_prob``, shaped as ``global_log_weight``, is the log q of
+    the global guide sites without ``rsample``, made as ``score_log_prob`` is.
+    """
+
+    log_weights: torch.Tensor
+    guide_log_prob: torch.Tensor
+    scale: Any
+    local_dims: tuple[int, ...]
+    traces: list[tuple[Trace, Trace]]
+    score_log_prob: torch.Tensor | None = None
+    global_log_weight: torch.Tensor | None = None
+    strata_shape: tuple[int, ...] | None = None
+    global_score_log_prob: torch.Tensor | None = None
+
+
+def cat_particles(parts: list[torch.Tensor]) -> torch.Tensor:
+    """The log-weights of several runs of one particle each, along dim 0."""
+    return torch.cat(parts) if len(parts) > 1 else parts[0]
+
+
+def check_global_sites(
+    guide_trace: Trace, global_names: list[str], score_draw: bool
+) -> None:
+    """Refuses global guide sites without ``rsample`` unless ``score_draw`` (a
+    score-function estimator and one draw of the global sites)."""
+    if not torch.is_grad_enabled() or score_draw:
+        return
+    for name, site in unreparameterized_globals(guide_trace, global_names):
+        raise NotImplementedError(
+            f"IWELBO cannot train the global latent site {name!r} "
+            f"({type(site['fn']).__name__} has no rsample) with "
+            "global_latents='factor' and this estimator; use "
+            "IWELBO(estimator='vimco'), a reparameterizable distribution for "
+            "it, or global_latents='joint' on full batches"
+        )
+
+
+def unreparameterized_globals(
+    guide_trace: Trace, global_names: list[str]
+) -> list[tuple[str, dict]]:
+    """The global guide sites without ``rsample``."""
+    return [
+        (name, site)
+        for name, site in latent_sites(guide_trace)
+        if name in global_names and not site["fn"].has_rsample
+    ]
+
+
+def global_score_log_prob(
+    traces: list[tuple[Trace, Trace]], global_names: list[str], plate_nesting: int
+) -> torch.Tensor | None:
+    """log q of the global guide sites without ``rsample``, per particle (None
+    if they all have one)."""
+    names = [name for name, _ in unreparameterized_globals(traces[0][1], global_names)]
+    if not names:
+        return None
+    return cat_particles(
+        [_log_prob(guide_trace, names, plate_nesting, ()) for _, guide_trace in traces]
+    )

@@ -482,3 +482,13 @@ def check_not_empty(args: tuple, kwargs: dict, caller: str = "log_likelihood") -
                 f"{caller} got an empty batch ({name} has shape "
                 f"{list(value.shape)}); pass at least one data point"
             )
+
+
+def sample_sites(pair: tuple[Trace, Trace]) -> list[dict]:
+    """The sample sites of a model trace and a guide trace, in that order."""
+    return [
+        site
+        for trace in pair
+        for site in trace.nodes.values()
+        if site["type"] == "sample"
+    ]

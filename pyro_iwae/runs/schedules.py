@@ -12,7 +12,8 @@ from typing import Any
 from pyro.infer import ELBO, RenyiELBO, Trace_ELBO
 
 from ..errors import ConfigError
-from ..infer.objectives import CIWELBO, IWELBO, MIWELBO, PIWELBO
+from ..infer.grouped import CIWELBO, MIWELBO, PIWELBO
+from ..infer.objectives import IWELBO
 
 __all__ = [
     "IW_OBJECTIVES",
