@@ -3,8 +3,9 @@
 Runs, as subprocesses, ``pyro-iwae fit`` for one epoch of the training set at
 each k, then ``pyro-iwae eval-nll --k 5000`` on the whole test set with the first
 run; with ``--jax-python``, the same epoch (first k) and estimate in NumPyro
-(``jax_epoch.py``), cold and warm. Reports wall time, images per second and peak RSS of each command (its
-``ru_maxrss``, measured as ``/usr/bin/time -v`` does); the commands' own output
+(``jax_epoch.py``), cold and warm. Reports wall time, images per second and peak
+RSS of each command (its ``ru_maxrss``, measured as ``/usr/bin/time -v`` does);
+the commands' own output
 goes to stderr. ``--compile both`` runs every command eagerly and with
 ``--compile``, and reports the seconds each spent compiling (from cold: inductor's
 cache is a fresh folder for each command); ``--compile warm`` runs the compiled

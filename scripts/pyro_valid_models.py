@@ -248,22 +248,32 @@ def report(
     ]
     if not reasons:
         lines += ["None.", ""]
-    for reason, group in sorted(reasons.items(), key=lambda kv: -len(kv[1])):
-        lines += [f"### {len(group)} x: {reason}", ""]
-        lines += [
-            f"- `{name.split('::', 1)[1]}`: {one_line(swapped[True][name]['reason'])}"
-            f" (sequential: {one_line(swapped[False][name]['reason'], 150)})"
-            for name in group
-        ]
-        lines.append("")
+    # (heading, tests, what each test's line says after its name)
+    sections = [
+        (
+            f"### {len(group)} x: {reason}",
+            group,
+            lambda name: (
+                f"{one_line(swapped[True][name]['reason'])} (sequential: "
+                f"{one_line(swapped[False][name]['reason'], 150)})"
+            ),
+        )
+        for reason, group in sorted(reasons.items(), key=lambda kv: -len(kv[1]))
+    ]
     for mode, label in MODES.items():
         only = sorted(either - passed[mode])
-        lines += [f"## Pass only {MODES[not mode]}: {len(only)}", ""]
-        lines += [
-            f"- `{name.split('::', 1)[1]}`: {label}: "
-            f"{one_line(swapped[mode][name]['reason'], 200)}"
-            for name in only
-        ]
+        sections.append(
+            (
+                f"## Pass only {MODES[not mode]}: {len(only)}",
+                only,
+                lambda name, mode=mode, label=label: (
+                    f"{label}: {one_line(swapped[mode][name]['reason'], 200)}"
+                ),
+            )
+        )
+    for heading, group, says in sections:
+        lines += [heading, ""]
+        lines += [f"- `{name.split('::', 1)[1]}`: {says(name)}" for name in group]
         lines.append("")
     lines += ["## Passed under both", ""]
     lines += [

@@ -178,7 +178,8 @@ def combine_chunks(chunks: Iterable[LogWeights], num_samples: int) -> torch.Tens
     particles, by a running logsumexp: ``[batch]`` (the data plate's shape).
 
     With values enumerated in the guide, a chunk holds each value's particles, and
-    the mean runs over all of them (see :class:`~pyro_iwae.infer.log_weights.Particles`).
+    the mean runs over all of them (see
+    :class:`~pyro_iwae.infer.log_weights.Particles`).
     """
     total, count = None, 0
     for chunk in chunks:

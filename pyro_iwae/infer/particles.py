@@ -84,11 +84,11 @@ class ParticleELBO(ELBO):
 
     def __init__(
         self,
-        num_particles: int = 5,
-        estimator: str = "iwae",
-        vectorize_particles: bool = True,
-        max_plate_nesting: int = 1,
-        global_latents: str = "auto",
+        num_particles: int,
+        estimator: str,
+        vectorize_particles: bool,
+        max_plate_nesting: int,
+        global_latents: str,
         **kwargs: Any,
     ) -> None:
         if global_latents not in GLOBAL_LATENTS:
@@ -320,6 +320,7 @@ class ParticleELBO(ELBO):
         (on a forked random stream, without warnings)."""
         single = ParticleELBO(
             1,
+            "iwae",
             vectorize_particles=False,
             max_plate_nesting=self.max_plate_nesting - 1,
             global_latents=self.global_latents,
