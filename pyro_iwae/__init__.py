@@ -39,6 +39,7 @@ from .infer.gradient_check import (
     check_guide_gradients,
 )
 from .infer.grouped import CIWELBO, MIWELBO, PIWELBO
+from .infer.joint_likelihood import joint_log_likelihood
 from .infer.objectives import ESTIMATORS, IWELBO
 from .infer.sampling import reconstruct, sample_images
 from .nn.guides import (
@@ -98,6 +99,7 @@ __all__ = [
     "check_guide_gradients",
     "check_run_guide",
     "importance_resample",
+    "joint_log_likelihood",
     "log_likelihood_with_diagnostics",
     "pareto_khat",
     "sample_joint",

@@ -362,7 +362,11 @@ def _check_plates(model_trace: pyro.poutine.Trace, guide_trace: pyro.poutine.Tra
             if outside
             else "no plate encloses every sample site"
         )
-        advice = "put it inside the data plate (with pyro.plate('data', len(x)): ...)"
+        advice = (
+            "put it inside the data plate (with pyro.plate('data', len(x)): ...), "
+            "or, for a latent shared by all points, estimate log p(x) of the whole "
+            "batch with joint_log_likelihood"
+        )
         if outside and outside[0] not in model_trace.nodes:
             # A guide's own site, such as an autoguide's one vector for all points
             # (AutoDiagonalNormal, AutoMultivariateNormal, ...): not the user's code.

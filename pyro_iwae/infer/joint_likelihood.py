@@ -1,0 +1,112 @@
+"""log p(x) of a whole data set for models with global latents: importance
+sampling nested as the factored bound is (global latents outside the data plate,
+local ones inside), where :func:`~pyro_iwae.infer.evaluation.log_likelihood`
+needs every latent inside the data plate."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from .evaluation import (
+    check_batch,
+    check_count,
+    chunk_sizes,
+    evaluating,
+    resolve_chunk_size,
+)
+from .grouped import MIWELBO
+
+__all__ = ["joint_log_likelihood"]
+
+
+def joint_log_likelihood(
+    model: Callable,
+    guide: Callable,
+    *args: Any,
+    num_samples: int = 1000,
+    num_local_samples: int = 10,
+    chunk_size: int | None = None,
+    max_plate_nesting: int = 1,
+    **kwargs: Any,
+) -> torch.Tensor:
+    r"""Importance-sampled :math:`\log p(x_1, \dots, x_N)` of the whole batch, for
+    a model whose latents :math:`\theta` outside the data plate are shared by all
+    points (global latents) and whose latents :math:`z_i` inside it are each
+    point's own.
+
+    With :math:`\theta_j \sim q(\theta)`, :math:`j = 1..K` (``num_samples``), and
+    for each point :math:`z_{il} \sim q(z | x_i, \theta_j)`, :math:`l = 1..k`
+    (``num_local_samples``):
+
+    .. math:: \log \frac{1}{K} \sum_j \frac{p(\theta_j)}{q(\theta_j)} \prod_i
+        \frac{1}{k} \sum_l \frac{p(x_i, z_{il} | \theta_j)}{q(z_{il} | x_i, \theta_j)}.
+
+    The sum's mean is p(x_1..N), so the estimate is below log p(x_1..N) in
+    expectation and converges to it as K grows, for any k >= 1 (a larger k
+    lowers the variance of each point's factor). With K = 1 it is a draw of the
+    factored bound of ``IWELBO(k, global_latents="factor")``. The whole data set
+    must be in the batch (a sub-sampled data plate is refused). Global draws are
+    made ``chunk_size // k`` at a time, by default as many as
+    :func:`~pyro_iwae.infer.evaluation.log_likelihood` would take particles; runs
+    without gradients, with modules in eval mode.
+
+    :returns: a 0-dim tensor, in nats.
+    """
+    check_count("num_samples", num_samples)
+    check_count("num_local_samples", num_local_samples)
+    check_batch(args, kwargs)
+    chunk_size = resolve_chunk_size(
+        model, guide, args, kwargs, chunk_size, max_plate_nesting
+    )
+    groups_per_chunk = max(1, chunk_size // num_local_samples)
+    total = None
+    with evaluating(model, guide), torch.no_grad():
+        for groups in chunk_sizes(num_samples, groups_per_chunk):
+            part = _chunk(
+                model, guide, args, kwargs, num_local_samples, groups, max_plate_nesting
+            )
+            total = part if total is None else torch.logaddexp(total, part)
+    return total - math.log(num_samples)
+
+
+def _chunk(
+    model: Callable,
+    guide: Callable,
+    args: tuple,
+    kwargs: dict,
+    num_local_samples: int,
+    groups: int,
+    max_plate_nesting: int,
+) -> torch.Tensor:
+    """logsumexp over ``groups`` global draws of each draw's log-weight (0-dim)."""
+    elbo = MIWELBO(
+        num_local_samples,
+        groups,
+        max_plate_nesting=max_plate_nesting,
+        global_latents="factor",
+    )
+    particles = elbo.particles(model, guide, *args, **kwargs)
+    if not (isinstance(particles.scale, float | int) and particles.scale == 1):
+        raise ValueError(
+            "joint_log_likelihood estimates log p(x) of the whole data set, but "
+            "the data plate is sub-sampled (or scaled); pass every point, without "
+            "subsample_size"
+        )
+    if not particles.local_dims:
+        raise ValueError(
+            "joint_log_likelihood needs a data plate that encloses every observed "
+            "site (the points' own latents go inside it, the global ones outside)"
+        )
+    by_group = particles.log_weights.reshape(
+        (groups, num_local_samples) + particles.log_weights.shape[1:]
+    )
+    local = by_group.logsumexp(1) - math.log(num_local_samples)
+    log_weight = local.reshape(groups, -1).sum(-1)
+    if particles.global_log_weight is not None:
+        # Equal within a group: its first particle's.
+        log_weight = log_weight + particles.global_log_weight.reshape(groups, -1)[:, 0]
+    return log_weight.logsumexp(0)

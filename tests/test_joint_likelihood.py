@@ -1,0 +1,87 @@
+"""joint_log_likelihood against the exact log p(x_1..N) of a Gaussian model with a
+global latent (tests/global_gaussian.py, float64, seeded)."""
+
+import math
+
+import pyro
+import pytest
+import torch
+from global_gaussian import GlobalGaussian
+
+from pyro_iwae import MIWELBO, joint_log_likelihood
+
+pytestmark = pytest.mark.usefixtures("float64_default")
+
+
+@pytest.fixture
+def gg():
+    pyro.set_rng_seed(0)
+    return GlobalGaussian()
+
+
+def test_exact_on_every_draw_at_the_exact_posterior(gg):
+    x = gg.sample_data(5)
+    for num_samples, num_local_samples in ((1, 1), (7, 3)):
+        estimate = joint_log_likelihood(
+            gg.model,
+            gg.guide(),
+            x,
+            num_samples=num_samples,
+            num_local_samples=num_local_samples,
+            chunk_size=4,
+        )
+        assert estimate.shape == ()
+        assert estimate.item() == pytest.approx(gg.log_marginal(x).item(), rel=1e-10)
+
+
+def test_below_log_p_x_rising_in_k_and_converging(gg):
+    x = gg.sample_data(5)
+    guide = gg.guide(shift=0.3, inflate=1.3, local_shift=0.3)
+    exact = gg.log_marginal(x).item()
+    means = []
+    for num_samples in (1, 8, 300):
+        draws = torch.tensor(
+            [
+                joint_log_likelihood(
+                    gg.model,
+                    guide,
+                    x,
+                    num_samples=num_samples,
+                    num_local_samples=5,
+                    chunk_size=2000,
+                )
+                for _ in range(200)
+            ]
+        )
+        means.append((draws.mean().item(), draws.std().item() / math.sqrt(200)))
+    for mean, se in means:
+        assert mean < exact + 4 * se, (means, exact)
+    for (low, se_low), (high, se_high) in zip(means, means[1:], strict=False):
+        assert high - low > 4 * math.hypot(se_low, se_high), means
+    # far closer to log p(x) than one draw of the factored bound is
+    assert exact - means[-1][0] < 0.2 * (exact - means[0][0]), (means, exact)
+
+
+def test_one_global_draw_is_the_factored_bound(gg):
+    x = gg.sample_data(4)
+    guide = gg.guide(shift=0.3, inflate=1.2, local_shift=0.2)
+    pyro.set_rng_seed(3)
+    estimate = joint_log_likelihood(
+        gg.model, guide, x, num_samples=1, num_local_samples=6, chunk_size=6
+    )
+    pyro.set_rng_seed(3)
+    bound = -MIWELBO(6, 1, global_latents="factor").loss(gg.model, guide, x)
+    assert estimate.item() == pytest.approx(bound, rel=1e-12)
+
+
+def test_refuses_a_sub_sampled_data_plate_in_one_line(gg):
+    x = gg.sample_data(6)
+    with pytest.raises(ValueError, match="whole data set.*subsample_size") as info:
+        joint_log_likelihood(gg.model, gg.guide(), x, torch.tensor([0, 2]))
+    assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("name", ["num_samples", "num_local_samples"])
+def test_refuses_a_bad_count(gg, name):
+    with pytest.raises(ValueError, match=name):
+        joint_log_likelihood(gg.model, gg.guide(), gg.sample_data(3), **{name: 0})
