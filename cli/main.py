@@ -333,11 +333,14 @@ def _eval_report(result: Evaluation) -> list[str]:
     )
     compiling = result.compile_time
     compiling = f" ({compiling:.1f} s of it compiling)" if compiling else ""
+    compiled = "compiled" if result.compiled else "eager"
+    if result.compile_choice != "as asked":
+        compiled += f" ({result.compile_choice})"
     return [
         *lines,
         f"diagnostics: {trust}",
         f"active units: {units}",
-        f"time: {result.time:.1f} s{compiling}",
+        f"time: {result.time:.1f} s{compiling}; {compiled}",
         f"wrote {Path(result.file).name}, {result.estimates_file} and "
         f"{result.diagnostics_file} in the run directory",
     ]

@@ -54,6 +54,10 @@ def settings_options(cls: type, skip: tuple[str, ...] = ()) -> Callable:
     return decorate
 
 
+#: A switch setting's words on the command line, and the values they give.
+SWITCH = {"auto": "auto", "on": True, "off": False}
+
+
 def setting_option(name: str, field: Any, s: Setting) -> Callable:
     """The option of setting ``name`` (the dataclass ``field``, declared as ``s``)."""
     default = field.default if s.command_default is NO_DEFAULT else s.command_default
@@ -68,6 +72,14 @@ def setting_option(name: str, field: Any, s: Setting) -> Callable:
     if s.kind == "flag":
         kwargs.update(is_flag=True, default=False)
         del kwargs["metavar"]
+    elif s.kind == "switch":
+        kwargs.update(
+            type=click.Choice(list(SWITCH)),
+            is_flag=False,
+            flag_value="on",
+            default={True: "on", False: "off"}.get(default, default),
+            callback=lambda ctx, param, value: SWITCH[value],
+        )
     elif s.kind == "sizes":
         kwargs["callback"] = _parse_sizes
     elif s.kind == "dataset":

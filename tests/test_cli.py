@@ -126,6 +126,21 @@ def test_eval_nll(run):
     assert (run / "eval-train-k3.json").is_file()
 
 
+def test_eval_nll_says_whether_it_compiled(run):
+    result = invoke("eval-nll", run, "--k", 10, "--limit", 20, "--quiet")
+    assert_ok(result)
+    assert "; eager (auto: 200 particle-points, under the 3,000,000" in result.output
+    report = json.loads((run / "eval-test-k10.json").read_text())
+    assert report["compiled"] is False and report["compile_choice"].startswith("auto")
+    result = invoke("eval-nll", run, "--k", 10, "--limit", 20, "--compile", "off")
+    assert_ok(result)
+    assert [line for line in result.output.splitlines() if line.startswith("time")][
+        0
+    ].endswith("; eager")
+    report = json.loads((run / "eval-test-k10.json").read_text())
+    assert report["compile_choice"] == "as asked"
+
+
 def test_eval_nll_reports_diagnostics_per_point(run):
     result = invoke("eval-nll", run, "--k", 40, "--limit", 12, "--quiet")
     assert_ok(result)

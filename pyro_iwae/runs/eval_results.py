@@ -108,12 +108,15 @@ class EvalSettings:
         low=1,
     )
     compile: bool | str | None = setting(
-        False,
+        "auto",
         "With {method} iwae: compute each chunk's log-weights in one graph compiled "
-        "by torch's inductor (tens of seconds to compile per batch shape; the same "
-        "estimates to float tolerance where {chunk_size} divides {num_samples}). "
-        "Programs it cannot capture fall back to the eager path with a warning.",
-        kind="flag",
+        "by torch's inductor (seconds to compile per batch shape, reported apart; "
+        "the same estimates to float tolerance where {chunk_size} divides "
+        "{num_samples}): on, off, or auto (on from 3 million particle-points, "
+        "points times {num_samples}, where compiling pays; the output says which "
+        "it took). Programs it cannot capture fall back to the eager path with a "
+        "warning.",
+        kind="switch",
     )
 
     def __post_init__(self) -> None:
@@ -166,6 +169,8 @@ class Evaluation:
     AIS), ``ais_steps`` and ``chains`` (None without AIS), ``split``,
     ``points`` (the first ``limit``, None: all), ``seed``, ``batch_size``;
     ``time`` (s) and ``compile_time`` (s of it spent compiling graphs);
+    ``compiled``: whether the log-weights ran as compiled graphs, and
+    ``compile_choice``: why (``"as asked"``, or what ``compile="auto"`` saw);
     ``diagnostics``: median ESS, median k-hat (None below 21 samples), the
     share of points with k-hat > 0.7 and, with AIS, the mean acceptance
     rate; ``active_units`` and ``latent_units`` (site -> count, size);
@@ -201,6 +206,8 @@ class Evaluation:
     chains: int | None = None
     batch_size: int = 100
     limit: int | None = None
+    compiled: bool = False
+    compile_choice: str = "as asked"
 
     def __getitem__(self, key: str) -> Any:
         return self.to_json()[key]

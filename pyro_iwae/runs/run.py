@@ -14,6 +14,7 @@ A *run directory* holds everything about one training run:
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import time
@@ -38,6 +39,7 @@ from ..infer.evaluation import (
     warn_of_problems,
 )
 from . import distributed, run_writer
+from .auto_compile import choose_compile
 from .callbacks import FitCallback
 from .checkpoints import (
     CHECKPOINT_FILE,
@@ -209,7 +211,10 @@ class Run:
         effective sample size and Pareto k-hat of each point's importance
         weights (:func:`~pyro_iwae.log_likelihood_with_diagnostics`;
         ``compile``: True or a ``torch.compile`` backend computes each chunk's
-        log-weights in one graph compiled once per batch shape); of method
+        log-weights in one graph compiled once per batch shape, ``"auto"`` does
+        so from :data:`~pyro_iwae.runs.auto_compile.AUTO_COMPILE_WORK`
+        particle-points on, where compiling pays, and the result's ``compiled``
+        and ``compile_choice`` say which it took); of method
         ``"ais"``: annealed importance sampling with ``ais_steps`` HMC steps and
         ``num_chains`` chains (:func:`~pyro_iwae.ais_log_likelihood`).
 
@@ -239,6 +244,12 @@ class Run:
         config, model, guide = self.load(device)
         data = self.data(data_dir, dataset, config)
         points = _points(data, settings).to(next(model.parameters()).device)
+        compile, choice = False, "not with ais"
+        if settings.method == "iwae":
+            compile, choice = choose_compile(
+                settings.compile, points.shape[0], settings.num_samples, points.device
+            )
+            settings = dataclasses.replace(settings, compile=compile)
         path = distributed.from_main(
             lambda: result_path(self.path, settings, points.shape[0])
         )
@@ -250,6 +261,8 @@ class Run:
         )
         evaluation = summarise(results, settings, config, activity, path)
         evaluation.time, evaluation.compile_time = seconds, compile_time
+        evaluation.compiled = compile is not False
+        evaluation.compile_choice = choice
         if distributed.is_main():
             warn_of_problems(results[:, 0])
             evaluation.write(results[:, 0], results[:, 1:])
@@ -404,7 +417,7 @@ def evaluate_run(
     method: str = "iwae",
     ais_steps: int = 1000,
     num_chains: int = 16,
-    compile: bool | str | None = False,
+    compile: bool | str | None = "auto",
     dataset: str | os.PathLike | None = None,
 ) -> Evaluation:
     """Estimates the negative log-likelihood of a run's model, per point, with

@@ -44,8 +44,9 @@ class Setting:
     ``high`` (``open`` ends excluded) of its values, ``command_default``: the
     command line's default where it differs from the field's, ``default_text``
     to show for a default of None, ``metavar``, and ``kind``: ``"flag"`` (a
-    switch), ``"sizes"`` (a comma-separated list), ``"dataset"``, ``"folder"``
-    or None (a value of the field's type)."""
+    switch), ``"switch"`` (``auto``, ``on`` or ``off``: ``"auto"``, True or
+    False; the bare option is ``on``), ``"sizes"`` (a comma-separated list),
+    ``"dataset"``, ``"folder"`` or None (a value of the field's type)."""
 
     help: str
     flag: str | None = None
