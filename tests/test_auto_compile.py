@@ -22,13 +22,13 @@ def test_auto_compiles_from_the_work_where_compiling_pays(monkeypatch):
     assert compile is False and "under the 3,000,000" in why
 
 
-def test_auto_stays_eager_without_a_cpp_compiler_on_the_cpu(monkeypatch):
+def test_auto_stays_eager_without_a_cpp_compiler_or_off_the_cpu(monkeypatch):
     monkeypatch.setattr(auto_compile, "_cpp_compiler", lambda: None)
     compile, why = choose_compile("auto", 10_000, 5000, CPU)
     assert compile is False and "no C++ compiler" in why
-    # CUDA graphs do not need one
-    compile, _ = choose_compile("auto", 10_000, 5000, torch.device("cuda"))
-    assert compile is True
+    monkeypatch.setattr(auto_compile, "_cpp_compiler", lambda: "/usr/bin/g++")
+    compile, why = choose_compile("auto", 10_000, 5000, torch.device("cuda"))
+    assert compile is False and "CPU only" in why
 
 
 @pytest.mark.parametrize("setting", [True, False, None, "aot_eager"])

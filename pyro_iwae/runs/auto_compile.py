@@ -7,7 +7,8 @@ Xeon), then each particle-point runs about three times faster than eagerly
 of which 11.1 s compiling; results/benchmarks.md, "End to end"). It pays from
 about 3 million particle-points (points times ``num_samples``) on; below that the
 evaluation runs eagerly. Inductor compiles C++ on the CPU: without a C++
-compiler on the path the choice is eager too.
+compiler on the path the choice is eager too; so it is on other devices, where the
+compiled path has not been verified.
 """
 
 from __future__ import annotations
@@ -37,7 +38,14 @@ def choose_compile(
             f"auto: {work:,} particle-points, under the {AUTO_COMPILE_WORK:,} "
             "from which compiling pays"
         )
-    if device.type == "cpu" and _cpp_compiler() is None:
+    if device.type != "cpu":
+        # The compiled path's CUDA graphs have not run on a GPU yet (see the
+        # documentation's "What was verified where").
+        return (
+            False,
+            f"auto: compiled graphs are verified on the CPU only, not {device.type}",
+        )
+    if _cpp_compiler() is None:
         return False, "auto: no C++ compiler found for inductor"
     return True, (
         f"auto: {work:,} particle-points, at least the {AUTO_COMPILE_WORK:,} from "
