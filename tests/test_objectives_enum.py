@@ -717,3 +717,32 @@ def test_model_enumeration_of_a_single_point(k):
         mixture_model, mixture_guide, a, b
     )
     assert torch.allclose(-loss, mixture_log_marginal(a, b))
+
+
+def test_one_objective_enumerates_after_a_program_without_marked_sites():
+    """The first call runs under enum, later ones only once marked sites were
+    found: a call on another program that marks sites must still enumerate
+    them (exact for a model-only label, whatever the draws)."""
+
+    def plain_model(x):
+        with pyro.plate("data", x.shape[0]):
+            z = pyro.sample("z", dist.Normal(0.0, 1.0))
+            pyro.sample("x", dist.Normal(z, 1.0), obs=x)
+
+    def plain_guide(x):
+        with pyro.plate("data", x.shape[0]):
+            pyro.sample("z", dist.Normal(0.5 * x, 0.8))
+
+    def labelled(x):
+        with pyro.plate("data", x.shape[0]):
+            y = pyro.sample("y", dist.Categorical(PI), infer={"enumerate": "parallel"})
+            pyro.sample("x", dist.Normal(MU[y], S), obs=x)
+
+    x = torch.tensor([0.3, 1.2], dtype=torch.float64)
+    exact = (
+        (dist.Normal(MU, S).log_prob(x.unsqueeze(-1)) + PI.log()).logsumexp(-1).sum()
+    )
+    elbo = IWELBO(3)
+    elbo.loss(plain_model, plain_guide, x)
+    for _ in range(3):
+        assert elbo.loss(labelled, lambda x: None, x) == pytest.approx(-exact.item())
