@@ -95,6 +95,11 @@ class _CompiledPath:
     ) -> Callable[..., torch.Tensor]:
         return compiled_loss(elbo, model, guide, backend=backend)
 
+    def step(
+        self, elbo: Any, model: Callable, guide: Callable, backend: str | None
+    ) -> Callable[..., torch.Tensor]:
+        return compiled_loss(elbo, model, guide, backend=backend).step
+
     def log_likelihood(
         self, model: Callable, guide: Callable, backend: str | None, plates: int
     ) -> CompiledLogLikelihood:
