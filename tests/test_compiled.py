@@ -181,6 +181,15 @@ def test_compiled_training_steps_follow_the_eager_ones(name):
     """CompiledLoss.step: the scaled loss, the gradients in .grad, the parameters
     and the optimiser's state after each step are the eager step's, also after
     the learning rate changes; Adam's update joins the graph where it can."""
+    _assert_steps_follow_the_eager_ones(name, backend=None)
+
+
+@slow
+def test_inductor_training_steps_follow_the_eager_ones():
+    _assert_steps_follow_the_eager_ones("adam-fused", backend="inductor")
+
+
+def _assert_steps_follow_the_eager_ones(name, backend):
     torch.manual_seed(0)
     init = [m.state_dict() for m in paper_architecture(1, x_dim=X_DIM)]
     x = _data(4)
@@ -191,7 +200,7 @@ def test_compiled_training_steps_follow_the_eager_ones(name):
         guide.load_state_dict(init[1])
         params = [*model.parameters(), *guide.parameters()]
         elbo = IWELBO(3, "dreg")
-        compiled = CompiledLoss(elbo, model, guide, backend=None)
+        compiled = CompiledLoss(elbo, model, guide, backend=backend)
         optim = OPTIMIZERS[name](params)
         torch.manual_seed(5)
         losses = []
@@ -216,7 +225,10 @@ def test_compiled_training_steps_follow_the_eager_ones(name):
     for tensors_c, tensors_e in zip(compiled_run, eager_run, strict=True):
         assert len(tensors_c) == len(tensors_e)
         for a, b in zip(tensors_c, tensors_e, strict=True):
-            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+            # Inductor's fused kernels round otherwise than eager, and four steps
+            # carry that on: within 1e-4 of each tensor's largest value.
+            atol = 1e-4 * b.abs().max().item()
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=atol)
 
 
 def test_a_wrong_update_in_the_graph_falls_back_to_the_eager_step(monkeypatch):

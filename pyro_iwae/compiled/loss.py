@@ -360,12 +360,13 @@ class CompiledLoss(GraphCache):
     ) -> list[torch.Tensor]:
         """The learning rate and Adam state ``graph`` takes (see :meth:`_build`)."""
         lr = optimizer.param_groups[0]["lr"]
-        if not isinstance(lr, torch.Tensor):
-            if self._lr is None or self._lr[0] != lr:
-                self._lr = (lr, torch.tensor(lr, dtype=torch.float32))
-            lr = self._lr[1]
+        # The graph takes it as a float32 scalar tensor, whatever the group holds
+        # (a float, or a tensor of any dtype): a new value needs no new graph.
+        lr = float(lr)
+        if self._lr is None or self._lr[0] != lr:
+            self._lr = (lr, torch.tensor(lr, dtype=torch.float32))
         state = iter(adam_state(optimizer, [params[i] for i in graph.updated]))
-        inputs = [lr]
+        inputs = [self._lr[1]]
         for j, i in enumerate(graph.candidates):
             if graph.grad_mask[i]:
                 inputs += [next(state) for _ in STATE_KEYS]
