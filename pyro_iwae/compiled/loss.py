@@ -180,9 +180,9 @@ class CompiledLoss(GraphCache):
         signature that computes them already scaled. Where ``optimizer`` is a
         plain ``torch.optim.Adam`` on the CPU (see
         :func:`~pyro_iwae.compiled.adam.graph_adam`) the graph also makes its
-        update, in its own state tensors; else ``optimizer.step()`` follows the
-        graph. With ``verify``, the first call of a signature checks the loss,
-        the gradients and the update against the eager ones.
+        update, in the optimiser's own state tensors; else ``optimizer.step()``
+        follows the graph. With ``verify``, the first call of a signature checks
+        the loss, the gradients and the update against the eager ones.
 
         :returns: the loss times ``scale``, detached.
         """
