@@ -231,6 +231,27 @@ def _assert_steps_follow_the_eager_ones(name, backend):
             torch.testing.assert_close(a, b, rtol=1e-4, atol=atol)
 
 
+def test_the_update_check_allows_for_the_rounding_of_large_parameters():
+    """A step of 1e-3 on an output bias of logit(1e-3) ~ -6.9 is rounded to a few
+    ulps of the bias, 5e-4 of the step: the first step's check of the graph's
+    update must not mistake that for a wrong update (as it did for the paper
+    model on MNIST) and must stay compiled."""
+    torch.manual_seed(0)
+    x_dim = 784
+    model, guide = paper_architecture(1, x_dim=x_dim)
+    model.set_output_bias(torch.full((x_dim,), 1e-4))
+    compiled = CompiledLoss(IWELBO(3), model, guide, backend=None)
+    params = [*model.parameters(), *guide.parameters()]
+    optim = torch.optim.Adam(params, lr=1e-3, eps=1e-4, fused=True)
+    bias = model.pixels[-1].bias
+    before = bias.detach().clone()
+    x = torch.rand(4, x_dim, generator=torch.Generator().manual_seed(1)) < 0.1
+    for _ in range(3):
+        compiled.step(optim, x.float(), scale=1 / 4)
+    assert compiled.compiled
+    assert (bias - before).abs().max() > 1e-3  # it trained
+
+
 def test_a_wrong_update_in_the_graph_falls_back_to_the_eager_step(monkeypatch):
     """The first step of a graph checks its Adam update against torch's: one
     without the bias corrections (a step 1 / (1 - 0.9) times too small) is
