@@ -402,8 +402,8 @@ class CompiledLoss(GraphCache):
         """A step as :meth:`step` makes it, checked against the eager loss and
         gradients from the same noise, and the graph's Adam update against
         ``optimizer.step()`` from the same gradients; on a mismatch it warns and
-        gives up the compiled path. Whatever the check finds, the step taken is
-        the eager optimiser's (from the eager gradients on a mismatch)."""
+        gives up the compiled path. The step taken is the graph's where the
+        check passes, else the eager optimiser's from the eager gradients."""
         trainable = [p for p, m in zip(params, graph.grad_mask, strict=True) if m]
         devices = cuda_devices((*params, *self._inputs(args, kwargs)), {})
         with torch.random.fork_rng(devices=devices):
@@ -435,6 +435,12 @@ class CompiledLoss(GraphCache):
                     ok = ok and _same_update(s0, s1, t.detach(), self.rtol)
                 else:
                     ok = ok and close_enough(s1, t.detach(), self.rtol)
+            if ok:
+                # Keep the graph's update, as every later step will: a run then
+                # does not depend on the step at which a graph was made (a
+                # resumed one is the same as one never stopped).
+                with torch.no_grad():
+                    torch._foreach_copy_(tensors, stepped)
         if not ok:
             self._disable(
                 "the compiled loss, gradients or Adam update differ from the eager "
