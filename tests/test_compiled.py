@@ -221,7 +221,7 @@ def _assert_steps_follow_the_eager_ones(name, backend):
     moved = [(p - s).abs().max() for p, s in zip(runs[1][1], start, strict=True)]
     assert min(moved) > 1e-4  # every parameter trained
     (loss_c, *compiled_run), (loss_e, *eager_run) = runs
-    torch.testing.assert_close(loss_c, loss_e, rtol=1e-5, atol=0)
+    torch.testing.assert_close(loss_c, loss_e, rtol=1e-4, atol=0)
     for tensors_c, tensors_e in zip(compiled_run, eager_run, strict=True):
         assert len(tensors_c) == len(tensors_e)
         for a, b in zip(tensors_c, tensors_e, strict=True):
