@@ -15,6 +15,14 @@ steps of the paper's one-layer model at ``--k`` and ``--batch``:
   steps above run under ``pyro_iwae.runs.denormals.flush_denormals``, as ``fit``
   does since it was found to cost a third of the step; see denormals.py).
 
+With ``--compile`` every variant trains ``IWELBO(k, compile=True)`` (``fit
+--compile``), ``step`` is fit's compiled step (``pyro_iwae.runs.fit_steps.adam_step``:
+one graph of the scaled loss, its gradients and the Adam update), and
+``step-no-flush`` gives way to two older forms of it: ``step-eager-adam`` (the
+graph's scaled gradients, then an eager fused Adam step) and ``step-backward``
+(the compiled loss over the batch size, ``backward`` and the fused Adam step, as
+``fit --compile`` stepped before the update joined the graph).
+
 ``fit`` - ``step+data`` is the trainer's own bookkeeping, ``step+data`` -
 ``step`` the data pipeline. Wall and CPU milliseconds per step are reported,
 with the outside load of each round (cores that other processes kept busy):
@@ -39,6 +47,7 @@ import torch
 from pyro_iwae import IWELBO, fit, paper_architecture
 from pyro_iwae.data import load_dataset, minibatches
 from pyro_iwae.runs.callbacks import FitCallback
+from pyro_iwae.runs.fit_steps import adam_step
 
 try:
     from pyro_iwae.runs.denormals import flush_denormals
@@ -52,6 +61,11 @@ except ImportError:  # a pyro-iwae from before it, to time fit as it was then
 LR = 1e-3
 ADAM_EPS = 1e-4  # fit's
 VARIANTS = ("fit", "step+data", "step", "step-no-flush")
+COMPILED_VARIANTS = ("fit", "step+data", "step", "step-eager-adam", "step-backward")
+
+
+class _EagerAdam(torch.optim.Adam):
+    """Adam that a compiled graph does not take into itself (it steps eagerly)."""
 
 
 class _Enough(Exception):
@@ -71,7 +85,9 @@ class _StepClock(FitCallback):
             raise _Enough
 
 
-def time_fit(data, k: int, batch: int, steps: int, init) -> tuple[float, float]:
+def time_fit(
+    data, k: int, batch: int, steps: int, init, compile: bool = False
+) -> tuple[float, float]:
     """Wall and CPU seconds per step of ``fit``, its set-up and first step
     excluded."""
     model, guide = paper_architecture(1)
@@ -79,7 +95,8 @@ def time_fit(data, k: int, batch: int, steps: int, init) -> tuple[float, float]:
     guide.load_state_dict(init[1])
     clock = _StepClock(steps)
     try:
-        fit(model, guide, data, IWELBO(k), batch_size=batch, callback=clock)
+        elbo = IWELBO(k, compile=compile)
+        fit(model, guide, data, elbo, batch_size=batch, callback=clock)
     except _Enough:
         pass
     (w0, c0), (w1, c1) = clock.marks[0], clock.marks[-1]
@@ -87,22 +104,29 @@ def time_fit(data, k: int, batch: int, steps: int, init) -> tuple[float, float]:
     return (w1 - w0) / n, (c1 - c0) / n
 
 
-def make_step(k: int, batch: int, init, batches, flush: bool = True):
+def make_step(
+    k: int, batch: int, init, batches, flush: bool = True, how: str | None = None
+):
     """fit's step (see the module docstring) on the batches ``batches()`` gives;
-    ``flush``: with subnormals flushed to zero, as in ``fit``."""
+    ``flush``: with subnormals flushed to zero, as in ``fit``; ``how``: None
+    for the eager step, else the compiled one: ``"step"`` (fit's),
+    ``"step-eager-adam"`` or ``"step-backward"``."""
     model, guide = paper_architecture(1)
     model.load_state_dict(init[0])
     guide.load_state_dict(init[1])
-    elbo = IWELBO(k)
+    elbo = IWELBO(k, compile=how is not None)
     params = [*model.parameters(), *guide.parameters()]
-    optim = torch.optim.Adam(params, lr=LR, eps=ADAM_EPS, fused=True)
+    adam = _EagerAdam if how == "step-eager-adam" else torch.optim.Adam
+    optim = adam(params, lr=LR, eps=ADAM_EPS, fused=True)
 
     def step() -> None:
         x = batches()
-        with flush_denormals(flush):
+        with flush_denormals(flush), pyro.settings.context(module_local_params=True):
+            if how in ("step", "step-eager-adam"):
+                adam_step(elbo, True, model, guide, x, optim)
+                return
             optim.zero_grad(set_to_none=True)
-            with pyro.settings.context(module_local_params=True):
-                loss = elbo.differentiable_loss(model, guide, x) / batch
+            loss = elbo.differentiable_loss(model, guide, x) / batch
             loss.backward()
             optim.step()
 
@@ -141,25 +165,37 @@ def run(args: argparse.Namespace) -> dict:
     fixed = data.test[: args.batch].contiguous()
     model, guide = paper_architecture(1)
     init = (model.state_dict(), guide.state_dict())
+    how = "step" if args.compile else None
     steps = {
         "step+data": make_step(
-            args.k, args.batch, init, endless_minibatches(data.train, args.batch)
+            args.k,
+            args.batch,
+            init,
+            endless_minibatches(data.train, args.batch),
+            how=how,
         ),
-        "step": make_step(args.k, args.batch, init, lambda: fixed),
-        "step-no-flush": make_step(args.k, args.batch, init, lambda: fixed, False),
+        "step": make_step(args.k, args.batch, init, lambda: fixed, how=how),
     }
+    if args.compile:
+        for name in COMPILED_VARIANTS[3:]:
+            steps[name] = make_step(args.k, args.batch, init, lambda: fixed, how=name)
+    else:
+        steps["step-no-flush"] = make_step(
+            args.k, args.batch, init, lambda: fixed, False
+        )
 
     def measure(name: str) -> tuple[float, float]:
         if name == "fit":
-            return time_fit(data, args.k, args.batch, args.steps, init)
+            return time_fit(data, args.k, args.batch, args.steps, init, args.compile)
         return time_steps(steps[name], args.steps)
 
-    for name in VARIANTS:  # warm-up
+    variants = COMPILED_VARIANTS if args.compile else VARIANTS
+    for name in variants:  # warm-up
         measure(name)
     meter = common.CpuMeter()
     kept, dropped = [], []
     for round_ in range(max(args.rounds, args.max_rounds or 3 * args.rounds)):
-        order = VARIANTS if round_ % 2 == 0 else VARIANTS[::-1]
+        order = variants if round_ % 2 == 0 else variants[::-1]
         mark, own, cpu0 = meter.mark(), {}, time.process_time()
         for name in order:
             own[name] = measure(name)
@@ -172,7 +208,7 @@ def run(args: argparse.Namespace) -> dict:
         short = args.rounds - len(kept)
         kept, dropped = kept + dropped[:short], dropped[short:]
     rows = []
-    for name in VARIANTS:
+    for name in variants:
         wall = [r[name][0] for _, r in kept]
         cpu = [r[name][1] for _, r in kept]
         rows.append(
@@ -229,6 +265,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=40, help="steps per round")
     parser.add_argument("--rounds", type=int, default=8, help="timed rounds")
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument(
+        "--compile",
+        action="store_true",
+        help="time fit --compile's step (IWELBO(k, compile=True)) and its older forms",
+    )
     parser.add_argument("--max-outside", type=float, default=0.3)
     parser.add_argument(
         "--max-rounds",
@@ -255,6 +296,7 @@ def main(argv: list[str] | None = None) -> None:
         k=args.k,
         batch=args.batch,
         flush_at_start=args.flush_at_start,
+        compile=args.compile,
     )
     out = run(args)
     print(report(env, out, args))

@@ -11,8 +11,10 @@ per-round ratio, so load on a shared machine hits both sides alike.
 Ours: ``fit`` (the step ``pyro_iwae.fit`` runs by default: eager
 ``IWELBO(k).differentiable_loss`` over the batch size, backward,
 ``Adam(fused=True)``, Pyro's validation off, module-local parameters,
-subnormals flushed to zero), ``fit-compiled`` (the same with
-``IWELBO(k, compile=True)``: ``fit --compile``), ``pyro-svi`` (Pyro's own path:
+subnormals flushed to zero; ``pyro_iwae.runs.fit_steps.adam_step`` itself),
+``fit-compiled`` (the same with ``IWELBO(k, compile=True)``: ``fit --compile``,
+whose step is one graph of the scaled loss, its gradients and the Adam update),
+``pyro-svi`` (Pyro's own path:
 ``SVI(model, guide, pyro.optim.Adam, loss=IWELBO(k)).step``), ``pyro-svi-compiled``
 (the same with ``IWELBO(k, compile=True)``; Pyro's rows as Pyro runs them, without
 flushing subnormals) and ``hand`` (bench/handwritten.py, ``Adam(fused=True)``,
@@ -57,6 +59,7 @@ from pyro_iwae import IWELBO, log_likelihood, paper_architecture
 from pyro_iwae.compiled import CompiledLogLikelihood
 from pyro_iwae.infer.evaluation import default_chunk_size
 from pyro_iwae.runs.denormals import flush_denormals
+from pyro_iwae.runs.fit_steps import adam_step
 
 LR = 1e-3
 ADAM_EPS = 1e-4
@@ -164,7 +167,6 @@ def make_ours(name: str, x: torch.Tensor, k: int, init):
     model, guide = paper_architecture(1)
     model.load_state_dict(init[0])
     guide.load_state_dict(init[1])
-    n = x.shape[0]
     compile = name.endswith("-compiled")
     if name.startswith("pyro-svi"):
         optim = pyro.optim.Adam({"lr": LR, "eps": ADAM_EPS})
@@ -174,31 +176,30 @@ def make_ours(name: str, x: torch.Tensor, k: int, init):
         def step() -> None:
             svi.step(x)
 
-    else:
-        params = [*model.parameters(), *guide.parameters()]
-        if name == "hand":
-            hand = HandIWAE().load_from(model, guide)
-            params = list(hand.parameters())
-
-            def loss():
-                return hand.loss(x, k)
-
-        else:
-            elbo = IWELBO(num_particles=k, compile=compile)
-
-            def loss():
-                # As pyro_iwae.runs.fit_steps.adam_step, under fit's settings.
-                with pyro.settings.context(module_local_params=True):
-                    return elbo.differentiable_loss(model, guide, x) / n
-
-        optim = torch.optim.Adam(params, lr=LR, eps=ADAM_EPS, fused=True)
+    elif name == "hand":
+        hand = HandIWAE().load_from(model, guide)
+        optim = torch.optim.Adam(hand.parameters(), lr=LR, eps=ADAM_EPS, fused=True)
 
         def step() -> None:
             # fit flushes subnormals to zero (pyro_iwae.runs.denormals), as XLA does.
             with flush_denormals():
                 optim.zero_grad(set_to_none=True)
-                loss().backward()
+                hand.loss(x, k).backward()
                 optim.step()
+
+    else:
+        params = [*model.parameters(), *guide.parameters()]
+        optim = torch.optim.Adam(params, lr=LR, eps=ADAM_EPS, fused=True)
+        elbo = IWELBO(num_particles=k, compile=compile)
+
+        def step() -> None:
+            # fit's own step under fit's settings (compiled: one graph of the
+            # scaled loss, its gradients and the Adam update).
+            with (
+                flush_denormals(),
+                pyro.settings.context(module_local_params=True),
+            ):
+                adam_step(elbo, True, model, guide, x, optim)
 
     step()  # compiles the compiled variants
     if compile:

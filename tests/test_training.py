@@ -182,13 +182,16 @@ def test_callback_sees_steps_and_epochs(small):
         assert step[2] == pytest.approx(end[1])
 
 
+@pytest.mark.parametrize("compile", [False, None], ids=["eager", "compiled"])
 @pytest.mark.parametrize(
     "stop, checkpoint_every",
-    [(StopAfter(epoch=1), None), (StopAfter(global_step=9), 2)],
+    # Made afresh for each case: a StopAfter counts the steps it has seen.
+    [(lambda: StopAfter(epoch=1), None), (lambda: StopAfter(global_step=9), 2)],
     ids=["after-epoch-1", "mid-epoch"],
 )
-def test_resume_is_bit_for_bit(small, tmp_path, stop, checkpoint_every):
-    objective = make_objective("iwae", K)
+def test_resume_is_bit_for_bit(small, tmp_path, stop, checkpoint_every, compile):
+    # compile=None: the traced step graph with Adam's update in it, uncompiled.
+    objective = make_objective("iwae", K, compile=compile)
     kwargs = dict(
         schedule=paper_schedule(2),  # 1 + 3 epochs, with a change of lr
         batch_size=BATCH,
@@ -207,7 +210,7 @@ def test_resume_is_bit_for_bit(small, tmp_path, stop, checkpoint_every):
             small,
             objective,
             run_dir=tmp_path / "cut",
-            callback=stop,
+            callback=stop(),
             **kwargs,
         )
     # Fresh objects, initialised differently: everything comes from the checkpoint.

@@ -44,6 +44,12 @@ Usage, as a drop-in for ``elbo.differentiable_loss``::
     loss.backward()
     optimizer.step()
 
+or, as ``fit --compile`` trains, a whole step as one graph (the loss scaled, its
+gradients, and Adam's update where the optimiser is a plain ``torch.optim.Adam``
+on the CPU)::
+
+    loss = loss_fn.step(optimizer, x, scale=1 / x.shape[0])
+
 and :func:`compiled_log_likelihood` for evaluation.
 
 The package is a layer on :mod:`pyro_iwae.infer`, which never imports it:
@@ -52,7 +58,8 @@ importing it registers the compiled path with
 of the objectives and evaluations use. Its modules: :mod:`.capture` (tracing,
 lifted random draws), :mod:`.rewrites` (evaluation-only graph rewrites),
 :mod:`.backend` (inductor, CUDA graphs, the graph cache and its fallbacks),
-:mod:`.loss` (:class:`CompiledLoss`) and :mod:`.log_likelihood`
+:mod:`.loss` (:class:`CompiledLoss`), :mod:`.adam` (Adam's update in a training
+graph) and :mod:`.log_likelihood`
 (:class:`CompiledLogLikelihood`).
 """
 
@@ -94,6 +101,11 @@ class _CompiledPath:
         self, elbo: Any, model: Callable, guide: Callable, backend: str | None
     ) -> Callable[..., torch.Tensor]:
         return compiled_loss(elbo, model, guide, backend=backend)
+
+    def step(
+        self, elbo: Any, model: Callable, guide: Callable, backend: str | None
+    ) -> Callable[..., torch.Tensor]:
+        return compiled_loss(elbo, model, guide, backend=backend).step
 
     def log_likelihood(
         self, model: Callable, guide: Callable, backend: str | None, plates: int

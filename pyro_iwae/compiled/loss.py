@@ -12,6 +12,7 @@ import torch
 from pyro.poutine.runtime import am_i_wrapped
 
 from ..infer.traces import cuda_devices
+from .adam import STATE_KEYS, AdamSettings, adam_state, adam_update, graph_adam
 from .backend import GraphCache, close_enough, compile_graph
 from .capture import (
     SEEDED_MESSAGE,
@@ -39,12 +40,28 @@ def _named_tensors(both: _Both) -> dict[str, torch.Tensor]:
 
 
 class _LossGraph:
-    """The compiled loss-and-gradients graph of one input signature."""
+    """The compiled loss-and-gradients graph of one input signature; of a training
+    step (:meth:`CompiledLoss.step`), with the loss scaled and, where ``adam`` is
+    set, Adam's update of the parameters ``updated`` (indices) in place."""
 
-    def __init__(self, fn: Callable, noise_ops: list, grad_mask: list[bool]) -> None:
+    def __init__(
+        self,
+        fn: Callable,
+        noise_ops: list,
+        grad_mask: list[bool],
+        scale: float | None = None,
+    ) -> None:
         self.fn = fn
         self.noise_ops = noise_ops
         self.grad_mask = grad_mask
+        self.scale = scale
+        self.adam: AdamSettings | None = None
+        # With adam: the parameters whose state the graph takes (indices), those
+        # it updates (the ones of them that get a gradient), and zero stand-ins
+        # for the state of the others.
+        self.candidates: list[int] = []
+        self.updated: list[int] = []
+        self.spare: list[torch.Tensor] = []
 
 
 class _PrecomputedGrad(torch.autograd.Function):
@@ -106,6 +123,8 @@ class CompiledLoss(GraphCache):
         self.elbo = elbo
         self.verify = verify
         self.rtol = rtol
+        # The last learning rate of step(), as a float and as a graph input.
+        self._lr: tuple[float, torch.Tensor] | None = None
         if not (
             isinstance(model, torch.nn.Module) and isinstance(guide, torch.nn.Module)
         ):
@@ -146,6 +165,57 @@ class CompiledLoss(GraphCache):
             loss.backward()
         return loss.item()
 
+    def step(
+        self,
+        optimizer: torch.optim.Optimizer,
+        *args: Any,
+        scale: float = 1.0,
+        **kwargs: Any,
+    ) -> torch.Tensor:
+        """One step of ``optimizer`` on ``scale`` times the loss of ``args``.
+
+        The gradients go into the parameters' ``.grad`` as
+        ``optimizer.zero_grad(set_to_none=True)``, ``backward`` and
+        ``optimizer.step()`` leave them, from one compiled graph per input
+        signature that computes them already scaled. Where ``optimizer`` is a
+        plain ``torch.optim.Adam`` on the CPU (see
+        :func:`~pyro_iwae.compiled.adam.graph_adam`) the graph also makes its
+        update, in the optimiser's own state tensors; else ``optimizer.step()``
+        follows the graph. With ``verify``, the first call of a signature checks
+        the loss, the gradients and the update against the eager ones.
+
+        :returns: the loss times ``scale``, detached.
+        """
+        if self._disabled is None and torch.is_grad_enabled():
+            named = _named_tensors(self._both)
+            params = list(named.values())
+            adam = graph_adam(optimizer, params)
+            members = None
+            if adam is not None:
+                ids = {id(p) for p in optimizer.param_groups[0]["params"]}
+                members = [id(p) in ids for p in params]
+            wanted = tuple(p.requires_grad for p in params)
+            graph, fresh = self._lookup(
+                (wanted, scale, adam, members and tuple(members)),
+                args,
+                kwargs,
+                lambda: self._build(named, args, kwargs, scale, adam, members),
+            )
+            if graph is not None:
+                optimizer.zero_grad(set_to_none=True)
+                if fresh and self.verify:
+                    return self._verified_step(graph, optimizer, params, args, kwargs)
+                loss, grads = self._run_graph(graph, params, args, kwargs, optimizer)
+                _set_grads(params, grads)
+                if graph.adam is None:
+                    optimizer.step()
+                return loss
+        optimizer.zero_grad(set_to_none=True)
+        loss = self.eager(*args, **kwargs) * scale
+        loss.backward()
+        optimizer.step()
+        return loss.detach()
+
     # -- internals ---------------------------------------------------------------
 
     def _graph(
@@ -172,12 +242,27 @@ class CompiledLoss(GraphCache):
             return None, None
         return graph, loss
 
-    def _build(self, named: dict, args: tuple, kwargs: dict) -> _LossGraph:
+    def _build(
+        self,
+        named: dict,
+        args: tuple,
+        kwargs: dict,
+        scale: float | None = None,
+        adam: AdamSettings | None = None,
+        members: list[bool] | None = None,
+    ) -> _LossGraph:
+        """Traces and compiles the graph: of the loss and its gradients, or with
+        ``scale`` of a training step's (the loss times ``scale``) and, with
+        ``adam``, Adam's update of the parameters flagged in ``members`` that
+        get a gradient. Its inputs: the parameters, the call's tensors, then for
+        a step with Adam the learning rate and the state of each flagged
+        parameter (see :func:`~.adam.adam_state`), then the lifted noise."""
         names = list(named)
         tensors = list(named.values())
         wanted = [t.requires_grad for t in tensors]
         call = CallArgs(args, kwargs)
-        n = len(tensors)
+        n, c = len(tensors), len(call.tensors)
+        candidates = [] if adam is None else _candidates(wanted, members)
         grad_mask: list[bool] = []
 
         def loss_and_grads(*flat: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -185,19 +270,41 @@ class CompiledLoss(GraphCache):
                 t.detach().requires_grad_(w)
                 for t, w in zip(flat[:n], wanted, strict=True)
             ]
-            call_args, call_kwargs = call.rebuild(flat[n:])
+            call_args, call_kwargs = call.rebuild(flat[n : n + c])
             state = dict(zip(names, params, strict=True))
             with (
                 pyro.settings.context(module_local_params=True),
                 torch.nn.utils.stateless._reparametrize_module(self._both, state),
             ):
                 loss = self.eager(*call_args, **call_kwargs)
+            if scale is not None:
+                loss = loss * scale
             trainable = [p for p, w in zip(params, wanted, strict=True) if w]
             grads = torch.autograd.grad(loss, trainable, allow_unused=True)
             grad_mask[:] = [g is not None for g in grads]
+            if adam is not None:
+                by_param = dict(zip(_trainable_indices(wanted), grads, strict=True))
+                lr, adam_inputs = flat[n + c], flat[n + c + 1 :]
+                moved = [j for j, i in enumerate(candidates) if by_param[i] is not None]
+                adam_update(
+                    adam,
+                    lr,
+                    [flat[candidates[j]] for j in moved],
+                    [by_param[candidates[j]] for j in moved],
+                    [t for j in moved for t in adam_inputs[3 * j : 3 * j + 3]],
+                )
             return (loss.detach(), *(g for g in grads if g is not None))
 
         inputs = [t.detach() for t in tensors] + call.tensors
+        spare: list[torch.Tensor] = []
+        if adam is not None:
+            # Stand-ins of the learning rate and of the state, for tracing (and for
+            # the state of a parameter that turns out to get no gradient).
+            inputs.append(torch.zeros((), device=tensors[0].device))
+            for i in candidates:
+                spare += [torch.zeros((), device=tensors[i].device)]
+                spare += [torch.zeros_like(tensors[i]) for _ in range(2)]
+            inputs += spare
         with torch.enable_grad():
             gm, noise_ops = trace_graph(loss_and_grads, inputs)
         if self.backend is not None and seeded_ops(gm.graph):
@@ -205,7 +312,11 @@ class CompiledLoss(GraphCache):
         full_mask = iter(grad_mask)
         mask = [w and next(full_mask) for w in wanted]
         fn = compile_graph(gm, self.backend, self.compile_options, inputs, noise_ops)
-        return _LossGraph(fn, noise_ops, mask)
+        graph = _LossGraph(fn, noise_ops, mask, scale)
+        if adam is not None:
+            graph.adam, graph.candidates, graph.spare = adam, candidates, spare
+            graph.updated = [i for i in candidates if mask[i]]
+        return graph
 
     def _inputs(self, args: tuple, kwargs: dict) -> list[torch.Tensor]:
         leaves = torch.utils._pytree.tree_leaves((args, kwargs))
@@ -214,14 +325,54 @@ class CompiledLoss(GraphCache):
     def _run(
         self, graph: _LossGraph, params: list[torch.Tensor], args: tuple, kwargs: dict
     ) -> torch.Tensor:
+        loss, grads = self._run_graph(graph, params, args, kwargs)
+        return _PrecomputedGrad.apply(loss, grads, *params)
+
+    def _run_graph(
+        self,
+        graph: _LossGraph,
+        params: list[torch.Tensor],
+        args: tuple,
+        kwargs: dict,
+        optimizer: torch.optim.Optimizer | None = None,
+    ) -> tuple[torch.Tensor, list[torch.Tensor | None]]:
+        """The graph's loss and the gradient of each parameter (None: none);
+        with Adam in the graph, ``optimizer``'s update done."""
         noise = draw_noise(graph.noise_ops)
+        extra = (
+            [] if graph.adam is None else self._adam_inputs(graph, optimizer, params)
+        )
         with torch.no_grad():
             out = graph.fn(
-                *[p.detach() for p in params], *self._inputs(args, kwargs), *noise
+                *[p.detach() for p in params],
+                *self._inputs(args, kwargs),
+                *extra,
+                *noise,
             )
         loss, computed = out[0], iter(out[1:])
-        grads = [next(computed) if m else None for m in graph.grad_mask]
-        return _PrecomputedGrad.apply(loss, grads, *params)
+        return loss, [next(computed) if m else None for m in graph.grad_mask]
+
+    def _adam_inputs(
+        self,
+        graph: _LossGraph,
+        optimizer: torch.optim.Optimizer,
+        params: list[torch.Tensor],
+    ) -> list[torch.Tensor]:
+        """The learning rate and Adam state ``graph`` takes (see :meth:`_build`)."""
+        lr = optimizer.param_groups[0]["lr"]
+        # The graph takes it as a float32 scalar tensor, whatever the group holds
+        # (a float, or a tensor of any dtype): a new value needs no new graph.
+        lr = float(lr)
+        if self._lr is None or self._lr[0] != lr:
+            self._lr = (lr, torch.tensor(lr, dtype=torch.float32))
+        state = iter(adam_state(optimizer, [params[i] for i in graph.updated]))
+        inputs = [self._lr[1]]
+        for j, i in enumerate(graph.candidates):
+            if graph.grad_mask[i]:
+                inputs += [next(state) for _ in STATE_KEYS]
+            else:
+                inputs += graph.spare[3 * j : 3 * j + 3]
+        return inputs
 
     def _verified(
         self, graph: _LossGraph, params: list[torch.Tensor], args: tuple, kwargs: dict
@@ -239,6 +390,94 @@ class CompiledLoss(GraphCache):
         for e, c in zip(eager_grads, compiled_grads, strict=True):
             ok = ok and e is not None and close_enough(c, e, self.rtol)
         return compiled if ok else None
+
+    def _verified_step(
+        self,
+        graph: _LossGraph,
+        optimizer: torch.optim.Optimizer,
+        params: list[torch.Tensor],
+        args: tuple,
+        kwargs: dict,
+    ) -> torch.Tensor:
+        """A step as :meth:`step` makes it, checked against the eager loss and
+        gradients from the same noise, and the graph's Adam update against
+        ``optimizer.step()`` from the same gradients; on a mismatch it warns and
+        gives up the compiled path. The step taken is the graph's where the
+        check passes, else the eager optimiser's from the eager gradients."""
+        trainable = [p for p, m in zip(params, graph.grad_mask, strict=True) if m]
+        devices = cuda_devices((*params, *self._inputs(args, kwargs)), {})
+        with torch.random.fork_rng(devices=devices):
+            eager = self.eager(*args, **kwargs) * graph.scale
+            eager_grads = torch.autograd.grad(eager, trainable, allow_unused=True)
+        moved = [params[i] for i in graph.updated]
+        if graph.adam is not None:
+            # The graph updates these in place: keep where they started.
+            tensors = [*moved, *adam_state(optimizer, moved)]
+            start = [t.detach().clone() for t in tensors]
+        loss, grads = self._run_graph(graph, params, args, kwargs, optimizer)
+        computed = [g for g in grads if g is not None]
+        ok = close_enough(loss, eager.detach(), self.rtol)
+        for e, c in zip(eager_grads, computed, strict=True):
+            ok = ok and e is not None and close_enough(c, e, self.rtol)
+        if graph.adam is not None:
+            stepped = [t.detach().clone() for t in tensors]
+            with torch.no_grad():
+                torch._foreach_copy_(tensors, start)
+        if not ok:
+            by_param = iter(eager_grads)
+            grads = [next(by_param) if m else None for m in graph.grad_mask]
+            loss = eager.detach()
+        _set_grads(params, grads)
+        optimizer.step()
+        if ok and graph.adam is not None:
+            for j, (s0, s1, t) in enumerate(zip(start, stepped, tensors, strict=True)):
+                if j < len(moved):
+                    ok = ok and _same_update(s0, s1, t.detach(), self.rtol)
+                else:
+                    ok = ok and close_enough(s1, t.detach(), self.rtol)
+            if ok:
+                # Keep the graph's update, as every later step will: a run then
+                # does not depend on the step at which a graph was made (a
+                # resumed one is the same as one never stopped).
+                with torch.no_grad():
+                    torch._foreach_copy_(tensors, stepped)
+        if not ok:
+            self._disable(
+                "the compiled loss, gradients or Adam update differ from the eager "
+                "ones (does the program's structure change between calls?)"
+            )
+        return loss
+
+
+def _same_update(
+    start: torch.Tensor, ours: torch.Tensor, theirs: torch.Tensor, rtol: float
+) -> bool:
+    """Whether two updates of the parameter ``start`` agree: their changes within
+    ``rtol`` of the largest change, give or take the rounding of the parameter
+    itself (a few of its ulps: a step of 1e-3 on a bias of -5 is rounded to
+    5e-4 of itself)."""
+    change = theirs - start
+    rounding = 4 * torch.finfo(start.dtype).eps * start.abs().max()
+    limit = rtol * change.abs().max() + rounding
+    return bool(((ours - theirs).abs().max() <= limit).item())
+
+
+def _trainable_indices(wanted: list[bool]) -> list[int]:
+    return [i for i, w in enumerate(wanted) if w]
+
+
+def _candidates(wanted: list[bool], members: list[bool] | None) -> list[int]:
+    """The parameters whose Adam state a step graph takes: trainable ones of the
+    optimiser."""
+    assert members is not None
+    return [i for i in _trainable_indices(wanted) if members[i]]
+
+
+def _set_grads(params: list[torch.Tensor], grads: list[torch.Tensor | None]) -> None:
+    """Accumulates ``grads`` into ``.grad`` as ``backward`` would."""
+    for p, g in zip(params, grads, strict=True):
+        if g is not None:
+            p.grad = g if p.grad is None else p.grad + g
 
 
 def _announce_params(params: Iterable[torch.Tensor]) -> None:

@@ -27,6 +27,15 @@ class Compiler(Protocol):
         the eager loss with ``elbo.eager_loss``."""
         ...
 
+    def step(
+        self, elbo: Any, model: Callable, guide: Callable, backend: str | None
+    ) -> Callable[..., torch.Tensor]:
+        """A training step of ``elbo`` as a callable of ``(optimizer, *args,
+        scale=, **kwargs)``: ``optimizer``'s step on ``scale`` times
+        ``elbo.differentiable_loss(model, guide, *args, **kwargs)`` (zeroing
+        the gradients first), which returns that scaled loss, detached."""
+        ...
+
     def log_likelihood(
         self, model: Callable, guide: Callable, backend: str | None, plates: int
     ) -> Any:

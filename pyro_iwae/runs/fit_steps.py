@@ -16,6 +16,7 @@ from pyro.infer import ELBO
 from ..data import Dataset
 from ..errors import CheckpointError
 from ..infer.evaluation import dataset_log_likelihood
+from ..infer.hooks import backend_of, compiler
 from . import distributed
 from .schedules import Schedule, as_schedule, continues
 
@@ -121,6 +122,12 @@ def adam_step(
     (under torchrun: this rank's share of it, see
     :class:`~pyro_iwae.runs.distributed.DistributedLoss`)."""
     n = batch.shape[0]
+    compiled = getattr(objective, "compile", False)
+    if distributed_loss is None and differentiable and compiled is not False:
+        # One graph for the scaled loss, its gradients and (Adam on the CPU)
+        # the update: no backward pass or optimiser call of its own.
+        step = compiler().step(objective, model, guide, backend_of(compiled))
+        return step(optimizer, batch, scale=1 / n)
     optimizer.zero_grad(set_to_none=True)
     if distributed_loss is not None:
         loss = distributed_loss(batch)
