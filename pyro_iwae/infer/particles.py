@@ -360,8 +360,7 @@ class ParticleELBO(ELBO):
         )
         retie = tuple(global_names) != self._tied and self.num_particles > 1
         # The sites to tie, or to sample instead of enumerating, are known once
-        # the program has run (under enum from the first run on, and after a
-        # call that found marked sites): run it again.
+        # the program has run (under enum until no site was marked): run again.
         ran_under_enum = self._enumerates or not self._discovered
         rerun = retie or sampled != self._sampled or (enumerates and not ran_under_enum)
         self._discovered = True
