@@ -8,6 +8,7 @@ from pathlib import Path
 import click
 
 from pyro_iwae.runs import distributed
+from pyro_iwae.runs.denormals import flush_denormals_from_start
 from pyro_iwae.runs.grid_report import table_slot, write_report
 from pyro_iwae.runs.reproduction import Grid, run_grid
 
@@ -80,6 +81,8 @@ def reproduce(
     another machine that shares --runs-dir (it holds runs/.RUN.claim). Under
     torchrun the processes train and evaluate each run together.
     """
+    # Before torch's thread pool starts, so that its workers flush too.
+    flush_denormals_from_start()
     device = device_of(cuda)
     distributed.init(device)
     main = distributed.is_main()

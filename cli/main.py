@@ -26,6 +26,7 @@ from pyro_iwae.infer.sampling import reconstruct, sample_images
 from pyro_iwae.runs import distributed
 from pyro_iwae.runs.callbacks import CallbackList
 from pyro_iwae.runs.config import RunConfig
+from pyro_iwae.runs.denormals import flush_denormals_from_start
 from pyro_iwae.runs.eval_results import EvalSettings, Evaluation
 from pyro_iwae.runs.plots import save_curves, save_image_grid, save_reconstruction_grid
 from pyro_iwae.runs.run import Run, plan_fit
@@ -136,6 +137,8 @@ def fit(ctx: click.Context, **options: Any) -> None:
     split evenly over them; rank 0 writes the run directory. With
     --max-restarts, pass --out: a restarted worker resumes that run.
     """
+    # Before torch's thread pool starts, so that its workers flush too.
+    flush_denormals_from_start()
     given = read_settings(options["config"]) if options["config"] else {}
     # A file's settings at their defaults (such as a printed config's) name none.
     defaults = RunConfig().to_dict()

@@ -4,7 +4,17 @@ import torch
 from linear_gaussian import LinearGaussian
 from small_run import small_config
 
+from pyro_iwae.runs.denormals import flushing_denormals
 from pyro_iwae.runs.run import train_run
+
+
+@pytest.fixture(autouse=True)
+def _flush_mode_restored():
+    """`pyro-iwae fit` leaves its process flushing subnormals (it owns the
+    process); CliRunner runs it in this one: restore the mode after each test."""
+    before = flushing_denormals()
+    yield
+    torch.set_flush_denormal(before)
 
 
 @pytest.fixture(autouse=True)

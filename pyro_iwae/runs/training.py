@@ -98,7 +98,10 @@ def fit(
     objectives without ``differentiable_loss``, such as ``RenyiELBO``, the
     gradients of ``loss_and_grads`` divided by the batch size). Mini-batches of
     the training data are shuffled every epoch, and binarised afresh only where
-    ``binarize`` says so.
+    ``binarize`` says so. On the CPU the calling thread flushes subnormal floats
+    to zero while it trains; call
+    :func:`~pyro_iwae.runs.denormals.flush_denormals_from_start` first thing in
+    the program for torch's worker threads to flush too (``pyro-iwae fit`` does).
 
     :param data: a :class:`~pyro_iwae.data.Dataset` (its ``train`` data for
         training, its ``test`` set for the test bound) or a tensor ``[N, ...]``
