@@ -58,7 +58,7 @@ from handwritten import HandIWAE
 from pyro_iwae import IWELBO, log_likelihood, paper_architecture
 from pyro_iwae.compiled import CompiledLogLikelihood
 from pyro_iwae.infer.evaluation import default_chunk_size
-from pyro_iwae.runs.denormals import flush_denormals
+from pyro_iwae.runs.denormals import flush_denormals, flush_denormals_from_start
 from pyro_iwae.runs.fit_steps import adam_step
 
 LR = 1e-3
@@ -604,7 +604,19 @@ def main(argv: list[str] | None = None) -> None:
         "multi-threaded Eigen); default: each side's own default (all cores)",
     )
     common.add_common_arguments(parser)
+    parser.add_argument(
+        "--no-flush-at-start",
+        dest="flush_at_start",
+        action="store_false",
+        help="do not flush subnormals from the start of the process (by default "
+        "torch's worker threads flush them, as under pyro-iwae fit; the rows "
+        "that do not flush keep their calling thread's mode)",
+    )
     args = parser.parse_args(argv)
+    if args.flush_at_start:
+        # Before torch's thread pool starts, as pyro-iwae fit does.
+        flush_denormals_from_start()
+        torch.set_flush_denormal(False)  # each row sets its own thread's mode
     cpus = None
     if args.threads:
         cpus = {min(os.sched_getaffinity(0))}
