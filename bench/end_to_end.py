@@ -128,7 +128,9 @@ def run(args: argparse.Namespace, work_dir: Path) -> list[dict]:
         run_dir = work_dir / f"fit-k{args.particles[0]}{suffix}"
         command = [EXECUTABLE, "eval-nll", str(run_dir), "--k", str(args.eval_k)]
         command += ["--limit", str(args.eval_limit), "--seed", str(args.seed)]
-        command += ["--quiet", *flag]
+        # eval-nll compiles by itself where it pays (--compile auto): the eager
+        # pass says off.
+        command += ["--quiet", *(flag or ["--compile", "off"])]
         if args.data_dir:
             command += ["--data-dir", args.data_dir]
         command += shlex.split(args.eval_args)
