@@ -8,13 +8,17 @@ from pyro_iwae.runs.denormals import flushing_denormals
 from pyro_iwae.runs.run import train_run
 
 
+#: This process's flush mode before any test (see _flush_mode_restored).
+FLUSHING_AT_START = flushing_denormals()
+
+
 @pytest.fixture(autouse=True)
 def _flush_mode_restored():
     """`pyro-iwae fit` leaves its process flushing subnormals (it owns the
-    process); CliRunner runs it in this one: restore the mode after each test."""
-    before = flushing_denormals()
+    process); CliRunner runs it in this one, in tests and in module-scoped
+    fixtures: the mode goes back to the session's after each test."""
     yield
-    torch.set_flush_denormal(before)
+    torch.set_flush_denormal(FLUSHING_AT_START)
 
 
 @pytest.fixture(autouse=True)
