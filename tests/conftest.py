@@ -7,7 +7,6 @@ from small_run import small_config
 from pyro_iwae.runs.denormals import flushing_denormals
 from pyro_iwae.runs.run import train_run
 
-
 #: This process's flush mode before any test (see _flush_mode_restored).
 FLUSHING_AT_START = flushing_denormals()
 
