@@ -134,15 +134,26 @@ def test_same_loss_and_gradients_as_eager(name, layers):
     assert compiled.compiled
 
 
-def test_adam_steps_follow_the_eager_ones():
+def _initial_states() -> list[dict]:
+    """The state dicts of a seeded paper model and guide."""
     torch.manual_seed(0)
-    init = [m.state_dict() for m in paper_architecture(1, x_dim=X_DIM)]
+    return [m.state_dict() for m in paper_architecture(1, x_dim=X_DIM)]
+
+
+def _paper_pair(init: list[dict]) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """The paper's model and guide with the state dicts ``init``."""
+    pair = paper_architecture(1, x_dim=X_DIM)
+    for module, state in zip(pair, init, strict=True):
+        module.load_state_dict(state)
+    return pair
+
+
+def test_adam_steps_follow_the_eager_ones():
+    init = _initial_states()
     x = _data(4)
     trained = []
     for use_compiled in (True, False):
-        model, guide = paper_architecture(1, x_dim=X_DIM)
-        model.load_state_dict(init[0])
-        guide.load_state_dict(init[1])
+        model, guide = _paper_pair(init)
         elbo = IWELBO(3, "dreg")
         compiled = CompiledLoss(elbo, model, guide, backend=None)
         loss_fn = compiled if use_compiled else compiled.eager
@@ -190,14 +201,11 @@ def test_inductor_training_steps_follow_the_eager_ones():
 
 
 def _assert_steps_follow_the_eager_ones(name, backend):
-    torch.manual_seed(0)
-    init = [m.state_dict() for m in paper_architecture(1, x_dim=X_DIM)]
+    init = _initial_states()
     x = _data(4)
     runs = []
     for use_compiled in (True, False):
-        model, guide = paper_architecture(1, x_dim=X_DIM)
-        model.load_state_dict(init[0])
-        guide.load_state_dict(init[1])
+        model, guide = _paper_pair(init)
         params = [*model.parameters(), *guide.parameters()]
         elbo = IWELBO(3, "dreg")
         compiled = CompiledLoss(elbo, model, guide, backend=backend)
@@ -263,14 +271,11 @@ def test_a_wrong_update_in_the_graph_falls_back_to_the_eager_step(monkeypatch):
         adam_update(settings, lr * (1 - settings.beta1), params, grads, state)
 
     monkeypatch.setattr(compiled_module, "adam_update", uncorrected)
-    torch.manual_seed(0)
-    init = [m.state_dict() for m in paper_architecture(1, x_dim=X_DIM)]
+    init = _initial_states()
     x = _data(4)
     runs = []
     for use_compiled in (True, False):
-        model, guide = paper_architecture(1, x_dim=X_DIM)
-        model.load_state_dict(init[0])
-        guide.load_state_dict(init[1])
+        model, guide = _paper_pair(init)
         elbo = IWELBO(3)
         compiled = CompiledLoss(elbo, model, guide, backend=None)
         optim = torch.optim.Adam([*model.parameters(), *guide.parameters()], lr=1e-2)
@@ -294,14 +299,11 @@ def test_fit_with_a_compiled_objective_trains_as_the_eager_one():
     size gets its own graph) give the eager run's losses and parameters."""
     from pyro_iwae import fit
 
-    torch.manual_seed(0)
-    init = [m.state_dict() for m in paper_architecture(1, x_dim=X_DIM)]
+    init = _initial_states()
     data = _data(10)
     runs = []
     for compile in (None, False):
-        model, guide = paper_architecture(1, x_dim=X_DIM)
-        model.load_state_dict(init[0])
-        guide.load_state_dict(init[1])
+        model, guide = _paper_pair(init)
         elbo = IWELBO(3, compile=compile)
         history = fit(
             model, guide, data, elbo, schedule=[(2, 1e-2)], batch_size=4, test_size=0
@@ -320,15 +322,12 @@ def test_fit_with_a_compiled_objective_trains_as_the_eager_one():
 def test_pyro_svi_steps_with_the_compiled_loss_follow_the_eager_ones():
     # SVI optimises the parameters whose pyro.param sites it sees; the compiled
     # graph skips the program that makes them, so it must announce them.
-    torch.manual_seed(0)
-    init = [m.state_dict() for m in paper_architecture(1, x_dim=X_DIM)]
+    init = _initial_states()
     x = _data(4)
     trained = []
     for compile in (None, False):
         pyro.clear_param_store()
-        model, guide = paper_architecture(1, x_dim=X_DIM)
-        model.load_state_dict(init[0])
-        guide.load_state_dict(init[1])
+        model, guide = _paper_pair(init)
         elbo = IWELBO(3, compile=compile)
         svi = pyro.infer.SVI(model, guide, pyro.optim.Adam({"lr": 1e-2}), elbo)
         torch.manual_seed(5)
