@@ -1,6 +1,6 @@
 """log p(x) of a whole data set for models with global latents: importance
 sampling nested as the factored bound is (global latents outside the data plate,
-local ones inside), where :func:`~pyro_iwae.infer.evaluation.log_likelihood`
+local ones inside), where :func:`~pyro_iwae.log_likelihood`
 needs every latent inside the data plate."""
 
 from __future__ import annotations
@@ -51,7 +51,7 @@ def joint_log_likelihood(
     factored bound of ``IWELBO(k, global_latents="factor")``. The whole data set
     must be in the batch (a sub-sampled data plate is refused). Global draws are
     made ``chunk_size // k`` at a time, by default as many as
-    :func:`~pyro_iwae.infer.evaluation.log_likelihood` would take particles; runs
+    :func:`~pyro_iwae.log_likelihood` would take particles; runs
     without gradients, with modules in eval mode.
 
     :returns: a 0-dim tensor, in nats.

@@ -212,7 +212,7 @@ class Run:
         weights (:func:`~pyro_iwae.log_likelihood_with_diagnostics`;
         ``compile``: True or a ``torch.compile`` backend computes each chunk's
         log-weights in one graph compiled once per batch shape, ``"auto"`` does
-        so from :data:`~pyro_iwae.runs.auto_compile.AUTO_COMPILE_WORK`
+        so from ``pyro_iwae.runs.auto_compile.AUTO_COMPILE_WORK``
         particle-points on, where compiling pays, and the result's ``compiled``
         and ``compile_choice`` say which it took); of method
         ``"ais"``: annealed importance sampling with ``ais_steps`` HMC steps and

@@ -100,7 +100,7 @@ def fit(
     the training data are shuffled every epoch, and binarised afresh only where
     ``binarize`` says so. On the CPU the calling thread flushes subnormal floats
     to zero while it trains; call
-    :func:`~pyro_iwae.runs.denormals.flush_denormals_from_start` first thing in
+    ``pyro_iwae.runs.denormals.flush_denormals_from_start()`` first thing in
     the program for torch's worker threads to flush too (``pyro-iwae fit`` does).
 
     :param data: a :class:`~pyro_iwae.data.Dataset` (its ``train`` data for
