@@ -552,6 +552,27 @@ def test_log_likelihood_falls_back_when_the_structure_changes_within_a_call():
         ll(_data(4), num_samples=40, chunk_size=20)  # warns once only
 
 
+def test_log_likelihood_falls_back_when_the_graph_does_not_compile(monkeypatch):
+    """The first call of a graph compiles it (inductor builds C++ on the CPU,
+    which needs a toolchain): a failure there falls back to the eager estimates
+    with one warning, as eval-nll's --compile auto must on such a machine."""
+    from pyro_iwae.compiled import log_likelihood as compiled_ll
+
+    def broken(*args, **kwargs):
+        def fn(*inputs):
+            raise RuntimeError("C++ compile error: Python.h: No such file")
+
+        return fn
+
+    monkeypatch.setattr(compiled_ll, "compile_graph", broken)
+    model, guide = _SmallModel(), _TorchNormalGuide()
+    ll = CompiledLogLikelihood(model, guide, backend=None)
+    x = _data(4)
+    with pytest.warns(CompileFallbackWarning, match="did not compile.*Python.h"):
+        _assert_eager_estimates(ll, model, guide, x, 40, 20, (1e-12, 1e-12))
+    assert not ll.compiled
+
+
 class _GuideOfThreeLatents(_TorchNormalGuide):
     """z of size 3 where the model's has size 2: the model's decoder fails."""
 

@@ -182,7 +182,7 @@ class GraphCache:
             return None, False
         except Exception as error:  # tracing fails on dynamic structure
             self._disable(
-                f"cannot trace the program as a static graph ({_describe(error)})"
+                f"cannot trace the program as a static graph ({describe(error)})"
             )
             return None, False
         finally:
@@ -191,7 +191,7 @@ class GraphCache:
         return graph, True
 
 
-def _describe(error: Exception) -> str:
+def describe(error: Exception) -> str:
     lines = str(error).strip().splitlines()
     return type(error).__name__ + (f": {lines[0][:200]}" if lines else "")
 

@@ -23,7 +23,7 @@ from ..infer.evaluation import (
 )
 from ..infer.objectives import IWELBO
 from ..infer.traces import cuda_devices
-from .backend import GraphCache, close_enough, compile_graph
+from .backend import GraphCache, close_enough, compile_graph, describe
 from .capture import CallArgs, draw_noise, seeded_ops, trace_graph
 from .rewrites import cheaper_tanh, group_bernoulli_sums
 
@@ -121,15 +121,22 @@ class CompiledLogLikelihood(GraphCache):
         with evaluating(self.model, self.guide):
             for start in range(0, num_samples, chunk_size):
                 if fresh:
-                    log_w = self._verified(
-                        graph, chunk_size, params, tensors, args, kwargs
+                    reason = (
+                        "the compiled log-weights differ from the eager ones (does "
+                        "the program's structure change between calls?)"
                     )
+                    try:
+                        log_w = self._verified(
+                            graph, chunk_size, params, tensors, args, kwargs
+                        )
+                    except Exception as error:  # noqa: BLE001
+                        # The first call compiles (inductor builds C++ on the CPU,
+                        # which needs a toolchain and Python's headers).
+                        log_w = None
+                        reason = f"the graph did not compile ({describe(error)})"
                     fresh = False
                     if log_w is None:
-                        self._disable(
-                            "the compiled log-weights differ from the eager ones "
-                            "(does the program's structure change between calls?)"
-                        )
+                        self._disable(reason)
                         yield from self._eager(args, kwargs, num_samples, chunk_size)
                         return
                 else:
