@@ -427,9 +427,9 @@ def report(env: dict, out: dict) -> str:
             r["variant"],
             f"{1e3 * r['median_s']:.2f}",
             f"{1e3 * r['q1_s']:.2f}–{1e3 * r['q3_s']:.2f}",
-            f"{r['vs_numpyro']:.3f}",
-            r["fastest_numpyro"],
-            f"{r['vs_jax-hand']:.3f}",
+            f"{r['vs_numpyro']:.3f}" if "vs_numpyro" in r else "—",
+            r.get("fastest_numpyro", "—"),
+            f"{r['vs_jax-hand']:.3f}" if "vs_jax-hand" in r else "—",
         ]
         for r in out["train"]
     ]
@@ -494,7 +494,7 @@ def report(env: dict, out: dict) -> str:
             r["vs_numpyro"],
         )
         for r in out["train"]
-        if r["variant"] in ("fit", "fit-compiled")
+        if r["variant"] in ("fit", "fit-compiled") and "vs_numpyro" in r
     ] + [
         (f"log_likelihood, K {r['num_samples']}", r["vs_jax-ll"])
         for r in out["ll"]
