@@ -6,7 +6,6 @@ parameters, and the log-weights :class:`Particles`."""
 
 from __future__ import annotations
 
-import contextlib
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -131,9 +130,6 @@ class ParticleELBO(ELBO):
         self._guide_module: torch.nn.Module | None = None
         self._particle_plate: tuple[tuple[int, int], pyro.plate] | None = None
         self._sequential_tie: TieSequentialGlobals | None = None
-        self._shared_subsamples: contextlib.AbstractContextManager = (
-            contextlib.nullcontext()
-        )
 
     @property
     def _has_particle_plate(self) -> bool:
@@ -342,16 +338,8 @@ class ParticleELBO(ELBO):
     ) -> Particles:
         # One call weighs one sub-sample: the run that finds the sites to tie
         # and its rerun, and every particle (see SharedSubsamples).
-        self._shared_subsamples = SharedSubsamples()
-        try:
-            return self._shared_particles(model, guide, args, kwargs)
-        finally:
-            self._shared_subsamples = contextlib.nullcontext()
-
-    def _shared_particles(
-        self, model: Callable, guide: Callable, args: tuple, kwargs: dict
-    ) -> Particles:
-        traces = self._traces(model, guide, args, kwargs)
+        subsample = SharedSubsamples()
+        traces = self._traces(model, guide, args, kwargs, subsample)
         sites = sample_sites(traces[0])
         local_dims, global_names = self._split_sites(sites)
         enumerates = self._enumerates or any(map(enumerates_sites, traces[0]))
@@ -368,7 +356,7 @@ class ParticleELBO(ELBO):
         if rerun:
             if retie:
                 self._tied = tuple(global_names)
-            traces = self._traces(model, guide, args, kwargs)
+            traces = self._traces(model, guide, args, kwargs, subsample)
             sites = sample_sites(traces[0])
         if self._enumerates:
             check_enumeration(*traces[0], global_names)
@@ -423,7 +411,12 @@ class ParticleELBO(ELBO):
             )
 
     def _traces(
-        self, model: Callable, guide: Callable, args: tuple, kwargs: dict
+        self,
+        model: Callable,
+        guide: Callable,
+        args: tuple,
+        kwargs: dict,
+        subsample: SharedSubsamples,
     ) -> list[tuple[Trace, Trace]]:
         # _get_trace sees the guide wrapped in the particle plate; stl and dreg need
         # the module itself to re-run it with its parameters stopped.
@@ -433,7 +426,7 @@ class ParticleELBO(ELBO):
                 self._tied, self._global_group_size
             )
         try:
-            with self._shared_subsamples:
+            with subsample:
                 return list(self._get_traces(model, guide, args, kwargs))
         finally:
             self._guide_module = self._sequential_tie = None
