@@ -90,7 +90,7 @@ def _chunk(
         global_latents="factor",
     )
     particles = elbo.particles(model, guide, *args, **kwargs)
-    if not (isinstance(particles.scale, float | int) and particles.scale == 1):
+    if not particles.unscaled:
         raise ValueError(
             "joint_log_likelihood estimates log p(x) of the whole data set, but "
             "the data plate is sub-sampled (or scaled); pass every point, without "

@@ -168,6 +168,12 @@ class Particles(NamedTuple):
     strata_shape: tuple[int, ...] | None = None
     global_score_log_prob: torch.Tensor | None = None
 
+    @property
+    def unscaled(self) -> bool:
+        """Whether ``scale`` is the number 1 (no sub-sampling, no
+        ``poutine.scale``): a tensor scale counts as scaled."""
+        return isinstance(self.scale, float | int) and self.scale == 1
+
 
 def cat_particles(parts: list[torch.Tensor]) -> torch.Tensor:
     """The log-weights of several runs of one particle each, along dim 0."""

@@ -158,7 +158,7 @@ class IWELBO(ParticleELBO):
             )
             surrogate = (signal * score).sum(0)
             bound = bound + (surrogate - surrogate.detach())
-        if not (isinstance(particles.scale, float | int) and particles.scale == 1):
+        if not particles.unscaled:
             bound = bound * particles.scale
         loss = -bound.sum()
         if particles.global_log_weight is not None:
