@@ -553,9 +553,10 @@ def test_log_likelihood_falls_back_when_the_structure_changes_within_a_call():
 
 
 def test_log_likelihood_falls_back_when_the_graph_does_not_compile(monkeypatch):
-    """The first call of a graph compiles it (inductor builds C++ on the CPU,
-    which needs a toolchain): a failure there falls back to the eager estimates
-    with one warning, as eval-nll's --compile auto must on such a machine."""
+    """A graph compiled lazily (torch.compile with another backend or options)
+    compiles on its first call: a failure there falls back to the eager
+    estimates with one warning (inductor's direct compile fails when the graph
+    is built, where the program's trace fails too)."""
     from pyro_iwae.compiled import log_likelihood as compiled_ll
 
     def broken(*args, **kwargs):

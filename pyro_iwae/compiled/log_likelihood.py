@@ -130,8 +130,9 @@ class CompiledLogLikelihood(GraphCache):
                             graph, chunk_size, params, tensors, args, kwargs
                         )
                     except Exception as error:  # noqa: BLE001
-                        # The first call compiles (inductor builds C++ on the CPU,
-                        # which needs a toolchain and Python's headers).
+                        # A graph compiled lazily (torch.compile: another backend,
+                        # or compile options) compiles on its first call; inductor's
+                        # direct compile fails earlier, in _lookup.
                         log_w = None
                         reason = f"the graph did not compile ({describe(error)})"
                     fresh = False
