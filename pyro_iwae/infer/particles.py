@@ -123,9 +123,7 @@ class ParticleELBO(ELBO):
         # Whether a call has found sites marked for enumeration: then model and
         # guide run under poutine.enum; and the guide sites marked for it that are
         # sampled instead (see sampled_instead).
-        self._enumerates = False
-        #: Whether a first run has shown which sites are marked for enumeration.
-        self._discovered = False
+        self._enumerates: bool | None = None  # None: no run has shown it yet
         self._sampled: frozenset[str] = frozenset()
         self._guide_module: torch.nn.Module | None = None
         self._particle_plate: tuple[tuple[int, int], pyro.plate] | None = None
@@ -171,7 +169,7 @@ class ParticleELBO(ELBO):
     ) -> tuple[Trace, Trace]:
         # Under enum from the first run on (while it is not known whether any
         # site is marked): a program may check the shapes its values take.
-        if self._enumerates or not self._discovered:
+        if self._enumerates is not False:
             if self._sampled:
                 guide = Unenumerated(self._sampled)(guide)
             # The model's enumerated dims are allocated left of the guide's.
@@ -342,16 +340,15 @@ class ParticleELBO(ELBO):
         traces = self._traces(model, guide, args, kwargs, subsample)
         sites = sample_sites(traces[0])
         local_dims, global_names = self._split_sites(sites)
-        enumerates = self._enumerates or any(map(enumerates_sites, traces[0]))
+        enumerates = bool(self._enumerates) or any(map(enumerates_sites, traces[0]))
         sampled = self._sampled | sampled_instead(
             traces[0][1], local_dims, global_names
         )
         retie = tuple(global_names) != self._tied and self.num_particles > 1
         # The sites to tie, or to sample instead of enumerating, are known once
         # the program has run (under enum until no site was marked): run again.
-        ran_under_enum = self._enumerates or not self._discovered
+        ran_under_enum = self._enumerates is not False
         rerun = retie or sampled != self._sampled or (enumerates and not ran_under_enum)
-        self._discovered = True
         self._enumerates, self._sampled = enumerates, sampled
         if rerun:
             if retie:
