@@ -224,10 +224,13 @@ def _train(
         epochs = last["epoch"]
         compiling = sum(m.get("compile_time", 0.0) for m in history)
         compiling = f", {compiling:.1f} s of it compiling" if compiling else ""
+        steps = "as compiled graphs" if last.get("compiled") else "eagerly"
+        if last.get("compile_choice", "as asked") != "as asked":
+            steps += f" ({last['compile_choice']})"
         click.echo(
             f"trained {epochs} epoch{'s' if epochs > 1 else ''} in "
             f"{last['elapsed']:.1f} s ({speed_text(last, unit)} in the last); "
-            f"this call took {seconds:.1f} s{compiling}"
+            f"this call took {seconds:.1f} s{compiling}; the steps ran {steps}"
         )
     click.echo(f"next: pyro-iwae eval-nll {run.path} --k 5000")
 

@@ -14,7 +14,7 @@ import torch
 from pyro.poutine.util import site_is_subsample
 
 from ..nn.networks import prepare_pyro_modules
-from .hooks import backend_of, compiler
+from .hooks import backend_of, compiler, compiles
 from .log_weights import Particles
 from .objectives import IWELBO
 from .traces import (
@@ -152,7 +152,7 @@ def log_weight_chunks(
     :class:`~pyro_iwae.compiled.CompiledLogLikelihood` cached on the guide, which
     falls back to these with a warning for programs it cannot compile.
     """
-    if compile is not False:
+    if compiles(compile):
         backend = backend_of(compile)
         estimator = compiler().log_likelihood(model, guide, backend, max_plate_nesting)
         yield from estimator.chunks(
@@ -168,7 +168,7 @@ def log_weight_chunks(
 def compile_seconds(compile: bool | str | None) -> float:
     """:func:`pyro_iwae.compiled.compile_seconds` where ``compile`` (an objective's
     or an evaluation's option) asks for compiled graphs; 0 where it is False."""
-    if compile is False:
+    if not compiles(compile):
         return 0.0
     return compiler().seconds()
 

@@ -74,6 +74,13 @@ def compiler() -> Compiler:
     return _compiler
 
 
+def compiles(compile: bool | str | None) -> bool:
+    """Whether a ``compile`` option asks for compiled graphs now: not False, and
+    not an ``"auto"`` still to be settled (:func:`pyro_iwae.fit` settles an
+    objective's from the run's length; unsettled, it runs eagerly)."""
+    return compile is not False and compile != "auto"
+
+
 def backend_of(compile: bool | str | None) -> str | None:
     """The ``torch.compile`` backend a ``compile`` option names: True means
     inductor, a string a backend, None the traced graph uncompiled."""

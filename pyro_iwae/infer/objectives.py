@@ -14,7 +14,7 @@ from pyro.infer.util import torch_item
 from pyro.poutine.trace_struct import Trace
 from pyro.util import warn_if_nan
 
-from .hooks import backend_of, compiler
+from .hooks import backend_of, compiler, compiles
 from .particles import (
     ESTIMATORS,
     SCORE_ESTIMATORS,
@@ -76,7 +76,9 @@ class IWELBO(ParticleELBO):
         (:class:`~pyro_iwae.compiled.CompiledLoss`; other programs fall back to
         the eager path with one warning). ``True``
         compiles with inductor; a string names another ``torch.compile`` backend;
-        ``None`` as a backend runs the traced graph uncompiled.
+        ``None`` as a backend runs the traced graph uncompiled; ``"auto"`` lets
+        :func:`~pyro_iwae.fit` compile a run long enough for it to pay
+        (:func:`~pyro_iwae.runs.auto_compile.choose_fit_compile`), eager elsewhere.
     """
 
     def __init__(
@@ -195,7 +197,7 @@ class IWELBO(ParticleELBO):
         self, model: Callable, guide: Callable, *args: Any, **kwargs: Any
     ) -> torch.Tensor:
         """Returns the negative bound, differentiable with the chosen estimator."""
-        if self.compile is not False:
+        if compiles(self.compile):
             loss = compiler().loss(self, model, guide, backend_of(self.compile))
             return loss(*args, **kwargs)
         return self.eager_loss(model, guide, *args, **kwargs)
@@ -218,7 +220,7 @@ class IWELBO(ParticleELBO):
         self, model: Callable, guide: Callable, *args: Any, **kwargs: Any
     ) -> float:
         """Returns the negative bound and accumulates its gradient in ``.grad``."""
-        if self.compile is not False:
+        if compiles(self.compile):
             loss = self.differentiable_loss(model, guide, *args, **kwargs)
             loss.backward()
             return _checked_item(loss)

@@ -16,7 +16,7 @@ from pyro.infer import ELBO
 from ..data import Dataset
 from ..errors import CheckpointError
 from ..infer.evaluation import dataset_log_likelihood
-from ..infer.hooks import backend_of, compiler
+from ..infer.hooks import backend_of, compiler, compiles
 from . import distributed
 from .schedules import Schedule, as_schedule, continues
 
@@ -123,7 +123,7 @@ def adam_step(
     :class:`~pyro_iwae.runs.distributed.DistributedLoss`)."""
     n = batch.shape[0]
     compiled = getattr(objective, "compile", False)
-    if distributed_loss is None and differentiable and compiled is not False:
+    if distributed_loss is None and differentiable and compiles(compiled):
         # One graph for the scaled loss, its gradients and (Adam on the CPU)
         # the update: no backward pass or optimiser call of its own.
         step = compiler().step(objective, model, guide, backend_of(compiled))

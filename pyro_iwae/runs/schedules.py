@@ -45,7 +45,7 @@ def make_objective(
     alpha: float = 0.0,
     num_groups: int = 1,
     beta: float = 0.5,
-    compile: bool = False,
+    compile: bool | str | None = False,
 ) -> ELBO:
     """The training objective ``name`` with ``num_particles`` (k) vectorized particles;
     ``compile`` compiles the importance-weighted ones (see :class:`~pyro_iwae.IWELBO`).

@@ -33,8 +33,10 @@ from pyro.infer import ELBO
 from ..data import Dataset, minibatches
 from ..errors import TrainingDiverged, one_line
 from ..infer.evaluation import compile_seconds
+from ..infer.hooks import compiles
 from ..nn.networks import prepare_pyro_modules
 from . import distributed
+from .auto_compile import choose_fit_compile
 from .callbacks import FitCallback, StepInfo
 from .checkpoints import (
     CHECKPOINT_FILE,
@@ -135,7 +137,11 @@ def fit(
         point), ``test_bound`` (nats per point, None without test data),
         ``test_points``, ``time`` (s of training), ``images_per_s``,
         ``eval_time`` (s), ``compile_time`` (s of ``time`` spent compiling, with a
-        ``compile`` objective), ``elapsed`` (s since the run began), ``steps``.
+        ``compile`` objective), ``compiled`` (whether the steps ran compiled
+        graphs) and ``compile_choice`` (why: ``"as asked"``, or how an objective's
+        ``compile="auto"`` was settled from the number of steps, see
+        :func:`~pyro_iwae.runs.auto_compile.choose_fit_compile`), ``elapsed``
+        (s since the run began), ``steps``.
     :raises TrainingDiverged: when the loss or a parameter is NaN or infinite;
         the last checkpoint (all finite) is kept.
     :raises CheckpointError: on ``resume`` without a usable checkpoint, or when
@@ -237,7 +243,15 @@ class _Fit:
         # The data generator's state at the start of the current epoch.
         self.epoch_rng: torch.Tensor | None = None
         self.first_step = True
-        self.compile_time_so_far = compile_seconds(getattr(objective, "compile", False))
+        # An objective's compile="auto" is settled here, for this call only.
+        self.compile_setting = getattr(objective, "compile", False)
+        self.compiled, self.compile_choice = choose_fit_compile(
+            self.compile_setting,
+            self.num_epochs * self.num_steps,
+            self.device,
+            self.distributed_loss is None,
+        )
+        self.compile_time_so_far = compile_seconds(self.compiled)
 
     def run(self) -> list[dict[str, Any]]:
         """Starts or resumes the run and trains the epochs left; returns the
@@ -250,11 +264,23 @@ class _Fit:
             self.callback.on_fit_start(self.model, self.guide, self.test, self.config)
         # IWAE's gradients are full of subnormals, each costing microcode on
         # the CPU: flushing them made a step ~1.6x as fast (see denormals.py).
-        with flush_denormals(self.device.type == "cpu"):
+        with flush_denormals(self.device.type == "cpu"), self.settled_compile():
             while self.position.stage < len(self.schedule):
                 self.run_epoch()
         distributed.barrier()  # rank 0's files are written when fit returns
         return self.history
+
+    @contextlib.contextmanager
+    def settled_compile(self) -> Iterator[None]:
+        """The objective's ``compile`` as chosen, while this call trains."""
+        if self.compile_setting != "auto":
+            yield
+            return
+        self.objective.compile = self.compiled
+        try:
+            yield
+        finally:
+            self.objective.compile = self.compile_setting
 
     # -- start and resume ---------------------------------------------------
 
@@ -454,6 +480,8 @@ class _Fit:
             "images_per_s": rate(self.train.shape[0], train_time),
             "eval_time": eval_time,
             "compile_time": self.compile_time(),
+            "compiled": compiles(self.compiled),
+            "compile_choice": self.compile_choice,
             "elapsed": position.elapsed,
             "steps": position.global_step,
         }
@@ -469,7 +497,7 @@ class _Fit:
     def compile_time(self) -> float:
         """Seconds spent tracing and compiling graphs since the last call (part of
         the epoch's ``time``; 0 on the eager path)."""
-        now = compile_seconds(getattr(self.objective, "compile", False))
+        now = compile_seconds(self.compiled)
         spent, self.compile_time_so_far = now - self.compile_time_so_far, now
         return spent
 
