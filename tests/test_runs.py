@@ -79,6 +79,15 @@ def test_existing_run_is_not_overwritten_and_resume_needs_same_config(run_dir):
         train_run(small_config(num_particles=3), run_dir, resume=True)
 
 
+def test_resume_may_change_how_the_steps_run(run_dir):
+    # compile=None: the traced step graph, uncompiled (inductor takes seconds).
+    history = train_run(small_config(epochs=2, compile=None), run_dir, resume=True)
+    assert [m["compiled"] for m in history] == [False, True]
+    assert history[1]["compile_choice"] == "as asked"
+    # Saved with the longer schedule: the settings of the call that extended it.
+    assert RunConfig.load(run_dir).compile is None
+
+
 def _files(folder):
     """Name -> bytes of every file of ``folder`` but its lock."""
     return {

@@ -165,7 +165,7 @@ class Run:
     def resumed_config(self, given: dict[str, Any] | None = None) -> RunConfig:
         """The run's config with the settings ``given`` (field -> value): only
         ``pyro_iwae.runs.run_writer.EXTENDABLE`` ones (more epochs or stages),
-        device and data folder may differ from the run's.
+        device, data folder and compile may differ from the run's.
 
         :raises ConfigError: for another setting that differs, or settings that
             do not go together.

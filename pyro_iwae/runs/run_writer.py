@@ -45,13 +45,14 @@ __all__ = [
 WRITER = "writer"
 #: Settings a resumed run may change: its schedule may go on for longer.
 EXTENDABLE = ("epochs", "stages")
-# Settings that change where and from what a run loads, not what it computes.
-_PLACES = ("device", "data_dir")
+# Settings that change where, from what and how a run computes, not what it
+# computes (compiled steps agree with eager ones to float rounding).
+_MEANS = ("device", "data_dir", "compile")
 
 
 def resumed_config(path: Path, given: dict[str, Any] | None = None) -> RunConfig:
     """The config of the run in ``path`` with the settings ``given`` (field ->
-    value): only :data:`EXTENDABLE` ones, device and data folder may differ
+    value): only :data:`EXTENDABLE` ones, device, data folder and compile may differ
     from the run's.
 
     :raises ConfigError: for another setting that differs, or settings that
@@ -60,7 +61,7 @@ def resumed_config(path: Path, given: dict[str, Any] | None = None) -> RunConfig
     saved = RunConfig.load(path)
     given = dict(given or {})
     for name, value in given.items():
-        if name in EXTENDABLE or name in _PLACES:
+        if name in EXTENDABLE or name in _MEANS:
             continue
         if getattr(saved, name) != value:
             raise ConfigError(
@@ -205,7 +206,7 @@ def _check(path: Path, config: RunConfig, resume: bool) -> bool:
             f"{path} has no checkpoint to resume (it never finished an "
             "epoch); start a new run instead"
         )
-    kept = set(_PLACES) | set(EXTENDABLE)
+    kept = set(_MEANS) | set(EXTENDABLE)
     differences = [
         f"{name}={getattr(saved, name)!r} (not {getattr(config, name)!r})"
         for name in saved.to_dict()
