@@ -202,3 +202,75 @@ def test_fit_uses_continuous_data_as_given():
     assert torch.equal(torch.cat(seen).sort(0).values, x.sort(0).values)
     with pytest.raises(ValueError, match=r"binarize needs training values in \[0, 1\]"):
         fit(LinearModel(), LinearGuide(), 3 * x, IWELBO(2), binarize=True)
+
+
+class TwoSiteModel(nn.Module):
+    """z1 ~ N(0, I), z2 | z1 ~ N(A z1, I), x | z2 ~ N(B z2, I)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(Z, Z), nn.Linear(Z, D)
+
+    def forward(self, x: torch.Tensor) -> None:
+        with pyro.plate("data", x.shape[0]):
+            z1 = pyro.sample("z1", dist.Normal(x.new_zeros(Z), 1.0).to_event(1))
+            z2 = pyro.sample("z2", dist.Normal(self.a(z1), 1.0).to_event(1))
+            pyro.sample("x", dist.Normal(self.b(z2), 1.0).to_event(1), obs=x)
+
+
+class TwoSiteEncoder(nn.Module):
+    """q(z1|x) q(z2|x, z1), diagonal Gaussians from two linear maps."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.first, self.second = nn.Linear(D, 2 * Z), nn.Linear(D + Z, 2 * Z)
+
+    def forward(self, x: torch.Tensor) -> None:
+        with pyro.plate("data", x.shape[0]):
+            loc, log_scale = self.first(x).chunk(2, -1)
+            z1 = pyro.sample("z1", dist.Normal(loc, log_scale.exp()).to_event(1))
+            inputs = torch.cat([x.expand(z1.shape[:-1] + x.shape[-1:]), z1], -1)
+            loc, log_scale = self.second(inputs).chunk(2, -1)
+            pyro.sample("z2", dist.Normal(loc, log_scale.exp()).to_event(1))
+
+
+@pytest.mark.parametrize("estimator", ["stl", "dreg"])
+def test_a_function_guide_with_pyro_module_has_the_module_guides_gradient(estimator):
+    # The DMM / semi-supervised VAE pattern: a function that registers its
+    # networks with pyro.module. Its parameters are held constant in log q as
+    # the module guide's are: the same draws give the same gradients.
+    torch.manual_seed(0)
+    model, encoder, x = TwoSiteModel(), TwoSiteEncoder(), data(30)
+
+    def function_guide(x):
+        pyro.module("encoder", encoder)
+        encoder(x)
+
+    grads = []
+    for guide in (encoder, function_guide):
+        encoder.zero_grad()
+        pyro.set_rng_seed(1)
+        IWELBO(6, estimator).differentiable_loss(model, guide, x).backward()
+        grads.append([p.grad.clone() for p in encoder.parameters()])
+    for module_grad, function_grad in zip(*grads, strict=True):
+        assert module_grad.abs().max() > 0
+        torch.testing.assert_close(function_grad, module_grad)
+    # And not the iwae estimator's gradient, which these draws also give.
+    encoder.zero_grad()
+    pyro.set_rng_seed(1)
+    IWELBO(6, "iwae").differentiable_loss(model, function_guide, x).backward()
+    assert not torch.allclose(encoder.first.weight.grad, grads[0][0])
+
+
+def test_a_guide_module_registering_a_foreign_module_is_refused_in_one_line():
+    foreign = TwoSiteEncoder()
+
+    class Guide(nn.Module):
+        def forward(self, x):
+            pyro.module("foreign", foreign)
+            foreign(x)
+
+    guide = Guide()
+    guide.anchor = nn.Parameter(torch.zeros(()))  # a module with parameters
+    with pytest.raises(NotImplementedError, match="register it as a submodule"):
+        IWELBO(3, "dreg").differentiable_loss(TwoSiteModel(), guide, data(5))

@@ -8,6 +8,7 @@ parameters held constant, and the per-particle reweighting of the path gradient.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import warnings
 from collections.abc import Callable, Collection, Iterator
@@ -20,6 +21,8 @@ from pyro.poutine.messenger import Messenger
 from pyro.poutine.trace_struct import Trace
 from pyro.poutine.util import site_is_subsample
 from torch.distributions import constraints
+from torch.overrides import TorchFunctionMode
+from torch.utils._pytree import tree_map
 
 PARTICLE_PLATE = "num_particles_vectorized"  # the plate Pyro's ELBO adds
 
@@ -29,13 +32,13 @@ class _DetachParams(Messenger):
     and the values of the sample sites in ``detached_values`` (after their own
     log-prob) to the rest of the program.
 
-    :param modules_parameters: ids of the parameters of the modules that are
-        re-run with detached parameters; any other ``nn.Parameter`` seen at a param
-        site belongs to a module the guide calls but that cannot be stopped.
+    :param modules_parameters: ids of the parameters of the module that is re-run
+        with detached parameters; None when every ``nn.Parameter`` the program
+        touches is stopped where it is used (a function guide).
     """
 
     def __init__(
-        self, module_parameters: set[int], detached_values: Collection[str] = ()
+        self, module_parameters: set[int] | None, detached_values: Collection[str] = ()
     ) -> None:
         super().__init__()
         self.module_parameters = module_parameters
@@ -44,13 +47,14 @@ class _DetachParams(Messenger):
     def _pyro_post_param(self, msg: dict) -> None:
         value = msg["value"]
         if (
-            isinstance(value, torch.nn.Parameter)
+            self.module_parameters is not None
+            and isinstance(value, torch.nn.Parameter)
             and id(value) not in self.module_parameters
         ):
             raise NotImplementedError(
                 f"stl and dreg cannot hold parameter {msg['name']!r} constant: it "
-                "belongs to a module registered with pyro.module inside a function; "
-                "make the guide itself an nn.Module (or PyroModule)"
+                "belongs to a module registered with pyro.module inside the "
+                "guide module's forward; register it as a submodule instead"
             )
         msg["value"] = value.detach()
 
@@ -67,6 +71,32 @@ class _DetachParams(Messenger):
                 msg["value"] = msg["value"].detach()
 
 
+class _StopParameters(TorchFunctionMode):
+    """Every torch function called in this mode sees each ``nn.Parameter``
+    argument detached: the parameters of modules a function guide registers with
+    ``pyro.module`` and calls, which no module of ours can swap out."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stopped: dict[int, torch.Tensor] = {}
+
+    def _stop(self, value: Any) -> Any:
+        if not isinstance(value, torch.nn.Parameter):
+            return value
+        if id(value) not in self.stopped:
+            self.stopped[id(value)] = value.detach()
+        return self.stopped[id(value)]
+
+    def __torch_function__(
+        self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None
+    ) -> Any:
+        kwargs = kwargs or {}
+        # Attribute reads (p.requires_grad, p.shape) answer for the parameter.
+        if getattr(func, "__name__", None) not in ("__get__", "__set__"):
+            args, kwargs = tree_map(self._stop, (args, kwargs))
+        return func(*args, **kwargs)
+
+
 #: Key of a trace site's unscaled log-prob computed with its parameters stopped.
 STOPPED_LOG_PROB = "stopped_log_prob"
 
@@ -78,12 +108,16 @@ def stopped_parameters(
     """Context for re-running a guide with its parameters held constant.
 
     Yields a callable that runs ``module`` with detached parameters (``None`` for
-    a function guide); ``pyro.param`` values, and the values of the sample sites
-    in ``detached_values`` seen by the rest of the guide, are detached inside the
-    context.
+    a function guide, whose torch functions see every ``nn.Parameter`` detached:
+    the modules it registers with ``pyro.module``); ``pyro.param`` values, and
+    the values of the sample sites in ``detached_values`` seen by the rest of the
+    guide, are detached inside the context.
     """
-    call, ids = None, set()
-    if module is not None:
+    call, ids = None, None
+    mode: contextlib.AbstractContextManager = contextlib.nullcontext()
+    if module is None:
+        mode = _StopParameters()
+    else:
         params = dict(module.named_parameters())
         ids = {id(p) for p in params.values()}
         detached = {name: p.detach() for name, p in params.items()}
@@ -91,7 +125,7 @@ def stopped_parameters(
         def call(*args: Any, **kwargs: Any) -> Any:
             return torch.func.functional_call(module, detached, args, kwargs)
 
-    with _DetachParams(ids, detached_values), warnings.catch_warnings():
+    with _DetachParams(ids, detached_values), warnings.catch_warnings(), mode:
         # pyro.module warns of parameters that do not require grad: here that is
         # the point.
         warnings.filterwarnings("ignore", "(?s).*not registered in the param store")
