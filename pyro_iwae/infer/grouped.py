@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 
+from .log_weights import Particles
 from .objectives import IWELBO, _check_vimco, _mean_of_others, leave_one_out_signal
 
 __all__ = ["CIWELBO", "MIWELBO", "PIWELBO"]
@@ -52,6 +53,8 @@ class MIWELBO(IWELBO):
     def _global_group_size(self) -> int:
         return self.group_size
 
+    _global_score_draws = True
+
     def _grouped(self, log_weights: torch.Tensor) -> torch.Tensor:
         return log_weights.reshape(
             (self.num_groups, self.group_size) + log_weights.shape[1:]
@@ -76,6 +79,22 @@ class MIWELBO(IWELBO):
         # are part of its baseline.
         signal = leave_one_out_signal(self._grouped(log_weights), dim=1)
         return (signal / self.num_groups).reshape(log_weights.shape)
+
+    def _global_score_signal(
+        self, log_weights: torch.Tensor, particles: Particles, objective: torch.Tensor
+    ) -> torch.Tensor:
+        # Each group draws its own global values: only its own term of the
+        # objective depends on them, and (vimco) the mean of the other groups'
+        # terms is its baseline.
+        local = self._grouped(log_weights).logsumexp(1) - math.log(self.group_size)
+        if not particles.unscaled:
+            local = local * particles.scale
+        group_global = particles.global_log_weight.detach()
+        terms = local.flatten(1).sum(1) + self._grouped(group_global).flatten(1).mean(1)
+        if self.estimator == "vimco" and self.num_groups > 1:
+            terms = terms - _mean_of_others(terms, 0)
+        signal = terms.repeat_interleave(self.group_size)
+        return signal.reshape((-1,) + (1,) * (group_global.dim() - 1))
 
 
 class CIWELBO(IWELBO):

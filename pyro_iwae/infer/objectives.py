@@ -145,6 +145,15 @@ class IWELBO(ParticleELBO):
             return self._guide_bound(log_weights).expand_as(log_weights)
         return leave_one_out_signal(log_weights)
 
+    def _global_score_signal(
+        self, log_weights: torch.Tensor, particles: Particles, objective: torch.Tensor
+    ) -> torch.Tensor:
+        """Learning signal of the score-function term of the global guide sites
+        without ``rsample``, per particle (broadcast to ``global_log_weight``):
+        one draw of them for all particles (``_check_global_sites``), so the
+        whole ``objective``."""
+        return objective
+
     def _weighted_loss(
         self, model: Callable, guide: Callable, args: tuple, kwargs: dict
     ) -> tuple[torch.Tensor, list[tuple[Trace, Trace]]]:
@@ -169,9 +178,10 @@ class IWELBO(ParticleELBO):
             loss = loss - particles.global_log_weight.mean(0).sum()
         global_score = particles.global_score_log_prob
         if global_score is not None and global_score.requires_grad:
-            # One draw of the global sites for all particles (_check_global_sites):
-            # its score-function term has the whole objective as its signal.
-            surrogate = -loss.detach() * global_score.mean(0).sum()
+            signal = self._global_score_signal(
+                log_weights.detach(), particles, -loss.detach()
+            )
+            surrogate = (signal * global_score).mean(0).sum()
             loss = loss - (surrogate - surrogate.detach())
         # No NaN check here: it would read the value back from the device at every
         # step; loss() and loss_and_grads() check the float they return.

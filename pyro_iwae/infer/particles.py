@@ -358,12 +358,16 @@ class ParticleELBO(ELBO):
         if self._enumerates:
             check_enumeration(*traces[0], global_names)
             self._check_strata(traces[0][1])
-        score_draw = (
-            self.estimator in SCORE_ESTIMATORS
-            and self._global_group_size == self.num_particles
-        )
+        score_draw = self.estimator in SCORE_ESTIMATORS and self._global_score_draws
         check_global_sites(traces[0][1], global_names, score_draw)
         return self._weigh(traces, sites, local_dims, global_names)
+
+    @property
+    def _global_score_draws(self) -> bool:
+        """Whether a score-function estimator trains global guide sites without
+        ``rsample``: drawn once for all particles, or once per group by a bound
+        that knows each group's own term (MIWELBO)."""
+        return self._global_group_size == self.num_particles
 
     #: Whether the bound takes values enumerated in the guide, each with its own
     #: particles, merged into the particle dim (a grouped bound would mix them),
