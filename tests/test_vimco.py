@@ -278,6 +278,24 @@ def exact_global_gradient():
     return torch.autograd.grad(elbo, phi)[0]
 
 
+def assert_global_gradient(elbo, num_draws):
+    """Checks that ``elbo``'s gradient in phi has the exact mean over
+    ``num_draws`` draws; returns its variance."""
+    x = torch.tensor(GLOBAL_X, dtype=torch.float64)
+    pyro.clear_param_store()
+    pyro.set_rng_seed(0)
+    draws = []
+    for _ in range(num_draws):
+        loss = elbo.differentiable_loss(global_model, global_guide, x)
+        (d_phi,) = torch.autograd.grad(-loss, [pyro.param("phi").unconstrained()])
+        draws.append(d_phi)
+    mean, se = mean_and_se(torch.stack(draws))
+    exact = exact_global_gradient()
+    assert abs(mean - exact) < 4 * se, (mean, se, exact)
+    assert abs(exact) > 6 * se  # the check has power
+    return torch.stack(draws).var()
+
+
 def test_a_global_guide_site_marked_for_enumeration_is_sampled():
     """Marked for parallel enumeration, the global guide site of a factored bound
     is drawn as if unmarked (one draw for the particles): each loss is the one
@@ -305,18 +323,7 @@ def test_a_discrete_global_site_gets_the_score_gradient_of_its_elbo():
     all particles, whose score-function gradient has the ELBO's exact mean (with
     one draw, vimco's and reinforce's global terms are the same)."""
     x = torch.tensor(GLOBAL_X, dtype=torch.float64)
-    elbo = IWELBO(3, "vimco", global_latents="factor")
-    pyro.clear_param_store()
-    pyro.set_rng_seed(0)
-    draws = []
-    for _ in range(1500):
-        loss = elbo.differentiable_loss(global_model, global_guide, x)
-        (d_phi,) = torch.autograd.grad(-loss, [pyro.param("phi").unconstrained()])
-        draws.append(d_phi)
-    mean, se = mean_and_se(torch.stack(draws))
-    exact = exact_global_gradient()
-    assert abs(mean - exact) < 4 * se, (mean, se, exact)
-    assert abs(exact) > 6 * se  # the check has power
+    assert_global_gradient(IWELBO(3, "vimco", global_latents="factor"), 1500)
     # A plain estimator is refused.
     with pytest.raises(NotImplementedError, match="'b'.*vimco"):
         IWELBO(3, global_latents="factor").differentiable_loss(
@@ -329,20 +336,10 @@ def test_miwelbo_groups_draw_a_discrete_global_site_each_with_its_own_signal():
     gradient has its own group's term as signal (vimco: less the mean of the other
     groups' terms), whose mean is the ELBO's exact gradient; the baseline lowers
     its variance (by 14x here)."""
-    x = torch.tensor(GLOBAL_X, dtype=torch.float64)
-    exact = exact_global_gradient()
-    variances = {}
-    for estimator in ("vimco", "reinforce"):
-        elbo = MIWELBO(3, 4, estimator, global_latents="factor")
-        pyro.clear_param_store()
-        pyro.set_rng_seed(0)
-        draws = []
-        for _ in range(300):
-            loss = elbo.differentiable_loss(global_model, global_guide, x)
-            (d_phi,) = torch.autograd.grad(-loss, [pyro.param("phi").unconstrained()])
-            draws.append(d_phi)
-        mean, se = mean_and_se(torch.stack(draws))
-        assert abs(mean - exact) < 4 * se, (estimator, mean, se, exact)
-        assert abs(exact) > 6 * se  # the check has power
-        variances[estimator] = torch.stack(draws).var()
+    variances = {
+        estimator: assert_global_gradient(
+            MIWELBO(3, 4, estimator, global_latents="factor"), 300
+        )
+        for estimator in ("vimco", "reinforce")
+    }
     assert variances["vimco"] < variances["reinforce"] / 4, variances
