@@ -9,14 +9,22 @@ import torch
 from click.testing import CliRunner
 from small_run import BATCH, K
 
-from pyro_iwae import EvalSettings, RunConfig, fit, paper_architecture
+from pyro_iwae import (
+    IWELBO,
+    MIWELBO,
+    EvalSettings,
+    RunConfig,
+    fit,
+    paper_architecture,
+)
 from pyro_iwae.data import load_dataset
-from pyro_iwae.runs import auto_compile, training
+from pyro_iwae.runs import auto_compile
 from pyro_iwae.runs.auto_compile import (
     AUTO_COMPILE_STEPS,
     AUTO_COMPILE_WORK,
     choose_compile,
     choose_fit_compile,
+    step_graph_keys,
 )
 from pyro_iwae.runs.callbacks import FitCallback
 from pyro_iwae.runs.schedules import make_objective
@@ -85,40 +93,78 @@ class RecordCompile(FitCallback):
         self.seen.add(self.objective.compile)
 
 
-@pytest.mark.parametrize("steps", [1, 10**6], ids=["short", "long"])
-def test_fit_settles_auto_for_the_call_and_records_why(monkeypatch, steps):
-    # A long run compiles; None (the traced step graph, uncompiled) stands in
-    # for inductor, which takes seconds to compile.
-    monkeypatch.setattr(auto_compile, "AUTO_COMPILE_STEPS", steps)
+@pytest.fixture
+def choices(monkeypatch, tmp_path):
+    """fit's compile choice with a C++ compiler, its graphs noted in an empty
+    cache folder, and None (the traced step graph, uncompiled) standing in for
+    inductor, which takes seconds to compile."""
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
     monkeypatch.setattr(auto_compile, "_cpp_compiler", lambda: "/usr/bin/g++")
-    monkeypatch.setattr(
-        training,
-        "choose_fit_compile",
-        lambda *args: (lambda c, why: (None if c else c, why))(
-            *choose_fit_compile(*args)
-        ),
-    )
+    monkeypatch.setattr(auto_compile, "AUTO_COMPILE", None)
+
+
+def fit_small(objective, callback=None):
+    """fit of two steps of a batch each; its metrics."""
     data = load_dataset("mnist-mini").train[: 2 * BATCH]
     torch.manual_seed(0)
     model, guide = paper_architecture(1)
+    options = dict(batch_size=BATCH, schedule=[(1, 1e-3)], binarize=True)
+    return fit(model, guide, data, objective, callback=callback, **options)
+
+
+@pytest.mark.parametrize("steps", [1, 10**6], ids=["short", "long"])
+def test_fit_settles_auto_for_the_call_and_records_why(choices, monkeypatch, steps):
+    monkeypatch.setattr(auto_compile, "AUTO_COMPILE_STEPS", steps)
     objective = make_objective("iwae", K, compile="auto")
     record = RecordCompile(objective)
-    history = fit(
-        model,
-        guide,
-        data,
-        objective,
-        batch_size=BATCH,
-        schedule=[(1, 1e-3)],
-        callback=record,
-        binarize=True,
-    )
+    history = fit_small(objective, record)
     compiled = steps == 1
     assert record.seen == {None if compiled else False}
     assert objective.compile == "auto"  # settled for the call only
     assert history[0]["compiled"] is compiled
     assert history[0]["compile_choice"].startswith("auto: 2 steps")
     assert (history[0]["compile_time"] > 0) is compiled
+
+
+def test_auto_compiles_shorter_runs_whose_graph_a_run_compiled_before(
+    choices, monkeypatch
+):
+    monkeypatch.setattr(auto_compile, "AUTO_COMPILE_STEPS", 10**6)
+    monkeypatch.setattr(auto_compile, "AUTO_COMPILE_STEPS_CACHED", 2)
+    assert fit_small(make_objective("iwae", K, compile="auto"))[0]["compiled"] is False
+    assert fit_small(make_objective("iwae", K, compile=None))[0]["compiled"] is True
+    again = fit_small(make_objective("iwae", K, compile="auto"))[0]
+    assert again["compiled"] is True, again["compile_choice"]
+    assert again["compile_choice"] == (
+        "auto: 2 steps (1 of 1 graphs cached), at least the 2 from which compiling pays"
+    )
+    # Another k is another graph.
+    assert (
+        fit_small(make_objective("iwae", K + 1, compile="auto"))[0]["compiled"] is False
+    )
+
+
+def test_graph_keys_follow_what_the_graph_depends_on():
+    model, guide = paper_architecture(1)
+    shapes = [(20, 784), (7, 784)]
+    keys = step_graph_keys(True, IWELBO(5), model, guide, shapes, CPU)
+    assert len(set(keys)) == 2
+    assert keys == step_graph_keys(
+        "auto", IWELBO(5), *paper_architecture(1), shapes, CPU
+    )
+    assert keys != step_graph_keys(None, IWELBO(5), model, guide, shapes, CPU)
+    for other in (IWELBO(6), IWELBO(5, "dreg"), MIWELBO(5, 1)):
+        assert step_graph_keys(True, other, model, guide, shapes, CPU) != keys
+    deeper = paper_architecture(2)
+    assert step_graph_keys(True, IWELBO(5), *deeper, shapes, CPU) != keys
+
+
+def test_the_threshold_counts_the_graphs_to_compile(monkeypatch):
+    monkeypatch.setattr(auto_compile, "_cpp_compiler", lambda: "/usr/bin/g++")
+    assert choose_fit_compile("auto", 19_999, CPU, graphs=2)[0] is False
+    assert choose_fit_compile("auto", 20_000, CPU, graphs=2)[0] is True
+    assert choose_fit_compile("auto", 12_000, CPU, graphs=2, cached=1)[0] is True
+    assert choose_fit_compile("auto", 11_999, CPU, graphs=2, cached=1)[0] is False
 
 
 def test_run_configs_default_to_auto_and_old_ones_keep_theirs(tmp_path):

@@ -9,9 +9,13 @@ cost. Measured on a 2-core AVX-512 Xeon (results/benchmarks.md):
   particle-point about three times faster (``eval-nll --k 5000`` on 1,000 MNIST
   test points: 33.3 s eagerly, 24.4 s compiled of which 11.1 s compiling); it
   pays from about 3 million particle-points (points times ``num_samples``).
-- training: 15-17 s to compile the paper model's step cold, then 1.4-6 ms saved
-  per step (batch 20 to 100, k 5 to 50: the compiled step against ``fit``'s eager
-  one); it pays from about 10,000 steps.
+- training: 15-17 s to compile the paper model's step cold, about 3 s from
+  inductor's on-disk cache, then 1.4-6 ms saved per step (batch 20 to 100, k 5 to
+  50: the compiled step against ``fit``'s eager one); it pays from about 10,000
+  steps per graph to compile, 2,000 per graph in the cache. A run compiles one
+  graph per batch shape (two where the last batch is smaller), and notes each
+  graph it compiled in ``pyro-iwae-graphs.json`` in inductor's cache folder: that
+  is how a later run knows the cache holds it.
 
 Inductor compiles C++ on the CPU: without a C++ compiler on the path the choice is
 eager; so it is on other devices, where the compiled path has not been verified.
@@ -19,22 +23,39 @@ eager; so it is on other devices, where the compiled path has not been verified.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import shutil
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
 
 import torch
 
+from ..infer.hooks import backend_of
+from .checkpoints import write_json
+
 __all__ = [
     "AUTO_COMPILE_STEPS",
+    "AUTO_COMPILE_STEPS_CACHED",
     "AUTO_COMPILE_WORK",
+    "cached_graphs",
     "choose_compile",
     "choose_fit_compile",
+    "remember_graphs",
+    "step_graph_keys",
 ]
 
+#: The ``compile`` that ``"auto"`` settles on where compiling pays: inductor.
+AUTO_COMPILE: bool | str | None = True
 #: Particle-points (points x num_samples) from which an evaluation compiles.
 AUTO_COMPILE_WORK = 3_000_000
-#: Training steps from which a run compiles its step.
+#: Training steps from which compiling a step graph pays, cold and from the cache.
 AUTO_COMPILE_STEPS = 10_000
+AUTO_COMPILE_STEPS_CACHED = 2_000
+#: The file, in inductor's cache folder, of the step graphs runs have compiled.
+GRAPHS_FILE = "pyro-iwae-graphs.json"
 
 
 def choose_compile(
@@ -53,13 +74,98 @@ def choose_fit_compile(
     steps: int,
     device: torch.device,
     single_process: bool = True,
+    graphs: int = 1,
+    cached: int = 0,
 ) -> tuple[bool | str | None, str]:
     """The ``compile`` a run of ``steps`` optimisation steps trains with, and a few
-    words on why: ``setting`` itself unless it is ``"auto"``, which stays eager
-    unless ``single_process`` (the one-graph step does not run under torchrun)."""
+    words on why: ``setting`` itself unless it is ``"auto"``, which compiles where
+    the ``graphs`` to compile (``cached`` of them in inductor's cache) pay, and
+    stays eager unless ``single_process`` (the one-graph step does not run under
+    torchrun)."""
     if setting == "auto" and not single_process:
         return False, "auto: under torchrun the step runs eagerly"
-    return _choose(setting, steps, AUTO_COMPILE_STEPS, "steps", device)
+    threshold = (graphs - cached) * AUTO_COMPILE_STEPS
+    threshold += cached * AUTO_COMPILE_STEPS_CACHED
+    unit = "steps" if not cached else f"steps ({cached} of {graphs} graphs cached)"
+    return _choose(setting, steps, threshold, unit, device)
+
+
+def step_graph_keys(
+    compile: bool | str | None,
+    objective: Any,
+    model: torch.nn.Module,
+    guide: torch.nn.Module,
+    batch_shapes: Iterable[Sequence[int]],
+    device: torch.device,
+) -> list[str]:
+    """A key for each training step graph of ``objective`` on ``model`` and
+    ``guide`` compiled as ``compile`` says (``"auto"``: as it settles where it
+    compiles), one per batch shape: what the graph depends on but the values."""
+    if compile == "auto":
+        compile = AUTO_COMPILE
+    settings = {
+        name: getattr(objective, name, None)
+        for name in (
+            "num_particles",
+            "estimator",
+            "vectorize_particles",
+            "max_plate_nesting",
+            "num_groups",
+            "beta",
+        )
+    }
+    common = {
+        "torch": torch.__version__,
+        "backend": backend_of(compile),
+        "objective": type(objective).__qualname__,
+        "settings": repr(sorted(settings.items())),
+        "device": device.type,
+        "modules": [_module_signature(module) for module in (model, guide)],
+    }
+    keys = []
+    for shape in batch_shapes:
+        text = json.dumps({**common, "batch": list(shape)}, sort_keys=True)
+        keys.append(hashlib.sha256(text.encode()).hexdigest()[:32])
+    return keys
+
+
+def cached_graphs(keys: Sequence[str]) -> int:
+    """How many of the graphs ``keys`` runs have compiled into inductor's cache."""
+    return sum(key in _remembered() for key in keys)
+
+
+def remember_graphs(keys: Sequence[str]) -> None:
+    """Notes that inductor's cache holds the graphs ``keys``."""
+    known = _remembered()
+    if set(keys) <= known:
+        return
+    try:
+        write_json(_graphs_file(), sorted(known | set(keys)))
+    except OSError:
+        pass  # a read-only cache: later runs take the cold threshold
+
+
+def _graphs_file() -> Path:
+    # As inductor's cache_dir() finds it, without making it.
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+    folder = os.environ.get("TORCHINDUCTOR_CACHE_DIR") or default_cache_dir()
+    return Path(folder) / GRAPHS_FILE
+
+
+def _remembered() -> set[str]:
+    try:
+        keys = json.loads(_graphs_file().read_text())
+    except (OSError, ValueError):
+        return set()
+    return set(keys) if isinstance(keys, list) else set()
+
+
+def _module_signature(module: torch.nn.Module) -> list:
+    tensors = [*module.named_parameters(), *module.named_buffers()]
+    return [type(module).__qualname__] + [
+        [name, list(t.shape), str(t.dtype)] for name, t in tensors
+    ]
 
 
 def _choose(
@@ -84,7 +190,7 @@ def _choose(
         )
     if _cpp_compiler() is None:
         return False, "auto: no C++ compiler found for inductor"
-    return True, (
+    return AUTO_COMPILE, (
         f"auto: {work:,} {unit}, at least the {threshold:,} from which compiling pays"
     )
 

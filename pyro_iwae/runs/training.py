@@ -36,7 +36,12 @@ from ..infer.evaluation import compile_seconds
 from ..infer.hooks import compiles
 from ..nn.networks import prepare_pyro_modules
 from . import distributed
-from .auto_compile import choose_fit_compile
+from .auto_compile import (
+    cached_graphs,
+    choose_fit_compile,
+    remember_graphs,
+    step_graph_keys,
+)
 from .callbacks import FitCallback, StepInfo
 from .checkpoints import (
     CHECKPOINT_FILE,
@@ -245,11 +250,26 @@ class _Fit:
         self.first_step = True
         # An objective's compile="auto" is settled here, for this call only.
         self.compile_setting = getattr(objective, "compile", False)
+        self.graph_keys: list[str] = []
+        if self.compile_setting == "auto" or compiles(self.compile_setting):
+            shapes = {(min(batch_size, self.train.shape[0]),)}
+            if self.train.shape[0] % batch_size:
+                shapes.add((self.train.shape[0] % batch_size,))
+            self.graph_keys = step_graph_keys(
+                self.compile_setting,
+                objective,
+                model,
+                guide,
+                [s + tuple(self.train.shape[1:]) for s in sorted(shapes)],
+                self.device,
+            )
         self.compiled, self.compile_choice = choose_fit_compile(
             self.compile_setting,
             self.num_epochs * self.num_steps,
             self.device,
             self.distributed_loss is None,
+            len(self.graph_keys),
+            cached_graphs(self.graph_keys),
         )
         self.compile_time_so_far = compile_seconds(self.compiled)
 
@@ -485,6 +505,9 @@ class _Fit:
             "elapsed": position.elapsed,
             "steps": position.global_step,
         }
+        if metrics["compile_time"] > 0 and metrics["compiled"] and self.writes:
+            # Inductor's cache holds them now: a later run's auto knows.
+            remember_graphs(self.graph_keys)
         position.advance_epoch(self.schedule)
         self.epoch_rng = None
         self.history.append(metrics)
