@@ -23,20 +23,24 @@ eager; so it is on other devices, where the compiled path has not been verified.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
 import shutil
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from ..infer.hooks import backend_of
+from ..infer.evaluation import compile_seconds
+from ..infer.hooks import backend_of, compiles
 from .checkpoints import write_json
 
 __all__ = [
+    "FitCompile",
     "AUTO_COMPILE_STEPS",
     "AUTO_COMPILE_STEPS_CACHED",
     "AUTO_COMPILE_WORK",
@@ -88,6 +92,71 @@ def choose_fit_compile(
     threshold += cached * AUTO_COMPILE_STEPS_CACHED
     unit = "steps" if not cached else f"steps ({cached} of {graphs} graphs cached)"
     return _choose(setting, steps, threshold, unit, device)
+
+
+@dataclasses.dataclass
+class FitCompile:
+    """How :func:`~pyro_iwae.fit` runs an objective's steps: its ``setting``, the
+    ``compile`` it settles on, why, and the keys of the step graphs."""
+
+    objective: Any
+    setting: bool | str | None
+    compile: bool | str | None
+    why: str
+    graph_keys: list[str]
+    #: Seconds of tracing and compiling graphs when last asked.
+    seconds: float = 0.0
+
+    @classmethod
+    def choose(
+        cls,
+        objective: Any,
+        model: torch.nn.Module,
+        guide: torch.nn.Module,
+        data_shape: Sequence[int],
+        batch_size: int,
+        steps: int,
+        device: torch.device,
+        single_process: bool,
+    ) -> FitCompile:
+        """The choice for ``steps`` steps of ``batch_size`` of data of
+        ``data_shape`` (see :func:`choose_fit_compile`)."""
+        setting = getattr(objective, "compile", False)
+        keys = []
+        if setting == "auto" or compiles(setting):
+            num_points = data_shape[0]
+            sizes = {min(batch_size, num_points), num_points % batch_size or batch_size}
+            shapes = [(size, *data_shape[1:]) for size in sorted(sizes)]
+            keys = step_graph_keys(setting, objective, model, guide, shapes, device)
+        compile, why = choose_fit_compile(
+            setting, steps, device, single_process, len(keys), cached_graphs(keys)
+        )
+        return cls(objective, setting, compile, why, keys, compile_seconds(compile))
+
+    @contextmanager
+    def settled(self) -> Iterator[None]:
+        """The objective's ``compile`` as chosen, while the call trains."""
+        if self.setting != "auto":
+            yield
+            return
+        self.objective.compile = self.compile
+        try:
+            yield
+        finally:
+            self.objective.compile = self.setting
+
+    def seconds_spent(self) -> float:
+        """Seconds spent tracing and compiling graphs since the last call (or
+        the choice); 0 on the eager path."""
+        now = compile_seconds(self.compile)
+        spent, self.seconds = now - self.seconds, now
+        return spent
+
+    def note_compiled(self) -> None:
+        """After graphs were compiled: inductor's cache holds them (for a later
+        run's ``"auto"``)."""
+        if compiles(self.compile):
+            remember_graphs(self.graph_keys)
 
 
 def step_graph_keys(

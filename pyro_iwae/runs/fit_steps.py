@@ -18,6 +18,7 @@ from ..errors import CheckpointError
 from ..infer.evaluation import dataset_log_likelihood
 from ..infer.hooks import backend_of, compiler, compiles
 from . import distributed
+from .checkpoints import CHECKPOINT_FILE
 from .schedules import Schedule, as_schedule, continues
 
 
@@ -212,3 +213,18 @@ def test_bound(
             model, guide, test, num_samples=num_samples, batch_size=batch_size
         )
     return float(estimates.mean())
+
+
+def diverged_message(what: str, position: Position, run_dir: Path | None) -> str:
+    """What :class:`~pyro_iwae.errors.TrainingDiverged` says when ``what`` (the
+    loss, a parameter) became NaN or infinite at ``position``."""
+    kept = (
+        f"; the checkpoint of epoch {position.epochs_done} in {run_dir} is kept"
+        if run_dir is not None and (run_dir / CHECKPOINT_FILE).exists()
+        else ""
+    )
+    return (
+        f"{what} became NaN or infinite in epoch {position.epochs_done + 1} "
+        f"(by step {position.step}){kept}; start a new run with a lower "
+        "learning rate or another seed (resuming would repeat the same steps)"
+    )

@@ -32,16 +32,10 @@ from pyro.infer import ELBO
 
 from ..data import Dataset, minibatches
 from ..errors import TrainingDiverged, one_line
-from ..infer.evaluation import compile_seconds
 from ..infer.hooks import compiles
 from ..nn.networks import prepare_pyro_modules
 from . import distributed
-from .auto_compile import (
-    cached_graphs,
-    choose_fit_compile,
-    remember_graphs,
-    step_graph_keys,
-)
+from .auto_compile import FitCompile
 from .callbacks import FitCallback, StepInfo
 from .checkpoints import (
     CHECKPOINT_FILE,
@@ -62,6 +56,7 @@ from .fit_steps import (
     binarizes,
     check_continues,
     checked_schedule,
+    diverged_message,
     fit_data,
     fit_state,
     parameters_of,
@@ -143,9 +138,8 @@ def fit(
         ``test_points``, ``time`` (s of training), ``images_per_s``,
         ``eval_time`` (s), ``compile_time`` (s of ``time`` spent compiling, with a
         ``compile`` objective), ``compiled`` (whether the steps ran compiled
-        graphs) and ``compile_choice`` (why: ``"as asked"``, or how an objective's
-        ``compile="auto"`` was settled from the number of steps, see
-        :func:`~pyro_iwae.runs.auto_compile.choose_fit_compile`), ``elapsed``
+        graphs), ``compile_choice`` (why: ``"as asked"``, or how ``"auto"`` was
+        settled: :class:`~pyro_iwae.runs.auto_compile.FitCompile`), ``elapsed``
         (s since the run began), ``steps``.
     :raises TrainingDiverged: when the loss or a parameter is NaN or infinite;
         the last checkpoint (all finite) is kept.
@@ -248,30 +242,16 @@ class _Fit:
         # The data generator's state at the start of the current epoch.
         self.epoch_rng: torch.Tensor | None = None
         self.first_step = True
-        # An objective's compile="auto" is settled here, for this call only.
-        self.compile_setting = getattr(objective, "compile", False)
-        self.graph_keys: list[str] = []
-        if self.compile_setting == "auto" or compiles(self.compile_setting):
-            shapes = {(min(batch_size, self.train.shape[0]),)}
-            if self.train.shape[0] % batch_size:
-                shapes.add((self.train.shape[0] % batch_size,))
-            self.graph_keys = step_graph_keys(
-                self.compile_setting,
-                objective,
-                model,
-                guide,
-                [s + tuple(self.train.shape[1:]) for s in sorted(shapes)],
-                self.device,
-            )
-        self.compiled, self.compile_choice = choose_fit_compile(
-            self.compile_setting,
+        self.compile = FitCompile.choose(
+            objective,
+            model,
+            guide,
+            self.train.shape,
+            batch_size,
             self.num_epochs * self.num_steps,
             self.device,
             self.distributed_loss is None,
-            len(self.graph_keys),
-            cached_graphs(self.graph_keys),
         )
-        self.compile_time_so_far = compile_seconds(self.compiled)
 
     def run(self) -> list[dict[str, Any]]:
         """Starts or resumes the run and trains the epochs left; returns the
@@ -284,23 +264,11 @@ class _Fit:
             self.callback.on_fit_start(self.model, self.guide, self.test, self.config)
         # IWAE's gradients are full of subnormals, each costing microcode on
         # the CPU: flushing them made a step ~1.6x as fast (see denormals.py).
-        with flush_denormals(self.device.type == "cpu"), self.settled_compile():
+        with flush_denormals(self.device.type == "cpu"), self.compile.settled():
             while self.position.stage < len(self.schedule):
                 self.run_epoch()
         distributed.barrier()  # rank 0's files are written when fit returns
         return self.history
-
-    @contextlib.contextmanager
-    def settled_compile(self) -> Iterator[None]:
-        """The objective's ``compile`` as chosen, while this call trains."""
-        if self.compile_setting != "auto":
-            yield
-            return
-        self.objective.compile = self.compiled
-        try:
-            yield
-        finally:
-            self.objective.compile = self.compile_setting
 
     # -- start and resume ---------------------------------------------------
 
@@ -499,15 +467,14 @@ class _Fit:
             "time": train_time,
             "images_per_s": rate(self.train.shape[0], train_time),
             "eval_time": eval_time,
-            "compile_time": self.compile_time(),
-            "compiled": compiles(self.compiled),
-            "compile_choice": self.compile_choice,
+            "compile_time": self.compile.seconds_spent(),
+            "compiled": compiles(self.compile.compile),
+            "compile_choice": self.compile.why,
             "elapsed": position.elapsed,
             "steps": position.global_step,
         }
-        if metrics["compile_time"] > 0 and metrics["compiled"] and self.writes:
-            # Inductor's cache holds them now: a later run's auto knows.
-            remember_graphs(self.graph_keys)
+        if metrics["compile_time"] > 0 and self.writes:
+            self.compile.note_compiled()
         position.advance_epoch(self.schedule)
         self.epoch_rng = None
         self.history.append(metrics)
@@ -516,13 +483,6 @@ class _Fit:
         self.write_checkpoint(self.generator.get_state(), None)
         if self.callback is not None:
             self.callback.on_epoch_end(metrics)
-
-    def compile_time(self) -> float:
-        """Seconds spent tracing and compiling graphs since the last call (part of
-        the epoch's ``time``; 0 on the eager path)."""
-        now = compile_seconds(self.compiled)
-        spent, self.compile_time_so_far = now - self.compile_time_so_far, now
-        return spent
 
     def test_bound(self) -> float | None:
         """The bound at the training k, mean over the test points (None: none)."""
@@ -572,22 +532,13 @@ class _Fit:
     def check_finite_loss(self, loss_sum: torch.Tensor) -> None:
         """:raises TrainingDiverged: if ``loss_sum`` is NaN or infinite."""
         if not math.isfinite(float(loss_sum)):
-            raise TrainingDiverged(self.diverged_message("the loss"))
+            raise TrainingDiverged(
+                diverged_message("the loss", self.position, self.run_dir)
+            )
 
     def check_finite_parameters(self) -> None:
         """:raises TrainingDiverged: if a parameter holds a NaN or infinity."""
         if not all(bool(torch.isfinite(p).all()) for p in self.params):
-            raise TrainingDiverged(self.diverged_message("a parameter"))
-
-    def diverged_message(self, what: str) -> str:
-        position, run_dir = self.position, self.run_dir
-        kept = (
-            f"; the checkpoint of epoch {position.epochs_done} in {run_dir} is kept"
-            if run_dir is not None and (run_dir / CHECKPOINT_FILE).exists()
-            else ""
-        )
-        return (
-            f"{what} became NaN or infinite in epoch {position.epochs_done + 1} "
-            f"(by step {position.step}){kept}; start a new run with a lower "
-            "learning rate or another seed (resuming would repeat the same steps)"
-        )
+            raise TrainingDiverged(
+                diverged_message("a parameter", self.position, self.run_dir)
+            )
