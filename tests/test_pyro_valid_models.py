@@ -2,8 +2,8 @@
 test per program (the first of the ELBO classes it is parametrized over), IWELBO
 swapped into ``assert_ok`` only, tests of invalid programs not counted, and the
 failures grouped by reason in the report, each test under vectorized and
-sequential particles. Slow: it runs pytest three times in subprocesses (half a
-minute)."""
+sequential particles, the failures again with Python's -O. Slow: it runs pytest
+four times in subprocesses (half a minute)."""
 
 from __future__ import annotations
 
@@ -97,7 +97,7 @@ def test_invalid_error():
 
 @pytest.mark.skipif(
     not os.environ.get("PYRO_IWAE_SLOW_TESTS"),
-    reason="runs pytest three times in subprocesses; set PYRO_IWAE_SLOW_TESTS=1",
+    reason="runs pytest four times in subprocesses; set PYRO_IWAE_SLOW_TESTS=1",
 )
 def test_measures_a_stand_in_module(tmp_path, monkeypatch):
     source = tmp_path / "pyro"
@@ -125,6 +125,9 @@ def test_measures_a_stand_in_module(tmp_path, monkeypatch):
     assert "### 1 x: NotImplementedError: IWELBO cannot sum" in report, report
     assert "- `test_global_enumeration_ok`: NotImplementedError" in report
     assert "(sequential: NotImplementedError: IWELBO cannot sum" in report
+    # run again with asserts stripped (python -O): still refused
+    assert "0 of 1 then pass" in report, report
+    assert "with -O: failed: NotImplementedError: IWELBO cannot sum" in report
     assert "## Pass only sequential: 1\n\n- `test_shape_ok[Trace_ELBO]`" in report
     assert "vectorized: assert torch.Size([2, 3]) == (3,)" in report, report
     assert "## Pass only vectorized: 1\n\n- `test_vectorized_shape_ok`" in report
