@@ -13,10 +13,10 @@ in inductor's on-disk cache); and checking the step against the eager one
 fresh process per pass, with a cold inductor cache (a new, empty folder) and
 then warm (the folder the cold pass filled), and prints a Markdown table.
 ``--path loss`` times ``elbo.differentiable_loss`` (loss and gradients, no
-Adam) instead; ``--probe-all-isas`` lets inductor probe every vector ISA and
-``--python-wrapper`` build each kernel apart, as it does by default (see
-:func:`pyro_iwae.compiled.backend.cpu_options`); both give the library's
-compile before these options.
+Adam) instead; ``--probe-all-isas`` lets inductor probe every vector ISA, as it
+does by default (the library's compile before
+:func:`pyro_iwae.compiled.backend.vec_isa_options`); ``--cpp-wrapper`` tries
+inductor's C++ wrapper.
 
     python bench/compile_cost.py --data-dir /work/shared/data --batch 20
     python bench/compile_cost.py --dataset mnist-mini --batch 20 --repeat 3
@@ -81,9 +81,9 @@ def one_pass(args: argparse.Namespace) -> dict:
     cpu_vec_isa.VecISA.check_build = timed("isa_probes", cpu_vec_isa.VecISA.check_build)
     if args.probe_all_isas:
         backend.vec_isa_options = dict
-    if args.python_wrapper:
-        # What cpu_options asks of inductor, less its C++ wrapper.
-        backend.cpu_options = backend.vec_isa_options
+    if args.cpp_wrapper:
+        isa_options = backend.vec_isa_options
+        backend.vec_isa_options = lambda: {**isa_options(), "cpp_wrapper": True}
     pyro.enable_validation(args.validation)
     torch.manual_seed(args.seed)
     x = common.load_test_images(args.dataset, args.data_dir, args.batch)
@@ -202,10 +202,10 @@ def main(argv: list[str] | None = None) -> None:
         "probes only the one it picks)",
     )
     parser.add_argument(
-        "--python-wrapper",
+        "--cpp-wrapper",
         action="store_true",
-        help="inductor's Python wrapper, a library per C++ kernel (its default; "
-        "the library asks for its C++ wrapper, one library)",
+        help="inductor's C++ wrapper: the kernels built as one library, not one "
+        "each (the library keeps the Python wrapper: its step is faster)",
     )
     parser.add_argument("--repeat", type=int, default=1, help="cold/warm pairs")
     parser.add_argument("--one-pass", action="store_true", help=argparse.SUPPRESS)
@@ -221,7 +221,7 @@ def main(argv: list[str] | None = None) -> None:
         layers=args.layers,
         path=args.path,
         probe_all_isas=args.probe_all_isas,
-        python_wrapper=args.python_wrapper,
+        cpp_wrapper=args.cpp_wrapper,
     )
     rows = run(args)
     print(report(env, rows))

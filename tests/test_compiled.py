@@ -781,46 +781,6 @@ def test_the_isa_shortcut_picks_the_isa_inductor_picks():
 
 
 @slow
-def test_the_cpp_wrapper_steps_as_the_python_wrapper_does(monkeypatch):
-    """cpu_options' C++ wrapper runs the same kernels as inductor's Python
-    wrapper: four training steps (Adam in the graph) give the same losses,
-    parameters and optimiser states, bit for bit."""
-    import torch._inductor as inductor
-
-    import pyro_iwae.compiled.backend as backend
-
-    wrappers = []
-    compile_fx = inductor.compile
-
-    def compile_noted(gm, examples, options=None):
-        wrappers.append((options or {}).get("cpp_wrapper", False))
-        return compile_fx(gm, examples, options=options)
-
-    monkeypatch.setattr(inductor, "compile", compile_noted)
-    init = _initial_states()
-    x = _data(4)
-    runs = []
-    for options in (backend.cpu_options, backend.vec_isa_options):
-        monkeypatch.setattr(backend, "cpu_options", options)
-        model, guide = _paper_pair(init)
-        params = [*model.parameters(), *guide.parameters()]
-        compiled = CompiledLoss(IWELBO(3, "dreg"), model, guide)
-        optim = OPTIMIZERS["adam-fused"](params)
-        torch.manual_seed(5)
-        losses = [compiled.step(optim, x, scale=1 / 4) for _ in range(4)]
-        assert compiled.compiled
-        (graph,) = compiled._graphs.values()
-        assert graph.adam is not None
-        states = [t for s in optim.state.values() for t in s.values()]
-        runs.append([torch.stack(losses), *params, *states])
-    assert wrappers == [True, False]
-    ours, theirs = runs
-    assert len(ours) == len(theirs)
-    for a, b in zip(ours, theirs, strict=True):
-        assert torch.equal(a, b)
-
-
-@slow
 def test_inputs_of_another_memory_layout_get_their_own_graph():
     """A graph asserts the strides it was compiled for: the same values in
     column-major order get a graph of their own, not a failed assertion."""

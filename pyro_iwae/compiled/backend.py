@@ -93,26 +93,12 @@ def compile_graph(
             noise = draw_noise(noise_ops)
         examples = _static_fakes([*inputs, *noise])
         if {t.device.type for t in inputs} != {"cuda"}:
-            return inductor.compile(gm, examples, options=cpu_options())
+            return inductor.compile(gm, examples, options=vec_isa_options())
         # One replay a call instead of a launch a kernel; shapes are static (a
         # graph per input signature) and the noise is an input, drawn eagerly.
         replay = inductor.compile(gm, examples, options={"triton.cudagraphs": True})
         return lambda *args: _own(replay(*args))
     return torch.compile(gm, backend=backend, fullgraph=True, dynamic=False, **options)
-
-
-def cpu_options() -> dict[str, Any]:
-    """Inductor's options for a graph on the CPU: its wrapper in C++, compiled
-    with the kernels as one library, and :func:`vec_isa_options`.
-
-    Inductor's default Python wrapper builds each C++ kernel as a library of its
-    own (two g++ runs and a link each: 14 kernels, 6 s of the paper model's cold
-    training step on a 2-core CPU) and loads them on the first call (0.6 s, warm
-    cache or not); the C++ wrapper is one build and one load. The kernels are
-    the same code, so the numbers are the same, bit for bit, and the step is no
-    slower (see ``bench/compile_cost.py`` in ``results/benchmarks.md``).
-    """
-    return {"cpp_wrapper": True, **vec_isa_options()}
 
 
 def vec_isa_options() -> dict[str, Any]:
