@@ -1,16 +1,25 @@
-"""Where the first call of the compiled training loss spends its time.
+"""Where the first call of the compiled training step spends its time.
 
-``fit --compile`` (``IWELBO(k, compile=True)``) pays once per input shape for:
-tracing the Pyro program and its backward pass into an aten graph
-(``trace_graph``, fake tensors), compiling that graph (``compile_graph``: inductor's
-lowering, code generation and C++ compilation, or a hit in its on-disk cache),
-and checking the first call against the eager loss and gradients
-(``_verified``). This script times each part for the paper's model, in a fresh
-process per pass, with a cold inductor cache (a new, empty folder) and then warm
-(the folder the cold pass filled), and prints a Markdown table.
+``fit --compile`` (``IWELBO(k, compile=True)``) makes each training step one
+graph: the loss, its gradients and Adam's update
+(:meth:`~pyro_iwae.compiled.CompiledLoss.step`, through
+``pyro_iwae.runs.fit_steps.adam_step`` with fit's optimiser). Its first call pays,
+once per input shape, for: importing inductor; tracing the Pyro program and its
+backward pass into an aten graph (``trace_graph``, fake tensors); compiling that
+graph (``compile_graph``: AOT autograd, inductor's lowering and code generation,
+the probes of the CPU's vector ISAs, the g++ builds of the C++ kernels, or hits
+in inductor's on-disk cache); and checking the step against the eager one
+(``_verified_step``). This script times each part for the paper's model, in a
+fresh process per pass, with a cold inductor cache (a new, empty folder) and
+then warm (the folder the cold pass filled), and prints a Markdown table.
+``--path loss`` times ``elbo.differentiable_loss`` (loss and gradients, no
+Adam) instead; ``--probe-all-isas`` lets inductor probe every vector ISA, as it
+does by default (the library's compile before
+:func:`pyro_iwae.compiled.backend.vec_isa_options`); ``--cpp-wrapper`` tries
+inductor's C++ wrapper.
 
-    python bench/compile_cost.py --data-dir /work/shared/data
-    python bench/compile_cost.py --dataset mnist-mini --batch 20
+    python bench/compile_cost.py --data-dir /work/shared/data --batch 20
+    python bench/compile_cost.py --dataset mnist-mini --batch 20 --repeat 3
 """
 
 from __future__ import annotations
@@ -18,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -26,6 +36,9 @@ import time
 import common
 
 PARTS = ("trace_graph", "compile_graph", "_verified")
+#: Torch's own timers (``torch._dynamo.utils.compilation_time_metrics``) read
+#: after the first step: the C++ kernel builds inductor waited for.
+TORCH_TIMERS = {"kernel_builds": "async_compile.wait"}
 
 
 def one_pass(args: argparse.Namespace) -> dict:
@@ -33,10 +46,12 @@ def one_pass(args: argparse.Namespace) -> dict:
     import pyro
     import torch
 
+    import pyro_iwae.compiled.backend as backend
     import pyro_iwae.compiled.loss as compiled
     from pyro_iwae import IWELBO, paper_architecture
+    from pyro_iwae.runs.fit_steps import adam_step
 
-    seconds = dict.fromkeys(PARTS, 0.0)
+    seconds = dict.fromkeys([*PARTS, "isa_probes"], 0.0)
 
     def timed(name, fn):
         def wrapper(*a, **kw):
@@ -48,68 +63,103 @@ def one_pass(args: argparse.Namespace) -> dict:
 
         return wrapper
 
+    start = time.perf_counter()
+    # Imported here, as the first compile would, to time it apart.
+    import torch._inductor.compile_fx
+    from torch._dynamo.utils import compilation_time_metrics
+    from torch._inductor import cpu_vec_isa
+
+    inductor_import = time.perf_counter() - start
     compiled.trace_graph = timed("trace_graph", compiled.trace_graph)
     compiled.compile_graph = timed("compile_graph", compiled.compile_graph)
-    compiled.CompiledLoss._verified = timed(
-        "_verified", compiled.CompiledLoss._verified
+    verify = "_verified_step" if args.path == "step" else "_verified"
+    setattr(
+        compiled.CompiledLoss,
+        verify,
+        timed("_verified", getattr(compiled.CompiledLoss, verify)),
     )
-    pyro.enable_validation(False)
+    cpu_vec_isa.VecISA.check_build = timed("isa_probes", cpu_vec_isa.VecISA.check_build)
+    if args.probe_all_isas:
+        backend.vec_isa_options = dict
+    if args.cpp_wrapper:
+        isa_options = backend.vec_isa_options
+        backend.vec_isa_options = lambda: {**isa_options(), "cpp_wrapper": True}
+    pyro.enable_validation(args.validation)
     torch.manual_seed(args.seed)
     x = common.load_test_images(args.dataset, args.data_dir, args.batch)
-    model, guide = paper_architecture(1)
+    model, guide = paper_architecture(args.layers)
     elbo = IWELBO(args.k, compile=True)
-    optim = torch.optim.Adam([*model.parameters(), *guide.parameters()], fused=True)
+    # fit's optimiser (pyro_iwae.runs.training).
+    optim = torch.optim.Adam(
+        [*model.parameters(), *guide.parameters()],
+        lr=1e-3,
+        betas=(0.9, 0.999),
+        eps=1e-4,
+        fused=True,
+    )
     start = time.perf_counter()
-    with pyro.settings.context(module_local_params=True):
-        loss = elbo.differentiable_loss(model, guide, x) / args.batch
-    loss.backward()
-    optim.step()
+    if args.path == "step":
+        adam_step(elbo, True, model, guide, x, optim)
+    else:
+        with pyro.settings.context(module_local_params=True):
+            loss = elbo.differentiable_loss(model, guide, x) / args.batch
+        loss.backward()
+        optim.step()
     first = time.perf_counter() - start
     if not compiled.compiled_loss(elbo, model, guide).compiled:
         raise RuntimeError("the compiled path fell back to eager")
-    return {"first_step_s": first, **{f"{k}_s": v for k, v in seconds.items()}}
+    timers = {
+        name: sum(compilation_time_metrics.get(key, ()))
+        for name, key in TORCH_TIMERS.items()
+    }
+    return {
+        "first_step_s": first,
+        "inductor_import_s": inductor_import,
+        **{f"{k}_s": v for k, v in seconds.items()},
+        **{f"{k}_s": v for k, v in timers.items()},
+    }
 
 
 def run(args: argparse.Namespace) -> list[dict]:
     rows = []
-    with tempfile.TemporaryDirectory() as cache:
-        env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": cache}
-        for label in ("cold cache", "warm cache"):
-            command = [sys.executable, __file__, "--one-pass", *sys.argv[1:]]
-            start = time.perf_counter()
-            out = subprocess.run(
-                command, env=env, capture_output=True, text=True, check=True
-            )
-            process = time.perf_counter() - start
-            result = json.loads(out.stdout.strip().splitlines()[-1])
-            rows.append({"cache": label, "process_s": process, **result})
+    for _ in range(args.repeat):
+        with tempfile.TemporaryDirectory() as cache:
+            env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": cache}
+            for label in ("cold", "warm"):
+                command = [sys.executable, __file__, "--one-pass", *sys.argv[1:]]
+                start = time.perf_counter()
+                out = subprocess.run(
+                    command, env=env, capture_output=True, text=True, check=True
+                )
+                process = time.perf_counter() - start
+                result = json.loads(out.stdout.strip().splitlines()[-1])
+                rows.append({"cache": label, "process_s": process, **result})
     return rows
 
 
+COLUMNS = {
+    "import inductor s": lambda r: r["inductor_import_s"],
+    "first step s": lambda r: r["first_step_s"],
+    "tracing s": lambda r: r["trace_graph_s"],
+    "compiling s": lambda r: r["compile_graph_s"],
+    "of which ISA probes s": lambda r: r["isa_probes_s"],
+    "of which waiting for g++ s": lambda r: r["kernel_builds_s"],
+    "checking s": lambda r: r["_verified_s"],
+    "rest s": lambda r: r["first_step_s"] - sum(r[f"{p}_s"] for p in PARTS),
+    "process s": lambda r: r["process_s"],
+}
+
+
 def report(env: dict, rows: list[dict]) -> str:
-    table = common.markdown_table(
-        [
-            "inductor cache",
-            "first step s",
-            "tracing s",
-            "compiling s",
-            "checking s",
-            "rest s",
-            "process s",
-        ],
-        [
-            [
-                r["cache"],
-                f"{r['first_step_s']:.2f}",
-                f"{r['trace_graph_s']:.2f}",
-                f"{r['_compile_s']:.2f}",
-                f"{r['_verified_s']:.2f}",
-                f"{r['first_step_s'] - sum(r[f'{p}_s'] for p in PARTS):.2f}",
-                f"{r['process_s']:.2f}",
-            ]
-            for r in rows
-        ],
-    )
+    """Medians over the repeats, cold and warm."""
+    lines = []
+    for label in ("cold", "warm"):
+        mine = [r for r in rows if r["cache"] == label]
+        lines.append(
+            [f"{label} (median of {len(mine)})"]
+            + [f"{statistics.median(f(r) for r in mine):.2f}" for f in COLUMNS.values()]
+        )
+    table = common.markdown_table(["inductor cache", *COLUMNS], lines)
     return "\n".join(
         [
             "## Cost of the first compiled step",
@@ -118,12 +168,17 @@ def report(env: dict, rows: list[dict]) -> str:
             "",
             table,
             "",
-            "tracing: `trace_graph` (make_fx of loss and backward, fake tensors, "
-            "noise lifted); compiling: `compile_graph` (inductor, or its on-disk "
-            "cache); checking: the eager loss and gradients and the compiled ones "
-            "on the first call; rest: the first step's other work (eager "
-            "backward hand-off, Adam). process: the whole child process, "
-            "Python and torch start-up and data loading included.",
+            "import inductor: before the step, as its first compile would; first "
+            "step: the step without that import; tracing: `trace_graph` (make_fx "
+            "of loss and backward, and Adam's update with --path step, fake "
+            "tensors, noise lifted); compiling: `compile_graph` (AOT autograd and "
+            "inductor, or hits in its on-disk cache), of which ISA probes: "
+            "inductor's builds and loads of vector-ISA probe libraries, and "
+            "waiting for g++: its wait for the C++ kernel builds "
+            "(`async_compile.wait`); checking: the eager step and the compiled "
+            "one compared on the first call; rest: the first step's other work. "
+            "process: the whole child process, Python and torch start-up and "
+            "data loading included.",
         ]
     )
 
@@ -132,13 +187,42 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--k", type=int, default=5)
     parser.add_argument("--batch", type=int, default=100)
+    parser.add_argument("--layers", type=int, default=1, help="stochastic layers")
+    parser.add_argument(
+        "--path",
+        choices=("step", "loss"),
+        default="step",
+        help="step: fit --compile's training step (Adam in the graph); loss: "
+        "differentiable_loss and an eager Adam step",
+    )
+    parser.add_argument(
+        "--probe-all-isas",
+        action="store_true",
+        help="let inductor probe every vector ISA (its default; the library "
+        "probes only the one it picks)",
+    )
+    parser.add_argument(
+        "--cpp-wrapper",
+        action="store_true",
+        help="inductor's C++ wrapper: the kernels built as one library, not one "
+        "each (the library keeps the Python wrapper: its step is faster)",
+    )
+    parser.add_argument("--repeat", type=int, default=1, help="cold/warm pairs")
     parser.add_argument("--one-pass", action="store_true", help=argparse.SUPPRESS)
     common.add_common_arguments(parser)
     args = parser.parse_args(argv)
     if args.one_pass:
         print(json.dumps(one_pass(args)))
         return
-    env = common.environment(seed=args.seed, k=args.k, batch=args.batch)
+    env = common.environment(
+        seed=args.seed,
+        k=args.k,
+        batch=args.batch,
+        layers=args.layers,
+        path=args.path,
+        probe_all_isas=args.probe_all_isas,
+        cpp_wrapper=args.cpp_wrapper,
+    )
     rows = run(args)
     print(report(env, rows))
     if args.json:

@@ -11,6 +11,7 @@ with ``PYRO_IWAE_SLOW_TESTS=1``::
 from __future__ import annotations
 
 import functools
+import json
 import math
 import os
 import subprocess
@@ -719,6 +720,64 @@ def test_a_second_compile_of_the_same_graph_hits_inductors_cache():
         assert compiled.compiled
     assert counters["inductor"]["fxgraph_cache_hit"] > hits
     assert counters["inductor"]["fxgraph_cache_bypass"] == bypassed
+
+
+def test_the_isa_shortcut_leaves_a_chosen_isa_to_inductor(monkeypatch):
+    """Where a user chose the vector ISA (inductor's config or torch's
+    environment variable), inductor's own probes decide, not the shortcut."""
+    from torch._inductor import config
+
+    from pyro_iwae.compiled.backend import vec_isa_options
+
+    monkeypatch.delenv("ATEN_CPU_CAPABILITY", raising=False)
+    with config.patch({"cpp.simdlen": 256}):
+        assert vec_isa_options() == {}
+    with config.patch({"cpp.vec_isa_ok": False}):
+        assert vec_isa_options() == {}
+    monkeypatch.setenv("ATEN_CPU_CAPABILITY", "avx2")
+    assert vec_isa_options() == {}
+
+
+_PICK_ISA = """
+import json, sys
+from torch._inductor import config, cpu_vec_isa
+from pyro_iwae.compiled.backend import vec_isa_options
+
+probed = []
+check_build = cpu_vec_isa.VecISA.check_build
+def counted(isa, code):
+    probed.append((str(isa), isa.build_arch_flags(), code))
+    return check_build(isa, code)
+cpu_vec_isa.VecISA.check_build = counted
+options = vec_isa_options() if sys.argv[1] == "shortcut" else {}
+with config.patch(options):
+    picked = str(cpu_vec_isa.pick_vec_isa())
+print(json.dumps({"options": options, "picked": picked, "probes": len(set(probed))}))
+"""
+
+
+def test_the_isa_shortcut_picks_the_isa_inductor_picks():
+    """Under vec_isa_options inductor picks the vector ISA it picks after all its
+    probes (so the kernels are the same), with fewer probe builds. In fresh
+    processes: inductor keeps its ISA list for the life of a process."""
+    env = {k: v for k, v in os.environ.items() if k != "ATEN_CPU_CAPABILITY"}
+    runs = {}
+    for mode in ("shortcut", "all"):
+        out = subprocess.run(
+            [sys.executable, "-c", _PICK_ISA, mode],
+            capture_output=True,
+            text=True,
+            check=True,
+            env=env,
+        )
+        runs[mode] = json.loads(out.stdout.strip().splitlines()[-1])
+    shortcut, probe_all = runs["shortcut"], runs["all"]
+    assert shortcut["picked"] == probe_all["picked"]
+    assert shortcut["options"] in ({}, {"cpp.vec_isa_ok": True})
+    if shortcut["options"] and probe_all["probes"] > 1:
+        assert shortcut["probes"] < probe_all["probes"]
+    else:
+        assert shortcut["probes"] == probe_all["probes"]
 
 
 @slow

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
+import platform
 import time
 import warnings
 from collections.abc import Callable, Iterator, Sequence
@@ -91,12 +93,49 @@ def compile_graph(
             noise = draw_noise(noise_ops)
         examples = _static_fakes([*inputs, *noise])
         if {t.device.type for t in inputs} != {"cuda"}:
-            return inductor.compile(gm, examples)
+            return inductor.compile(gm, examples, options=vec_isa_options())
         # One replay a call instead of a launch a kernel; shapes are static (a
         # graph per input signature) and the noise is an input, drawn eagerly.
         replay = inductor.compile(gm, examples, options={"triton.cudagraphs": True})
         return lambda *args: _own(replay(*args))
     return torch.compile(gm, backend=backend, fullgraph=True, dynamic=False, **options)
+
+
+def vec_isa_options() -> dict[str, Any]:
+    """Inductor options that spare it most probes of the CPU's lesser vector ISAs.
+
+    To pick the ISA of its C++ kernels, inductor builds and loads a probe
+    library for the base code of every ISA the CPU reports and for each one's
+    extensions (on an AMX Xeon: AMX, AVX-512 VNNI, AVX-512, AVX2; ten g++ runs,
+    about 7 s of a cold compile on 2 cores), then takes the first that works.
+    This runs inductor's own checks of that first ISA and, where they pass,
+    returns ``{"cpp.vec_isa_ok": True}``, under which inductor takes the CPU's
+    word for the base code of the others (their extension checks still run:
+    seven runs, about 3 s). The ISA picked, and so the kernels, are the same.
+    Elsewhere (a failing first ISA, not x86-64, a chosen ``cpp.simdlen``,
+    ``cpp.vec_isa_ok`` or ``ATEN_CPU_CAPABILITY``) it returns ``{}`` and inductor
+    probes as usual. The probes' results stay in inductor's cache folder, so a
+    warm cache skips them either way.
+    """
+    from torch._inductor import config, cpu_vec_isa
+
+    if (
+        platform.machine() not in ("x86_64", "AMD64")
+        or config.cpp.vec_isa_ok is not None
+        or config.cpp.simdlen is not None
+        or os.environ.get("ATEN_CPU_CAPABILITY")
+    ):
+        return {}
+    reported = cpu_vec_isa.x86_isa_checker()
+    first = next(
+        (
+            isa
+            for isa in cpu_vec_isa.supported_vec_isa_list
+            if all(flag in reported for flag in str(isa).split())
+        ),
+        None,
+    )
+    return {"cpp.vec_isa_ok": True} if first is not None and first else {}
 
 
 def _static_fakes(tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
