@@ -60,6 +60,9 @@ AUTO_COMPILE_STEPS = 10_000
 AUTO_COMPILE_STEPS_CACHED = 2_000
 #: The file, in inductor's cache folder, of the step graphs runs have compiled.
 GRAPHS_FILE = "pyro-iwae-graphs.json"
+#: Part of each graph key: changed with the options the compiled path gives
+#: inductor (they are part of inductor's own keys), so that older notes miss.
+GRAPH_OPTIONS_VERSION = 2
 
 
 def choose_compile(
@@ -185,6 +188,7 @@ def step_graph_keys(
     }
     common = {
         "torch": torch.__version__,
+        "options": GRAPH_OPTIONS_VERSION,
         "backend": backend_of(compile),
         "objective": type(objective).__qualname__,
         "settings": repr(sorted(settings.items())),
