@@ -10,8 +10,9 @@ goes to stderr. ``--compile both`` runs every command eagerly and with
 ``--compile``, and reports the seconds each spent compiling (from cold: inductor's
 cache is a fresh folder for each command); ``--compile warm`` runs the compiled
 commands twice, the second time with the inductor cache the first one filled
-(what later runs on the same machine pay). With the defaults this takes many
-minutes.
+(what later runs on the same machine pay); ``--compile default`` runs them with
+the tools' own choice (``--compile auto``), the same two ways. With the defaults
+this takes many minutes.
 
     python bench/end_to_end.py --data-dir /work/shared/data
     python bench/end_to_end.py --dataset mnist-mini --particles 5 --eval-k 100 \\
@@ -67,9 +68,17 @@ def fit_counts(run_dir: Path) -> dict:
             "images": round(metrics["images_per_s"] * metrics["time"]),
             "inner_s": metrics["time"],
             "compile_s": metrics.get("compile_time", 0.0),
+            "choice": choice_text(metrics),
         }
     except (OSError, IndexError, KeyError, TypeError, ValueError):
         return {"images": None, "inner_s": None, "compile_s": None}
+
+
+def choice_text(result: dict) -> str:
+    """How a command ran (compiled or eager) and, where it chose, why."""
+    text = "compiled" if result.get("compiled") else "eager"
+    why = result.get("compile_choice", "as asked")
+    return text if why == "as asked" else f"{text} ({why})"
 
 
 def eval_counts(run_dir: Path, k: int) -> dict:
@@ -81,6 +90,7 @@ def eval_counts(run_dir: Path, k: int) -> dict:
             "images": result["points"],
             "inner_s": result["time"],
             "compile_s": result.get("compile_time", 0.0),
+            "choice": choice_text(result),
         }
     except (OSError, KeyError, ValueError):
         return {"images": None, "inner_s": None, "compile_s": None}
@@ -105,17 +115,26 @@ def run(args: argparse.Namespace, work_dir: Path) -> list[dict]:
     data = ["--dataset", args.dataset]
     if args.data_dir:
         data += ["--data-dir", args.data_dir]
-    # (label, inductor cache) of each pass over the commands; "warm": every
-    # compiled command twice, the second time with the cache the first one filled.
+    # (label, inductor cache, --compile's value) of each pass over the commands;
+    # "warm" and "default": every command twice, the second time with the cache
+    # the first one filled.
+    eager, compiled = ("", None, "off"), (", compiled", "cold", "on")
     passes = {
-        "off": [("", None)],
-        "on": [(", compiled", "cold")],
-        "both": [("", None), (", compiled", "cold")],
-        "warm": [(", compiled, cold cache", "shared"), (", compiled, warm", "shared")],
+        "off": [eager],
+        "on": [compiled],
+        "both": [eager, compiled],
+        "warm": [
+            (", compiled, cold cache", "shared", "on"),
+            (", compiled, warm", "shared", "on"),
+        ],
+        "default": [
+            (", default choice, cold cache", "shared", None),
+            (", default choice, warm", "shared", None),
+        ],
     }[args.compile]
     results = []
-    for number, (label, cache) in enumerate(passes):
-        flag = ["--compile"] if cache else []
+    for number, (label, cache, choice) in enumerate(passes):
+        flag = [] if choice is None else ["--compile", choice]
         suffix = f"-{number}" if cache else ""
         for k in args.particles:
             run_dir = work_dir / f"fit-k{k}{suffix}"
@@ -128,9 +147,7 @@ def run(args: argparse.Namespace, work_dir: Path) -> list[dict]:
         run_dir = work_dir / f"fit-k{args.particles[0]}{suffix}"
         command = [EXECUTABLE, "eval-nll", str(run_dir), "--k", str(args.eval_k)]
         command += ["--limit", str(args.eval_limit), "--seed", str(args.seed)]
-        # eval-nll compiles by itself where it pays (--compile auto): the eager
-        # pass says off.
-        command += ["--quiet", *(flag or ["--compile", "off"])]
+        command += ["--quiet", *flag]
         if args.data_dir:
             command += ["--data-dir", args.data_dir]
         command += shlex.split(args.eval_args)
@@ -177,6 +194,7 @@ def numpyro_rows(args: argparse.Namespace, work_dir: Path) -> list[dict]:
                     ),
                     "inner_s": inner,
                     "compile_s": None,
+                    "choice": "jit",
                     **result,
                 }
             )
@@ -193,6 +211,7 @@ def report(env: dict, results: list[dict]) -> str:
             f"{r['images'] / r['wall_s']:.0f}" if r["images"] else "?",
             f"{r['images'] / r['inner_s']:.0f}" if r["images"] else "?",
             "?" if r["compile_s"] is None else f"{r['compile_s']:.1f}",
+            r.get("choice", "?"),
             f"{r['peak_rss_mib']:.0f}",
             r["returncode"],
         ]
@@ -207,6 +226,7 @@ def report(env: dict, results: list[dict]) -> str:
             "images/s",
             "images/s (tool's clock)",
             "of which compiling s",
+            "ran",
             "peak RSS MiB",
             "exit",
         ],
@@ -249,11 +269,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0, help="passed to both commands")
     parser.add_argument(
         "--compile",
-        choices=["off", "on", "both", "warm"],
+        choices=["off", "on", "both", "warm", "default"],
         default="off",
-        help="run the commands eagerly, with --compile (each from a fresh inductor "
-        "cache), or both ways; warm: with --compile twice, the second time with "
-        "the cache the first filled",
+        help="run the commands eagerly (--compile off), with --compile (each from "
+        "a fresh inductor cache), or both ways; warm: with --compile twice, the "
+        "second time with the cache the first filled; default: with the tools' "
+        "own choice (--compile auto) twice, from a fresh cache, then warm",
     )
     parser.add_argument("--fit-args", default="", help="extra options for fit")
     parser.add_argument("--eval-args", default="", help="extra options for eval-nll")
