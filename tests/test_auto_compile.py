@@ -21,6 +21,7 @@ from pyro_iwae.data import load_dataset
 from pyro_iwae.runs import auto_compile
 from pyro_iwae.runs.auto_compile import (
     AUTO_COMPILE_STEPS,
+    AUTO_COMPILE_STEPS_CACHED,
     AUTO_COMPILE_WORK,
     choose_compile,
     choose_fit_compile,
@@ -77,9 +78,9 @@ def test_the_switch_gives_auto_true_or_false(args, value):
 def test_a_run_compiles_from_the_steps_where_compiling_pays(monkeypatch):
     monkeypatch.setattr(auto_compile, "_cpp_compiler", lambda: "/usr/bin/g++")
     compile, why = choose_fit_compile("auto", AUTO_COMPILE_STEPS, CPU)
-    assert compile is True and why.startswith("auto: 10,000 steps, at least")
+    assert compile is True and why.startswith("auto: 8,000 steps, at least")
     compile, why = choose_fit_compile("auto", AUTO_COMPILE_STEPS - 1, CPU)
-    assert compile is False and why.startswith("auto: 9,999 steps, under")
+    assert compile is False and why.startswith("auto: 7,999 steps, under")
     compile, why = choose_fit_compile("auto", 10**6, CPU, single_process=False)
     assert compile is False and "torchrun" in why
     assert choose_fit_compile(True, 1, CPU, False) == (True, "as asked")
@@ -161,10 +162,12 @@ def test_graph_keys_follow_what_the_graph_depends_on():
 
 def test_the_threshold_counts_the_graphs_to_compile(monkeypatch):
     monkeypatch.setattr(auto_compile, "_cpp_compiler", lambda: "/usr/bin/g++")
-    assert choose_fit_compile("auto", 19_999, CPU, graphs=2)[0] is False
-    assert choose_fit_compile("auto", 20_000, CPU, graphs=2)[0] is True
-    assert choose_fit_compile("auto", 12_000, CPU, graphs=2, cached=1)[0] is True
-    assert choose_fit_compile("auto", 11_999, CPU, graphs=2, cached=1)[0] is False
+    cold, cached = AUTO_COMPILE_STEPS, AUTO_COMPILE_STEPS_CACHED
+    assert choose_fit_compile("auto", 2 * cold - 1, CPU, graphs=2)[0] is False
+    assert choose_fit_compile("auto", 2 * cold, CPU, graphs=2)[0] is True
+    both = cold + cached
+    assert choose_fit_compile("auto", both, CPU, graphs=2, cached=1)[0] is True
+    assert choose_fit_compile("auto", both - 1, CPU, graphs=2, cached=1)[0] is False
 
 
 def test_run_configs_default_to_auto_and_old_ones_keep_theirs(tmp_path):

@@ -9,13 +9,14 @@ cost. Measured on a 2-core AVX-512 Xeon (results/benchmarks.md):
   particle-point about three times faster (``eval-nll --k 5000`` on 1,000 MNIST
   test points: 33.3 s eagerly, 24.4 s compiled of which 11.1 s compiling); it
   pays from about 3 million particle-points (points times ``num_samples``).
-- training: 15-17 s to compile the paper model's step cold, about 3 s from
-  inductor's on-disk cache, then 1.4-6 ms saved per step (batch 20 to 100, k 5 to
-  50: the compiled step against ``fit``'s eager one); it pays from about 10,000
-  steps per graph to compile, 2,000 per graph in the cache. A run compiles one
-  graph per batch shape (two where the last batch is smaller), and notes each
-  graph it compiled in ``pyro-iwae-graphs.json`` in inductor's cache folder: that
-  is how a later run knows the cache holds it.
+- training: 12 s to compile the paper model's step cold (16 s before the
+  compiled path cut inductor's ISA probes), 2.7 s from inductor's on-disk cache
+  (batch 20, k 5), then 1.4-6 ms saved per step (batch 20 to 100, k 5 to 50: the
+  compiled step against ``fit``'s eager one); it pays from about 8,000 steps per
+  graph to compile, 2,000 per graph in the cache. A run compiles one graph per
+  batch shape (two where the last batch is smaller), and notes each graph it
+  compiled in ``pyro-iwae-graphs.json`` in inductor's cache folder: that is how
+  a later run knows the cache holds it.
 
 Inductor compiles C++ on the CPU: without a C++ compiler on the path the choice is
 eager; so it is on other devices, where the compiled path has not been verified.
@@ -56,7 +57,7 @@ AUTO_COMPILE: bool | str | None = True
 #: Particle-points (points x num_samples) from which an evaluation compiles.
 AUTO_COMPILE_WORK = 3_000_000
 #: Training steps from which compiling a step graph pays, cold and from the cache.
-AUTO_COMPILE_STEPS = 10_000
+AUTO_COMPILE_STEPS = 8_000
 AUTO_COMPILE_STEPS_CACHED = 2_000
 #: The file, in inductor's cache folder, of the step graphs runs have compiled.
 GRAPHS_FILE = "pyro-iwae-graphs.json"

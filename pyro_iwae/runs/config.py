@@ -273,7 +273,7 @@ class RunConfig:
         "Run each training step's loss, gradients and Adam update as one graph "
         "compiled by torch's inductor (10-20 s to compile per batch shape, "
         "reported apart; the same numbers to float tolerance); auto compiles runs "
-        "of at least 10,000 steps on the CPU. Programs it cannot capture fall back "
+        "of at least 8,000 steps on the CPU. Programs it cannot capture fall back "
         "to the eager path with a warning.",
         kind="switch",
     )
