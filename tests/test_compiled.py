@@ -989,3 +989,35 @@ log_likelihood(model, guide, x, num_samples=8, chunk_size=4, compile=True)
     assert result.returncode == 0, result.stderr
     assert "No CUDA runtime" not in result.stderr
     assert "Warning" not in result.stderr  # compiled, no fallback
+
+
+@pytest.mark.parametrize("verify", [True, False])
+@pytest.mark.parametrize("how", ["step", "loss"])
+def test_a_loss_graph_that_fails_on_its_first_call_falls_back(monkeypatch, verify, how):
+    """As the log-likelihood's: a graph compiled lazily that fails on its first
+    call gives the eager loss (or step), with one warning, and runs eagerly on."""
+    from pyro_iwae.compiled import loss as compiled_loss
+
+    def broken(*args, **kwargs):
+        def fn(*inputs):
+            raise RuntimeError("C++ compile error: Python.h: No such file")
+
+        return fn
+
+    monkeypatch.setattr(compiled_loss, "compile_graph", broken)
+    model, guide = _SmallModel(), _TorchNormalGuide()
+    compiled = CompiledLoss(IWELBO(3), model, guide, backend=None, verify=verify)
+    x = _data(4)
+    params = [*model.parameters(), *guide.parameters()]
+    optimizer = torch.optim.Adam(params, lr=1e-3)
+    with pytest.warns(CompileFallbackWarning, match="did not compile.*Python.h"):
+        if how == "step":
+            compiled.step(optimizer, x, scale=0.25)
+        else:
+            compiled(x).backward()
+    assert all(p.grad is not None for p in params)
+    assert not compiled.compiled
+    pyro.set_rng_seed(3)
+    again = compiled(x)
+    pyro.set_rng_seed(3)
+    assert torch.equal(again, IWELBO(3).differentiable_loss(model, guide, x))

@@ -13,7 +13,7 @@ from pyro.poutine.runtime import am_i_wrapped
 
 from ..infer.traces import cuda_devices
 from .adam import STATE_KEYS, AdamSettings, adam_state, adam_update, graph_adam
-from .backend import GraphCache, close_enough, compile_graph
+from .backend import GraphCache, close_enough, compile_graph, describe
 from .capture import (
     SEEDED_MESSAGE,
     CallArgs,
@@ -203,13 +203,19 @@ class CompiledLoss(GraphCache):
             )
             if graph is not None:
                 optimizer.zero_grad(set_to_none=True)
-                if fresh and self.verify:
-                    return self._verified_step(graph, optimizer, params, args, kwargs)
-                loss, grads = self._run_graph(graph, params, args, kwargs, optimizer)
-                _set_grads(params, grads)
-                if graph.adam is None:
-                    optimizer.step()
-                return loss
+                if fresh:
+                    loss = self._first(
+                        self._verified_step if self.verify else self._graph_step,
+                        graph,
+                        optimizer,
+                        params,
+                        args,
+                        kwargs,
+                    )
+                    if loss is not None:
+                        return loss
+                else:
+                    return self._graph_step(graph, optimizer, params, args, kwargs)
         optimizer.zero_grad(set_to_none=True)
         loss = self.eager(*args, **kwargs) * scale
         loss.backward()
@@ -217,6 +223,31 @@ class CompiledLoss(GraphCache):
         return loss.detach()
 
     # -- internals ---------------------------------------------------------------
+
+    def _graph_step(
+        self,
+        graph: _LossGraph,
+        optimizer: torch.optim.Optimizer,
+        params: list[torch.Tensor],
+        args: tuple,
+        kwargs: dict,
+    ) -> torch.Tensor:
+        loss, grads = self._run_graph(graph, params, args, kwargs, optimizer)
+        _set_grads(params, grads)
+        if graph.adam is None:
+            optimizer.step()
+        return loss
+
+    def _first(self, call: Callable, *args: Any) -> torch.Tensor | None:
+        """``call(*args)``, the first call of a new graph; None, with the compiled
+        path given up, where it fails: a graph compiled lazily (another
+        ``torch.compile`` backend, or options) compiles on its first call
+        (inductor's direct compile fails earlier, in ``_lookup``)."""
+        try:
+            return call(*args)
+        except Exception as error:  # noqa: BLE001
+            self._disable(f"the graph did not compile ({describe(error)})")
+            return None
 
     def _graph(
         self, named: dict[str, torch.Tensor], args: tuple, kwargs: dict
@@ -232,13 +263,15 @@ class CompiledLoss(GraphCache):
         if not fresh:
             return graph, None
         if not self.verify:
-            return graph, None
-        loss = self._verified(graph, list(named.values()), args, kwargs)
+            loss = self._first(self._run, graph, list(named.values()), args, kwargs)
+            return (graph, loss) if loss is not None else (None, None)
+        loss = self._first(self._verified, graph, list(named.values()), args, kwargs)
         if loss is None:
-            self._disable(
-                "the compiled loss or gradients differ from the eager ones (does the "
-                "program's structure change between calls?)"
-            )
+            if self._disabled is None:
+                self._disable(
+                    "the compiled loss or gradients differ from the eager ones (does "
+                    "the program's structure change between calls?)"
+                )
             return None, None
         return graph, loss
 
