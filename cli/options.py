@@ -15,7 +15,13 @@ import click
 from pyro_iwae.data import DATASETS, FILE_SUFFIXES, is_data_file
 from pyro_iwae.runs.config import RunConfig
 from pyro_iwae.runs.eval_results import EvalSettings
-from pyro_iwae.runs.settings import NO_DEFAULT, Setting, declared, option_names
+from pyro_iwae.runs.settings import (
+    NO_DEFAULT,
+    SWITCH,
+    Setting,
+    declared,
+    option_names,
+)
 
 #: Setting -> its option, for the library's messages (fit's and eval-nll's,
 #: and the arguments of a run that messages name).
@@ -52,10 +58,6 @@ def settings_options(cls: type, skip: tuple[str, ...] = ()) -> Callable:
         return command
 
     return decorate
-
-
-#: A switch setting's words on the command line, and the values they give.
-SWITCH = {"auto": "auto", "on": True, "off": False}
 
 
 def setting_option(name: str, field: Any, s: Setting) -> Callable:

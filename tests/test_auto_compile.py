@@ -18,6 +18,7 @@ from pyro_iwae import (
     paper_architecture,
 )
 from pyro_iwae.data import load_dataset
+from pyro_iwae.errors import ConfigError
 from pyro_iwae.runs import auto_compile
 from pyro_iwae.runs.auto_compile import (
     AUTO_COMPILE_STEPS,
@@ -179,3 +180,15 @@ def test_run_configs_default_to_auto_and_old_ones_keep_theirs(tmp_path):
     old_renyi = {**RunConfig(objective="renyi").to_dict(), "compile": False}
     (tmp_path / "config.json").write_text(json.dumps(old_renyi))
     assert RunConfig.load(tmp_path).make_objective().__class__.__name__ == "RenyiELBO"
+
+
+@pytest.mark.parametrize("settings", [RunConfig, EvalSettings])
+def test_a_switch_takes_its_words_and_refuses_other_values(settings):
+    # As a settings file gives them: the words of the command line.
+    assert settings(compile="on").compile is True
+    assert settings(compile="off").compile is False
+    assert settings(compile="auto").compile == "auto"
+    assert settings(compile="aot_eager").compile == "aot_eager"  # a backend
+    for wrong in ("sometimes", 1.5, 1):
+        with pytest.raises(ConfigError, match="compile.*unknown; choose one of: auto"):
+            settings(compile=wrong)

@@ -48,6 +48,7 @@ from .settings import (
     check_applies,
     check_values,
     declared,
+    normalize_switches,
     setting,
     unused,
 )
@@ -281,6 +282,7 @@ class RunConfig:
     def __post_init__(self) -> None:
         if self.hidden is not None and not isinstance(self.hidden, list):
             self.hidden = list(self.hidden)  # as config.json gives it back
+        normalize_switches(self)  # a settings file's "on" or "off"
         self.validate()
 
     def validate(self, given: Iterable[str] = ()) -> None:

@@ -30,7 +30,7 @@ from ..nn.likelihoods import CONTINUOUS
 from . import distributed
 from .checkpoints import write_json, write_text
 from .config import RunConfig
-from .settings import check_applies, check_values, setting
+from .settings import check_applies, check_values, normalize_switches, setting
 
 __all__ = [
     "EVAL_METHODS",
@@ -122,6 +122,7 @@ class EvalSettings:
     def __post_init__(self) -> None:
         if self.limit == 0:
             self.limit = None  # all points
+        normalize_switches(self)  # a settings file's "on" or "off"
         self.validate()
 
     def validate(self, given: tuple[str, ...] | list[str] = ()) -> None:

@@ -27,6 +27,7 @@ __all__ = [
     "Setting",
     "check_applies",
     "check_values",
+    "normalize_switches",
     "declared",
     "option_names",
     "read_settings",
@@ -85,6 +86,20 @@ def option_names(cls: type) -> dict[str, str]:
     }
 
 
+#: A switch setting's words (on the command line, in settings files) and the
+#: values they give.
+SWITCH = {"auto": "auto", "on": True, "off": False}
+
+
+def normalize_switches(obj: Any) -> None:
+    """Gives the switch settings of ``obj`` given as words (``"on"``, ``"off"``)
+    their values (True, False)."""
+    for name, (_, s) in declared(type(obj)).items():
+        value = getattr(obj, name)
+        if s.kind == "switch" and isinstance(value, str) and value in SWITCH:
+            setattr(obj, name, SWITCH[value])
+
+
 def check_values(obj: Any) -> None:
     """Checks each declared setting of ``obj`` against its choices and range.
 
@@ -94,6 +109,9 @@ def check_values(obj: Any) -> None:
         value = getattr(obj, name)
         if value is None or s.kind in ("flag", "sizes", "dataset", "folder"):
             continue
+        if s.kind == "switch":
+            _check_switch(name, value)
+            continue
         if s.choices is not None and value not in s.choices:
             raise ConfigError(
                 f"{{{name}}} {literal(repr(value))} is unknown; choose one of: "
@@ -101,6 +119,23 @@ def check_values(obj: Any) -> None:
             )
         if s.low is not None or s.high is not None:
             _check_range(name, value, s)
+
+
+def _check_switch(name: str, value: Any) -> None:
+    """A switch is True, False, ``"auto"`` or (from Python) a ``torch.compile``
+    backend's name."""
+    if value is True or value is False or value == "auto":
+        return
+    if isinstance(value, str):
+        from torch._dynamo import list_backends
+
+        backends = list_backends(exclude_tags=())
+        if value in backends:
+            return
+    raise ConfigError(
+        f"{{{name}}} {literal(repr(value))} is unknown; choose one of: "
+        f"{literal(', '.join(SWITCH))}"
+    )
 
 
 def _check_range(name: str, value: Any, s: Setting) -> None:
