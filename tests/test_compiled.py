@@ -553,6 +553,15 @@ def test_log_likelihood_falls_back_when_the_structure_changes_within_a_call():
         ll(_data(4), num_samples=40, chunk_size=20)  # warns once only
 
 
+def _fails_on_its_first_call(*args, **kwargs):
+    """A compile_graph whose graph, compiled lazily, fails when first called."""
+
+    def fn(*inputs):
+        raise RuntimeError("C++ compile error: Python.h: No such file")
+
+    return fn
+
+
 def test_log_likelihood_falls_back_when_the_graph_does_not_compile(monkeypatch):
     """A graph compiled lazily (torch.compile with another backend or options)
     compiles on its first call: a failure there falls back to the eager
@@ -560,13 +569,7 @@ def test_log_likelihood_falls_back_when_the_graph_does_not_compile(monkeypatch):
     is built, where the program's trace fails too)."""
     from pyro_iwae.compiled import log_likelihood as compiled_ll
 
-    def broken(*args, **kwargs):
-        def fn(*inputs):
-            raise RuntimeError("C++ compile error: Python.h: No such file")
-
-        return fn
-
-    monkeypatch.setattr(compiled_ll, "compile_graph", broken)
+    monkeypatch.setattr(compiled_ll, "compile_graph", _fails_on_its_first_call)
     model, guide = _SmallModel(), _TorchNormalGuide()
     ll = CompiledLogLikelihood(model, guide, backend=None)
     x = _data(4)
@@ -998,13 +1001,7 @@ def test_a_loss_graph_that_fails_on_its_first_call_falls_back(monkeypatch, verif
     call gives the eager loss (or step), with one warning, and runs eagerly on."""
     from pyro_iwae.compiled import loss as compiled_loss
 
-    def broken(*args, **kwargs):
-        def fn(*inputs):
-            raise RuntimeError("C++ compile error: Python.h: No such file")
-
-        return fn
-
-    monkeypatch.setattr(compiled_loss, "compile_graph", broken)
+    monkeypatch.setattr(compiled_loss, "compile_graph", _fails_on_its_first_call)
     model, guide = _SmallModel(), _TorchNormalGuide()
     compiled = CompiledLoss(IWELBO(3), model, guide, backend=None, verify=verify)
     x = _data(4)

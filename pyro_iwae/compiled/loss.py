@@ -225,13 +225,10 @@ class CompiledLoss(GraphCache):
     # -- internals ---------------------------------------------------------------
 
     def _graph_step(
-        self,
-        graph: _LossGraph,
-        optimizer: torch.optim.Optimizer,
-        params: list[torch.Tensor],
-        args: tuple,
-        kwargs: dict,
+        self, graph: _LossGraph, optimizer: torch.optim.Optimizer, *call: Any
     ) -> torch.Tensor:
+        """A step of ``graph`` alone; ``call`` is ``(params, args, kwargs)``."""
+        params, args, kwargs = call
         loss, grads = self._run_graph(graph, params, args, kwargs, optimizer)
         _set_grads(params, grads)
         if graph.adam is None:
