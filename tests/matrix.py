@@ -154,7 +154,7 @@ def _per_point(kind: str) -> Callable[[int], Setup]:
 
     def build(points: int) -> Setup:
         s = per_point_setup(kind, points, exact=True)
-        lg = LinearGaussian(diagonal_posterior=kind != "hierarchical")
+        lg = LinearGaussian(diagonal_posterior=not kind.endswith("hierarchical"))
         return Setup(s.model, s.guide, s.x, lg.log_marginal(s.x))
 
     return build
@@ -216,6 +216,11 @@ GUIDES: dict[str, GuideRow] = {
     "AutoIAFNormal": GuideRow(_joint("AutoIAFNormal"), exact=False, joint=True),
     "pyro.param-one-site": GuideRow(_per_point("one-site"), exact=True),
     "hierarchical": GuideRow(_per_point("hierarchical"), exact=True),
+    # A function guide whose parameters are a module's, registered with
+    # pyro.module: stl and dreg hold them constant through torch functions.
+    "pyro.module-hierarchical": GuideRow(
+        _per_point("pyro.module-hierarchical"), exact=True
+    ),
     "aux-delta": GuideRow(_per_point("aux-delta"), exact=True),
     "user-nn.Module": GuideRow(_user_module(LocNet), exact=True, module=True),
     "user-PyroModule": GuideRow(_user_module(PyroLocNet), exact=True),

@@ -77,9 +77,11 @@ def mean_field_setup(kind, replicas, exact):
     )
 
 
-def hierarchical_setup(replicas, exact):
+def hierarchical_setup(replicas, exact, as_module=False):
     """z split into sites za, zb; guide q(za|x) q(zb|za, x), the exact posterior
-    factored by the chain rule (correlated), or a shifted and inflated one."""
+    factored by the chain rule (correlated), or a shifted and inflated one;
+    ``as_module``: its parameters those of an ``nn.Module`` that the guide, a
+    function, registers with ``pyro.module``."""
     lg = LinearGaussian()
     x = lg.sample_data(1).expand(replicas, -1)
     m, s = lg.post_loc(x), lg.post_cov
@@ -107,8 +109,16 @@ def hierarchical_setup(replicas, exact):
                 "x", dist.Normal(z @ lg.W.T + lg.b, SIGMA).to_event(1), obs=data
             )
 
+    net = torch.nn.Module()
+    for name, value in init.items():
+        setattr(net, name, torch.nn.Parameter(value.clone()))
+
     def guide(data):
-        p = {name: pyro.param(name, value.clone()) for name, value in init.items()}
+        if as_module:
+            pyro.module("net", net)
+            p = dict(net.named_parameters())
+        else:
+            p = {name: pyro.param(name, value.clone()) for name, value in init.items()}
         with pyro.plate("data", data.shape[0]):
             za = pyro.sample("za", dist.Normal(p["loc_a"], p["log_scale_a"].exp()))
             loc_b = p["loc_b"] + p["coef"] * (za - m[:, 0])
@@ -116,6 +126,10 @@ def hierarchical_setup(replicas, exact):
 
     store = pyro.get_param_store()
     guide(x)
+    if as_module:
+        return SimpleNamespace(
+            model=model, guide=guide, x=x, params=lambda: list(net.parameters())
+        )
     return SimpleNamespace(
         model=model, guide=guide, x=x, params=lambda: [store[n] for n in init]
     )
@@ -123,8 +137,8 @@ def hierarchical_setup(replicas, exact):
 
 def setup(kind, replicas, exact):
     pyro.clear_param_store()
-    if kind == "hierarchical":
-        return hierarchical_setup(replicas, exact)
+    if kind in ("hierarchical", "pyro.module-hierarchical"):
+        return hierarchical_setup(replicas, exact, kind != "hierarchical")
     return mean_field_setup(kind, replicas, exact)
 
 
