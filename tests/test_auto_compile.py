@@ -29,6 +29,7 @@ from pyro_iwae.runs.auto_compile import (
     step_graph_keys,
 )
 from pyro_iwae.runs.callbacks import FitCallback
+from pyro_iwae.runs.run import Run
 from pyro_iwae.runs.schedules import make_objective
 from pyro_iwae_cli.options import settings_options
 
@@ -192,3 +193,23 @@ def test_a_switch_takes_its_words_and_refuses_other_values(settings):
     for wrong in ("sometimes", 1.5, 1):
         with pytest.raises(ConfigError, match="compile.*unknown; choose one of: auto"):
             settings(compile=wrong)
+
+
+def test_auto_compiles_an_evaluation_whose_graph_one_compiled_before(
+    choices, monkeypatch, run_dir
+):
+    monkeypatch.setattr(auto_compile, "AUTO_COMPILE_WORK", 10**9)
+    monkeypatch.setattr(auto_compile, "AUTO_COMPILE_WORK_CACHED", 200)
+    run = Run(run_dir)
+    options = dict(num_samples=10, limit=20, batch_size=20)
+    assert not run.evaluate(EvalSettings(**options)).compiled
+    assert run.evaluate(EvalSettings(**options, compile=None)).compiled
+    again = run.evaluate(EvalSettings(**options))
+    assert again.compiled, again.compile_choice
+    assert again.compile_choice == (
+        "auto: 200 particle-points (1 of 1 graphs cached), at least the 200 from "
+        "which compiling pays"
+    )
+    # Other batches are other graphs.
+    other = run.evaluate(EvalSettings(**options | {"batch_size": 10}))
+    assert not other.compiled

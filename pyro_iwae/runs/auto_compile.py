@@ -5,10 +5,13 @@ Compiling costs a fixed time, then each unit of work runs faster than eagerly;
 ``"auto"`` compiles where the work is large enough for the saving to repay the
 cost. Measured on a 2-core AVX-512 Xeon (results/benchmarks.md):
 
-- evaluation: 11 s to compile the paper model's log-weights cold, then each
-  particle-point about three times faster (``eval-nll --k 5000`` on 1,000 MNIST
-  test points: 33.3 s eagerly, 24.4 s compiled of which 11.1 s compiling); it
-  pays from about 3 million particle-points (points times ``num_samples``).
+- evaluation: 11 s to compile the paper model's log-weights cold (8 s since the
+  ISA-probe cut), 2.3 s from inductor's cache, then each particle-point about
+  three times faster (``eval-nll --k 5000`` on 1,000 MNIST test points: 33.3 s
+  eagerly, 24.4 s compiled of which 11.1 s compiling; 4 microseconds saved per
+  particle-point); it pays from about 3 million particle-points (points times
+  ``num_samples``) per graph to compile (one per batch shape), 600,000 per graph
+  in the cache.
 - training: 12 s to compile the paper model's step cold (16 s before the
   compiled path cut inductor's ISA probes), 2.7 s from inductor's on-disk cache
   (batch 20, k 5), then 1.4-6 ms saved per step (batch 20 to 100, k 5 to 50: the
@@ -45,21 +48,26 @@ __all__ = [
     "AUTO_COMPILE_STEPS",
     "AUTO_COMPILE_STEPS_CACHED",
     "AUTO_COMPILE_WORK",
+    "AUTO_COMPILE_WORK_CACHED",
+    "batch_shapes",
     "cached_graphs",
     "choose_compile",
     "choose_fit_compile",
+    "graph_keys",
     "remember_graphs",
     "step_graph_keys",
 ]
 
 #: The ``compile`` that ``"auto"`` settles on where compiling pays: inductor.
 AUTO_COMPILE: bool | str | None = True
-#: Particle-points (points x num_samples) from which an evaluation compiles.
+#: Particle-points (points x num_samples) from which compiling an evaluation's
+#: graph pays, cold and from the cache.
 AUTO_COMPILE_WORK = 3_000_000
+AUTO_COMPILE_WORK_CACHED = 600_000
 #: Training steps from which compiling a step graph pays, cold and from the cache.
 AUTO_COMPILE_STEPS = 8_000
 AUTO_COMPILE_STEPS_CACHED = 2_000
-#: The file, in inductor's cache folder, of the step graphs runs have compiled.
+#: The file, in inductor's cache folder, of the graphs runs have compiled.
 GRAPHS_FILE = "pyro-iwae-graphs.json"
 #: Part of each graph key: changed with the options the compiled path gives
 #: inductor (they are part of inductor's own keys), so that older notes miss.
@@ -67,14 +75,21 @@ GRAPH_OPTIONS_VERSION = 2
 
 
 def choose_compile(
-    setting: bool | str | None, points: int, num_samples: int, device: torch.device
+    setting: bool | str | None,
+    points: int,
+    num_samples: int,
+    device: torch.device,
+    graphs: int = 1,
+    cached: int = 0,
 ) -> tuple[bool | str | None, str]:
     """The ``compile`` an evaluation of ``points`` points with ``num_samples``
     particles each runs with, and a few words on why: ``setting`` itself unless
-    it is ``"auto"``."""
-    return _choose(
-        setting, points * num_samples, AUTO_COMPILE_WORK, "particle-points", device
-    )
+    it is ``"auto"``, which compiles where the ``graphs`` to compile (``cached``
+    of them in inductor's cache) pay."""
+    threshold = (graphs - cached) * AUTO_COMPILE_WORK
+    threshold += cached * AUTO_COMPILE_WORK_CACHED
+    unit = _unit("particle-points", graphs, cached)
+    return _choose(setting, points * num_samples, threshold, unit, device)
 
 
 def choose_fit_compile(
@@ -94,8 +109,19 @@ def choose_fit_compile(
         return False, "auto: under torchrun the step runs eagerly"
     threshold = (graphs - cached) * AUTO_COMPILE_STEPS
     threshold += cached * AUTO_COMPILE_STEPS_CACHED
-    unit = "steps" if not cached else f"steps ({cached} of {graphs} graphs cached)"
-    return _choose(setting, steps, threshold, unit, device)
+    return _choose(setting, steps, threshold, _unit("steps", graphs, cached), device)
+
+
+def _unit(unit: str, graphs: int, cached: int) -> str:
+    return unit if not cached else f"{unit} ({cached} of {graphs} graphs cached)"
+
+
+def batch_shapes(data_shape: Sequence[int], batch_size: int) -> list[tuple[int, ...]]:
+    """The shapes of the batches of ``batch_size`` of data of ``data_shape``:
+    one, or two where the last batch is smaller."""
+    num_points = data_shape[0]
+    sizes = {min(batch_size, num_points), num_points % batch_size or batch_size}
+    return [(size, *data_shape[1:]) for size in sorted(sizes)]
 
 
 @dataclasses.dataclass
@@ -128,9 +154,7 @@ class FitCompile:
         setting = getattr(objective, "compile", False)
         keys = []
         if setting == "auto" or compiles(setting):
-            num_points = data_shape[0]
-            sizes = {min(batch_size, num_points), num_points % batch_size or batch_size}
-            shapes = [(size, *data_shape[1:]) for size in sorted(sizes)]
+            shapes = batch_shapes(data_shape, batch_size)
             keys = step_graph_keys(setting, objective, model, guide, shapes, device)
         compile, why = choose_fit_compile(
             setting, steps, device, single_process, len(keys), cached_graphs(keys)
@@ -174,8 +198,6 @@ def step_graph_keys(
     """A key for each training step graph of ``objective`` on ``model`` and
     ``guide`` compiled as ``compile`` says (``"auto"``: as it settles where it
     compiles), one per batch shape: what the graph depends on but the values."""
-    if compile == "auto":
-        compile = AUTO_COMPILE
     settings = {
         name: getattr(objective, name, None)
         for name in (
@@ -187,11 +209,28 @@ def step_graph_keys(
             "beta",
         )
     }
+    settings["objective"] = type(objective).__qualname__
+    return graph_keys(compile, settings, model, guide, batch_shapes, device)
+
+
+def graph_keys(
+    compile: bool | str | None,
+    settings: dict[str, Any],
+    model: torch.nn.Module,
+    guide: torch.nn.Module,
+    batch_shapes: Iterable[Sequence[int]],
+    device: torch.device,
+) -> list[str]:
+    """A key for each graph of ``model`` and ``guide`` that ``settings`` (what
+    else the graph depends on: an objective's, an evaluation's) make, compiled
+    as ``compile`` says (``"auto"``: as it settles where it compiles), one per
+    batch shape."""
+    if compile == "auto":
+        compile = AUTO_COMPILE
     common = {
         "torch": torch.__version__,
         "options": GRAPH_OPTIONS_VERSION,
         "backend": backend_of(compile),
-        "objective": type(objective).__qualname__,
         "settings": repr(sorted(settings.items())),
         "device": device.type,
         "modules": [_module_signature(module) for module in (model, guide)],

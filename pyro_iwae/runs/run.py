@@ -38,8 +38,15 @@ from ..infer.evaluation import (
     latent_activity,
     warn_of_problems,
 )
+from ..infer.hooks import compiles
 from . import distributed, run_writer
-from .auto_compile import choose_compile
+from .auto_compile import (
+    batch_shapes,
+    cached_graphs,
+    choose_compile,
+    graph_keys,
+    remember_graphs,
+)
 from .callbacks import FitCallback
 from .checkpoints import (
     CHECKPOINT_FILE,
@@ -244,10 +251,17 @@ class Run:
         config, model, guide = self.load(device)
         data = self.data(data_dir, dataset, config)
         points = _points(data, settings).to(next(model.parameters()).device)
-        compile, choice = False, "not with ais"
+        compile, choice, keys = False, "not with ais", []
         if settings.method == "iwae":
+            if settings.compile == "auto" or compiles(settings.compile):
+                keys = _graph_keys(model, guide, points, settings)
             compile, choice = choose_compile(
-                settings.compile, points.shape[0], settings.num_samples, points.device
+                settings.compile,
+                points.shape[0],
+                settings.num_samples,
+                points.device,
+                len(keys),
+                cached_graphs(keys),
             )
             settings = dataclasses.replace(settings, compile=compile)
         path = distributed.from_main(
@@ -261,8 +275,10 @@ class Run:
         )
         evaluation = summarise(results, settings, config, activity, path)
         evaluation.time, evaluation.compile_time = seconds, compile_time
-        evaluation.compiled = compile is not False
+        evaluation.compiled = compiles(compile)
         evaluation.compile_choice = choice
+        if compile_time > 0 and evaluation.compiled and distributed.is_main():
+            remember_graphs(keys)  # for a later evaluation's "auto"
         if distributed.is_main():
             warn_of_problems(results[:, 0])
             evaluation.write(results[:, 0], results[:, 1:])
@@ -506,6 +522,20 @@ def _estimate(
     ).double()
     seconds = time.perf_counter() - start
     return results, seconds, compile_seconds(settings.compile) - compiled_before
+
+
+def _graph_keys(
+    model: torch.nn.Module,
+    guide: torch.nn.Module,
+    points: torch.Tensor,
+    settings: EvalSettings,
+) -> list[str]:
+    """The keys of the log-weight graphs of an evaluation of ``points``."""
+    chunk = {"num_samples": settings.num_samples, "chunk_size": settings.chunk_size}
+    shapes = batch_shapes(points.shape, settings.batch_size)
+    return graph_keys(
+        settings.compile, {"log_likelihood": chunk}, model, guide, shapes, points.device
+    )
 
 
 def _activity(
