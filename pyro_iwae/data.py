@@ -195,8 +195,9 @@ def load_dataset(
 
     - ``"mnist-mini"``: the first 10,000 training and 2,000 test MNIST images,
       embedded in the package; needs no file and no network.
-    - ``"mnist"``, ``"fashion-mnist"``: 60,000 / 10,000 images read by
-      torchvision from ``<data_dir>/MNIST/raw`` or ``<data_dir>/FashionMNIST/raw``.
+    - ``"mnist"``, ``"fashion-mnist"``: 60,000 / 10,000 images from the IDX
+      files in ``<data_dir>/MNIST/raw`` or ``<data_dir>/FashionMNIST/raw``
+      (torchvision's layout; torchvision downloads missing files).
     - ``"omniglot"``: 24,345 / 8,070 images from the paper's ``chardata.mat`` in
       ``data_dir`` (needs scipy; never downloaded), training set shuffled as in
       the paper.
@@ -239,7 +240,7 @@ def load_dataset(
     elif name == "omniglot":
         train, test = _load_omniglot(root)
     else:
-        train, test, *labels = _load_torchvision(name, root, download)
+        train, test, *labels = _load_idx_files(name, root, download)
 
     n = train.shape[0]
     if not 0 <= validation_size < n:
@@ -448,55 +449,50 @@ def _load_mnist_mini() -> tuple[Tensor, Tensor, Tensor, Tensor]:
     return _flatten(train_x), _flatten(test_x), train_y.long(), test_y.long()
 
 
-def _load_torchvision(
+def _load_idx_files(
     name: str, root: Path, download: bool
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Train and test images, then their labels."""
-    from torchvision import datasets
+    """Train and test images, then their labels, from torchvision's raw folder.
 
-    cls = datasets.MNIST if name == "mnist" else datasets.FashionMNIST
-    raw = root / cls.__name__ / "raw"
+    torchvision downloads missing files; present ones are read here, which spares
+    a run the second or so that importing torchvision takes.
+    """
+    folder = "MNIST" if name == "mnist" else "FashionMNIST"
+    raw = root / folder / "raw"
     missing = [f for f in _IDX_FILES if not (raw / f).is_file()]
     if missing and not download:
         raise DataError(
             f"{name}: {raw / missing[0]} not found; pass --data-dir pointing at a "
-            f"folder holding {cls.__name__}/raw, or allow download"
+            f"folder holding {folder}/raw, or allow download"
         )
     if missing:
+        from torchvision import datasets
+
         try:
-            cls(root, train=True, download=True)
+            getattr(datasets, folder)(root, train=True, download=True)
         except (OSError, RuntimeError) as e:
             raise DataError(
                 f"{name}: could not download into {raw} ({one_line(e)}); check the "
                 f"network, or pass --data-dir pointing at a folder holding "
-                f"{cls.__name__}/raw"
+                f"{folder}/raw"
             ) from e
     try:
-        train_set = cls(root, train=True, download=False)
-        test_set = cls(root, train=False, download=False)
-        train, test = train_set.data, test_set.data
-    except (
-        OSError,
-        RuntimeError,
-        ValueError,
-        TypeError,
-        KeyError,
-        AssertionError,
-    ) as e:
+        records = [_read_idx((raw / f).read_bytes()) for f in _IDX_FILES]
+        if any(len(r) != 1 for r in records):
+            raise ValueError("not one IDX record per file")
+        train, train_labels, test, test_labels = (r[0] for r in records)
+    except (OSError, ValueError, struct.error) as e:
         raise DataError(
             f"{name}: cannot read the files in {raw} ({one_line(e)}); delete them "
             "and download again"
         ) from e
-    if train.shape[1:] != (28, 28) or test.shape[1:] != (28, 28):
-        raise DataError(
-            f"{name}: the images in {raw} are not 28x28; delete them and download again"
-        )
-    return (
-        _flatten(train),
-        _flatten(test),
-        train_set.targets.long(),
-        test_set.targets.long(),
-    )
+    for images, labels in ((train, train_labels), (test, test_labels)):
+        if images.shape[1:] != (28, 28) or labels.shape != images.shape[:1]:
+            raise DataError(
+                f"{name}: the files in {raw} do not hold one label per 28x28 "
+                "image; delete them and download again"
+            )
+    return _flatten(train), _flatten(test), train_labels.long(), test_labels.long()
 
 
 def _load_omniglot(root: Path) -> tuple[Tensor, Tensor]:

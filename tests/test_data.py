@@ -2,6 +2,7 @@ import gzip
 import hashlib
 import importlib.resources
 import math
+import subprocess
 import sys
 from pathlib import Path
 from urllib.error import URLError
@@ -206,6 +207,65 @@ def test_mnist_corrupt_files(tmp_path):
     with pytest.raises(DataError, match="cannot read") as info:
         load_dataset("mnist", tmp_path, download=False)
     assert "\n" not in str(info.value)
+
+
+def write_idx(path: Path, values: torch.Tensor) -> None:
+    """One uint8 IDX record, as in the MNIST files."""
+    header = bytes([0, 0, 8, values.dim()])
+    for size in values.shape:
+        header += size.to_bytes(4, "big")
+    path.write_bytes(header + values.to(torch.uint8).numpy().tobytes())
+
+
+def write_mnist_raw(raw: Path, n_train: int = 5, n_test: int = 3) -> None:
+    raw.mkdir(parents=True)
+    pixels = torch.arange((n_train + n_test) * 784) % 256
+    images = pixels.view(-1, 28, 28)
+    labels = torch.arange(n_train + n_test) % 10
+    write_idx(raw / "train-images-idx3-ubyte", images[:n_train])
+    write_idx(raw / "train-labels-idx1-ubyte", labels[:n_train])
+    write_idx(raw / "t10k-images-idx3-ubyte", images[n_train:])
+    write_idx(raw / "t10k-labels-idx1-ubyte", labels[n_train:])
+
+
+@pytest.mark.parametrize(
+    "name, folder", [("mnist", "MNIST"), ("fashion-mnist", "FashionMNIST")]
+)
+def test_mnist_files_read_as_torchvision_reads_them(tmp_path, name, folder):
+    datasets = pytest.importorskip("torchvision.datasets")
+    write_mnist_raw(tmp_path / folder / "raw")
+    data = load_dataset(name, tmp_path, download=False, binarize="none")
+    theirs = getattr(datasets, folder)
+    for split, x, y in (
+        (True, data.train, data.train_labels),
+        (False, data.test, data.test_labels),
+    ):
+        reference = theirs(tmp_path, train=split, download=False)
+        assert torch.equal(x, reference.data.reshape(len(x), 784).float() / 255)
+        assert torch.equal(y, reference.targets.long())
+
+
+def test_mnist_files_with_fewer_labels_than_images(tmp_path):
+    raw = tmp_path / "MNIST" / "raw"
+    write_mnist_raw(raw)
+    write_idx(raw / "t10k-labels-idx1-ubyte", torch.zeros(2))
+    with pytest.raises(DataError, match="one label per 28x28 image") as info:
+        load_dataset("mnist", tmp_path, download=False)
+    assert "\n" not in str(info.value)
+
+
+def test_reading_mnist_files_does_not_import_torchvision(tmp_path):
+    # Importing torchvision costs a run a second or more; only a download needs it.
+    write_mnist_raw(tmp_path / "MNIST" / "raw")
+    code = (
+        "import sys; from pyro_iwae.data import load_dataset; "
+        f"load_dataset('mnist', {str(tmp_path)!r}, download=False); "
+        "print('torchvision' in sys.modules)"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    )
+    assert out.stdout.strip() == "False"
 
 
 @pytest.mark.skipif(
