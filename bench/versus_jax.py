@@ -16,8 +16,10 @@ subnormals flushed to zero; ``pyro_iwae.runs.fit_steps.adam_step`` itself),
 whose step is one graph of the scaled loss, its gradients and the Adam update),
 ``pyro-svi`` (Pyro's own path:
 ``SVI(model, guide, pyro.optim.Adam, loss=IWELBO(k)).step``), ``pyro-svi-compiled``
-(the same with ``IWELBO(k, compile=True)``; Pyro's rows as Pyro runs them, without
-flushing subnormals) and ``hand`` (bench/handwritten.py, ``Adam(fused=True)``,
+(the same with ``IWELBO(k, compile=True)``), ``pyro-svi-joint`` and
+``pyro-svi-joint-compiled`` (the same two with ``pyro_iwae.optim.Adam``: one fused
+torch Adam for all parameters; Pyro's rows as Pyro runs them, without flushing
+subnormals) and ``hand`` (bench/handwritten.py, ``Adam(fused=True)``,
 subnormals flushed).
 Theirs: ``numpyro-run`` (NumPyro's fastest path, ``SVI.run``: a jitted
 ``lax.scan`` of 10 steps per call), ``numpyro-update`` (jitted ``SVI.update``, one
@@ -55,6 +57,7 @@ import pyro.optim
 import torch
 from handwritten import HandIWAE
 
+import pyro_iwae.optim
 from pyro_iwae import IWELBO, log_likelihood, paper_architecture
 from pyro_iwae.compiled import CompiledLogLikelihood
 from pyro_iwae.infer.evaluation import default_chunk_size
@@ -64,7 +67,15 @@ from pyro_iwae.runs.fit_steps import adam_step
 LR = 1e-3
 ADAM_EPS = 1e-4
 HERE = Path(__file__).resolve().parent
-OURS = ("fit", "fit-compiled", "pyro-svi", "pyro-svi-compiled", "hand")
+OURS = (
+    "fit",
+    "fit-compiled",
+    "pyro-svi",
+    "pyro-svi-compiled",
+    "pyro-svi-joint",
+    "pyro-svi-joint-compiled",
+    "hand",
+)
 THEIRS = ("numpyro-run", "numpyro-update", "jax-hand")
 #: The NumPyro paths; ratios are to the fastest of them in each cell.
 NUMPYRO = ("numpyro-run", "numpyro-update")
@@ -169,7 +180,10 @@ def make_ours(name: str, x: torch.Tensor, k: int, init):
     guide.load_state_dict(init[1])
     compile = name.endswith("-compiled")
     if name.startswith("pyro-svi"):
-        optim = pyro.optim.Adam({"lr": LR, "eps": ADAM_EPS})
+        if name.startswith("pyro-svi-joint"):
+            optim = pyro_iwae.optim.Adam({"lr": LR, "eps": ADAM_EPS})
+        else:
+            optim = pyro.optim.Adam({"lr": LR, "eps": ADAM_EPS})
         elbo = IWELBO(num_particles=k, compile=compile)
         svi = pyro.infer.SVI(model, guide, optim, loss=elbo)
 
