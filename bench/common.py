@@ -130,8 +130,28 @@ def environment(seed: int | None = None, **extra: Any) -> dict[str, Any]:
         "pyro": pyro.__version__,
         "pyro_iwae": pyro_iwae.__version__,
         "git": git_revision(),
+        **({"isa_caps": caps} if (caps := isa_caps()) else {}),
         **extra,
     }
+
+
+#: Environment variables that hold a process below the CPU's widest ISA: torch's
+#: ATen kernels and inductor's C++ kernels, MKL, oneDNN, XLA's code generation.
+ISA_CAP_VARIABLES = (
+    "ATEN_CPU_CAPABILITY",
+    "MKL_ENABLE_INSTRUCTIONS",
+    "ONEDNN_MAX_CPU_ISA",
+    "XLA_FLAGS",
+)
+
+
+def isa_caps() -> str:
+    """The ISA caps set in this environment, as ``NAME=value`` words, or ''."""
+    return " ".join(
+        f"{name}={os.environ[name]}"
+        for name in ISA_CAP_VARIABLES
+        if os.environ.get(name)
+    )
 
 
 def environment_markdown(env: dict[str, Any]) -> str:

@@ -27,6 +27,9 @@ reads one JSON command per line on stdin and answers one JSON line on stdout:
 - ``{"cmd": "ll", "images": N, "num_samples": K, "chunk": C}``: jits the
   ``jax-ll`` estimate of log p(x) of the first N images, K particles in chunks of C
   (``lax.scan`` with a running logsumexp).
+- ``{"cmd": "matmul", "size": S, "repeats": R}``: GFLOP/s of a jitted ``a @ b`` of
+  S x S float32 matrices, the best (peak) and median of R timed calls: JAX's side
+  of the GEMM peaks the report gives.
 - ``{"cmd": "quit"}``.
 
 The architecture is the paper's one-layer IWAE as pyro-iwae builds it: q 784-200-
@@ -41,6 +44,7 @@ from __future__ import annotations
 import importlib.metadata
 import json
 import math
+import statistics
 import sys
 import time
 from functools import partial
@@ -275,6 +279,24 @@ class Worker:
         return {
             "compile_and_first_s": time.perf_counter() - start,
             "estimates": first.tolist(),
+        }
+
+    def matmul(self, cmd):
+        size, repeats = cmd.get("size", 2048), cmd.get("repeats", 10)
+        keys = random.split(random.PRNGKey(0))
+        a, b = (random.normal(key, (size, size), jnp.float32) for key in keys)
+        product = jax.jit(jnp.matmul)
+        jax.block_until_ready(product(a, b))
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            jax.block_until_ready(product(a, b))
+            times.append(time.perf_counter() - start)
+        flops = 2 * size**3
+        return {
+            "size": size,
+            "peak_gflops": flops / min(times) / 1e9,
+            "median_gflops": flops / statistics.median(times) / 1e9,
         }
 
     def time(self, cmd):

@@ -400,6 +400,7 @@ def run(args: argparse.Namespace, peer: Peer, tmp: Path) -> dict:
         # The machine's speed drifts: the better of two measurements is the peak.
         after = common.matmul_peak(repeats=30)
         out["matmul"] = max(before, after, key=lambda m: m["peak_gflops"])
+        out["jax_matmul"] = peer("matmul", size=out["matmul"]["size"], repeats=30)
         out["ll"] = summarise(
             times, images=args.ll_images, num_samples=args.ll_k, chunk=chunk
         )
@@ -500,7 +501,10 @@ def report(env: dict, out: dict) -> str:
             "(forward) over the whole estimate's time; peak: "
             f"{peak:.1f} GFLOP/s, the best of 30 `torch.mm` "
             f"{out['matmul']['size']}^2, before the rounds and after (median "
-            f"{out['matmul']['median_gflops']:.1f}). `decoder-products` runs "
+            f"{out['matmul']['median_gflops']:.1f}); JAX's jitted `a @ b` of "
+            f"the same size: {out['jax_matmul']['peak_gflops']:.1f} GFLOP/s best "
+            f"of 30 (median {out['jax_matmul']['median_gflops']:.1f}). "
+            "`decoder-products` runs "
             "those products alone (`addmm` on the same rows, nothing else): the "
             "ceiling of that figure with these products.",
         ]
