@@ -783,6 +783,87 @@ def test_the_isa_shortcut_picks_the_isa_inductor_picks():
         assert shortcut["probes"] == probe_all["probes"]
 
 
+_CPU_KEY = """
+from pyro_iwae.compiled.backend import cpu_isa_key, cpu_key_options
+(custom,) = cpu_key_options().values()
+assert custom.uuid() == cpu_isa_key()
+print(cpu_isa_key())
+"""
+
+
+def _above_avx2() -> bool:
+    return torch.backends.cpu.get_cpu_capability() not in ("AVX2", "DEFAULT")
+
+
+@pytest.mark.skipif(not _above_avx2(), reason="needs a CPU above AVX2")
+def test_a_process_held_to_avx2_has_another_cache_key():
+    """Inductor's on-disk key holds no CPU ISA; the compiled path's options put
+    one in, which ATEN_CPU_CAPABILITY (or another machine) changes."""
+    keys = {}
+    for capability in ("", "avx2"):
+        env = {**os.environ, "ATEN_CPU_CAPABILITY": capability}
+        out = subprocess.run(
+            [sys.executable, "-c", _CPU_KEY],
+            capture_output=True,
+            text=True,
+            check=True,
+            env=env,
+        )
+        keys[capability] = out.stdout.strip().splitlines()[-1]
+    assert keys[""] != keys["avx2"]
+    assert "AVX2" in keys["avx2"].split()
+
+
+_COMPILE_IN_SHARED_CACHE = f"""
+import json, warnings
+import torch
+from pyro_iwae import IWELBO, paper_architecture
+from pyro_iwae.compiled import CompiledLoss, backend
+
+# Each process as on a machine of its own ISA, whose shortcut trusts its CPU.
+backend.vec_isa_options = lambda: {{"cpp.vec_isa_ok": True}}
+torch.manual_seed(0)
+model, guide = paper_architecture(1, x_dim={X_DIM})
+x = (torch.rand(3, {X_DIM}, generator=torch.Generator().manual_seed(1)) < 0.4).float()
+elbo = IWELBO(2)
+with torch.random.fork_rng():
+    eager = elbo.differentiable_loss(model, guide, x).item()
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    compiled = CompiledLoss(elbo, model, guide, verify=False)
+    loss = compiled(x).item()
+print(json.dumps({{"eager": eager, "compiled": loss,
+                  "capability": torch.backends.cpu.get_cpu_capability()}}))
+"""
+
+
+@slow
+@pytest.mark.skipif(not _above_avx2(), reason="needs a CPU above AVX2")
+def test_a_cache_folder_shared_with_a_process_at_another_isa(tmp_path):
+    """A process held to AVX2 (as on an AVX2 machine) that shares a cache folder
+    with an AVX-512 process computes the loss right: it was handed that
+    process's graph, its kernels rebuilt for other vector widths (the loss
+    unverified here, else the first call's check falls back to eager)."""
+    results = []
+    for capability in ("", "avx2"):
+        env = {
+            **os.environ,
+            "ATEN_CPU_CAPABILITY": capability,
+            "TORCHINDUCTOR_CACHE_DIR": str(tmp_path),
+        }
+        out = subprocess.run(
+            [sys.executable, "-c", _COMPILE_IN_SHARED_CACHE],
+            capture_output=True,
+            text=True,
+            check=True,
+            env=env,
+        )
+        results.append(json.loads(out.stdout.strip().splitlines()[-1]))
+    assert results[1]["capability"] == "AVX2"
+    for result in results:
+        assert result["compiled"] == pytest.approx(result["eager"], rel=1e-4)
+
+
 @slow
 def test_inputs_of_another_memory_layout_get_their_own_graph():
     """A graph asserts the strides it was compiled for: the same values in

@@ -9,6 +9,7 @@ Inductor is imported on the first compilation, not with the package.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import platform
@@ -93,7 +94,8 @@ def compile_graph(
             noise = draw_noise(noise_ops)
         examples = _static_fakes([*inputs, *noise])
         if {t.device.type for t in inputs} != {"cuda"}:
-            return inductor.compile(gm, examples, options=vec_isa_options())
+            options = {**vec_isa_options(), **cpu_key_options()}
+            return inductor.compile(gm, examples, options=options)
         # One replay a call instead of a launch a kernel; shapes are static (a
         # graph per input signature) and the noise is an input, drawn eagerly.
         replay = inductor.compile(gm, examples, options={"triton.cudagraphs": True})
@@ -136,6 +138,55 @@ def vec_isa_options() -> dict[str, Any]:
         None,
     )
     return {"cpp.vec_isa_ok": True} if first is not None and first else {}
+
+
+@functools.cache
+def cpu_isa_key() -> str:
+    """What decides the vector code of inductor's C++ kernels on this machine: the
+    architecture, the CPU's vector extensions and the capability torch runs at
+    (``ATEN_CPU_CAPABILITY`` can hold it below the CPU's)."""
+    flags: list[str] = []
+    with contextlib.suppress(OSError):
+        with open("/proc/cpuinfo") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith("flags"):
+                    flags = line.partition(":")[2].split()
+                    break
+    vector = sorted(f for f in flags if f.startswith(_VECTOR_FLAGS))
+    capability = torch.backends.cpu.get_cpu_capability()
+    return f"{platform.machine()} {capability} {' '.join(vector)}"
+
+
+#: /proc/cpuinfo flags that name vector extensions inductor's kernels may use.
+_VECTOR_FLAGS = ("avx", "amx", "fma", "f16c", "sse", "ssse")
+
+
+def cpu_key_options() -> dict[str, Any]:
+    """Inductor options that put :func:`cpu_isa_key` into its on-disk cache key.
+
+    Inductor's key for a compiled graph holds no CPU ISA (torch 2.14): a process
+    at another ISA (another machine sharing the cache folder, or
+    ``ATEN_CPU_CAPABILITY=avx2`` on an AVX-512 machine) was handed the graph of
+    the first, its kernels rebuilt from code written for other vector widths;
+    the paper model's loss came out twice its value (the first call's check
+    caught it and fell back to the eager path). A post-grad pass that changes
+    nothing carries the key (its ``uuid`` is part of inductor's key). Where a
+    user has a pass of their own there, it is left alone.
+    """
+    from torch._inductor import config
+    from torch._inductor.custom_graph_pass import CustomGraphPass
+
+    if config.post_grad_custom_post_pass is not None:
+        return {}
+
+    class CpuIsaKey(CustomGraphPass):
+        def __call__(self, graph: fx.Graph) -> None:
+            return None
+
+        def uuid(self) -> str:
+            return cpu_isa_key()
+
+    return {"post_grad_custom_post_pass": CpuIsaKey()}
 
 
 def _static_fakes(tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:

@@ -39,6 +39,7 @@ from typing import Any
 
 import torch
 
+from ..compiled.backend import cpu_isa_key
 from ..infer.evaluation import compile_seconds
 from ..infer.hooks import backend_of, compiles
 from .checkpoints import write_json
@@ -71,7 +72,7 @@ AUTO_COMPILE_STEPS_CACHED = 2_000
 GRAPHS_FILE = "pyro-iwae-graphs.json"
 #: Part of each graph key: changed with the options the compiled path gives
 #: inductor (they are part of inductor's own keys), so that older notes miss.
-GRAPH_OPTIONS_VERSION = 2
+GRAPH_OPTIONS_VERSION = 3
 
 
 def choose_compile(
@@ -233,6 +234,9 @@ def graph_keys(
         "backend": backend_of(compile),
         "settings": repr(sorted(settings.items())),
         "device": device.type,
+        # A cache folder may be shared by machines of other ISAs (see
+        # pyro_iwae.compiled.backend.cpu_key_options).
+        "cpu": cpu_isa_key() if device.type == "cpu" else None,
         "modules": [_module_signature(module) for module in (model, guide)],
     }
     keys = []
