@@ -32,7 +32,9 @@ class JointOptim(PyroOptim):
     per-parameter format, so saved states move between the two either way.
     Tensors whose arguments are equal (all of them, when ``optim_args`` is a
     dict) share a parameter group, which a fused or ``foreach`` optimiser
-    updates in one call.
+    updates in one call. The torch optimiser is :attr:`optimizer` from the first
+    step on (None before); a ``torch.optim.lr_scheduler`` built on it then sets
+    the learning rate of every tensor.
 
     :param optim_constructor: A :class:`torch.optim.Optimizer` class, e.g.
         ``torch.optim.Adam``; not a learning-rate scheduler.

@@ -121,3 +121,19 @@ def test_refuses_what_is_not_an_optimiser_class():
         JointOptim(torch.optim.lr_scheduler.StepLR, {"step_size": 1})
     with pytest.raises(TypeError, match="torch.optim.Optimizer class"):
         JointOptim(lambda params: torch.optim.SGD(params, lr=0.1), {})
+
+
+def test_a_torch_scheduler_drives_the_joint_optimiser():
+    joint = JointOptim(torch.optim.Adam, {"lr": 0.05})
+    pyro.clear_param_store()
+    svi = SVI(model, guide, joint, loss=IWELBO(num_particles=2))
+    assert joint.optimizer is None
+    svi.step(DATA, 1)
+    scheduler = torch.optim.lr_scheduler.StepLR(joint.optimizer, 1, gamma=0.5)
+    svi.step(DATA, 1)
+    scheduler.step()
+    before = {n: pyro.param(n).detach().clone() for n in ("a", "b")}
+    svi.step(DATA, 1)
+    assert joint.optimizer.param_groups[0]["lr"] == 0.025
+    for name, value in before.items():
+        assert not torch.equal(pyro.param(name).detach(), value)
