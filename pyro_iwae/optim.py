@@ -32,7 +32,7 @@ class JointOptim(PyroOptim):
     per-parameter format, so saved states move between the two either way.
     Tensors whose arguments are equal (all of them, when ``optim_args`` is a
     dict) share a parameter group, which a fused or ``foreach`` optimiser
-    updates in one call. The torch optimiser is :attr:`optimizer` from the first
+    updates in one call. The torch optimiser is ``self.optimizer`` from the first
     step on (None before); a ``torch.optim.lr_scheduler`` built on it then sets
     the learning rate of every tensor.
 
