@@ -795,21 +795,26 @@ def _above_avx2() -> bool:
     return torch.backends.cpu.get_cpu_capability() not in ("AVX2", "DEFAULT")
 
 
+def _last_line(code: str, **env: str) -> str:
+    """The last line ``code`` prints, run by a fresh Python with ``env`` added."""
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        check=True,
+        env={**os.environ, **env},
+    )
+    return out.stdout.strip().splitlines()[-1]
+
+
 @pytest.mark.skipif(not _above_avx2(), reason="needs a CPU above AVX2")
 def test_a_process_held_to_avx2_has_another_cache_key():
     """Inductor's on-disk key holds no CPU ISA; the compiled path's options put
     one in, which ATEN_CPU_CAPABILITY (or another machine) changes."""
-    keys = {}
-    for capability in ("", "avx2"):
-        env = {**os.environ, "ATEN_CPU_CAPABILITY": capability}
-        out = subprocess.run(
-            [sys.executable, "-c", _CPU_KEY],
-            capture_output=True,
-            text=True,
-            check=True,
-            env=env,
-        )
-        keys[capability] = out.stdout.strip().splitlines()[-1]
+    keys = {
+        capability: _last_line(_CPU_KEY, ATEN_CPU_CAPABILITY=capability)
+        for capability in ("", "avx2")
+    }
     assert keys[""] != keys["avx2"]
     assert "AVX2" in keys["avx2"].split()
 
@@ -828,7 +833,7 @@ x = (torch.rand(3, {X_DIM}, generator=torch.Generator().manual_seed(1)) < 0.4).f
 elbo = IWELBO(2)
 with torch.random.fork_rng():
     eager = elbo.differentiable_loss(model, guide, x).item()
-with warnings.catch_warnings(record=True) as caught:
+with warnings.catch_warnings(record=True):
     warnings.simplefilter("always")
     compiled = CompiledLoss(elbo, model, guide, verify=False)
     loss = compiled(x).item()
@@ -841,24 +846,20 @@ print(json.dumps({{"eager": eager, "compiled": loss,
 @pytest.mark.skipif(not _above_avx2(), reason="needs a CPU above AVX2")
 def test_a_cache_folder_shared_with_a_process_at_another_isa(tmp_path):
     """A process held to AVX2 (as on an AVX2 machine) that shares a cache folder
-    with an AVX-512 process computes the loss right: it was handed that
-    process's graph, its kernels rebuilt for other vector widths (the loss
-    unverified here, else the first call's check falls back to eager)."""
-    results = []
-    for capability in ("", "avx2"):
-        env = {
-            **os.environ,
-            "ATEN_CPU_CAPABILITY": capability,
-            "TORCHINDUCTOR_CACHE_DIR": str(tmp_path),
-        }
-        out = subprocess.run(
-            [sys.executable, "-c", _COMPILE_IN_SHARED_CACHE],
-            capture_output=True,
-            text=True,
-            check=True,
-            env=env,
+    with an AVX-512 process computes the loss right. Without the ISA in the key
+    it was handed that process's graph, its kernels rebuilt for other vector
+    widths, and the loss was wrong (unverified here; else the first call's
+    check falls back to eager)."""
+    results = [
+        json.loads(
+            _last_line(
+                _COMPILE_IN_SHARED_CACHE,
+                ATEN_CPU_CAPABILITY=capability,
+                TORCHINDUCTOR_CACHE_DIR=str(tmp_path),
+            )
         )
-        results.append(json.loads(out.stdout.strip().splitlines()[-1]))
+        for capability in ("", "avx2")
+    ]
     assert results[1]["capability"] == "AVX2"
     for result in results:
         assert result["compiled"] == pytest.approx(result["eager"], rel=1e-4)
