@@ -37,9 +37,9 @@ import pyro.distributions as dist
 import torch
 from pyro.distributions import constraints
 from pyro.infer import SVI
-from pyro.optim import Adam
 
 from pyro_iwae import IWELBO
+from pyro_iwae.optim import Adam
 
 SIGMA, TRUE_TAU = 1.0, 0.5
 

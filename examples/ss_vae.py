@@ -36,11 +36,11 @@ import pyro.distributions as dist
 import torch
 import torch.nn.functional as F
 from pyro.infer import SVI
-from pyro.optim import Adam
 from torch import nn
 
 from pyro_iwae import IWELBO
 from pyro_iwae.data import DATASETS, load_dataset, minibatches
+from pyro_iwae.optim import Adam
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 NUM_CLASSES = 10

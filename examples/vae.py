@@ -28,11 +28,11 @@ import pyro
 import pyro.distributions as dist
 import torch
 from pyro.infer import SVI
-from pyro.optim import Adam
 from torch import nn
 
 from pyro_iwae import IWELBO, log_likelihood
 from pyro_iwae.data import DATASETS, load_dataset, minibatches
+from pyro_iwae.optim import Adam
 
 # The project's offline copy of MNIST, when run from a checkout; elsewhere
 # torchvision downloads it into pyro-iwae's data folder.
