@@ -137,3 +137,29 @@ def test_a_torch_scheduler_drives_the_joint_optimiser():
     assert joint.optimizer.param_groups[0]["lr"] == 0.025
     for name, value in before.items():
         assert not torch.equal(pyro.param(name).detach(), value)
+
+
+def test_an_autoguides_parameters_as_under_pyros_adam():
+    """AutoNormal makes its (constrained) parameters on the first step."""
+    from pyro.infer.autoguide import AutoNormal
+
+    def plain_model(x):
+        with pyro.plate("data", len(x)):
+            z = pyro.sample("z", dist.Normal(0.0, 1.0))
+            pyro.sample("x", dist.Normal(z, 0.5), obs=x)
+
+    finals = []
+    for optim in (
+        pyro.optim.Adam({"lr": 0.05}),
+        JointOptim(torch.optim.Adam, {"lr": 0.05}),
+    ):
+        pyro.clear_param_store()
+        guide = AutoNormal(plain_model)
+        svi = SVI(plain_model, guide, optim, loss=IWELBO(num_particles=3))
+        for step in range(5):
+            pyro.set_rng_seed(step)
+            svi.step(DATA)
+        finals.append({k: v.detach().clone() for k, v in guide.named_parameters()})
+    assert finals[0].keys() == finals[1].keys() and len(finals[0]) == 2
+    for name in finals[0]:
+        assert torch.equal(finals[0][name], finals[1][name]), name
