@@ -131,6 +131,9 @@ def environment(seed: int | None = None, **extra: Any) -> dict[str, Any]:
         "pyro_iwae": pyro_iwae.__version__,
         "git": git_revision(),
         **({"isa_caps": caps} if (caps := isa_caps()) else {}),
+        # Every report names the GEMM speed it ran at (issue 26): the ratios to
+        # JAX differ between hosts as their matrix products do.
+        "torch_gemm_peak_gflops": round(matmul_peak(repeats=5)["peak_gflops"], 1),
         **extra,
     }
 
@@ -164,6 +167,13 @@ def environment_markdown(env: dict[str, Any]) -> str:
         f"({env['usable_cpus']} usable); torch threads {env['torch_threads']} "
         f"(inter-op {env['torch_interop_threads']})",
         f"- ISA: {env.get('isa', 'not recorded')}",
+        "- torch GEMM peak: "
+        + (
+            f"{env['torch_gemm_peak_gflops']} GFLOP/s (2048 x 2048 float32 "
+            "`torch.mm`, best of 5, this process's threads)"
+            if "torch_gemm_peak_gflops" in env
+            else "not recorded"
+        ),
         "- load average at start: "
         + ", ".join(f"{x:.2f}" for x in env["load_average"]),
         f"- versions: Python {env['python']}, torch {env['torch']}, "
@@ -178,6 +188,7 @@ def environment_markdown(env: dict[str, Any]) -> str:
 
 
 _STANDARD_KEYS = {
+    "torch_gemm_peak_gflops",
     "date",
     "command",
     "seed",
