@@ -35,7 +35,19 @@ def spawn(worker, *args):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    mp.spawn(worker, args=(port, *args), nprocs=WORLD)
+    mp.spawn(_rank, args=(worker, port, *args), nprocs=WORLD)
+
+
+def _rank(rank, worker, port, *args):
+    try:
+        worker(rank, port, *args)
+    finally:
+        # Ended here, as the library's distributed.shutdown() ends it: a CI run
+        # once saw a rank of a group left to the interpreter's exit die of
+        # SIGABRT ("terminate called without an active exception", what a
+        # thread destroyed while still joinable gives).
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 
 def _init(rank, port):
