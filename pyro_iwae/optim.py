@@ -28,7 +28,7 @@ class JointOptim(PyroOptim):
     :class:`~pyro.infer.SVI`: each call steps the parameters it is given (a
     tensor seen before but absent from a call keeps its value and state, as
     under Pyro's per-tensor optimisers), gradients are clipped per tensor as
-    ``clip_args`` say, and :meth:`get_state` / :meth:`set_state` use Pyro's
+    ``clip_args`` say, and :meth:`get_state` / ``set_state`` use Pyro's
     per-parameter format, so saved states move between the two either way.
     Tensors whose arguments are equal (all of them, when ``optim_args`` is a
     dict) share a parameter group, which a fused or ``foreach`` optimiser
@@ -128,10 +128,6 @@ class JointOptim(PyroOptim):
                     "param_groups": [{**_group_arguments(group), "params": [0]}],
                 }
         return states
-
-    def set_state(self, state_dict: dict[str, dict[str, Any]]) -> None:
-        """States to give parameters when first seen, by name (Pyro's format)."""
-        self._state_waiting_to_be_consumed.update(state_dict)
 
 
 def Adam(

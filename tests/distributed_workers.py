@@ -19,6 +19,7 @@ from small_run import BATCH, TEST, TRAIN, K
 
 from pyro_iwae import evaluate_run, paper_architecture
 from pyro_iwae.data import Dataset, load_dataset
+from pyro_iwae.runs import distributed
 from pyro_iwae.runs.callbacks import FitCallback
 from pyro_iwae.runs.schedules import make_objective
 from pyro_iwae.runs.training import fit
@@ -42,12 +43,11 @@ def _rank(rank, worker, port, *args):
     try:
         worker(rank, port, *args)
     finally:
-        # Ended here, as the library's distributed.shutdown() ends it: a CI run
-        # once saw a rank of a group left to the interpreter's exit die of
-        # SIGABRT ("terminate called without an active exception", what a
-        # thread destroyed while still joinable gives).
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        # Ended as the command line ends it: a CI run once saw a rank of a
+        # group left to the interpreter's exit die of SIGABRT ("terminate
+        # called without an active exception", what a thread destroyed while
+        # still joinable gives).
+        distributed.shutdown()
 
 
 def _init(rank, port):
