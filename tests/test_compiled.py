@@ -42,6 +42,7 @@ from pyro_iwae.compiled import (
     compiled_loss,
     seeded_ops,
 )
+from pyro_iwae.compiled.capture import call_signature, call_tensors, named_tensors
 from pyro_iwae.compiled.rewrites import (
     bernoulli_log_prob_sum,
     cheaper_tanh,
@@ -1100,3 +1101,40 @@ def test_a_loss_graph_that_fails_on_its_first_call_falls_back(monkeypatch, verif
     again = compiled(x)
     pyro.set_rng_seed(3)
     assert torch.equal(again, IWELBO(3).differentiable_loss(model, guide, x))
+
+
+class _Tied(torch.nn.Module):
+    """A tree with what torch's own walk takes care of: a submodule reached twice,
+    a weight shared by two layers, a parameter slot holding None, buffers."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.first = torch.nn.Linear(3, 3, bias=False)
+        self.second = torch.nn.Linear(3, 3)
+        self.second.weight = self.first.weight
+        self.again = self.first
+        self.nested = torch.nn.ModuleDict(
+            {"norm": torch.nn.BatchNorm1d(3), "empty": torch.nn.Sequential()}
+        )
+        self.register_buffer("counts", torch.zeros(2))
+
+
+def test_named_tensors_are_torchs_parameters_then_buffers():
+    for module in (_Tied(), paper_architecture(2, x_dim=X_DIM)[1]):
+        ours = named_tensors(module)
+        theirs = dict(module.named_parameters())
+        theirs.update(module.named_buffers())
+        assert list(ours) == list(theirs)
+        assert all(ours[name] is theirs[name] for name in theirs)
+
+
+def test_call_signature_and_tensors_of_a_plain_and_a_nested_call():
+    x, y = torch.zeros(2, 3), torch.zeros(2, 3)
+    plain = call_signature((x, y), {})
+    assert plain == call_signature((y, x), {})  # same layout: the same graph
+    assert plain != call_signature((x, y.t().contiguous().t()), {})  # strides
+    assert plain != call_signature((x, y.double()), {})
+    assert plain != call_signature((x,), {"y": y})  # another structure
+    assert call_signature((x, {1, 2}), {}) is None  # an unhashable leaf
+    assert call_tensors((x, y), {}) == [x, y]
+    assert call_tensors((x, 2.0), {"y": [y]}) == [x, y]

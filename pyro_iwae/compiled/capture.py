@@ -178,11 +178,15 @@ def call_signature(args: tuple, kwargs: dict) -> tuple | None:
     """A hashable key of the call: tensor shapes, strides, dtypes and devices,
     other values themselves; None if some value is not hashable. (A compiled
     graph is only valid for the memory layout it was compiled for.)"""
+    if not kwargs and all(isinstance(a, torch.Tensor) for a in args):
+        # The training step's call: spared the pytree walk, a few per cent of a
+        # small compiled step.
+        return ("tensors", tuple(_tensor_key(a) for a in args))
     leaves, spec = torch.utils._pytree.tree_flatten((args, kwargs))
     key = []
     for leaf in leaves:
         if isinstance(leaf, torch.Tensor):
-            key.append(("T", tuple(leaf.shape), leaf.stride(), leaf.dtype, leaf.device))
+            key.append(_tensor_key(leaf))
         else:
             try:
                 hash(leaf)
@@ -190,6 +194,50 @@ def call_signature(args: tuple, kwargs: dict) -> tuple | None:
                 return None
             key.append(leaf)
     return (str(spec), tuple(key))
+
+
+def named_tensors(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """``module``'s parameters, then its buffers, by name: what
+    ``named_parameters()`` and ``named_buffers()`` give, each tensor once.
+
+    Read straight from the modules' own dictionaries: a compiled step looks its
+    inputs up on every call, and torch's generators took ~0.1 ms of a ~2 ms step
+    for the paper's model."""
+    modules: list[tuple[str, torch.nn.Module]] = []
+    seen: set[int] = set()
+    stack = [("", module)]  # depth first, children in order: named_modules' order
+    while stack:
+        prefix, m = stack.pop()
+        if id(m) in seen:
+            continue
+        seen.add(id(m))
+        modules.append((prefix, m))
+        stack.extend(
+            (f"{prefix}.{name}" if prefix else name, child)
+            for name, child in reversed(m._modules.items())
+            if child is not None
+        )
+    named: dict[str, torch.Tensor] = {}
+    for members in ("_parameters", "_buffers"):
+        taken: set[int] = set()
+        for prefix, m in modules:
+            for name, t in getattr(m, members).items():
+                if t is not None and id(t) not in taken:
+                    taken.add(id(t))
+                    named[f"{prefix}.{name}" if prefix else name] = t
+    return named
+
+
+def _tensor_key(t: torch.Tensor) -> tuple:
+    return ("T", tuple(t.shape), t.stride(), t.dtype, t.device)
+
+
+def call_tensors(args: tuple, kwargs: dict) -> list[torch.Tensor]:
+    """The tensors among ``(args, kwargs)``, in :class:`CallArgs` order."""
+    if not kwargs and all(isinstance(a, torch.Tensor) for a in args):
+        return list(args)
+    leaves = torch.utils._pytree.tree_leaves((args, kwargs))
+    return [leaf for leaf in leaves if isinstance(leaf, torch.Tensor)]
 
 
 class CallArgs:

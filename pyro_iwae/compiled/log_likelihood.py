@@ -24,7 +24,14 @@ from ..infer.evaluation import (
 from ..infer.objectives import IWELBO
 from ..infer.traces import cuda_devices
 from .backend import GraphCache, close_enough, compile_graph, describe
-from .capture import CallArgs, draw_noise, seeded_ops, trace_graph
+from .capture import (
+    CallArgs,
+    call_tensors,
+    draw_noise,
+    named_tensors,
+    seeded_ops,
+    trace_graph,
+)
 from .rewrites import cheaper_tanh, group_bernoulli_sums
 
 
@@ -112,11 +119,7 @@ class CompiledLogLikelihood(GraphCache):
         if graph is None or not graph.local_dims:
             yield from self._eager(args, kwargs, num_samples, chunk_size)
             return
-        tensors = [
-            leaf
-            for leaf in torch.utils._pytree.tree_leaves((args, kwargs))
-            if isinstance(leaf, torch.Tensor)
-        ]
+        tensors = call_tensors(args, kwargs)
         params = list(self._named().values())
         with evaluating(self.model, self.guide):
             for start in range(0, num_samples, chunk_size):
@@ -191,7 +194,7 @@ class CompiledLogLikelihood(GraphCache):
         named = {}
         for prefix, fn in (("model.", self.model), ("guide.", self.guide)):
             if isinstance(fn, torch.nn.Module):
-                named.update((prefix + k, v) for k, v in _named_tensors_of(fn).items())
+                named.update((prefix + k, v) for k, v in named_tensors(fn).items())
         return named
 
     def _graph(
@@ -316,12 +319,6 @@ def _distribution_types(fn: Any) -> tuple[type, ...]:
         types.append(type(fn))
         fn = getattr(fn, "base_dist", None)
     return tuple(types)
-
-
-def _named_tensors_of(module: torch.nn.Module) -> dict[str, torch.Tensor]:
-    named = dict(module.named_parameters(remove_duplicate=True))
-    named.update(module.named_buffers(remove_duplicate=True))
-    return named
 
 
 def compiled_log_likelihood(
