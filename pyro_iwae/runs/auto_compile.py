@@ -71,8 +71,9 @@ AUTO_COMPILE_STEPS_CACHED = 2_000
 #: The file, in inductor's cache folder, of the graphs runs have compiled.
 GRAPHS_FILE = "pyro-iwae-graphs.json"
 #: Part of each graph key: changed with the options the compiled path gives
-#: inductor (they are part of inductor's own keys), so that older notes miss.
-GRAPH_OPTIONS_VERSION = 3
+#: inductor (they are part of inductor's own keys) and with the graphs it traces
+#: (4: the training graph's rewrites), so that older notes miss.
+GRAPH_OPTIONS_VERSION = 4
 
 
 def choose_compile(
