@@ -719,19 +719,24 @@ def test_inductor_keeps_the_draws_of_a_torch_distributions_guide():
 @slow
 def test_a_second_compile_of_the_same_graph_hits_inductors_cache():
     """The graphs carry a shape environment, so inductor's on-disk FX graph cache
-    serves a later process (or object) the same compiled code."""
+    serves a later process (or object) the same compiled code; and they hold only
+    aten ops (the rewrites inlined), so AOT autograd's cache serves them too."""
     from torch._dynamo.utils import counters
 
     bypassed = counters["inductor"]["fxgraph_cache_bypass"]
+    aot_bypassed = counters["aot_autograd"]["autograd_cache_bypass"]
     for seed in (0, 1):  # other weights, the same graph
         torch.manual_seed(seed)
         model, guide = paper_architecture(1, x_dim=X_DIM)
         hits = counters["inductor"]["fxgraph_cache_hit"]
+        aot_hits = counters["aot_autograd"]["autograd_cache_hit"]
         compiled = CompiledLoss(IWELBO(2), model, guide)
         compiled(_data())
         assert compiled.compiled
     assert counters["inductor"]["fxgraph_cache_hit"] > hits
     assert counters["inductor"]["fxgraph_cache_bypass"] == bypassed
+    assert counters["aot_autograd"]["autograd_cache_hit"] > aot_hits
+    assert counters["aot_autograd"]["autograd_cache_bypass"] == aot_bypassed
 
 
 def test_the_isa_shortcut_leaves_a_chosen_isa_to_inductor(monkeypatch):
@@ -1028,14 +1033,19 @@ def test_the_evaluation_graph_takes_the_grouped_bernoulli_sum():
         ]
         return *rewritten, *kept
 
-    bce = torch.ops.aten.binary_cross_entropy_with_logits.default
+    aten = torch.ops.aten
+    bce = aten.binary_cross_entropy_with_logits.default
     for size, factors in [(784, 14), (12, 12), (17, None)]:
         with pyro.validation_enabled(False):  # validation reads values
             gm = make_fx(functools.partial(program, size=size))(logits, target)
         group_bernoulli_sums(gm)
-        calls = [n.args for n in gm.graph.nodes if n.target is bernoulli_log_prob_sum]
-        assert [c[2] for c in calls] == ([factors] * 2 if factors else [])
-        assert sum(n.target is bce for n in gm.graph.nodes) == 5 - len(calls)
+        # Inlined as aten ops (AOT autograd caches only such graphs): one
+        # product over the groups of ``factors`` pixels for each rewritten sum.
+        products = [n for n in gm.graph.nodes if n.target is aten.prod.dim_int]
+        grouped = [p.args[0].meta["val"].shape[-2] for p in products]
+        assert grouped == ([factors] * 2 if factors else [])
+        assert sum(n.target is bce for n in gm.graph.nodes) == 5 - len(products)
+        assert _only_aten_ops(gm)
         for a, b in zip(gm(logits, target), program(logits, target, size), strict=True):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-4)
 
@@ -1053,6 +1063,11 @@ def test_the_cheaper_tanh_is_tanh(dtype):
     assert torch.isnan(exp_tanh(torch.tensor([math.nan], dtype=dtype))).all()
 
 
+def _only_aten_ops(gm) -> bool:
+    calls = [n.target for n in gm.graph.nodes if n.op == "call_function"]
+    return all(isinstance(t, torch._ops.OpOverload) for t in calls)
+
+
 def test_the_evaluation_graph_takes_the_cheaper_tanh():
     from torch.fx.experimental.proxy_tensor import make_fx
 
@@ -1060,7 +1075,8 @@ def test_the_evaluation_graph_takes_the_cheaper_tanh():
     gm = make_fx(lambda x: torch.tanh(torch.tanh(x) * 2))(x)
     cheaper_tanh(gm)
     targets = [n.target for n in gm.graph.nodes]
-    assert targets.count(exp_tanh) == 2 and torch.ops.aten.tanh.default not in targets
+    assert torch.ops.aten.tanh.default not in targets and _only_aten_ops(gm)
+    assert targets.count(torch.ops.aten.copysign.Tensor) == 2  # exp_tanh's, inlined
     torch.testing.assert_close(gm(x), torch.tanh(torch.tanh(x) * 2))
 
 
