@@ -1068,6 +1068,28 @@ def _only_aten_ops(gm) -> bool:
     return all(isinstance(t, torch._ops.OpOverload) for t in calls)
 
 
+def test_the_rewrites_leave_ops_whose_inputs_have_no_recorded_value():
+    """A rewrite traces its replacement from its inputs' recorded values; where
+    one is missing (a graph built by hand) it leaves the op as it is."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    def program(logits, target):
+        bce = F.binary_cross_entropy_with_logits(logits, target, reduction="none")
+        return bce.sum(-1), torch.tanh(logits)
+
+    logits, target = torch.randn(3, 12), torch.rand(3, 12).round()
+    gm = make_fx(program)(logits, target)
+    for node in gm.graph.nodes:
+        if node.op == "placeholder":
+            del node.meta["val"]
+    before = [n.target for n in gm.graph.nodes]
+    group_bernoulli_sums(gm)
+    cheaper_tanh(gm)
+    assert [n.target for n in gm.graph.nodes] == before
+    for a, b in zip(gm(logits, target), program(logits, target), strict=True):
+        torch.testing.assert_close(a, b)
+
+
 def test_the_evaluation_graph_takes_the_cheaper_tanh():
     from torch.fx.experimental.proxy_tensor import make_fx
 

@@ -68,7 +68,11 @@ def group_bernoulli_sums(gm: fx.GraphModule) -> None:
         found = _pixel_sum(node, value.shape)
         size = value.shape[-1]
         divisors = [f for f in range(16, 3, -1) if size % f == 0]
-        if found is None or not divisors:
+        if (
+            found is None
+            or not divisors
+            or not _have_values(call["self"], call["target"])
+        ):
             continue
         total, chain, negated = found
         # Whole vectors of 8 floats left after the products run fastest (784: 14).
@@ -138,6 +142,7 @@ def cheaper_tanh(gm: fx.GraphModule) -> None:
             or value is None
             or value.device.type != "cpu"
             or value.dtype not in (torch.float32, torch.float64)
+            or not _have_values(*node.args)
         ):
             continue
         with gm.graph.inserting_before(node):
@@ -147,6 +152,11 @@ def cheaper_tanh(gm: fx.GraphModule) -> None:
         gm.graph.erase_node(node)
     gm.graph.lint()
     gm.recompile()
+
+
+def _have_values(*args: object) -> bool:
+    """Whether ``args`` are all nodes whose value (shape, dtype) tracing recorded."""
+    return all(isinstance(a, fx.Node) and "val" in a.meta for a in args)
 
 
 def _call_traced(gm: fx.GraphModule, fn: Callable, args: tuple) -> fx.Node:
