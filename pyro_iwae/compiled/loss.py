@@ -72,7 +72,11 @@ class _PrecomputedGrad(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_output):
-        if grad_output.device.type == "cpu" and bool(grad_output == 1):
+        if (
+            grad_output.device.type == "cpu"
+            and not grad_output.requires_grad
+            and bool(grad_output == 1)
+        ):
             # ``loss.backward()``: the gradients as they are (the engine copies
             # what it keeps); spares a multiply and a copy of every gradient.
             return (None, None, *ctx.grads)
@@ -149,7 +153,7 @@ class CompiledLoss(GraphCache):
     def __call__(self, *args: Any, **kwargs: Any) -> torch.Tensor:
         if self._disabled is not None or not torch.is_grad_enabled():
             return self.eager(*args, **kwargs)
-        # Looked up once a call: walking the modules costs ~0.15 ms each time.
+        # Looked up once a call (a user may swap a module's tensors between calls).
         named = named_tensors(self._both)
         graph, loss = self._graph(named, args, kwargs)
         if graph is None:
