@@ -107,3 +107,14 @@ def adam_update(
         m.copy_(m_new)
         v.copy_(v_new)
         step.copy_(t[i])
+
+
+def clear_grads(optimizer: torch.optim.Optimizer) -> None:
+    """``optimizer.zero_grad(set_to_none=True)``; for a plain torch Adam, what it
+    does without its profiler record and dynamo guard (~0.03 ms a step)."""
+    if type(optimizer) is not torch.optim.Adam:
+        optimizer.zero_grad(set_to_none=True)
+        return
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            p.grad = None

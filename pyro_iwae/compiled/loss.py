@@ -12,7 +12,14 @@ import torch
 from pyro.poutine.runtime import am_i_wrapped
 
 from ..infer.traces import cuda_devices
-from .adam import STATE_KEYS, AdamSettings, adam_state, adam_update, graph_adam
+from .adam import (
+    STATE_KEYS,
+    AdamSettings,
+    adam_state,
+    adam_update,
+    clear_grads,
+    graph_adam,
+)
 from .backend import GraphCache, close_enough, compile_graph, describe
 from .capture import (
     SEEDED_MESSAGE,
@@ -207,7 +214,7 @@ class CompiledLoss(GraphCache):
                 lambda: self._build(named, args, kwargs, scale, adam, members),
             )
             if graph is not None:
-                _clear_grads(optimizer)
+                clear_grads(optimizer)
                 if fresh:
                     loss = self._first(
                         self._verified_step if self.verify else self._graph_step,
@@ -504,17 +511,6 @@ def _candidates(wanted: list[bool], members: list[bool] | None) -> list[int]:
     optimiser."""
     assert members is not None
     return [i for i in _trainable_indices(wanted) if members[i]]
-
-
-def _clear_grads(optimizer: torch.optim.Optimizer) -> None:
-    """``optimizer.zero_grad(set_to_none=True)``; for a plain torch Adam, what it
-    does without its profiler record and dynamo guard (~0.03 ms a step)."""
-    if type(optimizer) is not torch.optim.Adam:
-        optimizer.zero_grad(set_to_none=True)
-        return
-    for group in optimizer.param_groups:
-        for p in group["params"]:
-            p.grad = None
 
 
 def _set_grads(params: list[torch.Tensor], grads: list[torch.Tensor | None]) -> None:
