@@ -195,7 +195,6 @@ def make_ours(name: str, x: torch.Tensor, k: int, init):
     elif name == "hand":
         hand = HandIWAE().load_from(model, guide)
         optim = torch.optim.Adam(hand.parameters(), lr=LR, eps=ADAM_EPS, fused=True)
-
         flush = True  # as fit (pyro_iwae.runs.denormals) and XLA do
 
         def step() -> None:
@@ -215,13 +214,7 @@ def make_ours(name: str, x: torch.Tensor, k: int, init):
             with pyro.settings.context(module_local_params=True):
                 adam_step(elbo, True, model, guide, x, optim)
 
-    def run(steps: int) -> None:
-        # The calling thread's subnormal mode is set once a round, as fit sets
-        # it once a run (entered each step, its probe cost ~0.02 ms a step).
-        with flush_denormals(flush):
-            for _ in range(steps):
-                step()
-
+    run = repeating(step, flush)
     run(1)  # compiles the compiled variants
     if compile:
         from pyro_iwae.compiled import compiled_loss
@@ -247,12 +240,15 @@ def decoder_products(hand: HandIWAE, rows: int, chunks: int):
     return run
 
 
-def repeating(fn):
-    """``fn`` as ``time_ours`` takes it: called ``steps`` times by ``run(steps)``."""
+def repeating(fn, flush: bool = False):
+    """``fn`` as ``time_ours`` takes it: called ``steps`` times by ``run(steps)``;
+    ``flush``: with the calling thread flushing subnormals, its mode set once a
+    round as fit sets it once a run (set every step, its probe cost ~0.02 ms)."""
 
     def run(steps: int) -> None:
-        for _ in range(steps):
-            fn()
+        with flush_denormals(flush):
+            for _ in range(steps):
+                fn()
 
     return run
 
