@@ -30,6 +30,8 @@ class JointOptim(PyroOptim):
     under Pyro's per-tensor optimisers), gradients are clipped per tensor as
     ``clip_args`` say, and :meth:`get_state` / ``set_state`` use Pyro's
     per-parameter format, so saved states move between the two either way.
+    After a step the stepped tensors' gradients are None (Pyro's leave zeros),
+    so ``SVI.step``'s ``zero_grads`` has nothing to do.
     Tensors whose arguments are equal (all of them, when ``optim_args`` is a
     dict) share a parameter group, which a fused or ``foreach`` optimiser
     updates in one call. The torch optimiser is ``self.optimizer`` from the first
@@ -89,6 +91,11 @@ class JointOptim(PyroOptim):
         finally:
             for p, grad in hidden:
                 p.grad = grad
+        # Released, as torch's ``zero_grad()`` leaves them, where Pyro's
+        # ``zero_grads`` would put new zero tensors that the next backward adds
+        # to: a step of the paper's model spares 24 small operations.
+        for p in params:
+            p.grad = None
 
     def _add(self, p: Tensor) -> None:
         self.grad_clip[p] = self._get_grad_clip(p)

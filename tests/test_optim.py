@@ -163,3 +163,19 @@ def test_an_autoguides_parameters_as_under_pyros_adam():
     assert finals[0].keys() == finals[1].keys() and len(finals[0]) == 2
     for name in finals[0]:
         assert torch.equal(finals[0][name], finals[1][name]), name
+
+
+def test_a_step_releases_the_gradients_it_used():
+    """None after a step, where Pyro's zero_grads leaves zeros: the next backward
+    then hands its gradients over instead of adding them to zeros."""
+    joint = JointOptim(torch.optim.Adam, {"lr": 0.05})
+    pyro.clear_param_store()
+    svi = SVI(model, guide, joint, loss=IWELBO(num_particles=2))
+    svi.step(DATA, 0)  # uses "shift"
+    store = pyro.get_param_store()
+    assert all(store[name].unconstrained().grad is None for name in store.keys())
+    shift = store["shift"].unconstrained()
+    shift.grad = torch.tensor(3.0)  # a gradient from elsewhere, not this step's
+    svi.step(DATA, 1)  # does not use "shift": its gradient stays
+    assert shift.grad == 3.0
+    assert store["a"].unconstrained().grad is None

@@ -4,12 +4,11 @@ its gradients as one compiled graph per input signature."""
 from __future__ import annotations
 
 import weakref
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from typing import Any
 
 import pyro
 import torch
-from pyro.poutine.runtime import am_i_wrapped
 
 from ..infer.traces import cuda_devices
 from .adam import (
@@ -31,6 +30,7 @@ from .capture import (
     seeded_ops,
     trace_graph,
 )
+from .grads import PrecomputedGrad, announce_params, set_grads
 from .rewrites import fewer_transcendentals
 
 
@@ -66,32 +66,6 @@ class _LossGraph:
         self.candidates: list[int] = []
         self.updated: list[int] = []
         self.spare: list[torch.Tensor] = []
-
-
-class _PrecomputedGrad(torch.autograd.Function):
-    """Returns ``loss``; its backward hands each parameter its precomputed gradient
-    times the incoming one."""
-
-    @staticmethod
-    def forward(ctx, loss, grads, *params):  # noqa: ARG004
-        ctx.grads = grads
-        return loss.clone()
-
-    @staticmethod
-    def backward(ctx, grad_output):
-        if (
-            grad_output.device.type == "cpu"
-            and not grad_output.requires_grad
-            and bool(grad_output == 1)
-        ):
-            # ``loss.backward()``: the gradients as they are (the engine copies
-            # what it keeps); spares a multiply and a copy of every gradient.
-            return (None, None, *ctx.grads)
-        # One multi-tensor op: the per-tensor Python loop cost ~0.2 ms a step.
-        present = [g for g in ctx.grads if g is not None]
-        scaled = iter(torch._foreach_mul(present, grad_output) if present else ())
-        grads = [None if g is None else next(scaled) for g in ctx.grads]
-        return (None, None, *grads)
 
 
 class CompiledLoss(GraphCache):
@@ -165,7 +139,7 @@ class CompiledLoss(GraphCache):
         graph, loss = self._graph(named, args, kwargs)
         if graph is None:
             return self.eager(*args, **kwargs)
-        _announce_params(named.values())
+        announce_params(named.values())
         if loss is not None:
             return loss
         return self._run(graph, list(named.values()), args, kwargs)
@@ -242,7 +216,7 @@ class CompiledLoss(GraphCache):
         """A step of ``graph`` alone; ``call`` is ``(params, args, kwargs)``."""
         params, args, kwargs = call
         loss, grads = self._run_graph(graph, params, args, kwargs, optimizer)
-        _set_grads(params, grads)
+        set_grads(params, grads)
         if graph.adam is None:
             optimizer.step()
         return loss
@@ -366,7 +340,7 @@ class CompiledLoss(GraphCache):
         self, graph: _LossGraph, params: list[torch.Tensor], args: tuple, kwargs: dict
     ) -> torch.Tensor:
         loss, grads = self._run_graph(graph, params, args, kwargs)
-        return _PrecomputedGrad.apply(loss, grads, *params)
+        return PrecomputedGrad.apply(loss, grads, *params)
 
     def _run_graph(
         self,
@@ -467,7 +441,7 @@ class CompiledLoss(GraphCache):
             by_param = iter(eager_grads)
             grads = [next(by_param) if m else None for m in graph.grad_mask]
             loss = eager.detach()
-        _set_grads(params, grads)
+        set_grads(params, grads)
         optimizer.step()
         if ok and graph.adam is not None:
             for j, (s0, s1, t) in enumerate(zip(start, stepped, tensors, strict=True)):
@@ -511,27 +485,6 @@ def _candidates(wanted: list[bool], members: list[bool] | None) -> list[int]:
     optimiser."""
     assert members is not None
     return [i for i in _trainable_indices(wanted) if members[i]]
-
-
-def _set_grads(params: list[torch.Tensor], grads: list[torch.Tensor | None]) -> None:
-    """Accumulates ``grads`` into ``.grad`` as ``backward`` would."""
-    for p, g in zip(params, grads, strict=True):
-        if g is not None:
-            p.grad = g if p.grad is None else p.grad + g
-
-
-def _announce_params(params: Iterable[torch.Tensor]) -> None:
-    """Under Pyro's global parameter store (``SVI``), the parameters that the
-    eager program registered there, as ``pyro.param`` sites: the compiled graph
-    skips the program, and ``SVI.step`` optimises only the parameters whose
-    sites it sees."""
-    if pyro.settings.get("module_local_params") or not am_i_wrapped():
-        return
-    store = pyro.get_param_store()
-    for p in params:
-        name = store.param_name(p)
-        if name is not None:
-            pyro.param(name)
 
 
 _LOSS_CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
