@@ -8,9 +8,12 @@ each with subnormals flushed and not (flushed in the calling thread only: torch'
 worker threads, started before, keep their mode, as in a script that flushes
 after its first parallel operation; ``versus_jax.py`` flushes them all). The
 paper's one-layer model on a fixed batch of test images; milliseconds per step,
-the median of ``--rounds`` rounds.
+the median of ``--rounds`` rounds. ``--compile`` gives the loss as
+``IWELBO(k, compile=True)`` (one compiled graph of the loss and its gradients;
+the warm-up compiles it), ``--threads`` sets torch's threads.
 
     python bench/svi_parts.py --data-dir /work/shared/data --batch 20 --k 5
+    python bench/svi_parts.py --data-dir /work/shared/data --compile --threads 1
 """
 
 from __future__ import annotations
@@ -44,7 +47,7 @@ def measure(optim_name: str, flush: bool, x: torch.Tensor, k: int, init, args):
     guide.load_state_dict(init[1])
     pyro.clear_param_store()
     optim = OPTIMISERS[optim_name]()
-    elbo = IWELBO(num_particles=k)
+    elbo = IWELBO(num_particles=k, compile=args.compile)
     svi = pyro.infer.SVI(model, guide, optim, loss=elbo)
     rounds = {part: [] for part in PARTS}
     with flush_denormals(flush):
@@ -85,7 +88,11 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=50, help="steps per round")
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--warmup", type=int, default=20)
+    parser.add_argument("--compile", action="store_true", help="IWELBO(compile=True)")
+    parser.add_argument("--threads", type=int, default=None)
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     pyro.enable_validation(args.validation)
     torch.manual_seed(args.seed)
     x = common.load_test_images(args.dataset, args.data_dir, args.batch)
@@ -99,7 +106,13 @@ def main() -> None:
                 [name, "yes" if flush else "no", *(f"{parts[p]:.3f}" for p in PARTS)]
             )
     env = common.environment(
-        args.seed, batch=args.batch, k=args.k, steps=args.steps, rounds=args.rounds
+        args.seed,
+        batch=args.batch,
+        k=args.k,
+        steps=args.steps,
+        rounds=args.rounds,
+        loss="IWELBO(compile=True)" if args.compile else "IWELBO",
+        threads=torch.get_num_threads(),
     )
     print(common.environment_markdown(env))
     print()
