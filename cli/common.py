@@ -136,8 +136,8 @@ cuda_option = click.option(
 quiet_option = click.option(
     "--quiet",
     is_flag=True,
-    help="No progress bars or per-run lines (the bars are also off when stderr "
-    "is not a terminal).",
+    help="No progress bars or per-epoch lines; a line per run still says what "
+    "is done with it (the bars are also off when stderr is not a terminal).",
 )
 
 
