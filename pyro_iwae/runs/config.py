@@ -314,6 +314,13 @@ class RunConfig:
                 f"{self.guide} guide does not: use {{guide}} sbn with "
                 "{estimator} vimco"
             )
+        if self.guide == "sbn" and self.model == "paper":
+            # Else the guide's h1 goes unscored and the model's z1 comes from
+            # its prior: a number that bounds nothing.
+            raise ConfigError(
+                "{guide} sbn samples binary units h1, h2, ... that the paper "
+                "model does not: use {model} sbn with it"
+            )
         if self.model == "paper" or self.guide in ZOO:
             architecture(self.stochastic_layers, self.hidden, self.latent_dim)
         elif not isinstance(self.stochastic_layers, int) or self.stochastic_layers < 1:
