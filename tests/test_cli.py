@@ -229,6 +229,10 @@ def test_resume_after_interrupt(tmp_path, monkeypatch):
     assert_ok(done)
     assert "nothing left to train" in done.output
     assert len(read_metrics(tmp_path / "cut")) == 2
+    # Nor can it be cut short: one line says how many epochs it has.
+    fewer = invoke("fit", "--resume", "--out", tmp_path / "cut", "--epochs", 1)
+    assert_one_line_error(fewer, "has trained 2 epochs", "drop --epochs")
+    assert len(read_metrics(tmp_path / "cut")) == 2
 
 
 # -- errors: one line, no traceback, a non-zero exit -------------------------
