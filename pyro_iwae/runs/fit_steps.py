@@ -183,8 +183,8 @@ def check_continues(
         if planned < epochs:
             raise CheckpointError(
                 f"the run in {literal(path.parent)} has trained {epochs} epochs, "
-                f"more than the {planned} asked for; a resumed run only goes on: "
-                "drop {epochs} and {stages} to finish it, or give more",
+                f"more than the {planned} asked for; a resumed schedule may only "
+                "go on: drop {epochs} and {stages} to finish it, or give more",
                 template=True,
             )
     raise CheckpointError(
