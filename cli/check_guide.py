@@ -13,7 +13,7 @@ from pyro_iwae.infer.objectives import ESTIMATORS
 
 from .common import count_option, library_errors
 from .main import _data_dir_option, cli
-from .options import OPTION_NAMES, run_option
+from .options import OPTION_NAMES, cli_text, run_option
 
 # The RunConfig settings that pick the model, guide and objective checked.
 _FIELDS = (
@@ -52,8 +52,8 @@ _FIELDS = (
 @run_option(
     "dataset",
     command_default="mnist-mini",
-    help="Built-in data set whose first test points form the batch; with RUN_DIR "
-    "the run's data set (a data file too).",
+    help="Data set whose first test points form the batch (a built-in name or "
+    "a data file); with RUN_DIR the run's data set.",
 )
 @_data_dir_option
 @count_option("--batch-size", 8, "Points in the batch.")
@@ -89,7 +89,8 @@ def check_guide(
     --guide, --layers); the estimator, objective and k are the options'.
     """
     try:
-        settings = RunConfig(**{field: options[field] for field in _FIELDS})
+        # merge: a data file's points set the width of the networks.
+        settings = RunConfig.merge({field: options[field] for field in _FIELDS})
     except ConfigError as e:
         raise click.UsageError(e.render(OPTION_NAMES)) from None
     except ValueError as e:
@@ -105,7 +106,8 @@ def check_guide(
             data_dir=data_dir,
         )
     except ValueError as e:
-        raise click.ClickException(str(e)) from None
+        # Pyro adds the trace's shapes on lines of their own: the first says it.
+        raise click.ClickException(cli_text(str(e).split("\n", 1)[0])) from None
     click.echo(result.table())
     if not result.passed:
         raise SystemExit(1)

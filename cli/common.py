@@ -25,9 +25,9 @@ RUNS_ENV = "PYRO_IWAE_RUNS"
 
 
 def library_errors(command: Callable) -> Callable:
-    """Turns the library's own errors into one-line Click errors, in the
-    options' spelling, and every warning into one ``Warning: ...`` line on
-    stderr.
+    """Turns the library's own errors, and those of paths that cannot be made
+    or written, into one-line Click errors, in the options' spelling, and every
+    warning into one ``Warning: ...`` line on stderr.
 
     Under torchrun, ranks other than 0 print nothing on stdout and prefix their
     errors with their rank; the process group ends with the command.
@@ -54,6 +54,17 @@ def library_errors(command: Callable) -> Callable:
                 # The objective refusing a model or guide (a discrete guide
                 # without --estimator vimco): its message says what to use.
                 raise click.ClickException(_ranked(cli_text(str(e)), rank)) from None
+            except OSError as e:
+                # A path the user chose that cannot be made or written (a
+                # read-only folder, a file where a folder should be); other
+                # OSErrors name no file and keep their traceback.
+                if e.filename is None:
+                    raise
+                message = (
+                    f"cannot use {e.filename} ({e.strerror or one_line(e)}); "
+                    "choose a path in a folder you can write to"
+                )
+                raise click.ClickException(_ranked(message, rank)) from None
             except click.ClickException as e:
                 if not rank:
                     raise
@@ -125,8 +136,8 @@ cuda_option = click.option(
 quiet_option = click.option(
     "--quiet",
     is_flag=True,
-    help="No progress bars or per-run lines (the bars are also off when stderr "
-    "is not a terminal).",
+    help="No progress bars or per-epoch lines; a line per run still says what "
+    "is done with it (the bars are also off when stderr is not a terminal).",
 )
 
 

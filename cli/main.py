@@ -390,6 +390,12 @@ def sample(
     probabilities of p(x|z): z from the prior for samples, z ~ q(z|x) for the
     reconstructions (each row of test images above its reconstructions).
     """
+    if out is not None and out.suffix.lower() != ".png":
+        raise click.BadParameter(
+            f"{out} does not end in .png; the pictures are PNGs: give a path "
+            "such as samples.png",
+            param_hint="'--out'",
+        )
     device = device_of(cuda)
     run = Run.find(run_dir, runs_dir)
     config, model, guide = run.load(device)

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from .errors import DataError, one_line
+from .errors import DataError, literal, one_line
 
 __all__ = [
     "BINARIZATIONS",
@@ -324,8 +324,9 @@ def load_file(
     path = Path(path).expanduser()
     if not path.is_file():
         raise DataError(
-            f"data file {path} not found; pass the path of a {', '.join(FILE_SUFFIXES)}"
-            " file of shape [N, ...]"
+            f"data file {literal(path)} not found; pass ({{dataset}}) the path of a "
+            f"{', '.join(FILE_SUFFIXES)} file of shape [N, ...], or where it is now",
+            template=True,
         )
     try:
         arrays = _read_arrays(path)

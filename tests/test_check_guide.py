@@ -1,5 +1,6 @@
 """``pyro-iwae check-guide``, through Click's CliRunner (cli/check_guide.py)."""
 
+import torch
 from click.testing import CliRunner
 
 from pyro_iwae_cli.main import cli
@@ -40,3 +41,18 @@ def test_bad_options_are_one_line_errors():
     result = invoke("--estimator", "vimco", "--particles", 1)
     assert result.exit_code == 2
     assert result.output.splitlines()[-1].startswith("Error:")
+
+
+def test_a_data_file_sets_the_width_of_the_fresh_networks(tmp_path):
+    """Without RUN_DIR, a data file's points (16 values here) size the model
+    and guide, as fit does; an error along the way is one line."""
+    x = (torch.rand(40, 16, generator=torch.Generator().manual_seed(0)) < 0.3).float()
+    torch.save(x, tmp_path / "points.pt")
+    result = invoke("--dataset", tmp_path / "points.pt", "--draws", 20)
+    assert result.exit_code == 0, result.output
+    sizes = {line.split()[0]: line.split()[1] for line in result.output.splitlines()}
+    assert sizes["layers.0.hidden.0.weight"] == "3200"  # 200 x 16
+    torch.save(x * 0.5, tmp_path / "grey.pt")  # outside Bernoulli's support
+    result = invoke("--dataset", tmp_path / "grey.pt", "--draws", 20)
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert [line[:6] for line in result.output.splitlines()] == ["Error:"]

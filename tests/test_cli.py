@@ -229,6 +229,10 @@ def test_resume_after_interrupt(tmp_path, monkeypatch):
     assert_ok(done)
     assert "nothing left to train" in done.output
     assert len(read_metrics(tmp_path / "cut")) == 2
+    # Nor can it be cut short: one line says how many epochs it has.
+    fewer = invoke("fit", "--resume", "--out", tmp_path / "cut", "--epochs", 1)
+    assert_one_line_error(fewer, "has trained 2 epochs", "drop --epochs")
+    assert len(read_metrics(tmp_path / "cut")) == 2
 
 
 # -- errors: one line, no traceback, a non-zero exit -------------------------
@@ -283,6 +287,28 @@ def test_missing_run_dirs(tmp_path):
     assert_one_line_error(
         invoke("eval-nll", tmp_path), "not a run directory", "config.json"
     )
+
+
+def test_paths_that_cannot_be_written(run, tmp_path):
+    """A file where a folder should be (as root, the one unwritable place that
+    tests can make): one line naming the path, and the file left alone."""
+    blocker = tmp_path / "file"
+    blocker.write_text("kept")
+    for command in (
+        ["fit", *SMALL, "--quiet", "--out", blocker / "run"],
+        ["fit", *SMALL, "--quiet", "--runs-dir", blocker / "runs"],
+        ["sample", run, "--n", 2, "--out", blocker / "figs" / "s.png"],
+    ):
+        assert_one_line_error(invoke(*command), str(blocker), "you can write to")
+    assert sorted(tmp_path.iterdir()) == [blocker]
+    assert blocker.read_text() == "kept"
+
+
+def test_sample_out_must_name_a_png(run, tmp_path):
+    for name in ("samples", "samples.jpg"):
+        result = invoke("sample", run, "--n", 2, "--out", tmp_path / name)
+        assert_one_line_error(result, "--out", name, ".png")
+    assert not any(tmp_path.iterdir())
 
 
 def test_broken_checkpoints(run, tmp_path):

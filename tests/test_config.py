@@ -151,6 +151,26 @@ def test_config_file_and_print_config_round_trip(tmp_path):
     assert result.exit_code != 0 and "cannot read settings file" in result.output
 
 
+def test_unknown_settings_name_the_field_meant_or_the_version(tmp_path):
+    """A settings file's misspelt key gets the field it may mean; a run's
+    config.json with a field this version lacks gets the version advice."""
+    path = tmp_path / "settings.json"
+    path.write_text(json.dumps({"particles": 3, "zzz": 1}))
+    result = CliRunner().invoke(cli, ["fit", "--config", str(path)])
+    errors = [line for line in result.output.splitlines() if "Error" in line]
+    assert result.exit_code != 0 and errors == [
+        "Error: unknown run settings particles (num_particles?), zzz; use the "
+        "names of a run's config.json, the fields of RunConfig"
+    ]
+    with pytest.raises(RunError, match=r"unknown run settings epoch \(epochs\?\)"):
+        RunConfig.from_dict({"epoch": 2})
+    RunConfig().save(tmp_path)
+    values = json.loads((tmp_path / CONFIG_FILE).read_text())
+    (tmp_path / CONFIG_FILE).write_text(json.dumps({**values, "zzz": 1}))
+    with pytest.raises(RunError, match="settings zzz: .* another pyro-iwae version"):
+        RunConfig.load(tmp_path)
+
+
 def test_yaml_config_needs_pyyaml(tmp_path, monkeypatch):
     import importlib.util
 

@@ -7,7 +7,14 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from pyro_iwae import IWELBO, build_guide, build_model, log_likelihood
+from pyro_iwae import (
+    IWELBO,
+    ConfigError,
+    RunConfig,
+    build_guide,
+    build_model,
+    log_likelihood,
+)
 from pyro_iwae.data import load_dataset, minibatches
 from pyro_iwae.nn.sbn import sbn_architecture
 from pyro_iwae_cli.main import cli
@@ -79,6 +86,26 @@ def test_cli_fits_the_sbn_with_vimco_and_names_vimco_otherwise(tmp_path, layers)
     result = CliRunner().invoke(cli, [*sbn, "--runs-dir", runs])
     assert result.exit_code == 1 and "--estimator vimco" in result.output
     assert not runs.exists() or not any(runs.iterdir())  # no empty run folder
+
+
+@pytest.mark.parametrize(
+    ("model", "guide", "fragment"),
+    [
+        ("sbn", "paper", "--guide sbn with --estimator vimco"),
+        ("paper", "sbn", "the paper model does not: use --model sbn"),
+    ],
+)
+def test_the_sbn_pairs_only_with_itself(tmp_path, model, guide, fragment):
+    """An SBN half with a Gaussian half samples sites the other does not score:
+    refused in one line before anything is written."""
+    args = ["--model", model, "--guide", guide, "--estimator", "vimco"]
+    result = CliRunner().invoke(cli, ["fit", *args, *SMALL, "--runs-dir", tmp_path])
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    (error,) = [line for line in result.output.splitlines() if line.startswith("Err")]
+    assert fragment in error
+    assert not any(tmp_path.iterdir())
+    with pytest.raises(ConfigError, match="does not: use"):
+        RunConfig(model=model, guide=guide, estimator="vimco").validate()
 
 
 def test_three_layers_are_for_the_sbn_only(tmp_path):

@@ -154,6 +154,24 @@ def test_missing_library_is_one_line(tmp_path, monkeypatch):
     ]
 
 
+def test_an_mlflow_server_out_of_reach_is_one_line(tmp_path, monkeypatch):
+    """A refused tracking URI: one line naming it, before training, and no
+    run folder made for the logger."""
+    pytest.importorskip("mlflow")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:9")  # refused
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    result = CliRunner().invoke(
+        cli,
+        ["fit", "--epochs", "1", "--train-limit", "100", "--test-limit", "10"]
+        + ["--out", str(tmp_path / "run"), "--logger", "mlflow", "--quiet"],
+    )
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    (line,) = result.output.strip().splitlines()
+    assert line.startswith("Error: the mlflow logger cannot use http://127.0.0.1:9")
+    assert line.endswith("unset MLFLOW_TRACKING_URI to log into the run directory")
+    assert not (tmp_path / "run").exists()
+
+
 def test_cli_logs_fit_and_evaluation(tmp_path):
     run_dir = tmp_path / "run"
     fit = ["fit", "--epochs", "2", "--train-limit", "100", "--test-limit", "20"]

@@ -11,6 +11,7 @@ declarations, refuse the same settings with the same messages.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import json
 import os
 from collections.abc import Iterable
@@ -313,6 +314,13 @@ class RunConfig:
                 f"{self.guide} guide does not: use {{guide}} sbn with "
                 "{estimator} vimco"
             )
+        if self.guide == "sbn" and self.model == "paper":
+            # Else the guide's h1 goes unscored and the model's z1 comes from
+            # its prior: a number that bounds nothing.
+            raise ConfigError(
+                "{guide} sbn samples binary units h1, h2, ... that the paper "
+                "model does not: use {model} sbn with it"
+            )
         if self.model == "paper" or self.guide in ZOO:
             architecture(self.stochastic_layers, self.hidden, self.latent_dim)
         elif not isinstance(self.stochastic_layers, int) or self.stochastic_layers < 1:
@@ -364,12 +372,13 @@ class RunConfig:
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> RunConfig:
         """The config of ``values``; unknown keys raise :class:`RunError`."""
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - names)
+        unknown = _unknown(values)
         if unknown:
+            # Settings a user wrote (a --config file, a grid): name the fields.
+            named = ", ".join(_with_guess(name) for name in unknown)
             raise RunError(
-                f"unknown run settings {', '.join(unknown)}; the run was written by "
-                "another pyro-iwae version: use that version or start a new run"
+                f"unknown run settings {named}; use the names of a "
+                "run's config.json, the fields of RunConfig"
             )
         return cls(**values)
 
@@ -448,6 +457,13 @@ class RunConfig:
             raise RunError(
                 f"{path} is not a JSON object; restore it or start a new run"
             )
+        unknown = _unknown(values)
+        if unknown:
+            raise RunError(
+                f"{path} holds unknown run settings {', '.join(unknown)}: the run "
+                "was written by another pyro-iwae version; use that version or "
+                "start a new run"
+            )
         unused = _unused({**_defaults(), **values})
         try:
             return cls.from_dict({k: v for k, v in values.items() if k not in unused})
@@ -506,6 +522,17 @@ class RunConfig:
 def _unused(values: dict[str, Any]) -> list[str]:
     """The fields of :data:`_APPLIES_WITH` that take no effect with ``values``."""
     return unused(values, _APPLIES_WITH)
+
+
+def _unknown(values: dict[str, Any]) -> list[str]:
+    """The keys of ``values`` that are no field of :class:`RunConfig`, sorted."""
+    return sorted(set(values) - set(_defaults()))
+
+
+def _with_guess(name: str) -> str:
+    """``name``, followed by the field it may mean, if one is close."""
+    close = difflib.get_close_matches(name, _defaults(), 1)
+    return f"{name} ({close[0]}?)" if close else name
 
 
 def _defaults() -> dict[str, Any]:

@@ -14,7 +14,7 @@ import torch
 from pyro.infer import ELBO
 
 from ..data import Dataset
-from ..errors import CheckpointError
+from ..errors import CheckpointError, literal
 from ..infer.evaluation import dataset_log_likelihood
 from ..infer.hooks import backend_of, compiler, compiles
 from . import distributed
@@ -179,6 +179,14 @@ def check_continues(
             schedule, earlier, epochs
         ):
             return
+        planned = sum(stage_epochs for stage_epochs, _ in schedule)
+        if planned < epochs:
+            raise CheckpointError(
+                f"the run in {literal(path.parent)} has trained {epochs} epochs, "
+                f"more than the {planned} asked for; a resumed schedule may only "
+                "go on: drop {epochs} and {stages} to finish it, or give more",
+                template=True,
+            )
     raise CheckpointError(
         f"checkpoint {path} was written with schedule and batch "
         f"size {saved}, not {fit_state(schedule, batch_size)}; resume with the "

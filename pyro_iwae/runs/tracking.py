@@ -29,7 +29,7 @@ from typing import Any
 
 import torch
 
-from ..errors import PyroIwaeError
+from ..errors import PyroIwaeError, one_line
 from . import distributed
 from .callbacks import FitCallback, StepInfo
 from .eval_results import Evaluation
@@ -252,7 +252,6 @@ class MLflowTracker(Tracker):
         super().__init__(images_every)
         tracking = _require("mlflow.tracking", "mlflow")
         self.run_dir = Path(run_dir)
-        self.run_dir.mkdir(parents=True, exist_ok=True)
         remembered = self.run_dir / MLFLOW_RUN_FILE
         previous = json.loads(remembered.read_text()) if remembered.exists() else {}
         if tracking_uri is None:
@@ -262,12 +261,21 @@ class MLflowTracker(Tracker):
         local = tracking_uri is None
         if local:
             tracking_uri = f"sqlite:///{(self.run_dir / MLFLOW_DB).resolve()}"
+            self.run_dir.mkdir(parents=True, exist_ok=True)  # for the database
         self.tracking_uri = tracking_uri
         with warnings.catch_warnings():
             # SQLAlchemy's deprecation warnings about MLflow's own store code.
             warnings.simplefilter("ignore", DeprecationWarning)
             self.client = tracking.MlflowClient(tracking_uri)
-            self.client.search_experiments(max_results=1)  # sets up the store
+            try:
+                self.client.search_experiments(max_results=1)  # sets up the store
+            except Exception as e:  # MLflow's own, or its store's, errors
+                raise TrackingError(
+                    f"the mlflow logger cannot use {tracking_uri} ({one_line(e)}); "
+                    "start its server, or unset MLFLOW_TRACKING_URI to log into "
+                    "the run directory"
+                ) from e
+        self.run_dir.mkdir(parents=True, exist_ok=True)
         if previous.get("tracking_uri") == tracking_uri:
             self.run_id = previous["run_id"]
             self.client.update_run(self.run_id, status="RUNNING")
