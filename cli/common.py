@@ -62,7 +62,7 @@ def library_errors(command: Callable) -> Callable:
                     raise
                 message = (
                     f"cannot use {e.filename} ({e.strerror or one_line(e)}); "
-                    "choose a path in a folder you can write to"
+                    "check the path, or choose one in a folder you can write to"
                 )
                 raise click.ClickException(_ranked(message, rank)) from None
             except click.ClickException as e:

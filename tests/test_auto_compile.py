@@ -213,3 +213,34 @@ def test_auto_compiles_an_evaluation_whose_graph_one_compiled_before(
     # Other batches are other graphs.
     other = run.evaluate(EvalSettings(**options | {"batch_size": 10}))
     assert not other.compiled
+
+
+@pytest.mark.parametrize("began_compiled", [False, True], ids=["eager", "compiled"])
+def test_a_resumed_run_keeps_the_path_it_began_on(
+    choices, monkeypatch, tmp_path, began_compiled
+):
+    """Between a run's start and its resume inductor's cache (or the run's
+    length) may move auto's choice; the resumed run keeps the one it began with."""
+    data = load_dataset("mnist-mini").train[: 2 * BATCH]
+    run_dir = tmp_path / "run"
+
+    def run(epochs, resume):
+        torch.manual_seed(0)
+        model, guide = paper_architecture(1)
+        objective = make_objective("iwae", K, compile="auto")
+        options = dict(batch_size=BATCH, binarize=True, run_dir=run_dir)
+        schedule = [(epochs, 1e-3)]
+        return fit(
+            model, guide, data, objective, schedule=schedule, resume=resume, **options
+        )
+
+    monkeypatch.setattr(
+        auto_compile, "AUTO_COMPILE_STEPS", 1 if began_compiled else 10**6
+    )
+    assert run(1, False)[0]["compiled"] is began_compiled
+    monkeypatch.setattr(
+        auto_compile, "AUTO_COMPILE_STEPS", 10**6 if began_compiled else 1
+    )
+    history = run(2, True)
+    assert [h["compiled"] for h in history] == [began_compiled] * 2
+    assert "as when the run began" in history[1]["compile_choice"]

@@ -182,6 +182,19 @@ class FitCompile:
         spent, self.seconds = now - self.seconds, now
         return spent
 
+    def resumed(self, compiled: bool | None) -> None:
+        """A resumed run's ``"auto"`` takes what its steps ran as when it began
+        (``compiled``, from its checkpoint; None: not recorded, the new choice
+        stands): inductor's cache may have changed since, and a run switching
+        paths half-way would not end where an unbroken run does."""
+        if self.setting != "auto" or compiled is None:
+            return
+        if compiled != compiles(self.compile):
+            self.compile = AUTO_COMPILE if compiled else False
+            path = "compiled" if compiled else "eager"
+            self.why = f"auto: {path}, as when the run began (its checkpoint)"
+            self.seconds = compile_seconds(self.compile)
+
     def note_compiled(self) -> None:
         """After graphs were compiled: inductor's cache holds them (for a later
         run's ``"auto"``)."""

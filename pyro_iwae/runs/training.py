@@ -303,6 +303,7 @@ class _Fit:
         check_continues(checkpoint, self.schedule, self.batch_size, path)
         load_state(self.model, checkpoint["model"], "model", path)
         load_state(self.guide, checkpoint["guide"], "guide", path)
+        self.compile.resumed(checkpoint.get("compiled"))
         try:
             self.optimizer.load_state_dict(checkpoint["optimizer"])
             self.position = Position(**checkpoint["position"])
@@ -522,6 +523,7 @@ class _Fit:
             "rng": rng_state(self.device, epoch_start_rng),
             "fit": self.fit_state,
             "config": self.config,
+            "compiled": compiles(self.compile.compile),
         }
         if ranks_rng is not None:
             contents["rng"]["ranks"] = ranks_rng
