@@ -104,4 +104,29 @@ class AISError(PyroIwaeError, ValueError):
 class ParticleBroadcastError(PyroIwaeError, ValueError):
     """A model or guide that fails under the particle plate of
     ``vectorize_particles=True`` but runs without it: its networks do not
-    broadcast over a leading particle dimension."""
+    broadcast over a leading particle dimension, or its plates nest deeper than
+    ``max_plate_nesting``."""
+
+    @classmethod
+    def of_program(
+        cls, cause: str, num_particles: int, nesting: int, depth: int
+    ) -> ParticleBroadcastError:
+        """The error for a program whose plates nest ``depth`` deep that failed
+        with ``cause`` under ``num_particles`` particles and
+        ``max_plate_nesting=nesting``."""
+        if depth > nesting:
+            # The particle plate sits among the program's own plates: no change
+            # to its networks would help.
+            return cls(
+                f"the model or guide nests plates {depth} deep, more than "
+                f"max_plate_nesting={nesting}, which puts the particle plate at "
+                f"dim={-nesting - 1} among them ({cause}); pass "
+                f"max_plate_nesting={depth}"
+            )
+        return cls(
+            "the model or guide fails under vectorize_particles=True but runs "
+            f"without it ({cause}): it must broadcast over a leading particle "
+            f"dimension of size {num_particles} (use x.shape[-1] and "
+            "x.reshape(*x.shape[:-1], ...), not x.view(batch, -1)), or pass "
+            "vectorize_particles=False"
+        )

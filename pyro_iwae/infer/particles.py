@@ -52,6 +52,7 @@ from .traces import (
     global_latent_names,
     is_subsampled,
     latent_sites,
+    plate_depth,
     sample_sites,
     score_log_prob,
     stopped_parameters,
@@ -295,23 +296,21 @@ class ParticleELBO(ELBO):
                 error, PyroIwaeError | NotImplementedError
             ):
                 raise
-            if not self._runs_without_particles(model, guide, args, kwargs):
+            single = self._runs_without_particles(model, guide, args, kwargs)
+            if single is None:
                 raise
             # The first line: Pyro appends the trace's shapes to the message.
             cause = one_line(str(error).strip().split("\n")[0] or error).rstrip(".")
-            raise ParticleBroadcastError(
-                "the model or guide fails under vectorize_particles=True but runs "
-                f"without it ({cause}): it must broadcast over a leading "
-                f"particle dimension of size {self.num_particles} (use "
-                "x.shape[-1] and x.reshape(*x.shape[:-1], ...), not "
-                "x.view(batch, -1)), or pass vectorize_particles=False"
+            depth = max(plate_depth(sample_sites(pair)) for pair in single.traces)
+            raise ParticleBroadcastError.of_program(
+                cause, self.num_particles, self.max_plate_nesting - 1, depth
             ) from None
 
     def _runs_without_particles(
         self, model: Callable, guide: Callable, args: tuple, kwargs: dict
-    ) -> bool:
-        """Whether one particle without the particle plate weighs without error
-        (on a forked random stream, without warnings)."""
+    ) -> Particles | None:
+        """One particle weighed without the particle plate (on a forked random
+        stream, without warnings), or None where that fails too."""
         single = ParticleELBO(
             1,
             "iwae",
@@ -325,11 +324,10 @@ class ParticleELBO(ELBO):
                 warnings.catch_warnings(),
             ):
                 warnings.simplefilter("ignore")
-                single._particles(model, guide, args, kwargs)
+                return single._particles(model, guide, args, kwargs)
         except Exception:
             # A failure here is the program's own, not the particle plate's.
-            return False
-        return True
+            return None
 
     def _particles(
         self, model: Callable, guide: Callable, args: tuple, kwargs: dict

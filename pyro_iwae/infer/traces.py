@@ -316,6 +316,20 @@ def data_plate_dims(sites: list[dict]) -> tuple[int, ...]:
     return tuple(sorted(dim for _, dim in common or ()))
 
 
+def plate_depth(sites: list[dict]) -> int:
+    """How many batch dims the vectorized plates of ``sites`` take: minus the
+    deepest one's dim (0 for none), the particle plate left out."""
+    return max(
+        (
+            -f.dim
+            for site in sites
+            for f in site["cond_indep_stack"]
+            if f.vectorized and f.name != PARTICLE_PLATE
+        ),
+        default=0,
+    )
+
+
 def common_scale(sites: list[dict], local_dims: tuple[int, ...]) -> Any:
     """The scale that multiplies the bound: the one shared by the observed sites
     (by all sites where none is observed, else 1). Another scale on a latent
