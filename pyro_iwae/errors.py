@@ -9,7 +9,9 @@ uses for it, such as a command-line option.
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Mapping
+from typing import Any
 
 __all__ = [
     "BuilderError",
@@ -21,6 +23,7 @@ __all__ = [
     "RunBusy",
     "RunError",
     "TrainingDiverged",
+    "check_count",
     "one_line",
 ]
 
@@ -130,3 +133,18 @@ class ParticleBroadcastError(PyroIwaeError, ValueError):
             "x.reshape(*x.shape[:-1], ...), not x.view(batch, -1)), or pass "
             "vectorize_particles=False"
         )
+
+
+def check_count(name: str, value: Any) -> None:
+    """:raises ValueError: naming ``name``, unless ``value`` is an integer >= 1 (a
+    float such as ``5e2`` is refused with the integer to pass instead)."""
+    if isinstance(value, numbers.Integral) and not isinstance(value, bool):
+        if value >= 1:
+            return
+        raise ValueError(f"{name} must be an integer >= 1, got {value}")
+    hint = ""
+    if isinstance(value, float) and value.is_integer():
+        hint = f"; pass {name}={int(value)}"
+    raise ValueError(
+        f"{name} must be an integer >= 1, got {value!r} ({type(value).__name__}){hint}"
+    )

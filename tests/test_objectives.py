@@ -2,6 +2,7 @@
 
 import math
 
+import numpy
 import pyro
 import pyro.distributions as dist
 import pytest
@@ -16,6 +17,7 @@ from pyro_iwae import (
     IWELBO,
     MIWELBO,
     PIWELBO,
+    make_objective,
     paper_architecture,
 )
 from pyro_iwae.infer import particles as particle_draws
@@ -549,6 +551,27 @@ def test_rainforth_bounds_reject_bad_arguments():
         MIWELBO(8, 0)
     with pytest.raises(ValueError, match="beta"):
         CIWELBO(8, beta=1.5)
+
+
+def test_numpy_integers_count_particles_as_ints_do(lg):
+    """A count from numpy (a grid of k, say) is an integer like any other: the
+    same seeded loss as the int; a bool or a float is refused in one line."""
+    x = lg.sample_data(4)
+    guide = lg.diagonal_guide()
+    for make in (
+        lambda k: IWELBO(k, "dreg"),
+        lambda k: MIWELBO(k, num_groups=numpy.int64(2)),
+        lambda k: make_objective("piwae", k, estimator="dreg", num_groups=2),
+    ):
+        losses = []
+        for k in (3, numpy.int64(3)):
+            pyro.set_rng_seed(0)
+            losses.append(make(k).loss(lg.model, guide, x))
+        assert losses[0] == losses[1]
+    with pytest.raises(ValueError, match=r"got 5.0 \(float\); pass num_particles=5"):
+        IWELBO(5.0)
+    with pytest.raises(ValueError, match=r"num_groups must be .* got True \(bool\)"):
+        MIWELBO(4, num_groups=True)
 
 
 def test_nan_loss_warns_where_the_value_is_read():

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import numbers
 import warnings
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
@@ -13,6 +12,7 @@ import pyro
 import torch
 from pyro.poutine.util import site_is_subsample
 
+from ..errors import check_count
 from ..nn.networks import prepare_pyro_modules
 from .hooks import backend_of, compiler, compiles
 from .log_weights import Particles
@@ -265,21 +265,6 @@ def local_shape(local_dims: tuple[int, ...], tensor: torch.Tensor) -> torch.Tens
             "of model and guide"
         )
     return tensor.reshape([tensor.shape[d] for d in local_dims])
-
-
-def check_count(name: str, value: Any) -> None:
-    """:raises ValueError: naming ``name``, unless ``value`` is an integer >= 1 (a
-    float such as ``5e2`` is refused with the integer to pass instead)."""
-    if isinstance(value, numbers.Integral) and not isinstance(value, bool):
-        if value >= 1:
-            return
-        raise ValueError(f"{name} must be an integer >= 1, got {value}")
-    hint = ""
-    if isinstance(value, float) and value.is_integer():
-        hint = f"; pass {name}={int(value)}"
-    raise ValueError(
-        f"{name} must be an integer >= 1, got {value!r} ({type(value).__name__}){hint}"
-    )
 
 
 def check_batch(args: tuple, kwargs: dict) -> None:

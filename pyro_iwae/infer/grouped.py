@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 
+from ..errors import check_count
 from .log_weights import Particles
 from .objectives import IWELBO, _check_vimco, _mean_of_others, leave_one_out_signal
 
@@ -33,12 +34,9 @@ class MIWELBO(IWELBO):
         estimator: str = "iwae",
         **kwargs: Any,
     ) -> None:
-        if not isinstance(num_groups, int) or num_groups < 1:
-            raise ValueError(f"num_groups must be an integer >= 1, got {num_groups}")
-        if not isinstance(num_particles, int) or num_particles < 1:
-            raise ValueError(
-                f"num_particles must be an integer >= 1, got {num_particles}"
-            )
+        check_count("num_groups", num_groups)
+        check_count("num_particles", num_particles)
+        num_groups, num_particles = int(num_groups), int(num_particles)
         # The leave-one-out baseline is taken within each group.
         _check_vimco(estimator, num_particles)
         super().__init__(

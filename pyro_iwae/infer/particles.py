@@ -19,7 +19,7 @@ from pyro.poutine.trace_struct import Trace
 from pyro.poutine.util import prune_subsample_sites
 from pyro.util import check_model_guide_match
 
-from ..errors import ParticleBroadcastError, PyroIwaeError, one_line
+from ..errors import ParticleBroadcastError, PyroIwaeError, check_count, one_line
 from .enumeration import (
     Unenumerated,
     check_enumeration,
@@ -101,10 +101,7 @@ class ParticleELBO(ELBO):
                 f"unknown estimator {estimator!r}; "
                 f"choose one of {', '.join(ESTIMATORS)}"
             )
-        if not isinstance(num_particles, int) or num_particles < 1:
-            raise ValueError(
-                f"num_particles must be an integer >= 1, got {num_particles}"
-            )
+        check_count("num_particles", num_particles)
         if kwargs.get("jit_options") is not None or kwargs.get("ignore_jit_warnings"):
             raise ValueError(
                 "IWELBO is not traced with torch.jit, so jit_options and "
@@ -112,7 +109,7 @@ class ParticleELBO(ELBO):
                 "compiled loss"
             )
         super().__init__(
-            num_particles=num_particles,
+            num_particles=int(num_particles),
             max_plate_nesting=max_plate_nesting,
             vectorize_particles=vectorize_particles,
             **kwargs,
