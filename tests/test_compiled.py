@@ -492,6 +492,20 @@ def test_programs_that_cannot_be_compiled_fall_back_with_a_warning(guide, messag
         compiled(_data())  # warns once only
 
 
+@pytest.mark.parametrize("option", ["on", "inductr", 1])
+def test_a_compile_option_that_names_no_backend_is_refused_in_one_line(option):
+    """A typo (or the command line's "on") is not taken for a backend whose
+    failure would read as a program that cannot be traced."""
+    model, guide = _paper_pair(_initial_states())
+    expected = rf"compile={option!r} is not a compile option; pass True"
+    with pytest.raises(ValueError, match=expected):
+        IWELBO(3, compile=option)
+    with pytest.raises(ValueError, match=expected):
+        log_likelihood(model, guide, _data(), num_samples=4, compile=option)
+    for option in (True, False, None, "auto", "aot_eager", "inductor"):
+        assert IWELBO(3, compile=option).compile == option
+
+
 def test_log_likelihood_matches_eager_when_the_chunk_divides_k():
     torch.manual_seed(0)
     model, guide = paper_architecture(1, x_dim=X_DIM)

@@ -14,7 +14,7 @@ from pyro.poutine.util import site_is_subsample
 
 from ..errors import check_count
 from ..nn.networks import prepare_pyro_modules
-from .hooks import backend_of, compiler, compiles
+from .hooks import backend_of, check_compile, compiler, compiles
 from .log_weights import Particles
 from .objectives import IWELBO
 from .traces import (
@@ -152,6 +152,7 @@ def log_weight_chunks(
     :class:`~pyro_iwae.compiled.CompiledLogLikelihood` cached on the guide, which
     falls back to these with a warning for programs it cannot compile.
     """
+    check_compile(compile)
     if compiles(compile):
         backend = backend_of(compile)
         estimator = compiler().log_likelihood(model, guide, backend, max_plate_nesting)

@@ -14,7 +14,7 @@ from pyro.infer.util import torch_item
 from pyro.poutine.trace_struct import Trace
 from pyro.util import warn_if_nan
 
-from .hooks import backend_of, compiler, compiles
+from .hooks import backend_of, check_compile, compiler, compiles
 from .particles import (
     ESTIMATORS,
     SCORE_ESTIMATORS,
@@ -100,6 +100,7 @@ class IWELBO(ParticleELBO):
             **kwargs,
         )
         _check_vimco(estimator, num_particles)
+        check_compile(compile)
         self.compile = compile
 
     def bound(self, log_weights: torch.Tensor) -> torch.Tensor:

@@ -299,6 +299,9 @@ class RunConfig:
         :raises ValueError: for a schedule or objective that cannot be built.
         """
         check_applies(self.to_dict(), _defaults(), given, _APPLIES_WITH)
+        # Each value by itself first: the objective refuses a wrong one too, but
+        # without the setting's name.
+        check_values(self)
         self.make_schedule()
         self.make_objective()
         check_likelihood(self.likelihood, self.sigma)
@@ -331,7 +334,6 @@ class RunConfig:
             )
         resolve("model", self.model)
         resolve("guide", self.guide)
-        check_values(self)
 
     @property
     def binarization(self) -> str:
