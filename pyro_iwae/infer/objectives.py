@@ -186,7 +186,9 @@ class IWELBO(ParticleELBO):
             loss = loss - (surrogate - surrogate.detach())
         # No NaN check here: it would read the value back from the device at every
         # step; loss() and loss_and_grads() check the float they return.
-        if loss.requires_grad:
+        if loss.requires_grad and log_weights.shape[0] > 1:
+            # One particle's factor is 1, nothing to reweight; and a global site,
+            # untied at k = 1, has no particle dim to take a factor.
             factor = self._path_factor(log_weights.detach())
             if factor is not None and particles.strata_shape is not None:
                 # Per pair of traces, as the values enumerated in the guide index
