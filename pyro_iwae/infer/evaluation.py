@@ -219,7 +219,7 @@ def particle_chunks(
                 elbo = IWELBO(num_particles=size, max_plate_nesting=max_plate_nesting)
                 particles = elbo.particles(model, guide, *args, **kwargs)
                 if index == 0:
-                    _check_plates(*particles.traces[0])
+                    check_plates(*particles.traces[0])
                 yield particles
     except (ValueError, RuntimeError) as e:
         problem = _plate_problem(model, guide, args, kwargs)
@@ -288,7 +288,7 @@ def check_batch(args: tuple, kwargs: dict) -> None:
 def _plate_problem(
     model: Callable, guide: Callable, args: tuple, kwargs: dict
 ) -> str | None:
-    """What :func:`_check_plates` finds in one run of guide and model (without
+    """What :func:`check_plates` finds in one run of guide and model (without
     particle plates), or None (also when they do not run)."""
     try:
         with (
@@ -299,7 +299,7 @@ def _plate_problem(
             guide_trace = pyro.poutine.trace(guide).get_trace(*args, **kwargs)
             replayed = pyro.poutine.replay(model, trace=guide_trace)
             model_trace = pyro.poutine.trace(replayed).get_trace(*args, **kwargs)
-        _check_plates(model_trace, guide_trace)
+        check_plates(model_trace, guide_trace)
     except ValueError as e:
         return str(innermost(e))
     except Exception:  # noqa: BLE001 - the original error is the one to raise
@@ -320,9 +320,13 @@ def innermost(error: BaseException) -> BaseException:
     return error
 
 
-def _check_plates(model_trace: pyro.poutine.Trace, guide_trace: pyro.poutine.Trace):
+def check_plates(
+    model_trace: pyro.poutine.Trace,
+    guide_trace: pyro.poutine.Trace,
+    caller: str = "log_likelihood",
+) -> None:
     """Checks that a data plate encloses every sample site and that the observed
-    values run along it.
+    values run along it, for per-point estimates by ``caller``.
 
     :raises ValueError: naming the site and what to do.
     """
@@ -361,7 +365,7 @@ def _check_plates(model_trace: pyro.poutine.Trace, guide_trace: pyro.poutine.Tra
                 "such as AutoNormal instead of a joint autoguide"
             )
         raise ValueError(
-            f"log_likelihood needs a data plate that encloses every sample site of "
+            f"{caller} needs a data plate that encloses every sample site of "
             f"model and guide, to give one estimate per data point, but {where}: "
             f"{advice}"
         )
