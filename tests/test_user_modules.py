@@ -204,6 +204,21 @@ def test_fit_uses_continuous_data_as_given():
         fit(LinearModel(), LinearGuide(), 3 * x, IWELBO(2), binarize=True)
 
 
+def test_fit_refuses_bad_arguments_in_one_line():
+    """No data, an objective that is not an ELBO, a stage without its rate: each a
+    one-line error that says what fit takes, before anything trains."""
+    model, guide = LinearModel(), LinearGuide()
+    x = torch.rand(10, D)
+    with pytest.raises(ValueError, match=r"no training points \(data of shape \[0, "):
+        fit(model, guide, x[:0], IWELBO(2))
+    with pytest.raises(TypeError, match=r"objective is a Pyro ELBO.*got str$"):
+        fit(model, guide, x, "iwae")
+    with pytest.raises(
+        ValueError, match=r"list of \(epochs, lr\) stages, got \[\(1,\)\]"
+    ):
+        fit(model, guide, x, IWELBO(2), schedule=[(1,)])
+
+
 class TwoSiteModel(nn.Module):
     """z1 ~ N(0, I), z2 | z1 ~ N(A z1, I), x | z2 ~ N(B z2, I)."""
 

@@ -144,7 +144,12 @@ def as_schedule(schedule: Iterable[Sequence[Any]]) -> Schedule:
 
     :raises ValueError: if it has no stages, or a stage of no epochs.
     """
-    stages = [(int(epochs), float(lr)) for epochs, lr in schedule]
+    try:
+        stages = [(int(epochs), float(lr)) for epochs, lr in schedule]
+    except (TypeError, ValueError):
+        raise ValueError(
+            f"a schedule is a list of (epochs, lr) stages, got {schedule!r}"
+        ) from None
     if not stages or any(epochs < 1 for epochs, _ in stages):
         raise ValueError(f"a schedule needs stages of >= 1 epoch, got {stages}")
     return stages
