@@ -668,8 +668,10 @@ def test_log_likelihood_and_diagnostics_take_the_compiled_path():
     traced = log_likelihood_with_diagnostics(
         model, guide, x, num_samples=60, compile=None
     )
-    for a, b in zip(traced, eager, strict=True):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    for name, a, b in zip(eager._fields, traced, eager, strict=True):
+        # k-hat, a fit to the largest weights, magnifies their float32 rounding.
+        atol = 1e-4 if name == "khat" else 1e-5
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=atol)
     ll = cached_log_likelihood(model, guide, None)
     assert list(ll._graphs) and ll.compiled  # it ran there
     torch.manual_seed(7)

@@ -73,12 +73,17 @@ def default_chunk_size(
     """Particles per chunk so that one chunk fits in ``memory_budget`` bytes and
     no site's per-chunk tensor exceeds :data:`LARGEST_TENSOR` bytes.
 
-    Runs model and guide once with one particle and counts the elements of every
-    sample site's distribution (batch and event shape), the tensors that grow with
-    the number of particles.
+    Runs model and guide once with one particle, without shifting the random
+    stream, and counts the elements of every sample site's distribution (batch
+    and event shape), the tensors that grow with the number of particles.
     """
     elbo = IWELBO(num_particles=1, max_plate_nesting=max_plate_nesting)
-    with evaluating(model, guide):
+    # On a forked random stream: a seed gives the same estimate with the chunk
+    # size chosen here as with it given.
+    with (
+        torch.random.fork_rng(devices=cuda_devices(args, kwargs)),
+        evaluating(model, guide),
+    ):
         traces = elbo.particles(model, guide, *args, **kwargs).traces
     sizes = [
         (math.prod(site["fn"].shape()), torch.as_tensor(site["value"]).element_size())
