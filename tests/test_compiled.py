@@ -467,6 +467,14 @@ def test_draws_from_computed_tensors_fall_back_before_compiling():
     assert compile_seconds() - before < 5  # traced (< 1 s), not compiled (> 10 s)
 
 
+class _RegisteringGuide(_TorchNormalGuide):
+    """Registers itself with pyro.module at every call, as Pyro's examples do."""
+
+    def forward(self, x):
+        pyro.module("guide", self)
+        super().forward(x)
+
+
 @pytest.mark.parametrize(
     "guide, message",
     [
@@ -474,8 +482,9 @@ def test_draws_from_computed_tensors_fall_back_before_compiling():
         (_AlternatingGuide(), "differ from the eager ones"),
         (_ParamGuide(), "neither a parameter of the model or guide module"),
         (_param_guide, "must both be nn.Modules"),
+        (_RegisteringGuide(), r"call pyro.module only where .*module_local_params"),
     ],
-    ids=["data-dependent", "changing", "pyro.param", "function"],
+    ids=["data-dependent", "changing", "pyro.param", "function", "pyro.module"],
 )
 def test_programs_that_cannot_be_compiled_fall_back_with_a_warning(guide, message):
     model = _SmallModel()
