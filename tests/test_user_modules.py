@@ -141,6 +141,19 @@ def test_images_that_are_not_flattened(architecture):
     assert log_likelihood(model, guide, x.flatten(1), num_samples=3).shape == (3,)
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.int64, torch.bool])
+def test_data_of_another_dtype_than_the_networks(paper, dtype):
+    """float64 arrays (numpy's default), integer or boolean pixels: one line that
+    names both dtypes, where the first layer would raise torch's matmul error."""
+    x = torch.bernoulli(torch.full((3, 784), 0.3))
+    with pytest.raises(ValueError, match=rf"dtype torch.float32, got {dtype}") as e:
+        log_likelihood(*paper, x.to(dtype), num_samples=3)
+    assert "\n" not in str(e.value) and "x.to(torch.float32)" in str(e.value)
+    model, guide = (module.double() for module in paper_architecture(1))
+    log_px = log_likelihood(model, guide, x.double(), num_samples=3)
+    assert log_px.dtype == torch.float64 and log_px.shape == (3,)
+
+
 def test_data_with_nan_are_named_as_the_problem(paper):
     x = torch.bernoulli(torch.full((4, 784), 0.3))
     x[2, 17] = float("nan")
