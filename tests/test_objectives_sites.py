@@ -14,7 +14,14 @@ from linear_gaussian import LATENT_DIM, SIGMA
 from pyro import poutine
 from pyro.infer import Trace_ELBO
 
-from pyro_iwae import CIWELBO, IWELBO, MIWELBO, PIWELBO
+from pyro_iwae import (
+    CIWELBO,
+    IWELBO,
+    MIWELBO,
+    PIWELBO,
+    ais_log_likelihood,
+    log_likelihood,
+)
 
 OBJECTIVES = {
     "iwae": lambda estimator, **kw: IWELBO(6, estimator, **kw),
@@ -376,3 +383,35 @@ def test_latent_only_sub_sampled_plates_train():
     loss = elbo.differentiable_loss(model, guide)
     (grad,) = torch.autograd.grad(loss, [pyro.param("p").unconstrained()])
     assert grad.isfinite() and grad != 0
+
+
+def recorded(lg):
+    """``lg.model`` with ``pyro.deterministic`` sites in and out of the data plate."""
+
+    def model(data, idx=None):
+        with pyro.plate("data", data.shape[0], subsample=idx) as i:
+            z = pyro.sample(
+                "z", dist.Normal(data.new_zeros(LATENT_DIM), 1.0).to_event(1)
+            )
+            loc = pyro.deterministic("loc", z @ lg.W.T + lg.b, event_dim=1)
+            pyro.sample("x", dist.Normal(loc, SIGMA).to_event(1), obs=data[i])
+        pyro.deterministic("z_total", z.sum((-2, -1)))
+
+    return model
+
+
+def test_deterministic_sites_leave_the_bound_and_estimates_alone(lg):
+    """A value recorded outside the data plate does not make the bound joint (nor
+    refuse sub-sampling); the estimates take it, in the plate or out of it."""
+    x = lg.sample_data(6)
+    model, guide = recorded(lg), lg.diagonal_guide()
+    for idx in (None, torch.tensor([1, 4])):
+        values = []
+        for program in (lg.model, model):
+            pyro.set_rng_seed(0)
+            values.append(IWELBO(10).loss(program, guide, x, idx))
+        assert values[0] == values[1]
+    log_px = log_likelihood(model, lg.exact_guide, x, num_samples=5)
+    assert torch.allclose(log_px, lg.log_marginal(x))
+    ais = ais_log_likelihood(model, lg.exact_guide, x, num_steps=2, num_chains=2)
+    assert torch.allclose(ais.log_likelihood, lg.log_marginal(x))

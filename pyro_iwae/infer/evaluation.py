@@ -22,6 +22,7 @@ from .traces import (
     check_not_empty,
     cuda_devices,
     latent_sites,
+    sample_sites,
     tensor_arguments,
 )
 
@@ -337,9 +338,8 @@ def check_plates(
     """
     sites = [
         site
-        for trace in (model_trace, guide_trace)
-        for site in trace.nodes.values()
-        if site["type"] == "sample" and not site_is_subsample(site)
+        for site in sample_sites((model_trace, guide_trace))
+        if not site_is_subsample(site)
     ]
     frames = {
         site["name"]: {

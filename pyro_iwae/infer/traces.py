@@ -533,10 +533,12 @@ def check_not_empty(args: tuple, kwargs: dict, caller: str = "log_likelihood") -
 
 
 def sample_sites(pair: tuple[Trace, Trace]) -> list[dict]:
-    """The sample sites of a model trace and a guide trace, in that order."""
+    """The sample sites of a model trace and a guide trace, in that order, less
+    ``pyro.deterministic``'s: a masked record of a value, in or out of any plate,
+    no part of the density."""
     return [
         site
         for trace in pair
         for site in trace.nodes.values()
-        if site["type"] == "sample"
+        if site["type"] == "sample" and not site["infer"].get("_deterministic")
     ]
