@@ -298,10 +298,11 @@ class RunConfig:
         :raises ConfigError: for settings that do not go together.
         :raises ValueError: for a schedule or objective that cannot be built.
         """
-        check_applies(self.to_dict(), _defaults(), given, _APPLIES_WITH)
-        # Each value by itself first: the objective refuses a wrong one too, but
-        # without the setting's name.
+        # Each value by itself first: a misspelt choice is named as such, not as
+        # the choice another setting applies to; and the objective would refuse
+        # a wrong value without the setting's name.
         check_values(self)
+        check_applies(self.to_dict(), _defaults(), given, _APPLIES_WITH)
         self.make_schedule()
         self.make_objective()
         check_likelihood(self.likelihood, self.sigma)
