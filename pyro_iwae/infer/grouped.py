@@ -178,4 +178,7 @@ class PIWELBO(MIWELBO):
         ).exp()
         if self.estimator == "dreg":
             ratio = ratio * grouped.softmax(1)
-        return ratio.expand_as(grouped).reshape(log_weights.shape)
+        factor = ratio.expand_as(grouped).reshape(log_weights.shape)
+        # A group whose IWAE weights underflow has an infinite ratio and no
+        # gradient to scale: it passes none, not inf * 0 = NaN.
+        return torch.where(factor.isfinite(), factor, 0.0)
