@@ -574,10 +574,11 @@ def test_numpy_integers_count_particles_as_ints_do(lg):
         MIWELBO(4, num_groups=True)
 
 
-def test_piwae_passes_no_gradient_where_iwae_weights_underflow():
+def test_particles_whose_iwae_weights_underflow_pass_no_gradient():
     """Log-weights thousands of nats apart underflow most particles' IWAE weights
-    in float32: those pass no guide gradient (it was inf * 0 = NaN for all), and
-    the model's gradient is still IWELBO's."""
+    in float32: those pass no guide gradient under PIWAE (it was inf * 0 = NaN
+    for all), whose model gradient is still IWELBO's, nor under CIWAE's DReG at
+    beta = 0 (0/0)."""
 
     def model(x):
         shift = pyro.param("shift", torch.tensor(0.0))
@@ -601,6 +602,13 @@ def test_piwae_passes_no_gradient_where_iwae_weights_underflow():
         (shift, loc), (iwae_shift, _) = grads
         assert torch.isfinite(loc) and loc != 0
         assert torch.allclose(shift, iwae_shift)
+    # CIWAE at beta = 0 is IWAE: DReG's factor there was 0/0 for those particles
+    grads = []
+    for elbo in (CIWELBO(8, 0.0, "dreg"), IWELBO(8, "dreg")):
+        pyro.set_rng_seed(0)
+        loss = elbo.differentiable_loss(model, guide, x)
+        grads.append(torch.autograd.grad(loss, [pyro.param("loc")])[0])
+    assert torch.isfinite(grads[0]) and torch.allclose(*grads)
 
 
 def test_nan_loss_warns_where_the_value_is_read():

@@ -134,7 +134,9 @@ class CIWELBO(IWELBO):
         # beta/K + (1 - beta) w_i^2 on the path gradient.
         w = log_weights.softmax(0)
         elbo_part = self.beta / self.num_particles
-        return (elbo_part + (1 - self.beta) * w**2) / (elbo_part + (1 - self.beta) * w)
+        plain = elbo_part + (1 - self.beta) * w
+        # At beta = 0 an underflowed weight gets no gradient to scale: 0, not 0/0.
+        return torch.where(plain > 0, (elbo_part + (1 - self.beta) * w**2) / plain, 0.0)
 
     def _score_signal(self, log_weights: torch.Tensor) -> torch.Tensor:
         if self.estimator == "reinforce":
