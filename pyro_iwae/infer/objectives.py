@@ -271,10 +271,16 @@ def leave_one_out_signal(log_weights: torch.Tensor, dim: int = 0) -> torch.Tenso
 def _mean_of_others(log_weights: torch.Tensor, dim: int) -> torch.Tensor:
     """For each entry along ``dim``, the mean of the other entries."""
     k = log_weights.shape[dim]
+    # A zero weight (log -inf) makes the mean of the others it is among -inf;
+    # the rest is computed from the finite entries, so as not to turn it to NaN.
+    zero = log_weights == -math.inf
+    finite = log_weights.masked_fill(zero, 0.0)
     # Centred first: sum - x_i would lose digits to large log weights.
-    centre = log_weights.mean(dim, keepdim=True)
-    deviation = log_weights - centre
-    return centre + (deviation.sum(dim, keepdim=True) - deviation) / (k - 1)
+    centre = finite.mean(dim, keepdim=True)
+    deviation = finite - centre
+    mean = centre + (deviation.sum(dim, keepdim=True) - deviation) / (k - 1)
+    zero_others = zero.sum(dim, keepdim=True) - zero.long() > 0
+    return mean.masked_fill(zero_others, -math.inf)
 
 
 def _check_vimco(estimator: str, particles_per_bound: int) -> None:
