@@ -25,6 +25,7 @@ from pyro_iwae import (
     ParticleBroadcastError,
     PyroIwaeError,
     ais_log_likelihood,
+    dataset_log_likelihood,
     log_likelihood,
 )
 
@@ -143,6 +144,11 @@ def test_plates_nested_deeper_than_max_plate_nesting_name_the_setting():
         _row_model, _row_guide, x, num_samples=10, max_plate_nesting=2
     )
     assert torch.allclose(log_px, exact, atol=1e-9)
+    # every estimate the message can come from takes the setting it names
+    every = dataset_log_likelihood(
+        _row_model, _row_guide, x, num_samples=10, batch_size=3, max_plate_nesting=2
+    )
+    assert torch.allclose(every, exact, atol=1e-9)
 
 
 # A mixture with a continuous latent beside it: in each of N points, y ~ Cat(PI),

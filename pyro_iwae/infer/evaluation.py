@@ -401,6 +401,7 @@ def dataset_log_likelihood(
     batch_size: int = 100,
     chunk_size: int | None = None,
     callback: Callable[[torch.Tensor], None] | None = None,
+    max_plate_nesting: int = 1,
 ) -> torch.Tensor:
     """:func:`log_likelihood` of every row of ``data`` ([N, ...]), batch by batch.
 
@@ -421,7 +422,12 @@ def dataset_log_likelihood(
         batch = data[start : start + batch_size]
         estimates.append(
             log_likelihood(
-                model, guide, batch, num_samples=num_samples, chunk_size=chunk_size
+                model,
+                guide,
+                batch,
+                num_samples=num_samples,
+                chunk_size=chunk_size,
+                max_plate_nesting=max_plate_nesting,
             )
         )
         if callback is not None:
