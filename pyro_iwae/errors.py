@@ -9,7 +9,9 @@ uses for it, such as a command-line option.
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Mapping
+from typing import Any
 
 __all__ = [
     "BuilderError",
@@ -21,6 +23,7 @@ __all__ = [
     "RunBusy",
     "RunError",
     "TrainingDiverged",
+    "check_count",
     "one_line",
 ]
 
@@ -104,4 +107,45 @@ class AISError(PyroIwaeError, ValueError):
 class ParticleBroadcastError(PyroIwaeError, ValueError):
     """A model or guide that fails under the particle plate of
     ``vectorize_particles=True`` but runs without it: its networks do not
-    broadcast over a leading particle dimension."""
+    broadcast over a leading particle dimension, or its plates nest deeper than
+    ``max_plate_nesting``."""
+
+    @classmethod
+    def of_program(
+        cls, cause: str, num_particles: int, nesting: int, depth: int
+    ) -> ParticleBroadcastError:
+        """The error for a program whose plates nest ``depth`` deep that failed
+        with ``cause`` under ``num_particles`` particles and
+        ``max_plate_nesting=nesting``."""
+        if depth > nesting:
+            # The particle plate sits among the program's own plates: no change
+            # to its networks would help.
+            return cls(
+                f"the model or guide nests plates {depth} deep, more than "
+                f"max_plate_nesting={nesting}, which puts the particle plate at "
+                f"dim={-nesting - 1} among them ({cause}); pass "
+                f"max_plate_nesting={depth}"
+            )
+        return cls(
+            "the model or guide fails under vectorize_particles=True but runs "
+            f"without it ({cause}): it must broadcast over a leading particle "
+            f"dimension of size {num_particles} (use x.shape[-1] and "
+            "x.reshape(*x.shape[:-1], ...), not x.view(batch, -1)); an objective "
+            "can take vectorize_particles=False instead (the log-likelihood "
+            "estimates and AIS cannot)"
+        )
+
+
+def check_count(name: str, value: Any) -> None:
+    """:raises ValueError: naming ``name``, unless ``value`` is an integer >= 1 (a
+    float such as ``5e2`` is refused with the integer to pass instead)."""
+    if isinstance(value, numbers.Integral) and not isinstance(value, bool):
+        if value >= 1:
+            return
+        raise ValueError(f"{name} must be an integer >= 1, got {value}")
+    hint = ""
+    if isinstance(value, float) and value.is_integer():
+        hint = f"; pass {name}={int(value)}"
+    raise ValueError(
+        f"{name} must be an integer >= 1, got {value!r} ({type(value).__name__}){hint}"
+    )

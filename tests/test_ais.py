@@ -221,8 +221,11 @@ def test_ais_refuses_what_it_cannot_do(lg):
     def joint_guide(data):
         pyro.sample("z", dist.Normal(data.new_zeros(2), 1.0).to_event(1))
 
-    with pytest.raises(ValueError, match="data plate"):
+    # one line that names the site and what to do, as log_likelihood's does
+    with pytest.raises(ValueError, match=r"^AIS needs a data plate .* site 'z' is ou"):
         ais_log_likelihood(joint_model, joint_guide, x, num_steps=2)
+    with pytest.raises(ValueError, match="whole batch with joint_log_likelihood$"):
+        ais_upper_bound(joint_model, joint_guide, x, latents={"z": x}, num_steps=2)
 
 
 #: Latent kinds: every latent in the guide; a Bernoulli, a Normal, or both left

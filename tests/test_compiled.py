@@ -467,6 +467,14 @@ def test_draws_from_computed_tensors_fall_back_before_compiling():
     assert compile_seconds() - before < 5  # traced (< 1 s), not compiled (> 10 s)
 
 
+class _RegisteringGuide(_TorchNormalGuide):
+    """Registers itself with pyro.module at every call, as Pyro's examples do."""
+
+    def forward(self, x):
+        pyro.module("guide", self)
+        super().forward(x)
+
+
 @pytest.mark.parametrize(
     "guide, message",
     [
@@ -474,8 +482,9 @@ def test_draws_from_computed_tensors_fall_back_before_compiling():
         (_AlternatingGuide(), "differ from the eager ones"),
         (_ParamGuide(), "neither a parameter of the model or guide module"),
         (_param_guide, "must both be nn.Modules"),
+        (_RegisteringGuide(), r"call pyro.module only where .*module_local_params"),
     ],
-    ids=["data-dependent", "changing", "pyro.param", "function"],
+    ids=["data-dependent", "changing", "pyro.param", "function", "pyro.module"],
 )
 def test_programs_that_cannot_be_compiled_fall_back_with_a_warning(guide, message):
     model = _SmallModel()
@@ -490,6 +499,20 @@ def test_programs_that_cannot_be_compiled_fall_back_with_a_warning(guide, messag
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         compiled(_data())  # warns once only
+
+
+@pytest.mark.parametrize("option", ["on", "inductr", 1])
+def test_a_compile_option_that_names_no_backend_is_refused_in_one_line(option):
+    """A typo (or the command line's "on") is not taken for a backend whose
+    failure would read as a program that cannot be traced."""
+    model, guide = _paper_pair(_initial_states())
+    expected = rf"compile={option!r} is not a compile option; pass True"
+    with pytest.raises(ValueError, match=expected):
+        IWELBO(3, compile=option)
+    with pytest.raises(ValueError, match=expected):
+        log_likelihood(model, guide, _data(), num_samples=4, compile=option)
+    for option in (True, False, None, "auto", "aot_eager", "inductor"):
+        assert IWELBO(3, compile=option).compile == option
 
 
 def test_log_likelihood_matches_eager_when_the_chunk_divides_k():
@@ -654,8 +677,10 @@ def test_log_likelihood_and_diagnostics_take_the_compiled_path():
     traced = log_likelihood_with_diagnostics(
         model, guide, x, num_samples=60, compile=None
     )
-    for a, b in zip(traced, eager, strict=True):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    for name, a, b in zip(eager._fields, traced, eager, strict=True):
+        # k-hat, a fit to the largest weights, magnifies their float32 rounding.
+        atol = 1e-4 if name == "khat" else 1e-5
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=atol)
     ll = cached_log_likelihood(model, guide, None)
     assert list(ll._graphs) and ll.compiled  # it ran there
     torch.manual_seed(7)

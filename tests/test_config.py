@@ -5,7 +5,7 @@ import json
 import pytest
 from click.testing import CliRunner
 
-from pyro_iwae import ConfigError, RunConfig, RunError, train_run
+from pyro_iwae import ConfigError, EvalSettings, RunConfig, RunError, train_run
 from pyro_iwae.runs.config import CONFIG_FILE
 from pyro_iwae_cli.main import _OPTION_NAMES, cli
 
@@ -49,6 +49,16 @@ def test_clashing_settings_fail_alike_in_python_and_cli(settings, options, messa
     assert result.exit_code == 2 and "Traceback" not in result.output
     # The CLI writes the library's message, naming its options.
     assert f"Error: {error.render(_OPTION_NAMES)}\n" in result.output
+
+
+def test_a_misspelt_choice_is_named_before_the_settings_it_leaves_unused():
+    """objective 'ciwa' with a beta: the typo is the error, not the beta (which
+    would read 'applies to objective ciwae; drop it'); the same for eval-nll's
+    method (the command line's choices are Click's)."""
+    with pytest.raises(ConfigError, match="^objective 'ciwa' is unknown"):
+        RunConfig(objective="ciwa", beta=0.3)
+    with pytest.raises(ConfigError, match="^method 'bdmc' is unknown"):
+        EvalSettings(method="bdmc", num_samples=5)
 
 
 def test_settings_given_at_their_default_clash_when_named():

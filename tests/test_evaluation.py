@@ -34,6 +34,24 @@ def test_log_likelihood_is_within_hundredths_of_a_nat(lg):
     assert (estimate - lg.log_marginal(x)).abs().max() < 0.04
 
 
+def test_a_seed_gives_one_estimate_whether_the_chunk_size_is_chosen_or_given(lg):
+    """Choosing the chunk size runs model and guide once, off the random stream:
+    the seeded estimate is the one with the chunk size given, and the bound
+    IWELBO(K) gives from the same seed."""
+    x = lg.sample_data(4)
+    guide = lg.diagonal_guide()
+    estimates = []
+    for chunk_size in (None, 200):
+        pyro.set_rng_seed(1)
+        estimates.append(
+            log_likelihood(lg.model, guide, x, num_samples=200, chunk_size=chunk_size)
+        )
+    assert torch.equal(*estimates)
+    pyro.set_rng_seed(1)
+    bound = -IWELBO(200).loss(lg.model, guide, x)
+    assert estimates[0].sum().item() == pytest.approx(bound, rel=1e-12, abs=0)
+
+
 def test_chunked_and_unchunked_agree_under_a_fixed_seed(lg):
     # 4 points x 2 latent dims x 16 particles: every chunk draws a multiple of 16
     # normals, so torch's generator yields the same stream in one draw or several.

@@ -2,6 +2,7 @@
 
 import math
 
+import numpy
 import pyro
 import pyro.distributions as dist
 import pytest
@@ -16,6 +17,7 @@ from pyro_iwae import (
     IWELBO,
     MIWELBO,
     PIWELBO,
+    make_objective,
     paper_architecture,
 )
 from pyro_iwae.infer import particles as particle_draws
@@ -549,6 +551,64 @@ def test_rainforth_bounds_reject_bad_arguments():
         MIWELBO(8, 0)
     with pytest.raises(ValueError, match="beta"):
         CIWELBO(8, beta=1.5)
+
+
+def test_numpy_integers_count_particles_as_ints_do(lg):
+    """A count from numpy (a grid of k, say) is an integer like any other: the
+    same seeded loss as the int; a bool or a float is refused in one line."""
+    x = lg.sample_data(4)
+    guide = lg.diagonal_guide()
+    for make in (
+        lambda k: IWELBO(k, "dreg"),
+        lambda k: MIWELBO(k, num_groups=numpy.int64(2)),
+        lambda k: make_objective("piwae", k, estimator="dreg", num_groups=2),
+    ):
+        losses = []
+        for k in (3, numpy.int64(3)):
+            pyro.set_rng_seed(0)
+            losses.append(make(k).loss(lg.model, guide, x))
+        assert losses[0] == losses[1]
+    with pytest.raises(ValueError, match=r"got 5.0 \(float\); pass num_particles=5"):
+        IWELBO(5.0)
+    with pytest.raises(ValueError, match=r"num_groups must be .* got True \(bool\)"):
+        MIWELBO(4, num_groups=True)
+
+
+def test_particles_whose_iwae_weights_underflow_pass_no_gradient():
+    """Log-weights thousands of nats apart underflow most particles' IWAE weights
+    in float32: those pass no guide gradient under PIWAE (it was inf * 0 = NaN
+    for all), whose model gradient is still IWELBO's, nor under CIWAE's DReG at
+    beta = 0 (0/0)."""
+
+    def model(x):
+        shift = pyro.param("shift", torch.tensor(0.0))
+        with pyro.plate("data", x.shape[0]):
+            z = pyro.sample("z", dist.Normal(0.0, 1.0))
+            pyro.sample("x", dist.Normal(z + shift, 0.01), obs=x)
+
+    def guide(x):
+        loc = pyro.param("loc", torch.tensor(0.0))
+        with pyro.plate("data", x.shape[0]):
+            pyro.sample("z", dist.Normal(loc, 1.0))
+
+    x = torch.tensor([2.5, -1.0, 0.5])
+    for estimator in ("iwae", "dreg"):
+        grads = []
+        for elbo in (PIWELBO(4, 2, estimator), IWELBO(8, estimator)):
+            pyro.set_rng_seed(0)
+            loss = elbo.differentiable_loss(model, guide, x)
+            params = [pyro.param("shift"), pyro.param("loc")]
+            grads.append(torch.autograd.grad(loss, params))
+        (shift, loc), (iwae_shift, _) = grads
+        assert torch.isfinite(loc) and loc != 0
+        assert torch.allclose(shift, iwae_shift)
+    # CIWAE at beta = 0 is IWAE: DReG's factor there was 0/0 for those particles
+    grads = []
+    for elbo in (CIWELBO(8, 0.0, "dreg"), IWELBO(8, "dreg")):
+        pyro.set_rng_seed(0)
+        loss = elbo.differentiable_loss(model, guide, x)
+        grads.append(torch.autograd.grad(loss, [pyro.param("loc")])[0])
+    assert torch.isfinite(grads[0]) and torch.allclose(*grads)
 
 
 def test_nan_loss_warns_where_the_value_is_read():

@@ -1,5 +1,6 @@
 """IWELBO on programs beyond sampled continuous latents (float64, seeded): networks
-that do not broadcast over the particle dimension (a one-line error), discrete sites
+that do not broadcast over the particle dimension and plates nested deeper than
+max_plate_nesting (one-line errors), discrete sites
 enumerated in the model (summed out of log p exactly) and in the guide (each value
 with its own particles), each checked against exact values on small models."""
 
@@ -24,6 +25,7 @@ from pyro_iwae import (
     ParticleBroadcastError,
     PyroIwaeError,
     ais_log_likelihood,
+    dataset_log_likelihood,
     log_likelihood,
 )
 
@@ -76,6 +78,9 @@ def test_a_network_that_does_not_broadcast_over_particles_gets_one_line(flatten)
     assert "Trace Shapes" not in message
     # what the message offers works, and so does a network that broadcasts
     assert IWELBO(3, vectorize_particles=False).loss(model, guide, x) > 0
+    # and it offers nothing that the estimates, which take no such option, lack
+    with pytest.raises(ParticleBroadcastError, match="estimates and AIS cannot"):
+        log_likelihood(model, guide, x, num_samples=3)
     assert IWELBO(3).loss(FlatModel(None), guide, x) > 0
 
 
@@ -95,6 +100,55 @@ def test_a_program_that_fails_without_particles_keeps_its_own_error():
     with pytest.raises(RuntimeError, match="cannot be multiplied") as error:
         IWELBO(3).loss(model, guide, x)
     assert not isinstance(error.value, PyroIwaeError)
+
+
+def _row_model(x: torch.Tensor) -> None:
+    """One z per row of ``x`` [N, D], x_ij | z_i ~ N(z_i, 1) in an inner plate."""
+    with pyro.plate("rows", x.shape[0], dim=-2):
+        z = pyro.sample("z", dist.Normal(0.0, 1.0))
+        with pyro.plate("cols", x.shape[1], dim=-1):
+            pyro.sample("x", dist.Normal(z, 1.0), obs=x)
+
+
+def _row_guide(x: torch.Tensor) -> None:
+    """The exact posterior of each row's z: N(sum_j x_ij / (D + 1), 1 / (D + 1))."""
+    d = x.shape[1]
+    with pyro.plate("rows", x.shape[0], dim=-2):
+        loc = x.sum(-1, keepdim=True) / (d + 1)
+        pyro.sample("z", dist.Normal(loc, (d + 1) ** -0.5))
+
+
+def test_plates_nested_deeper_than_max_plate_nesting_name_the_setting():
+    """Two nested plates under the default max_plate_nesting=1: the one-line
+    error names the nesting to pass (not the networks' broadcasting), and with
+    it the bound is log p(x) exactly (the guide is the exact posterior)."""
+    x = torch.randn(4, 3, generator=torch.Generator().manual_seed(0)).double()
+    exact = dist.MultivariateNormal(
+        torch.zeros(3, dtype=torch.float64),
+        torch.ones(3, 3, dtype=torch.float64) + torch.eye(3, dtype=torch.float64),
+    ).log_prob(x)
+    for call in (
+        lambda: IWELBO(5).loss(_row_model, _row_guide, x),
+        lambda: log_likelihood(_row_model, _row_guide, x, num_samples=10),
+    ):
+        with pytest.raises(ParticleBroadcastError) as error:
+            call()
+        message = str(error.value)
+        assert "\n" not in message
+        assert "pass max_plate_nesting=2" in message
+        assert "leading particle dimension" not in message
+    pyro.set_rng_seed(0)
+    loss = IWELBO(5, max_plate_nesting=2).loss(_row_model, _row_guide, x)
+    assert loss == pytest.approx(-exact.sum().item(), abs=1e-9)
+    log_px = log_likelihood(
+        _row_model, _row_guide, x, num_samples=10, max_plate_nesting=2
+    )
+    assert torch.allclose(log_px, exact, atol=1e-9)
+    # every estimate the message can come from takes the setting it names
+    every = dataset_log_likelihood(
+        _row_model, _row_guide, x, num_samples=10, batch_size=3, max_plate_nesting=2
+    )
+    assert torch.allclose(every, exact, atol=1e-9)
 
 
 # A mixture with a continuous latent beside it: in each of N points, y ~ Cat(PI),

@@ -14,7 +14,14 @@ from linear_gaussian import LATENT_DIM, SIGMA
 from pyro import poutine
 from pyro.infer import Trace_ELBO
 
-from pyro_iwae import CIWELBO, IWELBO, MIWELBO, PIWELBO
+from pyro_iwae import (
+    CIWELBO,
+    IWELBO,
+    MIWELBO,
+    PIWELBO,
+    ais_log_likelihood,
+    log_likelihood,
+)
 
 OBJECTIVES = {
     "iwae": lambda estimator, **kw: IWELBO(6, estimator, **kw),
@@ -156,6 +163,38 @@ def test_dreg_keeps_the_factored_gradient_mean(gg, objective, vectorize):
     se = (plain.var(0) / len(plain) + dreg.var(0) / len(dreg)).sqrt()
     assert ((plain.mean(0) - dreg.mean(0)).abs() < 4 * se).all()
     assert (dreg.var(0) <= plain.var(0) * 1.05).all()
+
+
+ONE_PARTICLE = {
+    "iwae": lambda estimator: IWELBO(1, estimator),
+    "miwae": lambda estimator: MIWELBO(1, 1, estimator),
+    "ciwae": lambda estimator: CIWELBO(1, 0.3, estimator),
+    "piwae": lambda estimator: PIWELBO(1, 1, estimator),
+}
+
+
+@pytest.mark.parametrize("objective", ONE_PARTICLE)
+def test_dreg_with_one_particle_and_global_latents_is_stl(gg, objective):
+    """One particle (globals untied) on the factored bound, full batch and
+    sub-sampled: DReG's factor is 1, so its gradient is STL's, and the value at
+    the exact posterior is log p(x)."""
+    x = gg.sample_data(6)
+    guide = gg.guide(shift=0.3, inflate=1.3, local_shift=0.4)
+    guide(x)
+    for idx in (None, torch.tensor([0, 3])):
+        grads = []
+        for estimator in ("stl", "dreg"):
+            pyro.set_rng_seed(2)
+            elbo = ONE_PARTICLE[objective](estimator)
+            loss = elbo.differentiable_loss(gg.model, guide, x, idx)
+            grads.append(torch.autograd.grad(loss, guide_params()))
+        for stl, dreg in zip(*grads, strict=True):
+            assert torch.allclose(stl, dreg)
+        assert max(g.abs().max() for g in grads[0]) > 1e-3
+    pyro.clear_param_store()
+    elbo = ONE_PARTICLE[objective]("dreg")
+    loss = elbo.differentiable_loss(gg.model, gg.guide(), x)
+    assert torch.allclose(-loss, gg.log_marginal(x))
 
 
 def test_global_latents_are_shared_within_a_group_of_particles(gg):
@@ -344,3 +383,35 @@ def test_latent_only_sub_sampled_plates_train():
     loss = elbo.differentiable_loss(model, guide)
     (grad,) = torch.autograd.grad(loss, [pyro.param("p").unconstrained()])
     assert grad.isfinite() and grad != 0
+
+
+def recorded(lg):
+    """``lg.model`` with ``pyro.deterministic`` sites in and out of the data plate."""
+
+    def model(data, idx=None):
+        with pyro.plate("data", data.shape[0], subsample=idx) as i:
+            z = pyro.sample(
+                "z", dist.Normal(data.new_zeros(LATENT_DIM), 1.0).to_event(1)
+            )
+            loc = pyro.deterministic("loc", z @ lg.W.T + lg.b, event_dim=1)
+            pyro.sample("x", dist.Normal(loc, SIGMA).to_event(1), obs=data[i])
+        pyro.deterministic("z_total", z.sum((-2, -1)))
+
+    return model
+
+
+def test_deterministic_sites_leave_the_bound_and_estimates_alone(lg):
+    """A value recorded outside the data plate does not make the bound joint (nor
+    refuse sub-sampling); the estimates take it, in the plate or out of it."""
+    x = lg.sample_data(6)
+    model, guide = recorded(lg), lg.diagonal_guide()
+    for idx in (None, torch.tensor([1, 4])):
+        values = []
+        for program in (lg.model, model):
+            pyro.set_rng_seed(0)
+            values.append(IWELBO(10).loss(program, guide, x, idx))
+        assert values[0] == values[1]
+    log_px = log_likelihood(model, lg.exact_guide, x, num_samples=5)
+    assert torch.allclose(log_px, lg.log_marginal(x))
+    ais = ais_log_likelihood(model, lg.exact_guide, x, num_steps=2, num_chains=2)
+    assert torch.allclose(ais.log_likelihood, lg.log_marginal(x))

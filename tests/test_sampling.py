@@ -42,6 +42,18 @@ def test_sample_images_device_and_bias():
         sample_images(model, 0, 784)
 
 
+def test_samples_of_a_float64_model_are_float64(test_images):
+    """The dummy x the model runs on takes its parameters' dtype, as the
+    networks require of x."""
+    model, guide = (m.double() for m in paper_architecture(1))
+    torch.nn.init.zeros_(model.pixels[-1].weight)
+    torch.nn.init.constant_(model.pixels[-1].bias, -1.0)
+    images = sample_images(model, 3, 784)
+    assert images.dtype == torch.float64
+    assert torch.allclose(images, torch.sigmoid(torch.tensor(-1.0)).double())
+    assert reconstruct(model, guide, test_images.double()).dtype == torch.float64
+
+
 @pytest.mark.parametrize("layers", [1, 2])
 def test_reconstruct_shape_and_range(test_images, layers):
     model, guide = paper_architecture(layers)

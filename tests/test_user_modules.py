@@ -141,6 +141,19 @@ def test_images_that_are_not_flattened(architecture):
     assert log_likelihood(model, guide, x.flatten(1), num_samples=3).shape == (3,)
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.int64, torch.bool])
+def test_data_of_another_dtype_than_the_networks(paper, dtype):
+    """float64 arrays (numpy's default), integer or boolean pixels: one line that
+    names both dtypes, where the first layer would raise torch's matmul error."""
+    x = torch.bernoulli(torch.full((3, 784), 0.3))
+    with pytest.raises(ValueError, match=rf"dtype torch.float32, got {dtype}") as e:
+        log_likelihood(*paper, x.to(dtype), num_samples=3)
+    assert "\n" not in str(e.value) and "x.to(torch.float32)" in str(e.value)
+    model, guide = (module.double() for module in paper_architecture(1))
+    log_px = log_likelihood(model, guide, x.double(), num_samples=3)
+    assert log_px.dtype == torch.float64 and log_px.shape == (3,)
+
+
 def test_data_with_nan_are_named_as_the_problem(paper):
     x = torch.bernoulli(torch.full((4, 784), 0.3))
     x[2, 17] = float("nan")
@@ -202,6 +215,21 @@ def test_fit_uses_continuous_data_as_given():
     assert torch.equal(torch.cat(seen).sort(0).values, x.sort(0).values)
     with pytest.raises(ValueError, match=r"binarize needs training values in \[0, 1\]"):
         fit(LinearModel(), LinearGuide(), 3 * x, IWELBO(2), binarize=True)
+
+
+def test_fit_refuses_bad_arguments_in_one_line():
+    """No data, an objective that is not an ELBO, a stage without its rate: each a
+    one-line error that says what fit takes, before anything trains."""
+    model, guide = LinearModel(), LinearGuide()
+    x = torch.rand(10, D)
+    with pytest.raises(ValueError, match=r"no training points \(data of shape \[0, "):
+        fit(model, guide, x[:0], IWELBO(2))
+    with pytest.raises(TypeError, match=r"objective is a Pyro ELBO.*got str$"):
+        fit(model, guide, x, "iwae")
+    with pytest.raises(
+        ValueError, match=r"list of \(epochs, lr\) stages, got \[\(1,\)\]"
+    ):
+        fit(model, guide, x, IWELBO(2), schedule=[(1,)])
 
 
 class TwoSiteModel(nn.Module):

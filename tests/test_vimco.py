@@ -16,6 +16,7 @@ import torch
 from pyro.infer import config_enumerate
 
 from pyro_iwae import CIWELBO, IWELBO, MIWELBO, PIWELBO, log_likelihood
+from pyro_iwae.infer.objectives import leave_one_out_signal
 
 REPLICAS = 20000
 X, PRIOR, LOCS, PHI = 0.8, 0.4, (-1.0, 1.5), 0.3
@@ -188,6 +189,22 @@ def test_log_likelihood_and_loss_work_for_discrete_guides():
     estimate = log_likelihood(model, prior_guide, x, num_samples=20000)
     assert torch.allclose(estimate, exact, atol=0.05)
     assert IWELBO(5).loss(model, exact_guide, x) == pytest.approx(-exact.sum().item())
+
+
+def test_a_zero_weight_leaves_vimcos_signals_finite():
+    """A particle of zero weight (log -inf: the model gives its data no
+    probability) enters the others' baselines as a zero geometric mean; the
+    signals are the definition's, L - L_-i, not NaN for the whole point."""
+    log_weights = torch.tensor([0.0, -math.inf, -1.0, -2.0], dtype=torch.float64)
+    weights = log_weights.exp()
+    expected = []
+    for i in range(4):
+        others = torch.cat([log_weights[:i], log_weights[i + 1 :]])
+        replaced = weights.clone()
+        replaced[i] = others.mean().exp()
+        expected.append(weights.sum().log() - replaced.sum().log())
+    signal = leave_one_out_signal(log_weights.unsqueeze(-1)).squeeze(-1)
+    assert torch.allclose(signal, torch.stack(expected))
 
 
 def test_errors_name_vimco():

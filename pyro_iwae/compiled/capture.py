@@ -132,6 +132,17 @@ _PARAM_MESSAGE = (
 )
 
 
+#: What ``pyro.module`` puts between the module's name and a parameter's.
+_MODULE_DIVIDER = "$$$"
+
+MODULE_MESSAGE = (
+    "the program registers a module with pyro.module, through the parameter "
+    "store a graph cannot take; call pyro.module only where "
+    "pyro.settings.get('module_local_params') is False (the compiled path traces "
+    "with it on and takes the model's and guide's own parameters directly)"
+)
+
+
 PYRO_MODULE_MESSAGE = (
     "a PyroModule's parameters go through pyro.param, outside the nn.Module "
     "parameters a graph takes as inputs; build model and guide from plain "
@@ -171,6 +182,8 @@ class _NoParamStore(Messenger):
     would store a fake tensor)."""
 
     def _pyro_param(self, msg: dict) -> None:
+        if _MODULE_DIVIDER in msg["name"]:
+            raise Unsupported(MODULE_MESSAGE)
         raise Unsupported(_PARAM_MESSAGE)
 
 

@@ -18,7 +18,7 @@ from torch.distributions import constraints
 from ..errors import AISError
 from .diagnostics import _broadcastable, _with_particle_dim
 from .enumeration import Unenumerated
-from .evaluation import local_shape
+from .evaluation import check_plates
 from .objectives import IWELBO
 from .traces import _log_prob, latent_sites
 
@@ -93,7 +93,7 @@ class Chains:
         particles = self.elbo.particles(model, guide, *args, **kwargs)
         self.local_dims = particles.local_dims
         # Raises without a data plate, before any annealing.
-        local_shape(self.local_dims, particles.log_weights[0])
+        check_plates(*particles.traces[0], caller="AIS")
         self.plate_dims = particles.log_weights.dim()
         model_trace, self.template = particles.traces[0]
         self.prior_template = model_trace

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import numbers
 import warnings
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
@@ -13,8 +12,9 @@ import pyro
 import torch
 from pyro.poutine.util import site_is_subsample
 
+from ..errors import check_count
 from ..nn.networks import prepare_pyro_modules
-from .hooks import backend_of, compiler, compiles
+from .hooks import backend_of, check_compile, compiler, compiles
 from .log_weights import Particles
 from .objectives import IWELBO
 from .traces import (
@@ -22,6 +22,7 @@ from .traces import (
     check_not_empty,
     cuda_devices,
     latent_sites,
+    sample_sites,
     tensor_arguments,
 )
 
@@ -73,12 +74,17 @@ def default_chunk_size(
     """Particles per chunk so that one chunk fits in ``memory_budget`` bytes and
     no site's per-chunk tensor exceeds :data:`LARGEST_TENSOR` bytes.
 
-    Runs model and guide once with one particle and counts the elements of every
-    sample site's distribution (batch and event shape), the tensors that grow with
-    the number of particles.
+    Runs model and guide once with one particle, without shifting the random
+    stream, and counts the elements of every sample site's distribution (batch
+    and event shape), the tensors that grow with the number of particles.
     """
     elbo = IWELBO(num_particles=1, max_plate_nesting=max_plate_nesting)
-    with evaluating(model, guide):
+    # On a forked random stream: a seed gives the same estimate with the chunk
+    # size chosen here as with it given.
+    with (
+        torch.random.fork_rng(devices=cuda_devices(args, kwargs)),
+        evaluating(model, guide),
+    ):
         traces = elbo.particles(model, guide, *args, **kwargs).traces
     sizes = [
         (math.prod(site["fn"].shape()), torch.as_tensor(site["value"]).element_size())
@@ -152,6 +158,7 @@ def log_weight_chunks(
     :class:`~pyro_iwae.compiled.CompiledLogLikelihood` cached on the guide, which
     falls back to these with a warning for programs it cannot compile.
     """
+    check_compile(compile)
     if compiles(compile):
         backend = backend_of(compile)
         estimator = compiler().log_likelihood(model, guide, backend, max_plate_nesting)
@@ -218,7 +225,7 @@ def particle_chunks(
                 elbo = IWELBO(num_particles=size, max_plate_nesting=max_plate_nesting)
                 particles = elbo.particles(model, guide, *args, **kwargs)
                 if index == 0:
-                    _check_plates(*particles.traces[0])
+                    check_plates(*particles.traces[0])
                 yield particles
     except (ValueError, RuntimeError) as e:
         problem = _plate_problem(model, guide, args, kwargs)
@@ -267,21 +274,6 @@ def local_shape(local_dims: tuple[int, ...], tensor: torch.Tensor) -> torch.Tens
     return tensor.reshape([tensor.shape[d] for d in local_dims])
 
 
-def check_count(name: str, value: Any) -> None:
-    """:raises ValueError: naming ``name``, unless ``value`` is an integer >= 1 (a
-    float such as ``5e2`` is refused with the integer to pass instead)."""
-    if isinstance(value, numbers.Integral) and not isinstance(value, bool):
-        if value >= 1:
-            return
-        raise ValueError(f"{name} must be an integer >= 1, got {value}")
-    hint = ""
-    if isinstance(value, float) and value.is_integer():
-        hint = f"; pass {name}={int(value)}"
-    raise ValueError(
-        f"{name} must be an integer >= 1, got {value!r} ({type(value).__name__}){hint}"
-    )
-
-
 def check_batch(args: tuple, kwargs: dict) -> None:
     """:raises ValueError: if a tensor argument is an empty batch or holds NaN
     (which would come out as the guide's or the model's invalid parameters)."""
@@ -302,7 +294,7 @@ def check_batch(args: tuple, kwargs: dict) -> None:
 def _plate_problem(
     model: Callable, guide: Callable, args: tuple, kwargs: dict
 ) -> str | None:
-    """What :func:`_check_plates` finds in one run of guide and model (without
+    """What :func:`check_plates` finds in one run of guide and model (without
     particle plates), or None (also when they do not run)."""
     try:
         with (
@@ -313,7 +305,7 @@ def _plate_problem(
             guide_trace = pyro.poutine.trace(guide).get_trace(*args, **kwargs)
             replayed = pyro.poutine.replay(model, trace=guide_trace)
             model_trace = pyro.poutine.trace(replayed).get_trace(*args, **kwargs)
-        _check_plates(model_trace, guide_trace)
+        check_plates(model_trace, guide_trace)
     except ValueError as e:
         return str(innermost(e))
     except Exception:  # noqa: BLE001 - the original error is the one to raise
@@ -334,17 +326,20 @@ def innermost(error: BaseException) -> BaseException:
     return error
 
 
-def _check_plates(model_trace: pyro.poutine.Trace, guide_trace: pyro.poutine.Trace):
+def check_plates(
+    model_trace: pyro.poutine.Trace,
+    guide_trace: pyro.poutine.Trace,
+    caller: str = "log_likelihood",
+) -> None:
     """Checks that a data plate encloses every sample site and that the observed
-    values run along it.
+    values run along it, for per-point estimates by ``caller``.
 
     :raises ValueError: naming the site and what to do.
     """
     sites = [
         site
-        for trace in (model_trace, guide_trace)
-        for site in trace.nodes.values()
-        if site["type"] == "sample" and not site_is_subsample(site)
+        for site in sample_sites((model_trace, guide_trace))
+        if not site_is_subsample(site)
     ]
     frames = {
         site["name"]: {
@@ -375,7 +370,7 @@ def _check_plates(model_trace: pyro.poutine.Trace, guide_trace: pyro.poutine.Tra
                 "such as AutoNormal instead of a joint autoguide"
             )
         raise ValueError(
-            f"log_likelihood needs a data plate that encloses every sample site of "
+            f"{caller} needs a data plate that encloses every sample site of "
             f"model and guide, to give one estimate per data point, but {where}: "
             f"{advice}"
         )
@@ -406,6 +401,7 @@ def dataset_log_likelihood(
     batch_size: int = 100,
     chunk_size: int | None = None,
     callback: Callable[[torch.Tensor], None] | None = None,
+    max_plate_nesting: int = 1,
 ) -> torch.Tensor:
     """:func:`log_likelihood` of every row of ``data`` ([N, ...]), batch by batch.
 
@@ -426,7 +422,12 @@ def dataset_log_likelihood(
         batch = data[start : start + batch_size]
         estimates.append(
             log_likelihood(
-                model, guide, batch, num_samples=num_samples, chunk_size=chunk_size
+                model,
+                guide,
+                batch,
+                num_samples=num_samples,
+                chunk_size=chunk_size,
+                max_plate_nesting=max_plate_nesting,
             )
         )
         if callback is not None:

@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 
+from ..errors import check_count
 from .log_weights import Particles
 from .objectives import IWELBO, _check_vimco, _mean_of_others, leave_one_out_signal
 
@@ -33,12 +34,9 @@ class MIWELBO(IWELBO):
         estimator: str = "iwae",
         **kwargs: Any,
     ) -> None:
-        if not isinstance(num_groups, int) or num_groups < 1:
-            raise ValueError(f"num_groups must be an integer >= 1, got {num_groups}")
-        if not isinstance(num_particles, int) or num_particles < 1:
-            raise ValueError(
-                f"num_particles must be an integer >= 1, got {num_particles}"
-            )
+        check_count("num_groups", num_groups)
+        check_count("num_particles", num_particles)
+        num_groups, num_particles = int(num_groups), int(num_particles)
         # The leave-one-out baseline is taken within each group.
         _check_vimco(estimator, num_particles)
         super().__init__(
@@ -136,7 +134,9 @@ class CIWELBO(IWELBO):
         # beta/K + (1 - beta) w_i^2 on the path gradient.
         w = log_weights.softmax(0)
         elbo_part = self.beta / self.num_particles
-        return (elbo_part + (1 - self.beta) * w**2) / (elbo_part + (1 - self.beta) * w)
+        plain = elbo_part + (1 - self.beta) * w
+        # At beta = 0 an underflowed weight gets no gradient to scale: 0, not 0/0.
+        return torch.where(plain > 0, (elbo_part + (1 - self.beta) * w**2) / plain, 0.0)
 
     def _score_signal(self, log_weights: torch.Tensor) -> torch.Tensor:
         if self.estimator == "reinforce":
@@ -180,4 +180,7 @@ class PIWELBO(MIWELBO):
         ).exp()
         if self.estimator == "dreg":
             ratio = ratio * grouped.softmax(1)
-        return ratio.expand_as(grouped).reshape(log_weights.shape)
+        factor = ratio.expand_as(grouped).reshape(log_weights.shape)
+        # A group whose IWAE weights underflow has an infinite ratio and no
+        # gradient to scale: it passes none, not inf * 0 = NaN.
+        return torch.where(factor.isfinite(), factor, 0.0)

@@ -85,3 +85,28 @@ def backend_of(compile: bool | str | None) -> str | None:
     """The ``torch.compile`` backend a ``compile`` option names: True means
     inductor, a string a backend, None the traced graph uncompiled."""
     return "inductor" if compile is True else compile
+
+
+def is_backend(name: Any) -> bool:
+    """Whether ``name`` is the name of a ``torch.compile`` backend."""
+    if not isinstance(name, str):
+        return False
+    # Imported only here: torch._dynamo takes seconds to import.
+    from torch._dynamo import list_backends
+
+    return name in list_backends(exclude_tags=())
+
+
+def check_compile(compile: Any) -> None:
+    """:raises ValueError: unless ``compile`` is a ``compile`` option: True,
+    False, ``"auto"``, None, or a ``torch.compile`` backend (its name, or the
+    backend itself)."""
+    if compile is None or isinstance(compile, bool) or compile == "auto":
+        return
+    if callable(compile) or is_backend(compile):
+        return
+    raise ValueError(
+        f"compile={compile!r} is not a compile option; pass True (inductor), "
+        "False, 'auto', None (the traced graph uncompiled) or the name of a "
+        "torch.compile backend, as torch._dynamo.list_backends() gives them"
+    )

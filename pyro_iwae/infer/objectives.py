@@ -14,7 +14,7 @@ from pyro.infer.util import torch_item
 from pyro.poutine.trace_struct import Trace
 from pyro.util import warn_if_nan
 
-from .hooks import backend_of, compiler, compiles
+from .hooks import backend_of, check_compile, compiler, compiles
 from .particles import (
     ESTIMATORS,
     SCORE_ESTIMATORS,
@@ -100,6 +100,7 @@ class IWELBO(ParticleELBO):
             **kwargs,
         )
         _check_vimco(estimator, num_particles)
+        check_compile(compile)
         self.compile = compile
 
     def bound(self, log_weights: torch.Tensor) -> torch.Tensor:
@@ -185,7 +186,9 @@ class IWELBO(ParticleELBO):
             loss = loss - (surrogate - surrogate.detach())
         # No NaN check here: it would read the value back from the device at every
         # step; loss() and loss_and_grads() check the float they return.
-        if loss.requires_grad:
+        if loss.requires_grad and log_weights.shape[0] > 1:
+            # One particle's factor is 1, nothing to reweight; and a global site,
+            # untied at k = 1, has no particle dim to take a factor.
             factor = self._path_factor(log_weights.detach())
             if factor is not None and particles.strata_shape is not None:
                 # Per pair of traces, as the values enumerated in the guide index
@@ -268,10 +271,16 @@ def leave_one_out_signal(log_weights: torch.Tensor, dim: int = 0) -> torch.Tenso
 def _mean_of_others(log_weights: torch.Tensor, dim: int) -> torch.Tensor:
     """For each entry along ``dim``, the mean of the other entries."""
     k = log_weights.shape[dim]
+    # A zero weight (log -inf) makes the mean of the others it is among -inf;
+    # the rest is computed from the finite entries, so as not to turn it to NaN.
+    zero = log_weights == -math.inf
+    finite = log_weights.masked_fill(zero, 0.0)
     # Centred first: sum - x_i would lose digits to large log weights.
-    centre = log_weights.mean(dim, keepdim=True)
-    deviation = log_weights - centre
-    return centre + (deviation.sum(dim, keepdim=True) - deviation) / (k - 1)
+    centre = finite.mean(dim, keepdim=True)
+    deviation = finite - centre
+    mean = centre + (deviation.sum(dim, keepdim=True) - deviation) / (k - 1)
+    zero_others = zero.sum(dim, keepdim=True) - zero.long() > 0
+    return mean.masked_fill(zero_others, -math.inf)
 
 
 def _check_vimco(estimator: str, particles_per_bound: int) -> None:

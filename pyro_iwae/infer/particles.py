@@ -19,7 +19,7 @@ from pyro.poutine.trace_struct import Trace
 from pyro.poutine.util import prune_subsample_sites
 from pyro.util import check_model_guide_match
 
-from ..errors import ParticleBroadcastError, PyroIwaeError, one_line
+from ..errors import ParticleBroadcastError, PyroIwaeError, check_count, one_line
 from .enumeration import (
     Unenumerated,
     check_enumeration,
@@ -52,6 +52,7 @@ from .traces import (
     global_latent_names,
     is_subsampled,
     latent_sites,
+    plate_depth,
     sample_sites,
     score_log_prob,
     stopped_parameters,
@@ -100,10 +101,7 @@ class ParticleELBO(ELBO):
                 f"unknown estimator {estimator!r}; "
                 f"choose one of {', '.join(ESTIMATORS)}"
             )
-        if not isinstance(num_particles, int) or num_particles < 1:
-            raise ValueError(
-                f"num_particles must be an integer >= 1, got {num_particles}"
-            )
+        check_count("num_particles", num_particles)
         if kwargs.get("jit_options") is not None or kwargs.get("ignore_jit_warnings"):
             raise ValueError(
                 "IWELBO is not traced with torch.jit, so jit_options and "
@@ -111,7 +109,7 @@ class ParticleELBO(ELBO):
                 "compiled loss"
             )
         super().__init__(
-            num_particles=num_particles,
+            num_particles=int(num_particles),
             max_plate_nesting=max_plate_nesting,
             vectorize_particles=vectorize_particles,
             **kwargs,
@@ -295,23 +293,21 @@ class ParticleELBO(ELBO):
                 error, PyroIwaeError | NotImplementedError
             ):
                 raise
-            if not self._runs_without_particles(model, guide, args, kwargs):
+            single = self._runs_without_particles(model, guide, args, kwargs)
+            if single is None:
                 raise
             # The first line: Pyro appends the trace's shapes to the message.
             cause = one_line(str(error).strip().split("\n")[0] or error).rstrip(".")
-            raise ParticleBroadcastError(
-                "the model or guide fails under vectorize_particles=True but runs "
-                f"without it ({cause}): it must broadcast over a leading "
-                f"particle dimension of size {self.num_particles} (use "
-                "x.shape[-1] and x.reshape(*x.shape[:-1], ...), not "
-                "x.view(batch, -1)), or pass vectorize_particles=False"
+            depth = max(plate_depth(sample_sites(pair)) for pair in single.traces)
+            raise ParticleBroadcastError.of_program(
+                cause, self.num_particles, self.max_plate_nesting - 1, depth
             ) from None
 
     def _runs_without_particles(
         self, model: Callable, guide: Callable, args: tuple, kwargs: dict
-    ) -> bool:
-        """Whether one particle without the particle plate weighs without error
-        (on a forked random stream, without warnings)."""
+    ) -> Particles | None:
+        """One particle weighed without the particle plate (on a forked random
+        stream, without warnings), or None where that fails too."""
         single = ParticleELBO(
             1,
             "iwae",
@@ -325,11 +321,10 @@ class ParticleELBO(ELBO):
                 warnings.catch_warnings(),
             ):
                 warnings.simplefilter("ignore")
-                single._particles(model, guide, args, kwargs)
+                return single._particles(model, guide, args, kwargs)
         except Exception:
             # A failure here is the program's own, not the particle plate's.
-            return False
-        return True
+            return None
 
     def _particles(
         self, model: Callable, guide: Callable, args: tuple, kwargs: dict

@@ -13,11 +13,12 @@ from .evaluation import check_count, evaluating
 __all__ = ["reconstruct", "sample_images"]
 
 
-def _device_of(module: Callable) -> torch.device:
+def _parameter_of(module: Callable) -> torch.Tensor | None:
+    """The first parameter of ``module`` (None for a function, or no parameters):
+    the device and dtype a dummy input should have."""
     if isinstance(module, torch.nn.Module):
-        for p in module.parameters():
-            return p.device
-    return torch.device("cpu")
+        return next(module.parameters(), None)
+    return None
 
 
 def sample_images(
@@ -35,11 +36,15 @@ def sample_images(
     p(x|z) at ``observed_site``. Runs without gradients, in eval mode.
 
     :param device: default: the device of the model's parameters.
-    :returns: a tensor ``[num_samples, x_dim]`` of probabilities in [0, 1].
+    :returns: a tensor ``[num_samples, x_dim]`` of probabilities in [0, 1], of
+        the dtype of the model's parameters.
     """
     check_count("num_samples", num_samples)
-    device = _device_of(model) if device is None else torch.device(device)
-    x = torch.zeros(num_samples, x_dim, device=device)
+    param = _parameter_of(model)
+    if device is None:
+        device = torch.device("cpu") if param is None else param.device
+    dtype = None if param is None else param.dtype
+    x = torch.zeros(num_samples, x_dim, device=device, dtype=dtype)
     with evaluating(model):
         trace = poutine.trace(poutine.uncondition(model)).get_trace(x)
     return _mean_of(trace, observed_site)

@@ -316,6 +316,20 @@ def data_plate_dims(sites: list[dict]) -> tuple[int, ...]:
     return tuple(sorted(dim for _, dim in common or ()))
 
 
+def plate_depth(sites: list[dict]) -> int:
+    """How many batch dims the vectorized plates of ``sites`` take: minus the
+    deepest one's dim (0 for none), the particle plate left out."""
+    return max(
+        (
+            -f.dim
+            for site in sites
+            for f in site["cond_indep_stack"]
+            if f.vectorized and f.name != PARTICLE_PLATE
+        ),
+        default=0,
+    )
+
+
 def common_scale(sites: list[dict], local_dims: tuple[int, ...]) -> Any:
     """The scale that multiplies the bound: the one shared by the observed sites
     (by all sites where none is observed, else 1). Another scale on a latent
@@ -519,10 +533,12 @@ def check_not_empty(args: tuple, kwargs: dict, caller: str = "log_likelihood") -
 
 
 def sample_sites(pair: tuple[Trace, Trace]) -> list[dict]:
-    """The sample sites of a model trace and a guide trace, in that order."""
+    """The sample sites of a model trace and a guide trace, in that order, less
+    ``pyro.deterministic``'s: a masked record of a value, in or out of any plate,
+    no part of the density."""
     return [
         site
         for trace in pair
         for site in trace.nodes.values()
-        if site["type"] == "sample"
+        if site["type"] == "sample" and not site["infer"].get("_deterministic")
     ]

@@ -73,9 +73,17 @@ class PyroNetwork(nn.Module):
 
     def check_images(self, x: torch.Tensor) -> None:
         """:raises ValueError: unless ``x`` is ``[batch, self.x_dim]`` (flattened
-        images), saying what to pass instead of the shape error a layer would
-        raise."""
+        images) of the parameters' dtype, saying what to pass instead of the
+        error a layer would raise."""
         if x.dim() == 2 and x.shape[-1] == self.x_dim:
+            param = next(self.parameters(), None)
+            dtype = x.dtype if param is None else param.dtype
+            if x.dtype != dtype:
+                raise ValueError(
+                    f"{type(self).__name__} takes x of its parameters' dtype "
+                    f"{dtype}, got {x.dtype}; pass x.to({dtype}) (or convert the "
+                    "model and guide with .to(x.dtype))"
+                )
             return
         shape = list(x.shape)
         if x.dim() == 1 and shape[0] == self.x_dim:

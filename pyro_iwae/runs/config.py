@@ -302,6 +302,10 @@ class RunConfig:
         :raises ConfigError: for settings that do not go together.
         :raises ValueError: for a schedule or objective that cannot be built.
         """
+        # Each value by itself first: a misspelt choice is named as such, not as
+        # the choice another setting applies to; and the objective would refuse
+        # a wrong value without the setting's name.
+        check_values(self)
         check_applies(self.to_dict(), _defaults(), given, _APPLIES_WITH)
         self.make_schedule()
         self.make_objective()
@@ -342,7 +346,6 @@ class RunConfig:
             )
         resolve("model", self.model)
         resolve("guide", self.guide)
-        check_values(self)
 
     @property
     def binarization(self) -> str:

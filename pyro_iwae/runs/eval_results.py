@@ -132,8 +132,9 @@ class EvalSettings:
         :raises ConfigError: naming the settings as ``{field}``.
         """
         defaults = {f.name: f.default for f in dataclasses.fields(EvalSettings)}
-        check_applies(dataclasses.asdict(self), defaults, given, _APPLIES_WITH)
+        # A misspelt method is named as such, not as the one a setting applies to.
         check_values(self)
+        check_applies(dataclasses.asdict(self), defaults, given, _APPLIES_WITH)
 
     @property
     def tag(self) -> str:

@@ -42,6 +42,7 @@ class Position:
 
 
 def checked_schedule(
+    objective: ELBO,
     schedule: Iterable[Sequence[Any]],
     batch_size: int,
     checkpoint_every: int | None,
@@ -49,7 +50,12 @@ def checked_schedule(
     run_dir: str | os.PathLike | None,
 ) -> Schedule:
     """The schedule as (epochs, lr) pairs, once the arguments of fit that need
-    no model are checked."""
+    no model (``objective`` among them) are checked."""
+    if not isinstance(objective, ELBO):
+        raise TypeError(
+            "fit's objective is a Pyro ELBO, such as IWELBO(5) or "
+            f"make_objective('iwae', 5), got {type(objective).__name__}"
+        )
     schedule = as_schedule(schedule)
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -88,6 +94,11 @@ def fit_data(
             test_data = data.test
     else:
         train = data
+    if not len(train):
+        raise ValueError(
+            f"fit got no training points (data of shape {list(train.shape)}); "
+            "pass at least one"
+        )
     train = train.to(device)
     test = None
     if test_data is not None:

@@ -11,7 +11,7 @@ from typing import Any
 
 from pyro.infer import ELBO, RenyiELBO, Trace_ELBO
 
-from ..errors import ConfigError
+from ..errors import ConfigError, check_count
 from ..infer.grouped import CIWELBO, MIWELBO, PIWELBO
 from ..infer.objectives import IWELBO
 
@@ -67,10 +67,9 @@ def make_objective(
         raise ValueError(
             f"unknown objective {name!r}; choose one of {', '.join(OBJECTIVES)}"
         )
-    if not isinstance(num_particles, int) or num_particles < 1:
-        raise ValueError(f"num_particles must be an integer >= 1, got {num_particles}")
+    check_count("num_particles", num_particles)
     common = {
-        "num_particles": num_particles,
+        "num_particles": int(num_particles),
         "vectorize_particles": True,
         "max_plate_nesting": 1,
     }
@@ -145,7 +144,12 @@ def as_schedule(schedule: Iterable[Sequence[Any]]) -> Schedule:
 
     :raises ValueError: if it has no stages, or a stage of no epochs.
     """
-    stages = [(int(epochs), float(lr)) for epochs, lr in schedule]
+    try:
+        stages = [(int(epochs), float(lr)) for epochs, lr in schedule]
+    except (TypeError, ValueError):
+        raise ValueError(
+            f"a schedule is a list of (epochs, lr) stages, got {schedule!r}"
+        ) from None
     if not stages or any(epochs < 1 for epochs, _ in stages):
         raise ValueError(f"a schedule needs stages of >= 1 epoch, got {stages}")
     return stages

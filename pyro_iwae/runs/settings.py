@@ -22,6 +22,7 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 from ..errors import ConfigError, literal, one_line
+from ..infer.hooks import is_backend
 
 __all__ = [
     "Setting",
@@ -124,14 +125,8 @@ def check_values(obj: Any) -> None:
 def _check_switch(name: str, value: Any) -> None:
     """A switch is True, False, ``"auto"`` or (from Python) a ``torch.compile``
     backend's name."""
-    if value is True or value is False or value == "auto":
+    if value is True or value is False or value == "auto" or is_backend(value):
         return
-    if isinstance(value, str):
-        from torch._dynamo import list_backends
-
-        backends = list_backends(exclude_tags=())
-        if value in backends:
-            return
     raise ConfigError(
         f"{{{name}}} {literal(repr(value))} is unknown; choose one of: "
         f"{literal(', '.join(SWITCH))}"

@@ -186,7 +186,7 @@ class _Fit:
         binarize: bool | None,
     ) -> None:
         schedule = checked_schedule(
-            schedule, batch_size, checkpoint_every, resume, run_dir
+            objective, schedule, batch_size, checkpoint_every, resume, run_dir
         )
         self.seed, self.resuming = seed, resume
         self.model, self.guide, self.objective = model, guide, objective
