@@ -130,9 +130,9 @@ class ParticleBroadcastError(PyroIwaeError, ValueError):
             "the model or guide fails under vectorize_particles=True but runs "
             f"without it ({cause}): it must broadcast over a leading particle "
             f"dimension of size {num_particles} (use x.shape[-1] and "
-            "x.reshape(*x.shape[:-1], ...), not x.view(batch, -1)); an objective "
-            "can take vectorize_particles=False instead (the log-likelihood "
-            "estimates and AIS cannot)"
+            "x.reshape(*x.shape[:-1], ...), not x.view(batch, -1)), or pass "
+            "vectorize_particles=False (to the objective, or to log_likelihood "
+            "and its relatives; AIS takes no such option)"
         )
 
 

@@ -29,6 +29,8 @@ from pyro_iwae.infer.hooks import backend_of
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 NUM_SAMPLES = 4000
+#: Particles drawn one at a time (a run of model and guide each).
+SEQUENTIAL_SAMPLES = 400
 #: Allowance for the bias of log(mean weight) and of AIS's finite schedule.
 BIAS = 0.02
 AIS = {"num_steps": 30, "num_chains": 32, "num_leapfrog_steps": 5}
@@ -84,6 +86,30 @@ def test_log_likelihood_with_diagnostics(kind):
     result = diagnostics(s, seed=1)
     assert_near(result.log_likelihood, result.stderr, s.log_marginal)
     assert ((result.ess > 1) & (result.ess <= NUM_SAMPLES)).all()
+
+
+@pytest.mark.parametrize("kind", LATENT_KINDS)
+def test_sequential_log_likelihood(kind):
+    """vectorize_particles=False (one particle a run of model and guide): both
+    estimators draw the same particles from one seed and are near the exact
+    value."""
+    s = evaluator_setup(kind)
+    estimates = []
+    for estimator in (log_likelihood, log_likelihood_with_diagnostics):
+        torch.manual_seed(0)
+        estimates.append(
+            estimator(
+                s.model,
+                s.guide,
+                s.x,
+                num_samples=SEQUENTIAL_SAMPLES,
+                vectorize_particles=False,
+            )
+        )
+    estimate, same = estimates
+    torch.testing.assert_close(same.log_likelihood, estimate, rtol=1e-12, atol=1e-12)
+    assert_near(estimate, same.stderr, s.log_marginal)
+    assert (same.stderr > 1e-4).all()
 
 
 def assert_compiled_log_likelihood(kind, backend):

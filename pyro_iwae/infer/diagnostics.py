@@ -145,6 +145,7 @@ def log_likelihood_with_diagnostics(
     max_plate_nesting: int = 1,
     chunk_size: int | None = None,
     compile: bool | str | None = False,
+    vectorize_particles: bool = True,
     **kwargs: Any,
 ) -> Diagnostics:
     """:func:`~pyro_iwae.log_likelihood` (the same estimate, from the same random
@@ -165,6 +166,7 @@ def log_likelihood_with_diagnostics(
         chunk_size=chunk_size,
         max_plate_nesting=max_plate_nesting,
         compile=compile,
+        vectorize_particles=vectorize_particles,
         **kwargs,
     ):
         log_w = particles.log_weights

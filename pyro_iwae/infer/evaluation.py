@@ -106,6 +106,7 @@ def log_likelihood(
     chunk_size: int | None = None,
     max_plate_nesting: int = 1,
     compile: bool | str | None = False,
+    vectorize_particles: bool = True,
     **kwargs: Any,
 ) -> torch.Tensor:
     r"""Importance-sampled :math:`\log p(x)` for each point of the data plate.
@@ -117,7 +118,10 @@ def log_likelihood(
     size is chosen by :func:`default_chunk_size`. Runs without gradients, with
     modules in eval mode. ``compile`` (True, or a ``torch.compile`` backend)
     computes each chunk's log-weights in one compiled graph (see
-    :func:`log_weight_chunks`).
+    :func:`log_weight_chunks`). ``vectorize_particles=False`` runs model and
+    guide once per particle, for programs whose networks do not broadcast over a
+    leading particle dimension (as :class:`IWELBO` takes it; slower, and not
+    with ``compile``).
 
     :returns: a tensor of shape ``[batch]`` (the data plate's size), in nats.
     """
@@ -129,6 +133,7 @@ def log_likelihood(
         chunk_size=chunk_size,
         max_plate_nesting=max_plate_nesting,
         compile=compile,
+        vectorize_particles=vectorize_particles,
         **kwargs,
     )
     return combine_chunks(chunks, num_samples)
@@ -150,6 +155,7 @@ def log_weight_chunks(
     chunk_size: int | None = None,
     max_plate_nesting: int = 1,
     compile: bool | str | None = False,
+    vectorize_particles: bool = True,
     **kwargs: Any,
 ) -> Iterator[LogWeights]:
     """The log-weights of :func:`particle_chunks` for ``model(*args, **kwargs)``;
@@ -157,8 +163,16 @@ def log_weight_chunks(
     for the traced graph uncompiled), those of a
     :class:`~pyro_iwae.compiled.CompiledLogLikelihood` cached on the guide, which
     falls back to these with a warning for programs it cannot compile.
+
+    :raises ValueError: for ``compile`` with ``vectorize_particles=False`` (a
+        compiled graph draws its particles at once).
     """
     check_compile(compile)
+    if compiles(compile) and not vectorize_particles:
+        raise ValueError(
+            "compile draws all particles in one graph, which vectorize_particles="
+            "False does not allow; pass compile=False with it"
+        )
     if compiles(compile):
         backend = backend_of(compile)
         estimator = compiler().log_likelihood(model, guide, backend, max_plate_nesting)
@@ -167,7 +181,14 @@ def log_weight_chunks(
         )
         return
     for particles in particle_chunks(
-        model, guide, args, kwargs, num_samples, chunk_size, max_plate_nesting
+        model,
+        guide,
+        args,
+        kwargs,
+        num_samples,
+        chunk_size,
+        max_plate_nesting,
+        vectorize_particles,
     ):
         yield LogWeights(particles.log_weights, particles.local_dims)
 
@@ -204,10 +225,12 @@ def particle_chunks(
     num_samples: int,
     chunk_size: int | None,
     max_plate_nesting: int,
+    vectorize_particles: bool = True,
 ) -> Iterator[Particles]:
     """:meth:`IWELBO.particles` of ``num_samples`` particles, ``chunk_size`` at a
-    time (None: :func:`default_chunk_size`), with the modules in eval mode and no
-    gradients: what :func:`log_likelihood` and the diagnostics combine.
+    time (None: :func:`default_chunk_size`), drawn as ``vectorize_particles``
+    says, with the modules in eval mode and no gradients: what
+    :func:`log_likelihood` and the diagnostics combine.
 
     :raises ValueError: for an empty batch, NaN in the data, or plates that give
         no estimate per
@@ -222,7 +245,11 @@ def particle_chunks(
         )
         with evaluating(model, guide):
             for index, size in enumerate(chunk_sizes(num_samples, chunk_size)):
-                elbo = IWELBO(num_particles=size, max_plate_nesting=max_plate_nesting)
+                elbo = IWELBO(
+                    num_particles=size,
+                    max_plate_nesting=max_plate_nesting,
+                    vectorize_particles=vectorize_particles,
+                )
                 particles = elbo.particles(model, guide, *args, **kwargs)
                 if index == 0:
                     check_plates(*particles.traces[0])
@@ -402,6 +429,7 @@ def dataset_log_likelihood(
     chunk_size: int | None = None,
     callback: Callable[[torch.Tensor], None] | None = None,
     max_plate_nesting: int = 1,
+    vectorize_particles: bool = True,
 ) -> torch.Tensor:
     """:func:`log_likelihood` of every row of ``data`` ([N, ...]), batch by batch.
 
@@ -428,6 +456,7 @@ def dataset_log_likelihood(
                 num_samples=num_samples,
                 chunk_size=chunk_size,
                 max_plate_nesting=max_plate_nesting,
+                vectorize_particles=vectorize_particles,
             )
         )
         if callback is not None:
