@@ -10,6 +10,7 @@ from .errors import (
     PyroIwaeError,
     RunBusy,
 )
+from .infer.activity import active_units, latent_activity
 from .infer.ais import (
     AISResult,
     BDMCResult,
@@ -28,9 +29,7 @@ from .infer.diagnostics import (
 )
 from .infer.evaluation import (
     EstimateWarning,
-    active_units,
     dataset_log_likelihood,
-    latent_activity,
     log_likelihood,
 )
 from .infer.gradient_check import (

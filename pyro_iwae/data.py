@@ -333,7 +333,16 @@ def load_file(
     except DataError:
         raise
     except Exception as e:  # numpy and torch raise many types on damaged files
-        raise DataError(f"cannot read {path} ({one_line(e)}); check the file") from e
+        # Their messages advise unsafe loading or run to hundreds of characters.
+        reason = (
+            "it holds pickled Python objects, not numbers"
+            if path.suffix != ".pt" and "pickle" in str(e).lower()
+            else "it is damaged, or not written by np.save, np.savez or torch.save"
+        )
+        raise DataError(
+            f"cannot read {path}: {reason}; save the data with np.save, np.savez "
+            "or torch.save as numeric arrays"
+        ) from e
     if "train" not in arrays:
         raise DataError(
             f"{path} holds {', '.join(sorted(arrays)) or 'no arrays'}, not an array "

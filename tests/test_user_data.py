@@ -261,3 +261,29 @@ def test_a_string_array_is_named_by_its_dtype_in_one_short_line(tmp_path):
     assert "save integers, floats or booleans" in message
     # Not torch's list of every dtype it takes.
     assert "float16" not in message and len(message) < 160 + len(str(tmp_path))
+
+
+@pytest.mark.parametrize(
+    "name, write, reason",
+    [
+        ("bad.npy", lambda p: p.write_bytes(b"\x93NUMPY garbage"), "damaged"),
+        ("bad.npz", lambda p: p.write_bytes(b"PK\x03\x04 truncated zip"), "damaged"),
+        ("bad.pt", lambda p: p.write_bytes(b"not a torch file"), "damaged"),
+        (
+            "objects.npy",
+            lambda p: np.save(p, np.array([[1, 2], [3]], dtype=object)),
+            "pickled Python objects",
+        ),
+    ],
+)
+def test_an_unreadable_file_gets_one_short_line_that_says_how_to_save_it(
+    tmp_path, name, write, reason
+):
+    path = tmp_path / name
+    write(path)
+    with pytest.raises(DataError) as info:
+        load_dataset(str(path))
+    message = str(info.value)
+    assert reason in message and "np.save, np.savez or torch.save" in message
+    assert "allow_pickle" not in message and "\n" not in message
+    assert len(message) < 250

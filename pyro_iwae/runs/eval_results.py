@@ -24,8 +24,8 @@ import pyro
 import torch
 
 from .._version import __version__
+from ..infer.activity import count_active
 from ..infer.diagnostics import KHAT_THRESHOLD
-from ..infer.evaluation import count_active
 from ..nn.likelihoods import CONTINUOUS
 from . import distributed
 from .checkpoints import write_json, write_text

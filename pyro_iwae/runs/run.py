@@ -31,13 +31,10 @@ from ..errors import (
     RunError,
     one_line,
 )
+from ..infer.activity import latent_activity
 from ..infer.ais import ais_log_likelihood
 from ..infer.diagnostics import log_likelihood_with_diagnostics
-from ..infer.evaluation import (
-    compile_seconds,
-    latent_activity,
-    warn_of_problems,
-)
+from ..infer.evaluation import compile_seconds, warn_of_problems
 from ..infer.hooks import compiles
 from . import distributed, run_writer
 from .auto_compile import (
