@@ -6,6 +6,7 @@ import pyro.distributions as dist
 import pytest
 import torch
 from linear_gaussian import LATENT_DIM, SIGMA, LinearGaussian
+from pyro.nn import PyroModule, PyroSample
 
 from pyro_iwae import (
     ParticleBroadcastError,
@@ -138,3 +139,75 @@ def test_dataset_log_likelihood_refuses_a_list():
     rows = LG.sample_data(3).tolist()
     with pytest.raises(TypeError, match="pass a tensor"):
         dataset_log_likelihood(LG.model, GUIDE, rows, num_samples=4)
+
+
+class Regression(PyroModule):
+    """Pyro's Bayesian-regression pattern: ``PyroSample`` weights of a
+    ``PyroModule[nn.Linear]``, global latents that do not broadcast over
+    particles; y ~ N(X beta, NOISE^2), beta = (weight, bias) ~ N(0, I)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = PyroModule[torch.nn.Linear](3, 1).double()
+        self.linear.weight = PyroSample(
+            dist.Normal(0.0, 1.0).expand([1, 3]).to_event(2)
+        )
+        self.linear.bias = PyroSample(dist.Normal(0.0, 1.0).expand([1]).to_event(1))
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        mean = self.linear(x).squeeze(-1)
+        with pyro.plate("data", x.shape[0]):
+            pyro.sample("y", dist.Normal(mean, NOISE), obs=y)
+
+
+NOISE = 0.5
+
+
+def regression_posterior_guide(x: torch.Tensor, y: torch.Tensor):
+    """The exact posterior of (weight, bias): bias from its marginal, weight from
+    its conditional given bias."""
+    design = torch.cat([x, x.new_ones(x.shape[0], 1)], 1)
+    cov = torch.linalg.inv(torch.eye(4, dtype=x.dtype) + design.T @ design / NOISE**2)
+    mean = cov @ design.T @ y / NOISE**2
+    gain = cov[:3, 3] / cov[3, 3]
+    cond_cov = cov[:3, :3] - torch.outer(gain, cov[3, :3])
+
+    def guide(x: torch.Tensor, y: torch.Tensor) -> None:
+        bias = pyro.sample(
+            "linear.bias", dist.Normal(mean[3:], cov[3, 3].sqrt()).to_event(1)
+        )
+        loc = mean[:3] + gain * (bias - mean[3])
+        pyro.sample(
+            "linear.weight",
+            dist.MultivariateNormal(loc, cond_cov).expand([1]).to_event(1),
+        )
+
+    exact = dist.MultivariateNormal(
+        x.new_zeros(x.shape[0]),
+        design @ design.T + NOISE**2 * torch.eye(x.shape[0], dtype=x.dtype),
+    ).log_prob(y)
+    return guide, exact
+
+
+def test_bayesian_regression_pattern_is_evaluated_with_sequential_particles():
+    """Every draw of the exact posterior weighs exactly p(y): the estimate is the
+    exact log p(y) on every run, which only sequential particles can give here."""
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(12, 3, generator=g, dtype=torch.float64)
+    y = x @ x.new_tensor([1.0, -1.0, 0.5]) + 0.3
+    y = y + NOISE * torch.randn(12, generator=g, dtype=torch.float64)
+    model = Regression()
+    guide, exact = regression_posterior_guide(x, y)
+    with pytest.raises(ParticleBroadcastError, match="to joint_log_likelihood "):
+        joint_log_likelihood(model, guide, x, y, num_samples=3, num_local_samples=1)
+    pyro.set_rng_seed(0)
+    estimate = joint_log_likelihood(
+        model,
+        guide,
+        x,
+        y,
+        num_samples=5,
+        num_local_samples=1,
+        vectorize_particles=False,
+    )
+    assert estimate.item() == pytest.approx(exact.item(), rel=1e-9)
