@@ -110,30 +110,65 @@ class ParticleBroadcastError(PyroIwaeError, ValueError):
     broadcast over a leading particle dimension, or its plates nest deeper than
     ``max_plate_nesting``."""
 
+    #: Whether the program nests its plates too deep (no change to its networks
+    #: would help), and what failed under the particle plate.
+    nested: bool = False
+    cause: str = ""
+    num_particles: int = 0
+
     @classmethod
     def of_program(
-        cls, cause: str, num_particles: int, nesting: int, depth: int
+        cls,
+        cause: str,
+        num_particles: int,
+        nesting: int,
+        depth: int,
+        caller: str | None = None,
     ) -> ParticleBroadcastError:
         """The error for a program whose plates nest ``depth`` deep that failed
         with ``cause`` under ``num_particles`` particles and
-        ``max_plate_nesting=nesting``."""
+        ``max_plate_nesting=nesting``; the message offers
+        ``vectorize_particles=False`` of ``caller``, an evaluator's name (None: an
+        objective; "AIS", which has none: the sequential log_likelihood)."""
         if depth > nesting:
             # The particle plate sits among the program's own plates: no change
             # to its networks would help.
-            return cls(
+            error = cls(
                 f"the model or guide nests plates {depth} deep, more than "
                 f"max_plate_nesting={nesting}, which puts the particle plate at "
                 f"dim={-nesting - 1} among them ({cause}); pass "
                 f"max_plate_nesting={depth}"
             )
-        return cls(
-            "the model or guide fails under vectorize_particles=True but runs "
-            f"without it ({cause}): it must broadcast over a leading particle "
-            f"dimension of size {num_particles} (use x.shape[-1] and "
-            "x.reshape(*x.shape[:-1], ...), not x.view(batch, -1)), or pass "
-            "vectorize_particles=False (to the objective, or to log_likelihood "
-            "and its relatives; AIS takes no such option)"
-        )
+            error.nested = True
+        else:
+            if caller == "AIS":
+                # AIS moves all chains in one batch: nothing sequential to offer.
+                remedy = (
+                    "AIS runs its chains in one batch and has no "
+                    "vectorize_particles=False; estimate with "
+                    "log_likelihood(..., vectorize_particles=False) instead"
+                )
+            else:
+                where = "the objective" if caller is None else caller
+                remedy = (
+                    f"or pass vectorize_particles=False to {where} to draw the "
+                    "particles one at a time"
+                )
+            error = cls(
+                "the model or guide fails under vectorize_particles=True but runs "
+                f"without it ({cause}): it must broadcast over a leading particle "
+                f"dimension of size {num_particles} (use x.shape[-1] and "
+                f"x.reshape(*x.shape[:-1], ...), not x.view(batch, -1)); {remedy}"
+            )
+        error.cause, error.num_particles = cause, num_particles
+        return error
+
+    def for_evaluator(self, caller: str) -> ParticleBroadcastError:
+        """This error as raised by evaluator ``caller``, with its remedy (see
+        :meth:`of_program`)."""
+        if self.nested:
+            return self
+        return type(self).of_program(self.cause, self.num_particles, 0, 0, caller)
 
 
 def check_count(name: str, value: Any) -> None:

@@ -7,15 +7,13 @@ import pyro
 import pyro.distributions as dist
 import pytest
 import torch
-from linear_gaussian import LATENT_DIM, SIGMA, PriorSiteModel
+from linear_gaussian import LATENT_DIM, PriorSiteModel
 
 from pyro_iwae import (
     IWELBO,
-    ParticleBroadcastError,
     active_units,
     latent_activity,
     log_likelihood,
-    log_likelihood_with_diagnostics,
     paper_architecture,
 )
 from pyro_iwae.infer.evaluation import (
@@ -225,52 +223,3 @@ def test_a_joint_autoguide_is_told_to_use_auto_normal():
     with pytest.raises(ValueError, match="outside every plate") as e:
         log_likelihood(model, guide, torch.randn(4, 2), num_samples=3)
     assert "AutoNormal" in str(e.value) and "pyro.plate(" not in str(e.value)
-
-
-def _unbroadcast_model(lg):
-    """The linear-Gaussian model with ``torch.mm``, which takes 2-dim z only: it
-    runs with one particle at a time, not with a particle dimension in front."""
-
-    def model(data):
-        with pyro.plate("data", data.shape[0]):
-            z = pyro.sample(
-                "z", dist.Normal(data.new_zeros(LATENT_DIM), 1.0).to_event(1)
-            )
-            loc = torch.mm(z, lg.W.T) + lg.b
-            pyro.sample("x", dist.Normal(loc, SIGMA).to_event(1), obs=data)
-
-    return model
-
-
-def test_sequential_particles_estimate_a_model_that_does_not_broadcast(lg):
-    x = lg.sample_data(6)
-    model, exact = _unbroadcast_model(lg), lg.log_marginal(x)
-    with pytest.raises(ParticleBroadcastError, match="vectorize_particles=False"):
-        log_likelihood(model, lg.exact_guide, x, num_samples=10)
-    # Under the exact posterior every weight is p(x).
-    at_posterior = log_likelihood(
-        model, lg.exact_guide, x, num_samples=7, vectorize_particles=False
-    )
-    torch.testing.assert_close(at_posterior, exact, rtol=1e-10, atol=1e-10)
-    # Another guide: within four standard errors (and the bias of a log-mean,
-    # var / 2K, far below them).
-    torch.manual_seed(0)
-    ours = log_likelihood_with_diagnostics(
-        model,
-        lg.diagonal_guide(0.5, 1.5),
-        x,
-        num_samples=3000,
-        chunk_size=700,
-        vectorize_particles=False,
-    )
-    assert ours.log_likelihood.shape == (6,)
-    assert ((ours.log_likelihood - exact).abs() < 4 * ours.stderr + 1e-3).all()
-    assert (ours.stderr < 0.05).all()  # a test that can tell
-    by_batch = dataset_log_likelihood(
-        model, lg.exact_guide, x, num_samples=5, batch_size=4, vectorize_particles=False
-    )
-    torch.testing.assert_close(by_batch, exact, rtol=1e-10, atol=1e-10)
-    with pytest.raises(ValueError, match="pass compile=False with it"):
-        log_likelihood(
-            model, lg.exact_guide, x, compile=True, vectorize_particles=False
-        )

@@ -5,7 +5,8 @@ Latent kinds (``matrix.evaluator_setup``): every latent in the guide; a discrete
 or a continuous latent u that the guide leaves to the model's prior; u sampled
 by the guide too (a discrete guide site beside a continuous one). Each estimate
 must lie within 4 of its own standard errors (plus a small allowance for the
-bias of a log of a mean) of the exact value.
+bias of a log of a mean) of the exact value. The sequential rows draw the
+particles one run at a time (``vectorize_particles=False``), with fewer of them.
 """
 
 import warnings
@@ -29,10 +30,10 @@ from pyro_iwae.infer.hooks import backend_of
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 NUM_SAMPLES = 4000
-#: Particles drawn one at a time (a run of model and guide each).
-SEQUENTIAL_SAMPLES = 400
 #: Allowance for the bias of log(mean weight) and of AIS's finite schedule.
 BIAS = 0.02
+#: Particles of the sequential rows: one model and guide run each.
+SEQUENTIAL_SAMPLES = 300
 AIS = {"num_steps": 30, "num_chains": 32, "num_leapfrog_steps": 5}
 
 
@@ -90,26 +91,41 @@ def test_log_likelihood_with_diagnostics(kind):
 
 @pytest.mark.parametrize("kind", LATENT_KINDS)
 def test_sequential_log_likelihood(kind):
-    """vectorize_particles=False (one particle a run of model and guide): both
-    estimators draw the same particles from one seed and are near the exact
-    value."""
+    """The same estimate as the diagnostics' from the same draws, near the exact
+    value within its standard error."""
     s = evaluator_setup(kind)
-    estimates = []
-    for estimator in (log_likelihood, log_likelihood_with_diagnostics):
-        torch.manual_seed(0)
-        estimates.append(
-            estimator(
-                s.model,
-                s.guide,
-                s.x,
-                num_samples=SEQUENTIAL_SAMPLES,
-                vectorize_particles=False,
-            )
-        )
-    estimate, same = estimates
+    options = dict(num_samples=SEQUENTIAL_SAMPLES, vectorize_particles=False)
+    torch.manual_seed(2)
+    estimate = log_likelihood(s.model, s.guide, s.x, **options)
+    torch.manual_seed(2)
+    same = log_likelihood_with_diagnostics(s.model, s.guide, s.x, **options)
     torch.testing.assert_close(same.log_likelihood, estimate, rtol=1e-12, atol=1e-12)
     assert_near(estimate, same.stderr, s.log_marginal)
     assert (same.stderr > 1e-4).all()
+    assert ((same.ess > 1) & (same.ess <= SEQUENTIAL_SAMPLES)).all()
+
+
+@pytest.mark.parametrize("kind", LATENT_KINDS)
+def test_sequential_joint_log_likelihood(kind):
+    """As :func:`test_joint_log_likelihood`, particles drawn one run at a time."""
+    s = evaluator_setup(kind)
+    torch.manual_seed(0)
+    draws = torch.stack(
+        [
+            joint_log_likelihood(
+                s.model,
+                s.guide,
+                s.x,
+                num_samples=4,
+                num_local_samples=50,
+                vectorize_particles=False,
+            )
+            for _ in range(10)
+        ]
+    )
+    stderr = draws.std() / len(draws) ** 0.5
+    assert stderr > 1e-4
+    assert_near(draws.mean(), stderr, s.log_marginal.sum())
 
 
 def assert_compiled_log_likelihood(kind, backend):

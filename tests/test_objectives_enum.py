@@ -78,11 +78,13 @@ def test_a_network_that_does_not_broadcast_over_particles_gets_one_line(flatten)
     assert "Trace Shapes" not in message
     # what the message offers works, and so does a network that broadcasts
     assert IWELBO(3, vectorize_particles=False).loss(model, guide, x) > 0
-    # and the estimates take it too (AIS does not, and the message says so)
-    with pytest.raises(ParticleBroadcastError, match="AIS takes no such option"):
+    # the estimates offer their own option, which works too
+    with pytest.raises(
+        ParticleBroadcastError, match="vectorize_particles=False to log_likelihood "
+    ):
         log_likelihood(model, guide, x, num_samples=3)
-    estimate = log_likelihood(model, guide, x, num_samples=3, vectorize_particles=False)
-    assert estimate.shape == (x.shape[0],)
+    seq = log_likelihood(model, guide, x, num_samples=3, vectorize_particles=False)
+    assert seq.isfinite().all()
     assert IWELBO(3).loss(FlatModel(None), guide, x) > 0
 
 

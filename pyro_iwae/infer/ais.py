@@ -30,6 +30,7 @@ import torch
 from pyro import poutine
 from pyro.poutine.util import site_is_subsample
 
+from ..errors import AISError
 from .ais_chains import Chains, ChainSettings
 from .diagnostics import (
     effective_sample_size,
@@ -273,6 +274,12 @@ def _run(
     """Forward AIS (``latents`` None) or reverse AIS from ``latents``, with the
     step sizes ``step_sizes`` (``[num_steps - 1, 1, *plate_shape]``, in forward
     order) or tuned afresh; returns the result and the step sizes."""
+    if kwargs.get("vectorize_particles", True) is False:
+        raise AISError(
+            "AIS runs its chains in one batch and has no vectorize_particles=False; "
+            "estimate with log_likelihood(..., vectorize_particles=False) instead"
+        )
+    kwargs = {k: v for k, v in kwargs.items() if k != "vectorize_particles"}
     betas = ais_schedule(settings.num_steps, settings.schedule).tolist()
     _check(settings)
     # The backward pass keeps the forward's intermediates: half the budget.

@@ -15,7 +15,7 @@ from pyro import poutine
 from pyro.poutine.trace_struct import Trace
 from torch.distributions import constraints
 
-from ..errors import AISError
+from ..errors import AISError, ParticleBroadcastError
 from .diagnostics import _broadcastable, _with_particle_dim
 from .enumeration import Unenumerated
 from .evaluation import check_plates
@@ -90,7 +90,10 @@ class Chains:
         self.elbo = IWELBO(
             num_particles=num_chains, max_plate_nesting=settings.max_plate_nesting
         )
-        particles = self.elbo.particles(model, guide, *args, **kwargs)
+        try:
+            particles = self.elbo.particles(model, guide, *args, **kwargs)
+        except ParticleBroadcastError as e:
+            raise e.for_evaluator("AIS") from None
         self.local_dims = particles.local_dims
         # Raises without a data plate, before any annealing.
         check_plates(*particles.traces[0], caller="AIS")

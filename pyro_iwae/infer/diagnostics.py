@@ -155,6 +155,8 @@ def log_likelihood_with_diagnostics(
     Chunked like ``log_likelihood``: the running sums of the weights and of their
     squares, and the M + 1 largest weights for k-hat (M = :func:`tail_length`,
     at most 3 sqrt(K) + 1), are all that is kept between chunks.
+    ``vectorize_particles=False`` draws the particles one at a time, for programs
+    that do not broadcast over them (see :func:`~pyro_iwae.log_likelihood`).
     """
     sum_w = sum_w2 = top = None
     tail = min(tail_length(num_samples) + 1, num_samples)
@@ -167,6 +169,7 @@ def log_likelihood_with_diagnostics(
         max_plate_nesting=max_plate_nesting,
         compile=compile,
         vectorize_particles=vectorize_particles,
+        caller="log_likelihood_with_diagnostics",
         **kwargs,
     ):
         log_w = particles.log_weights

@@ -12,7 +12,7 @@ import pyro
 import torch
 from pyro.poutine.util import site_is_subsample
 
-from ..errors import check_count
+from ..errors import ParticleBroadcastError, check_count
 from ..nn.networks import prepare_pyro_modules
 from .hooks import backend_of, check_compile, compiler, compiles
 from .log_weights import Particles
@@ -115,12 +115,16 @@ def log_likelihood(
     size is chosen by :func:`default_chunk_size`. Runs without gradients, with
     modules in eval mode. ``compile`` (True, or a ``torch.compile`` backend)
     computes each chunk's log-weights in one compiled graph (see
-    :func:`log_weight_chunks`). ``vectorize_particles=False`` runs model and
-    guide once per particle, for programs whose networks do not broadcast over a
-    leading particle dimension (as :class:`IWELBO` takes it; slower, and not
-    with ``compile``).
+    :func:`log_weight_chunks`).
+
+    ``vectorize_particles=False`` draws each chunk's particles one at a time, as
+    ``IWELBO(vectorize_particles=False)`` does: for a model or guide whose
+    networks do not broadcast over a leading particle dimension (slower; the same
+    estimator). It runs eagerly: ``compile`` must then be False.
 
     :returns: a tensor of shape ``[batch]`` (the data plate's size), in nats.
+    :raises ParticleBroadcastError: if the programs do not broadcast over the
+        particles (pass ``vectorize_particles=False``).
     """
     chunks = log_weight_chunks(
         model,
@@ -153,6 +157,7 @@ def log_weight_chunks(
     max_plate_nesting: int = 1,
     compile: bool | str | None = False,
     vectorize_particles: bool = True,
+    caller: str = "log_likelihood",
     **kwargs: Any,
 ) -> Iterator[LogWeights]:
     """The log-weights of :func:`particle_chunks` for ``model(*args, **kwargs)``;
@@ -160,15 +165,13 @@ def log_weight_chunks(
     for the traced graph uncompiled), those of a
     :class:`~pyro_iwae.compiled.CompiledLogLikelihood` cached on the guide, which
     falls back to these with a warning for programs it cannot compile.
-
-    :raises ValueError: for ``compile`` with ``vectorize_particles=False`` (a
-        compiled graph draws its particles at once).
+    ``vectorize_particles`` and ``caller`` as :func:`particle_chunks`.
     """
     check_compile(compile)
     if compiles(compile) and not vectorize_particles:
         raise ValueError(
-            "compile draws all particles in one graph, which vectorize_particles="
-            "False does not allow; pass compile=False with it"
+            f"{caller} compiles the vectorized particles, but vectorize_particles="
+            "False draws them one at a time, eagerly; pass compile=False"
         )
     if compiles(compile):
         backend = backend_of(compile)
@@ -186,6 +189,7 @@ def log_weight_chunks(
         chunk_size,
         max_plate_nesting,
         vectorize_particles,
+        caller,
     ):
         yield LogWeights(particles.log_weights, particles.local_dims)
 
@@ -223,16 +227,20 @@ def particle_chunks(
     chunk_size: int | None,
     max_plate_nesting: int,
     vectorize_particles: bool = True,
+    caller: str = "log_likelihood",
 ) -> Iterator[Particles]:
     """:meth:`IWELBO.particles` of ``num_samples`` particles, ``chunk_size`` at a
-    time (None: :func:`default_chunk_size`), drawn as ``vectorize_particles``
-    says, with the modules in eval mode and no gradients: what
-    :func:`log_likelihood` and the diagnostics combine.
+    time (None: :func:`default_chunk_size`), with the modules in eval mode and no
+    gradients: what :func:`log_likelihood` and the diagnostics combine. With
+    ``vectorize_particles=False`` each chunk's particles are drawn one at a time
+    (``IWELBO(vectorize_particles=False)``).
 
     :raises ValueError: for an empty batch, NaN in the data, or plates that give
         no estimate per
         point (shape errors from deep inside Pyro become one sentence on what is
         wrong with the plates).
+    :raises ParticleBroadcastError: for programs that do not broadcast over the
+        particles, offering ``caller``'s ``vectorize_particles=False``.
     """
     check_count("num_samples", num_samples)
     check_batch(args, kwargs)
@@ -251,6 +259,8 @@ def particle_chunks(
                 if index == 0:
                     check_plates(*particles.traces[0])
                 yield particles
+    except ParticleBroadcastError as e:
+        raise e.for_evaluator(caller) from None
     except (ValueError, RuntimeError) as e:
         problem = _plate_problem(model, guide, args, kwargs)
         if problem is None:
@@ -431,12 +441,18 @@ def dataset_log_likelihood(
     """:func:`log_likelihood` of every row of ``data`` ([N, ...]), batch by batch.
 
     ``model`` and ``guide`` are called as ``model(batch)``; ``callback(estimates)``
-    is called after each batch with its estimates (``[batch]``, nats). Returns a
+    is called after each batch with its estimates (``[batch]``, nats);
+    ``vectorize_particles`` as :func:`log_likelihood`. Returns a
     tensor of shape ``[N]``; warns (:class:`EstimateWarning`) when
     :func:`estimate_problem` finds something wrong with the estimates.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if not isinstance(data, torch.Tensor):
+        raise TypeError(
+            f"data is a {type(data).__name__}, not a tensor; pass a tensor of shape "
+            "[N, ...] (torch.as_tensor(data) or torch.stack(rows))"
+        )
     if not data.dim() or not data.shape[0]:
         raise ValueError(
             f"data has shape {list(data.shape)}, no data points; pass a tensor of "
@@ -445,8 +461,8 @@ def dataset_log_likelihood(
     estimates = []
     for start in range(0, data.shape[0], batch_size):
         batch = data[start : start + batch_size]
-        estimates.append(
-            log_likelihood(
+        try:
+            estimate = log_likelihood(
                 model,
                 guide,
                 batch,
@@ -455,7 +471,9 @@ def dataset_log_likelihood(
                 max_plate_nesting=max_plate_nesting,
                 vectorize_particles=vectorize_particles,
             )
-        )
+        except ParticleBroadcastError as e:
+            raise e.for_evaluator("dataset_log_likelihood") from None
+        estimates.append(estimate)
         if callback is not None:
             callback(estimates[-1])
     estimates = torch.cat(estimates)

@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 
+from ..errors import ParticleBroadcastError
 from .evaluation import (
     check_batch,
     check_count,
@@ -31,6 +32,7 @@ def joint_log_likelihood(
     num_local_samples: int = 10,
     chunk_size: int | None = None,
     max_plate_nesting: int = 1,
+    vectorize_particles: bool = True,
     **kwargs: Any,
 ) -> torch.Tensor:
     r"""Importance-sampled :math:`\log p(x_1, \dots, x_N)` of the whole batch, for
@@ -52,7 +54,9 @@ def joint_log_likelihood(
     must be in the batch (a sub-sampled data plate is refused). Global draws are
     made ``chunk_size // k`` at a time, by default as many as
     :func:`~pyro_iwae.log_likelihood` would take particles; runs
-    without gradients, with modules in eval mode.
+    without gradients, with modules in eval mode. ``vectorize_particles=False``
+    draws the particles one at a time, for programs that do not broadcast over
+    them (see :func:`~pyro_iwae.log_likelihood`).
 
     :returns: a 0-dim tensor, in nats.
     """
@@ -66,9 +70,19 @@ def joint_log_likelihood(
     total = None
     with evaluating(model, guide), torch.no_grad():
         for groups in chunk_sizes(num_samples, groups_per_chunk):
-            part = _chunk(
-                model, guide, args, kwargs, num_local_samples, groups, max_plate_nesting
-            )
+            try:
+                part = _chunk(
+                    model,
+                    guide,
+                    args,
+                    kwargs,
+                    num_local_samples,
+                    groups,
+                    max_plate_nesting,
+                    vectorize_particles,
+                )
+            except ParticleBroadcastError as e:
+                raise e.for_evaluator("joint_log_likelihood") from None
             total = part if total is None else torch.logaddexp(total, part)
     return total - math.log(num_samples)
 
@@ -81,6 +95,7 @@ def _chunk(
     num_local_samples: int,
     groups: int,
     max_plate_nesting: int,
+    vectorize_particles: bool,
 ) -> torch.Tensor:
     """logsumexp over ``groups`` global draws of each draw's log-weight (0-dim)."""
     elbo = MIWELBO(
@@ -88,6 +103,7 @@ def _chunk(
         groups,
         max_plate_nesting=max_plate_nesting,
         global_latents="factor",
+        vectorize_particles=vectorize_particles,
     )
     particles = elbo.particles(model, guide, *args, **kwargs)
     if not particles.unscaled:
