@@ -61,24 +61,25 @@ def test_log_likelihood(kind):
     assert (same.stderr > 1e-4).all()  # the estimate is not exact by construction
 
 
+def assert_joint_near(kind, **options):
+    """Ten seeded draws of joint_log_likelihood with ``options``: their mean near
+    the exact total, within the spread of the repeats."""
+    s = evaluator_setup(kind)
+    torch.manual_seed(0)
+    draws = torch.stack(
+        [joint_log_likelihood(s.model, s.guide, s.x, **options) for _ in range(10)]
+    )
+    stderr = draws.std() / len(draws) ** 0.5
+    assert draws.shape == (10,) and stderr > 1e-4
+    assert_near(draws.mean(), stderr, s.log_marginal.sum())
+
+
 @pytest.mark.parametrize("kind", LATENT_KINDS)
 def test_joint_log_likelihood(kind):
     """Without global latents it is the sum over points of per-point estimates
     (each of num_local_samples particles), averaged over num_samples draws: near
     the exact total, within the spread of independent repeats."""
-    s = evaluator_setup(kind)
-    torch.manual_seed(0)
-    draws = torch.stack(
-        [
-            joint_log_likelihood(
-                s.model, s.guide, s.x, num_samples=20, num_local_samples=200
-            )
-            for _ in range(10)
-        ]
-    )
-    stderr = draws.std() / len(draws) ** 0.5
-    assert draws.shape == (10,) and stderr > 1e-4
-    assert_near(draws.mean(), stderr, s.log_marginal.sum())
+    assert_joint_near(kind, num_samples=20, num_local_samples=200)
 
 
 @pytest.mark.parametrize("kind", LATENT_KINDS)
@@ -108,24 +109,9 @@ def test_sequential_log_likelihood(kind):
 @pytest.mark.parametrize("kind", LATENT_KINDS)
 def test_sequential_joint_log_likelihood(kind):
     """As :func:`test_joint_log_likelihood`, particles drawn one run at a time."""
-    s = evaluator_setup(kind)
-    torch.manual_seed(0)
-    draws = torch.stack(
-        [
-            joint_log_likelihood(
-                s.model,
-                s.guide,
-                s.x,
-                num_samples=4,
-                num_local_samples=50,
-                vectorize_particles=False,
-            )
-            for _ in range(10)
-        ]
+    assert_joint_near(
+        kind, num_samples=4, num_local_samples=50, vectorize_particles=False
     )
-    stderr = draws.std() / len(draws) ** 0.5
-    assert stderr > 1e-4
-    assert_near(draws.mean(), stderr, s.log_marginal.sum())
 
 
 def assert_compiled_log_likelihood(kind, backend):
