@@ -8,6 +8,7 @@ import functools
 import io
 import logging
 import os
+import sys
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -29,8 +30,9 @@ def library_errors(command: Callable) -> Callable:
     or written, into one-line Click errors, in the options' spelling, and every
     warning into one ``Warning: ...`` line on stderr.
 
-    Under torchrun, ranks other than 0 print nothing on stdout and prefix their
-    errors with their rank; the process group ends with the command.
+    Ctrl-C ends the command with exit code 130 and one line. Under torchrun,
+    ranks other than 0 print nothing on stdout and prefix their errors with
+    their rank; the process group ends with the command.
     """
 
     @functools.wraps(command)
@@ -70,6 +72,11 @@ def library_errors(command: Callable) -> Callable:
                     raise
                 message = _ranked(e.format_message(), rank)
                 raise click.ClickException(message) from None
+            except KeyboardInterrupt:
+                # Click would print "Aborted!" and exit 1; a command that keeps
+                # something to go on from (fit, reproduce) says so itself.
+                click.echo("Interrupted; run the same command again", err=True)
+                sys.exit(130)
             finally:
                 distributed.shutdown()
 

@@ -235,6 +235,21 @@ def test_resume_after_interrupt(tmp_path, monkeypatch):
     assert len(read_metrics(tmp_path / "cut")) == 2
 
 
+@pytest.mark.parametrize("command", ["eval-nll", "sample"])
+def test_ctrl_c_ends_a_command_with_one_line_and_code_130(run, monkeypatch, command):
+    def interrupt(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    before = sorted(p.name for p in run.iterdir())
+    monkeypatch.setattr(runs.Run, "load", interrupt)
+    monkeypatch.setattr(runs.Run, "evaluate", interrupt)
+    result = invoke(command, run)
+    assert result.exit_code == 130, result.output
+    assert "Traceback" not in result.output and "Aborted" not in result.output
+    assert "Interrupted; run the same command again" in result.output
+    assert sorted(p.name for p in run.iterdir()) == before
+
+
 # -- errors: one line, no traceback, a non-zero exit -------------------------
 
 
