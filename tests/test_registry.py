@@ -43,3 +43,19 @@ def test_a_module_found_nowhere_leaves_the_path_as_it_was(bare_folder):
     with pytest.raises(BuilderError, match="installed or its module is in the current"):
         build_guide("no_such_guides:build", x_dim=3, stochastic_layers=1)
     assert sys.path == before
+
+
+def test_a_builder_that_cannot_take_the_settings_gets_one_line(bare_folder):
+    (bare_folder / "needy.py").write_text(
+        BUILDER + "\n\ndef wide(x_dim, stochastic_layers, width):\n"
+        "    return torch.nn.Linear(x_dim, width)\n"
+    )
+    with pytest.raises(BuilderError, match="needs width, which no setting gives"):
+        build_guide("needy:wide", x_dim=4, stochastic_layers=1)
+    # A built-in has no signature to check: its TypeError becomes the message.
+    with pytest.raises(BuilderError, match="cannot be called as a builder") as info:
+        build_guide("builtins:max", x_dim=4, stochastic_layers=1)
+    assert "\n" not in str(info.value)
+    assert isinstance(
+        build_guide("needy:build", x_dim=4, stochastic_layers=2), torch.nn.Linear
+    )

@@ -259,13 +259,15 @@ def particle_chunks(
                 if index == 0:
                     check_plates(*particles.traces[0])
                 yield particles
-    except ParticleBroadcastError as e:
-        raise e.for_evaluator(caller) from None
     except (ValueError, RuntimeError) as e:
+        # A program whose plates give no estimate per point can fail as one that
+        # does not broadcast: the plates are what to fix.
         problem = _plate_problem(model, guide, args, kwargs)
-        if problem is None:
-            raise
-        raise ValueError(problem) from e
+        if problem is not None:
+            raise ValueError(problem) from e
+        if isinstance(e, ParticleBroadcastError):
+            raise e.for_evaluator(caller) from None
+        raise
 
 
 def resolve_chunk_size(

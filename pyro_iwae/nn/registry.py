@@ -29,7 +29,7 @@ from types import ModuleType
 
 import torch
 
-from ..errors import BuilderError
+from ..errors import BuilderError, one_line
 
 Builder = Callable[..., torch.nn.Module]
 
@@ -135,25 +135,55 @@ def _import(module_name: str) -> ModuleType:
 def _build(kind: str, name: str, **config) -> torch.nn.Module:
     builder = resolve(kind, name)
     try:
-        parameters = inspect.signature(builder).parameters.values()
-    except (TypeError, ValueError):  # no signature: pass everything
-        parameters = ()
-    if parameters and not any(p.kind is p.VAR_KEYWORD for p in parameters):
-        names = {p.name for p in parameters}
-        extra = [key for key in config if key not in names]
-        if extra:
+        parameters = list(inspect.signature(builder).parameters.values())
+    except (TypeError, ValueError):
+        parameters = None
+    if parameters is None:
+        # A built-in without a signature to check: its refusal is a TypeError.
+        try:
+            module = builder(**config)
+        except TypeError as e:
             raise BuilderError(
-                f"{kind} {name!r} takes no {', '.join(extra)}; drop "
-                f"{'that setting' if len(extra) == 1 else 'those settings'}, or "
-                "give its builder keyword arguments of those names"
-            )
-    module = builder(**config)
+                f"{kind} {name!r} cannot be called as a builder ({one_line(e)}); "
+                "give a function or class that takes keyword settings and returns "
+                "a torch.nn.Module"
+            ) from e
+    else:
+        _check_call(kind, name, parameters, config)
+        module = builder(**config)
     if not isinstance(module, torch.nn.Module):
         raise BuilderError(
             f"{kind} {name!r} built a {type(module).__name__}, not a torch.nn.Module "
             "(such as a PyroModule); return a module"
         )
     return module
+
+
+def _check_call(
+    kind: str, name: str, parameters: list[inspect.Parameter], config: dict
+) -> None:
+    """:raises BuilderError: where a builder of ``parameters`` cannot take
+    ``config`` as keyword arguments."""
+    if not any(p.kind is p.VAR_KEYWORD for p in parameters):
+        extra = [key for key in config if key not in {p.name for p in parameters}]
+        if extra:
+            raise BuilderError(
+                f"{kind} {name!r} takes no {', '.join(extra)}; drop "
+                f"{'that setting' if len(extra) == 1 else 'those settings'}, or "
+                "give its builder keyword arguments of those names"
+            )
+    missing = [
+        p.name
+        for p in parameters
+        if p.default is p.empty
+        and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
+        and p.name not in config
+    ]
+    if missing:
+        raise BuilderError(
+            f"{kind} {name!r} needs {', '.join(missing)}, which no setting gives; "
+            "give those arguments of its builder defaults"
+        )
 
 
 def build_model(name: str, **config) -> torch.nn.Module:
