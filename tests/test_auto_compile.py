@@ -147,6 +147,14 @@ def test_auto_compiles_shorter_runs_whose_graph_a_run_compiled_before(
     )
 
 
+def test_the_choice_counts_one_step_in_the_singular(monkeypatch):
+    monkeypatch.setattr(auto_compile, "_cpp_compiler", lambda: "/usr/bin/g++")
+    _, why = choose_fit_compile("auto", 1, CPU)
+    assert why.startswith("auto: 1 step, under the 8,000")
+    _, why = choose_compile("auto", 1, 1, CPU)
+    assert why.startswith("auto: 1 particle-point, under")
+
+
 def test_graph_keys_follow_what_the_graph_depends_on():
     model, guide = paper_architecture(1)
     shapes = [(20, 784), (7, 784)]

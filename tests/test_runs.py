@@ -65,8 +65,13 @@ def test_resume_without_checkpoint_and_bad_run_dirs(tmp_path):
         load_run(tmp_path)
     with pytest.raises(RunError, match="not a run directory"):
         load_run(tmp_path.parent)
-    with pytest.raises(RunError, match="no run found"):
+    with pytest.raises(RunError, match=r"no run found \(.*empty does not exist\)"):
         find_latest_run(tmp_path / "empty")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(RunError, match="no run found in .*empty; train one"):
+        find_latest_run(tmp_path / "empty")
+    with pytest.raises(RunError, match="is a file, not a folder"):
+        load_run(tmp_path / CONFIG_FILE)
     (tmp_path / CONFIG_FILE).write_text("{broken")
     with pytest.raises(RunError, match="cannot read"):
         load_run(tmp_path)

@@ -310,7 +310,8 @@ def _choose(
         return setting, "as asked"
     if work < threshold:
         return False, (
-            f"auto: {work:,} {unit}, under the {threshold:,} from which compiling pays"
+            f"auto: {_count(work, unit)}, under the {threshold:,} from which "
+            "compiling pays"
         )
     if device.type != "cpu":
         # The compiled path's CUDA graphs have not run on a GPU yet (see the
@@ -322,8 +323,17 @@ def _choose(
     if _cpp_compiler() is None:
         return False, "auto: no C++ compiler found for inductor"
     return AUTO_COMPILE, (
-        f"auto: {work:,} {unit}, at least the {threshold:,} from which compiling pays"
+        f"auto: {_count(work, unit)}, at least the {threshold:,} from which "
+        "compiling pays"
     )
+
+
+def _count(number: int, unit: str) -> str:
+    """``"1 step"``, ``"2 steps"``: the unit's first word singular for one."""
+    if number == 1:
+        first, _, rest = unit.partition(" ")
+        unit = " ".join(filter(None, (first.removesuffix("s"), rest)))
+    return f"{number:,} {unit}"
 
 
 def _cpp_compiler() -> str | None:

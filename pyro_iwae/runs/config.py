@@ -443,9 +443,10 @@ class RunConfig:
         """
         run_dir = Path(run_dir)
         if not run_dir.is_dir():
+            what = "is a file, not a folder" if run_dir.exists() else "does not exist"
             raise RunError(
-                f"run directory {run_dir} does not exist; pass the directory of a "
-                "run written by fit"
+                f"run directory {run_dir} {what}; pass the directory of a run "
+                "written by fit"
             )
         path = run_dir / CONFIG_FILE
         if not path.is_file():

@@ -367,9 +367,12 @@ def find_latest_run(runs_dir: str | os.PathLike) -> Path:
                     candidates.append(((path / name).stat().st_mtime, path.name, path))
                     break
     if not candidates:
+        where = (
+            f"in {runs_dir}" if runs_dir.is_dir() else f"({runs_dir} does not exist)"
+        )
         raise RunError(
-            f"no run found in {runs_dir}; train one with fit, or pass a run "
-            "directory (or the runs folder that holds it)"
+            f"no run found {where}; train one with fit, or pass a run directory, "
+            "or the folder of runs to look in"
         )
     return max(candidates)[2]
 
