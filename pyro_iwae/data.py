@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from .downloads import default_data_dir, undone_on_error
 from .errors import DataError, literal, one_line
 
 __all__ = [
@@ -169,14 +170,6 @@ def minibatches(
         if binarize:
             batch = torch.bernoulli(batch, generator=generator)
         yield batch
-
-
-def default_data_dir() -> Path:
-    """Folder for downloaded data: ``$PYRO_IWAE_DATA``, else the user cache."""
-    if "PYRO_IWAE_DATA" in os.environ:
-        return Path(os.environ["PYRO_IWAE_DATA"]).expanduser()
-    cache = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(cache) / "pyro-iwae"
 
 
 def load_dataset(
@@ -479,7 +472,8 @@ def _load_idx_files(
         from torchvision import datasets
 
         try:
-            getattr(datasets, folder)(root, train=True, download=True)
+            with undone_on_error(raw):
+                getattr(datasets, folder)(root, train=True, download=True)
         except (OSError, RuntimeError) as e:
             raise DataError(
                 f"{name}: could not download into {raw} ({one_line(e)}); check the "
