@@ -185,7 +185,13 @@ def _train(
     unit = "img/s" if config.dataset in DATASETS else "points/s"
     progress = FitProgress(quiet or not distributed.is_main(), unit)
     _quiet_mlflow()
-    callback = CallbackList([progress, *make_trackers(loggers, run.path)])
+    try:
+        trackers = make_trackers(loggers, run.path)
+    except Exception:
+        if not resume and run.path.is_dir() and not any(run.path.iterdir()):
+            run.path.rmdir()  # the folder this call made for the run, still empty
+        raise
+    callback = CallbackList([progress, *trackers])
     start = time.perf_counter()
     try:
         history = run.train(config, resume=resume, callback=callback)

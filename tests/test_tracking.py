@@ -172,6 +172,26 @@ def test_an_mlflow_server_out_of_reach_is_one_line(tmp_path, monkeypatch):
     assert not (tmp_path / "run").exists()
 
 
+def test_a_logger_that_fails_at_start_leaves_no_run_folder(tmp_path, monkeypatch):
+    """Without --out too: the folder made under --runs-dir goes with the error."""
+    from pyro_iwae.runs.tracking import TrackingError
+    from pyro_iwae_cli import main
+
+    def failing(loggers, path):
+        raise TrackingError("the csv logger cannot start; fix it")
+
+    monkeypatch.setattr(main, "make_trackers", failing)
+    runs = tmp_path / "runs"
+    result = CliRunner().invoke(
+        cli,
+        ["fit", "--epochs", "1", "--train-limit", "100", "--test-limit", "10"]
+        + ["--runs-dir", str(runs), "--logger", "csv", "--quiet"],
+    )
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert "the csv logger cannot start" in result.output
+    assert not runs.exists() or not any(runs.iterdir())
+
+
 def test_cli_logs_fit_and_evaluation(tmp_path):
     run_dir = tmp_path / "run"
     fit = ["fit", "--epochs", "2", "--train-limit", "100", "--test-limit", "20"]
