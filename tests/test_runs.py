@@ -196,6 +196,11 @@ def test_a_moved_data_file_is_pointed_at_again(tmp_path):
     assert_ok(result)
     assert "12 points" in result.output
     assert_ok(invoke("sample", run_dir, "--dataset", moved))
+    # Resumed from where the file is now (and it stays the run's file).
+    more = ["--epochs", 2, "--quiet"]
+    assert_ok(invoke("fit", "--resume", "--out", run_dir, "--dataset", moved, *more))
+    assert json.loads((run_dir / "config.json").read_text())["dataset"] == str(moved)
+    assert len(read_metrics(run_dir)) == 2
     wrong = tmp_path / "wide.npy"
     np.save(wrong, np.zeros((50, 9), dtype=np.float32))
     error = assert_one_line_error(invoke("eval-nll", run_dir, "--dataset", wrong))

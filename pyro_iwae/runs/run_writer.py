@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from ..data import Dataset
+from ..data import Dataset, is_data_file
 from ..errors import (
     BuilderError,
     CheckpointError,
@@ -53,7 +53,7 @@ _MEANS = ("device", "data_dir", "compile")
 def resumed_config(path: Path, given: dict[str, Any] | None = None) -> RunConfig:
     """The config of the run in ``path`` with the settings ``given`` (field ->
     value): only :data:`EXTENDABLE` ones, device, data folder and compile may differ
-    from the run's.
+    from the run's, and a data file that moved (the run's is gone) its path.
 
     :raises ConfigError: for another setting that differs, or settings that
         do not go together.
@@ -63,6 +63,8 @@ def resumed_config(path: Path, given: dict[str, Any] | None = None) -> RunConfig
     for name, value in given.items():
         if name in EXTENDABLE or name in _MEANS:
             continue
+        if name == "dataset" and _moved(saved.dataset, value):
+            continue  # its points are checked against the run's model on loading
         if getattr(saved, name) != value:
             raise ConfigError(
                 f"{{{name}}} {literal(value)} differs from the run's "
@@ -70,6 +72,17 @@ def resumed_config(path: Path, given: dict[str, Any] | None = None) -> RunConfig
                 f"{literal(path)}, or start a new run"
             )
     return RunConfig.merge(given, base=saved)
+
+
+def _moved(saved: str, given: Any) -> bool:
+    """Whether the data file ``given`` may stand for the run's file ``saved``,
+    which is no longer where the run found it."""
+    return (
+        isinstance(given, str | os.PathLike)
+        and is_data_file(given)
+        and is_data_file(saved)
+        and not Path(saved).expanduser().exists()
+    )
 
 
 def train(
@@ -207,6 +220,9 @@ def _check(path: Path, config: RunConfig, resume: bool) -> bool:
             "epoch); start a new run instead"
         )
     kept = set(_MEANS) | set(EXTENDABLE)
+    moved = _moved(saved.dataset, config.dataset)
+    if moved:
+        kept.add("dataset")
     differences = [
         f"{name}={getattr(saved, name)!r} (not {getattr(config, name)!r})"
         for name in saved.to_dict()
@@ -217,7 +233,8 @@ def _check(path: Path, config: RunConfig, resume: bool) -> bool:
             f"run {path} was started with {', '.join(differences)}; "
             "resume it with its own settings or start a new run"
         )
-    return any(getattr(saved, name) != getattr(config, name) for name in EXTENDABLE)
+    extended = (getattr(saved, n) != getattr(config, n) for n in EXTENDABLE)
+    return moved or any(extended)
 
 
 def _discard_unsaved(path: Path) -> None:
