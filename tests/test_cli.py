@@ -287,8 +287,9 @@ def test_missing_data(tmp_path, monkeypatch):
         "fit", "--dataset", "mnist", "--data-dir", missing, "--runs-dir", tmp_path
     )
     assert_one_line_error(result, "could not download", "--data-dir")
-    # The failed run leaves no empty run directory behind.
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["nowhere"]
+    # The failed run leaves no empty run directory behind, nor the folders the
+    # failed download made.
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_missing_run_dirs(tmp_path):
