@@ -21,7 +21,7 @@ import torch
 
 import pyro_iwae
 from pyro_iwae.data import DATASETS
-from pyro_iwae.errors import ConfigError, PyroIwaeError
+from pyro_iwae.errors import ConfigError, PyroIwaeError, RunError
 from pyro_iwae.infer.sampling import reconstruct, sample_images
 from pyro_iwae.runs import distributed
 from pyro_iwae.runs.callbacks import CallbackList
@@ -424,13 +424,13 @@ def sample(
                 image_shape=shape,
             ),
         ]
-    paths.append(
-        save_curves(
-            run.metrics(),
-            out.with_name(f"{out.stem}-curves.png"),
-            title=f"{run.path.name}",
-        )
-    )
+    try:
+        metrics = run.metrics()
+    except RunError as e:  # the pictures need no metrics: draw them anyway
+        click.echo(f"Warning: no curves drawn: {cli_text(str(e))}", err=True)
+    else:
+        curves = out.with_name(f"{out.stem}-curves.png")
+        paths.append(save_curves(metrics, curves, title=f"{run.path.name}"))
     for path in paths:
         click.echo(f"wrote {path}")
 

@@ -1,6 +1,7 @@
 """The pyro-iwae command line, through Click's CliRunner."""
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -197,6 +198,20 @@ def test_sample_writes_pngs(run, tmp_path):
     assert_ok(invoke("sample", run, "--out", out))
     assert sorted(p.name for p in out.parent.iterdir()) == [
         "s-curves.png",
+        "s-reconstructions.png",
+        "s.png",
+    ]
+
+
+def test_sample_draws_its_pictures_from_a_run_with_broken_metrics(run, tmp_path):
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    (copy / "metrics.jsonl").write_text("{broken\n")
+    out = tmp_path / "s.png"
+    result = invoke("sample", copy, "--out", out)
+    assert result.exit_code == 0 and "Traceback" not in result.output
+    assert "Warning: no curves drawn: cannot read" in result.output
+    assert sorted(p.name for p in tmp_path.glob("s*.png")) == [
         "s-reconstructions.png",
         "s.png",
     ]
