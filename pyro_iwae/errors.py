@@ -142,12 +142,7 @@ class ParticleBroadcastError(PyroIwaeError, ValueError):
             error.nested = True
         else:
             if caller == "AIS":
-                # AIS moves all chains in one batch: nothing sequential to offer.
-                remedy = (
-                    "AIS runs its chains in one batch and has no "
-                    "vectorize_particles=False; estimate with "
-                    "log_likelihood(..., vectorize_particles=False) instead"
-                )
+                remedy = AIS_NOT_SEQUENTIAL
             else:
                 where = "the objective" if caller is None else caller
                 remedy = (
@@ -171,12 +166,22 @@ class ParticleBroadcastError(PyroIwaeError, ValueError):
         return type(self).of_program(self.cause, self.num_particles, 0, 0, caller)
 
 
-def check_count(name: str, value: Any) -> None:
-    """:raises ValueError: naming ``name``, unless ``value`` is an integer >= 1 (a
-    float such as ``5e2`` is refused with the integer to pass instead)."""
+#: AIS moves all chains in one batch: nothing sequential to offer.
+AIS_NOT_SEQUENTIAL = (
+    "AIS runs its chains in one batch and has no vectorize_particles=False; "
+    "estimate with log_likelihood(..., vectorize_particles=False) instead"
+)
+
+
+def check_count(name: str, value: Any) -> int:
+    """``value`` as an ``int`` (a numpy integer too).
+
+    :raises ValueError: naming ``name``, unless ``value`` is an integer >= 1 (a
+        float such as ``5e2`` is refused with the integer to pass instead).
+    """
     if isinstance(value, numbers.Integral) and not isinstance(value, bool):
         if value >= 1:
-            return
+            return int(value)
         raise ValueError(f"{name} must be an integer >= 1, got {value}")
     hint = ""
     if isinstance(value, float) and value.is_integer():

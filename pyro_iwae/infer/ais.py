@@ -30,7 +30,7 @@ import torch
 from pyro import poutine
 from pyro.poutine.util import site_is_subsample
 
-from ..errors import AISError
+from ..errors import AIS_NOT_SEQUENTIAL, AISError
 from .ais_chains import Chains, ChainSettings
 from .diagnostics import (
     effective_sample_size,
@@ -275,10 +275,7 @@ def _run(
     step sizes ``step_sizes`` (``[num_steps - 1, 1, *plate_shape]``, in forward
     order) or tuned afresh; returns the result and the step sizes."""
     if kwargs.get("vectorize_particles", True) is False:
-        raise AISError(
-            "AIS runs its chains in one batch and has no vectorize_particles=False; "
-            "estimate with log_likelihood(..., vectorize_particles=False) instead"
-        )
+        raise AISError(AIS_NOT_SEQUENTIAL)
     kwargs = {k: v for k, v in kwargs.items() if k != "vectorize_particles"}
     betas = ais_schedule(settings.num_steps, settings.schedule).tolist()
     _check(settings)

@@ -463,19 +463,17 @@ def dataset_log_likelihood(
     estimates = []
     for start in range(0, data.shape[0], batch_size):
         batch = data[start : start + batch_size]
-        try:
-            estimate = log_likelihood(
-                model,
-                guide,
-                batch,
-                num_samples=num_samples,
-                chunk_size=chunk_size,
-                max_plate_nesting=max_plate_nesting,
-                vectorize_particles=vectorize_particles,
-            )
-        except ParticleBroadcastError as e:
-            raise e.for_evaluator("dataset_log_likelihood") from None
-        estimates.append(estimate)
+        chunks = log_weight_chunks(
+            model,
+            guide,
+            batch,
+            num_samples=num_samples,
+            chunk_size=chunk_size,
+            max_plate_nesting=max_plate_nesting,
+            vectorize_particles=vectorize_particles,
+            caller="dataset_log_likelihood",
+        )
+        estimates.append(combine_chunks(chunks, num_samples))
         if callback is not None:
             callback(estimates[-1])
     estimates = torch.cat(estimates)

@@ -34,9 +34,8 @@ class MIWELBO(IWELBO):
         estimator: str = "iwae",
         **kwargs: Any,
     ) -> None:
-        check_count("num_groups", num_groups)
-        check_count("num_particles", num_particles)
-        num_groups, num_particles = int(num_groups), int(num_particles)
+        num_groups = check_count("num_groups", num_groups)
+        num_particles = check_count("num_particles", num_particles)
         # The leave-one-out baseline is taken within each group.
         _check_vimco(estimator, num_particles)
         super().__init__(

@@ -101,7 +101,7 @@ class ParticleELBO(ELBO):
                 f"unknown estimator {estimator!r}; "
                 f"choose one of {', '.join(ESTIMATORS)}"
             )
-        check_count("num_particles", num_particles)
+        num_particles = check_count("num_particles", num_particles)
         if kwargs.get("jit_options") is not None or kwargs.get("ignore_jit_warnings"):
             raise ValueError(
                 "IWELBO is not traced with torch.jit, so jit_options and "
@@ -109,7 +109,7 @@ class ParticleELBO(ELBO):
                 "compiled loss"
             )
         super().__init__(
-            num_particles=int(num_particles),
+            num_particles=num_particles,
             max_plate_nesting=max_plate_nesting,
             vectorize_particles=vectorize_particles,
             **kwargs,

@@ -67,9 +67,9 @@ def make_objective(
         raise ValueError(
             f"unknown objective {name!r}; choose one of {', '.join(OBJECTIVES)}"
         )
-    check_count("num_particles", num_particles)
+    num_particles = check_count("num_particles", num_particles)
     common = {
-        "num_particles": int(num_particles),
+        "num_particles": num_particles,
         "vectorize_particles": True,
         "max_plate_nesting": 1,
     }
