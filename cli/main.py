@@ -12,6 +12,7 @@ import json
 import os
 import sys
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -427,7 +428,7 @@ def sample(
     try:
         metrics = run.metrics()
     except RunError as e:  # the pictures need no metrics: draw them anyway
-        click.echo(f"Warning: no curves drawn: {cli_text(str(e))}", err=True)
+        warnings.warn(f"no curves drawn: {e}", stacklevel=1)
     else:
         curves = out.with_name(f"{out.stem}-curves.png")
         paths.append(save_curves(metrics, curves, title=f"{run.path.name}"))
