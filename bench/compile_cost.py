@@ -51,7 +51,7 @@ def one_pass(args: argparse.Namespace) -> dict:
     from pyro_iwae import IWELBO, paper_architecture
     from pyro_iwae.runs.fit_steps import adam_step
 
-    seconds = dict.fromkeys([*PARTS, "isa_probes"], 0.0)
+    seconds = dict.fromkeys([*PARTS, "isa_probes", "precompiled_header"], 0.0)
 
     def timed(name, fn):
         def wrapper(*a, **kw):
@@ -67,7 +67,7 @@ def one_pass(args: argparse.Namespace) -> dict:
     # Imported here, as the first compile would, to time it apart.
     import torch._inductor.compile_fx
     from torch._dynamo.utils import compilation_time_metrics
-    from torch._inductor import cpu_vec_isa
+    from torch._inductor import codecache, cpu_vec_isa
 
     inductor_import = time.perf_counter() - start
     compiled.trace_graph = timed("trace_graph", compiled.trace_graph)
@@ -78,7 +78,28 @@ def one_pass(args: argparse.Namespace) -> dict:
         verify,
         timed("_verified", getattr(compiled.CompiledLoss, verify)),
     )
-    cpu_vec_isa.VecISA.check_build = timed("isa_probes", cpu_vec_isa.VecISA.check_build)
+    # The probes' wall time: the library's (side by side, in vec_isa_options)
+    # and any inductor runs itself, one by one, afterwards.
+    options = timed("isa_probes", backend.vec_isa_options)
+    in_options = False
+
+    def vec_isa_options():
+        nonlocal in_options
+        in_options = True
+        try:
+            return options()
+        finally:
+            in_options = False
+
+    backend.vec_isa_options = vec_isa_options
+    check_build = cpu_vec_isa.VecISA.check_build
+    timed_check = timed("isa_probes", check_build)
+    cpu_vec_isa.VecISA.check_build = lambda isa, code: (
+        check_build(isa, code) if in_options else timed_check(isa, code)
+    )
+    codecache._precompile_header = timed(
+        "precompiled_header", codecache._precompile_header
+    )
     if args.probe_all_isas:
         backend.vec_isa_options = dict
     if args.cpp_wrapper:
@@ -120,12 +141,22 @@ def one_pass(args: argparse.Namespace) -> dict:
     }
 
 
+#: The passes of one repeat, in order: a machine inductor has never compiled on
+#: (a new temporary folder: inductor keeps its precompiled header in the
+#: temporary folder, whatever ``TORCHINDUCTOR_CACHE_DIR`` says); a new, empty
+#: cache folder on it (the header built); that folder again.
+PASSES = ("cold machine", "cold cache", "warm cache")
+
+
 def run(args: argparse.Namespace) -> list[dict]:
     rows = []
     for _ in range(args.repeat):
-        with tempfile.TemporaryDirectory() as cache:
-            env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": cache}
-            for label in ("cold", "warm"):
+        with tempfile.TemporaryDirectory() as root:
+            for label in PASSES:
+                cache = os.path.join(
+                    root, "first" if label == "cold machine" else "second"
+                )
+                env = {**os.environ, "TMPDIR": root, "TORCHINDUCTOR_CACHE_DIR": cache}
                 command = [sys.executable, __file__, "--one-pass", *sys.argv[1:]]
                 start = time.perf_counter()
                 out = subprocess.run(
@@ -143,6 +174,7 @@ COLUMNS = {
     "tracing s": lambda r: r["trace_graph_s"],
     "compiling s": lambda r: r["compile_graph_s"],
     "of which ISA probes s": lambda r: r["isa_probes_s"],
+    "of which the precompiled header s": lambda r: r["precompiled_header_s"],
     "of which waiting for g++ s": lambda r: r["kernel_builds_s"],
     "checking s": lambda r: r["_verified_s"],
     "rest s": lambda r: r["first_step_s"] - sum(r[f"{p}_s"] for p in PARTS),
@@ -153,7 +185,7 @@ COLUMNS = {
 def report(env: dict, rows: list[dict]) -> str:
     """Medians over the repeats, cold and warm."""
     lines = []
-    for label in ("cold", "warm"):
+    for label in PASSES:
         mine = [r for r in rows if r["cache"] == label]
         lines.append(
             [f"{label} (median of {len(mine)})"]
@@ -173,7 +205,11 @@ def report(env: dict, rows: list[dict]) -> str:
             "of loss and backward, and Adam's update with --path step, fake "
             "tensors, noise lifted); compiling: `compile_graph` (AOT autograd and "
             "inductor, or hits in its on-disk cache), of which ISA probes: "
-            "inductor's builds and loads of vector-ISA probe libraries, and "
+            "inductor's builds and loads of vector-ISA probe libraries (wall "
+            "time), the precompiled "
+            "header: its build of the header every C++ kernel includes (once "
+            "per machine, compiler and flags; kept in the temporary folder), "
+            "and "
             "waiting for g++: its wait for the C++ kernel builds "
             "(`async_compile.wait`); checking: the eager step and the compiled "
             "one compared on the first call; rest: the first step's other work. "

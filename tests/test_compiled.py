@@ -793,14 +793,16 @@ def counted(isa, code):
 cpu_vec_isa.VecISA.check_build = counted
 options = vec_isa_options() if sys.argv[1] == "shortcut" else {}
 with config.patch(options):
-    picked = str(cpu_vec_isa.pick_vec_isa())
+    isa = cpu_vec_isa.pick_vec_isa()
+picked = [str(isa), isa.build_arch_flags() if isa else ""]
 print(json.dumps({"options": options, "picked": picked, "probes": len(set(probed))}))
 """
 
 
 def test_the_isa_shortcut_picks_the_isa_inductor_picks():
     """Under vec_isa_options inductor picks the vector ISA it picks after all its
-    probes (so the kernels are the same), with fewer probe builds. In fresh
+    probes, with the same compiler flags (so the kernels are the same), with
+    fewer probe builds, some of them run side by side in threads. In fresh
     processes: inductor keeps its ISA list for the life of a process."""
     env = {k: v for k, v in os.environ.items() if k != "ATEN_CPU_CAPABILITY"}
     runs = {}
