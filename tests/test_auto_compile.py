@@ -23,9 +23,12 @@ from pyro_iwae.runs import auto_compile
 from pyro_iwae.runs.auto_compile import (
     AUTO_COMPILE_STEPS,
     AUTO_COMPILE_STEPS_CACHED,
+    AUTO_COMPILE_STEPS_HEADER,
     AUTO_COMPILE_WORK,
+    AUTO_COMPILE_WORK_HEADER,
     choose_compile,
     choose_fit_compile,
+    header_built,
     step_graph_keys,
 )
 from pyro_iwae.runs.callbacks import FitCallback
@@ -178,6 +181,40 @@ def test_the_threshold_counts_the_graphs_to_compile(monkeypatch):
     both = cold + cached
     assert choose_fit_compile("auto", both, CPU, graphs=2, cached=1)[0] is True
     assert choose_fit_compile("auto", both - 1, CPU, graphs=2, cached=1)[0] is False
+
+
+def test_a_header_to_build_raises_the_threshold_of_graphs_to_compile(monkeypatch):
+    monkeypatch.setattr(auto_compile, "_cpp_compiler", lambda: "/usr/bin/g++")
+    monkeypatch.setattr(auto_compile, "header_built", lambda: False)
+    steps = AUTO_COMPILE_STEPS + AUTO_COMPILE_STEPS_HEADER
+    assert choose_fit_compile("auto", steps - 1, CPU)[0] is False
+    compile, why = choose_fit_compile("auto", steps, CPU)
+    assert compile is True
+    assert why == (
+        f"auto: {steps:,} steps (inductor's precompiled header to build first), "
+        f"at least the {steps:,} from which compiling pays"
+    )
+    work = AUTO_COMPILE_WORK + AUTO_COMPILE_WORK_HEADER
+    assert choose_compile("auto", work, 1, CPU)[0] is True
+    assert choose_compile("auto", work - 1, 1, CPU)[0] is False
+    # Nothing to compile (every graph cached), nothing to build.
+    cached = AUTO_COMPILE_STEPS_CACHED
+    assert choose_fit_compile("auto", cached, CPU, graphs=1, cached=1)[0] is True
+    assert choose_fit_compile(True, 1, CPU) == (True, "as asked")
+
+
+def test_the_header_is_looked_for_where_inductor_keeps_it(monkeypatch, tmp_path):
+    # header_built itself: conftest patches the module's name, not this import.
+    monkeypatch.setattr("tempfile.tempdir", str(tmp_path))
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+    folder = tmp_path / default_cache_dir().rpartition("/")[2] / "precompiled_headers"
+    assert header_built() is False
+    folder.mkdir(parents=True)
+    (folder / "c0ffee.h").write_text("#include <x>\n")
+    assert header_built() is False
+    (folder / "c0ffee.h.gch").write_bytes(b"gpch")
+    assert header_built() is True
 
 
 def test_run_configs_default_to_auto_and_old_ones_keep_theirs(tmp_path):

@@ -21,6 +21,12 @@ cost. Measured on a 2-core AVX-512 Xeon (results/benchmarks.md):
   compiled in ``pyro-iwae-graphs.json`` in inductor's cache folder: that is how
   a later run knows the cache holds it.
 
+Inductor's C++ kernels include a header it precompiles once per machine (and
+compiler, flags and torch version), about 5.5 s more on the first compile there
+(kept in the temporary folder, whatever ``TORCHINDUCTOR_CACHE_DIR`` says): until
+it is built, a graph to compile pays from about 1.5 million more particle-points,
+or 4,000 more steps.
+
 Inductor compiles C++ on the CPU: without a C++ compiler on the path the choice is
 eager; so it is on other devices, where the compiled path has not been verified.
 """
@@ -50,11 +56,14 @@ __all__ = [
     "AUTO_COMPILE_STEPS_CACHED",
     "AUTO_COMPILE_WORK",
     "AUTO_COMPILE_WORK_CACHED",
+    "AUTO_COMPILE_STEPS_HEADER",
+    "AUTO_COMPILE_WORK_HEADER",
     "batch_shapes",
     "cached_graphs",
     "choose_compile",
     "choose_fit_compile",
     "graph_keys",
+    "header_built",
     "remember_graphs",
     "step_graph_keys",
 ]
@@ -68,6 +77,9 @@ AUTO_COMPILE_WORK_CACHED = 600_000
 #: Training steps from which compiling a step graph pays, cold and from the cache.
 AUTO_COMPILE_STEPS = 8_000
 AUTO_COMPILE_STEPS_CACHED = 2_000
+#: What a first compile on the machine adds, building inductor's precompiled header.
+AUTO_COMPILE_WORK_HEADER = 1_500_000
+AUTO_COMPILE_STEPS_HEADER = 4_000
 #: The file, in inductor's cache folder, of the graphs runs have compiled.
 GRAPHS_FILE = "pyro-iwae-graphs.json"
 #: Part of each graph key: changed with the options the compiled path gives
@@ -90,7 +102,9 @@ def choose_compile(
     of them in inductor's cache) pay."""
     threshold = (graphs - cached) * AUTO_COMPILE_WORK
     threshold += cached * AUTO_COMPILE_WORK_CACHED
-    unit = _unit("particle-points", graphs, cached)
+    header = _header_to_build(setting, graphs, cached, device)
+    threshold += header * AUTO_COMPILE_WORK_HEADER
+    unit = _unit("particle-points", graphs, cached, header)
     return _choose(setting, points * num_samples, threshold, unit, device)
 
 
@@ -111,11 +125,37 @@ def choose_fit_compile(
         return False, "auto: under torchrun the step runs eagerly"
     threshold = (graphs - cached) * AUTO_COMPILE_STEPS
     threshold += cached * AUTO_COMPILE_STEPS_CACHED
-    return _choose(setting, steps, threshold, _unit("steps", graphs, cached), device)
+    header = _header_to_build(setting, graphs, cached, device)
+    threshold += header * AUTO_COMPILE_STEPS_HEADER
+    unit = _unit("steps", graphs, cached, header)
+    return _choose(setting, steps, threshold, unit, device)
 
 
-def _unit(unit: str, graphs: int, cached: int) -> str:
-    return unit if not cached else f"{unit} ({cached} of {graphs} graphs cached)"
+def _unit(unit: str, graphs: int, cached: int, header: bool) -> str:
+    notes = [f"{cached} of {graphs} graphs cached"] if cached else []
+    if header:
+        notes.append("inductor's precompiled header to build first")
+    return f"{unit} ({'; '.join(notes)})" if notes else unit
+
+
+def _header_to_build(
+    setting: bool | str | None, graphs: int, cached: int, device: torch.device
+) -> bool:
+    return (
+        setting == "auto"
+        and graphs > cached
+        and device.type == "cpu"
+        and not header_built()
+    )
+
+
+def header_built() -> bool:
+    """Whether inductor has built its precompiled C++ header on this machine (in
+    the temporary folder; any compiler, flags or torch version)."""
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+    folder = Path(default_cache_dir()) / "precompiled_headers"
+    return any(folder.glob("*.gch")) if folder.is_dir() else False
 
 
 def batch_shapes(data_shape: Sequence[int], batch_size: int) -> list[tuple[int, ...]]:
