@@ -8,7 +8,8 @@ RSS of each command (its ``ru_maxrss``, measured as ``/usr/bin/time -v`` does);
 the commands' own output
 goes to stderr. ``--compile both`` runs every command eagerly and with
 ``--compile``, and reports the seconds each spent compiling (from cold: inductor's
-cache is a fresh folder for each command); ``--compile warm`` runs the compiled
+cache and the temporary folder where it keeps its precompiled header are fresh
+folders for each command); ``--compile warm`` runs the compiled
 commands twice, the second time with the inductor cache the first one filled
 (what later runs on the same machine pay); ``--compile default`` runs them with
 the tools' own choice (``--compile auto``), the same two ways. With the defaults
@@ -98,13 +99,19 @@ def eval_counts(run_dir: Path, k: int) -> dict:
 
 def measured(command: list[str], work_dir: Path, cache: str | None) -> dict:
     """``run_measured`` of ``command``; a compiled one gets a fresh inductor cache
-    (``cache="cold"``), or the one cache that every ``"shared"`` command uses."""
+    (``cache="cold"``), or the one cache that every ``"shared"`` command uses, and
+    with it a temporary folder of its own: inductor keeps its precompiled header
+    there, whatever ``TORCHINDUCTOR_CACHE_DIR`` says, so the first command in a
+    new one pays for the header too, as on a machine inductor never compiled on."""
     env = dict(os.environ)
     if cache == "cold":
         folder = work_dir / f"inductor-cache-{len(list(work_dir.glob('inductor-*')))}"
-        env["TORCHINDUCTOR_CACHE_DIR"] = str(folder)
     elif cache == "shared":
-        env["TORCHINDUCTOR_CACHE_DIR"] = str(work_dir / "inductor-cache-shared")
+        folder = work_dir / "inductor-cache-shared"
+    if cache in ("cold", "shared"):
+        env["TORCHINDUCTOR_CACHE_DIR"] = str(folder)
+        env["TMPDIR"] = str(folder.with_name(folder.name + "-tmp"))
+        os.makedirs(env["TMPDIR"], exist_ok=True)
     return {
         "command": shlex.join(command),
         **run_measured(command, stdout=sys.stderr, env=env),
@@ -246,7 +253,8 @@ def report(env: dict, results: list[dict]) -> str:
             "epoch time in fit's metrics.jsonl and the time in eval-nll's JSON, "
             "compile time included; 'of which compiling' is the part of the tool's "
             "clock spent tracing and compiling graphs (from a cold inductor cache "
-            "unless the step says warm). For NumPyro (jax_epoch.py), the tool's "
+            "and no precompiled header, as on a machine inductor never compiled "
+            "on, unless the step says warm). For NumPyro (jax_epoch.py), the tool's "
             "clock is its SVI init and jitted epoch, or its jitted estimate, "
             "compiling included; 'warm' runs with the JAX compilation cache the "
             "cold run filled; its estimate uses the initial weights (the same "
