@@ -250,7 +250,8 @@ def _check_comparable(estimator: str, guide_trace: poutine.Trace) -> None:
         raise ConfigError(
             "estimator='reinforce' is the check's own reference for score-function "
             "gradients, so the check could not fail; check estimator='vimco' on a "
-            "guide with sites without rsample, or estimator='dreg'"
+            "guide with sites without rsample, or estimator='dreg'",
+            literal=True,
         )
     scored = [
         name
