@@ -46,7 +46,8 @@ _FIELDS = (
     "estimator",
     choices=tuple(e for e in ESTIMATORS if e != "iwae"),
     command_default="dreg",
-    help="Estimator checked against the plain one (iwae; reinforce for vimco).",
+    help="Estimator checked against the plain one (iwae; reinforce for vimco, "
+    "on a guide with sites without rsample).",
 )
 @run_option("num_particles", command_default=5, help="Particles, k.")
 @run_option(
@@ -105,9 +106,11 @@ def check_guide(
             seed=options["seed"],
             data_dir=data_dir,
         )
+    except ConfigError:
+        raise  # an estimator the check cannot test: a usage error (library_errors)
     except ValueError as e:
         # Pyro adds the trace's shapes on lines of their own: the first says it.
         raise click.ClickException(cli_text(str(e).split("\n", 1)[0])) from None
-    click.echo(result.table())
+    click.echo(result.table(cli_text))
     if not result.passed:
         raise SystemExit(1)

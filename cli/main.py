@@ -22,7 +22,12 @@ import torch
 
 import pyro_iwae
 from pyro_iwae.data import DATASETS
-from pyro_iwae.errors import ConfigError, PyroIwaeError, RunError
+from pyro_iwae.errors import (
+    ConfigError,
+    ParticleBroadcastError,
+    PyroIwaeError,
+    RunError,
+)
 from pyro_iwae.infer.sampling import reconstruct, sample_images
 from pyro_iwae.runs import distributed
 from pyro_iwae.runs.callbacks import CallbackList
@@ -299,6 +304,8 @@ def eval_nll(
             device=device,
             callback=progress,
         )
+    except ParticleBroadcastError as e:
+        raise e.for_evaluator("eval-nll") from None  # its remedy is this command's
     finally:
         progress.close()
     _quiet_mlflow()

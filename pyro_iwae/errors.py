@@ -158,6 +158,20 @@ class ParticleBroadcastError(PyroIwaeError, ValueError):
         error.cause, error.num_particles = cause, num_particles
         return error
 
+    @classmethod
+    def of_failure(
+        cls,
+        error: BaseException,
+        num_particles: int,
+        nesting: int,
+        depth: int,
+        caller: str | None = None,
+    ) -> ParticleBroadcastError:
+        """:meth:`of_program` with the first line of ``error`` as the cause (Pyro
+        appends the trace's shapes to its messages)."""
+        cause = one_line(str(error).strip().split("\n")[0] or error).rstrip(".")
+        return cls.of_program(cause, num_particles, nesting, depth, caller)
+
     def for_evaluator(self, caller: str) -> ParticleBroadcastError:
         """This error as raised by evaluator ``caller``, with its remedy (see
         :meth:`of_program`)."""

@@ -56,3 +56,38 @@ def test_a_data_file_sets_the_width_of_the_fresh_networks(tmp_path):
     result = invoke("--dataset", tmp_path / "grey.pt", "--draws", 20)
     assert result.exit_code == 1 and "Traceback" not in result.output
     assert [line[:6] for line in result.output.splitlines()] == ["Error:"]
+
+
+def test_vimco_is_checked_on_a_discrete_guide_and_refused_on_a_gaussian_one():
+    """On the paper's Gaussian guide VIMCO's gradient is reinforce's draw for
+    draw: a check that could not fail is a usage error, in the options' words."""
+    result = invoke("--estimator", "vimco", "--draws", 20)
+    assert result.exit_code == 2, result.output
+    error = result.output.splitlines()[-1]
+    assert error.startswith("Error: --estimator vimco changes the gradient")
+    assert error.endswith("check --estimator dreg instead")
+    result = invoke(
+        "--estimator", "reinforce", "--model", "sbn", "--guide", "sbn", "--draws", 20
+    )
+    assert result.exit_code == 2 and "check could not fail" in result.output
+    result = invoke(
+        "--estimator", "vimco", "--model", "sbn", "--guide", "sbn", "--draws", 20
+    )
+    assert result.exit_code == 0, result.output
+    assert "estimator 'vimco' against 'reinforce'" in result.output
+    t_values = [float(line.split()[2]) for line in result.output.splitlines()[2:-2]]
+    assert max(t_values) > 0  # different draws of the gradient: a real check
+
+
+def test_stl_at_many_particles_is_blamed_for_its_own_bias_in_options():
+    result = invoke("--estimator", "stl", "--draws", 50)
+    assert result.exit_code == 1, result.output
+    verdict = result.output.splitlines()[-1]
+    assert verdict.startswith("FAILED") and "as expected: STL is biased" in verdict
+    assert "fix the guide" not in verdict and "=" not in verdict
+    assert "--particles 1 or --estimator dreg" in verdict
+    assert verdict.endswith("train with --estimator dreg")
+    result = invoke("--guide", "check_guide_modules:build_guide", "--draws", 20)
+    assert result.output.splitlines()[-1].endswith(
+        "train with --estimator iwae or fix the guide"
+    )

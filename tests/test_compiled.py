@@ -330,6 +330,40 @@ def test_fit_with_a_compiled_objective_trains_as_the_eager_one():
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.filterwarnings("ignore:.*not registered in the param store")
+def test_frozen_parameters_get_no_backward_pass_compiled_or_eager(monkeypatch):
+    """With no parameter that needs a gradient, the compiled loss_and_grads
+    returns the eager loss without a backward pass (as IWELBO's does), and
+    keeps its compiled path for when the parameters thaw."""
+    model, guide = paper_architecture(1, x_dim=X_DIM)
+    params = [*model.parameters(), *guide.parameters()]
+    for p in params:
+        p.requires_grad_(False)
+    x = _data()
+    backward_calls = []
+    backward = torch.Tensor.backward
+
+    def counting_backward(self, *args, **kwargs):
+        backward_calls.append(self)
+        return backward(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.Tensor, "backward", counting_backward)
+    torch.manual_seed(0)
+    eager = IWELBO(4).loss_and_grads(model, guide, x)
+    compiled = CompiledLoss(IWELBO(4), model, guide, backend=None)
+    torch.manual_seed(0)
+    assert compiled.loss_and_grads(x) == pytest.approx(eager, rel=1e-6)
+    torch.manual_seed(0)
+    option = IWELBO(4, compile=None).loss_and_grads(model, guide, x)
+    assert option == pytest.approx(eager, rel=1e-6)
+    assert backward_calls == [] and all(p.grad is None for p in params)
+    assert compiled.compiled
+    for p in params:
+        p.requires_grad_(True)
+    compiled.loss_and_grads(x)
+    assert compiled.compiled and len(backward_calls) == 1
+
+
 def test_pyro_svi_steps_with_the_compiled_loss_follow_the_eager_ones():
     # SVI optimises the parameters whose pyro.param sites it sees; the compiled
     # graph skips the program that makes them, so it must announce them.

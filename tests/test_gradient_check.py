@@ -14,6 +14,7 @@ from test_vimco import guide as discrete_guide
 from test_vimco import model as discrete_model
 
 from pyro_iwae import IWELBO, MIWELBO, check_guide_gradients
+from pyro_iwae.errors import ConfigError
 from pyro_iwae.infer import traces
 from pyro_iwae.infer.gradient_check import t_threshold
 
@@ -45,6 +46,50 @@ def test_flags_stl_with_many_particles():
         setup.model, setup.guide, setup.x, objective=IWELBO(20, "stl"), num_draws=20
     )
     assert not check.passed
+    # The bias is STL's own: the verdict says so, and does not blame the guide.
+    assert "more than one particle per bound (here 20)" in check.known_bias
+    verdict = check.table().splitlines()[-1]
+    assert verdict == check.verdict and "as expected: STL is biased" in verdict
+    assert "fix the guide" not in verdict
+    assert "num_particles=1 or estimator='dreg'" in verdict
+
+
+@pytest.mark.parametrize(
+    "objective, biased",
+    [
+        (IWELBO(1, "stl"), False),
+        (IWELBO(2, "stl"), True),
+        (MIWELBO(1, 4, "stl"), False),
+        (MIWELBO(2, 2, "stl"), True),
+        (IWELBO(5, "dreg"), False),
+    ],
+)
+def test_stls_known_bias_is_named_for_more_than_one_particle_per_bound(
+    objective, biased
+):
+    setup = build("pyro.param-one-site", 4)
+    check = check_guide_gradients(
+        setup.model, setup.guide, setup.x, objective=objective, num_draws=20
+    )
+    assert bool(check.known_bias) == biased
+
+
+def test_checks_that_could_not_fail_are_refused_in_one_line():
+    """VIMCO rewrites the gradient of sites without rsample only: on a guide
+    without them it is the reference's draw for draw (|t| = 0 everywhere), and
+    reinforce is the reference itself."""
+    setup = build("zoo-paper", 4)
+    for estimator in ("vimco", "reinforce"):
+        with pytest.raises(ConfigError, match="the check could not fail") as error:
+            check_guide_gradients(
+                setup.model,
+                setup.guide,
+                setup.x,
+                objective=IWELBO(4, estimator),
+                num_draws=20,
+            )
+        assert "\n" not in str(error.value)
+        assert "check estimator=" in str(error.value)
 
 
 def test_vimco_has_the_reinforce_mean_on_a_discrete_guide():

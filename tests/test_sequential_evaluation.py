@@ -10,9 +10,12 @@ from pyro.nn import PyroModule, PyroSample
 
 from pyro_iwae import (
     ParticleBroadcastError,
+    active_units,
     ais_log_likelihood,
     dataset_log_likelihood,
+    importance_resample,
     joint_log_likelihood,
+    latent_activity,
     log_likelihood,
     log_likelihood_with_diagnostics,
 )
@@ -28,6 +31,20 @@ def flat_model(data: torch.Tensor) -> None:
         z = pyro.sample("z", dist.Normal(data.new_zeros(LATENT_DIM), 1.0).to_event(1))
         loc = z.view(data.shape[0], LATENT_DIM) @ LG.W.T + LG.b
         pyro.sample("x", dist.Normal(loc, SIGMA).to_event(1), obs=data)
+
+
+MIX = torch.tensor([[1.0, 0.5], [0.0, 2.0]], dtype=torch.float64)
+
+
+def chain_guide(data: torch.Tensor, flat: bool = True) -> None:
+    """z ~ N(E[z|x], 0.3), then u | z ~ N(z MIX, 0.3), written for one draw
+    (``view(batch, d)``, which fails on the draws' ``[k, batch, d]``) unless
+    not ``flat``."""
+    with pyro.plate("data", data.shape[0]):
+        z = pyro.sample("z", dist.Normal(LG.post_loc(data), 0.3).to_event(1))
+        if flat:
+            z = z.view(data.shape[0], LATENT_DIM)
+        pyro.sample("u", dist.Normal(z @ MIX, 0.3).to_event(1))
 
 
 def test_sequential_estimate_converges_to_the_exact_log_marginal():
@@ -62,6 +79,58 @@ def test_sequential_and_vectorized_estimates_agree_within_noise():
     noise = (vec.stderr**2 + seq.stderr**2).sqrt()
     assert ((vec.log_likelihood - seq.log_likelihood).abs() < 4 * noise).all()
     assert not torch.equal(vec.log_likelihood, seq.log_likelihood)
+
+
+def test_sequential_importance_resampling_recovers_the_exact_posterior_mean():
+    """The draws of sequential particles, as the vectorized ones', have the
+    closed-form posterior mean within their Monte Carlo error, which the
+    guide's own mean (0.5 off) is far outside."""
+    x = LG.sample_data(6, seed=5)
+    num_samples, num_draws = 1000, 1000
+    var = LG.post_cov.diagonal()
+    for model, vectorize in ((flat_model, False), (LG.model, True)):
+        pyro.set_rng_seed(3)
+        draws = importance_resample(
+            model,
+            GUIDE,
+            x,
+            num_samples=num_samples,
+            num_draws=num_draws,
+            chunk_size=300,
+            vectorize_particles=vectorize,
+        )
+        assert draws.keys() == {"z"}
+        z = draws["z"]
+        assert z.shape == (num_draws, 6, LATENT_DIM)
+        ess = log_likelihood_with_diagnostics(
+            model, GUIDE, x, num_samples=num_samples, vectorize_particles=vectorize
+        ).ess
+        se = (var * (1 / num_draws + 1 / ess.unsqueeze(-1))).sqrt()
+        z_scores = (z.mean(0) - LG.post_loc(x)) / se
+        assert z_scores.abs().max() < 4.5
+        assert (0.5 / se).min() > 8
+
+
+def test_sequential_latent_activity_is_the_vectorized_one():
+    """The first layer's mean depends on x alone: its activity is Var_x of the
+    posterior mean whichever way the draws come; the second's averages the
+    first's draws, and both ways agree with the closed form within its noise."""
+    x = LG.sample_data(300, seed=6)
+    pyro.set_rng_seed(4)
+    seq = latent_activity(chain_guide, x, num_samples=200, vectorize_particles=False)
+    pyro.set_rng_seed(4)
+    vec = latent_activity(
+        lambda data: chain_guide(data, flat=False), x, num_samples=200
+    )
+    exact_z = LG.post_loc(x).var(0, unbiased=False)
+    torch.testing.assert_close(seq["z"], exact_z)
+    torch.testing.assert_close(vec["z"], exact_z)
+    exact_u = (LG.post_loc(x) @ MIX).var(0, unbiased=False)
+    for activity in (seq, vec):
+        torch.testing.assert_close(activity["u"], exact_u, rtol=0.02, atol=0)
+    assert not torch.equal(seq["u"], vec["u"])
+    counts = active_units(chain_guide, x, num_samples=20, vectorize_particles=False)
+    assert counts == {"z": int((exact_z > 0.01).sum()), "u": 2}
 
 
 def test_dataset_and_joint_estimates_take_sequential_particles():
@@ -99,6 +168,22 @@ def test_dataset_and_joint_estimates_take_sequential_particles():
         (
             lambda x, **o: joint_log_likelihood(flat_model, GUIDE, x, **o),
             "joint_log_likelihood",
+        ),
+        (
+            lambda x, **o: importance_resample(flat_model, GUIDE, x, num_draws=3, **o)[
+                "z"
+            ],
+            "importance_resample",
+        ),
+        (
+            lambda x, **o: latent_activity(chain_guide, x, **o)["u"],
+            "latent_activity",
+        ),
+        (
+            lambda x, **o: torch.tensor(
+                list(active_units(chain_guide, x, **o).values()), dtype=torch.float
+            ),
+            "active_units",
         ),
     ],
 )

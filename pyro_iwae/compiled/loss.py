@@ -136,6 +136,10 @@ class CompiledLoss(GraphCache):
             return self.eager(*args, **kwargs)
         # Looked up once a call (a user may swap a module's tensors between calls).
         named = named_tensors(self._both)
+        if not any(t.requires_grad for t in named.values()):
+            # No gradient to compute: the eager loss, as the eager objective's
+            # loss_and_grads takes it (no graph built, the compiled path kept).
+            return self.eager(*args, **kwargs)
         graph, loss = self._graph(named, args, kwargs)
         if graph is None:
             return self.eager(*args, **kwargs)
@@ -145,7 +149,10 @@ class CompiledLoss(GraphCache):
         return self._run(graph, list(named.values()), args, kwargs)
 
     def loss_and_grads(self, *args: Any, **kwargs: Any) -> float:
-        """Accumulates the gradient of the loss in ``.grad``; returns the loss."""
+        """Accumulates the gradient of the loss in ``.grad``; returns the loss.
+
+        Where no parameter of the model or guide needs a gradient, no backward
+        pass runs (as in :meth:`~pyro_iwae.IWELBO.loss_and_grads`)."""
         loss = self(*args, **kwargs)
         if loss.requires_grad:
             loss.backward()

@@ -8,11 +8,16 @@ from collections.abc import Callable
 import pyro
 import torch
 
+from ..errors import ParticleBroadcastError
 from .evaluation import evaluating
-from .traces import PARTICLE_PLATE, latent_sites
+from .particles import trial_run
+from .traces import PARTICLE_PLATE, latent_sites, plate_depth
 
 #: The paper's threshold on a latent unit's activity for it to count as active.
 ACTIVE_THRESHOLD = 0.01
+
+# Where a failure under the particle plate may be the guide's not broadcasting.
+_BROADCAST_FAILURES = (RuntimeError, ValueError, IndexError, TypeError)
 
 
 def latent_activity(
@@ -21,6 +26,7 @@ def latent_activity(
     *,
     num_samples: int = 100,
     batch_size: int = 500,
+    vectorize_particles: bool = True,
 ) -> dict[str, torch.Tensor]:
     r"""Activity :math:`\mathrm{Cov}_x(\mathbb{E}_{q(z|x)}[z_u])` of each latent unit.
 
@@ -28,27 +34,19 @@ def latent_activity(
     over ``num_samples`` draws of its parents (exact for a site whose parameters
     depend on ``x`` only); where the distribution has no closed-form mean, the
     sampled values are averaged. ``guide`` is called as ``guide(batch)``, with
-    its data plate at dim -1.
+    its data plate at dim -1. ``vectorize_particles=False`` runs the guide once
+    per draw, for a guide that does not broadcast over a leading particle
+    dimension (slower; the same estimate), as the evaluators'
+    (see :func:`~pyro_iwae.log_likelihood`).
 
     :returns: site name -> per-unit variance over the rows of ``data``
         (shape: the site's event shape).
+    :raises ParticleBroadcastError: if the guide does not broadcast over the
+        draws (pass ``vectorize_particles=False``).
     """
-    means: dict[str, list[torch.Tensor]] = {}
-    sample_plate = pyro.plate(PARTICLE_PLATE, num_samples, dim=-2)
-    with evaluating(guide), pyro.poutine.block():
-        for start in range(0, data.shape[0], batch_size):
-            batch = data[start : start + batch_size]
-            trace = pyro.poutine.trace(sample_plate(guide)).get_trace(batch)
-            for name, site in latent_sites(trace):
-                try:
-                    mean = site["fn"].mean
-                except NotImplementedError:
-                    mean = site["value"]
-                mean = mean.expand(site["value"].shape)
-                means.setdefault(name, []).append(mean.mean(0))
-    return {
-        name: torch.cat(chunks).var(0, unbiased=False) for name, chunks in means.items()
-    }
+    return _activity(
+        guide, data, num_samples, batch_size, vectorize_particles, "latent_activity"
+    )
 
 
 def active_units(
@@ -58,15 +56,95 @@ def active_units(
     threshold: float = ACTIVE_THRESHOLD,
     num_samples: int = 100,
     batch_size: int = 500,
+    vectorize_particles: bool = True,
 ) -> dict[str, int]:
     """The paper's count of active units: those with activity above ``threshold``.
 
-    See :func:`latent_activity`; returns site name -> number of active units.
+    See :func:`latent_activity` (``vectorize_particles`` too); returns site
+    name -> number of active units.
     """
-    activity = latent_activity(
-        guide, data, num_samples=num_samples, batch_size=batch_size
+    activity = _activity(
+        guide, data, num_samples, batch_size, vectorize_particles, "active_units"
     )
     return count_active(activity, threshold)
+
+
+def _activity(
+    guide: Callable,
+    data: torch.Tensor,
+    num_samples: int,
+    batch_size: int,
+    vectorize_particles: bool,
+    caller: str,
+) -> dict[str, torch.Tensor]:
+    """:func:`latent_activity`, its errors naming ``caller``."""
+    means: dict[str, list[torch.Tensor]] = {}
+    with evaluating(guide), pyro.poutine.block():
+        for start in range(0, data.shape[0], batch_size):
+            batch = data[start : start + batch_size]
+            if vectorize_particles:
+                batch_means = _vectorized_means(guide, batch, num_samples, caller)
+            else:
+                batch_means = _sequential_means(guide, batch, num_samples)
+            for name, mean in batch_means.items():
+                means.setdefault(name, []).append(mean)
+    return {
+        name: torch.cat(chunks).var(0, unbiased=False) for name, chunks in means.items()
+    }
+
+
+def _site_means(trace: pyro.poutine.Trace) -> dict[str, torch.Tensor]:
+    """Each latent site's distribution mean (its value where it has none),
+    broadcast to the value's shape."""
+    means = {}
+    for name, site in latent_sites(trace):
+        try:
+            mean = site["fn"].mean
+        except NotImplementedError:
+            mean = site["value"]
+        means[name] = mean.expand(site["value"].shape)
+    return means
+
+
+def _vectorized_means(
+    guide: Callable, batch: torch.Tensor, num_samples: int, caller: str
+) -> dict[str, torch.Tensor]:
+    """The sites' means averaged over ``num_samples`` draws in one particle plate."""
+    sample_plate = pyro.plate(PARTICLE_PLATE, num_samples, dim=-2)
+    try:
+        trace = pyro.poutine.trace(sample_plate(guide)).get_trace(batch)
+    except _BROADCAST_FAILURES as error:
+        depth = _depth_without_plate(guide, batch)
+        if depth is None or num_samples == 1:
+            raise
+        raise ParticleBroadcastError.of_failure(
+            error, num_samples, 1, depth, caller
+        ) from None
+    return {name: mean.mean(0) for name, mean in _site_means(trace).items()}
+
+
+def _sequential_means(
+    guide: Callable, batch: torch.Tensor, num_samples: int
+) -> dict[str, torch.Tensor]:
+    """The sites' means averaged over ``num_samples`` runs of the guide."""
+    sums: dict[str, torch.Tensor] = {}
+    for _ in range(num_samples):
+        trace = pyro.poutine.trace(guide).get_trace(batch)
+        for name, mean in _site_means(trace).items():
+            sums[name] = mean if name not in sums else sums[name] + mean
+    return {name: total / num_samples for name, total in sums.items()}
+
+
+def _depth_without_plate(guide: Callable, batch: torch.Tensor) -> int | None:
+    """How deep the guide's plates nest in one run without the particle plate
+    (on a forked random stream, without warnings); None where that fails too."""
+    try:
+        with trial_run((batch,), {}):
+            trace = pyro.poutine.trace(guide).get_trace(batch)
+    except Exception:  # noqa: BLE001
+        # A failure here is the guide's own, not the particle plate's.
+        return None
+    return plate_depth([s for s in trace.nodes.values() if s["type"] == "sample"])
 
 
 def count_active(

@@ -12,6 +12,7 @@ from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import torch
+from pyro.poutine.trace_struct import Trace
 
 from .evaluation import check_count, local_shape, log_weight_chunks, particle_chunks
 from .traces import latent_sites
@@ -200,6 +201,7 @@ def importance_resample(
     num_draws: int,
     chunk_size: int | None = None,
     max_plate_nesting: int = 1,
+    vectorize_particles: bool = True,
     **kwargs: Any,
 ) -> dict[str, torch.Tensor]:
     r"""Approximate posterior draws per data point by sampling-importance-resampling.
@@ -209,19 +211,31 @@ def importance_resample(
     replacement in proportion to their weights: draws from the IWAE's implied
     posterior, which tends to p(z|x) as ``num_samples`` grows. Particles come
     ``chunk_size`` at a time (a weighted reservoir keeps each draw exact), so memory
-    does not grow with ``num_samples``.
+    does not grow with ``num_samples``. ``vectorize_particles=False`` draws the
+    particles one at a time, for programs that do not broadcast over them (see
+    :func:`~pyro_iwae.log_likelihood`).
 
     :returns: latent site name (the guide's, and the model's that the guide leaves
         to the prior) -> tensor ``[num_draws, *plate_shape, *event_shape]``
         with ``max_plate_nesting`` plate dims (``[num_draws, batch, latent_dim]``
         for the paper's guides): the format of ``pyro.infer.Predictive``'s
         ``posterior_samples``.
+    :raises ParticleBroadcastError: if the programs do not broadcast over the
+        particles (pass ``vectorize_particles=False``).
     """
     check_count("num_draws", num_draws)
     draws: dict[str, torch.Tensor] = {}
     total = None
     for particles in particle_chunks(
-        model, guide, args, kwargs, num_samples, chunk_size, max_plate_nesting
+        model,
+        guide,
+        args,
+        kwargs,
+        num_samples,
+        chunk_size,
+        max_plate_nesting,
+        vectorize_particles,
+        "importance_resample",
     ):
         log_w = particles.log_weights
         chunk_total = log_w.logsumexp(0)
@@ -234,17 +248,7 @@ def importance_resample(
         keep_new = (
             torch.rand_like(picks, dtype=log_w.dtype) < (chunk_total - total).exp()
         )
-        model_trace, guide_trace = particles.traces[0]
-        # A latent the guide leaves out is drawn from the model with the rest of
-        # its particle: its resampled values are posterior draws too.
-        sites = [*latent_sites(guide_trace)]
-        sites += [
-            (name, site)
-            for name, site in latent_sites(model_trace)
-            if name not in guide_trace.nodes
-        ]
-        for name, site in sites:
-            value = _with_particle_dim(site["value"], log_w.dim(), site["fn"].event_dim)
+        for name, value in _latent_values(particles.traces, log_w.dim()).items():
             new = _gather(value, picks)
             held = draws.get(name)
             draws[name] = (
@@ -253,6 +257,31 @@ def importance_resample(
                 else torch.where(_broadcastable(keep_new, new), new, held)
             )
     return draws
+
+
+def _latent_values(
+    traces: list[tuple[Trace, Trace]], plate_dims: int
+) -> dict[str, torch.Tensor]:
+    """Each latent site's values ``[particles] + plate_shape + event_shape`` from
+    the pairs of model and guide traces: one pair of all the particles, or one
+    pair per particle (``vectorize_particles=False``). A latent the guide leaves
+    out is drawn from the model with the rest of its particle: its resampled
+    values are posterior draws too."""
+    values: dict[str, list[torch.Tensor]] = {}
+    for model_trace, guide_trace in traces:
+        sites = [*latent_sites(guide_trace)]
+        sites += [
+            (name, site)
+            for name, site in latent_sites(model_trace)
+            if name not in guide_trace.nodes
+        ]
+        for name, site in sites:
+            value = _with_particle_dim(site["value"], plate_dims, site["fn"].event_dim)
+            values.setdefault(name, []).append(value)
+    return {
+        name: parts[0] if len(parts) == 1 else torch.cat(parts)
+        for name, parts in values.items()
+    }
 
 
 def _with_particle_dim(

@@ -25,8 +25,10 @@ import pyro
 import torch
 from pyro import poutine
 
+from ..errors import ConfigError
+from .enumeration import marked_parallel
 from .objectives import IWELBO, SCORE_ESTIMATORS
-from .traces import cuda_devices
+from .traces import cuda_devices, latent_sites
 
 __all__ = [
     "GradientCheck",
@@ -60,7 +62,8 @@ class ParameterCheck(NamedTuple):
 
 class GradientCheck(NamedTuple):
     """What :func:`check_guide_gradients` found: one :class:`ParameterCheck` per
-    guide parameter, and the settings it ran with."""
+    guide parameter, and the settings it ran with; ``known_bias``: why the
+    estimator's mean differs whatever the guide ("" where it should not)."""
 
     objective: str
     estimator: str
@@ -69,6 +72,7 @@ class GradientCheck(NamedTuple):
     threshold: float
     alpha: float
     parameters: tuple[ParameterCheck, ...]
+    known_bias: str = ""
 
     @property
     def passed(self) -> bool:
@@ -91,8 +95,9 @@ class GradientCheck(NamedTuple):
     def flagged(self) -> tuple[ParameterCheck, ...]:
         return tuple(p for p in self.parameters if p.flagged)
 
-    def table(self) -> str:
-        """The result as a text table, one row per parameter, and a verdict line."""
+    def table(self, spell: Callable[[str], str] | None = None) -> str:
+        """The result as a text table, one row per parameter, and a verdict line
+        whose advice ``spell`` rewrites (the command line's options) if given."""
         header = (
             f"{self.objective}: guide gradient of estimator {self.estimator!r} "
             f"against {self.reference!r}, {self.num_draws} paired draws; a mean "
@@ -116,20 +121,32 @@ class GradientCheck(NamedTuple):
             f"{max((p.max_abs_t for p in self.parameters), default=0.0):>8.2f}  "
             f"{ratio:>9}"
         )
+        verdict = self.verdict if spell is None else spell(self.verdict)
+        return "\n".join([header, *rows, verdict])
+
+    @property
+    def verdict(self) -> str:
+        """The table's last line: passed, or what failed and what to do."""
         if self.passed:
-            verdict = (
+            return (
                 f"passed: the {self.estimator!r} gradient has the {self.reference!r} "
                 "gradient's mean for every parameter"
             )
-        else:
-            names = ", ".join(p.name for p in self.flagged)
-            verdict = (
-                f"FAILED: the {self.estimator!r} gradient's mean differs for "
-                f"{names}: its log q may not be the density of what it samples, or "
-                "hold a parameter the estimator cannot stop; train with "
-                f"estimator={self.reference!r} or fix the guide"
+        failed = (
+            f"FAILED: the {self.estimator!r} gradient's mean differs for "
+            f"{', '.join(p.name for p in self.flagged)}"
+        )
+        if self.known_bias:
+            return (
+                f"{failed}, as expected: {self.known_bias}; check the guide with "
+                "num_particles=1 or estimator='dreg', and train with "
+                "estimator='dreg'"
             )
-        return "\n".join([header, *rows, verdict])
+        return (
+            f"{failed}: its log q may not be the density of what it samples, or "
+            "hold a parameter the estimator cannot stop; train with "
+            f"estimator={self.reference!r} or fix the guide"
+        )
 
 
 def t_threshold(num_entries: int, num_draws: int, alpha: float = 1e-3) -> float:
@@ -172,7 +189,12 @@ def check_guide_gradients(
         runs both under torch seed ``seed + i``. Each costs two loss evaluations
         and two backward passes; the caller's random stream is left as it was.
     :param alpha: the chance that an unbiased estimator is flagged anywhere.
-    :returns: a :class:`GradientCheck`; ``.table()`` renders it.
+    :returns: a :class:`GradientCheck`; ``.table()`` renders it. With
+        ``"stl"`` and more than one particle per bound its ``known_bias`` says
+        that a flagged mean is STL's own bias.
+    :raises ConfigError: for a check that could not fail: ``"reinforce"`` (the
+        reference itself), or ``"vimco"`` on a guide whose every site has
+        ``rsample`` (the same gradient as the reference's there).
     """
     if not isinstance(num_draws, int) or num_draws < 20:
         raise ValueError(f"num_draws must be an integer >= 20, got {num_draws}")
@@ -190,7 +212,9 @@ def check_guide_gradients(
     )
     reference.compile = False
     with torch.random.fork_rng(devices=cuda_devices(args, kwargs)):
-        params = guide_parameters(guide, args, kwargs)
+        trace = _guide_trace(guide, args, kwargs)
+        _check_comparable(objective.estimator, trace)
+        params = _trainable(guide, trace)
         moments = [_PairedMoments() for _ in params]
         for i in range(num_draws):
             torch.manual_seed(seed + i)
@@ -216,7 +240,43 @@ def check_guide_gradients(
         threshold=threshold,
         alpha=alpha,
         parameters=tuple(checks),
+        known_bias=_known_bias(objective),
     )
+
+
+def _check_comparable(estimator: str, guide_trace: poutine.Trace) -> None:
+    """Refuses an estimator whose gradient is its reference's whatever the guide."""
+    if estimator == "reinforce":
+        raise ConfigError(
+            "estimator='reinforce' is the check's own reference for score-function "
+            "gradients, so the check could not fail; check estimator='vimco' on a "
+            "guide with sites without rsample, or estimator='dreg'",
+            literal=True,
+        )
+    scored = [
+        name
+        for name, site in latent_sites(guide_trace)
+        if not site["fn"].has_rsample and not marked_parallel(site)
+    ]
+    if estimator == "vimco" and not scored:
+        raise ConfigError(
+            "estimator='vimco' changes the gradient of guide sites without rsample "
+            "only, and every site of this guide has rsample: its gradient is the "
+            "reference's whatever the guide, so the check could not fail; check "
+            "estimator='dreg' instead",
+            literal=True,
+        )
+
+
+def _known_bias(objective: IWELBO) -> str:
+    """Why ``objective``'s guide gradient is biased whatever the guide, or ""."""
+    per_bound = getattr(objective, "group_size", objective.num_particles)
+    if objective.estimator == "stl" and per_bound > 1:
+        return (
+            "STL is biased for more than one particle per bound (here "
+            f"{per_bound}) whatever the guide (Tucker et al. 2019)"
+        )
+    return ""
 
 
 def guide_parameters(
@@ -226,8 +286,17 @@ def guide_parameters(
     makes lazily created parameters): an ``nn.Module``'s parameters (a
     ``PyroModule``'s unconstrained ones), else the unconstrained values of the
     ``pyro.param`` sites it reads."""
+    return _trainable(guide, _guide_trace(guide, args, kwargs))
+
+
+def _guide_trace(guide: Callable, args: tuple, kwargs: dict) -> poutine.Trace:
+    """One run of ``guide``, without gradients."""
     with torch.no_grad():
-        trace = poutine.trace(guide).get_trace(*args, **kwargs)
+        return poutine.trace(guide).get_trace(*args, **kwargs)
+
+
+def _trainable(guide: Callable, trace: poutine.Trace) -> dict[str, torch.Tensor]:
+    """:func:`guide_parameters` from ``trace``, a run of ``guide``."""
     if isinstance(guide, torch.nn.Module):
         named = {n: p for n, p in guide.named_parameters() if p.requires_grad}
     else:

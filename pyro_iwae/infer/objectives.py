@@ -235,7 +235,10 @@ class IWELBO(ParticleELBO):
         """Returns the negative bound and accumulates its gradient in ``.grad``."""
         if compiles(self.compile):
             loss = self.differentiable_loss(model, guide, *args, **kwargs)
-            loss.backward()
+            # Without trainable parameters the compiled loss is the eager one,
+            # with nothing to differentiate: no backward, as below.
+            if loss.requires_grad:
+                loss.backward()
             return _checked_item(loss)
         loss, traces = self._weighted_loss(model, guide, args, kwargs)
         trainable = any(

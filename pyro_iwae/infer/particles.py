@@ -7,7 +7,8 @@ parameters, and the log-weights :class:`Particles`."""
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import pyro
@@ -19,7 +20,7 @@ from pyro.poutine.trace_struct import Trace
 from pyro.poutine.util import prune_subsample_sites
 from pyro.util import check_model_guide_match
 
-from ..errors import ParticleBroadcastError, PyroIwaeError, check_count, one_line
+from ..errors import ParticleBroadcastError, PyroIwaeError, check_count
 from .enumeration import (
     Unenumerated,
     check_enumeration,
@@ -64,6 +65,7 @@ __all__ = [
     "ParticleELBO",
     "Particles",
     "SCORE_ESTIMATORS",
+    "trial_run",
 ]
 
 ESTIMATORS = ("iwae", "stl", "dreg", "vimco", "reinforce")
@@ -73,6 +75,16 @@ SCORE_ESTIMATORS = ("vimco", "reinforce")
 STOPPED_ESTIMATORS = ("stl", "dreg")
 #: How latent sites outside the data plate enter the bound.
 GLOBAL_LATENTS = ("auto", "joint", "factor")
+
+
+@contextmanager
+def trial_run(args: tuple, kwargs: dict) -> Iterator[None]:
+    """A run of a program on ``args`` and ``kwargs`` that leaves no trace: on a
+    forked random stream, its warnings silenced."""
+    with torch.random.fork_rng(devices=cuda_devices(args, kwargs)):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
 
 
 class ParticleELBO(ELBO):
@@ -296,11 +308,9 @@ class ParticleELBO(ELBO):
             single = self._runs_without_particles(model, guide, args, kwargs)
             if single is None:
                 raise
-            # The first line: Pyro appends the trace's shapes to the message.
-            cause = one_line(str(error).strip().split("\n")[0] or error).rstrip(".")
             depth = max(plate_depth(sample_sites(pair)) for pair in single.traces)
-            raise ParticleBroadcastError.of_program(
-                cause, self.num_particles, self.max_plate_nesting - 1, depth
+            raise ParticleBroadcastError.of_failure(
+                error, self.num_particles, self.max_plate_nesting - 1, depth
             ) from None
 
     def _runs_without_particles(
@@ -316,11 +326,7 @@ class ParticleELBO(ELBO):
             global_latents=self.global_latents,
         )
         try:
-            with (
-                torch.random.fork_rng(devices=cuda_devices(args, kwargs)),
-                warnings.catch_warnings(),
-            ):
-                warnings.simplefilter("ignore")
+            with trial_run(args, kwargs):
                 return single._particles(model, guide, args, kwargs)
         except Exception:
             # A failure here is the program's own, not the particle plate's.

@@ -24,8 +24,10 @@ import pyro
 import torch
 
 from .._version import __version__
-from ..infer.activity import count_active
+from ..errors import ConfigError
+from ..infer.activity import count_active, latent_activity
 from ..infer.diagnostics import KHAT_THRESHOLD
+from ..infer.hooks import compiles
 from ..nn.likelihoods import CONTINUOUS
 from . import distributed
 from .checkpoints import write_json, write_text
@@ -36,6 +38,7 @@ __all__ = [
     "EVAL_METHODS",
     "EvalSettings",
     "Evaluation",
+    "activity_of",
     "read_estimates",
     "result_path",
     "summarise",
@@ -49,6 +52,7 @@ EVAL_METHODS = ("iwae", "ais")
 _APPLIES_WITH = {
     "num_samples": ("method", ("iwae",), "drop it or choose {method} iwae"),
     "compile": ("method", ("iwae",), "drop it or choose {method} iwae"),
+    "sequential_particles": ("method", ("iwae",), "drop it or choose {method} iwae"),
     "ais_steps": ("method", ("ais",), "drop it or choose {method} ais"),
     "num_chains": ("method", ("ais",), "drop it or choose {method} ais"),
 }
@@ -118,11 +122,21 @@ class EvalSettings:
         "warning.",
         kind="switch",
     )
+    sequential_particles: bool = setting(
+        False,
+        "With {method} iwae: draw the particles one at a time, a run of guide and "
+        "model each, for networks that do not broadcast over a leading particle "
+        "dimension; slower, the same estimator, eager ({compile} off).",
+        kind="flag",
+    )
 
     def __post_init__(self) -> None:
         if self.limit == 0:
             self.limit = None  # all points
         normalize_switches(self)  # a settings file's "on" or "off"
+        if self.sequential_particles and self.method == "iwae":
+            # Sequential particles run eagerly: "auto" settles on off.
+            self.compile = False if self.compile == "auto" else self.compile
         self.validate()
 
     def validate(self, given: tuple[str, ...] | list[str] = ()) -> None:
@@ -135,6 +149,11 @@ class EvalSettings:
         # A misspelt method is named as such, not as the one a setting applies to.
         check_values(self)
         check_applies(dataclasses.asdict(self), defaults, given, _APPLIES_WITH)
+        if self.sequential_particles and compiles(self.compile):
+            raise ConfigError(
+                "{sequential_particles} draws the particles one at a time, eagerly, "
+                "and {compile} compiles vectorized ones; drop one of them"
+            )
 
     @property
     def tag(self) -> str:
@@ -173,6 +192,7 @@ class Evaluation:
     ``time`` (s) and ``compile_time`` (s of it spent compiling graphs);
     ``compiled``: whether the log-weights ran as compiled graphs, and
     ``compile_choice``: why (``"as asked"``, or what ``compile="auto"`` saw);
+    ``sequential_particles``: whether the particles were drawn one at a time;
     ``diagnostics``: median ESS, median k-hat (None below 21 samples), the
     share of points with k-hat > 0.7 and, with AIS, the mean acceptance
     rate; ``active_units`` and ``latent_units`` (site -> count, size);
@@ -210,6 +230,7 @@ class Evaluation:
     limit: int | None = None
     compiled: bool = False
     compile_choice: str = "as asked"
+    sequential_particles: bool = False
 
     def __getitem__(self, key: str) -> Any:
         return self.to_json()[key]
@@ -339,7 +360,20 @@ def summarise(
         file=str(path),
         estimates_file=f"estimates-{tag}.txt",
         diagnostics_file=f"diagnostics-{tag}.txt",
+        sequential_particles=settings.sequential_particles,
     )
+
+
+def activity_of(
+    guide: torch.nn.Module, points: torch.Tensor, settings: EvalSettings
+) -> dict[str, torch.Tensor]:
+    """The latent activity of ``guide`` on ``points`` (on the CPU), drawn with
+    the seed of ``settings``, its particles as they say."""
+    with distributed.forked_rng(points.device):
+        torch.manual_seed(settings.seed)
+        vectorize = not settings.sequential_particles
+        activity = latent_activity(guide, points, vectorize_particles=vectorize)
+        return {name: a.cpu() for name, a in activity.items()}
 
 
 def _diagnostics(results: torch.Tensor, method: str) -> dict[str, float | None]:

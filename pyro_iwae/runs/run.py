@@ -31,7 +31,6 @@ from ..errors import (
     RunError,
     one_line,
 )
-from ..infer.activity import latent_activity
 from ..infer.ais import ais_log_likelihood
 from ..infer.diagnostics import log_likelihood_with_diagnostics
 from ..infer.evaluation import compile_seconds, warn_of_problems
@@ -56,6 +55,7 @@ from .eval_results import (
     EVAL_METHODS,
     EvalSettings,
     Evaluation,
+    activity_of,
     read_estimates,
     result_path,
     summarise,
@@ -267,9 +267,7 @@ class Run:
         results, seconds, compile_time = _estimate(
             model, guide, points, settings, callback
         )
-        activity = distributed.from_main(
-            lambda: _activity(guide, points, settings.seed)
-        )
+        activity = distributed.from_main(lambda: activity_of(guide, points, settings))
         evaluation = summarise(results, settings, config, activity, path)
         evaluation.time, evaluation.compile_time = seconds, compile_time
         evaluation.compiled = compiles(compile)
@@ -482,6 +480,7 @@ def _estimator(
     if settings.method == "iwae":
         estimate = log_likelihood_with_diagnostics
         options = {"num_samples": settings.num_samples, "compile": settings.compile}
+        options["vectorize_particles"] = not settings.sequential_particles
         values = ("ess", "khat")
     else:
         estimate = ais_log_likelihood
@@ -536,13 +535,3 @@ def _graph_keys(
     return graph_keys(
         settings.compile, {"log_likelihood": chunk}, model, guide, shapes, points.device
     )
-
-
-def _activity(
-    guide: torch.nn.Module, points: torch.Tensor, seed: int
-) -> dict[str, torch.Tensor]:
-    """The latent activity of ``guide`` on ``points`` (on the CPU), drawn with
-    its own seed."""
-    with distributed.forked_rng(points.device):
-        torch.manual_seed(seed)
-        return {name: a.cpu() for name, a in latent_activity(guide, points).items()}
