@@ -14,6 +14,7 @@ import functools
 import json
 import math
 import os
+import platform
 import subprocess
 import sys
 import warnings
@@ -856,6 +857,40 @@ def test_the_isa_shortcut_picks_the_isa_inductor_picks():
         assert shortcut["probes"] < probe_all["probes"]
     else:
         assert shortcut["probes"] == probe_all["probes"]
+
+
+_BASE_FAILS = """
+import json
+from torch._inductor import cpu_vec_isa
+from pyro_iwae.compiled.backend import vec_isa_options
+
+base = cpu_vec_isa.VecISA._avx_code
+check_build = cpu_vec_isa.VecISA.check_build
+# A compiler that builds the extensions' probes but not the base code.
+cpu_vec_isa.VecISA.check_build = lambda isa, code: (
+    False if code == base else check_build(isa, code)
+)
+options = vec_isa_options()
+print(json.dumps({"options": options, "valid": len(cpu_vec_isa.valid_vec_isa_list())}))
+"""
+
+
+def test_the_isa_shortcut_forgets_its_checks_where_the_base_probe_fails():
+    """The extension checks run next to the base probe, trusting the base code;
+    where the base probe then fails, inductor probes as usual and finds no ISA
+    (none of its checks is kept from the trusting run)."""
+    if platform.machine() not in ("x86_64", "AMD64"):
+        pytest.skip("the shortcut is for x86-64")
+    env = {k: v for k, v in os.environ.items() if k != "ATEN_CPU_CAPABILITY"}
+    out = subprocess.run(
+        [sys.executable, "-c", _BASE_FAILS],
+        capture_output=True,
+        text=True,
+        check=True,
+        env=env,
+    )
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result == {"options": {}, "valid": 0}
 
 
 _CPU_KEY = """

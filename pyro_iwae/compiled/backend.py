@@ -116,10 +116,11 @@ def vec_isa_options() -> dict[str, Any]:
     first ISA and, where it works, returns ``{"cpp.vec_isa_ok": True}``, under
     which inductor takes the CPU's word for the base code of every ISA; it also
     runs each ISA's extension checks (still needed: they set the ISA's compiler
-    flags) now, in a thread per ISA, where inductor would run them one by one
-    (six runs here, in about half the time). Inductor keeps their results for
-    the life of the process. The ISA picked, and so the kernels, are the same.
-    Elsewhere (a failing first ISA, not x86-64, a chosen ``cpp.simdlen``,
+    flags) now, in a thread per ISA next to the base probe's, where inductor
+    would run them one by one (seven runs here, in about half the time).
+    Inductor keeps their results for the life of the process; where the base
+    probe fails, they are forgotten. The ISA picked, and so the kernels, are the
+    same. Elsewhere (a failing first ISA, not x86-64, a chosen ``cpp.simdlen``,
     ``cpp.vec_isa_ok`` or ``ATEN_CPU_CAPABILITY``) it returns ``{}`` and inductor
     probes as usual. The probes' results stay in inductor's cache folder, so a
     warm cache skips them either way.
@@ -141,7 +142,7 @@ def vec_isa_options() -> dict[str, Any]:
         for isa in cpu_vec_isa.supported_vec_isa_list
         if all(flag in reported for flag in str(isa).split())
     ]
-    if not candidates or not candidates[0].check_build(base_code):
+    if not candidates:
         return {}
     options = {"cpp.vec_isa_ok": True}
 
@@ -150,11 +151,23 @@ def vec_isa_options() -> dict[str, Any]:
         with config.patch(options):
             return bool(isa)
 
-    # Each ISA's checks stay in one thread (they change its flags while they
-    # run); the threads wait on g++ and the loading subprocess, not the GIL.
-    with ThreadPoolExecutor(len(candidates)) as pool:
+    # The base probe of the first ISA and each ISA's checks side by side; an
+    # ISA's checks stay in one thread (they change its flags while they run),
+    # and the base probe has an instance of its own, with the flags inductor's
+    # own base probe builds with. The threads wait on g++ and the loading
+    # subprocess, not the GIL.
+    with ThreadPoolExecutor(len(candidates) + 1) as pool:
+        base = pool.submit(type(candidates[0])().check_build, base_code)
         list(pool.map(check, candidates))
-    return options
+        if base.result():
+            return options
+    # The checks above took the CPU's word for base code that does not build:
+    # forget them, and let inductor probe as usual.
+    for cls in {c for isa in candidates for c in type(isa).__mro__}:
+        cache_clear = getattr(cls.__dict__.get("__bool__"), "cache_clear", None)
+        if cache_clear is not None:
+            cache_clear()
+    return {}
 
 
 @functools.cache
