@@ -13,7 +13,8 @@ cost. Measured on a 2-core AVX-512 Xeon (results/benchmarks.md):
   ``num_samples``) per graph to compile (one per batch shape), 600,000 per graph
   in the cache.
 - training: 12 s to compile the paper model's step cold (16 s before the
-  compiled path cut inductor's ISA probes), 2.7 s from inductor's on-disk cache
+  compiled path cut inductor's ISA probes; 13-15 s on a slower day, with the
+  probes side by side), 2.7 s from inductor's on-disk cache
   (batch 20, k 5), then 1.4-6 ms saved per step (batch 20 to 100, k 5 to 50: the
   compiled step against ``fit``'s eager one); it pays from about 8,000 steps per
   graph to compile, 2,000 per graph in the cache. A run compiles one graph per
