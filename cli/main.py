@@ -152,8 +152,6 @@ def fit(ctx: click.Context, **options: Any) -> None:
     flags = {n: options[n] for n in _fields(RunConfig) if explicit(ctx, n)}
     given.update(flags)
     named += list(flags)
-    if given.get("data_dir") is not None:
-        given["data_dir"] = str(Path(given["data_dir"]).expanduser().resolve())
     device = device_of(options["cuda"] or given.get("device") == "cuda")
     given["device"] = device
     distributed.init(device)

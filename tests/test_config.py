@@ -1,6 +1,7 @@
 """RunConfig: which settings go together, for Python users and the CLI alike."""
 
 import json
+from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
@@ -205,3 +206,11 @@ def test_fit_options_are_made_from_the_config_fields():
         assert _OPTION_NAMES[name] in text, name
     # The command's own defaults: 40 epochs, all 8 stages of the paper's schedule.
     assert RunConfig.command_defaults() == {"stages": 8, "epochs": 40}
+
+
+def test_a_given_data_folder_is_made_absolute(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    config = RunConfig.merge({"data_dir": "data"})
+    assert config.data_dir == str(tmp_path / "data")
+    resumed = RunConfig.merge({"data_dir": "~/d"}, base=config)
+    assert resumed.data_dir == str(Path("~/d").expanduser().resolve())

@@ -101,6 +101,22 @@ def test_an_interrupted_run_resumes_and_a_missing_one_is_reported(grid_file, tmp
     assert "Traceback" not in bad.output
 
 
+def test_relative_data_paths_are_saved_absolute(grid_file, tmp_path, monkeypatch):
+    # A later process (resume, eval-nll) in another folder must find the data.
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "data").mkdir()
+    args = ["reproduce", str(grid_file), "--only", "vae-k1", "--quiet"]
+    result = CliRunner().invoke(cli, [*args, "--data-dir", "data"])
+    assert result.exit_code == 0, result.output
+    saved = json.loads((tmp_path / "runs" / "vae-k1" / "config.json").read_text())
+    assert saved["data_dir"] == str(tmp_path / "data")
+    grid = Grid({**GRID["base"], "data_dir": "data", "dataset": "x.npy"}, GRID["runs"])
+    config = grid.config("vae-k1")
+    assert config.data_dir == str(tmp_path / "data")
+    assert config.dataset == str(tmp_path / "x.npy")
+    assert grid.config("vae-k1", "other").data_dir == str(tmp_path / "other")
+
+
 def test_grid_errors_name_the_problem(tmp_path):
     path = tmp_path / "grid.json"
     path.write_text(json.dumps({"base": {}, "runs": {"a": {"particles": 3}}}))

@@ -46,6 +46,7 @@ from .schedules import (
 )
 from .settings import (
     NO_DEFAULT,
+    absolute_paths,
     check_applies,
     check_values,
     declared,
@@ -402,15 +403,16 @@ class RunConfig:
         such as :meth:`command_defaults`) for the settings not given where they
         take effect. Checked with the settings ``named`` (default: all those
         ``given``) named (see :meth:`validate`); a new config of a data file
-        learns its ``x_dim`` from the file, and the file's absolute path.
+        learns its ``x_dim`` from the file; a data file or folder given is made
+        absolute (see :func:`~pyro_iwae.runs.settings.absolute_paths`).
 
         :raises ConfigError, ValueError: see :meth:`validate`.
         :raises RunError: on unknown settings.
         :raises pyro_iwae.data.DataError: if a data file cannot be read.
         """
+        given = absolute_paths(cls, given)
         values = {**(_defaults() if base is None else base.to_dict()), **given}
         if base is None and is_data_file(values["dataset"]):
-            values["dataset"] = str(Path(values["dataset"]).expanduser().resolve())
             if "x_dim" not in given:
                 width = file_width(values["dataset"], values["test_fraction"])
                 values["x_dim"] = width

@@ -22,6 +22,7 @@ from .eval_results import EvalSettings, result_path
 from .locks import HAS_FILE_LOCKS, hold_for_ranks
 from .locks import hold as _run_lock  # noqa: F401  (imported from here by tests)
 from .run import evaluate_run, train_run
+from .settings import absolute_paths
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,9 +82,13 @@ class Grid:
                 )
         return grid
 
-    def config(self, name: str) -> RunConfig:
-        """The run config of run ``name``."""
-        return RunConfig.from_dict({**self.base, **self.runs[name]})
+    def config(self, name: str, data_dir: str | os.PathLike | None = None) -> RunConfig:
+        """The run config of run ``name``, with ``data_dir`` (None: the grid's)
+        and a data file made absolute (from the working directory)."""
+        values = {**self.base, **self.runs[name]}
+        if data_dir is not None:
+            values["data_dir"] = str(data_dir)
+        return RunConfig.from_dict(absolute_paths(RunConfig, values))
 
 
 def _is_pair(claim: Any, runs: dict[str, Any]) -> bool:
@@ -200,7 +205,7 @@ def _run_one(
         resume = distributed.from_main((run_dir / CHECKPOINT_FILE).is_file)
         _tell(on_run, name, "resume" if resume else "train")
         train_run(
-            grid.config(name),
+            grid.config(name, data_dir),
             run_dir,
             resume=resume,
             data_dir=data_dir,

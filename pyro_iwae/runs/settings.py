@@ -21,11 +21,13 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
+from ..data import is_data_file
 from ..errors import ConfigError, literal, one_line
 from ..infer.hooks import is_backend
 
 __all__ = [
     "Setting",
+    "absolute_paths",
     "check_applies",
     "check_values",
     "normalize_switches",
@@ -77,6 +79,20 @@ def declared(cls: type) -> dict[str, tuple[dataclasses.Field, Setting]]:
         for f in dataclasses.fields(cls)
         if "setting" in f.metadata
     }
+
+
+def absolute_paths(cls: type, values: Mapping[str, Any]) -> dict[str, Any]:
+    """``values`` (field -> value) of settings of ``cls``, each ``"folder"`` and
+    each ``"dataset"`` that names a data file made absolute (from the working
+    directory), so that a config saved with them finds them from any other."""
+    paths = dict(values)
+    for name, (_, s) in declared(cls).items():
+        value = paths.get(name)
+        if value is not None and (
+            s.kind == "folder" or (s.kind == "dataset" and is_data_file(value))
+        ):
+            paths[name] = str(Path(value).expanduser().resolve())
+    return paths
 
 
 def option_names(cls: type) -> dict[str, str]:
