@@ -24,6 +24,7 @@ from pyro_iwae.runs.checkpoints import (
     read_metrics,
 )
 from pyro_iwae.runs.config import CONFIG_FILE, RunConfig
+from pyro_iwae.runs.eval_results import EvalSettings, result_path
 from pyro_iwae.runs.run import Run, find_latest_run, load_run, train_run
 from pyro_iwae.runs.run_writer import WRITER
 from pyro_iwae_cli import progress
@@ -178,6 +179,31 @@ def test_an_evaluation_of_other_settings_is_kept(trained, tmp_path):
     assert (run_dir / "eval-test-k4-n20-seed1-batch100.json").is_file()
     assert_ok(invoke("eval-nll", run_dir, "--k", 4, "--limit", 20, "--quiet"))
     assert json.loads((run_dir / "eval-test-k4.json").read_text())["points"] == 20
+
+
+def test_a_limit_past_the_split_is_the_whole_split(tmp_path):
+    generator = np.random.default_rng(0)
+    data = tmp_path / "points.npy"
+    np.save(data, (generator.random((120, 16)) < 0.3).astype(np.float32))
+    run_dir = tmp_path / "run"
+    options = ["--batch-size", 20, "--particles", 2, "--epochs", 1, "--quiet"]
+    assert_ok(invoke("fit", "--dataset", data, *options, "--out", run_dir))
+    evaluate = ["eval-nll", run_dir, "--k", 3, "--quiet"]
+    assert_ok(invoke(*evaluate, "--limit", 50))  # of the 12 test points
+    saved = json.loads((run_dir / "eval-test-k3.json").read_text())
+    assert saved["points"] == 12 and saved["limit"] is None
+    # Under a name that spells the settings: that of all points, not n50.
+    assert_ok(invoke(*evaluate, "--seed", 1, "--limit", 0))
+    result = invoke(*evaluate, "--seed", 1, "--limit", 50)
+    assert_ok(result)
+    assert "eval-test-k3-nall-seed1-batch100.json" in result.output
+    assert sorted(p.name for p in run_dir.glob("eval-*.json")) == [
+        "eval-test-k3-nall-seed1-batch100.json",
+        "eval-test-k3.json",
+    ]
+    # Without the points, as a grid asks: a full evaluation answers the limit.
+    settings = EvalSettings(num_samples=3, limit=50)
+    assert result_path(run_dir, settings).name == "eval-test-k3.json"
 
 
 def test_a_moved_data_file_is_pointed_at_again(tmp_path):

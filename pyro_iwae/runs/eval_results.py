@@ -310,6 +310,9 @@ def _same(path: Path, settings: EvalSettings, points: int | None) -> bool:
     if points is not None:
         return saved.get("points") == points
     if "limit" in saved:
+        if saved["limit"] is None and settings.limit is not None:
+            # All points: so is a limit of at least the split's size.
+            return saved.get("points", math.inf) <= settings.limit
         return saved["limit"] == settings.limit
     return settings.limit is None or saved.get("points") == settings.limit
 

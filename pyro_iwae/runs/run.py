@@ -222,7 +222,8 @@ class Run:
         ``"ais"``: annealed importance sampling with ``ais_steps`` HMC steps and
         ``num_chains`` chains (:func:`~pyro_iwae.ais_log_likelihood`).
 
-        Uses the first ``limit`` points (None: all) of ``split`` (``"test"``:
+        Uses the first ``limit`` points (None, or ``limit`` at least the
+        split's size: all, saved as None) of ``split`` (``"test"``:
         the test set; ``"train"``: the training data, binarised once with
         ``seed`` if the run binarises them dynamically) of the run's data, or of
         ``dataset`` and ``data_dir`` where given (a data file since moved, say),
@@ -247,6 +248,10 @@ class Run:
         device = distributed.init(device)
         config, model, guide = self.load(device)
         data = self.data(data_dir, dataset, config)
+        split = data.test if settings.split == "test" else data.train
+        if settings.limit is not None and settings.limit >= split.shape[0]:
+            # The whole split: the evaluation, and its files, of limit None.
+            settings = dataclasses.replace(settings, limit=None)
         points = _points(data, settings).to(next(model.parameters()).device)
         compile, choice, keys = False, "not with ais", []
         if settings.method == "iwae":
