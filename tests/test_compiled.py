@@ -365,6 +365,37 @@ def test_frozen_parameters_get_no_backward_pass_compiled_or_eager(monkeypatch):
     assert compiled.compiled and len(backward_calls) == 1
 
 
+@pytest.mark.filterwarnings("ignore:.*not registered in the param store")
+@pytest.mark.parametrize("optimizer", [torch.optim.Adam, torch.optim.SGD])
+def test_a_step_with_frozen_parameters_updates_nothing(optimizer):
+    """With no parameter that needs a gradient, step returns the eager loss
+    (scaled), without a fallback or an update, even of a stale .grad, and keeps
+    its compiled path for when the parameters thaw."""
+    model, guide = paper_architecture(1, x_dim=X_DIM)
+    params = [*model.parameters(), *guide.parameters()]
+    for p in params:
+        p.requires_grad_(False)
+    params[0].grad = torch.ones_like(params[0])  # left from before the freeze
+    before = [p.clone() for p in params]
+    optim = optimizer(params, lr=0.1)
+    x = _data()
+    torch.manual_seed(0)
+    eager = IWELBO(4).loss(model, guide, x)
+    compiled = CompiledLoss(IWELBO(4), model, guide, backend=None)
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", CompileFallbackWarning)
+        loss = compiled.step(optim, x, scale=0.5)
+    assert loss.item() == pytest.approx(0.5 * eager, rel=1e-6)
+    assert not loss.requires_grad and compiled.compiled
+    assert all(torch.equal(p, b) for p, b in zip(params, before, strict=True))
+    assert all(p.grad is None for p in params)
+    for p in params:
+        p.requires_grad_(True)
+    compiled.step(optim, x)
+    assert compiled.compiled and params[0].grad is not None
+
+
 def test_pyro_svi_steps_with_the_compiled_loss_follow_the_eager_ones():
     # SVI optimises the parameters whose pyro.param sites it sees; the compiled
     # graph skips the program that makes them, so it must announce them.

@@ -175,12 +175,18 @@ class CompiledLoss(GraphCache):
         :func:`~pyro_iwae.compiled.adam.graph_adam`) the graph also makes its
         update, in the optimiser's own state tensors; else ``optimizer.step()``
         follows the graph. With ``verify``, the first call of a signature checks
-        the loss, the gradients and the update against the eager ones.
+        the loss, the gradients and the update against the eager ones. Where no
+        parameter of the model or guide needs a gradient (or grad mode is off),
+        the loss is the eager one and the optimiser makes no step.
 
         :returns: the loss times ``scale``, detached.
         """
+        named: dict[str, torch.Tensor] = {}
         if self._disabled is None and torch.is_grad_enabled():
             named = named_tensors(self._both)
+        # Where no parameter needs a gradient, the eager loss and no update below
+        # (no graph built, the compiled path kept).
+        if any(t.requires_grad for t in named.values()):
             params = list(named.values())
             adam = graph_adam(optimizer, params)
             members = None
@@ -211,8 +217,9 @@ class CompiledLoss(GraphCache):
                     return self._graph_step(graph, optimizer, params, args, kwargs)
         optimizer.zero_grad(set_to_none=True)
         loss = self.eager(*args, **kwargs) * scale
-        loss.backward()
-        optimizer.step()
+        if loss.requires_grad:
+            loss.backward()
+            optimizer.step()
         return loss.detach()
 
     # -- internals ---------------------------------------------------------------
