@@ -204,6 +204,10 @@ def test_a_limit_past_the_split_is_the_whole_split(tmp_path):
     # Without the points, as a grid asks: a full evaluation answers the limit.
     settings = EvalSettings(num_samples=3, limit=50)
     assert result_path(run_dir, settings).name == "eval-test-k3.json"
+    settings = EvalSettings(num_samples=3, seed=1, limit=50)
+    assert result_path(run_dir, settings).name.endswith("-nall-seed1-batch100.json")
+    settings = EvalSettings(num_samples=3, seed=1, limit=5)
+    assert result_path(run_dir, settings).name.endswith("-n5-seed1-batch100.json")
 
 
 def test_a_moved_data_file_is_pointed_at_again(tmp_path):

@@ -282,16 +282,23 @@ def result_path(
 ) -> Path:
     """Where the evaluation with ``settings`` (of ``points`` points, where
     known) is, or goes: ``eval-<split>-<tag>.json`` unless that holds one of
-    other settings, then a name that spells them all (see the module)."""
+    other settings, then a name that spells them all (see the module); where
+    ``points`` is not known, one of all points, no more than the limit, counts."""
     run_dir = Path(run_dir)
     plain = run_dir / f"eval-{settings.split}-{settings.tag}.json"
     if not plain.is_file() or _same(plain, settings, points):
         return plain
     limit = "all" if settings.limit is None else settings.limit
-    return run_dir / (
+    named = run_dir / (
         f"eval-{settings.split}-{settings.tag}-n{limit}-seed{settings.seed}"
         f"-batch{settings.batch_size}.json"
     )
+    if points is None and settings.limit is not None and not named.is_file():
+        # A limit of at least the split's size is evaluated, and named, as all.
+        every = result_path(run_dir, dataclasses.replace(settings, limit=None))
+        if every.is_file() and _same(every, settings, None):
+            return every
+    return named
 
 
 def _same(path: Path, settings: EvalSettings, points: int | None) -> bool:
