@@ -181,13 +181,20 @@ def test_an_evaluation_of_other_settings_is_kept(trained, tmp_path):
     assert json.loads((run_dir / "eval-test-k4.json").read_text())["points"] == 20
 
 
-def test_a_limit_past_the_split_is_the_whole_split(tmp_path):
+def _fit_on_a_data_file(tmp_path):
+    """A run fitted for one epoch on 120 random binary points saved as
+    ``points.npy`` (12 of them the test split): (data file, run folder)."""
     generator = np.random.default_rng(0)
     data = tmp_path / "points.npy"
     np.save(data, (generator.random((120, 16)) < 0.3).astype(np.float32))
     run_dir = tmp_path / "run"
     options = ["--batch-size", 20, "--particles", 2, "--epochs", 1, "--quiet"]
     assert_ok(invoke("fit", "--dataset", data, *options, "--out", run_dir))
+    return data, run_dir
+
+
+def test_a_limit_past_the_split_is_the_whole_split(tmp_path):
+    _, run_dir = _fit_on_a_data_file(tmp_path)
     evaluate = ["eval-nll", run_dir, "--k", 3, "--quiet"]
     assert_ok(invoke(*evaluate, "--limit", 50))  # of the 12 test points
     saved = json.loads((run_dir / "eval-test-k3.json").read_text())
@@ -211,12 +218,7 @@ def test_a_limit_past_the_split_is_the_whole_split(tmp_path):
 
 
 def test_a_moved_data_file_is_pointed_at_again(tmp_path):
-    generator = np.random.default_rng(0)
-    data = tmp_path / "points.npy"
-    np.save(data, (generator.random((120, 16)) < 0.3).astype(np.float32))
-    run_dir = tmp_path / "run"
-    options = ["--batch-size", 20, "--particles", 2, "--epochs", 1, "--quiet"]
-    assert_ok(invoke("fit", "--dataset", data, *options, "--out", run_dir))
+    data, run_dir = _fit_on_a_data_file(tmp_path)
     moved = tmp_path / "elsewhere" / "points.npy"
     moved.parent.mkdir()
     data.rename(moved)
