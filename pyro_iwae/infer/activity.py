@@ -10,14 +10,11 @@ import torch
 
 from ..errors import ParticleBroadcastError
 from .evaluation import evaluating
-from .particles import trial_run
+from .particles import BROADCAST_FAILURES, trial_run
 from .traces import PARTICLE_PLATE, latent_sites, plate_depth
 
 #: The paper's threshold on a latent unit's activity for it to count as active.
 ACTIVE_THRESHOLD = 0.01
-
-# Where a failure under the particle plate may be the guide's not broadcasting.
-_BROADCAST_FAILURES = (RuntimeError, ValueError, IndexError, TypeError)
 
 
 def latent_activity(
@@ -113,7 +110,7 @@ def _vectorized_means(
     sample_plate = pyro.plate(PARTICLE_PLATE, num_samples, dim=-2)
     try:
         trace = pyro.poutine.trace(sample_plate(guide)).get_trace(batch)
-    except _BROADCAST_FAILURES as error:
+    except BROADCAST_FAILURES as error:
         depth = _depth_without_plate(guide, batch)
         if depth is None or num_samples == 1:
             raise

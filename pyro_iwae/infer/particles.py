@@ -60,6 +60,7 @@ from .traces import (
 )
 
 __all__ = [
+    "BROADCAST_FAILURES",
     "ESTIMATORS",
     "GLOBAL_LATENTS",
     "ParticleELBO",
@@ -75,6 +76,10 @@ SCORE_ESTIMATORS = ("vimco", "reinforce")
 STOPPED_ESTIMATORS = ("stl", "dreg")
 #: How latent sites outside the data plate enter the bound.
 GLOBAL_LATENTS = ("auto", "joint", "factor")
+#: The errors a program that does not broadcast over the particle plate raises
+#: (torch's shape errors among them): those that may call for
+#: ``vectorize_particles=False``.
+BROADCAST_FAILURES = (RuntimeError, ValueError, IndexError, TypeError)
 
 
 @contextmanager
@@ -300,7 +305,7 @@ class ParticleELBO(ELBO):
                 self._guess_max_plate_nesting(model, guide, args, kwargs)
         try:
             return self._particles(model, guide, args, kwargs)
-        except (RuntimeError, ValueError, IndexError, TypeError) as error:
+        except BROADCAST_FAILURES as error:
             if not self._has_particle_plate or isinstance(
                 error, PyroIwaeError | NotImplementedError
             ):

@@ -248,8 +248,7 @@ class Run:
         device = distributed.init(device)
         config, model, guide = self.load(device)
         data = self.data(data_dir, dataset, config)
-        split = data.test if settings.split == "test" else data.train
-        if settings.limit is not None and settings.limit >= split.shape[0]:
+        if settings.limit is not None and settings.limit >= len(_split(data, settings)):
             # The whole split: the evaluation, and its files, of limit None.
             settings = dataclasses.replace(settings, limit=None)
         points = _points(data, settings).to(next(model.parameters()).device)
@@ -468,13 +467,16 @@ def evaluate_run(
 def _points(data: Dataset, settings: EvalSettings) -> torch.Tensor:
     """The points to evaluate: the test set keeps its fixed binarisation, so
     that every evaluation (and the per-epoch test bound) sees the same points."""
-    limit = settings.limit
-    if settings.split == "test":
-        return data.test[:limit]
-    if data.binarize == "dynamic":
+    points = _split(data, settings)[: settings.limit]
+    if settings.split != "test" and data.binarize == "dynamic":
         generator = torch.Generator().manual_seed(settings.seed)
-        return torch.bernoulli(data.train[:limit], generator=generator)
-    return data.train[:limit]
+        return torch.bernoulli(points, generator=generator)
+    return points
+
+
+def _split(data: Dataset, settings: EvalSettings) -> torch.Tensor:
+    """The split of ``data`` that ``settings`` evaluate, all of it."""
+    return data.test if settings.split == "test" else data.train
 
 
 def _estimator(
