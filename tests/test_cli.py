@@ -1,7 +1,10 @@
 """The pyro-iwae command line, through Click's CliRunner."""
 
+import gc
 import json
 import shutil
+import sys
+from importlib.metadata import entry_points
 
 import pytest
 import torch
@@ -12,7 +15,7 @@ from pyro_iwae import ParticleBroadcastError, __version__
 from pyro_iwae.runs import run as runs
 from pyro_iwae.runs.checkpoints import CHECKPOINT_FILE, load_checkpoint, read_metrics
 from pyro_iwae_cli import progress
-from pyro_iwae_cli.main import cli
+from pyro_iwae_cli.main import cli, main
 
 # One short epoch: 200 training points, 50 test points, k = 2.
 SMALL = [
@@ -82,6 +85,22 @@ def test_fit_help_explains_options():
     for option in ("--particles", "--estimator", "--schedule", "--stages", "--resume"):
         assert option in text
     assert "paper uses 20" in text and "PYRO_IWAE_RUNS" in text
+
+
+@pytest.mark.parametrize("args, code", [(["--version"], 0), (["fit", "--k", "x"], 2)])
+def test_console_script_freezes_the_objects_left_at_its_end(monkeypatch, args, code):
+    # The shutdown then skips walking torch's objects (bench/shutdown.py).
+    (script,) = entry_points(group="console_scripts", name="pyro-iwae")
+    assert script.value == "pyro_iwae_cli.main:main"
+    monkeypatch.setattr(sys, "argv", ["pyro-iwae", *args])
+    gc.unfreeze()
+    try:
+        with pytest.raises(SystemExit) as exit_:
+            main()
+        assert exit_.value.code == code
+        assert gc.get_freeze_count() > 0
+    finally:
+        gc.unfreeze()
 
 
 def test_version():
