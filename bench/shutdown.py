@@ -74,7 +74,7 @@ def command_seconds(entry: str, epochs: int, out: str) -> float:
         f"from pyro_iwae_cli.main import {entry}; {entry}()"
     )
     start = time.perf_counter()
-    subprocess.run([sys.executable, "-c", code], check=True)
+    subprocess.run([sys.executable, "-c", code], check=True, stdout=subprocess.DEVNULL)
     return time.perf_counter() - start
 
 

@@ -5,6 +5,7 @@ import json
 import os
 import socket
 
+import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
@@ -110,10 +111,12 @@ def test_relative_data_paths_are_saved_absolute(grid_file, tmp_path, monkeypatch
     assert result.exit_code == 0, result.output
     saved = json.loads((tmp_path / "runs" / "vae-k1" / "config.json").read_text())
     assert saved["data_dir"] == str(tmp_path / "data")
+    np.save(tmp_path / "x.npy", np.zeros((30, 12), dtype=np.float32))
     grid = Grid({**GRID["base"], "data_dir": "data", "dataset": "x.npy"}, GRID["runs"])
     config = grid.config("vae-k1")
     assert config.data_dir == str(tmp_path / "data")
     assert config.dataset == str(tmp_path / "x.npy")
+    assert config.x_dim == 12  # from the file, as fit --dataset x.npy learns it
     assert grid.config("vae-k1", "other").data_dir == str(tmp_path / "other")
 
 

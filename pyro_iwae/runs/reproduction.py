@@ -22,7 +22,6 @@ from .eval_results import EvalSettings, result_path
 from .locks import HAS_FILE_LOCKS, hold_for_ranks
 from .locks import hold as _run_lock  # noqa: F401  (imported from here by tests)
 from .run import evaluate_run, train_run
-from .settings import absolute_paths
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,12 +82,14 @@ class Grid:
         return grid
 
     def config(self, name: str, data_dir: str | os.PathLike | None = None) -> RunConfig:
-        """The run config of run ``name``, with ``data_dir`` (None: the grid's)
-        and a data file made absolute (from the working directory)."""
+        """The run config of run ``name``, with ``data_dir`` (None: the grid's),
+        checked as :meth:`RunConfig.merge` checks a new run's (a data file made
+        absolute from the working directory, its ``x_dim`` read from it unless
+        the grid sets it)."""
         values = {**self.base, **self.runs[name]}
         if data_dir is not None:
             values["data_dir"] = str(data_dir)
-        return RunConfig.from_dict(absolute_paths(RunConfig, values))
+        return RunConfig.merge(values, named=())
 
 
 def _is_pair(claim: Any, runs: dict[str, Any]) -> bool:
