@@ -27,6 +27,7 @@ import json
 import os
 import shlex
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -36,6 +37,7 @@ from common import (
     environment,
     environment_markdown,
     markdown_table,
+    quartiles,
     run_measured,
     write_json,
 )
@@ -118,10 +120,29 @@ def measured(command: list[str], work_dir: Path, cache: str | None) -> dict:
     }
 
 
-def run(args: argparse.Namespace, work_dir: Path) -> list[dict]:
+def fit_command(
+    args: argparse.Namespace, k: int, run_dir: Path, flag: list[str]
+) -> list[str]:
+    """``pyro-iwae fit`` for one epoch at ``k`` into ``run_dir``."""
     data = ["--dataset", args.dataset]
     if args.data_dir:
         data += ["--data-dir", args.data_dir]
+    command = [EXECUTABLE, "fit", *data, "--particles", str(k), "--epochs"]
+    command += ["1", "--seed", str(args.seed), "--out", str(run_dir)]
+    return [*command, "--quiet", *flag, *shlex.split(args.fit_args)]
+
+
+def numpyro_command(args: argparse.Namespace, phase: str, out: Path) -> list[str]:
+    """``jax_epoch.py`` for ``phase`` (train or eval), with the one JAX cache."""
+    command = [args.jax_python, str(Path(__file__).with_name("jax_epoch.py"))]
+    command += ["--data-dir", args.data_dir or "", "--phase", phase]
+    command += ["--particles", str(args.particles[0]), "--seed", str(args.seed)]
+    command += ["--eval-k", str(args.eval_k), "--eval-limit", str(args.eval_limit)]
+    command += ["--cache", str(out.parent / "jax-cache"), "--out", str(out)]
+    return [*command, *shlex.split(args.jax_args)]
+
+
+def run(args: argparse.Namespace, work_dir: Path) -> list[dict]:
     # (label, inductor cache, --compile's value) of each pass over the commands;
     # "warm" and "default": every command twice, the second time with the cache
     # the first one filled.
@@ -145,9 +166,7 @@ def run(args: argparse.Namespace, work_dir: Path) -> list[dict]:
         suffix = f"-{number}" if cache else ""
         for k in args.particles:
             run_dir = work_dir / f"fit-k{k}{suffix}"
-            command = [EXECUTABLE, "fit", *data, "--particles", str(k), "--epochs"]
-            command += ["1", "--seed", str(args.seed), "--out", str(run_dir)]
-            command += ["--quiet", *flag, *shlex.split(args.fit_args)]
+            command = fit_command(args, k, run_dir, flag)
             result = measured(command, work_dir, cache)
             step = f"fit, k = {k}{label}"
             results.append({"step": step, **fit_counts(run_dir), **result})
@@ -170,24 +189,12 @@ def numpyro_rows(args: argparse.Namespace, work_dir: Path) -> list[dict]:
     """The same two steps in NumPyro (``jax_epoch.py``, one process each), from a
     cold JAX compilation cache, then warm (the cache the first filled)."""
     results = []
-    cache = work_dir / "jax-cache"
     for label in ("cold", "warm"):
         for phase in ("train", "eval"):
             out = work_dir / f"jax-{phase}-{label}.json"
-            command = [args.jax_python, str(Path(__file__).with_name("jax_epoch.py"))]
-            command += ["--data-dir", args.data_dir or "", "--phase", phase]
-            command += ["--particles", str(args.particles[0]), "--seed", str(args.seed)]
-            command += ["--eval-k", str(args.eval_k), "--eval-limit"]
-            command += [str(args.eval_limit), "--cache", str(cache), "--out", str(out)]
-            command += shlex.split(args.jax_args)
+            command = numpyro_command(args, phase, out)
             result = {"command": shlex.join(command), **run_measured(command)}
-            try:
-                reply = json.loads(out.read_text())
-            except (OSError, ValueError):
-                reply = {}
-            inner = reply.get("epoch_s" if phase == "train" else "eval_s")
-            if phase == "train" and inner is not None:
-                inner += reply.get("init_s", 0.0)
+            images, inner = numpyro_reply(out, phase)
             step = (
                 f"NumPyro epoch, k = {args.particles[0]}, {label}"
                 if phase == "train"
@@ -196,9 +203,7 @@ def numpyro_rows(args: argparse.Namespace, work_dir: Path) -> list[dict]:
             results.append(
                 {
                     "step": step,
-                    "images": reply.get(
-                        "train_images" if phase == "train" else "test_images"
-                    ),
+                    "images": images,
                     "inner_s": inner,
                     "compile_s": None,
                     "choice": "jit",
@@ -206,6 +211,61 @@ def numpyro_rows(args: argparse.Namespace, work_dir: Path) -> list[dict]:
                 }
             )
     return results
+
+
+def numpyro_reply(out: Path, phase: str) -> tuple[int | None, float | None]:
+    """The images and the tool's clock of a ``jax_epoch.py`` run (SVI's init and
+    the epoch, or the estimate); None where the run wrote no reply."""
+    try:
+        reply = json.loads(out.read_text())
+    except (OSError, ValueError):
+        return None, None
+    if phase == "eval":
+        return reply.get("test_images"), reply.get("eval_s")
+    epoch = reply.get("epoch_s")
+    inner = None if epoch is None else epoch + reply.get("init_s", 0.0)
+    return reply.get("train_images"), inner
+
+
+def epoch_rounds(args: argparse.Namespace, work_dir: Path) -> list[dict]:
+    """``--epoch-rounds`` more warm epochs of ``fit`` (default choice, the shared
+    inductor cache) and of NumPyro (its filled cache), alternated, the order
+    swapped every round: single runs of either vary by a second."""
+    rows = []
+    for number in range(args.epoch_rounds):
+        tools = ("fit", "NumPyro") if number % 2 == 0 else ("NumPyro", "fit")
+        for tool in tools:
+            if tool == "fit":
+                run_dir = work_dir / f"round-{number}"
+                command = fit_command(args, args.particles[0], run_dir, [])
+                result = measured(command, work_dir, "shared")
+                inner = fit_counts(run_dir).get("inner_s")
+            else:
+                out = work_dir / f"jax-round-{number}.json"
+                command = numpyro_command(args, "train", out)
+                result = {"command": shlex.join(command), **run_measured(command)}
+                _, inner = numpyro_reply(out, "train")
+            rows.append({"round": number, "tool": tool, "inner_s": inner, **result})
+    return rows
+
+
+def rounds_report(rows: list[dict]) -> str:
+    """Medians (and quartiles) of the alternated warm epochs, and their ratio."""
+    lines, medians = [], {}
+    for tool in ("fit", "NumPyro"):
+        walls = [r["wall_s"] for r in rows if r["tool"] == tool]
+        inner = [r["inner_s"] for r in rows if r["tool"] == tool and r["inner_s"]]
+        q1, medians[tool], q3 = quartiles(walls)
+        clock = f"{statistics.median(inner):.2f}" if inner else "?"
+        lines.append(
+            [tool, len(walls), f"{medians[tool]:.2f}", f"{q1:.2f} to {q3:.2f}", clock]
+        )
+    table = markdown_table(
+        ["warm epoch", "runs", "median wall s", "quartiles s", "median tool's clock s"],
+        lines,
+    )
+    ratio = medians["fit"] / medians["NumPyro"]
+    return f"{table}\n\nfit's median wall / NumPyro's: {ratio:.2f}"
 
 
 def report(env: dict, results: list[dict]) -> str:
@@ -296,9 +356,18 @@ def main(argv: list[str] | None = None) -> int:
         "epoch and log-likelihood (jax_epoch.py; needs --data-dir)",
     )
     parser.add_argument("--jax-args", default="", help="extra options for jax_epoch.py")
+    parser.add_argument(
+        "--epoch-rounds",
+        type=int,
+        default=0,
+        help="then this many more warm epochs of fit and of NumPyro, alternated, "
+        "reported as medians (needs --jax-python)",
+    )
     args = parser.parse_args(argv)
     if args.jax_python and not args.data_dir:
         parser.error("--jax-python needs --data-dir (the folder holding MNIST/raw)")
+    if args.epoch_rounds and not args.jax_python:
+        parser.error("--epoch-rounds needs --jax-python")
     problem = check_cli()
     if problem:
         print(f"cannot run the end-to-end benchmark: {problem}", file=sys.stderr)
@@ -306,14 +375,22 @@ def main(argv: list[str] | None = None) -> int:
     env = environment(seed=args.seed)
     if args.work_dir:
         Path(args.work_dir).mkdir(parents=True, exist_ok=True)
-        results = run(args, Path(args.work_dir))
+        results, rounds = run_all(args, Path(args.work_dir))
     else:
         with tempfile.TemporaryDirectory() as tmp:
-            results = run(args, Path(tmp))
+            results, rounds = run_all(args, Path(tmp))
     print(report(env, results))
+    if rounds:
+        print(f"\n{rounds_report(rounds)}")
     if args.json:
-        write_json(args.json, {"environment": env, "results": results})
-    return int(any(r["returncode"] for r in results))
+        payload = {"environment": env, "results": results, "epoch_rounds": rounds}
+        write_json(args.json, payload)
+    return int(any(r["returncode"] for r in [*results, *rounds]))
+
+
+def run_all(args: argparse.Namespace, work_dir: Path) -> tuple[list[dict], list[dict]]:
+    results = run(args, work_dir)
+    return results, epoch_rounds(args, work_dir)
 
 
 if __name__ == "__main__":
