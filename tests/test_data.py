@@ -15,6 +15,7 @@ from pyro_iwae.data import (
     DataError,
     Dataset,
     binarize,
+    in_unit_interval,
     load_dataset,
     minibatches,
 )
@@ -352,3 +353,20 @@ def test_omniglot_without_scipy(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "scipy.io", None)
     with pytest.raises(DataError, match=r"pip install 'pyro-iwae\[omniglot\]'"):
         load_dataset("omniglot", tmp_path)
+
+
+@pytest.mark.parametrize(
+    "values, inside",
+    [
+        ([0.0, 0.5, 1.0], True),
+        ([0.0, 1.0 + 1e-6], False),
+        ([-1e-30, 0.5], False),
+        ([0.5, float("nan")], False),
+        ([], True),
+    ],
+)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_in_unit_interval(values, inside, dtype):
+    x = torch.tensor(values, dtype=dtype)
+    assert in_unit_interval(x) is inside
+    assert in_unit_interval(x.reshape(-1, 1).expand(-1, 3)) is inside

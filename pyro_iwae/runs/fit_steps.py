@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from pyro.infer import ELBO
 
-from ..data import Dataset
+from ..data import Dataset, in_unit_interval
 from ..errors import CheckpointError, literal
 from ..infer.evaluation import dataset_log_likelihood
 from ..infer.hooks import backend_of, compiler, compiles
@@ -113,7 +113,7 @@ def binarizes(
     """Whether fit binarises each mini-batch; checks that it can."""
     if binarize is None:
         binarize = isinstance(data, Dataset) and data.binarize == "dynamic"
-    if binarize and not bool(((train >= 0) & (train <= 1)).all()):
+    if binarize and not in_unit_interval(train):
         raise ValueError(
             "binarize needs training values in [0, 1] (Bernoulli probabilities); "
             "scale the data into [0, 1], or train on them as given (binarize=False)"
