@@ -102,6 +102,64 @@ def test_an_interrupted_run_resumes_and_a_missing_one_is_reported(grid_file, tmp
     assert "Traceback" not in bad.output
 
 
+def _grid_with(grid_file, **changes):
+    grid = json.loads(grid_file.read_text())
+    for name, settings in changes.items():
+        grid["runs"][name].update(settings)
+    grid_file.write_text(json.dumps(grid))
+
+
+def test_a_run_the_grid_trains_longer_is_resumed_and_evaluated_again(
+    grid_file, tmp_path
+):
+    runner = CliRunner()
+    only = ["reproduce", str(grid_file), "--quiet", "--only", "vae-k1"]
+    assert runner.invoke(cli, only).exit_code == 0
+    run_dir = tmp_path / "runs" / "vae-k1"
+    first = json.loads((run_dir / "eval-test-k8.json").read_text())
+    assert first["trained_steps"] == 4  # 200 points in batches of 50
+    _grid_with(grid_file, **{"vae-k1": {"epochs": 2}})
+    result = runner.invoke(cli, only)
+    assert result.exit_code == 0, result.output
+    assert "vae-k1: resume" in result.stderr and ": skip" not in result.stderr
+    again = json.loads((run_dir / "eval-test-k8.json").read_text())
+    assert again["trained_steps"] == 8 and again["nll"] != first["nll"]
+    assert collect(Grid.load(grid_file), tmp_path / "runs")[0]["epochs"] == 2
+
+
+def test_an_evaluation_older_than_the_checkpoint_is_made_again(grid_file, tmp_path):
+    # As after eval-nll during a fit: the file scored fewer steps than are saved.
+    runner = CliRunner()
+    only = ["reproduce", str(grid_file), "--quiet", "--only", "vae-k1"]
+    assert runner.invoke(cli, only).exit_code == 0
+    path = tmp_path / "runs" / "vae-k1" / "eval-test-k8.json"
+    stale = {**json.loads(path.read_text()), "trained_steps": 3, "nll": -1.0}
+    path.write_text(json.dumps(stale))
+    result = runner.invoke(cli, only)
+    assert result.exit_code == 0 and "vae-k1: evaluate" in result.stderr
+    assert json.loads(path.read_text())["trained_steps"] == 4
+    assert json.loads(path.read_text())["nll"] > 0
+    # One written before evaluations said what they scored is taken as it is.
+    del stale["trained_steps"]
+    path.write_text(json.dumps(stale))
+    assert ": skip" in runner.invoke(cli, only).stderr
+
+
+def test_a_run_whose_settings_the_grid_changed_is_refused_not_relabelled(
+    grid_file, tmp_path
+):
+    runner = CliRunner()
+    only = ["reproduce", str(grid_file), "--quiet", "--only", "iwae-k5"]
+    assert runner.invoke(cli, only).exit_code == 0
+    _grid_with(grid_file, **{"iwae-k5": {"num_particles": 7}})
+    result = runner.invoke(cli, only)
+    assert result.exit_code != 0 and "Traceback" not in result.output
+    assert "started with --particles 5 (not 7)" in result.output
+    # The table shows what the run was trained with.
+    rows = collect(Grid.load(grid_file), tmp_path / "runs")
+    assert {row["run"]: row["k"] for row in rows}["iwae-k5"] == 5
+
+
 def test_relative_data_paths_are_saved_absolute(grid_file, tmp_path, monkeypatch):
     # A later process (resume, eval-nll) in another folder must find the data.
     monkeypatch.chdir(tmp_path)

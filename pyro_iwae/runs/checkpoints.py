@@ -143,6 +143,14 @@ def load_checkpoint(
     return checkpoint
 
 
+def trained_steps(checkpoint: dict[str, Any]) -> int | None:
+    """The training steps, over all epochs, that ``checkpoint`` holds the result
+    of (None: it does not say): what tells one state of a run from a later one."""
+    position = checkpoint.get("position")
+    steps = position.get("global_step") if isinstance(position, dict) else None
+    return steps if isinstance(steps, int) else None
+
+
 def load_state(module: torch.nn.Module, state: Any, what: str, path: Path) -> None:
     """Loads ``state``, the ``what`` (model or guide) of checkpoint ``path``,
     into ``module``.

@@ -193,6 +193,7 @@ class Evaluation:
     ``compiled``: whether the log-weights ran as compiled graphs, and
     ``compile_choice``: why (``"as asked"``, or what ``compile="auto"`` saw);
     ``sequential_particles``: whether the particles were drawn one at a time;
+    ``trained_steps``: the run's training steps when it was evaluated;
     ``diagnostics``: median ESS, median k-hat (None below 21 samples), the
     share of points with k-hat > 0.7 and, with AIS, the mean acceptance
     rate; ``active_units`` and ``latent_units`` (site -> count, size);
@@ -231,6 +232,8 @@ class Evaluation:
     compiled: bool = False
     compile_choice: str = "as asked"
     sequential_particles: bool = False
+    # An evaluation of fewer steps than the checkpoint now holds is out of date.
+    trained_steps: int | None = None
 
     def __getitem__(self, key: str) -> Any:
         return self.to_json()[key]

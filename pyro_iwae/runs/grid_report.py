@@ -62,8 +62,11 @@ def collect(grid: Grid, runs_dir: str | os.PathLike) -> list[dict[str, Any]]:
     standard error (None until evaluated), active units, epochs and train time."""
     rows = []
     for name in grid.runs:
-        config = grid.config(name)
         run_dir = Path(runs_dir) / name
+        try:  # what the run was trained with, should the grid have changed since
+            config = RunConfig.load(run_dir)
+        except RunError:
+            config = grid.config(name)
         metrics = read_metrics(run_dir) if run_dir.is_dir() else []
         path = evaluation_path(grid, run_dir)
         result = json.loads(path.read_text()) if path.is_file() else {}

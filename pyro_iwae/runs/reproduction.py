@@ -14,9 +14,15 @@ from typing import Any
 
 import torch
 
-from . import distributed
+from . import distributed, run_writer
 from .callbacks import FitCallback
-from .checkpoints import CHECKPOINT_FILE, RunError
+from .checkpoints import (
+    CHECKPOINT_FILE,
+    CheckpointError,
+    RunError,
+    load_checkpoint,
+    trained_steps,
+)
 from .config import RunConfig
 from .eval_results import EvalSettings, result_path
 from .locks import HAS_FILE_LOCKS, hold_for_ranks
@@ -190,8 +196,7 @@ def _run_one(
     run_dir = Path(runs_dir) / name
 
     def evaluated() -> bool:
-        paths = [evaluation_path(grid, run_dir), ais_path(grid, name, run_dir)]
-        return all(path is None or path.is_file() for path in paths)
+        return _finished(grid, name, run_dir, data_dir)
 
     if distributed.from_main(evaluated):
         _tell(on_run, name, "skip")
@@ -204,6 +209,7 @@ def _run_one(
             _tell(on_run, name, "skip")
             return
         resume = distributed.from_main((run_dir / CHECKPOINT_FILE).is_file)
+        before = distributed.from_main(lambda: _steps(run_dir)) if resume else None
         _tell(on_run, name, "resume" if resume else "train")
         train_run(
             grid.config(name, data_dir),
@@ -213,7 +219,13 @@ def _run_one(
             callback=fit_callback,
         )
         _tell(on_run, name, "evaluate")
-        if not distributed.from_main(evaluation_path(grid, run_dir).is_file):
+        steps = distributed.from_main(lambda: _steps(run_dir))
+        # An evaluation that does not say what it scored is out of date once
+        # the run has trained on.
+        strict = steps != before
+        if not distributed.from_main(
+            lambda: _evaluated_after(evaluation_path(grid, run_dir), steps, strict)
+        ):
             evaluate_run(
                 run_dir,
                 num_samples=grid.eval_samples,
@@ -222,7 +234,10 @@ def _run_one(
                 device=device,
                 callback=eval_callback,
             )
-        if ais_path(grid, name, run_dir) is not None:
+        ais_file = ais_path(grid, name, run_dir)
+        if ais_file is not None and not distributed.from_main(
+            lambda: _evaluated_after(ais_file, steps, strict)
+        ):
             ais = grid.ais_settings
             evaluate_run(
                 run_dir,
@@ -234,6 +249,47 @@ def _run_one(
                 device=device,
                 callback=eval_callback,
             )
+
+
+def _finished(
+    grid: Grid, name: str, run_dir: Path, data_dir: str | os.PathLike | None
+) -> bool:
+    """Whether run ``name`` of ``grid`` holds the training the grid asks for (its
+    saved settings are the grid's, but for where and how it computes) and
+    evaluations of its checkpoint as it is now."""
+    try:
+        saved = RunConfig.load(run_dir)
+    except RunError:
+        return False
+    wanted = grid.config(name, data_dir)
+    if any(
+        getattr(saved, field) != getattr(wanted, field)
+        for field in saved.to_dict()
+        if field not in run_writer.MEANS
+    ):
+        return False  # to be extended, or refused with the difference named
+    steps = _steps(run_dir)
+    paths = [evaluation_path(grid, run_dir), ais_path(grid, name, run_dir)]
+    return all(path is None or _evaluated_after(path, steps) for path in paths)
+
+
+def _steps(run_dir: Path) -> int | None:
+    """The training steps of the run's checkpoint (None: no readable one)."""
+    try:
+        return trained_steps(load_checkpoint(run_dir / CHECKPOINT_FILE))
+    except CheckpointError:
+        return None
+
+
+def _evaluated_after(path: Path, steps: int | None, strict: bool = False) -> bool:
+    """Whether the evaluation in ``path`` exists and scored ``steps`` training
+    steps; one that does not say (written before pyro-iwae recorded them)
+    counts as current unless ``strict``."""
+    try:
+        recorded = json.loads(path.read_text()).get("trained_steps")
+    except (OSError, ValueError, AttributeError):
+        return False
+    return recorded == steps or (recorded is None and not strict)
 
 
 def _run_parallel(

@@ -49,6 +49,7 @@ from .checkpoints import (
     load_checkpoint,
     load_state,
     read_metrics,
+    trained_steps,
 )
 from .config import CONFIG_FILE, RunConfig
 from .eval_results import (
@@ -246,7 +247,7 @@ class Run:
         """
         settings = EvalSettings() if settings is None else settings
         device = distributed.init(device)
-        config, model, guide = self.load(device)
+        config, model, guide, steps = _load_run(self.path, device)
         data = self.data(data_dir, dataset, config)
         if settings.limit is not None and settings.limit >= len(_split(data, settings)):
             # The whole split: the evaluation, and its files, of limit None.
@@ -276,6 +277,7 @@ class Run:
         evaluation.time, evaluation.compile_time = seconds, compile_time
         evaluation.compiled = compiles(compile)
         evaluation.compile_choice = choice
+        evaluation.trained_steps = steps
         if compile_time > 0 and evaluation.compiled and distributed.is_main():
             remember_graphs(keys)  # for a later evaluation's "auto"
         if distributed.is_main():
@@ -403,6 +405,15 @@ def load_run(
     :raises CheckpointError: if the checkpoint is missing, corrupt, or of
         another architecture.
     """
+    config, model, guide, _ = _load_run(run_dir, device)
+    return config, model, guide
+
+
+def _load_run(
+    run_dir: str | os.PathLike, device: torch.device | str | None
+) -> tuple[RunConfig, torch.nn.Module, torch.nn.Module, int | None]:
+    """:func:`load_run`, and the training steps its checkpoint holds (None: not
+    recorded)."""
     run_dir = Path(run_dir)
     config = RunConfig.load(run_dir)
     device = torch.device("cpu" if device is None else device)
@@ -417,7 +428,7 @@ def load_run(
         ) from e
     load_state(model, checkpoint["model"], "model", path)
     load_state(guide, checkpoint["guide"], "guide", path)
-    return config, model, guide
+    return config, model, guide, trained_steps(checkpoint)
 
 
 def evaluate_run(

@@ -34,6 +34,7 @@ from .training import fit
 
 __all__ = [
     "EXTENDABLE",
+    "MEANS",
     "WRITER",
     "build_run",
     "check_support",
@@ -45,9 +46,9 @@ __all__ = [
 WRITER = "writer"
 #: Settings a resumed run may change: its schedule may go on for longer.
 EXTENDABLE = ("epochs", "stages")
-# Settings that change where, from what and how a run computes, not what it
-# computes (compiled steps agree with eager ones to float rounding).
-_MEANS = ("device", "data_dir", "compile")
+#: Settings that change where, from what and how a run computes, not what it
+#: computes (compiled steps agree with eager ones to float rounding).
+MEANS = ("device", "data_dir", "compile")
 
 
 def resumed_config(path: Path, given: dict[str, Any] | None = None) -> RunConfig:
@@ -61,7 +62,7 @@ def resumed_config(path: Path, given: dict[str, Any] | None = None) -> RunConfig
     saved = RunConfig.load(path)
     given = dict(given or {})
     for name, value in given.items():
-        if name in EXTENDABLE or name in _MEANS:
+        if name in EXTENDABLE or name in MEANS:
             continue
         if name == "dataset" and _moved(saved.dataset, value):
             continue  # its points are checked against the run's model on loading
@@ -219,7 +220,7 @@ def _check(path: Path, config: RunConfig, resume: bool) -> bool:
             f"{path} has no checkpoint to resume (it never finished an "
             "epoch); start a new run instead"
         )
-    kept = set(_MEANS) | set(EXTENDABLE)
+    kept = set(MEANS) | set(EXTENDABLE)
     moved = _moved(saved.dataset, config.dataset)
     if moved:
         kept.add("dataset")
