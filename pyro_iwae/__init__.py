@@ -9,6 +9,7 @@ from .errors import (
     ParticleBroadcastError,
     PyroIwaeError,
     RunBusy,
+    SupportError,
 )
 from .infer.activity import active_units, latent_activity
 from .infer.ais import (
@@ -115,6 +116,7 @@ __all__ = [
     "RunConfig",
     "RunError",
     "StepInfo",
+    "SupportError",
     "TrainingDiverged",
     "build_run",
     "constant_schedule",

@@ -104,6 +104,11 @@ class AISError(PyroIwaeError, ValueError):
     """A model or guide that AIS cannot anneal; the message says what to use."""
 
 
+class SupportError(PyroIwaeError, ValueError):
+    """A sample site's value (observed data, as a rule) outside the support of
+    its distribution; the message names the site and the values' range."""
+
+
 class ParticleBroadcastError(PyroIwaeError, ValueError):
     """A model or guide that fails under the particle plate of
     ``vectorize_particles=True`` but runs without it: its networks do not

@@ -19,6 +19,7 @@ from pyro_iwae import (
     IWELBO,
     MIWELBO,
     PIWELBO,
+    SupportError,
     ais_log_likelihood,
     log_likelihood,
 )
@@ -415,3 +416,33 @@ def test_deterministic_sites_leave_the_bound_and_estimates_alone(lg):
     assert torch.allclose(log_px, lg.log_marginal(x))
     ais = ais_log_likelihood(model, lg.exact_guide, x, num_steps=2, num_chains=2)
     assert torch.allclose(ais.log_likelihood, lg.log_marginal(x))
+
+
+def _bernoulli_model(x):
+    with pyro.plate("data", x.shape[0]):
+        z = pyro.sample("z", dist.Normal(torch.zeros(x.shape[0], 2), 1.0).to_event(1))
+        logits = z.sum(-1, keepdim=True).expand(z.shape[:-1] + x.shape[-1:])
+        pyro.sample("x", dist.Bernoulli(logits=logits).to_event(1), obs=x)
+
+
+def _normal_guide(x):
+    with pyro.plate("data", x.shape[0]):
+        pyro.sample("z", dist.Normal(torch.zeros(x.shape[0], 2), 1.0).to_event(1))
+
+
+@pytest.mark.parametrize("estimate", ["loss", "log_likelihood"])
+def test_observed_values_outside_the_support_are_named_in_one_line(estimate):
+    torch.manual_seed(0)
+    x = torch.tensor([[0.0, 1.0, 0.25], [1.0, 1.0, 0.0]])
+    with pytest.raises(SupportError) as error:
+        if estimate == "loss":
+            IWELBO(4).differentiable_loss(_bernoulli_model, _normal_guide, x)
+        else:
+            log_likelihood(_bernoulli_model, _normal_guide, x, num_samples=4)
+    message = str(error.value)
+    assert isinstance(error.value, ValueError) and "\n" not in message
+    assert message.startswith("site 'x': observed values in [0, 1] lie outside")
+    assert "Bernoulli" in message
+    # Values in the support pass.
+    fine = log_likelihood(_bernoulli_model, _normal_guide, x.round(), num_samples=4)
+    assert torch.isfinite(fine).all()

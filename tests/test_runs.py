@@ -239,6 +239,16 @@ def test_a_moved_data_file_is_pointed_at_again(tmp_path):
     assert "9 values" in error and "16" in error
 
 
+def test_data_outside_the_runs_likelihood_are_refused_in_one_line(tmp_path):
+    _, run_dir = _fit_on_a_data_file(tmp_path)
+    grey = tmp_path / "grey.npy"
+    np.save(grey, np.full((30, 16), 0.5, dtype=np.float32))
+    result = invoke("eval-nll", run_dir, "--k", 3, "--dataset", grey)
+    error = assert_one_line_error(result, "values other than 0 and 1", "binarize none")
+    assert "grey.npy (test split)" in error
+    assert not list(run_dir.glob("eval-*.json"))
+
+
 def _interrupt(*args, **kwargs):
     raise KeyboardInterrupt
 

@@ -24,6 +24,8 @@ from torch.distributions import constraints
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_map
 
+from ..errors import SupportError
+
 PARTICLE_PLATE = "num_particles_vectorized"  # the plate Pyro's ELBO adds
 
 
@@ -468,9 +470,7 @@ def _log_prob(
             continue
         log_prob = site.get(STOPPED_LOG_PROB)
         if log_prob is None:
-            log_prob = site["fn"].log_prob(
-                site["value"], *site["args"], **site["kwargs"]
-            )
+            log_prob = site_log_prob(name, site)
         log_prob = scale_and_mask(
             log_prob, relative_scale(site, scale), mask=site["mask"]
         )
@@ -493,6 +493,36 @@ def _log_prob(
             log_prob = log_prob.sum(sum_dims, keepdim=True)
         total = log_prob if total is None else total + log_prob
     return total
+
+
+def site_log_prob(name: str, site: dict) -> torch.Tensor:
+    """``log_prob`` of a sample site's value.
+
+    :raises SupportError: naming the site, where the value lies outside the
+        support of its distribution (in place of torch's message, which prints
+        the whole tensor).
+    """
+    fn, value = site["fn"], site["value"]
+    try:
+        return fn.log_prob(value, *site["args"], **site["kwargs"])
+    except ValueError:
+        try:
+            inside = bool(fn.support.check(value).all())
+        except Exception:  # a support that cannot say: torch's error stands
+            inside = True
+        if inside:
+            raise
+    what = "observed values" if site.get("is_observed") else "values"
+    low, high = float(value.min()), float(value.max())
+    kind, events = fn, 0
+    while isinstance(kind, torch.distributions.Independent):
+        kind, events = kind.base_dist, events + kind.reinterpreted_batch_ndims
+    kind = type(kind).__name__ + (f".to_event({events})" if events else "")
+    raise SupportError(
+        f"site {name!r}: {what} in [{low:g}, {high:g}] lie outside the support "
+        f"of its {kind} ({fn.support}); pass values in its support, or change "
+        "the distribution"
+    ) from None
 
 
 def _align(weights: torch.Tensor, site: dict) -> torch.Tensor:

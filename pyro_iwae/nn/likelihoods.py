@@ -71,9 +71,12 @@ class Likelihood(nn.Module):
         return torch.logit(data_mean.clamp(1e-3, 1 - 1e-3))
 
 
-def support_problem(likelihood: str, x: torch.Tensor, what: str = "data") -> str | None:
+def support_problem(
+    likelihood: str, x: torch.Tensor, what: str = "data", fix: str | None = None
+) -> str | None:
     """One sentence on why values ``x`` lie outside the support of
-    ``likelihood``, or None if they fit."""
+    ``likelihood``, or None if they fit; ``fix`` (None: advice for training)
+    ends it where the values are finite."""
     if not bool(torch.isfinite(x).all()):
         return f"the {what} hold nan or infinite values; remove them"
     if likelihood == "gaussian" or not x.numel():
@@ -82,11 +85,11 @@ def support_problem(likelihood: str, x: torch.Tensor, what: str = "data") -> str
     if likelihood == "continuous-bernoulli" and (low < 0 or high > 1):
         return (
             f"the {what} hold values in [{low:g}, {high:g}], outside [0, 1], the "
-            "support of the continuous-bernoulli likelihood; scale them into [0, 1] "
-            "or use --likelihood gaussian"
+            "support of the continuous-bernoulli likelihood; "
+            + (fix or "scale them into [0, 1] or use --likelihood gaussian")
         )
     if likelihood == "bernoulli" and not bool(((x == 0) | (x == 1)).all()):
-        fix = (
+        advice = fix or (
             "use --binarize dynamic or static for values in [0, 1], or "
             "--likelihood continuous-bernoulli"
             if low >= 0 and high <= 1
@@ -94,6 +97,6 @@ def support_problem(likelihood: str, x: torch.Tensor, what: str = "data") -> str
         )
         return (
             f"the {what} hold values other than 0 and 1 (in [{low:g}, {high:g}]), "
-            f"outside the support of the bernoulli likelihood; {fix}"
+            f"outside the support of the bernoulli likelihood; {advice}"
         )
     return None

@@ -35,6 +35,7 @@ from ..infer.ais import ais_log_likelihood
 from ..infer.diagnostics import log_likelihood_with_diagnostics
 from ..infer.evaluation import compile_seconds, warn_of_problems
 from ..infer.hooks import compiles
+from ..nn.likelihoods import support_problem
 from . import distributed, run_writer
 from .auto_compile import (
     batch_shapes,
@@ -252,7 +253,15 @@ class Run:
         if settings.limit is not None and settings.limit >= len(_split(data, settings)):
             # The whole split: the evaluation, and its files, of limit None.
             settings = dataclasses.replace(settings, limit=None)
-        points = _points(data, settings).to(next(model.parameters()).device)
+        points = _points(data, settings)
+        fix = (
+            f"the run reads its data with binarize {config.binarization}: pass data "
+            "like those it was trained on"
+        )
+        problem = support_problem(config.likelihood, points, "points", fix)
+        if problem is not None:
+            raise DataError(f"{data.name} ({settings.split} split): {problem}")
+        points = points.to(next(model.parameters()).device)
         compile, choice, keys = False, "not with ais", []
         if settings.method == "iwae":
             if settings.compile == "auto" or compiles(settings.compile):
