@@ -71,6 +71,19 @@ def test_settings_given_at_their_default_clash_when_named():
     config.validate(given={"stages", "schedule", "estimator"})
 
 
+def test_compile_off_may_be_pinned_where_nothing_compiles():
+    # A script or grid may say compile off for every run: it is what happens.
+    config = RunConfig(objective="vae", compile=False)
+    config.validate(given=["objective", "compile"])
+    EvalSettings(method="ais", compile=False).validate(given=["method", "compile"])
+    with pytest.raises(ConfigError, match="compile applies to objective iwae"):
+        RunConfig(objective="vae", compile=True).validate(given=["compile"])
+    with pytest.raises(ConfigError, match="compile applies to method iwae"):
+        EvalSettings(method="ais", compile=True).validate(given=["compile"])
+    result = CliRunner().invoke(cli, ["fit", "--objective", "renyi", "--compile"])
+    assert result.exit_code == 2 and "--compile applies to --objective" in result.output
+
+
 def test_settings_that_go_together():
     assert RunConfig().unused_settings() == [
         "stages",

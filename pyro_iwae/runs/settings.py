@@ -168,6 +168,12 @@ def _check_range(name: str, value: Any, s: Setting) -> None:
         )
 
 
+#: Values that say what happens anyway where their setting takes no effect
+#: (nothing is compiled without an importance-weighted objective or method):
+#: accepted there, so that a script or a grid may pin them for every run.
+INERT_VALUES: dict[str, tuple[Any, ...]] = {"compile": (False, "off")}
+
+
 def check_applies(
     values: Mapping[str, Any],
     defaults: Mapping[str, Any],
@@ -182,6 +188,8 @@ def check_applies(
     """
     given = set(given)
     for field in unused(values, applies_with):
+        if field in INERT_VALUES and values[field] in INERT_VALUES[field]:
+            continue
         if field in given or values[field] != defaults[field]:
             setting_, applies, instead = applies_with[field]
             raise ConfigError(
