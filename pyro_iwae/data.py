@@ -337,14 +337,9 @@ def load_file(
         raise
     except Exception as e:  # numpy and torch raise many types on damaged files
         # Their messages advise unsafe loading or run to hundreds of characters.
-        reason = (
-            "it holds pickled Python objects, not numbers"
-            if path.suffix != ".pt" and "pickle" in str(e).lower()
-            else "it is damaged, or not written by np.save, np.savez or torch.save"
-        )
         raise DataError(
-            f"cannot read {path}: {reason}; save the data with np.save, np.savez "
-            "or torch.save as numeric arrays"
+            f"cannot read {path}: {_unreadable(path, e)}; save the data with "
+            "np.save, np.savez or torch.save as numeric arrays"
         ) from e
     if "train" not in arrays:
         raise DataError(
@@ -384,6 +379,23 @@ def load_file(
     else:
         image_shape = None
     return train.reshape(len(train), -1), test.reshape(len(test), -1), image_shape
+
+
+#: How each kind of NumPy file begins (np.save's format; a zip archive).
+_NUMPY_MAGIC = {".npy": b"\x93NUMPY", ".npz": b"PK"}
+
+
+def _unreadable(path: Path, error: Exception) -> str:
+    """Why a data file that failed to load cannot be read, in a few words."""
+    magic = _NUMPY_MAGIC.get(path.suffix)
+    if magic is not None:
+        with open(path, "rb") as f:
+            if not f.read(len(magic)) == magic:
+                # numpy takes any other file for a pickle: say what it is not.
+                return f"it is not a NumPy {path.suffix} file"
+        if "pickle" in str(error).lower():
+            return "it holds pickled Python objects, not numbers"
+    return "it is damaged, or not written by np.save, np.savez or torch.save"
 
 
 def _read_arrays(path: Path) -> dict[str, object]:

@@ -269,6 +269,9 @@ def test_a_string_array_is_named_by_its_dtype_in_one_short_line(tmp_path):
         ("bad.npy", lambda p: p.write_bytes(b"\x93NUMPY garbage"), "damaged"),
         ("bad.npz", lambda p: p.write_bytes(b"PK\x03\x04 truncated zip"), "damaged"),
         ("bad.pt", lambda p: p.write_bytes(b"not a torch file"), "damaged"),
+        # numpy takes a file of other bytes for a pickle: not what it is.
+        ("text.npy", lambda p: p.write_text("hello\n"), "not a NumPy .npy file"),
+        ("text.npz", lambda p: p.write_text("hello\n"), "not a NumPy .npz file"),
         (
             "objects.npy",
             lambda p: np.save(p, np.array([[1, 2], [3]], dtype=object)),
