@@ -16,7 +16,6 @@ from __future__ import annotations
 import dataclasses
 import gzip
 import importlib.resources
-import math
 import os
 import struct
 from collections.abc import Iterator
@@ -25,8 +24,9 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from .data_files import FILE_SUFFIXES, file_width, load_file
 from .downloads import default_data_dir, undone_on_error
-from .errors import DataError, literal, one_line
+from .errors import DataError, one_line
 
 __all__ = [
     "BINARIZATIONS",
@@ -48,9 +48,6 @@ BINARIZATIONS: tuple[str, ...] = ("dynamic", "static", "none")
 """How the values are binarised: ``"dynamic"`` (training data afresh for every
 mini-batch, test and validation data once with a fixed seed), ``"static"``
 (every split once, with a fixed seed) or ``"none"`` (values as given)."""
-
-#: Suffixes of the files :func:`load_dataset` reads as a user's data set.
-FILE_SUFFIXES: tuple[str, ...] = (".npy", ".npz", ".pt")
 
 _MNIST_MINI = "mnist-mini.idx.gz"
 # File names shared by torchvision's MNIST and FashionMNIST, under <root>/<Class>/raw.
@@ -292,149 +289,6 @@ def is_data_file(name: str | os.PathLike) -> bool:
     """Whether ``name`` names a user's data file rather than a built-in data set:
     a path with one of :data:`FILE_SUFFIXES`."""
     return str(name) not in DATASETS and Path(name).suffix in FILE_SUFFIXES
-
-
-def file_width(path: str | os.PathLike, test_fraction: float = 0.1) -> int:
-    """x_dim of a user's data file: the values of one point.
-
-    :raises DataError: see :func:`load_file`.
-    """
-    import numpy as np
-
-    path = Path(path).expanduser()
-    if path.suffix == ".npy" and path.is_file():
-        try:  # the header alone, not the whole array
-            shape = np.load(path, mmap_mode="r").shape
-        except Exception:  # left to load_file, which says what is wrong
-            shape = ()
-        if len(shape) > 1:
-            return math.prod(shape[1:])
-    return load_file(path, test_fraction)[0].shape[1]
-
-
-def load_file(
-    path: str | os.PathLike, test_fraction: float = 0.1, seed: int = 0
-) -> tuple[Tensor, Tensor, tuple[int, ...] | None]:
-    """Train and test data of a user's file, float32 ``[N, x_dim]``, and the shape
-    of one point if it is a picture (None otherwise).
-
-    A point of shape ``[H, W]`` or ``[C, H, W]`` (C of 1 or 3), or a flat one
-    whose size is a square, is a picture. Without a test set, a random
-    ``test_fraction`` of the points (drawn with ``seed``) is held out as one.
-
-    :raises DataError: if the file is missing, unreadable, or of the wrong shape.
-    """
-    path = Path(path).expanduser()
-    if not path.is_file():
-        raise DataError(
-            f"data file {literal(path)} not found; pass ({{dataset}}) the path of a "
-            f"{', '.join(FILE_SUFFIXES)} file of shape [N, ...], or where it is now",
-            template=True,
-        )
-    try:
-        arrays = _read_arrays(path)
-    except DataError:
-        raise
-    except Exception as e:  # numpy and torch raise many types on damaged files
-        # Their messages advise unsafe loading or run to hundreds of characters.
-        raise DataError(
-            f"cannot read {path}: {_unreadable(path, e)}; save the data with "
-            "np.save, np.savez or torch.save as numeric arrays"
-        ) from e
-    if "train" not in arrays:
-        raise DataError(
-            f"{path} holds {', '.join(sorted(arrays)) or 'no arrays'}, not an array "
-            "named train; save the training data as train (and the test data as test)"
-        )
-    train = _as_points(arrays["train"], path, "train")
-    if "test" in arrays:
-        test = _as_points(arrays["test"], path, "test")
-        if test.shape[1:] != train.shape[1:]:
-            raise DataError(
-                f"{path}: test points have shape {list(test.shape[1:])}, training "
-                f"points {list(train.shape[1:])}; save both with the same shape"
-            )
-    else:
-        if not 0 < test_fraction < 1:
-            raise DataError(
-                f"test_fraction must lie in (0, 1), got {test_fraction}; {path} has "
-                "no test set, so a share of its points is held out"
-            )
-        n = train.shape[0]
-        n_test = max(1, round(test_fraction * n))
-        if n_test >= n:
-            raise DataError(
-                f"{path} holds {n} points, too few to hold out a test set; give it "
-                "more points, or a test array"
-            )
-        order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
-        train, test = train[order[n_test:]], train[order[:n_test]]
-    shape = tuple(train.shape[1:])
-    flat = math.prod(shape)
-    side = math.isqrt(flat)
-    if len(shape) == 2 or (len(shape) == 3 and shape[0] in (1, 3)):
-        image_shape: tuple[int, ...] | None = shape
-    elif len(shape) == 1 and side * side == flat and flat > 1:
-        image_shape = (side, side)
-    else:
-        image_shape = None
-    return train.reshape(len(train), -1), test.reshape(len(test), -1), image_shape
-
-
-#: How each kind of NumPy file begins (np.save's format; a zip archive).
-_NUMPY_MAGIC = {".npy": b"\x93NUMPY", ".npz": b"PK"}
-
-
-def _unreadable(path: Path, error: Exception) -> str:
-    """Why a data file that failed to load cannot be read, in a few words."""
-    magic = _NUMPY_MAGIC.get(path.suffix)
-    if magic is not None:
-        with open(path, "rb") as f:
-            if not f.read(len(magic)) == magic:
-                # numpy takes any other file for a pickle: say what it is not.
-                return f"it is not a NumPy {path.suffix} file"
-        if "pickle" in str(error).lower():
-            return "it holds pickled Python objects, not numbers"
-    return "it is damaged, or not written by np.save, np.savez or torch.save"
-
-
-def _read_arrays(path: Path) -> dict[str, object]:
-    if path.suffix == ".pt":
-        value = torch.load(path, map_location="cpu", weights_only=True)
-        if isinstance(value, dict):
-            return value
-        return {"train": value}
-    import numpy as np
-
-    value = np.load(path, allow_pickle=False)
-    if path.suffix == ".npz":
-        with value:
-            return {key: value[key] for key in value.files}
-    return {"train": value}
-
-
-def _as_points(value: object, path: Path, key: str) -> Tensor:
-    """``value`` as float32 ``[N, ...]``; one clear error for anything else."""
-    try:
-        x = torch.as_tensor(value)
-    except (TypeError, ValueError, RuntimeError) as e:
-        # torch's own message lists every dtype it takes: too long for one line.
-        dtype = getattr(value, "dtype", type(value).__name__)
-        raise DataError(
-            f"{path}: {key} is an array of {dtype}, not numbers; save integers, "
-            "floats or booleans"
-        ) from e
-    if x.is_complex():
-        raise DataError(f"{path}: {key} holds complex numbers; save real ones")
-    if x.dim() < 2 or x.shape[0] < 1 or x[0].numel() < 1:
-        raise DataError(
-            f"{path}: {key} has shape {list(x.shape)}; save an array of shape "
-            "[N, ...], one row per data point (reshape(-1, 1) for scalars)"
-        )
-    x = x.to(torch.float32)
-    if not bool(torch.isfinite(x).all()):
-        raise DataError(f"{path}: {key} holds nan or infinite values; remove them")
-    return x
 
 
 def _read_idx(payload: bytes) -> list[Tensor]:

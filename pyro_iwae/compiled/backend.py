@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import fx
 
-from ..infer.traces import cuda_devices
+from ..infer.arguments import cuda_devices
 from .capture import (
     PYRO_MODULE_MESSAGE,
     Unsupported,

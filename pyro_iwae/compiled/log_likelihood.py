@@ -12,6 +12,7 @@ from typing import Any, NamedTuple
 import pyro
 import torch
 
+from ..infer.arguments import cuda_devices
 from ..infer.evaluation import (
     LogWeights,
     check_batch,
@@ -22,7 +23,6 @@ from ..infer.evaluation import (
     resolve_chunk_size,
 )
 from ..infer.objectives import IWELBO
-from ..infer.traces import cuda_devices
 from .backend import GraphCache, close_enough, compile_graph, describe
 from .capture import (
     CallArgs,

@@ -10,7 +10,7 @@ from typing import Any
 import pyro
 import torch
 
-from ..infer.traces import cuda_devices
+from ..infer.arguments import cuda_devices
 from .adam import (
     STATE_KEYS,
     AdamSettings,

@@ -14,16 +14,11 @@ from pyro.poutine.util import site_is_subsample
 
 from ..errors import ParticleBroadcastError, check_count
 from ..nn.networks import prepare_pyro_modules
+from .arguments import check_not_empty, cuda_devices, tensor_arguments
 from .hooks import backend_of, check_compile, compiler, compiles
 from .log_weights import Particles
 from .objectives import IWELBO
-from .traces import (
-    PARTICLE_PLATE,
-    check_not_empty,
-    cuda_devices,
-    sample_sites,
-    tensor_arguments,
-)
+from .traces import PARTICLE_PLATE, sample_sites
 
 #: Bytes of memory one chunk of particles may take, by default.
 DEFAULT_MEMORY_BUDGET = 256 * 2**20

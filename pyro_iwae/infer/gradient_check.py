@@ -26,9 +26,10 @@ import torch
 from pyro import poutine
 
 from ..errors import ConfigError
+from .arguments import cuda_devices
 from .enumeration import marked_parallel
 from .objectives import IWELBO, SCORE_ESTIMATORS
-from .traces import cuda_devices, latent_sites
+from .traces import latent_sites
 
 __all__ = [
     "GradientCheck",

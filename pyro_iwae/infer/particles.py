@@ -21,6 +21,7 @@ from pyro.poutine.util import prune_subsample_sites
 from pyro.util import check_model_guide_match
 
 from ..errors import ParticleBroadcastError, PyroIwaeError, check_count
+from .arguments import check_not_empty, cuda_devices
 from .enumeration import (
     Unenumerated,
     check_enumeration,
@@ -45,9 +46,7 @@ from .traces import (
     TieGlobals,
     TieSequentialGlobals,
     aliased,
-    check_not_empty,
     common_scale,
-    cuda_devices,
     data_plate_dims,
     detached_distribution,
     global_latent_names,

@@ -24,7 +24,7 @@ from torch.distributions import constraints
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_map
 
-from ..errors import SupportError
+from .support import site_log_prob
 
 PARTICLE_PLATE = "num_particles_vectorized"  # the plate Pyro's ELBO adds
 
@@ -495,36 +495,6 @@ def _log_prob(
     return total
 
 
-def site_log_prob(name: str, site: dict) -> torch.Tensor:
-    """``log_prob`` of a sample site's value.
-
-    :raises SupportError: naming the site, where the value lies outside the
-        support of its distribution (in place of torch's message, which prints
-        the whole tensor).
-    """
-    fn, value = site["fn"], site["value"]
-    try:
-        return fn.log_prob(value, *site["args"], **site["kwargs"])
-    except ValueError:
-        try:
-            inside = bool(fn.support.check(value).all())
-        except Exception:  # a support that cannot say: torch's error stands
-            inside = True
-        if inside:
-            raise
-    what = "observed values" if site.get("is_observed") else "values"
-    low, high = float(value.min()), float(value.max())
-    kind, events = fn, 0
-    while isinstance(kind, torch.distributions.Independent):
-        kind, events = kind.base_dist, events + kind.reinterpreted_batch_ndims
-    kind = type(kind).__name__ + (f".to_event({events})" if events else "")
-    raise SupportError(
-        f"site {name!r}: {what} in [{low:g}, {high:g}] lie outside the support "
-        f"of its {kind} ({fn.support}); pass values in its support, or change "
-        "the distribution"
-    ) from None
-
-
 def _align(weights: torch.Tensor, site: dict) -> torch.Tensor:
     """Reshapes per-particle weights to broadcast against ``site['value']``."""
     event_dim = site["fn"].event_dim
@@ -533,33 +503,6 @@ def _align(weights: torch.Tensor, site: dict) -> torch.Tensor:
     if extra > 0:
         factor = factor.reshape(factor.shape[extra:])
     return factor
-
-
-def cuda_devices(args: tuple, kwargs: dict) -> list[int]:
-    """Indices of the CUDA devices of the tensors among ``args`` and ``kwargs``."""
-    tensors = [
-        t
-        for t in (*args, *kwargs.values())
-        if isinstance(t, torch.Tensor) and t.is_cuda
-    ]
-    return sorted({t.device.index for t in tensors})
-
-
-def tensor_arguments(args: tuple, kwargs: dict) -> list[tuple[str, torch.Tensor]]:
-    """The tensor arguments of a call, each with its name for an error message."""
-    named = [(f"argument {i + 1}", a) for i, a in enumerate(args)]
-    named += [(f"argument {k}", a) for k, a in kwargs.items()]
-    return [(name, a) for name, a in named if isinstance(a, torch.Tensor)]
-
-
-def check_not_empty(args: tuple, kwargs: dict, caller: str = "log_likelihood") -> None:
-    """:raises ValueError: if a tensor argument is an empty batch."""
-    for name, value in tensor_arguments(args, kwargs):
-        if value.dim() and not value.shape[0]:
-            raise ValueError(
-                f"{caller} got an empty batch ({name} has shape "
-                f"{list(value.shape)}); pass at least one data point"
-            )
 
 
 def sample_sites(pair: tuple[Trace, Trace]) -> list[dict]:

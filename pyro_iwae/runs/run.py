@@ -15,9 +15,7 @@ A *run directory* holds everything about one training run:
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
-import time
 from collections.abc import Callable, Iterable
 from datetime import datetime
 from pathlib import Path
@@ -31,9 +29,7 @@ from ..errors import (
     RunError,
     one_line,
 )
-from ..infer.ais import ais_log_likelihood
-from ..infer.diagnostics import log_likelihood_with_diagnostics
-from ..infer.evaluation import compile_seconds, warn_of_problems
+from ..infer.evaluation import warn_of_problems
 from ..infer.hooks import compiles
 from ..nn.likelihoods import support_problem
 from . import distributed, run_writer
@@ -53,6 +49,7 @@ from .checkpoints import (
     trained_steps,
 )
 from .config import CONFIG_FILE, RunConfig
+from .estimates import estimate_points
 from .eval_results import (
     EVAL_METHODS,
     EvalSettings,
@@ -278,7 +275,7 @@ class Run:
         path = distributed.from_main(
             lambda: result_path(self.path, settings, points.shape[0])
         )
-        results, seconds, compile_time = _estimate(
+        results, seconds, compile_time = estimate_points(
             model, guide, points, settings, callback
         )
         activity = distributed.from_main(lambda: activity_of(guide, points, settings))
@@ -497,57 +494,6 @@ def _points(data: Dataset, settings: EvalSettings) -> torch.Tensor:
 def _split(data: Dataset, settings: EvalSettings) -> torch.Tensor:
     """The split of ``data`` that ``settings`` evaluate, all of it."""
     return data.test if settings.split == "test" else data.train
-
-
-def _estimator(
-    model: torch.nn.Module, guide: torch.nn.Module, settings: EvalSettings
-) -> Callable[[torch.Tensor], torch.Tensor]:
-    """Per batch ``[n, x_dim]``: ``[n, 1 + columns]``, each point's estimate and
-    its diagnostics (see :func:`~pyro_iwae.runs.eval_results.columns`)."""
-    if settings.method == "iwae":
-        estimate = log_likelihood_with_diagnostics
-        options = {"num_samples": settings.num_samples, "compile": settings.compile}
-        options["vectorize_particles"] = not settings.sequential_particles
-        values = ("ess", "khat")
-    else:
-        estimate = ais_log_likelihood
-        options = {"num_steps": settings.ais_steps, "num_chains": settings.num_chains}
-        values = ("stderr", "ess", "khat", "acceptance_rate")
-
-    def per_point(batch: torch.Tensor) -> torch.Tensor:
-        result = estimate(
-            model, guide, batch, chunk_size=settings.chunk_size, **options
-        )
-        columns = [getattr(result, name) for name in values]
-        return torch.stack([result.log_likelihood, *columns], -1)
-
-    return per_point
-
-
-def _estimate(
-    model: torch.nn.Module,
-    guide: torch.nn.Module,
-    points: torch.Tensor,
-    settings: EvalSettings,
-    callback: Callable[[torch.Tensor, int], None] | None,
-) -> tuple[torch.Tensor, float, float]:
-    """The estimates and diagnostics of ``points`` (float64 ``[n, 1 +
-    columns]``), the seconds they took and the seconds of those compiling."""
-    ranks = distributed.current()
-    world = 1 if ranks is None else ranks.world
-    batches = math.ceil(points.shape[0] / settings.batch_size)
-    mine = min(math.ceil(batches / world) * settings.batch_size, points.shape[0])
-    start = time.perf_counter()
-    compiled_before = compile_seconds(settings.compile)
-    results = distributed.sharded_map(
-        _estimator(model, guide, settings),
-        points,
-        seed=settings.seed,
-        batch_size=settings.batch_size,
-        callback=None if callback is None else lambda r: callback(r[:, 0], mine),
-    ).double()
-    seconds = time.perf_counter() - start
-    return results, seconds, compile_seconds(settings.compile) - compiled_before
 
 
 def _graph_keys(

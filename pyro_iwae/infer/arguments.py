@@ -1,0 +1,35 @@
+"""What a model and guide are called with: the CUDA devices and tensors among the
+arguments, checked before a run."""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = ["check_not_empty", "cuda_devices", "tensor_arguments"]
+
+
+def cuda_devices(args: tuple, kwargs: dict) -> list[int]:
+    """Indices of the CUDA devices of the tensors among ``args`` and ``kwargs``."""
+    tensors = [
+        t
+        for t in (*args, *kwargs.values())
+        if isinstance(t, torch.Tensor) and t.is_cuda
+    ]
+    return sorted({t.device.index for t in tensors})
+
+
+def tensor_arguments(args: tuple, kwargs: dict) -> list[tuple[str, torch.Tensor]]:
+    """The tensor arguments of a call, each with its name for an error message."""
+    named = [(f"argument {i + 1}", a) for i, a in enumerate(args)]
+    named += [(f"argument {k}", a) for k, a in kwargs.items()]
+    return [(name, a) for name, a in named if isinstance(a, torch.Tensor)]
+
+
+def check_not_empty(args: tuple, kwargs: dict, caller: str = "log_likelihood") -> None:
+    """:raises ValueError: if a tensor argument is an empty batch."""
+    for name, value in tensor_arguments(args, kwargs):
+        if value.dim() and not value.shape[0]:
+            raise ValueError(
+                f"{caller} got an empty batch ({name} has shape "
+                f"{list(value.shape)}); pass at least one data point"
+            )

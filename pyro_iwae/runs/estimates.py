@@ -1,0 +1,70 @@
+"""The per-point estimates of an evaluation (:meth:`~pyro_iwae.Run.evaluate`):
+each method's estimator over batches of the points, dealt to the ranks under
+torchrun."""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+
+import torch
+
+from ..infer.ais import ais_log_likelihood
+from ..infer.diagnostics import log_likelihood_with_diagnostics
+from ..infer.evaluation import compile_seconds
+from . import distributed
+from .eval_results import EvalSettings
+
+__all__ = ["estimate_points", "per_point_estimator"]
+
+
+def per_point_estimator(
+    model: torch.nn.Module, guide: torch.nn.Module, settings: EvalSettings
+) -> Callable[[torch.Tensor], torch.Tensor]:
+    """Per batch ``[n, x_dim]``: ``[n, 1 + columns]``, each point's estimate and
+    its diagnostics (see :func:`~pyro_iwae.runs.eval_results.columns`)."""
+    if settings.method == "iwae":
+        estimate = log_likelihood_with_diagnostics
+        options = {"num_samples": settings.num_samples, "compile": settings.compile}
+        options["vectorize_particles"] = not settings.sequential_particles
+        values = ("ess", "khat")
+    else:
+        estimate = ais_log_likelihood
+        options = {"num_steps": settings.ais_steps, "num_chains": settings.num_chains}
+        values = ("stderr", "ess", "khat", "acceptance_rate")
+
+    def per_point(batch: torch.Tensor) -> torch.Tensor:
+        result = estimate(
+            model, guide, batch, chunk_size=settings.chunk_size, **options
+        )
+        columns = [getattr(result, name) for name in values]
+        return torch.stack([result.log_likelihood, *columns], -1)
+
+    return per_point
+
+
+def estimate_points(
+    model: torch.nn.Module,
+    guide: torch.nn.Module,
+    points: torch.Tensor,
+    settings: EvalSettings,
+    callback: Callable[[torch.Tensor, int], None] | None,
+) -> tuple[torch.Tensor, float, float]:
+    """The estimates and diagnostics of ``points`` (float64 ``[n, 1 +
+    columns]``), the seconds they took and the seconds of those compiling."""
+    ranks = distributed.current()
+    world = 1 if ranks is None else ranks.world
+    batches = math.ceil(points.shape[0] / settings.batch_size)
+    mine = min(math.ceil(batches / world) * settings.batch_size, points.shape[0])
+    start = time.perf_counter()
+    compiled_before = compile_seconds(settings.compile)
+    results = distributed.sharded_map(
+        per_point_estimator(model, guide, settings),
+        points,
+        seed=settings.seed,
+        batch_size=settings.batch_size,
+        callback=None if callback is None else lambda r: callback(r[:, 0], mine),
+    ).double()
+    seconds = time.perf_counter() - start
+    return results, seconds, compile_seconds(settings.compile) - compiled_before
