@@ -12,6 +12,7 @@ import torchvision
 from click.testing import CliRunner
 
 from pyro_iwae import ParticleBroadcastError, __version__
+from pyro_iwae.runs import estimates as run_estimates
 from pyro_iwae.runs import run as runs
 from pyro_iwae.runs.checkpoints import CHECKPOINT_FILE, load_checkpoint, read_metrics
 from pyro_iwae_cli import progress
@@ -190,7 +191,7 @@ def test_eval_nll_with_sequential_particles(run, monkeypatch):
         "--sequential-particles applies to --method iwae",
     )
     # A model that does not broadcast over the particles is told of the option.
-    estimate = runs.log_likelihood_with_diagnostics
+    estimate = run_estimates.log_likelihood_with_diagnostics
 
     def flat_only(*a, vectorize_particles=True, **o):
         if vectorize_particles:
@@ -199,7 +200,7 @@ def test_eval_nll_with_sequential_particles(run, monkeypatch):
             )
         return estimate(*a, vectorize_particles=False, **o)
 
-    monkeypatch.setattr(runs, "log_likelihood_with_diagnostics", flat_only)
+    monkeypatch.setattr(run_estimates, "log_likelihood_with_diagnostics", flat_only)
     error = assert_one_line_error(
         invoke(*args), "or pass --sequential-particles to eval-nll to draw"
     )
@@ -442,14 +443,16 @@ def test_existing_run_and_conflicting_resume(run):
 def test_eval_nll_warns_in_one_line_of_estimates_that_are_not_finite(run, monkeypatch):
     """The library's warning (tests/test_evaluation.py makes it for real) reaches
     the user as one line, and the evaluation still writes its files."""
-    with_diagnostics = runs.log_likelihood_with_diagnostics
+    with_diagnostics = run_estimates.log_likelihood_with_diagnostics
 
     def some_not_finite(*args, **kwargs):
         diagnostics = with_diagnostics(*args, **kwargs)
         diagnostics.log_likelihood[:2] = float("nan")
         return diagnostics
 
-    monkeypatch.setattr(runs, "log_likelihood_with_diagnostics", some_not_finite)
+    monkeypatch.setattr(
+        run_estimates, "log_likelihood_with_diagnostics", some_not_finite
+    )
     result = invoke("eval-nll", run, "--k", 5, "--limit", 10, "--quiet")
     assert_ok(result)
     warnings = [line for line in result.output.splitlines() if "arning" in line]
