@@ -1,11 +1,15 @@
 """What a model and guide are called with: the CUDA devices and tensors among the
-arguments, checked before a run."""
+arguments, checked before a run, and a trial run on them that leaves no trace."""
 
 from __future__ import annotations
 
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import torch
 
-__all__ = ["check_not_empty", "cuda_devices", "tensor_arguments"]
+__all__ = ["check_not_empty", "cuda_devices", "tensor_arguments", "trial_run"]
 
 
 def cuda_devices(args: tuple, kwargs: dict) -> list[int]:
@@ -33,3 +37,13 @@ def check_not_empty(args: tuple, kwargs: dict, caller: str = "log_likelihood") -
                 f"{caller} got an empty batch ({name} has shape "
                 f"{list(value.shape)}); pass at least one data point"
             )
+
+
+@contextmanager
+def trial_run(args: tuple, kwargs: dict) -> Iterator[None]:
+    """A run of a program on ``args`` and ``kwargs`` that leaves no trace: on a
+    forked random stream, its warnings silenced."""
+    with torch.random.fork_rng(devices=cuda_devices(args, kwargs)):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield

@@ -6,9 +6,9 @@ parameters, and the log-weights :class:`Particles`."""
 
 from __future__ import annotations
 
+import contextlib
 import warnings
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from typing import Any
 
 import pyro
@@ -21,7 +21,7 @@ from pyro.poutine.util import prune_subsample_sites
 from pyro.util import check_model_guide_match
 
 from ..errors import ParticleBroadcastError, PyroIwaeError, check_count
-from .arguments import check_not_empty, cuda_devices
+from .arguments import check_not_empty, cuda_devices, trial_run
 from .enumeration import (
     Unenumerated,
     check_enumeration,
@@ -40,6 +40,7 @@ from .log_weights import (
     global_score_log_prob,
     log_p_and_q,
 )
+from .support import OwnLogProb, keep_own_log_q
 from .traces import (
     PARTICLE_PLATE,
     SharedSubsamples,
@@ -79,16 +80,6 @@ GLOBAL_LATENTS = ("auto", "joint", "factor")
 #: (torch's shape errors among them): those that may call for
 #: ``vectorize_particles=False``.
 BROADCAST_FAILURES = (RuntimeError, ValueError, IndexError, TypeError)
-
-
-@contextmanager
-def trial_run(args: tuple, kwargs: dict) -> Iterator[None]:
-    """A run of a program on ``args`` and ``kwargs`` that leaves no trace: on a
-    forked random stream, its warnings silenced."""
-    with torch.random.fork_rng(devices=cuda_devices(args, kwargs)):
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            yield
 
 
 class ParticleELBO(ELBO):
@@ -189,7 +180,10 @@ class ParticleELBO(ELBO):
             # The model's enumerated dims are allocated left of the guide's.
             guide = poutine.enum(guide, first_available_dim=-1 - self.max_plate_nesting)
             model = poutine.enum(model)
-        guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
+        # Outside the tracer, so that it records their own log q.
+        stopped = self.estimator in STOPPED_ESTIMATORS
+        with OwnLogProb() if stopped else contextlib.nullcontext():
+            guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
         if torch.is_grad_enabled():
             self._check_guide_trace(guide_trace)
         if self.estimator in STOPPED_ESTIMATORS:
@@ -286,6 +280,7 @@ class ParticleELBO(ELBO):
                 stopped_trace.nodes[name] = site
             elif name in self._tied and name in stopped_trace.nodes:
                 stopped_trace.nodes[name]["value"] = replay_trace.nodes[name]["value"]
+        keep_own_log_q(guide_trace, stopped_trace, self.estimator)
         return stopped_trace
 
     def particles(

@@ -1,13 +1,89 @@
-"""A sample site's log-density, with a value outside its distribution's support
-named in one line."""
+"""A sample site's log-density: a value outside its distribution's support named
+in one line; and, for stl and dreg, which re-run the guide with its parameters
+held constant, the draws' own log q kept."""
 
 from __future__ import annotations
 
+import warnings
+
 import torch
+from pyro.poutine.messenger import Messenger
+from pyro.poutine.trace_struct import Trace
+from pyro.poutine.util import site_is_subsample
+from torch.fx.experimental.proxy_tensor import get_proxy_mode
 
 from ..errors import SupportError
 
-__all__ = ["site_log_prob"]
+__all__ = [
+    "InaccurateInverseWarning",
+    "OwnLogProb",
+    "keep_own_log_q",
+    "site_log_prob",
+]
+
+#: The key of a latent site's log q with the guide's parameters held constant.
+STOPPED_LOG_PROB = "stopped_log_prob"
+#: The key of a latent site's log q at its draw, recorded as it was drawn.
+OWN_LOG_PROB = "own_log_prob"
+
+
+class OwnLogProb(Messenger):
+    """Records each latent site's log-prob of its draw as it is drawn (without
+    gradient), while the distribution's transforms still hold the draw in their
+    caches: evaluated later, a flow would invert the draw instead."""
+
+    def _pyro_post_sample(self, msg: dict) -> None:
+        if not msg["is_observed"] and not site_is_subsample(msg):
+            with torch.no_grad():
+                msg[OWN_LOG_PROB] = site_log_prob(msg["name"], msg)
+
+
+class InaccurateInverseWarning(UserWarning):
+    """stl or dreg re-evaluated log q at a guide's own draws and got another
+    value: the inverse of the guide's transforms is inaccurate there."""
+
+
+_WARNED: set[tuple[str, str]] = set()
+
+
+def keep_own_log_q(first: Trace, stopped: Trace, estimator: str) -> None:
+    """Gives the latent sites of ``stopped`` (the guide re-run with its
+    parameters held constant, for stl and dreg) the values of log q at the draws
+    of ``first`` (recorded by :class:`OwnLogProb`), keeping the re-run's
+    gradient path.
+
+    The re-run evaluates log q at new tensor objects, which miss the caches of
+    the guide's transforms: a flow inverts them, and where its inverse is
+    inaccurate (an IAF's, at some draws) log q, and the bound with it, comes out
+    another number, by up to thousands of nats. Warns (once per site and
+    estimator in a process) where that happens, outside graph capture, which
+    has no values to compare.
+    """
+    differences = []
+    for name, site in stopped.nodes.items():
+        log_q = site.get(STOPPED_LOG_PROB)  # latent sites only
+        own = first.nodes[name].get(OWN_LOG_PROB) if name in first.nodes else None
+        if log_q is None or own is None or own.shape != log_q.shape:
+            continue
+        site[STOPPED_LOG_PROB] = log_q + (own - log_q.detach())
+        differences.append((name, (log_q.detach() - own).abs(), own.abs()))
+    if get_proxy_mode() is not None:
+        return
+    for name, difference, size in differences:
+        # Once: the stopped re-run resets warnings' own registry of those shown.
+        if (estimator, name) in _WARNED:
+            continue
+        if bool((difference > 1e-2 + 1e-4 * size).any()):
+            _WARNED.add((estimator, name))
+            warnings.warn(
+                f"IWELBO's {estimator!r} estimator re-evaluated log q of site "
+                f"{name!r} at the guide's own draws and got other values (the "
+                "inverse of its transforms is inaccurate there): the bound keeps "
+                "the draws' own log q, but its gradient is unreliable; use "
+                "estimator='iwae' with this guide",
+                InaccurateInverseWarning,
+                stacklevel=2,
+            )
 
 
 def site_log_prob(name: str, site: dict) -> torch.Tensor:

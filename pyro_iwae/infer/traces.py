@@ -24,7 +24,7 @@ from torch.distributions import constraints
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_map
 
-from .support import site_log_prob
+from .support import STOPPED_LOG_PROB, site_log_prob
 
 PARTICLE_PLATE = "num_particles_vectorized"  # the plate Pyro's ELBO adds
 
@@ -100,7 +100,6 @@ class _StopParameters(TorchFunctionMode):
 
 
 #: Key of a trace site's unscaled log-prob computed with its parameters stopped.
-STOPPED_LOG_PROB = "stopped_log_prob"
 
 
 @contextmanager
