@@ -16,7 +16,7 @@ import torch
 from linear_gaussian import LinearGaussian
 from pyro.infer import autoguide
 
-from pyro_iwae import IWELBO, log_likelihood
+from pyro_iwae import IWELBO, ais_log_likelihood, log_likelihood
 from pyro_iwae.nn.networks import local_params
 
 N = 10
@@ -101,3 +101,25 @@ def test_auto_normal_gives_a_bound_per_point(estimator):
     gap = exact - estimate.double()
     assert gap.shape == (N,)
     assert -0.02 < float(gap.mean()) < 0.3, gap
+
+
+def test_a_guide_of_point_masses_is_refused_by_the_estimators_of_log_p():
+    """AutoDelta's draws have no density: log p(x, z) at one z is no bound on
+    log p(x) (it lay above the exact value), so the evaluators refuse it; the
+    objective still trains it (MAP, as Trace_ELBO does)."""
+    lg, data, exact = problem()
+    guide = autoguide.AutoDelta(lg.model)
+    train(lg, guide, data, "iwae", steps=20)
+    with local_params(guide), pytest.raises(ValueError) as refused:
+        log_likelihood(lg.model, guide, data, num_samples=10)
+    assert "every latent site of the guide is a point mass (Delta: 'z')" in str(
+        refused.value
+    )
+    with local_params(guide), pytest.raises(ValueError, match="^AIS weighs"):
+        ais_log_likelihood(lg.model, guide, data, num_steps=2, num_chains=2)
+    # A guide with a density passes.
+    joint = autoguide.AutoNormal(lg.model)
+    train(lg, joint, data, "iwae", steps=1)
+    with local_params(joint):
+        estimate = log_likelihood(lg.model, joint, data, num_samples=500)
+    assert (estimate.double() <= exact + 0.5).all()

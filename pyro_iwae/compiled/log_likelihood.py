@@ -12,10 +12,9 @@ from typing import Any, NamedTuple
 import pyro
 import torch
 
-from ..infer.arguments import cuda_devices
+from ..infer.arguments import check_batch, cuda_devices
 from ..infer.evaluation import (
     LogWeights,
-    check_batch,
     check_count,
     combine_chunks,
     evaluating,

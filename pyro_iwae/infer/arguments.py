@@ -9,7 +9,13 @@ from contextlib import contextmanager
 
 import torch
 
-__all__ = ["check_not_empty", "cuda_devices", "tensor_arguments", "trial_run"]
+__all__ = [
+    "check_batch",
+    "check_not_empty",
+    "cuda_devices",
+    "tensor_arguments",
+    "trial_run",
+]
 
 
 def cuda_devices(args: tuple, kwargs: dict) -> list[int]:
@@ -47,3 +53,20 @@ def trial_run(args: tuple, kwargs: dict) -> Iterator[None]:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             yield
+
+
+def check_batch(args: tuple, kwargs: dict) -> None:
+    """:raises ValueError: if a tensor argument is an empty batch or holds NaN
+    (which would come out as the guide's or the model's invalid parameters)."""
+    check_not_empty(args, kwargs)
+    for name, value in tensor_arguments(args, kwargs):
+        if value.is_floating_point() and value.isnan().any():
+            rows = (
+                value.isnan().reshape(value.shape[0], -1).any(-1)
+                if value.dim()
+                else value.isnan().reshape(1)
+            )
+            raise ValueError(
+                f"the data hold NaN ({name}: {int(rows.sum())} of {rows.numel()} "
+                "points); drop those points or fill in their missing values"
+            )

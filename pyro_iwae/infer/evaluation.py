@@ -10,11 +10,12 @@ from typing import Any, NamedTuple
 
 import pyro
 import torch
+from pyro.distributions import Delta, MaskedDistribution
 from pyro.poutine.util import site_is_subsample
 
 from ..errors import ParticleBroadcastError, check_count
 from ..nn.networks import prepare_pyro_modules
-from .arguments import check_not_empty, cuda_devices, tensor_arguments
+from .arguments import check_batch, cuda_devices
 from .hooks import backend_of, check_compile, compiler, compiles
 from .log_weights import Particles
 from .objectives import IWELBO
@@ -305,23 +306,6 @@ def local_shape(local_dims: tuple[int, ...], tensor: torch.Tensor) -> torch.Tens
     return tensor.reshape([tensor.shape[d] for d in local_dims])
 
 
-def check_batch(args: tuple, kwargs: dict) -> None:
-    """:raises ValueError: if a tensor argument is an empty batch or holds NaN
-    (which would come out as the guide's or the model's invalid parameters)."""
-    check_not_empty(args, kwargs)
-    for name, value in tensor_arguments(args, kwargs):
-        if value.is_floating_point() and value.isnan().any():
-            rows = (
-                value.isnan().reshape(value.shape[0], -1).any(-1)
-                if value.dim()
-                else value.isnan().reshape(1)
-            )
-            raise ValueError(
-                f"the data hold NaN ({name}: {int(rows.sum())} of {rows.numel()} "
-                "points); drop those points or fill in their missing values"
-            )
-
-
 def _plate_problem(
     model: Callable, guide: Callable, args: tuple, kwargs: dict
 ) -> str | None:
@@ -357,6 +341,31 @@ def innermost(error: BaseException) -> BaseException:
     return error
 
 
+def check_density(guide_trace: pyro.poutine.Trace, caller: str) -> None:
+    """:raises ValueError: if every latent site of the guide is a point mass
+    (``Delta``, as ``AutoDelta``'s are): its draws have no density to weigh."""
+    latent = [
+        site
+        for site in guide_trace.nodes.values()
+        if site["type"] == "sample"
+        and not site["is_observed"]
+        and not site_is_subsample(site)
+    ]
+    if latent and all(isinstance(_base(site["fn"]), Delta) for site in latent):
+        raise ValueError(
+            f"{caller} weighs the guide's draws by its density, but every latent "
+            f"site of the guide is a point mass (Delta: {latent[0]['name']!r}), "
+            "as AutoDelta's are: the estimate would be log p(x, z) at one z, no "
+            "bound on log p(x); use a guide with a density, such as AutoNormal"
+        )
+
+
+def _base(fn: Any) -> Any:
+    while isinstance(fn, torch.distributions.Independent | MaskedDistribution):
+        fn = fn.base_dist
+    return fn
+
+
 def check_plates(
     model_trace: pyro.poutine.Trace,
     guide_trace: pyro.poutine.Trace,
@@ -365,8 +374,10 @@ def check_plates(
     """Checks that a data plate encloses every sample site and that the observed
     values run along it, for per-point estimates by ``caller``.
 
-    :raises ValueError: naming the site and what to do.
+    :raises ValueError: naming the site and what to do; also for a guide of
+        point masses only (see :func:`check_density`).
     """
+    check_density(guide_trace, caller)
     sites = [
         site
         for site in sample_sites((model_trace, guide_trace))

@@ -12,8 +12,8 @@ from typing import Any
 import torch
 
 from ..errors import ParticleBroadcastError
+from .arguments import check_batch
 from .evaluation import (
-    check_batch,
     check_count,
     chunk_sizes,
     evaluating,
