@@ -6,9 +6,11 @@ fails where it must: issue 22's flow bug, restored.
 """
 
 import pyro
+import pyro.distributions as dist
 import pytest
 import torch
 from matrix import build
+from pyro.infer.autoguide import AutoNormal
 from scipy import stats
 from test_vimco import guide as discrete_guide
 from test_vimco import model as discrete_model
@@ -155,3 +157,31 @@ def test_bad_arguments_are_refused():
         check_guide_gradients(setup.model, setup.guide, setup.x, alpha=2.0)
     with pytest.raises(ValueError, match="no trainable parameters"):
         check_guide_gradients(setup.model, lambda x: None, setup.x)
+
+
+def test_a_chance_flag_of_heavy_tailed_gradients_is_not_confirmed():
+    """AutoNormal at its initial values: DReG's and IWAE's gradients of the scale
+    are heavy-tailed, and 30 draws exceed the threshold by chance far more often
+    than alpha; the fresh draws that then test again clear those flags."""
+    pyro.clear_param_store()
+    generator = torch.Generator().manual_seed(0)
+    data = torch.randn(10, 3, generator=generator)
+    weights = torch.randn(2, 3, generator=generator)
+
+    def model(x):
+        with pyro.plate("data", x.shape[0]):
+            z = pyro.sample("z", dist.Normal(x.new_zeros(2), 1.0).to_event(1))
+            pyro.sample("x", dist.Normal(z @ weights, 0.5).to_event(1), obs=x)
+
+    guide = AutoNormal(model)
+    guide(data)
+    checks = [
+        check_guide_gradients(
+            model, guide, data, objective=IWELBO(5, "dreg"), num_draws=30, seed=seed
+        )
+        for seed in (0, 1000, 10_000)  # the last was confirmed by 120 draws
+    ]
+    confirmed = [c for c in checks if c.confirmation_draws]
+    assert confirmed and all(c.confirmation_draws == 400 for c in confirmed)
+    assert all(c.passed for c in checks), [c.table() for c in checks if not c.passed]
+    assert "flags confirmed on 400 fresh draws" in confirmed[0].table()
