@@ -175,6 +175,37 @@ def test_config_file_and_print_config_round_trip(tmp_path):
     assert result.exit_code != 0 and "cannot read settings file" in result.output
 
 
+@pytest.mark.parametrize(
+    "settings, message",
+    [
+        ({"epochs": 1.5}, "--epochs must be an integer, got 1.5"),
+        ({"batch_size": 50.5}, "--batch-size must be an integer, got 50.5"),
+        ({"seed": 1.7}, "--seed must be an integer, got 1.7"),
+        ({"epochs": "two"}, "--epochs must be an integer, got 'two'"),
+        ({"lr": "1e-3"}, "--lr must be a number, got '1e-3'"),
+        ({"hidden": "200,200"}, "--hidden takes a list of layer sizes"),
+    ],
+)
+def test_a_settings_file_of_the_wrong_types_is_refused_in_one_line(
+    tmp_path, settings, message
+):
+    # epochs 1.5 trained one epoch; batch_size 50.5 and seed 1.7 ended in tracebacks.
+    path = tmp_path / "settings.json"
+    path.write_text(json.dumps(settings))
+    result = CliRunner().invoke(cli, ["fit", "--config", str(path), "--quiet"])
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert f"Error: {message}" in result.output
+    with pytest.raises(ConfigError):
+        RunConfig(**settings)
+
+
+def test_numbers_of_other_numeric_types_are_taken():
+    import numpy as np
+
+    config = RunConfig(epochs=np.int64(3), lr=np.float32(1e-3))
+    assert config.epochs == 3 and RunConfig(lr=1).lr == 1
+
+
 def test_unknown_settings_name_the_field_meant_or_the_version(tmp_path):
     """A settings file's misspelt key gets the field it may mean; a run's
     config.json with a field this version lacks gets the version advice."""

@@ -7,11 +7,14 @@ the command line's options are made; and settings read from a file.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib.util
 import json
 import math
+import numbers
 import os
 import sys
+import typing
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -122,8 +125,11 @@ def check_values(obj: Any) -> None:
 
     :raises ConfigError: naming the setting as ``{field}``.
     """
+    number_fields = _number_fields(type(obj))
     for name, (_, s) in declared(type(obj)).items():
         value = getattr(obj, name)
+        if value is not None and name in number_fields:
+            _check_number(name, value, number_fields[name])
         if value is None or s.kind in ("flag", "sizes", "dataset", "folder"):
             continue
         if s.kind == "switch":
@@ -136,6 +142,27 @@ def check_values(obj: Any) -> None:
             )
         if s.low is not None or s.high is not None:
             _check_range(name, value, s)
+
+
+@functools.cache
+def _number_fields(cls: type) -> dict[str, type]:
+    """The fields of ``cls`` annotated as integers or floats (or None)."""
+    hints = typing.get_type_hints(cls)
+    return {
+        name: kind
+        for name, hint in hints.items()
+        for kind in (int, float)
+        if hint in (kind, kind | None)
+    }
+
+
+def _check_number(name: str, value: Any, kind: type) -> None:
+    """An integer field takes an integer; a float field any real number."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        what = "an integer" if kind is int else "a number"
+        raise ConfigError(f"{{{name}}} must be {what}, got {literal(repr(value))}")
+    if kind is int and not isinstance(value, numbers.Integral):
+        raise ConfigError(f"{{{name}}} must be an integer, got {value!r}")
 
 
 def _check_switch(name: str, value: Any) -> None:
@@ -152,7 +179,7 @@ def _check_switch(name: str, value: Any) -> None:
 def _check_range(name: str, value: Any, s: Setting) -> None:
     low = -math.inf if s.low is None else s.low
     high = math.inf if s.high is None else s.high
-    number = isinstance(value, int | float) and not isinstance(value, bool)
+    number = isinstance(value, numbers.Real) and not isinstance(value, bool)
     inside = number and (
         (low < value if s.open[0] else low <= value)
         and (value < high if s.open[1] else value <= high)
