@@ -335,7 +335,10 @@ def _eval_report(result: Evaluation) -> list[str]:
         trust += f"; mean HMC acceptance {d['acceptance_mean']:.2f}"
     elif d["khat_above_0.7"] > 0:
         # Above 0.7 the samples needed grow too fast for more of them to help.
-        trust += " (unreliable there, and more samples help little: try --method ais)"
+        trust += (
+            " (unreliable there, and more samples help little: for continuous "
+            "latents, try --method ais)"
+        )
     lines = [
         f"NLL = {result.nll:.2f}{error} nats (mean ± standard error; {how}, "
         f"{result.split} split, {result.points} points)"

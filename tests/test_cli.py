@@ -168,10 +168,12 @@ def test_eval_nll_with_sequential_particles(run, monkeypatch):
     noise (not bit for bit: the draws take the random stream in another order)."""
     args = ("eval-nll", run, "--k", 50, "--limit", 10, "--quiet")
     estimates, stderrs = [], []
-    for extra in ((), ("--sequential-particles",)):
+    # Each keeps its own files: the sequential one does not replace the other.
+    names = ("eval-test-k50.json", "eval-test-k50-n10-seed0-batch100-sequential.json")
+    for extra, name in zip(((), ("--sequential-particles",)), names, strict=True):
         result = invoke(*args, *extra)
         assert_ok(result)
-        report = json.loads((run / "eval-test-k50.json").read_text())
+        report = json.loads((run / name).read_text())
         assert report["sequential_particles"] is bool(extra)
         assert report["compiled"] is False
         estimates.append(runs.read_estimates(run, report))
@@ -180,6 +182,8 @@ def test_eval_nll_with_sequential_particles(run, monkeypatch):
         stderrs.append(((50 / ess - 1) / 49).clamp(min=0).sqrt().double())
     noise = (stderrs[0] ** 2 + stderrs[1] ** 2).sqrt()
     assert ((estimates[0] - estimates[1]).abs() < 4 * noise + 0.05).all()
+    first = json.loads((run / names[0]).read_text())
+    assert first["sequential_particles"] is False
     assert not torch.equal(estimates[0], estimates[1])
     assert_one_line_error(
         invoke(*args, "--sequential-particles", "--compile", "on"),

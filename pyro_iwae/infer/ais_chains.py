@@ -9,7 +9,6 @@ from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import pyro
-import pyro.distributions as dist
 import torch
 from pyro import poutine
 from pyro.poutine.trace_struct import Trace
@@ -20,6 +19,7 @@ from .diagnostics import _broadcastable, _with_particle_dim
 from .enumeration import Unenumerated
 from .evaluation import check_plates
 from .objectives import IWELBO
+from .support import is_point_mass
 from .traces import _log_prob, latent_sites
 
 
@@ -111,7 +111,7 @@ class Chains:
         # A guide's Delta site (Pyro's autoguides put the latents at a function of
         # an auxiliary site) follows the sites it is computed from: held in the
         # state, it would be a second, inconsistent copy of them.
-        self.derived = [name for name, site, _ in sites if _is_delta(site["fn"])]
+        self.derived = [name for name, site, _ in sites if is_point_mass(site["fn"])]
         for name, site, in_guide in sites:
             if name in self.derived:
                 continue
@@ -392,14 +392,6 @@ def _real_support(fn: Any) -> bool:
     while isinstance(support, constraints.independent):
         support = support.base_constraint
     return support is constraints.real
-
-
-def _is_delta(fn: Any) -> bool:
-    while not isinstance(fn, dist.Delta):
-        fn = getattr(fn, "base_dist", None)
-        if fn is None:
-            return False
-    return True
 
 
 def _refuse_guide_site(name: str, fn: Any) -> None:

@@ -10,7 +10,6 @@ from typing import Any, NamedTuple
 
 import pyro
 import torch
-from pyro.distributions import Delta, MaskedDistribution
 from pyro.poutine.util import site_is_subsample
 
 from ..errors import ParticleBroadcastError, check_count
@@ -19,6 +18,7 @@ from .arguments import check_batch, cuda_devices
 from .hooks import backend_of, check_compile, compiler, compiles
 from .log_weights import Particles
 from .objectives import IWELBO
+from .support import is_point_mass
 from .traces import PARTICLE_PLATE, sample_sites
 
 #: Bytes of memory one chunk of particles may take, by default.
@@ -351,19 +351,13 @@ def check_density(guide_trace: pyro.poutine.Trace, caller: str) -> None:
         and not site["is_observed"]
         and not site_is_subsample(site)
     ]
-    if latent and all(isinstance(_base(site["fn"]), Delta) for site in latent):
+    if latent and all(is_point_mass(site["fn"]) for site in latent):
         raise ValueError(
             f"{caller} weighs the guide's draws by its density, but every latent "
             f"site of the guide is a point mass (Delta: {latent[0]['name']!r}), "
             "as AutoDelta's are: the estimate would be log p(x, z) at one z, no "
             "bound on log p(x); use a guide with a density, such as AutoNormal"
         )
-
-
-def _base(fn: Any) -> Any:
-    while isinstance(fn, torch.distributions.Independent | MaskedDistribution):
-        fn = fn.base_dist
-    return fn
 
 
 def check_plates(

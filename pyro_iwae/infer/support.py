@@ -5,8 +5,10 @@ held constant, the draws' own log q kept."""
 from __future__ import annotations
 
 import warnings
+from typing import Any
 
 import torch
+from pyro.distributions import Delta
 from pyro.poutine.messenger import Messenger
 from pyro.poutine.trace_struct import Trace
 from pyro.poutine.util import site_is_subsample
@@ -17,6 +19,7 @@ from ..errors import SupportError
 __all__ = [
     "InaccurateInverseWarning",
     "OwnLogProb",
+    "is_point_mass",
     "keep_own_log_q",
     "site_log_prob",
 ]
@@ -114,3 +117,13 @@ def site_log_prob(name: str, site: dict) -> torch.Tensor:
         f"of its {kind} ({fn.support}); pass values in its support, or change "
         "the distribution"
     ) from None
+
+
+def is_point_mass(fn: Any) -> bool:
+    """Whether distribution ``fn`` is a ``Delta``, or wraps one (``Independent``,
+    masked): a value without a density to weigh."""
+    while not isinstance(fn, Delta):
+        fn = getattr(fn, "base_dist", None)
+        if fn is None:
+            return False
+    return True

@@ -170,6 +170,8 @@ class EvalSettings:
             "split": self.split,
             "seed": self.seed,
             "batch_size": self.batch_size,
+            # Other draws than the vectorised ones: another estimate.
+            "sequential_particles": self.sequential_particles,
             **self.method_settings(),
         }
 
@@ -292,9 +294,10 @@ def result_path(
     if not plain.is_file() or _same(plain, settings, points):
         return plain
     limit = "all" if settings.limit is None else settings.limit
+    sequential = "-sequential" if settings.sequential_particles else ""
     named = run_dir / (
         f"eval-{settings.split}-{settings.tag}-n{limit}-seed{settings.seed}"
-        f"-batch{settings.batch_size}.json"
+        f"-batch{settings.batch_size}{sequential}.json"
     )
     if points is None and settings.limit is not None and not named.is_file():
         # A limit of at least the split's size is evaluated, and named, as all.
@@ -314,7 +317,12 @@ def _same(path: Path, settings: EvalSettings, points: int | None) -> bool:
         return True  # unreadable: nothing worth keeping
     if not isinstance(saved, dict):
         return True
-    saved = {"batch_size": 100, "method": "iwae", **saved}
+    saved = {
+        "batch_size": 100,
+        "method": "iwae",
+        "sequential_particles": False,
+        **saved,
+    }
     if not all(saved.get(k) == v for k, v in settings.identity().items()):
         return False
     if points is not None:

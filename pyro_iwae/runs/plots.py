@@ -125,6 +125,7 @@ def save_curves(
     paper schedule's stages grow geometrically.
     """
     from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -144,6 +145,8 @@ def save_curves(
             ax.plot(xs, ys, marker="." if len(xs) < 50 else None, label=label + suffix)
     if epochs and epochs[-1] >= 100:
         ax.set_xscale("log")
+    else:
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # whole epochs
     ax.set_xlabel("epoch")
     ax.set_ylabel("bound (nats per point)")
     if title:
