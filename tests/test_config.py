@@ -183,7 +183,7 @@ def test_config_file_and_print_config_round_trip(tmp_path):
         ({"seed": 1.7}, "--seed must be an integer, got 1.7"),
         ({"epochs": "two"}, "--epochs must be an integer, got 'two'"),
         ({"lr": "1e-3"}, "--lr must be a number, got '1e-3'"),
-        ({"hidden": "200,200"}, "--hidden takes a list of layer sizes"),
+        ({"hidden": "200,200"}, "--hidden takes a list of sizes"),
     ],
 )
 def test_a_settings_file_of_the_wrong_types_is_refused_in_one_line(

@@ -28,7 +28,7 @@ from ..data import (
     is_data_file,
     load_dataset,
 )
-from ..errors import ConfigError, literal, one_line
+from ..errors import ConfigError, one_line
 from ..infer.objectives import ESTIMATORS
 from ..nn.guides import ZOO
 from ..nn.likelihoods import LIKELIHOODS, check_likelihood
@@ -287,12 +287,7 @@ class RunConfig:
     )
 
     def __post_init__(self) -> None:
-        if isinstance(self.hidden, str):  # a settings file's "200,200"
-            raise ConfigError(
-                f"{{hidden}} takes a list of layer sizes, such as [200, 200] in a "
-                f"settings file, got {literal(repr(self.hidden))}"
-            )
-        if self.hidden is not None and not isinstance(self.hidden, list):
+        if self.hidden is not None and not isinstance(self.hidden, list | str):
             self.hidden = list(self.hidden)  # as config.json gives it back
         normalize_switches(self)  # a settings file's "on" or "off"
         self.validate()

@@ -130,6 +130,11 @@ def check_values(obj: Any) -> None:
         value = getattr(obj, name)
         if value is not None and name in number_fields:
             _check_number(name, value, number_fields[name])
+        if s.kind == "sizes" and isinstance(value, str):  # a file's "200,200"
+            raise ConfigError(
+                f"{{{name}}} takes a list of sizes, such as [200, 200] in a "
+                f"settings file, got {literal(repr(value))}"
+            )
         if value is None or s.kind in ("flag", "sizes", "dataset", "folder"):
             continue
         if s.kind == "switch":
