@@ -151,6 +151,10 @@ def fit(ctx: click.Context, **options: Any) -> None:
     defaults = RunConfig().to_dict()
     named = [n for n, v in given.items() if defaults.get(n, v) != v]
     flags = {n: options[n] for n in _fields(RunConfig) if explicit(ctx, n)}
+    # An error names a setting the file gave as the file's key, not as an option.
+    in_file = {
+        n: f"{n} (in {Path(options['config']).name})" for n in named if n not in flags
+    }
     given.update(flags)
     named += list(flags)
     device = device_of(options["cuda"] or given.get("device") == "cuda")
@@ -170,7 +174,8 @@ def fit(ctx: click.Context, **options: Any) -> None:
     except ValueError as e:
         if isinstance(e, PyroIwaeError) and not isinstance(e, ConfigError):
             raise
-        message = e.render(OPTION_NAMES) if isinstance(e, ConfigError) else str(e)
+        names = {**OPTION_NAMES, **in_file}
+        message = e.render(names) if isinstance(e, ConfigError) else str(e)
         raise click.UsageError(cli_text(message)) from None
     if options["print_config"]:
         click.echo(json.dumps(config.to_dict(), indent=2))

@@ -165,10 +165,15 @@ def test_config_file_and_print_config_round_trip(tmp_path):
     assert from_toml["objective"] == "vae" and from_toml["stages"] == 8
     assert from_toml["epochs"] == RunConfig().epochs  # 40 applies to constant only
     assert not (tmp_path / "runs").exists()
-    # The file's settings are checked as options are, in the options' names.
+    # The file's settings are checked as options are, named as the file's keys
+    # (there is no option to drop); options given as such keep their names.
     toml.write_text('schedule = "paper"\nepochs = 3\n')
     result = CliRunner().invoke(cli, ["fit", "--config", str(toml)])
-    assert result.exit_code == 2 and "Error: --epochs applies to" in result.output
+    assert result.exit_code == 2
+    assert f"Error: epochs (in {toml.name}) applies to schedule (in" in result.output
+    toml.write_text("num_particles = 3\n")
+    result = CliRunner().invoke(cli, ["fit", "--config", str(toml), "--beta", "0.3"])
+    assert "Error: --beta applies to --objective ciwae" in result.output
     broken = tmp_path / "broken.json"
     broken.write_text("{")
     result = CliRunner().invoke(cli, ["fit", "--config", str(broken)])
@@ -178,12 +183,12 @@ def test_config_file_and_print_config_round_trip(tmp_path):
 @pytest.mark.parametrize(
     "settings, message",
     [
-        ({"epochs": 1.5}, "--epochs must be an integer, got 1.5"),
-        ({"batch_size": 50.5}, "--batch-size must be an integer, got 50.5"),
-        ({"seed": 1.7}, "--seed must be an integer, got 1.7"),
-        ({"epochs": "two"}, "--epochs must be an integer, got 'two'"),
-        ({"lr": "1e-3"}, "--lr must be a number, got '1e-3'"),
-        ({"hidden": "200,200"}, "--hidden takes a list of sizes"),
+        ({"epochs": 1.5}, "epochs (in settings.json) must be an integer, got 1.5"),
+        ({"batch_size": 50.5}, "batch_size (in settings.json) must be an integer"),
+        ({"seed": 1.7}, "seed (in settings.json) must be an integer, got 1.7"),
+        ({"epochs": "two"}, "epochs (in settings.json) must be an integer"),
+        ({"lr": "1e-3"}, "lr (in settings.json) must be a number, got '1e-3'"),
+        ({"hidden": "200,200"}, "hidden (in settings.json) takes a list of sizes"),
     ],
 )
 def test_a_settings_file_of_the_wrong_types_is_refused_in_one_line(
