@@ -1311,3 +1311,41 @@ def test_call_signature_and_tensors_of_a_plain_and_a_nested_call():
     assert call_signature((x, {1, 2}), {}) is None  # an unhashable leaf
     assert call_tensors((x, y), {}) == [x, y]
     assert call_tensors((x, 2.0), {"y": [y]}) == [x, y]
+
+
+class _DropoutModel(_SmallModel):
+    def __init__(self) -> None:
+        super().__init__()
+        self.drop = torch.nn.Dropout(0.3)
+
+    def forward(self, x):
+        with pyro.plate("data", x.shape[0]):
+            z = pyro.sample("z", dist.Normal(x.new_zeros(2), 1.0).to_event(1))
+            logits = self.out(self.drop(z))
+            pyro.sample("x", dist.Bernoulli(logits=logits).to_event(1), obs=x)
+
+
+def test_a_graph_fixes_the_modules_modes_and_the_objectives_settings():
+    """A change of k, or of a module's train or eval mode, after the first graph
+    is another graph (or the eager path), never the old graph's numbers."""
+    model, guide = _DropoutModel(), _TorchNormalGuide()
+    elbo = IWELBO(3)
+    compiled = CompiledLoss(elbo, model, guide, backend=None)
+    params = [*model.parameters(), *guide.parameters()]
+
+    def eager(x):
+        return elbo.differentiable_loss(model, guide, x)
+
+    model.eval()
+    _assert_same(compiled, eager, params, _data())
+    elbo.num_particles = 6
+    _assert_same(compiled, eager, params, _data())
+    assert len(compiled._graphs) == 2
+    model.train()
+    with warnings.catch_warnings():
+        # Dropout's draws are lifted, or, where a backend keeps them in the
+        # graph, the eager path runs: the numbers are dropout's either way.
+        warnings.simplefilter("ignore", CompileFallbackWarning)
+        _assert_same(compiled, eager, params, _data())
+    model.eval()
+    _assert_same(compiled, eager, params, _data())

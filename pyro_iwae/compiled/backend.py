@@ -277,7 +277,14 @@ class GraphCache:
         if signature is None:
             self._disable("an argument is neither a tensor nor hashable")
             return None, False
-        key = (key, signature)
+        # A graph fixes each module's train or eval mode (dropout, batch norm).
+        modes = tuple(
+            m.training
+            for fn in (self.model, self.guide)
+            if isinstance(fn, torch.nn.Module)
+            for m in fn.modules()
+        )
+        key = (key, signature, modes)
         if key in self._graphs:
             return self._graphs[key], False
         if len(self._graphs) >= self.max_signatures:

@@ -118,6 +118,19 @@ class CompiledLoss(GraphCache):
         else:
             self._both = _Both(model, guide)
 
+    def _settings(self) -> tuple:
+        """The objective's settings that a graph fixes (its particles, estimator,
+        groups, ...): a change of one builds another graph."""
+        return tuple(
+            sorted(
+                (name, value)
+                for name, value in vars(self.elbo).items()
+                if not name.startswith("_")
+                and name != "compile"  # how it runs, not what it computes
+                and isinstance(value, int | float | str | bool | None)
+            )
+        )
+
     def eager(self, *args: Any, **kwargs: Any) -> torch.Tensor:
         """The eager loss, ``elbo.differentiable_loss(model, guide, *args)``.
 
@@ -195,7 +208,7 @@ class CompiledLoss(GraphCache):
                 members = [id(p) in ids for p in params]
             wanted = tuple(p.requires_grad for p in params)
             graph, fresh = self._lookup(
-                (wanted, scale, adam, members and tuple(members)),
+                (self._settings(), wanted, scale, adam, members and tuple(members)),
                 args,
                 kwargs,
                 lambda: self._build(named, args, kwargs, scale, adam, members),
@@ -252,7 +265,7 @@ class CompiledLoss(GraphCache):
         """The graph for this call's signature (None: run eagerly) and, on the call
         that built and verified it, the compiled loss of this call."""
         graph, fresh = self._lookup(
-            tuple(t.requires_grad for t in named.values()),
+            (self._settings(), tuple(t.requires_grad for t in named.values())),
             args,
             kwargs,
             lambda: self._build(named, args, kwargs),
