@@ -24,6 +24,7 @@ import pyro.distributions as dist
 import pytest
 import torch
 import torch.nn.functional as F
+from pyro.nn import PyroModule
 
 from pyro_iwae import (
     CIWELBO,
@@ -31,6 +32,7 @@ from pyro_iwae import (
     MIWELBO,
     PIWELBO,
     ParticleBroadcastError,
+    fit,
     paper_architecture,
     sbn_architecture,
 )
@@ -1349,3 +1351,25 @@ def test_a_graph_fixes_the_modules_modes_and_the_objectives_settings():
         _assert_same(compiled, eager, params, _data())
     model.eval()
     _assert_same(compiled, eager, params, _data())
+
+
+class _PyroModuleModel(PyroModule):
+    def __init__(self) -> None:
+        super().__init__()
+        self.out = torch.nn.Linear(2, X_DIM)
+
+    forward = _SmallModel.forward
+
+
+def test_a_run_that_fell_back_to_the_eager_path_says_so():
+    # It was recorded, and reported, as compiled.
+    with pytest.warns(CompileFallbackWarning, match="PyroModule"):
+        history = fit(
+            _PyroModuleModel(),
+            _TorchNormalGuide(),
+            _data(8),
+            IWELBO(2, compile=True),
+            batch_size=4,
+        )
+    assert history[-1]["compiled"] is False
+    assert history[-1]["compile_choice"].startswith("as asked; then eager: a Pyro")

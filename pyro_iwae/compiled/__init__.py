@@ -79,7 +79,7 @@ from .log_likelihood import (
     cached_log_likelihood,
     compiled_log_likelihood,
 )
-from .loss import CompiledLoss, compiled_loss
+from .loss import CompiledLoss, compiled_loss, loss_fallback
 
 __all__ = [
     "CompiledLogLikelihood",
@@ -115,6 +115,9 @@ class _CompiledPath:
 
     def seconds(self) -> float:
         return compile_seconds()
+
+    def fallback(self, elbo: Any, model: Callable, guide: Callable) -> str | None:
+        return loss_fallback(elbo, model, guide)
 
 
 register_compiler(_CompiledPath())

@@ -528,3 +528,12 @@ def compiled_loss(elbo: Any, model: Any, guide: Any, **options: Any) -> Compiled
     if entry is None or entry.model is not model or entry.guide is not guide:
         entry = cache[key] = CompiledLoss(elbo, model, guide, **options)
     return entry
+
+
+def loss_fallback(elbo: Any, model: Any, guide: Any) -> str | None:
+    """Why the cached :class:`CompiledLoss` of ``(elbo, model, guide)`` gave way
+    to the eager path for good (None: it did not, or none was made)."""
+    entry = _LOSS_CACHE.get(elbo, {}).get((id(model), id(guide)))
+    if entry is None or entry.model is not model or entry.guide is not guide:
+        return None
+    return entry._disabled

@@ -49,6 +49,11 @@ class Compiler(Protocol):
         """Seconds this process has spent tracing and compiling graphs so far."""
         ...
 
+    def fallback(self, elbo: Any, model: Callable, guide: Callable) -> str | None:
+        """Why the compiled loss of ``(elbo, model, guide)`` gave way to the eager
+        path for good (None: it did not, or none was made)."""
+        ...
+
 
 _compiler: Compiler | None = None
 

@@ -48,7 +48,7 @@ import torch
 
 from ..compiled.backend import cpu_isa_key
 from ..infer.evaluation import compile_seconds
-from ..infer.hooks import backend_of, compiles
+from ..infer.hooks import backend_of, compiler, compiles
 from .checkpoints import write_json
 
 __all__ = [
@@ -235,6 +235,18 @@ class FitCompile:
             path = "compiled" if compiled else "eager"
             self.why = f"auto: {path}, as when the run began (its checkpoint)"
             self.seconds = compile_seconds(self.compile)
+
+    def outcome(
+        self, model: torch.nn.Module, guide: torch.nn.Module
+    ) -> tuple[bool, str]:
+        """Whether the steps run as compiled graphs, and why: the choice, and
+        a fallback to the eager path since (which a warning told of)."""
+        if not compiles(self.compile):
+            return False, self.why
+        reason = compiler().fallback(self.objective, model, guide)
+        if reason is None:
+            return True, self.why
+        return False, f"{self.why}; then eager: {reason}"
 
     def note_compiled(self) -> None:
         """After graphs were compiled: inductor's cache holds them (for a later

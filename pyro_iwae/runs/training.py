@@ -32,7 +32,6 @@ from pyro.infer import ELBO
 
 from ..data import Dataset, minibatches
 from ..errors import TrainingDiverged, one_line
-from ..infer.hooks import compiles
 from ..nn.networks import prepare_pyro_modules
 from . import distributed
 from .auto_compile import FitCompile
@@ -456,6 +455,7 @@ class _Fit:
         eval_time = time.perf_counter() - eval_start
         position = self.position
         position.elapsed += train_time + eval_time
+        compiled, choice = self.compile.outcome(self.model, self.guide)
         metrics = {
             "epoch": epoch,
             "stage": position.stage,
@@ -469,8 +469,8 @@ class _Fit:
             "images_per_s": rate(self.train.shape[0], train_time),
             "eval_time": eval_time,
             "compile_time": self.compile.seconds_spent(),
-            "compiled": compiles(self.compile.compile),
-            "compile_choice": self.compile.why,
+            "compiled": compiled,
+            "compile_choice": choice,
             "elapsed": position.elapsed,
             "steps": position.global_step,
         }
@@ -523,7 +523,7 @@ class _Fit:
             "rng": rng_state(self.device, epoch_start_rng),
             "fit": self.fit_state,
             "config": self.config,
-            "compiled": compiles(self.compile.compile),
+            "compiled": self.compile.outcome(self.model, self.guide)[0],
         }
         if ranks_rng is not None:
             contents["rng"]["ranks"] = ranks_rng
