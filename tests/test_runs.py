@@ -324,8 +324,9 @@ def test_run_object_trains_and_evaluates_as_the_cli_does(tmp_path):
 
     config = RunConfig(train_limit=100, test_limit=20, batch_size=50, epochs=1)
     run = Run.new(config, tmp_path)
-    history = run.train(config)
+    history = run.train()  # the config it was made with
     assert len(history) == 1 and run.has_checkpoint
+    assert run.config == config
     evaluation = run.evaluate(EvalSettings(num_samples=3, limit=8))
     assert evaluation.points == 8 and evaluation["k"] == 3
     saved = json.loads((run.path / "eval-test-k3.json").read_text())

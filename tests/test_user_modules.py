@@ -1,6 +1,8 @@
 """fit and log_likelihood for any nn.Module / PyroModule model and guide, and
 one clear error for each bad input of log_likelihood and dataset_log_likelihood."""
 
+from pathlib import Path
+
 import pyro
 import pyro.distributions as dist
 import pytest
@@ -222,8 +224,20 @@ def test_fit_refuses_bad_arguments_in_one_line():
     one-line error that says what fit takes, before anything trains."""
     model, guide = LinearModel(), LinearGuide()
     x = torch.rand(10, D)
-    with pytest.raises(ValueError, match=r"no training points \(data of shape \[0, "):
+    with pytest.raises(ValueError, match=r"one point, got shape \[0, "):
         fit(model, guide, x[:0], IWELBO(2))
+    # A single point without its batch dimension trained as D points of one value.
+    with pytest.raises(ValueError, match=r"got shape \[4\] \(one point: x.unsqueeze"):
+        fit(model, guide, x[0], IWELBO(2))
+    # Test points unlike the training ones failed after a whole epoch.
+    for test in (torch.rand(5, D + 1), torch.rand(5, D, dtype=torch.float64)):
+        with pytest.raises(ValueError, match="pass test points like the training"):
+            fit(model, guide, x, IWELBO(2), test_data=test)
+    # What the checkpoint could not load back, and a seed that is no integer.
+    with pytest.raises(ValueError, match="keeps JSON values only"):
+        fit(model, guide, x, IWELBO(2), config={"data": Path("x")})
+    with pytest.raises(ValueError, match="seed must be an integer, got None"):
+        fit(model, guide, x, IWELBO(2), seed=None)
     with pytest.raises(TypeError, match=r"objective is a Pyro ELBO.*got str$"):
         fit(model, guide, x, "iwae")
     with pytest.raises(

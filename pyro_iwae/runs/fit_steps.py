@@ -5,6 +5,7 @@ where training stands in the schedule (saved in checkpoints)."""
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -14,7 +15,7 @@ import torch
 from pyro.infer import ELBO
 
 from ..data import Dataset, in_unit_interval
-from ..errors import CheckpointError, literal
+from ..errors import CheckpointError, literal, one_line
 from ..infer.evaluation import dataset_log_likelihood
 from ..infer.hooks import backend_of, compiler, compiles
 from . import distributed
@@ -48,9 +49,11 @@ def checked_schedule(
     checkpoint_every: int | None,
     resume: bool,
     run_dir: str | os.PathLike | None,
+    seed: Any = 0,
+    config: dict[str, Any] | None = None,
 ) -> Schedule:
     """The schedule as (epochs, lr) pairs, once the arguments of fit that need
-    no model (``objective`` among them) are checked."""
+    no model (``objective``, ``seed`` and ``config`` among them) are checked."""
     if not isinstance(objective, ELBO):
         raise TypeError(
             "fit's objective is a Pyro ELBO, such as IWELBO(5) or "
@@ -63,6 +66,16 @@ def checked_schedule(
         raise ValueError(f"checkpoint_every must be >= 1, got {checkpoint_every}")
     if resume and run_dir is None:
         raise ValueError("resume needs the run_dir of the run to continue")
+    if not isinstance(seed, int) or isinstance(seed, bool):
+        raise ValueError(f"seed must be an integer, got {seed!r}")
+    try:  # the checkpoint keeps it, and loads only plain values back
+        json.dumps(config, allow_nan=True)
+    except (TypeError, ValueError) as e:
+        raise ValueError(
+            f"fit's config is stored in the checkpoint, which keeps JSON values only "
+            f"(strings, numbers, booleans, None, lists and dicts of them): "
+            f"{one_line(e)}; convert the values (str(path), float(x))"
+        ) from None
     return schedule
 
 
@@ -94,15 +107,21 @@ def fit_data(
             test_data = data.test
     else:
         train = data
-    if not len(train):
+    if train.dim() < 2 or not len(train):
         raise ValueError(
-            f"fit got no training points (data of shape {list(train.shape)}); "
-            "pass at least one"
+            f"fit takes data of shape [N, ...], one row per point, with at least "
+            f"one point, got shape {list(train.shape)} (one point: x.unsqueeze(0))"
         )
     train = train.to(device)
     test = None
     if test_data is not None:
         test = test_data[:test_size] if test_size is not None else test_data
+        if test.shape[1:] != train.shape[1:] or test.dtype != train.dtype:
+            raise ValueError(
+                f"fit's test points are {test.dtype} of shape {list(test.shape[1:])}, "
+                f"its training points {train.dtype} of shape "
+                f"{list(train.shape[1:])}; pass test points like the training ones"
+            )
         test = test.to(device) if test.shape[0] else None
     return train, test
 

@@ -94,6 +94,7 @@ class Run:
     def __init__(self, path: str | os.PathLike) -> None:
         self.path = Path(path)
         self._made = False  # whether this object made the folder
+        self._new_config: RunConfig | None = None  # the config of Run.new
 
     def __repr__(self) -> str:
         return f"Run({str(self.path)!r})"
@@ -105,7 +106,7 @@ class Run:
     def new(cls, config: RunConfig, runs_dir: str | os.PathLike = "runs") -> Run:
         """A run in a fresh folder of ``runs_dir`` (see :func:`new_run_dir`)."""
         run = cls(new_run_dir(runs_dir, config))
-        run._made = True
+        run._made, run._new_config = True, config
         return run
 
     @classmethod
@@ -183,12 +184,15 @@ class Run:
         data_dir: str | os.PathLike | None = None,
         callback: FitCallback | None = None,
     ) -> list[dict[str, Any]]:
-        """Trains ``config`` here (writing ``config.json``), or resumes the run
-        with ``config`` (None: its own; more epochs or stages extend it): see
+        """Trains ``config`` (None: the one :meth:`new` was given) here, writing
+        ``config.json``, or resumes the run with ``config`` (None: its own; more
+        epochs or stages extend it): see
         ``pyro_iwae.runs.run_writer.train``. Returns the metrics of every epoch.
 
         :raises RunBusy: if another process (group) trains the run.
         """
+        if config is None and not resume:
+            config = self._new_config
         return run_writer.train(
             self.path,
             config,

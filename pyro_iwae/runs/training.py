@@ -184,9 +184,8 @@ class _Fit:
         callback: FitCallback | None,
         binarize: bool | None,
     ) -> None:
-        schedule = checked_schedule(
-            objective, schedule, batch_size, checkpoint_every, resume, run_dir
-        )
+        checked = (schedule, batch_size, checkpoint_every, resume, run_dir, seed)
+        schedule = checked_schedule(objective, *checked, config)
         self.seed, self.resuming = seed, resume
         self.model, self.guide, self.objective = model, guide, objective
         self.schedule, self.batch_size = schedule, batch_size
