@@ -1373,3 +1373,17 @@ def test_a_run_that_fell_back_to_the_eager_path_says_so():
         )
     assert history[-1]["compiled"] is False
     assert history[-1]["compile_choice"].startswith("as asked; then eager: a Pyro")
+
+
+def test_an_evaluation_drawing_from_computed_tensors_falls_back_as_training_does():
+    """The SBN's guide draws Bernoulli latents from probabilities the graph
+    computes: compiled, the draws were the compiler's own, and --compile on gave
+    another estimate than --compile off from the same seed, without a word."""
+    model, guide = sbn_architecture(1, x_dim=X_DIM)
+    x = _data()
+    with pytest.warns(CompileFallbackWarning, match="with tensor arguments"):
+        torch.manual_seed(7)
+        compiled = log_likelihood(model, guide, x, num_samples=6, compile=True)
+    torch.manual_seed(7)
+    eager = log_likelihood(model, guide, x, num_samples=6)
+    torch.testing.assert_close(compiled, eager, rtol=0, atol=0)

@@ -24,7 +24,9 @@ from ..infer.evaluation import (
 from ..infer.objectives import IWELBO
 from .backend import GraphCache, close_enough, compile_graph, describe
 from .capture import (
+    SEEDED_MESSAGE,
     CallArgs,
+    Unsupported,
     call_tensors,
     draw_noise,
     named_tensors,
@@ -283,11 +285,14 @@ class CompiledLogLikelihood(GraphCache):
         with evaluating(self.model, self.guide):
             inputs = [t.detach() for t in named.values()] + call.tensors
             gm, noise_ops = trace_graph(step, inputs)
-            fewer_transcendentals(gm)
-            # Left in the graph, a compiler draws these from its own generator;
-            # uncompiled, the graph draws them after the lifted draws, not
-            # among them as the eager program does: other numbers either way.
+            # Left in the graph, a compiler draws these from its own generator:
+            # another estimate than the eager path's from the same seed, as the
+            # compiled loss refuses it (uncompiled, the graph draws them after
+            # the lifted draws, not among them: other numbers too).
             own_draws = bool(seeded_ops(gm.graph))
+            if own_draws and self.backend is not None:
+                raise Unsupported(SEEDED_MESSAGE)
+            fewer_transcendentals(gm)
             fn = compile_graph(
                 gm, self.backend, self.compile_options, inputs, noise_ops
             )
