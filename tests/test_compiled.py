@@ -1387,3 +1387,30 @@ def test_an_evaluation_drawing_from_computed_tensors_falls_back_as_training_does
     torch.manual_seed(7)
     eager = log_likelihood(model, guide, x, num_samples=6)
     torch.testing.assert_close(compiled, eager, rtol=0, atol=0)
+
+
+class _BatchNormGuide(_TorchNormalGuide):
+    def __init__(self) -> None:
+        super().__init__()
+        self.norm = torch.nn.BatchNorm1d(X_DIM)
+
+    def forward(self, x):
+        super().forward(self.norm(x))
+
+
+def test_the_check_of_a_new_graph_moves_no_running_statistics():
+    """The eager run that checks a new graph put batch norm's running mean
+    forward a second time: the first compiled call moved it twice as far."""
+    x = _data(4)
+    moves = []
+    for path in ("eager", "compiled"):
+        guide = _BatchNormGuide()
+        model = _SmallModel()
+        torch.manual_seed(3)
+        if path == "eager":
+            IWELBO(2).differentiable_loss(model, guide, x)
+        else:
+            CompiledLoss(IWELBO(2), model, guide, backend=None)(x)
+        moves.append(guide.norm.running_mean.clone())
+    torch.testing.assert_close(moves[1], moves[0])
+    assert moves[0].abs().sum() > 0

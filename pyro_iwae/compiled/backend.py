@@ -326,3 +326,20 @@ def describe(error: Exception) -> str:
 def close_enough(a: torch.Tensor, b: torch.Tensor, rtol: float) -> bool:
     scale = b.abs().max().clamp_min(1e-6)
     return bool(((a - b).abs().max() <= rtol * scale).item())
+
+
+@contextlib.contextmanager
+def kept_buffers(*modules: Any) -> Iterator[None]:
+    """Puts the buffers of the ``nn.Module`` s among ``modules`` (batch norm's
+    running statistics) back as they were on exit: the eager run that checks a
+    new graph must not move them a second time."""
+    buffers = [
+        b for m in modules if isinstance(m, torch.nn.Module) for b in m.buffers()
+    ]
+    saved = [b.detach().clone() for b in buffers]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for buffer, value in zip(buffers, saved, strict=True):
+                buffer.copy_(value)

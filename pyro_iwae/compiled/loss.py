@@ -19,7 +19,7 @@ from .adam import (
     clear_grads,
     graph_adam,
 )
-from .backend import GraphCache, close_enough, compile_graph, describe
+from .backend import GraphCache, close_enough, compile_graph, describe, kept_buffers
 from .capture import (
     SEEDED_MESSAGE,
     CallArgs,
@@ -422,7 +422,10 @@ class CompiledLoss(GraphCache):
         ones, from the same noise (CPU and GPU random states); else None."""
         trainable = [p for p, m in zip(params, graph.grad_mask, strict=True) if m]
         devices = cuda_devices((*params, *call_tensors(args, kwargs)), {})
-        with torch.random.fork_rng(devices=devices):
+        with (
+            torch.random.fork_rng(devices=devices),
+            kept_buffers(self.model, self.guide),
+        ):
             eager = self.eager(*args, **kwargs)
             eager_grads = torch.autograd.grad(eager, trainable, allow_unused=True)
         compiled = self._run(graph, params, args, kwargs)
@@ -447,7 +450,10 @@ class CompiledLoss(GraphCache):
         check passes, else the eager optimiser's from the eager gradients."""
         trainable = [p for p, m in zip(params, graph.grad_mask, strict=True) if m]
         devices = cuda_devices((*params, *call_tensors(args, kwargs)), {})
-        with torch.random.fork_rng(devices=devices):
+        with (
+            torch.random.fork_rng(devices=devices),
+            kept_buffers(self.model, self.guide),
+        ):
             eager = self.eager(*args, **kwargs) * graph.scale
             eager_grads = torch.autograd.grad(eager, trainable, allow_unused=True)
         moved = [params[i] for i in graph.updated]
