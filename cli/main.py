@@ -238,7 +238,8 @@ def _train(
             f"{last['train_bound']:.2f}, test {test_text}"
         )
         epochs = last["epoch"]
-        compiling = sum(m.get("compile_time", 0.0) for m in history)
+        this_call = history[len(history) - progress.epochs_run :]
+        compiling = sum(m.get("compile_time", 0.0) for m in this_call)
         compiling = f", {compiling:.1f} s of it compiling" if compiling else ""
         steps = "as compiled graphs" if last.get("compiled") else "eagerly"
         if last.get("compile_choice", "as asked") != "as asked":
