@@ -84,8 +84,10 @@ class CompiledLoss(GraphCache):
     :param verify: check the first call of each input signature against the eager
         loss and gradients (same noise); on a mismatch warn and fall back.
     :param rtol: the relative tolerance of that check.
-    :param max_signatures: at most this many input signatures get a graph; later
-        ones run eagerly (with a warning), since each costs a compilation.
+    :param max_signatures: at most this many input signatures (with the modules'
+        modes and the objective's settings) get a graph, since each costs a
+        compilation: one more gives the compiled path up, with a warning, and
+        every later call runs eagerly, as after any fallback.
 
     Calling the object returns the loss with a ``grad_fn``: its backward puts the
     precomputed gradients (times the incoming gradient) into the parameters'
