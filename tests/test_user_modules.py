@@ -238,6 +238,10 @@ def test_fit_refuses_bad_arguments_in_one_line():
         fit(model, guide, x, IWELBO(2), config={"data": Path("x")})
     with pytest.raises(ValueError, match="seed must be an integer, got None"):
         fit(model, guide, x, IWELBO(2), seed=None)
+    frozen, frozen_guide = LinearModel().requires_grad_(False), LinearGuide()
+    frozen_guide.requires_grad_(False)
+    with pytest.raises(ValueError, match="every parameter .* frozen"):
+        fit(frozen, frozen_guide, x, IWELBO(2))
     with pytest.raises(TypeError, match=r"objective is a Pyro ELBO.*got str$"):
         fit(model, guide, x, "iwae")
     with pytest.raises(

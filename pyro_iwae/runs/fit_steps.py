@@ -80,7 +80,9 @@ def checked_schedule(
 
 
 def parameters_of(*modules: Any) -> list[torch.nn.Parameter]:
-    """The parameters of the modules among ``modules``, each once."""
+    """The parameters of the modules among ``modules``, each once.
+
+    :raises ValueError: if there are some and all are frozen."""
     params: dict[int, torch.nn.Parameter] = {}
     for module in modules:
         if not isinstance(module, torch.nn.Module):
@@ -91,6 +93,11 @@ def parameters_of(*modules: Any) -> list[torch.nn.Parameter]:
             )
         for p in module.parameters():
             params.setdefault(id(p), p)
+    if params and not any(p.requires_grad for p in params.values()):
+        raise ValueError(
+            "fit found every parameter of the model and guide frozen "
+            "(requires_grad False): nothing to train; unfreeze some"
+        )
     return list(params.values())
 
 
