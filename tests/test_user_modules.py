@@ -242,6 +242,12 @@ def test_fit_refuses_bad_arguments_in_one_line():
     frozen_guide.requires_grad_(False)
     with pytest.raises(ValueError, match="every parameter .* frozen"):
         fit(frozen, frozen_guide, x, IWELBO(2))
+    with pytest.raises(TypeError, match="callback must be a FitCallback, got list"):
+        fit(model, guide, x, IWELBO(2), callback=[])
+    holes = x.clone()
+    holes[3, 1] = float("nan")
+    with pytest.raises(ValueError, match=r"NaN or infinite values \(1 of 10 points\)"):
+        fit(model, guide, holes, IWELBO(2))
     with pytest.raises(TypeError, match=r"objective is a Pyro ELBO.*got str$"):
         fit(model, guide, x, "iwae")
     with pytest.raises(

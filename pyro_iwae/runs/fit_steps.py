@@ -19,6 +19,7 @@ from ..errors import CheckpointError, literal, one_line
 from ..infer.evaluation import dataset_log_likelihood
 from ..infer.hooks import backend_of, compiler, compiles
 from . import distributed
+from .callbacks import FitCallback
 from .checkpoints import CHECKPOINT_FILE
 from .schedules import Schedule, as_schedule, continues
 
@@ -51,9 +52,10 @@ def checked_schedule(
     run_dir: str | os.PathLike | None,
     seed: Any = 0,
     config: dict[str, Any] | None = None,
+    callback: Any = None,
 ) -> Schedule:
     """The schedule as (epochs, lr) pairs, once the arguments of fit that need
-    no model (``objective``, ``seed`` and ``config`` among them) are checked."""
+    no model (``objective``, ``seed``, ``config``, ``callback``) are checked."""
     if not isinstance(objective, ELBO):
         raise TypeError(
             "fit's objective is a Pyro ELBO, such as IWELBO(5) or "
@@ -68,6 +70,11 @@ def checked_schedule(
         raise ValueError("resume needs the run_dir of the run to continue")
     if not isinstance(seed, int) or isinstance(seed, bool):
         raise ValueError(f"seed must be an integer, got {seed!r}")
+    if callback is not None and not isinstance(callback, FitCallback):
+        raise TypeError(
+            f"fit's callback must be a FitCallback, got {type(callback).__name__}; "
+            "subclass pyro_iwae.FitCallback and override the hooks you need"
+        )
     try:  # the checkpoint keeps it, and loads only plain values back
         json.dumps(config, allow_nan=True)
     except (TypeError, ValueError) as e:
@@ -118,6 +125,12 @@ def fit_data(
         raise ValueError(
             f"fit takes data of shape [N, ...], one row per point, with at least "
             f"one point, got shape {list(train.shape)} (one point: x.unsqueeze(0))"
+        )
+    if train.is_floating_point() and not bool(train.isfinite().all()):
+        rows = (~train.isfinite()).reshape(len(train), -1).any(-1)
+        raise ValueError(
+            f"fit's training data hold NaN or infinite values ({int(rows.sum())} "
+            f"of {len(train)} points); drop those points or fill them in"
         )
     train = train.to(device)
     test = None

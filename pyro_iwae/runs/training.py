@@ -185,7 +185,7 @@ class _Fit:
         binarize: bool | None,
     ) -> None:
         checked = (schedule, batch_size, checkpoint_every, resume, run_dir, seed)
-        schedule = checked_schedule(objective, *checked, config)
+        schedule = checked_schedule(objective, *checked, config, callback)
         self.seed, self.resuming = seed, resume
         self.model, self.guide, self.objective = model, guide, objective
         self.schedule, self.batch_size = schedule, batch_size
