@@ -19,7 +19,7 @@ from .hooks import backend_of, check_compile, compiler, compiles
 from .log_weights import Particles
 from .objectives import IWELBO
 from .support import is_point_mass
-from .traces import PARTICLE_PLATE, sample_sites
+from .traces import PARTICLE_PLATE, latent_sites, sample_sites
 
 #: Bytes of memory one chunk of particles may take, by default.
 DEFAULT_MEMORY_BUDGET = 256 * 2**20
@@ -344,17 +344,11 @@ def innermost(error: BaseException) -> BaseException:
 def check_density(guide_trace: pyro.poutine.Trace, caller: str) -> None:
     """:raises ValueError: if every latent site of the guide is a point mass
     (``Delta``, as ``AutoDelta``'s are): its draws have no density to weigh."""
-    latent = [
-        site
-        for site in guide_trace.nodes.values()
-        if site["type"] == "sample"
-        and not site["is_observed"]
-        and not site_is_subsample(site)
-    ]
-    if latent and all(is_point_mass(site["fn"]) for site in latent):
+    latent = list(latent_sites(guide_trace))
+    if latent and all(is_point_mass(site["fn"]) for _, site in latent):
         raise ValueError(
             f"{caller} weighs the guide's draws by its density, but every latent "
-            f"site of the guide is a point mass (Delta: {latent[0]['name']!r}), "
+            f"site of the guide is a point mass (Delta: {latent[0][0]!r}), "
             "as AutoDelta's are: the estimate would be log p(x, z) at one z, no "
             "bound on log p(x); use a guide with a density, such as AutoNormal"
         )
