@@ -31,6 +31,7 @@ from pyro_iwae.errors import (
 )
 from pyro_iwae.infer.sampling import reconstruct, sample_images
 from pyro_iwae.runs import distributed
+from pyro_iwae.runs.allocator import keep_freed_memory
 from pyro_iwae.runs.callbacks import CallbackList
 from pyro_iwae.runs.config import RunConfig
 from pyro_iwae.runs.denormals import flush_denormals_from_start
@@ -452,14 +453,18 @@ def sample(
 
 
 def main() -> None:
-    """The ``pyro-iwae`` console script: :func:`cli`, with the interpreter's
-    shutdown left without its last garbage collection."""
+    """The ``pyro-iwae`` console script: :func:`cli`, with freed memory kept for
+    reuse and the interpreter's shutdown left without its last garbage
+    collection."""
+    # Each step frees what the next allocates again: kept in the heap, it is not
+    # faulted in afresh (pyro_iwae.runs.allocator).
+    keep_freed_memory()
     try:
         cli()
     finally:
         # Everything is written by now. Python's shutdown would walk every
         # object torch, dynamo and inductor made (0.4-0.8 s of a command's wall
-        # here, bench/cli_overhead.py); frozen objects are left out of that walk
+        # here, bench/shutdown.py); frozen objects are left out of that walk
         # and are still freed by the operating system.
         gc.freeze()
 
