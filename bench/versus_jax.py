@@ -61,6 +61,7 @@ import pyro_iwae.optim
 from pyro_iwae import IWELBO, log_likelihood, paper_architecture
 from pyro_iwae.compiled import CompiledLogLikelihood
 from pyro_iwae.infer.evaluation import default_chunk_size
+from pyro_iwae.runs.allocator import keep_freed_memory
 from pyro_iwae.runs.denormals import flush_denormals, flush_denormals_from_start
 from pyro_iwae.runs.fit_steps import adam_step
 
@@ -645,7 +646,17 @@ def main(argv: list[str] | None = None) -> None:
         "torch's worker threads flush them, as under pyro-iwae fit; the rows "
         "that do not flush keep their calling thread's mode)",
     )
+    parser.add_argument(
+        "--glibc-defaults",
+        dest="keep_freed_memory",
+        action="store_false",
+        help="leave glibc malloc's thresholds at their defaults (by default this "
+        "process keeps freed memory for reuse, as the pyro-iwae command does: "
+        "pyro_iwae.runs.allocator; the JAX peer keeps its own defaults)",
+    )
     args = parser.parse_args(argv)
+    if args.keep_freed_memory:
+        keep_freed_memory()
     if args.flush_at_start:
         # Before torch's thread pool starts, as pyro-iwae fit does.
         flush_denormals_from_start()
@@ -672,6 +683,11 @@ def main(argv: list[str] | None = None) -> None:
                 jax_chunk=args.jax_chunk,
                 ll_repeats=args.ll_repeats,
                 parts="train, log_likelihood" if args.train else "log_likelihood",
+                torch_malloc=(
+                    "freed memory kept (pyro_iwae.runs.allocator)"
+                    if args.keep_freed_memory
+                    else "glibc defaults"
+                ),
                 cores=(
                     f"one, CPU {min(cpus)} for both sides (sched_setaffinity)"
                     if cpus
