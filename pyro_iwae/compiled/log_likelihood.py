@@ -13,6 +13,7 @@ import pyro
 import torch
 
 from ..infer.arguments import check_batch, cuda_devices
+from ..infer.estimable import checked_particles
 from ..infer.evaluation import (
     LogWeights,
     check_count,
@@ -222,7 +223,11 @@ class CompiledLogLikelihood(GraphCache):
                 torch.random.fork_rng(devices=cuda_devices(args, kwargs)),
                 evaluating(self.model, self.guide),
             ):
-                traces = elbo.particles(self.model, self.guide, *args, **kwargs).traces
+                # A program no estimate per point can come from runs eagerly,
+                # whose checks say why.
+                traces = checked_particles(
+                    lambda: elbo.particles(self.model, self.guide, *args, **kwargs)
+                ).traces
         except Exception:  # noqa: BLE001 - the eager path raises it again, in full
             return None
         return tuple(

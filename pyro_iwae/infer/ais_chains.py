@@ -17,7 +17,7 @@ from torch.distributions import constraints
 from ..errors import AISError, ParticleBroadcastError
 from .diagnostics import _broadcastable, _with_particle_dim
 from .enumeration import Unenumerated
-from .evaluation import check_plates
+from .estimable import checked_particles
 from .objectives import IWELBO
 from .support import is_point_mass
 from .traces import _log_prob, latent_sites
@@ -91,12 +91,13 @@ class Chains:
             num_particles=num_chains, max_plate_nesting=settings.max_plate_nesting
         )
         try:
-            particles = self.elbo.particles(model, guide, *args, **kwargs)
+            # Raises without a data plate, before any annealing.
+            particles = checked_particles(
+                lambda: self.elbo.particles(model, guide, *args, **kwargs), "AIS"
+            )
         except ParticleBroadcastError as e:
             raise e.for_evaluator("AIS") from None
         self.local_dims = particles.local_dims
-        # Raises without a data plate, before any annealing.
-        check_plates(*particles.traces[0], caller="AIS")
         self.plate_dims = particles.log_weights.dim()
         model_trace, self.template = particles.traces[0]
         self.prior_template = model_trace

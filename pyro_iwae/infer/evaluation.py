@@ -10,16 +10,14 @@ from typing import Any, NamedTuple
 
 import pyro
 import torch
-from pyro.poutine.util import site_is_subsample
 
 from ..errors import ParticleBroadcastError, check_count
 from ..nn.networks import prepare_pyro_modules
 from .arguments import check_batch, cuda_devices
+from .estimable import check_plates, checked_particles
 from .hooks import backend_of, check_compile, compiler, compiles
 from .log_weights import Particles
 from .objectives import IWELBO
-from .support import is_point_mass
-from .traces import PARTICLE_PLATE, latent_sites, sample_sites
 
 #: Bytes of memory one chunk of particles may take, by default.
 DEFAULT_MEMORY_BUDGET = 256 * 2**20
@@ -251,10 +249,8 @@ def particle_chunks(
                     max_plate_nesting=max_plate_nesting,
                     vectorize_particles=vectorize_particles,
                 )
-                particles = elbo.particles(model, guide, *args, **kwargs)
-                if index == 0:
-                    check_plates(*particles.traces[0])
-                yield particles
+                draw = lambda: elbo.particles(model, guide, *args, **kwargs)  # noqa: B023, E731
+                yield checked_particles(draw) if index == 0 else draw()
     except (ValueError, RuntimeError) as e:
         # A program whose plates give no estimate per point can fail as one that
         # does not broadcast: the plates are what to fix.
@@ -339,87 +335,6 @@ def innermost(error: BaseException) -> BaseException:
     ):
         error = cause
     return error
-
-
-def check_density(guide_trace: pyro.poutine.Trace, caller: str) -> None:
-    """:raises ValueError: if every latent site of the guide is a point mass
-    (``Delta``, as ``AutoDelta``'s are): its draws have no density to weigh."""
-    latent = list(latent_sites(guide_trace))
-    if latent and all(is_point_mass(site["fn"]) for _, site in latent):
-        raise ValueError(
-            f"{caller} weighs the guide's draws by its density, but every latent "
-            f"site of the guide is a point mass (Delta: {latent[0][0]!r}), "
-            "as AutoDelta's are: the estimate would be log p(x, z) at one z, no "
-            "bound on log p(x); use a guide with a density, such as AutoNormal"
-        )
-
-
-def check_plates(
-    model_trace: pyro.poutine.Trace,
-    guide_trace: pyro.poutine.Trace,
-    caller: str = "log_likelihood",
-) -> None:
-    """Checks that a data plate encloses every sample site and that the observed
-    values run along it, for per-point estimates by ``caller``.
-
-    :raises ValueError: naming the site and what to do; also for a guide of
-        point masses only (see :func:`check_density`).
-    """
-    check_density(guide_trace, caller)
-    sites = [
-        site
-        for site in sample_sites((model_trace, guide_trace))
-        if not site_is_subsample(site)
-    ]
-    frames = {
-        site["name"]: {
-            f
-            for f in site["cond_indep_stack"]
-            if f.vectorized and f.name != PARTICLE_PLATE
-        }
-        for site in sites
-    }
-    common = set.intersection(*frames.values()) if frames else set()
-    if not common:
-        outside = [name for name, fs in frames.items() if not fs]
-        where = (
-            f"site {outside[0]!r} is outside every plate"
-            if outside
-            else "no plate encloses every sample site"
-        )
-        advice = (
-            "put it inside the data plate (with pyro.plate('data', len(x)): ...), "
-            "or, for a latent shared by all points, estimate log p(x) of the whole "
-            "batch with joint_log_likelihood"
-        )
-        if outside and outside[0] not in model_trace.nodes:
-            # A guide's own site, such as an autoguide's one vector for all points
-            # (AutoDiagonalNormal, AutoMultivariateNormal, ...): not the user's code.
-            advice = (
-                "use a guide that samples each point's latents in the data plate, "
-                "such as AutoNormal instead of a joint autoguide"
-            )
-        raise ValueError(
-            f"{caller} needs a data plate that encloses every sample site of "
-            f"model and guide, to give one estimate per data point, but {where}: "
-            f"{advice}"
-        )
-    for site in sites:
-        if not site["is_observed"]:
-            continue
-        value, event_dim = site["value"], len(site["fn"].event_shape)
-        for frame in sorted(common, key=lambda f: f.dim):
-            dim = frame.dim - event_dim
-            if frame.size > 1 and (
-                value.dim() < -dim or value.shape[dim] != frame.size
-            ):
-                raise ValueError(
-                    f"the observed value of site {site['name']!r} has shape "
-                    f"{list(value.shape)}, which does not run along the data plate "
-                    f"{frame.name!r} of size {frame.size}: the data lack their batch "
-                    "dimension; pass a batch of shape [N, ...] (x.unsqueeze(0) for "
-                    "one point)"
-                )
 
 
 def dataset_log_likelihood(

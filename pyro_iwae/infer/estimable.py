@@ -1,0 +1,180 @@
+"""What a per-point estimate of log p(x) needs of a model and guide, checked on
+one run of them: a data plate around every sample site, the observed values
+along it, a guide with a density, every point in every chunk (no sub-sampled
+plate), unscaled latents, and no guide latent the model lacks. Each failure is a
+``ValueError`` of one line, naming the site and what to do.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import pyro
+from pyro.poutine.messenger import Messenger
+from pyro.poutine.util import site_is_subsample
+
+from .support import is_point_mass
+from .traces import PARTICLE_PLATE, latent_sites, relative_scale, sample_sites
+
+
+def check_density(guide_trace: pyro.poutine.Trace, caller: str) -> None:
+    """:raises ValueError: if every latent site of the guide is a point mass
+    (``Delta``, as ``AutoDelta``'s are): its draws have no density to weigh."""
+    latent = list(latent_sites(guide_trace))
+    if latent and all(is_point_mass(site["fn"]) for _, site in latent):
+        raise ValueError(
+            f"{caller} weighs the guide's draws by its density, but every latent "
+            f"site of the guide is a point mass (Delta: {latent[0][0]!r}), "
+            "as AutoDelta's are: the estimate would be log p(x, z) at one z, no "
+            "bound on log p(x); use a guide with a density, such as AutoNormal"
+        )
+
+
+def check_weights(
+    model_trace: pyro.poutine.Trace, guide_trace: pyro.poutine.Trace, caller: str
+) -> None:
+    """Checks that each particle's weight p(x, z) / q(z) is one of every point's
+    own, unbiased for p(x).
+
+    :raises ValueError: if a plate draws its own sub-sample (each chunk of
+        particles would weigh other points), if a latent site has another scale
+        than the observed sites (``poutine.scale`` on it: a tempered density), or
+        if a latent site of the guide is not in the model (its q would count
+        without its p).
+    """
+    observed = [s for s in sample_sites((model_trace,)) if s["is_observed"]]
+    for name, _ in latent_sites(guide_trace):
+        if name not in model_trace.nodes:
+            raise ValueError(
+                f"{caller} weighs each draw by p(x, z) / q(z), but the guide's latent "
+                f"site {name!r} is not in the model: its density would count in q "
+                "without its part in p, and the estimate is no bound on log p(x); "
+                "sample it in the model too, or drop it from the guide"
+            )
+    if not observed:
+        return
+    for _, site in [*latent_sites(model_trace), *latent_sites(guide_trace)]:
+        factor = relative_scale(site, observed[0]["scale"])
+        if not (isinstance(factor, float) and factor == 1.0):
+            raise ValueError(
+                f"{caller} estimates log p(x), but latent site {site['name']!r} has "
+                f"another scale ({site['scale']}) than the observed sites "
+                f"({observed[0]['scale']}; poutine.scale): the estimate would be of "
+                "a tempered density; evaluate without that scale (an annealing "
+                "weight set to 1)"
+            )
+
+
+class _SubsampleDraws(Messenger):
+    """Records the plates that draw a sub-sample of their indices (the traces
+    of particles keep no sub-sample sites)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.plates: list[str] = []
+
+    def _pyro_post_sample(self, msg: dict) -> None:
+        # A plate's sub-sample site bears the plate's name.
+        if site_is_subsample(msg) and _draws_subsample(msg["fn"]):
+            self.plates.append(msg["name"])
+
+
+def checked_particles(draw: Callable[[], Any], caller: str = "log_likelihood") -> Any:
+    """``draw()``'s particles (a :class:`~pyro_iwae.infer.log_weights.Particles`),
+    checked by :func:`check_plates` on their first pair of traces.
+
+    :raises ValueError: as :func:`check_plates`, and where a plate draws a
+        sub-sample of the points (``subsample_size``): each chunk of particles,
+        or each step of a chain, would weigh other points.
+    """
+    recorder = _SubsampleDraws()
+    with recorder:
+        particles = draw()
+    if recorder.plates:
+        raise ValueError(
+            f"{caller} gives one estimate per data point, but plate "
+            f"{recorder.plates[0]!r} draws a sub-sample of the points "
+            "(subsample_size), other points every time the model runs; pass the "
+            "points to estimate as the whole batch, without subsample_size"
+        )
+    check_plates(*particles.traces[0], caller=caller)
+    return particles
+
+
+def _draws_subsample(fn: Any) -> bool:
+    """Whether a plate's ``_Subsample`` draws fewer indices than its size (a
+    sub-sample given as ``subsample=`` draws none)."""
+    wanted = getattr(fn, "subsample_size", None)
+    return wanted is not None and wanted < fn.size
+
+
+def check_plates(
+    model_trace: pyro.poutine.Trace,
+    guide_trace: pyro.poutine.Trace,
+    caller: str = "log_likelihood",
+) -> None:
+    """Checks that a data plate encloses every sample site and that the observed
+    values run along it, for per-point estimates by ``caller``.
+
+    :raises ValueError: naming the site and what to do; also for a guide of
+        point masses only (see :func:`check_density`), a latent site scaled
+        apart from the observed ones, or a guide latent site the model lacks
+        (see :func:`check_weights`).
+    """
+    check_density(guide_trace, caller)
+    check_weights(model_trace, guide_trace, caller)
+    sites = [
+        site
+        for site in sample_sites((model_trace, guide_trace))
+        if not site_is_subsample(site)
+    ]
+    frames = {
+        site["name"]: {
+            f
+            for f in site["cond_indep_stack"]
+            if f.vectorized and f.name != PARTICLE_PLATE
+        }
+        for site in sites
+    }
+    common = set.intersection(*frames.values()) if frames else set()
+    if not common:
+        outside = [name for name, fs in frames.items() if not fs]
+        where = (
+            f"site {outside[0]!r} is outside every plate"
+            if outside
+            else "no plate encloses every sample site"
+        )
+        advice = (
+            "put it inside the data plate (with pyro.plate('data', len(x)): ...), "
+            "or, for a latent shared by all points, estimate log p(x) of the whole "
+            "batch with joint_log_likelihood"
+        )
+        if outside and outside[0] not in model_trace.nodes:
+            # A guide's own site, such as an autoguide's one vector for all points
+            # (AutoDiagonalNormal, AutoMultivariateNormal, ...): not the user's code.
+            advice = (
+                "use a guide that samples each point's latents in the data plate, "
+                "such as AutoNormal instead of a joint autoguide"
+            )
+        raise ValueError(
+            f"{caller} needs a data plate that encloses every sample site of "
+            f"model and guide, to give one estimate per data point, but {where}: "
+            f"{advice}"
+        )
+    for site in sites:
+        if not site["is_observed"]:
+            continue
+        value, event_dim = site["value"], len(site["fn"].event_shape)
+        for frame in sorted(common, key=lambda f: f.dim):
+            dim = frame.dim - event_dim
+            if frame.size > 1 and (
+                value.dim() < -dim or value.shape[dim] != frame.size
+            ):
+                raise ValueError(
+                    f"the observed value of site {site['name']!r} has shape "
+                    f"{list(value.shape)}, which does not run along the data plate "
+                    f"{frame.name!r} of size {frame.size}: the data lack their batch "
+                    "dimension; pass a batch of shape [N, ...] (x.unsqueeze(0) for "
+                    "one point)"
+                )

@@ -1,0 +1,109 @@
+"""Tests of pyro_iwae.infer.estimable: the evaluators refuse, in one line, the
+programs whose weights are no per-point estimate of log p(x) (a plate that draws
+a sub-sample, a latent scaled apart from the data, a guide latent the model
+lacks), eagerly, compiled and under AIS; a sub-sample given as indices, and a
+scale on the whole model, still give exact answers."""
+
+import math
+
+import pyro
+import pyro.distributions as dist
+import pytest
+import torch
+
+from pyro_iwae import (
+    ais_log_likelihood,
+    log_likelihood,
+    log_likelihood_with_diagnostics,
+)
+
+A, B, S = 1.5, 0.3, 0.7  # x | z ~ N(A z + B, S), z ~ N(0, 1)
+
+
+def exact_log_px(x: torch.Tensor) -> torch.Tensor:
+    return dist.Normal(B, math.sqrt(A**2 + S**2)).log_prob(x)
+
+
+def exact_posterior(x: torch.Tensor) -> dist.Normal:
+    var = 1 / (1 + A**2 / S**2)
+    return dist.Normal(var * A * (x - B) / S**2, math.sqrt(var))
+
+
+def model(x, plate_kwargs=None, latent_scale=1.0, scale=1.0, extra=False):
+    with pyro.poutine.scale(scale=scale):
+        with pyro.plate("data", len(x), **(plate_kwargs or {})) as i:
+            with pyro.poutine.scale(scale=latent_scale):
+                z = pyro.sample("z", dist.Normal(0.0, 1.0))
+            pyro.sample("x", dist.Normal(A * z + B, S), obs=x[i])
+
+
+def guide(x, plate_kwargs=None, latent_scale=1.0, scale=1.0, extra=False):
+    with pyro.poutine.scale(scale=scale):
+        with pyro.plate("data", len(x), **(plate_kwargs or {})) as i:
+            with pyro.poutine.scale(scale=latent_scale):
+                pyro.sample("z", exact_posterior(x[i]))
+            if extra:
+                pyro.sample("extra", dist.Normal(0.0, 1.0))
+
+
+X = torch.tensor([-1.0, 0.2, 0.9, 2.5, -0.4, 1.3])
+
+EVALUATORS = {
+    "log_likelihood": lambda *a, **k: log_likelihood(model, guide, *a, **k),
+    "diagnostics": lambda *a, **k: log_likelihood_with_diagnostics(
+        model, guide, *a, **k
+    ),
+    "ais": lambda *a, num_samples, **k: ais_log_likelihood(
+        model, guide, *a, num_chains=2, num_steps=3, **k
+    ),
+}
+
+
+@pytest.mark.parametrize("evaluator", sorted(EVALUATORS))
+@pytest.mark.parametrize(
+    "kwargs, words",
+    [
+        ({"plate_kwargs": {"subsample_size": 3}}, "plate 'data' draws a sub-sample"),
+        ({"latent_scale": 0.3}, r"latent site 'z' has another scale \(0.3\)"),
+    ],
+)
+def test_refused_in_one_line(evaluator, kwargs, words):
+    pyro.set_rng_seed(0)
+    with pytest.raises(ValueError, match=words) as error:
+        EVALUATORS[evaluator](X, num_samples=4, chunk_size=2, **kwargs)
+    assert "\n" not in str(error.value)
+
+
+def test_a_guide_latent_the_model_lacks_is_refused():
+    pyro.set_rng_seed(0)
+    with pytest.raises(ValueError, match="guide's latent site 'extra' is not in"):
+        log_likelihood(model, guide, X, num_samples=4, extra=True)
+
+
+def test_compiled_log_likelihood_refuses_a_drawn_sub_sample():
+    pyro.set_rng_seed(0)
+    with pytest.raises(ValueError, match="draws a sub-sample"):
+        log_likelihood(
+            model,
+            guide,
+            X,
+            num_samples=4,
+            plate_kwargs={"subsample_size": 3},
+            compile=None,  # the traced graph, uncompiled: no inductor needed
+        )
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"plate_kwargs": {"subsample": torch.tensor([4, 0, 2])}},
+        {"scale": 0.25},  # the whole model and guide: the weights stay unscaled
+    ],
+    ids=["given-sub-sample", "whole-model-scale"],
+)
+def test_what_stays_exact(kwargs):
+    pyro.set_rng_seed(0)
+    # With the exact posterior as the guide each weight is p(x) itself.
+    got = log_likelihood(model, guide, X, num_samples=8, chunk_size=3, **kwargs)
+    points = kwargs.get("plate_kwargs", {}).get("subsample", torch.arange(len(X)))
+    assert torch.allclose(got, exact_log_px(X[points]), atol=1e-5)
