@@ -1353,6 +1353,44 @@ def test_a_graph_fixes_the_modules_modes_and_the_objectives_settings():
     _assert_same(compiled, eager, params, _data())
 
 
+class _WeightedModel(torch.nn.Module):
+    """A KL weight and a logit scale held as plain Python floats."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.out = torch.nn.Linear(2, X_DIM)
+        self.beta, self.sharpness = 1.0, 1.0
+
+    def forward(self, x):
+        with pyro.plate("data", x.shape[0]):
+            with pyro.poutine.scale(scale=self.beta):
+                z = pyro.sample("z", dist.Normal(x.new_zeros(2), 1.0).to_event(1))
+            logits = self.sharpness * self.out(z)
+            pyro.sample("x", dist.Bernoulli(logits=logits).to_event(1), obs=x)
+
+
+def test_a_graph_fixes_the_modules_python_numbers():
+    """A module attribute that the program reads as a number (a KL weight a
+    schedule sets, a scale) changed between calls gives another graph: the first
+    graph kept the first values, for the loss and for the log-likelihood."""
+    model, guide = _WeightedModel(), _TorchNormalGuide()
+    elbo = IWELBO(3)
+    compiled = CompiledLoss(elbo, model, guide, backend=None)
+    estimate = CompiledLogLikelihood(model, guide, backend=None)
+    params = [*model.parameters(), *guide.parameters()]
+
+    def eager(x):
+        return elbo.differentiable_loss(model, guide, x)
+
+    for beta, sharpness in [(1.0, 1.0), (0.1, 1.0), (0.1, 3.0)]:
+        model.beta, model.sharpness = beta, sharpness
+        _assert_same(compiled, eager, params, _data())
+    model.beta = 1.0
+    for sharpness in (1.0, 3.0):
+        model.sharpness = sharpness
+        _assert_eager_estimates(estimate, model, guide, _data(), 6, 3, (1e-5, 1e-5))
+
+
 class _PyroModuleModel(PyroModule):
     def __init__(self) -> None:
         super().__init__()

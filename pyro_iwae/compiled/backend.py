@@ -277,14 +277,7 @@ class GraphCache:
         if signature is None:
             self._disable("an argument is neither a tensor nor hashable")
             return None, False
-        # A graph fixes each module's train or eval mode (dropout, batch norm).
-        modes = tuple(
-            m.training
-            for fn in (self.model, self.guide)
-            if isinstance(fn, torch.nn.Module)
-            for m in fn.modules()
-        )
-        key = (key, signature, modes)
+        key = (key, signature, module_constants(self.model, self.guide))
         if key in self._graphs:
             return self._graphs[key], False
         if len(self._graphs) >= self.max_signatures:
@@ -316,6 +309,36 @@ class GraphCache:
             _compile_seconds += time.perf_counter() - start
         self._graphs[key] = graph
         return graph, True
+
+
+#: Types of the module attributes that tracing bakes into a graph as constants.
+_CONSTANT_TYPES = (bool, int, float, str, type(None))
+
+
+def module_constants(*fns: Any) -> tuple:
+    """What a graph fixes of the ``nn.Module`` s among ``fns`` besides their
+    tensors: each module's attributes that are Python numbers, strings or None,
+    its train or eval mode among them (dropout, batch norm), and such values as a
+    KL weight that a schedule sets between steps or a fixed scale, which tracing
+    reads as constants. A change gives another graph."""
+    # Looked up on every compiled call: the modules' own dictionaries, walked as
+    # modules() walks them (its generators take half as long again).
+    constants = []
+    seen: set[int] = set()
+    stack = [fn for fn in reversed(fns) if isinstance(fn, torch.nn.Module)]
+    while stack:
+        module = stack.pop()
+        if id(module) in seen:
+            continue
+        seen.add(id(module))
+        members = vars(module)
+        constants.append(
+            tuple(
+                [(k, v) for k, v in members.items() if isinstance(v, _CONSTANT_TYPES)]
+            )
+        )
+        stack.extend(c for c in reversed(members["_modules"].values()) if c is not None)
+    return tuple(constants)
 
 
 def describe(error: Exception) -> str:

@@ -44,8 +44,10 @@ def check_weights(
         without its p).
     """
     observed = [s for s in sample_sites((model_trace,)) if s["is_observed"]]
-    for name, _ in latent_sites(guide_trace):
-        if name not in model_trace.nodes:
+    for name, site in latent_sites(guide_trace):
+        # An auxiliary site (an autoguide's joint draw) is followed by the model's
+        # sites as Delta sites that carry its transform's density.
+        if name not in model_trace.nodes and not site["infer"].get("is_auxiliary"):
             raise ValueError(
                 f"{caller} weighs each draw by p(x, z) / q(z), but the guide's latent "
                 f"site {name!r} is not in the model: its density would count in q "
