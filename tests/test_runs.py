@@ -85,6 +85,19 @@ def test_existing_run_is_not_overwritten_and_resume_needs_same_config(run_dir):
         train_run(small_config(num_particles=3), run_dir, resume=True)
 
 
+def test_a_refused_resume_leaves_the_config_as_it_was(run_dir):
+    # Fit finds a schedule shorter than the run only once it starts, after the
+    # config was written: that config asked for one epoch of a run of two, and
+    # every plain resume was refused from then on.
+    train_run(small_config(epochs=2), run_dir, resume=True)
+    before = (run_dir / CONFIG_FILE).read_bytes()
+    with pytest.raises(CheckpointError, match="more than the 1 asked for"):
+        train_run(small_config(epochs=1), run_dir, resume=True)
+    assert (run_dir / CONFIG_FILE).read_bytes() == before
+    history = train_run(RunConfig.load(run_dir), run_dir, resume=True)
+    assert [m["epoch"] for m in history] == [1, 2]
+
+
 def test_resume_may_change_how_the_steps_run(run_dir):
     # compile=None: the traced step graph, uncompiled (inductor takes seconds).
     history = train_run(small_config(epochs=2, compile=None), run_dir, resume=True)

@@ -5,7 +5,9 @@ behind by a new run that failed before its first checkpoint. Used through
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -183,24 +185,53 @@ def _train(
         # written; in eval mode, so that no batch-norm statistics move.
         with evaluating(guide):
             objective.check_guide(guide, data.train[:1].to(device))
-    if changed and distributed.is_main():
-        config.save(path)
-    return fit(
-        model,
-        guide,
-        data,
-        objective,
-        schedule=config.make_schedule(),
-        batch_size=config.batch_size,
-        seed=config.seed,
-        test_size=config.test_limit,
-        run_dir=path,
-        resume=resume,
-        config=config.to_dict(),
-        checkpoint_every=config.checkpoint_every,
-        device=device,
-        callback=callback,
-    )
+    with _config_kept_unless_trained(path, changed and distributed.is_main()):
+        if changed and distributed.is_main():
+            config.save(path)
+        return fit(
+            model,
+            guide,
+            data,
+            objective,
+            schedule=config.make_schedule(),
+            batch_size=config.batch_size,
+            seed=config.seed,
+            test_size=config.test_limit,
+            run_dir=path,
+            resume=resume,
+            config=config.to_dict(),
+            checkpoint_every=config.checkpoint_every,
+            device=device,
+            callback=callback,
+        )
+
+
+@contextlib.contextmanager
+def _config_kept_unless_trained(path: Path, saving: bool) -> Iterator[None]:
+    """Puts a resumed run's ``config.json`` back as it was where the block fails
+    before writing a checkpoint: a refused ``--resume --epochs 1`` (fit checks
+    the checkpoint only once it starts) left the run asking for one epoch, and a
+    plain resume was refused from then on. Once a checkpoint is written, the
+    run has moved on under the new settings, which stay."""
+    config, checkpoint = path / CONFIG_FILE, path / CHECKPOINT_FILE
+    if not (saving and config.is_file() and checkpoint.is_file()):
+        yield
+        return
+    before, stamp = config.read_bytes(), _stamp(checkpoint)
+    try:
+        yield
+    except BaseException:
+        if _stamp(checkpoint) == stamp:
+            config.write_bytes(before)
+        raise
+
+
+def _stamp(file: Path) -> tuple[int, int] | None:
+    try:
+        status = file.stat()
+    except OSError:
+        return None
+    return status.st_mtime_ns, status.st_size
 
 
 def _check(path: Path, config: RunConfig, resume: bool) -> bool:
