@@ -11,6 +11,7 @@ from __future__ import annotations
 import gc
 import json
 import os
+import shlex
 import sys
 import time
 import warnings
@@ -209,7 +210,8 @@ def _train(
     except KeyboardInterrupt:
         progress.close()
         if run.has_checkpoint:
-            advice = f"continue with: pyro-iwae fit --resume --out {run.path}"
+            out = shlex.quote(str(run.path))  # a command to paste into a shell
+            advice = f"continue with: pyro-iwae fit --resume --out {out}"
         else:
             advice = (
                 "no epoch had finished, so nothing was kept: run the same command "
@@ -250,7 +252,7 @@ def _train(
             f"{last['elapsed']:.1f} s ({speed_text(last, unit)} in the last); "
             f"this call took {seconds:.1f} s{compiling}; the steps ran {steps}"
         )
-    click.echo(f"next: pyro-iwae eval-nll {run.path} --k 5000")
+    click.echo(f"next: pyro-iwae eval-nll {shlex.quote(str(run.path))} --k 5000")
 
 
 @cli.command("eval-nll", context_settings={"show_default": True})

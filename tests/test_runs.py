@@ -4,6 +4,7 @@ Ctrl-C advice that works, runs extended, through the CLI as a user meets them.""
 
 import json
 import os
+import shlex
 import shutil
 
 import numpy as np
@@ -284,7 +285,7 @@ def test_ctrl_c_before_the_first_epoch_ends_keeps_nothing(tmp_path, monkeypatch)
 
 
 def test_ctrl_c_mid_run_advises_a_resume_that_works(tmp_path, monkeypatch):
-    run_dir = tmp_path / "run"
+    run_dir = tmp_path / "my run"  # the advice quotes it for a shell
     args = [*SMALL[:-1], "3", "--checkpoint-every", 2, "--quiet"]
     calls = []
 
@@ -297,7 +298,7 @@ def test_ctrl_c_mid_run_advises_a_resume_that_works(tmp_path, monkeypatch):
         m.setattr(progress.FitProgress, "on_step", step_then_stop)
         cut = invoke("fit", *args, "--out", run_dir)
     assert cut.exit_code == 130
-    advice = cut.output.split("continue with: ")[1].split()
+    advice = shlex.split(cut.output.split("continue with: ")[1].splitlines()[0])
     assert advice[:4] == ["pyro-iwae", "fit", "--resume", "--out"]
     assert_ok(invoke(*advice[1:], "--quiet"))
     assert [m["epoch"] for m in read_metrics(run_dir)] == [1, 2, 3]
