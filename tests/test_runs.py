@@ -304,6 +304,18 @@ def test_ctrl_c_mid_run_advises_a_resume_that_works(tmp_path, monkeypatch):
     assert [m["epoch"] for m in read_metrics(run_dir)] == [1, 2, 3]
 
 
+@pytest.mark.parametrize(
+    "schedule", [["--epochs", 1], ["--schedule", "paper", "--stages", 1]]
+)
+def test_a_run_resumes_with_its_own_config_file(tmp_path, schedule):
+    # The settings that take no effect there ("stages": null, or the paper
+    # schedule's "epochs") were counted as named, and the resume refused.
+    run_dir = tmp_path / "run"
+    assert_ok(invoke("fit", *SMALL[:-2], *schedule, "--out", run_dir, "--quiet"))
+    own = run_dir / CONFIG_FILE
+    assert_ok(invoke("fit", "--resume", "--out", run_dir, "--config", own, "--quiet"))
+
+
 def test_a_finished_run_is_extended_by_more_epochs(tmp_path):
     whole, extended = tmp_path / "whole", tmp_path / "extended"
     assert_ok(invoke("fit", *SMALL[:-1], "2", "--out", whole, "--quiet"))

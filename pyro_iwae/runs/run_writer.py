@@ -62,7 +62,14 @@ def resumed_config(path: Path, given: dict[str, Any] | None = None) -> RunConfig
         do not go together.
     """
     saved = RunConfig.load(path)
-    given = dict(given or {})
+    # A setting the run has already changes nothing, and counts as not named: a
+    # run's own config.json given back (its unused "stages": null with the
+    # constant schedule) was refused as naming settings that take no effect.
+    given = {
+        name: value
+        for name, value in (given or {}).items()
+        if not hasattr(saved, name) or getattr(saved, name) != value
+    }
     for name, value in given.items():
         if name in EXTENDABLE or name in MEANS:
             continue
