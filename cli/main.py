@@ -316,11 +316,12 @@ def eval_nll(
         raise e.for_evaluator("eval-nll") from None  # its remedy is this command's
     finally:
         progress.close()
-    _quiet_mlflow()
-    log_evaluation(loggers, run.path, evaluation)
+    # The result first: it is written, whatever logging it does.
     click.echo(f"run: {run.path}")
     for line in _eval_report(evaluation):
         click.echo(line)
+    _quiet_mlflow()
+    log_evaluation(loggers, run.path, evaluation)
 
 
 def _eval_report(result: Evaluation) -> list[str]:

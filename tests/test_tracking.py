@@ -11,7 +11,7 @@ import torch
 from click.testing import CliRunner
 from small_run import small_config
 
-from pyro_iwae import FitCallback, evaluate_run, train_run
+from pyro_iwae import FitCallback, RunError, evaluate_run, train_run
 from pyro_iwae.runs.callbacks import CallbackList
 from pyro_iwae.runs.tracking import (
     MLFLOW_RUN_FILE,
@@ -207,3 +207,13 @@ def test_cli_logs_fit_and_evaluation(tmp_path):
         assert [r["step"] for r in csv.DictReader(f)] == ["1", "2"]
     with (run_dir / "tracking-evaluation.csv").open() as f:
         assert [r["step"] for r in csv.DictReader(f)] == ["2"]
+
+
+def test_an_evaluation_logged_nowhere_reads_no_metrics(tmp_path):
+    # eval-nll without --logger wrote its result, then failed on a metrics file
+    # cut short, without printing it.
+    (tmp_path / "metrics.jsonl").write_text('{"epoch": 1, "loss"')
+    log_evaluation([], tmp_path, {"nll": 90.0, "stderr": 1.0, "split": "test"})
+    with pytest.raises(RunError, match="metrics.jsonl"):
+        log_evaluation(["csv"], tmp_path, {"nll": 90.0, "split": "test"})
+

@@ -415,6 +415,8 @@ def log_evaluation(
     the run's last epoch (0 for an untrained run)."""
     from .checkpoints import read_metrics
 
+    if not names:
+        return  # nothing to log, and the metrics need not be read
     metrics = (
         read_metrics(run_dir) if (Path(run_dir) / "metrics.jsonl").exists() else []
     )
