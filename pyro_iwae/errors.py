@@ -192,6 +192,27 @@ AIS_NOT_SEQUENTIAL = (
 )
 
 
+def check_flag(name: str, value: Any) -> None:
+    """:raises ValueError: naming ``name``, unless ``value`` is True or False (a
+    string such as ``"no"`` would count as True)."""
+    if not isinstance(value, bool):
+        raise ValueError(f"{name} must be True or False, got {value!r}")
+
+
+def check_plate_nesting(value: Any) -> None:
+    """:raises ValueError: unless ``value`` is an integer >= 0 or
+    ``float("inf")`` (guessed from the program), as ``max_plate_nesting`` is."""
+    if value == float("inf") and isinstance(value, float):
+        return
+    if isinstance(value, numbers.Integral) and not isinstance(value, bool):
+        if value >= 0:
+            return
+    raise ValueError(
+        "max_plate_nesting must be an integer >= 0 (the plates nested around a "
+        f'site) or float("inf") to find it from the program, got {value!r}'
+    )
+
+
 def check_count(name: str, value: Any) -> int:
     """``value`` as an ``int`` (a numpy integer too).
 

@@ -881,3 +881,20 @@ def test_bad_calls_are_refused_in_one_line(lg):
         IWELBO(5).loss(model, guide, torch.zeros(0, 784))
     with pytest.raises(ValueError, match="jit_options"):
         IWELBO(5, jit_options={"check_trace": False})
+
+
+@pytest.mark.parametrize(
+    "options, words",
+    [
+        ({"max_plate_nesting": -1}, "max_plate_nesting must be an integer >= 0"),
+        ({"max_plate_nesting": "1"}, "max_plate_nesting must be an integer >= 0"),
+        ({"max_plate_nesting": None}, "max_plate_nesting must be an integer >= 0"),
+        ({"vectorize_particles": "no"}, "vectorize_particles must be True or False"),
+    ],
+)
+def test_bad_options_are_refused_up_front(options, words):
+    # They failed only on the first call (-1: deep inside Pyro), or ("no") were
+    # taken as True.
+    with pytest.raises(ValueError, match=words):
+        IWELBO(5, **options)
+    assert IWELBO(5, max_plate_nesting=float("inf")).max_plate_nesting == float("inf")

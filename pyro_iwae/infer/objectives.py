@@ -14,6 +14,7 @@ from pyro.infer.util import torch_item
 from pyro.poutine.trace_struct import Trace
 from pyro.util import warn_if_nan
 
+from ..errors import check_flag, check_plate_nesting
 from .hooks import backend_of, check_compile, compiler, compiles
 from .particles import (
     ESTIMATORS,
@@ -91,6 +92,8 @@ class IWELBO(ParticleELBO):
         global_latents: str = "auto",
         **kwargs: Any,
     ) -> None:
+        check_plate_nesting(max_plate_nesting)
+        check_flag("vectorize_particles", vectorize_particles)
         super().__init__(
             num_particles,
             estimator,
