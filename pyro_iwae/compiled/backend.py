@@ -317,10 +317,10 @@ _CONSTANT_TYPES = (bool, int, float, str, type(None))
 
 def module_constants(*fns: Any) -> tuple:
     """What a graph fixes of the ``nn.Module`` s among ``fns`` besides their
-    tensors: each module's attributes that are Python numbers, strings or None,
-    its train or eval mode among them (dropout, batch norm), and such values as a
-    KL weight that a schedule sets between steps or a fixed scale, which tracing
-    reads as constants. A change gives another graph."""
+    tensors: each module's public attributes that are Python numbers, strings or
+    None, its train or eval mode among them (dropout, batch norm), and such
+    values as a KL weight that a schedule sets between steps or a fixed scale,
+    which tracing reads as constants. A change gives another graph."""
     # Looked up on every compiled call: the modules' own dictionaries, walked as
     # modules() walks them (its generators take half as long again).
     constants = []
@@ -332,9 +332,14 @@ def module_constants(*fns: Any) -> tuple:
             continue
         seen.add(id(module))
         members = vars(module)
+        # Private attributes are caches (a transform's "_inv"), not settings.
         constants.append(
             tuple(
-                [(k, v) for k, v in members.items() if isinstance(v, _CONSTANT_TYPES)]
+                [
+                    (k, v)
+                    for k, v in members.items()
+                    if isinstance(v, _CONSTANT_TYPES) and not k.startswith("_")
+                ]
             )
         )
         stack.extend(c for c in reversed(members["_modules"].values()) if c is not None)
