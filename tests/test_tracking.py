@@ -216,4 +216,3 @@ def test_an_evaluation_logged_nowhere_reads_no_metrics(tmp_path):
     log_evaluation([], tmp_path, {"nll": 90.0, "stderr": 1.0, "split": "test"})
     with pytest.raises(RunError, match="metrics.jsonl"):
         log_evaluation(["csv"], tmp_path, {"nll": 90.0, "split": "test"})
-
