@@ -195,6 +195,35 @@ def test_an_evaluation_of_other_settings_is_kept(trained, tmp_path):
     assert json.loads((run_dir / "eval-test-k4.json").read_text())["points"] == 20
 
 
+def test_two_evaluations_that_end_together_keep_their_own_files(
+    trained, tmp_path, monkeypatch
+):
+    # Another process's evaluation of other settings writes the plain name while
+    # this one computes: the name was chosen before, and one result was lost.
+    run_dir = tmp_path / "run"
+    shutil.copytree(trained, run_dir)
+    from pyro_iwae.runs import run as run_module
+
+    estimate, others = run_module.estimate_points, []
+
+    def while_another_ends(*args, **kwargs):
+        if not others:  # the other evaluation, once (it runs through here too)
+            others.append(1)
+            assert_ok(invoke("eval-nll", run_dir, "--k", 4, "--limit", 20, "--quiet"))
+        return estimate(*args, **kwargs)
+
+    monkeypatch.setattr(run_module, "estimate_points", while_another_ends)
+    assert_ok(invoke("eval-nll", run_dir, "--k", 4, "--limit", 10, "--quiet"))
+    points = {
+        p.name: json.loads(p.read_text())["points"]
+        for p in run_dir.glob("eval-test-k4*.json")
+    }
+    assert points == {
+        "eval-test-k4.json": 20,
+        "eval-test-k4-n10-seed0-batch100.json": 10,
+    }
+
+
 def _fit_on_a_data_file(tmp_path):
     """A run fitted for one epoch on 120 random binary points saved as
     ``points.npy`` (12 of them the test split): (data file, run folder)."""

@@ -19,7 +19,7 @@ try:
 except ImportError:  # Windows
     fcntl = None
 
-__all__ = ["HAS_FILE_LOCKS", "hold", "hold_for_ranks", "holder"]
+__all__ = ["HAS_FILE_LOCKS", "hold", "hold_for_ranks", "holder", "waiting"]
 
 #: Whether this system has ``fcntl.flock`` (not Windows).
 HAS_FILE_LOCKS = fcntl is not None
@@ -32,6 +32,22 @@ def hold_for_ranks(folder: Path, name: str) -> Iterator[str | None]:
     main = distributed.is_main()
     with hold(folder, name) if main else nullcontext(None) as holder:
         yield distributed.from_main(lambda: holder)
+
+
+@contextmanager
+def waiting(folder: Path, name: str) -> Iterator[None]:
+    """Holds ``.<name>.lock`` of ``folder`` while the body runs, waiting for
+    another process that holds it (a short step, such as choosing a file's name
+    and writing it); without file locks (Windows), runs the body as it is."""
+    if fcntl is None:
+        yield
+        return
+    with open(folder / f".{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 @contextmanager

@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import os
 from collections.abc import Callable, Iterable
+from contextlib import nullcontext
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -32,7 +33,7 @@ from ..errors import (
 from ..infer.evaluation import warn_of_problems
 from ..infer.hooks import compiles
 from ..nn.likelihoods import support_problem
-from . import distributed, run_writer
+from . import distributed, locks, run_writer
 from .auto_compile import (
     batch_shapes,
     cached_graphs,
@@ -276,23 +277,27 @@ class Run:
                 cached_graphs(keys),
             )
             settings = dataclasses.replace(settings, compile=compile)
-        path = distributed.from_main(
-            lambda: result_path(self.path, settings, points.shape[0])
-        )
         results, seconds, compile_time = estimate_points(
             model, guide, points, settings, callback
         )
         activity = distributed.from_main(lambda: activity_of(guide, points, settings))
-        evaluation = summarise(results, settings, config, activity, path)
-        evaluation.time, evaluation.compile_time = seconds, compile_time
-        evaluation.compiled = compiles(compile)
-        evaluation.compile_choice = choice
-        evaluation.trained_steps = steps
-        if compile_time > 0 and evaluation.compiled and distributed.is_main():
-            remember_graphs(keys)  # for a later evaluation's "auto"
-        if distributed.is_main():
-            warn_of_problems(results[:, 0])
-            evaluation.write(results[:, 0], results[:, 1:])
+        main = distributed.is_main()
+        # The files' name is chosen as they are written, one process at a time:
+        # two evaluations of other settings that ran together took one name.
+        with locks.waiting(self.path, "evaluations") if main else nullcontext():
+            path = distributed.from_main(
+                lambda: result_path(self.path, settings, points.shape[0])
+            )
+            evaluation = summarise(results, settings, config, activity, path)
+            evaluation.time, evaluation.compile_time = seconds, compile_time
+            evaluation.compiled = compiles(compile)
+            evaluation.compile_choice = choice
+            evaluation.trained_steps = steps
+            if compile_time > 0 and evaluation.compiled and main:
+                remember_graphs(keys)  # for a later evaluation's "auto"
+            if main:
+                warn_of_problems(results[:, 0])
+                evaluation.write(results[:, 0], results[:, 1:])
         distributed.barrier()  # the files are written when any rank returns
         return evaluation
 
