@@ -174,6 +174,19 @@ def test_a_dead_writers_lock_is_taken_over(trained, tmp_path):
     assert not claim.exists()
 
 
+def test_an_unreadable_claim_says_what_to_do(trained, tmp_path):
+    # An empty claim (a writer killed as it wrote it) said "being written by
+    # another process", with nothing to do but wait.
+    run_dir = tmp_path / "run"
+    shutil.copytree(trained, run_dir)
+    claim = run_dir / f".{WRITER}.claim"
+    claim.write_text("")
+    result = invoke("fit", "--resume", "--epochs", 2, "--out", run_dir, "--quiet")
+    assert_one_line_error(result, "which is unreadable; delete it if no process")
+    claim.unlink()
+    assert_ok(invoke("fit", "--resume", "--epochs", 2, "--out", run_dir, "--quiet"))
+
+
 def test_an_evaluation_of_other_settings_is_kept(trained, tmp_path):
     run_dir = tmp_path / "run"
     shutil.copytree(trained, run_dir)

@@ -146,7 +146,11 @@ def _claim_is_dead(claim: dict[str, Any] | None, host: str) -> bool:
 
 def _holder_text(claim: dict[str, Any] | None, path: Path) -> str:
     if claim is None:
-        return f"claimed in {path}"
+        # Empty or cut short: most likely left by a process killed as it wrote it.
+        return (
+            f"claimed in {path}, which is unreadable; delete it if no process is "
+            "at work"
+        )
     since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(claim.get("since", 0)))
     return (
         f"claimed by process {claim.get('pid')} on {claim.get('host')} since "
