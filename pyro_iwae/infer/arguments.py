@@ -56,24 +56,17 @@ def trial_run(args: tuple, kwargs: dict) -> Iterator[None]:
 
 
 def check_batch(args: tuple, kwargs: dict) -> None:
-    """:raises ValueError: if a tensor argument is an empty batch or holds NaN or
-    infinite values (which would come out as the guide's or the model's invalid
-    parameters, or as a NaN estimate)."""
+    """:raises ValueError: if a tensor argument is an empty batch or holds NaN
+    (which would come out as the guide's or the model's invalid parameters)."""
     check_not_empty(args, kwargs)
     for name, value in tensor_arguments(args, kwargs):
-        check_finite(value, "the data", name)
-
-
-def check_finite(value: torch.Tensor, what: str, name: str | None = None) -> None:
-    """:raises ValueError: naming ``what`` (and the argument ``name``) and how
-    many of its points (rows along the first dimension) hold NaN or infinite
-    values, if any does."""
-    if not value.is_floating_point() or bool(value.isfinite().all()):
-        return
-    bad = ~value.isfinite()
-    rows = bad.reshape(value.shape[0], -1).any(-1) if value.dim() else bad.reshape(1)
-    raise ValueError(
-        f"{what} hold NaN or infinite values ({f'{name}: ' if name else ''}"
-        f"{int(rows.sum())} of {rows.numel()} points); drop those points or fill "
-        "them in"
-    )
+        if value.is_floating_point() and value.isnan().any():
+            rows = (
+                value.isnan().reshape(value.shape[0], -1).any(-1)
+                if value.dim()
+                else value.isnan().reshape(1)
+            )
+            raise ValueError(
+                f"the data hold NaN ({name}: {int(rows.sum())} of {rows.numel()} "
+                "points); drop those points or fill in their missing values"
+            )

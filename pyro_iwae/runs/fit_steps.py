@@ -16,7 +16,6 @@ from pyro.infer import ELBO
 
 from ..data import Dataset, in_unit_interval
 from ..errors import CheckpointError, literal, one_line
-from ..infer.arguments import check_finite
 from ..infer.evaluation import dataset_log_likelihood
 from ..infer.hooks import backend_of, compiler, compiles
 from . import distributed
@@ -127,7 +126,12 @@ def fit_data(
             f"fit takes data of shape [N, ...], one row per point, with at least "
             f"one point, got shape {list(train.shape)} (one point: x.unsqueeze(0))"
         )
-    check_finite(train, "fit's training data")
+    if train.is_floating_point() and not bool(train.isfinite().all()):
+        rows = (~train.isfinite()).reshape(len(train), -1).any(-1)
+        raise ValueError(
+            f"fit's training data hold NaN or infinite values ({int(rows.sum())} "
+            f"of {len(train)} points); drop those points or fill them in"
+        )
     train = train.to(device)
     test = None
     if test_data is not None:
