@@ -43,8 +43,8 @@ _USER_SETTINGS = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")
 
 
 def keep_freed_memory() -> bool:
-    """Raises glibc ``malloc``'s mmap threshold to :data:`MMAP_THRESHOLD` and its
-    trim threshold to :data:`TRIM_THRESHOLD` for this process (see the module's
+    """Raises glibc ``malloc``'s mmap threshold to ``MMAP_THRESHOLD`` (64 MiB) and its
+    trim threshold to ``TRIM_THRESHOLD`` (256 MiB) for this process (see the module's
     documentation); returns whether it did.
 
     It does nothing, and returns False, where the C library is not glibc (macOS,
