@@ -192,9 +192,7 @@ def _train(
         # written; in eval mode, so that no batch-norm statistics move.
         with evaluating(guide):
             objective.check_guide(guide, data.train[:1].to(device))
-    with _config_kept_unless_trained(path, changed and distributed.is_main()):
-        if changed and distributed.is_main():
-            config.save(path)
+    with _config_saved(path, config, changed and distributed.is_main()):
         return fit(
             model,
             guide,
@@ -214,22 +212,25 @@ def _train(
 
 
 @contextlib.contextmanager
-def _config_kept_unless_trained(path: Path, saving: bool) -> Iterator[None]:
-    """Puts a resumed run's ``config.json`` back as it was where the block fails
-    before writing a checkpoint: a refused ``--resume --epochs 1`` (fit checks
-    the checkpoint only once it starts) left the run asking for one epoch, and a
-    plain resume was refused from then on. Once a checkpoint is written, the
-    run has moved on under the new settings, which stay."""
-    config, checkpoint = path / CONFIG_FILE, path / CHECKPOINT_FILE
-    if not (saving and config.is_file() and checkpoint.is_file()):
+def _config_saved(path: Path, config: RunConfig, saving: bool) -> Iterator[None]:
+    """Writes ``config`` as the run's ``config.json`` where ``saving``, and puts a
+    resumed run's config back as it was where the block fails before writing a
+    checkpoint: a refused ``--resume --epochs 1`` (fit checks the checkpoint only
+    once it starts) left the run asking for one epoch, and a plain resume was
+    refused from then on. Once a checkpoint is written, the run has moved on
+    under the new settings, which stay."""
+    if not saving:
         yield
         return
-    before, stamp = config.read_bytes(), _stamp(checkpoint)
+    file, checkpoint = path / CONFIG_FILE, path / CHECKPOINT_FILE
+    before = file.read_bytes() if file.is_file() and checkpoint.is_file() else None
+    stamp = _stamp(checkpoint)
+    config.save(path)
     try:
         yield
     except BaseException:
-        if _stamp(checkpoint) == stamp:
-            config.write_bytes(before)
+        if before is not None and _stamp(checkpoint) == stamp:
+            file.write_bytes(before)
         raise
 
 
