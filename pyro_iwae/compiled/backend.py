@@ -29,6 +29,7 @@ from .capture import (
     call_signature,
     draw_noise,
     pyro_modules,
+    submodules,
 )
 
 #: Seconds this process has spent tracing and compiling graphs (all caches).
@@ -311,39 +312,41 @@ class GraphCache:
         return graph, True
 
 
-#: Types of the module attributes that tracing bakes into a graph as constants.
+#: Types of the attributes that tracing bakes into a graph as constants.
 _CONSTANT_TYPES = (bool, int, float, str, type(None))
+
+
+def public_constants(obj: Any) -> tuple[tuple[str, Any], ...]:
+    """``obj``'s public attributes (by name) whose values are Python numbers,
+    strings or None: what tracing reads as constants. Private ones are caches
+    (a transform's ``_inv``) and state, not settings."""
+    return tuple(
+        [
+            (name, value)
+            for name, value in vars(obj).items()
+            if isinstance(value, _CONSTANT_TYPES) and not name.startswith("_")
+        ]
+    )
+
+
+def objective_settings(elbo: Any) -> tuple[tuple[str, Any], ...]:
+    """What a graph fixes of the objective ``elbo``: its :func:`public_constants`
+    (particles, estimator, groups, ...) but ``compile`` (how it runs, not what it
+    computes), sorted by name. A change of one gives another graph."""
+    return tuple(sorted(c for c in public_constants(elbo) if c[0] != "compile"))
 
 
 def module_constants(*fns: Any) -> tuple:
     """What a graph fixes of the ``nn.Module`` s among ``fns`` besides their
-    tensors: each module's public attributes that are Python numbers, strings or
-    None, its train or eval mode among them (dropout, batch norm), and such
-    values as a KL weight that a schedule sets between steps or a fixed scale,
-    which tracing reads as constants. A change gives another graph."""
-    # Looked up on every compiled call: the modules' own dictionaries, walked as
-    # modules() walks them (its generators take half as long again).
-    constants = []
-    seen: set[int] = set()
-    stack = [fn for fn in reversed(fns) if isinstance(fn, torch.nn.Module)]
-    while stack:
-        module = stack.pop()
-        if id(module) in seen:
-            continue
-        seen.add(id(module))
-        members = vars(module)
-        # Private attributes are caches (a transform's "_inv"), not settings.
-        constants.append(
-            tuple(
-                [
-                    (k, v)
-                    for k, v in members.items()
-                    if isinstance(v, _CONSTANT_TYPES) and not k.startswith("_")
-                ]
-            )
-        )
-        stack.extend(c for c in reversed(members["_modules"].values()) if c is not None)
-    return tuple(constants)
+    tensors: each module's :func:`public_constants`, its train or eval mode among
+    them (dropout, batch norm), and such values as a KL weight that a schedule
+    sets between steps or a fixed scale. A change gives another graph."""
+    return tuple(
+        public_constants(module)
+        for fn in fns
+        if isinstance(fn, torch.nn.Module)
+        for _, module in submodules(fn)
+    )
 
 
 def describe(error: Exception) -> str:

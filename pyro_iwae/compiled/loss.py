@@ -19,7 +19,14 @@ from .adam import (
     clear_grads,
     graph_adam,
 )
-from .backend import GraphCache, close_enough, compile_graph, describe, kept_buffers
+from .backend import (
+    GraphCache,
+    close_enough,
+    compile_graph,
+    describe,
+    kept_buffers,
+    objective_settings,
+)
 from .capture import (
     SEEDED_MESSAGE,
     CallArgs,
@@ -120,19 +127,6 @@ class CompiledLoss(GraphCache):
         else:
             self._both = _Both(model, guide)
 
-    def _settings(self) -> tuple:
-        """The objective's settings that a graph fixes (its particles, estimator,
-        groups, ...): a change of one builds another graph."""
-        return tuple(
-            sorted(
-                (name, value)
-                for name, value in vars(self.elbo).items()
-                if not name.startswith("_")
-                and name != "compile"  # how it runs, not what it computes
-                and isinstance(value, int | float | str | bool | None)
-            )
-        )
-
     def eager(self, *args: Any, **kwargs: Any) -> torch.Tensor:
         """The eager loss, ``elbo.differentiable_loss(model, guide, *args)``.
 
@@ -209,8 +203,9 @@ class CompiledLoss(GraphCache):
                 ids = {id(p) for p in optimizer.param_groups[0]["params"]}
                 members = [id(p) in ids for p in params]
             wanted = tuple(p.requires_grad for p in params)
+            settings = objective_settings(self.elbo)
             graph, fresh = self._lookup(
-                (self._settings(), wanted, scale, adam, members and tuple(members)),
+                (settings, wanted, scale, adam, members and tuple(members)),
                 args,
                 kwargs,
                 lambda: self._build(named, args, kwargs, scale, adam, members),
@@ -266,8 +261,9 @@ class CompiledLoss(GraphCache):
     ) -> tuple[_LossGraph | None, torch.Tensor | None]:
         """The graph for this call's signature (None: run eagerly) and, on the call
         that built and verified it, the compiled loss of this call."""
+        wanted = tuple(t.requires_grad for t in named.values())
         graph, fresh = self._lookup(
-            (self._settings(), tuple(t.requires_grad for t in named.values())),
+            (objective_settings(self.elbo), wanted),
             args,
             kwargs,
             lambda: self._build(named, args, kwargs),

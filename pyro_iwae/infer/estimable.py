@@ -37,11 +37,11 @@ def check_weights(
     """Checks that each particle's weight p(x, z) / q(z) is one of every point's
     own, unbiased for p(x).
 
-    :raises ValueError: if a plate draws its own sub-sample (each chunk of
-        particles would weigh other points), if a latent site has another scale
-        than the observed sites (``poutine.scale`` on it: a tempered density), or
-        if a latent site of the guide is not in the model (its q would count
-        without its p).
+    :raises ValueError: if a latent site has another scale than the observed
+        sites (``poutine.scale`` on it: a tempered density), or if a latent site
+        of the guide is not in the model (its q would count without its p),
+        unless it is marked auxiliary. (A plate that draws its own sub-sample is
+        found by :func:`checked_particles`: the traces keep no sub-sample sites.)
     """
     observed = [s for s in sample_sites((model_trace,)) if s["is_observed"]]
     for name, site in latent_sites(guide_trace):
