@@ -229,11 +229,16 @@ def submodules(module: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
     return modules
 
 
-def named_tensors(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+def named_tensors(
+    module: torch.nn.Module,
+    modules: list[tuple[str, torch.nn.Module]] | None = None,
+) -> dict[str, torch.Tensor]:
     """``module``'s parameters, then its buffers, by name: what
-    ``named_parameters()`` and ``named_buffers()`` give, each tensor once (read
-    as :func:`submodules` reads the modules)."""
-    modules = submodules(module)
+    ``named_parameters()`` and ``named_buffers()`` give, each tensor once.
+    ``modules``: ``submodules(module)`` where the caller has it already (a
+    compiled call walks the modules once for its tensors and its graph key)."""
+    if modules is None:
+        modules = submodules(module)
     named: dict[str, torch.Tensor] = {}
     for members in ("_parameters", "_buffers"):
         taken: set[int] = set()

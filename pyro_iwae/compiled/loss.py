@@ -35,6 +35,7 @@ from .capture import (
     draw_noise,
     named_tensors,
     seeded_ops,
+    submodules,
     trace_graph,
 )
 from .grads import PrecomputedGrad, announce_params, set_grads
@@ -92,9 +93,8 @@ class CompiledLoss(GraphCache):
         loss and gradients (same noise); on a mismatch warn and fall back.
     :param rtol: the relative tolerance of that check.
     :param max_signatures: at most this many input signatures (with the modules'
-        modes and the objective's settings) get a graph, since each costs a
-        compilation: one more gives the compiled path up, with a warning, and
-        every later call runs eagerly, as after any fallback.
+        settings and the objective's) get a graph, each a compilation: one more
+        gives the compiled path up, with a warning, as any fallback does.
 
     Calling the object returns the loss with a ``grad_fn``: its backward puts the
     precomputed gradients (times the incoming gradient) into the parameters'
@@ -143,13 +143,13 @@ class CompiledLoss(GraphCache):
     def __call__(self, *args: Any, **kwargs: Any) -> torch.Tensor:
         if self._disabled is not None or not torch.is_grad_enabled():
             return self.eager(*args, **kwargs)
-        # Looked up once a call (a user may swap a module's tensors between calls).
-        named = named_tensors(self._both)
+        modules = submodules(self._both)  # each call: a user may swap tensors
+        named = named_tensors(self._both, modules)
         if not any(t.requires_grad for t in named.values()):
             # No gradient to compute: the eager loss, as the eager objective's
             # loss_and_grads takes it (no graph built, the compiled path kept).
             return self.eager(*args, **kwargs)
-        graph, loss = self._graph(named, args, kwargs)
+        graph, loss = self._graph(named, modules, args, kwargs)
         if graph is None:
             return self.eager(*args, **kwargs)
         announce_params(named.values())
@@ -192,7 +192,8 @@ class CompiledLoss(GraphCache):
         """
         named: dict[str, torch.Tensor] = {}
         if self._disabled is None and torch.is_grad_enabled():
-            named = named_tensors(self._both)
+            modules = submodules(self._both)
+            named = named_tensors(self._both, modules)
         # Where no parameter needs a gradient, the eager loss and no update below
         # (no graph built, the compiled path kept).
         if any(t.requires_grad for t in named.values()):
@@ -209,6 +210,7 @@ class CompiledLoss(GraphCache):
                 args,
                 kwargs,
                 lambda: self._build(named, args, kwargs, scale, adam, members),
+                modules,
             )
             if graph is not None:
                 clear_grads(optimizer)
@@ -257,7 +259,11 @@ class CompiledLoss(GraphCache):
             return None
 
     def _graph(
-        self, named: dict[str, torch.Tensor], args: tuple, kwargs: dict
+        self,
+        named: dict[str, torch.Tensor],
+        modules: list[tuple[str, torch.nn.Module]],
+        args: tuple,
+        kwargs: dict,
     ) -> tuple[_LossGraph | None, torch.Tensor | None]:
         """The graph for this call's signature (None: run eagerly) and, on the call
         that built and verified it, the compiled loss of this call."""
@@ -267,6 +273,7 @@ class CompiledLoss(GraphCache):
             args,
             kwargs,
             lambda: self._build(named, args, kwargs),
+            modules,
         )
         if not fresh:
             return graph, None
