@@ -187,7 +187,14 @@ def test_config_file_and_print_config_round_trip(tmp_path):
         ({"batch_size": 50.5}, "batch_size (in settings.json) must be an integer"),
         ({"seed": 1.7}, "seed (in settings.json) must be an integer, got 1.7"),
         ({"epochs": "two"}, "epochs (in settings.json) must be an integer"),
-        ({"lr": "1e-3"}, "lr (in settings.json) must be a number, got '1e-3'"),
+        ({"lr": "1e-3"}, "lr (in settings.json) must be a finite number, got '1e-3'"),
+        # An infinite learning rate passed "> 0", then diverged.
+        (
+            {"lr": float("inf")},
+            "lr (in settings.json) must be a finite number, got inf",
+        ),
+        ({"beta": float("nan")}, "beta (in settings.json) must be a finite number"),
+        ({"epochs": float("inf")}, "epochs (in settings.json) must be an integer"),
         ({"hidden": "200,200"}, "hidden (in settings.json) takes a list of sizes"),
     ],
 )

@@ -446,3 +446,29 @@ def test_observed_values_outside_the_support_are_named_in_one_line(estimate):
     # Values in the support pass.
     fine = log_likelihood(_bernoulli_model, _normal_guide, x.round(), num_samples=4)
     assert torch.isfinite(fine).all()
+
+
+def _gamma_model(x):
+    with pyro.plate("data", x.shape[0]):
+        rate = pyro.sample("rate", dist.Gamma(2.0, 1.0))
+        pyro.sample("x", dist.Normal(rate, 1.0), obs=x)
+
+
+def _gamma_guide(x):
+    with pyro.plate("data", x.shape[0]):
+        pyro.sample("rate", dist.Normal(torch.ones(x.shape[0]), 1.0))
+
+
+@pytest.mark.parametrize("estimate", ["loss", "log_likelihood"])
+def test_a_guide_drawing_outside_a_latents_support_is_told_to_draw_inside(estimate):
+    # The advice for observed values ("pass values in its support") misled here.
+    torch.manual_seed(0)
+    x = torch.tensor([0.0, 2.0, 5.0, 1.0])
+    with pytest.raises(SupportError) as error:
+        if estimate == "loss":
+            IWELBO(50).differentiable_loss(_gamma_model, _gamma_guide, x)
+        else:
+            log_likelihood(_gamma_model, _gamma_guide, x, num_samples=50)
+    message = str(error.value)
+    assert message.startswith("site 'rate': values in [-") and "\n" not in message
+    assert "make the guide draw inside it" in message and "pass values" not in message

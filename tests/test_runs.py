@@ -99,6 +99,25 @@ def test_a_refused_resume_leaves_the_config_as_it_was(run_dir):
     assert [m["epoch"] for m in history] == [1, 2]
 
 
+def test_a_resume_missing_a_file_says_which_and_changes_nothing(run_dir):
+    # A deleted checkpoint was said never to have finished an epoch; a deleted
+    # metrics file resumed silently, its record then missing the first epochs.
+    config = small_config(epochs=2)
+    metrics = (run_dir / METRICS_FILE).read_bytes()
+    (run_dir / METRICS_FILE).unlink()
+    with pytest.raises(RunError, match=r"records 0 of the 1 epochs .* put the file"):
+        train_run(config, run_dir, resume=True)
+    assert not (run_dir / METRICS_FILE).exists()
+    (run_dir / METRICS_FILE).write_bytes(metrics)
+    (run_dir / CHECKPOINT_FILE).rename(run_dir / "elsewhere.pt")
+    with pytest.raises(CheckpointError, match=r"no checkpoint.pt .* records 1 fin"):
+        train_run(config, run_dir, resume=True)
+    (run_dir / "elsewhere.pt").rename(run_dir / CHECKPOINT_FILE)
+    history = train_run(config, run_dir, resume=True)
+    assert [m["epoch"] for m in history] == [1, 2]
+    assert [m["epoch"] for m in read_metrics(run_dir)] == [1, 2]
+
+
 def test_resume_may_change_how_the_steps_run(run_dir):
     # compile=None: the traced step graph, uncompiled (inductor takes seconds).
     history = train_run(small_config(epochs=2, compile=None), run_dir, resume=True)
@@ -206,6 +225,38 @@ def test_an_evaluation_of_other_settings_is_kept(trained, tmp_path):
     assert (run_dir / "eval-test-k4-n20-seed1-batch100.json").is_file()
     assert_ok(invoke("eval-nll", run_dir, "--k", 4, "--limit", 20, "--quiet"))
     assert json.loads((run_dir / "eval-test-k4.json").read_text())["points"] == 20
+
+
+def test_an_evaluation_that_cannot_be_written_fails_before_it_computes(
+    trained, tmp_path, monkeypatch
+):
+    # In a read-only run, eval-nll computed every estimate, then failed to write.
+    import tempfile
+
+    from pyro_iwae.runs import run as run_module
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(trained, run_dir)
+    calls = []
+    monkeypatch.setattr(run_module, "estimate_points", lambda *a: calls.append(a))
+
+    def read_only(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(tempfile, "TemporaryFile", read_only)
+    before = _files(run_dir)
+    result = invoke("eval-nll", run_dir, "--k", 4, "--limit", 10, "--quiet")
+    assert_one_line_error(result, f"cannot write in {run_dir} (Permission denied")
+    assert "copy the run to a folder you can write in" in result.output
+    assert calls == [] and _files(run_dir) == before
+    monkeypatch.undo()
+    if os.geteuid() != 0:  # root writes in a read-only folder
+        run_dir.chmod(0o555)
+        try:
+            result = invoke("eval-nll", run_dir, "--k", 4, "--limit", 10, "--quiet")
+            assert_one_line_error(result, "cannot write in")
+        finally:
+            run_dir.chmod(0o755)
 
 
 def test_two_evaluations_that_end_together_keep_their_own_files(

@@ -106,7 +106,10 @@ def site_log_prob(name: str, site: dict) -> torch.Tensor:
             inside = True
         if inside:
             raise
-    what = "observed values" if site.get("is_observed") else "values"
+    if site.get("is_observed"):
+        what, advice = "observed values", "pass values in its support"
+    else:  # a model's latent site, at the guide's draws
+        what, advice = "values", "make the guide draw inside it (a transform)"
     low, high = float(value.min()), float(value.max())
     kind, events = fn, 0
     while isinstance(kind, torch.distributions.Independent):
@@ -114,8 +117,7 @@ def site_log_prob(name: str, site: dict) -> torch.Tensor:
     kind = type(kind).__name__ + (f".to_event({events})" if events else "")
     raise SupportError(
         f"site {name!r}: {what} in [{low:g}, {high:g}] lie outside the support "
-        f"of its {kind} ({fn.support}); pass values in its support, or change "
-        "the distribution"
+        f"of its {kind} ({fn.support}); {advice}, or change the distribution"
     ) from None
 
 

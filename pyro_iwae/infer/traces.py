@@ -365,7 +365,7 @@ def common_scale(sites: list[dict], local_dims: tuple[int, ...]) -> Any:
             if not observed:
                 return 1.0
             raise ValueError(
-                f"IWELBO needs one scale for the observed sites, but "
+                f"importance weights need one scale for the observed sites, but "
                 f"{site['name']!r} has {site['scale']} and {first['name']!r} has "
                 f"{first['scale']}; scale latent sites or the whole model, not "
                 "single observed sites"

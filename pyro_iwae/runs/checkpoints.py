@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import tempfile
 import zipfile
 from collections.abc import Callable
 from pathlib import Path
@@ -31,10 +32,12 @@ __all__ = [
     "RunError",
     "append_metrics",
     "atomic_write",
+    "check_writable",
     "load_checkpoint",
     "load_state",
     "read_metrics",
     "restore_rng",
+    "resumed_metrics",
     "rng_state",
     "save_checkpoint",
     "write_json",
@@ -65,6 +68,19 @@ def atomic_write(path: Path, write: Callable[[IO[bytes]], Any]) -> None:
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def check_writable(folder: Path) -> None:
+    """:raises RunError: where no file can be made in ``folder`` (read-only):
+    said before the work whose results would go there, not after it."""
+    try:
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as e:
+        raise RunError(
+            f"cannot write in {folder} ({e.strerror or one_line(e)}); make it "
+            "writable, or copy the run to a folder you can write in"
+        ) from e
 
 
 def write_text(path: Path, text: str) -> None:
@@ -229,6 +245,23 @@ def read_metrics(
         raise RunError(
             f"cannot read {path} ({one_line(e)}); delete the broken lines"
         ) from e
+
+
+def resumed_metrics(run_dir: Path, epochs_done: int) -> list[dict[str, Any]]:
+    """The metrics of the ``epochs_done`` epochs that a run's checkpoint finished
+    (a later line, of an epoch whose checkpoint was never written, left out).
+
+    :raises RunError: where the file records fewer (deleted, or cut short by
+        hand): resumed, the run would keep a record without them.
+    """
+    history = read_metrics(run_dir, limit=epochs_done)
+    if len(history) < epochs_done:
+        raise RunError(
+            f"{Path(run_dir) / METRICS_FILE} records {len(history)} of the "
+            f"{epochs_done} epochs that the checkpoint finished; put the file back, "
+            "or start a new run"
+        )
+    return history
 
 
 def write_metrics(run_dir: Path, history: list[dict[str, Any]]) -> None:

@@ -44,6 +44,7 @@ from .auto_compile import (
 from .callbacks import FitCallback
 from .checkpoints import (
     CHECKPOINT_FILE,
+    check_writable,
     load_checkpoint,
     load_state,
     read_metrics,
@@ -251,6 +252,7 @@ class Run:
         settings = EvalSettings() if settings is None else settings
         device = distributed.init(device)
         config, model, guide, steps = _load_run(self.path, device)
+        distributed.from_main(lambda: check_writable(self.path))
         data = self.data(data_dir, dataset, config)
         if settings.limit is not None and settings.limit >= len(_split(data, settings)):
             # The whole split: the evaluation, and its files, of limit None.

@@ -30,7 +30,7 @@ from ..nn.likelihoods import support_problem
 from ..nn.registry import build_guide, build_model
 from . import distributed, locks
 from .callbacks import FitCallback
-from .checkpoints import CHECKPOINT_FILE, METRICS_FILE
+from .checkpoints import CHECKPOINT_FILE, METRICS_FILE, read_metrics
 from .config import CONFIG_FILE, RunConfig
 from .training import fit
 
@@ -255,6 +255,13 @@ def _check(path: Path, config: RunConfig, resume: bool) -> bool:
         return True
     saved = RunConfig.load(path)
     if not (path / CHECKPOINT_FILE).is_file():
+        epochs = len(read_metrics(path))
+        if epochs:  # a checkpoint was written and is gone
+            raise CheckpointError(
+                f"{path} has no {CHECKPOINT_FILE} to resume, though {METRICS_FILE} "
+                f"records {epochs} finished epoch(s) (was it deleted?); put it back, "
+                "or start a new run"
+            )
         raise CheckpointError(
             f"{path} has no checkpoint to resume (it never finished an "
             "epoch); start a new run instead"

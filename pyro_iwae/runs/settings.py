@@ -162,9 +162,14 @@ def _number_fields(cls: type) -> dict[str, type]:
 
 
 def _check_number(name: str, value: Any, kind: type) -> None:
-    """An integer field takes an integer; a float field any real number."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        what = "an integer" if kind is int else "a number"
+    """An integer field takes an integer; a float field any finite real number
+    (an infinite learning rate or weight passes every range, then diverges)."""
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, numbers.Real)
+        or not math.isfinite(value)
+    ):
+        what = "an integer" if kind is int else "a finite number"
         raise ConfigError(f"{{{name}}} must be {what}, got {literal(repr(value))}")
     if kind is int and not isinstance(value, numbers.Integral):
         raise ConfigError(f"{{{name}}} must be an integer, got {value!r}")

@@ -42,8 +42,8 @@ from .checkpoints import (
     append_metrics,
     load_checkpoint,
     load_state,
-    read_metrics,
     restore_rng,
+    resumed_metrics,
     rng_state,
     save_checkpoint,
     write_metrics,
@@ -324,7 +324,7 @@ class _Fit:
             ) from e
         epochs_done = self.position.epochs_done
         self.history = distributed.from_main(
-            lambda: read_metrics(self.run_dir, limit=epochs_done)
+            lambda: resumed_metrics(self.run_dir, epochs_done)
         )
         if self.writes:
             # Drop the lines of an epoch whose checkpoint was never written.
