@@ -227,6 +227,17 @@ def test_an_evaluation_of_other_settings_is_kept(trained, tmp_path):
     assert json.loads((run_dir / "eval-test-k4.json").read_text())["points"] == 20
 
 
+def test_an_evaluation_records_where_its_file_is_from_anywhere(
+    trained, tmp_path, monkeypatch
+):
+    # "file" was the path as given: relative to the folder eval-nll ran in.
+    shutil.copytree(trained, tmp_path / "run")
+    monkeypatch.chdir(tmp_path)
+    assert_ok(invoke("eval-nll", "run", "--k", 4, "--limit", 10, "--quiet"))
+    saved = json.loads((tmp_path / "run" / "eval-test-k4.json").read_text())
+    assert saved["file"] == str((tmp_path / "run" / "eval-test-k4.json").resolve())
+
+
 def test_an_evaluation_that_cannot_be_written_fails_before_it_computes(
     trained, tmp_path, monkeypatch
 ):

@@ -199,9 +199,9 @@ class Evaluation:
     ``diagnostics``: median ESS, median k-hat (None below 21 samples), the
     share of points with k-hat > 0.7 and, with AIS, the mean acceptance
     rate; ``active_units`` and ``latent_units`` (site -> count, size);
-    ``ranks``, ``dataset``, ``versions``, ``date``; ``file`` (the JSON's path)
-    and the names of the per-point ``estimates_file`` and ``diagnostics_file``
-    beside it.
+    ``ranks``, ``dataset``, ``versions``, ``date``; ``file`` (the JSON's
+    absolute path) and the names of the per-point ``estimates_file`` and
+    ``diagnostics_file`` beside it.
 
     ``evaluation["nll"]`` reads a field as from the JSON's dict.
     """
@@ -378,7 +378,7 @@ def summarise(
         dataset=config.dataset,
         versions=versions(),
         date=datetime.now().isoformat(timespec="seconds"),
-        file=str(path),
+        file=str(Path(path).resolve()),
         estimates_file=f"estimates-{tag}.txt",
         diagnostics_file=f"diagnostics-{tag}.txt",
         sequential_particles=settings.sequential_particles,
