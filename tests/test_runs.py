@@ -95,6 +95,12 @@ def test_a_refused_resume_leaves_the_config_as_it_was(run_dir):
     with pytest.raises(CheckpointError, match="more than the 1 asked for"):
         train_run(small_config(epochs=1), run_dir, resume=True)
     assert (run_dir / CONFIG_FILE).read_bytes() == before
+    # --print-config printed that config, and exited 0.
+    result = invoke(
+        "fit", "--resume", "--out", run_dir, "--epochs", 1, "--print-config"
+    )
+    assert_one_line_error(result, "has trained 2 epochs, more than the 1 asked for")
+    assert "drop --epochs" in result.output and '"epochs"' not in result.output
     history = train_run(RunConfig.load(run_dir), run_dir, resume=True)
     assert [m["epoch"] for m in history] == [1, 2]
 

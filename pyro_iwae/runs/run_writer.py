@@ -30,8 +30,9 @@ from ..nn.likelihoods import support_problem
 from ..nn.registry import build_guide, build_model
 from . import distributed, locks
 from .callbacks import FitCallback
-from .checkpoints import CHECKPOINT_FILE, METRICS_FILE, read_metrics
+from .checkpoints import CHECKPOINT_FILE, METRICS_FILE, load_checkpoint, read_metrics
 from .config import CONFIG_FILE, RunConfig
+from .fit_steps import check_continues
 from .training import fit
 
 __all__ = [
@@ -60,6 +61,7 @@ def resumed_config(path: Path, given: dict[str, Any] | None = None) -> RunConfig
 
     :raises ConfigError: for another setting that differs, or settings that
         do not go together.
+    :raises CheckpointError: for a schedule shorter than the run has trained.
     """
     saved = RunConfig.load(path)
     # A setting the run has already changes nothing, and counts as not named: a
@@ -81,7 +83,14 @@ def resumed_config(path: Path, given: dict[str, Any] | None = None) -> RunConfig
                 f"{literal(getattr(saved, name))}; drop {{{name}}} to resume "
                 f"{literal(path)}, or start a new run"
             )
-    return RunConfig.merge(given, base=saved)
+    config = RunConfig.merge(given, base=saved)
+    checkpoint = path / CHECKPOINT_FILE
+    if checkpoint.is_file():
+        # Said here too, not only once training starts: a printed config
+        # (--print-config) was one that fit then refused.
+        state = load_checkpoint(checkpoint, "cpu")
+        check_continues(state, config.make_schedule(), config.batch_size, checkpoint)
+    return config
 
 
 def _moved(saved: str, given: Any) -> bool:
