@@ -67,9 +67,9 @@ def small_data():
     return Dataset("mnist-mini", mini.train[:TRAIN], mini.test[:TEST])
 
 
-def small_fit(run_dir, epochs=2, seed=0, watch=None, **kwargs):
+def small_fit(run_dir, epochs=2, seed=0, watch=None, objective=None, **kwargs):
     """fit of the small data: model and guide initialised from ``seed``;
-    ``watch(model, guide)`` makes the callback."""
+    ``watch(model, guide)`` makes the callback; ``objective``: IWELBO(K)."""
     data = small_data()
     torch.manual_seed(seed)
     model, guide = paper_architecture(1, data_mean=data.train_mean)
@@ -79,7 +79,7 @@ def small_fit(run_dir, epochs=2, seed=0, watch=None, **kwargs):
         model,
         guide,
         data,
-        make_objective("iwae", K),
+        objective or make_objective("iwae", K),
         schedule=[(epochs, 1e-3)],
         batch_size=BATCH,
         seed=seed,
@@ -127,21 +127,23 @@ class Stop(FitCallback):
 
 
 def train_two_runs(rank, port, tmp):
-    """One epoch with the first step's gradient kept, and an uninterrupted
-    two-epoch run; each rank saves its parameters."""
+    """One epoch with the first step's gradient kept, eagerly and as a traced
+    graph, and an uninterrupted two-epoch run; each rank saves its parameters."""
     _init(rank, port)
     tmp = Path(tmp)
-    watched = []
-    model, guide = small_fit(
-        tmp / "one-epoch",
-        epochs=1,
-        watch=lambda *modules: watched.append(FirstGradient(*modules)) or watched[0],
-    )
-    first = watched[0]
-    torch.save(
-        {"state": state(model, guide), "grads": first.grads},
-        tmp / f"one-epoch-rank{rank}.pt",
-    )
+    # compile=None: the traced graph, uncompiled (inductor takes seconds).
+    for name, compile in (("one-epoch", False), ("one-epoch-traced", None)):
+        watched = []
+        model, guide = small_fit(
+            tmp / name,
+            epochs=1,
+            objective=make_objective("iwae", K, compile=compile),
+            watch=lambda *modules, w=watched: w.append(FirstGradient(*modules)) or w[0],
+        )
+        torch.save(
+            {"state": state(model, guide), "grads": watched[0].grads},
+            tmp / f"{name}-rank{rank}.pt",
+        )
     model, guide = small_fit(tmp / "whole")
     torch.save(state(model, guide), tmp / f"whole-rank{rank}.pt")
 

@@ -1391,6 +1391,43 @@ def test_a_graph_fixes_the_modules_python_numbers():
         _assert_eager_estimates(estimate, model, guide, _data(), 6, 3, (1e-5, 1e-5))
 
 
+@pytest.mark.parametrize(
+    "handlers, graphs",
+    [
+        # Scales by number are part of the graph's key: one graph each.
+        (
+            [
+                lambda: pyro.poutine.scale(scale=1.0),
+                lambda: pyro.poutine.scale(scale=0.02),
+            ],
+            2,
+        ),
+        # Others run eagerly: a graph would keep what the first call did.
+        ([lambda: pyro.poutine.scale(scale=torch.tensor(0.02))], 0),
+        ([lambda: pyro.poutine.mask(mask=torch.tensor([True, False, True]))], 0),
+    ],
+)
+def test_a_graph_fixes_the_pyro_handlers_around_the_call(handlers, graphs):
+    # DDP's loss ran under poutine.scale(world / batch): the graph traced by the
+    # first call, at scale 1, gave losses and gradients 50 times too large.
+    model, guide = _SmallModel(), _TorchNormalGuide()
+    elbo = IWELBO(3)
+    compiled = CompiledLoss(elbo, model, guide, backend=None)
+    params = [*model.parameters(), *guide.parameters()]
+
+    def under(handler, fn):
+        def call(x):
+            with handler():
+                return fn(x)
+
+        return call
+
+    for handler in handlers * 2:
+        eager = under(handler, lambda x: elbo.differentiable_loss(model, guide, x))
+        _assert_same(under(handler, compiled), eager, params, _data())
+    assert len(compiled._graphs) == graphs and compiled.compiled
+
+
 class _PyroModuleModel(PyroModule):
     def __init__(self) -> None:
         super().__init__()

@@ -20,6 +20,9 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import torch
+from pyro.poutine.runtime import _PYRO_STACK
+from pyro.poutine.scale_messenger import ScaleMessenger
+from pyro.poutine.trace_messenger import TraceMessenger
 from torch import fx
 
 from ..infer.arguments import cuda_devices
@@ -294,9 +297,12 @@ class GraphCache:
         if signature is None:
             self._disable("an argument is neither a tensor nor hashable")
             return None, False
+        handlers = handlers_key()
+        if handlers is None:
+            return None, False  # this call alone runs eagerly
         if modules is None:
             modules = self.modules()
-        key = (key, signature, module_constants(modules))
+        key = (key, signature, module_constants(modules), handlers)
         if key in self._graphs:
             return self._graphs[key], False
         if len(self._graphs) >= self.max_signatures:
@@ -363,6 +369,23 @@ def module_constants(modules: list[tuple[str, torch.nn.Module]]) -> tuple:
     that a schedule sets between steps or a fixed scale. A change gives another
     graph."""
     return tuple([public_constants(module) for _, module in modules])
+
+
+def handlers_key() -> tuple | None:
+    """The Pyro handlers around a call, as a graph traced under them keeps them:
+    SVI's trace of parameters, and scales by Python numbers (by value). None
+    where another one is active (a condition's values, a mask, a tensor
+    scale): a graph would keep what it did on the call that traced it, so the
+    call runs eagerly."""
+    key = []
+    for handler in _PYRO_STACK:
+        if type(handler) is TraceMessenger and handler.param_only:
+            key.append("params")
+        elif type(handler) is ScaleMessenger and isinstance(handler.scale, int | float):
+            key.append(("scale", handler.scale))
+        else:
+            return None
+    return tuple(key)
 
 
 def describe(error: Exception) -> str:

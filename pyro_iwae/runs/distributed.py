@@ -45,7 +45,6 @@ from typing import Any, TypeVar
 import pyro
 import torch
 import torch.distributed as dist
-from pyro import poutine
 from pyro.infer import ELBO
 from pyro.infer.elbo import ELBOModule
 
@@ -238,12 +237,12 @@ def _comm_device() -> torch.device:
 
 
 class _ScaledELBOModule(ELBOModule):
-    """The objective's loss as a module, with every sample site scaled by
-    ``scale``: the loss is ``-scale * sum of the bound over the batch``."""
+    """The objective's loss as a module, times ``scale``: ``-scale * sum of the
+    bound over the batch``. Multiplied, not a ``poutine.scale`` of the sites:
+    a compiled loss traced under the first call's scale kept it."""
 
     def forward(self, x: torch.Tensor, scale: float) -> torch.Tensor:
-        with poutine.scale(scale=scale):
-            return self.elbo.differentiable_loss(self.model, self.guide, x)
+        return self.elbo.differentiable_loss(self.model, self.guide, x) * scale
 
 
 class DistributedLoss:
