@@ -17,8 +17,8 @@ changes.
   pass has made every (lazy) parameter. Every rank draws the same global
   mini-batch (same data generator, so the same permutation and binarisation as
   one process) and takes its own contiguous slice of it; its Monte Carlo noise
-  comes from its own seed (:func:`noise_seed`). Each rank's loss is scaled (a
-  ``poutine.scale`` around model and guide) by ``world / global batch``, so
+  comes from its own seed (:func:`noise_seed`). Each rank's loss is multiplied
+  by ``world / global batch``, so
   that DDP's average of the ranks' gradients is the gradient of the
   single-process loss, the negative bound per point of the global batch.
 - Evaluation (:func:`sharded_log_likelihood`): batches of test points are dealt
