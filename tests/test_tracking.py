@@ -122,6 +122,16 @@ def test_csv_read_back(tracked):
     ]
 
 
+def test_a_tracked_run_is_the_run_untracked(tracked, tmp_path):
+    # The pictures after epoch 1 drew from training's random stream: epoch 2
+    # of a run with trackers was another than without (and a resume another
+    # than an unbroken run).
+    _, history, _ = tracked
+    untracked = train_run(small_config(epochs=2), tmp_path / "run")
+    for key in ("train_bound", "test_bound"):
+        assert [m[key] for m in history] == [m[key] for m in untracked]
+
+
 def test_grad_norm_is_the_norm_of_the_step_gradient(tmp_path):
     class Check(FitCallback):
         checked = 0

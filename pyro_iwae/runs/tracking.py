@@ -167,9 +167,14 @@ class Tracker(FitCallback):
         shape = _square(x.shape[-1])
         if shape is None:
             return
-        samples = sample_images(self.model, x.shape[0], x.shape[-1], x.device)
+        # Drawn from a stream of their own, seeded by the step: drawn from the
+        # training's, they made a run with trackers another run than without,
+        # and a resumed one another than an unbroken one.
+        with distributed.forked_rng(x.device):
+            torch.manual_seed(step)
+            samples = sample_images(self.model, x.shape[0], x.shape[-1], x.device)
+            recon = reconstruct(self.model, self.guide, x)
         self.log_image("samples", image_grid(samples, image_shape=shape), step)
-        recon = reconstruct(self.model, self.guide, x)
         picture = reconstruction_grid(x, recon, image_shape=shape)
         self.log_image("reconstructions", picture, step)
 
