@@ -40,7 +40,12 @@ from pyro_iwae.runs.eval_results import EvalSettings, Evaluation
 from pyro_iwae.runs.plots import save_curves, save_image_grid, save_reconstruction_grid
 from pyro_iwae.runs.run import Run, plan_fit
 from pyro_iwae.runs.settings import read_settings
-from pyro_iwae.runs.tracking import TRACKERS, log_evaluation, make_trackers
+from pyro_iwae.runs.tracking import (
+    TRACKERS,
+    log_evaluation,
+    make_trackers,
+    trackers_of,
+)
 
 from .common import (
     cuda_option,
@@ -197,6 +202,14 @@ def _train(
     unit = "img/s" if config.dataset in DATASETS else "points/s"
     progress = FitProgress(quiet or not distributed.is_main(), unit)
     _quiet_mlflow()
+    untracked = [n for n in trackers_of(run.path) if n not in loggers] if resume else []
+    if untracked and distributed.is_main():
+        options = " ".join(f"--logger {name}" for name in untracked)
+        click.echo(
+            f"note: an earlier fit of this run logged to {', '.join(untracked)}; "
+            f"add {options} to go on logging there",
+            err=True,
+        )
     try:
         trackers = make_trackers(loggers, run.path)
     except Exception:
@@ -211,7 +224,8 @@ def _train(
         progress.close()
         if run.has_checkpoint:
             out = shlex.quote(str(run.path))  # a command to paste into a shell
-            advice = f"continue with: pyro-iwae fit --resume --out {out}"
+            logging = "".join(f" --logger {name}" for name in dict.fromkeys(loggers))
+            advice = f"continue with: pyro-iwae fit --resume --out {out}{logging}"
         else:
             advice = (
                 "no epoch had finished, so nothing was kept: run the same command "

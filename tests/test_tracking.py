@@ -4,6 +4,7 @@ TensorBoard's own reader, MLflow's client and the csv module."""
 import csv
 import json
 import math
+import shutil
 import sys
 
 import pytest
@@ -78,7 +79,8 @@ def test_tensorboard_events_read_back(tracked):
 def test_mlflow_store_read_back(tracked):
     run_dir, history, result = tracked
     remembered = json.loads((run_dir / MLFLOW_RUN_FILE).read_text())
-    client = mlflow_tracking.MlflowClient(remembered["tracking_uri"])
+    assert remembered["tracking_uri"] == "run directory"
+    client = _local_client(run_dir)
     run = client.get_run(remembered["run_id"])
     assert run.info.status == "FINISHED"
     assert run.data.params["num_particles"] == "2"
@@ -98,6 +100,35 @@ def test_mlflow_store_read_back(tracked):
         "samples/epoch-0001.png",
         "samples/epoch-0002.png",
     ]
+
+
+def _local_client(run_dir):
+    return mlflow_tracking.MlflowClient(f"sqlite:///{run_dir.resolve()}/mlflow.db")
+
+
+def test_a_copied_run_logs_into_its_own_mlflow_store(tracked, tmp_path):
+    # mlflow-run.json named the original's database by its absolute path: the
+    # copy's resumed epochs went there (or into a new database at that path).
+    original, _, _ = tracked
+    copy = tmp_path / "copy"
+    shutil.copytree(original, copy)
+    trackers = make_trackers(["mlflow"], copy)
+    train_run(small_config(epochs=3), copy, resume=True, callback=trackers[0])
+    run_id = json.loads((copy / MLFLOW_RUN_FILE).read_text())["run_id"]
+    steps = [
+        m.step for m in _local_client(copy).get_metric_history(run_id, "train/bound")
+    ]
+    assert sorted(steps) == [1, 2, 3]
+    kept = _local_client(original).get_metric_history(run_id, "train/bound")
+    assert sorted(m.step for m in kept) == [1, 2]
+
+
+def test_an_mlflow_run_missing_from_its_store_is_one_line(tracked, tmp_path):
+    copy = tmp_path / "copy"
+    shutil.copytree(tracked[0], copy)
+    (copy / "mlflow.db").unlink()
+    with pytest.raises(TrackingError, match=r"cannot find run \w+, which .*delete"):
+        make_trackers(["mlflow"], copy)
 
 
 def test_csv_read_back(tracked):
@@ -217,6 +248,34 @@ def test_cli_logs_fit_and_evaluation(tmp_path):
         assert [r["step"] for r in csv.DictReader(f)] == ["1", "2"]
     with (run_dir / "tracking-evaluation.csv").open() as f:
         assert [r["step"] for r in csv.DictReader(f)] == ["2"]
+
+
+def test_a_resume_says_which_trackers_it_leaves_out(tmp_path, monkeypatch):
+    # Resumed as the Ctrl-C hint said, a tracked run went on untracked, silently.
+    from pyro_iwae_cli import progress
+
+    run_dir = tmp_path / "run"
+    fit = ["fit", "--train-limit", "100", "--test-limit", "20", "--out", str(run_dir)]
+
+    def stop_at_epoch_2(self, epoch, *args):
+        if epoch == 2:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(progress.FitProgress, "on_epoch_start", stop_at_epoch_2)
+    result = CliRunner().invoke(cli, [*fit, "--epochs", "2", "--logger", "csv"])
+    assert result.exit_code == 130
+    hint = f"continue with: pyro-iwae fit --resume --out {run_dir} --logger csv"
+    assert hint in result.output
+    monkeypatch.undo()
+    result = CliRunner().invoke(cli, ["fit", "--resume", "--out", str(run_dir)])
+    assert result.exit_code == 0, result.output
+    note = "an earlier fit of this run logged to csv; add --logger csv to go on"
+    assert note in result.output
+    result = CliRunner().invoke(
+        cli,
+        ["fit", "--resume", "--out", str(run_dir), "--epochs", "3", "--logger", "csv"],
+    )
+    assert result.exit_code == 0 and "an earlier fit" not in result.output
 
 
 def test_an_evaluation_logged_nowhere_reads_no_metrics(tmp_path):

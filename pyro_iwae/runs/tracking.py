@@ -18,12 +18,13 @@ TensorBoard and MLflow are optional: ``pip install 'pyro-iwae[tensorboard]'`` or
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import math
 import os
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +45,7 @@ __all__ = [
     "TrackingError",
     "log_evaluation",
     "make_trackers",
+    "trackers_of",
 ]
 
 #: Where each tracker writes inside a run directory.
@@ -258,17 +260,20 @@ class MLflowTracker(Tracker):
         tracking = _require("mlflow.tracking", "mlflow")
         self.run_dir = Path(run_dir)
         remembered = self.run_dir / MLFLOW_RUN_FILE
-        previous = json.loads(remembered.read_text()) if remembered.exists() else {}
+        previous = _remembered_run(remembered)
         if tracking_uri is None:
             tracking_uri = previous.get("tracking_uri") or os.environ.get(
                 "MLFLOW_TRACKING_URI"
             )
-        local = tracking_uri is None
+        local = tracking_uri in (None, LOCAL_STORE)
+        # The run directory's own store is remembered as such, not by its path:
+        # a copied or moved run logged into the database of the original.
+        remembered_uri = LOCAL_STORE if local else tracking_uri
         if local:
             tracking_uri = f"sqlite:///{(self.run_dir / MLFLOW_DB).resolve()}"
             self.run_dir.mkdir(parents=True, exist_ok=True)  # for the database
         self.tracking_uri = tracking_uri
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), _quick_requests():
             # SQLAlchemy's deprecation warnings about MLflow's own store code.
             warnings.simplefilter("ignore", DeprecationWarning)
             self.client = tracking.MlflowClient(tracking_uri)
@@ -281,9 +286,16 @@ class MLflowTracker(Tracker):
                     "the run directory"
                 ) from e
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        if previous.get("tracking_uri") == tracking_uri:
+        if previous.get("tracking_uri") == remembered_uri:
             self.run_id = previous["run_id"]
-            self.client.update_run(self.run_id, status="RUNNING")
+            try:
+                self.client.update_run(self.run_id, status="RUNNING")
+            except Exception as e:  # MLflow's own errors: the run is not there
+                raise TrackingError(
+                    f"the mlflow logger cannot find run {self.run_id}, which "
+                    f"{remembered} names, in {tracking_uri} ({one_line(e)}); "
+                    f"delete {remembered} to log into a new MLflow run"
+                ) from e
         else:
             found = self.client.get_experiment_by_name(experiment)
             if found is not None:
@@ -296,7 +308,7 @@ class MLflowTracker(Tracker):
             run = self.client.create_run(experiment_id, run_name=self.run_dir.name)
             self.run_id = run.info.run_id
             remembered.write_text(
-                json.dumps({"tracking_uri": tracking_uri, "run_id": self.run_id})
+                json.dumps({"tracking_uri": remembered_uri, "run_id": self.run_id})
             )
 
     def log_scalars(self, values: dict[str, float], step: int) -> None:
@@ -321,6 +333,41 @@ class MLflowTracker(Tracker):
 
     def close(self) -> None:
         self.client.set_terminated(self.run_id)
+
+
+#: What ``mlflow-run.json`` says for the run directory's own store.
+LOCAL_STORE = "run directory"
+
+
+def _remembered_run(path: Path) -> dict[str, Any]:
+    """The MLflow run that ``path`` remembers; a run directory's own store
+    remembered by pyro-iwae 0.1 (by its absolute path) as :data:`LOCAL_STORE`."""
+    if not path.exists():
+        return {}
+    previous = json.loads(path.read_text())
+    uri = previous.get("tracking_uri", "")
+    own = uri.startswith("sqlite:///") and uri.endswith(f"/{MLFLOW_DB}")
+    if own and (path.parent / MLFLOW_DB).exists():
+        previous["tracking_uri"] = LOCAL_STORE
+    return previous
+
+
+@contextlib.contextmanager
+def _quick_requests() -> Iterator[None]:
+    """MLflow's HTTP requests without retries and with a 10 s timeout, unless
+    set by the user: by MLflow's defaults a server out of reach was said after
+    about four minutes of silence."""
+    quick = {
+        "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0",
+        "MLFLOW_HTTP_REQUEST_TIMEOUT": "10",
+    }
+    added = [name for name in quick if name not in os.environ]
+    os.environ.update({name: quick[name] for name in added})
+    try:
+        yield
+    finally:
+        for name in added:
+            os.environ.pop(name, None)
 
 
 class CSVTracker(Tracker):
@@ -406,6 +453,18 @@ def make_trackers(
         else:
             trackers.append(CSVTracker(run_dir, images_every))
     return trackers
+
+
+def trackers_of(run_dir: str | os.PathLike) -> list[str]:
+    """The trackers (of :data:`TRACKERS`) whose files the run in ``run_dir``
+    holds: those an earlier fit of it logged to."""
+    run_dir = Path(run_dir)
+    files = {
+        "tensorboard": run_dir / TENSORBOARD_DIR,
+        "mlflow": run_dir / MLFLOW_RUN_FILE,
+        "csv": run_dir / CSV_FILE,
+    }
+    return [name for name, path in files.items() if path.exists()]
 
 
 def log_evaluation(
