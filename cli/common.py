@@ -62,8 +62,9 @@ def library_errors(command: Callable) -> Callable:
                 # OSErrors name no file and keep their traceback.
                 if e.filename is None:
                     raise
+                path = os.fsdecode(e.filename)  # TensorBoard's are bytes
                 message = (
-                    f"cannot use {e.filename} ({e.strerror or one_line(e)}); "
+                    f"cannot use {path} ({e.strerror or one_line(e)}); "
                     "check the path, or choose one in a folder you can write to"
                 )
                 raise click.ClickException(_ranked(message, rank)) from None

@@ -278,6 +278,45 @@ def test_a_resume_says_which_trackers_it_leaves_out(tmp_path, monkeypatch):
     assert result.exit_code == 0 and "an earlier fit" not in result.output
 
 
+@pytest.mark.parametrize("logger, file", [("csv", "tracking.csv"), ("tensorboard", "")])
+def test_a_tracker_that_cannot_write_stops_fit_before_it_trains(
+    tmp_path, monkeypatch, logger, file
+):
+    # A tracking.csv that could not be added to failed after epoch 3 had been
+    # trained and saved: the resumed run's log then lacked epoch 3 for good.
+    import tempfile
+
+    run_dir = tmp_path / "run"
+    fit = ["fit", "--train-limit", "100", "--test-limit", "20", "--out", str(run_dir)]
+    result = CliRunner().invoke(cli, [*fit, "--epochs", "1", "--logger", logger])
+    assert result.exit_code == 0, result.output
+    before = (run_dir / "metrics.jsonl").read_text()
+    refused = PermissionError(1, "Operation not permitted")
+    real_open = open
+
+    def read_only(path, mode="r", *args, **kwargs):
+        if "a" in mode and str(path).endswith(file):
+            raise refused
+        return real_open(path, mode, *args, **kwargs)
+
+    def no_new_files(*args, **kwargs):
+        raise refused
+
+    monkeypatch.setattr("builtins.open", read_only)
+    if not file:  # TensorBoard writes a new events file in its folder
+        monkeypatch.setattr(tempfile, "TemporaryFile", no_new_files)
+    resume = ["fit", "--resume", "--out", str(run_dir), "--epochs", "2"]
+    result = CliRunner().invoke(cli, [*resume, "--logger", logger])
+    monkeypatch.undo()
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    (line,) = result.output.strip().splitlines()
+    assert line.startswith(f"Error: the {logger} logger cannot write in ")
+    assert line.endswith(
+        f"(Operation not permitted); make it writable, or leave out --logger {logger}"
+    )
+    assert (run_dir / "metrics.jsonl").read_text() == before
+
+
 def test_an_evaluation_logged_nowhere_reads_no_metrics(tmp_path):
     # eval-nll without --logger wrote its result, then failed on a metrics file
     # cut short, without printing it.

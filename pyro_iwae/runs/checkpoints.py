@@ -70,16 +70,24 @@ def atomic_write(path: Path, write: Callable[[IO[bytes]], Any]) -> None:
         tmp.unlink(missing_ok=True)
 
 
-def check_writable(folder: Path) -> None:
-    """:raises RunError: where no file can be made in ``folder`` (read-only):
-    said before the work whose results would go there, not after it."""
+def check_writable(
+    path: Path, advice: str = "copy the run to a folder you can write in"
+) -> None:
+    """:raises RunError: where no file can be made in the folder ``path``, or
+    the file ``path`` cannot be added to (read-only): said before the work whose
+    results would go there, not after it. Nothing is checked where ``path``
+    does not exist."""
     try:
-        with tempfile.TemporaryFile(dir=folder):
-            pass
+        if path.is_dir():
+            with tempfile.TemporaryFile(dir=path):
+                pass
+        elif path.exists():
+            with open(path, "ab"):
+                pass
     except OSError as e:
         raise RunError(
-            f"cannot write in {folder} ({e.strerror or one_line(e)}); make it "
-            "writable, or copy the run to a folder you can write in"
+            f"cannot write in {path} ({e.strerror or one_line(e)}); make it "
+            f"writable, or {advice}"
         ) from e
 
 

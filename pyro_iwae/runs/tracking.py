@@ -33,6 +33,7 @@ import torch
 from ..errors import PyroIwaeError, one_line
 from . import distributed
 from .callbacks import FitCallback, StepInfo
+from .checkpoints import RunError, check_writable
 from .eval_results import Evaluation
 from .plots import image_grid, reconstruction_grid
 
@@ -55,6 +56,13 @@ MLFLOW_ARTIFACTS = "mlartifacts"
 MLFLOW_RUN_FILE = "mlflow-run.json"
 CSV_FILE = "tracking.csv"
 CSV_EVALUATION_FILE = "tracking-evaluation.csv"
+
+#: What each tracker writes in, or adds to, inside a run directory.
+_FILES = {
+    "tensorboard": (TENSORBOARD_DIR,),
+    "mlflow": (MLFLOW_DB, MLFLOW_ARTIFACTS, MLFLOW_RUN_FILE),
+    "csv": (CSV_FILE, CSV_EVALUATION_FILE, "images", "tracking-config.json"),
+}
 
 #: How many samples and test points the images show.
 NUM_IMAGES = 32
@@ -442,6 +450,12 @@ def make_trackers(
     if not distributed.is_main():
         return []
     run_dir = Path(run_dir)
+    for name in names:  # said now, not after an epoch its tracker fails to log
+        for path in (run_dir, *(run_dir / file for file in _FILES[name])):
+            try:
+                check_writable(path, f"leave out --logger {name}")
+            except RunError as e:
+                raise TrackingError(f"the {name} logger {e}") from e
     trackers: list[Tracker] = []
     for name in dict.fromkeys(names):
         if name == "tensorboard":
