@@ -49,7 +49,8 @@ from .progress import EvalProgress, FitProgress
     1,
     "Runs trained at once, in separate processes that share the CPU cores "
     "(no progress bars then). With few particles, 2 jobs of 1 thread train more "
-    "images per second than 1 job of 2 threads.",
+    "images per second than 1 job of 2 threads. Fewer threads round the sums "
+    "otherwise: a run's numbers depend on --jobs too.",
 )
 @path_option(
     "--readme",

@@ -59,7 +59,8 @@ def test_grid_runs_skips_and_reports(grid_file, tmp_path):
         assert 0 < row["test_nll"] < 600 and row["epochs"] == 1
         assert row["versions"]["torch"]
     assert rows[2]["k"] == 4
-    assert rows[1]["paper_nll"] == 85.54 and rows[2]["paper_nll"] == 84.97
+    # mnist-mini: not the papers' data, so no paper column.
+    assert all(row["paper_nll"] is None for row in rows)
     for name in ("table.md", "test-bound-by-epoch.png", "nll-by-k.png"):
         assert (tmp_path / name).stat().st_size > 0
     claims = json.loads((tmp_path / "claims.json").read_text())
@@ -189,6 +190,55 @@ def test_grid_errors_name_the_problem(tmp_path):
     path.write_text(json.dumps({"base": {}, "runs": {"a": {"beta": 0.1}}}))
     with pytest.raises(RunError, match="run a of grid .*beta applies to objective"):
         Grid.load(path)
+
+
+@pytest.mark.parametrize(
+    "values, words",
+    [  # Each gave a traceback, or trained a run before it was refused.
+        ({"base": {}, "runs": "abc"}, "runs must be an object of run names"),
+        ({"base": [], "runs": {"a": {}}}, "base must be an object"),
+        ({"runs": {"a": None}}, "the settings of run 'a' must be an object"),
+        ({"runs": {"a": []}}, "the settings of run 'a' must be an object"),
+        ({"runs": {"": {}}}, "run name '' is not a folder name"),
+        ({"runs": {"../escape": {}}}, "run name '../escape' is not a folder name"),
+        ({"runs": {"a": {}}, "eval_samples": 0}, "eval_samples must be >= 1, got 0"),
+        ({"runs": {"a": {}}, "eval_limit": "all"}, "eval_limit must be an integer"),
+        ({"runs": {"a": {}}, "ais": {"runs": ["a"], "steps": 0}}, "ais steps must"),
+        ([1], "it holds a list, not an object"),
+    ],
+)
+def test_a_grid_of_the_wrong_shape_is_refused_in_one_line(tmp_path, values, words):
+    path = tmp_path / "grid.json"
+    path.write_text(json.dumps(values))
+    result = CliRunner().invoke(cli, ["reproduce", str(path), "--report-only"])
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    (line,) = result.output.strip().splitlines()
+    assert line.startswith(f"Error: grid {path}: {words}")
+    assert line.endswith("; fix the file") and not (tmp_path / "runs").exists()
+
+
+def test_a_grid_files_paths_are_read_from_its_folder(tmp_path, monkeypatch):
+    # A relative dataset was read from the working directory, and the advice
+    # named a --dataset option that reproduce lacks.
+    folder = tmp_path / "grids"
+    folder.mkdir()
+    np.save(folder / "points.npy", np.zeros((30, 12), dtype=np.float32))
+    grid = {"base": {"dataset": "points.npy", "data_dir": "data"}, "runs": {"a": {}}}
+    (folder / "grid.json").write_text(json.dumps(grid))
+    monkeypatch.chdir(tmp_path)
+    config = Grid.load("grids/grid.json").config("a")
+    assert config.dataset == str(folder / "points.npy") and config.x_dim == 12
+    assert config.data_dir == str(folder / "data")
+
+
+def test_the_papers_numbers_stand_beside_runs_on_all_of_mnist_only():
+    from pyro_iwae import RunConfig
+    from pyro_iwae.runs.grid_report import _paper_nll
+
+    mnist = RunConfig(dataset="mnist", num_particles=5)
+    assert _paper_nll(mnist, 5) == 85.54
+    for other in ({"dataset": "mnist-mini"}, {"train_limit": 1000}):
+        assert _paper_nll(dataclasses.replace(mnist, **other), 5) is None
 
 
 def test_table_before_any_run(tmp_path, grid_file):

@@ -114,7 +114,10 @@ def collect(grid: Grid, runs_dir: str | os.PathLike) -> list[dict[str, Any]]:
 
 def _paper_nll(config: RunConfig, k: int) -> float | None:
     variant = config.builder_settings("model") or config.binarization != "dynamic"
-    if variant or (config.model, config.guide) != ("paper", "paper"):
+    # The papers' numbers are of MNIST's 60,000 training images (not of a subset
+    # such as mnist-mini, nor of another data set).
+    mnist = config.dataset == "mnist" and config.train_limit is None
+    if variant or not mnist or (config.model, config.guide) != ("paper", "paper"):
         return None  # not the paper's model and data
     if config.objective in RAINFORTH_NLL:
         return RAINFORTH_NLL[config.objective]

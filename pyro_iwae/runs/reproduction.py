@@ -14,6 +14,8 @@ from typing import Any
 
 import torch
 
+from ..data import is_data_file
+from ..errors import ConfigError
 from . import distributed, run_writer
 from .callbacks import FitCallback
 from .checkpoints import (
@@ -64,9 +66,20 @@ class Grid:
         """
         try:
             values = json.loads(Path(path).read_text())
-            grid = cls(**values)
-        except (OSError, json.JSONDecodeError, TypeError) as e:
+        except (OSError, json.JSONDecodeError) as e:
             raise RunError(f"cannot read grid {path} ({e}); fix the file") from e
+        problem = _shape_problem(values)
+        if problem is not None:
+            raise RunError(f"grid {path}: {problem}; fix the file")
+        try:
+            grid = cls(**_from_folder(values, Path(path).parent))
+        except TypeError as e:
+            raise RunError(f"cannot read grid {path} ({e}); fix the file") from e
+        for settings, names in grid.evaluations():
+            try:
+                EvalSettings(**settings)
+            except ConfigError as e:
+                raise RunError(f"grid {path}: {e.render(names)}; fix the file") from e
         for name in grid.runs:
             try:
                 grid.config(name)  # fails early on unknown or clashing settings
@@ -87,6 +100,30 @@ class Grid:
                 )
         return grid
 
+    def evaluations(self) -> list[tuple[dict[str, Any], dict[str, str]]]:
+        """The settings of :class:`EvalSettings` of the grid's evaluation (and
+        AIS evaluation, if any), each with the grid's names for its fields."""
+        found = [
+            (
+                {"num_samples": self.eval_samples, "limit": self.eval_limit},
+                {"num_samples": "eval_samples", "limit": "eval_limit"},
+            )
+        ]
+        if self.ais is not None:
+            ais = self.ais_settings
+            settings = {"ais_steps": ais["steps"], "num_chains": ais["chains"]}
+            found.append(
+                (
+                    {"method": "ais", **settings, "limit": ais["limit"]},
+                    {
+                        "ais_steps": "ais steps",
+                        "num_chains": "ais chains",
+                        "limit": "ais limit",
+                    },
+                )
+            )
+        return found
+
     def config(self, name: str, data_dir: str | os.PathLike | None = None) -> RunConfig:
         """The run config of run ``name``, with ``data_dir`` (None: the grid's),
         checked as :meth:`RunConfig.merge` checks a new run's (a data file made
@@ -96,6 +133,51 @@ class Grid:
         if data_dir is not None:
             values["data_dir"] = str(data_dir)
         return RunConfig.merge(values, named=())
+
+
+def _shape_problem(values: Any) -> str | None:
+    """What is wrong with the shape of a grid file's JSON (``values``), or None:
+    objects where objects belong, and run names that are folder names."""
+    if not isinstance(values, dict):
+        return f"it holds a {type(values).__name__}, not an object"
+    if not isinstance(values.get("base", {}), dict):
+        return "base must be an object of settings"
+    runs = values.get("runs")
+    if not isinstance(runs, dict) or not runs:
+        return 'runs must be an object of run names and their settings, {"a": {}}'
+    for name, settings in runs.items():
+        if name in ("", ".", "..") or any(c in name for c in "/\\\0"):
+            return f"run name {name!r} is not a folder name"
+        if not isinstance(settings, dict):
+            return f"the settings of run {name!r} must be an object, {{}} for none"
+    ais = values.get("ais")
+    if ais is not None and not isinstance(ais, dict):
+        return 'ais must be an object, {"runs": [...], "steps": N, ...}'
+    if not isinstance(values.get("claims", []), list):
+        return "claims must be a list of [lower, higher] pairs"
+    return None
+
+
+def _from_folder(values: dict[str, Any], folder: Path) -> dict[str, Any]:
+    """``values`` with each relative path (a data file's ``dataset``, a
+    ``data_dir``) made absolute from the grid file's ``folder``: a grid reads
+    the same files from any working directory."""
+
+    def anchored(settings: dict[str, Any]) -> dict[str, Any]:
+        paths = {}
+        for key in ("dataset", "data_dir"):
+            value = settings.get(key)
+            if not isinstance(value, str) or (
+                key == "dataset" and not is_data_file(value)
+            ):
+                continue
+            path = Path(value).expanduser()
+            if not path.is_absolute():
+                paths[key] = str((folder / path).resolve())
+        return {**settings, **paths}
+
+    runs = {name: anchored(settings) for name, settings in values["runs"].items()}
+    return {**values, "base": anchored(values.get("base", {})), "runs": runs}
 
 
 def _is_pair(claim: Any, runs: dict[str, Any]) -> bool:
