@@ -363,6 +363,41 @@ def test_a_moved_data_file_is_pointed_at_again(tmp_path):
     assert "9 values" in error and "16" in error
 
 
+def test_a_data_file_changed_since_training_is_refused_or_named(tmp_path):
+    # Other contents in the same file were evaluated and resumed on silently,
+    # the run's own evaluation replaced; other data given with --dataset were
+    # labelled as the run's data set.
+    data, run_dir = _fit_on_a_data_file(tmp_path)
+    assert_ok(invoke("eval-nll", run_dir, "--k", 3, "--quiet"))
+    own = (run_dir / "eval-test-k3.json").read_text()
+    generator = np.random.default_rng(1)
+    np.save(data, (generator.random((120, 16)) < 0.6).astype(np.float32))
+    for command in (
+        ["eval-nll", run_dir, "--k", 3],
+        ["fit", "--resume", "--out", run_dir],
+    ):
+        error = assert_one_line_error(invoke(*command), "has changed since the run")
+        assert "put the file back as it was" in error
+    assert (run_dir / "eval-test-k3.json").read_text() == own
+    result = invoke("eval-nll", run_dir, "--k", 3, "--dataset", data, "--quiet")
+    assert_ok(result)
+    other = json.loads((run_dir / "eval-test-k3-on-points.json").read_text())
+    assert other["dataset"] == str(data) and other["nll"] != json.loads(own)["nll"]
+    assert (run_dir / "eval-test-k3.json").read_text() == own
+
+
+def test_an_evaluation_of_another_chunk_size_is_kept_apart(tmp_path):
+    # The chunk size draws other particles: its estimates went into the file of
+    # the default chunk, which did not record it.
+    _, run_dir = _fit_on_a_data_file(tmp_path)
+    assert_ok(invoke("eval-nll", run_dir, "--k", 4, "--quiet"))
+    assert_ok(invoke("eval-nll", run_dir, "--k", 4, "--chunk-size", 3, "--quiet"))
+    default = json.loads((run_dir / "eval-test-k4.json").read_text())
+    chunked = run_dir / "eval-test-k4-nall-seed0-batch100-chunk3.json"
+    assert default["chunk_size"] is None
+    assert json.loads(chunked.read_text())["chunk_size"] == 3
+
+
 def test_data_outside_the_runs_likelihood_are_refused_in_one_line(tmp_path):
     _, run_dir = _fit_on_a_data_file(tmp_path)
     grey = tmp_path / "grey.npy"

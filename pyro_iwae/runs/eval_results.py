@@ -3,10 +3,11 @@ found (:class:`Evaluation`), and the files it leaves in the run directory:
 ``eval-<split>-<tag>.json``, the per-point ``estimates-<split>-<tag>.txt`` and
 ``diagnostics-<split>-<tag>.txt``.
 
-``<tag>`` is ``k<num_samples>`` or ``ais<ais_steps>x<num_chains>``. An
-evaluation never replaces one of other settings: where that name holds one
-(of other points, seed or batch size), it takes a name that spells its
-settings (``eval-test-k5000-n20-seed0-batch100.json``).
+``<tag>`` is ``k<num_samples>`` or ``ais<ais_steps>x<num_chains>``, followed
+by ``-on-<name>`` for data other than the run's. An evaluation never replaces
+one of other settings: where that name holds one (of other points, seed, batch
+or chunk size), it takes a name that spells its settings
+(``eval-test-k5000-n20-seed0-batch100.json``, ``...-chunk50.json``).
 """
 
 from __future__ import annotations
@@ -87,7 +88,8 @@ class EvalSettings:
     )
     chunk_size: int | None = setting(
         None,
-        "Particles drawn at once (memory grows with it).",
+        "Particles drawn at once (memory grows with it); another size draws "
+        "other particles, so other estimates, kept under their own file name.",
         low=1,
         default_text="as many as fit in 256 MiB, no tensor over 32 MiB",
     )
@@ -172,6 +174,8 @@ class EvalSettings:
             "batch_size": self.batch_size,
             # Other draws than the vectorised ones: another estimate.
             "sequential_particles": self.sequential_particles,
+            # Another chunk draws other particles (AIS: other chains' noise).
+            "chunk_size": self.chunk_size,
             **self.method_settings(),
         }
 
@@ -195,11 +199,13 @@ class Evaluation:
     ``compiled``: whether the log-weights ran as compiled graphs, and
     ``compile_choice``: why (``"as asked"``, or what ``compile="auto"`` saw);
     ``sequential_particles``: whether the particles were drawn one at a time;
+    ``chunk_size``: the particles drawn at once as asked (None: the default);
+    ``dataset``: the data evaluated (the run's, or other data asked for);
     ``trained_steps``: the run's training steps when it was evaluated;
     ``diagnostics``: median ESS, median k-hat (None below 21 samples), the
     share of points with k-hat > 0.7 and, with AIS, the mean acceptance
     rate; ``active_units`` and ``latent_units`` (site -> count, size);
-    ``ranks``, ``dataset``, ``versions``, ``date``; ``file`` (the JSON's
+    ``ranks``, ``versions``, ``date``; ``file`` (the JSON's
     absolute path) and the names of the per-point ``estimates_file`` and
     ``diagnostics_file`` beside it.
 
@@ -234,6 +240,7 @@ class Evaluation:
     compiled: bool = False
     compile_choice: str = "as asked"
     sequential_particles: bool = False
+    chunk_size: int | None = None
     # An evaluation of fewer steps than the checkpoint now holds is out of date.
     trained_steps: int | None = None
 
@@ -283,34 +290,46 @@ def columns(method: str) -> tuple[str, ...]:
 
 
 def result_path(
-    run_dir: str | os.PathLike, settings: EvalSettings, points: int | None = None
+    run_dir: str | os.PathLike,
+    settings: EvalSettings,
+    points: int | None = None,
+    other_data: str | None = None,
 ) -> Path:
     """Where the evaluation with ``settings`` (of ``points`` points, where
     known) is, or goes: ``eval-<split>-<tag>.json`` unless that holds one of
     other settings, then a name that spells them all (see the module); where
-    ``points`` is not known, one of all points, no more than the limit, counts."""
+    ``points`` is not known, one of all points, no more than the limit, counts.
+    Of ``other_data`` than the run's, ``<tag>`` ends in ``-on-<its name>``."""
     run_dir = Path(run_dir)
-    plain = run_dir / f"eval-{settings.split}-{settings.tag}.json"
-    if not plain.is_file() or _same(plain, settings, points):
+    tag = settings.tag
+    if other_data is not None:
+        tag += "-on-" + (Path(other_data).stem or "data")
+    plain = run_dir / f"eval-{settings.split}-{tag}.json"
+    if not plain.is_file() or _same(plain, settings, points, other_data):
         return plain
     limit = "all" if settings.limit is None else settings.limit
     sequential = "-sequential" if settings.sequential_particles else ""
+    chunk = "" if settings.chunk_size is None else f"-chunk{settings.chunk_size}"
     named = run_dir / (
-        f"eval-{settings.split}-{settings.tag}-n{limit}-seed{settings.seed}"
-        f"-batch{settings.batch_size}{sequential}.json"
+        f"eval-{settings.split}-{tag}-n{limit}-seed{settings.seed}"
+        f"-batch{settings.batch_size}{chunk}{sequential}.json"
     )
     if points is None and settings.limit is not None and not named.is_file():
         # A limit of at least the split's size is evaluated, and named, as all.
-        every = result_path(run_dir, dataclasses.replace(settings, limit=None))
-        if every.is_file() and _same(every, settings, None):
+        every_settings = dataclasses.replace(settings, limit=None)
+        every = result_path(run_dir, every_settings, None, other_data)
+        if every.is_file() and _same(every, settings, None, other_data):
             return every
     return named
 
 
-def _same(path: Path, settings: EvalSettings, points: int | None) -> bool:
+def _same(
+    path: Path, settings: EvalSettings, points: int | None, other_data: str | None
+) -> bool:
     """Whether the evaluation in ``path`` was made with ``settings`` (on
-    ``points`` points where known). Files of pyro-iwae 0.1 lack the batch size
-    (theirs was 100) and the limit (their points tell it)."""
+    ``points`` points where known; of ``other_data`` where given). Files of
+    pyro-iwae 0.1 lack the batch size (theirs was 100) and the limit (their
+    points tell it), and files before 0.2 the chunk size (None)."""
     try:
         saved = json.loads(path.read_text())
     except (OSError, ValueError):
@@ -321,9 +340,12 @@ def _same(path: Path, settings: EvalSettings, points: int | None) -> bool:
         "batch_size": 100,
         "method": "iwae",
         "sequential_particles": False,
+        "chunk_size": None,
         **saved,
     }
     if not all(saved.get(k) == v for k, v in settings.identity().items()):
+        return False
+    if other_data is not None and saved.get("dataset") != other_data:
         return False
     if points is not None:
         return saved.get("points") == points
@@ -341,12 +363,14 @@ def summarise(
     config: RunConfig,
     activity: dict[str, torch.Tensor],
     path: Path,
+    other_data: str | None = None,
 ) -> Evaluation:
     """The :class:`Evaluation` of ``results``, float64 ``[n, 1 + columns]``:
     each point's log-likelihood estimate and its diagnostics (see
-    :func:`columns`), made with ``settings`` on the data of ``config``, with the
-    latent ``activity`` (see :func:`~pyro_iwae.latent_activity`), to be written
-    to ``path``; its times left at 0."""
+    :func:`columns`), made with ``settings`` on the data of ``config`` (or
+    ``other_data``), with the latent ``activity`` (see
+    :func:`~pyro_iwae.latent_activity`), to be written to ``path``; its times
+    left at 0."""
     nll = -results[:, 0]
     n = nll.shape[0]
     stderr = float(nll.std() / math.sqrt(n)) if n > 1 else None
@@ -375,13 +399,14 @@ def summarise(
         batch_size=settings.batch_size,
         limit=settings.limit,
         ranks=1 if ranks is None else ranks.world,
-        dataset=config.dataset,
+        dataset=config.dataset if other_data is None else other_data,
         versions=versions(),
         date=datetime.now().isoformat(timespec="seconds"),
         file=str(Path(path).resolve()),
         estimates_file=f"estimates-{tag}.txt",
         diagnostics_file=f"diagnostics-{tag}.txt",
         sequential_particles=settings.sequential_particles,
+        chunk_size=settings.chunk_size,
     )
 
 

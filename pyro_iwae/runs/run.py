@@ -51,6 +51,7 @@ from .checkpoints import (
     trained_steps,
 )
 from .config import CONFIG_FILE, RunConfig
+from .data_record import check_data, is_recorded
 from .estimates import estimate_points
 from .eval_results import (
     EVAL_METHODS,
@@ -151,10 +152,14 @@ class Run:
         """The run's data, all of it, binarised as in training; ``dataset`` and
         ``data_dir`` override where they are (such as a data file since moved).
 
-        :raises DataError: if they cannot be read or are of another width.
+        :raises DataError: if they cannot be read or are of another width, or
+            the run's own data file has changed since it was trained on it.
         """
         config = self.config if config is None else config
         name = config.dataset if dataset is None else _as_dataset(dataset)
+        if dataset is None:
+            advice = f"evaluate it as other data with --dataset {name}"
+            check_data(self.path, name, advice)
         data = load_dataset(
             name,
             data_dir or config.data_dir,
@@ -254,6 +259,11 @@ class Run:
         config, model, guide, steps = _load_run(self.path, device)
         distributed.from_main(lambda: check_writable(self.path))
         data = self.data(data_dir, dataset, config)
+        # Data other than the run's (not a moved copy): named in the result, and
+        # in its file's name, apart from the run's own evaluations.
+        other = dataset is not None and distributed.from_main(
+            lambda: _other_data(self.path, data.name, config.dataset)
+        )
         if settings.limit is not None and settings.limit >= len(_split(data, settings)):
             # The whole split: the evaluation, and its files, of limit None.
             settings = dataclasses.replace(settings, limit=None)
@@ -287,10 +297,11 @@ class Run:
         # The files' name is chosen as they are written, one process at a time:
         # two evaluations of other settings that ran together took one name.
         with locks.waiting(self.path, "evaluations") if main else nullcontext():
+            on = data.name if other else None
             path = distributed.from_main(
-                lambda: result_path(self.path, settings, points.shape[0])
+                lambda: result_path(self.path, settings, points.shape[0], on)
             )
-            evaluation = summarise(results, settings, config, activity, path)
+            evaluation = summarise(results, settings, config, activity, path, on)
             evaluation.time, evaluation.compile_time = seconds, compile_time
             evaluation.compiled = compiles(compile)
             evaluation.compile_choice = choice
@@ -342,6 +353,13 @@ def plan_fit(
     if not make_folder:
         return Run(runs_dir), config, False
     return distributed.from_main(lambda: Run.new(config, runs_dir)), config, False
+
+
+def _other_data(run_dir: Path, name: str, own: str) -> bool:
+    """Whether the data set ``name`` is other than the run's own ``own``: its
+    recorded data file's contents differ, or (nothing recorded) its name."""
+    recorded = is_recorded(run_dir, name)
+    return name != own if recorded is None else not recorded
 
 
 def _as_dataset(dataset: str | os.PathLike) -> str:

@@ -32,6 +32,7 @@ from . import distributed, locks
 from .callbacks import FitCallback
 from .checkpoints import CHECKPOINT_FILE, METRICS_FILE, load_checkpoint, read_metrics
 from .config import CONFIG_FILE, RunConfig
+from .data_record import DATA_RECORD, check_data, is_recorded, record_data
 from .fit_steps import check_continues
 from .training import fit
 
@@ -185,6 +186,7 @@ def _train(
     """:func:`train`, with the lock held."""
     changed = distributed.from_main(lambda: _check(path, config, resume))
     data = config.load_data(data_dir)
+    distributed.from_main(lambda: _data_recorded(path, config.dataset, resume))
     if data.x_dim != config.x_dim:
         raise RunError(
             f"{config.dataset} points have {data.x_dim} values, the config "
@@ -293,10 +295,19 @@ def _check(path: Path, config: RunConfig, resume: bool) -> bool:
     return moved or any(extended)
 
 
+def _data_recorded(path: Path, dataset: str, resume: bool) -> None:
+    """Records the run's data file, or on a resume checks it against the record
+    (a run recorded nothing before pyro-iwae 0.2: it does so now)."""
+    if resume and is_recorded(path, dataset) is not None:
+        check_data(path, dataset, "start a new run on it")
+    else:
+        record_data(path, dataset)
+
+
 def _discard_unsaved(path: Path) -> None:
     """Removes the files of a new run that has no checkpoint yet."""
     if not (path / CHECKPOINT_FILE).is_file():
-        for name in (CONFIG_FILE, METRICS_FILE):
+        for name in (CONFIG_FILE, METRICS_FILE, DATA_RECORD):
             (path / name).unlink(missing_ok=True)
 
 
