@@ -357,7 +357,7 @@ def _eval_report(result: Evaluation) -> list[str]:
     trust = f"median ESS {d['ess_median']:.1f} of {samples}; {tail}"
     if result.method == "ais":
         trust += f"; mean HMC acceptance {d['acceptance_mean']:.2f}"
-    elif d["khat_above_0.7"] > 0:
+    elif (d["khat_above_0.7"] or 0) > 0:
         # Above 0.7 the samples needed grow too fast for more of them to help.
         trust += (
             " (unreliable there, and more samples help little: for continuous "

@@ -287,8 +287,8 @@ def load_dataset(
 
 def is_data_file(name: str | os.PathLike) -> bool:
     """Whether ``name`` names a user's data file rather than a built-in data set:
-    a path with one of :data:`FILE_SUFFIXES`."""
-    return str(name) not in DATASETS and Path(name).suffix in FILE_SUFFIXES
+    a path with one of :data:`FILE_SUFFIXES` (in any case: ``.NPY`` too)."""
+    return str(name) not in DATASETS and Path(name).suffix.lower() in FILE_SUFFIXES
 
 
 def _read_idx(payload: bytes) -> list[Tensor]:

@@ -28,7 +28,7 @@ def file_width(path: str | os.PathLike, test_fraction: float = 0.1) -> int:
     import numpy as np
 
     path = Path(path).expanduser()
-    if path.suffix == ".npy" and path.is_file():
+    if path.suffix.lower() == ".npy" and path.is_file():
         try:  # the header alone, not the whole array
             shape = np.load(path, mmap_mode="r").shape
         except Exception:  # left to load_file, which says what is wrong
@@ -113,19 +113,19 @@ _NUMPY_MAGIC = {".npy": b"\x93NUMPY", ".npz": b"PK"}
 
 def _unreadable(path: Path, error: Exception) -> str:
     """Why a data file that failed to load cannot be read, in a few words."""
-    magic = _NUMPY_MAGIC.get(path.suffix)
+    magic = _NUMPY_MAGIC.get(path.suffix.lower())
     if magic is not None:
         with open(path, "rb") as f:
             if not f.read(len(magic)) == magic:
                 # numpy takes any other file for a pickle: say what it is not.
-                return f"it is not a NumPy {path.suffix} file"
+                return f"it is not a NumPy {path.suffix.lower()} file"
         if "pickle" in str(error).lower():
             return "it holds pickled Python objects, not numbers"
     return "it is damaged, or not written by np.save, np.savez or torch.save"
 
 
 def _read_arrays(path: Path) -> dict[str, object]:
-    if path.suffix == ".pt":
+    if path.suffix.lower() == ".pt":
         value = torch.load(path, map_location="cpu", weights_only=True)
         if isinstance(value, dict):
             return value
@@ -133,7 +133,7 @@ def _read_arrays(path: Path) -> dict[str, object]:
     import numpy as np
 
     value = np.load(path, allow_pickle=False)
-    if path.suffix == ".npz":
+    if path.suffix.lower() == ".npz":
         with value:
             return {key: value[key] for key in value.files}
     return {"train": value}

@@ -363,6 +363,14 @@ def test_a_moved_data_file_is_pointed_at_again(tmp_path):
     assert "9 values" in error and "16" in error
 
 
+def test_a_data_file_of_an_upper_case_suffix_is_a_data_file(tmp_path):
+    points = tmp_path / "POINTS.NPY"
+    with open(points, "wb") as f:
+        np.save(f, np.zeros((40, 16), dtype=np.float32))
+    options = ["--batch-size", 20, "--particles", 2, "--epochs", 1, "--quiet"]
+    assert_ok(invoke("fit", "--dataset", points, *options, "--out", tmp_path / "r"))
+
+
 def test_a_data_file_changed_since_training_is_refused_or_named(tmp_path):
     # Other contents in the same file were evaluated and resumed on silently,
     # the run's own evaluation replaced; other data given with --dataset were
@@ -395,6 +403,8 @@ def test_an_evaluation_of_another_chunk_size_is_kept_apart(tmp_path):
     default = json.loads((run_dir / "eval-test-k4.json").read_text())
     chunked = run_dir / "eval-test-k4-nall-seed0-batch100-chunk3.json"
     assert default["chunk_size"] is None
+    # No k-hat fitted at k = 4: the share above 0.7 is unknown, not 0.
+    assert default["diagnostics"]["khat_above_0.7"] is None
     assert json.loads(chunked.read_text())["chunk_size"] == 3
 
 

@@ -428,10 +428,13 @@ def _diagnostics(results: torch.Tensor, method: str) -> dict[str, float | None]:
     acceptance rate."""
     values = dict(zip(columns(method), results[:, 1:].unbind(-1), strict=True))
     khat = values["khat"].nanmedian()
+    fitted = khat.isfinite()  # else no point had enough weights to fit a tail
+    above = (values["khat"] > KHAT_THRESHOLD).double().mean()
     diagnostics = {
         "ess_median": float(values["ess"].median()),
-        "khat_median": float(khat) if khat.isfinite() else None,
-        "khat_above_0.7": float((values["khat"] > KHAT_THRESHOLD).double().mean()),
+        "khat_median": float(khat) if fitted else None,
+        # None, not 0 (none unreliable), where no k-hat was fitted.
+        "khat_above_0.7": float(above) if fitted else None,
     }
     if "acceptance" in values:
         diagnostics["acceptance_mean"] = float(values["acceptance"].mean())

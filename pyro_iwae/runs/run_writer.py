@@ -188,9 +188,15 @@ def _train(
     data = config.load_data(data_dir)
     distributed.from_main(lambda: _data_recorded(path, config.dataset, resume))
     if data.x_dim != config.x_dim:
+        # A resumed run's model takes its x_dim: other data are what to change.
+        fix = (
+            "pass the data the run was trained on"
+            if resume
+            else f"set x_dim to {data.x_dim}"
+        )
         raise RunError(
             f"{config.dataset} points have {data.x_dim} values, the config "
-            f"says {config.x_dim}; set x_dim to {data.x_dim}"
+            f"says {config.x_dim}; {fix}"
         )
     check_support(config, data)
     device = distributed.init(config.device)
