@@ -222,6 +222,10 @@ def _train(
         history = run.train(config, resume=resume, callback=callback)
     except KeyboardInterrupt:
         progress.close()
+        for tracker in trackers:
+            tracker.interrupted()
+        if not distributed.is_main():
+            sys.exit(130)  # rank 0 says how to go on, once
         if run.has_checkpoint:
             out = shlex.quote(str(run.path))  # a command to paste into a shell
             logging = "".join(f" --logger {name}" for name in dict.fromkeys(loggers))

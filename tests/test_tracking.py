@@ -317,6 +317,24 @@ def test_a_tracker_that_cannot_write_stops_fit_before_it_trains(
     assert (run_dir / "metrics.jsonl").read_text() == before
 
 
+def test_an_interrupted_fit_leaves_its_mlflow_run_killed_not_running(
+    tmp_path, monkeypatch
+):
+    from pyro_iwae_cli import progress
+
+    def stop_at_epoch_2(self, epoch, *args):
+        if epoch == 2:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(progress.FitProgress, "on_epoch_start", stop_at_epoch_2)
+    run_dir = tmp_path / "run"
+    fit = ["fit", "--train-limit", "100", "--test-limit", "20", "--out", str(run_dir)]
+    result = CliRunner().invoke(cli, [*fit, "--epochs", "2", "--logger", "mlflow"])
+    assert result.exit_code == 130
+    run_id = json.loads((run_dir / MLFLOW_RUN_FILE).read_text())["run_id"]
+    assert _local_client(run_dir).get_run(run_id).info.status == "KILLED"
+
+
 def test_an_evaluation_logged_nowhere_reads_no_metrics(tmp_path):
     # eval-nll without --logger wrote its result, then failed on a metrics file
     # cut short, without printing it.

@@ -119,6 +119,11 @@ class Tracker(FitCallback):
     def close(self) -> None:
         """Writes what is buffered and ends the run."""
 
+    def interrupted(self) -> None:
+        """The run stopped before its last epoch (Ctrl-C): writes what is
+        buffered; a resume goes on logging."""
+        self.close()
+
     # -- fit's hooks ----------------------------------------------------------
 
     def on_fit_start(
@@ -341,6 +346,10 @@ class MLflowTracker(Tracker):
 
     def close(self) -> None:
         self.client.set_terminated(self.run_id)
+
+    def interrupted(self) -> None:
+        # Not left RUNNING; a resume marks it RUNNING again.
+        self.client.set_terminated(self.run_id, status="KILLED")
 
 
 #: What ``mlflow-run.json`` says for the run directory's own store.
