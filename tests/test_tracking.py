@@ -70,9 +70,9 @@ def test_tensorboard_events_read_back(tracked):
         images = acc.Images(name)
         assert [i.step for i in images] == [1, 2]
         assert images[0].width > 28 and images[0].height > 28
-    (nll,) = acc.Scalars("eval_test/nll")
+    (nll,) = acc.Scalars("eval_test-k30/nll")
     assert nll.step == 2 and nll.value == pytest.approx(result["nll"], rel=1e-6)
-    assert "eval_test/khat_median" in tags["scalars"]
+    assert "eval_test-k30/khat_median" in tags["scalars"]
     assert "config/text_summary" in tags["tensors"]
 
 
@@ -91,8 +91,8 @@ def test_mlflow_store_read_back(tracked):
     assert [v for _, v in bounds] == pytest.approx([m["train_bound"] for m in history])
     for name in SCALARS:
         assert len(client.get_metric_history(run.info.run_id, name)) == 2
-    assert run.data.metrics["eval_test/nll"] == pytest.approx(result["nll"])
-    assert run.data.metrics["eval_test/ess_median"] == pytest.approx(
+    assert run.data.metrics["eval_test-k30/nll"] == pytest.approx(result["nll"])
+    assert run.data.metrics["eval_test-k30/ess_median"] == pytest.approx(
         result["diagnostics"]["ess_median"]
     )
     samples = client.list_artifacts(run.info.run_id, "samples")
@@ -142,7 +142,7 @@ def test_csv_read_back(tracked):
         assert math.isfinite(float(row["train/grad_norm"]))
     with (run_dir / "tracking-evaluation.csv").open() as f:
         (row,) = list(csv.DictReader(f))
-    assert float(row["eval_test/nll"]) == pytest.approx(result["nll"])
+    assert float(row["eval_test-k30/nll"]) == pytest.approx(result["nll"])
     config = json.loads((run_dir / "tracking-config.json").read_text())
     assert config["num_particles"] == 2
     assert sorted(p.name for p in (run_dir / "images").iterdir()) == [

@@ -198,10 +198,13 @@ class Tracker(FitCallback):
     ) -> None:
         """Logs an evaluation: an :class:`~pyro_iwae.Evaluation` as
         :func:`~pyro_iwae.evaluate_run` returns, or its JSON's dict (``nll``,
-        ``stderr``, ``split`` and, where present, the ``diagnostics``' medians)."""
+        ``stderr``, ``split`` and, where present, the ``diagnostics``' medians),
+        under ``eval_<its file's name>/`` (``eval_test-k5000/nll``): evaluations
+        of other settings are series of their own."""
         if isinstance(result, Evaluation):
             result = result.to_json()
-        prefix = f"eval_{result.get('split', 'test')}/"
+        name = Path(result.get("file", "")).stem.removeprefix("eval-")
+        prefix = f"eval_{name or result.get('split', 'test')}/"
         keys = {
             "nll": "nll",
             "stderr": "nll_stderr",
