@@ -157,7 +157,13 @@ def _as_points(value: object, path: Path, key: str) -> Tensor:
             f"{path}: {key} has shape {list(x.shape)}; save an array of shape "
             "[N, ...], one row per data point (reshape(-1, 1) for scalars)"
         )
+    finite = bool(torch.isfinite(x).all()) if x.is_floating_point() else True
     x = x.to(torch.float32)
-    if not bool(torch.isfinite(x).all()):
+    if not finite:
         raise DataError(f"{path}: {key} holds nan or infinite values; remove them")
+    if not bool(torch.isfinite(x).all()):  # finite before, so beyond float32's range
+        raise DataError(
+            f"{path}: {key} holds values beyond float32's range (±3.4e38), in "
+            "which the model computes; scale the data down"
+        )
     return x

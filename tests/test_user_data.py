@@ -61,6 +61,8 @@ def test_builtin_data_binarised_only_when_asked():
         ({"foo": np.zeros((3, 3))}, "not an array named train"),
         ({"train": np.zeros(5)}, "shape [5]"),
         ({"train": np.full((4, 2), np.nan)}, "nan or infinite"),
+        # Finite in float64: it was said to hold nan or infinite values.
+        ({"train": np.full((4, 2), 1e300)}, "beyond float32's range"),
         ({"train": np.zeros((4, 2)), "test": np.zeros((4, 3))}, "same shape"),
     ],
 )
