@@ -246,7 +246,7 @@ def _train(
             "the run had finished its schedule: nothing left to train (more "
             "--epochs or --stages extend it)"
         )
-    if history:
+    if history and progress.epochs_run:  # else nothing was trained to report
         last = history[-1]
         test = last["test_bound"]
         test_text = (

@@ -321,6 +321,7 @@ def test_resume_after_interrupt(tmp_path, monkeypatch):
     done = invoke("fit", "--resume", "--out", tmp_path / "cut")
     assert_ok(done)
     assert "nothing left to train" in done.output
+    assert "trained 2 epochs" not in done.output  # this call trained none
     assert len(read_metrics(tmp_path / "cut")) == 2
     # Nor can it be cut short: one line says how many epochs it has.
     fewer = invoke("fit", "--resume", "--out", tmp_path / "cut", "--epochs", 1)

@@ -336,8 +336,10 @@ def table_slot(path: str | os.PathLike) -> tuple[str, str]:
     before, found_start, rest = content.partition(start + "\n")
     _, found_end, after = rest.partition(end)
     if not (found_start and found_end):
+        # Both there, the end first: "has no lines" misled.
+        order = f", {start} first" if start in content and end in content else ""
         raise RunError(
-            f"{path} has no lines {start} and {end} to put the table between; "
-            "add them where the table should go"
+            f"{path} has no lines {start} and {end}{order} to put the table "
+            "between; add them where the table should go"
         )
     return before + start + "\n", end + after
