@@ -476,6 +476,17 @@ def test_values_outside_the_support_are_named_in_one_line(case, estimate):
     assert message.count("pass values") == (case == "observed")
 
 
+def test_observed_nan_is_named_as_such():
+    # Its range read "observed values in [nan, nan] lie outside the support".
+    # (The evaluators refuse NaN data before they run the program.)
+    x = torch.tensor([[0.0, 1.0, float("nan")], [1.0, 1.0, 0.0]])
+    with pytest.raises(SupportError) as error:
+        IWELBO(4).differentiable_loss(_bernoulli_model, _normal_guide, x)
+    assert str(error.value) == (
+        "site 'x': observed values include NaN; remove them from the data"
+    )
+
+
 def test_observed_values_in_the_support_pass():
     x = torch.tensor([[0.0, 1.0, 0.0], [1.0, 1.0, 0.0]])
     fine = log_likelihood(_bernoulli_model, _normal_guide, x, num_samples=4)

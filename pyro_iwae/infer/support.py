@@ -110,6 +110,14 @@ def site_log_prob(name: str, site: dict) -> torch.Tensor:
         what, advice = "observed values", "pass values in its support"
     else:  # a model's latent site, at the guide's draws
         what, advice = "values", "make the guide draw inside it (a transform)"
+    if value.is_floating_point() and bool(value.isnan().any()):
+        # Their range reads [nan, nan]: say what they are.
+        fix = (
+            "remove them from the data"
+            if site.get("is_observed")
+            else "the guide drew them: look for NaN in its parameters and inputs"
+        )
+        raise SupportError(f"site {name!r}: {what} include NaN; {fix}") from None
     low, high = float(value.min()), float(value.max())
     kind, events = fn, 0
     while isinstance(kind, torch.distributions.Independent):
