@@ -26,7 +26,9 @@ from pyro_iwae import (
     PyroIwaeError,
     ais_log_likelihood,
     dataset_log_likelihood,
+    importance_resample,
     log_likelihood,
+    log_likelihood_with_diagnostics,
 )
 
 
@@ -402,6 +404,30 @@ def test_guide_enumeration_with_the_exact_guide_is_log_p_x(vectorize, estimator)
     assert grads[0] is None or grads[0].abs().max() < 1e-12
     # the bound does depend on the guide of z
     assert grads[1] is not None and (grads[1].abs() > 1e-6) == (estimator == "iwae")
+
+
+def test_the_evaluators_with_guide_enumeration_are_log_p_x():
+    """With the exact guide, every weight is p(x, y) per value of y: each
+    evaluator's estimate is log p(x) per point. The diagnostics' mean ran over
+    the K particles, not the K times 3 weights: log 3 above log p(x)."""
+    x, b = LABELLED
+    exact = sum(
+        (dist.Normal(MU, scale).log_prob(v.unsqueeze(-1)) + PI.log()).logsumexp(-1)
+        for v, scale in ((x, (1 + S**2) ** 0.5), (b, SD))
+    )
+    estimate = log_likelihood(labelled_model, labelled_guide, *LABELLED, num_samples=4)
+    found = log_likelihood_with_diagnostics(
+        labelled_model, labelled_guide, *LABELLED, num_samples=4, chunk_size=3
+    )
+    assert torch.allclose(estimate, exact)
+    assert torch.allclose(found.log_likelihood, exact)
+    # A weight per particle and value of y, 3 p(x, y): the ESS of 12 weights
+    # that differ between values (its standard error was 0 over K = 4).
+    assert ((found.ess > 1) & (found.ess < 12)).all() and (found.stderr > 0).all()
+    with pytest.raises(ValueError, match="the guide enumerates sites"):
+        importance_resample(
+            labelled_model, labelled_guide, *LABELLED, num_samples=4, num_draws=2
+        )
 
 
 def test_guide_enumeration_is_below_log_p_x_and_rises_with_k():

@@ -129,8 +129,9 @@ def _fit_pareto_shape(excess: torch.Tensor) -> torch.Tensor:
 class Diagnostics(NamedTuple):
     """Per-point importance-sampling estimate and diagnostics, each of shape
     ``[batch]``: ``log_likelihood`` (nats), its delta-method ``stderr`` (nats),
-    Kish's ``ess`` of the K weights (1 to K), and the Pareto ``khat`` of their
-    tail (> 0.7: unreliable)."""
+    Kish's ``ess`` of the K weights (1 to K; K times the values where the
+    guide enumerates sites, each particle a weight per value), and the Pareto
+    ``khat`` of their tail (> 0.7: unreliable)."""
 
     log_likelihood: torch.Tensor
     stderr: torch.Tensor
@@ -160,6 +161,7 @@ def log_likelihood_with_diagnostics(
     that do not broadcast over them (see :func:`~pyro_iwae.log_likelihood`).
     """
     sum_w = sum_w2 = top = None
+    count = 0  # weights: K, or K times the values a guide enumerates
     tail = min(tail_length(num_samples) + 1, num_samples)
     for particles in log_weight_chunks(
         model,
@@ -174,6 +176,7 @@ def log_likelihood_with_diagnostics(
         **kwargs,
     ):
         log_w = particles.log_weights
+        count += log_w.shape[0]
         chunk_w, chunk_w2 = log_w.logsumexp(0), (2 * log_w).logsumexp(0)
         if sum_w is None:
             sum_w, sum_w2, candidates = chunk_w, chunk_w2, log_w
@@ -182,13 +185,16 @@ def log_likelihood_with_diagnostics(
             sum_w2 = torch.logaddexp(sum_w2, chunk_w2)
             candidates = torch.cat([top, log_w])
         top = candidates.topk(min(tail, candidates.shape[0]), dim=0).values
+    # The mean over every weight, as log_likelihood takes it (combine_chunks):
+    # over K, it was log(values) too high where the guide enumerates a site.
+    count = max(count, num_samples)
     ess = torch.exp(2 * sum_w - sum_w2)
-    stderr = _stderr_of_ess(ess, num_samples)
-    khat = _khat_of_top(top.movedim(0, -1), num_samples)
+    stderr = _stderr_of_ess(ess, count)
+    khat = _khat_of_top(top.movedim(0, -1), count)
     return Diagnostics(
         *(
             local_shape(particles.local_dims, t)
-            for t in (sum_w - math.log(num_samples), stderr, ess, khat)
+            for t in (sum_w - math.log(count), stderr, ess, khat)
         )
     )
 
@@ -237,6 +243,12 @@ def importance_resample(
         vectorize_particles,
         "importance_resample",
     ):
+        if particles.strata_shape is not None:
+            raise ValueError(
+                "importance_resample draws particles, and the guide enumerates "
+                "sites (infer={'enumerate': 'parallel'}); draw them instead, or "
+                "enumerate them in the model"
+            )
         log_w = particles.log_weights
         chunk_total = log_w.logsumexp(0)
         total = chunk_total if total is None else torch.logaddexp(total, chunk_total)
