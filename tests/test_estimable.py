@@ -30,12 +30,23 @@ def exact_posterior(x: torch.Tensor) -> dist.Normal:
 
 
 def model(
-    x, plate_kwargs=None, latent_scale=1.0, scale=1.0, extra=False, again_scale=None
+    x,
+    plate_kwargs=None,
+    latent_scale=1.0,
+    scale=1.0,
+    extra=False,
+    again_scale=None,
+    model_scale=1.0,
+    model_mask=None,
+    observed_z=None,
 ):
-    with pyro.poutine.scale(scale=scale):
+    with pyro.poutine.scale(scale=scale * model_scale):
         with pyro.plate("data", len(x), **(plate_kwargs or {})) as i:
-            with pyro.poutine.scale(scale=latent_scale):
-                z = pyro.sample("z", dist.Normal(0.0, 1.0))
+            with (
+                pyro.poutine.scale(scale=latent_scale),
+                pyro.poutine.mask(mask=True if model_mask is None else model_mask),
+            ):
+                z = pyro.sample("z", dist.Normal(0.0, 1.0), obs=observed_z)
             pyro.sample("x", dist.Normal(A * z + B, S), obs=x[i])
             if again_scale is not None:  # a second observation, scaled apart
                 with pyro.poutine.scale(scale=again_scale):
@@ -71,6 +82,13 @@ EVALUATORS = {
         ({"plate_kwargs": {"subsample_size": 3}}, "plate 'data' draws a sub-sample"),
         ({"latent_scale": 0.3}, r"latent site 'z' has another scale \(0.3\)"),
         ({"again_scale": 2.0}, "need one scale for the observed sites.*'again'"),
+        # Each gave numbers silently: the point masked in the model only weighed
+        # -log q; the conditioned z was scored at its observed value in p.
+        ({"model_mask": X > 0}, "site 'z' is masked otherwise in the model than"),
+        ({"observed_z": torch.zeros(6)}, "latent site 'z' is observed in the model"),
+        # The message named the model's scale as that of the site, and said to
+        # drop it: scaling the guide alike is the other way.
+        ({"model_scale": 2.0}, r"the guide's latent site 'z' has another scale"),
     ],
 )
 def test_refused_in_one_line(evaluator, kwargs, words):

@@ -1,8 +1,9 @@
 """What a per-point estimate of log p(x) needs of a model and guide, checked on
 one run of them: a data plate around every sample site, the observed values
 along it, a guide with a density, every point in every chunk (no sub-sampled
-plate), unscaled latents, and no guide latent the model lacks. Each failure is a
-``ValueError`` of one line, naming the site and what to do.
+plate), unscaled latents masked alike in model and guide, and no guide latent
+the model lacks or observes. Each failure is a ``ValueError`` of one line,
+naming the site and what to do.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from collections.abc import Callable
 from typing import Any
 
 import pyro
+import torch
 from pyro.poutine.messenger import Messenger
 from pyro.poutine.util import site_is_subsample
 
@@ -54,18 +56,54 @@ def check_weights(
                 "without its part in p, and the estimate is no bound on log p(x); "
                 "sample it in the model too, or drop it from the guide"
             )
+        if name in model_trace.nodes and model_trace.nodes[name]["is_observed"]:
+            raise ValueError(
+                f"{caller} weighs each draw by p(x, z) / q(z), but the guide's latent "
+                f"site {name!r} is observed in the model (poutine.condition, or "
+                "obs=): q would count its draw while p scores the observed value, "
+                "and the estimate is no bound; drop it from the guide, or do not "
+                "condition the model on it"
+            )
+        _check_masks(name, model_trace.nodes.get(name), site, caller)
     if not observed:
         return
-    for _, site in [*latent_sites(model_trace), *latent_sites(guide_trace)]:
-        factor = relative_scale(site, observed[0]["scale"])
-        if not (isinstance(factor, float) and factor == 1.0):
-            raise ValueError(
-                f"{caller} estimates log p(x), but latent site {site['name']!r} has "
-                f"another scale ({site['scale']}) than the observed sites "
-                f"({observed[0]['scale']}; poutine.scale): the estimate would be of "
-                "a tempered density; evaluate without that scale (an annealing "
-                "weight set to 1)"
-            )
+    for which, trace in (("model", model_trace), ("guide", guide_trace)):
+        for _, site in latent_sites(trace):
+            factor = relative_scale(site, observed[0]["scale"])
+            if not (isinstance(factor, float) and factor == 1.0):
+                raise ValueError(
+                    f"{caller} estimates log p(x), but the {which}'s latent site "
+                    f"{site['name']!r} has another scale ({site['scale']}) than the "
+                    f"observed sites ({observed[0]['scale']}; poutine.scale): the "
+                    "estimate would be of a tempered density; scale model and "
+                    "guide alike, or evaluate without that scale (an annealing "
+                    "weight set to 1)"
+                )
+
+
+def _check_masks(name: str, in_model: dict | None, in_guide: dict, caller: str) -> None:
+    """:raises ValueError: where latent site ``name`` is masked otherwise in the
+    model than in the guide (``poutine.mask`` on one of them): at a point masked
+    in one only, the weight is of q, or of p, alone."""
+    if in_model is None or in_model["is_observed"]:
+        return
+    masks = [site["mask"] for site in (in_model, in_guide)]
+    if all(m is None or m is True for m in masks):
+        return
+    try:
+        model_mask, guide_mask = torch.broadcast_tensors(
+            *(torch.as_tensor(True if m is None else m) for m in masks)
+        )
+        alike = torch.equal(model_mask, guide_mask)
+    except RuntimeError:  # masks of shapes that do not broadcast
+        alike = False
+    if not alike:
+        raise ValueError(
+            f"{caller} weighs each draw by p(x, z) / q(z), but latent site {name!r} "
+            "is masked otherwise in the model than in the guide (poutine.mask): at "
+            "a point masked in one only, the weight is of q or of p alone; mask "
+            "the guide as the model, or neither"
+        )
 
 
 class _SubsampleDraws(Messenger):
