@@ -19,6 +19,7 @@ __all__ = [
     "ConfigError",
     "DataError",
     "ParticleBroadcastError",
+    "ProgramError",
     "PyroIwaeError",
     "RunBusy",
     "RunError",
@@ -102,6 +103,12 @@ class TrainingDiverged(PyroIwaeError):
 
 class AISError(PyroIwaeError, ValueError):
     """A model or guide that AIS cannot anneal; the message says what to use."""
+
+
+class ProgramError(PyroIwaeError, ValueError):
+    """A model and guide that an estimate or objective cannot use as they are
+    (a guide latent the model lacks, a latent scaled apart, ...); the message
+    names the site and what to change."""
 
 
 class SupportError(PyroIwaeError, ValueError):

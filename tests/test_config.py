@@ -195,6 +195,10 @@ def test_config_file_and_print_config_round_trip(tmp_path):
         ),
         ({"beta": float("nan")}, "beta (in settings.json) must be a finite number"),
         ({"epochs": float("inf")}, "epochs (in settings.json) must be an integer"),
+        # A null gave a traceback (dataset, model, epochs), or training's (lr).
+        ({"dataset": None}, "dataset (in settings.json) takes no null (None)"),
+        ({"model": None}, "model (in settings.json) takes no null (None)"),
+        ({"lr": None}, "lr (in settings.json) takes no null (None)"),
         ({"hidden": "200,200"}, "hidden (in settings.json) takes a list of sizes"),
     ],
 )

@@ -121,6 +121,24 @@ def test_user_guide_by_entry_point(tmp_path, monkeypatch):
     fit_interrupted_and_reloaded(tmp_path / "run", "mean-field", monkeypatch)
 
 
+@pytest.mark.parametrize(
+    "guide, words",
+    [
+        # Trained, reporting a number that was no bound; eval-nll a traceback.
+        ("user_guides:build_other_site_guide", "guide's latent site 'zz' is not in"),
+        # Pyro's traceback of shapes (mat1 and mat2 shapes cannot be multiplied).
+        ("user_guides:build_small_guide", "model and guide fail when run together"),
+    ],
+)
+def test_a_guide_that_does_not_fit_the_model_is_refused_before_training(
+    tmp_path, guide, words
+):
+    run = tmp_path / "run"
+    result = invoke("fit", *SMALL, "--guide", guide, "--epochs", 1, "--out", run)
+    assert_one_line_error(result, words)
+    assert not run.exists()
+
+
 def test_a_guide_that_can_no_longer_be_imported(tmp_path):
     run = tmp_path / "run"
     args = ["--guide", "user_guides:build_guide", "--latent-dim", 10, "--epochs", 1]

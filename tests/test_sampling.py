@@ -1,10 +1,12 @@
 """Samples, reconstructions and the PNG figures."""
 
+import pyro
+import pyro.distributions as dist
 import pytest
 import torch
 from matplotlib.image import imread
 
-from pyro_iwae import paper_architecture
+from pyro_iwae import ProgramError, paper_architecture
 from pyro_iwae.data import load_dataset
 from pyro_iwae.infer.sampling import reconstruct, sample_images
 from pyro_iwae.runs.plots import save_curves, save_image_grid, save_reconstruction_grid
@@ -104,3 +106,32 @@ def test_png_files(tmp_path, test_images):
     curves = save_curves(metrics, tmp_path / "curves.png", title="run")
     assert read_png(curves).shape[:2] == (400, 600)
     assert read_png(save_curves([], tmp_path / "empty.png")).shape[:2] == (400, 600)
+
+
+def _observing(*names):
+    def model(x):
+        with pyro.plate("data", x.shape[0]):
+            z = pyro.sample(
+                "z", dist.Normal(x.new_zeros(x.shape[0], 2), 1.0).to_event(1)
+            )
+            logits = z.sum(-1, keepdim=True).expand(-1, x.shape[-1])
+            for name in names:
+                pyro.sample(name, dist.Bernoulli(logits=logits).to_event(1), obs=x)
+
+    return model
+
+
+def _standard_guide(x):
+    with pyro.plate("data", x.shape[0]):
+        pyro.sample("z", dist.Normal(x.new_zeros(x.shape[0], 2), 1.0).to_event(1))
+
+
+def test_the_observed_site_is_found_whatever_its_name():
+    # `pyro-iwae sample` of a run whose model observes "obs" gave a traceback:
+    # "the model has no sample site 'x'".
+    model = _observing("obs")
+    assert sample_images(model, 3, 4).shape == (3, 4)
+    assert reconstruct(model, _standard_guide, torch.ones(2, 4)).shape == (2, 4)
+    with pytest.raises(ProgramError, match=r"observes 2 sites \('a', 'b'\), not one"):
+        sample_images(_observing("a", "b"), 3, 4)
+    assert sample_images(_observing("a", "b"), 3, 4, observed_site="b").shape == (3, 4)

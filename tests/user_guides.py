@@ -26,3 +26,21 @@ def build_guide(x_dim: int, stochastic_layers: int, latent_dim: int = 50):
     if stochastic_layers != 1:
         raise ValueError("this guide has one stochastic layer; drop --layers")
     return MeanFieldGuide(x_dim, latent_dim)
+
+
+class _OtherSiteGuide(MeanFieldGuide):
+    """Samples its latent under another name than the model's ("zz", not "z1")."""
+
+    def forward(self, x: torch.Tensor) -> None:
+        loc, log_scale = self.encoder(x).chunk(2, dim=-1)
+        with pyro.plate(DATA_PLATE, x.shape[0]):
+            pyro.sample("zz", DiagonalNormal(loc, log_scale))
+
+
+def build_other_site_guide(x_dim: int, stochastic_layers: int, latent_dim: int = 50):
+    return _OtherSiteGuide(x_dim, latent_dim)
+
+
+def build_small_guide(x_dim: int, stochastic_layers: int):
+    """A latent of 10 units, whatever the model's is."""
+    return MeanFieldGuide(x_dim, 10)

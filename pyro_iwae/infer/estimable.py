@@ -2,8 +2,8 @@
 one run of them: a data plate around every sample site, the observed values
 along it, a guide with a density, every point in every chunk (no sub-sampled
 plate), unscaled latents masked alike in model and guide, and no guide latent
-the model lacks or observes. Each failure is a ``ValueError`` of one line,
-naming the site and what to do.
+the model lacks or observes. Each failure is a ``ProgramError`` (a
+``ValueError``) of one line, naming the site and what to do.
 """
 
 from __future__ import annotations
@@ -16,21 +16,84 @@ import torch
 from pyro.poutine.messenger import Messenger
 from pyro.poutine.util import site_is_subsample
 
+from ..errors import ProgramError, PyroIwaeError, one_line
+from .arguments import cuda_devices
 from .support import is_point_mass
 from .traces import PARTICLE_PLATE, latent_sites, relative_scale, sample_sites
 
 
 def check_density(guide_trace: pyro.poutine.Trace, caller: str) -> None:
-    """:raises ValueError: if every latent site of the guide is a point mass
+    """:raises ProgramError: if every latent site of the guide is a point mass
     (``Delta``, as ``AutoDelta``'s are): its draws have no density to weigh."""
     latent = list(latent_sites(guide_trace))
     if latent and all(is_point_mass(site["fn"]) for _, site in latent):
-        raise ValueError(
+        raise ProgramError(
             f"{caller} weighs the guide's draws by its density, but every latent "
             f"site of the guide is a point mass (Delta: {latent[0][0]!r}), "
             "as AutoDelta's are: the estimate would be log p(x, z) at one z, no "
             "bound on log p(x); use a guide with a density, such as AutoNormal"
         )
+
+
+def check_guide_sites(
+    model_trace: pyro.poutine.Trace, guide_trace: pyro.poutine.Trace, caller: str
+) -> None:
+    """:raises ProgramError: if a latent site of the guide is not in the model
+    (unless marked auxiliary) or is observed there: its q would count without
+    its part in p, and neither a bound nor an estimate of log p(x) comes out."""
+    for name, site in latent_sites(guide_trace):
+        # An auxiliary site (an autoguide's joint draw) is followed by the model's
+        # sites as Delta sites that carry its transform's density.
+        if name not in model_trace.nodes and not site["infer"].get("is_auxiliary"):
+            raise ProgramError(
+                f"{caller} weighs each draw by p(x, z) / q(z), but the guide's latent "
+                f"site {name!r} is not in the model: its density would count in q "
+                "without its part in p, and the estimate is no bound on log p(x); "
+                "sample it in the model too, or drop it from the guide"
+            )
+        if name in model_trace.nodes and model_trace.nodes[name]["is_observed"]:
+            raise ProgramError(
+                f"{caller} weighs each draw by p(x, z) / q(z), but the guide's latent "
+                f"site {name!r} is observed in the model (poutine.condition, or "
+                "obs=): q would count its draw while p scores the observed value, "
+                "and the estimate is no bound; drop it from the guide, or do not "
+                "condition the model on it"
+            )
+
+
+def check_program(
+    model: Callable, guide: Callable, *args: Any, caller: str = "fit", **kwargs: Any
+) -> None:
+    """Runs ``guide`` and ``model`` once on ``args`` (a forked random stream,
+    no gradients, module-local parameters, as ``fit`` runs them) and checks
+    their sites with :func:`check_guide_sites`: said before training, not as a
+    number that is no bound.
+
+    :raises ProgramError: as :func:`check_guide_sites`, or where they fail to
+        run together (a guide latent of another size than the model's), with
+        their error's first line.
+    """
+    try:
+        with (
+            torch.random.fork_rng(devices=cuda_devices(args, kwargs)),
+            torch.no_grad(),
+            pyro.settings.context(module_local_params=True),
+            pyro.poutine.block(),
+        ):
+            guide_trace = pyro.poutine.trace(guide).get_trace(*args, **kwargs)
+            replayed = pyro.poutine.replay(model, trace=guide_trace)
+            model_trace = pyro.poutine.trace(replayed).get_trace(*args, **kwargs)
+    except PyroIwaeError:
+        raise
+    except (ValueError, RuntimeError, TypeError, IndexError) as e:
+        # Pyro appends the traces' shapes after the message: not for one line.
+        message = one_line(str(e).split("\nTrace Shapes:")[0])
+        raise ProgramError(
+            "model and guide fail when run together on a batch of the "
+            f"data ({type(e).__name__}: {message}); make the guide's latent sites "
+            "those of the model, of the same shapes"
+        ) from e
+    check_guide_sites(model_trace, guide_trace, caller)
 
 
 def check_weights(
@@ -39,39 +102,23 @@ def check_weights(
     """Checks that each particle's weight p(x, z) / q(z) is one of every point's
     own, unbiased for p(x).
 
-    :raises ValueError: if a latent site has another scale than the observed
-        sites (``poutine.scale`` on it: a tempered density), or if a latent site
-        of the guide is not in the model (its q would count without its p),
-        unless it is marked auxiliary. (A plate that draws its own sub-sample is
-        found by :func:`checked_particles`: the traces keep no sub-sample sites.)
+    :raises ProgramError: as :func:`check_guide_sites`; if a latent site has
+        another scale than the observed sites (``poutine.scale`` on it: a
+        tempered density) or is masked otherwise in the model than in the guide.
+        (A plate that draws its own sub-sample is found by
+        :func:`checked_particles`: the traces keep no sub-sample sites.)
     """
-    observed = [s for s in sample_sites((model_trace,)) if s["is_observed"]]
+    check_guide_sites(model_trace, guide_trace, caller)
     for name, site in latent_sites(guide_trace):
-        # An auxiliary site (an autoguide's joint draw) is followed by the model's
-        # sites as Delta sites that carry its transform's density.
-        if name not in model_trace.nodes and not site["infer"].get("is_auxiliary"):
-            raise ValueError(
-                f"{caller} weighs each draw by p(x, z) / q(z), but the guide's latent "
-                f"site {name!r} is not in the model: its density would count in q "
-                "without its part in p, and the estimate is no bound on log p(x); "
-                "sample it in the model too, or drop it from the guide"
-            )
-        if name in model_trace.nodes and model_trace.nodes[name]["is_observed"]:
-            raise ValueError(
-                f"{caller} weighs each draw by p(x, z) / q(z), but the guide's latent "
-                f"site {name!r} is observed in the model (poutine.condition, or "
-                "obs=): q would count its draw while p scores the observed value, "
-                "and the estimate is no bound; drop it from the guide, or do not "
-                "condition the model on it"
-            )
         _check_masks(name, model_trace.nodes.get(name), site, caller)
+    observed = [s for s in sample_sites((model_trace,)) if s["is_observed"]]
     if not observed:
         return
     for which, trace in (("model", model_trace), ("guide", guide_trace)):
         for _, site in latent_sites(trace):
             factor = relative_scale(site, observed[0]["scale"])
             if not (isinstance(factor, float) and factor == 1.0):
-                raise ValueError(
+                raise ProgramError(
                     f"{caller} estimates log p(x), but the {which}'s latent site "
                     f"{site['name']!r} has another scale ({site['scale']}) than the "
                     f"observed sites ({observed[0]['scale']}; poutine.scale): the "
@@ -82,7 +129,7 @@ def check_weights(
 
 
 def _check_masks(name: str, in_model: dict | None, in_guide: dict, caller: str) -> None:
-    """:raises ValueError: where latent site ``name`` is masked otherwise in the
+    """:raises ProgramError: where latent site ``name`` is masked otherwise in the
     model than in the guide (``poutine.mask`` on one of them): at a point masked
     in one only, the weight is of q, or of p, alone."""
     if in_model is None or in_model["is_observed"]:
@@ -98,7 +145,7 @@ def _check_masks(name: str, in_model: dict | None, in_guide: dict, caller: str) 
     except RuntimeError:  # masks of shapes that do not broadcast
         alike = False
     if not alike:
-        raise ValueError(
+        raise ProgramError(
             f"{caller} weighs each draw by p(x, z) / q(z), but latent site {name!r} "
             "is masked otherwise in the model than in the guide (poutine.mask): at "
             "a point masked in one only, the weight is of q or of p alone; mask "
@@ -124,7 +171,7 @@ def checked_particles(draw: Callable[[], Any], caller: str = "log_likelihood") -
     """``draw()``'s particles (a :class:`~pyro_iwae.infer.log_weights.Particles`),
     checked by :func:`check_plates` on their first pair of traces.
 
-    :raises ValueError: as :func:`check_plates`, and where a plate draws a
+    :raises ProgramError: as :func:`check_plates`, and where a plate draws a
         sub-sample of the points (``subsample_size``): each chunk of particles,
         or each step of a chain, would weigh other points.
     """
@@ -132,7 +179,7 @@ def checked_particles(draw: Callable[[], Any], caller: str = "log_likelihood") -
     with recorder:
         particles = draw()
     if recorder.plates:
-        raise ValueError(
+        raise ProgramError(
             f"{caller} gives one estimate per data point, but plate "
             f"{recorder.plates[0]!r} draws a sub-sample of the points "
             "(subsample_size), other points every time the model runs; pass the "
@@ -157,7 +204,7 @@ def check_plates(
     """Checks that a data plate encloses every sample site and that the observed
     values run along it, for per-point estimates by ``caller``.
 
-    :raises ValueError: naming the site and what to do; also for a guide of
+    :raises ProgramError: naming the site and what to do; also for a guide of
         point masses only (see :func:`check_density`), a latent site scaled
         apart from the observed ones, or a guide latent site the model lacks
         (see :func:`check_weights`).
@@ -197,7 +244,7 @@ def check_plates(
                 "use a guide that samples each point's latents in the data plate, "
                 "such as AutoNormal instead of a joint autoguide"
             )
-        raise ValueError(
+        raise ProgramError(
             f"{caller} needs a data plate that encloses every sample site of "
             f"model and guide, to give one estimate per data point, but {where}: "
             f"{advice}"
@@ -211,7 +258,7 @@ def check_plates(
             if frame.size > 1 and (
                 value.dim() < -dim or value.shape[dim] != frame.size
             ):
-                raise ValueError(
+                raise ProgramError(
                     f"the observed value of site {site['name']!r} has shape "
                     f"{list(value.shape)}, which does not run along the data plate "
                     f"{frame.name!r} of size {frame.size}: the data lack their batch "

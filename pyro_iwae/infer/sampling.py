@@ -7,6 +7,7 @@ from collections.abc import Callable
 import torch
 from pyro import poutine
 
+from ..errors import ProgramError
 from ..nn.models import OBSERVED_SITE
 from .evaluation import check_count, evaluating
 
@@ -27,13 +28,14 @@ def sample_images(
     x_dim: int,
     device: torch.device | str | None = None,
     *,
-    observed_site: str = OBSERVED_SITE,
+    observed_site: str | None = None,
 ) -> torch.Tensor:
     """Pixel probabilities of ``num_samples`` images drawn from the model's prior.
 
     Draws z from p(z) by running ``model`` (called as ``model(x)``) on a dummy
     ``x`` of zeros with the observation removed, and returns the mean of
-    p(x|z) at ``observed_site``. Runs without gradients, in eval mode.
+    p(x|z) at ``observed_site`` (None: the model's one observed site). Runs
+    without gradients, in eval mode.
 
     :param device: default: the device of the model's parameters.
     :returns: a tensor ``[num_samples, x_dim]`` of probabilities in [0, 1], of
@@ -55,9 +57,10 @@ def reconstruct(
     guide: Callable,
     x: torch.Tensor,
     *,
-    observed_site: str = OBSERVED_SITE,
+    observed_site: str | None = None,
 ) -> torch.Tensor:
-    """Pixel probabilities of p(x|z) with z ~ q(z|x), one draw per row of ``x``.
+    """Pixel probabilities of p(x|z) with z ~ q(z|x), one draw per row of ``x``,
+    at ``observed_site`` (None: the model's one observed site).
 
     Runs without gradients, in eval mode.
 
@@ -70,7 +73,23 @@ def reconstruct(
     return _mean_of(trace, observed_site)
 
 
-def _mean_of(trace: poutine.Trace, site: str) -> torch.Tensor:
+def _mean_of(trace: poutine.Trace, site: str | None) -> torch.Tensor:
+    """The mean of p(x|z) at ``site``, or at the one site the model observes
+    (unconditioned: one that was observed); the paper's models call it "x"."""
+    if site is None:
+        observed = [
+            name
+            for name, node in trace.nodes.items()
+            if node["type"] == "sample"
+            and (node["is_observed"] or node["infer"].get("was_observed"))
+        ]
+        if len(observed) != 1:
+            raise ProgramError(
+                f"the model observes {len(observed)} sites "
+                f"({', '.join(map(repr, observed)) or 'none'}), not one: name the "
+                f"one to draw with observed_site= (the paper's is {OBSERVED_SITE!r})"
+            )
+        site = observed[0]
     if site not in trace.nodes:
-        raise ValueError(f"the model has no sample site {site!r}")
+        raise ProgramError(f"the model has no sample site {site!r}")
     return trace.nodes[site]["fn"].mean

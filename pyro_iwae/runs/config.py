@@ -271,7 +271,7 @@ class RunConfig:
         "Also write a checkpoint every N steps (default: after each epoch only).",
         low=1,
     )
-    compile: bool | str = setting(
+    compile: bool | str | None = setting(
         "auto",
         "Run each training step's loss, gradients and Adam update as one graph "
         "compiled by torch's inductor (about 12 s to compile per batch shape on "
@@ -412,7 +412,8 @@ class RunConfig:
         """
         given = absolute_paths(cls, given)
         values = {**(_defaults() if base is None else base.to_dict()), **given}
-        if base is None and is_data_file(values["dataset"]):
+        dataset = values["dataset"]
+        if base is None and isinstance(dataset, str) and is_data_file(dataset):
             if "x_dim" not in given:
                 width = file_width(values["dataset"], values["test_fraction"])
                 values["x_dim"] = width

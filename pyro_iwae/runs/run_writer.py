@@ -24,6 +24,7 @@ from ..errors import (
     literal,
     one_line,
 )
+from ..infer.estimable import check_program
 from ..infer.evaluation import evaluating
 from ..infer.objectives import IWELBO
 from ..nn.likelihoods import support_problem
@@ -204,11 +205,15 @@ def _train(
         model, guide = build_run(config, data.train_mean, device)
     except BuilderError as e:
         raise RunError(one_line(e)) from e
-    if isinstance(objective, IWELBO):
-        # A guide the estimator cannot train fails here, before the run is
-        # written; in eval mode, so that no batch-norm statistics move.
-        with evaluating(guide):
-            objective.check_guide(guide, data.train[:1].to(device))
+    # A model and guide that give no bound, or that the estimator cannot train,
+    # fail here, before the run is written; in eval mode, so that no batch-norm
+    # statistics move.
+    # The first test point: binarised already where the data are, as training's are.
+    point = (data.test if len(data.test) else data.train)[:1].to(device)
+    with evaluating(model, guide):
+        check_program(model, guide, point)
+        if isinstance(objective, IWELBO):
+            objective.check_guide(guide, point)
     with _config_saved(path, config, changed and distributed.is_main()):
         return fit(
             model,

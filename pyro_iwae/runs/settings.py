@@ -126,8 +126,14 @@ def check_values(obj: Any) -> None:
     :raises ConfigError: naming the setting as ``{field}``.
     """
     number_fields = _number_fields(type(obj))
+    optional = _optional_fields(type(obj))
     for name, (_, s) in declared(type(obj)).items():
         value = getattr(obj, name)
+        if value is None and name not in optional:
+            # A settings file's null: a traceback, or training's failure later.
+            raise ConfigError(
+                f"{{{name}}} takes no null (None); drop it for its default"
+            )
         if value is not None and name in number_fields:
             _check_number(name, value, number_fields[name])
         if s.kind == "sizes" and isinstance(value, str):  # a file's "200,200"
@@ -147,6 +153,17 @@ def check_values(obj: Any) -> None:
             )
         if s.low is not None or s.high is not None:
             _check_range(name, value, s)
+
+
+@functools.cache
+def _optional_fields(cls: type) -> set[str]:
+    """The fields of ``cls`` that may be None (annotated ``X | None``)."""
+    hints = typing.get_type_hints(cls)
+    return {
+        name
+        for name, hint in hints.items()
+        if hint is type(None) or type(None) in typing.get_args(hint)
+    }
 
 
 @functools.cache
