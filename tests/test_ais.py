@@ -359,3 +359,29 @@ def test_an_auxiliary_guide_is_annealed_through_its_auxiliary_site(correlated):
         results[0].log_weights, results[1].log_weights, rtol=1e-12, atol=1e-12
     )
     assert results[1].acceptance_rate.mean() > 0.4  # held, z never moved
+
+
+def test_data_of_another_dtype_than_the_networks():
+    # float64 data and float32 weights: log_likelihood ran; AIS's step size, of
+    # the weights' dtype, moved the latents to float64, and the model's matmul
+    # refused them.
+    weight = torch.tensor([[1.0, 0.5]])
+
+    def model(x):
+        with pyro.plate("data", x.shape[0]):
+            z = pyro.sample("z", dist.Normal(torch.zeros(1), 1.0).to_event(1))
+            pyro.sample("x", dist.Normal(z @ weight, 0.5).to_event(1), obs=x)
+
+    def guide(x):
+        with pyro.plate("data", x.shape[0]):
+            pyro.sample("z", dist.Normal(torch.zeros(x.shape[0], 1), 1.0).to_event(1))
+
+    torch.manual_seed(0)
+    x = torch.randn(3, 2, dtype=torch.float64)
+    cov = weight.T.double() @ weight.double() + 0.25 * torch.eye(2, dtype=torch.float64)
+    exact = dist.MultivariateNormal(torch.zeros(2, dtype=torch.float64), cov).log_prob(
+        x
+    )
+    found = ais_log_likelihood(model, guide, x, num_steps=200, num_chains=16)
+    assert found.log_likelihood.dtype == torch.float64
+    assert torch.allclose(found.log_likelihood, exact, atol=0.05)

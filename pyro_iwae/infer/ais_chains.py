@@ -315,7 +315,12 @@ class Chains:
         returns the new state and the acceptance probability per chain and point."""
         if not self.moved:
             return z, torch.ones_like(point.log_w)
-        eps = {name: _broadcastable(step_size, z[name]) for name in self.moved}
+        # In each site's dtype: a step size of the weights' (float64 where the
+        # data are) moved float32 latents into float64, which the networks refuse.
+        eps = {
+            name: _broadcastable(step_size, z[name]).to(z[name].dtype)
+            for name in self.moved
+        }
         momentum = {name: torch.randn_like(z[name]) for name in self.moved}
         energy = self.kinetic(momentum) - (point.log_q + beta * point.log_w)
         moved, grad = dict(z), point.grad
