@@ -26,7 +26,7 @@ from torch import Tensor
 
 from .data_files import FILE_SUFFIXES, file_width, load_file
 from .downloads import default_data_dir, undone_on_error
-from .errors import DataError, one_line
+from .errors import DataError, literal, one_line
 
 __all__ = [
     "BINARIZATIONS",
@@ -259,11 +259,13 @@ def load_dataset(
     if binarize != "none":
         for split, x in (("train", train), ("test", test)):
             if not in_unit_interval(x):
+                # {binarize}: the command line says --binarize.
                 raise DataError(
-                    f"{name}: binarize {binarize} needs values in [0, 1], but the "
-                    f"{split} data hold values in [{float(x.min()):g}, "
-                    f"{float(x.max()):g}]; scale them into [0, 1] or use binarize "
-                    "none"
+                    f"{literal(name)}: {{binarize}} {binarize} needs values in "
+                    f"[0, 1], but the {split} data hold values in "
+                    f"[{float(x.min()):g}, {float(x.max()):g}]; scale them into "
+                    "[0, 1] or use {binarize} none",
+                    template=True,
                 )
         # Test first, so that the test set does not depend on validation_size.
         generator = torch.Generator().manual_seed(seed)

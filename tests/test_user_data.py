@@ -79,6 +79,9 @@ def test_missing_file_and_binarising_values_outside_unit_interval(tmp_path):
     np.save(tmp_path / "wide.npy", np.linspace(-1, 2, 40).reshape(20, 2))
     with pytest.raises(DataError, match=r"binarize dynamic needs values in \[0, 1\]"):
         load_dataset(tmp_path / "wide.npy", binarize="dynamic")
+    # The command line names its option (it said "use binarize none").
+    result = invoke("fit", "--dataset", tmp_path / "wide.npy", "--binarize", "dynamic")
+    assert_one_line_error(result, "--binarize dynamic needs", "use --binarize none")
 
 
 # -- likelihoods: proper densities, in nats ----------------------------------
