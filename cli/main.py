@@ -434,10 +434,11 @@ def sample(
     probabilities of p(x|z): z from the prior for samples, z ~ q(z|x) for the
     reconstructions (each row of test images above its reconstructions).
     """
+    # ".png" alone is a hidden file's name without a suffix: no PNG name either.
     if out is not None and out.suffix.lower() != ".png":
         raise click.BadParameter(
-            f"{out} does not end in .png; the pictures are PNGs: give a path "
-            "such as samples.png",
+            f"{str(out)!r} is no file name ending in .png; the pictures are PNGs: "
+            "give a path such as samples.png",
             param_hint="'--out'",
         )
     device = device_of(cuda)

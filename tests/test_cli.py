@@ -415,9 +415,10 @@ def test_paths_that_cannot_be_written(run, tmp_path):
 
 
 def test_sample_out_must_name_a_png(run, tmp_path):
-    for name in ("samples", "samples.jpg"):
+    # ".png" alone said ".png does not end in .png".
+    for name in ("samples", "samples.jpg", ".png"):
         result = invoke("sample", run, "--n", 2, "--out", tmp_path / name)
-        assert_one_line_error(result, "--out", name, ".png")
+        assert_one_line_error(result, "--out", "is no file name ending in .png")
     assert not any(tmp_path.iterdir())
 
 
