@@ -104,7 +104,8 @@ def cli() -> None:
 @path_option(
     "--config",
     "Settings file (JSON, TOML, or YAML with PyYAML installed) in the keys of a "
-    "run's config.json; options given override it.",
+    "run's config.json; options given override it. Relative paths in it are read "
+    "from its folder.",
     folder=False,
     exists=True,
 )

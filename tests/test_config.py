@@ -274,3 +274,22 @@ def test_a_given_data_folder_is_made_absolute(tmp_path, monkeypatch):
     assert config.data_dir == str(tmp_path / "data")
     resumed = RunConfig.merge({"data_dir": "~/d"}, base=config)
     assert resumed.data_dir == str(Path("~/d").expanduser().resolve())
+
+
+def test_a_settings_files_relative_paths_are_read_from_its_folder(
+    tmp_path, monkeypatch
+):
+    # A relative "dataset" was read from the working directory, as for grids.
+    import numpy as np
+
+    folder = tmp_path / "settings"
+    folder.mkdir()
+    np.save(folder / "points.npy", np.zeros((40, 12), dtype=np.float32))
+    (folder / "run.json").write_text(json.dumps({"dataset": "points.npy"}))
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(
+        cli, ["fit", "--config", "settings/run.json", "--print-config"]
+    )
+    assert result.exit_code == 0, result.output
+    printed = json.loads(result.output)
+    assert printed["dataset"] == str(folder / "points.npy") and printed["x_dim"] == 12

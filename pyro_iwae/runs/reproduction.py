@@ -14,7 +14,6 @@ from typing import Any
 
 import torch
 
-from ..data import is_data_file
 from ..errors import ConfigError
 from . import distributed, run_writer
 from .callbacks import FitCallback
@@ -30,6 +29,7 @@ from .eval_results import EvalSettings, result_path
 from .locks import HAS_FILE_LOCKS, hold_for_ranks
 from .locks import hold as _run_lock  # noqa: F401  (imported from here by tests)
 from .run import evaluate_run, train_run
+from .settings import anchored
 
 
 @dataclasses.dataclass(frozen=True)
@@ -159,25 +159,10 @@ def _shape_problem(values: Any) -> str | None:
 
 
 def _from_folder(values: dict[str, Any], folder: Path) -> dict[str, Any]:
-    """``values`` with each relative path (a data file's ``dataset``, a
-    ``data_dir``) made absolute from the grid file's ``folder``: a grid reads
-    the same files from any working directory."""
-
-    def anchored(settings: dict[str, Any]) -> dict[str, Any]:
-        paths = {}
-        for key in ("dataset", "data_dir"):
-            value = settings.get(key)
-            if not isinstance(value, str) or (
-                key == "dataset" and not is_data_file(value)
-            ):
-                continue
-            path = Path(value).expanduser()
-            if not path.is_absolute():
-                paths[key] = str((folder / path).resolve())
-        return {**settings, **paths}
-
-    runs = {name: anchored(settings) for name, settings in values["runs"].items()}
-    return {**values, "base": anchored(values.get("base", {})), "runs": runs}
+    """``values`` with the relative paths of its base and runs read from the
+    grid file's ``folder`` (see :func:`~.settings.anchored`)."""
+    runs = {name: anchored(run, folder) for name, run in values["runs"].items()}
+    return {**values, "base": anchored(values.get("base", {}), folder), "runs": runs}
 
 
 def _is_pair(claim: Any, runs: dict[str, Any]) -> bool:

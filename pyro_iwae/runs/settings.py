@@ -269,9 +269,25 @@ def _or(values: tuple[Any, ...]) -> str:
     return " or ".join(filter(None, (", ".join(values[:-1]), values[-1])))
 
 
+def anchored(values: dict[str, Any], folder: Path) -> dict[str, Any]:
+    """``values`` with a relative data file (``dataset``) or ``data_dir`` made
+    absolute from ``folder``, that of the file that gives them: the file reads
+    the same data from any working directory."""
+    paths = {}
+    for key in ("dataset", "data_dir"):
+        value = values.get(key)
+        if not isinstance(value, str) or (key == "dataset" and not is_data_file(value)):
+            continue
+        path = Path(value).expanduser()
+        if not path.is_absolute():
+            paths[key] = str((folder / path).resolve())
+    return {**values, **paths}
+
+
 def read_settings(path: str | os.PathLike) -> dict[str, Any]:
     """The settings of a file: a JSON object, a TOML table, or (with PyYAML
-    installed) a YAML mapping, by the file's suffix; keys as in ``config.json``.
+    installed) a YAML mapping, by the file's suffix; keys as in ``config.json``,
+    relative paths read from the file's folder (:func:`anchored`).
 
     :raises ConfigError: if the file cannot be read or holds no such mapping.
     """
@@ -304,4 +320,4 @@ def read_settings(path: str | os.PathLike) -> dict[str, Any]:
             "config.json",
             literal=True,
         )
-    return values
+    return anchored(values, path.parent)
