@@ -102,13 +102,15 @@ def _show_warning(message: Warning | str, *args: Any, **kwargs: Any) -> None:
     click.echo(f"Warning: {cli_text(one_line(message))}", err=True)
 
 
-def device_of(cuda: bool) -> str:
+def device_of(cuda: bool, asked_by: str = "--cuda") -> str:
+    """``"cuda"`` where ``cuda`` asks for it and there is one, else ``"cpu"``;
+    ``asked_by`` names what asked, for the error."""
     if not cuda:
         return "cpu"
     if not torch.cuda.is_available():
         raise click.UsageError(
-            "--cuda: CUDA is not available on this machine (no GPU, or torch was "
-            "built without CUDA); drop --cuda to run on the CPU"
+            f"{asked_by}: CUDA is not available on this machine (no GPU, or torch "
+            f"was built without CUDA); drop {asked_by} to run on the CPU"
         )
     return "cuda"
 

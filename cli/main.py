@@ -165,7 +165,11 @@ def fit(ctx: click.Context, **options: Any) -> None:
     }
     given.update(flags)
     named += list(flags)
-    device = device_of(options["cuda"] or given.get("device") == "cuda")
+    from_file = not options["cuda"] and given.get("device") == "cuda"
+    asked_by = f'"device": "cuda" (in {Path(options["config"] or "").name})'
+    device = device_of(
+        options["cuda"] or from_file, asked_by if from_file else "--cuda"
+    )
     given["device"] = device
     distributed.init(device)
     try:

@@ -347,10 +347,14 @@ def test_ctrl_c_ends_a_command_with_one_line_and_code_130(run, monkeypatch, comm
 # -- errors: one line, no traceback, a non-zero exit -------------------------
 
 
-def test_cuda_absent(monkeypatch):
+def test_cuda_absent(monkeypatch, tmp_path):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     for command in (["fit"], ["eval-nll"], ["sample"]):
         assert_one_line_error(invoke(*command, "--cuda"), "CUDA", "drop --cuda")
+    # Asked for by a settings file, not an option: it said "drop --cuda".
+    (tmp_path / "gpu.json").write_text('{"device": "cuda"}')
+    result = invoke("fit", "--config", tmp_path / "gpu.json", "--print-config")
+    assert_one_line_error(result, 'drop "device": "cuda" (in gpu.json)')
 
 
 def test_bad_numbers_and_names():
