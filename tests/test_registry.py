@@ -6,7 +6,7 @@ import sys
 import pytest
 import torch
 
-from pyro_iwae.nn.registry import BuilderError, build_guide
+from pyro_iwae.nn.registry import BuilderError, build_guide, build_model
 
 BUILDER = """
 import torch
@@ -59,3 +59,10 @@ def test_a_builder_that_cannot_take_the_settings_gets_one_line(bare_folder):
     assert isinstance(
         build_guide("needy:build", x_dim=4, stochastic_layers=2), torch.nn.Linear
     )
+
+
+def test_a_setting_a_built_in_takes_not_is_named_without_builder_advice():
+    # "give its builder keyword arguments" offered to change pyro-iwae's own sbn.
+    with pytest.raises(BuilderError) as info:
+        build_model("sbn", x_dim=4, stochastic_layers=1, likelihood="gaussian")
+    assert str(info.value) == "model 'sbn' takes no likelihood; drop that setting"

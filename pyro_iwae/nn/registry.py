@@ -167,10 +167,16 @@ def _check_call(
     if not any(p.kind is p.VAR_KEYWORD for p in parameters):
         extra = [key for key in config if key not in {p.name for p in parameters}]
         if extra:
+            # A built-in's builder is not the user's to change.
+            table = MODELS if kind == "model" else GUIDES
+            change = (
+                ""
+                if name in table
+                else (", or give its builder keyword arguments of those names")
+            )
             raise BuilderError(
                 f"{kind} {name!r} takes no {', '.join(extra)}; drop "
-                f"{'that setting' if len(extra) == 1 else 'those settings'}, or "
-                "give its builder keyword arguments of those names"
+                f"{'that setting' if len(extra) == 1 else 'those settings'}{change}"
             )
     missing = [
         p.name
