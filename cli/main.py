@@ -459,6 +459,8 @@ def sample(
     else:
         images = sample_images(model, n, config.x_dim)
         x = data.test[:n].to(device)
+        if len(x) < n:
+            click.echo(f"reconstructions of the {len(x)} test points there are")
         paths += [
             save_image_grid(images, out, image_shape=shape),
             save_reconstruction_grid(

@@ -569,3 +569,10 @@ def test_result_path_finds_an_evaluation_by_its_settings(tmp_path):
     assert result_path(tmp_path, EvalSettings(num_samples=5, limit=10)).name == (
         "eval-test-k5-n10-seed0-batch100.json"
     )
+
+
+def test_sample_says_when_the_test_points_are_fewer_than_asked(tmp_path):
+    _, run_dir = _fit_on_a_data_file(tmp_path)  # 12 test points of 4 x 4
+    result = invoke("sample", run_dir, "--n", 20)
+    assert_ok(result)
+    assert "reconstructions of the 12 test points there are" in result.output
