@@ -188,6 +188,10 @@ def fit(ctx: click.Context, **options: Any) -> None:
             raise
         names = {**OPTION_NAMES, **in_file}
         message = e.render(names) if isinstance(e, ConfigError) else str(e)
+        if in_file:  # said once: "(in f.json)" after every setting read as noise
+            where = f" (in {Path(options['config']).name})"
+            head, found, rest = message.partition(where)
+            message = head + found + rest.replace(where, "")
         raise click.UsageError(cli_text(message)) from None
     if options["print_config"]:
         click.echo(json.dumps(config.to_dict(), indent=2))

@@ -170,7 +170,11 @@ def test_config_file_and_print_config_round_trip(tmp_path):
     toml.write_text('schedule = "paper"\nepochs = 3\n')
     result = CliRunner().invoke(cli, ["fit", "--config", str(toml)])
     assert result.exit_code == 2
-    assert f"Error: epochs (in {toml.name}) applies to schedule (in" in result.output
+    # "(in settings.toml)" once, not after every setting the message names.
+    assert (
+        f"Error: epochs (in {toml.name}) applies to schedule constant; use "
+        "--stages with schedule paper"
+    ) in result.output
     toml.write_text("num_particles = 3\n")
     result = CliRunner().invoke(cli, ["fit", "--config", str(toml), "--beta", "0.3"])
     assert "Error: --beta applies to --objective ciwae" in result.output
