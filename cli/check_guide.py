@@ -11,7 +11,7 @@ from pyro_iwae import RunConfig, check_run_guide
 from pyro_iwae.errors import ConfigError
 from pyro_iwae.infer.objectives import ESTIMATORS
 
-from .common import count_option, library_errors
+from .common import count_option, explicit, library_errors
 from .main import _data_dir_option, cli
 from .options import OPTION_NAMES, cli_text, run_option
 
@@ -26,6 +26,8 @@ _FIELDS = (
     "dataset",
     "seed",
 )
+#: Those that RUN_DIR gives instead.
+_RUN_FIELDS = ("model", "guide", "stochastic_layers", "dataset")
 
 
 @cli.command("check-guide", context_settings={"show_default": True})
@@ -33,7 +35,7 @@ _FIELDS = (
 @run_option(
     "guide",
     help="Guide to check, as for fit (a zoo name, mypackage.guides:build_guide, "
-    "or an entry point); with RUN_DIR, the run's trained guide instead.",
+    "or an entry point); not with RUN_DIR, whose trained guide is checked.",
 )
 @run_option("model", help="Model, as for fit.")
 @run_option("stochastic_layers", help="Stochastic layers, as for fit.")
@@ -54,7 +56,7 @@ _FIELDS = (
     "dataset",
     command_default="mnist-mini",
     help="Data set whose first test points form the batch (a built-in name or "
-    "a data file); with RUN_DIR the run's data set.",
+    "a data file); not with RUN_DIR, whose data set is used.",
 )
 @_data_dir_option
 @count_option("--batch-size", 8, "Points in the batch.")
@@ -71,8 +73,10 @@ _FIELDS = (
     default=1e-3,
     help="Chance of flagging an unbiased estimator anywhere.",
 )
+@click.pass_context
 @library_errors
 def check_guide(
+    ctx: click.Context,
     run_dir: Path | None,
     batch_size: int,
     draws: int,
@@ -89,6 +93,14 @@ def check_guide(
     Checks RUN_DIR's trained model and guide, else freshly built ones (--model,
     --guide, --layers); the estimator, objective and k are the options'.
     """
+    if run_dir is not None:
+        # They were dropped without a word: the run's own are checked.
+        for field in _RUN_FIELDS:
+            if explicit(ctx, field):
+                raise click.UsageError(
+                    f"{OPTION_NAMES[field]} does not apply with RUN_DIR, whose own "
+                    "model, guide and data are checked; drop it"
+                )
     try:
         # merge: a data file's points set the width of the networks.
         settings = RunConfig.merge({field: options[field] for field in _FIELDS})

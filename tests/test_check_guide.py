@@ -1,5 +1,6 @@
 """``pyro-iwae check-guide``, through Click's CliRunner (cli/check_guide.py)."""
 
+import pytest
 import torch
 from click.testing import CliRunner
 
@@ -33,6 +34,20 @@ def test_a_trained_run_with_another_estimator(run_dir):
     result = invoke(run_dir, "--estimator", "stl", "--particles", 1, "--draws", 20)
     assert result.exit_code == 0, result.output
     assert "estimator 'stl' against 'iwae'" in result.output
+
+
+@pytest.mark.parametrize(
+    "option", [("--layers", 2), ("--guide", "iaf"), ("--model", "sbn")]
+)
+def test_options_a_run_gives_itself_are_refused_with_it(run_dir, option):
+    # Dropped without a word (--layers), or refused for a clash with a guide
+    # that was never checked (--model sbn).
+    result = invoke(run_dir, *option, "--draws", 20)
+    assert result.exit_code == 2
+    assert result.output.splitlines()[-1] == (
+        f"Error: {option[0]} does not apply with RUN_DIR, whose own model, guide "
+        "and data are checked; drop it"
+    )
 
 
 def test_bad_options_are_one_line_errors():
