@@ -139,6 +139,18 @@ def test_a_guide_that_does_not_fit_the_model_is_refused_before_training(
     assert not run.exists()
 
 
+def test_eval_nll_of_a_guide_the_model_does_not_fit_is_one_line(tmp_path):
+    # The evaluators' refusal was raised again as a plain ValueError: a traceback.
+    run = tmp_path / "run"
+    args = ["--guide", "user_guides:build_guide", "--epochs", 1, "--quiet"]
+    assert_ok(invoke("fit", *SMALL, *args, "--out", run))
+    config = json.loads((run / "config.json").read_text())
+    config["guide"] = "user_guides:build_other_site_guide"  # the same parameters
+    (run / "config.json").write_text(json.dumps(config))
+    result = invoke("eval-nll", run, "--k", 3, "--limit", 10)
+    assert_one_line_error(result, "guide's latent site 'zz' is not in the model")
+
+
 def test_a_guide_that_can_no_longer_be_imported(tmp_path):
     run = tmp_path / "run"
     args = ["--guide", "user_guides:build_guide", "--latent-dim", 10, "--epochs", 1]

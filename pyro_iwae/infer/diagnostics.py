@@ -14,6 +14,7 @@ from typing import Any, NamedTuple
 import torch
 from pyro.poutine.trace_struct import Trace
 
+from ..errors import ProgramError
 from .evaluation import check_count, local_shape, log_weight_chunks, particle_chunks
 from .traces import latent_sites
 
@@ -244,7 +245,7 @@ def importance_resample(
         "importance_resample",
     ):
         if particles.strata_shape is not None:
-            raise ValueError(
+            raise ProgramError(
                 "importance_resample draws particles, and the guide enumerates "
                 "sites (infer={'enumerate': 'parallel'}); draw them instead, or "
                 "enumerate them in the model"

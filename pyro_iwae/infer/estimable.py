@@ -61,6 +61,36 @@ def check_guide_sites(
             )
 
 
+def traced_pair(
+    model: Callable, guide: Callable, *args: Any, **kwargs: Any
+) -> tuple[pyro.poutine.Trace, pyro.poutine.Trace]:
+    """``(model_trace, guide_trace)`` of one run of ``guide`` and of ``model``
+    replayed on its draws, without particle plates: from a forked random
+    stream, without gradients, nothing seen by the handlers around the call."""
+    with (
+        torch.random.fork_rng(devices=cuda_devices(args, kwargs)),
+        torch.no_grad(),
+        pyro.poutine.block(),
+    ):
+        guide_trace = pyro.poutine.trace(guide).get_trace(*args, **kwargs)
+        replayed = pyro.poutine.replay(model, trace=guide_trace)
+        model_trace = pyro.poutine.trace(replayed).get_trace(*args, **kwargs)
+    return model_trace, guide_trace
+
+
+def innermost(error: BaseException) -> BaseException:
+    """``error`` without the trace shapes Pyro appends to an error raised inside
+    a traced program (a copy of it, raised from it, with the shapes after its
+    message)."""
+    while (
+        (cause := error.__cause__) is not None
+        and type(cause) is type(error)
+        and str(error).startswith(str(cause))
+    ):
+        error = cause
+    return error
+
+
 def check_program(
     model: Callable, guide: Callable, *args: Any, caller: str = "fit", **kwargs: Any
 ) -> None:
@@ -74,20 +104,12 @@ def check_program(
         their error's first line.
     """
     try:
-        with (
-            torch.random.fork_rng(devices=cuda_devices(args, kwargs)),
-            torch.no_grad(),
-            pyro.settings.context(module_local_params=True),
-            pyro.poutine.block(),
-        ):
-            guide_trace = pyro.poutine.trace(guide).get_trace(*args, **kwargs)
-            replayed = pyro.poutine.replay(model, trace=guide_trace)
-            model_trace = pyro.poutine.trace(replayed).get_trace(*args, **kwargs)
+        with pyro.settings.context(module_local_params=True):
+            model_trace, guide_trace = traced_pair(model, guide, *args, **kwargs)
     except PyroIwaeError:
         raise
     except (ValueError, RuntimeError, TypeError, IndexError) as e:
-        # Pyro appends the traces' shapes after the message: not for one line.
-        message = one_line(str(e).split("\nTrace Shapes:")[0])
+        message = one_line(innermost(e))
         raise ProgramError(
             "model and guide fail when run together on a batch of the "
             f"data ({type(e).__name__}: {message}); make the guide's latent sites "

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 from collections.abc import Callable, Iterable, Iterator
@@ -11,10 +12,10 @@ from typing import Any, NamedTuple
 import pyro
 import torch
 
-from ..errors import ParticleBroadcastError, check_count
+from ..errors import ParticleBroadcastError, ProgramError, check_count
 from ..nn.networks import prepare_pyro_modules
 from .arguments import check_batch, cuda_devices
-from .estimable import check_plates, checked_particles
+from .estimable import check_plates, checked_particles, innermost, traced_pair
 from .hooks import backend_of, check_compile, compiler, compiles
 from .log_weights import Particles
 from .objectives import IWELBO
@@ -249,14 +250,14 @@ def particle_chunks(
                     max_plate_nesting=max_plate_nesting,
                     vectorize_particles=vectorize_particles,
                 )
-                draw = lambda: elbo.particles(model, guide, *args, **kwargs)  # noqa: B023, E731
+                draw = functools.partial(elbo.particles, model, guide, *args, **kwargs)
                 yield checked_particles(draw) if index == 0 else draw()
     except (ValueError, RuntimeError) as e:
         # A program whose plates give no estimate per point can fail as one that
         # does not broadcast: the plates are what to fix.
         problem = _plate_problem(model, guide, args, kwargs)
         if problem is not None:
-            raise ValueError(problem) from e
+            raise problem from e
         if isinstance(e, ParticleBroadcastError):
             raise e.for_evaluator(caller) from None
         raise
@@ -304,37 +305,21 @@ def local_shape(local_dims: tuple[int, ...], tensor: torch.Tensor) -> torch.Tens
 
 def _plate_problem(
     model: Callable, guide: Callable, args: tuple, kwargs: dict
-) -> str | None:
+) -> ValueError | None:
     """What :func:`check_plates` finds in one run of guide and model (without
-    particle plates), or None (also when they do not run)."""
+    particle plates), as the error to raise (a :class:`ProgramError` as it is:
+    a plain ``ValueError`` of its message showed a traceback from the command
+    line), or None (also when they do not run)."""
     try:
-        with (
-            torch.random.fork_rng(devices=cuda_devices(args, kwargs)),
-            evaluating(model, guide),
-            pyro.poutine.block(),
-        ):
-            guide_trace = pyro.poutine.trace(guide).get_trace(*args, **kwargs)
-            replayed = pyro.poutine.replay(model, trace=guide_trace)
-            model_trace = pyro.poutine.trace(replayed).get_trace(*args, **kwargs)
-        check_plates(model_trace, guide_trace)
+        with evaluating(model, guide):
+            check_plates(*traced_pair(model, guide, *args, **kwargs))
+    except ProgramError as e:
+        return e
     except ValueError as e:
-        return str(innermost(e))
+        return ValueError(str(innermost(e)))
     except Exception:  # noqa: BLE001 - the original error is the one to raise
         return None
     return None
-
-
-def innermost(error: BaseException) -> BaseException:
-    """``error`` without the trace shapes Pyro appends to an error raised inside
-    a traced program (a copy of it, raised from it, with the shapes after its
-    message)."""
-    while (
-        (cause := error.__cause__) is not None
-        and type(cause) is type(error)
-        and str(error).startswith(str(cause))
-    ):
-        error = cause
-    return error
 
 
 def dataset_log_likelihood(
