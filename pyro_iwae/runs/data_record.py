@@ -52,12 +52,17 @@ def is_recorded(run_dir: Path, dataset: str) -> bool | None:
         return None
 
 
-def check_data(run_dir: Path, dataset: str, advice: str) -> None:
-    """:raises DataError: where the run's data file ``dataset`` no longer holds
-    what the run recorded; the message ends in ``advice``."""
-    if is_recorded(run_dir, dataset) is False:
+def check_data(run_dir: Path, dataset: str, advice: str) -> bool | None:
+    """:func:`is_recorded`, hashing the file once.
+
+    :raises DataError: where the run's data file ``dataset`` no longer holds
+        what the run recorded; the message ends in ``advice``.
+    """
+    recorded = is_recorded(run_dir, dataset)
+    if recorded is False:
         raise DataError(
             f"{dataset} has changed since the run was trained on it (its contents "
             f"differ from those recorded in {run_dir / DATA_RECORD}); put the "
             f"file back as it was, or {advice}"
         )
+    return recorded

@@ -52,11 +52,6 @@ class Grid:
     claims: list[list[Any]] = dataclasses.field(default_factory=list)
     ais: dict[str, Any] | None = None
 
-    @property
-    def ais_settings(self) -> dict[str, Any]:
-        """The AIS evaluation's steps, chains and limit, defaults filled in."""
-        return {"steps": 1000, "chains": 16, "limit": 1000, **(self.ais or {})}
-
     @classmethod
     def load(cls, path: str | os.PathLike) -> Grid:
         """Reads a grid from JSON: ``{"base": {...}, "runs": {name: {...}}, ...}``.
@@ -100,28 +95,33 @@ class Grid:
                 )
         return grid
 
+    @property
+    def eval_fields(self) -> dict[str, Any]:
+        """The grid's evaluation as fields of :class:`EvalSettings` (and keyword
+        arguments of :func:`~pyro_iwae.evaluate_run`)."""
+        return {"num_samples": self.eval_samples, "limit": self.eval_limit}
+
+    @property
+    def ais_fields(self) -> dict[str, Any]:
+        """The grid's AIS evaluation as :attr:`eval_fields` are, defaults filled
+        in (steps 1000, chains 16, limit 1000)."""
+        ais = {"steps": 1000, "chains": 16, "limit": 1000, **(self.ais or {})}
+        return {
+            "method": "ais",
+            "ais_steps": ais["steps"],
+            "num_chains": ais["chains"],
+            "limit": ais["limit"],
+        }
+
     def evaluations(self) -> list[tuple[dict[str, Any], dict[str, str]]]:
-        """The settings of :class:`EvalSettings` of the grid's evaluation (and
-        AIS evaluation, if any), each with the grid's names for its fields."""
+        """The fields of the grid's evaluation (and AIS evaluation, if any),
+        each with the grid's names for them."""
         found = [
-            (
-                {"num_samples": self.eval_samples, "limit": self.eval_limit},
-                {"num_samples": "eval_samples", "limit": "eval_limit"},
-            )
+            (self.eval_fields, {"num_samples": "eval_samples", "limit": "eval_limit"})
         ]
         if self.ais is not None:
-            ais = self.ais_settings
-            settings = {"ais_steps": ais["steps"], "num_chains": ais["chains"]}
-            found.append(
-                (
-                    {"method": "ais", **settings, "limit": ais["limit"]},
-                    {
-                        "ais_steps": "ais steps",
-                        "num_chains": "ais chains",
-                        "limit": "ais limit",
-                    },
-                )
-            )
+            names = {"ais_steps": "steps", "num_chains": "chains", "limit": "limit"}
+            found.append((self.ais_fields, {k: f"ais {v}" for k, v in names.items()}))
         return found
 
     def config(self, name: str, data_dir: str | os.PathLike | None = None) -> RunConfig:
@@ -295,8 +295,7 @@ def _run_one(
         ):
             evaluate_run(
                 run_dir,
-                num_samples=grid.eval_samples,
-                limit=grid.eval_limit,
+                **grid.eval_fields,
                 data_dir=data_dir,
                 device=device,
                 callback=eval_callback,
@@ -305,13 +304,9 @@ def _run_one(
         if ais_file is not None and not distributed.from_main(
             lambda: _evaluated_after(ais_file, steps, strict)
         ):
-            ais = grid.ais_settings
             evaluate_run(
                 run_dir,
-                method="ais",
-                ais_steps=ais["steps"],
-                num_chains=ais["chains"],
-                limit=ais["limit"],
+                **grid.ais_fields,
                 data_dir=data_dir,
                 device=device,
                 callback=eval_callback,
@@ -455,19 +450,11 @@ def _tell(on_run: Callable[[str, str], None] | None, name: str, what: str) -> No
 
 def evaluation_path(grid: Grid, run_dir: Path) -> Path:
     """The evaluation of a run of ``grid`` (see :func:`result_path`)."""
-    settings = EvalSettings(num_samples=grid.eval_samples, limit=grid.eval_limit)
-    return result_path(run_dir, settings)
+    return result_path(run_dir, EvalSettings(**grid.eval_fields))
 
 
 def ais_path(grid: Grid, name: str, run_dir: Path) -> Path | None:
     """The AIS evaluation of run ``name``; None if the grid asks for none."""
     if name not in (grid.ais or {}).get("runs", []):
         return None
-    ais = grid.ais_settings
-    settings = EvalSettings(
-        method="ais",
-        ais_steps=ais["steps"],
-        num_chains=ais["chains"],
-        limit=ais["limit"],
-    )
-    return result_path(run_dir, settings)
+    return result_path(run_dir, EvalSettings(**grid.ais_fields))

@@ -33,7 +33,7 @@ from . import distributed, locks
 from .callbacks import FitCallback
 from .checkpoints import CHECKPOINT_FILE, METRICS_FILE, load_checkpoint, read_metrics
 from .config import CONFIG_FILE, RunConfig
-from .data_record import DATA_RECORD, check_data, is_recorded, record_data
+from .data_record import DATA_RECORD, check_data, record_data
 from .fit_steps import check_continues
 from .training import fit
 
@@ -309,9 +309,8 @@ def _check(path: Path, config: RunConfig, resume: bool) -> bool:
 def _data_recorded(path: Path, dataset: str, resume: bool) -> None:
     """Records the run's data file, or on a resume checks it against the record
     (a run recorded nothing before pyro-iwae 0.2: it does so now)."""
-    if resume and is_recorded(path, dataset) is not None:
-        check_data(path, dataset, "start a new run on it")
-    else:
+    # One hash of the file to check it (it was hashed twice on a resume).
+    if not resume or check_data(path, dataset, "start a new run on it") is None:
         record_data(path, dataset)
 
 
