@@ -160,16 +160,14 @@ def fit(ctx: click.Context, **options: Any) -> None:
     named = [n for n, v in given.items() if defaults.get(n, v) != v]
     flags = {n: options[n] for n in _fields(RunConfig) if explicit(ctx, n)}
     # An error names a setting the file gave as the file's key, not as an option.
-    in_file = {
-        n: f"{n} (in {Path(options['config']).name})" for n in named if n not in flags
-    }
+    where = f" (in {Path(options['config']).name})" if options["config"] else ""
+    in_file = {n: n + where for n in named if n not in flags}
     given.update(flags)
     named += list(flags)
+    # "device" comes from a settings file only (the option is --cuda).
     from_file = not options["cuda"] and given.get("device") == "cuda"
-    asked_by = f'"device": "cuda" (in {Path(options["config"] or "").name})'
-    device = device_of(
-        options["cuda"] or from_file, asked_by if from_file else "--cuda"
-    )
+    asked_by = f'"device": "cuda"{where}' if from_file else "--cuda"
+    device = device_of(options["cuda"] or from_file, asked_by)
     given["device"] = device
     distributed.init(device)
     try:
@@ -189,7 +187,6 @@ def fit(ctx: click.Context, **options: Any) -> None:
         names = {**OPTION_NAMES, **in_file}
         message = e.render(names) if isinstance(e, ConfigError) else str(e)
         if in_file:  # said once: "(in f.json)" after every setting read as noise
-            where = f" (in {Path(options['config']).name})"
             head, found, rest = message.partition(where)
             message = head + found + rest.replace(where, "")
         raise click.UsageError(cli_text(message)) from None
