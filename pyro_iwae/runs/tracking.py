@@ -58,9 +58,9 @@ CSV_FILE = "tracking.csv"
 CSV_EVALUATION_FILE = "tracking-evaluation.csv"
 
 #: What each tracker writes in, or adds to, inside a run directory.
-_FILES = {
+_FILES = {  # the first: what a fit's tracker leaves (see trackers_of)
     "tensorboard": (TENSORBOARD_DIR,),
-    "mlflow": (MLFLOW_DB, MLFLOW_ARTIFACTS, MLFLOW_RUN_FILE),
+    "mlflow": (MLFLOW_RUN_FILE, MLFLOW_DB, MLFLOW_ARTIFACTS),
     "csv": (CSV_FILE, CSV_EVALUATION_FILE, "images", "tracking-config.json"),
 }
 
@@ -484,13 +484,9 @@ def make_trackers(
 def trackers_of(run_dir: str | os.PathLike) -> list[str]:
     """The trackers (of :data:`TRACKERS`) whose files the run in ``run_dir``
     holds: those an earlier fit of it logged to."""
-    run_dir = Path(run_dir)
-    files = {
-        "tensorboard": run_dir / TENSORBOARD_DIR,
-        "mlflow": run_dir / MLFLOW_RUN_FILE,
-        "csv": run_dir / CSV_FILE,
-    }
-    return [name for name, path in files.items() if path.exists()]
+    return [
+        name for name, files in _FILES.items() if (Path(run_dir) / files[0]).exists()
+    ]
 
 
 def log_evaluation(
