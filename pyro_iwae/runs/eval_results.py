@@ -329,7 +329,8 @@ def _same(
     """Whether the evaluation in ``path`` was made with ``settings`` (on
     ``points`` points where known; of ``other_data`` where given). Files of
     pyro-iwae 0.1 lack the batch size (theirs was 100) and the limit (their
-    points tell it), and files before 0.2 the chunk size (None)."""
+    points tell it), and files written before it was recorded the chunk size
+    (theirs: None, the default)."""
     try:
         saved = json.loads(path.read_text())
     except (OSError, ValueError):
