@@ -308,7 +308,7 @@ def _check(path: Path, config: RunConfig, resume: bool) -> bool:
 
 def _data_recorded(path: Path, dataset: str, resume: bool) -> None:
     """Records the run's data file, or on a resume checks it against the record
-    (a run recorded nothing before pyro-iwae 0.2: it does so now)."""
+    (a run made before runs recorded it does so now)."""
     # One hash of the file to check it (it was hashed twice on a resume).
     if not resume or check_data(path, dataset, "start a new run on it") is None:
         record_data(path, dataset)
