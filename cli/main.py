@@ -460,6 +460,8 @@ def sample(
     else:
         images = sample_images(model, n, config.x_dim)
         x = data.test[:n].to(device)
+        if dataset is not None and not run.holds_own(data):
+            click.echo(f"reconstructions of {data.name}, not the run's own data")
         if len(x) < n:
             click.echo(f"reconstructions of the {len(x)} test points there are")
         paths += [

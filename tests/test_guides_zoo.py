@@ -121,6 +121,22 @@ def test_user_guide_by_entry_point(tmp_path, monkeypatch):
     fit_interrupted_and_reloaded(tmp_path / "run", "mean-field", monkeypatch)
 
 
+def test_an_entry_point_two_packages_provide_is_refused(tmp_path, monkeypatch):
+    # The first found was taken, so which builder ran hung on sys.path's order.
+    for dist, module in [("my_guides", "user_guides"), ("other_guides", "elsewhere")]:
+        dist_info = tmp_path / "site" / f"{dist}-0.1.dist-info"
+        dist_info.mkdir(parents=True)
+        (dist_info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {dist}\n")
+        (dist_info / "entry_points.txt").write_text(
+            f"[pyro_iwae.nn.guides]\nmean-field = {module}:build_guide\n"
+        )
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    result = invoke("fit", *SMALL, "--guide", "mean-field", "--out", tmp_path / "r")
+    assert_one_line_error(result, "in several packages (my_guides: user_guides:")
+    assert "other_guides: elsewhere:build_guide" in result.output
+    assert not (tmp_path / "r").exists()
+
+
 @pytest.mark.parametrize(
     "guide, words",
     [

@@ -394,6 +394,21 @@ def test_a_data_file_changed_since_training_is_refused_or_named(tmp_path):
     assert (run_dir / "eval-test-k3.json").read_text() == own
 
 
+def test_sample_says_when_it_reconstructs_other_data(tmp_path):
+    # Other data given with --dataset were reconstructed without a word.
+    data, run_dir = _fit_on_a_data_file(tmp_path)
+    moved = tmp_path / "moved.npy"
+    moved.write_bytes(data.read_bytes())
+    result = invoke("sample", run_dir, "--n", 4, "--dataset", moved)
+    assert_ok(result)
+    assert "not the run's own data" not in result.output
+    other = tmp_path / "other.npy"
+    np.save(other, (np.random.default_rng(2).random((60, 16)) < 0.5).astype("f4"))
+    result = invoke("sample", run_dir, "--n", 4, "--dataset", other)
+    assert_ok(result)
+    assert f"reconstructions of {other}, not the run's own data" in result.output
+
+
 def test_an_evaluation_of_another_chunk_size_is_kept_apart(tmp_path):
     # The chunk size draws other particles: its estimates went into the file of
     # the default chunk, which did not record it.

@@ -98,6 +98,12 @@ def resolve(kind: str, name: str) -> Builder:
                 f"import path package.module:builder, or an entry point of group "
                 f"{group}"
             )
+        if len({p.value for p in points}) > 1:
+            raise BuilderError(
+                f"{kind} {name!r} is an entry point of group {group} in several "
+                f"packages ({_providers(points)}); uninstall all but one, or name "
+                "the builder by its import path package.module:builder"
+            )
         try:
             builder = points[0].load()
         except Exception as e:  # noqa: BLE001
@@ -109,6 +115,15 @@ def resolve(kind: str, name: str) -> Builder:
     if not callable(builder):
         raise BuilderError(f"{kind} {name!r} is not callable; point at a builder")
     return builder
+
+
+def _providers(points: list[importlib.metadata.EntryPoint]) -> str:
+    """``dist: module:builder`` of each entry point, for a message."""
+    names = []
+    for point in points:
+        dist = getattr(point, "dist", None)
+        names.append(f"{dist.name if dist else '?'}: {point.value}")
+    return ", ".join(sorted(names))
 
 
 def _import(module_name: str) -> ModuleType:

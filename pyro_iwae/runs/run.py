@@ -173,6 +173,12 @@ class Run:
             )
         return data
 
+    def holds_own(self, data: Dataset) -> bool:
+        """Whether ``data`` are the run's own: its recorded data file's contents
+        (a moved copy's too), or where nothing is recorded, its data set's name."""
+        recorded = is_recorded(self.path, data.name)
+        return data.name == self.config.dataset if recorded is None else recorded
+
     def resumed_config(self, given: dict[str, Any] | None = None) -> RunConfig:
         """The run's config with the settings ``given`` (field -> value): only
         ``pyro_iwae.runs.run_writer.EXTENDABLE`` ones (more epochs or stages),
@@ -262,7 +268,7 @@ class Run:
         # Data other than the run's (not a moved copy): named in the result, and
         # in its file's name, apart from the run's own evaluations.
         other = dataset is not None and distributed.from_main(
-            lambda: _other_data(self.path, data.name, config.dataset)
+            lambda: not self.holds_own(data)
         )
         if settings.limit is not None and settings.limit >= len(_split(data, settings)):
             # The whole split: the evaluation, and its files, of limit None.
@@ -353,13 +359,6 @@ def plan_fit(
     if not make_folder:
         return Run(runs_dir), config, False
     return distributed.from_main(lambda: Run.new(config, runs_dir)), config, False
-
-
-def _other_data(run_dir: Path, name: str, own: str) -> bool:
-    """Whether the data set ``name`` is other than the run's own ``own``: its
-    recorded data file's contents differ, or (nothing recorded) its name."""
-    recorded = is_recorded(run_dir, name)
-    return name != own if recorded is None else not recorded
 
 
 def _as_dataset(dataset: str | os.PathLike) -> str:
