@@ -7,7 +7,7 @@ import torch
 from small_run import small_config
 
 from pyro_iwae.runs.checkpoints import CHECKPOINT_FILE, CheckpointError
-from pyro_iwae.runs.run import load_run, train_run
+from pyro_iwae.runs.run import Run, load_run, train_run
 
 
 def test_truncated_checkpoint(run_dir):
@@ -57,3 +57,22 @@ def test_checkpoint_of_another_architecture(run_dir, tmp_path):
     (run_dir / CHECKPOINT_FILE).write_bytes((other / CHECKPOINT_FILE).read_bytes())
     with pytest.raises(CheckpointError, match="another architecture"):
         load_run(run_dir)
+
+
+def test_a_resume_reads_the_checkpoint_once_and_maps_it_for_the_check(
+    run_dir, monkeypatch
+):
+    # The schedule check read the whole checkpoint, then training read it again.
+    loads = []
+    real_load = torch.load
+
+    def counted(*args, **kwargs):
+        loads.append(kwargs.get("mmap", False))
+        return real_load(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "load", counted)
+    config = Run(run_dir).resumed_config({"epochs": 2})
+    assert loads == [True]
+    train_run(config, run_dir, resume=True)
+    assert loads == [True, False]
+    assert len(Run(run_dir).metrics()) == 2

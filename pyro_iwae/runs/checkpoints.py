@@ -117,10 +117,13 @@ def save_checkpoint(path: Path, contents: dict[str, Any]) -> None:
 
 
 def load_checkpoint(
-    path: str | os.PathLike, map_location: torch.device | str | None = None
+    path: str | os.PathLike,
+    map_location: torch.device | str | None = None,
+    mmap: bool = False,
 ) -> dict[str, Any]:
     """Reads a checkpoint written by :func:`pyro_iwae.fit`, without executing any
-    code.
+    code; with ``mmap`` its tensors are mapped from the file, read only where
+    used (for a look at its counts).
 
     :raises CheckpointError: if the file is missing, truncated, corrupt or not a
         pyro-iwae checkpoint.
@@ -132,7 +135,9 @@ def load_checkpoint(
             "directory of a run that finished at least one epoch"
         )
     try:
-        checkpoint = torch.load(path, map_location=map_location, weights_only=True)
+        checkpoint = torch.load(
+            path, map_location=map_location, weights_only=True, mmap=mmap
+        )
     except (
         RuntimeError,
         OSError,

@@ -90,7 +90,9 @@ def resumed_config(path: Path, given: dict[str, Any] | None = None) -> RunConfig
     if checkpoint.is_file():
         # Said here too, not only once training starts: a printed config
         # (--print-config) was one that fit then refused.
-        state = load_checkpoint(checkpoint, "cpu")
+        # Mapped, not read: training loads it again, and a big model's weights
+        # were read twice.
+        state = load_checkpoint(checkpoint, "cpu", mmap=True)
         check_continues(state, config.make_schedule(), config.batch_size, checkpoint)
     return config
 
