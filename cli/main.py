@@ -157,6 +157,15 @@ def fit(ctx: click.Context, **options: Any) -> None:
     given = read_settings(options["config"]) if options["config"] else {}
     # A file's settings at their defaults (such as a printed config's) name none.
     defaults = RunConfig().to_dict()
+    # Where the run goes and what fit shows belong to the command, not the run.
+    commands = sorted(set(given) & set(ctx.params) - set(defaults))
+    if commands:
+        flags = ", ".join("--" + n.replace("_", "-") for n in commands)
+        raise ConfigError(
+            f"{', '.join(commands)} in {options['config']} are options of the "
+            f"command, not settings of a run; give them on the command line ({flags})",
+            literal=True,
+        )
     named = [n for n, v in given.items() if defaults.get(n, v) != v]
     flags = {n: options[n] for n in _fields(RunConfig) if explicit(ctx, n)}
     # An error names a setting the file gave as the file's key, not as an option.

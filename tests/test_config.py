@@ -246,6 +246,18 @@ def test_unknown_settings_name_the_field_meant_or_the_version(tmp_path):
         RunConfig.load(tmp_path)
 
 
+def test_a_settings_file_naming_the_commands_own_options_says_so(tmp_path):
+    # Was "unknown run settings out (guide?), quiet": a guess that misled.
+    path = tmp_path / "settings.json"
+    path.write_text(json.dumps({"epochs": 1, "out": "runs/x", "quiet": True}))
+    result = CliRunner().invoke(cli, ["fit", "--config", str(path)])
+    errors = [line for line in result.output.splitlines() if "Error" in line]
+    assert result.exit_code != 0 and errors == [
+        f"Error: out, quiet in {path} are options of the command, not settings "
+        "of a run; give them on the command line (--out, --quiet)"
+    ]
+
+
 def test_yaml_config_needs_pyyaml(tmp_path, monkeypatch):
     import importlib.util
 
