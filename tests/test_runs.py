@@ -394,6 +394,27 @@ def test_a_data_file_changed_since_training_is_refused_or_named(tmp_path):
     assert (run_dir / "eval-test-k3.json").read_text() == own
 
 
+def test_other_data_files_of_one_name_keep_their_own_evaluations(tmp_path):
+    # The third file named points.npy took the second's file name: its
+    # estimate replaced the second's.
+    _, run_dir = _fit_on_a_data_file(tmp_path)
+    files = []
+    for i, folder in enumerate("ABC"):
+        (tmp_path / folder).mkdir()
+        files.append(tmp_path / folder / "points.npy")
+        points = np.random.default_rng(10 + i).random((120, 16)) < 0.2 + 0.2 * i
+        np.save(files[-1], points.astype(np.float32))
+        result = invoke("eval-nll", run_dir, "--k", 3, "--dataset", files[-1])
+        assert_ok(result)
+    saved = [json.loads(p.read_text()) for p in run_dir.glob("eval-*-on-*.json")]
+    assert sorted(e["dataset"] for e in saved) == sorted(map(str, files))
+    assert len({e["nll"] for e in saved}) == 3
+    # Each found again under its own name: the same estimate, no new file.
+    result = invoke("eval-nll", run_dir, "--k", 3, "--dataset", files[1])
+    assert_ok(result)
+    assert len(list(run_dir.glob("eval-*-on-*.json"))) == 3
+
+
 def test_sample_says_when_it_reconstructs_other_data(tmp_path):
     # Other data given with --dataset were reconstructed without a word.
     data, run_dir = _fit_on_a_data_file(tmp_path)

@@ -4,7 +4,9 @@ found (:class:`Evaluation`), and the files it leaves in the run directory:
 ``diagnostics-<split>-<tag>.txt``.
 
 ``<tag>`` is ``k<num_samples>`` or ``ais<ais_steps>x<num_chains>``, followed
-by ``-on-<name>`` for data other than the run's. An evaluation never replaces
+by ``-on-<name>`` for data other than the run's (``-on-<name>-<8 hex digits
+of the file's path>`` where another data file of that name took it). An
+evaluation never replaces
 one of other settings: where that name holds one (of other points, seed, batch
 or chunk size), it takes a name that spells its settings
 (``eval-test-k5000-n20-seed0-batch100.json``, ``...-chunk50.json``).
@@ -13,6 +15,7 @@ or chunk size), it takes a name that spells its settings
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import math
 import os
@@ -304,6 +307,9 @@ def result_path(
     tag = settings.tag
     if other_data is not None:
         tag += "-on-" + (Path(other_data).stem or "data")
+        if _of_other_data(run_dir / f"eval-{settings.split}-{tag}.json", other_data):
+            # Another file of the same name evaluated first: that name is its.
+            tag += "-" + hashlib.sha256(other_data.encode()).hexdigest()[:8]
     plain = run_dir / f"eval-{settings.split}-{tag}.json"
     if not plain.is_file() or _same(plain, settings, points, other_data):
         return plain
@@ -321,6 +327,15 @@ def result_path(
         if every.is_file() and _same(every, settings, None, other_data):
             return every
     return named
+
+
+def _of_other_data(path: Path, other_data: str) -> bool:
+    """Whether ``path`` holds an evaluation of data other than ``other_data``."""
+    try:
+        saved = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(saved, dict) and saved.get("dataset") != other_data
 
 
 def _same(
