@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -209,6 +210,67 @@ def fit_state(schedule: Schedule, batch_size: int) -> dict[str, Any]:
     """What a checkpoint must have been written with to be resumed by a fit
     with this ``schedule`` and ``batch_size`` (its ``"fit"`` entry)."""
     return {"schedule": [list(stage) for stage in schedule], "batch_size": batch_size}
+
+
+#: The settings of an objective a checkpoint records, where it has them.
+_OBJECTIVE_SETTINGS = ("num_particles", "estimator", "num_groups", "beta", "alpha")
+
+
+def fit_record(objective: ELBO, seed: int, train: torch.Tensor) -> dict[str, Any]:
+    """What a checkpoint records of the fit that wrote it, for a resume to check
+    (its ``"record"`` entry): the objective's class and settings, the seed, and
+    the training data's shape and sum."""
+    settings = {
+        name: getattr(objective, name)
+        for name in _OBJECTIVE_SETTINGS
+        if isinstance(getattr(objective, name, None), int | float | str)
+    }
+    return {
+        "objective": {"class": type(objective).__name__, **settings},
+        "seed": seed,
+        "data": {
+            "shape": list(train.shape),
+            "sum": float(train.sum(dtype=torch.float64)),
+        },
+    }
+
+
+def check_same_fit(
+    checkpoint: dict[str, Any], record: dict[str, Any], path: Path
+) -> None:
+    """:raises CheckpointError: where the checkpoint at ``path`` records (see
+    :func:`fit_record`) another objective, seed or training data than
+    ``record``; a checkpoint that records none is not checked."""
+    saved = checkpoint.get("record")
+    saved = saved if isinstance(saved, dict) else {}
+    differences = [
+        f"{name} {_spelled(saved[name])} (not {_spelled(record[name])})"
+        for name in ("objective", "seed")
+        if name in saved and saved[name] != record[name]
+    ]
+    data, now = saved.get("data"), record["data"]
+    if isinstance(data, dict) and data.get("shape") != now["shape"]:
+        differences.append(f"data of shape {data.get('shape')} (not {now['shape']})")
+    elif isinstance(data, dict) and not math.isclose(
+        data.get("sum", math.nan), now["sum"], rel_tol=1e-9, abs_tol=1e-9
+    ):
+        # Summed on another device, the same data round alike to 1e-9.
+        differences.append("other training data of that shape")
+    if differences:
+        raise CheckpointError(
+            f"the run of checkpoint {path} was trained with "
+            f"{', '.join(differences)}; resume with the run's own objective, seed "
+            "and data, or start a new run in another run_dir"
+        )
+
+
+def _spelled(value: Any) -> str:
+    """An objective's record as ``IWELBO(num_particles=5, ...)``; others as
+    they are."""
+    if isinstance(value, dict) and "class" in value:
+        settings = ", ".join(f"{k}={v!r}" for k, v in value.items() if k != "class")
+        return f"{value['class']}({settings})"
+    return repr(value)
 
 
 def check_continues(

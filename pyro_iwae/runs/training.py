@@ -54,9 +54,11 @@ from .fit_steps import (
     adam_step,
     binarizes,
     check_continues,
+    check_same_fit,
     checked_schedule,
     diverged_message,
     fit_data,
+    fit_record,
     fit_state,
     parameters_of,
     rate,
@@ -142,8 +144,8 @@ def fit(
         (s since the run began), ``steps``.
     :raises TrainingDiverged: when the loss or a parameter is NaN or infinite;
         the last checkpoint (all finite) is kept.
-    :raises CheckpointError: on ``resume`` without a usable checkpoint, or when
-        ``run_dir`` holds a checkpoint and ``resume`` is False.
+    :raises CheckpointError: on ``resume`` without a usable checkpoint (of this
+        objective, seed and data), or where ``run_dir`` holds one and not ``resume``.
 
     Under ``torchrun`` (or once ``torch.distributed`` is initialised), every
     rank calls ``fit`` with the same arguments and they train one run with
@@ -228,6 +230,7 @@ class _Fit:
         )
         # What a checkpoint must have been written with to be resumed here.
         self.fit_state = fit_state(schedule, batch_size)
+        self.record = fit_record(objective, seed, self.train)  # what a resume checks
         self.differentiable = hasattr(objective, "differentiable_loss")
         self.optimizer = torch.optim.Adam(
             self.params, lr=schedule[0][1], betas=(0.9, 0.999), eps=1e-4, fused=True
@@ -299,6 +302,7 @@ class _Fit:
         where = self.device if self.ranks is None else "cpu"
         checkpoint = distributed.from_main(lambda: load_checkpoint(path, where))
         check_continues(checkpoint, self.schedule, self.batch_size, path)
+        check_same_fit(checkpoint, self.record, path)
         load_state(self.model, checkpoint["model"], "model", path)
         load_state(self.guide, checkpoint["guide"], "guide", path)
         self.compile.resumed(checkpoint.get("compiled"))
@@ -521,6 +525,7 @@ class _Fit:
             "position": dataclasses.asdict(self.position),
             "rng": rng_state(self.device, epoch_start_rng),
             "fit": self.fit_state,
+            "record": self.record,
             "config": self.config,
             "compiled": self.compile.outcome(self.model, self.guide)[0],
         }
