@@ -326,3 +326,25 @@ def test_a_guide_module_registering_a_foreign_module_is_refused_in_one_line():
     guide.anchor = nn.Parameter(torch.zeros(()))  # a module with parameters
     with pytest.raises(NotImplementedError, match="register it as a submodule"):
         IWELBO(3, "dreg").differentiable_loss(TwoSiteModel(), guide, data(5))
+
+
+def test_fit_refuses_an_autoguide_up_front_in_one_line():
+    # It failed in Pyro's local param mode ("global pyro.param statements in
+    # PyroModules ... not yet implemented") with a dump of trace shapes.
+    from pyro.infer.autoguide import AutoNormal
+    from pyro.nn import PyroModule
+
+    from pyro_iwae.errors import ProgramError
+
+    model = LinearModel()
+    wrapped = PyroModule()
+    wrapped.auto = AutoNormal(model)
+    for guide in (AutoNormal(model), wrapped):
+        with pytest.raises(ProgramError) as info:
+            fit(model, guide, data(100), IWELBO(5), schedule=[(2, 1e-2)], batch_size=50)
+        assert str(info.value).startswith(
+            "fit cannot train Pyro's autoguides (AutoNormal): it draws mini-batches"
+        )
+        assert "IWELBO(...)(model, guide) and an optimiser, or Pyro's SVI" in str(
+            info.value
+        )

@@ -14,9 +14,10 @@ from typing import Any
 
 import torch
 from pyro.infer import ELBO
+from pyro.infer.autoguide import AutoGuide
 
 from ..data import Dataset, in_unit_interval
-from ..errors import CheckpointError, literal, one_line
+from ..errors import CheckpointError, ProgramError, literal, one_line
 from ..infer.evaluation import dataset_log_likelihood
 from ..infer.hooks import backend_of, compiler, compiles
 from . import distributed
@@ -98,6 +99,15 @@ def parameters_of(*modules: Any) -> list[torch.nn.Parameter]:
                 f"fit needs the model and guide to be torch.nn.Module s (e.g. "
                 f"PyroModule), got {type(module).__name__}; write it as a PyroModule "
                 "with PyroParam s in place of pyro.param"
+            )
+        auto = [m for m in module.modules() if isinstance(m, AutoGuide)]
+        if auto:
+            # It failed in Pyro's local param mode, with a dump of trace shapes.
+            raise ProgramError(
+                f"fit cannot train Pyro's autoguides ({type(auto[0]).__name__}): it "
+                "draws mini-batches, which an autoguide's latents, made for the "
+                "whole data set, cannot follow; train it with IWELBO(...)(model, "
+                "guide) and an optimiser, or Pyro's SVI, on all the data"
             )
         for p in module.parameters():
             params.setdefault(id(p), p)
