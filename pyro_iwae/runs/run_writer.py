@@ -34,7 +34,7 @@ from .callbacks import FitCallback
 from .checkpoints import CHECKPOINT_FILE, METRICS_FILE, load_checkpoint, read_metrics
 from .config import CONFIG_FILE, RunConfig
 from .data_record import DATA_RECORD, check_data, record_data
-from .fit_steps import check_continues
+from .fit_steps import check_continues, check_test_bound
 from .training import fit
 
 __all__ = [
@@ -232,6 +232,9 @@ def _train(
         check_program(model, guide, point)
         if isinstance(objective, IWELBO):
             objective.check_guide(guide, point)
+    if len(data.test) and config.test_limit != 0:
+        # Said as a setting of the run: fit's own advice names its test_size.
+        check_test_bound(model, guide, point, "set {test_limit} 0")
     with _config_saved(path, config, changed and distributed.is_main()):
         return fit(
             model,

@@ -55,6 +55,7 @@ from .fit_steps import (
     binarizes,
     check_continues,
     check_same_fit,
+    check_test_bound,
     checked_schedule,
     diverged_message,
     fit_data,
@@ -204,6 +205,7 @@ class _Fit:
         model.to(self.device)
         guide.to(self.device)
         self.train, self.test = fit_data(data, test_data, test_size, self.device)
+        check_test_bound(model, guide, self.test, "test_size=0")
         self.binarize = binarizes(data, binarize, self.train)
         distributed.check_batches(self.train.shape[0], batch_size, self.ranks)
         first = self.train[:batch_size]
@@ -225,9 +227,7 @@ class _Fit:
         self.num_steps = math.ceil(self.train.shape[0] / batch_size)
         self.num_epochs = sum(epochs for epochs, _ in schedule)
         self.run_dir = None if run_dir is None else Path(run_dir)
-        self.checkpoint_path = (
-            None if self.run_dir is None else self.run_dir / CHECKPOINT_FILE
-        )
+        self.checkpoint_path = self.run_dir and self.run_dir / CHECKPOINT_FILE
         # What a checkpoint must have been written with to be resumed here.
         self.fit_state = fit_state(schedule, batch_size)
         self.record = fit_record(objective, seed, self.train)  # what a resume checks
