@@ -154,7 +154,7 @@ def fit(ctx: click.Context, **options: Any) -> None:
     """
     # Before torch's thread pool starts, so that its workers flush too.
     flush_denormals_from_start()
-    given = read_settings(options["config"]) if options["config"] else {}
+    given = read_settings(options["config"], RunConfig) if options["config"] else {}
     # A file's settings at their defaults (such as a printed config's) name none.
     defaults = RunConfig().to_dict()
     # Where the run goes and what fit shows belong to the command, not the run.
@@ -170,7 +170,8 @@ def fit(ctx: click.Context, **options: Any) -> None:
     flags = {n: options[n] for n in _fields(RunConfig) if explicit(ctx, n)}
     # An error names a setting the file gave as the file's key, not as an option.
     where = f" (in {Path(options['config']).name})" if options["config"] else ""
-    in_file = {n: n + where for n in named if n not in flags}
+    # Every key of the file, at its default too: a resume compares it with the run's.
+    in_file = {n: n + where for n in given if n not in flags}
     given.update(flags)
     named += list(flags)
     # "device" comes from a settings file only (the option is --cuda).

@@ -258,6 +258,40 @@ def test_a_settings_file_naming_the_commands_own_options_says_so(tmp_path):
     ]
 
 
+def test_a_yaml_files_float_written_without_a_point_is_a_number(tmp_path):
+    # PyYAML reads 1e-3 as a string (YAML 1.1): "lr must be a finite number,
+    # got '1e-3'".
+    path = tmp_path / "settings.yaml"
+    path.write_text("epochs: 2\nlr: 1e-3\nsigma: 5E-1\nlikelihood: gaussian\n")
+    printed = _print_config("--config", path)
+    assert printed["lr"] == 0.001 and printed["sigma"] == 0.5
+    assert printed["epochs"] == 2
+    # Only float settings: an integer's string stays refused, as JSON's floats.
+    path.write_text("epochs: '2'\n")
+    result = CliRunner().invoke(cli, ["fit", "--config", str(path)])
+    assert "Error: epochs (in settings.yaml) must be an integer, got '2'" in (
+        result.output
+    )
+
+
+def test_a_resume_names_a_settings_files_key_at_its_default_as_the_files(
+    tmp_path,
+):
+    # Said "--estimator iwae differs ...; drop --estimator", an option never given.
+    from small_run import small_config
+
+    train_run(small_config(estimator="dreg"), tmp_path / "run")
+    path = tmp_path / "r.json"
+    path.write_text(json.dumps({"estimator": "iwae"}))
+    command = ["fit", "--out", str(tmp_path / "run"), "--resume", "--config"]
+    result = CliRunner().invoke(cli, [*command, str(path)])
+    errors = [line for line in result.output.splitlines() if "Error" in line]
+    assert result.exit_code == 2 and errors == [
+        "Error: estimator (in r.json) iwae differs from the run's dreg; drop "
+        f"estimator to resume {tmp_path / 'run'}, or start a new run"
+    ]
+
+
 def test_yaml_config_needs_pyyaml(tmp_path, monkeypatch):
     import importlib.util
 

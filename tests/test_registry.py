@@ -66,3 +66,24 @@ def test_a_setting_a_built_in_takes_not_is_named_without_builder_advice():
     with pytest.raises(BuilderError) as info:
         build_model("sbn", x_dim=4, stochastic_layers=1, likelihood="gaussian")
     assert str(info.value) == "model 'sbn' takes no likelihood; drop that setting"
+
+
+def test_a_builder_that_raises_is_named_in_one_line(bare_folder, monkeypatch):
+    # A builder's own error went through as a traceback, from fit and reproduce.
+    from test_cli import SMALL, assert_one_line_error, invoke
+
+    (bare_folder / "boom.py").write_text(
+        "def raises(x_dim, stochastic_layers):\n"
+        "    raise RuntimeError('boom\\nin builder')\n"
+    )
+    monkeypatch.delitem(sys.modules, "boom", raising=False)
+    with pytest.raises(BuilderError) as info:
+        build_guide("boom:raises", x_dim=4, stochastic_layers=1)
+    assert str(info.value) == (
+        "guide 'boom:raises' failed to build (RuntimeError: boom in builder); "
+        "fix its builder, or check the settings it was given"
+    )
+    assert isinstance(info.value.__cause__, RuntimeError)
+    result = invoke("fit", *SMALL, "--guide", "boom:raises", "--out", "run")
+    assert_one_line_error(result, "guide 'boom:raises' failed to build (RuntimeError")
+    assert not (bare_folder / "run").exists()

@@ -205,6 +205,12 @@ def test_grid_errors_name_the_problem(tmp_path):
         ({"runs": {"a": {}}, "eval_limit": "all"}, "eval_limit must be an integer"),
         ({"runs": {"a": {}}, "ais": {"runs": ["a"], "steps": 0}}, "ais steps must"),
         ([1], "it holds a list, not an object"),
+        # An unknown key was "Grid.__init__() got an unexpected keyword argument".
+        (
+            {"base": {}, "runs": {"a": {}}, "extra": 1},
+            "'extra' is no key of a grid; the keys are base, runs, eval_samples, "
+            "eval_limit, claims, ais",
+        ),
     ],
 )
 def test_a_grid_of_the_wrong_shape_is_refused_in_one_line(tmp_path, values, words):

@@ -86,6 +86,43 @@ def test_existing_run_is_not_overwritten_and_resume_needs_same_config(run_dir):
         train_run(small_config(num_particles=3), run_dir, resume=True)
 
 
+def test_a_new_run_refuses_a_folder_holding_run_files_and_deletes_none(run_dir):
+    # A new run replaced, or on failing deleted, a config.json or metrics.jsonl
+    # of a folder without checkpoint.pt, and left old evaluations beside it.
+    folder = run_dir.parent / "mine"
+    folder.mkdir()
+    (folder / METRICS_FILE).write_text("my notes\n")
+    (folder / CONFIG_FILE).write_text('{"mine": 1}\n')
+    mine = _files(folder)
+    with pytest.raises(RunError, match=r"holds run files \(config.json, metrics"):
+        train_run(small_config(), folder)
+    assert _files(folder) == mine
+    result = invoke("fit", *SMALL, "--out", folder, "--quiet")
+    assert_one_line_error(result, "choose an empty or new folder (--out)")
+    assert _files(folder) == mine
+    # A finished run whose checkpoint was removed keeps its record.
+    (run_dir / "eval-test-k5.json").write_text("{}")
+    (run_dir / CHECKPOINT_FILE).unlink()
+    before = _files(run_dir)
+    files = r"\(config.json, eval-test-k5.json, metrics.jsonl\)"
+    with pytest.raises(RunError, match=files):
+        train_run(small_config(), run_dir)
+    assert _files(run_dir) == before
+
+
+def test_the_same_run_killed_before_its_first_epoch_starts_again(tmp_path):
+    # What a killed (or torchrun-restarted) new run leaves: its own config and an
+    # empty metrics file, which the same run may replace.
+    config = small_config()
+    config.save(tmp_path)
+    (tmp_path / METRICS_FILE).write_text("")
+    assert [m["epoch"] for m in train_run(config, tmp_path)] == [1]
+    shutil.rmtree(tmp_path)
+    small_config(seed=1).save(tmp_path)
+    with pytest.raises(RunError, match="holds run files"):
+        train_run(config, tmp_path)
+
+
 def test_a_refused_resume_leaves_the_config_as_it_was(run_dir):
     # Fit finds a schedule shorter than the run only once it starts, after the
     # config was written: that config asked for one epoch of a run of two, and

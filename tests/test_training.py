@@ -1,6 +1,7 @@
 """The fit loop: training, callbacks, resumption, divergence."""
 
 import math
+import re
 
 import pyro
 import pytest
@@ -10,7 +11,12 @@ from small_run import BATCH, TEST, TRAIN, K
 from pyro_iwae import paper_architecture
 from pyro_iwae.data import Dataset, load_dataset
 from pyro_iwae.runs.callbacks import FitCallback
-from pyro_iwae.runs.checkpoints import CHECKPOINT_FILE, load_checkpoint, read_metrics
+from pyro_iwae.runs.checkpoints import (
+    CHECKPOINT_FILE,
+    CheckpointError,
+    load_checkpoint,
+    read_metrics,
+)
 from pyro_iwae.runs.schedules import make_objective, paper_schedule
 from pyro_iwae.runs.training import TrainingDiverged, fit
 
@@ -134,6 +140,8 @@ def test_only_the_first_step_validates(small):
     seen = []
 
     def record(module, args):
+        if not module.training:
+            return  # the check, before training, that the test bound can be had
         validate_args = torch.distributions.Distribution._validate_args
         seen.append((pyro.infer.util.is_validation_enabled(), validate_args))
 
@@ -234,6 +242,40 @@ def test_resume_of_finished_run_does_nothing(small, tmp_path):
     )
     assert again == history
     assert_same_state(state(model, guide), expected)
+
+
+def test_a_resume_of_another_objective_seed_or_data_is_refused(small, tmp_path):
+    # fit(resume=True) checked the schedule and batch size only: another k and
+    # estimator, seed or data went on silently, the history mixing k=2 and k=5.
+    objective = make_objective("iwae", K)
+    model, guide = make_pair(small)
+    fit(model, guide, small, objective, run_dir=tmp_path, batch_size=BATCH)
+    more = dict(schedule=[(2, 1e-3)], batch_size=BATCH, run_dir=tmp_path, resume=True)
+    shorter = Dataset("mnist-mini", small.train[:250], small.test)
+    other = Dataset("mnist-mini", small.train.flip(0) * 0.5, small.test)
+    iwae, dreg = f"IWELBO(num_particles={K}, estimator='iwae')", "IWELBO(num_par"
+    for changed, named in [
+        (
+            dict(objective=make_objective("iwae", 5, "dreg")),
+            f"objective {iwae} (not {dreg}",
+        ),
+        (dict(seed=1), "with seed 0 (not 1); resume with the run's own objective"),
+        (dict(data=shorter), "data of shape [300, 784] (not [250, 784])"),
+        (dict(data=other), "with other training data of that shape"),
+    ]:
+        arguments = dict(data=small, objective=objective, **more) | changed
+        with pytest.raises(CheckpointError, match=re.escape(named)):
+            fit(model, guide, **arguments)
+    assert len(read_metrics(tmp_path)) == 1
+    history = fit(model, guide, small, make_objective("iwae", K), **more)
+    assert [m["k"] for m in history] == [K, K]
+
+
+def test_a_schedule_of_a_fraction_of_an_epoch_is_refused(small):
+    # int() cut 1.5 epochs to 1, and fit trained one epoch.
+    model, guide = make_pair(small)
+    with pytest.raises(ValueError, match="whole epochs, got 1.5; give each stage"):
+        fit(model, guide, small, make_objective("iwae", K), schedule=[(1.5, 1e-2)])
 
 
 def test_nan_stops_and_keeps_last_good_checkpoint(small, tmp_path):

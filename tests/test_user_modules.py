@@ -1,6 +1,7 @@
 """fit and log_likelihood for any nn.Module / PyroModule model and guide, and
 one clear error for each bad input of log_likelihood and dataset_log_likelihood."""
 
+import sys
 from pathlib import Path
 
 import pyro
@@ -326,3 +327,104 @@ def test_a_guide_module_registering_a_foreign_module_is_refused_in_one_line():
     guide.anchor = nn.Parameter(torch.zeros(()))  # a module with parameters
     with pytest.raises(NotImplementedError, match="register it as a submodule"):
         IWELBO(3, "dreg").differentiable_loss(TwoSiteModel(), guide, data(5))
+
+
+def test_fit_refuses_an_autoguide_up_front_in_one_line():
+    # It failed in Pyro's local param mode ("global pyro.param statements in
+    # PyroModules ... not yet implemented") with a dump of trace shapes.
+    from pyro.infer.autoguide import AutoNormal
+    from pyro.nn import PyroModule
+
+    from pyro_iwae.errors import ProgramError
+
+    model = LinearModel()
+    wrapped = PyroModule()
+    wrapped.auto = AutoNormal(model)
+    for guide in (AutoNormal(model), wrapped):
+        with pytest.raises(ProgramError) as info:
+            fit(model, guide, data(100), IWELBO(5), schedule=[(2, 1e-2)], batch_size=50)
+        assert str(info.value).startswith(
+            "fit cannot train Pyro's autoguides (AutoNormal): it draws mini-batches"
+        )
+        assert "IWELBO(...)(model, guide) and an optimiser, or Pyro's SVI" in str(
+            info.value
+        )
+
+
+GLOBAL_MODULES = """
+import pyro
+import pyro.distributions as dist
+import torch
+from pyro.nn import PyroModule, PyroParam
+
+
+class GlobalModel(PyroModule):
+    def __init__(self, x_dim=4):
+        super().__init__()
+        self.decoder = torch.nn.Linear(2, x_dim)
+
+    def forward(self, x):
+        shift = pyro.sample("shift", dist.Normal(x.new_zeros(()), 1.0))
+        with pyro.plate("data", x.shape[0]):
+            z = pyro.sample("z", dist.Normal(x.new_zeros(2), 1.0).to_event(1))
+            loc = self.decoder(z) + shift.unsqueeze(-1)
+            pyro.sample("x", dist.Bernoulli(logits=loc).to_event(1), obs=x)
+
+
+class GlobalGuide(PyroModule):
+    def __init__(self, x_dim=4):
+        super().__init__()
+        self.encoder = torch.nn.Linear(x_dim, 2)
+        self.loc = PyroParam(torch.tensor(0.0))
+
+    def forward(self, x):
+        pyro.sample("shift", dist.Normal(self.loc, 0.1))
+        with pyro.plate("data", x.shape[0]):
+            pyro.sample("z", dist.Normal(self.encoder(x), 0.5).to_event(1))
+
+
+def build_model(x_dim, stochastic_layers, data_mean=None):
+    return GlobalModel(x_dim)
+
+
+def build_guide(x_dim, stochastic_layers):
+    return GlobalGuide(x_dim)
+"""
+
+
+def test_test_points_a_global_latent_model_cannot_bound_are_refused_up_front(
+    tmp_path, monkeypatch
+):
+    # A whole epoch trained before the test bound failed, naming log_likelihood
+    # and joint_log_likelihood (no option of fit), and left a metrics.jsonl
+    # without a checkpoint.
+    from test_cli import assert_one_line_error, invoke
+
+    from pyro_iwae.errors import ProgramError
+
+    (tmp_path / "global_modules.py").write_text(GLOBAL_MODULES)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.chdir(tmp_path)
+    import global_modules
+
+    x = torch.bernoulli(torch.full((100, D), 0.5), generator=torch.manual_seed(0))
+    model, guide = global_modules.GlobalModel(D), global_modules.GlobalGuide(D)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ProgramError) as info:
+        fit(model, guide, x, IWELBO(2), test_data=x[:10], run_dir=tmp_path / "run")
+    assert str(info.value) == (
+        "the per-epoch test bound is one estimate per test point, which needs a "
+        "data plate around every sample site of model and guide, but site 'shift' "
+        "is outside every plate; train without test points (test_size=0)"
+    )
+    assert not (tmp_path / "run").exists()
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    history = fit(model, guide, x, IWELBO(2), test_data=x[:10], test_size=0)
+    assert history[0]["test_bound"] is None
+    plugins = ["--model", "global_modules:build_model"]
+    plugins += ["--guide", "global_modules:build_guide"]
+    result = invoke("fit", *plugins, "--train-limit", 100, "--out", "cli")
+    assert_one_line_error(result, "train without test points (set --test-limit 0)")
+    assert "log_likelihood" not in result.output
+    assert not (tmp_path / "cli").exists()
+    monkeypatch.delitem(sys.modules, "global_modules")

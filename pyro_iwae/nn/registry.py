@@ -29,7 +29,7 @@ from types import ModuleType
 
 import torch
 
-from ..errors import BuilderError, one_line
+from ..errors import BuilderError, PyroIwaeError, one_line
 
 Builder = Callable[..., torch.nn.Module]
 
@@ -153,25 +153,41 @@ def _build(kind: str, name: str, **config) -> torch.nn.Module:
         parameters = list(inspect.signature(builder).parameters.values())
     except (TypeError, ValueError):
         parameters = None
-    if parameters is None:
-        # A built-in without a signature to check: its refusal is a TypeError.
-        try:
-            module = builder(**config)
-        except TypeError as e:
-            raise BuilderError(
-                f"{kind} {name!r} cannot be called as a builder ({one_line(e)}); "
-                "give a function or class that takes keyword settings and returns "
-                "a torch.nn.Module"
-            ) from e
-    else:
+    if parameters is not None:
         _check_call(kind, name, parameters, config)
-        module = builder(**config)
+    module = _called(kind, name, builder, config, checked=parameters is not None)
     if not isinstance(module, torch.nn.Module):
         raise BuilderError(
             f"{kind} {name!r} built a {type(module).__name__}, not a torch.nn.Module "
             "(such as a PyroModule); return a module"
         )
     return module
+
+
+def _called(
+    kind: str, name: str, builder: Builder, config: dict, checked: bool
+) -> object:
+    """``builder(**config)``; ``checked``: whether its signature was checked
+    against ``config``.
+
+    :raises BuilderError: where the builder fails: its own error, in one line.
+    """
+    try:
+        return builder(**config)
+    except PyroIwaeError:
+        raise  # one line already
+    except Exception as e:  # noqa: BLE001 - any failure of a builder is its own
+        if isinstance(e, TypeError) and not checked:
+            # A built-in without a signature to check: its refusal is a TypeError.
+            raise BuilderError(
+                f"{kind} {name!r} cannot be called as a builder ({one_line(e)}); "
+                "give a function or class that takes keyword settings and returns "
+                "a torch.nn.Module"
+            ) from e
+        raise BuilderError(
+            f"{kind} {name!r} failed to build ({type(e).__name__}: {one_line(e)}); "
+            "fix its builder, or check the settings it was given"
+        ) from e
 
 
 def _check_call(

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -13,11 +14,16 @@ from typing import Any
 
 import torch
 from pyro.infer import ELBO
+from pyro.infer.autoguide import AutoGuide
+from pyro.poutine.util import site_is_subsample
+from torch.nn.parameter import is_lazy
 
 from ..data import Dataset, in_unit_interval
-from ..errors import CheckpointError, literal, one_line
-from ..infer.evaluation import dataset_log_likelihood
+from ..errors import CheckpointError, ProgramError, literal, one_line
+from ..infer.estimable import check_plates, traced_pair
+from ..infer.evaluation import dataset_log_likelihood, evaluating
 from ..infer.hooks import backend_of, compiler, compiles
+from ..infer.traces import sample_sites
 from . import distributed
 from .callbacks import FitCallback
 from .checkpoints import CHECKPOINT_FILE
@@ -97,6 +103,15 @@ def parameters_of(*modules: Any) -> list[torch.nn.Parameter]:
                 f"fit needs the model and guide to be torch.nn.Module s (e.g. "
                 f"PyroModule), got {type(module).__name__}; write it as a PyroModule "
                 "with PyroParam s in place of pyro.param"
+            )
+        auto = [m for m in module.modules() if isinstance(m, AutoGuide)]
+        if auto:
+            # It failed in Pyro's local param mode, with a dump of trace shapes.
+            raise ProgramError(
+                f"fit cannot train Pyro's autoguides ({type(auto[0]).__name__}): it "
+                "draws mini-batches, which an autoguide's latents, made for the "
+                "whole data set, cannot follow; train it with IWELBO(...)(model, "
+                "guide) and an optimiser, or Pyro's SVI, on all the data"
             )
         for p in module.parameters():
             params.setdefault(id(p), p)
@@ -211,6 +226,67 @@ def fit_state(schedule: Schedule, batch_size: int) -> dict[str, Any]:
     return {"schedule": [list(stage) for stage in schedule], "batch_size": batch_size}
 
 
+#: The settings of an objective a checkpoint records, where it has them.
+_OBJECTIVE_SETTINGS = ("num_particles", "estimator", "num_groups", "beta", "alpha")
+
+
+def fit_record(objective: ELBO, seed: int, train: torch.Tensor) -> dict[str, Any]:
+    """What a checkpoint records of the fit that wrote it, for a resume to check
+    (its ``"record"`` entry): the objective's class and settings, the seed, and
+    the training data's shape and sum."""
+    settings = {
+        name: getattr(objective, name)
+        for name in _OBJECTIVE_SETTINGS
+        if isinstance(getattr(objective, name, None), int | float | str)
+    }
+    return {
+        "objective": {"class": type(objective).__name__, **settings},
+        "seed": seed,
+        "data": {
+            "shape": list(train.shape),
+            "sum": float(train.sum(dtype=torch.float64)),
+        },
+    }
+
+
+def check_same_fit(
+    checkpoint: dict[str, Any], record: dict[str, Any], path: Path
+) -> None:
+    """:raises CheckpointError: where the checkpoint at ``path`` records (see
+    :func:`fit_record`) another objective, seed or training data than
+    ``record``; a checkpoint that records none is not checked."""
+    saved = checkpoint.get("record")
+    saved = saved if isinstance(saved, dict) else {}
+    differences = [
+        f"{name} {_spelled(saved[name])} (not {_spelled(record[name])})"
+        for name in ("objective", "seed")
+        if name in saved and saved[name] != record[name]
+    ]
+    data, now = saved.get("data"), record["data"]
+    if isinstance(data, dict) and data.get("shape") != now["shape"]:
+        differences.append(f"data of shape {data.get('shape')} (not {now['shape']})")
+    elif isinstance(data, dict) and not math.isclose(
+        data.get("sum", math.nan), now["sum"], rel_tol=1e-9, abs_tol=1e-9
+    ):
+        # Summed on another device, the same data round alike to 1e-9.
+        differences.append("other training data of that shape")
+    if differences:
+        raise CheckpointError(
+            f"the run of checkpoint {path} was trained with "
+            f"{', '.join(differences)}; resume with the run's own objective, seed "
+            "and data, or start a new run in another run_dir"
+        )
+
+
+def _spelled(value: Any) -> str:
+    """An objective's record as ``IWELBO(num_particles=5, ...)``; others as
+    they are."""
+    if isinstance(value, dict) and "class" in value:
+        settings = ", ".join(f"{k}={v!r}" for k, v in value.items() if k != "class")
+        return f"{value['class']}({settings})"
+    return repr(value)
+
+
 def check_continues(
     checkpoint: dict[str, Any], schedule: Schedule, batch_size: int, path: Path
 ) -> None:
@@ -242,6 +318,49 @@ def check_continues(
         f"size {saved}, not {fit_state(schedule, batch_size)}; resume with the "
         "run's own settings (a schedule may only go on for longer) or start a new run"
     )
+
+
+def check_test_bound(
+    model: torch.nn.Module,
+    guide: torch.nn.Module,
+    test: torch.Tensor | None,
+    advice: str,
+) -> None:
+    """Checks, on one run of ``guide`` and ``model`` on the first test point,
+    that the per-epoch test bound can be computed (see ``check_plates``): said
+    before training, not after the first epoch. ``advice`` (a template, see
+    :class:`~pyro_iwae.errors.PyroIwaeError`) says how to pass no test points.
+
+    :raises ProgramError: for a sample site outside the data plate, or as
+        ``check_plates``.
+    """
+    params = [p for module in (model, guide) for p in module.parameters()]
+    if test is None or any(is_lazy(p) for p in params):
+        return  # lazy parameters are made in training, from fit's seed
+    try:
+        with evaluating(model, guide):
+            traces = traced_pair(model, guide, test[:1])
+    except Exception:  # noqa: BLE001 - the first training step names its failure
+        return
+    frames = [
+        (site["name"], {f.name for f in site["cond_indep_stack"] if f.vectorized})
+        for site in sample_sites(traces)
+        if not site_is_subsample(site)
+    ]
+    if frames and not set.intersection(*(plates for _, plates in frames)):
+        outside = [name for name, plates in frames if not plates]
+        where = (
+            f"site {outside[0]!r} is outside every plate"
+            if outside
+            else "no one plate encloses them all"
+        )
+        raise ProgramError(
+            "the per-epoch test bound is one estimate per test point, which needs "
+            "a data plate around every sample site of model and guide, but "
+            f"{literal(where)}; train without test points ({advice})",
+            template=True,
+        )
+    check_plates(*traces, caller="the per-epoch test bound")
 
 
 def test_bound(

@@ -140,6 +140,11 @@ def _shape_problem(values: Any) -> str | None:
     objects where objects belong, and run names that are folder names."""
     if not isinstance(values, dict):
         return f"it holds a {type(values).__name__}, not an object"
+    # Said by dataclass as "Grid.__init__() got an unexpected keyword argument".
+    keys = [field.name for field in dataclasses.fields(Grid)]
+    unknown = [key for key in values if key not in keys]
+    if unknown:
+        return f"{unknown[0]!r} is no key of a grid; the keys are {', '.join(keys)}"
     if not isinstance(values.get("base", {}), dict):
         return "base must be an object of settings"
     runs = values.get("runs")

@@ -34,7 +34,7 @@ from .callbacks import FitCallback
 from .checkpoints import CHECKPOINT_FILE, METRICS_FILE, load_checkpoint, read_metrics
 from .config import CONFIG_FILE, RunConfig
 from .data_record import DATA_RECORD, check_data, record_data
-from .fit_steps import check_continues
+from .fit_steps import check_continues, check_test_bound
 from .training import fit
 
 __all__ = [
@@ -51,6 +51,16 @@ __all__ = [
 WRITER = "writer"
 #: Settings a resumed run may change: its schedule may go on for longer.
 EXTENDABLE = ("epochs", "stages")
+#: The files of a run (globs), which a new run refuses to replace.
+RUN_FILES = (
+    CONFIG_FILE,
+    METRICS_FILE,
+    CHECKPOINT_FILE,
+    DATA_RECORD,
+    "eval-*.json",
+    "estimates-*.txt",
+    "diagnostics-*.txt",
+)
 #: Settings that change where, from what and how a run computes, not what it
 #: computes (compiled steps agree with eager ones to float rounding).
 MEANS = ("device", "data_dir", "compile")
@@ -155,8 +165,13 @@ def train(
                     "nothing was changed: wait for it to end, or choose another "
                     "run directory"
                 )
+            # Checked before anything can be discarded: a refused folder's
+            # files are not the run's to remove.
+            changed = distributed.from_main(lambda: _check(path, config, resume))
             try:
-                return _train(path, config, objective, resume, data_dir, callback)
+                return _train(
+                    path, config, objective, resume, data_dir, callback, changed
+                )
             except BaseException:
                 if not resume and distributed.is_main():
                     _discard_unsaved(path)
@@ -185,9 +200,10 @@ def _train(
     resume: bool,
     data_dir: str | os.PathLike | None,
     callback: FitCallback | None,
+    changed: bool,
 ) -> list[dict[str, Any]]:
-    """:func:`train`, with the lock held."""
-    changed = distributed.from_main(lambda: _check(path, config, resume))
+    """:func:`train`, with the lock held and the run directory checked
+    (``changed``: whether ``config.json`` is to be written)."""
     data = config.load_data(data_dir)
     distributed.from_main(lambda: _data_recorded(path, config.dataset, resume))
     if data.x_dim != config.x_dim:
@@ -216,6 +232,9 @@ def _train(
         check_program(model, guide, point)
         if isinstance(objective, IWELBO):
             objective.check_guide(guide, point)
+    if len(data.test) and config.test_limit != 0:
+        # Said as a setting of the run: fit's own advice names its test_size.
+        check_test_bound(model, guide, point, "set {test_limit} 0")
     with _config_saved(path, config, changed and distributed.is_main()):
         return fit(
             model,
@@ -276,6 +295,7 @@ def _check(path: Path, config: RunConfig, resume: bool) -> bool:
                 "({resume}) or choose another run directory ({out})",
                 template=True,
             )
+        _check_fresh(path, config)
         return True
     saved = RunConfig.load(path)
     if not (path / CHECKPOINT_FILE).is_file():
@@ -306,6 +326,41 @@ def _check(path: Path, config: RunConfig, resume: bool) -> bool:
         )
     extended = (getattr(saved, n) != getattr(config, n) for n in EXTENDABLE)
     return moved or any(extended)
+
+
+def _check_fresh(path: Path, config: RunConfig) -> None:
+    """:raises RunError: if the folder of a new run holds files of a run, which
+    the new one would replace or stand beside; not for those of this same run
+    stopped before its first epoch (a killed process, or a worker torchrun
+    restarts, left them)."""
+    found = sorted(
+        p.name
+        for pattern in RUN_FILES
+        for p in path.glob(pattern)
+        if not p.name.startswith(".")
+    )
+    if not found or _left_by(path, config, found):
+        return
+    shown = ", ".join(found[:3]) + (f" and {len(found) - 3} more" if found[3:] else "")
+    raise RunError(
+        f"{literal(path)} holds run files ({literal(shown)}) that a new run would "
+        "replace or stand beside; choose an empty or new folder ({out}), or "
+        "resume the run there ({resume})",
+        template=True,
+    )
+
+
+def _left_by(path: Path, config: RunConfig, found: list[str]) -> bool:
+    """Whether the run files ``found`` in ``path`` are those of a new run of
+    ``config`` that finished no epoch."""
+    if not set(found) <= {CONFIG_FILE, METRICS_FILE, DATA_RECORD} or (
+        CONFIG_FILE not in found
+    ):
+        return False
+    try:
+        return RunConfig.load(path) == config and not read_metrics(path)
+    except (RunError, ConfigError, ValueError):
+        return False  # not a run's config, or not one fit wrote
 
 
 def _data_recorded(path: Path, dataset: str, resume: bool) -> None:

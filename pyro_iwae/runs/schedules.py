@@ -145,11 +145,19 @@ def as_schedule(schedule: Iterable[Sequence[Any]]) -> Schedule:
     :raises ValueError: if it has no stages, or a stage of no epochs.
     """
     try:
-        stages = [(int(epochs), float(lr)) for epochs, lr in schedule]
+        given = [(epochs, float(lr)) for epochs, lr in schedule]
+        stages = [(int(epochs), lr) for epochs, lr in given]
+        # int() cut 1.5 epochs to 1, and the run trained one.
+        fractional = [e for e, _ in given if float(e) != int(e)]
     except (TypeError, ValueError):
         raise ValueError(
             f"a schedule is a list of (epochs, lr) stages, got {schedule!r}"
         ) from None
+    if fractional:
+        raise ValueError(
+            f"a schedule's stages last whole epochs, got {fractional[0]!r}; give "
+            "each stage an integer number of epochs"
+        )
     if not stages or any(epochs < 1 for epochs, _ in stages):
         raise ValueError(f"a schedule needs stages of >= 1 epoch, got {stages}")
     return stages

@@ -284,10 +284,12 @@ def anchored(values: dict[str, Any], folder: Path) -> dict[str, Any]:
     return {**values, **paths}
 
 
-def read_settings(path: str | os.PathLike) -> dict[str, Any]:
+def read_settings(path: str | os.PathLike, cls: type | None = None) -> dict[str, Any]:
     """The settings of a file: a JSON object, a TOML table, or (with PyYAML
     installed) a YAML mapping, by the file's suffix; keys as in ``config.json``,
-    relative paths read from the file's folder (:func:`anchored`).
+    relative paths read from the file's folder (:func:`anchored`). In a YAML
+    file, a string that is a number given for a float field of ``cls`` (such as
+    ``lr: 1e-3``, a string to YAML 1.1, which PyYAML reads) is that number.
 
     :raises ConfigError: if the file cannot be read or holds no such mapping.
     """
@@ -320,4 +322,15 @@ def read_settings(path: str | os.PathLike) -> dict[str, Any]:
             "config.json",
             literal=True,
         )
+    if suffix in (".yaml", ".yml") and cls is not None:
+        floats = [name for name, kind in _number_fields(cls).items() if kind is float]
+        values = {k: _number(v) if k in floats else v for k, v in values.items()}
     return anchored(values, path.parent)
+
+
+def _number(value: Any) -> Any:
+    """``value``, a string of a number as that float."""
+    try:
+        return float(value) if isinstance(value, str) else value
+    except ValueError:
+        return value

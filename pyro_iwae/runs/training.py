@@ -54,9 +54,12 @@ from .fit_steps import (
     adam_step,
     binarizes,
     check_continues,
+    check_same_fit,
+    check_test_bound,
     checked_schedule,
     diverged_message,
     fit_data,
+    fit_record,
     fit_state,
     parameters_of,
     rate,
@@ -142,8 +145,8 @@ def fit(
         (s since the run began), ``steps``.
     :raises TrainingDiverged: when the loss or a parameter is NaN or infinite;
         the last checkpoint (all finite) is kept.
-    :raises CheckpointError: on ``resume`` without a usable checkpoint, or when
-        ``run_dir`` holds a checkpoint and ``resume`` is False.
+    :raises CheckpointError: on ``resume`` without a usable checkpoint (of this
+        objective, seed and data), or where ``run_dir`` holds one and not ``resume``.
 
     Under ``torchrun`` (or once ``torch.distributed`` is initialised), every
     rank calls ``fit`` with the same arguments and they train one run with
@@ -202,6 +205,7 @@ class _Fit:
         model.to(self.device)
         guide.to(self.device)
         self.train, self.test = fit_data(data, test_data, test_size, self.device)
+        check_test_bound(model, guide, self.test, "test_size=0")
         self.binarize = binarizes(data, binarize, self.train)
         distributed.check_batches(self.train.shape[0], batch_size, self.ranks)
         first = self.train[:batch_size]
@@ -223,11 +227,10 @@ class _Fit:
         self.num_steps = math.ceil(self.train.shape[0] / batch_size)
         self.num_epochs = sum(epochs for epochs, _ in schedule)
         self.run_dir = None if run_dir is None else Path(run_dir)
-        self.checkpoint_path = (
-            None if self.run_dir is None else self.run_dir / CHECKPOINT_FILE
-        )
+        self.checkpoint_path = self.run_dir and self.run_dir / CHECKPOINT_FILE
         # What a checkpoint must have been written with to be resumed here.
         self.fit_state = fit_state(schedule, batch_size)
+        self.record = fit_record(objective, seed, self.train)  # what a resume checks
         self.differentiable = hasattr(objective, "differentiable_loss")
         self.optimizer = torch.optim.Adam(
             self.params, lr=schedule[0][1], betas=(0.9, 0.999), eps=1e-4, fused=True
@@ -299,6 +302,7 @@ class _Fit:
         where = self.device if self.ranks is None else "cpu"
         checkpoint = distributed.from_main(lambda: load_checkpoint(path, where))
         check_continues(checkpoint, self.schedule, self.batch_size, path)
+        check_same_fit(checkpoint, self.record, path)
         load_state(self.model, checkpoint["model"], "model", path)
         load_state(self.guide, checkpoint["guide"], "guide", path)
         self.compile.resumed(checkpoint.get("compiled"))
@@ -521,6 +525,7 @@ class _Fit:
             "position": dataclasses.asdict(self.position),
             "rng": rng_state(self.device, epoch_start_rng),
             "fit": self.fit_state,
+            "record": self.record,
             "config": self.config,
             "compiled": self.compile.outcome(self.model, self.guide)[0],
         }
