@@ -96,10 +96,10 @@ def check_program(
 ) -> None:
     """Runs ``guide`` and ``model`` once on ``args`` (a forked random stream,
     no gradients, module-local parameters, as ``fit`` runs them) and checks
-    their sites with :func:`check_guide_sites`: said before training, not as a
-    number that is no bound.
+    their sites with :func:`check_guide_sites` and :func:`check_batch_dims`:
+    said before training, not as a number that is no bound.
 
-    :raises ProgramError: as :func:`check_guide_sites`, or where they fail to
+    :raises ProgramError: as those, or where they fail to
         run together (a guide latent of another size than the model's), with
         their error's first line.
     """
@@ -116,6 +116,42 @@ def check_program(
             "those of the model, of the same shapes"
         ) from e
     check_guide_sites(model_trace, guide_trace, caller)
+    check_batch_dims(model_trace, guide_trace, caller)
+
+
+def check_batch_dims(
+    model_trace: pyro.poutine.Trace,
+    guide_trace: pyro.poutine.Trace,
+    caller: str = "log_likelihood",
+) -> None:
+    """:raises ProgramError: if a sample site's log-prob has a batch dim of size
+    > 1 left of every vectorized plate around it (the particle plate included)
+    that no plate declares nor enumeration allocated: the weights would take it
+    for the particles' dim, or for another plate's. (A dim right of a plate is
+    summed, as Pyro does.)"""
+    sites = [
+        s for s in sample_sites((model_trace, guide_trace)) if not site_is_subsample(s)
+    ]
+    enumerated = {site["infer"].get("_enumerate_dim") for site in sites}
+    for site in sites:
+        fn, shape = site["fn"], getattr(site["value"], "shape", ())
+        try:
+            batch = torch.broadcast_shapes(
+                fn.batch_shape, shape[: max(len(shape) - fn.event_dim, 0)]
+            )
+        except RuntimeError:  # the log-prob fails: its own error says why
+            continue
+        plates = {f.dim for f in site["cond_indep_stack"] if f.vectorized}
+        for dim in range(min(plates, default=0) - 1, -len(batch) - 1, -1):
+            if batch[dim] > 1 and dim not in enumerated:
+                raise ProgramError(
+                    f"site {site['name']!r} has batch shape {list(batch)}, whose "
+                    f"dim {dim} (size {batch[dim]}) is in no pyro.plate, so "
+                    f"{caller} would take it for another dim (the particles'): "
+                    "make each point's values the distribution's event "
+                    "(.to_event(1) for a vector per point) or declare that dim "
+                    "with pyro.plate"
+                )
 
 
 def check_weights(
@@ -229,7 +265,8 @@ def check_plates(
     :raises ProgramError: naming the site and what to do; also for a guide of
         point masses only (see :func:`check_density`), a latent site scaled
         apart from the observed ones, or a guide latent site the model lacks
-        (see :func:`check_weights`).
+        (see :func:`check_weights`), or a batch dim in no plate (see
+        :func:`check_batch_dims`).
     """
     check_density(guide_trace, caller)
     check_weights(model_trace, guide_trace, caller)
@@ -277,9 +314,7 @@ def check_plates(
         value, event_dim = site["value"], len(site["fn"].event_shape)
         for frame in sorted(common, key=lambda f: f.dim):
             dim = frame.dim - event_dim
-            if frame.size > 1 and (
-                value.dim() < -dim or value.shape[dim] != frame.size
-            ):
+            if frame.size > 1 and value.dim() < -dim:
                 raise ProgramError(
                     f"the observed value of site {site['name']!r} has shape "
                     f"{list(value.shape)}, which does not run along the data plate "
@@ -287,3 +322,13 @@ def check_plates(
                     "dimension; pass a batch of shape [N, ...] (x.unsqueeze(0) for "
                     "one point)"
                 )
+            if frame.size > 1 and value.shape[dim] != frame.size:
+                raise ProgramError(
+                    f"the observed value of site {site['name']!r} has shape "
+                    f"{list(value.shape)}, whose dim {dim}, that of the data plate "
+                    f"{frame.name!r} (of size {frame.size}), has size "
+                    f"{value.shape[dim]}: make each point's values the "
+                    "distribution's event (.to_event(1) for a vector per point), "
+                    "so that the plate runs along the points"
+                )
+    check_batch_dims(model_trace, guide_trace, caller)

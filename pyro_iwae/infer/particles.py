@@ -20,7 +20,7 @@ from pyro.poutine.trace_struct import Trace
 from pyro.poutine.util import prune_subsample_sites
 from pyro.util import check_model_guide_match
 
-from ..errors import ParticleBroadcastError, PyroIwaeError, check_count
+from ..errors import ParticleBroadcastError, ProgramError, PyroIwaeError, check_count
 from .arguments import check_not_empty, cuda_devices, trial_run
 from .enumeration import (
     Unenumerated,
@@ -33,6 +33,7 @@ from .enumeration import (
     strata_shape,
 )
 from .enumeration import enumerates as enumerates_sites
+from .estimable import check_batch_dims
 from .log_weights import (
     Particles,
     cat_particles,
@@ -327,6 +328,8 @@ class ParticleELBO(ELBO):
         try:
             with trial_run(args, kwargs):
                 return single._particles(model, guide, args, kwargs)
+        except ProgramError:  # a batch dim in no plate: it fails under the plate
+            raise
         except Exception:
             # A failure here is the program's own, not the particle plate's.
             return None
@@ -360,6 +363,8 @@ class ParticleELBO(ELBO):
             self._check_strata(traces[0][1])
         score_draw = self.estimator in SCORE_ESTIMATORS and self._global_score_draws
         check_global_sites(traces[0][1], global_names, score_draw)
+        if not self._has_particle_plate:  # else they fail under the particle plate
+            check_batch_dims(*traces[0], caller="the bound")
         return self._weigh(traces, sites, local_dims, global_names)
 
     @property
