@@ -225,3 +225,39 @@ def test_a_dim_right_of_the_data_plate_is_summed_as_pyro_does():
             vectorize_particles=vectorize,
         )
         assert torch.allclose(got.squeeze(), exact, atol=1e-4)
+
+
+def vector_model(x):
+    with pyro.plate("data", len(x)):
+        z = pyro.sample("z", dist.Normal(torch.zeros(2), 1.0).to_event(1))
+        pyro.sample("x", dist.Normal(z @ torch.ones(2), S), obs=x)
+
+
+def test_a_guide_of_other_event_dims_than_the_model_is_refused_before_training():
+    # It passed, and training ended in Pyro's traceback "Model and guide
+    # event_dims disagree at site 'z': 1 vs 2".
+    def guide(x):
+        pyro.sample("z", dist.Normal(torch.zeros(len(x), 2), 1.0).to_event(2))
+
+    with pytest.raises(ProgramError, match="'z' has 2 event dims in the guide but 1"):
+        check_program(vector_model, guide, X)
+
+
+def test_a_program_failing_on_its_own_is_not_told_to_match_shapes():
+    # Every failure was told to make the guide's latent sites those of the
+    # model, of the same shapes: wrong for a guide that raises by itself.
+    def crashing(x):
+        raise ValueError("guide crashed")
+
+    def small_guide(x):  # z of 3, where the model's has 2: a mismatch
+        with pyro.plate("data", len(x)):
+            pyro.sample("z", dist.Normal(torch.zeros(3), 1.0).to_event(1))
+
+    cases = [
+        (vector_model, crashing, r"^the guide fails .*\(ValueError: guide crashed\)$"),
+        (crashing, small_guide, r"^the model fails .*\(ValueError: guide crashed\)$"),
+        (vector_model, small_guide, "though each runs alone; make the guide's"),
+    ]
+    for model, guide, words in cases:
+        with pytest.raises(ProgramError, match=words):
+            check_program(model, guide, X)

@@ -40,7 +40,9 @@ def check_guide_sites(
 ) -> None:
     """:raises ProgramError: if a latent site of the guide is not in the model
     (unless marked auxiliary) or is observed there: its q would count without
-    its part in p, and neither a bound nor an estimate of log p(x) comes out."""
+    its part in p, and neither a bound nor an estimate of log p(x) comes out;
+    or if it has other event dims there (Pyro's ``Model and guide event_dims
+    disagree``)."""
     for name, site in latent_sites(guide_trace):
         # An auxiliary site (an autoguide's joint draw) is followed by the model's
         # sites as Delta sites that carry its transform's density.
@@ -58,6 +60,14 @@ def check_guide_sites(
                 "obs=): q would count its draw while p scores the observed value, "
                 "and the estimate is no bound; drop it from the guide, or do not "
                 "condition the model on it"
+            )
+        in_model = model_trace.nodes.get(name)
+        if in_model is not None and in_model["fn"].event_dim != site["fn"].event_dim:
+            raise ProgramError(
+                f"latent site {name!r} has {site['fn'].event_dim} event dims in the "
+                f"guide but {in_model['fn'].event_dim} in the model, which Pyro "
+                "refuses: give it the same event dims in both (.to_event over the "
+                "same dims, inside the same plates)"
             )
 
 
@@ -109,10 +119,15 @@ def check_program(
     except PyroIwaeError:
         raise
     except (ValueError, RuntimeError, TypeError, IndexError) as e:
-        message = one_line(innermost(e))
+        error = f"{type(e).__name__}: {one_line(innermost(e))}"
+        for name, fn in (("guide", guide), ("model", model)):
+            if not _runs(fn, args, kwargs):  # its own failure, not the pair's
+                raise ProgramError(
+                    f"the {name} fails when run on a batch of the data ({error})"
+                ) from e
         raise ProgramError(
-            "model and guide fail when run together on a batch of the "
-            f"data ({type(e).__name__}: {message}); make the guide's latent sites "
+            f"model and guide fail when run together on a batch of the data "
+            f"({error}), though each runs alone; make the guide's latent sites "
             "those of the model, of the same shapes"
         ) from e
     check_guide_sites(model_trace, guide_trace, caller)
@@ -152,6 +167,22 @@ def check_batch_dims(
                     "(.to_event(1) for a vector per point) or declare that dim "
                     "with pyro.plate"
                 )
+
+
+def _runs(program: Callable, args: tuple, kwargs: dict) -> bool:
+    """Whether ``program`` runs alone on ``args`` (as :func:`traced_pair` runs
+    it, with module-local parameters)."""
+    try:
+        with (
+            pyro.settings.context(module_local_params=True),
+            torch.random.fork_rng(devices=cuda_devices(args, kwargs)),
+            torch.no_grad(),
+            pyro.poutine.block(),
+        ):
+            pyro.poutine.trace(program).get_trace(*args, **kwargs)
+    except Exception:  # noqa: BLE001 - any failure is its own
+        return False
+    return True
 
 
 def check_weights(
