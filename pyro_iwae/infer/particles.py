@@ -41,7 +41,7 @@ from .log_weights import (
     global_score_log_prob,
     log_p_and_q,
 )
-from .support import OwnLogProb, keep_own_log_q
+from .support import OwnLogProb, check_invertible, keep_own_log_q
 from .traces import (
     PARTICLE_PLATE,
     SharedSubsamples,
@@ -209,7 +209,7 @@ class ParticleELBO(ELBO):
 
     def check_guide(self, guide: Callable, *args: Any, **kwargs: Any) -> None:
         """Runs ``guide`` once to refuse up front what the first gradient step
-        would: a latent site without ``rsample`` under a path-gradient estimator.
+        would: a latent site without ``rsample`` (or an inverse, under stl/dreg).
 
         The run draws from a forked random stream, so it shifts no later draw.
 
@@ -217,15 +217,16 @@ class ParticleELBO(ELBO):
         """
         if self.estimator in SCORE_ESTIMATORS:
             return
-        with torch.random.fork_rng(devices=cuda_devices(args, kwargs)):
-            with torch.no_grad():
-                guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
+        with torch.random.fork_rng(devices=cuda_devices(args, kwargs)), torch.no_grad():
+            guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
         self._check_guide_trace(guide_trace)
 
     def _check_guide_trace(self, guide_trace: Trace) -> None:
         if self.estimator in SCORE_ESTIMATORS:
             return
         for name, site in latent_sites(guide_trace):
+            if self.estimator in STOPPED_ESTIMATORS:
+                check_invertible(name, site["fn"], self.estimator)
             if not site["fn"].has_rsample and not marked_parallel(site):
                 raise NotImplementedError(
                     f"IWELBO's {self.estimator!r} gradient needs "
