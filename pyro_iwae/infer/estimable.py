@@ -8,7 +8,8 @@ the model lacks or observes. Each failure is a ``ProgramError`` (a
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import pyro
@@ -99,6 +100,20 @@ def innermost(error: BaseException) -> BaseException:
     ):
         error = cause
     return error
+
+
+@contextmanager
+def trace_shapes_dropped() -> Iterator[None]:
+    """Raises a ``ValueError`` from inside a traced program (a network's own
+    message, say) as it was raised, without the trace shapes Pyro appends (as
+    the evaluators' :func:`check_plates` run does)."""
+    try:
+        yield
+    except ValueError as e:
+        inner = innermost(e)
+        if inner is e:
+            raise
+        raise inner from inner.__cause__
 
 
 def check_program(

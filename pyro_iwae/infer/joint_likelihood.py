@@ -66,7 +66,7 @@ def joint_log_likelihood(
     """
     check_count("num_samples", num_samples)
     check_count("num_local_samples", num_local_samples)
-    check_batch(args, kwargs)
+    check_batch(args, kwargs, "joint_log_likelihood")
     chunk_size = resolve_chunk_size(
         model, guide, args, kwargs, chunk_size, max_plate_nesting
     )
