@@ -367,13 +367,21 @@ def _eval_report(result: Evaluation) -> list[str]:
         how = f"AIS, {result.ais_steps} steps x {result.chains} chains"
         samples = f"{result.chains} chains"
     d = result.diagnostics
-    if d["khat_median"] is None:
+    if d["khat_above_0.7"] is None:
         tail = "Pareto k-hat needs more than 20 samples"
     else:
+        # None where it is -inf: the weights of most points are flat.
+        median = d["khat_median"]
+        median = "-inf" if median is None else f"{median:.2f}"
         tail = (
-            f"Pareto k-hat median {d['khat_median']:.2f}, above 0.7 on "
+            f"Pareto k-hat median {median}, above 0.7 on "
             f"{100 * d['khat_above_0.7']:.0f}% of points"
         )
+        if d.get("khat_flat"):  # absent from evaluations written before it
+            tail += (
+                f", -inf (flat weights, as for an exact guide) on "
+                f"{100 * d['khat_flat']:.0f}%"
+            )
     trust = f"median ESS {d['ess_median']:.1f} of {samples}; {tail}"
     if result.method == "ais":
         trust += f"; mean HMC acceptance {d['acceptance_mean']:.2f}"

@@ -384,3 +384,22 @@ def test_data_of_another_dtype_than_the_networks():
     found = ais_log_likelihood(model, guide, x, num_steps=200, num_chains=16)
     assert found.log_likelihood.dtype == torch.float64
     assert ((found.log_likelihood - exact).abs() < 4 * found.stderr + 0.01).all()
+
+
+def test_ais_errors_on_the_data_name_it_and_keep_to_one_line(lg):
+    # An empty batch was "IWELBO got an empty batch"; a network's own message
+    # on the data's dtype came with Pyro's multi-line trace shapes appended.
+    x = lg.sample_data(3)
+    with pytest.raises(ValueError, match="^ais_log_likelihood got an empty batch"):
+        ais_log_likelihood(lg.model, lg.exact_guide, x[:0], num_steps=2, num_chains=2)
+
+    def picky_guide(data):
+        if data.dtype != torch.float64:
+            raise ValueError("the guide takes float64 x")
+        lg.exact_guide(data)
+
+    with pytest.raises(ValueError) as info:
+        ais_log_likelihood(lg.model, picky_guide, x.float(), num_steps=2, num_chains=2)
+    assert str(info.value) == "the guide takes float64 x"
+    with pytest.raises(TypeError, match="^argument 1 is a ndarray, not a tensor"):
+        ais_log_likelihood(lg.model, lg.exact_guide, x.numpy(), num_steps=2)

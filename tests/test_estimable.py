@@ -12,10 +12,13 @@ import pytest
 import torch
 
 from pyro_iwae import (
+    IWELBO,
     ais_log_likelihood,
     log_likelihood,
     log_likelihood_with_diagnostics,
 )
+from pyro_iwae.errors import ProgramError
+from pyro_iwae.infer.estimable import check_program
 
 A, B, S = 1.5, 0.3, 0.7  # x | z ~ N(A z + B, S), z ~ N(0, 1)
 
@@ -132,3 +135,129 @@ def test_what_stays_exact(kwargs):
     got = log_likelihood(model, guide, X, num_samples=8, chunk_size=3, **kwargs)
     points = kwargs.get("plate_kwargs", {}).get("subsample", torch.arange(len(X)))
     assert torch.allclose(got, exact_log_px(X[points]), atol=1e-5)
+
+
+def forgotten_event_model(x):
+    with pyro.plate("data", x.shape[0]):
+        z = pyro.sample("z", dist.Normal(0.0, 1.0))
+        # .to_event(1) forgotten: the log-prob's dim -2 is in no plate.
+        pyro.sample("x", dist.Normal(z.unsqueeze(-1), S), obs=x)
+
+
+def forgotten_event_guide(x):
+    with pyro.plate("data", x.shape[0]):
+        pyro.sample("z", dist.Normal(x.mean(-1), 1.0))
+
+
+@pytest.mark.parametrize(
+    "run, vectorize",
+    [
+        ("log_likelihood", True),
+        ("log_likelihood", False),
+        ("ais", True),
+        ("IWELBO", True),
+        ("IWELBO", False),
+        ("fit", True),
+    ],
+)
+def test_a_batch_dim_in_no_plate_is_refused(run, vectorize):
+    # Drawn one particle at a time, the undeclared dim (as long as the batch)
+    # was taken for the particles: numbers came out, silently wrong; vectorized,
+    # the advice was vectorize_particles=False.
+    pyro.set_rng_seed(0)
+    x = torch.randn(3, 3)
+    args = (forgotten_event_model, forgotten_event_guide, x)
+    calls = {
+        "log_likelihood": lambda: log_likelihood(
+            *args, num_samples=8, vectorize_particles=vectorize
+        ),
+        "ais": lambda: ais_log_likelihood(*args, num_chains=2, num_steps=3),
+        "IWELBO": lambda: IWELBO(num_particles=5, vectorize_particles=vectorize).loss(
+            *args
+        ),
+        "fit": lambda: check_program(*args),
+    }
+    words = r"site 'x' has batch shape \[3, 3\], whose dim -2 \(size 3\) is in no"
+    with pytest.raises(ProgramError, match=words) as error:
+        calls[run]()
+    assert "\n" not in str(error.value) and ".to_event(1)" in str(error.value)
+
+
+def test_an_observed_value_of_size_one_along_the_data_plate_is_told_to_be_an_event():
+    # It said the data lacked their batch dimension, which they have.
+    pyro.set_rng_seed(0)
+    with pytest.raises(ProgramError, match=r"dim -1.*has size 1: make each") as e:
+        log_likelihood(
+            forgotten_event_model,
+            forgotten_event_guide,
+            torch.randn(4, 1),
+            num_samples=4,
+        )
+    assert "lack their batch" not in str(e.value)
+
+
+def test_a_dim_right_of_the_data_plate_is_summed_as_pyro_does():
+    # Pyro's own shape check allows a dim in no plate right of a plate's: the
+    # values along it are one point's. With the exact posterior each weight is p(x).
+    x = torch.tensor([[0.3, -1.0, 0.5], [2.0, 1.1, 0.4]])
+    var = 1 / (1 + x.shape[1] * A**2 / S**2)
+
+    def model(x):
+        with pyro.plate("data", len(x), dim=-2):
+            z = pyro.sample("z", dist.Normal(0.0, 1.0))
+            pyro.sample("x", dist.Normal(A * z + B, S), obs=x)
+
+    def guide(x):
+        with pyro.plate("data", len(x), dim=-2):
+            mean = var * A * (x - B).sum(-1, keepdim=True) / S**2
+            pyro.sample("z", dist.Normal(mean, math.sqrt(var)))
+
+    cov = A**2 * torch.ones(3, 3) + S**2 * torch.eye(3)
+    exact = dist.MultivariateNormal(torch.full((3,), B), cov).log_prob(x)
+    for vectorize in (True, False):
+        pyro.set_rng_seed(0)
+        got = log_likelihood(
+            model,
+            guide,
+            x,
+            num_samples=4,
+            max_plate_nesting=2,
+            vectorize_particles=vectorize,
+        )
+        assert torch.allclose(got.squeeze(), exact, atol=1e-4)
+
+
+def vector_model(x):
+    with pyro.plate("data", len(x)):
+        z = pyro.sample("z", dist.Normal(torch.zeros(2), 1.0).to_event(1))
+        pyro.sample("x", dist.Normal(z @ torch.ones(2), S), obs=x)
+
+
+def test_a_guide_of_other_event_dims_than_the_model_is_refused_before_training():
+    # It passed, and training ended in Pyro's traceback "Model and guide
+    # event_dims disagree at site 'z': 1 vs 2".
+    def guide(x):
+        pyro.sample("z", dist.Normal(torch.zeros(len(x), 2), 1.0).to_event(2))
+
+    with pytest.raises(ProgramError, match="'z' has 2 event dims in the guide but 1"):
+        check_program(vector_model, guide, X)
+
+
+def test_a_program_failing_on_its_own_is_not_told_to_match_shapes():
+    # Every failure was told to make the guide's latent sites those of the
+    # model, of the same shapes: wrong for a guide that raises by itself.
+    def crashing(x):
+        raise ValueError("guide crashed")
+
+    def small_guide(x):  # z of 3, where the model's has 2: a mismatch
+        with pyro.plate("data", len(x)):
+            pyro.sample("z", dist.Normal(torch.zeros(3), 1.0).to_event(1))
+
+    cases = [
+        (vector_model, crashing, r"^the guide fails .*\(ValueError: guide crashed\)$"),
+        (crashing, small_guide, r"^the model fails .*\(ValueError: guide crashed\)$"),
+        (vector_model, small_guide, "though each runs alone; make the guide's"),
+    ]
+    for model, guide, words in cases:
+        with pytest.raises(ProgramError, match=words):
+            check_program(model, guide, X)

@@ -12,6 +12,7 @@ from linear_gaussian import LATENT_DIM, PriorSiteModel
 from pyro_iwae import (
     IWELBO,
     active_units,
+    joint_log_likelihood,
     latent_activity,
     log_likelihood,
     paper_architecture,
@@ -223,3 +224,27 @@ def test_a_joint_autoguide_is_told_to_use_auto_normal():
     with pytest.raises(ValueError, match="outside every plate") as e:
         log_likelihood(model, guide, torch.randn(4, 2), num_samples=3)
     assert "AutoNormal" in str(e.value) and "pyro.plate(" not in str(e.value)
+
+
+def test_data_that_are_no_tensor_or_empty_are_refused_in_one_line_naming_the_caller(
+    lg,
+):
+    # NumPy data failed inside the networks ('numpy.ndarray' object has no
+    # attribute 'dim'); active_units' dtype message came with Pyro's trace
+    # shapes; joint_log_likelihood's empty batch was log_likelihood's.
+    x = lg.sample_data(3)
+    with pytest.raises(TypeError, match="^argument 1 is a ndarray, not a tensor"):
+        log_likelihood(lg.model, lg.exact_guide, x.numpy(), num_samples=4)
+    with pytest.raises(TypeError, match="^data is a ndarray, not a tensor"):
+        active_units(lg.exact_guide, x.numpy())
+    with pytest.raises(ValueError, match="^joint_log_likelihood got an empty batch"):
+        joint_log_likelihood(lg.model, lg.exact_guide, x[:0])
+
+    def picky_guide(data):
+        if data.dtype != torch.float64:
+            raise ValueError("the guide takes float64 x")
+        lg.exact_guide(data)
+
+    with pytest.raises(ValueError) as info:
+        active_units(picky_guide, x.float())
+    assert str(info.value) == "the guide takes float64 x"

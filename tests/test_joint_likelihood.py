@@ -7,8 +7,11 @@ import pyro
 import pytest
 import torch
 from global_gaussian import GlobalGaussian
+from pyro.infer.autoguide import AutoDelta
+from pyro.poutine.messenger import Messenger
 
 from pyro_iwae import MIWELBO, joint_log_likelihood
+from pyro_iwae.errors import ProgramError
 
 pytestmark = pytest.mark.usefixtures("float64_default")
 
@@ -120,3 +123,42 @@ def test_sequential_particles_exact_at_the_exact_posterior_and_near_it_elsewhere
     stderr = draws.std() / len(draws) ** 0.5
     assert stderr > 1e-4
     assert abs(draws.mean().item() - exact) < 4 * stderr + 0.05
+
+
+class _OnZ(Messenger):
+    """Scales or masks site 'z' alone."""
+
+    def __init__(self, scale=1.0, mask=None):
+        super().__init__()
+        self.scale, self.mask = scale, mask
+
+    def _process_message(self, msg):
+        if msg["name"] == "z":
+            msg["scale"] = self.scale * msg["scale"]
+            msg["mask"] = self.mask
+
+
+@pytest.mark.parametrize(
+    "program, words",
+    [
+        ("autodelta", r"every latent site of the guide is a point mass"),
+        ("tempered", r"latent site 'z' has another scale \(0.2"),
+        ("masked in the model", r"'z' is masked otherwise in the model than"),
+    ],
+)
+def test_refuses_weights_that_are_no_estimate_of_log_p_x_as_log_likelihood_does(
+    gg, program, words
+):
+    # Each gave a number above the exact log p(x): a point mass has no density,
+    # a tempered latent or one masked in the model only is weighed by q alone.
+    x = gg.sample_data(4)
+    model, guide = gg.model, gg.guide()
+    if program == "autodelta":
+        guide = AutoDelta(gg.model)
+    elif program == "tempered":
+        model, guide = _OnZ(scale=0.2)(model), _OnZ(scale=0.2)(guide)
+    else:
+        model = _OnZ(mask=torch.tensor([True, False, True, True]))(model)
+    with pytest.raises(ProgramError, match=words) as info:
+        joint_log_likelihood(model, guide, x, num_samples=3, num_local_samples=2)
+    assert "\n" not in str(info.value) and "joint_log_likelihood" in str(info.value)

@@ -13,6 +13,7 @@ from types import SimpleNamespace
 
 import pyro
 import pyro.distributions as dist
+import pyro.distributions.transforms as T
 import pytest
 import torch
 from linear_gaussian import LATENT_DIM, SIGMA, LinearGaussian
@@ -307,3 +308,47 @@ def test_stopped_estimators_keep_the_draws_own_log_q(estimator, error, monkeypat
     # The gradient still reaches the guide's parameter through z.
     values[estimator].backward()
     assert pyro.param("shift").grad is not None
+
+
+@pytest.mark.parametrize("estimator", ["stl", "dreg"])
+@pytest.mark.parametrize(
+    "make, name",
+    [
+        (lambda d: T.planar(d).double(), "Planar"),
+        (lambda d: T.radial(d).double(), "Radial"),
+        (lambda d: T.sylvester(d).double(), "Sylvester"),
+        # Composed with an invertible one, and without any inverse at all.
+        (
+            lambda d: T.ComposeTransform(
+                [T.Permute(torch.arange(d)), T.planar(d).double()]
+            ),
+            "Planar",
+        ),
+        (
+            lambda d: T.neural_autoregressive(d, hidden_dims=[4]).double(),
+            "NeuralAutoregressive",
+        ),
+    ],
+)
+def test_a_flow_without_an_inverse_is_refused_under_stl_and_dreg(estimator, make, name):
+    # Pyro's KeyError ("ConditionedPlanar object expected to find key in
+    # intermediates cache but didn't") came out of the first gradient step.
+    lg = LinearGaussian()
+    x = lg.sample_data(4)
+    flow = make(LATENT_DIM)
+
+    def guide(data):
+        base = dist.Normal(data.new_zeros(LATENT_DIM), 1.0).to_event(1)
+        with pyro.plate("data", data.shape[0]):
+            pyro.sample("z", dist.TransformedDistribution(base, [flow]))
+
+    pyro.set_rng_seed(0)
+    objective = IWELBO(3, estimator)
+    words = rf"site 'z''s transforms, but {name} has none.*use estimator='iwae'"
+    for check in (
+        lambda: objective.check_guide(guide, x),
+        lambda: objective.differentiable_loss(lg.model, guide, x),
+    ):
+        with pytest.raises(NotImplementedError, match=words):
+            check()
+    IWELBO(3, "iwae").differentiable_loss(lg.model, guide, x).backward()

@@ -3,9 +3,11 @@ writer at a time, evaluations that keep each other, data pointed at again,
 Ctrl-C advice that works, runs extended, through the CLI as a user meets them."""
 
 import json
+import math
 import os
 import shlex
 import shutil
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -15,7 +17,7 @@ from test_cli import SMALL, assert_ok, assert_one_line_error, invoke
 
 from pyro_iwae import PyroIwaeError
 from pyro_iwae.errors import ConfigError, DataError, RunBusy, TrainingDiverged
-from pyro_iwae.runs import locks
+from pyro_iwae.runs import eval_results, locks
 from pyro_iwae.runs.checkpoints import (
     CHECKPOINT_FILE,
     METRICS_FILE,
@@ -28,6 +30,7 @@ from pyro_iwae.runs.config import CONFIG_FILE, RunConfig
 from pyro_iwae.runs.eval_results import EvalSettings, result_path
 from pyro_iwae.runs.run import Run, find_latest_run, load_run, train_run
 from pyro_iwae.runs.run_writer import WRITER
+from pyro_iwae_cli import main as cli_main
 from pyro_iwae_cli import progress
 from pyro_iwae_cli.options import cli_text
 
@@ -649,3 +652,47 @@ def test_sample_says_when_the_test_points_are_fewer_than_asked(tmp_path):
     result = invoke("sample", run_dir, "--n", 20)
     assert_ok(result)
     assert "reconstructions of the 12 test points there are" in result.output
+
+
+def test_flat_weights_give_a_khat_of_minus_inf_not_too_few_samples():
+    # k-hat -inf (all weights of a point equal) was read as no fit: eval-nll said
+    # "needs more than 20 samples" at k=100, the JSON had null shares.
+    inf = float("inf")
+    results = torch.tensor(
+        [[-1.0, 100.0, -inf], [-2.0, 100.0, -inf], [-1.5, 90.0, 0.9]],
+        dtype=torch.float64,
+    )
+    diagnostics = eval_results._diagnostics(results, "iwae")
+    assert diagnostics == {
+        "ess_median": 100.0,
+        "khat_median": None,  # -inf, which JSON cannot hold
+        "khat_above_0.7": pytest.approx(1 / 3),
+        "khat_flat": pytest.approx(2 / 3),
+    }
+    json.dumps(diagnostics, allow_nan=False)
+    result = SimpleNamespace(
+        stderr=0.1,
+        method="iwae",
+        k=100,
+        diagnostics=diagnostics,
+        nll=1.5,
+        split="test",
+        points=3,
+        bits_per_dim=None,
+        active_units={},
+        latent_units={},
+        compile_time=0.0,
+        compiled=False,
+        compile_choice="as asked",
+        time=1.0,
+        file="eval-test-k100.json",
+        estimates_file="estimates-test-k100.txt",
+        diagnostics_file="diagnostics-test-k100.txt",
+    )
+    line = next(x for x in cli_main._eval_report(result) if "k-hat" in x)
+    assert "needs more than 20" not in line
+    assert "k-hat median -inf, above 0.7 on 33% of points, -inf" in line
+    assert "on 67%" in line
+    # Too few weights still say so.
+    results[:, 2] = math.nan
+    assert eval_results._diagnostics(results, "iwae")["khat_flat"] is None

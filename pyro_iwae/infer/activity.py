@@ -9,6 +9,8 @@ import pyro
 import torch
 
 from ..errors import ParticleBroadcastError
+from .arguments import check_tensor
+from .estimable import trace_shapes_dropped
 from .evaluation import evaluating
 from .particles import BROADCAST_FAILURES, trial_run
 from .traces import PARTICLE_PLATE, latent_sites, plate_depth
@@ -66,6 +68,7 @@ def active_units(
     return count_active(activity, threshold)
 
 
+@trace_shapes_dropped()
 def _activity(
     guide: Callable,
     data: torch.Tensor,
@@ -75,6 +78,7 @@ def _activity(
     caller: str,
 ) -> dict[str, torch.Tensor]:
     """:func:`latent_activity`, its errors naming ``caller``."""
+    check_tensor("data", data)
     means: dict[str, list[torch.Tensor]] = {}
     with evaluating(guide), pyro.poutine.block():
         for start in range(0, data.shape[0], batch_size):

@@ -32,11 +32,13 @@ from pyro.poutine.util import site_is_subsample
 
 from ..errors import AIS_NOT_SEQUENTIAL, AISError
 from .ais_chains import Chains, ChainSettings
+from .arguments import check_batch
 from .diagnostics import (
     effective_sample_size,
     pareto_khat,
     relative_stderr,
 )
+from .estimable import trace_shapes_dropped
 from .evaluation import (
     DEFAULT_MEMORY_BUDGET,
     check_count,
@@ -204,7 +206,8 @@ def ais_upper_bound(
     other keyword arguments go to model and guide.
     """
     settings, kwargs = _split_options(options)
-    return _run(model, guide, args, kwargs, settings, latents)[0]
+    caller = "ais_upper_bound"
+    return _run(model, guide, args, kwargs, settings, latents, caller=caller)[0]
 
 
 def bidirectional_log_likelihood(
@@ -226,8 +229,9 @@ def bidirectional_log_likelihood(
     settings, kwargs = _split_options(
         dict(options, num_steps=num_steps, num_chains=num_chains)
     )
-    lower, step_sizes = _run(model, guide, args, kwargs, settings, None)
-    upper, _ = _run(model, guide, args, kwargs, settings, latents, step_sizes)
+    caller = "bidirectional_log_likelihood"
+    lower, step_sizes = _run(model, guide, args, kwargs, settings, None, None, caller)
+    upper, _ = _run(model, guide, args, kwargs, settings, latents, step_sizes, caller)
     return BDMCResult(lower, upper)
 
 
@@ -262,6 +266,7 @@ def _split_options(options: dict[str, Any]) -> tuple[ChainSettings, dict[str, An
     return settings, rest
 
 
+@trace_shapes_dropped()
 def _run(
     model: Callable,
     guide: Callable,
@@ -270,13 +275,16 @@ def _run(
     settings: ChainSettings,
     latents: dict[str, torch.Tensor] | None,
     step_sizes: torch.Tensor | None = None,
+    caller: str = "ais_log_likelihood",
 ) -> tuple[AISResult, torch.Tensor]:
     """Forward AIS (``latents`` None) or reverse AIS from ``latents``, with the
     step sizes ``step_sizes`` (``[num_steps - 1, 1, *plate_shape]``, in forward
-    order) or tuned afresh; returns the result and the step sizes."""
+    order) or tuned afresh; returns the result and the step sizes. Errors for
+    the data name ``caller``."""
     if kwargs.get("vectorize_particles", True) is False:
         raise AISError(AIS_NOT_SEQUENTIAL)
     kwargs = {k: v for k, v in kwargs.items() if k != "vectorize_particles"}
+    check_batch(args, kwargs, caller)
     betas = ais_schedule(settings.num_steps, settings.schedule).tolist()
     _check(settings)
     # The backward pass keeps the forward's intermediates: half the budget.

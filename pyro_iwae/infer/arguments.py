@@ -3,15 +3,18 @@ arguments, checked before a run, and a trial run on them that leaves no trace.""
 
 from __future__ import annotations
 
+import numbers
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 
 import torch
 
 __all__ = [
     "check_batch",
     "check_not_empty",
+    "check_tensor",
     "cuda_devices",
     "tensor_arguments",
     "trial_run",
@@ -28,11 +31,17 @@ def cuda_devices(args: tuple, kwargs: dict) -> list[int]:
     return sorted({t.device.index for t in tensors})
 
 
+def _named(args: tuple, kwargs: dict) -> list[tuple[str, Any]]:
+    """The arguments of a call, each with its name for an error message."""
+    named = [(f"argument {i + 1}", a) for i, a in enumerate(args)]
+    return named + [(f"argument {k}", a) for k, a in kwargs.items()]
+
+
 def tensor_arguments(args: tuple, kwargs: dict) -> list[tuple[str, torch.Tensor]]:
     """The tensor arguments of a call, each with its name for an error message."""
-    named = [(f"argument {i + 1}", a) for i, a in enumerate(args)]
-    named += [(f"argument {k}", a) for k, a in kwargs.items()]
-    return [(name, a) for name, a in named if isinstance(a, torch.Tensor)]
+    return [
+        (name, a) for name, a in _named(args, kwargs) if isinstance(a, torch.Tensor)
+    ]
 
 
 def check_not_empty(args: tuple, kwargs: dict, caller: str = "log_likelihood") -> None:
@@ -55,10 +64,25 @@ def trial_run(args: tuple, kwargs: dict) -> Iterator[None]:
             yield
 
 
-def check_batch(args: tuple, kwargs: dict) -> None:
-    """:raises ValueError: if a tensor argument is an empty batch or holds NaN
-    (which would come out as the guide's or the model's invalid parameters)."""
-    check_not_empty(args, kwargs)
+def check_tensor(name: str, value: Any) -> None:
+    """:raises TypeError: if ``value``, the data, is not a tensor."""
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(
+            f"{name} is a {type(value).__name__}, not a tensor; pass a tensor of "
+            "shape [N, ...] (torch.as_tensor(data) or torch.stack(rows))"
+        )
+
+
+def check_batch(args: tuple, kwargs: dict, caller: str = "log_likelihood") -> None:
+    """:raises TypeError: if an argument is an array but not a tensor (a NumPy
+        array), which the networks would fail on deep inside.
+    :raises ValueError: if a tensor argument is an empty batch or holds NaN
+        (which would come out as the guide's or the model's invalid parameters).
+    """
+    for name, value in _named(args, kwargs):
+        if hasattr(value, "__array__") and not isinstance(value, numbers.Number):
+            check_tensor(name, value)
+    check_not_empty(args, kwargs, caller)
     for name, value in tensor_arguments(args, kwargs):
         if value.is_floating_point() and value.isnan().any():
             rows = (

@@ -8,7 +8,8 @@ the model lacks or observes. Each failure is a ``ProgramError`` (a
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import pyro
@@ -40,7 +41,9 @@ def check_guide_sites(
 ) -> None:
     """:raises ProgramError: if a latent site of the guide is not in the model
     (unless marked auxiliary) or is observed there: its q would count without
-    its part in p, and neither a bound nor an estimate of log p(x) comes out."""
+    its part in p, and neither a bound nor an estimate of log p(x) comes out;
+    or if it has other event dims there (Pyro's ``Model and guide event_dims
+    disagree``)."""
     for name, site in latent_sites(guide_trace):
         # An auxiliary site (an autoguide's joint draw) is followed by the model's
         # sites as Delta sites that carry its transform's density.
@@ -58,6 +61,14 @@ def check_guide_sites(
                 "obs=): q would count its draw while p scores the observed value, "
                 "and the estimate is no bound; drop it from the guide, or do not "
                 "condition the model on it"
+            )
+        in_model = model_trace.nodes.get(name)
+        if in_model is not None and in_model["fn"].event_dim != site["fn"].event_dim:
+            raise ProgramError(
+                f"latent site {name!r} has {site['fn'].event_dim} event dims in the "
+                f"guide but {in_model['fn'].event_dim} in the model, which Pyro "
+                "refuses: give it the same event dims in both (.to_event over the "
+                "same dims, inside the same plates)"
             )
 
 
@@ -91,15 +102,29 @@ def innermost(error: BaseException) -> BaseException:
     return error
 
 
+@contextmanager
+def trace_shapes_dropped() -> Iterator[None]:
+    """Raises a ``ValueError`` from inside a traced program (a network's own
+    message, say) as it was raised, without the trace shapes Pyro appends (as
+    the evaluators' :func:`check_plates` run does)."""
+    try:
+        yield
+    except ValueError as e:
+        inner = innermost(e)
+        if inner is e:
+            raise
+        raise inner from inner.__cause__
+
+
 def check_program(
     model: Callable, guide: Callable, *args: Any, caller: str = "fit", **kwargs: Any
 ) -> None:
     """Runs ``guide`` and ``model`` once on ``args`` (a forked random stream,
     no gradients, module-local parameters, as ``fit`` runs them) and checks
-    their sites with :func:`check_guide_sites`: said before training, not as a
-    number that is no bound.
+    their sites with :func:`check_guide_sites` and :func:`check_batch_dims`:
+    said before training, not as a number that is no bound.
 
-    :raises ProgramError: as :func:`check_guide_sites`, or where they fail to
+    :raises ProgramError: as those, or where they fail to
         run together (a guide latent of another size than the model's), with
         their error's first line.
     """
@@ -109,13 +134,70 @@ def check_program(
     except PyroIwaeError:
         raise
     except (ValueError, RuntimeError, TypeError, IndexError) as e:
-        message = one_line(innermost(e))
+        error = f"{type(e).__name__}: {one_line(innermost(e))}"
+        for name, fn in (("guide", guide), ("model", model)):
+            if not _runs(fn, args, kwargs):  # its own failure, not the pair's
+                raise ProgramError(
+                    f"the {name} fails when run on a batch of the data ({error})"
+                ) from e
         raise ProgramError(
-            "model and guide fail when run together on a batch of the "
-            f"data ({type(e).__name__}: {message}); make the guide's latent sites "
+            f"model and guide fail when run together on a batch of the data "
+            f"({error}), though each runs alone; make the guide's latent sites "
             "those of the model, of the same shapes"
         ) from e
     check_guide_sites(model_trace, guide_trace, caller)
+    check_batch_dims(model_trace, guide_trace, caller)
+
+
+def check_batch_dims(
+    model_trace: pyro.poutine.Trace,
+    guide_trace: pyro.poutine.Trace,
+    caller: str = "log_likelihood",
+) -> None:
+    """:raises ProgramError: if a sample site's log-prob has a batch dim of size
+    > 1 left of every vectorized plate around it (the particle plate included)
+    that no plate declares nor enumeration allocated: the weights would take it
+    for the particles' dim, or for another plate's. (A dim right of a plate is
+    summed, as Pyro does.)"""
+    sites = [
+        s for s in sample_sites((model_trace, guide_trace)) if not site_is_subsample(s)
+    ]
+    enumerated = {site["infer"].get("_enumerate_dim") for site in sites}
+    for site in sites:
+        fn, shape = site["fn"], getattr(site["value"], "shape", ())
+        try:
+            batch = torch.broadcast_shapes(
+                fn.batch_shape, shape[: max(len(shape) - fn.event_dim, 0)]
+            )
+        except RuntimeError:  # the log-prob fails: its own error says why
+            continue
+        plates = {f.dim for f in site["cond_indep_stack"] if f.vectorized}
+        for dim in range(min(plates, default=0) - 1, -len(batch) - 1, -1):
+            if batch[dim] > 1 and dim not in enumerated:
+                raise ProgramError(
+                    f"site {site['name']!r} has batch shape {list(batch)}, whose "
+                    f"dim {dim} (size {batch[dim]}) is in no pyro.plate, so "
+                    f"{caller} would take it for another dim (the particles'): "
+                    "make each point's values the distribution's event "
+                    "(.to_event(1) for a vector per point) or declare that dim "
+                    "with pyro.plate"
+                )
+
+
+def _runs(program: Callable, args: tuple, kwargs: dict) -> bool:
+    """Whether ``program`` runs alone on ``args`` (as :func:`traced_pair` runs
+    it, with module-local parameters)."""
+    try:
+        with (
+            pyro.settings.context(module_local_params=True),
+            torch.random.fork_rng(devices=cuda_devices(args, kwargs)),
+            torch.no_grad(),
+            pyro.poutine.block(),
+        ):
+            pyro.poutine.trace(program).get_trace(*args, **kwargs)
+    except Exception:  # noqa: BLE001 - any failure is its own
+        return False
+    return True
 
 
 def check_weights(
@@ -229,7 +311,8 @@ def check_plates(
     :raises ProgramError: naming the site and what to do; also for a guide of
         point masses only (see :func:`check_density`), a latent site scaled
         apart from the observed ones, or a guide latent site the model lacks
-        (see :func:`check_weights`).
+        (see :func:`check_weights`), or a batch dim in no plate (see
+        :func:`check_batch_dims`).
     """
     check_density(guide_trace, caller)
     check_weights(model_trace, guide_trace, caller)
@@ -277,9 +360,7 @@ def check_plates(
         value, event_dim = site["value"], len(site["fn"].event_shape)
         for frame in sorted(common, key=lambda f: f.dim):
             dim = frame.dim - event_dim
-            if frame.size > 1 and (
-                value.dim() < -dim or value.shape[dim] != frame.size
-            ):
+            if frame.size > 1 and value.dim() < -dim:
                 raise ProgramError(
                     f"the observed value of site {site['name']!r} has shape "
                     f"{list(value.shape)}, which does not run along the data plate "
@@ -287,3 +368,13 @@ def check_plates(
                     "dimension; pass a batch of shape [N, ...] (x.unsqueeze(0) for "
                     "one point)"
                 )
+            if frame.size > 1 and value.shape[dim] != frame.size:
+                raise ProgramError(
+                    f"the observed value of site {site['name']!r} has shape "
+                    f"{list(value.shape)}, whose dim {dim}, that of the data plate "
+                    f"{frame.name!r} (of size {frame.size}), has size "
+                    f"{value.shape[dim]}: make each point's values the "
+                    "distribution's event (.to_event(1) for a vector per point), "
+                    "so that the plate runs along the points"
+                )
+    check_batch_dims(model_trace, guide_trace, caller)

@@ -14,7 +14,7 @@ import torch
 
 from ..errors import ParticleBroadcastError, ProgramError, check_count
 from ..nn.networks import prepare_pyro_modules
-from .arguments import check_batch, cuda_devices
+from .arguments import check_batch, check_tensor, cuda_devices
 from .estimable import check_plates, checked_particles, innermost, traced_pair
 from .hooks import backend_of, check_compile, compiler, compiles
 from .log_weights import Particles
@@ -238,7 +238,7 @@ def particle_chunks(
         particles, offering ``caller``'s ``vectorize_particles=False``.
     """
     check_count("num_samples", num_samples)
-    check_batch(args, kwargs)
+    check_batch(args, kwargs, caller)
     try:
         chunk_size = resolve_chunk_size(
             model, guide, args, kwargs, chunk_size, max_plate_nesting
@@ -344,11 +344,7 @@ def dataset_log_likelihood(
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    if not isinstance(data, torch.Tensor):
-        raise TypeError(
-            f"data is a {type(data).__name__}, not a tensor; pass a tensor of shape "
-            "[N, ...] (torch.as_tensor(data) or torch.stack(rows))"
-        )
+    check_tensor("data", data)
     if not data.dim() or not data.shape[0]:
         raise ValueError(
             f"data has shape {list(data.shape)}, no data points; pass a tensor of "

@@ -13,6 +13,7 @@ import torch
 
 from ..errors import ParticleBroadcastError
 from .arguments import check_batch
+from .estimable import check_density, check_weights
 from .evaluation import (
     check_count,
     chunk_sizes,
@@ -59,10 +60,13 @@ def joint_log_likelihood(
     them (see :func:`~pyro_iwae.log_likelihood`).
 
     :returns: a 0-dim tensor, in nats.
+    :raises ProgramError: as :func:`~pyro_iwae.log_likelihood` does, for a guide
+        of point masses, a latent scaled apart from the observed sites or
+        masked otherwise in the model than in the guide.
     """
     check_count("num_samples", num_samples)
     check_count("num_local_samples", num_local_samples)
-    check_batch(args, kwargs)
+    check_batch(args, kwargs, "joint_log_likelihood")
     chunk_size = resolve_chunk_size(
         model, guide, args, kwargs, chunk_size, max_plate_nesting
     )
@@ -117,6 +121,9 @@ def _chunk(
             "joint_log_likelihood needs a data plate that encloses every observed "
             "site (the points' own latents go inside it, the global ones outside)"
         )
+    # Refused as by log_likelihood: weights of no p(x, z) / q(z) overshoot.
+    check_density(particles.traces[0][1], "joint_log_likelihood")
+    check_weights(*particles.traces[0], "joint_log_likelihood")
     by_group = particles.log_weights.reshape(
         (groups, num_local_samples) + particles.log_weights.shape[1:]
     )

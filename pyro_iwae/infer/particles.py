@@ -20,7 +20,7 @@ from pyro.poutine.trace_struct import Trace
 from pyro.poutine.util import prune_subsample_sites
 from pyro.util import check_model_guide_match
 
-from ..errors import ParticleBroadcastError, PyroIwaeError, check_count
+from ..errors import ParticleBroadcastError, ProgramError, PyroIwaeError, check_count
 from .arguments import check_not_empty, cuda_devices, trial_run
 from .enumeration import (
     Unenumerated,
@@ -33,6 +33,7 @@ from .enumeration import (
     strata_shape,
 )
 from .enumeration import enumerates as enumerates_sites
+from .estimable import check_batch_dims
 from .log_weights import (
     Particles,
     cat_particles,
@@ -40,7 +41,7 @@ from .log_weights import (
     global_score_log_prob,
     log_p_and_q,
 )
-from .support import OwnLogProb, keep_own_log_q
+from .support import OwnLogProb, check_invertible, keep_own_log_q
 from .traces import (
     PARTICLE_PLATE,
     SharedSubsamples,
@@ -208,7 +209,7 @@ class ParticleELBO(ELBO):
 
     def check_guide(self, guide: Callable, *args: Any, **kwargs: Any) -> None:
         """Runs ``guide`` once to refuse up front what the first gradient step
-        would: a latent site without ``rsample`` under a path-gradient estimator.
+        would: a latent site without ``rsample`` (or an inverse, under stl/dreg).
 
         The run draws from a forked random stream, so it shifts no later draw.
 
@@ -216,15 +217,16 @@ class ParticleELBO(ELBO):
         """
         if self.estimator in SCORE_ESTIMATORS:
             return
-        with torch.random.fork_rng(devices=cuda_devices(args, kwargs)):
-            with torch.no_grad():
-                guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
+        with torch.random.fork_rng(devices=cuda_devices(args, kwargs)), torch.no_grad():
+            guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
         self._check_guide_trace(guide_trace)
 
     def _check_guide_trace(self, guide_trace: Trace) -> None:
         if self.estimator in SCORE_ESTIMATORS:
             return
         for name, site in latent_sites(guide_trace):
+            if self.estimator in STOPPED_ESTIMATORS:
+                check_invertible(name, site["fn"], self.estimator)
             if not site["fn"].has_rsample and not marked_parallel(site):
                 raise NotImplementedError(
                     f"IWELBO's {self.estimator!r} gradient needs "
@@ -327,6 +329,8 @@ class ParticleELBO(ELBO):
         try:
             with trial_run(args, kwargs):
                 return single._particles(model, guide, args, kwargs)
+        except ProgramError:  # a batch dim in no plate: it fails under the plate
+            raise
         except Exception:
             # A failure here is the program's own, not the particle plate's.
             return None
@@ -360,6 +364,8 @@ class ParticleELBO(ELBO):
             self._check_strata(traces[0][1])
         score_draw = self.estimator in SCORE_ESTIMATORS and self._global_score_draws
         check_global_sites(traces[0][1], global_names, score_draw)
+        if not self._has_particle_plate:  # else they fail under the particle plate
+            check_batch_dims(*traces[0], caller="the bound")
         return self._weigh(traces, sites, local_dims, global_names)
 
     @property

@@ -5,10 +5,15 @@ held constant, the draws' own log q kept."""
 from __future__ import annotations
 
 import warnings
+from collections.abc import Iterator
 from typing import Any
 
 import torch
+import torch.distributions.transforms as torch_transforms
 from pyro.distributions import Delta
+from pyro.distributions.transforms import BlockAutoregressive, Polynomial, Sylvester
+from pyro.distributions.transforms.planar import ConditionedPlanar
+from pyro.distributions.transforms.radial import ConditionedRadial
 from pyro.poutine.messenger import Messenger
 from pyro.poutine.trace_struct import Trace
 from pyro.poutine.util import site_is_subsample
@@ -19,6 +24,7 @@ from ..errors import SupportError
 __all__ = [
     "InaccurateInverseWarning",
     "OwnLogProb",
+    "check_invertible",
     "is_point_mass",
     "keep_own_log_q",
     "site_log_prob",
@@ -137,3 +143,57 @@ def is_point_mass(fn: Any) -> bool:
         if fn is None:
             return False
     return True
+
+
+#: Pyro's transforms that invert only the outputs they computed themselves
+#: (their ``_inverse`` raises a KeyError for any other value).
+_CACHED_INVERSE = (
+    ConditionedPlanar,
+    ConditionedRadial,
+    Sylvester,
+    Polynomial,
+    BlockAutoregressive,
+)
+
+
+def _transform_parts(transform: Any) -> Iterator[Any]:
+    if isinstance(transform, torch.distributions.ComposeTransform):
+        for part in transform.parts:
+            yield from _transform_parts(part)
+    elif isinstance(transform, torch.distributions.transforms.IndependentTransform):
+        yield from _transform_parts(transform.base_transform)
+    else:
+        yield transform
+
+
+def _without_inverse(fn: Any) -> str | None:
+    """The class name of a transform of distribution ``fn`` (or of those it
+    wraps) that cannot invert a value it did not compute itself; None if none."""
+    while fn is not None:
+        for transform in getattr(fn, "transforms", ()):
+            for part in _transform_parts(transform):
+                unimplemented = (
+                    type(part)._inverse is torch_transforms.Transform._inverse
+                )
+                if isinstance(part, _CACHED_INVERSE) or (
+                    unimplemented
+                    and not isinstance(part, torch_transforms._InverseTransform)
+                ):
+                    return type(part).__name__
+        fn = getattr(fn, "base_dist", None)
+    return None
+
+
+def check_invertible(name: str, fn: Any, estimator: str) -> None:
+    """:raises NotImplementedError: where guide site ``name``'s distribution ``fn``
+    has a transform without an inverse: ``estimator`` (stl, dreg) evaluates log q
+    at the draws anew, with the guide's parameters held constant."""
+    transform = _without_inverse(fn)
+    if transform is not None:
+        raise NotImplementedError(
+            f"IWELBO's {estimator!r} gradient evaluates log q at the guide's draws "
+            f"with its parameters held constant, which needs the inverse of site "
+            f"{name!r}'s transforms, but {transform} has none (it inverts only "
+            "its own outputs); use estimator='iwae', or an invertible flow "
+            "(affine_autoregressive, spline, ...)"
+        )

@@ -440,17 +440,21 @@ def activity_of(
 
 def _diagnostics(results: torch.Tensor, method: str) -> dict[str, float | None]:
     """Median ESS, median k-hat (None: too few weights to fit a tail, 20 or
-    fewer), the share of points with k-hat above 0.7 and, for AIS, the mean
-    acceptance rate."""
+    fewer, or -inf, which JSON cannot hold), the share of points with k-hat
+    above 0.7, the share with k-hat -inf (flat weights: the largest equal, as
+    for an exact guide) and, for AIS, the mean acceptance rate."""
     values = dict(zip(columns(method), results[:, 1:].unbind(-1), strict=True))
     khat = values["khat"].nanmedian()
-    fitted = khat.isfinite()  # else no point had enough weights to fit a tail
+    # NaN where no point had enough weights to fit a tail; -inf is a fit.
+    fitted = not khat.isnan()
     above = (values["khat"] > KHAT_THRESHOLD).double().mean()
+    flat = (values["khat"] == -math.inf).double().mean()
     diagnostics = {
         "ess_median": float(values["ess"].median()),
-        "khat_median": float(khat) if fitted else None,
+        "khat_median": float(khat) if khat.isfinite() else None,
         # None, not 0 (none unreliable), where no k-hat was fitted.
         "khat_above_0.7": float(above) if fitted else None,
+        "khat_flat": float(flat) if fitted else None,
     }
     if "acceptance" in values:
         diagnostics["acceptance_mean"] = float(values["acceptance"].mean())
