@@ -8,7 +8,7 @@ from pathlib import Path
 import click
 
 from pyro_iwae import RunConfig, check_run_guide
-from pyro_iwae.errors import ConfigError
+from pyro_iwae.errors import ConfigError, ParticleBroadcastError
 from pyro_iwae.infer.objectives import ESTIMATORS
 
 from .common import count_option, explicit, library_errors
@@ -118,8 +118,10 @@ def check_guide(
             seed=options["seed"],
             data_dir=data_dir,
         )
-    except ConfigError:
-        raise  # an estimator the check cannot test: a usage error (library_errors)
+    except (ConfigError, ParticleBroadcastError):
+        # An estimator the check cannot test (a usage error), a guide that does
+        # not broadcast: library_errors says them.
+        raise
     except ValueError as e:
         # Pyro adds the trace's shapes on lines of their own: the first says it.
         raise click.ClickException(cli_text(str(e).split("\n", 1)[0])) from None

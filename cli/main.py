@@ -52,6 +52,7 @@ from .common import (
     device_of,
     explicit,
     library_errors,
+    particle_text,
     path_option,
     restarted,
     runs_dir_option,
@@ -346,7 +347,15 @@ def eval_nll(
             callback=progress,
         )
     except ParticleBroadcastError as e:
-        raise e.for_evaluator("eval-nll") from None  # its remedy is this command's
+        # Its remedy is this command's option, which AIS lacks.
+        remedy = (
+            "or pass --sequential-particles to eval-nll to draw the particles one "
+            "at a time"
+            if settings.method == "iwae"
+            else "AIS runs its chains in one batch and has no --sequential-particles;"
+            " estimate with --method iwae --sequential-particles instead"
+        )
+        raise click.ClickException(particle_text(e, remedy)) from None
     finally:
         progress.close()
     # The result first: it is written, whatever logging it does.

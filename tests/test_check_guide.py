@@ -106,3 +106,13 @@ def test_stl_at_many_particles_is_blamed_for_its_own_bias_in_options():
     assert result.output.splitlines()[-1].endswith(
         "train with --estimator iwae or fix the guide"
     )
+
+
+def test_a_model_that_does_not_broadcast_is_told_what_to_change():
+    # It offered --sequential-particles, an option of eval-nll alone.
+    model = "check_guide_modules:build_flat_model"
+    result = invoke("--model", model, "--guide", "user_guides:build_guide")
+    assert result.exit_code == 1, result.output
+    (line,) = result.output.splitlines()
+    assert line.startswith("Error: the model or guide fails under"), line
+    assert line.endswith("not x.view(batch, -1))"), line

@@ -220,6 +220,45 @@ def test_eval_nll_with_sequential_particles(run, monkeypatch):
     assert_ok(invoke(*args, "--sequential-particles"))
 
 
+@pytest.fixture(scope="module")
+def flat_run(tmp_path_factory):
+    """A run of a model that runs with one particle but does not broadcast over
+    several (check_guide_modules:build_flat_model), trained with one."""
+    run_dir = tmp_path_factory.mktemp("runs") / "flat"
+    programs = ["--model", "check_guide_modules:build_flat_model"]
+    programs += ["--guide", "user_guides:build_guide", "--compile", "off"]
+    result = invoke("fit", *SMALL, *programs, "--particles", 1, "--out", run_dir)
+    assert_ok(result)
+    return run_dir
+
+
+def test_fit_on_a_model_that_does_not_broadcast_offers_no_option_it_lacks(
+    flat_run, tmp_path
+):
+    # It offered --sequential-particles, an option of eval-nll alone.
+    config = json.loads((flat_run / "config.json").read_text())
+    programs = ["--model", config["model"], "--guide", config["guide"]]
+    result = invoke("fit", *SMALL, *programs, "--compile", "off", "--out", tmp_path)
+    error = assert_one_line_error(result, "not x.view(batch, -1))")
+    assert error.endswith("not x.view(batch, -1))"), error
+    assert "sequential" not in error and "vectorize_particles=False" not in error
+
+
+def test_ais_on_a_model_that_does_not_broadcast_points_to_iwae(flat_run):
+    # It offered --sequential-particles, which --method ais refuses.
+    args = ("eval-nll", flat_run, "--limit", 3, "--quiet")
+    error = assert_one_line_error(
+        invoke(*args, "--method", "ais", "--ais-steps", 2, "--chains", 2),
+        "AIS runs its chains in one batch and has no --sequential-particles; "
+        "estimate with --method iwae --sequential-particles instead",
+    )
+    assert "log_likelihood" not in error and "or pass" not in error
+    assert_one_line_error(
+        invoke(*args, "--k", 2), "or pass --sequential-particles to eval-nll"
+    )
+    assert_ok(invoke(*args, "--k", 2, "--sequential-particles"))
+
+
 def test_eval_nll_reports_diagnostics_per_point(run):
     result = invoke("eval-nll", run, "--k", 40, "--limit", 12, "--quiet")
     assert_ok(result)
