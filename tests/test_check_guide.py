@@ -36,6 +36,26 @@ def test_a_trained_run_with_another_estimator(run_dir):
     assert "estimator 'stl' against 'iwae'" in result.output
 
 
+def test_a_run_whose_data_file_moved_is_checked_on_it_with_dataset(tmp_path):
+    # --dataset was refused with RUN_DIR, and the run's data were not found
+    # without it: no way to check the run.
+    x = (torch.rand(60, 16, generator=torch.Generator().manual_seed(0)) < 0.3).float()
+    torch.save(x, tmp_path / "points.pt")
+    fit = ["fit", "--dataset", tmp_path / "points.pt", "--epochs", 1, "--quiet"]
+    fit += ["--batch-size", 20, "--compile", "off", "--out", tmp_path / "run"]
+    fit += ["--hidden", 8, "--latent-dim", 2]  # small networks: a fast check
+    result = CliRunner().invoke(cli, list(map(str, fit)))
+    assert result.exit_code == 0, result.output
+    before = invoke(tmp_path / "run", "--draws", 20)
+    assert before.exit_code == 0, before.output
+    (tmp_path / "points.pt").rename(tmp_path / "moved.pt")
+    result = invoke(tmp_path / "run", "--draws", 20)
+    assert result.exit_code == 1 and "not found; pass (--dataset)" in result.output
+    after = invoke(tmp_path / "run", "--draws", 20, "--dataset", tmp_path / "moved.pt")
+    assert after.exit_code == 0, after.output
+    assert after.output == before.output  # the same points, the same draws
+
+
 @pytest.mark.parametrize(
     "option", [("--layers", 2), ("--guide", "iaf"), ("--model", "sbn")]
 )
@@ -45,8 +65,8 @@ def test_options_a_run_gives_itself_are_refused_with_it(run_dir, option):
     result = invoke(run_dir, *option, "--draws", 20)
     assert result.exit_code == 2
     assert result.output.splitlines()[-1] == (
-        f"Error: {option[0]} does not apply with RUN_DIR, whose own model, guide "
-        "and data are checked; drop it"
+        f"Error: {option[0]} does not apply with RUN_DIR, whose own model and "
+        "guide are checked; drop it"
     )
 
 
