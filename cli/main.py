@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import gc
 import json
+import math
 import os
 import shlex
 import sys
@@ -384,7 +385,12 @@ def _eval_report(result: Evaluation) -> list[str]:
         )
     trust = f"median ESS {d['ess_median']:.1f} of {samples}; {tail}"
     if result.method == "ais":
-        trust += f"; mean HMC acceptance {d['acceptance_mean']:.2f}"
+        acceptance = d["acceptance_mean"]
+        # NaN, or null in the JSON, where one step made no HMC move.
+        if acceptance is None or math.isnan(acceptance):
+            trust += "; no HMC moves with --ais-steps 1 (plain importance sampling)"
+        else:
+            trust += f"; mean HMC acceptance {acceptance:.2f}"
     elif (d["khat_above_0.7"] or 0) > 0:
         # Above 0.7 the samples needed grow too fast for more of them to help.
         trust += (

@@ -293,6 +293,28 @@ def test_eval_nll_with_ais(run):
     assert_one_line_error(invoke("eval-nll", run, "--chains", 4), "--method ais")
 
 
+def _strict(constant):
+    raise AssertionError(f"{constant} is not JSON")
+
+
+def test_ais_with_one_step_reports_no_acceptance_and_writes_strict_json(run):
+    # One step makes no HMC move: it printed "mean HMC acceptance nan" and wrote
+    # "acceptance_mean": NaN, which strict JSON readers refuse.
+    result = invoke(
+        "eval-nll", run, "--method", "ais", "--ais-steps", 1, "--chains", 2,
+        "--limit", 3, "--quiet",
+    )  # fmt: skip
+    assert_ok(result)
+    assert "nan" not in result.output.lower()
+    assert "no HMC moves with --ais-steps 1" in result.output
+    text = (run / "eval-test-ais1x2.json").read_text()
+    report = json.loads(text, parse_constant=_strict)
+    assert report["diagnostics"]["acceptance_mean"] is None
+    # The help said "one HMC move ... each" step: there are steps - 1.
+    help_text = " ".join(invoke("eval-nll", "--help").output.split())
+    assert "N steps make N - 1 HMC moves of 10 leapfrog steps each" in help_text
+
+
 def test_eval_nll_finds_latest_run(tmp_path):
     env = {"PYRO_IWAE_RUNS": str(tmp_path)}
     for seed in (0, 1):
