@@ -295,7 +295,10 @@ def _train(
 @settings_options(EvalSettings)
 @_dataset_option("eval-nll")
 @_data_dir_option
-@runs_dir_option("Folder searched for the latest run when RUN_DIR is omitted.")
+@runs_dir_option(
+    "Folder searched for the latest trained run (one with a checkpoint) when "
+    "RUN_DIR is omitted."
+)
 @cuda_option
 @click.option(
     "--quiet",
@@ -337,7 +340,7 @@ def eval_nll(
     settings.validate([name for name in values if explicit(ctx, name)])
     device = device_of(cuda)
     distributed.init(device)
-    run = distributed.from_main(lambda: Run.find(run_dir, runs_dir))
+    run = distributed.from_main(lambda: Run.find(run_dir, runs_dir, trained=True))
     progress = EvalProgress(quiet or not distributed.is_main())
     try:
         evaluation = run.evaluate(
@@ -444,7 +447,10 @@ def _eval_report(result: Evaluation) -> list[str]:
 )
 @_dataset_option("sample")
 @_data_dir_option
-@runs_dir_option("Folder searched for the latest run when RUN_DIR is omitted.")
+@runs_dir_option(
+    "Folder searched for the latest trained run (one with a checkpoint) when "
+    "RUN_DIR is omitted."
+)
 @click.option("--seed", type=int, default=0, help="Random seed of the samples.")
 @cuda_option
 @library_errors
@@ -472,7 +478,7 @@ def sample(
             param_hint="'--out'",
         )
     device = device_of(cuda)
-    run = Run.find(run_dir, runs_dir)
+    run = Run.find(run_dir, runs_dir, trained=True)
     config, model, guide = run.load(device)
     data = run.data(data_dir, dataset, config)
     out = run.path / "samples.png" if out is None else out

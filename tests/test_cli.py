@@ -327,6 +327,25 @@ def test_eval_nll_finds_latest_run(tmp_path):
     assert (latest / "eval-test-k2.json").is_file()
 
 
+def test_eval_nll_and_sample_find_the_latest_run_that_has_a_checkpoint(run, tmp_path):
+    # A fit killed before its first checkpoint was taken as the latest run:
+    # "no checkpoint ...; start a new run (without resume)", fit's advice.
+    shutil.copytree(run, tmp_path / "a", ignore=shutil.ignore_patterns("eval-*"))
+    (tmp_path / "b").mkdir()
+    shutil.copy(run / "config.json", tmp_path / "b")
+    result = invoke("eval-nll", "--runs-dir", tmp_path, "--k", 2, "--limit", 2)
+    assert_ok(result)
+    assert f"run: {tmp_path / 'a'}" in result.output
+    result = invoke("sample", "--runs-dir", tmp_path, "--n", 2)
+    assert_ok(result)
+    assert f"wrote {tmp_path / 'a' / 'samples.png'}" in result.output
+    shutil.rmtree(tmp_path / "a")
+    assert_one_line_error(
+        invoke("eval-nll", "--runs-dir", tmp_path, "--k", 2),
+        f"no run in {tmp_path} has finished an epoch",
+    )
+
+
 def test_sample_writes_pngs(run, tmp_path):
     result = invoke("sample", run, "--n", 10)
     assert_ok(result)
