@@ -106,9 +106,9 @@ def check_guide(
         # merge: a data file's points set the width of the networks.
         settings = RunConfig.merge({field: options[field] for field in _FIELDS})
     except ConfigError as e:
-        raise click.UsageError(e.render(OPTION_NAMES)) from None
-    except ValueError as e:
-        raise click.UsageError(str(e)) from None
+        raise click.UsageError(cli_text(e.render(OPTION_NAMES))) from None
+    except ValueError as e:  # estimator='vimco' with one particle, say
+        raise click.UsageError(cli_text(str(e))) from None
     # With RUN_DIR, --dataset says where the run's data are now.
     moved = explicit(ctx, "dataset") and run_dir is not None
     try:

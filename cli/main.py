@@ -59,7 +59,7 @@ from .common import (
     runs_dir_option,
 )
 from .options import OPTION_NAMES, cli_text, run_option, settings_options
-from .progress import EvalProgress, FitProgress, speed_text
+from .progress import EvalProgress, FitProgress, counted, speed_text
 
 #: RunConfig field -> its option, for the library's messages.
 _OPTION_NAMES = OPTION_NAMES
@@ -372,12 +372,11 @@ def eval_nll(
 
 def _eval_report(result: Evaluation) -> list[str]:
     """The lines eval-nll prints about ``result``."""
-    error = "" if result.stderr is None else f" ± {result.stderr:.2f}"
     if result.method == "iwae":
-        how, samples = f"k={result.k}", f"{result.k} samples"
+        how, samples = f"k={result.k}", counted(result.k, "sample")
     else:
-        how = f"AIS, {result.ais_steps} steps x {result.chains} chains"
-        samples = f"{result.chains} chains"
+        samples = counted(result.chains, "chain")
+        how = f"AIS, {counted(result.ais_steps, 'step')} x {samples}"
     d = result.diagnostics
     if d["khat_median"] is None:
         tail = "Pareto k-hat needs more than 20 samples"
@@ -400,10 +399,14 @@ def _eval_report(result: Evaluation) -> list[str]:
             " (unreliable there, and more samples help little: for continuous "
             "latents, try --method ais)"
         )
-    lines = [
-        f"NLL = {result.nll:.2f}{error} nats (mean ± standard error; {how}, "
-        f"{result.split} split, {result.points} points)"
-    ]
+    where = f"{how}, {result.split} split, {counted(result.points, 'point')}"
+    if result.stderr is None:  # one point: no spread to estimate
+        lines = [f"NLL = {result.nll:.2f} nats ({where}: no standard error)"]
+    else:
+        lines = [
+            f"NLL = {result.nll:.2f} ± {result.stderr:.2f} nats (mean ± standard "
+            f"error; {where})"
+        ]
     if result.bits_per_dim is not None:
         bits_error = result.bits_per_dim_stderr
         bits_error = "" if bits_error is None else f" ± {bits_error:.4f}"

@@ -75,7 +75,10 @@ def test_bad_options_are_one_line_errors():
     assert result.exit_code == 2 and "--draws" in result.output
     result = invoke("--estimator", "vimco", "--particles", 1)
     assert result.exit_code == 2
-    assert result.output.splitlines()[-1].startswith("Error:")
+    # It said estimator='vimco', a Python argument.
+    assert result.output.splitlines()[-1].startswith(
+        "Error: --estimator vimco needs at least 2 particles"
+    )
 
 
 def test_a_data_file_sets_the_width_of_the_fresh_networks(tmp_path):

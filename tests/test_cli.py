@@ -315,6 +315,20 @@ def test_ais_with_one_step_reports_no_acceptance_and_writes_strict_json(run):
     assert "N steps make N - 1 HMC moves of 10 leapfrog steps each" in help_text
 
 
+def test_eval_nll_of_one_point_says_it_has_no_standard_error(run):
+    # It printed "(mean ± standard error; k=1, test split, 1 points)" with no
+    # standard error shown.
+    result = invoke("eval-nll", run, "--k", 1, "--limit", 1, "--quiet")
+    assert_ok(result)
+    (line,) = [line for line in result.output.splitlines() if line.startswith("NLL")]
+    assert line.endswith(" nats (k=1, test split, 1 point: no standard error)")
+    args = ("--method", "ais", "--ais-steps", 1, "--chains", 1)
+    result = invoke("eval-nll", run, *args, "--limit", 1, "--quiet")
+    assert_ok(result)
+    assert "(AIS, 1 step x 1 chain, test split, 1 point: no " in result.output
+    assert "median ESS 1.0 of 1 chain;" in result.output
+
+
 def test_eval_nll_finds_latest_run(tmp_path):
     env = {"PYRO_IWAE_RUNS": str(tmp_path)}
     for seed in (0, 1):
