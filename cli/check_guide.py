@@ -8,7 +8,7 @@ from pathlib import Path
 import click
 
 from pyro_iwae import RunConfig, check_run_guide
-from pyro_iwae.errors import ConfigError
+from pyro_iwae.errors import ConfigError, ParticleBroadcastError
 from pyro_iwae.infer.objectives import ESTIMATORS
 
 from .common import count_option, explicit, library_errors
@@ -26,8 +26,8 @@ _FIELDS = (
     "dataset",
     "seed",
 )
-#: Those that RUN_DIR gives instead.
-_RUN_FIELDS = ("model", "guide", "stochastic_layers", "dataset")
+#: Those that RUN_DIR gives instead (its --dataset says where its data are now).
+_RUN_FIELDS = ("model", "guide", "stochastic_layers")
 
 
 @cli.command("check-guide", context_settings={"show_default": True})
@@ -56,7 +56,8 @@ _RUN_FIELDS = ("model", "guide", "stochastic_layers", "dataset")
     "dataset",
     command_default="mnist-mini",
     help="Data set whose first test points form the batch (a built-in name or "
-    "a data file); not with RUN_DIR, whose data set is used.",
+    "a data file); with RUN_DIR, where the run's data are now (a data file's new "
+    "path), its own by default.",
 )
 @_data_dir_option
 @count_option("--batch-size", 8, "Points in the batch.")
@@ -99,15 +100,17 @@ def check_guide(
             if explicit(ctx, field):
                 raise click.UsageError(
                     f"{OPTION_NAMES[field]} does not apply with RUN_DIR, whose own "
-                    "model, guide and data are checked; drop it"
+                    "model and guide are checked; drop it"
                 )
     try:
         # merge: a data file's points set the width of the networks.
         settings = RunConfig.merge({field: options[field] for field in _FIELDS})
     except ConfigError as e:
-        raise click.UsageError(e.render(OPTION_NAMES)) from None
-    except ValueError as e:
-        raise click.UsageError(str(e)) from None
+        raise click.UsageError(cli_text(e.render(OPTION_NAMES))) from None
+    except ValueError as e:  # estimator='vimco' with one particle, say
+        raise click.UsageError(cli_text(str(e))) from None
+    # With RUN_DIR, --dataset says where the run's data are now.
+    moved = explicit(ctx, "dataset") and run_dir is not None
     try:
         result = check_run_guide(
             settings if run_dir is None else run_dir,
@@ -117,9 +120,12 @@ def check_guide(
             alpha=alpha,
             seed=options["seed"],
             data_dir=data_dir,
+            dataset=options["dataset"] if moved else None,
         )
-    except ConfigError:
-        raise  # an estimator the check cannot test: a usage error (library_errors)
+    except (ConfigError, ParticleBroadcastError):
+        # An estimator the check cannot test (a usage error), a guide that does
+        # not broadcast: library_errors says them.
+        raise
     except ValueError as e:
         # Pyro adds the trace's shapes on lines of their own: the first says it.
         raise click.ClickException(cli_text(str(e).split("\n", 1)[0])) from None

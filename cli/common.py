@@ -17,7 +17,12 @@ from typing import Any
 import click
 import torch
 
-from pyro_iwae.errors import ConfigError, PyroIwaeError, one_line
+from pyro_iwae.errors import (
+    ConfigError,
+    ParticleBroadcastError,
+    PyroIwaeError,
+    one_line,
+)
 from pyro_iwae.runs import distributed
 
 from .options import OPTION_NAMES, cli_text
@@ -49,6 +54,11 @@ def library_errors(command: Callable) -> Callable:
             except ConfigError as e:
                 message = _ranked(cli_text(e.render(OPTION_NAMES)), rank)
                 raise click.UsageError(message) from None
+            except ParticleBroadcastError as e:
+                # Its vectorize_particles=False is no option of this command (one
+                # that has one, eval-nll, offers it itself): the fix is the model's.
+                message = _ranked(particle_text(e), rank)
+                raise click.ClickException(message) from None
             except PyroIwaeError as e:
                 message = _ranked(cli_text(e.render(OPTION_NAMES)), rank)
                 raise click.ClickException(message) from None
@@ -82,6 +92,12 @@ def library_errors(command: Callable) -> Callable:
                 distributed.shutdown()
 
     return wrapper
+
+
+def particle_text(e: ParticleBroadcastError, remedy: str = "") -> str:
+    """The message of ``e`` in the options' spelling, offering ``remedy`` (empty:
+    nothing) instead of the library's ``vectorize_particles=False``."""
+    return cli_text(e.with_remedy(remedy).render(OPTION_NAMES))
 
 
 def _rank() -> int:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import gc
 import json
+import math
 import os
 import shlex
 import sys
@@ -52,12 +53,13 @@ from .common import (
     device_of,
     explicit,
     library_errors,
+    particle_text,
     path_option,
     restarted,
     runs_dir_option,
 )
 from .options import OPTION_NAMES, cli_text, run_option, settings_options
-from .progress import EvalProgress, FitProgress, speed_text
+from .progress import EvalProgress, FitProgress, counted, speed_text
 
 #: RunConfig field -> its option, for the library's messages.
 _OPTION_NAMES = OPTION_NAMES
@@ -294,7 +296,10 @@ def _train(
 @settings_options(EvalSettings)
 @_dataset_option("eval-nll")
 @_data_dir_option
-@runs_dir_option("Folder searched for the latest run when RUN_DIR is omitted.")
+@runs_dir_option(
+    "Folder searched for the latest trained run (one with a checkpoint) when "
+    "RUN_DIR is omitted."
+)
 @cuda_option
 @click.option(
     "--quiet",
@@ -336,7 +341,7 @@ def eval_nll(
     settings.validate([name for name in values if explicit(ctx, name)])
     device = device_of(cuda)
     distributed.init(device)
-    run = distributed.from_main(lambda: Run.find(run_dir, runs_dir))
+    run = distributed.from_main(lambda: Run.find(run_dir, runs_dir, trained=True))
     progress = EvalProgress(quiet or not distributed.is_main())
     try:
         evaluation = run.evaluate(
@@ -347,7 +352,15 @@ def eval_nll(
             callback=progress,
         )
     except ParticleBroadcastError as e:
-        raise e.for_evaluator("eval-nll") from None  # its remedy is this command's
+        # Its remedy is this command's option, which AIS lacks.
+        remedy = (
+            "or pass --sequential-particles to eval-nll to draw the particles one "
+            "at a time"
+            if settings.method == "iwae"
+            else "AIS runs its chains in one batch and has no --sequential-particles;"
+            " estimate with --method iwae --sequential-particles instead"
+        )
+        raise click.ClickException(particle_text(e, remedy)) from None
     finally:
         progress.close()
     # The result first: it is written, whatever logging it does.
@@ -360,12 +373,11 @@ def eval_nll(
 
 def _eval_report(result: Evaluation) -> list[str]:
     """The lines eval-nll prints about ``result``."""
-    error = "" if result.stderr is None else f" ± {result.stderr:.2f}"
     if result.method == "iwae":
-        how, samples = f"k={result.k}", f"{result.k} samples"
+        how, samples = f"k={result.k}", counted(result.k, "sample")
     else:
-        how = f"AIS, {result.ais_steps} steps x {result.chains} chains"
-        samples = f"{result.chains} chains"
+        samples = counted(result.chains, "chain")
+        how = f"AIS, {counted(result.ais_steps, 'step')} x {samples}"
     d = result.diagnostics
     if d["khat_above_0.7"] is None:
         tail = "Pareto k-hat needs more than 20 samples"
@@ -384,17 +396,26 @@ def _eval_report(result: Evaluation) -> list[str]:
             )
     trust = f"median ESS {d['ess_median']:.1f} of {samples}; {tail}"
     if result.method == "ais":
-        trust += f"; mean HMC acceptance {d['acceptance_mean']:.2f}"
+        acceptance = d["acceptance_mean"]
+        # NaN, or null in the JSON, where one step made no HMC move.
+        if acceptance is None or math.isnan(acceptance):
+            trust += "; no HMC moves with --ais-steps 1 (plain importance sampling)"
+        else:
+            trust += f"; mean HMC acceptance {acceptance:.2f}"
     elif (d["khat_above_0.7"] or 0) > 0:
         # Above 0.7 the samples needed grow too fast for more of them to help.
         trust += (
             " (unreliable there, and more samples help little: for continuous "
             "latents, try --method ais)"
         )
-    lines = [
-        f"NLL = {result.nll:.2f}{error} nats (mean ± standard error; {how}, "
-        f"{result.split} split, {result.points} points)"
-    ]
+    where = f"{how}, {result.split} split, {counted(result.points, 'point')}"
+    if result.stderr is None:  # one point: no spread to estimate
+        lines = [f"NLL = {result.nll:.2f} nats ({where}: no standard error)"]
+    else:
+        lines = [
+            f"NLL = {result.nll:.2f} ± {result.stderr:.2f} nats (mean ± standard "
+            f"error; {where})"
+        ]
     if result.bits_per_dim is not None:
         bits_error = result.bits_per_dim_stderr
         bits_error = "" if bits_error is None else f" ± {bits_error:.4f}"
@@ -438,7 +459,10 @@ def _eval_report(result: Evaluation) -> list[str]:
 )
 @_dataset_option("sample")
 @_data_dir_option
-@runs_dir_option("Folder searched for the latest run when RUN_DIR is omitted.")
+@runs_dir_option(
+    "Folder searched for the latest trained run (one with a checkpoint) when "
+    "RUN_DIR is omitted."
+)
 @click.option("--seed", type=int, default=0, help="Random seed of the samples.")
 @cuda_option
 @library_errors
@@ -466,7 +490,7 @@ def sample(
             param_hint="'--out'",
         )
     device = device_of(cuda)
-    run = Run.find(run_dir, runs_dir)
+    run = Run.find(run_dir, runs_dir, trained=True)
     config, model, guide = run.load(device)
     data = run.data(data_dir, dataset, config)
     out = run.path / "samples.png" if out is None else out

@@ -33,19 +33,12 @@ OPTION_NAMES = {
 }
 
 
-#: Library arguments whose False value is an option of its own: the option.
-NEGATED_OPTIONS = {"vectorize_particles": "--sequential-particles"}
-
-
 def cli_text(message: str) -> str:
     """``message`` with settings spelled as Python arguments (``estimator='vimco'``,
-    ``resume=True``, ``vectorize_particles=False``) spelled as options
-    (``--estimator vimco``, ``--resume``, ``--sequential-particles``)."""
+    ``resume=True``) spelled as options (``--estimator vimco``, ``--resume``)."""
 
     def option(match: re.Match) -> str:
         name, value = match.group(1), match.group(3)
-        if value == "False" and name in NEGATED_OPTIONS:
-            return NEGATED_OPTIONS[name]
         flag = OPTION_NAMES.get(name)
         if flag is None:
             return match.group(0)

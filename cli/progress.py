@@ -33,6 +33,11 @@ def format_metrics(metrics: dict[str, Any], unit: str = "img/s") -> str:
     )
 
 
+def counted(n: int, noun: str) -> str:
+    """``n`` of ``noun``, plural but for one: ``"1 point"``, ``"2 points"``."""
+    return f"{n} {noun}{'' if n == 1 else 's'}"
+
+
 def speed_text(metrics: dict[str, Any], unit: str = "img/s") -> str:
     """An epoch's training speed; with compiling in it, the speed without it
     and the seconds spent compiling apart."""

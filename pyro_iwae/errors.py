@@ -136,12 +136,15 @@ class ParticleBroadcastError(PyroIwaeError, ValueError):
         nesting: int,
         depth: int,
         caller: str | None = None,
+        *,
+        remedy: str | None = None,
     ) -> ParticleBroadcastError:
         """The error for a program whose plates nest ``depth`` deep that failed
         with ``cause`` under ``num_particles`` particles and
         ``max_plate_nesting=nesting``; the message offers
         ``vectorize_particles=False`` of ``caller``, an evaluator's name (None: an
-        objective; "AIS", which has none: the sequential log_likelihood)."""
+        objective; "AIS", which has none: the sequential log_likelihood), or
+        ``remedy`` where given (empty: nothing)."""
         if depth > nesting:
             # The particle plate sits among the program's own plates: no change
             # to its networks would help.
@@ -153,9 +156,9 @@ class ParticleBroadcastError(PyroIwaeError, ValueError):
             )
             error.nested = True
         else:
-            if caller == "AIS":
+            if remedy is None and caller == "AIS":
                 remedy = AIS_NOT_SEQUENTIAL
-            else:
+            elif remedy is None:
                 where = "the objective" if caller is None else caller
                 remedy = (
                     f"or pass vectorize_particles=False to {where} to draw the "
@@ -165,7 +168,8 @@ class ParticleBroadcastError(PyroIwaeError, ValueError):
                 "the model or guide fails under vectorize_particles=True but runs "
                 f"without it ({cause}): it must broadcast over a leading particle "
                 f"dimension of size {num_particles} (use x.shape[-1] and "
-                f"x.reshape(*x.shape[:-1], ...), not x.view(batch, -1)); {remedy}"
+                f"x.reshape(*x.shape[:-1], ...), not x.view(batch, -1))"
+                + (f"; {remedy}" if remedy else "")
             )
         error.cause, error.num_particles = cause, num_particles
         return error
@@ -190,6 +194,16 @@ class ParticleBroadcastError(PyroIwaeError, ValueError):
         if self.nested:
             return self
         return type(self).of_program(self.cause, self.num_particles, 0, 0, caller)
+
+    def with_remedy(self, remedy: str) -> ParticleBroadcastError:
+        """This error with ``remedy`` (empty: none) in place of the
+        ``vectorize_particles=False`` it offers, for a caller without that
+        argument, such as a command line."""
+        if self.nested:
+            return self
+        return type(self).of_program(
+            self.cause, self.num_particles, 0, 0, remedy=remedy
+        )
 
 
 #: AIS moves all chains in one batch: nothing sequential to offer.

@@ -1,5 +1,7 @@
 """A user's guide with a bug that no error reveals, for ``check-guide``: its
-sampler and its density disagree (check_guide_modules:build_guide)."""
+sampler and its density disagree (check_guide_modules:build_guide); and a model
+that does not broadcast over a leading particle dimension
+(check_guide_modules:build_flat_model)."""
 
 import pyro
 import pyro.distributions as dist
@@ -32,3 +34,26 @@ class SkewedGuide(nn.Module):
 
 def build_guide(x_dim: int, stochastic_layers: int, latent_dim: int = 50):
     return SkewedGuide(x_dim, latent_dim)
+
+
+class FlatModel(nn.Module):
+    """p(z1) p(x|z1) with a decoder fed ``z1.view(batch, -1)``: it runs with one
+    particle, but not with several drawn at once."""
+
+    def __init__(self, x_dim: int, z_dim: int) -> None:
+        super().__init__()
+        self.z_dim = z_dim
+        self.decoder = nn.Linear(z_dim, x_dim)
+
+    def forward(self, x: torch.Tensor) -> None:
+        with pyro.plate(DATA_PLATE, x.shape[0]):
+            prior = dist.Normal(x.new_zeros(self.z_dim), 1.0).to_event(1)
+            z = pyro.sample("z1", prior)
+            logits = self.decoder(z.view(x.shape[0], -1))
+            pyro.sample("x", dist.Bernoulli(logits=logits).to_event(1), obs=x)
+
+
+def build_flat_model(
+    x_dim: int, stochastic_layers: int, data_mean: torch.Tensor | None = None
+):
+    return FlatModel(x_dim, 50)

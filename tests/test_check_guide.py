@@ -36,6 +36,26 @@ def test_a_trained_run_with_another_estimator(run_dir):
     assert "estimator 'stl' against 'iwae'" in result.output
 
 
+def test_a_run_whose_data_file_moved_is_checked_on_it_with_dataset(tmp_path):
+    # --dataset was refused with RUN_DIR, and the run's data were not found
+    # without it: no way to check the run.
+    x = (torch.rand(60, 16, generator=torch.Generator().manual_seed(0)) < 0.3).float()
+    torch.save(x, tmp_path / "points.pt")
+    fit = ["fit", "--dataset", tmp_path / "points.pt", "--epochs", 1, "--quiet"]
+    fit += ["--batch-size", 20, "--compile", "off", "--out", tmp_path / "run"]
+    fit += ["--hidden", 8, "--latent-dim", 2]  # small networks: a fast check
+    result = CliRunner().invoke(cli, list(map(str, fit)))
+    assert result.exit_code == 0, result.output
+    before = invoke(tmp_path / "run", "--draws", 20)
+    assert before.exit_code == 0, before.output
+    (tmp_path / "points.pt").rename(tmp_path / "moved.pt")
+    result = invoke(tmp_path / "run", "--draws", 20)
+    assert result.exit_code == 1 and "not found; pass (--dataset)" in result.output
+    after = invoke(tmp_path / "run", "--draws", 20, "--dataset", tmp_path / "moved.pt")
+    assert after.exit_code == 0, after.output
+    assert after.output == before.output  # the same points, the same draws
+
+
 @pytest.mark.parametrize(
     "option", [("--layers", 2), ("--guide", "iaf"), ("--model", "sbn")]
 )
@@ -45,8 +65,8 @@ def test_options_a_run_gives_itself_are_refused_with_it(run_dir, option):
     result = invoke(run_dir, *option, "--draws", 20)
     assert result.exit_code == 2
     assert result.output.splitlines()[-1] == (
-        f"Error: {option[0]} does not apply with RUN_DIR, whose own model, guide "
-        "and data are checked; drop it"
+        f"Error: {option[0]} does not apply with RUN_DIR, whose own model and "
+        "guide are checked; drop it"
     )
 
 
@@ -55,7 +75,10 @@ def test_bad_options_are_one_line_errors():
     assert result.exit_code == 2 and "--draws" in result.output
     result = invoke("--estimator", "vimco", "--particles", 1)
     assert result.exit_code == 2
-    assert result.output.splitlines()[-1].startswith("Error:")
+    # It said estimator='vimco', a Python argument.
+    assert result.output.splitlines()[-1].startswith(
+        "Error: --estimator vimco needs at least 2 particles"
+    )
 
 
 def test_a_data_file_sets_the_width_of_the_fresh_networks(tmp_path):
@@ -106,3 +129,13 @@ def test_stl_at_many_particles_is_blamed_for_its_own_bias_in_options():
     assert result.output.splitlines()[-1].endswith(
         "train with --estimator iwae or fix the guide"
     )
+
+
+def test_a_model_that_does_not_broadcast_is_told_what_to_change():
+    # It offered --sequential-particles, an option of eval-nll alone.
+    model = "check_guide_modules:build_flat_model"
+    result = invoke("--model", model, "--guide", "user_guides:build_guide")
+    assert result.exit_code == 1, result.output
+    (line,) = result.output.splitlines()
+    assert line.startswith("Error: the model or guide fails under"), line
+    assert line.endswith("not x.view(batch, -1))"), line

@@ -1,12 +1,14 @@
 """Broken, foreign and malicious checkpoints."""
 
+import json
+import math
 import pickle
 
 import pytest
 import torch
 from small_run import small_config
 
-from pyro_iwae.runs.checkpoints import CHECKPOINT_FILE, CheckpointError
+from pyro_iwae.runs.checkpoints import CHECKPOINT_FILE, CheckpointError, write_json
 from pyro_iwae.runs.run import Run, load_run, train_run
 
 
@@ -76,3 +78,18 @@ def test_a_resume_reads_the_checkpoint_once_and_maps_it_for_the_check(
     train_run(config, run_dir, resume=True)
     assert loads == [True, False]
     assert len(Run(run_dir).metrics()) == 2
+
+
+def test_write_json_writes_non_finite_numbers_as_null(tmp_path):
+    # It wrote NaN and Infinity, which strict JSON readers refuse.
+    values = {"nan": math.nan, "list": [math.inf, 1.5], "tuple": (-math.inf,)}
+    write_json(tmp_path / "x.json", {"outer": values, "n": 2})
+
+    def strict(constant):
+        raise AssertionError(f"{constant} is not JSON")
+
+    text = (tmp_path / "x.json").read_text()
+    assert json.loads(text, parse_constant=strict) == {
+        "outer": {"nan": None, "list": [None, 1.5], "tuple": [None]},
+        "n": 2,
+    }

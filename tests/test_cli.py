@@ -220,6 +220,45 @@ def test_eval_nll_with_sequential_particles(run, monkeypatch):
     assert_ok(invoke(*args, "--sequential-particles"))
 
 
+@pytest.fixture(scope="module")
+def flat_run(tmp_path_factory):
+    """A run of a model that runs with one particle but does not broadcast over
+    several (check_guide_modules:build_flat_model), trained with one."""
+    run_dir = tmp_path_factory.mktemp("runs") / "flat"
+    programs = ["--model", "check_guide_modules:build_flat_model"]
+    programs += ["--guide", "user_guides:build_guide", "--compile", "off"]
+    result = invoke("fit", *SMALL, *programs, "--particles", 1, "--out", run_dir)
+    assert_ok(result)
+    return run_dir
+
+
+def test_fit_on_a_model_that_does_not_broadcast_offers_no_option_it_lacks(
+    flat_run, tmp_path
+):
+    # It offered --sequential-particles, an option of eval-nll alone.
+    config = json.loads((flat_run / "config.json").read_text())
+    programs = ["--model", config["model"], "--guide", config["guide"]]
+    result = invoke("fit", *SMALL, *programs, "--compile", "off", "--out", tmp_path)
+    error = assert_one_line_error(result, "not x.view(batch, -1))")
+    assert error.endswith("not x.view(batch, -1))"), error
+    assert "sequential" not in error and "vectorize_particles=False" not in error
+
+
+def test_ais_on_a_model_that_does_not_broadcast_points_to_iwae(flat_run):
+    # It offered --sequential-particles, which --method ais refuses.
+    args = ("eval-nll", flat_run, "--limit", 3, "--quiet")
+    error = assert_one_line_error(
+        invoke(*args, "--method", "ais", "--ais-steps", 2, "--chains", 2),
+        "AIS runs its chains in one batch and has no --sequential-particles; "
+        "estimate with --method iwae --sequential-particles instead",
+    )
+    assert "log_likelihood" not in error and "or pass" not in error
+    assert_one_line_error(
+        invoke(*args, "--k", 2), "or pass --sequential-particles to eval-nll"
+    )
+    assert_ok(invoke(*args, "--k", 2, "--sequential-particles"))
+
+
 def test_eval_nll_reports_diagnostics_per_point(run):
     result = invoke("eval-nll", run, "--k", 40, "--limit", 12, "--quiet")
     assert_ok(result)
@@ -254,6 +293,42 @@ def test_eval_nll_with_ais(run):
     assert_one_line_error(invoke("eval-nll", run, "--chains", 4), "--method ais")
 
 
+def _strict(constant):
+    raise AssertionError(f"{constant} is not JSON")
+
+
+def test_ais_with_one_step_reports_no_acceptance_and_writes_strict_json(run):
+    # One step makes no HMC move: it printed "mean HMC acceptance nan" and wrote
+    # "acceptance_mean": NaN, which strict JSON readers refuse.
+    result = invoke(
+        "eval-nll", run, "--method", "ais", "--ais-steps", 1, "--chains", 2,
+        "--limit", 3, "--quiet",
+    )  # fmt: skip
+    assert_ok(result)
+    assert "nan" not in result.output.lower()
+    assert "no HMC moves with --ais-steps 1" in result.output
+    text = (run / "eval-test-ais1x2.json").read_text()
+    report = json.loads(text, parse_constant=_strict)
+    assert report["diagnostics"]["acceptance_mean"] is None
+    # The help said "one HMC move ... each" step: there are steps - 1.
+    help_text = " ".join(invoke("eval-nll", "--help").output.split())
+    assert "N steps make N - 1 HMC moves of 10 leapfrog steps each" in help_text
+
+
+def test_eval_nll_of_one_point_says_it_has_no_standard_error(run):
+    # It printed "(mean ± standard error; k=1, test split, 1 points)" with no
+    # standard error shown.
+    result = invoke("eval-nll", run, "--k", 1, "--limit", 1, "--quiet")
+    assert_ok(result)
+    (line,) = [line for line in result.output.splitlines() if line.startswith("NLL")]
+    assert line.endswith(" nats (k=1, test split, 1 point: no standard error)")
+    args = ("--method", "ais", "--ais-steps", 1, "--chains", 1)
+    result = invoke("eval-nll", run, *args, "--limit", 1, "--quiet")
+    assert_ok(result)
+    assert "(AIS, 1 step x 1 chain, test split, 1 point: no " in result.output
+    assert "median ESS 1.0 of 1 chain;" in result.output
+
+
 def test_eval_nll_finds_latest_run(tmp_path):
     env = {"PYRO_IWAE_RUNS": str(tmp_path)}
     for seed in (0, 1):
@@ -264,6 +339,25 @@ def test_eval_nll_finds_latest_run(tmp_path):
     assert_ok(result)
     assert f"run: {latest}" in result.output
     assert (latest / "eval-test-k2.json").is_file()
+
+
+def test_eval_nll_and_sample_find_the_latest_run_that_has_a_checkpoint(run, tmp_path):
+    # A fit killed before its first checkpoint was taken as the latest run:
+    # "no checkpoint ...; start a new run (without resume)", fit's advice.
+    shutil.copytree(run, tmp_path / "a", ignore=shutil.ignore_patterns("eval-*"))
+    (tmp_path / "b").mkdir()
+    shutil.copy(run / "config.json", tmp_path / "b")
+    result = invoke("eval-nll", "--runs-dir", tmp_path, "--k", 2, "--limit", 2)
+    assert_ok(result)
+    assert f"run: {tmp_path / 'a'}" in result.output
+    result = invoke("sample", "--runs-dir", tmp_path, "--n", 2)
+    assert_ok(result)
+    assert f"wrote {tmp_path / 'a' / 'samples.png'}" in result.output
+    shutil.rmtree(tmp_path / "a")
+    assert_one_line_error(
+        invoke("eval-nll", "--runs-dir", tmp_path, "--k", 2),
+        f"no run in {tmp_path} has finished an epoch",
+    )
 
 
 def test_sample_writes_pngs(run, tmp_path):

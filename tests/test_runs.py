@@ -206,6 +206,25 @@ def trained(tmp_path_factory):
     return run_dir
 
 
+def test_the_latest_trained_run_passes_over_one_killed_before_its_first_epoch(
+    trained, tmp_path
+):
+    # A fit killed before its first checkpoint became the latest run, which
+    # eval-nll and sample then failed to load.
+    runs = tmp_path / "runs"
+    shutil.copytree(trained, runs / "a")
+    (runs / "b").mkdir()
+    shutil.copy(trained / CONFIG_FILE, runs / "b")
+    stamp = (runs / "a" / CHECKPOINT_FILE).stat().st_mtime
+    os.utime(runs / "b" / CONFIG_FILE, (stamp + 10, stamp + 10))
+    assert Run.find(None, runs).path == runs / "b"
+    assert Run.find(None, runs, trained=True).path == runs / "a"
+    assert Run.find(runs / "b", runs, trained=True).path == runs / "b"  # as named
+    shutil.rmtree(runs / "a")
+    with pytest.raises(RunError, match=r"^no run in .*runs has finished an epoch;"):
+        Run.find(None, runs, trained=True)
+
+
 def test_a_second_writer_is_refused_and_changes_nothing(trained, tmp_path):
     run_dir = tmp_path / "run"
     shutil.copytree(trained, run_dir)

@@ -8,7 +8,7 @@ import os
 from ..infer.gradient_check import GradientCheck, check_guide_gradients
 from ..infer.objectives import IWELBO
 from .config import RunConfig
-from .run import build_run, load_run
+from .run import Run, build_run
 
 __all__ = ["check_run_guide"]
 
@@ -22,6 +22,7 @@ def check_run_guide(
     alpha: float = 1e-3,
     seed: int = 0,
     data_dir: str | os.PathLike | None = None,
+    dataset: str | os.PathLike | None = None,
 ) -> GradientCheck:
     """:func:`check_guide_gradients` on a run's model and guide, with the first
     ``batch_size`` test points of its data set.
@@ -30,17 +31,26 @@ def check_run_guide(
         :class:`~pyro_iwae.RunConfig` (model and guide as initialised from its
         seed, before any training).
     :param objective: the objective and estimator to check; default the run's.
+    :param dataset: with a run directory, where its data are now (a data file
+        since moved), as for :meth:`~pyro_iwae.Run.data`.
     :raises RunError, CheckpointError, pyro_iwae.data.DataError: see
-        :func:`~pyro_iwae.load_run` and :meth:`~pyro_iwae.RunConfig.load_data`.
+        :func:`~pyro_iwae.load_run` and :meth:`~pyro_iwae.Run.data`.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if isinstance(run, RunConfig):
+        if dataset is not None:
+            raise ValueError(
+                "dataset applies to a run directory; set the RunConfig's dataset"
+            )
         config = run
         model, guide = build_run(config, device="cpu")
+        data = config.load_data(data_dir)
     else:
-        config, model, guide = load_run(run)
-    x = config.load_data(data_dir).test[:batch_size]
+        found = Run(run)
+        config, model, guide = found.load()
+        data = found.data(data_dir, dataset, config)
+    x = data.test[:batch_size]
     return check_guide_gradients(
         model,
         guide,

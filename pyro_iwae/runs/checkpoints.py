@@ -13,6 +13,7 @@ leaves the old file or the new one, never a partial one.
 from __future__ import annotations
 
 import json
+import math
 import os
 import pickle
 import tempfile
@@ -97,8 +98,20 @@ def write_text(path: Path, text: str) -> None:
 
 
 def write_json(path: Path, obj: Any) -> None:
-    """Writes ``obj`` as indented JSON to ``path`` atomically."""
-    write_text(path, json.dumps(obj, indent=2) + "\n")
+    """Writes ``obj`` as indented JSON to ``path`` atomically, a NaN or infinite
+    number as null (strict JSON has none)."""
+    write_text(path, json.dumps(_finite(obj), indent=2, allow_nan=False) + "\n")
+
+
+def _finite(obj: Any) -> Any:
+    """``obj`` with its NaN and infinite floats (in dicts and lists) as None."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {key: _finite(value) for key, value in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_finite(value) for value in obj]
+    return obj
 
 
 # ---------------------------------------------------------------------------

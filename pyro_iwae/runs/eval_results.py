@@ -106,8 +106,9 @@ class EvalSettings:
     )
     ais_steps: int = setting(
         1000,
-        "With {method} ais: annealing steps (one HMC move of 10 leapfrog steps "
-        "each); double it until the NLL stops moving.",
+        "With {method} ais: annealing steps; N steps make N - 1 HMC moves of 10 "
+        "leapfrog steps each (1: plain importance sampling with {num_chains} "
+        "particles); double it until the NLL stops moving.",
         low=1,
     )
     num_chains: int = setting(

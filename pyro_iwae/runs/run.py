@@ -114,13 +114,24 @@ class Run:
 
     @classmethod
     def find(
-        cls, path: str | os.PathLike | None = None, runs_dir: str | os.PathLike = "runs"
+        cls,
+        path: str | os.PathLike | None = None,
+        runs_dir: str | os.PathLike = "runs",
+        trained: bool = False,
     ) -> Run:
-        """The run at ``path``, else the latest in ``runs_dir``.
+        """The run at ``path``, else the latest in ``runs_dir`` (with ``trained``,
+        the latest with a checkpoint: not one of a fit killed before it).
 
-        :raises RunError: if ``runs_dir`` holds no run.
+        :raises RunError: if ``runs_dir`` holds no such run.
         """
-        return cls(path if path is not None else find_latest_run(runs_dir))
+        latest = Path(path) if path is not None else find_latest_run(runs_dir)
+        if path is None and trained and not (latest / CHECKPOINT_FILE).is_file():
+            done = Path(runs_dir).glob(f"*/{CHECKPOINT_FILE}")
+            done = [(c.stat().st_mtime, c.parent) for c in done if c.is_file()]
+            if not done:
+                raise RunError(f"no run in {runs_dir} has finished an epoch; train one")
+            latest = max(done)[1]
+        return cls(latest)
 
     @property
     def config(self) -> RunConfig:
