@@ -101,7 +101,8 @@ def test_a_new_run_refuses_a_folder_holding_run_files_and_deletes_none(run_dir):
         train_run(small_config(), folder)
     assert _files(folder) == mine
     result = invoke("fit", *SMALL, "--out", folder, "--quiet")
-    assert_one_line_error(result, "choose an empty or new folder (--out)")
+    error = assert_one_line_error(result, "choose an empty or new folder (--out)")
+    assert "--resume" not in error  # no checkpoint there to resume
     assert _files(folder) == mine
     # A finished run whose checkpoint was removed keeps its record.
     (run_dir / "eval-test-k5.json").write_text("{}")
@@ -111,19 +112,33 @@ def test_a_new_run_refuses_a_folder_holding_run_files_and_deletes_none(run_dir):
     with pytest.raises(RunError, match=files):
         train_run(small_config(), run_dir)
     assert _files(run_dir) == before
+    # A folder holding an evaluation alone has no run to resume.
+    evaluated = run_dir.parent / "evaluated"
+    evaluated.mkdir()
+    (evaluated / "eval-test-k5.json").write_text("{}")
+    result = invoke("fit", *SMALL, "--out", evaluated, "--quiet")
+    error = assert_one_line_error(result, "holds run files (eval-test-k5.json)")
+    assert "--resume" not in error
+    # A run's folder with its checkpoint is offered the resume.
+    result = invoke("fit", *SMALL, "--out", run_dir.parent / "finished", "--quiet")
+    assert_ok(result)
+    result = invoke("fit", *SMALL, "--out", run_dir.parent / "finished", "--quiet")
+    assert_one_line_error(result, "holds a run already; resume it (--resume)")
 
 
-def test_the_same_run_killed_before_its_first_epoch_starts_again(tmp_path):
+def test_a_run_killed_before_its_first_epoch_starts_again(tmp_path):
     # What a killed (or torchrun-restarted) new run leaves: its own config and an
-    # empty metrics file, which the same run may replace.
+    # empty metrics file, which a new run may replace, of the same settings or
+    # others (other settings were refused, and --resume too: a dead end).
     config = small_config()
     config.save(tmp_path)
     (tmp_path / METRICS_FILE).write_text("")
     assert [m["epoch"] for m in train_run(config, tmp_path)] == [1]
     shutil.rmtree(tmp_path)
     small_config(seed=1).save(tmp_path)
-    with pytest.raises(RunError, match="holds run files"):
-        train_run(config, tmp_path)
+    (tmp_path / METRICS_FILE).write_text("")
+    assert [m["epoch"] for m in train_run(config, tmp_path)] == [1]
+    assert RunConfig.load(tmp_path) == config
 
 
 def test_a_refused_resume_leaves_the_config_as_it_was(run_dir):

@@ -295,7 +295,7 @@ def _check(path: Path, config: RunConfig, resume: bool) -> bool:
                 "({resume}) or choose another run directory ({out})",
                 template=True,
             )
-        _check_fresh(path, config)
+        _check_fresh(path)
         return True
     saved = RunConfig.load(path)
     if not (path / CHECKPOINT_FILE).is_file():
@@ -328,37 +328,39 @@ def _check(path: Path, config: RunConfig, resume: bool) -> bool:
     return moved or any(extended)
 
 
-def _check_fresh(path: Path, config: RunConfig) -> None:
+def _check_fresh(path: Path) -> None:
     """:raises RunError: if the folder of a new run holds files of a run, which
-    the new one would replace or stand beside; not for those of this same run
-    stopped before its first epoch (a killed process, or a worker torchrun
-    restarts, left them)."""
+    the new one would replace or stand beside; not for those of a run stopped
+    before its first epoch (a killed process, or a worker torchrun restarts,
+    left them: nothing trained to lose, whatever its settings)."""
     found = sorted(
         p.name
         for pattern in RUN_FILES
         for p in path.glob(pattern)
         if not p.name.startswith(".")
     )
-    if not found or _left_by(path, config, found):
+    if not found or _untrained(path, found):
         return
     shown = ", ".join(found[:3]) + (f" and {len(found) - 3} more" if found[3:] else "")
+    # Only a checkpoint can be resumed (an evaluation alone cannot).
+    resume = ", or resume the run there ({resume})" if CHECKPOINT_FILE in found else ""
     raise RunError(
         f"{literal(path)} holds run files ({literal(shown)}) that a new run would "
-        "replace or stand beside; choose an empty or new folder ({out}), or "
-        "resume the run there ({resume})",
+        "replace or stand beside; choose an empty or new folder ({out})" + resume,
         template=True,
     )
 
 
-def _left_by(path: Path, config: RunConfig, found: list[str]) -> bool:
-    """Whether the run files ``found`` in ``path`` are those of a new run of
-    ``config`` that finished no epoch."""
+def _untrained(path: Path, found: list[str]) -> bool:
+    """Whether the run files ``found`` in ``path`` are those of a run that
+    finished no epoch."""
     if not set(found) <= {CONFIG_FILE, METRICS_FILE, DATA_RECORD} or (
         CONFIG_FILE not in found
     ):
         return False
     try:
-        return RunConfig.load(path) == config and not read_metrics(path)
+        RunConfig.load(path)  # a run's config, not a file of the user's
+        return not read_metrics(path)
     except (RunError, ConfigError, ValueError):
         return False  # not a run's config, or not one fit wrote
 
