@@ -261,3 +261,47 @@ def test_a_program_failing_on_its_own_is_not_told_to_match_shapes():
     for model, guide, words in cases:
         with pytest.raises(ProgramError, match=words):
             check_program(model, guide, X)
+
+
+def test_a_dim_left_of_the_data_plate_within_the_nesting_is_summed():
+    # Refused in both modes though summed right (it lies among the plate dims
+    # max_plate_nesting=2 gives), while IWELBO took it vectorised: now the two
+    # modes agree. Each z[d, n] has its exact posterior N(x / 2, 1 / 2), so each
+    # weight is the exact p(x_n) = prod_d N(x[d, n]; 0, 2).
+    x = torch.tensor(
+        [[0.3, -1.0, 0.5, 2.0], [1.1, 0.4, -0.2, 0.0], [0.7, 1.5, -1.2, 0.9]]
+    )
+
+    def model(x):
+        with pyro.plate("data", x.shape[-1]):
+            z = pyro.sample("z", dist.Normal(torch.zeros(x.shape[0], 1), 1.0))
+            pyro.sample("x", dist.Normal(z, 1.0), obs=x)
+
+    def guide(x):
+        with pyro.plate("data", x.shape[-1]):
+            pyro.sample("z", dist.Normal(x / 2, math.sqrt(0.5)))
+
+    exact = dist.Normal(0.0, math.sqrt(2.0)).log_prob(x).sum(0)
+    for vectorize in (True, False):
+        pyro.set_rng_seed(0)
+        got = log_likelihood(
+            model,
+            guide,
+            x,
+            num_samples=4,
+            max_plate_nesting=2,
+            vectorize_particles=vectorize,
+        )
+        assert torch.allclose(got.squeeze(), exact, atol=1e-4)
+        bound = IWELBO(3, max_plate_nesting=2, vectorize_particles=vectorize)
+        assert abs(-bound.loss(model, guide, x) - exact.sum().item()) < 1e-3
+        # One plate deep, the dim is where the particles go: refused in both.
+        with pytest.raises(ProgramError, match=r"dim -2 \(size 3\) is in no pyro"):
+            log_likelihood(
+                model,
+                guide,
+                x,
+                num_samples=4,
+                max_plate_nesting=1,
+                vectorize_particles=vectorize,
+            )

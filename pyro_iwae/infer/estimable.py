@@ -117,7 +117,12 @@ def trace_shapes_dropped() -> Iterator[None]:
 
 
 def check_program(
-    model: Callable, guide: Callable, *args: Any, caller: str = "fit", **kwargs: Any
+    model: Callable,
+    guide: Callable,
+    *args: Any,
+    caller: str = "fit",
+    max_plate_nesting: int | None = None,
+    **kwargs: Any,
 ) -> None:
     """Runs ``guide`` and ``model`` once on ``args`` (a forked random stream,
     no gradients, module-local parameters, as ``fit`` runs them) and checks
@@ -146,23 +151,41 @@ def check_program(
             "those of the model, of the same shapes"
         ) from e
     check_guide_sites(model_trace, guide_trace, caller)
-    check_batch_dims(model_trace, guide_trace, caller)
+    check_batch_dims(model_trace, guide_trace, caller, max_plate_nesting)
 
 
 def check_batch_dims(
     model_trace: pyro.poutine.Trace,
     guide_trace: pyro.poutine.Trace,
     caller: str = "log_likelihood",
+    max_plate_nesting: int | None = None,
 ) -> None:
     """:raises ProgramError: if a sample site's log-prob has a batch dim of size
-    > 1 left of every vectorized plate around it (the particle plate included)
-    that no plate declares nor enumeration allocated: the weights would take it
-    for the particles' dim, or for another plate's. (A dim right of a plate is
-    summed, as Pyro does.)"""
+    > 1 that no plate around it declares nor enumeration allocated, where the
+    weights would take it for another dim: left of the ``max_plate_nesting``
+    plate dims (the particles'; None: the particle plate's place in the traces,
+    else as deep as the program's plates nest), or where a plate around an
+    observed site runs (the data's). Another such dim is summed, as Pyro sums a
+    plate's."""
     sites = [
         s for s in sample_sites((model_trace, guide_trace)) if not site_is_subsample(s)
     ]
     enumerated = {site["infer"].get("_enumerate_dim") for site in sites}
+    plates = {
+        f.dim: f.name for s in sites for f in s["cond_indep_stack"] if f.vectorized
+    }
+    particle = [dim for dim, name in plates.items() if name == PARTICLE_PLATE]
+    if particle:
+        max_plate_nesting = -particle[0] - 1
+    elif max_plate_nesting is None or max_plate_nesting == float("inf"):
+        max_plate_nesting = max((-dim for dim in plates), default=0)
+    data = {
+        f.dim: f.name
+        for s in sites
+        if s["is_observed"]
+        for f in s["cond_indep_stack"]
+        if f.vectorized and f.name != PARTICLE_PLATE
+    }
     for site in sites:
         fn, shape = site["fn"], getattr(site["value"], "shape", ())
         try:
@@ -171,17 +194,23 @@ def check_batch_dims(
             )
         except RuntimeError:  # the log-prob fails: its own error says why
             continue
-        plates = {f.dim for f in site["cond_indep_stack"] if f.vectorized}
-        for dim in range(min(plates, default=0) - 1, -len(batch) - 1, -1):
-            if batch[dim] > 1 and dim not in enumerated:
-                raise ProgramError(
-                    f"site {site['name']!r} has batch shape {list(batch)}, whose "
-                    f"dim {dim} (size {batch[dim]}) is in no pyro.plate, so "
-                    f"{caller} would take it for another dim (the particles'): "
-                    "make each point's values the distribution's event "
-                    "(.to_event(1) for a vector per point) or declare that dim "
-                    "with pyro.plate"
-                )
+        own = {f.dim for f in site["cond_indep_stack"] if f.vectorized}
+        for dim in range(-1, -len(batch) - 1, -1):
+            if batch[dim] == 1 or dim in own or dim in enumerated:
+                continue
+            if dim < -max_plate_nesting:
+                taken = "the particles'"
+            elif dim in data:
+                taken = f"plate {data[dim]!r}'s"
+            else:
+                continue
+            raise ProgramError(
+                f"site {site['name']!r} has batch shape {list(batch)}, whose dim "
+                f"{dim} (size {batch[dim]}) is in no pyro.plate around it, so "
+                f"{caller} would take it for {taken}: make each point's values the "
+                "distribution's event (.to_event(1) for a vector per point) or "
+                "declare that dim with pyro.plate"
+            )
 
 
 def _runs(program: Callable, args: tuple, kwargs: dict) -> bool:
@@ -289,7 +318,9 @@ def checked_particles(draw: Callable[[], Any], caller: str = "log_likelihood") -
             "(subsample_size), other points every time the model runs; pass the "
             "points to estimate as the whole batch, without subsample_size"
         )
-    check_plates(*particles.traces[0], caller=caller)
+    # The log-weights' dims: the particles', then the plates'.
+    nesting = particles.log_weights.dim() - 1
+    check_plates(*particles.traces[0], caller=caller, max_plate_nesting=nesting)
     return particles
 
 
@@ -304,6 +335,7 @@ def check_plates(
     model_trace: pyro.poutine.Trace,
     guide_trace: pyro.poutine.Trace,
     caller: str = "log_likelihood",
+    max_plate_nesting: int | None = None,
 ) -> None:
     """Checks that a data plate encloses every sample site and that the observed
     values run along it, for per-point estimates by ``caller``.
@@ -377,4 +409,4 @@ def check_plates(
                     "distribution's event (.to_event(1) for a vector per point), "
                     "so that the plate runs along the points"
                 )
-    check_batch_dims(model_trace, guide_trace, caller)
+    check_batch_dims(model_trace, guide_trace, caller, max_plate_nesting)

@@ -365,7 +365,7 @@ class ParticleELBO(ELBO):
         score_draw = self.estimator in SCORE_ESTIMATORS and self._global_score_draws
         check_global_sites(traces[0][1], global_names, score_draw)
         if not self._has_particle_plate:  # else they fail under the particle plate
-            check_batch_dims(*traces[0], caller="the bound")
+            check_batch_dims(*traces[0], "the bound", self.max_plate_nesting)
         return self._weigh(traces, sites, local_dims, global_names)
 
     @property

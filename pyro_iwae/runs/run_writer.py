@@ -229,7 +229,10 @@ def _train(
     # The first test point: binarised already where the data are, as training's are.
     point = (data.test if len(data.test) else data.train)[:1].to(device)
     with evaluating(model, guide):
-        check_program(model, guide, point)
+        # Pyro's ELBO counts its particle plate in it where it vectorizes them.
+        nesting = getattr(objective, "max_plate_nesting", float("inf"))
+        nesting -= int(getattr(objective, "vectorize_particles", False))
+        check_program(model, guide, point, max_plate_nesting=nesting)
         if isinstance(objective, IWELBO):
             objective.check_guide(guide, point)
     if len(data.test) and config.test_limit != 0:
