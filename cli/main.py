@@ -156,7 +156,7 @@ def fit(ctx: click.Context, **options: Any) -> None:
     """
     # Before torch's thread pool starts, so that its workers flush too.
     flush_denormals_from_start()
-    given = read_settings(options["config"], RunConfig) if options["config"] else {}
+    given = read_settings(options["config"]) if options["config"] else {}
     # A file's settings at their defaults (such as a printed config's) name none.
     defaults = RunConfig().to_dict()
     # Where the run goes and what fit shows belong to the command, not the run.

@@ -266,12 +266,14 @@ def test_a_yaml_files_float_written_without_a_point_is_a_number(tmp_path):
     printed = _print_config("--config", path)
     assert printed["lr"] == 0.001 and printed["sigma"] == 0.5
     assert printed["epochs"] == 2
-    # Only float settings: an integer's string stays refused, as JSON's floats.
-    path.write_text("epochs: '2'\n")
-    result = CliRunner().invoke(cli, ["fit", "--config", str(path)])
-    assert "Error: epochs (in settings.yaml) must be an integer, got '2'" in (
-        result.output
-    )
+    # Quoted, a number is a string, as in JSON: refused alike for every setting
+    # (a quoted float was taken, a quoted integer refused).
+    for line, word in (("epochs: '2'", "an integer"), ("lr: '1e-3'", "a finite")):
+        path.write_text(line + "\n")
+        result = CliRunner().invoke(cli, ["fit", "--config", str(path)])
+        name, value = line.split(": ")
+        assert f"Error: {name} (in settings.yaml) must be {word}" in result.output
+        assert f"got {value}" in result.output
 
 
 def test_a_resume_names_a_settings_files_key_at_its_default_as_the_files(

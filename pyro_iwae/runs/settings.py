@@ -13,6 +13,7 @@ import json
 import math
 import numbers
 import os
+import re
 import sys
 import typing
 from collections.abc import Iterable, Mapping
@@ -284,12 +285,13 @@ def anchored(values: dict[str, Any], folder: Path) -> dict[str, Any]:
     return {**values, **paths}
 
 
-def read_settings(path: str | os.PathLike, cls: type | None = None) -> dict[str, Any]:
+def read_settings(path: str | os.PathLike) -> dict[str, Any]:
     """The settings of a file: a JSON object, a TOML table, or (with PyYAML
     installed) a YAML mapping, by the file's suffix; keys as in ``config.json``,
-    relative paths read from the file's folder (:func:`anchored`). In a YAML
-    file, a string that is a number given for a float field of ``cls`` (such as
-    ``lr: 1e-3``, a string to YAML 1.1, which PyYAML reads) is that number.
+    relative paths read from the file's folder (:func:`anchored`). In YAML, an
+    unquoted number in exponent form without a point (``lr: 1e-3``) is a
+    number, as YAML 1.2 and JSON have it (a string to YAML 1.1, which PyYAML
+    reads); a quoted one stays a string.
 
     :raises ConfigError: if the file cannot be read or holds no such mapping.
     """
@@ -308,7 +310,7 @@ def read_settings(path: str | os.PathLike, cls: type | None = None) -> dict[str,
         elif suffix in (".yaml", ".yml"):
             import yaml
 
-            values = yaml.safe_load(text)
+            values = yaml.load(text, Loader=_loader())
         else:
             values = json.loads(text)
     except Exception as e:  # the parsers raise their own error types
@@ -322,15 +324,18 @@ def read_settings(path: str | os.PathLike, cls: type | None = None) -> dict[str,
             "config.json",
             literal=True,
         )
-    if suffix in (".yaml", ".yml") and cls is not None:
-        floats = [name for name, kind in _number_fields(cls).items() if kind is float]
-        values = {k: _number(v) if k in floats else v for k, v in values.items()}
     return anchored(values, path.parent)
 
 
-def _number(value: Any) -> Any:
-    """``value``, a string of a number as that float."""
-    try:
-        return float(value) if isinstance(value, str) else value
-    except ValueError:
-        return value
+def _loader() -> type:
+    """PyYAML's safe loader, also resolving YAML 1.2's floats without a point."""
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        pass
+
+    exponent = re.compile(r"^[-+]?[0-9][0-9_]*[eE][-+]?[0-9]+$")
+    Loader.add_implicit_resolver(
+        "tag:yaml.org,2002:float", exponent, list("-+0123456789")
+    )
+    return Loader
