@@ -204,6 +204,9 @@ def test_config_file_and_print_config_round_trip(tmp_path):
         ({"model": None}, "model (in settings.json) takes no null (None)"),
         ({"lr": None}, "lr (in settings.json) takes no null (None)"),
         ({"hidden": "200,200"}, "hidden (in settings.json) takes a list of sizes"),
+        # A number or a mapping: "'float' object is not iterable", a traceback.
+        ({"hidden": 2.5}, "hidden (in settings.json) takes a list of sizes"),
+        ({"hidden": {"a": 1}}, "hidden (in settings.json) takes a list of sizes"),
     ],
 )
 def test_a_settings_file_of_the_wrong_types_is_refused_in_one_line(
@@ -217,6 +220,14 @@ def test_a_settings_file_of_the_wrong_types_is_refused_in_one_line(
     assert f"Error: {message}" in result.output
     with pytest.raises(ConfigError):
         RunConfig(**settings)
+
+
+def test_a_settings_files_hidden_of_one_number_is_one_layer(tmp_path):
+    # "hidden": 100 ended in a traceback ('int' object is not iterable).
+    path = tmp_path / "settings.json"
+    path.write_text(json.dumps({"hidden": 100}))
+    assert _print_config("--config", path)["hidden"] == [100]
+    assert RunConfig(hidden=(50, 20)).hidden == [50, 20]
 
 
 def test_numbers_of_other_numeric_types_are_taken():

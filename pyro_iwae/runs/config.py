@@ -287,8 +287,8 @@ class RunConfig:
     )
 
     def __post_init__(self) -> None:
-        if self.hidden is not None and not isinstance(self.hidden, list | str):
-            self.hidden = list(self.hidden)  # as config.json gives it back
+        if isinstance(h := self.hidden, tuple | int) and not isinstance(h, bool):
+            self.hidden = list(h) if isinstance(h, tuple) else [h]  # as JSON has it
         normalize_switches(self)  # a settings file's "on" or "off"
         self.validate()
 

@@ -137,7 +137,8 @@ def check_values(obj: Any) -> None:
             )
         if value is not None and name in number_fields:
             _check_number(name, value, number_fields[name])
-        if s.kind == "sizes" and isinstance(value, str):  # a file's "200,200"
+        # A file's "200,200", or a number or a mapping (a traceback).
+        if s.kind == "sizes" and value is not None and not isinstance(value, list):
             raise ConfigError(
                 f"{{{name}}} takes a list of sizes, such as [200, 200] in a "
                 f"settings file, got {literal(repr(value))}"
