@@ -4,11 +4,12 @@ import math
 import re
 
 import pyro
+import pyro.distributions as dist
 import pytest
 import torch
 from small_run import BATCH, TEST, TRAIN, K
 
-from pyro_iwae import paper_architecture
+from pyro_iwae import IWELBO, log_likelihood, paper_architecture
 from pyro_iwae.data import Dataset, load_dataset
 from pyro_iwae.runs.callbacks import FitCallback
 from pyro_iwae.runs.checkpoints import (
@@ -301,3 +302,44 @@ def test_nan_stops_and_keeps_last_good_checkpoint(small, tmp_path):
     for tensor in (*checkpoint["model"].values(), *checkpoint["guide"].values()):
         assert torch.isfinite(tensor).all()
     assert len(read_metrics(tmp_path)) == 1
+
+
+class _NestedPlates(torch.nn.Module):
+    """Data plate at dim -2, a plate over the 4 values of a point at dim -1."""
+
+    def __init__(self, guide=False):
+        super().__init__()
+        self.guide = guide
+        self.net = torch.nn.Linear(4, 4) if guide else torch.nn.Linear(2, 4)
+
+    def forward(self, x):
+        with pyro.plate("data", x.shape[-2], dim=-2):
+            if self.guide:
+                loc, log_scale = self.net(x).unsqueeze(-2).chunk(2, -1)
+                pyro.sample("z", dist.Normal(loc, log_scale.exp()).to_event(1))
+                return
+            z = pyro.sample("z", dist.Normal(x.new_zeros(1, 2), 1.0).to_event(1))
+            with pyro.plate("values", x.shape[-1], dim=-1):
+                pyro.sample("x", dist.Normal(self.net(z).squeeze(-2), 1.0), obs=x)
+
+
+@pytest.mark.parametrize("vectorize", [True, False])
+def test_the_test_bound_takes_the_objectives_plate_nesting(vectorize):
+    # Computed with the evaluators' default max_plate_nesting=1: a
+    # ParticleBroadcastError advising max_plate_nesting=2, the value given.
+    pyro.set_rng_seed(0)
+    x = torch.randn(40, 4)
+    model, guide = _NestedPlates(), _NestedPlates(guide=True)
+    objective = IWELBO(3, max_plate_nesting=2, vectorize_particles=vectorize)
+    history = fit(model, guide, x[:30], objective, test_data=x[30:], batch_size=10)
+    # The test bound is one draw of the mean k = 3 bound of the test points.
+    draws = torch.stack(
+        [
+            log_likelihood(
+                model, guide, x[30:], num_samples=3, max_plate_nesting=2
+            ).mean()
+            for _ in range(200)
+        ]
+    )
+    gap = abs(history[0]["test_bound"] - draws.mean().item())
+    assert gap < 5 * draws.std().item(), (gap, draws.std())

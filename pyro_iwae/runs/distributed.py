@@ -381,9 +381,11 @@ def sharded_log_likelihood(
     batch_size: int = 100,
     chunk_size: int | None = None,
     callback: Callable[[torch.Tensor], None] | None = None,
+    **options: Any,
 ) -> torch.Tensor:
     """:func:`~pyro_iwae.log_likelihood` of every row of ``data`` ([N, ...]), in
-    batches dealt to the ranks as :func:`sharded_map` does.
+    batches dealt to the ranks as :func:`sharded_map` does; ``options``
+    (``max_plate_nesting``, ``vectorize_particles``) go to it.
 
     The estimates, ``[N]`` in the order of ``data``, on every rank, do not depend
     on the number of ranks. ``callback(estimates)`` is called after each of this
@@ -393,7 +395,12 @@ def sharded_log_likelihood(
 
     def estimate(batch: torch.Tensor) -> torch.Tensor:
         return evaluation.log_likelihood(
-            model, guide, batch, num_samples=num_samples, chunk_size=chunk_size
+            model,
+            guide,
+            batch,
+            num_samples=num_samples,
+            chunk_size=chunk_size,
+            **options,
         )
 
     estimates = sharded_map(

@@ -363,31 +363,43 @@ def check_test_bound(
     check_plates(*traces, caller="the per-epoch test bound")
 
 
+def program_nesting(objective: ELBO) -> float:
+    """The ``max_plate_nesting`` of the program ``objective`` trains (inf:
+    guessed), without the particle plate Pyro's ELBO counts in it where it
+    vectorizes more than one particle."""
+    particle_plate = getattr(objective, "vectorize_particles", False) and (
+        getattr(objective, "num_particles", 1) > 1
+    )
+    return getattr(objective, "max_plate_nesting", float("inf")) - particle_plate
+
+
 def test_bound(
     model: torch.nn.Module,
     guide: torch.nn.Module,
     test: torch.Tensor,
     *,
-    num_samples: int,
+    objective: ELBO,
     batch_size: int,
     seed: tuple[int, int],
     sharded: bool,
 ) -> float:
-    """The bound of ``num_samples`` particles, mean over the ``test`` points;
-    ``sharded``: shared among the ranks of a torchrun, with its own ``seed``, so
-    that the training noise of each rank goes on undisturbed."""
+    """The bound of the ``objective``'s number of particles (its plate nesting
+    and particle mode too), mean over the ``test`` points; ``sharded``: shared
+    among the ranks of a torchrun, with its own ``seed``, so that the training
+    noise of each rank goes on undisturbed."""
+    nesting = program_nesting(objective)
+    options = {
+        "num_samples": getattr(objective, "num_particles", 1),
+        "max_plate_nesting": 1 if nesting == float("inf") else nesting,
+        "vectorize_particles": getattr(objective, "vectorize_particles", True),
+    }
     if sharded:
         estimates = distributed.sharded_log_likelihood(
-            model,
-            guide,
-            test,
-            num_samples=num_samples,
-            seed=seed,
-            batch_size=batch_size,
+            model, guide, test, seed=seed, batch_size=batch_size, **options
         )
     else:
         estimates = dataset_log_likelihood(
-            model, guide, test, num_samples=num_samples, batch_size=batch_size
+            model, guide, test, batch_size=batch_size, **options
         )
     return float(estimates.mean())
 

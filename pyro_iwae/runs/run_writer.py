@@ -34,7 +34,7 @@ from .callbacks import FitCallback
 from .checkpoints import CHECKPOINT_FILE, METRICS_FILE, load_checkpoint, read_metrics
 from .config import CONFIG_FILE, RunConfig
 from .data_record import DATA_RECORD, check_data, record_data
-from .fit_steps import check_continues, check_test_bound
+from .fit_steps import check_continues, check_test_bound, program_nesting
 from .training import fit
 
 __all__ = [
@@ -229,9 +229,7 @@ def _train(
     # The first test point: binarised already where the data are, as training's are.
     point = (data.test if len(data.test) else data.train)[:1].to(device)
     with evaluating(model, guide):
-        # Pyro's ELBO counts its particle plate in it where it vectorizes them.
-        nesting = getattr(objective, "max_plate_nesting", float("inf"))
-        nesting -= int(getattr(objective, "vectorize_particles", False))
+        nesting = program_nesting(objective)
         check_program(model, guide, point, max_plate_nesting=nesting)
         if isinstance(objective, IWELBO):
             objective.check_guide(guide, point)

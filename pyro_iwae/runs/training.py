@@ -496,7 +496,7 @@ class _Fit:
             self.model,
             self.guide,
             self.test,
-            num_samples=self.num_particles,
+            objective=self.objective,
             batch_size=self.test_batch_size,
             seed=(self.seed, self.position.epochs_done),
             sharded=self.ranks is not None,
