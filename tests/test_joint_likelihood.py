@@ -4,6 +4,7 @@ global latent (tests/global_gaussian.py, float64, seeded)."""
 import math
 
 import pyro
+import pyro.distributions as dist
 import pytest
 import torch
 from global_gaussian import GlobalGaussian
@@ -162,3 +163,26 @@ def test_refuses_weights_that_are_no_estimate_of_log_p_x_as_log_likelihood_does(
     with pytest.raises(ProgramError, match=words) as info:
         joint_log_likelihood(model, guide, x, num_samples=3, num_local_samples=2)
     assert "\n" not in str(info.value) and "joint_log_likelihood" in str(info.value)
+
+
+def test_a_guide_that_enumerates_is_refused_in_joint_log_likelihoods_name():
+    # It said "MIWELBO does not take sites enumerated in the guide ... use IWELBO
+    # or CIWELBO", an objective the caller never used.
+    x = torch.tensor([-1.8, 0.3, 2.4])
+
+    def model(x):
+        with pyro.plate("data", len(x)):
+            y = pyro.sample("y", dist.Categorical(torch.tensor([0.3, 0.7])))
+            loc = torch.tensor([-2.0, 2.0])[y]
+            pyro.sample("x", dist.Normal(loc, 0.5), obs=x)
+
+    def guide(x):
+        with pyro.plate("data", len(x)):
+            probs = torch.tensor([0.5, 0.5])
+            pyro.sample("y", dist.Categorical(probs), infer={"enumerate": "parallel"})
+
+    with pytest.raises(NotImplementedError) as refused:
+        joint_log_likelihood(model, guide, x, num_samples=10)
+    message = str(refused.value)
+    assert message.startswith("joint_log_likelihood does not take sites enumerated")
+    assert "'y'" in message and "MIWELBO" not in message

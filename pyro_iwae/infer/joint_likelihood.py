@@ -10,9 +10,11 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+from pyro.poutine.trace_struct import Trace
 
 from ..errors import ParticleBroadcastError
 from .arguments import check_batch
+from .enumeration import guide_enumerated
 from .estimable import check_density, check_weights
 from .evaluation import (
     check_count,
@@ -23,6 +25,21 @@ from .evaluation import (
 from .grouped import MIWELBO
 
 __all__ = ["joint_log_likelihood"]
+
+
+class _JointDraws(MIWELBO):
+    """:class:`MIWELBO`'s draws, whose refusal of values enumerated in the guide
+    names :func:`joint_log_likelihood` (it named MIWELBO, which the caller never
+    used, and offered IWELBO)."""
+
+    def _check_strata(self, guide_trace: Trace) -> None:
+        enumerated = guide_enumerated(guide_trace)
+        if enumerated:
+            raise NotImplementedError(
+                "joint_log_likelihood does not take sites enumerated in the guide "
+                f"(here {enumerated[0]!r}); enumerate the site in the model (leave "
+                "it out of the guide)"
+            )
 
 
 def joint_log_likelihood(
@@ -102,7 +119,7 @@ def _chunk(
     vectorize_particles: bool,
 ) -> torch.Tensor:
     """logsumexp over ``groups`` global draws of each draw's log-weight (0-dim)."""
-    elbo = MIWELBO(
+    elbo = _JointDraws(
         num_local_samples,
         groups,
         max_plate_nesting=max_plate_nesting,
