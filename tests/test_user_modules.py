@@ -413,9 +413,9 @@ def test_test_points_a_global_latent_model_cannot_bound_are_refused_up_front(
     with pytest.raises(ProgramError) as info:
         fit(model, guide, x, IWELBO(2), test_data=x[:10], run_dir=tmp_path / "run")
     assert str(info.value) == (
-        "the per-epoch test bound is one estimate per test point, which needs a "
-        "data plate around every sample site of model and guide, but site 'shift' "
-        "is outside every plate; train without test points (test_size=0)"
+        "the per-epoch test bound needs a data plate that encloses every sample "
+        "site of model and guide, to give one estimate per data point, but site "
+        "'shift' is outside every plate: train without test points (test_size=0)"
     )
     assert not (tmp_path / "run").exists()
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())

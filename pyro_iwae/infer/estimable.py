@@ -17,7 +17,7 @@ import torch
 from pyro.poutine.messenger import Messenger
 from pyro.poutine.util import site_is_subsample
 
-from ..errors import ProgramError, PyroIwaeError, one_line
+from ..errors import ProgramError, PyroIwaeError, literal, one_line
 from .arguments import cuda_devices
 from .support import is_point_mass
 from .traces import PARTICLE_PLATE, latent_sites, relative_scale, sample_sites
@@ -336,9 +336,12 @@ def check_plates(
     guide_trace: pyro.poutine.Trace,
     caller: str = "log_likelihood",
     max_plate_nesting: int | None = None,
+    advice: str | None = None,
 ) -> None:
     """Checks that a data plate encloses every sample site and that the observed
-    values run along it, for per-point estimates by ``caller``.
+    values run along it, for per-point estimates by ``caller``. ``advice`` (a
+    template, see :class:`~pyro_iwae.errors.PyroIwaeError`) says what to do where
+    no plate encloses every site (by default: how to put it in one).
 
     :raises ProgramError: naming the site and what to do; also for a guide of
         point masses only (see :func:`check_density`), a latent site scaled
@@ -369,22 +372,25 @@ def check_plates(
             if outside
             else "no plate encloses every sample site"
         )
-        advice = (
-            "put it inside the data plate (with pyro.plate('data', len(x)): ...), "
-            "or, for a latent shared by all points, estimate log p(x) of the whole "
-            "batch with joint_log_likelihood"
-        )
-        if outside and outside[0] not in model_trace.nodes:
-            # A guide's own site, such as an autoguide's one vector for all points
-            # (AutoDiagonalNormal, AutoMultivariateNormal, ...): not the user's code.
+        if advice is None:
             advice = (
-                "use a guide that samples each point's latents in the data plate, "
-                "such as AutoNormal instead of a joint autoguide"
+                "put it inside the data plate (with pyro.plate('data', len(x)): "
+                "...), or, for a latent shared by all points, estimate log p(x) "
+                "of the whole batch with joint_log_likelihood"
             )
+            if outside and outside[0] not in model_trace.nodes:
+                # A guide's own site, such as an autoguide's one vector for all
+                # points (AutoDiagonalNormal, ...): not the user's code.
+                advice = (
+                    "use a guide that samples each point's latents in the data "
+                    "plate, such as AutoNormal instead of a joint autoguide"
+                )
+            advice = literal(advice)
         raise ProgramError(
-            f"{caller} needs a data plate that encloses every sample site of "
-            f"model and guide, to give one estimate per data point, but {where}: "
-            f"{advice}"
+            f"{literal(caller)} needs a data plate that encloses every sample site "
+            f"of model and guide, to give one estimate per data point, but "
+            f"{literal(where)}: {advice}",
+            template=True,
         )
     for site in sites:
         if not site["is_observed"]:
