@@ -127,6 +127,7 @@ class ParticleBroadcastError(PyroIwaeError, ValueError):
     nested: bool = False
     cause: str = ""
     num_particles: int = 0
+    caller: str | None = None
 
     @classmethod
     def of_program(
@@ -164,14 +165,19 @@ class ParticleBroadcastError(PyroIwaeError, ValueError):
                     f"or pass vectorize_particles=False to {where} to draw the "
                     "particles one at a time"
                 )
+            # AIS's chains are its particles, tuned and run in batches of
+            # other sizes than num_chains: a size would mislead.
+            size = (
+                ", one per chain," if caller == "AIS" else f" of size {num_particles}"
+            )
             error = cls(
                 "the model or guide fails under vectorize_particles=True but runs "
                 f"without it ({cause}): it must broadcast over a leading particle "
-                f"dimension of size {num_particles} (use x.shape[-1] and "
+                f"dimension{size} (use x.shape[-1] and "
                 f"x.reshape(*x.shape[:-1], ...), not x.view(batch, -1))"
                 + (f"; {remedy}" if remedy else "")
             )
-        error.cause, error.num_particles = cause, num_particles
+        error.cause, error.num_particles, error.caller = cause, num_particles, caller
         return error
 
     @classmethod
@@ -202,7 +208,7 @@ class ParticleBroadcastError(PyroIwaeError, ValueError):
         if self.nested:
             return self
         return type(self).of_program(
-            self.cause, self.num_particles, 0, 0, remedy=remedy
+            self.cause, self.num_particles, 0, 0, self.caller, remedy=remedy
         )
 
 

@@ -253,6 +253,8 @@ def test_ais_on_a_model_that_does_not_broadcast_points_to_iwae(flat_run):
         "estimate with --method iwae --sequential-particles instead",
     )
     assert "log_likelihood" not in error and "or pass" not in error
+    # It said "of size 4", the tuning chains', to a user who asked for 2 chains.
+    assert "particle dimension, one per chain, (use" in error, error
     assert_one_line_error(
         invoke(*args, "--k", 2), "or pass --sequential-particles to eval-nll"
     )
