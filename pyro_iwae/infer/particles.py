@@ -51,7 +51,7 @@ from .traces import (
     common_scale,
     data_plate_dims,
     detached_distribution,
-    global_latent_names,
+    factor_plates,
     is_subsampled,
     latent_sites,
     plate_depth,
@@ -443,10 +443,9 @@ class ParticleELBO(ELBO):
         bound): under ``"factor"``, or ``"auto"`` with a sub-sampled data plate,
         the data plate is the one that encloses every observed site."""
         if self.global_latents != "joint":
-            local_dims = data_plate_dims([s for s in sites if s["is_observed"]])
             # With no plate around every observed site, all latents are global:
             # the bound is then the ELBO, the only one sub-sampling leaves unbiased.
-            global_names = global_latent_names(sites, local_dims)
+            local_dims, global_names = factor_plates(sites)
             if global_names and (
                 self.global_latents == "factor"
                 or is_subsampled(sites, local_dims if local_dims else None)

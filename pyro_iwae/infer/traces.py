@@ -279,17 +279,25 @@ class TieSequentialGlobals(Messenger):
         msg["value"] = self._values.setdefault(key, msg["value"])
 
 
-def global_latent_names(sites: list[dict], local_dims: tuple[int, ...]) -> list[str]:
-    """Names of the latent sites that a plate of ``local_dims`` does not enclose
-    (every latent site for no ``local_dims``)."""
+def factor_plates(sites: list[dict]) -> tuple[tuple[int, ...], list[str]]:
+    """The dims of the plates a bound factors over, and the latent sites outside
+    them (global). The data plate is the outermost plate around every observed
+    site; a plate inside it around every observed site joins it unless a latent
+    site in the data plate lies outside it (a per-point latent shared by the inner
+    plate's cells, as in a mixture over rows). Latent sites outside the data plate
+    are global; all are where no plate encloses every observed site."""
+    dims = set(data_plate_dims([s for s in sites if s["is_observed"]]))
+    outer = min(dims, default=None)
     names: list[str] = []
     for site in sites:
         if site["is_observed"] or site_is_subsample(site) or site["name"] in names:
             continue
-        dims = {f.dim for f in site["cond_indep_stack"] if f.vectorized}
-        if not local_dims or not set(local_dims) <= dims:
+        site_dims = {f.dim for f in site["cond_indep_stack"] if f.vectorized}
+        if outer in site_dims:
+            dims &= site_dims
+        else:
             names.append(site["name"])
-    return names
+    return tuple(sorted(dims)), names
 
 
 def is_subsampled(sites: list[dict], dims: tuple[int, ...] | None) -> bool:
