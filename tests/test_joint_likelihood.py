@@ -242,3 +242,27 @@ def test_a_latent_in_the_data_plate_outside_an_inner_plate_is_local(y_in_guide):
         ]
     )
     assert (estimates - exact).abs().max() < 0.1, (estimates, exact)
+
+
+def test_a_global_site_the_model_enumerates_is_refused_in_joint_log_likelihoods_name():
+    # It offered IWELBO's global_latents='joint', an argument this lacks.
+    def model(x):
+        y = pyro.sample(
+            "y",
+            dist.Categorical(torch.tensor([0.3, 0.7])),
+            infer={"enumerate": "parallel"},
+        )
+        with pyro.plate("data", x.shape[0]):
+            z = pyro.sample("z", dist.Normal(0.0, 1.0))
+            pyro.sample("x", dist.Normal(torch.tensor([-2.0, 2.0])[y] + z, 0.5), obs=x)
+
+    def guide(x):
+        with pyro.plate("data", x.shape[0]):
+            pyro.sample("z", dist.Normal(0.5 * x, 1.0))
+
+    with pytest.raises(NotImplementedError) as info:
+        joint_log_likelihood(model, guide, torch.tensor([-1.8, 0.3, 2.4]))
+    assert str(info.value) == (
+        "joint_log_likelihood draws the global latents from the guide, but the "
+        "model enumerates its global site 'y'; sample it in the guide"
+    )

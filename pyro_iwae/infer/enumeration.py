@@ -30,6 +30,7 @@ from pyro.poutine.trace_struct import Trace
 from .traces import PARTICLE_PLATE, _same_scale, latent_sites, relative_scale
 
 __all__ = [
+    "GlobalEnumerationError",
     "Unenumerated",
     "check_enumeration",
     "enumerates",
@@ -170,6 +171,19 @@ def is_model_enumerated(site: dict, guide_trace: Trace) -> bool:
     )
 
 
+class GlobalEnumerationError(NotImplementedError):
+    """A global site enumerated in the model, which a bound that factors over
+    the data plate cannot sum out."""
+
+    def __init__(self, site: str) -> None:
+        self.site = site
+        super().__init__(
+            f"IWELBO cannot sum the model's global site {site!r} (outside the data "
+            "plate) out of a bound that factors over the data plate; use "
+            "global_latents='joint' on full batches, or sample it in the guide"
+        )
+
+
 def check_enumeration(
     model_trace: Trace, guide_trace: Trace, global_names: Collection[str]
 ) -> None:
@@ -195,12 +209,7 @@ def check_enumeration(
                     "Carlo); drop num_samples, or sample the site in the guide"
                 )
             if name in global_names:
-                raise NotImplementedError(
-                    f"IWELBO cannot sum the model's global site {name!r} (outside "
-                    "the data plate) out of a bound that factors over the data "
-                    "plate; use global_latents='joint' on full batches, or sample "
-                    "it in the guide"
-                )
+                raise GlobalEnumerationError(name)
 
 
 def sum_out_enumerated(

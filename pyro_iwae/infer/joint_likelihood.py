@@ -14,7 +14,7 @@ from pyro.poutine.trace_struct import Trace
 
 from ..errors import ParticleBroadcastError
 from .arguments import check_batch
-from .enumeration import guide_enumerated
+from .enumeration import GlobalEnumerationError, guide_enumerated
 from .estimable import check_density, check_weights
 from .evaluation import (
     check_count,
@@ -104,6 +104,13 @@ def joint_log_likelihood(
                 )
             except ParticleBroadcastError as e:
                 raise e.for_evaluator("joint_log_likelihood") from None
+            except GlobalEnumerationError as e:
+                # It offered IWELBO's global_latents='joint', which this lacks.
+                raise NotImplementedError(
+                    "joint_log_likelihood draws the global latents from the "
+                    f"guide, but the model enumerates its global site {e.site!r}; "
+                    "sample it in the guide"
+                ) from None
             total = part if total is None else torch.logaddexp(total, part)
     return total - math.log(num_samples)
 
