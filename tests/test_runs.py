@@ -141,6 +141,25 @@ def test_a_run_killed_before_its_first_epoch_starts_again(tmp_path):
     assert RunConfig.load(tmp_path) == config
 
 
+def test_a_run_stopped_as_its_first_epoch_ended_starts_again(tmp_path):
+    # Stopped between the first epoch's metrics line and its checkpoint, a run
+    # could be neither resumed ("was it deleted?") nor started again ("holds
+    # run files"), by fit or by reproduce.
+    config = small_config()
+    first = train_run(config, tmp_path)
+    (tmp_path / CHECKPOINT_FILE).unlink()  # what the stopped process left
+    result = invoke("fit", "--resume", "--out", tmp_path, "--quiet")
+    assert_one_line_error(
+        result,
+        "records 1 finished epoch(s); put it back if it was moved, or, if its "
+        "process stopped as that epoch ended, start the run afresh (without "
+        "--resume)",
+    )
+    again = train_run(config, tmp_path)
+    assert again[0]["train_bound"] == first[0]["train_bound"]
+    assert len(read_metrics(tmp_path)) == 1
+
+
 def test_a_refused_resume_leaves_the_config_as_it_was(run_dir):
     # Fit finds a schedule shorter than the run only once it starts, after the
     # config was written: that config asked for one epoch of a run of two, and

@@ -301,11 +301,19 @@ def _check(path: Path, config: RunConfig, resume: bool) -> bool:
     saved = RunConfig.load(path)
     if not (path / CHECKPOINT_FILE).is_file():
         epochs = len(read_metrics(path))
-        if epochs:  # a checkpoint was written and is gone
+        if epochs:  # a checkpoint was written and is gone, or (see _untrained)
+            # the process stopped as the first epoch ended, before writing it
+            afresh = (
+                ", or, if its process stopped as that epoch ended, start the run "
+                "afresh (without {resume})"
+                if epochs == 1
+                else ", or start a new run"
+            )
             raise CheckpointError(
-                f"{path} has no {CHECKPOINT_FILE} to resume, though {METRICS_FILE} "
-                f"records {epochs} finished epoch(s) (was it deleted?); put it back, "
-                "or start a new run"
+                f"{literal(path)} has no {CHECKPOINT_FILE} to resume, though "
+                f"{METRICS_FILE} records {epochs} finished epoch(s); put it back if "
+                f"it was moved{afresh}",
+                template=True,
             )
         raise CheckpointError(
             f"{path} has no checkpoint to resume (it never finished an "
@@ -354,14 +362,16 @@ def _check_fresh(path: Path) -> None:
 
 def _untrained(path: Path, found: list[str]) -> bool:
     """Whether the run files ``found`` in ``path`` are those of a run that
-    finished no epoch."""
+    wrote no checkpoint (one that finished at most its first epoch)."""
     if not set(found) <= {CONFIG_FILE, METRICS_FILE, DATA_RECORD} or (
         CONFIG_FILE not in found
     ):
         return False
     try:
         RunConfig.load(path)  # a run's config, not a file of the user's
-        return not read_metrics(path)
+        # A process stopped as the first epoch ended wrote that epoch's metrics
+        # but not its checkpoint: nothing to resume either.
+        return len(read_metrics(path)) <= 1
     except (RunError, ConfigError, ValueError):
         return False  # not a run's config, or not one fit wrote
 
