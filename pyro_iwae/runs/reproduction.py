@@ -124,14 +124,21 @@ class Grid:
             found.append((self.ais_fields, {k: f"ais {v}" for k, v in names.items()}))
         return found
 
-    def config(self, name: str, data_dir: str | os.PathLike | None = None) -> RunConfig:
-        """The run config of run ``name``, with ``data_dir`` (None: the grid's),
-        checked as :meth:`RunConfig.merge` checks a new run's (a data file made
-        absolute from the working directory, its ``x_dim`` read from it unless
-        the grid sets it)."""
+    def config(
+        self,
+        name: str,
+        data_dir: str | os.PathLike | None = None,
+        device: torch.device | str | None = None,
+    ) -> RunConfig:
+        """The run config of run ``name``, with ``data_dir`` and ``device`` (None:
+        the grid's), checked as :meth:`RunConfig.merge` checks a new run's (a
+        data file made absolute from the working directory, its ``x_dim`` read
+        from it unless the grid sets it)."""
         values = {**self.base, **self.runs[name]}
         if data_dir is not None:
             values["data_dir"] = str(data_dir)
+        if device is not None:
+            values["device"] = str(device)
         return RunConfig.merge(values, named=())
 
 
@@ -206,6 +213,8 @@ def run_grid(
     shares ``runs_dir`` (see :func:`_run_lock`), is left to it. ``on_run(name,
     what)`` is told ``what`` happens to each run ("skip", "busy", "train",
     "resume", "evaluate"; "busy" may be followed by who holds the run).
+    ``device`` (None: each run's own, ``"cpu"`` unless the grid sets it) is
+    where the runs train and are evaluated.
 
     Under torchrun the ranks train and evaluate each run together (rank 0 takes
     the run's lock), so several torchrun jobs, on one machine or several, can
@@ -226,7 +235,8 @@ def run_grid(
         )
     if jobs < 1:
         raise ValueError(f"jobs must be >= 1, got {jobs}")
-    device = distributed.init(device)
+    # As asked, not this rank's: training and evaluation map it to their rank.
+    distributed.init(device)
     if jobs > 1 and distributed.current() is not None:
         raise RunError(
             "parallel jobs and torchrun do not go together: under torchrun the "
@@ -266,6 +276,8 @@ def _run_one(
     eval_callback: Callable[[torch.Tensor, int], None] | None = None,
 ) -> None:
     run_dir = Path(runs_dir) / name
+    config = grid.config(name, data_dir, device)
+    device = config.device  # it was trained there; it is evaluated there too
 
     def evaluated() -> bool:
         return _finished(grid, name, run_dir, data_dir)
@@ -284,7 +296,7 @@ def _run_one(
         before = distributed.from_main(lambda: _steps(run_dir)) if resume else None
         _tell(on_run, name, "resume" if resume else "train")
         train_run(
-            grid.config(name, data_dir),
+            config,
             run_dir,
             resume=resume,
             data_dir=data_dir,
