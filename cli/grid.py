@@ -84,10 +84,16 @@ def reproduce(
     """
     # Before torch's thread pool starts, so that its workers flush too.
     flush_denormals_from_start()
-    device = device_of(cuda)
+    spec = Grid.load(grid)
+    # A grid's "device": "cuda" is checked as fit checks a settings file's (a
+    # report reads the runs on the CPU).
+    asked = not report_only and any(
+        spec.config(name).device.startswith("cuda") for name in spec.runs
+    )
+    asked_by = f'"device": "cuda" (in {grid.name})' if asked and not cuda else "--cuda"
+    device = device_of(cuda or asked, asked_by)
     distributed.init(device)
     main = distributed.is_main()
-    spec = Grid.load(grid)
     runs_dir = runs_dir or grid.parent / "runs"
     if readme is not None:
         table_slot(readme)  # fail before training, not after
@@ -107,7 +113,7 @@ def reproduce(
                 runs_dir,
                 only=list(only) or None,
                 data_dir=data_dir,
-                device=device,
+                device=device if cuda else None,  # None: each run's own
                 jobs=jobs,
                 on_run=on_run,
                 fit_callback=fit_progress if main else None,

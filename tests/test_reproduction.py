@@ -509,3 +509,45 @@ def test_an_ais_column_for_chosen_runs(tmp_path):
     path.write_text(json.dumps(grid))
     with pytest.raises(RunError, match="the ais entry"):
         Grid.load(path)
+
+
+def test_a_grid_on_the_gpu_trains_there_not_only_evaluates(grid_file, monkeypatch):
+    # reproduce --cuda trained every run on the CPU and evaluated it on the GPU.
+    import pyro_iwae.runs.reproduction as R
+
+    trained, evaluated = [], []
+    monkeypatch.setattr(R, "train_run", lambda c, d, **kw: trained.append(c.device))
+    monkeypatch.setattr(
+        R, "evaluate_run", lambda d, **kw: evaluated.append(str(kw["device"]))
+    )
+    grid = Grid.load(grid_file)
+    run_grid(grid, grid_file.parent / "runs", only=["vae-k1"], device="cuda")
+    assert trained == ["cuda"] and evaluated == ["cuda"]
+    # Without a device, a run trains and is evaluated where the grid says.
+    trained.clear(), evaluated.clear()
+    grid = dataclasses.replace(grid, base={**grid.base, "device": "cuda:1"})
+    run_grid(grid, grid_file.parent / "runs", only=["vae-k1"])
+    assert trained == ["cuda:1"] and evaluated == ["cuda:1"]
+
+
+@pytest.mark.parametrize("where", ["base", "run", "option"])
+def test_cuda_asked_for_on_a_machine_without_it_is_refused_in_one_line(
+    grid_file, monkeypatch, where
+):
+    # A grid's "device": "cuda" gave a traceback ("Found no NVIDIA driver").
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    grid = json.loads(grid_file.read_text())
+    if where == "base":
+        grid["base"]["device"] = "cuda"
+    elif where == "run":
+        grid["runs"]["iwae-k5"]["device"] = "cuda"
+    grid_file.write_text(json.dumps(grid))
+    args = ["reproduce", str(grid_file), "--quiet"]
+    result = CliRunner().invoke(cli, args + ["--cuda"] * (where == "option"))
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    asked_by = "--cuda" if where == "option" else '"device": "cuda" (in grid.json)'
+    assert result.output.strip().splitlines()[-1] == (
+        f"Error: {asked_by}: CUDA is not available on this machine (no GPU, or "
+        f"torch was built without CUDA); drop {asked_by} to run on the CPU"
+    )
+    assert not (grid_file.parent / "runs").exists()
