@@ -551,3 +551,23 @@ def test_cuda_asked_for_on_a_machine_without_it_is_refused_in_one_line(
         f"torch was built without CUDA); drop {asked_by} to run on the CPU"
     )
     assert not (grid_file.parent / "runs").exists()
+
+
+@pytest.mark.parametrize(
+    "text, key",
+    [
+        ('{"runs": {"a": {}, "b": {}, "a": {"lr": 0.01}}}', "a"),
+        ('{"base": {"epochs": 1, "epochs": 2}, "runs": {"a": {}}}', "epochs"),
+        ('{"runs": {"a": {}}, "eval_samples": 5, "eval_samples": 6}', "eval_samples"),
+    ],
+)
+def test_a_key_given_twice_in_a_grid_file_is_refused_in_one_line(tmp_path, text, key):
+    # A run (or a setting) defined twice was silently its last definition.
+    path = tmp_path / "grid.json"
+    path.write_text(text)
+    with pytest.raises(RunError) as error:
+        Grid.load(path)
+    assert str(error.value) == (
+        f"grid {path}: key {key!r} is given twice in one object; give each run "
+        "name and setting once: fix the file"
+    )

@@ -60,7 +60,12 @@ class Grid:
             or gives a run settings that do not go together.
         """
         try:
-            values = json.loads(Path(path).read_text())
+            values = json.loads(Path(path).read_text(), object_pairs_hook=_unique)
+        except _Repeated as e:
+            raise RunError(
+                f"grid {path}: key {e.args[0]!r} is given twice in one object; "
+                "give each run name and setting once: fix the file"
+            ) from None
         except (OSError, json.JSONDecodeError) as e:
             raise RunError(f"cannot read grid {path} ({e}); fix the file") from e
         problem = _shape_problem(values)
@@ -140,6 +145,21 @@ class Grid:
         if device is not None:
             values["device"] = str(device)
         return RunConfig.merge(values, named=())
+
+
+class _Repeated(Exception):
+    """A key given twice in one object of a grid file."""
+
+
+def _unique(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """A JSON object's pairs as a dict; :raises _Repeated: on a key given twice
+    (a run defined twice was one run, its last definition)."""
+    values: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in values:
+            raise _Repeated(key)
+        values[key] = value
+    return values
 
 
 def _shape_problem(values: Any) -> str | None:
