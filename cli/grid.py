@@ -7,6 +7,7 @@ from pathlib import Path
 
 import click
 
+from pyro_iwae.errors import ParticleBroadcastError, PyroIwaeError
 from pyro_iwae.runs import distributed
 from pyro_iwae.runs.denormals import flush_denormals_from_start
 from pyro_iwae.runs.grid_report import table_slot, write_report
@@ -119,6 +120,13 @@ def reproduce(
                 fit_callback=fit_progress if main else None,
                 eval_callback=eval_progress if main else None,
             )
+        except ParticleBroadcastError:
+            raise  # said with its own remedy
+        except PyroIwaeError as e:
+            # A grid sets its runs by its keys, the settings' own names, not by
+            # fit's options: its errors name them so (a run's folder is one of
+            # --runs-dir).
+            raise click.ClickException(e.render({"out": "--runs-dir"})) from None
         except KeyboardInterrupt:
             fit_progress.close()
             eval_progress.close()

@@ -155,10 +155,36 @@ def test_a_run_whose_settings_the_grid_changed_is_refused_not_relabelled(
     _grid_with(grid_file, **{"iwae-k5": {"num_particles": 7}})
     result = runner.invoke(cli, only)
     assert result.exit_code != 0 and "Traceback" not in result.output
-    assert "started with --particles 5 (not 7)" in result.output
+    run_dir = tmp_path / "runs" / "iwae-k5"
+    # Said in fit's options and advice (--particles, resume it), and after a
+    # line "iwae-k5: resume" though nothing was resumed.
+    assert result.output.strip().splitlines() == [
+        f"Error: run iwae-k5 ({run_dir}) was trained with other settings than the "
+        "grid's: num_particles 5 (the grid's: 7); set them back in the grid, or "
+        f"delete {run_dir} to train the run afresh"
+    ]
     # The table shows what the run was trained with.
     rows = collect(Grid.load(grid_file), tmp_path / "runs")
     assert {row["run"]: row["k"] for row in rows}["iwae-k5"] == 5
+
+
+def test_a_run_trained_past_the_grids_schedule_is_refused_in_the_grids_keys(
+    grid_file, tmp_path
+):
+    # Said as "drop --epochs and --stages to finish it", after "vae-k1: resume".
+    runner = CliRunner()
+    only = ["reproduce", str(grid_file), "--quiet", "--only", "vae-k1"]
+    _grid_with(grid_file, **{"vae-k1": {"epochs": 2}})
+    assert runner.invoke(cli, only).exit_code == 0
+    _grid_with(grid_file, **{"vae-k1": {"epochs": 1}})
+    result = runner.invoke(cli, only)
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    run_dir = tmp_path / "runs" / "vae-k1"
+    assert result.output.strip().splitlines() == [
+        f"Error: run vae-k1 ({run_dir}) has trained past the grid's schedule: "
+        "epochs 2 (the grid's: 1); a run's schedule may only go on: give the grid "
+        f"the run's (or more), or delete {run_dir} to train the run afresh"
+    ]
 
 
 def test_relative_data_paths_are_saved_absolute(grid_file, tmp_path, monkeypatch):
@@ -570,4 +596,18 @@ def test_a_key_given_twice_in_a_grid_file_is_refused_in_one_line(tmp_path, text,
     assert str(error.value) == (
         f"grid {path}: key {key!r} is given twice in one object; give each run "
         "name and setting once: fix the file"
+    )
+
+
+def test_a_run_error_under_a_grid_names_no_option_of_fit(grid_file, tmp_path):
+    # A run's errors named fit's --out (and its settings as fit's options).
+    run_dir = tmp_path / "runs" / "vae-k1"
+    run_dir.mkdir(parents=True)
+    (run_dir / "eval-test-k8.json").write_text("{}")
+    args = ["reproduce", str(grid_file), "--quiet", "--only", "vae-k1"]
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 1 and "--out" not in result.output
+    assert result.output.strip().splitlines()[-1] == (
+        f"Error: {run_dir} holds run files (eval-test-k8.json) that a new run would "
+        "replace or stand beside; choose an empty or new folder (--runs-dir)"
     )

@@ -313,6 +313,8 @@ def _run_one(
             _tell(on_run, name, "skip")
             return
         resume = distributed.from_main((run_dir / CHECKPOINT_FILE).is_file)
+        if resume:  # refused before it is said to resume
+            distributed.from_main(lambda: _check_resumable(name, run_dir, config))
         before = distributed.from_main(lambda: _steps(run_dir)) if resume else None
         _tell(on_run, name, "resume" if resume else "train")
         train_run(
@@ -370,6 +372,42 @@ def _finished(
     steps = _steps(run_dir)
     paths = [evaluation_path(grid, run_dir), ais_path(grid, name, run_dir)]
     return all(path is None or _evaluated_after(path, steps) for path in paths)
+
+
+def _check_resumable(name: str, run_dir: Path, config: RunConfig) -> None:
+    """:raises RunError: if run ``name`` in ``run_dir`` cannot go on as ``config``,
+    the grid's settings for it, says (see :func:`run_writer.resumed_config`):
+    said in the grid's keys, with advice that fits a grid, not fit's options."""
+    try:
+        run_writer.resumed_config(run_dir, config.to_dict())
+    except (ConfigError, CheckpointError) as e:
+        saved = RunConfig.load(run_dir)
+        schedule = isinstance(e, CheckpointError)  # shorter than it has trained
+        fields = run_writer.EXTENDABLE if schedule else saved.to_dict()
+        kept = (*run_writer.MEANS, *run_writer.EXTENDABLE)
+        differences = [
+            f"{field} {json.dumps(getattr(saved, field))} (the grid's: "
+            f"{json.dumps(getattr(config, field))})"
+            for field in fields
+            if (schedule or field not in kept)
+            and getattr(saved, field) != getattr(config, field)
+        ]
+        if not differences:
+            raise  # no setting of the grid's to blame
+        if schedule:
+            what, advice = (
+                "has trained past the grid's schedule",
+                ("a run's schedule may only go on: give the grid the run's (or more)"),
+            )
+        else:
+            what, advice = (
+                "was trained with other settings than the grid's",
+                ("set them back in the grid"),
+            )
+        raise RunError(
+            f"run {name} ({run_dir}) {what}: {', '.join(differences)}; {advice}, "
+            f"or delete {run_dir} to train the run afresh"
+        ) from e
 
 
 def _steps(run_dir: Path) -> int | None:
