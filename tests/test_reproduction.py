@@ -374,6 +374,7 @@ def test_report_fills_a_readme_between_markers(grid_file, tmp_path):
         "# Results\n\n<!-- grid-table:start -->\nstale table\n"
         "<!-- grid-table:end -->\n\nEnd.\n"
     )
+    Grid.load(grid_file).config("vae-k1").save(tmp_path / "runs" / "vae-k1")
     runner = CliRunner()
     args = ["reproduce", str(grid_file), "--report-only", "--readme", str(readme)]
     for _ in range(2):  # the second run replaces the first table
@@ -611,3 +612,55 @@ def test_a_run_error_under_a_grid_names_no_option_of_fit(grid_file, tmp_path):
         f"Error: {run_dir} holds run files (eval-test-k8.json) that a new run would "
         "replace or stand beside; choose an empty or new folder (--runs-dir)"
     )
+
+
+@pytest.mark.parametrize("made", [False, True])
+def test_a_report_of_a_folder_without_the_grids_runs_is_refused(
+    grid_file, tmp_path, made
+):
+    # A mistyped --runs-dir overwrote the report (and the readme's table) with
+    # rows reading "not run yet".
+    readme = tmp_path / "README.md"
+    readme.write_text("<!-- grid-table:start -->\nold\n<!-- grid-table:end -->\n")
+    (tmp_path / "table.md").write_text("old")
+    runs_dir = tmp_path / "typo"
+    if made:
+        (runs_dir / "other-run").mkdir(parents=True)
+    args = ["reproduce", str(grid_file), "--report-only", "--readme", str(readme)]
+    result = CliRunner().invoke(cli, [*args, "--runs-dir", str(runs_dir)])
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    where = "holds none of the grid's runs" if made else "does not exist"
+    assert result.output.strip().splitlines() == [
+        f"Error: the runs folder {runs_dir} {where}, so its report would say 'not "
+        "run yet' for every run; nothing was written: pass the folder of the "
+        "grid's runs (--runs-dir), or train them first"
+    ]
+    assert (tmp_path / "table.md").read_text() == "old" and "old" in readme.read_text()
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        ["grid.json", "README.md", "table.md", *["typo"] * made]
+    )
+
+
+def test_two_grid_files_in_one_folder_keep_their_runs_and_reports_apart(
+    grid_file, tmp_path, monkeypatch
+):
+    # Both read and wrote runs/ and table.md beside them: one report overwrote
+    # the other's.
+    import pyro_iwae_cli.grid as G
+
+    used = []
+    monkeypatch.setattr(G, "run_grid", lambda g, runs_dir, **kw: used.append(runs_dir))
+    monkeypatch.setattr(
+        G, "write_report", lambda g, runs, out, readme: used.append(out) or {}
+    )
+    other = tmp_path / "other.json"
+    other.write_text(grid_file.read_text())
+    for path in (grid_file, other):
+        result = CliRunner().invoke(cli, ["reproduce", str(path), "--quiet"])
+        assert result.exit_code == 0, result.output
+    assert used == [
+        tmp_path / "runs",
+        tmp_path,
+        tmp_path / "other" / "runs",
+        tmp_path / "other",
+    ]
