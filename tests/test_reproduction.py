@@ -208,8 +208,13 @@ def test_relative_data_paths_are_saved_absolute(grid_file, tmp_path, monkeypatch
 def test_grid_errors_name_the_problem(tmp_path):
     path = tmp_path / "grid.json"
     path.write_text(json.dumps({"base": {}, "runs": {"a": {"particles": 3}}}))
-    with pytest.raises(RunError, match="unknown run settings particles"):
+    # Said without the run or the grid, unlike the grid's other errors.
+    with pytest.raises(RunError) as error:
         Grid.load(path)
+    assert str(error.value) == (
+        f"run a of grid {path}: unknown run settings particles (num_particles?); use "
+        "the names of a run's config.json, the fields of RunConfig; fix the file"
+    )
     path.write_text("{")
     with pytest.raises(RunError, match="cannot read grid"):
         Grid.load(path)

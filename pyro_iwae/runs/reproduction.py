@@ -83,7 +83,7 @@ class Grid:
         for name in grid.runs:
             try:
                 grid.config(name)  # fails early on unknown or clashing settings
-            except ValueError as e:
+            except (ValueError, RunError) as e:  # RunError: unknown settings
                 raise RunError(f"run {name} of grid {path}: {e}; fix the file") from e
         unknown = [n for n in (grid.ais or {}).get("runs", []) if n not in grid.runs]
         if unknown or set(grid.ais or {}) - {"runs", "steps", "chains", "limit"}:
