@@ -160,6 +160,23 @@ def test_a_refused_resume_leaves_the_config_as_it_was(run_dir):
     assert [m["epoch"] for m in history] == [1, 2]
 
 
+def test_a_resume_with_an_unknown_setting_is_refused_as_a_new_run_is(tmp_path):
+    # An AttributeError traceback ('RunConfig' object has no attribute 'epoch').
+    small_config().save(tmp_path)
+    message = (
+        "unknown run settings epoch (epochs?); use the names of a run's "
+        "config.json, the fields of RunConfig"
+    )
+    with pytest.raises(RunError) as error:
+        Run(tmp_path).resumed_config({"epoch": 7})
+    assert str(error.value) == message
+    (tmp_path / "t.json").write_text('{"epoch": 3}')
+    result = invoke(
+        "fit", "--resume", "--out", tmp_path, "--config", tmp_path / "t.json"
+    )
+    assert assert_one_line_error(result) == f"Error: {message}"
+
+
 def test_a_resume_missing_a_file_says_which_and_changes_nothing(run_dir):
     # A deleted checkpoint was said never to have finished an epoch; a deleted
     # metrics file resumed silently, its record then missing the first epochs.
