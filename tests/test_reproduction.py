@@ -235,6 +235,11 @@ def test_grid_errors_name_the_problem(tmp_path):
         ({"runs": {"a": {}}, "eval_samples": 0}, "eval_samples must be >= 1, got 0"),
         ({"runs": {"a": {}}, "eval_limit": "all"}, "eval_limit must be an integer"),
         ({"runs": {"a": {}}, "ais": {"runs": ["a"], "steps": 0}}, "ais steps must"),
+        # Run "a" in a string was run names "a" (each letter one).
+        (
+            {"runs": {"a": {}}, "ais": {"runs": "a"}},
+            'the runs of ais must be a list of run names, {"runs": ["a"]}',
+        ),
         ([1], "it holds a list, not an object"),
         # An unknown key was "Grid.__init__() got an unexpected keyword argument".
         (

@@ -185,6 +185,9 @@ def _shape_problem(values: Any) -> str | None:
     ais = values.get("ais")
     if ais is not None and not isinstance(ais, dict):
         return 'ais must be an object, {"runs": [...], "steps": N, ...}'
+    if ais is not None and not isinstance(ais.get("runs", []), list):
+        # A string's letters were taken for run names.
+        return 'the runs of ais must be a list of run names, {"runs": ["a"]}'
     if not isinstance(values.get("claims", []), list):
         return "claims must be a list of [lower, higher] pairs"
     return None
