@@ -177,6 +177,17 @@ def test_a_resume_with_an_unknown_setting_is_refused_as_a_new_run_is(tmp_path):
     assert assert_one_line_error(result) == f"Error: {message}"
 
 
+def test_a_new_run_trained_without_a_config_is_refused_for_that(tmp_path):
+    # Refused as "run directory ... does not exist", which it was meant to be.
+    with pytest.raises(RunError) as error:
+        Run(tmp_path / "new").train()
+    assert str(error.value) == (
+        f"no config to train {tmp_path / 'new'} with: pass a RunConfig, "
+        "Run(path).train(config), or resume an existing run (resume=True)"
+    )
+    assert not (tmp_path / "new").exists()
+
+
 def test_a_resume_missing_a_file_says_which_and_changes_nothing(run_dir):
     # A deleted checkpoint was said never to have finished an epoch; a deleted
     # metrics file resumed silently, its record then missing the first epochs.
