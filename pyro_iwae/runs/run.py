@@ -214,6 +214,7 @@ class Run:
         ``pyro_iwae.runs.run_writer.train``. Returns the metrics of every epoch.
 
         :raises RunBusy: if another process (group) trains the run.
+        :raises RunError: without ``config`` for a new run not made by :meth:`new`.
         """
         if config is None and not resume:
             config = self._new_config
