@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any, TypeVar
 
 import click
 
+from pyro_iwae.errors import ParticleBroadcastError, PyroIwaeError
 from pyro_iwae.runs import distributed
 from pyro_iwae.runs.denormals import flush_denormals_from_start
-from pyro_iwae.runs.grid_report import table_slot, write_report
+from pyro_iwae.runs.grid_report import check_runs_present, table_slot, write_report
 from pyro_iwae.runs.reproduction import Grid, run_grid
 
 from .common import (
@@ -23,18 +26,35 @@ from .common import (
 from .options import run_option
 from .progress import EvalProgress, FitProgress
 
+T = TypeVar("T")
+
+
+#: A grid sets its runs by its keys, the settings' own names, not by fit's
+#: options: its errors name them so (a run's folder is one of --runs-dir).
+GRID_NAMES = {"out": "--runs-dir", "runs_dir": "--runs-dir"}
+
+
+def _grid_errors(call: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    """``call(*args, **kwargs)``, its errors rendered in :data:`GRID_NAMES`."""
+    try:
+        return call(*args, **kwargs)
+    except ParticleBroadcastError:
+        raise  # said with its own remedy
+    except PyroIwaeError as e:
+        raise click.ClickException(e.render(GRID_NAMES)) from None
+
 
 @click.command(context_settings={"show_default": True})
 @click.argument("grid", type=click.Path(dir_okay=False, exists=True, path_type=Path))
 @path_option(
     "--runs-dir",
     "Folder of the grid's run directories, one per run name.",
-    show_default="runs/ beside GRID",
+    show_default="runs/ beside GRID; NAME/runs/ for GRID NAME.json, not grid.json",
 )
 @path_option(
     "--out-dir",
     "Folder for table.json, table.md and the plots.",
-    show_default="the folder of GRID",
+    show_default="the folder of GRID; NAME/ beside it for NAME.json, not grid.json",
 )
 @click.option(
     "--only",
@@ -84,11 +104,23 @@ def reproduce(
     """
     # Before torch's thread pool starts, so that its workers flush too.
     flush_denormals_from_start()
-    device = device_of(cuda)
+    spec = Grid.load(grid)
+    # A grid's "device": "cuda" is checked as fit checks a settings file's (a
+    # report reads the runs on the CPU).
+    asked = not report_only and any(
+        spec.config(name).device.startswith("cuda") for name in spec.runs
+    )
+    asked_by = f'"device": "cuda" (in {grid.name})' if asked and not cuda else "--cuda"
+    device = device_of(cuda or asked, asked_by)
     distributed.init(device)
     main = distributed.is_main()
-    spec = Grid.load(grid)
-    runs_dir = runs_dir or grid.parent / "runs"
+    # grid.json keeps its runs and report in its folder; another grid file in
+    # that folder (NAME.json) in a folder of its own, NAME/: the two shared
+    # runs/ and their reports overwrote each other.
+    home = grid.parent if grid.stem == "grid" else grid.parent / grid.stem
+    runs_dir = runs_dir or home / "runs"
+    if report_only:
+        _grid_errors(check_runs_present, spec, runs_dir)  # a mistyped --runs-dir
     if readme is not None:
         table_slot(readme)  # fail before training, not after
     if not report_only:
@@ -102,12 +134,13 @@ def reproduce(
                 eval_progress.reset()
 
         try:
-            run_grid(
+            _grid_errors(
+                run_grid,
                 spec,
                 runs_dir,
                 only=list(only) or None,
                 data_dir=data_dir,
-                device=device,
+                device=device if cuda else None,  # None: each run's own
                 jobs=jobs,
                 on_run=on_run,
                 fit_callback=fit_progress if main else None,
@@ -127,6 +160,6 @@ def reproduce(
             eval_progress.close()
     if not main:
         return
-    report = write_report(spec, runs_dir, out_dir or grid.parent, readme)
+    report = write_report(spec, runs_dir, out_dir or home, readme)
     for path in report.values():
         click.echo(f"wrote {path}")

@@ -155,10 +155,36 @@ def test_a_run_whose_settings_the_grid_changed_is_refused_not_relabelled(
     _grid_with(grid_file, **{"iwae-k5": {"num_particles": 7}})
     result = runner.invoke(cli, only)
     assert result.exit_code != 0 and "Traceback" not in result.output
-    assert "started with --particles 5 (not 7)" in result.output
+    run_dir = tmp_path / "runs" / "iwae-k5"
+    # Said in fit's options and advice (--particles, resume it), and after a
+    # line "iwae-k5: resume" though nothing was resumed.
+    assert result.output.strip().splitlines() == [
+        f"Error: run iwae-k5 ({run_dir}) was trained with other settings than the "
+        "grid's: num_particles 5 (the grid's: 7); set them back in the grid, or "
+        f"delete {run_dir} to train the run afresh"
+    ]
     # The table shows what the run was trained with.
     rows = collect(Grid.load(grid_file), tmp_path / "runs")
     assert {row["run"]: row["k"] for row in rows}["iwae-k5"] == 5
+
+
+def test_a_run_trained_past_the_grids_schedule_is_refused_in_the_grids_keys(
+    grid_file, tmp_path
+):
+    # Said as "drop --epochs and --stages to finish it", after "vae-k1: resume".
+    runner = CliRunner()
+    only = ["reproduce", str(grid_file), "--quiet", "--only", "vae-k1"]
+    _grid_with(grid_file, **{"vae-k1": {"epochs": 2}})
+    assert runner.invoke(cli, only).exit_code == 0
+    _grid_with(grid_file, **{"vae-k1": {"epochs": 1}})
+    result = runner.invoke(cli, only)
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    run_dir = tmp_path / "runs" / "vae-k1"
+    assert result.output.strip().splitlines() == [
+        f"Error: run vae-k1 ({run_dir}) has trained past the grid's schedule: "
+        "epochs 2 (the grid's: 1); a run's schedule may only go on: give the grid "
+        f"the run's (or more), or delete {run_dir} to train the run afresh"
+    ]
 
 
 def test_relative_data_paths_are_saved_absolute(grid_file, tmp_path, monkeypatch):
@@ -182,8 +208,13 @@ def test_relative_data_paths_are_saved_absolute(grid_file, tmp_path, monkeypatch
 def test_grid_errors_name_the_problem(tmp_path):
     path = tmp_path / "grid.json"
     path.write_text(json.dumps({"base": {}, "runs": {"a": {"particles": 3}}}))
-    with pytest.raises(RunError, match="unknown run settings particles"):
+    # Said without the run or the grid, unlike the grid's other errors.
+    with pytest.raises(RunError) as error:
         Grid.load(path)
+    assert str(error.value) == (
+        f"run a of grid {path}: unknown run settings particles (num_particles?); use "
+        "the names of a run's config.json, the fields of RunConfig; fix the file"
+    )
     path.write_text("{")
     with pytest.raises(RunError, match="cannot read grid"):
         Grid.load(path)
@@ -204,6 +235,11 @@ def test_grid_errors_name_the_problem(tmp_path):
         ({"runs": {"a": {}}, "eval_samples": 0}, "eval_samples must be >= 1, got 0"),
         ({"runs": {"a": {}}, "eval_limit": "all"}, "eval_limit must be an integer"),
         ({"runs": {"a": {}}, "ais": {"runs": ["a"], "steps": 0}}, "ais steps must"),
+        # Run "a" in a string was run names "a" (each letter one).
+        (
+            {"runs": {"a": {}}, "ais": {"runs": "a"}},
+            'the runs of ais must be a list of run names, {"runs": ["a"]}',
+        ),
         ([1], "it holds a list, not an object"),
         # An unknown key was "Grid.__init__() got an unexpected keyword argument".
         (
@@ -348,6 +384,7 @@ def test_report_fills_a_readme_between_markers(grid_file, tmp_path):
         "# Results\n\n<!-- grid-table:start -->\nstale table\n"
         "<!-- grid-table:end -->\n\nEnd.\n"
     )
+    Grid.load(grid_file).config("vae-k1").save(tmp_path / "runs" / "vae-k1")
     runner = CliRunner()
     args = ["reproduce", str(grid_file), "--report-only", "--readme", str(readme)]
     for _ in range(2):  # the second run replaces the first table
@@ -509,3 +546,131 @@ def test_an_ais_column_for_chosen_runs(tmp_path):
     path.write_text(json.dumps(grid))
     with pytest.raises(RunError, match="the ais entry"):
         Grid.load(path)
+
+
+def test_a_grid_on_the_gpu_trains_there_not_only_evaluates(grid_file, monkeypatch):
+    # reproduce --cuda trained every run on the CPU and evaluated it on the GPU.
+    import pyro_iwae.runs.reproduction as R
+
+    trained, evaluated = [], []
+    monkeypatch.setattr(R, "train_run", lambda c, d, **kw: trained.append(c.device))
+    monkeypatch.setattr(
+        R, "evaluate_run", lambda d, **kw: evaluated.append(str(kw["device"]))
+    )
+    grid = Grid.load(grid_file)
+    run_grid(grid, grid_file.parent / "runs", only=["vae-k1"], device="cuda")
+    assert trained == ["cuda"] and evaluated == ["cuda"]
+    # Without a device, a run trains and is evaluated where the grid says.
+    trained.clear(), evaluated.clear()
+    grid = dataclasses.replace(grid, base={**grid.base, "device": "cuda:1"})
+    run_grid(grid, grid_file.parent / "runs", only=["vae-k1"])
+    assert trained == ["cuda:1"] and evaluated == ["cuda:1"]
+
+
+@pytest.mark.parametrize("where", ["base", "run", "option"])
+def test_cuda_asked_for_on_a_machine_without_it_is_refused_in_one_line(
+    grid_file, monkeypatch, where
+):
+    # A grid's "device": "cuda" gave a traceback ("Found no NVIDIA driver").
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    grid = json.loads(grid_file.read_text())
+    if where == "base":
+        grid["base"]["device"] = "cuda"
+    elif where == "run":
+        grid["runs"]["iwae-k5"]["device"] = "cuda"
+    grid_file.write_text(json.dumps(grid))
+    args = ["reproduce", str(grid_file), "--quiet"]
+    result = CliRunner().invoke(cli, args + ["--cuda"] * (where == "option"))
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    asked_by = "--cuda" if where == "option" else '"device": "cuda" (in grid.json)'
+    assert result.output.strip().splitlines()[-1] == (
+        f"Error: {asked_by}: CUDA is not available on this machine (no GPU, or "
+        f"torch was built without CUDA); drop {asked_by} to run on the CPU"
+    )
+    assert not (grid_file.parent / "runs").exists()
+
+
+@pytest.mark.parametrize(
+    "text, key",
+    [
+        ('{"runs": {"a": {}, "b": {}, "a": {"lr": 0.01}}}', "a"),
+        ('{"base": {"epochs": 1, "epochs": 2}, "runs": {"a": {}}}', "epochs"),
+        ('{"runs": {"a": {}}, "eval_samples": 5, "eval_samples": 6}', "eval_samples"),
+    ],
+)
+def test_a_key_given_twice_in_a_grid_file_is_refused_in_one_line(tmp_path, text, key):
+    # A run (or a setting) defined twice was silently its last definition.
+    path = tmp_path / "grid.json"
+    path.write_text(text)
+    with pytest.raises(RunError) as error:
+        Grid.load(path)
+    assert str(error.value) == (
+        f"grid {path}: key {key!r} is given twice in one object; give each run "
+        "name and setting once: fix the file"
+    )
+
+
+def test_a_run_error_under_a_grid_names_no_option_of_fit(grid_file, tmp_path):
+    # A run's errors named fit's --out (and its settings as fit's options).
+    run_dir = tmp_path / "runs" / "vae-k1"
+    run_dir.mkdir(parents=True)
+    (run_dir / "eval-test-k8.json").write_text("{}")
+    args = ["reproduce", str(grid_file), "--quiet", "--only", "vae-k1"]
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 1 and "--out" not in result.output
+    assert result.output.strip().splitlines()[-1] == (
+        f"Error: {run_dir} holds run files (eval-test-k8.json) that a new run would "
+        "replace or stand beside; choose an empty or new folder (--runs-dir)"
+    )
+
+
+@pytest.mark.parametrize("made", [False, True])
+def test_a_report_of_a_folder_without_the_grids_runs_is_refused(
+    grid_file, tmp_path, made
+):
+    # A mistyped --runs-dir overwrote the report (and the readme's table) with
+    # rows reading "not run yet".
+    readme = tmp_path / "README.md"
+    readme.write_text("<!-- grid-table:start -->\nold\n<!-- grid-table:end -->\n")
+    (tmp_path / "table.md").write_text("old")
+    runs_dir = tmp_path / "typo"
+    if made:
+        (runs_dir / "other-run").mkdir(parents=True)
+    args = ["reproduce", str(grid_file), "--report-only", "--readme", str(readme)]
+    result = CliRunner().invoke(cli, [*args, "--runs-dir", str(runs_dir)])
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    where = "holds none of the grid's runs" if made else "does not exist"
+    assert result.output.strip().splitlines() == [
+        f"Error: the runs folder {runs_dir} {where}, so its report would say 'not "
+        "run yet' for every run; nothing was written: pass the folder of the "
+        "grid's runs (--runs-dir), or train them first"
+    ]
+    assert (tmp_path / "table.md").read_text() == "old" and "old" in readme.read_text()
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        ["grid.json", "README.md", "table.md", *["typo"] * made]
+    )
+
+
+def test_two_grid_files_in_one_folder_keep_their_runs_and_reports_apart(
+    grid_file, tmp_path, monkeypatch
+):
+    # Both read and wrote runs/ and table.md beside them: one report overwrote
+    # the other's.
+    import pyro_iwae_cli.grid as G
+
+    used = []
+    monkeypatch.setattr(G, "run_grid", lambda g, runs_dir, **kw: used.append(runs_dir))
+    monkeypatch.setattr(
+        G, "write_report", lambda g, runs, out, readme: used.append(out) or {}
+    )
+    other = tmp_path / "other.json"
+    other.write_text(grid_file.read_text())
+    for path in (grid_file, other):
+        result = CliRunner().invoke(cli, ["reproduce", str(path), "--quiet"])
+        assert result.exit_code == 0, result.output
+    assert used == [
+        tmp_path / "runs",
+        tmp_path,
+        tmp_path / "other" / "runs",
+        tmp_path / "other",
+    ]

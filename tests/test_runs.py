@@ -179,6 +179,34 @@ def test_a_refused_resume_leaves_the_config_as_it_was(run_dir):
     assert [m["epoch"] for m in history] == [1, 2]
 
 
+def test_a_resume_with_an_unknown_setting_is_refused_as_a_new_run_is(tmp_path):
+    # An AttributeError traceback ('RunConfig' object has no attribute 'epoch').
+    small_config().save(tmp_path)
+    message = (
+        "unknown run settings epoch (epochs?); use the names of a run's "
+        "config.json, the fields of RunConfig"
+    )
+    with pytest.raises(RunError) as error:
+        Run(tmp_path).resumed_config({"epoch": 7})
+    assert str(error.value) == message
+    (tmp_path / "t.json").write_text('{"epoch": 3}')
+    result = invoke(
+        "fit", "--resume", "--out", tmp_path, "--config", tmp_path / "t.json"
+    )
+    assert assert_one_line_error(result) == f"Error: {message}"
+
+
+def test_a_new_run_trained_without_a_config_is_refused_for_that(tmp_path):
+    # Refused as "run directory ... does not exist", which it was meant to be.
+    with pytest.raises(RunError) as error:
+        Run(tmp_path / "new").train()
+    assert str(error.value) == (
+        f"no config to train {tmp_path / 'new'} with: pass a RunConfig, "
+        "Run(path).train(config), or resume an existing run (resume=True)"
+    )
+    assert not (tmp_path / "new").exists()
+
+
 def test_a_resume_missing_a_file_says_which_and_changes_nothing(run_dir):
     # A deleted checkpoint was said never to have finished an epoch; a deleted
     # metrics file resumed silently, its record then missing the first epochs.

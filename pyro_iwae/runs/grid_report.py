@@ -14,8 +14,9 @@ import os
 from pathlib import Path
 from typing import Any
 
+from ..errors import literal
 from .checkpoints import RunError, read_metrics
-from .config import RunConfig
+from .config import CONFIG_FILE, RunConfig
 from .reproduction import Grid, ais_path, evaluation_path
 from .run import read_estimates
 
@@ -55,6 +56,23 @@ def _claim_text(claim: list[Any]) -> str:
     if isinstance(claim[0], str):
         return f"{claim[0]} below {claim[1]}"
     return f"{_claim_text(claim[0])} by more than {_claim_text(claim[1])}"
+
+
+def check_runs_present(grid: Grid, runs_dir: str | os.PathLike) -> None:
+    """:raises RunError: if ``runs_dir`` holds none of the runs of ``grid`` (a
+    mistyped folder), whose report would say "not run yet" for every run."""
+    runs_dir = Path(runs_dir)
+    if any((runs_dir / name / CONFIG_FILE).is_file() for name in grid.runs):
+        return
+    where = (
+        "does not exist" if not runs_dir.is_dir() else "holds none of the grid's runs"
+    )
+    raise RunError(
+        f"the runs folder {literal(runs_dir)} {where}, so its report would say "
+        "'not run yet' for every run; nothing was written: pass the folder of the "
+        "grid's runs ({runs_dir}), or train them first",
+        template=True,
+    )
 
 
 def collect(grid: Grid, runs_dir: str | os.PathLike) -> list[dict[str, Any]]:

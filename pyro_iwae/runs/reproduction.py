@@ -60,7 +60,12 @@ class Grid:
             or gives a run settings that do not go together.
         """
         try:
-            values = json.loads(Path(path).read_text())
+            values = json.loads(Path(path).read_text(), object_pairs_hook=_unique)
+        except _Repeated as e:
+            raise RunError(
+                f"grid {path}: key {e.args[0]!r} is given twice in one object; "
+                "give each run name and setting once: fix the file"
+            ) from None
         except (OSError, json.JSONDecodeError) as e:
             raise RunError(f"cannot read grid {path} ({e}); fix the file") from e
         problem = _shape_problem(values)
@@ -78,7 +83,7 @@ class Grid:
         for name in grid.runs:
             try:
                 grid.config(name)  # fails early on unknown or clashing settings
-            except ValueError as e:
+            except (ValueError, RunError) as e:  # RunError: unknown settings
                 raise RunError(f"run {name} of grid {path}: {e}; fix the file") from e
         unknown = [n for n in (grid.ais or {}).get("runs", []) if n not in grid.runs]
         if unknown or set(grid.ais or {}) - {"runs", "steps", "chains", "limit"}:
@@ -124,15 +129,37 @@ class Grid:
             found.append((self.ais_fields, {k: f"ais {v}" for k, v in names.items()}))
         return found
 
-    def config(self, name: str, data_dir: str | os.PathLike | None = None) -> RunConfig:
-        """The run config of run ``name``, with ``data_dir`` (None: the grid's),
-        checked as :meth:`RunConfig.merge` checks a new run's (a data file made
-        absolute from the working directory, its ``x_dim`` read from it unless
-        the grid sets it)."""
+    def config(
+        self,
+        name: str,
+        data_dir: str | os.PathLike | None = None,
+        device: torch.device | str | None = None,
+    ) -> RunConfig:
+        """The run config of run ``name``, with ``data_dir`` and ``device`` (None:
+        the grid's), checked as :meth:`RunConfig.merge` checks a new run's (a
+        data file made absolute from the working directory, its ``x_dim`` read
+        from it unless the grid sets it)."""
         values = {**self.base, **self.runs[name]}
         if data_dir is not None:
             values["data_dir"] = str(data_dir)
+        if device is not None:
+            values["device"] = str(device)
         return RunConfig.merge(values, named=())
+
+
+class _Repeated(Exception):
+    """A key given twice in one object of a grid file."""
+
+
+def _unique(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """A JSON object's pairs as a dict; :raises _Repeated: on a key given twice
+    (a run defined twice was one run, its last definition)."""
+    values: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in values:
+            raise _Repeated(key)
+        values[key] = value
+    return values
 
 
 def _shape_problem(values: Any) -> str | None:
@@ -158,6 +185,9 @@ def _shape_problem(values: Any) -> str | None:
     ais = values.get("ais")
     if ais is not None and not isinstance(ais, dict):
         return 'ais must be an object, {"runs": [...], "steps": N, ...}'
+    if ais is not None and not isinstance(ais.get("runs", []), list):
+        # A string's letters were taken for run names.
+        return 'the runs of ais must be a list of run names, {"runs": ["a"]}'
     if not isinstance(values.get("claims", []), list):
         return "claims must be a list of [lower, higher] pairs"
     return None
@@ -206,6 +236,8 @@ def run_grid(
     shares ``runs_dir`` (see :func:`_run_lock`), is left to it. ``on_run(name,
     what)`` is told ``what`` happens to each run ("skip", "busy", "train",
     "resume", "evaluate"; "busy" may be followed by who holds the run).
+    ``device`` (None: each run's own, ``"cpu"`` unless the grid sets it) is
+    where the runs train and are evaluated.
 
     Under torchrun the ranks train and evaluate each run together (rank 0 takes
     the run's lock), so several torchrun jobs, on one machine or several, can
@@ -226,7 +258,8 @@ def run_grid(
         )
     if jobs < 1:
         raise ValueError(f"jobs must be >= 1, got {jobs}")
-    device = distributed.init(device)
+    # As asked, not this rank's: training and evaluation map it to their rank.
+    distributed.init(device)
     if jobs > 1 and distributed.current() is not None:
         raise RunError(
             "parallel jobs and torchrun do not go together: under torchrun the "
@@ -266,6 +299,8 @@ def _run_one(
     eval_callback: Callable[[torch.Tensor, int], None] | None = None,
 ) -> None:
     run_dir = Path(runs_dir) / name
+    config = grid.config(name, data_dir, device)
+    device = config.device  # it was trained there; it is evaluated there too
 
     def evaluated() -> bool:
         return _finished(grid, name, run_dir, data_dir)
@@ -281,10 +316,12 @@ def _run_one(
             _tell(on_run, name, "skip")
             return
         resume = distributed.from_main((run_dir / CHECKPOINT_FILE).is_file)
+        if resume:  # refused before it is said to resume
+            distributed.from_main(lambda: _check_resumable(name, run_dir, config))
         before = distributed.from_main(lambda: _steps(run_dir)) if resume else None
         _tell(on_run, name, "resume" if resume else "train")
         train_run(
-            grid.config(name, data_dir),
+            config,
             run_dir,
             resume=resume,
             data_dir=data_dir,
@@ -338,6 +375,42 @@ def _finished(
     steps = _steps(run_dir)
     paths = [evaluation_path(grid, run_dir), ais_path(grid, name, run_dir)]
     return all(path is None or _evaluated_after(path, steps) for path in paths)
+
+
+def _check_resumable(name: str, run_dir: Path, config: RunConfig) -> None:
+    """:raises RunError: if run ``name`` in ``run_dir`` cannot go on as ``config``,
+    the grid's settings for it, says (see :func:`run_writer.resumed_config`):
+    said in the grid's keys, with advice that fits a grid, not fit's options."""
+    try:
+        run_writer.resumed_config(run_dir, config.to_dict())
+    except (ConfigError, CheckpointError) as e:
+        saved = RunConfig.load(run_dir)
+        schedule = isinstance(e, CheckpointError)  # shorter than it has trained
+        fields = run_writer.EXTENDABLE if schedule else saved.to_dict()
+        kept = (*run_writer.MEANS, *run_writer.EXTENDABLE)
+        differences = [
+            f"{field} {json.dumps(getattr(saved, field))} (the grid's: "
+            f"{json.dumps(getattr(config, field))})"
+            for field in fields
+            if (schedule or field not in kept)
+            and getattr(saved, field) != getattr(config, field)
+        ]
+        if not differences:
+            raise  # no setting of the grid's to blame
+        if schedule:
+            what, advice = (
+                "has trained past the grid's schedule",
+                ("a run's schedule may only go on: give the grid the run's (or more)"),
+            )
+        else:
+            what, advice = (
+                "was trained with other settings than the grid's",
+                ("set them back in the grid"),
+            )
+        raise RunError(
+            f"run {name} ({run_dir}) {what}: {', '.join(differences)}; {advice}, "
+            f"or delete {run_dir} to train the run afresh"
+        ) from e
 
 
 def _steps(run_dir: Path) -> int | None:

@@ -18,7 +18,6 @@ import dataclasses
 import os
 from collections.abc import Callable, Iterable
 from contextlib import nullcontext
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -63,6 +62,7 @@ from .eval_results import (
     summarise,
     versions,
 )
+from .run_dirs import find_latest_run, new_run_dir
 from .run_writer import build_run
 
 __all__ = [
@@ -214,9 +214,16 @@ class Run:
         ``pyro_iwae.runs.run_writer.train``. Returns the metrics of every epoch.
 
         :raises RunBusy: if another process (group) trains the run.
+        :raises RunError: without ``config`` for a new run not made by :meth:`new`.
         """
         if config is None and not resume:
             config = self._new_config
+            if config is None and not (self.path / CONFIG_FILE).is_file():
+                # Else refused as "run directory ... does not exist", a resume's.
+                raise RunError(
+                    f"no config to train {self.path} with: pass a RunConfig, "
+                    "Run(path).train(config), or resume an existing run (resume=True)"
+                )
         return run_writer.train(
             self.path,
             config,
@@ -377,53 +384,6 @@ def _as_dataset(dataset: str | os.PathLike) -> str:
     if is_data_file(dataset):
         return str(Path(dataset).expanduser().resolve())
     return str(dataset)
-
-
-def new_run_dir(
-    runs_dir: str | os.PathLike, config: RunConfig, now: datetime | None = None
-) -> Path:
-    """Creates and returns a fresh folder under ``runs_dir`` for a run of ``config``,
-    named ``<YYYYmmdd-HHMMSS>-<dataset>-<objective>-k<k>`` (with a suffix if taken)."""
-    stamp = (now or datetime.now()).strftime("%Y%m%d-%H%M%S")
-    dataset = (
-        Path(config.dataset).stem if is_data_file(config.dataset) else config.dataset
-    )
-    base = f"{stamp}-{dataset}-{config.objective}-k{config.num_particles}"
-    runs_dir = Path(runs_dir)
-    runs_dir.mkdir(parents=True, exist_ok=True)
-    for i in range(1, 1000):
-        path = runs_dir / (base if i == 1 else f"{base}-{i}")
-        try:
-            path.mkdir()
-        except FileExistsError:
-            continue
-        return path
-    raise RunError(f"too many runs named {base} in {runs_dir}; pass another folder")
-
-
-def find_latest_run(runs_dir: str | os.PathLike) -> Path:
-    """The run directory under ``runs_dir`` whose checkpoint (or config, before its
-    first epoch) was written last.
-
-    :raises RunError: if ``runs_dir`` holds no run.
-    """
-    runs_dir = Path(runs_dir)
-    candidates = []
-    if runs_dir.is_dir():
-        for path in runs_dir.iterdir():
-            for name in (CHECKPOINT_FILE, CONFIG_FILE):
-                if (path / name).is_file():
-                    candidates.append(((path / name).stat().st_mtime, path.name, path))
-                    break
-    if not candidates:
-        where = (
-            f"in {runs_dir}" if runs_dir.is_dir() else f"({runs_dir} does not exist)"
-        )
-        raise RunError(
-            f"no run found {where}; train one with fit, or pass a run directory, "
-            "or the folder of runs to look in"
-        )
-    return max(candidates)[2]
 
 
 def train_run(

@@ -73,6 +73,7 @@ def resumed_config(path: Path, given: dict[str, Any] | None = None) -> RunConfig
 
     :raises ConfigError: for another setting that differs, or settings that
         do not go together.
+    :raises RunError: for an unknown setting.
     :raises CheckpointError: for a schedule shorter than the run has trained.
     """
     saved = RunConfig.load(path)
@@ -85,8 +86,8 @@ def resumed_config(path: Path, given: dict[str, Any] | None = None) -> RunConfig
         if not hasattr(saved, name) or getattr(saved, name) != value
     }
     for name, value in given.items():
-        if name in EXTENDABLE or name in MEANS:
-            continue
+        if name in EXTENDABLE or name in MEANS or not hasattr(saved, name):
+            continue  # an unknown name is refused by merge below, as a new run's
         if name == "dataset" and _moved(saved.dataset, value):
             continue  # its points are checked against the run's model on loading
         if getattr(saved, name) != value:
