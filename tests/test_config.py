@@ -30,6 +30,11 @@ CLASHES = [
         "num_groups applies to objective miwae or piwae",
     ),
     ({"beta": 0.1}, ["--beta", "0.1"], "beta applies to objective ciwae"),
+    (
+        {"stochastic_layers": 3},
+        ["--layers", "3"],
+        "stochastic_layers of the paper's networks is 1 or 2, got 3",
+    ),
     ({"alpha": 0.5}, ["--alpha", "0.5"], "alpha applies to objective renyi"),
     (
         {"objective": "renyi", "alpha": 1.0},

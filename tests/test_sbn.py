@@ -111,7 +111,11 @@ def test_the_sbn_pairs_only_with_itself(tmp_path, model, guide, fragment):
 def test_three_layers_are_for_the_sbn_only(tmp_path):
     result = CliRunner().invoke(cli, ["fit", "--layers", "3", *SMALL])
     assert result.exit_code != 0
-    assert "stochastic_layers must be 1 or 2" in result.output
+    # It named the Python argument (stochastic_layers) and not the sbn model.
+    assert (
+        "Error: --layers of the paper's networks is 1 or 2, got 3; --model sbn "
+        "takes any number\n"
+    ) in result.output
     assert "Traceback" not in result.output
 
 

@@ -32,7 +32,7 @@ from ..errors import ConfigError, one_line
 from ..infer.objectives import ESTIMATORS
 from ..nn.guides import ZOO
 from ..nn.likelihoods import LIKELIHOODS, check_likelihood
-from ..nn.models import architecture
+from ..nn.models import ARCHITECTURES, architecture
 from ..nn.networks import ACTIVATIONS
 from ..nn.registry import BuilderError, resolve
 from .checkpoints import RunError, write_json
@@ -311,11 +311,6 @@ class RunConfig:
         self.make_schedule()
         self.make_objective()
         check_likelihood(self.likelihood, self.sigma)
-        if self.activation not in ACTIVATIONS:
-            raise ValueError(
-                f"unknown activation {self.activation!r}; choose one of: "
-                f"{', '.join(ACTIVATIONS)}"
-            )
         if self.model == "sbn" and self.guide in ZOO:
             raise ConfigError(
                 "{model} sbn samples binary units h1, h2, ... that the "
@@ -330,21 +325,12 @@ class RunConfig:
                 "model does not: use {model} sbn with it"
             )
         if self.model == "paper" or self.guide in ZOO:
+            if self.stochastic_layers not in ARCHITECTURES:
+                raise ConfigError(
+                    "{stochastic_layers} of the paper's networks is 1 or 2, got "
+                    f"{self.stochastic_layers!r}; {{model}} sbn takes any number"
+                )
             architecture(self.stochastic_layers, self.hidden, self.latent_dim)
-        elif not isinstance(self.stochastic_layers, int) or self.stochastic_layers < 1:
-            raise ValueError(
-                f"stochastic_layers must be an integer >= 1, got "
-                f"{self.stochastic_layers!r}"
-            )
-        if self.binarize is not None and self.binarize not in BINARIZATIONS:
-            raise ValueError(
-                f"binarize must be one of {', '.join(BINARIZATIONS)}, got "
-                f"{self.binarize!r}"
-            )
-        if not 0 < self.test_fraction < 1:
-            raise ValueError(
-                f"test_fraction must lie in (0, 1), got {self.test_fraction}"
-            )
         resolve("model", self.model)
         resolve("guide", self.guide)
 
