@@ -532,3 +532,58 @@ def test_a_user_model_nesting_a_plate_in_the_data_plate_trains_and_evaluates(
     gap = exact[:3] - torch.tensor(ais, dtype=torch.float64)
     assert (gap.abs() < 3 * stderr).all(), (gap, stderr)
     monkeypatch.delitem(sys.modules, "nested_modules")
+
+
+BATCH_NESTED_MODULES = (
+    NESTED_MODULES
+    + """
+
+class OnePointModel(PlateModel):
+    \"\"\"PlateModel, but one data plate alone on one point.\"\"\"
+
+    def forward(self, x):
+        if x.shape[0] > 1:
+            return super().forward(x)
+        with pyro.plate("data", 1):
+            z = pyro.sample("z", dist.Normal(x.new_zeros(2), 1.0).to_event(1))
+            loc = z @ self.w.T + self.b
+            pyro.sample("x", dist.Normal(loc, self.log_sigma.exp()).to_event(1), obs=x)
+
+
+class OnePointGuide(PlateGuide):
+    def forward(self, x):
+        if x.shape[0] > 1:
+            return super().forward(x)
+        with pyro.plate("data", 1):
+            scale = self.log_scale.exp()
+            pyro.sample("z", dist.Normal(self.encoder(x), scale).to_event(1))
+
+
+def build_one_point_model(x_dim, stochastic_layers, data_mean=None, **options):
+    return OnePointModel(x_dim)
+
+
+def build_one_point_guide(x_dim, stochastic_layers, **options):
+    return OnePointGuide(x_dim)
+"""
+)
+
+
+def test_plates_nested_deeper_on_a_batch_than_on_a_point_get_advice_for_a_cli_user(
+    tmp_path, monkeypatch
+):
+    # The CLI passed on the library's "pass max_plate_nesting=2", which no
+    # option sets.
+    from test_cli import assert_one_line_error, invoke
+
+    (tmp_path / "batch_nested.py").write_text(BATCH_NESTED_MODULES)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.chdir(tmp_path)
+    torch.save(torch.randn(40, 3, generator=torch.manual_seed(0)), "x.pt")
+    plugins = ["--model", "batch_nested:build_one_point_model"]
+    plugins += ["--guide", "batch_nested:build_one_point_guide"]
+    args = ["--dataset", "x.pt", "--likelihood", "gaussian", *plugins]
+    result = invoke("fit", *args, "--compile", "off", "--out", "run")
+    error = assert_one_line_error(result, "nests plates 2 deep", "from one data point")
+    assert "pass max_plate_nesting" not in error
+    monkeypatch.delitem(sys.modules, "batch_nested")
