@@ -114,7 +114,7 @@ def check_guide(
     try:
         result = check_run_guide(
             settings if run_dir is None else run_dir,
-            objective=settings.make_objective(),
+            settings=settings,
             batch_size=batch_size,
             num_draws=draws,
             alpha=alpha,

@@ -777,3 +777,33 @@ def test_flat_weights_give_a_khat_of_minus_inf_not_too_few_samples():
     # Too few weights still say so.
     results[:, 2] = math.nan
     assert eval_results._diagnostics(results, "iwae")["khat_flat"] is None
+
+
+def test_the_paper_model_is_trained_and_evaluated_with_its_data_plate_alone(
+    tmp_path, monkeypatch
+):
+    # Runs find their plate nesting now (it was fixed at 1, and a user's nested
+    # plates were refused); the paper model's must stay one plate, as before.
+    from pyro_iwae.runs import estimates, run_writer
+
+    objectives, nestings = [], []
+    fit, estimator = run_writer.fit, estimates.per_point_estimator
+
+    def fit_recorded(model, guide, data, objective, **kwargs):
+        objectives.append(objective)
+        return fit(model, guide, data, objective, **kwargs)
+
+    def estimator_recorded(model, guide, settings, nesting):
+        nestings.append(nesting)
+        return estimator(model, guide, settings, nesting)
+
+    monkeypatch.setattr(run_writer, "fit", fit_recorded)
+    monkeypatch.setattr(estimates, "per_point_estimator", estimator_recorded)
+    run = tmp_path / "run"
+    train_run(small_config(), run)
+    Run(run).evaluate(EvalSettings(num_samples=5, limit=2))
+    Run(run).evaluate(EvalSettings(method="ais", ais_steps=2, num_chains=2, limit=2))
+    # The data plate, and the particle plate left of it.
+    assert [objective.max_plate_nesting for objective in objectives] == [2]
+    assert nestings == [1, 1]
+    assert "max_plate_nesting" not in json.loads((run / CONFIG_FILE).read_text())

@@ -1,6 +1,7 @@
 """fit and log_likelihood for any nn.Module / PyroModule model and guide, and
 one clear error for each bad input of log_likelihood and dataset_log_likelihood."""
 
+import json
 import sys
 from pathlib import Path
 
@@ -428,3 +429,161 @@ def test_test_points_a_global_latent_model_cannot_bound_are_refused_up_front(
     assert "log_likelihood" not in result.output
     assert not (tmp_path / "cli").exists()
     monkeypatch.delitem(sys.modules, "global_modules")
+
+
+NESTED_MODULES = '''
+import pyro
+import pyro.distributions as dist
+import torch
+from torch import nn
+
+
+class PlateModel(nn.Module):
+    """Linear-Gaussian, x_j | z ~ N(w_j z + b_j, sigma^2) in a plate over the
+    values j (dim -1) inside the data plate (dim -2)."""
+
+    def __init__(self, x_dim):
+        super().__init__()
+        self.w = nn.Parameter(0.1 * torch.randn(x_dim, 2))
+        self.b = nn.Parameter(torch.zeros(x_dim))
+        self.log_sigma = nn.Parameter(torch.zeros(()))
+
+    def forward(self, x):
+        with pyro.plate("data", x.shape[0], dim=-2):
+            z = pyro.sample("z", dist.Normal(x.new_zeros(2), 1.0).to_event(1))
+            loc = z.squeeze(-2) @ self.w.T + self.b
+            with pyro.plate("values", x.shape[-1], dim=-1):
+                pyro.sample("x", dist.Normal(loc, self.log_sigma.exp()), obs=x)
+
+
+class PlateGuide(nn.Module):
+    def __init__(self, x_dim):
+        super().__init__()
+        self.encoder = nn.Linear(x_dim, 2)
+        self.log_scale = nn.Parameter(torch.zeros(2))
+
+    def forward(self, x):
+        with pyro.plate("data", x.shape[0], dim=-2):
+            loc = self.encoder(x).unsqueeze(-2)
+            pyro.sample("z", dist.Normal(loc, self.log_scale.exp()).to_event(1))
+
+
+def build_model(x_dim, stochastic_layers, data_mean=None, **options):
+    return PlateModel(x_dim)
+
+
+def build_guide(x_dim, stochastic_layers, **options):
+    return PlateGuide(x_dim)
+'''
+
+
+def test_a_user_model_nesting_a_plate_in_the_data_plate_trains_and_evaluates(
+    tmp_path, monkeypatch
+):
+    # fit refused it: "nests plates 2 deep, more than max_plate_nesting=1 ...;
+    # pass max_plate_nesting=2", which neither an option nor a builder can.
+    import numpy as np
+    from test_cli import assert_ok, invoke
+
+    from pyro_iwae import load_run
+    from pyro_iwae.data import load_dataset
+
+    (tmp_path / "nested_modules.py").write_text(NESTED_MODULES)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.chdir(tmp_path)
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(3, 2, generator=g)
+    x = (
+        torch.randn(200, 2, generator=g) @ w.T
+        + 1
+        + 0.5 * torch.randn(200, 3, generator=g)
+    )
+    np.save(tmp_path / "lg.npy", x.numpy())
+    plugins = ["--model", "nested_modules:build_model"]
+    plugins += ["--guide", "nested_modules:build_guide"]
+    args = ["--dataset", "lg.npy", "--likelihood", "gaussian", *plugins]
+    args += ["--lr", 0.02, "--compile", "off", "--out", "run"]
+    assert_ok(invoke("fit", *args, "--epochs", 29))
+    # A resumed run finds the same nesting, and so tests each epoch as before.
+    assert_ok(invoke("fit", "--resume", "--out", "run", "--epochs", 30))
+    metrics = [json.loads(line) for line in open("run/metrics.jsonl")]
+    assert len(metrics) == 30 and metrics[-1]["test_bound"] > metrics[0]["test_bound"]
+    assert_ok(invoke("eval-nll", "run", "--k", 1000, "--limit", 0, "--quiet"))
+    checked = invoke("check-guide", "run", "--estimator", "dreg", "--draws", 20)
+    assert_ok(checked)
+    assert "passed" in checked.output
+    ais = ["--method", "ais", "--ais-steps", 10, "--limit", 3, "--quiet"]
+    assert_ok(invoke("eval-nll", "run", *ais))
+    # The trained model's exact log p(x): x ~ N(b, W W^T + sigma^2 I).
+    _, model, _ = load_run("run")
+    with torch.no_grad():
+        w, b = model.w.double(), model.b.double()
+        cov = w @ w.T + torch.eye(3, dtype=torch.float64) * model.log_sigma.exp() ** 2
+        test = load_dataset("lg.npy", binarize="none").test.double()
+        exact = torch.distributions.MultivariateNormal(b, cov).log_prob(test)
+    run = tmp_path / "run"
+    iwae = [float(v) for v in (run / "estimates-test-k1000.txt").read_text().split()]
+    gap = exact - torch.tensor(iwae, dtype=torch.float64)
+    # A bound, up to Monte Carlo noise, and a tight one at k = 1000 (ESS ~800).
+    assert -0.01 < float(gap.mean()) < 0.02, gap
+    ais = [float(v) for v in (run / "estimates-test-ais10x16.txt").read_text().split()]
+    rows = (run / "diagnostics-test-ais10x16.txt").read_text().splitlines()[1:]
+    stderr = torch.tensor([float(row.split()[0]) for row in rows], dtype=torch.float64)
+    gap = exact[:3] - torch.tensor(ais, dtype=torch.float64)
+    assert (gap.abs() < 3 * stderr).all(), (gap, stderr)
+    monkeypatch.delitem(sys.modules, "nested_modules")
+
+
+BATCH_NESTED_MODULES = (
+    NESTED_MODULES
+    + """
+
+class OnePointModel(PlateModel):
+    \"\"\"PlateModel, but one data plate alone on one point.\"\"\"
+
+    def forward(self, x):
+        if x.shape[0] > 1:
+            return super().forward(x)
+        with pyro.plate("data", 1):
+            z = pyro.sample("z", dist.Normal(x.new_zeros(2), 1.0).to_event(1))
+            loc = z @ self.w.T + self.b
+            pyro.sample("x", dist.Normal(loc, self.log_sigma.exp()).to_event(1), obs=x)
+
+
+class OnePointGuide(PlateGuide):
+    def forward(self, x):
+        if x.shape[0] > 1:
+            return super().forward(x)
+        with pyro.plate("data", 1):
+            scale = self.log_scale.exp()
+            pyro.sample("z", dist.Normal(self.encoder(x), scale).to_event(1))
+
+
+def build_one_point_model(x_dim, stochastic_layers, data_mean=None, **options):
+    return OnePointModel(x_dim)
+
+
+def build_one_point_guide(x_dim, stochastic_layers, **options):
+    return OnePointGuide(x_dim)
+"""
+)
+
+
+def test_plates_nested_deeper_on_a_batch_than_on_a_point_get_advice_for_a_cli_user(
+    tmp_path, monkeypatch
+):
+    # The CLI passed on the library's "pass max_plate_nesting=2", which no
+    # option sets.
+    from test_cli import assert_one_line_error, invoke
+
+    (tmp_path / "batch_nested.py").write_text(BATCH_NESTED_MODULES)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.chdir(tmp_path)
+    torch.save(torch.randn(40, 3, generator=torch.manual_seed(0)), "x.pt")
+    plugins = ["--model", "batch_nested:build_one_point_model"]
+    plugins += ["--guide", "batch_nested:build_one_point_guide"]
+    args = ["--dataset", "x.pt", "--likelihood", "gaussian", *plugins]
+    result = invoke("fit", *args, "--compile", "off", "--out", "run")
+    error = assert_one_line_error(result, "nests plates 2 deep", "from one data point")
+    assert "pass max_plate_nesting" not in error
+    monkeypatch.delitem(sys.modules, "batch_nested")

@@ -33,13 +33,14 @@ def latent_activity(
     over ``num_samples`` draws of its parents (exact for a site whose parameters
     depend on ``x`` only); where the distribution has no closed-form mean, the
     sampled values are averaged. ``guide`` is called as ``guide(batch)``, with
-    its data plate at dim -1. ``vectorize_particles=False`` runs the guide once
-    per draw, for a guide that does not broadcast over a leading particle
-    dimension (slower; the same estimate), as the evaluators'
-    (see :func:`~pyro_iwae.log_likelihood`).
+    its data plate the outermost of its plates (dim -1 where it has no other).
+    ``vectorize_particles=False`` runs the guide once per draw, for a guide that
+    does not broadcast over a leading particle dimension (slower; the same
+    estimate), as the evaluators' (see :func:`~pyro_iwae.log_likelihood`).
 
     :returns: site name -> per-unit variance over the rows of ``data``
-        (shape: the site's event shape).
+        (shape: the site's event shape, after the dims of plates in the data
+        plate).
     :raises ParticleBroadcastError: if the guide does not broadcast over the
         draws (pass ``vectorize_particles=False``).
     """
@@ -110,16 +111,19 @@ def _site_means(trace: pyro.poutine.Trace) -> dict[str, torch.Tensor]:
 def _vectorized_means(
     guide: Callable, batch: torch.Tensor, num_samples: int, caller: str
 ) -> dict[str, torch.Tensor]:
-    """The sites' means averaged over ``num_samples`` draws in one particle plate."""
-    sample_plate = pyro.plate(PARTICLE_PLATE, num_samples, dim=-2)
+    """The sites' means averaged over ``num_samples`` draws in one particle plate,
+    left of the guide's own plates (at dim -2 was among those of a guide that
+    nests a plate in the data plate)."""
+    depth = _depth_without_plate(guide, batch)
+    nesting = max(1, depth or 0)
+    sample_plate = pyro.plate(PARTICLE_PLATE, num_samples, dim=-1 - nesting)
     try:
         trace = pyro.poutine.trace(sample_plate(guide)).get_trace(batch)
     except BROADCAST_FAILURES as error:
-        depth = _depth_without_plate(guide, batch)
         if depth is None or num_samples == 1:
             raise
         raise ParticleBroadcastError.of_failure(
-            error, num_samples, 1, depth, caller
+            error, num_samples, nesting, depth, caller
         ) from None
     return {name: mean.mean(0) for name, mean in _site_means(trace).items()}
 

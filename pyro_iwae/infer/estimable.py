@@ -20,7 +20,13 @@ from pyro.poutine.util import site_is_subsample
 from ..errors import ProgramError, PyroIwaeError, literal, one_line
 from .arguments import cuda_devices
 from .support import is_point_mass
-from .traces import PARTICLE_PLATE, latent_sites, relative_scale, sample_sites
+from .traces import (
+    PARTICLE_PLATE,
+    latent_sites,
+    plate_depth,
+    relative_scale,
+    sample_sites,
+)
 
 
 def check_density(guide_trace: pyro.poutine.Trace, caller: str) -> None:
@@ -87,6 +93,19 @@ def traced_pair(
         replayed = pyro.poutine.replay(model, trace=guide_trace)
         model_trace = pyro.poutine.trace(replayed).get_trace(*args, **kwargs)
     return model_trace, guide_trace
+
+
+def plate_nesting(model: Callable, guide: Callable, *args: Any, **kwargs: Any) -> int:
+    """The ``max_plate_nesting`` of ``model`` and ``guide``: how deep their
+    vectorized plates nest on one run on ``args`` (as :func:`check_program` runs
+    them), and at least 1, the data plate's. 1 where they fail to run: the
+    estimator's own checks then say why."""
+    try:
+        with pyro.settings.context(module_local_params=True):
+            traces = traced_pair(model, guide, *args, **kwargs)
+    except Exception:  # noqa: BLE001 - their failure is said where they are used
+        return 1
+    return max(1, plate_depth(sample_sites(traces)))
 
 
 def innermost(error: BaseException) -> BaseException:

@@ -8,6 +8,7 @@ import os
 from ..infer.gradient_check import GradientCheck, check_guide_gradients
 from ..infer.objectives import IWELBO
 from .config import RunConfig
+from .estimates import run_nesting
 from .run import Run, build_run
 
 __all__ = ["check_run_guide"]
@@ -17,6 +18,7 @@ def check_run_guide(
     run: RunConfig | str | os.PathLike,
     *,
     objective: IWELBO | None = None,
+    settings: RunConfig | None = None,
     batch_size: int = 8,
     num_draws: int = 100,
     alpha: float = 1e-3,
@@ -30,7 +32,9 @@ def check_run_guide(
     :param run: a run directory (its checkpoint's parameters), or a
         :class:`~pyro_iwae.RunConfig` (model and guide as initialised from its
         seed, before any training).
-    :param objective: the objective and estimator to check; default the run's.
+    :param objective: the objective and estimator to check, as it is; default
+        that of ``settings`` (default the run's config), as deep as the model's
+        and guide's plates nest (see :func:`~pyro_iwae.runs.estimates.run_nesting`).
     :param dataset: with a run directory, where its data are now (a data file
         since moved), as for :meth:`~pyro_iwae.Run.data`.
     :raises RunError, CheckpointError, pyro_iwae.data.DataError: see
@@ -51,11 +55,14 @@ def check_run_guide(
         config, model, guide = found.load()
         data = found.data(data_dir, dataset, config)
     x = data.test[:batch_size]
+    if objective is None:
+        nesting = run_nesting(model, guide, x)
+        objective = (config if settings is None else settings).make_objective(nesting)
     return check_guide_gradients(
         model,
         guide,
         x,
-        objective=config.make_objective() if objective is None else objective,
+        objective=objective,
         num_draws=num_draws,
         alpha=alpha,
         seed=seed,

@@ -485,9 +485,9 @@ class RunConfig:
             self.schedule, epochs=self.epochs, stages=self.stages, lr=self.lr
         )
 
-    def make_objective(self) -> ELBO:
-        """The training objective (see :func:`~pyro_iwae.make_objective`); its
-        ``compile="auto"`` is settled by :func:`~pyro_iwae.fit`."""
+    def make_objective(self, max_plate_nesting: int = 1) -> ELBO:
+        """The training objective (see :func:`~pyro_iwae.make_objective`) of plates
+        nested ``max_plate_nesting`` deep; its ``compile="auto"`` is settled by fit."""
         return make_objective(
             self.objective,
             self.num_particles,
@@ -496,6 +496,7 @@ class RunConfig:
             self.num_groups,
             self.beta,
             self.compile,
+            max_plate_nesting,
         )
 
     def load_data(self, data_dir: str | os.PathLike | None = None) -> Dataset:

@@ -12,18 +12,35 @@ import torch
 
 from ..infer.ais import ais_log_likelihood
 from ..infer.diagnostics import log_likelihood_with_diagnostics
-from ..infer.evaluation import compile_seconds
+from ..infer.estimable import plate_nesting
+from ..infer.evaluation import compile_seconds, evaluating
 from . import distributed
 from .eval_results import EvalSettings
 
-__all__ = ["estimate_points", "per_point_estimator"]
+__all__ = ["estimate_points", "per_point_estimator", "run_nesting"]
+
+
+def run_nesting(
+    model: torch.nn.Module, guide: torch.nn.Module, points: torch.Tensor
+) -> int:
+    """The ``max_plate_nesting`` a run's ``model`` and ``guide`` are trained and
+    evaluated with: how deep their plates nest (at least 1, see
+    :func:`~pyro_iwae.infer.estimable.plate_nesting`) on the first of ``points``,
+    in eval mode. Found, not set: a user's model may nest plates in the data
+    plate, and a resumed run or an evaluation finds the same nesting again."""
+    with evaluating(model, guide):
+        return plate_nesting(model, guide, points[:1])
 
 
 def per_point_estimator(
-    model: torch.nn.Module, guide: torch.nn.Module, settings: EvalSettings
+    model: torch.nn.Module,
+    guide: torch.nn.Module,
+    settings: EvalSettings,
+    max_plate_nesting: int = 1,
 ) -> Callable[[torch.Tensor], torch.Tensor]:
     """Per batch ``[n, x_dim]``: ``[n, 1 + columns]``, each point's estimate and
-    its diagnostics (see :func:`~pyro_iwae.runs.eval_results.columns`)."""
+    its diagnostics (see :func:`~pyro_iwae.runs.eval_results.columns`), for a
+    model and guide whose plates nest ``max_plate_nesting`` deep."""
     if settings.method == "iwae":
         estimate = log_likelihood_with_diagnostics
         options = {"num_samples": settings.num_samples, "compile": settings.compile}
@@ -33,6 +50,7 @@ def per_point_estimator(
         estimate = ais_log_likelihood
         options = {"num_steps": settings.ais_steps, "num_chains": settings.num_chains}
         values = ("stderr", "ess", "khat", "acceptance_rate")
+    options["max_plate_nesting"] = max_plate_nesting
 
     def per_point(batch: torch.Tensor) -> torch.Tensor:
         result = estimate(
@@ -52,7 +70,8 @@ def estimate_points(
     callback: Callable[[torch.Tensor, int], None] | None,
 ) -> tuple[torch.Tensor, float, float]:
     """The estimates and diagnostics of ``points`` (float64 ``[n, 1 +
-    columns]``), the seconds they took and the seconds of those compiling."""
+    columns]``), the seconds they took and the seconds of those compiling; with
+    the plate nesting of ``model`` and ``guide`` (see :func:`run_nesting`)."""
     ranks = distributed.current()
     world = 1 if ranks is None else ranks.world
     batches = math.ceil(points.shape[0] / settings.batch_size)
@@ -60,7 +79,7 @@ def estimate_points(
     start = time.perf_counter()
     compiled_before = compile_seconds(settings.compile)
     results = distributed.sharded_map(
-        per_point_estimator(model, guide, settings),
+        per_point_estimator(model, guide, settings, run_nesting(model, guide, points)),
         points,
         seed=settings.seed,
         batch_size=settings.batch_size,

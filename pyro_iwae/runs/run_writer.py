@@ -34,6 +34,7 @@ from .callbacks import FitCallback
 from .checkpoints import CHECKPOINT_FILE, METRICS_FILE, load_checkpoint, read_metrics
 from .config import CONFIG_FILE, RunConfig
 from .data_record import DATA_RECORD, check_data, record_data
+from .estimates import run_nesting
 from .fit_steps import check_continues, check_test_bound, program_nesting
 from .training import fit
 
@@ -152,10 +153,9 @@ def train(
     config.validate()  # before anything is written
     distributed.init(config.device)
     ranks = distributed.current()
-    objective = config.make_objective()
     if ranks is not None:
         distributed.check_batch_size(config.batch_size, ranks.world)
-        distributed.check_objective(objective)
+        distributed.check_objective(config.make_objective())
     made = distributed.from_main(lambda m=made: _make_folder(path, resume, m))
     try:
         with locks.hold_for_ranks(path, WRITER) as holder:
@@ -170,9 +170,7 @@ def train(
             # files are not the run's to remove.
             changed = distributed.from_main(lambda: _check(path, config, resume))
             try:
-                return _train(
-                    path, config, objective, resume, data_dir, callback, changed
-                )
+                return _train(path, config, resume, data_dir, callback, changed)
             except BaseException:
                 if not resume and distributed.is_main():
                     _discard_unsaved(path)
@@ -197,7 +195,6 @@ def _make_folder(path: Path, resume: bool, made: bool) -> bool:
 def _train(
     path: Path,
     config: RunConfig,
-    objective: Any,
     resume: bool,
     data_dir: str | os.PathLike | None,
     callback: FitCallback | None,
@@ -229,6 +226,10 @@ def _train(
     # statistics move.
     # The first test point: binarised already where the data are, as training's are.
     point = (data.test if len(data.test) else data.train)[:1].to(device)
+    # Trained, tested each epoch and evaluated as deep as its plates nest: a
+    # user's model with a plate in the data plate was refused, with advice to
+    # pass max_plate_nesting, which no option or builder could.
+    objective = config.make_objective(run_nesting(model, guide, point))
     with evaluating(model, guide):
         nesting = program_nesting(objective)
         check_program(model, guide, point, max_plate_nesting=nesting)

@@ -46,6 +46,7 @@ def make_objective(
     num_groups: int = 1,
     beta: float = 0.5,
     compile: bool | str | None = False,
+    max_plate_nesting: int = 1,
 ) -> ELBO:
     """The training objective ``name`` with ``num_particles`` (k) vectorized particles;
     ``compile`` compiles the importance-weighted ones (see :class:`~pyro_iwae.IWELBO`).
@@ -59,7 +60,8 @@ def make_objective(
       :class:`~pyro_iwae.PIWELBO` with ``num_groups`` (M) groups of k particles;
     - ``"ciwae"``: :class:`~pyro_iwae.CIWELBO` with weight ``beta`` on the ELBO.
 
-    All use ``max_plate_nesting=1`` (one data plate).
+    All use ``max_plate_nesting`` (1: one data plate; 2 for a plate nested in
+    it, ...), not counting the particle plate.
 
     :raises ConfigError: for ``renyi`` with ``alpha`` = 1.
     """
@@ -71,7 +73,7 @@ def make_objective(
     common = {
         "num_particles": num_particles,
         "vectorize_particles": True,
-        "max_plate_nesting": 1,
+        "max_plate_nesting": max_plate_nesting,
     }
     weighted = {**common, "estimator": estimator, "compile": compile}
     if name == "iwae":
