@@ -18,13 +18,12 @@ TensorBoard and MLflow are optional: ``pip install 'pyro-iwae[tensorboard]'`` or
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import json
 import math
 import os
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +34,14 @@ from . import distributed
 from .callbacks import FitCallback, StepInfo
 from .checkpoints import RunError, check_writable
 from .eval_results import Evaluation
+from .mlflow_store import (
+    LOCAL_STORE,
+    MLFLOW_DB,
+    param_text,
+    params_to_log,
+    quick_requests,
+    remembered_run,
+)
 from .plots import image_grid, reconstruction_grid
 
 __all__ = [
@@ -51,7 +58,6 @@ __all__ = [
 
 #: Where each tracker writes inside a run directory.
 TENSORBOARD_DIR = "tensorboard"
-MLFLOW_DB = "mlflow.db"
 MLFLOW_ARTIFACTS = "mlartifacts"
 MLFLOW_RUN_FILE = "mlflow-run.json"
 CSV_FILE = "tracking.csv"
@@ -109,7 +115,8 @@ class Tracker(FitCallback):
         raise NotImplementedError
 
     def log_params(self, params: dict[str, Any]) -> None:
-        """Logs the configuration, once."""
+        """Logs the configuration (nested settings flattened as ``a.b``; values
+        numbers, strings, booleans, None or lists) at the start of each fit."""
         raise NotImplementedError
 
     def log_image(self, name: str, picture: torch.Tensor, step: int) -> None:
@@ -238,11 +245,17 @@ class TensorBoardTracker(Tracker):
         self.writer.flush()
 
     def log_params(self, params: dict[str, Any]) -> None:
+        texts = {k: param_text(v) for k, v in params.items()}
         self.writer.add_text(
-            "config", "\n".join(f"    {k}: {v}" for k, v in params.items())
+            "config", "\n".join(f"    {k}: {v}" for k, v in texts.items())
         )
+        # Numbers, strings and booleans as they are, the others as text.
+        hparams = {
+            k: v if isinstance(v, (bool, int, float, str)) else texts[k]
+            for k, v in params.items()
+        }
         # run_name="." keeps the hyper-parameters in this run's folder.
-        self.writer.add_hparams(params, {}, run_name=".")
+        self.writer.add_hparams(hparams, {}, run_name=".")
 
     def log_image(self, name: str, picture: torch.Tensor, step: int) -> None:
         self.writer.add_image(name, picture, step)
@@ -276,7 +289,7 @@ class MLflowTracker(Tracker):
         tracking = _require("mlflow.tracking", "mlflow")
         self.run_dir = Path(run_dir)
         remembered = self.run_dir / MLFLOW_RUN_FILE
-        previous = _remembered_run(remembered)
+        previous = remembered_run(remembered)
         if tracking_uri is None:
             tracking_uri = previous.get("tracking_uri") or os.environ.get(
                 "MLFLOW_TRACKING_URI"
@@ -289,7 +302,7 @@ class MLflowTracker(Tracker):
             tracking_uri = f"sqlite:///{(self.run_dir / MLFLOW_DB).resolve()}"
             self.run_dir.mkdir(parents=True, exist_ok=True)  # for the database
         self.tracking_uri = tracking_uri
-        with warnings.catch_warnings(), _quick_requests():
+        with warnings.catch_warnings(), quick_requests():
             # SQLAlchemy's deprecation warnings about MLflow's own store code.
             warnings.simplefilter("ignore", DeprecationWarning)
             self.client = tracking.MlflowClient(tracking_uri)
@@ -338,8 +351,10 @@ class MLflowTracker(Tracker):
         from mlflow.entities import Param
 
         logged = self.client.get_run(self.run_id).data.params
-        # MLflow refuses to change a parameter: a resumed run logs only new ones.
-        new = [Param(k, str(v)) for k, v in params.items() if k not in logged]
+        texts = {k: param_text(v) for k, v in params.items()}
+        # MLflow refuses to change a parameter: a resume that changed settings
+        # logs them as resume.<n>.<key>.
+        new = [Param(k, v) for k, v in params_to_log(logged, texts).items()]
         if new:
             self.client.log_batch(self.run_id, params=new)
 
@@ -353,41 +368,6 @@ class MLflowTracker(Tracker):
     def interrupted(self) -> None:
         # Not left RUNNING; a resume marks it RUNNING again.
         self.client.set_terminated(self.run_id, status="KILLED")
-
-
-#: What ``mlflow-run.json`` says for the run directory's own store.
-LOCAL_STORE = "run directory"
-
-
-def _remembered_run(path: Path) -> dict[str, Any]:
-    """The MLflow run that ``path`` remembers; a run directory's own store
-    remembered by pyro-iwae 0.1 (by its absolute path) as :data:`LOCAL_STORE`."""
-    if not path.exists():
-        return {}
-    previous = json.loads(path.read_text())
-    uri = previous.get("tracking_uri", "")
-    own = uri.startswith("sqlite:///") and uri.endswith(f"/{MLFLOW_DB}")
-    if own and (path.parent / MLFLOW_DB).exists():
-        previous["tracking_uri"] = LOCAL_STORE
-    return previous
-
-
-@contextlib.contextmanager
-def _quick_requests() -> Iterator[None]:
-    """MLflow's HTTP requests without retries and with a 10 s timeout, unless
-    set by the user: by MLflow's defaults a server out of reach was said after
-    about four minutes of silence."""
-    quick = {
-        "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0",
-        "MLFLOW_HTTP_REQUEST_TIMEOUT": "10",
-    }
-    added = [name for name in quick if name not in os.environ]
-    os.environ.update({name: quick[name] for name in added})
-    try:
-        yield
-    finally:
-        for name in added:
-            os.environ.pop(name, None)
 
 
 class CSVTracker(Tracker):
@@ -427,7 +407,7 @@ class CSVTracker(Tracker):
     def log_params(self, params: dict[str, Any]) -> None:
         self.log_dir.mkdir(parents=True, exist_ok=True)
         path = self.log_dir / "tracking-config.json"
-        path.write_text(json.dumps(params, indent=1, default=str) + "\n")
+        path.write_text(json.dumps(params, indent=1) + "\n")
 
     def log_image(self, name: str, picture: torch.Tensor, step: int) -> None:
         from torchvision.utils import save_image
@@ -512,16 +492,16 @@ def log_evaluation(
 
 
 def _flat_params(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """``config`` with nested dicts flattened (``a.b``) and values that are not
-    numbers, strings or booleans written as JSON."""
+    """``config`` with nested dicts flattened (``a.b``) and values as JSON has
+    them (tuples as lists, other objects as text)."""
     flat: dict[str, Any] = {}
     for key, value in config.items():
         if isinstance(value, dict):
             flat.update(_flat_params(value, f"{prefix}{key}."))
         elif value is None or isinstance(value, (bool, int, float, str)):
-            flat[prefix + key] = "None" if value is None else value
+            flat[prefix + key] = value
         else:
-            flat[prefix + key] = json.dumps(value, default=str)
+            flat[prefix + key] = json.loads(json.dumps(value, default=str))
     return flat
 
 
