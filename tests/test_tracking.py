@@ -375,3 +375,26 @@ def test_each_resume_that_changes_a_setting_logs_it_under_its_own_number():
     assert params_to_log(logged, {"epochs": "2", "lr": "0.001"}) == {
         "resume.2.epochs": "2"
     }
+
+
+def test_a_repeated_evaluation_is_logged_once(tracked, tmp_path):
+    # eval-nll repeated logged a second, identical row (and point) at the same
+    # step, where its JSON was replaced.
+    copy = tmp_path / "copy"
+    shutil.copytree(tracked[0], copy)
+    result = tracked[2]
+    log_evaluation(["tensorboard", "mlflow", "csv"], copy, result)
+    with (copy / "tracking-evaluation.csv").open() as f:
+        (row,) = list(csv.DictReader(f))
+    assert float(row["eval_test-k30/nll"]) == pytest.approx(result["nll"])
+    run_id = json.loads((copy / MLFLOW_RUN_FILE).read_text())["run_id"]
+    history = _local_client(copy).get_metric_history(run_id, "eval_test-k30/nll")
+    assert [m.step for m in history] == [2]
+    acc = event_accumulator.EventAccumulator(str(copy / "tensorboard"))
+    assert [e.step for e in acc.Reload().Scalars("eval_test-k30/nll")] == [2]
+    # Another result at that step (a checkpoint written within the epoch)
+    # replaces the row, as it does the JSON.
+    log_evaluation(["csv"], copy, {**result.to_json(), "nll": result["nll"] + 1})
+    with (copy / "tracking-evaluation.csv").open() as f:
+        (row,) = list(csv.DictReader(f))
+    assert float(row["eval_test-k30/nll"]) == pytest.approx(result["nll"] + 1)
