@@ -32,14 +32,15 @@ from pyro_iwae.errors import (
     RunError,
 )
 from pyro_iwae.infer.sampling import reconstruct, sample_images
-from pyro_iwae.runs import distributed
+from pyro_iwae.runs import distributed, locks
 from pyro_iwae.runs.allocator import keep_freed_memory
 from pyro_iwae.runs.callbacks import CallbackList
 from pyro_iwae.runs.config import RunConfig
 from pyro_iwae.runs.denormals import flush_denormals_from_start
-from pyro_iwae.runs.eval_results import EvalSettings, Evaluation
+from pyro_iwae.runs.eval_results import EvalSettings, Evaluation, checkpoint_place
 from pyro_iwae.runs.plots import save_curves, save_image_grid, save_reconstruction_grid
 from pyro_iwae.runs.run import Run, plan_fit
+from pyro_iwae.runs.run_writer import WRITER
 from pyro_iwae.runs.settings import read_settings
 from pyro_iwae.runs.tracking import (
     TRACKERS,
@@ -365,14 +366,34 @@ def eval_nll(
         progress.close()
     # The result first: it is written, whatever logging it does.
     click.echo(f"run: {run.path}")
-    for line in _eval_report(evaluation):
+    place = checkpoint_place(run.path, evaluation.trained_steps)
+    training = locks.held(run.path, WRITER) is not None
+    for line in _eval_report(evaluation, _checkpoint_line(evaluation, place, training)):
         click.echo(line)
     _quiet_mlflow()
     log_evaluation(loggers, run.path, evaluation)
 
 
-def _eval_report(result: Evaluation) -> list[str]:
-    """The lines eval-nll prints about ``result``."""
+def _checkpoint_line(
+    result: Evaluation, place: tuple[int, int] | None, training: bool
+) -> str | None:
+    """What eval-nll says of the checkpoint it scored, at ``place`` (see
+    :func:`checkpoint_place`) of a run still ``training`` or not: nothing where it
+    is the end of an epoch of a run no longer trained."""
+    if place is None or not (place[1] or training):
+        return None
+    epochs, into = place
+    where = f"{counted(into, 'step')} into epoch {epochs + 1}" if into else None
+    where = where or (f"after epoch {epochs}" if epochs else "before epoch 1")
+    line = f"scored the checkpoint at step {result.trained_steps} ({where})"
+    if training:
+        return line + " of a run still being trained"
+    return line + ", where its fit stopped: fit --resume finishes the epoch"
+
+
+def _eval_report(result: Evaluation, checkpoint: str | None = None) -> list[str]:
+    """The lines eval-nll prints about ``result``, and the line ``checkpoint``
+    on the checkpoint it scored (see :func:`_checkpoint_line`)."""
     if result.method == "iwae":
         how, samples = f"k={result.k}", counted(result.k, "sample")
     else:
@@ -416,6 +437,8 @@ def _eval_report(result: Evaluation) -> list[str]:
             f"NLL = {result.nll:.2f} ± {result.stderr:.2f} nats (mean ± standard "
             f"error; {where})"
         ]
+    if checkpoint is not None:  # what the NLL is of
+        lines.append(checkpoint)
     if result.bits_per_dim is not None:
         bits_error = result.bits_per_dim_stderr
         bits_error = "" if bits_error is None else f" ± {bits_error:.4f}"

@@ -112,7 +112,7 @@ def test_the_module_scan_sees_every_layer_and_nested_imports():
         assert f"pyro_iwae.{layer}" in graph
     # Known edges, one of them made inside a function (tracking's images).
     assert "pyro_iwae.infer.traces" in graph["pyro_iwae.infer.particles"]
-    assert "pyro_iwae.infer.sampling" in graph["pyro_iwae.runs.tracking"]
+    assert "pyro_iwae.infer.sampling" in graph["pyro_iwae.runs.tracker"]
     assert "pyro_iwae.infer.hooks" in graph["pyro_iwae.compiled"]
 
 

@@ -807,3 +807,54 @@ def test_the_paper_model_is_trained_and_evaluated_with_its_data_plate_alone(
     assert [objective.max_plate_nesting for objective in objectives] == [2]
     assert nestings == [1, 1]
     assert "max_plate_nesting" not in json.loads((run / CONFIG_FILE).read_text())
+
+
+def test_a_run_being_trained_before_its_first_checkpoint_is_said_to_be(
+    trained, tmp_path
+):
+    # eval-nll and sample said "start a new run (without resume)" of a run
+    # that another process was training and had not yet checkpointed.
+    run_dir = tmp_path / "run"
+    shutil.copytree(trained, run_dir)
+    (run_dir / CHECKPOINT_FILE).unlink()
+    with locks.hold(run_dir, WRITER):  # as the process training it would
+        for command in (["eval-nll", run_dir, "--k", 2], ["sample", run_dir]):
+            error = assert_one_line_error(invoke(*command))
+            assert "is being trained and has no checkpoint yet" in error
+            assert error.endswith("wait for its first epoch to end")
+    # Not being trained: the run's own advice.
+    error = assert_one_line_error(invoke("eval-nll", run_dir, "--k", 2))
+    assert "start a new run" in error
+
+
+def test_an_evaluation_of_a_mid_epoch_checkpoint_says_so(tmp_path, monkeypatch):
+    # eval-nll scored a checkpoint written within an epoch (--checkpoint-every)
+    # as if it were the run's last epoch's, without a word.
+    run_dir = tmp_path / "run"
+    calls = []
+
+    def step_then_stop(self, info):
+        calls.append(info)
+        if len(calls) == 7:  # epoch 2, step 3: after the checkpoint at step 6
+            raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:
+        m.setattr(progress.FitProgress, "on_step", step_then_stop)
+        args = [*SMALL[:-1], "3", "--checkpoint-every", 2, "--out", run_dir]
+        assert invoke("fit", *args, "--quiet").exit_code == 130
+    evaluate = ["eval-nll", run_dir, "--k", 2, "--limit", 5]
+    result = invoke(*evaluate)
+    assert_ok(result)
+    line = "scored the checkpoint at step 6 (2 steps into epoch 2)"
+    assert f"{line}, where its fit stopped: fit --resume finishes" in result.output
+    (saved,) = run_dir.glob("eval-*.json")
+    assert json.loads(saved.read_text())["trained_steps"] == 6
+    with locks.hold(run_dir, WRITER):  # as a fit resuming it would
+        result = invoke(*evaluate)
+    assert_ok(result)
+    assert f"{line} of a run still being trained" in result.output
+    # The end of an epoch of a run no longer trained: nothing to say.
+    assert (
+        cli_main._checkpoint_line(SimpleNamespace(trained_steps=4), (1, 0), False)
+        is None
+    )

@@ -14,6 +14,7 @@ from small_run import small_config
 
 from pyro_iwae import FitCallback, RunError, evaluate_run, train_run
 from pyro_iwae.runs.callbacks import CallbackList
+from pyro_iwae.runs.mlflow_store import params_to_log
 from pyro_iwae.runs.tracking import (
     MLFLOW_RUN_FILE,
     TrackingError,
@@ -342,3 +343,58 @@ def test_an_evaluation_logged_nowhere_reads_no_metrics(tmp_path):
     log_evaluation([], tmp_path, {"nll": 90.0, "stderr": 1.0, "split": "test"})
     with pytest.raises(RunError, match="metrics.jsonl"):
         log_evaluation(["csv"], tmp_path, {"nll": 90.0, "split": "test"})
+
+
+def test_a_resume_that_extends_the_run_logs_its_settings_to_every_tracker(
+    tracked, tmp_path
+):
+    # MLflow kept "epochs": "2" after a resume to 3 epochs, without a word,
+    # and tracking-config.json wrote JSON's null as the text "None".
+    copy = tmp_path / "copy"
+    shutil.copytree(tracked[0], copy)
+    trackers = make_trackers(["mlflow", "csv"], copy, images_every=0)
+    config = small_config(epochs=3)
+    train_run(config, copy, resume=True, callback=CallbackList(trackers))
+    run_id = json.loads((copy / MLFLOW_RUN_FILE).read_text())["run_id"]
+    params = _local_client(copy).get_run(run_id).data.params
+    assert params["epochs"] == "2" and params["resume.1.epochs"] == "3"
+    assert [k for k in params if k.startswith("resume.")] == ["resume.1.epochs"]
+    assert params["data_dir"] == "None"  # as MLflow's log_param writes None
+    saved = json.loads((copy / "tracking-config.json").read_text())
+    assert saved["epochs"] == 3 and saved["data_dir"] is None
+
+
+def test_each_resume_that_changes_a_setting_logs_it_under_its_own_number():
+    # A second resume's change would have been refused by MLflow under the first's.
+    logged = {"epochs": "2", "lr": "0.001", "resume.1.epochs": "3"}
+    assert params_to_log(logged, {"epochs": "3", "lr": "0.001"}) == {}
+    assert params_to_log(logged, {"epochs": "4", "lr": "0.001", "new": "1"}) == {
+        "new": "1",
+        "resume.2.epochs": "4",
+    }
+    assert params_to_log(logged, {"epochs": "2", "lr": "0.001"}) == {
+        "resume.2.epochs": "2"
+    }
+
+
+def test_a_repeated_evaluation_is_logged_once(tracked, tmp_path):
+    # eval-nll repeated logged a second, identical row (and point) at the same
+    # step, where its JSON was replaced.
+    copy = tmp_path / "copy"
+    shutil.copytree(tracked[0], copy)
+    result = tracked[2]
+    log_evaluation(["tensorboard", "mlflow", "csv"], copy, result)
+    with (copy / "tracking-evaluation.csv").open() as f:
+        (row,) = list(csv.DictReader(f))
+    assert float(row["eval_test-k30/nll"]) == pytest.approx(result["nll"])
+    run_id = json.loads((copy / MLFLOW_RUN_FILE).read_text())["run_id"]
+    history = _local_client(copy).get_metric_history(run_id, "eval_test-k30/nll")
+    assert [m.step for m in history] == [2]
+    acc = event_accumulator.EventAccumulator(str(copy / "tensorboard"))
+    assert [e.step for e in acc.Reload().Scalars("eval_test-k30/nll")] == [2]
+    # Another result at that step (a checkpoint written within the epoch)
+    # replaces the row, as it does the JSON.
+    log_evaluation(["csv"], copy, {**result.to_json(), "nll": result["nll"] + 1})
+    with (copy / "tracking-evaluation.csv").open() as f:
+        (row,) = list(csv.DictReader(f))
+    assert float(row["eval_test-k30/nll"]) == pytest.approx(result["nll"] + 1)

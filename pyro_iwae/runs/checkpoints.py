@@ -25,6 +25,7 @@ from typing import IO, Any
 import torch
 
 from ..errors import CheckpointError, RunError, one_line
+from . import locks
 
 __all__ = [
     "CHECKPOINT_FILE",
@@ -35,6 +36,7 @@ __all__ = [
     "atomic_write",
     "check_writable",
     "load_checkpoint",
+    "load_trained",
     "load_state",
     "read_metrics",
     "restore_rng",
@@ -183,6 +185,26 @@ def load_checkpoint(
             "new run"
         )
     return checkpoint
+
+
+def load_trained(
+    path: str | os.PathLike, map_location: torch.device | str | None = None
+) -> dict[str, Any]:
+    """:func:`load_checkpoint` of a run to read (evaluate, sample): where it has
+    none yet and another process is training it, says so.
+
+    :raises CheckpointError: see :func:`load_checkpoint`.
+    """
+    path = Path(path)
+    # The writer's lock of pyro_iwae.runs.run_writer, held while a fit trains.
+    trainer = None if path.is_file() else locks.held(path.parent, "writer")
+    if trainer is not None:
+        raise CheckpointError(
+            f"{path.parent} is being trained and has no checkpoint yet "
+            f"({trainer or 'its writer lock is taken'}); wait for its first "
+            "epoch to end"
+        )
+    return load_checkpoint(path, map_location)
 
 
 def trained_steps(checkpoint: dict[str, Any]) -> int | None:

@@ -28,13 +28,13 @@ import pyro
 import torch
 
 from .._version import __version__
-from ..errors import ConfigError
+from ..errors import ConfigError, RunError
 from ..infer.activity import count_active, latent_activity
 from ..infer.diagnostics import KHAT_THRESHOLD
 from ..infer.hooks import compiles
 from ..nn.likelihoods import CONTINUOUS
 from . import distributed
-from .checkpoints import write_json, write_text
+from .checkpoints import read_metrics, write_json, write_text
 from .config import RunConfig
 from .settings import check_applies, check_values, normalize_switches, setting
 
@@ -43,6 +43,7 @@ __all__ = [
     "EvalSettings",
     "Evaluation",
     "activity_of",
+    "checkpoint_place",
     "read_estimates",
     "result_path",
     "summarise",
@@ -460,6 +461,26 @@ def _diagnostics(results: torch.Tensor, method: str) -> dict[str, float | None]:
     if "acceptance" in values:
         diagnostics["acceptance_mean"] = float(values["acceptance"].mean())
     return diagnostics
+
+
+def checkpoint_place(
+    run_dir: str | os.PathLike, trained_steps: int | None
+) -> tuple[int, int] | None:
+    """Where a checkpoint of ``trained_steps`` training steps (an evaluation's)
+    stands in the run in ``run_dir``: the epochs it had finished and the steps
+    it had taken of the next (0 at an epoch's end); None where the run's
+    metrics do not tell (unreadable, or written before they counted steps)."""
+    if trained_steps is None:
+        return None
+    try:
+        ends = [m.get("steps") for m in read_metrics(run_dir)]
+    except RunError:
+        return None
+    if not all(isinstance(end, int) for end in ends):
+        return None
+    # Each epoch's metrics hold the steps taken by its end, over all epochs.
+    done = [end for end in ends if end <= trained_steps]
+    return len(done), trained_steps - (done[-1] if done else 0)
 
 
 def read_estimates(

@@ -19,7 +19,7 @@ try:
 except ImportError:  # Windows
     fcntl = None
 
-__all__ = ["HAS_FILE_LOCKS", "hold", "hold_for_ranks", "holder", "waiting"]
+__all__ = ["HAS_FILE_LOCKS", "held", "hold", "hold_for_ranks", "holder", "waiting"]
 
 #: Whether this system has ``fcntl.flock`` (not Windows).
 HAS_FILE_LOCKS = fcntl is not None
@@ -94,6 +94,19 @@ def holder(folder: Path, name: str) -> str:
     path = Path(folder) / f".{name}.claim"
     claim = _read_claim(path)
     return "" if claim is None else _holder_text(claim, path)
+
+
+def held(folder: Path, name: str) -> str | None:
+    """Who holds ``name`` of ``folder``, as its claim file tells (see
+    :func:`holder`); None where no process does: no claim, or the claim of a
+    process of this machine that has died."""
+    path = Path(folder) / f".{name}.claim"
+    if not path.exists():
+        return None
+    claim = _read_claim(path)
+    if _claim_is_dead(claim, socket.gethostname()):
+        return None
+    return _holder_text(claim, path)
 
 
 @contextmanager

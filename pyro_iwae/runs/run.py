@@ -44,8 +44,8 @@ from .callbacks import FitCallback
 from .checkpoints import (
     CHECKPOINT_FILE,
     check_writable,
-    load_checkpoint,
     load_state,
+    load_trained,
     read_metrics,
     trained_steps,
 )
@@ -423,7 +423,7 @@ def _load_run(
     config = RunConfig.load(run_dir)
     device = torch.device("cpu" if device is None else device)
     path = run_dir / CHECKPOINT_FILE
-    checkpoint = load_checkpoint(path, map_location=device)
+    checkpoint = load_trained(path, map_location=device)
     try:
         model, guide = build_run(config, device=device)
     except ValueError as e:

@@ -7,10 +7,12 @@ or :func:`~pyro_iwae.train_run` (several at once in a
 test bounds (nats per point), the learning rate, throughput (points per
 second), the mean gradient norm over the epoch's steps and the seconds spent;
 images of samples from the model and of test points above their reconstructions
-every ``images_every`` epochs (for image data); and, once, the run's
-configuration as hyper-parameters. :meth:`Tracker.log_evaluation` logs an
-evaluation (the NLL with its standard error, the median ESS and k-hat and the share
-of points with k-hat above 0.7).
+every ``images_every`` epochs (for image data); and, at the start of each fit,
+the run's configuration as hyper-parameters. :meth:`Tracker.log_evaluation`
+logs an evaluation (the NLL with its standard error, the median ESS and k-hat
+and the share of points with k-hat above 0.7), once: a repeat replaces it or is
+not logged again. The base class :class:`Tracker` is in
+:mod:`pyro_iwae.runs.tracker`.
 
 TensorBoard and MLflow are optional: ``pip install 'pyro-iwae[tensorboard]'`` or
 ``'pyro-iwae[mlflow]'``.
@@ -18,13 +20,11 @@ TensorBoard and MLflow are optional: ``pip install 'pyro-iwae[tensorboard]'`` or
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import json
-import math
 import os
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -32,10 +32,17 @@ import torch
 
 from ..errors import PyroIwaeError, one_line
 from . import distributed
-from .callbacks import FitCallback, StepInfo
 from .checkpoints import RunError, check_writable
 from .eval_results import Evaluation
-from .plots import image_grid, reconstruction_grid
+from .mlflow_store import (
+    LOCAL_STORE,
+    MLFLOW_DB,
+    param_text,
+    params_to_log,
+    quick_requests,
+    remembered_run,
+)
+from .tracker import Tracker
 
 __all__ = [
     "CSVTracker",
@@ -51,7 +58,6 @@ __all__ = [
 
 #: Where each tracker writes inside a run directory.
 TENSORBOARD_DIR = "tensorboard"
-MLFLOW_DB = "mlflow.db"
 MLFLOW_ARTIFACTS = "mlartifacts"
 MLFLOW_RUN_FILE = "mlflow-run.json"
 CSV_FILE = "tracking.csv"
@@ -63,9 +69,6 @@ _FILES = {  # the first: what a fit's tracker leaves (see trackers_of)
     "mlflow": (MLFLOW_RUN_FILE, MLFLOW_DB, MLFLOW_ARTIFACTS),
     "csv": (CSV_FILE, CSV_EVALUATION_FILE, "images", "tracking-config.json"),
 }
-
-#: How many samples and test points the images show.
-NUM_IMAGES = 32
 
 
 class TrackingError(PyroIwaeError):
@@ -83,146 +86,6 @@ def _require(module: str, extra: str) -> Any:
         ) from e
 
 
-class Tracker(FitCallback):
-    """What every tracker logs; subclasses say how (:meth:`log_scalars`,
-    :meth:`log_params`, :meth:`log_image`).
-
-    :param images_every: log images every this many epochs (and after the last);
-        0 for none.
-    """
-
-    def __init__(self, images_every: int = 5) -> None:
-        if images_every < 0:
-            raise ValueError(f"images_every must be >= 0, got {images_every}")
-        self.images_every = images_every
-        self.model: Any = None
-        self.guide: Any = None
-        self.test: torch.Tensor | None = None
-        self.num_epochs = 0
-        self._grad_norm_sum: torch.Tensor | None = None
-        self._grad_norm_steps = 0
-
-    # -- what a backend provides --------------------------------------------
-
-    def log_scalars(self, values: dict[str, float], step: int) -> None:
-        """Logs ``values`` (name -> number) at ``step`` (the epoch)."""
-        raise NotImplementedError
-
-    def log_params(self, params: dict[str, Any]) -> None:
-        """Logs the configuration, once."""
-        raise NotImplementedError
-
-    def log_image(self, name: str, picture: torch.Tensor, step: int) -> None:
-        """Logs a ``[C, H, W]`` picture with values in [0, 1]."""
-        raise NotImplementedError
-
-    def close(self) -> None:
-        """Writes what is buffered and ends the run."""
-
-    def interrupted(self) -> None:
-        """The run stopped before its last epoch (Ctrl-C): writes what is
-        buffered; a resume goes on logging."""
-        self.close()
-
-    # -- fit's hooks ----------------------------------------------------------
-
-    def on_fit_start(
-        self,
-        model: torch.nn.Module,
-        guide: torch.nn.Module,
-        test_data: torch.Tensor | None,
-        config: dict[str, Any],
-    ) -> None:
-        self.model, self.guide, self.test = model, guide, test_data
-        self.log_params(_flat_params(config))
-
-    def on_epoch_start(
-        self, epoch: int, num_epochs: int, num_steps: int, lr: float
-    ) -> None:
-        self.num_epochs = num_epochs
-        self._grad_norm_sum, self._grad_norm_steps = None, 0
-
-    def on_step(self, info: StepInfo) -> None:
-        norm = info.grad_norm()
-        if norm is None:
-            return
-        # Summed on the device: read once an epoch, not once a step.
-        total = self._grad_norm_sum
-        self._grad_norm_sum = norm if total is None else total + norm
-        self._grad_norm_steps += 1
-
-    def on_epoch_end(self, metrics: dict[str, Any]) -> None:
-        epoch = metrics["epoch"]
-        values = {
-            "train/bound": metrics["train_bound"],
-            "test/bound": metrics["test_bound"],
-            "train/lr": metrics["lr"],
-            "train/points_per_s": metrics["images_per_s"],
-            "train/epoch_seconds": metrics["time"],
-        }
-        if self._grad_norm_steps:
-            values["train/grad_norm"] = (
-                float(self._grad_norm_sum) / self._grad_norm_steps
-            )
-        self.log_scalars(_finite(values), epoch)
-        last = epoch == self.num_epochs
-        if self.images_every and (epoch % self.images_every == 0 or last):
-            self.log_pictures(epoch)
-        if last:
-            self.close()
-
-    def log_pictures(self, step: int) -> None:
-        """Logs samples from the model and test points above their
-        reconstructions, when the points are square images."""
-        if self.model is None or self.test is None:
-            return
-        from ..infer.sampling import reconstruct, sample_images
-
-        x = self.test[:NUM_IMAGES]
-        shape = _square(x.shape[-1])
-        if shape is None:
-            return
-        # Drawn from a stream of their own, seeded by the step: drawn from the
-        # training's, they made a run with trackers another run than without,
-        # and a resumed one another than an unbroken one.
-        with distributed.forked_rng(x.device):
-            torch.manual_seed(step)
-            samples = sample_images(self.model, x.shape[0], x.shape[-1], x.device)
-            recon = reconstruct(self.model, self.guide, x)
-        self.log_image("samples", image_grid(samples, image_shape=shape), step)
-        picture = reconstruction_grid(x, recon, image_shape=shape)
-        self.log_image("reconstructions", picture, step)
-
-    def log_evaluation(
-        self, result: Evaluation | dict[str, Any], step: int = 0
-    ) -> None:
-        """Logs an evaluation: an :class:`~pyro_iwae.Evaluation` as
-        :func:`~pyro_iwae.evaluate_run` returns, or its JSON's dict (``nll``,
-        ``stderr``, ``split`` and, where present, the ``diagnostics``' medians),
-        under ``eval_<its file's name>/`` (``eval_test-k5000/nll``): evaluations
-        of other settings are series of their own."""
-        if isinstance(result, Evaluation):
-            result = result.to_json()
-        name = Path(result.get("file", "")).stem.removeprefix("eval-")
-        prefix = f"eval_{name or result.get('split', 'test')}/"
-        keys = {
-            "nll": "nll",
-            "stderr": "nll_stderr",
-            "ess_median": "ess_median",
-            "khat_median": "khat_median",
-            "khat_above_0.7": "khat_above_0.7",
-            "bits_per_dim": "bits_per_dim",
-        }
-        found = {**result, **(result.get("diagnostics") or {})}
-        values = {
-            prefix + name: found[key]
-            for key, name in keys.items()
-            if isinstance(found.get(key), (int, float))
-        }
-        self.log_scalars(_finite(values), step)
-        self.close()
-
-
 class TensorBoardTracker(Tracker):
     """Event files for TensorBoard in ``log_dir`` (``tensorboard --logdir``)."""
 
@@ -238,14 +101,35 @@ class TensorBoardTracker(Tracker):
         self.writer.flush()
 
     def log_params(self, params: dict[str, Any]) -> None:
+        texts = {k: param_text(v) for k, v in params.items()}
         self.writer.add_text(
-            "config", "\n".join(f"    {k}: {v}" for k, v in params.items())
+            "config", "\n".join(f"    {k}: {v}" for k, v in texts.items())
         )
+        # Numbers, strings and booleans as they are, the others as text.
+        hparams = {
+            k: v if isinstance(v, (bool, int, float, str)) else texts[k]
+            for k, v in params.items()
+        }
         # run_name="." keeps the hyper-parameters in this run's folder.
-        self.writer.add_hparams(params, {}, run_name=".")
+        self.writer.add_hparams(hparams, {}, run_name=".")
 
     def log_image(self, name: str, picture: torch.Tensor, step: int) -> None:
         self.writer.add_image(name, picture, step)
+
+    def logged(self, name: str, value: float, step: int) -> bool:
+        from tensorboard.backend.event_processing import event_accumulator
+
+        self.writer.flush()
+        kinds = ("images", "audio", "histograms", "tensors", "compressedHistograms")
+        found = event_accumulator.EventAccumulator(
+            str(self.log_dir), size_guidance=dict.fromkeys(kinds, 1)
+        ).Reload()
+        if name not in found.Tags()["scalars"]:
+            return False
+        value = float(
+            torch.tensor(value, dtype=torch.float32)
+        )  # as TensorBoard keeps it
+        return any(e.step == step and e.value == value for e in found.Scalars(name))
 
     def close(self) -> None:
         self.writer.flush()
@@ -276,7 +160,7 @@ class MLflowTracker(Tracker):
         tracking = _require("mlflow.tracking", "mlflow")
         self.run_dir = Path(run_dir)
         remembered = self.run_dir / MLFLOW_RUN_FILE
-        previous = _remembered_run(remembered)
+        previous = remembered_run(remembered)
         if tracking_uri is None:
             tracking_uri = previous.get("tracking_uri") or os.environ.get(
                 "MLFLOW_TRACKING_URI"
@@ -289,7 +173,7 @@ class MLflowTracker(Tracker):
             tracking_uri = f"sqlite:///{(self.run_dir / MLFLOW_DB).resolve()}"
             self.run_dir.mkdir(parents=True, exist_ok=True)  # for the database
         self.tracking_uri = tracking_uri
-        with warnings.catch_warnings(), _quick_requests():
+        with warnings.catch_warnings(), quick_requests():
             # SQLAlchemy's deprecation warnings about MLflow's own store code.
             warnings.simplefilter("ignore", DeprecationWarning)
             self.client = tracking.MlflowClient(tracking_uri)
@@ -338,8 +222,10 @@ class MLflowTracker(Tracker):
         from mlflow.entities import Param
 
         logged = self.client.get_run(self.run_id).data.params
-        # MLflow refuses to change a parameter: a resumed run logs only new ones.
-        new = [Param(k, str(v)) for k, v in params.items() if k not in logged]
+        texts = {k: param_text(v) for k, v in params.items()}
+        # MLflow refuses to change a parameter: a resume that changed settings
+        # logs them as resume.<n>.<key>.
+        new = [Param(k, v) for k, v in params_to_log(logged, texts).items()]
         if new:
             self.client.log_batch(self.run_id, params=new)
 
@@ -347,47 +233,16 @@ class MLflowTracker(Tracker):
         array = (picture.permute(1, 2, 0).clamp(0, 1) * 255).round().byte().numpy()
         self.client.log_image(self.run_id, array, f"{name}/epoch-{step:04d}.png")
 
+    def logged(self, name: str, value: float, step: int) -> bool:
+        history = self.client.get_metric_history(self.run_id, name)
+        return any(m.step == step and m.value == value for m in history)
+
     def close(self) -> None:
         self.client.set_terminated(self.run_id)
 
     def interrupted(self) -> None:
         # Not left RUNNING; a resume marks it RUNNING again.
         self.client.set_terminated(self.run_id, status="KILLED")
-
-
-#: What ``mlflow-run.json`` says for the run directory's own store.
-LOCAL_STORE = "run directory"
-
-
-def _remembered_run(path: Path) -> dict[str, Any]:
-    """The MLflow run that ``path`` remembers; a run directory's own store
-    remembered by pyro-iwae 0.1 (by its absolute path) as :data:`LOCAL_STORE`."""
-    if not path.exists():
-        return {}
-    previous = json.loads(path.read_text())
-    uri = previous.get("tracking_uri", "")
-    own = uri.startswith("sqlite:///") and uri.endswith(f"/{MLFLOW_DB}")
-    if own and (path.parent / MLFLOW_DB).exists():
-        previous["tracking_uri"] = LOCAL_STORE
-    return previous
-
-
-@contextlib.contextmanager
-def _quick_requests() -> Iterator[None]:
-    """MLflow's HTTP requests without retries and with a 10 s timeout, unless
-    set by the user: by MLflow's defaults a server out of reach was said after
-    about four minutes of silence."""
-    quick = {
-        "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0",
-        "MLFLOW_HTTP_REQUEST_TIMEOUT": "10",
-    }
-    added = [name for name in quick if name not in os.environ]
-    os.environ.update({name: quick[name] for name in added})
-    try:
-        yield
-    finally:
-        for name in added:
-            os.environ.pop(name, None)
 
 
 class CSVTracker(Tracker):
@@ -410,14 +265,23 @@ class CSVTracker(Tracker):
         else:
             header = []
         fields = header + [k for k in row if k not in header]
-        if fields != header and path.exists():
-            # A new column: rewrite the file with it.
+        rows: list[dict[str, str]] = []
+        if path.exists() and (evaluation or fields != header):
             with path.open(newline="") as f:
                 rows = list(csv.DictReader(f))
+        # A repeated evaluation replaces its row (as it does its JSON): the
+        # row of its step that holds its columns, named after its file.
+        kept = [
+            r
+            for r in rows
+            if not (evaluation and r["step"] == str(step) and _holds(r, values))
+        ]
+        if path.exists() and (fields != header or len(kept) < len(rows)):
+            # A new column, or a row replaced: rewrite the file.
             with path.open("w", newline="") as f:
                 writer = csv.DictWriter(f, fields)
                 writer.writeheader()
-                writer.writerows(rows)
+                writer.writerows(kept)
         with path.open("a", newline="") as f:
             writer = csv.DictWriter(f, fields)
             if not path.stat().st_size:
@@ -427,7 +291,7 @@ class CSVTracker(Tracker):
     def log_params(self, params: dict[str, Any]) -> None:
         self.log_dir.mkdir(parents=True, exist_ok=True)
         path = self.log_dir / "tracking-config.json"
-        path.write_text(json.dumps(params, indent=1, default=str) + "\n")
+        path.write_text(json.dumps(params, indent=1) + "\n")
 
     def log_image(self, name: str, picture: torch.Tensor, step: int) -> None:
         from torchvision.utils import save_image
@@ -511,31 +375,9 @@ def log_evaluation(
         tracker.log_evaluation(result, step)
 
 
-def _flat_params(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """``config`` with nested dicts flattened (``a.b``) and values that are not
-    numbers, strings or booleans written as JSON."""
-    flat: dict[str, Any] = {}
-    for key, value in config.items():
-        if isinstance(value, dict):
-            flat.update(_flat_params(value, f"{prefix}{key}."))
-        elif value is None or isinstance(value, (bool, int, float, str)):
-            flat[prefix + key] = "None" if value is None else value
-        else:
-            flat[prefix + key] = json.dumps(value, default=str)
-    return flat
-
-
-def _finite(values: dict[str, Any]) -> dict[str, float]:
-    return {
-        k: float(v)
-        for k, v in values.items()
-        if v is not None and math.isfinite(float(v))
-    }
-
-
-def _square(x_dim: int) -> tuple[int, int] | None:
-    side = math.isqrt(x_dim)
-    return (side, side) if side * side == x_dim else None
+def _holds(row: dict[str, str], values: dict[str, float]) -> bool:
+    """Whether the CSV ``row`` holds any of the columns of ``values``."""
+    return any(row.get(name) for name in values)
 
 
 def _millis() -> int:
