@@ -184,3 +184,91 @@ def test_readme_python_example_trains(tmp_path, monkeypatch, capsys):
         float, re.search(r"test bound (-?[\d.]+), NLL ([\d.]+)", out).groups()
     )
     assert nll < -bound + 1  # the k = 100 estimate is tighter than the k = 5 bound
+
+
+API = ROOT / "docs" / "source" / "api.rst"
+#: The packages whose ``__all__`` lists names (the others list their modules).
+EXPORTING = ("pyro_iwae", "pyro_iwae.compiled", "pyro_iwae.runs")
+
+
+def api_names() -> dict[str, list[object]]:
+    """The objects api.rst documents (by a directive, or as a member an
+    ``automodule`` lists), by their last name."""
+    import importlib
+
+    text = API.read_text()
+    module = "pyro_iwae"
+    documented: dict[str, list[object]] = {}
+    directive = re.compile(
+        r"^\.\. (?P<kind>currentmodule|auto\w+|py:\w+):: (?P<target>[\w.]+)"
+        r"(?P<options>(?:\n[ ]+:.*(?:\n[ ]{5,}\S.*)*)*)",
+        re.M,
+    )
+    for m in directive.finditer(text):
+        kind, target = m["kind"], m["target"]
+        if kind == "currentmodule":
+            module = target
+            continue
+        if kind == "automodule":
+            members = re.search(r":members:(.*(?:\n[ ]{5,}\S.*)*)", m["options"])
+            listed = members[1].replace("\n", " ").strip() if members else ""
+            found = importlib.import_module(target)
+            names = [n.strip() for n in listed.split(",")] if listed else found.__all__
+            for name in names:
+                documented.setdefault(name, []).append(getattr(found, name))
+            continue
+        path = target if "." in target else f"{module}.{target}"
+        owner, _, name = path.rpartition(".")
+        try:
+            found = importlib.import_module(owner)
+        except ImportError:  # a class's member, as Class.method
+            parent, _, attribute = owner.rpartition(".")
+            found = getattr(importlib.import_module(parent), attribute)
+        documented.setdefault(name, []).append(getattr(found, name))
+    return documented
+
+
+def test_every_exported_name_is_in_the_api_reference():
+    # check_guide_gradients, GradientCheck, ... were exported and documented nowhere.
+    import importlib
+
+    documented = api_names()
+    missing = [
+        f"{package}.{name}"
+        for package in EXPORTING
+        for name in importlib.import_module(package).__all__
+        if not any(
+            found is getattr(importlib.import_module(package), name)
+            for found in documented.get(name, [])
+        )
+    ]
+    assert not missing, f"add to {API.name}: {', '.join(missing)}"
+
+
+def test_every_exported_callable_has_a_docstring():
+    # register_guide and register_model had none: help() showed nothing.
+    import importlib
+
+    bare = []
+    for package in EXPORTING:
+        for name in importlib.import_module(package).__all__:
+            found = getattr(importlib.import_module(package), name)
+            if not callable(found):
+                continue
+            doc = found.__dict__.get("__doc__") if isinstance(found, type) else None
+            if not isinstance(found, type):
+                doc = found.__doc__
+            # A dataclass or NamedTuple without one gets its signature.
+            if not doc or doc.startswith(f"{found.__name__}("):
+                bare.append(f"{package}.{name}")
+    assert not bare, f"no docstring: {', '.join(bare)}"
+
+
+def test_the_subpackages_without_names_of_their_own_export_their_modules():
+    # pyro_iwae.infer and pyro_iwae.nn had no __all__.
+    import importlib
+
+    for package in ("pyro_iwae.infer", "pyro_iwae.nn"):
+        folder = ROOT / package.replace(".", "/")
+        modules = sorted(p.stem for p in folder.glob("*.py") if p.stem != "__init__")
+        assert sorted(importlib.import_module(package).__all__) == modules

@@ -40,23 +40,36 @@ GUIDES: dict[str, Builder] = {}
 ENTRY_POINT_GROUPS = {"model": "pyro_iwae.nn.models", "guide": "pyro_iwae.nn.guides"}
 
 
-def _register(table: dict[str, Builder], kind: str) -> Callable[[str], Callable]:
-    def register(name: str) -> Callable[[Builder], Builder]:
-        def decorate(builder: Builder) -> Builder:
-            if name in table:
-                raise ValueError(f"a {kind} named {name!r} is registered already")
-            table[name] = builder
-            return builder
+def _register(table: dict[str, Builder], kind: str, name: str) -> Callable:
+    def decorate(builder: Builder) -> Builder:
+        if name in table:
+            raise ValueError(f"a {kind} named {name!r} is registered already")
+        table[name] = builder
+        return builder
 
-        return decorate
-
-    return register
+    return decorate
 
 
-#: ``@register_model(name)``: a builder ``(x_dim, stochastic_layers, data_mean)``.
-register_model = _register(MODELS, "model")
-#: ``@register_guide(name)``: a builder ``(x_dim, stochastic_layers)``.
-register_guide = _register(GUIDES, "guide")
+def register_model(name: str) -> Callable[[Builder], Builder]:
+    """Decorator: registers a model builder as ``name``, for :func:`build_model`
+    and a run's ``model`` setting.
+
+    The builder takes keyword arguments (see the module): ``x_dim``,
+    ``stochastic_layers`` and ``data_mean`` always, and returns a
+    ``torch.nn.Module``. The name is known to this Python process only.
+    """
+    return _register(MODELS, "model", name)
+
+
+def register_guide(name: str) -> Callable[[Builder], Builder]:
+    """Decorator: registers a guide builder as ``name``, for :func:`build_guide`
+    and a run's ``guide`` setting.
+
+    The builder takes keyword arguments (see the module): ``x_dim`` and
+    ``stochastic_layers`` always, and returns a ``torch.nn.Module``. The name is
+    known to this Python process only.
+    """
+    return _register(GUIDES, "guide", name)
 
 
 def resolve(kind: str, name: str) -> Builder:
