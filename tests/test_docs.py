@@ -272,3 +272,45 @@ def test_the_subpackages_without_names_of_their_own_export_their_modules():
         folder = ROOT / package.replace(".", "/")
         modules = sorted(p.stem for p in folder.glob("*.py") if p.stem != "__init__")
         assert sorted(importlib.import_module(package).__all__) == modules
+
+
+CLI_PAGE = ROOT / "docs" / "source" / "cli.md"
+
+
+def cli_page_sections() -> dict[str, str]:
+    """Per command, the text of cli.md that documents its options: its row of
+    the command table, its subsection, and the entries of the shared options
+    whose list of commands names it."""
+    text = CLI_PAGE.read_text()
+    own: dict[str, str] = {}
+    for m in re.finditer(r"^\| `pyro-iwae ([\w-]+).*$", text, re.M):
+        own[m[1]] = own.get(m[1], "") + m[0]
+    section = r"^### {}[^\n]*\n(.*?)(?=^##|\Z)"
+    for m in re.finditer(
+        section.format(r"`pyro-iwae ([\w-]+)[^`]*`"), text, re.M | re.S
+    ):
+        own[m[1]] = own.get(m[1], "") + m[2]
+    shared = re.search(
+        section.format("Options several commands share"), text, re.M | re.S
+    )
+    for entry in shared[1].split("\n- ") if shared else []:
+        # - `--option ...` (`fit`, `eval-nll`): ...
+        commands = re.match(r"[^(]*\(([^)]*)\)", entry)
+        for name in re.findall(r"`([\w-]+)`", commands[1] if commands else ""):
+            own[name] = own.get(name, "") + entry
+    return own
+
+
+def test_every_option_of_every_command_is_on_the_command_line_page():
+    # check-guide, fit --config and --print-config, sample --n, ... were on no page.
+    own = cli_page_sections()
+    missing = []
+    for name, command in cli.commands.items():
+        for param in command.params:
+            for option in param.opts + param.secondary_opts:
+                if option.startswith("--") and option != "--help":
+                    if not re.search(
+                        re.escape(option) + r"(?![\w-])", own.get(name, "")
+                    ):
+                        missing.append(f"{name} {option}")
+    assert not missing, f"document in {CLI_PAGE.name}: {', '.join(missing)}"
