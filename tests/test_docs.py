@@ -314,3 +314,16 @@ def test_every_option_of_every_command_is_on_the_command_line_page():
                     ):
                         missing.append(f"{name} {option}")
     assert not missing, f"document in {CLI_PAGE.name}: {', '.join(missing)}"
+
+
+def test_check_guide_help_names_the_exit_status_of_a_check_that_cannot_fail():
+    # The help said only "exits with status 1 if a mean differs"; this exits 2.
+    runner = CliRunner()
+    help_text = " ".join(runner.invoke(cli, ["check-guide", "--help"]).output.split())
+    result = runner.invoke(cli, ["check-guide", "--estimator", "vimco"])
+    assert result.exit_code == 2, result.output
+    assert "so the check could not fail" in result.output
+    assert (
+        "Exit status: 0 if no mean differs; 1 if one does, or on an error; 2 for a "
+        "usage error, a check that could not fail included" in help_text
+    )
