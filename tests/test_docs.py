@@ -327,3 +327,28 @@ def test_check_guide_help_names_the_exit_status_of_a_check_that_cannot_fail():
         "Exit status: 0 if no mean differs; 1 if one does, or on an error; 2 for a "
         "usage error, a check that could not fail included" in help_text
     )
+
+
+def test_the_layout_page_names_every_module_in_its_package():
+    # runs/auto_compile.py was missing from layout.md's list of runs/.
+    text = (ROOT / "docs" / "source" / "layout.md").read_text()
+    tree = re.search(r"```text\n(.*?)```", text, re.S)[1]
+    # Each package's entry starts in the first column: its name, then its modules.
+    entries = dict(re.findall(r"^(\S+)[ ]+(.*?)(?=^\S|\Z)", tree, re.M | re.S))
+    folders = {
+        "pyro_iwae_cli": ROOT / "cli",
+        **{
+            f"pyro_iwae/{p.name}/": p
+            for p in (ROOT / "pyro_iwae").iterdir()
+            if (p / "__init__.py").exists()
+        },
+        "pyro_iwae/": ROOT / "pyro_iwae",
+    }
+    missing = [
+        f"{folder.name}/{module.name}"
+        for key, folder in folders.items()
+        for module in sorted(folder.glob("*.py"))
+        if module.name != "__init__.py"
+        and not re.search(rf"(?<![\w/]){re.escape(module.name)}", entries.get(key, ""))
+    ]
+    assert not missing, f"name in layout.md: {', '.join(missing)}"
