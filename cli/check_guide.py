@@ -90,9 +90,13 @@ def check_guide(
     Draws the chosen estimator's guide gradient and the plain estimator's on
     the same noise --draws times, on a batch of test points, and prints per
     parameter the largest |t| of the difference of their means, the ratio of
-    their variances, and a verdict; exits with status 1 if a mean differs.
-    Checks RUN_DIR's trained model and guide, else freshly built ones (--model,
-    --guide, --layers); the estimator, objective and k are the options'.
+    their variances, and a verdict. Checks RUN_DIR's trained model and guide,
+    else freshly built ones (--model, --guide, --layers); the estimator,
+    objective and k are the options'.
+
+    Exit status: 0 if no mean differs; 1 if one does, or on an error; 2 for a
+    usage error, a check that could not fail included (--estimator vimco on a
+    guide whose sites all have rsample).
     """
     if run_dir is not None:
         # They were dropped without a word: the run's own are checked.

@@ -184,3 +184,171 @@ def test_readme_python_example_trains(tmp_path, monkeypatch, capsys):
         float, re.search(r"test bound (-?[\d.]+), NLL ([\d.]+)", out).groups()
     )
     assert nll < -bound + 1  # the k = 100 estimate is tighter than the k = 5 bound
+
+
+API = ROOT / "docs" / "source" / "api.rst"
+#: The packages whose ``__all__`` lists names (the others list their modules).
+EXPORTING = ("pyro_iwae", "pyro_iwae.compiled", "pyro_iwae.runs")
+
+
+def api_names() -> dict[str, list[object]]:
+    """The objects api.rst documents (by a directive, or as a member an
+    ``automodule`` lists), by their last name."""
+    import importlib
+
+    text = API.read_text()
+    module = "pyro_iwae"
+    documented: dict[str, list[object]] = {}
+    directive = re.compile(
+        r"^\.\. (?P<kind>currentmodule|auto\w+|py:\w+):: (?P<target>[\w.]+)"
+        r"(?P<options>(?:\n[ ]+:.*(?:\n[ ]{5,}\S.*)*)*)",
+        re.M,
+    )
+    for m in directive.finditer(text):
+        kind, target = m["kind"], m["target"]
+        if kind == "currentmodule":
+            module = target
+            continue
+        if kind == "automodule":
+            members = re.search(r":members:(.*(?:\n[ ]{5,}\S.*)*)", m["options"])
+            listed = members[1].replace("\n", " ").strip() if members else ""
+            found = importlib.import_module(target)
+            names = [n.strip() for n in listed.split(",")] if listed else found.__all__
+            for name in names:
+                documented.setdefault(name, []).append(getattr(found, name))
+            continue
+        path = target if "." in target else f"{module}.{target}"
+        owner, _, name = path.rpartition(".")
+        try:
+            found = importlib.import_module(owner)
+        except ImportError:  # a class's member, as Class.method
+            parent, _, attribute = owner.rpartition(".")
+            found = getattr(importlib.import_module(parent), attribute)
+        documented.setdefault(name, []).append(getattr(found, name))
+    return documented
+
+
+def test_every_exported_name_is_in_the_api_reference():
+    # check_guide_gradients, GradientCheck, ... were exported and documented nowhere.
+    import importlib
+
+    documented = api_names()
+    missing = [
+        f"{package}.{name}"
+        for package in EXPORTING
+        for name in importlib.import_module(package).__all__
+        if not any(
+            found is getattr(importlib.import_module(package), name)
+            for found in documented.get(name, [])
+        )
+    ]
+    assert not missing, f"add to {API.name}: {', '.join(missing)}"
+
+
+def test_every_exported_callable_has_a_docstring():
+    # register_guide and register_model had none: help() showed nothing.
+    import importlib
+
+    bare = []
+    for package in EXPORTING:
+        for name in importlib.import_module(package).__all__:
+            found = getattr(importlib.import_module(package), name)
+            if not callable(found):
+                continue
+            doc = found.__dict__.get("__doc__") if isinstance(found, type) else None
+            if not isinstance(found, type):
+                doc = found.__doc__
+            # A dataclass or NamedTuple without one gets its signature.
+            if not doc or doc.startswith(f"{found.__name__}("):
+                bare.append(f"{package}.{name}")
+    assert not bare, f"no docstring: {', '.join(bare)}"
+
+
+def test_the_subpackages_without_names_of_their_own_export_their_modules():
+    # pyro_iwae.infer and pyro_iwae.nn had no __all__.
+    import importlib
+
+    for package in ("pyro_iwae.infer", "pyro_iwae.nn"):
+        folder = ROOT / package.replace(".", "/")
+        modules = sorted(p.stem for p in folder.glob("*.py") if p.stem != "__init__")
+        assert sorted(importlib.import_module(package).__all__) == modules
+
+
+CLI_PAGE = ROOT / "docs" / "source" / "cli.md"
+
+
+def cli_page_sections() -> dict[str, str]:
+    """Per command, the text of cli.md that documents its options: its row of
+    the command table, its subsection, and the entries of the shared options
+    whose list of commands names it."""
+    text = CLI_PAGE.read_text()
+    own: dict[str, str] = {}
+    for m in re.finditer(r"^\| `pyro-iwae ([\w-]+).*$", text, re.M):
+        own[m[1]] = own.get(m[1], "") + m[0]
+    section = r"^### {}[^\n]*\n(.*?)(?=^##|\Z)"
+    for m in re.finditer(
+        section.format(r"`pyro-iwae ([\w-]+)[^`]*`"), text, re.M | re.S
+    ):
+        own[m[1]] = own.get(m[1], "") + m[2]
+    shared = re.search(
+        section.format("Options several commands share"), text, re.M | re.S
+    )
+    for entry in shared[1].split("\n- ") if shared else []:
+        # - `--option ...` (`fit`, `eval-nll`): ...
+        commands = re.match(r"[^(]*\(([^)]*)\)", entry)
+        for name in re.findall(r"`([\w-]+)`", commands[1] if commands else ""):
+            own[name] = own.get(name, "") + entry
+    return own
+
+
+def test_every_option_of_every_command_is_on_the_command_line_page():
+    # check-guide, fit --config and --print-config, sample --n, ... were on no page.
+    own = cli_page_sections()
+    missing = []
+    for name, command in cli.commands.items():
+        for param in command.params:
+            for option in param.opts + param.secondary_opts:
+                if option.startswith("--") and option != "--help":
+                    if not re.search(
+                        re.escape(option) + r"(?![\w-])", own.get(name, "")
+                    ):
+                        missing.append(f"{name} {option}")
+    assert not missing, f"document in {CLI_PAGE.name}: {', '.join(missing)}"
+
+
+def test_check_guide_help_names_the_exit_status_of_a_check_that_cannot_fail():
+    # The help said only "exits with status 1 if a mean differs"; this exits 2.
+    runner = CliRunner()
+    help_text = " ".join(runner.invoke(cli, ["check-guide", "--help"]).output.split())
+    result = runner.invoke(cli, ["check-guide", "--estimator", "vimco"])
+    assert result.exit_code == 2, result.output
+    assert "so the check could not fail" in result.output
+    assert (
+        "Exit status: 0 if no mean differs; 1 if one does, or on an error; 2 for a "
+        "usage error, a check that could not fail included" in help_text
+    )
+
+
+def test_the_layout_page_names_every_module_in_its_package():
+    # runs/auto_compile.py was missing from layout.md's list of runs/.
+    text = (ROOT / "docs" / "source" / "layout.md").read_text()
+    tree = re.search(r"```text\n(.*?)```", text, re.S)[1]
+    # Each package's entry starts in the first column: its name, then its modules.
+    entries = dict(re.findall(r"^(\S+)[ ]+(.*?)(?=^\S|\Z)", tree, re.M | re.S))
+    folders = {
+        "pyro_iwae_cli": ROOT / "cli",
+        **{
+            f"pyro_iwae/{p.name}/": p
+            for p in (ROOT / "pyro_iwae").iterdir()
+            if (p / "__init__.py").exists()
+        },
+        "pyro_iwae/": ROOT / "pyro_iwae",
+    }
+    missing = [
+        f"{folder.name}/{module.name}"
+        for key, folder in folders.items()
+        for module in sorted(folder.glob("*.py"))
+        if module.name != "__init__.py"
+        and not re.search(rf"(?<![\w/]){re.escape(module.name)}", entries.get(key, ""))
+    ]
+    assert not missing, f"name in layout.md: {', '.join(missing)}"

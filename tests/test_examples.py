@@ -4,6 +4,7 @@ and checks what it returned against what training must achieve."""
 
 from __future__ import annotations
 
+import argparse
 import importlib.util
 import math
 import os
@@ -105,3 +106,88 @@ def test_an_example_runs_as_a_script():
     )
     assert done.returncode == 0, done.stderr
     assert "bound (k = 10)" in done.stdout
+
+
+def parser_of(module: ModuleType, monkeypatch) -> argparse.ArgumentParser:
+    """The parser ``module.parse_args`` builds."""
+    made = []
+    parse = argparse.ArgumentParser.parse_args
+
+    def recorded(self, *args, **kwargs):
+        made.append(self)
+        return parse(self, *args, **kwargs)
+
+    monkeypatch.setattr(argparse.ArgumentParser, "parse_args", recorded)
+    module.parse_args([])
+    monkeypatch.undo()
+    return made[0]
+
+
+def other_value(value: object) -> str:
+    """A valid value of an option other than ``value``, as typed."""
+    if isinstance(value, str):
+        return "mnist" if value == "mnist-mini" else "mnist-mini"
+    if isinstance(value, float):
+        return str(value * 2)
+    return str(value + 1)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_smoke_changes_only_the_defaults_an_option_given_holds(name):
+    # `vae.py --smoke --data fashion-mnist` trained on mnist-mini, and
+    # `global_latents.py --smoke --batch-size 1000` at batch 30, without a word.
+    module = load(name)
+    args = vars(module.parse_args(["--smoke"]))
+    assert module.SMOKE and {k: args[k] for k in module.SMOKE} == module.SMOKE
+    for key, value in module.SMOKE.items():
+        given = other_value(value)
+        args = module.parse_args(["--smoke", "--" + key.replace("_", "-"), given])
+        assert str(getattr(args, key)) == given, key
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_a_count_below_one_is_refused_in_one_line(name, monkeypatch, capsys):
+    # `vae.py --num-particles 0` ended in a traceback from IWELBO.
+    module = load(name)
+    parser = parser_of(module, monkeypatch)
+    counts = [a for a in parser._actions if a.type is module.count]
+    # Every integer option but the seed is a count.
+    assert [a.dest for a in parser._actions if a.type is int] == ["seed"]
+    assert len(counts) >= 4
+    for action in counts:
+        option = action.option_strings[0]
+        with pytest.raises(SystemExit) as info:
+            module.parse_args([option, *["0"] * (action.nargs or 1)])
+        assert info.value.code == 2
+        error = capsys.readouterr().err.splitlines()[-1]
+        assert error.endswith(f"error: argument {option}: 0 is not an integer >= 1")
+    with pytest.raises(SystemExit):
+        module.parse_args(["--lr", "0"])
+    assert capsys.readouterr().err.endswith("argument --lr: 0 is not a number > 0\n")
+
+
+@pytest.mark.parametrize(
+    ("name", "args", "error"),
+    [
+        ("global_latents", ["--smoke", "--batch-size", "1000"], "more than the 300"),
+        ("ss_vae", ["--num-particles", "1"], "--label vimco needs --num-particles 2"),
+        ("ss_vae", ["--smoke", "--num-labelled", "600"], "leaves no unlabelled"),
+        ("dmm", ["--min-beta", "0"], "--min-beta: 0.0 is not in (0, 1]"),
+    ],
+)
+def test_options_that_cannot_go_together_are_refused_in_one_line(
+    name, args, error, capsys
+):
+    # Each ended in a traceback from Pyro or IWELBO.
+    with pytest.raises(SystemExit) as info:
+        load(name).parse_args(args)
+    assert info.value.code == 2
+    assert error in capsys.readouterr().err.splitlines()[-1]
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_a_header_claims_no_run_time_the_script_does_not_measure(name):
+    # vae.py's header said "about 3 minutes on one CPU core", measured nowhere.
+    text = (EXAMPLES / f"{name}.py").read_text()
+    assert not re.search(r"minutes?\b|CPU core", load(name).__doc__)
+    assert 'print(f"took {time.perf_counter() - start:.0f} s")' in text

@@ -87,3 +87,52 @@ def test_a_builder_that_raises_is_named_in_one_line(bare_folder, monkeypatch):
     result = invoke("fit", *SMALL, "--guide", "boom:raises", "--out", "run")
     assert_one_line_error(result, "guide 'boom:raises' failed to build (RuntimeError")
     assert not (bare_folder / "run").exists()
+
+
+def test_a_builder_defined_again_replaces_itself_and_another_needs_replace():
+    # Running a notebook cell again raised "a guide named 'x' is registered already".
+    from pyro_iwae import register_guide
+    from pyro_iwae.nn.registry import GUIDES
+
+    cell = (
+        "@register_guide('cell-guide')\n"
+        "def cell_guide(x_dim, stochastic_layers):\n"
+        "    return torch.nn.Linear(x_dim, 1)\n"
+    )
+    namespace = {
+        "__name__": "notebook",
+        "register_guide": register_guide,
+        "torch": torch,
+    }
+    try:
+        exec(cell, namespace)
+        first = namespace["cell_guide"]
+        register_guide("cell-guide")(first)  # the same function again
+        exec(cell, namespace)  # the cell run again: a new function of the same name
+        assert GUIDES["cell-guide"] is namespace["cell_guide"] is not first
+
+        def other(x_dim, stochastic_layers):
+            return torch.nn.Linear(x_dim, 2)
+
+        with pytest.raises(BuilderError) as info:
+            register_guide("cell-guide")(other)
+        assert str(info.value) == (
+            "a guide named 'cell-guide' is registered already (notebook.cell_guide); "
+            "give register_guide replace=True to replace it, or choose another name"
+        )
+        assert register_guide("cell-guide", replace=True)(other) is other
+        assert build_guide("cell-guide", x_dim=3, stochastic_layers=1).out_features == 2
+    finally:
+        GUIDES.pop("cell-guide", None)
+
+
+def test_an_unknown_name_says_a_name_registered_in_python_is_not_the_cli_s():
+    # eval-nll of a run whose guide was registered in a script said only
+    # "unknown guide 'flow'; choose one of: ...".
+    with pytest.raises(BuilderError) as info:
+        build_guide("registered-elsewhere", x_dim=3, stochastic_layers=1)
+    assert str(info.value).endswith(
+        "or an entry point of group pyro_iwae.nn.guides (a name given to "
+        "register_guide in Python is known to that process only: a command line "
+        "needs one of the other two)"
+    )

@@ -42,6 +42,10 @@ nitpick_ignore = [
     ("py:func", "log_weight_chunks"),
     ("py:func", "estimate_problem"),
     ("py:func", "resolve"),
+    ("py:func", "pyro_iwae.infer.evaluation.combine_chunks"),
+    ("py:func", "bernoulli_log_prob_sum"),
+    ("py:func", "exp_tanh"),
+    ("py:func", "_lift_random_ops"),
 ]
 nitpick_ignore_regex = [
     (

@@ -40,23 +40,65 @@ GUIDES: dict[str, Builder] = {}
 ENTRY_POINT_GROUPS = {"model": "pyro_iwae.nn.models", "guide": "pyro_iwae.nn.guides"}
 
 
-def _register(table: dict[str, Builder], kind: str) -> Callable[[str], Callable]:
-    def register(name: str) -> Callable[[Builder], Builder]:
-        def decorate(builder: Builder) -> Builder:
-            if name in table:
-                raise ValueError(f"a {kind} named {name!r} is registered already")
-            table[name] = builder
-            return builder
+def _register(
+    table: dict[str, Builder], kind: str, name: str, replace: bool
+) -> Callable[[Builder], Builder]:
+    def decorate(builder: Builder) -> Builder:
+        old = table.get(name)
+        if old is not None and not replace and _where(old) != _where(builder):
+            raise BuilderError(
+                f"a {kind} named {name!r} is registered already ({_where(old)}); "
+                f"give register_{kind} replace=True to replace it, or choose "
+                "another name"
+            )
+        table[name] = builder
+        return builder
 
-        return decorate
-
-    return register
+    return decorate
 
 
-#: ``@register_model(name)``: a builder ``(x_dim, stochastic_layers, data_mean)``.
-register_model = _register(MODELS, "model")
-#: ``@register_guide(name)``: a builder ``(x_dim, stochastic_layers)``.
-register_guide = _register(GUIDES, "guide")
+def _where(builder: Builder) -> str:
+    """``module.qualname`` of ``builder``: the same for a function defined anew
+    by running its notebook cell or module again."""
+    module = getattr(builder, "__module__", None)
+    qualname = getattr(builder, "__qualname__", None)
+    return f"{module}.{qualname}" if module and qualname else repr(builder)
+
+
+def register_model(name: str, *, replace: bool = False) -> Callable[[Builder], Builder]:
+    """Decorator: registers a model builder as ``name``, for :func:`build_model`
+    and a run's ``model`` setting.
+
+    The builder takes keyword arguments (see the module): ``x_dim``,
+    ``stochastic_layers`` and ``data_mean`` always, and returns a
+    ``torch.nn.Module``. The name is known to this Python process only: the
+    command line finds a builder by an entry point or an import path.
+
+    A builder of the same module and name as the registered one (the same
+    function, or one defined again by running its notebook cell or module
+    again) replaces it; another needs ``replace=True``.
+
+    :raises BuilderError: for a name registered already to another builder.
+    """
+    return _register(MODELS, "model", name, replace)
+
+
+def register_guide(name: str, *, replace: bool = False) -> Callable[[Builder], Builder]:
+    """Decorator: registers a guide builder as ``name``, for :func:`build_guide`
+    and a run's ``guide`` setting.
+
+    The builder takes keyword arguments (see the module): ``x_dim`` and
+    ``stochastic_layers`` always, and returns a ``torch.nn.Module``. The name is
+    known to this Python process only: the command line finds a builder by an
+    entry point or an import path.
+
+    A builder of the same module and name as the registered one (the same
+    function, or one defined again by running its notebook cell or module
+    again) replaces it; another needs ``replace=True``.
+
+    :raises BuilderError: for a name registered already to another builder.
+    """
+    return _register(GUIDES, "guide", name, replace)
 
 
 def resolve(kind: str, name: str) -> Builder:
@@ -96,7 +138,8 @@ def resolve(kind: str, name: str) -> Builder:
             raise BuilderError(
                 f"unknown {kind} {name!r}; choose one of: {', '.join(known)}, an "
                 f"import path package.module:builder, or an entry point of group "
-                f"{group}"
+                f"{group} (a name given to register_{kind} in Python is known to "
+                "that process only: a command line needs one of the other two)"
             )
         if len({p.value for p in points}) > 1:
             raise BuilderError(

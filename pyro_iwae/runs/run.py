@@ -354,10 +354,10 @@ def plan_fit(
 
     ``given``: the settings a user chose (field -> value); ``defaults``: a
     command's own, where they take effect, and ``named``: the settings a user
-    named (see :meth:`RunConfig.merge`). With
+    named (see ``RunConfig.merge``). With
     ``resume``, the run at ``out`` (else the latest in ``runs_dir``) with
-    ``given`` over its config (see :meth:`Run.resumed_config`); else a new run
-    at ``out`` (else in a fresh folder of ``runs_dir``). ``restarted``: torchrun
+    ``given`` over its config (see :meth:`~pyro_iwae.Run.resumed_config`); else a
+    new run at ``out`` (else in a fresh folder of ``runs_dir``). ``restarted``: torchrun
     restarted the workers, which resume the run at ``out`` if it has a
     checkpoint. Under torchrun, rank 0 decides for all. Without
     ``make_folder`` (to learn the config alone), a new run in ``runs_dir`` is
