@@ -715,6 +715,42 @@ def test_a_failing_program_prints_no_torch_internals(capfd):
     assert "fake_tensor" not in err and "Traceback" not in err
 
 
+class _FlowGuide(_TorchNormalGuide):
+    """A Gaussian, then an inverse autoregressive flow whose inverse (stl and dreg
+    take log q through it) assigns by a tensor index: data-dependent."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.flow = dist.transforms.affine_autoregressive(2, [4], stable=True)
+
+    def forward(self, x):
+        with pyro.plate("data", x.shape[0]):
+            base = dist.Normal(self.loc(x), self.log_scale(x).exp())
+            flowed = dist.TransformedDistribution(base.to_event(1), [self.flow])
+            pyro.sample("z", flowed)
+
+
+@pytest.mark.parametrize("estimator", ["stl", "dreg"])
+def test_a_flow_whose_inverse_cannot_be_traced_falls_back_for_that_reason(estimator):
+    # Was "fails under vectorize_particles=True but runs without it ... must
+    # broadcast": the eager check behind that runs no inverse, and eagerly.
+    model, guide = _SmallModel(), _FlowGuide()
+    elbo = IWELBO(4, estimator, compile=True)
+    x = _data(3)
+    with pytest.warns(CompileFallbackWarning) as caught:
+        torch.manual_seed(3)
+        loss = elbo.differentiable_loss(model, guide, x)
+    (message,) = [str(w.message) for w in caught]
+    assert "cannot trace the program as a static graph: it takes a data-dependent" in (
+        message
+    )
+    assert "GuardOnDataDependentSymNode: Could not" in message
+    assert "broadcast" not in message and "vectorize_particles" not in message
+    torch.manual_seed(3)
+    eager = IWELBO(4, estimator).differentiable_loss(model, guide, x)
+    torch.testing.assert_close(loss, eager, rtol=0, atol=0)
+
+
 class _PyroModuleGuide(pyro.nn.PyroModule):
     def __init__(self) -> None:
         super().__init__()

@@ -26,6 +26,7 @@ from pyro.poutine.trace_messenger import TraceMessenger
 from torch import fx
 
 from ..infer.arguments import cuda_devices
+from ..infer.broadcast import data_dependent
 from .capture import (
     PYRO_MODULE_MESSAGE,
     Unsupported,
@@ -326,9 +327,7 @@ class GraphCache:
             self._disable(str(error))
             return None, False
         except Exception as error:  # tracing fails on dynamic structure
-            self._disable(
-                f"cannot trace the program as a static graph ({describe(error)})"
-            )
+            self._disable(untraceable(error))
             return None, False
         finally:
             _compile_seconds += time.perf_counter() - start
@@ -388,9 +387,25 @@ def handlers_key() -> tuple | None:
     return tuple(key)
 
 
-def describe(error: Exception) -> str:
+def describe(error: BaseException) -> str:
+    """The error's type and the first line of its message, or of the message of
+    the error it was raised from where its own is empty (as torch's guards)."""
     lines = str(error).strip().splitlines()
+    cause = error.__cause__ or error.__context__
+    if not lines and cause is not None:
+        lines = str(cause).strip().splitlines()
     return type(error).__name__ + (f": {lines[0][:200]}" if lines else "")
+
+
+def untraceable(error: BaseException) -> str:
+    """Why tracing the program failed with ``error``, for the fallback warning."""
+    if data_dependent(error):
+        return (
+            "cannot trace the program as a static graph: it takes a data-dependent "
+            "operation (indexing or a branch by a tensor's values, as a flow's "
+            f"inverse may) ({describe(error)})"
+        )
+    return f"cannot trace the program as a static graph ({describe(error)})"
 
 
 def close_enough(a: torch.Tensor, b: torch.Tensor, rtol: float) -> bool:
