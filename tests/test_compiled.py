@@ -1427,6 +1427,47 @@ def test_a_graph_fixes_the_modules_python_numbers():
         _assert_eager_estimates(estimate, model, guide, _data(), 6, 3, (1e-5, 1e-5))
 
 
+class _HiddenWeightModel(_SmallModel):
+    """The prior's scale times a weight held privately, in a dict and in a list."""
+
+    def __init__(self, where: str) -> None:
+        super().__init__()
+        self.where = where
+        self.log_s = torch.nn.Parameter(torch.zeros(()))
+        self._beta, self.cfg, self.betas = 1.0, {"beta": 1.0}, [1.0]
+        # A cache slot filled on the first call: not a setting, no new graph.
+        self._cache = (None, None)
+
+    def forward(self, x):
+        weight = {"private": self._beta, "dict": self.cfg["beta"]}.get(
+            self.where, self.betas[0]
+        )
+        self._cache = (x, x)
+        with pyro.plate("data", x.shape[0]):
+            z = pyro.sample(
+                "z", dist.Normal(x.new_zeros(2), self.log_s.exp() * weight).to_event(1)
+            )
+            pyro.sample("x", dist.Bernoulli(logits=self.out(z)).to_event(1), obs=x)
+
+
+@pytest.mark.parametrize("where", ["private", "dict", "list"])
+def test_a_graph_fixes_private_numbers_and_numbers_in_containers(where):
+    # Only public numbers were in the graph's key: after m._beta = 2.0 (or
+    # m.cfg["beta"], m.betas[0]) the old graph's numbers came back, silently.
+    model, guide = _HiddenWeightModel(where), _TorchNormalGuide()
+    elbo = IWELBO(3)
+    compiled = CompiledLoss(elbo, model, guide, backend=None)
+    params = [*model.parameters(), *guide.parameters()]
+
+    def eager(x):
+        return elbo.differentiable_loss(model, guide, x)
+
+    for weight in (1.0, 2.0, 1.0):
+        model._beta = model.cfg["beta"] = model.betas[0] = weight
+        _assert_same(compiled, eager, params, _data())
+    assert len(compiled._graphs) == 2
+
+
 @pytest.mark.parametrize(
     "handlers, graphs",
     [
