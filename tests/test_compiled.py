@@ -678,6 +678,72 @@ def test_log_likelihood_falls_back_when_the_graph_does_not_compile(monkeypatch):
     assert not ll.compiled
 
 
+def _never_close(*args, **kwargs):
+    return False
+
+
+def test_a_loss_that_falls_back_on_its_first_call_draws_the_eager_noise(monkeypatch):
+    # The check's compiled run had drawn the noise, and the eager loss that
+    # followed drew anew: another value than eager's from the same seed.
+    import pyro_iwae.compiled.loss as compiled_module
+
+    monkeypatch.setattr(compiled_module, "close_enough", _never_close)
+    model, guide = _SmallModel(), _TorchNormalGuide()
+    elbo = IWELBO(3)
+    compiled = CompiledLoss(elbo, model, guide, backend=None)
+    x = _data()
+    runs = []
+    for loss in (compiled, lambda x: elbo.differentiable_loss(model, guide, x)):
+        torch.manual_seed(2)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", CompileFallbackWarning)
+            runs.append((loss(x).detach(), torch.rand(3)))  # and the stream after
+    assert not compiled.compiled
+    for ours, eager in zip(*runs, strict=True):
+        torch.testing.assert_close(ours, eager, rtol=0, atol=0)
+
+
+def test_a_step_whose_graph_fails_on_its_first_call_draws_the_eager_noise(
+    monkeypatch,
+):
+    # The graph's noise was drawn before it failed; the eager step drew anew.
+    import pyro_iwae.compiled.loss as compiled_module
+
+    monkeypatch.setattr(compiled_module, "compile_graph", _fails_on_its_first_call)
+    init = _initial_states()
+    x = _data(4)
+    runs = []
+    for use_compiled in (True, False):
+        model, guide = _paper_pair(init)
+        elbo = IWELBO(3)
+        compiled = CompiledLoss(elbo, model, guide, backend=None)
+        optim = torch.optim.Adam([*model.parameters(), *guide.parameters()], lr=1e-2)
+        torch.manual_seed(5)
+        if use_compiled:
+            with pytest.warns(CompileFallbackWarning, match="did not compile"):
+                loss = compiled.step(optim, x, scale=1 / 4)
+        else:
+            loss = _eager_step(elbo, model, guide, optim, x, 1 / 4)
+        runs.append([loss, *model.state_dict().values(), torch.rand(3)])
+    for ours, eager in zip(*runs, strict=True):
+        torch.testing.assert_close(ours, eager, rtol=0, atol=0)
+
+
+def test_log_likelihood_that_falls_back_on_a_mismatch_gives_the_eager_estimates(
+    monkeypatch,
+):
+    # The first chunk's check drew its eager noise, and the eager estimates that
+    # followed drew anew: other estimates than eager's from the same seed.
+    from pyro_iwae.compiled import log_likelihood as compiled_ll
+
+    monkeypatch.setattr(compiled_ll, "close_enough", _never_close)
+    model, guide = _SmallModel(), _TorchNormalGuide()
+    ll = CompiledLogLikelihood(model, guide, backend=None)
+    with pytest.warns(CompileFallbackWarning, match="differ from the eager ones"):
+        _assert_eager_estimates(ll, model, guide, _data(4), 40, 20, (0, 0))
+    assert not ll.compiled
+
+
 class _GuideOfThreeLatents(_TorchNormalGuide):
     """z of size 3 where the model's has size 2: the model's decoder fails."""
 

@@ -456,6 +456,24 @@ def close_enough(a: torch.Tensor, b: torch.Tensor, rtol: float) -> bool:
     return bool(((a - b).abs().max() <= rtol * scale).item())
 
 
+class RandomState:
+    """The random state of the CPU and of every CUDA device in use, to put back
+    where a new graph's first call fails: the eager path that follows must draw
+    the noise the eager path would have, not the noise after the graph's (or
+    the check's) draws."""
+
+    def __init__(self) -> None:
+        self.cpu = torch.get_rng_state()
+        cuda = torch.cuda.is_initialized()
+        self.devices = list(range(torch.cuda.device_count())) if cuda else []
+        self.cuda = [torch.cuda.get_rng_state(d) for d in self.devices]
+
+    def restore(self) -> None:
+        torch.set_rng_state(self.cpu)
+        for device, state in zip(self.devices, self.cuda, strict=True):
+            torch.cuda.set_rng_state(state, device)
+
+
 @contextlib.contextmanager
 def kept_buffers(*modules: Any) -> Iterator[None]:
     """Puts the buffers of the ``nn.Module`` s among ``modules`` (batch norm's
