@@ -678,6 +678,72 @@ def test_log_likelihood_falls_back_when_the_graph_does_not_compile(monkeypatch):
     assert not ll.compiled
 
 
+def _never_close(*args, **kwargs):
+    return False
+
+
+def test_a_loss_that_falls_back_on_its_first_call_draws_the_eager_noise(monkeypatch):
+    # The check's compiled run had drawn the noise, and the eager loss that
+    # followed drew anew: another value than eager's from the same seed.
+    import pyro_iwae.compiled.loss as compiled_module
+
+    monkeypatch.setattr(compiled_module, "close_enough", _never_close)
+    model, guide = _SmallModel(), _TorchNormalGuide()
+    elbo = IWELBO(3)
+    compiled = CompiledLoss(elbo, model, guide, backend=None)
+    x = _data()
+    runs = []
+    for loss in (compiled, lambda x: elbo.differentiable_loss(model, guide, x)):
+        torch.manual_seed(2)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", CompileFallbackWarning)
+            runs.append((loss(x).detach(), torch.rand(3)))  # and the stream after
+    assert not compiled.compiled
+    for ours, eager in zip(*runs, strict=True):
+        torch.testing.assert_close(ours, eager, rtol=0, atol=0)
+
+
+def test_a_step_whose_graph_fails_on_its_first_call_draws_the_eager_noise(
+    monkeypatch,
+):
+    # The graph's noise was drawn before it failed; the eager step drew anew.
+    import pyro_iwae.compiled.loss as compiled_module
+
+    monkeypatch.setattr(compiled_module, "compile_graph", _fails_on_its_first_call)
+    init = _initial_states()
+    x = _data(4)
+    runs = []
+    for use_compiled in (True, False):
+        model, guide = _paper_pair(init)
+        elbo = IWELBO(3)
+        compiled = CompiledLoss(elbo, model, guide, backend=None)
+        optim = torch.optim.Adam([*model.parameters(), *guide.parameters()], lr=1e-2)
+        torch.manual_seed(5)
+        if use_compiled:
+            with pytest.warns(CompileFallbackWarning, match="did not compile"):
+                loss = compiled.step(optim, x, scale=1 / 4)
+        else:
+            loss = _eager_step(elbo, model, guide, optim, x, 1 / 4)
+        runs.append([loss, *model.state_dict().values(), torch.rand(3)])
+    for ours, eager in zip(*runs, strict=True):
+        torch.testing.assert_close(ours, eager, rtol=0, atol=0)
+
+
+def test_log_likelihood_that_falls_back_on_a_mismatch_gives_the_eager_estimates(
+    monkeypatch,
+):
+    # The first chunk's check drew its eager noise, and the eager estimates that
+    # followed drew anew: other estimates than eager's from the same seed.
+    from pyro_iwae.compiled import log_likelihood as compiled_ll
+
+    monkeypatch.setattr(compiled_ll, "close_enough", _never_close)
+    model, guide = _SmallModel(), _TorchNormalGuide()
+    ll = CompiledLogLikelihood(model, guide, backend=None)
+    with pytest.warns(CompileFallbackWarning, match="differ from the eager ones"):
+        _assert_eager_estimates(ll, model, guide, _data(4), 40, 20, (0, 0))
+    assert not ll.compiled
+
+
 class _GuideOfThreeLatents(_TorchNormalGuide):
     """z of size 3 where the model's has size 2: the model's decoder fails."""
 
@@ -713,6 +779,42 @@ def test_a_failing_program_prints_no_torch_internals(capfd):
         ll(_data(4), num_samples=10, chunk_size=5)
     err = capfd.readouterr().err
     assert "fake_tensor" not in err and "Traceback" not in err
+
+
+class _FlowGuide(_TorchNormalGuide):
+    """A Gaussian, then an inverse autoregressive flow whose inverse (stl and dreg
+    take log q through it) assigns by a tensor index: data-dependent."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.flow = dist.transforms.affine_autoregressive(2, [4], stable=True)
+
+    def forward(self, x):
+        with pyro.plate("data", x.shape[0]):
+            base = dist.Normal(self.loc(x), self.log_scale(x).exp())
+            flowed = dist.TransformedDistribution(base.to_event(1), [self.flow])
+            pyro.sample("z", flowed)
+
+
+@pytest.mark.parametrize("estimator", ["stl", "dreg"])
+def test_a_flow_whose_inverse_cannot_be_traced_falls_back_for_that_reason(estimator):
+    # Was "fails under vectorize_particles=True but runs without it ... must
+    # broadcast": the eager check behind that runs no inverse, and eagerly.
+    model, guide = _SmallModel(), _FlowGuide()
+    elbo = IWELBO(4, estimator, compile=True)
+    x = _data(3)
+    with pytest.warns(CompileFallbackWarning) as caught:
+        torch.manual_seed(3)
+        loss = elbo.differentiable_loss(model, guide, x)
+    (message,) = [str(w.message) for w in caught]
+    assert "cannot trace the program as a static graph: it takes a data-dependent" in (
+        message
+    )
+    assert "GuardOnDataDependentSymNode: Could not" in message
+    assert "broadcast" not in message and "vectorize_particles" not in message
+    torch.manual_seed(3)
+    eager = IWELBO(4, estimator).differentiable_loss(model, guide, x)
+    torch.testing.assert_close(loss, eager, rtol=0, atol=0)
 
 
 class _PyroModuleGuide(pyro.nn.PyroModule):
@@ -1389,6 +1491,47 @@ def test_a_graph_fixes_the_modules_python_numbers():
     for sharpness in (1.0, 3.0):
         model.sharpness = sharpness
         _assert_eager_estimates(estimate, model, guide, _data(), 6, 3, (1e-5, 1e-5))
+
+
+class _HiddenWeightModel(_SmallModel):
+    """The prior's scale times a weight held privately, in a dict and in a list."""
+
+    def __init__(self, where: str) -> None:
+        super().__init__()
+        self.where = where
+        self.log_s = torch.nn.Parameter(torch.zeros(()))
+        self._beta, self.cfg, self.betas = 1.0, {"beta": 1.0}, [1.0]
+        # A cache slot filled on the first call: not a setting, no new graph.
+        self._cache = (None, None)
+
+    def forward(self, x):
+        weight = {"private": self._beta, "dict": self.cfg["beta"]}.get(
+            self.where, self.betas[0]
+        )
+        self._cache = (x, x)
+        with pyro.plate("data", x.shape[0]):
+            z = pyro.sample(
+                "z", dist.Normal(x.new_zeros(2), self.log_s.exp() * weight).to_event(1)
+            )
+            pyro.sample("x", dist.Bernoulli(logits=self.out(z)).to_event(1), obs=x)
+
+
+@pytest.mark.parametrize("where", ["private", "dict", "list"])
+def test_a_graph_fixes_private_numbers_and_numbers_in_containers(where):
+    # Only public numbers were in the graph's key: after m._beta = 2.0 (or
+    # m.cfg["beta"], m.betas[0]) the old graph's numbers came back, silently.
+    model, guide = _HiddenWeightModel(where), _TorchNormalGuide()
+    elbo = IWELBO(3)
+    compiled = CompiledLoss(elbo, model, guide, backend=None)
+    params = [*model.parameters(), *guide.parameters()]
+
+    def eager(x):
+        return elbo.differentiable_loss(model, guide, x)
+
+    for weight in (1.0, 2.0, 1.0):
+        model._beta = model.cfg["beta"] = model.betas[0] = weight
+        _assert_same(compiled, eager, params, _data())
+    assert len(compiled._graphs) == 2
 
 
 @pytest.mark.parametrize(

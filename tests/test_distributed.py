@@ -109,6 +109,13 @@ def test_first_step_gradient_is_the_single_process_gradient(groups):
     assert traced["train_bound"] == pytest.approx(eager["train_bound"], rel=1e-4)
 
 
+def test_a_compiled_run_of_two_ranks_counts_its_compile_time(groups):
+    # DDP's set-up built the first graph before fit took its baseline: every
+    # epoch said compile_time 0.0, and fit --compile on no "s of it compiling".
+    (traced,) = read_metrics(groups / "one-epoch-traced")
+    assert traced["compiled"] and 0 < traced["compile_time"] <= traced["time"]
+
+
 def test_a_rank_killed_mid_epoch_leaves_the_last_checkpoint_intact(groups):
     checkpoint = load_checkpoint(groups / "killed-before-resume" / CHECKPOINT_FILE)
     # Written at global step 8 (every 4 steps), before the kill at step 9.

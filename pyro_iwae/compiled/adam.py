@@ -1,5 +1,6 @@
-"""Adam's update inside a compiled training graph: which optimisers qualify, their
-state, and the update as traceable tensor code.
+"""Adam's update inside a compiled training graph: which optimisers and
+parameters qualify, their state, the update as traceable tensor code, and the
+check of a graph's update against torch's.
 
 The graph reads and writes the optimiser's own state tensors (``step``,
 ``exp_avg``, ``exp_avg_sq``), so ``optimizer.state_dict()``, checkpoints, and a
@@ -118,3 +119,25 @@ def clear_grads(optimizer: torch.optim.Optimizer) -> None:
     for group in optimizer.param_groups:
         for p in group["params"]:
             p.grad = None
+
+
+def adam_candidates(
+    wanted: Sequence[bool], members: Sequence[bool] | None
+) -> list[int]:
+    """The parameters (indices) whose Adam state a step graph takes: those that
+    are ``wanted`` (trainable) and ``members`` of the optimiser."""
+    assert members is not None
+    return [i for i, (w, m) in enumerate(zip(wanted, members, strict=True)) if w and m]
+
+
+def same_update(
+    start: torch.Tensor, ours: torch.Tensor, theirs: torch.Tensor, rtol: float
+) -> bool:
+    """Whether two updates of the parameter ``start`` agree: their changes within
+    ``rtol`` of the largest change, give or take the rounding of the parameter
+    itself (a few of its ulps: a step of 1e-3 on a bias of -5 is rounded to
+    5e-4 of itself)."""
+    change = theirs - start
+    rounding = 4 * torch.finfo(start.dtype).eps * start.abs().max()
+    limit = rtol * change.abs().max() + rounding
+    return bool(((ours - theirs).abs().max() <= limit).item())

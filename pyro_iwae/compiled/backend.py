@@ -26,6 +26,7 @@ from pyro.poutine.trace_messenger import TraceMessenger
 from torch import fx
 
 from ..infer.arguments import cuda_devices
+from ..infer.broadcast import data_dependent
 from .capture import (
     PYRO_MODULE_MESSAGE,
     Unsupported,
@@ -326,9 +327,7 @@ class GraphCache:
             self._disable(str(error))
             return None, False
         except Exception as error:  # tracing fails on dynamic structure
-            self._disable(
-                f"cannot trace the program as a static graph ({describe(error)})"
-            )
+            self._disable(untraceable(error))
             return None, False
         finally:
             _compile_seconds += time.perf_counter() - start
@@ -364,11 +363,54 @@ def objective_settings(elbo: Any) -> tuple[tuple[str, Any], ...]:
 
 def module_constants(modules: list[tuple[str, torch.nn.Module]]) -> tuple:
     """What a graph fixes of ``modules`` (a :func:`~.capture.submodules` walk)
-    besides their tensors: each module's :func:`public_constants`, its train or
+    besides their tensors: each module's :func:`module_settings`, its train or
     eval mode among them (dropout, batch norm), and such values as a KL weight
     that a schedule sets between steps or a fixed scale. A change gives another
     graph."""
-    return tuple([public_constants(module) for _, module in modules])
+    return tuple([module_settings(module) for _, module in modules])
+
+
+#: ``nn.Module``'s own attributes (registries of tensors, submodules and hooks):
+#: not settings of a model. ``training`` is one (the mode).
+_MODULE_BOOKKEEPING = frozenset(vars(torch.nn.Module())) - {"training"}
+_NUMBERS = (bool, int, float, str)
+_CONTAINERS = (dict, list, tuple)
+#: How deep :func:`_numbers_in` walks nested containers.
+_MAX_DEPTH = 4
+
+
+def module_settings(module: torch.nn.Module) -> tuple[tuple[str, Any], ...]:
+    """What tracing reads of ``module`` as constants, by attribute name: Python
+    numbers and strings in its public and private attributes and in the
+    dicts, lists and tuples they hold (nested, as :func:`_numbers_in` gives
+    them), and None in public ones (a private None is a cache's empty slot, as a
+    transform's ``_inv``: it would give a second graph once filled). Not
+    ``nn.Module``'s own bookkeeping."""
+    # A loop over the attributes, no generator: a compiled step reads ~20
+    # modules of ~20 attributes each (most of them bookkeeping).
+    key = []
+    for name, value in vars(module).items():
+        if name in _MODULE_BOOKKEEPING:
+            continue
+        if isinstance(value, _NUMBERS) or (value is None and name[:1] != "_"):
+            key.append((name, value))
+        elif isinstance(value, _CONTAINERS):
+            key.append((name, _numbers_in(value, 1)))
+    return tuple(key)
+
+
+def _numbers_in(value: Any, depth: int) -> Any:
+    """``value``'s numbers and strings, in its structure: a container (to
+    :data:`_MAX_DEPTH` deep) as a tuple of its items' (a dict's as
+    ``(key, item)`` pairs), anything else as ``...`` (so that a tensor filling a
+    cache's slot gives no new key)."""
+    if isinstance(value, _NUMBERS):
+        return value
+    if depth > _MAX_DEPTH or not isinstance(value, _CONTAINERS):
+        return ...
+    if isinstance(value, dict):
+        return tuple([(k, _numbers_in(v, depth + 1)) for k, v in value.items()])
+    return tuple([_numbers_in(v, depth + 1) for v in value])
 
 
 def handlers_key() -> tuple | None:
@@ -388,14 +430,48 @@ def handlers_key() -> tuple | None:
     return tuple(key)
 
 
-def describe(error: Exception) -> str:
+def describe(error: BaseException) -> str:
+    """The error's type and the first line of its message, or of the message of
+    the error it was raised from where its own is empty (as torch's guards)."""
     lines = str(error).strip().splitlines()
+    cause = error.__cause__ or error.__context__
+    if not lines and cause is not None:
+        lines = str(cause).strip().splitlines()
     return type(error).__name__ + (f": {lines[0][:200]}" if lines else "")
+
+
+def untraceable(error: BaseException) -> str:
+    """Why tracing the program failed with ``error``, for the fallback warning."""
+    if data_dependent(error):
+        return (
+            "cannot trace the program as a static graph: it takes a data-dependent "
+            "operation (indexing or a branch by a tensor's values, as a flow's "
+            f"inverse may) ({describe(error)})"
+        )
+    return f"cannot trace the program as a static graph ({describe(error)})"
 
 
 def close_enough(a: torch.Tensor, b: torch.Tensor, rtol: float) -> bool:
     scale = b.abs().max().clamp_min(1e-6)
     return bool(((a - b).abs().max() <= rtol * scale).item())
+
+
+class RandomState:
+    """The random state of the CPU and of every CUDA device in use, to put back
+    where a new graph's first call fails: the eager path that follows must draw
+    the noise the eager path would have, not the noise after the graph's (or
+    the check's) draws."""
+
+    def __init__(self) -> None:
+        self.cpu = torch.get_rng_state()
+        cuda = torch.cuda.is_initialized()
+        self.devices = list(range(torch.cuda.device_count())) if cuda else []
+        self.cuda = [torch.cuda.get_rng_state(d) for d in self.devices]
+
+    def restore(self) -> None:
+        torch.set_rng_state(self.cpu)
+        for device, state in zip(self.devices, self.cuda, strict=True):
+            torch.cuda.set_rng_state(state, device)
 
 
 @contextlib.contextmanager

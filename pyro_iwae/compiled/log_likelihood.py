@@ -23,7 +23,13 @@ from ..infer.evaluation import (
     resolve_chunk_size,
 )
 from ..infer.objectives import IWELBO
-from .backend import GraphCache, close_enough, compile_graph, describe
+from .backend import (
+    GraphCache,
+    RandomState,
+    close_enough,
+    compile_graph,
+    describe,
+)
 from .capture import (
     SEEDED_MESSAGE,
     CallArgs,
@@ -130,6 +136,9 @@ class CompiledLogLikelihood(GraphCache):
                         "the compiled log-weights differ from the eager ones (does "
                         "the program's structure change between calls?)"
                     )
+                    # Put back on a fallback: the eager estimates that follow
+                    # draw what the eager path would, not what the check did.
+                    state = RandomState()
                     try:
                         log_w = self._verified(
                             graph, chunk_size, params, tensors, args, kwargs
@@ -142,6 +151,7 @@ class CompiledLogLikelihood(GraphCache):
                         reason = f"the graph did not compile ({describe(error)})"
                     fresh = False
                     if log_w is None:
+                        state.restore()
                         self._disable(reason)
                         yield from self._eager(args, kwargs, num_samples, chunk_size)
                         return

@@ -14,13 +14,16 @@ from ..infer.arguments import cuda_devices
 from .adam import (
     STATE_KEYS,
     AdamSettings,
+    adam_candidates,
     adam_state,
     adam_update,
     clear_grads,
     graph_adam,
+    same_update,
 )
 from .backend import (
     GraphCache,
+    RandomState,
     close_enough,
     compile_graph,
     describe,
@@ -251,12 +254,19 @@ class CompiledLoss(GraphCache):
         """``call(*args)``, the first call of a new graph; None, with the compiled
         path given up, where it fails: a graph compiled lazily (another
         ``torch.compile`` backend, or options) compiles on its first call
-        (inductor's direct compile fails earlier, in ``_lookup``)."""
+        (inductor's direct compile fails earlier, in ``_lookup``). Where it
+        fails or returns None (the check found a mismatch), the random state is
+        put back: the eager run that follows draws what the eager path would."""
+        state = RandomState()
         try:
-            return call(*args)
+            result = call(*args)
         except Exception as error:  # noqa: BLE001
+            state.restore()
             self._disable(f"the graph did not compile ({describe(error)})")
             return None
+        if result is None:
+            state.restore()
+        return result
 
     def _graph(
         self,
@@ -310,7 +320,7 @@ class CompiledLoss(GraphCache):
         wanted = [t.requires_grad for t in tensors]
         call = CallArgs(args, kwargs)
         n, c = len(tensors), len(call.tensors)
-        candidates = [] if adam is None else _candidates(wanted, members)
+        candidates = [] if adam is None else adam_candidates(wanted, members)
         grad_mask: list[bool] = []
 
         def loss_and_grads(*flat: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -484,7 +494,7 @@ class CompiledLoss(GraphCache):
         if ok and graph.adam is not None:
             for j, (s0, s1, t) in enumerate(zip(start, stepped, tensors, strict=True)):
                 if j < len(moved):
-                    ok = ok and _same_update(s0, s1, t.detach(), self.rtol)
+                    ok = ok and same_update(s0, s1, t.detach(), self.rtol)
                 else:
                     ok = ok and close_enough(s1, t.detach(), self.rtol)
             if ok:
@@ -501,28 +511,8 @@ class CompiledLoss(GraphCache):
         return loss
 
 
-def _same_update(
-    start: torch.Tensor, ours: torch.Tensor, theirs: torch.Tensor, rtol: float
-) -> bool:
-    """Whether two updates of the parameter ``start`` agree: their changes within
-    ``rtol`` of the largest change, give or take the rounding of the parameter
-    itself (a few of its ulps: a step of 1e-3 on a bias of -5 is rounded to
-    5e-4 of itself)."""
-    change = theirs - start
-    rounding = 4 * torch.finfo(start.dtype).eps * start.abs().max()
-    limit = rtol * change.abs().max() + rounding
-    return bool(((ours - theirs).abs().max() <= limit).item())
-
-
 def _trainable_indices(wanted: list[bool]) -> list[int]:
     return [i for i, w in enumerate(wanted) if w]
-
-
-def _candidates(wanted: list[bool], members: list[bool] | None) -> list[int]:
-    """The parameters whose Adam state a step graph takes: trainable ones of the
-    optimiser."""
-    assert members is not None
-    return [i for i in _trainable_indices(wanted) if members[i]]
 
 
 _LOSS_CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()

@@ -20,8 +20,9 @@ from pyro.poutine.trace_struct import Trace
 from pyro.poutine.util import prune_subsample_sites
 from pyro.util import check_model_guide_match
 
-from ..errors import ParticleBroadcastError, ProgramError, PyroIwaeError, check_count
+from ..errors import check_count
 from .arguments import check_not_empty, cuda_devices, trial_run
+from .broadcast import BROADCAST_FAILURES, broadcast_error
 from .enumeration import (
     Unenumerated,
     check_enumeration,
@@ -54,7 +55,6 @@ from .traces import (
     factor_plates,
     is_subsampled,
     latent_sites,
-    plate_depth,
     sample_sites,
     score_log_prob,
     stopped_parameters,
@@ -77,10 +77,6 @@ SCORE_ESTIMATORS = ("vimco", "reinforce")
 STOPPED_ESTIMATORS = ("stl", "dreg")
 #: How latent sites outside the data plate enter the bound.
 GLOBAL_LATENTS = ("auto", "joint", "factor")
-#: The errors a program that does not broadcast over the particle plate raises
-#: (torch's shape errors among them): those that may call for
-#: ``vectorize_particles=False``.
-BROADCAST_FAILURES = (RuntimeError, ValueError, IndexError, TypeError)
 
 
 class ParticleELBO(ELBO):
@@ -302,38 +298,26 @@ class ParticleELBO(ELBO):
         try:
             return self._particles(model, guide, args, kwargs)
         except BROADCAST_FAILURES as error:
-            if not self._has_particle_plate or isinstance(
-                error, PyroIwaeError | NotImplementedError
-            ):
+            if not self._has_particle_plate:
                 raise
-            single = self._runs_without_particles(model, guide, args, kwargs)
-            if single is None:
+            single = ParticleELBO(
+                1,
+                "iwae",
+                vectorize_particles=False,
+                max_plate_nesting=self.max_plate_nesting - 1,
+                global_latents=self.global_latents,
+            )
+            broadcast = broadcast_error(
+                error,
+                lambda: single._particles(model, guide, args, kwargs).traces,
+                args,
+                kwargs,
+                self.num_particles,
+                self.max_plate_nesting - 1,
+            )
+            if broadcast is None:
                 raise
-            depth = max(plate_depth(sample_sites(pair)) for pair in single.traces)
-            raise ParticleBroadcastError.of_failure(
-                error, self.num_particles, self.max_plate_nesting - 1, depth
-            ) from None
-
-    def _runs_without_particles(
-        self, model: Callable, guide: Callable, args: tuple, kwargs: dict
-    ) -> Particles | None:
-        """One particle weighed without the particle plate (on a forked random
-        stream, without warnings), or None where that fails too."""
-        single = ParticleELBO(
-            1,
-            "iwae",
-            vectorize_particles=False,
-            max_plate_nesting=self.max_plate_nesting - 1,
-            global_latents=self.global_latents,
-        )
-        try:
-            with trial_run(args, kwargs):
-                return single._particles(model, guide, args, kwargs)
-        except ProgramError:  # a batch dim in no plate: it fails under the plate
-            raise
-        except Exception:
-            # A failure here is the program's own, not the particle plate's.
-            return None
+            raise broadcast from None
 
     def _particles(
         self, model: Callable, guide: Callable, args: tuple, kwargs: dict

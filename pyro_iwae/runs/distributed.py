@@ -258,7 +258,7 @@ class DistributedLoss:
         sends rank 0's parameters to the others).
     :param guide: likewise.
     :param objective: an ELBO with ``differentiable_loss``.
-    :param example: a batch to make lazy parameters with (one forward pass, its
+    :param example: a batch to make lazy parameters with (one eager pass, its
         random draws undone) before DDP takes the parameters.
     :raises ConfigError: for an objective without ``differentiable_loss``.
     """
@@ -275,12 +275,15 @@ class DistributedLoss:
         check_objective(objective)
         self.ranks = ranks
         module = _ScaledELBOModule(model, guide, objective)
+        # Eagerly, whatever the objective's compile: a compiled loss builds its
+        # first graph in the first step, timed as in one process.
+        eager = getattr(objective, "eager_loss", objective.differentiable_loss)
         with (
             forked_rng(device),
             pyro.settings.context(module_local_params=True),
             pyro.validation_enabled(False),
         ):
-            module(example[: max(1, example.shape[0] // ranks.world)], 1.0)
+            eager(model, guide, example[: max(1, example.shape[0] // ranks.world)])
         cuda = device.type == "cuda"
         self.ddp = torch.nn.parallel.DistributedDataParallel(
             module, device_ids=[device] if cuda else None
