@@ -728,6 +728,24 @@ def test_result_path_finds_an_evaluation_by_its_settings(tmp_path):
     )
 
 
+def test_a_vectorized_evaluation_beside_a_sequential_one_says_its_mode(tmp_path):
+    # The sequential evaluation took the plain name; the vectorized one got a name
+    # spelling settings equal to its own, the mode that told them apart left out.
+    from pyro_iwae.runs.eval_results import EvalSettings, result_path
+
+    (tmp_path / "eval-test-k5.json").write_text(
+        json.dumps({"method": "iwae", "k": 5, "split": "test", "points": 10,
+                    "seed": 0, "batch_size": 100, "limit": 10,
+                    "sequential_particles": True})
+    )  # fmt: skip
+    vectorized = EvalSettings(num_samples=5, limit=10)
+    assert result_path(tmp_path, vectorized).name == (
+        "eval-test-k5-n10-seed0-batch100-vectorized.json"
+    )
+    sequential = EvalSettings(num_samples=5, limit=10, sequential_particles=True)
+    assert result_path(tmp_path, sequential).name == "eval-test-k5.json"
+
+
 def test_sample_says_when_the_test_points_are_fewer_than_asked(tmp_path):
     _, run_dir = _fit_on_a_data_file(tmp_path)  # 12 test points of 4 x 4
     result = invoke("sample", run_dir, "--n", 20)

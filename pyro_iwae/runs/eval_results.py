@@ -8,8 +8,9 @@ by ``-on-<name>`` for data other than the run's (``-on-<name>-<8 hex digits
 of the file's path>`` where another data file of that name took it). An
 evaluation never replaces
 one of other settings: where that name holds one (of other points, seed, batch
-or chunk size), it takes a name that spells its settings
-(``eval-test-k5000-n20-seed0-batch100.json``, ``...-chunk50.json``).
+or chunk size, or particle mode), it takes a name that spells its settings
+(``eval-test-k5000-n20-seed0-batch100.json``, ``...-chunk50.json``,
+``...-sequential.json``; ``...-vectorized.json`` beside a sequential one).
 """
 
 from __future__ import annotations
@@ -317,6 +318,9 @@ def result_path(
         return plain
     limit = "all" if settings.limit is None else settings.limit
     sequential = "-sequential" if settings.sequential_particles else ""
+    if not sequential and (_saved(plain) or {}).get("sequential_particles"):
+        # The plain name's evaluation differs from this one by the mode alone.
+        sequential = "-vectorized"
     chunk = "" if settings.chunk_size is None else f"-chunk{settings.chunk_size}"
     named = run_dir / (
         f"eval-{settings.split}-{tag}-n{limit}-seed{settings.seed}"
@@ -333,11 +337,17 @@ def result_path(
 
 def _of_other_data(path: Path, other_data: str) -> bool:
     """Whether ``path`` holds an evaluation of data other than ``other_data``."""
+    saved = _saved(path)
+    return saved is not None and saved.get("dataset") != other_data
+
+
+def _saved(path: Path) -> dict | None:
+    """The evaluation in ``path``; None where unreadable or no evaluation."""
     try:
         saved = json.loads(path.read_text())
     except (OSError, ValueError):
-        return False
-    return isinstance(saved, dict) and saved.get("dataset") != other_data
+        return None
+    return saved if isinstance(saved, dict) else None
 
 
 def _same(
@@ -348,12 +358,9 @@ def _same(
     pyro-iwae 0.1 lack the batch size (theirs was 100) and the limit (their
     points tell it), and files written before it was recorded the chunk size
     (theirs: None, the default)."""
-    try:
-        saved = json.loads(path.read_text())
-    except (OSError, ValueError):
+    saved = _saved(path)
+    if saved is None:
         return True  # unreadable: nothing worth keeping
-    if not isinstance(saved, dict):
-        return True
     saved = {
         "batch_size": 100,
         "method": "iwae",
