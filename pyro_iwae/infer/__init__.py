@@ -12,6 +12,7 @@ __all__ = [
     "ais",
     "ais_chains",
     "arguments",
+    "broadcast",
     "diagnostics",
     "enumeration",
     "estimable",
