@@ -37,6 +37,7 @@ import time
 import pyro
 import pyro.distributions as dist
 import torch
+from example_options import count, parse_with_smoke, positive
 from pyro import poutine
 from pyro.infer import SVI
 from pyro.optim import ClippedAdam
@@ -59,23 +60,6 @@ SMOKE = {
 }
 
 
-def count(text: str) -> int:
-    """An integer of at least 1, for argparse: 0 particles or epochs get a
-    one-line error, not a traceback from deep in training."""
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text} is not an integer >= 1")
-    return value
-
-
-def positive(text: str) -> float:
-    """A number above 0, for argparse."""
-    value = float(text)
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"{text} is not a number > 0")
-    return value
-
-
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--num-sequences", type=count, default=2000)
@@ -96,11 +80,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         action="store_true",
         help="tiny budget: 100 sequences of 6 steps, 80 training steps",
     )
-    args = parser.parse_args(argv)
-    if args.smoke:
-        # The tiny budget changes the defaults only: an option given still holds.
-        parser.set_defaults(**SMOKE)
-        args = parser.parse_args(argv)
+    args = parse_with_smoke(parser, argv, SMOKE)
     if not 0 < args.min_beta <= 1:
         parser.error(f"argument --min-beta: {args.min_beta} is not in (0, 1]")
     return args

@@ -36,6 +36,7 @@ import time
 import pyro
 import pyro.distributions as dist
 import torch
+from example_options import count, parse_with_smoke, positive
 from pyro.distributions import constraints
 from pyro.infer import SVI
 
@@ -47,23 +48,6 @@ SIGMA, TRUE_TAU = 1.0, 0.5
 
 #: What --smoke changes: the defaults of a tiny budget.
 SMOKE = {"num_points": 300, "steps": 300, "batch_size": 30}
-
-
-def count(text: str) -> int:
-    """An integer of at least 1, for argparse: 0 particles or epochs get a
-    one-line error, not a traceback from deep in training."""
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text} is not an integer >= 1")
-    return value
-
-
-def positive(text: str) -> float:
-    """A number above 0, for argparse."""
-    value = float(text)
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"{text} is not a number > 0")
-    return value
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -79,11 +63,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--smoke", action="store_true", help="tiny budget: 300 points, 300 steps"
     )
-    args = parser.parse_args(argv)
-    if args.smoke:
-        # The tiny budget changes the defaults only: an option given still holds.
-        parser.set_defaults(**SMOKE)
-        args = parser.parse_args(argv)
+    args = parse_with_smoke(parser, argv, SMOKE)
     if args.batch_size > args.num_points:
         parser.error(
             f"argument --batch-size: {args.batch_size} is more than the "

@@ -36,6 +36,7 @@ import pyro
 import pyro.distributions as dist
 import torch
 import torch.nn.functional as F
+from example_options import count, parse_with_smoke, positive
 from pyro.infer import SVI
 from torch import nn
 
@@ -67,23 +68,6 @@ SMOKE = {
 }
 
 
-def count(text: str) -> int:
-    """An integer of at least 1, for argparse: 0 particles or epochs get a
-    one-line error, not a traceback from deep in training."""
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text} is not an integer >= 1")
-    return value
-
-
-def positive(text: str) -> float:
-    """A number above 0, for argparse."""
-    value = float(text)
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"{text} is not a number > 0")
-    return value
-
-
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", default="mnist", choices=DATASETS[:3])
@@ -111,11 +95,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         action="store_true",
         help="tiny budget: mnist-mini, 200 labels, 600 training points, 2 epochs",
     )
-    args = parser.parse_args(argv)
-    if args.smoke:
-        # The tiny budget changes the defaults only: an option given still holds.
-        parser.set_defaults(**SMOKE)
-        args = parser.parse_args(argv)
+    args = parse_with_smoke(parser, argv, SMOKE)
     if args.alpha < 0:
         parser.error(f"argument --alpha: {args.alpha} is not a number >= 0")
     if args.label == "vimco" and args.num_particles < 2:

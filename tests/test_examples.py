@@ -22,6 +22,9 @@ NAMES = ["vae", "ss_vae", "global_latents", "dmm", "sparse_gamma"]
 
 
 def load(name: str) -> ModuleType:
+    if str(EXAMPLES) not in sys.path:
+        # As `python examples/NAME.py` has it: their shared example_options.
+        sys.path.insert(0, str(EXAMPLES))
     spec = importlib.util.spec_from_file_location(
         f"example_{name}", EXAMPLES / f"{name}.py"
     )
