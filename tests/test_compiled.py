@@ -272,6 +272,17 @@ def test_the_update_check_allows_for_the_rounding_of_large_parameters():
     assert (bias - before).abs().max() > 1e-3  # it trained
 
 
+def _stepping_pair(init):
+    """IWELBO(3), a paper pair from ``init``, its uncompiled step graph and an
+    Adam, and the random stream seeded: for a compiled and an eager run alike."""
+    model, guide = _paper_pair(init)
+    elbo = IWELBO(3)
+    compiled = CompiledLoss(elbo, model, guide, backend=None)
+    optim = torch.optim.Adam([*model.parameters(), *guide.parameters()], lr=1e-2)
+    torch.manual_seed(5)
+    return elbo, model, guide, compiled, optim
+
+
 def test_a_wrong_update_in_the_graph_falls_back_to_the_eager_step(monkeypatch):
     """The first step of a graph checks its Adam update against torch's: one
     without the bias corrections (a step 1 / (1 - 0.9) times too small) is
@@ -287,11 +298,7 @@ def test_a_wrong_update_in_the_graph_falls_back_to_the_eager_step(monkeypatch):
     x = _data(4)
     runs = []
     for use_compiled in (True, False):
-        model, guide = _paper_pair(init)
-        elbo = IWELBO(3)
-        compiled = CompiledLoss(elbo, model, guide, backend=None)
-        optim = torch.optim.Adam([*model.parameters(), *guide.parameters()], lr=1e-2)
-        torch.manual_seed(5)
+        elbo, model, guide, compiled, optim = _stepping_pair(init)
         for step in range(2):
             if use_compiled and step == 0:
                 with pytest.warns(CompileFallbackWarning, match="Adam update"):
@@ -714,11 +721,7 @@ def test_a_step_whose_graph_fails_on_its_first_call_draws_the_eager_noise(
     x = _data(4)
     runs = []
     for use_compiled in (True, False):
-        model, guide = _paper_pair(init)
-        elbo = IWELBO(3)
-        compiled = CompiledLoss(elbo, model, guide, backend=None)
-        optim = torch.optim.Adam([*model.parameters(), *guide.parameters()], lr=1e-2)
-        torch.manual_seed(5)
+        elbo, model, guide, compiled, optim = _stepping_pair(init)
         if use_compiled:
             with pytest.warns(CompileFallbackWarning, match="did not compile"):
                 loss = compiled.step(optim, x, scale=1 / 4)
