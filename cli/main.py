@@ -38,7 +38,12 @@ from pyro_iwae.runs.callbacks import CallbackList
 from pyro_iwae.runs.config import RunConfig
 from pyro_iwae.runs.denormals import flush_denormals_from_start
 from pyro_iwae.runs.eval_results import EvalSettings, Evaluation, checkpoint_place
-from pyro_iwae.runs.plots import save_curves, save_image_grid, save_reconstruction_grid
+from pyro_iwae.runs.plots import (
+    image_range,
+    save_curves,
+    save_image_grid,
+    save_reconstruction_grid,
+)
 from pyro_iwae.runs.run import Run, plan_fit
 from pyro_iwae.runs.run_writer import WRITER
 from pyro_iwae.runs.settings import read_settings
@@ -529,13 +534,17 @@ def sample(
             click.echo(f"reconstructions of {data.name}, not the run's own data")
         if len(x) < n:
             click.echo(f"reconstructions of the {len(x)} test points there are")
+        # One scale for all, the data's: 0..255 or standardised data clipped
+        # to [0, 1] drew as black and white.
+        scale = image_range(data.train)
         paths += [
-            save_image_grid(images, out, image_shape=shape),
+            save_image_grid(images, out, image_shape=shape, value_range=scale),
             save_reconstruction_grid(
                 x,
                 reconstruct(model, guide, x),
                 out.with_name(f"{out.stem}-reconstructions.png"),
                 image_shape=shape,
+                value_range=scale,
             ),
         ]
     try:
