@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from pathlib import Path
 
 import torch
@@ -63,10 +64,7 @@ def load_file(
         raise
     except Exception as e:  # numpy and torch raise many types on damaged files
         # Their messages advise unsafe loading or run to hundreds of characters.
-        raise DataError(
-            f"cannot read {path}: {_unreadable(path, e)}; save the data with "
-            "np.save, np.savez or torch.save as numeric arrays"
-        ) from e
+        raise DataError(f"cannot read {path}: {_unreadable(path, e)}") from e
     if "train" not in arrays:
         raise DataError(
             f"{path} holds {', '.join(sorted(arrays)) or 'no arrays'}, not an array "
@@ -112,16 +110,28 @@ _NUMPY_MAGIC = {".npy": b"\x93NUMPY", ".npz": b"PK"}
 
 
 def _unreadable(path: Path, error: Exception) -> str:
-    """Why a data file that failed to load cannot be read, in a few words."""
+    """Why a data file that failed to load cannot be read, and how to save it, in
+    a few words."""
+    advice = "save the data with np.save, np.savez or torch.save as numeric arrays"
     magic = _NUMPY_MAGIC.get(path.suffix.lower())
     if magic is not None:
         with open(path, "rb") as f:
             if not f.read(len(magic)) == magic:
                 # numpy takes any other file for a pickle: say what it is not.
-                return f"it is not a NumPy {path.suffix.lower()} file"
+                return f"it is not a NumPy {path.suffix.lower()} file; {advice}"
         if "pickle" in str(error).lower():
-            return "it holds pickled Python objects, not numbers"
-    return "it is damaged, or not written by np.save, np.savez or torch.save"
+            return f"it holds pickled Python objects, not numbers; {advice}"
+    elif found := re.search(r"Unsupported global: GLOBAL (\S+)", str(error)):
+        # torch.load(weights_only=True) refuses objects other than tensors and
+        # containers; loading them otherwise runs code the file names: unsafe.
+        name = found[1]
+        what = "numpy arrays" if name.startswith("numpy") else name.split(".")[-1]
+        return (
+            f"it holds Python objects ({what}), not only tensors, and cannot be "
+            "loaded safely; save tensors, or a dict of tensors, e.g. "
+            'torch.save({"train": torch.as_tensor(a)}, path)'
+        )
+    return "it is damaged, or not written by np.save, np.savez or torch.save; " + advice
 
 
 def _read_arrays(path: Path) -> dict[str, object]:

@@ -295,3 +295,25 @@ def test_an_unreadable_file_gets_one_short_line_that_says_how_to_save_it(
     assert reason in message and "np.save, np.savez or torch.save" in message
     assert "allow_pickle" not in message and "\n" not in message
     assert len(message) < 250
+
+
+@pytest.mark.parametrize(
+    "value, what",
+    [
+        ({"train": np.random.default_rng(0).random((100, 4))}, "(numpy arrays)"),
+        (torch.utils.data.TensorDataset(torch.rand(10, 4)), "(TensorDataset)"),
+    ],
+)
+def test_a_pt_file_of_python_objects_is_said_to_hold_them_and_how_to_save_tensors(
+    tmp_path, value, what
+):
+    # Before: "it is damaged, or not written by ... torch.save", though it was.
+    path = tmp_path / "objects.pt"
+    torch.save(value, path)
+    with pytest.raises(DataError) as info:
+        load_dataset(path, binarize="none")
+    message = str(info.value)
+    assert f"it holds Python objects {what}" in message and "damaged" not in message
+    assert 'torch.save({"train": torch.as_tensor(a)}, path)' in message
+    assert "weights_only" not in message and "\n" not in message
+    assert len(message) < 230 + len(str(path))
