@@ -7,6 +7,7 @@ from __future__ import annotations
 import math
 import os
 import re
+import warnings
 from pathlib import Path
 
 import torch
@@ -136,7 +137,11 @@ def _unreadable(path: Path, error: Exception) -> str:
 
 def _read_arrays(path: Path) -> dict[str, object]:
     if path.suffix.lower() == ".pt":
-        value = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():
+            # It checks a sparse tensor's indices (wanted: bad ones could write
+            # out of bounds) and warns that this takes time: no advice to a user.
+            warnings.filterwarnings("ignore", "Validating sparse tensor invariants")
+            value = torch.load(path, map_location="cpu", weights_only=True)
         if isinstance(value, dict):
             return value
         return {"train": value}
@@ -160,6 +165,8 @@ def _as_points(value: object, path: Path, key: str) -> Tensor:
             f"{path}: {key} is an array of {dtype}, not numbers; save integers, "
             "floats or booleans"
         ) from e
+    if x.layout != torch.strided:  # sparse: most operations take dense tensors
+        x = x.to_dense()
     if x.is_complex():
         raise DataError(f"{path}: {key} holds complex numbers; save real ones")
     if x.dim() < 2 or x.shape[0] < 1 or x[0].numel() < 1:
