@@ -156,6 +156,9 @@ def _read_arrays(path: Path) -> dict[str, object]:
 
 def _as_points(value: object, path: Path, key: str) -> Tensor:
     """``value`` as float32 ``[N, ...]``; one clear error for anything else."""
+    dtype = getattr(value, "dtype", None)
+    if getattr(dtype, "isnative", True) is False:  # torch takes native order only
+        value = value.astype(dtype.newbyteorder("="))  # type: ignore[union-attr]
     try:
         x = torch.as_tensor(value)
     except (TypeError, ValueError, RuntimeError) as e:

@@ -334,3 +334,18 @@ def test_a_sparse_tensor_in_a_pt_file_is_read_as_its_dense_values(
     assert not [w for w in recwarn if "weights_only" in str(w.message)]
     assert data.train.layout == torch.strided and torch.equal(data.train, train)
     assert torch.equal(data.test, train[:5])
+
+
+@pytest.mark.parametrize("dtype", [">f4", ">f8", ">i2", ">u2"])
+def test_a_big_endian_array_is_read_with_its_values_kept(tmp_path, dtype):
+    # Before: "train is an array of >f4, not numbers".
+    values = np.random.default_rng(0).random((200, 16)) * 1000
+    array = values.astype(dtype)
+    np.save(tmp_path / "be.npy", array)
+    np.savez(tmp_path / "be.npz", train=array, test=array[:3])
+    expected = torch.from_numpy(array.astype(np.float32))
+    data = load_dataset(tmp_path / "be.npz", binarize="none")
+    assert torch.equal(data.train, expected) and torch.equal(data.test, expected[:3])
+    data = load_dataset(tmp_path / "be.npy", binarize="none")  # a test set held out
+    both = torch.cat([data.train, data.test])
+    assert torch.equal(both.sort(0).values, expected.sort(0).values)
