@@ -533,7 +533,12 @@ def sample(
         if dataset is not None and not run.holds_own(data):
             click.echo(f"reconstructions of {data.name}, not the run's own data")
         if len(x) < n:
-            click.echo(f"reconstructions of the {len(x)} test points there are")
+            there = (
+                "the one test point there is"
+                if len(x) == 1
+                else f"the {len(x)} test points there are"
+            )
+            click.echo(f"reconstructions of {there}")
         # One scale for all, the data's: 0..255 or standardised data clipped
         # to [0, 1] drew as black and white.
         scale = image_range(data.train)

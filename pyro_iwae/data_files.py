@@ -71,9 +71,15 @@ def load_file(
             f"{path} holds {', '.join(sorted(arrays)) or 'no arrays'}, not an array "
             "named train; save the training data as train (and the test data as test)"
         )
-    train = _as_points(arrays["train"], path, "train")
+    train = _as_points(arrays["train"], path, "train", "save at least one point")
     if "test" in arrays:
-        test = _as_points(arrays["test"], path, "test")
+        test = _as_points(
+            arrays["test"],
+            path,
+            "test",
+            "leave it out, and a share of the training points is held out as the "
+            f"test set (test_fraction={test_fraction}), or save test points",
+        )
         if test.shape[1:] != train.shape[1:]:
             raise DataError(
                 f"{path}: test points have shape {list(test.shape[1:])}, training "
@@ -89,8 +95,8 @@ def load_file(
         n_test = max(1, round(test_fraction * n))
         if n_test >= n:
             raise DataError(
-                f"{path} holds {n} points, too few to hold out a test set; give it "
-                "more points, or a test array"
+                f"{path} holds {n} point{'' if n == 1 else 's'}, too few to hold out "
+                "a test set; give it more points, or a test array"
             )
         order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
         train, test = train[order[n_test:]], train[order[:n_test]]
@@ -154,8 +160,9 @@ def _read_arrays(path: Path) -> dict[str, object]:
     return {"train": value}
 
 
-def _as_points(value: object, path: Path, key: str) -> Tensor:
-    """``value`` as float32 ``[N, ...]``; one clear error for anything else."""
+def _as_points(value: object, path: Path, key: str, if_empty: str) -> Tensor:
+    """``value`` as float32 ``[N, ...]``; one clear error for anything else
+    (``if_empty``: what to do about an empty array)."""
     dtype = getattr(value, "dtype", None)
     if getattr(dtype, "isnative", True) is False:  # torch takes native order only
         value = value.astype(dtype.newbyteorder("="))  # type: ignore[union-attr]
@@ -172,6 +179,10 @@ def _as_points(value: object, path: Path, key: str) -> Tensor:
         x = x.to_dense()
     if x.is_complex():
         raise DataError(f"{path}: {key} holds complex numbers; save real ones")
+    if x.dim() >= 2 and x.shape[0] == 0 and x.shape[1:].numel() > 0:
+        raise DataError(
+            f"{path}: {key} is empty (shape {list(x.shape)}, no points); {if_empty}"
+        )
     if x.dim() < 2 or x.shape[0] < 1 or x[0].numel() < 1:
         raise DataError(
             f"{path}: {key} has shape {list(x.shape)}; save an array of shape "

@@ -349,3 +349,39 @@ def test_a_big_endian_array_is_read_with_its_values_kept(tmp_path, dtype):
     data = load_dataset(tmp_path / "be.npy", binarize="none")  # a test set held out
     both = torch.cat([data.train, data.test])
     assert torch.equal(both.sort(0).values, expected.sort(0).values)
+
+
+def test_an_empty_test_array_is_said_to_be_empty_and_may_be_left_out(tmp_path):
+    # Before: "test has shape [0, 784]; save an array of shape [N, ...]".
+    train = np.random.default_rng(0).random((50, 784))
+    np.savez(tmp_path / "e.npz", train=train, test=np.zeros((0, 784)))
+    with pytest.raises(DataError) as info:
+        load_dataset(tmp_path / "e.npz", binarize="none")
+    assert str(info.value) == (
+        f"{tmp_path / 'e.npz'}: test is empty (shape [0, 784], no points); leave it "
+        "out, and a share of the training points is held out as the test set "
+        "(test_fraction=0.1), or save test points"
+    )
+    # Left out, 10% of the points are held out.
+    np.savez(tmp_path / "e.npz", train=train)
+    data = load_dataset(tmp_path / "e.npz", binarize="none")
+    assert data.train.shape == (45, 784) and data.test.shape == (5, 784)
+    np.savez(tmp_path / "e.npz", train=np.zeros((0, 784)))
+    with pytest.raises(DataError, match="train is empty .*; save at least one point$"):
+        load_dataset(tmp_path / "e.npz", binarize="none")
+
+
+def test_one_point_and_one_test_point_are_spoken_of_in_the_singular(tmp_path):
+    # Before: "holds 1 points", "reconstructions of the 1 test points there are".
+    np.save(tmp_path / "one.npy", np.ones((1, 4)))
+    with pytest.raises(DataError, match=r"one.npy holds 1 point, too few to hold"):
+        load_dataset(tmp_path / "one.npy", binarize="none")
+    x = np.random.default_rng(0).random((21, 4, 4))
+    np.savez(tmp_path / "d.npz", train=x[:20], test=x[20:])
+    run = tmp_path / "run"
+    args = ["--likelihood", "gaussian", "--hidden", 4, "--latent-dim", 2]
+    assert_ok(invoke("fit", "--dataset", tmp_path / "d.npz", *args, "--epochs", 1,
+                     "--quiet", "--out", run))  # fmt: skip
+    result = invoke("sample", run, "--n", 4)
+    assert_ok(result)
+    assert "reconstructions of the one test point there is\n" in result.output
