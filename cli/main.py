@@ -508,7 +508,9 @@ def sample(
 
     RUN_DIR defaults to the latest run in --runs-dir. Images show pixel
     probabilities of p(x|z): z from the prior for samples, z ~ q(z|x) for the
-    reconstructions (each row of test images above its reconstructions).
+    reconstructions (each row of test images above its reconstructions), all
+    drawn black to white over [0, 1], or over the training data's least to
+    greatest value for data outside [0, 1].
     """
     # ".png" alone is a hidden file's name without a suffix: no PNG name either.
     if out is not None and out.suffix.lower() != ".png":
