@@ -38,7 +38,12 @@ from pyro_iwae.runs.callbacks import CallbackList
 from pyro_iwae.runs.config import RunConfig
 from pyro_iwae.runs.denormals import flush_denormals_from_start
 from pyro_iwae.runs.eval_results import EvalSettings, Evaluation, checkpoint_place
-from pyro_iwae.runs.plots import save_curves, save_image_grid, save_reconstruction_grid
+from pyro_iwae.runs.plots import (
+    image_range,
+    save_curves,
+    save_image_grid,
+    save_reconstruction_grid,
+)
 from pyro_iwae.runs.run import Run, plan_fit
 from pyro_iwae.runs.run_writer import WRITER
 from pyro_iwae.runs.settings import read_settings
@@ -503,7 +508,9 @@ def sample(
 
     RUN_DIR defaults to the latest run in --runs-dir. Images show pixel
     probabilities of p(x|z): z from the prior for samples, z ~ q(z|x) for the
-    reconstructions (each row of test images above its reconstructions).
+    reconstructions (each row of test images above its reconstructions), all
+    drawn black to white over [0, 1], or over the training data's least to
+    greatest value for data outside [0, 1].
     """
     # ".png" alone is a hidden file's name without a suffix: no PNG name either.
     if out is not None and out.suffix.lower() != ".png":
@@ -528,14 +535,23 @@ def sample(
         if dataset is not None and not run.holds_own(data):
             click.echo(f"reconstructions of {data.name}, not the run's own data")
         if len(x) < n:
-            click.echo(f"reconstructions of the {len(x)} test points there are")
+            there = (
+                "the one test point there is"
+                if len(x) == 1
+                else f"the {len(x)} test points there are"
+            )
+            click.echo(f"reconstructions of {there}")
+        # One scale for all, the data's: 0..255 or standardised data clipped
+        # to [0, 1] drew as black and white.
+        scale = image_range(data.train)
         paths += [
-            save_image_grid(images, out, image_shape=shape),
+            save_image_grid(images, out, image_shape=shape, value_range=scale),
             save_reconstruction_grid(
                 x,
                 reconstruct(model, guide, x),
                 out.with_name(f"{out.stem}-reconstructions.png"),
                 image_shape=shape,
+                value_range=scale,
             ),
         ]
     try:

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import math
 import os
+import re
+import warnings
 from pathlib import Path
 
 import torch
@@ -63,18 +65,21 @@ def load_file(
         raise
     except Exception as e:  # numpy and torch raise many types on damaged files
         # Their messages advise unsafe loading or run to hundreds of characters.
-        raise DataError(
-            f"cannot read {path}: {_unreadable(path, e)}; save the data with "
-            "np.save, np.savez or torch.save as numeric arrays"
-        ) from e
+        raise DataError(f"cannot read {path}: {_unreadable(path, e)}") from e
     if "train" not in arrays:
         raise DataError(
             f"{path} holds {', '.join(sorted(arrays)) or 'no arrays'}, not an array "
             "named train; save the training data as train (and the test data as test)"
         )
-    train = _as_points(arrays["train"], path, "train")
+    train = _as_points(arrays["train"], path, "train", "save at least one point")
     if "test" in arrays:
-        test = _as_points(arrays["test"], path, "test")
+        test = _as_points(
+            arrays["test"],
+            path,
+            "test",
+            "leave it out, and a share of the training points is held out as the "
+            f"test set (test_fraction={test_fraction}), or save test points",
+        )
         if test.shape[1:] != train.shape[1:]:
             raise DataError(
                 f"{path}: test points have shape {list(test.shape[1:])}, training "
@@ -90,8 +95,8 @@ def load_file(
         n_test = max(1, round(test_fraction * n))
         if n_test >= n:
             raise DataError(
-                f"{path} holds {n} points, too few to hold out a test set; give it "
-                "more points, or a test array"
+                f"{path} holds {n} point{'' if n == 1 else 's'}, too few to hold out "
+                "a test set; give it more points, or a test array"
             )
         order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
         train, test = train[order[n_test:]], train[order[:n_test]]
@@ -112,21 +117,37 @@ _NUMPY_MAGIC = {".npy": b"\x93NUMPY", ".npz": b"PK"}
 
 
 def _unreadable(path: Path, error: Exception) -> str:
-    """Why a data file that failed to load cannot be read, in a few words."""
+    """Why a data file that failed to load cannot be read, and how to save it, in
+    a few words."""
+    advice = "save the data with np.save, np.savez or torch.save as numeric arrays"
     magic = _NUMPY_MAGIC.get(path.suffix.lower())
     if magic is not None:
         with open(path, "rb") as f:
             if not f.read(len(magic)) == magic:
                 # numpy takes any other file for a pickle: say what it is not.
-                return f"it is not a NumPy {path.suffix.lower()} file"
+                return f"it is not a NumPy {path.suffix.lower()} file; {advice}"
         if "pickle" in str(error).lower():
-            return "it holds pickled Python objects, not numbers"
-    return "it is damaged, or not written by np.save, np.savez or torch.save"
+            return f"it holds pickled Python objects, not numbers; {advice}"
+    elif found := re.search(r"Unsupported global: GLOBAL (\S+)", str(error)):
+        # torch.load(weights_only=True) refuses objects other than tensors and
+        # containers; loading them otherwise runs code the file names: unsafe.
+        name = found[1]
+        what = "numpy arrays" if name.startswith("numpy") else name.split(".")[-1]
+        return (
+            f"it holds Python objects ({what}), not only tensors, and cannot be "
+            "loaded safely; save tensors, or a dict of tensors, e.g. "
+            'torch.save({"train": torch.as_tensor(a)}, path)'
+        )
+    return "it is damaged, or not written by np.save, np.savez or torch.save; " + advice
 
 
 def _read_arrays(path: Path) -> dict[str, object]:
     if path.suffix.lower() == ".pt":
-        value = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():
+            # It checks a sparse tensor's indices (wanted: bad ones could write
+            # out of bounds) and warns that this takes time: no advice to a user.
+            warnings.filterwarnings("ignore", "Validating sparse tensor invariants")
+            value = torch.load(path, map_location="cpu", weights_only=True)
         if isinstance(value, dict):
             return value
         return {"train": value}
@@ -139,8 +160,12 @@ def _read_arrays(path: Path) -> dict[str, object]:
     return {"train": value}
 
 
-def _as_points(value: object, path: Path, key: str) -> Tensor:
-    """``value`` as float32 ``[N, ...]``; one clear error for anything else."""
+def _as_points(value: object, path: Path, key: str, if_empty: str) -> Tensor:
+    """``value`` as float32 ``[N, ...]``; one clear error for anything else
+    (``if_empty``: what to do about an empty array)."""
+    dtype = getattr(value, "dtype", None)
+    if getattr(dtype, "isnative", True) is False:  # torch takes native order only
+        value = value.astype(dtype.newbyteorder("="))  # type: ignore[union-attr]
     try:
         x = torch.as_tensor(value)
     except (TypeError, ValueError, RuntimeError) as e:
@@ -150,8 +175,14 @@ def _as_points(value: object, path: Path, key: str) -> Tensor:
             f"{path}: {key} is an array of {dtype}, not numbers; save integers, "
             "floats or booleans"
         ) from e
+    if x.layout != torch.strided:  # sparse: most operations take dense tensors
+        x = x.to_dense()
     if x.is_complex():
         raise DataError(f"{path}: {key} holds complex numbers; save real ones")
+    if x.dim() >= 2 and x.shape[0] == 0 and x.shape[1:].numel() > 0:
+        raise DataError(
+            f"{path}: {key} is empty (shape {list(x.shape)}, no points); {if_empty}"
+        )
     if x.dim() < 2 or x.shape[0] < 1 or x[0].numel() < 1:
         raise DataError(
             f"{path}: {key} has shape {list(x.shape)}; save an array of shape "

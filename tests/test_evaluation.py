@@ -248,3 +248,38 @@ def test_data_that_are_no_tensor_or_empty_are_refused_in_one_line_naming_the_cal
     with pytest.raises(ValueError) as info:
         active_units(picky_guide, x.float())
     assert str(info.value) == "the guide takes float64 x"
+
+
+def test_dataset_log_likelihood_of_one_point_without_its_batch_dim_says_unsqueeze(lg):
+    # Before, the point was cut into pieces of batch_size values, which the
+    # programs refused as the wrong width (PaperGuide: "got shape [100]; the
+    # networks were built for x_dim=784"); log_likelihood said unsqueeze(0).
+    model, guide = paper_architecture(1)
+    for function in (log_likelihood, dataset_log_likelihood):
+        with pytest.raises(ValueError) as info:
+            function(model, guide, torch.zeros(784), num_samples=10)
+        assert str(info.value) == (
+            "PaperGuide takes x of shape [batch, 784], got shape [784]; one point: "
+            "x.unsqueeze(0)"
+        )
+    x = lg.sample_data(1)[0]
+    with pytest.raises(ValueError, match=r"x.unsqueeze\(0\) for one point\)$"):
+        dataset_log_likelihood(lg.model, lg.exact_guide, x, num_samples=4, batch_size=2)
+
+
+def test_dataset_log_likelihood_of_scalar_points_is_exact():
+    # x = z + noise, z and noise N(0, 1): p(x) = N(0, 2), p(z|x) = N(x/2, 1/2),
+    # the guide: every weight is p(x), whatever the batches.
+    def model(x):
+        with pyro.plate("data", x.shape[0]):
+            z = pyro.sample("z", dist.Normal(x.new_zeros(()), 1.0))
+            pyro.sample("x", dist.Normal(z, 1.0), obs=x)
+
+    def guide(x):
+        with pyro.plate("data", x.shape[0]):
+            pyro.sample("z", dist.Normal(x / 2, math.sqrt(0.5)))
+
+    x = torch.randn(250, generator=torch.Generator().manual_seed(0)).double()
+    estimates = dataset_log_likelihood(model, guide, x, num_samples=4, batch_size=100)
+    exact = dist.Normal(0.0, math.sqrt(2.0)).log_prob(x)
+    assert torch.allclose(estimates, exact, atol=1e-10)

@@ -1,15 +1,22 @@
 """Samples, reconstructions and the PNG figures."""
 
+import numpy as np
 import pyro
 import pyro.distributions as dist
 import pytest
 import torch
 from matplotlib.image import imread
+from test_cli import assert_ok, invoke
 
-from pyro_iwae import ProgramError, paper_architecture
+from pyro_iwae import ProgramError, load_run, paper_architecture
 from pyro_iwae.data import load_dataset
 from pyro_iwae.infer.sampling import reconstruct, sample_images
-from pyro_iwae.runs.plots import save_curves, save_image_grid, save_reconstruction_grid
+from pyro_iwae.runs.plots import (
+    image_range,
+    save_curves,
+    save_image_grid,
+    save_reconstruction_grid,
+)
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -135,3 +142,81 @@ def test_the_observed_site_is_found_whatever_its_name():
     with pytest.raises(ProgramError, match=r"observes 2 sites \('a', 'b'\), not one"):
         sample_images(_observing("a", "b"), 3, 4)
     assert sample_images(_observing("a", "b"), 3, 4, observed_site="b").shape == (3, 4)
+
+
+def tile(picture, row, column, side=28):
+    """The pixels of one image of a grid PNG (2 pixels of padding), 0..255."""
+    top, left = 2 + row * (side + 2), 2 + column * (side + 2)
+    pixels = picture[top : top + side, left : left + side, 0] * 255
+    return torch.from_numpy(pixels).double().round()
+
+
+def test_pictures_of_data_on_another_scale_are_drawn_over_its_range(
+    tmp_path, test_images
+):
+    # Before, values were clipped to [0, 1]: 0..255 data drew black and white.
+    grey = (test_images[:4] * 255).round()
+    scale = image_range(grey)
+    assert scale == (0.0, 255.0)
+    path = save_reconstruction_grid(
+        grey, grey / 2, tmp_path / "r.png", nrow=4, value_range=scale
+    )
+    picture = read_png(path)
+    for column in range(4):
+        original = grey[column].reshape(28, 28).double()
+        assert torch.equal(tile(picture, 0, column), original)
+        # The reconstructions on the originals' scale, not their own.
+        assert torch.equal(tile(picture, 1, column), (original / 2 + 1e-6).round())
+    # Standardised data: their least value black, their greatest white.
+    standard = (test_images[:2] - 0.3) / 0.2
+    picture = read_png(save_image_grid(standard, tmp_path / "s.png", nrow=2))
+    low, high = image_range(standard)
+    assert (low, high) == (float(standard.min()), float(standard.max()))
+    expected = ((standard[1] - low) / (high - low) * 255).round().reshape(28, 28)
+    assert (tile(picture, 0, 1) - expected.double()).abs().max() <= 1
+
+
+def test_pictures_of_data_in_the_unit_interval_are_drawn_as_they_are(
+    tmp_path, test_images
+):
+    grey = test_images[:2] * 0.5  # within [0, 1], though not reaching 1
+    assert image_range(grey) == (0.0, 1.0)
+    picture = read_png(save_image_grid(grey, tmp_path / "g.png", nrow=2))
+    expected = (grey[0].double() * 255 + 0.5).floor().reshape(28, 28)
+    assert torch.equal(tile(picture, 0, 0), expected)
+    # One value outside [0, 1] alone is drawn mid-grey, not divided by zero.
+    assert image_range(torch.full((3, 4), 7.0)) == (6.5, 7.5)
+
+
+def test_sample_draws_a_run_of_0_to_255_data_on_the_data_s_scale(tmp_path):
+    # Before, the command clipped to [0, 1]: 0..255 pictures came out saturated.
+    g = torch.Generator().manual_seed(0)
+    data = torch.randint(0, 256, (40, 28, 28), generator=g, dtype=torch.uint8)
+    np.savez(tmp_path / "u8.npz", train=data[:30].numpy(), test=data[30:].numpy())
+    run = tmp_path / "run"
+    args = ["--likelihood", "gaussian", "--hidden", 8, "--latent-dim", 2]
+    assert_ok(
+        invoke(
+            "fit",
+            "--dataset",
+            tmp_path / "u8.npz",
+            *args,
+            "--epochs",
+            1,
+            "--batch-size",
+            10,
+            "--quiet",
+            "--out",
+            run,
+        )
+    )
+    assert_ok(invoke("sample", run, "--n", 2, "--out", tmp_path / "s.png"))
+    picture = read_png(tmp_path / "s-reconstructions.png")
+    assert torch.equal(tile(picture, 0, 1), data[31].double())
+    # The samples on the same scale: the command's draws, from its seed (0).
+    _, model, _ = load_run(run)
+    torch.manual_seed(0)
+    means = sample_images(model, 2, 784)[1].reshape(28, 28).double()
+    expected = means.clamp(0, 255).round()
+    assert means.max() - means.min() > 50  # their own range is another scale
+    assert (tile(read_png(tmp_path / "s.png"), 0, 1) - expected).abs().max() <= 1

@@ -295,3 +295,93 @@ def test_an_unreadable_file_gets_one_short_line_that_says_how_to_save_it(
     assert reason in message and "np.save, np.savez or torch.save" in message
     assert "allow_pickle" not in message and "\n" not in message
     assert len(message) < 250
+
+
+@pytest.mark.parametrize(
+    "value, what",
+    [
+        ({"train": np.random.default_rng(0).random((100, 4))}, "(numpy arrays)"),
+        (torch.utils.data.TensorDataset(torch.rand(10, 4)), "(TensorDataset)"),
+    ],
+)
+def test_a_pt_file_of_python_objects_is_said_to_hold_them_and_how_to_save_tensors(
+    tmp_path, value, what
+):
+    # Before: "it is damaged, or not written by ... torch.save", though it was.
+    path = tmp_path / "objects.pt"
+    torch.save(value, path)
+    with pytest.raises(DataError) as info:
+        load_dataset(path, binarize="none")
+    message = str(info.value)
+    assert f"it holds Python objects {what}" in message and "damaged" not in message
+    assert 'torch.save({"train": torch.as_tensor(a)}, path)' in message
+    assert "weights_only" not in message and "\n" not in message
+    assert len(message) < 230 + len(str(path))
+
+
+@pytest.mark.parametrize("layout", ["coo", "csr"])
+def test_a_sparse_tensor_in_a_pt_file_is_read_as_its_dense_values(
+    tmp_path, layout, recwarn
+):
+    # Before, torch.isfinite failed on it with a 100-line dispatcher error.
+    g = torch.Generator().manual_seed(0)
+    train = (torch.rand(200, 16, generator=g) > 0.5).float()
+    sparse = train.to_sparse() if layout == "coo" else train.to_sparse_csr()
+    torch.save({"train": sparse, "test": train[:5].to_sparse()}, tmp_path / "s.pt")
+    recwarn.clear()
+    data = load_dataset(tmp_path / "s.pt", binarize="none")
+    # Nor is torch.load's note on its check of sparse tensors passed on.
+    assert not [w for w in recwarn if "weights_only" in str(w.message)]
+    assert data.train.layout == torch.strided and torch.equal(data.train, train)
+    assert torch.equal(data.test, train[:5])
+
+
+@pytest.mark.parametrize("dtype", [">f4", ">f8", ">i2", ">u2"])
+def test_a_big_endian_array_is_read_with_its_values_kept(tmp_path, dtype):
+    # Before: "train is an array of >f4, not numbers".
+    values = np.random.default_rng(0).random((200, 16)) * 1000
+    array = values.astype(dtype)
+    np.save(tmp_path / "be.npy", array)
+    np.savez(tmp_path / "be.npz", train=array, test=array[:3])
+    expected = torch.from_numpy(array.astype(np.float32))
+    data = load_dataset(tmp_path / "be.npz", binarize="none")
+    assert torch.equal(data.train, expected) and torch.equal(data.test, expected[:3])
+    data = load_dataset(tmp_path / "be.npy", binarize="none")  # a test set held out
+    both = torch.cat([data.train, data.test])
+    assert torch.equal(both.sort(0).values, expected.sort(0).values)
+
+
+def test_an_empty_test_array_is_said_to_be_empty_and_may_be_left_out(tmp_path):
+    # Before: "test has shape [0, 784]; save an array of shape [N, ...]".
+    train = np.random.default_rng(0).random((50, 784))
+    np.savez(tmp_path / "e.npz", train=train, test=np.zeros((0, 784)))
+    with pytest.raises(DataError) as info:
+        load_dataset(tmp_path / "e.npz", binarize="none")
+    assert str(info.value) == (
+        f"{tmp_path / 'e.npz'}: test is empty (shape [0, 784], no points); leave it "
+        "out, and a share of the training points is held out as the test set "
+        "(test_fraction=0.1), or save test points"
+    )
+    # Left out, 10% of the points are held out.
+    np.savez(tmp_path / "e.npz", train=train)
+    data = load_dataset(tmp_path / "e.npz", binarize="none")
+    assert data.train.shape == (45, 784) and data.test.shape == (5, 784)
+    np.savez(tmp_path / "e.npz", train=np.zeros((0, 784)))
+    with pytest.raises(DataError, match="train is empty .*; save at least one point$"):
+        load_dataset(tmp_path / "e.npz", binarize="none")
+
+
+def test_one_point_and_one_test_point_are_spoken_of_in_the_singular(tmp_path):
+    # Before: "holds 1 points", "reconstructions of the 1 test points there are".
+    np.save(tmp_path / "one.npy", np.ones((1, 4)))
+    with pytest.raises(DataError, match=r"one.npy holds 1 point, too few to hold"):
+        load_dataset(tmp_path / "one.npy", binarize="none")
+    x = np.random.default_rng(0).random((21, 4, 4))
+    np.savez(tmp_path / "d.npz", train=x[:20], test=x[20:])
+    run = tmp_path / "run"
+    args = ["--likelihood", "gaussian", "--hidden", 4, "--latent-dim", 2]
+    assert_ok(invoke("fit", "--dataset", tmp_path / "d.npz", *args, "--epochs", 1,
+                     "--quiet", "--out", run))  # fmt: skip
+    result = invoke("sample", run, "--n", 4)
+    assert_ok(result)
+    assert "reconstructions of the one test point there is\n" in result.output

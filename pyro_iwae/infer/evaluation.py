@@ -363,7 +363,17 @@ def dataset_log_likelihood(
             vectorize_particles=vectorize_particles,
             caller="dataset_log_likelihood",
         )
-        estimates.append(combine_chunks(chunks, num_samples))
+        try:
+            estimates.append(combine_chunks(chunks, num_samples))
+        except (ValueError, RuntimeError) as e:
+            # One point without its batch dimension ([784]) was cut into [100]
+            # pieces, which the programs refuse as the wrong width: what they
+            # say of the whole of it is log_likelihood's advice (unsqueeze(0)).
+            if start == 0 and data.dim() == 1 and len(batch) < len(data):
+                problem = _plate_problem(model, guide, (data,), {})
+                if problem is not None:
+                    raise problem from e
+            raise
         if callback is not None:
             callback(estimates[-1])
     estimates = torch.cat(estimates)

@@ -13,6 +13,7 @@ import torch
 __all__ = [
     "IMAGE_SIDE",
     "image_grid",
+    "image_range",
     "reconstruction_grid",
     "save_curves",
     "save_grid_curves",
@@ -25,16 +26,35 @@ __all__ = [
 IMAGE_SIDE = 28
 
 
+def image_range(data: torch.Tensor) -> tuple[float, float]:
+    """The values drawn black and white for pictures of ``data``: 0 and 1 where
+    all of it lies in [0, 1] (grey levels, probabilities), else its least and
+    greatest value (0..255, standardised data)."""
+    data = data.detach()
+    low, high = float(data.min()), float(data.max())
+    if 0 <= low and high <= 1:
+        return 0.0, 1.0
+    if low == high:  # one value: drawn mid-grey, not divided by zero
+        return low - 0.5, high + 0.5
+    return low, high
+
+
 def _as_images(
-    images: torch.Tensor, image_shape: Sequence[int] = (IMAGE_SIDE, IMAGE_SIDE)
+    images: torch.Tensor,
+    image_shape: Sequence[int] = (IMAGE_SIDE, IMAGE_SIDE),
+    value_range: tuple[float, float] = (0.0, 1.0),
 ) -> torch.Tensor:
     """``[n, 784]`` (or ``[n, 28, 28]``, ``[n, 1, 28, 28]``) -> ``[n, 1, 28, 28]``,
     for ``image_shape`` ``[H, W]`` (``[C, H, W]`` keeps its C channels), values
-    clipped to [0, 1]."""
+    scaled from ``value_range`` to [0, 1] and clipped there."""
     shape = tuple(image_shape)
     if len(shape) == 2:
         shape = (1, *shape)
-    return images.detach().float().cpu().reshape(-1, *shape).clamp(0, 1)
+    images = images.detach().float().cpu().reshape(-1, *shape)
+    low, high = value_range
+    if (low, high) != (0, 1):  # [0, 1] is drawn as it is, to the bit
+        images = (images - low) / (high - low)
+    return images.clamp(0, 1)
 
 
 def image_grid(
@@ -42,12 +62,17 @@ def image_grid(
     *,
     nrow: int = 8,
     image_shape: Sequence[int] = (IMAGE_SIDE, IMAGE_SIDE),
+    value_range: tuple[float, float] | None = None,
 ) -> torch.Tensor:
-    """``images`` (``[n, 784]`` values in [0, 1]) as one ``[C, H, W]`` picture of
-    28x28 images (of ``image_shape``), ``nrow`` per row, on the CPU."""
+    """``images`` (``[n, 784]``) as one ``[C, H, W]`` picture of 28x28 images (of
+    ``image_shape``), ``nrow`` per row, on the CPU; ``value_range`` (low, high)
+    is drawn black to white (None: :func:`image_range` of ``images``; pass the
+    data's to draw samples on the data's scale)."""
     from torchvision.utils import make_grid
 
-    images = _as_images(images, image_shape)
+    if value_range is None:
+        value_range = image_range(images)
+    images = _as_images(images, image_shape, value_range)
     return make_grid(images, nrow=nrow, padding=2, pad_value=0.5)
 
 
@@ -57,17 +82,21 @@ def reconstruction_grid(
     *,
     nrow: int = 8,
     image_shape: Sequence[int] = (IMAGE_SIDE, IMAGE_SIDE),
+    value_range: tuple[float, float] | None = None,
 ) -> torch.Tensor:
     """Rows of ``nrow`` originals, each followed by a row of their reconstructions
-    (both ``[n, 784]`` in [0, 1], of ``image_shape``), as one ``[C, H, W]``
-    picture."""
+    (both ``[n, 784]``, of ``image_shape``), as one ``[C, H, W]`` picture; both
+    on one scale, ``value_range`` drawn black to white (None: :func:`image_range`
+    of ``originals``)."""
     if originals.shape != reconstructions.shape:
         raise ValueError(
             f"originals {tuple(originals.shape)} and reconstructions "
             f"{tuple(reconstructions.shape)} differ in shape"
         )
-    x = _as_images(originals, image_shape)
-    r = _as_images(reconstructions, image_shape)
+    if value_range is None:
+        value_range = image_range(originals)
+    x = _as_images(originals, image_shape, value_range)
+    r = _as_images(reconstructions, image_shape, value_range)
     nrow = min(nrow, x.shape[0])
     rows = []
     for start in range(0, x.shape[0], nrow):
@@ -77,7 +106,9 @@ def reconstruction_grid(
             if pad:
                 row = torch.cat([row, row.new_ones(pad, *row.shape[1:])])
             rows.append(row)
-    return image_grid(torch.cat(rows), nrow=nrow, image_shape=x.shape[1:])
+    return image_grid(
+        torch.cat(rows), nrow=nrow, image_shape=x.shape[1:], value_range=(0, 1)
+    )
 
 
 def _save_picture(picture: torch.Tensor, path: str | os.PathLike) -> Path:
@@ -95,9 +126,13 @@ def save_image_grid(
     *,
     nrow: int = 8,
     image_shape: Sequence[int] = (IMAGE_SIDE, IMAGE_SIDE),
+    value_range: tuple[float, float] | None = None,
 ) -> Path:
     """Writes :func:`image_grid` of ``images`` as a PNG; returns the path."""
-    return _save_picture(image_grid(images, nrow=nrow, image_shape=image_shape), path)
+    picture = image_grid(
+        images, nrow=nrow, image_shape=image_shape, value_range=value_range
+    )
+    return _save_picture(picture, path)
 
 
 def save_reconstruction_grid(
@@ -107,10 +142,15 @@ def save_reconstruction_grid(
     *,
     nrow: int = 8,
     image_shape: Sequence[int] = (IMAGE_SIDE, IMAGE_SIDE),
+    value_range: tuple[float, float] | None = None,
 ) -> Path:
     """Writes :func:`reconstruction_grid` of the two as a PNG; returns the path."""
     picture = reconstruction_grid(
-        originals, reconstructions, nrow=nrow, image_shape=image_shape
+        originals,
+        reconstructions,
+        nrow=nrow,
+        image_shape=image_shape,
+        value_range=value_range,
     )
     return _save_picture(picture, path)
 

@@ -13,7 +13,7 @@ import torch
 from . import distributed
 from .callbacks import FitCallback, StepInfo
 from .eval_results import Evaluation
-from .plots import image_grid, reconstruction_grid
+from .plots import image_grid, image_range, reconstruction_grid
 
 __all__ = ["NUM_IMAGES", "Tracker"]
 
@@ -134,8 +134,10 @@ class Tracker(FitCallback):
             torch.manual_seed(step)
             samples = sample_images(self.model, x.shape[0], x.shape[-1], x.device)
             recon = reconstruct(self.model, self.guide, x)
-        self.log_image("samples", image_grid(samples, image_shape=shape), step)
-        picture = reconstruction_grid(x, recon, image_shape=shape)
+        scale = image_range(x)  # samples on the data's scale
+        samples = image_grid(samples, image_shape=shape, value_range=scale)
+        self.log_image("samples", samples, step)
+        picture = reconstruction_grid(x, recon, image_shape=shape, value_range=scale)
         self.log_image("reconstructions", picture, step)
 
     def log_evaluation(
