@@ -408,9 +408,14 @@ def _eval_report(result: Evaluation, checkpoint: str | None = None) -> list[str]
     if d["khat_above_0.7"] is None:
         tail = "Pareto k-hat needs more than 20 samples"
     else:
-        # None where it is -inf: the weights of most points are flat.
-        median = d["khat_median"]
-        median = "-inf" if median is None else f"{median:.2f}"
+        # None where it is infinite: -inf where the weights of half the points
+        # or more are flat (or in files written before khat_flat, where only
+        # -inf was), +inf where most points' weight is on one particle.
+        median, flat = d["khat_median"], d.get("khat_flat")
+        if median is None:
+            median = "-inf" if flat is None or flat >= 0.5 else "inf"
+        else:
+            median = f"{median:.2f}"
         tail = (
             f"Pareto k-hat median {median}, above 0.7 on "
             f"{100 * d['khat_above_0.7']:.0f}% of points"

@@ -63,6 +63,64 @@ def test_pareto_khat_recovers_the_tail_index(shape):
     assert (khat - shape).abs().max() < 0.4
 
 
+def _reference_khat(log_w: torch.Tensor) -> float:
+    """Pyro's fit_generalized_pareto on the tail of the log weights ``log_w``
+    (one row), in mpmath, whose numbers have exponents of any size."""
+    mp = pytest.importorskip("mpmath")
+    mp.mp.dps = 30
+    top = sorted((mp.mpf(v) for v in log_w.tolist()), reverse=True)
+    m = tail_length(len(top))
+    x = sorted(mp.exp(v) - mp.exp(top[m]) for v in top[:m])
+    grid = 30 + int(math.sqrt(m))
+    quartile = x[int(m / 4 + 0.5) - 1]
+    bs = [
+        (1 - mp.sqrt(grid / (j - mp.mpf(0.5)))) / (3 * quartile) + 1 / x[-1]
+        for j in range(1, grid + 1)
+    ]
+    ks = [sum(mp.log1p(-b * xi) for xi in x) / m for b in bs]
+    profile = [m * (mp.log(-b / k) - k - 1) for b, k in zip(bs, ks, strict=True)]
+    weights = [mp.exp(p - max(profile)) for p in profile]
+    weights = [w / sum(weights) for w in weights]
+    kept = [(w, b) for w, b in zip(weights, bs, strict=True) if w > 1e-30]
+    b = sum(w * b for w, b in kept) / sum(w for w, _ in kept)
+    k = sum(mp.log1p(-b * xi) for xi in x) / m
+    return float((k * m + 5) / (m + 10))
+
+
+@pytest.mark.parametrize("shape", [0.5, 1.5])
+def test_pareto_khat_fits_weights_spanning_more_than_float64_holds(shape):
+    # Where the tail's log weights spanned over ~745 nats, exp underflowed to 0
+    # below the largest and k-hat was NaN (randn(200, 4) * 1000: all four).
+    g = torch.Generator().manual_seed(0)
+    u = torch.rand(16, 20000, generator=g, dtype=torch.float64)
+    log_w = ((u.pow(-shape) - 1) / shape).log()  # generalized Pareto, shape k
+    khat = pareto_khat(log_w + 1e4, dim=1)
+    # Invariant to a constant in log space, and the true k recovered.
+    assert torch.allclose(khat, pareto_khat(log_w, dim=1), rtol=0, atol=1e-9)
+    assert khat.mean() == pytest.approx(shape, abs=0.05)
+    assert (khat - shape).abs().max() < 0.3
+    # Weights to the power 1000 (log weights spread 1000 times wider, their
+    # tails over thousands of nats): Pyro's estimator, evaluated exactly.
+    wide = 1000 * log_w[:4, :400]
+    khat = pareto_khat(wide - 1e5, dim=1)
+    expected = torch.tensor([_reference_khat(row) for row in wide], dtype=khat.dtype)
+    # (Shifted by 1e5, the log weights keep 1e5 * 2e-16 nats of precision.)
+    assert torch.allclose(khat, expected, rtol=1e-9, atol=0)
+    assert torch.allclose(pareto_khat(wide + 1e5, dim=1), khat, rtol=1e-9, atol=0)
+    torch.manual_seed(0)
+    assert pareto_khat(torch.randn(200, 4) * 1000).isfinite().all()
+
+
+def test_pareto_khat_is_inf_where_one_weight_holds_the_tail():
+    # All weight on one particle, the rest equal far below: no finite fit (it
+    # was NaN, which eval-nll read as reliable).
+    log_w = torch.full((100, 3), -1000.0)
+    log_w[0] = 0.0
+    log_w[1, 2] = -900.0  # two distinct weights above the threshold
+    assert (pareto_khat(log_w) == math.inf).all()
+    assert (pareto_khat(log_w.double()) == math.inf).all()
+
+
 def test_pareto_khat_of_flat_and_short_tails():
     assert (pareto_khat(torch.zeros(100, 3)) == -math.inf).all()
     assert pareto_khat(torch.randn(20, 3)).isnan().all()  # M = 4 < 5

@@ -876,3 +876,53 @@ def test_an_evaluation_of_a_mid_epoch_checkpoint_says_so(tmp_path, monkeypatch):
         cli_main._checkpoint_line(SimpleNamespace(trained_steps=4), (1, 0), False)
         is None
     )
+
+
+def test_infinite_and_unfitted_khats_count_as_above_0_7():
+    # k-hat NaN at 43 of 50 points (weights spread beyond float64) read as not
+    # above 0.7: "above 0.7 on 14% of points"; +inf (all weight on one
+    # particle) printed as a median of -inf.
+    inf, nan = math.inf, math.nan
+    results = torch.tensor(
+        [[-1.0, 1.0, inf], [-2.0, 1.0, inf], [-1.5, 1.0, nan], [-1.0, 3.0, 0.2]],
+        dtype=torch.float64,
+    )
+    diagnostics = eval_results._diagnostics(results, "iwae")
+    assert diagnostics == {
+        "ess_median": 1.0,
+        "khat_median": None,  # +inf, which JSON cannot hold
+        "khat_above_0.7": pytest.approx(3 / 4),
+        "khat_flat": 0.0,
+    }
+    json.dumps(diagnostics, allow_nan=False)
+    result = SimpleNamespace(
+        stderr=0.1,
+        method="iwae",
+        k=200,
+        diagnostics=diagnostics,
+        nll=1.4,
+        split="test",
+        points=4,
+        bits_per_dim=None,
+        active_units={},
+        latent_units={},
+        compile_time=0.0,
+        compiled=False,
+        compile_choice="as asked",
+        time=1.0,
+        file="eval-test-k200.json",
+        estimates_file="estimates-test-k200.txt",
+        diagnostics_file="diagnostics-test-k200.txt",
+    )
+    line = next(x for x in cli_main._eval_report(result) if "k-hat" in x)
+    assert "k-hat median inf, above 0.7 on 75% of points (unreliable there" in line
+    # Half the points flat: the lower median is -inf.
+    results[:2, 2] = -inf
+    diagnostics = eval_results._diagnostics(results, "iwae")
+    assert diagnostics["khat_median"] is None and diagnostics["khat_flat"] == 0.5
+    result.diagnostics = diagnostics
+    line = next(x for x in cli_main._eval_report(result) if "k-hat" in x)
+    assert "k-hat median -inf, above 0.7 on 25% of points, -inf" in line
+    # NaN at every point is too few weights to fit, still.
+    results[:, 2] = nan
+    assert eval_results._diagnostics(results, "iwae")["khat_above_0.7"] is None

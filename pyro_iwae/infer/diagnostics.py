@@ -73,10 +73,13 @@ def pareto_khat(log_weights: torch.Tensor, dim: int = 0) -> torch.Tensor:
     Zhang & Stephens (2009) with the weakly informative prior of PSIS (as
     :func:`pyro.ops.stats.fit_generalized_pareto`, vectorized). The weights have
     finite variance for k < 1/2; above :data:`KHAT_THRESHOLD` (0.7) an
-    importance-sampling estimate from them is unreliable. ``-inf`` where the M + 1
-    largest weights are equal up to rounding (their logs span under 1000 machine
-    epsilons: a flat tail, as with the exact posterior for guide); NaN where
-    M < 5 (K <= 20).
+    importance-sampling estimate from them is unreliable. Fitted in log space:
+    invariant to a constant added to the log weights, and finite however far
+    they spread. ``-inf`` where the M + 1 largest weights are equal up to
+    rounding (their logs span under 1000 machine epsilons: a flat tail, as with
+    the exact posterior for guide); ``+inf`` where a quarter or more of the M
+    largest equal the threshold (the (M+1)-th) but not all: the tail's mass on
+    a few weights, most often one, and no finite fit; NaN where M < 5 (K <= 20).
 
     :returns: ``log_weights``'s shape without ``dim``.
     """
@@ -96,33 +99,73 @@ def _khat_of_top(top: torch.Tensor, num_samples: int) -> torch.Tensor:
     # Equal up to rounding (an exact guide's weights differ by rounding errors of
     # the log densities): no tail to fit, and the fit would divide by zero.
     flat = top[..., 0] - top[..., m] <= _FLAT * torch.finfo(top.dtype).eps
-    # Weights relative to the largest: the fit is scale-free, and this cannot
-    # overflow. Float64 because the excesses can be tiny differences of weights.
-    weights = (top - top[..., :1]).double().exp()
-    excess = (weights[..., :m] - weights[..., m:]).flip(-1)
-    excess = torch.where(flat.unsqueeze(-1), torch.ones_like(excess), excess)
-    khat = _fit_pareto_shape(excess).masked_fill(flat, -math.inf)
-    return khat.to(top.dtype)
+    # The logs of the excesses w_i - w_M over the threshold weight, relative to
+    # the largest weight: weights whose logs span more than ~745 nats underflow
+    # in float64, logs of their differences do not. Float64 because the excesses
+    # can be tiny differences of weights.
+    dtype, top = top.dtype, top.double()
+    above = top[..., :m] - top[..., m:]
+    log_excess = (top[..., :m] - top[..., :1]) + torch.log(-torch.expm1(-above))
+    # Weights equal to the threshold's (-inf ones too) exceed it by nothing.
+    log_excess = torch.where(above > 0, log_excess, -math.inf).flip(-1)
+    # A quarter or more of the excesses 0 but not all: the tail's mass is on a
+    # few weights (one, most often, far above the rest), and the fit has no
+    # finite answer: as unreliable as weights get.
+    quartile = log_excess[..., _quartile(m)]
+    degenerate = (quartile == -math.inf) & ~flat
+    skip = (flat | degenerate).unsqueeze(-1)
+    log_excess = torch.where(skip, torch.zeros_like(log_excess), log_excess)
+    khat = _fit_pareto_shape(log_excess)
+    khat = khat.masked_fill(degenerate, math.inf).masked_fill(flat, -math.inf)
+    return khat.to(dtype)
 
 
-def _fit_pareto_shape(excess: torch.Tensor) -> torch.Tensor:
-    """Shape k of a generalized Pareto fitted to each row of ``excess`` (..., N),
-    sorted ascending and positive at the end: Pyro's ``fit_generalized_pareto``
-    (Zhang & Stephens 2009, PSIS prior), on every row at once."""
-    n = excess.shape[-1]
+def _quartile(n: int) -> int:
+    """The index of the excess that scales the fit's grid, of ``n`` ascending."""
+    return int(n / 4 - 0.5)
+
+
+def _fit_pareto_shape(log_excess: torch.Tensor) -> torch.Tensor:
+    """Shape k of a generalized Pareto fitted to the excesses whose logs are the
+    rows of ``log_excess`` (..., N), sorted ascending, the quartile finite: Pyro's
+    ``fit_generalized_pareto`` (Zhang & Stephens 2009, PSIS prior), on every row
+    at once, in log space, so that excesses spanning any range are fitted.
+
+    Pyro's grid of b = k / sigma is ``b_j = 1 / x_N - c_j / (3 x_q)`` (x_q the
+    quartile, c_j = sqrt(grid / (j - 1/2)) - 1 > 0); with y = x / x_N, r_j =
+    c_j / (3 y_q) and b_j x_N = 1 - r_j, each log(1 - b_j x_i) is
+    log(1 - y_i + r_j y_i), a sum of positive terms, and each profile term
+    log(-b_j / k_j) is log|1 - r_j| - log|k_j| up to a constant, which the
+    softmax over the grid drops."""
+    n = log_excess.shape[-1]
     grid = 30 + int(math.sqrt(n))
-    j = torch.arange(1, grid + 1, dtype=excess.dtype, device=excess.device)
-    # b = k / sigma over a grid scaled to the data: the quartile and the maximum.
-    b = (1 - math.sqrt(grid) / (j - 0.5).sqrt()) / (
-        3 * excess[..., int(n / 4 - 0.5), None]
-    ) + 1 / excess[..., -1:]
-    k = torch.log1p(-b.unsqueeze(-1) * excess.unsqueeze(-2)).mean(-1)
-    profile = n * (torch.log(-b / k) - k - 1)
+    j = torch.arange(1, grid + 1, dtype=log_excess.dtype, device=log_excess.device)
+    log_y = log_excess - log_excess[..., -1:]
+    log_one_minus_y = torch.log(-torch.expm1(log_y))  # -inf at y = 1
+    log_c = torch.log((grid / (j - 0.5)).sqrt() - 1)
+    log_r = log_c - math.log(3) - log_y[..., _quartile(n), None]
+
+    def k_at(log_r: torch.Tensor) -> torch.Tensor:
+        """mean_i log(1 - b x_i) at each log r (..., G): (..., G)."""
+        terms = torch.logaddexp(
+            log_one_minus_y.unsqueeze(-2), log_r.unsqueeze(-1) + log_y.unsqueeze(-2)
+        )
+        return terms.mean(-1)
+
+    k = k_at(log_r)
+    # log|1 - r| = log|expm1(log r)|, without overflow for large r.
+    log_b = torch.where(
+        log_r > 0,
+        log_r + torch.log(-torch.expm1(-log_r.clamp(min=0))),
+        torch.log(-torch.expm1(log_r.clamp(max=0))),
+    )
+    profile = n * (log_b - torch.log(k.abs()) - k - 1)
     # Pyro drops grid points of weight below 1e-30, NaNs among them.
     weights = profile.nan_to_num(-math.inf).softmax(-1)
     weights = torch.where(weights > 1e-30, weights, torch.zeros_like(weights))
-    b_post = (b * weights).sum(-1) / weights.sum(-1)
-    k_post = torch.log1p(-b_post.unsqueeze(-1) * excess).mean(-1)
+    # The posterior mean of b: 1 - r with r the weighted mean of the r_j.
+    log_weights = weights.log() - weights.sum(-1, keepdim=True).log()
+    k_post = k_at((log_weights + log_r).logsumexp(-1, keepdim=True)).squeeze(-1)
     # The prior: shrink toward 1/2 as if 10 more points had k = 1/2.
     return (k_post * n + 5.0) / (n + 10.0)
 

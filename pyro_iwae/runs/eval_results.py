@@ -449,18 +449,24 @@ def activity_of(
 
 def _diagnostics(results: torch.Tensor, method: str) -> dict[str, float | None]:
     """Median ESS, median k-hat (None: too few weights to fit a tail, 20 or
-    fewer, or -inf, which JSON cannot hold), the share of points with k-hat
-    above 0.7, the share with k-hat -inf (flat weights: the largest equal, as
+    fewer, or infinite, which JSON cannot hold: -inf where ``khat_flat`` is at
+    least 1/2, +inf otherwise), the share of points with k-hat above 0.7 (+inf
+    included), the share with k-hat -inf (flat weights: the largest equal, as
     for an exact guide) and, for AIS, the mean acceptance rate."""
     values = dict(zip(columns(method), results[:, 1:].unbind(-1), strict=True))
-    khat = values["khat"].nanmedian()
-    # NaN where no point had enough weights to fit a tail; -inf is a fit.
-    fitted = not khat.isnan()
-    above = (values["khat"] > KHAT_THRESHOLD).double().mean()
-    flat = (values["khat"] == -math.inf).double().mean()
+    khat = values["khat"]
+    # NaN at every point where K <= 20 fits no tail; at some points only where
+    # their weights were not finite: no more to be trusted than +inf (all the
+    # weight on one particle), so counted with those, above 0.7.
+    fitted = not bool(khat.isnan().all())
+    khat = khat.nan_to_num(nan=math.inf, posinf=math.inf, neginf=-math.inf)
+    # The lower median: -inf exactly where at least half the points are -inf.
+    median = khat.median()
+    above = (khat > KHAT_THRESHOLD).double().mean()
+    flat = (khat == -math.inf).double().mean()
     diagnostics = {
         "ess_median": float(values["ess"].median()),
-        "khat_median": float(khat) if khat.isfinite() else None,
+        "khat_median": float(median) if fitted and median.isfinite() else None,
         # None, not 0 (none unreliable), where no k-hat was fitted.
         "khat_above_0.7": float(above) if fitted else None,
         "khat_flat": float(flat) if fitted else None,
