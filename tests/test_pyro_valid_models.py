@@ -122,12 +122,22 @@ def test_measures_a_stand_in_module(tmp_path, monkeypatch):
     assert "**3 of 4 pass** under IWELBO with one of the two settings" in report, report
     assert "(2 vectorized, 2 sequential)" in report, report
     assert "4 of the same 4 pass" in report, report
-    assert "### 1 x: NotImplementedError: IWELBO cannot sum" in report, report
-    assert "- `test_global_enumeration_ok`: NotImplementedError" in report
-    assert "(sequential: NotImplementedError: IWELBO cannot sum" in report
+    assert (
+        "### 1 x: pyro_iwae.infer.enumeration.GlobalEnumerationError: IWELBO cannot sum"
+        in report
+    ), report
+    refused = "pyro_iwae.infer.enumeration.GlobalEnumerationError"
+    assert f"- `test_global_enumeration_ok`: {refused}" in report
+    assert (
+        "(sequential: pyro_iwae.infer.enumeration.GlobalEnumerationError: IWELBO"
+        in report
+    )
     # run again with asserts stripped (python -O): still refused
     assert "0 of 1 then pass" in report, report
-    assert "with -O: failed: NotImplementedError: IWELBO cannot sum" in report
+    assert (
+        "with -O: failed: pyro_iwae.infer.enumeration.GlobalEnumerationError: IWELBO"
+        in report
+    )
     assert "## Pass only sequential: 1\n\n- `test_shape_ok[Trace_ELBO]`" in report
     assert "vectorized: assert torch.Size([2, 3]) == (3,)" in report, report
     assert "## Pass only vectorized: 1\n\n- `test_vectorized_shape_ok`" in report
