@@ -34,7 +34,7 @@ def check_run_guide(
         seed, before any training).
     :param objective: the objective and estimator to check, as it is; default
         that of ``settings`` (default the run's config), as deep as the model's
-        and guide's plates nest (see :func:`~pyro_iwae.runs.estimates.run_nesting`).
+        and guide's plates nest (see ``pyro_iwae.runs.estimates.run_nesting``).
     :param dataset: with a run directory, where its data are now (a data file
         since moved), as for :meth:`~pyro_iwae.Run.data`.
     :raises RunError, CheckpointError, pyro_iwae.data.DataError: see

@@ -12,7 +12,7 @@ the run's configuration as hyper-parameters. :meth:`Tracker.log_evaluation`
 logs an evaluation (the NLL with its standard error, the median ESS and k-hat
 and the share of points with k-hat above 0.7), once: a repeat replaces it or is
 not logged again. The base class :class:`Tracker` is in
-:mod:`pyro_iwae.runs.tracker`.
+``pyro_iwae.runs.tracker``.
 
 TensorBoard and MLflow are optional: ``pip install 'pyro-iwae[tensorboard]'`` or
 ``'pyro-iwae[mlflow]'``.
