@@ -769,26 +769,7 @@ def test_flat_weights_give_a_khat_of_minus_inf_not_too_few_samples():
         "khat_flat": pytest.approx(2 / 3),
     }
     json.dumps(diagnostics, allow_nan=False)
-    result = SimpleNamespace(
-        stderr=0.1,
-        method="iwae",
-        k=100,
-        diagnostics=diagnostics,
-        nll=1.5,
-        split="test",
-        points=3,
-        bits_per_dim=None,
-        active_units={},
-        latent_units={},
-        compile_time=0.0,
-        compiled=False,
-        compile_choice="as asked",
-        time=1.0,
-        file="eval-test-k100.json",
-        estimates_file="estimates-test-k100.txt",
-        diagnostics_file="diagnostics-test-k100.txt",
-    )
-    line = next(x for x in cli_main._eval_report(result) if "k-hat" in x)
+    line = _khat_line(diagnostics, k=100, points=3)
     assert "needs more than 20" not in line
     assert "k-hat median -inf, above 0.7 on 33% of points, -inf" in line
     assert "on 67%" in line
@@ -895,14 +876,29 @@ def test_infinite_and_unfitted_khats_count_as_above_0_7():
         "khat_flat": 0.0,
     }
     json.dumps(diagnostics, allow_nan=False)
+    line = _khat_line(diagnostics, k=200, points=4)
+    assert "k-hat median inf, above 0.7 on 75% of points (unreliable there" in line
+    # Half the points flat: the lower median is -inf.
+    results[:2, 2] = -inf
+    diagnostics = eval_results._diagnostics(results, "iwae")
+    assert diagnostics["khat_median"] is None and diagnostics["khat_flat"] == 0.5
+    line = _khat_line(diagnostics, k=200, points=4)
+    assert "k-hat median -inf, above 0.7 on 25% of points, -inf" in line
+    # NaN at every point is too few weights to fit, still.
+    results[:, 2] = nan
+    assert eval_results._diagnostics(results, "iwae")["khat_above_0.7"] is None
+
+
+def _khat_line(diagnostics: dict, k: int, points: int) -> str:
+    """The k-hat line of eval-nll's report of an evaluation with ``diagnostics``."""
     result = SimpleNamespace(
         stderr=0.1,
         method="iwae",
-        k=200,
+        k=k,
         diagnostics=diagnostics,
-        nll=1.4,
+        nll=1.5,
         split="test",
-        points=4,
+        points=points,
         bits_per_dim=None,
         active_units={},
         latent_units={},
@@ -910,19 +906,8 @@ def test_infinite_and_unfitted_khats_count_as_above_0_7():
         compiled=False,
         compile_choice="as asked",
         time=1.0,
-        file="eval-test-k200.json",
-        estimates_file="estimates-test-k200.txt",
-        diagnostics_file="diagnostics-test-k200.txt",
+        file=f"eval-test-k{k}.json",
+        estimates_file=f"estimates-test-k{k}.txt",
+        diagnostics_file=f"diagnostics-test-k{k}.txt",
     )
-    line = next(x for x in cli_main._eval_report(result) if "k-hat" in x)
-    assert "k-hat median inf, above 0.7 on 75% of points (unreliable there" in line
-    # Half the points flat: the lower median is -inf.
-    results[:2, 2] = -inf
-    diagnostics = eval_results._diagnostics(results, "iwae")
-    assert diagnostics["khat_median"] is None and diagnostics["khat_flat"] == 0.5
-    result.diagnostics = diagnostics
-    line = next(x for x in cli_main._eval_report(result) if "k-hat" in x)
-    assert "k-hat median -inf, above 0.7 on 25% of points, -inf" in line
-    # NaN at every point is too few weights to fit, still.
-    results[:, 2] = nan
-    assert eval_results._diagnostics(results, "iwae")["khat_above_0.7"] is None
+    return next(x for x in cli_main._eval_report(result) if "k-hat" in x)
