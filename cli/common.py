@@ -8,7 +8,6 @@ import functools
 import io
 import logging
 import os
-import re
 import sys
 import warnings
 from collections.abc import Callable
@@ -29,9 +28,9 @@ from pyro_iwae.runs import distributed
 from .options import OPTION_NAMES, cli_text
 
 RUNS_ENV = "PYRO_IWAE_RUNS"
-#: The library's advice for plates nested deeper than ``max_plate_nesting``,
-#: which no option sets: a run finds the nesting on one data point.
-_NESTING_ADVICE = re.compile(r"pass max_plate_nesting=\d+$")
+#: In place of the library's advice for plates nested deeper than
+#: ``max_plate_nesting``, which no option sets: a run finds the nesting on one
+#: data point.
 _RUN_NESTING = (
     "a run finds how deep they nest from one data point: make the model and "
     "guide run on one point with the plates they use on a batch"
@@ -106,8 +105,7 @@ def particle_text(e: ParticleBroadcastError, remedy: str = "") -> str:
     """The message of ``e`` in the options' spelling, offering ``remedy`` (empty:
     nothing) instead of the library's ``vectorize_particles=False``, and for
     plates nested too deep what a run's user can do."""
-    message = cli_text(e.with_remedy(remedy).render(OPTION_NAMES))
-    return _NESTING_ADVICE.sub(_RUN_NESTING, message)
+    return cli_text(e.with_remedy(remedy, _RUN_NESTING).render(OPTION_NAMES))
 
 
 def _rank() -> int:

@@ -128,6 +128,8 @@ class ParticleBroadcastError(PyroIwaeError, ValueError):
     cause: str = ""
     num_particles: int = 0
     caller: str | None = None
+    nesting: int = 0
+    depth: int = 0
 
     @classmethod
     def of_program(
@@ -139,21 +141,23 @@ class ParticleBroadcastError(PyroIwaeError, ValueError):
         caller: str | None = None,
         *,
         remedy: str | None = None,
+        nested_remedy: str | None = None,
     ) -> ParticleBroadcastError:
         """The error for a program whose plates nest ``depth`` deep that failed
         with ``cause`` under ``num_particles`` particles and
         ``max_plate_nesting=nesting``; the message offers
         ``vectorize_particles=False`` of ``caller``, an evaluator's name (None: an
         objective; "AIS", which has none: the sequential log_likelihood), or
-        ``remedy`` where given (empty: nothing)."""
+        ``remedy`` where given (empty: nothing); for plates nested too deep,
+        ``max_plate_nesting=depth``, or ``nested_remedy`` where given."""
         if depth > nesting:
             # The particle plate sits among the program's own plates: no change
             # to its networks would help.
             error = cls(
                 f"the model or guide nests plates {depth} deep, more than "
                 f"max_plate_nesting={nesting}, which puts the particle plate at "
-                f"dim={-nesting - 1} among them ({cause}); pass "
-                f"max_plate_nesting={depth}"
+                f"dim={-nesting - 1} among them ({cause}); "
+                + (nested_remedy or f"pass max_plate_nesting={depth}")
             )
             error.nested = True
         else:
@@ -178,6 +182,7 @@ class ParticleBroadcastError(PyroIwaeError, ValueError):
                 + (f"; {remedy}" if remedy else "")
             )
         error.cause, error.num_particles, error.caller = cause, num_particles, caller
+        error.nesting, error.depth = nesting, depth
         return error
 
     @classmethod
@@ -201,14 +206,23 @@ class ParticleBroadcastError(PyroIwaeError, ValueError):
             return self
         return type(self).of_program(self.cause, self.num_particles, 0, 0, caller)
 
-    def with_remedy(self, remedy: str) -> ParticleBroadcastError:
+    def with_remedy(
+        self, remedy: str, nested_remedy: str | None = None
+    ) -> ParticleBroadcastError:
         """This error with ``remedy`` (empty: none) in place of the
-        ``vectorize_particles=False`` it offers, for a caller without that
-        argument, such as a command line."""
-        if self.nested:
+        ``vectorize_particles=False`` it offers, and for plates nested too deep
+        ``nested_remedy`` (None: as it is) in place of ``max_plate_nesting=``,
+        for a caller without those arguments, such as a command line."""
+        if self.nested and nested_remedy is None:
             return self
         return type(self).of_program(
-            self.cause, self.num_particles, 0, 0, self.caller, remedy=remedy
+            self.cause,
+            self.num_particles,
+            self.nesting,
+            self.depth,
+            self.caller,
+            remedy=remedy,
+            nested_remedy=nested_remedy,
         )
 
 
