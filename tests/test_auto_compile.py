@@ -26,6 +26,7 @@ from pyro_iwae.runs.auto_compile import (
     AUTO_COMPILE_STEPS_HEADER,
     AUTO_COMPILE_WORK,
     AUTO_COMPILE_WORK_HEADER,
+    STEP_POINTS,
     choose_compile,
     choose_fit_compile,
     header_built,
@@ -91,6 +92,32 @@ def test_a_run_compiles_from_the_steps_where_compiling_pays(monkeypatch):
     assert choose_fit_compile(True, 1, CPU, False) == (True, "as asked")
 
 
+def test_larger_steps_pay_for_their_compile_in_fewer_steps(monkeypatch):
+    monkeypatch.setattr(auto_compile, "_cpp_compiler", lambda: "/usr/bin/g++")
+
+    def threshold(points):
+        # The least number of steps that compiles, found by bisection.
+        low, high = 1, 10 * AUTO_COMPILE_STEPS
+        while low < high:
+            middle = (low + high) // 2
+            chosen = choose_fit_compile("auto", middle, CPU, particle_points=points)
+            low, high = (low, middle) if chosen[0] else (middle + 1, high)
+        return low
+
+    # At batch 20, k 5 the measured thresholds hold; batch 100, k 50 saves about
+    # 10 ms a step against 1.45 (results/benchmarks.md, session 19).
+    assert threshold(STEP_POINTS) == AUTO_COMPILE_STEPS
+    assert threshold(None) == AUTO_COMPILE_STEPS
+    big = threshold(5000)
+    assert big == pytest.approx(AUTO_COMPILE_STEPS * 1.475 / 10.05, rel=1e-3)
+    assert threshold(1) > AUTO_COMPILE_STEPS  # the per-step saving alone
+    _, why = choose_fit_compile("auto", big, CPU, particle_points=5000)
+    assert why == (
+        f"auto: {big:,} steps (5,000 particle-points a step), at least the "
+        f"{big:,} from which compiling pays"
+    )
+
+
 class RecordCompile(FitCallback):
     def __init__(self, objective):
         self.objective, self.seen = objective, set()
@@ -142,7 +169,8 @@ def test_auto_compiles_shorter_runs_whose_graph_a_run_compiled_before(
     again = fit_small(make_objective("iwae", K, compile="auto"))[0]
     assert again["compiled"] is True, again["compile_choice"]
     assert again["compile_choice"] == (
-        "auto: 2 steps (1 of 1 graphs cached), at least the 2 from which compiling pays"
+        f"auto: 2 steps ({BATCH * K} particle-points a step; 1 of 1 graphs cached), "
+        "at least the 2 from which compiling pays"
     )
     # Another k is another graph.
     assert (

@@ -17,7 +17,11 @@ cost. Measured on a 2-core AVX-512 Xeon (results/benchmarks.md):
   probes side by side), 2.7 s from inductor's on-disk cache
   (batch 20, k 5), then 1.4-6 ms saved per step (batch 20 to 100, k 5 to 50: the
   compiled step against ``fit``'s eager one); it pays from about 8,000 steps per
-  graph to compile, 2,000 per graph in the cache. A run compiles one graph per
+  graph to compile, 2,000 per graph in the cache, at batch 20 and k = 5. Larger
+  steps save more (about 1.3 ms a step and 1.75 microseconds a particle-point,
+  batch size times ``num_particles``: 1.45 ms at batch 20, k = 5, 10 ms at batch
+  100, k = 50), so the steps from which compiling pays fall as the step grows
+  (about 1,200 per graph to compile at batch 100, k = 50). A run compiles one graph per
   batch shape (two where the last batch is smaller), and notes each graph it
   compiled in ``pyro-iwae-graphs.json`` in inductor's cache folder: that is how
   a later run knows the cache holds it.
@@ -37,6 +41,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import os
 import shutil
 from collections.abc import Iterable, Iterator, Sequence
@@ -59,6 +64,8 @@ __all__ = [
     "AUTO_COMPILE_WORK_CACHED",
     "AUTO_COMPILE_STEPS_HEADER",
     "AUTO_COMPILE_WORK_HEADER",
+    "STEP_POINTS",
+    "STEP_SAVING_MS",
     "batch_shapes",
     "cached_graphs",
     "choose_compile",
@@ -78,6 +85,15 @@ AUTO_COMPILE_WORK_CACHED = 600_000
 #: Training steps from which compiling a step graph pays, cold and from the cache.
 AUTO_COMPILE_STEPS = 8_000
 AUTO_COMPILE_STEPS_CACHED = 2_000
+#: What a compiled training step saves against fit's eager one, in ms: a part
+#: per step and a part per particle-point of the step (batch size times
+#: num_particles); the paper model on 2 cores (results/benchmarks.md, session 19:
+#: fit's eager step less its compiled one, 1.45 ms at batch 20, k 5; 2.2 ms at
+#: batch 100, k 5; 2.7 ms at batch 20, k 50; 10.1 ms at batch 100, k 50).
+STEP_SAVING_MS = (1.3, 0.00175)
+#: The particle-points of a step at which the AUTO_COMPILE_STEPS thresholds hold
+#: (batch 20, k 5); other steps scale them by the saving.
+STEP_POINTS = 100
 #: What a first compile on the machine adds, building inductor's precompiled header.
 AUTO_COMPILE_WORK_HEADER = 1_500_000
 AUTO_COMPILE_STEPS_HEADER = 4_000
@@ -116,24 +132,39 @@ def choose_fit_compile(
     single_process: bool = True,
     graphs: int = 1,
     cached: int = 0,
+    particle_points: int | None = None,
 ) -> tuple[bool | str | None, str]:
     """The ``compile`` a run of ``steps`` optimisation steps trains with, and a few
     words on why: ``setting`` itself unless it is ``"auto"``, which compiles where
     the ``graphs`` to compile (``cached`` of them in inductor's cache) pay, and
     stays eager unless ``single_process`` (the one-graph step does not run under
-    torchrun)."""
+    torchrun). ``particle_points``: a step's batch size times ``num_particles``
+    (None: ``STEP_POINTS``); larger steps save more a step, and pay sooner."""
     if setting == "auto" and not single_process:
         return False, "auto: under torchrun the step runs eagerly"
     threshold = (graphs - cached) * AUTO_COMPILE_STEPS
     threshold += cached * AUTO_COMPILE_STEPS_CACHED
     header = _header_to_build(setting, graphs, cached, device)
     threshold += header * AUTO_COMPILE_STEPS_HEADER
-    unit = _unit("steps", graphs, cached, header)
+    notes = []
+    if particle_points is not None:
+        threshold = math.ceil(
+            threshold * _step_saving(STEP_POINTS) / _step_saving(particle_points)
+        )
+        notes.append(_count(particle_points, "particle-points a step"))
+    unit = _unit("steps", graphs, cached, header, notes)
     return _choose(setting, steps, threshold, unit, device)
 
 
-def _unit(unit: str, graphs: int, cached: int, header: bool) -> str:
-    notes = [f"{cached} of {graphs} graphs cached"] if cached else []
+def _step_saving(particle_points: int) -> float:
+    per_step, per_point = STEP_SAVING_MS
+    return per_step + per_point * particle_points
+
+
+def _unit(
+    unit: str, graphs: int, cached: int, header: bool, notes: Sequence[str] = ()
+) -> str:
+    notes = [*notes, f"{cached} of {graphs} graphs cached"] if cached else [*notes]
     if header:
         notes.append("inductor's precompiled header to build first")
     return f"{unit} ({'; '.join(notes)})" if notes else unit
@@ -199,8 +230,15 @@ class FitCompile:
         if setting == "auto" or compiles(setting):
             shapes = batch_shapes(data_shape, batch_size)
             keys = step_graph_keys(setting, objective, model, guide, shapes, device)
+        points = min(batch_size, data_shape[0]) * getattr(objective, "num_particles", 1)
         compile, why = choose_fit_compile(
-            setting, steps, device, single_process, len(keys), cached_graphs(keys)
+            setting,
+            steps,
+            device,
+            single_process,
+            len(keys),
+            cached_graphs(keys),
+            points,
         )
         return cls(objective, setting, compile, why, keys, compile_seconds(compile))
 

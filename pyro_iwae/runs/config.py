@@ -277,12 +277,13 @@ class RunConfig:
         "compiled by torch's inductor (about 12 s to compile per batch shape on "
         "2 cores, 2-3 s once inductor's cache holds it; reported apart; the same "
         "numbers to float tolerance): on, off, or auto (on the CPU, compiles runs "
-        "of at least 8,000 steps per batch shape, or 2,000 where an earlier run "
-        "left the graph in the cache; the last line says which it took, and a "
-        "resumed run keeps it). Compiled and eager runs round differently and part "
-        "after many steps: on or off pins the path, for a run that repeats bit "
-        "for bit. Programs it cannot capture fall back to the eager path with a "
-        "warning.",
+        "of at least 8,000 steps per batch shape at batch 20, k 5, fewer for "
+        "larger batches and k (1,200 at batch 100, k 50), or a quarter of that "
+        "where an earlier run left the graph in the cache; the last line says "
+        "which it took, and a resumed run keeps it). Compiled and eager runs "
+        "round differently and part after many steps: on or off pins the path, "
+        "for a run that repeats bit for bit. Programs it cannot capture fall "
+        "back to the eager path with a warning.",
         kind="switch",
     )
 
