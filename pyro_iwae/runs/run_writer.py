@@ -41,15 +41,12 @@ from .training import fit
 __all__ = [
     "EXTENDABLE",
     "MEANS",
-    "WRITER",
     "build_run",
     "check_support",
     "resumed_config",
     "train",
 ]
 
-#: The name of the lock a run's writer holds in the run directory.
-WRITER = "writer"
 #: Settings a resumed run may change: its schedule may go on for longer.
 EXTENDABLE = ("epochs", "stages")
 #: The files of a run (globs), which a new run refuses to replace.
@@ -158,9 +155,11 @@ def train(
         distributed.check_objective(config.make_objective())
     made = distributed.from_main(lambda m=made: _make_folder(path, resume, m))
     try:
-        with locks.hold_for_ranks(path, WRITER) as holder:
+        with locks.hold_for_ranks(path, locks.WRITER) as holder:
             if holder is not None:
-                holder = holder or locks.holder(path, WRITER) or "its lock is taken"
+                holder = (
+                    holder or locks.holder(path, locks.WRITER) or "its lock is taken"
+                )
                 raise RunBusy(
                     f"{path} is being written by another process ({holder}); "
                     "nothing was changed: wait for it to end, or choose another "
@@ -397,7 +396,7 @@ def _remove_if_empty(path: Path) -> None:
     """Removes the folder made for a run if it holds no more than its lock."""
     try:
         contents = list(path.iterdir())
-        if [p.name for p in contents] in ([], [f".{WRITER}.lock"]):
+        if [p.name for p in contents] in ([], [f".{locks.WRITER}.lock"]):
             for item in contents:
                 item.unlink()
             path.rmdir()
