@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +43,7 @@ __all__ = [
     "MEANS",
     "build_run",
     "check_support",
+    "differing",
     "resumed_config",
     "train",
 ]
@@ -320,22 +321,32 @@ def _check(path: Path, config: RunConfig, resume: bool) -> bool:
             f"{path} has no checkpoint to resume (it never finished an "
             "epoch); start a new run instead"
         )
-    kept = set(MEANS) | set(EXTENDABLE)
-    moved = _moved(saved.dataset, config.dataset)
-    if moved:
-        kept.add("dataset")
     differences = [
         f"{name}={getattr(saved, name)!r} (not {getattr(config, name)!r})"
-        for name in saved.to_dict()
-        if name not in kept and getattr(saved, name) != getattr(config, name)
+        for name in differing(saved, config)
     ]
     if differences:
         raise RunError(
             f"run {path} was started with {', '.join(differences)}; "
             "resume it with its own settings or start a new run"
         )
-    extended = (getattr(saved, n) != getattr(config, n) for n in EXTENDABLE)
-    return moved or any(extended)
+    moved = _moved(saved.dataset, config.dataset)
+    return moved or bool(differing(saved, config, EXTENDABLE))
+
+
+def differing(
+    saved: RunConfig, config: RunConfig, fields: Iterable[str] | None = None
+) -> list[str]:
+    """Those of ``fields`` that differ between ``saved``, a run's config, and
+    ``config``; by default, of the settings a resumed run may not change: all
+    but :data:`MEANS`, :data:`EXTENDABLE` and the path of a data file that
+    moved."""
+    if fields is None:
+        kept = {*MEANS, *EXTENDABLE}
+        if _moved(saved.dataset, config.dataset):
+            kept.add("dataset")
+        fields = [name for name in saved.to_dict() if name not in kept]
+    return [name for name in fields if getattr(saved, name) != getattr(config, name)]
 
 
 def _check_fresh(path: Path) -> None:
