@@ -24,7 +24,12 @@ from ..errors import (
     literal,
     one_line,
 )
-from ..infer.estimable import check_program
+from ..infer.estimable import (
+    check_batch_dims,
+    check_guide_sites,
+    traced_nesting,
+    traced_program,
+)
 from ..infer.evaluation import evaluating
 from ..infer.objectives import IWELBO
 from ..nn.likelihoods import support_problem
@@ -34,8 +39,7 @@ from .callbacks import FitCallback
 from .checkpoints import CHECKPOINT_FILE, METRICS_FILE, load_checkpoint, read_metrics
 from .config import CONFIG_FILE, RunConfig
 from .data_record import DATA_RECORD, check_data, record_data
-from .estimates import run_nesting
-from .fit_steps import check_continues, check_test_bound, program_nesting
+from .fit_steps import check_continues, check_test_bound
 from .training import fit
 
 __all__ = [
@@ -226,13 +230,16 @@ def _train(
     # statistics move.
     # The first test point: binarised already where the data are, as training's are.
     point = (data.test if len(data.test) else data.train)[:1].to(device)
-    # Trained, tested each epoch and evaluated as deep as its plates nest: a
-    # user's model with a plate in the data plate was refused, with advice to
-    # pass max_plate_nesting, which no option or builder could.
-    objective = config.make_objective(run_nesting(model, guide, point))
     with evaluating(model, guide):
-        nesting = program_nesting(objective)
-        check_program(model, guide, point, max_plate_nesting=nesting)
+        model_trace, guide_trace = traced_program(model, guide, point)
+        # Trained, tested each epoch and evaluated as deep as its plates nest (as
+        # estimates.run_nesting finds it again): a user's model with a plate in
+        # the data plate was refused, with advice to pass max_plate_nesting,
+        # which no option or builder could.
+        nesting = traced_nesting((model_trace, guide_trace))
+        objective = config.make_objective(nesting)
+        check_guide_sites(model_trace, guide_trace, "fit")
+        check_batch_dims(model_trace, guide_trace, "fit", nesting)
         if isinstance(objective, IWELBO):
             objective.check_guide(guide, point)
     if len(data.test) and config.test_limit != 0:
