@@ -45,7 +45,6 @@ from pyro_iwae.runs.plots import (
     save_reconstruction_grid,
 )
 from pyro_iwae.runs.run import Run, plan_fit
-from pyro_iwae.runs.run_writer import WRITER
 from pyro_iwae.runs.settings import read_settings
 from pyro_iwae.runs.tracking import (
     TRACKERS,
@@ -372,7 +371,7 @@ def eval_nll(
     # The result first: it is written, whatever logging it does.
     click.echo(f"run: {run.path}")
     place = checkpoint_place(run.path, evaluation.trained_steps)
-    training = locks.held(run.path, WRITER) is not None
+    training = locks.held(run.path, locks.WRITER) is not None
     for line in _eval_report(evaluation, _checkpoint_line(evaluation, place, training)):
         click.echo(line)
     _quiet_mlflow()

@@ -187,6 +187,32 @@ def test_a_run_trained_past_the_grids_schedule_is_refused_in_the_grids_keys(
     ]
 
 
+def test_a_grid_run_whose_data_file_moved_is_blamed_only_for_what_changed(
+    grid_file, tmp_path
+):
+    # The moved data file, which resuming accepts, was named among the settings
+    # the run was trained with other than the grid's.
+    rng = np.random.default_rng(0)
+    np.save(tmp_path / "x.npy", (rng.random((100, 12)) < 0.5).astype(np.float32))
+    grid = json.loads(grid_file.read_text())
+    grid["base"]["dataset"] = str(tmp_path / "x.npy")
+    grid_file.write_text(json.dumps(grid))
+    runner = CliRunner()
+    only = ["reproduce", str(grid_file), "--quiet", "--only", "vae-k1"]
+    assert runner.invoke(cli, only).exit_code == 0
+    (tmp_path / "x.npy").rename(tmp_path / "y.npy")
+    grid["base"]["dataset"] = str(tmp_path / "y.npy")
+    grid["runs"]["vae-k1"]["num_particles"] = 2
+    grid_file.write_text(json.dumps(grid))
+    result = runner.invoke(cli, only)
+    run_dir = tmp_path / "runs" / "vae-k1"
+    assert result.output.strip().splitlines() == [
+        f"Error: run vae-k1 ({run_dir}) was trained with other settings than the "
+        "grid's: num_particles 1 (the grid's: 2); set them back in the grid, or "
+        f"delete {run_dir} to train the run afresh"
+    ]
+
+
 def test_relative_data_paths_are_saved_absolute(grid_file, tmp_path, monkeypatch):
     # A later process (resume, eval-nll) in another folder must find the data.
     monkeypatch.chdir(tmp_path)

@@ -29,7 +29,6 @@ from pyro_iwae.runs.checkpoints import (
 from pyro_iwae.runs.config import CONFIG_FILE, RunConfig
 from pyro_iwae.runs.eval_results import EvalSettings, result_path
 from pyro_iwae.runs.run import Run, find_latest_run, load_run, train_run
-from pyro_iwae.runs.run_writer import WRITER
 from pyro_iwae_cli import main as cli_main
 from pyro_iwae_cli import progress
 from pyro_iwae_cli.options import cli_text
@@ -240,7 +239,7 @@ def _files(folder):
     return {
         p.name: p.read_bytes()
         for p in sorted(folder.iterdir())
-        if p.is_file() and not p.name.startswith(f".{WRITER}.")
+        if p.is_file() and not p.name.startswith(f".{locks.WRITER}.")
     }
 
 
@@ -291,7 +290,7 @@ def test_a_second_writer_is_refused_and_changes_nothing(trained, tmp_path):
     run_dir = tmp_path / "run"
     shutil.copytree(trained, run_dir)
     before = _files(run_dir)
-    with locks.hold(run_dir, WRITER) as holder:  # as another process would
+    with locks.hold(run_dir, locks.WRITER) as holder:  # as another process would
         assert holder is None
         for command in (
             ["fit", *SMALL, "--seed", 1, "--out", run_dir],
@@ -303,7 +302,7 @@ def test_a_second_writer_is_refused_and_changes_nothing(trained, tmp_path):
     # A new run in a folder being written: refused, the folder left as it is.
     fresh = tmp_path / "fresh"
     fresh.mkdir()
-    with locks.hold(fresh, WRITER):
+    with locks.hold(fresh, locks.WRITER):
         assert_one_line_error(invoke("fit", *SMALL, "--out", fresh), "being written")
     assert not (fresh / "config.json").exists()
 
@@ -311,7 +310,7 @@ def test_a_second_writer_is_refused_and_changes_nothing(trained, tmp_path):
 def test_a_dead_writers_lock_is_taken_over(trained, tmp_path):
     run_dir = tmp_path / "run"
     shutil.copytree(trained, run_dir)
-    claim = run_dir / f".{WRITER}.claim"
+    claim = run_dir / f".{locks.WRITER}.claim"
     dead = {"host": os.uname().nodename, "pid": 2**22 + 1, "since": 0}
     claim.write_text(json.dumps(dead))
     result = invoke("fit", "--resume", "--epochs", 2, "--out", run_dir, "--quiet")
@@ -325,7 +324,7 @@ def test_an_unreadable_claim_says_what_to_do(trained, tmp_path):
     # another process", with nothing to do but wait.
     run_dir = tmp_path / "run"
     shutil.copytree(trained, run_dir)
-    claim = run_dir / f".{WRITER}.claim"
+    claim = run_dir / f".{locks.WRITER}.claim"
     claim.write_text("")
     result = invoke("fit", "--resume", "--epochs", 2, "--out", run_dir, "--quiet")
     assert_one_line_error(result, "which is unreadable; delete it if no process")
@@ -687,7 +686,7 @@ def test_two_fits_started_together_one_is_refused(tmp_path):
         stderr=subprocess.STDOUT,
         text=True,
     )
-    claim = run_dir / f".{WRITER}.claim"
+    claim = run_dir / f".{locks.WRITER}.claim"
     deadline = time.monotonic() + 120
     while not claim.exists() and first.poll() is None:
         assert time.monotonic() < deadline, "the first fit never took its lock"
@@ -816,7 +815,7 @@ def test_a_run_being_trained_before_its_first_checkpoint_is_said_to_be(
     run_dir = tmp_path / "run"
     shutil.copytree(trained, run_dir)
     (run_dir / CHECKPOINT_FILE).unlink()
-    with locks.hold(run_dir, WRITER):  # as the process training it would
+    with locks.hold(run_dir, locks.WRITER):  # as the process training it would
         for command in (["eval-nll", run_dir, "--k", 2], ["sample", run_dir]):
             error = assert_one_line_error(invoke(*command))
             assert "is being trained and has no checkpoint yet" in error
@@ -848,7 +847,7 @@ def test_an_evaluation_of_a_mid_epoch_checkpoint_says_so(tmp_path, monkeypatch):
     assert f"{line}, where its fit stopped: fit --resume finishes" in result.output
     (saved,) = run_dir.glob("eval-*.json")
     assert json.loads(saved.read_text())["trained_steps"] == 6
-    with locks.hold(run_dir, WRITER):  # as a fit resuming it would
+    with locks.hold(run_dir, locks.WRITER):  # as a fit resuming it would
         result = invoke(*evaluate)
     assert_ok(result)
     assert f"{line} of a run still being trained" in result.output

@@ -105,6 +105,12 @@ def plate_nesting(model: Callable, guide: Callable, *args: Any, **kwargs: Any) -
             traces = traced_pair(model, guide, *args, **kwargs)
     except Exception:  # noqa: BLE001 - their failure is said where they are used
         return 1
+    return traced_nesting(traces)
+
+
+def traced_nesting(traces: tuple[pyro.poutine.Trace, pyro.poutine.Trace]) -> int:
+    """The ``max_plate_nesting`` of the model and guide of ``traces`` (see
+    :func:`plate_nesting`): how deep their vectorized plates nest, at least 1."""
     return max(1, plate_depth(sample_sites(traces)))
 
 
@@ -143,18 +149,29 @@ def check_program(
     max_plate_nesting: int | None = None,
     **kwargs: Any,
 ) -> None:
-    """Runs ``guide`` and ``model`` once on ``args`` (a forked random stream,
-    no gradients, module-local parameters, as ``fit`` runs them) and checks
-    their sites with :func:`check_guide_sites` and :func:`check_batch_dims`:
-    said before training, not as a number that is no bound.
+    """Runs ``guide`` and ``model`` once on ``args`` (see :func:`traced_program`)
+    and checks their sites with :func:`check_guide_sites` and
+    :func:`check_batch_dims`: said before training, not as a number that is no
+    bound.
 
-    :raises ProgramError: as those, or where they fail to
-        run together (a guide latent of another size than the model's), with
-        their error's first line.
+    :raises ProgramError: as those, or where they fail to run.
+    """
+    model_trace, guide_trace = traced_program(model, guide, *args, **kwargs)
+    check_guide_sites(model_trace, guide_trace, caller)
+    check_batch_dims(model_trace, guide_trace, caller, max_plate_nesting)
+
+
+def traced_program(
+    model: Callable, guide: Callable, *args: Any, **kwargs: Any
+) -> tuple[pyro.poutine.Trace, pyro.poutine.Trace]:
+    """:func:`traced_pair` with module-local parameters, as ``fit`` runs them.
+
+    :raises ProgramError: where they fail to run together (a guide latent of
+        another size than the model's), with their error's first line.
     """
     try:
         with pyro.settings.context(module_local_params=True):
-            model_trace, guide_trace = traced_pair(model, guide, *args, **kwargs)
+            return traced_pair(model, guide, *args, **kwargs)
     except PyroIwaeError:
         raise
     except (ValueError, RuntimeError, TypeError, IndexError) as e:
@@ -169,8 +186,6 @@ def check_program(
             f"({error}), though each runs alone; make the guide's latent sites "
             "those of the model, of the same shapes"
         ) from e
-    check_guide_sites(model_trace, guide_trace, caller)
-    check_batch_dims(model_trace, guide_trace, caller, max_plate_nesting)
 
 
 def check_batch_dims(

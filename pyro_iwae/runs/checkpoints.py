@@ -197,7 +197,7 @@ def load_trained(
     """
     path = Path(path)
     # The writer's lock of pyro_iwae.runs.run_writer, held while a fit trains.
-    trainer = None if path.is_file() else locks.held(path.parent, "writer")
+    trainer = None if path.is_file() else locks.held(path.parent, locks.WRITER)
     if trainer is not None:
         raise CheckpointError(
             f"{path.parent} is being trained and has no checkpoint yet "

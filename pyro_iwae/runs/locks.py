@@ -19,10 +19,20 @@ try:
 except ImportError:  # Windows
     fcntl = None
 
-__all__ = ["HAS_FILE_LOCKS", "held", "hold", "hold_for_ranks", "holder", "waiting"]
+__all__ = [
+    "HAS_FILE_LOCKS",
+    "WRITER",
+    "held",
+    "hold",
+    "hold_for_ranks",
+    "holder",
+    "waiting",
+]
 
 #: Whether this system has ``fcntl.flock`` (not Windows).
 HAS_FILE_LOCKS = fcntl is not None
+#: The name of the lock a run's writer holds in the run directory.
+WRITER = "writer"
 
 
 @contextmanager

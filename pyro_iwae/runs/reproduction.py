@@ -386,27 +386,22 @@ def _check_resumable(name: str, run_dir: Path, config: RunConfig) -> None:
     except (ConfigError, CheckpointError) as e:
         saved = RunConfig.load(run_dir)
         schedule = isinstance(e, CheckpointError)  # shorter than it has trained
-        fields = run_writer.EXTENDABLE if schedule else saved.to_dict()
-        kept = (*run_writer.MEANS, *run_writer.EXTENDABLE)
+        fields = run_writer.EXTENDABLE if schedule else None
         differences = [
             f"{field} {json.dumps(getattr(saved, field))} (the grid's: "
             f"{json.dumps(getattr(config, field))})"
-            for field in fields
-            if (schedule or field not in kept)
-            and getattr(saved, field) != getattr(config, field)
+            for field in run_writer.differing(saved, config, fields)
         ]
         if not differences:
             raise  # no setting of the grid's to blame
         if schedule:
-            what, advice = (
-                "has trained past the grid's schedule",
-                ("a run's schedule may only go on: give the grid the run's (or more)"),
+            what = "has trained past the grid's schedule"
+            advice = (
+                "a run's schedule may only go on: give the grid the run's (or more)"
             )
         else:
-            what, advice = (
-                "was trained with other settings than the grid's",
-                ("set them back in the grid"),
-            )
+            what = "was trained with other settings than the grid's"
+            advice = "set them back in the grid"
         raise RunError(
             f"run {name} ({run_dir}) {what}: {', '.join(differences)}; {advice}, "
             f"or delete {run_dir} to train the run afresh"

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +24,12 @@ from ..errors import (
     literal,
     one_line,
 )
-from ..infer.estimable import check_program
+from ..infer.estimable import (
+    check_batch_dims,
+    check_guide_sites,
+    traced_nesting,
+    traced_program,
+)
 from ..infer.evaluation import evaluating
 from ..infer.objectives import IWELBO
 from ..nn.likelihoods import support_problem
@@ -34,22 +39,19 @@ from .callbacks import FitCallback
 from .checkpoints import CHECKPOINT_FILE, METRICS_FILE, load_checkpoint, read_metrics
 from .config import CONFIG_FILE, RunConfig
 from .data_record import DATA_RECORD, check_data, record_data
-from .estimates import run_nesting
-from .fit_steps import check_continues, check_test_bound, program_nesting
+from .fit_steps import check_continues, check_test_bound
 from .training import fit
 
 __all__ = [
     "EXTENDABLE",
     "MEANS",
-    "WRITER",
     "build_run",
     "check_support",
+    "differing",
     "resumed_config",
     "train",
 ]
 
-#: The name of the lock a run's writer holds in the run directory.
-WRITER = "writer"
 #: Settings a resumed run may change: its schedule may go on for longer.
 EXTENDABLE = ("epochs", "stages")
 #: The files of a run (globs), which a new run refuses to replace.
@@ -158,9 +160,11 @@ def train(
         distributed.check_objective(config.make_objective())
     made = distributed.from_main(lambda m=made: _make_folder(path, resume, m))
     try:
-        with locks.hold_for_ranks(path, WRITER) as holder:
+        with locks.hold_for_ranks(path, locks.WRITER) as holder:
             if holder is not None:
-                holder = holder or locks.holder(path, WRITER) or "its lock is taken"
+                holder = (
+                    holder or locks.holder(path, locks.WRITER) or "its lock is taken"
+                )
                 raise RunBusy(
                     f"{path} is being written by another process ({holder}); "
                     "nothing was changed: wait for it to end, or choose another "
@@ -226,13 +230,16 @@ def _train(
     # statistics move.
     # The first test point: binarised already where the data are, as training's are.
     point = (data.test if len(data.test) else data.train)[:1].to(device)
-    # Trained, tested each epoch and evaluated as deep as its plates nest: a
-    # user's model with a plate in the data plate was refused, with advice to
-    # pass max_plate_nesting, which no option or builder could.
-    objective = config.make_objective(run_nesting(model, guide, point))
     with evaluating(model, guide):
-        nesting = program_nesting(objective)
-        check_program(model, guide, point, max_plate_nesting=nesting)
+        model_trace, guide_trace = traced_program(model, guide, point)
+        # Trained, tested each epoch and evaluated as deep as its plates nest (as
+        # estimates.run_nesting finds it again): a user's model with a plate in
+        # the data plate was refused, with advice to pass max_plate_nesting,
+        # which no option or builder could.
+        nesting = traced_nesting((model_trace, guide_trace))
+        objective = config.make_objective(nesting)
+        check_guide_sites(model_trace, guide_trace, "fit")
+        check_batch_dims(model_trace, guide_trace, "fit", nesting)
         if isinstance(objective, IWELBO):
             objective.check_guide(guide, point)
     if len(data.test) and config.test_limit != 0:
@@ -321,22 +328,32 @@ def _check(path: Path, config: RunConfig, resume: bool) -> bool:
             f"{path} has no checkpoint to resume (it never finished an "
             "epoch); start a new run instead"
         )
-    kept = set(MEANS) | set(EXTENDABLE)
-    moved = _moved(saved.dataset, config.dataset)
-    if moved:
-        kept.add("dataset")
     differences = [
         f"{name}={getattr(saved, name)!r} (not {getattr(config, name)!r})"
-        for name in saved.to_dict()
-        if name not in kept and getattr(saved, name) != getattr(config, name)
+        for name in differing(saved, config)
     ]
     if differences:
         raise RunError(
             f"run {path} was started with {', '.join(differences)}; "
             "resume it with its own settings or start a new run"
         )
-    extended = (getattr(saved, n) != getattr(config, n) for n in EXTENDABLE)
-    return moved or any(extended)
+    moved = _moved(saved.dataset, config.dataset)
+    return moved or bool(differing(saved, config, EXTENDABLE))
+
+
+def differing(
+    saved: RunConfig, config: RunConfig, fields: Iterable[str] | None = None
+) -> list[str]:
+    """Those of ``fields`` that differ between ``saved``, a run's config, and
+    ``config``; by default, of the settings a resumed run may not change: all
+    but :data:`MEANS`, :data:`EXTENDABLE` and the path of a data file that
+    moved."""
+    if fields is None:
+        kept = {*MEANS, *EXTENDABLE}
+        if _moved(saved.dataset, config.dataset):
+            kept.add("dataset")
+        fields = [name for name in saved.to_dict() if name not in kept]
+    return [name for name in fields if getattr(saved, name) != getattr(config, name)]
 
 
 def _check_fresh(path: Path) -> None:
@@ -397,7 +414,7 @@ def _remove_if_empty(path: Path) -> None:
     """Removes the folder made for a run if it holds no more than its lock."""
     try:
         contents = list(path.iterdir())
-        if [p.name for p in contents] in ([], [f".{WRITER}.lock"]):
+        if [p.name for p in contents] in ([], [f".{locks.WRITER}.lock"]):
             for item in contents:
                 item.unlink()
             path.rmdir()
