@@ -148,17 +148,22 @@ def check_program(
     caller: str = "fit",
     max_plate_nesting: int | None = None,
     **kwargs: Any,
-) -> None:
+) -> int:
     """Runs ``guide`` and ``model`` once on ``args`` (see :func:`traced_program`)
     and checks their sites with :func:`check_guide_sites` and
     :func:`check_batch_dims`: said before training, not as a number that is no
-    bound.
+    bound. Returns the ``max_plate_nesting`` they were checked at: the one given,
+    or where None, how deep their plates nest (:func:`traced_nesting`), as a run
+    trains them.
 
     :raises ProgramError: as those, or where they fail to run.
     """
-    model_trace, guide_trace = traced_program(model, guide, *args, **kwargs)
-    check_guide_sites(model_trace, guide_trace, caller)
-    check_batch_dims(model_trace, guide_trace, caller, max_plate_nesting)
+    traces = traced_program(model, guide, *args, **kwargs)
+    if max_plate_nesting is None:
+        max_plate_nesting = traced_nesting(traces)
+    check_guide_sites(*traces, caller)
+    check_batch_dims(*traces, caller, max_plate_nesting)
+    return max_plate_nesting
 
 
 def traced_program(

@@ -24,12 +24,7 @@ from ..errors import (
     literal,
     one_line,
 )
-from ..infer.estimable import (
-    check_batch_dims,
-    check_guide_sites,
-    traced_nesting,
-    traced_program,
-)
+from ..infer.estimable import check_program
 from ..infer.evaluation import evaluating
 from ..infer.objectives import IWELBO
 from ..nn.likelihoods import support_problem
@@ -231,15 +226,12 @@ def _train(
     # The first test point: binarised already where the data are, as training's are.
     point = (data.test if len(data.test) else data.train)[:1].to(device)
     with evaluating(model, guide):
-        model_trace, guide_trace = traced_program(model, guide, point)
         # Trained, tested each epoch and evaluated as deep as its plates nest (as
         # estimates.run_nesting finds it again): a user's model with a plate in
         # the data plate was refused, with advice to pass max_plate_nesting,
         # which no option or builder could.
-        nesting = traced_nesting((model_trace, guide_trace))
+        nesting = check_program(model, guide, point)
         objective = config.make_objective(nesting)
-        check_guide_sites(model_trace, guide_trace, "fit")
-        check_batch_dims(model_trace, guide_trace, "fit", nesting)
         if isinstance(objective, IWELBO):
             objective.check_guide(guide, point)
     if len(data.test) and config.test_limit != 0:
