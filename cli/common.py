@@ -20,6 +20,7 @@ import torch
 from pyro_iwae.errors import (
     ConfigError,
     ParticleBroadcastError,
+    PlateNestingError,
     PyroIwaeError,
     one_line,
 )
@@ -65,6 +66,10 @@ def library_errors(command: Callable) -> Callable:
                 # Its vectorize_particles=False is no option of this command (one
                 # that has one, eval-nll, offers it itself): the fix is the model's.
                 message = _ranked(particle_text(e), rank)
+                raise click.ClickException(message) from None
+            except PlateNestingError as e:
+                # Its max_plate_nesting= is no option either.
+                message = _ranked(cli_text(str(e.with_remedy(_RUN_NESTING))), rank)
                 raise click.ClickException(message) from None
             except PyroIwaeError as e:
                 message = _ranked(cli_text(e.render(OPTION_NAMES)), rank)

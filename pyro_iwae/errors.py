@@ -19,6 +19,7 @@ __all__ = [
     "ConfigError",
     "DataError",
     "ParticleBroadcastError",
+    "PlateNestingError",
     "ProgramError",
     "PyroIwaeError",
     "RunBusy",
@@ -111,6 +112,30 @@ class ProgramError(PyroIwaeError, ValueError):
     names the site and what to change."""
 
 
+class PlateNestingError(ProgramError):
+    """A plate left of the ``max_plate_nesting`` dims, drawn without the particle
+    plate: the weights would take its dim for the particles'. The message says
+    so and offers the ``max_plate_nesting`` that fits, :attr:`depth`."""
+
+    problem: str = ""
+    depth: int = 0
+
+    @classmethod
+    def of_plate(
+        cls, problem: str, depth: int, remedy: str | None = None
+    ) -> PlateNestingError:
+        """The error for ``problem``, offering ``max_plate_nesting=depth``, or
+        ``remedy`` where given."""
+        error = cls(f"{problem}; {remedy or f'pass max_plate_nesting={depth}'}")
+        error.problem, error.depth = problem, depth
+        return error
+
+    def with_remedy(self, remedy: str) -> PlateNestingError:
+        """This error with ``remedy`` in place of ``max_plate_nesting=``, for a
+        caller without that argument, such as a command line."""
+        return type(self).of_plate(self.problem, self.depth, remedy)
+
+
 class SupportError(PyroIwaeError, ValueError):
     """A sample site's value (observed data, as a rule) outside the support of
     its distribution; the message names the site and the values' range."""
@@ -154,7 +179,7 @@ class ParticleBroadcastError(PyroIwaeError, ValueError):
             # The particle plate sits among the program's own plates: no change
             # to its networks would help.
             error = cls(
-                f"the model or guide nests plates {depth} deep, more than "
+                f"the model or guide has plates down to dim={-depth}, beyond "
                 f"max_plate_nesting={nesting}, which puts the particle plate at "
                 f"dim={-nesting - 1} among them ({cause}); "
                 + (nested_remedy or f"pass max_plate_nesting={depth}")

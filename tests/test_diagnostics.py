@@ -3,6 +3,7 @@
 import math
 
 import pyro
+import pyro.distributions as dist
 import pytest
 import torch
 from linear_gaussian import LATENT_DIM
@@ -10,6 +11,7 @@ from pyro.infer import Predictive
 from pyro.ops.stats import fit_generalized_pareto
 
 from pyro_iwae import (
+    IWELBO,
     effective_sample_size,
     importance_resample,
     log_likelihood,
@@ -222,3 +224,88 @@ def test_resampled_draws_feed_predictive(lg):
     assert torch.equal(predicted["z"], draws["z"])
     with pytest.raises(ValueError, match="num_draws"):
         importance_resample(lg.model, lg.exact_guide, x, num_samples=5, num_draws=0)
+
+
+# A two-component mixture per point, y ~ Cat(W), z ~ N(0, 1), x ~ N(MU[y] + z,
+# 1/2), whose guide enumerates y (uniformly) and draws z from its exact posterior
+# given y: each particle's weight per value is 2 p(x, y), their mean p(x).
+W, MU = torch.tensor([0.3, 0.7]), torch.tensor([-2.0, 2.0])
+
+
+def _mixture(x):
+    with pyro.plate("data", len(x)):
+        y = pyro.sample("y", dist.Categorical(W))
+        z = pyro.sample("z", dist.Normal(0.0, 1.0))
+        pyro.sample("x", dist.Normal(MU[y] + z, 0.5), obs=x)
+
+
+def _enumerating_guide(x):
+    with pyro.plate("data", len(x)):
+        y = pyro.sample(
+            "y",
+            dist.Categorical(torch.tensor([0.5, 0.5])),
+            infer={"enumerate": "parallel"},
+        )
+        pyro.sample("z", dist.Normal(0.8 * (x - MU[y]), 0.2**0.5))
+
+
+@pytest.mark.parametrize("vectorize", [True, False])
+def test_diagnostics_take_each_particles_mean_over_the_values_a_guide_enumerates(
+    vectorize,
+):
+    # K = 30 failed with an IndexError (the tail of 2 K weights sought among the
+    # K kept); at K <= 20, ESS counted 2 K weights, and the stderr of this exact
+    # estimate was 0.2 nats.
+    x = torch.tensor([-1.8, 0.3, 2.4, 0.9])
+    exact = (W.log() + dist.Normal(MU, 1.25**0.5).log_prob(x[:, None])).logsumexp(-1)
+    pyro.set_rng_seed(0)
+    d = log_likelihood_with_diagnostics(
+        _mixture,
+        _enumerating_guide,
+        x,
+        num_samples=30,
+        chunk_size=7,
+        vectorize_particles=vectorize,
+    )
+    # Every particle's weight is p(x): all 30 equal, a flat tail.
+    assert torch.allclose(d.log_likelihood, exact, atol=1e-5)
+    assert torch.allclose(d.ess, torch.full((4,), 30.0))
+    assert torch.allclose(d.stderr, torch.zeros(4), atol=1e-3)
+    assert (d.khat == -math.inf).all()
+
+
+def _shared_model(x):
+    with pyro.plate("data", len(x)):
+        pyro.sample("y", dist.Categorical(W))
+        u = pyro.sample("u", dist.Normal(0.0, 1.0))
+        pyro.sample("x", dist.Normal(u, 1.0), obs=x)
+
+
+def _shared_guide(x):
+    with pyro.plate("data", len(x)):
+        pyro.sample("u", dist.Normal(0.5 * x, 1.0))
+        pyro.sample(
+            "y",
+            dist.Categorical(torch.tensor([0.5, 0.5])),
+            infer={"enumerate": "parallel"},
+        )
+
+
+@pytest.mark.parametrize("vectorize", [True, False])
+def test_a_particles_weight_is_the_mean_of_its_own_weights_per_value(vectorize):
+    # The weights per value of one particle, u drawn before the enumerated y:
+    # 2 W[y] r(u), r = p(u) p(x|u) / q(u), whose mean is r(u) of that particle.
+    x = torch.tensor([-1.0, 0.5, 2.0])
+    pyro.set_rng_seed(0)
+    elbo = IWELBO(5, vectorize_particles=vectorize)
+    particles = elbo.particles(_shared_model, _shared_guide, x)
+    u = torch.stack(
+        [guide_trace.nodes["u"]["value"] for _, guide_trace in particles.traces]
+    ).reshape(5, 3)
+    log_r = (
+        dist.Normal(0.0, 1.0).log_prob(u)
+        + dist.Normal(u, 1.0).log_prob(x)
+        - dist.Normal(0.5 * x, 1.0).log_prob(u)
+    )
+    assert particles.log_weights.shape[0] == 10
+    assert torch.allclose(particles.particle_log_weights, log_r, atol=1e-5)

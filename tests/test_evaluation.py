@@ -17,6 +17,7 @@ from pyro_iwae import (
     log_likelihood,
     paper_architecture,
 )
+from pyro_iwae.errors import ParticleBroadcastError, ProgramError
 from pyro_iwae.infer.evaluation import (
     LARGEST_TENSOR,
     EstimateWarning,
@@ -283,3 +284,49 @@ def test_dataset_log_likelihood_of_scalar_points_is_exact():
     estimates = dataset_log_likelihood(model, guide, x, num_samples=4, batch_size=100)
     exact = dist.Normal(0.0, math.sqrt(2.0)).log_prob(x)
     assert torch.allclose(estimates, exact, atol=1e-10)
+
+
+def _nested_plates():
+    """A latent per point in a data plate at dim -2, three observed values per
+    point in a plate at dim -1, its exact posterior as the guide; exact log p(x)."""
+    a, b, s = 1.5, 0.3, 0.7
+    x = torch.randn(6, 3, generator=torch.Generator().manual_seed(1)).double() * 2
+    cov = s * s * torch.eye(3, dtype=x.dtype) + a * a
+    exact = dist.MultivariateNormal(x.new_full((3,), b), cov).log_prob(x)
+    precision = 1 + 3 * a * a / (s * s)
+    loc = (a / (s * s)) * (x - b).sum(-1, keepdim=True) / precision
+
+    def model(x):
+        with pyro.plate("data", 6, dim=-2):
+            z = pyro.sample("z", dist.Normal(x.new_zeros(()), 1.0))
+            with pyro.plate("values", 3, dim=-1):
+                pyro.sample("x", dist.Normal(a * z + b, s), obs=x)
+
+    def guide(x):
+        with pyro.plate("data", 6, dim=-2):
+            pyro.sample("z", dist.Normal(loc, precision**-0.5))
+
+    return model, guide, x, exact
+
+
+def test_plates_nested_deeper_than_max_plate_nesting_are_refused_by_each_evaluator():
+    # log_likelihood(vectorize_particles=False) failed with a bare IndexError;
+    # joint_log_likelihood(vectorize_particles=False) with a bare RuntimeError.
+    model, guide, x, exact = _nested_plates()
+    advice = r"; pass max_plate_nesting=2$"
+    with pytest.raises(ProgramError, match=r"plate 'data' .* at dim=-2, .*" + advice):
+        log_likelihood(model, guide, x, num_samples=10, vectorize_particles=False)
+    with pytest.raises(ProgramError, match=r"plate 'data' .* at dim=-2, .*" + advice):
+        joint_log_likelihood(model, guide, x, num_samples=10, vectorize_particles=False)
+    with pytest.raises(ParticleBroadcastError, match=r"down to dim=-2, .*" + advice):
+        log_likelihood(model, guide, x, num_samples=10)
+    for vectorize in (True, False):
+        estimate = log_likelihood(
+            model,
+            guide,
+            x,
+            num_samples=10,
+            max_plate_nesting=2,
+            vectorize_particles=vectorize,
+        )
+        assert torch.allclose(estimate, exact)

@@ -20,6 +20,7 @@ from pyro_iwae import (
     make_objective,
     paper_architecture,
 )
+from pyro_iwae.errors import ParticleBroadcastError, ProgramError
 from pyro_iwae.infer import particles as particle_draws
 from pyro_iwae.infer import traces
 
@@ -898,3 +899,67 @@ def test_bad_options_are_refused_up_front(options, words):
     with pytest.raises(ValueError, match=words):
         IWELBO(5, **options)
     assert IWELBO(5, max_plate_nesting=float("inf")).max_plate_nesting == float("inf")
+
+
+# One latent per point in a data plate declared at dim=-2, with its exact
+# posterior as the guide: every weight is log p(x), at any k.
+_A, _B, _S = 1.5, 0.3, 0.7
+
+
+def _data_at_dim_2():
+    x = torch.randn(6, 1, generator=torch.Generator().manual_seed(0)).double() * 2
+    exact = dist.Normal(x.new_tensor(_B), math.sqrt(_A**2 + _S**2)).log_prob(x).sum()
+
+    def model(x):
+        with pyro.plate("data", 6, dim=-2):
+            z = pyro.sample("z", dist.Normal(x.new_zeros(()), 1.0))
+            pyro.sample("x", dist.Normal(_A * z + _B, _S), obs=x)
+
+    def guide(x):
+        loc = _A * (x - _B) / (_A**2 + _S**2)
+        with pyro.plate("data", 6, dim=-2):
+            pyro.sample("z", dist.Normal(loc, _S / math.sqrt(_A**2 + _S**2)))
+
+    return model, guide, x, exact
+
+
+@pytest.mark.parametrize(
+    "elbo",
+    [
+        IWELBO(1),
+        IWELBO(5, vectorize_particles=False),
+        MIWELBO(6, num_groups=2, vectorize_particles=False),
+        CIWELBO(5, vectorize_particles=False),
+        PIWELBO(6, num_groups=2, vectorize_particles=False),
+    ],
+    ids=["k1", "IWELBO", "MIWELBO", "CIWELBO", "PIWELBO"],
+)
+def test_a_plate_left_of_max_plate_nesting_is_refused_without_the_particle_plate(
+    elbo,
+):
+    # The bound came out 14.75 nats above log p(x), with no error.
+    model, guide, x, exact = _data_at_dim_2()
+    with pytest.raises(
+        ProgramError,
+        match=r"plate 'data' of the model or guide is at dim=-2, but "
+        r"max_plate_nesting=1 keeps only dim -1 .*; pass max_plate_nesting=2$",
+    ):
+        elbo.loss(model, guide, x)
+    elbo = type(elbo)(
+        elbo.num_particles,
+        **({"num_groups": 2} if isinstance(elbo, MIWELBO) else {}),
+        vectorize_particles=False,
+        max_plate_nesting=2,
+    )
+    assert -elbo.loss(model, guide, x) == pytest.approx(exact.item(), abs=1e-9)
+
+
+def test_one_plate_at_dim_2_is_named_as_such_under_the_particle_plate():
+    # "the model or guide nests plates 2 deep", of one plate, placed at dim -2.
+    model, guide, x, _ = _data_at_dim_2()
+    with pytest.raises(
+        ParticleBroadcastError,
+        match=r"^the model or guide has plates down to dim=-2, beyond "
+        r"max_plate_nesting=1, .*; pass max_plate_nesting=2$",
+    ):
+        IWELBO(5).loss(model, guide, x)

@@ -584,6 +584,14 @@ def test_plates_nested_deeper_on_a_batch_than_on_a_point_get_advice_for_a_cli_us
     plugins += ["--guide", "batch_nested:build_one_point_guide"]
     args = ["--dataset", "x.pt", "--likelihood", "gaussian", *plugins]
     result = invoke("fit", *args, "--compile", "off", "--out", "run")
-    error = assert_one_line_error(result, "nests plates 2 deep", "from one data point")
+    error = assert_one_line_error(
+        result, "has plates down to dim=-2", "from one data point"
+    )
+    assert "pass max_plate_nesting" not in error
+    # With one particle (no particle plate) it trained to a number of no bound.
+    result = invoke("fit", *args, "-k", 1, "--compile", "off", "--out", "run1")
+    error = assert_one_line_error(
+        result, "plate 'data' of the model or guide is at dim=-2", "from one data point"
+    )
     assert "pass max_plate_nesting" not in error
     monkeypatch.delitem(sys.modules, "batch_nested")

@@ -173,9 +173,10 @@ def _fit_pareto_shape(log_excess: torch.Tensor) -> torch.Tensor:
 class Diagnostics(NamedTuple):
     """Per-point importance-sampling estimate and diagnostics, each of shape
     ``[batch]``: ``log_likelihood`` (nats), its delta-method ``stderr`` (nats),
-    Kish's ``ess`` of the K weights (1 to K; K times the values where the
-    guide enumerates sites, each particle a weight per value), and the Pareto
-    ``khat`` of their tail (> 0.7: unreliable)."""
+    Kish's ``ess`` of the K weights (1 to K; where the guide enumerates sites,
+    a particle's weight is the mean of its weights per value, see
+    :attr:`~pyro_iwae.infer.log_weights.Particles.particle_log_weights`), and
+    the Pareto ``khat`` of their tail (> 0.7: unreliable)."""
 
     log_likelihood: torch.Tensor
     stderr: torch.Tensor
@@ -205,7 +206,7 @@ def log_likelihood_with_diagnostics(
     that do not broadcast over them (see :func:`~pyro_iwae.log_likelihood`).
     """
     sum_w = sum_w2 = top = None
-    count = 0  # weights: K, or K times the values a guide enumerates
+    count = 0  # weights: K, one per particle
     tail = min(tail_length(num_samples) + 1, num_samples)
     for particles in log_weight_chunks(
         model,
@@ -229,8 +230,7 @@ def log_likelihood_with_diagnostics(
             sum_w2 = torch.logaddexp(sum_w2, chunk_w2)
             candidates = torch.cat([top, log_w])
         top = candidates.topk(min(tail, candidates.shape[0]), dim=0).values
-    # The mean over every weight, as log_likelihood takes it (combine_chunks):
-    # over K, it was log(values) too high where the guide enumerates a site.
+    # As log_likelihood takes it (combine_chunks).
     count = max(count, num_samples)
     ess = torch.exp(2 * sum_w - sum_w2)
     stderr = _stderr_of_ess(ess, count)

@@ -17,7 +17,13 @@ import torch
 from pyro.poutine.messenger import Messenger
 from pyro.poutine.util import site_is_subsample
 
-from ..errors import ProgramError, PyroIwaeError, literal, one_line
+from ..errors import (
+    PlateNestingError,
+    ProgramError,
+    PyroIwaeError,
+    literal,
+    one_line,
+)
 from .arguments import cuda_devices
 from .support import is_point_mass
 from .traces import (
@@ -250,6 +256,36 @@ def check_batch_dims(
                 "distribution's event (.to_event(1) for a vector per point) or "
                 "declare that dim with pyro.plate"
             )
+
+
+def check_plate_dims(
+    model_trace: pyro.poutine.Trace,
+    guide_trace: pyro.poutine.Trace,
+    caller: str,
+    max_plate_nesting: int,
+) -> None:
+    """:raises PlateNestingError: (a ``ProgramError``) if a plate of the model or
+    guide is at a dim left of the ``max_plate_nesting`` rightmost batch dims (the
+    particle plate's left out): the weights take such a dim for the particles',
+    and the number is no bound on log p(x) (Pyro's ELBOs refuse it as a plate
+    stack overflow)."""
+    plates = {
+        f.dim: f.name
+        for s in sample_sites((model_trace, guide_trace))
+        for f in s["cond_indep_stack"]
+        if f.vectorized and f.name != PARTICLE_PLATE
+    }
+    deepest = min(plates, default=0)
+    if deepest < -max_plate_nesting:
+        kept = {0: "no batch dim", 1: "only dim -1"}.get(
+            max_plate_nesting, f"only dims -1 to -{max_plate_nesting}"
+        )
+        raise PlateNestingError.of_plate(
+            f"plate {plates[deepest]!r} of the model or guide is at dim={deepest}, "
+            f"but max_plate_nesting={max_plate_nesting} keeps {kept} for plates, "
+            f"so {caller} would take dim {deepest} for the particles'",
+            -deepest,
+        )
 
 
 def _runs(program: Callable, args: tuple, kwargs: dict) -> bool:

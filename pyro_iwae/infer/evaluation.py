@@ -71,6 +71,9 @@ def default_chunk_size(
     and event shape), the tensors that grow with the number of particles.
     """
     elbo = IWELBO(num_particles=1, max_plate_nesting=max_plate_nesting)
+    # Plates left of the nesting are said by the draws of the chunks, under the
+    # particle plate as its error.
+    elbo._checks_plate_dims = False
     # On a forked random stream: a seed gives the same estimate with the chunk
     # size chosen here as with it given.
     with (
@@ -136,8 +139,10 @@ def log_likelihood(
 
 
 class LogWeights(NamedTuple):
-    """A chunk of log importance weights, ``(chunk,) + plate_shape`` (see
-    :class:`~pyro_iwae.infer.log_weights.Particles`), and the data plate dims."""
+    """A chunk of log importance weights, ``(chunk,) + plate_shape``, one per
+    particle (see :attr:`Particles.particle_log_weights
+    <pyro_iwae.infer.log_weights.Particles.particle_log_weights>`), and the data
+    plate dims."""
 
     log_weights: torch.Tensor
     local_dims: tuple[int, ...]
@@ -186,7 +191,7 @@ def log_weight_chunks(
         vectorize_particles,
         caller,
     ):
-        yield LogWeights(particles.log_weights, particles.local_dims)
+        yield LogWeights(particles.particle_log_weights, particles.local_dims)
 
 
 def compile_seconds(compile: bool | str | None) -> float:
@@ -201,9 +206,8 @@ def combine_chunks(chunks: Iterable[LogWeights], num_samples: int) -> torch.Tens
     """``log (1/K) sum_i w_i`` per point over the chunks of ``num_samples = K``
     particles, by a running logsumexp: ``[batch]`` (the data plate's shape).
 
-    With values enumerated in the guide, a chunk holds each value's particles, and
-    the mean runs over all of them (see
-    :class:`~pyro_iwae.infer.log_weights.Particles`).
+    With values enumerated in the guide, a particle's weight is the mean of its
+    weights per value (see :class:`LogWeights`): the mean runs over all of them.
     """
     total, count = None, 0
     for chunk in chunks:

@@ -12,7 +12,7 @@ import torch
 from pyro.poutine.trace_struct import Trace
 
 from .enumeration import sum_out_enumerated
-from .traces import _log_prob, latent_sites
+from .traces import PARTICLE_PLATE, _log_prob, latent_sites
 
 __all__ = [
     "LogWeightParts",
@@ -167,6 +167,31 @@ class Particles(NamedTuple):
     global_log_weight: torch.Tensor | None = None
     strata_shape: tuple[int, ...] | None = None
     global_score_log_prob: torch.Tensor | None = None
+
+    @property
+    def particle_log_weights(self) -> torch.Tensor:
+        """``log_weights`` with one weight per particle, ``(k,) + plate_shape``:
+        with values enumerated in the guide, the mean of the particle's weights
+        per value (a stratified draw; their mean over the particles is that of
+        all the weights), else ``log_weights``."""
+        if self.strata_shape is None:
+            return self.log_weights
+        # Vectorized, the values' dims lead the particle plate's (see
+        # merge_strata); in a Python loop, each particle's pair holds them.
+        vectorized = next(
+            (
+                frame.size
+                for _, site in latent_sites(self.traces[0][1])
+                for frame in site["cond_indep_stack"]
+                if frame.name == PARTICLE_PLATE
+            ),
+            None,
+        )
+        particles = len(self.traces) if vectorized is None else vectorized
+        values = self.log_weights.shape[0] // particles
+        grouped = (values, particles) if vectorized else (particles, values)
+        log_w = self.log_weights.reshape(grouped + self.log_weights.shape[1:])
+        return log_w.logsumexp(0 if vectorized else 1) - math.log(values)
 
     @property
     def unscaled(self) -> bool:

@@ -34,7 +34,7 @@ from .enumeration import (
     strata_shape,
 )
 from .enumeration import enumerates as enumerates_sites
-from .estimable import check_batch_dims
+from .estimable import check_batch_dims, check_plate_dims
 from .log_weights import (
     Particles,
     cat_particles,
@@ -307,6 +307,8 @@ class ParticleELBO(ELBO):
                 max_plate_nesting=self.max_plate_nesting - 1,
                 global_latents=self.global_latents,
             )
+            # Plates among the particle plate's dims are said by broadcast_error.
+            single._checks_plate_dims = False
             broadcast = broadcast_error(
                 error,
                 lambda: single._particles(model, guide, args, kwargs).traces,
@@ -343,6 +345,9 @@ class ParticleELBO(ELBO):
                 self._tied = tuple(global_names)
             traces = self._traces(model, guide, args, kwargs, subsample)
             sites = sample_sites(traces[0])
+        if self._checks_plate_dims:
+            nesting = self.max_plate_nesting - int(self._has_particle_plate)
+            check_plate_dims(*traces[0], "the bound", nesting)
         if self._enumerates:
             check_enumeration(*traces[0], global_names)
             self._check_strata(traces[0][1])
@@ -358,6 +363,9 @@ class ParticleELBO(ELBO):
         ``rsample``: drawn once for all particles, or once per group by a bound
         that knows each group's own term (MIWELBO)."""
         return self._global_group_size == self.num_particles
+
+    #: Whether a call refuses plates left of the max_plate_nesting dims.
+    _checks_plate_dims = True
 
     #: Whether the bound takes values enumerated in the guide, each with its own
     #: particles, merged into the particle dim (a grouped bound would mix them),
