@@ -20,7 +20,7 @@ from torch.nn.parameter import is_lazy
 from ..data import Dataset, in_unit_interval
 from ..errors import CheckpointError, ProgramError, literal, one_line
 from ..infer.estimable import check_plates, traced_pair
-from ..infer.evaluation import dataset_log_likelihood, evaluating
+from ..infer.evaluation import evaluating
 from ..infer.hooks import backend_of, compiler, compiles
 from . import distributed
 from .callbacks import FitCallback
@@ -361,26 +361,23 @@ def test_bound(
     objective: ELBO,
     batch_size: int,
     seed: tuple[int, int],
-    sharded: bool,
 ) -> float:
     """The bound of the ``objective``'s number of particles (its plate nesting
-    and particle mode too), mean over the ``test`` points; ``sharded``: shared
-    among the ranks of a torchrun, with its own ``seed``, so that the training
-    noise of each rank goes on undisturbed."""
+    and particle mode too), mean over the ``test`` points, shared among the
+    ranks of a torchrun. Its particles are drawn from streams of their own,
+    seeded by ``seed`` (the run's seed and epoch): drawn from training's, they
+    made the trained parameters depend on the number of test points."""
     nesting = program_nesting(objective)
-    options = {
-        "num_samples": getattr(objective, "num_particles", 1),
-        "max_plate_nesting": 1 if nesting == float("inf") else nesting,
-        "vectorize_particles": getattr(objective, "vectorize_particles", True),
-    }
-    if sharded:
-        estimates = distributed.sharded_log_likelihood(
-            model, guide, test, seed=seed, batch_size=batch_size, **options
-        )
-    else:
-        estimates = dataset_log_likelihood(
-            model, guide, test, batch_size=batch_size, **options
-        )
+    estimates = distributed.sharded_log_likelihood(
+        model,
+        guide,
+        test,
+        seed=seed,
+        batch_size=batch_size,
+        num_samples=getattr(objective, "num_particles", 1),
+        max_plate_nesting=1 if nesting == float("inf") else nesting,
+        vectorize_particles=getattr(objective, "vectorize_particles", True),
+    )
     return float(estimates.mean())
 
 

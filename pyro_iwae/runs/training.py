@@ -499,7 +499,6 @@ class _Fit:
             objective=self.objective,
             batch_size=self.test_batch_size,
             seed=(self.seed, self.position.epochs_done),
-            sharded=self.ranks is not None,
         )
 
     # -- checkpoints and checks ---------------------------------------------
