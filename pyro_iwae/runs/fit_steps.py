@@ -12,7 +12,9 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+import pyro
 import torch
+from pyro.distributions.util import validation_enabled
 from pyro.infer import ELBO
 from pyro.infer.autoguide import AutoGuide
 from torch.nn.parameter import is_lazy
@@ -316,6 +318,76 @@ def check_continues(
         f"size {saved}, not {fit_state(schedule, batch_size)}; resume with the "
         "run's own settings (a schedule may only go on for longer) or start a new run"
     )
+
+
+def check_fit_program(
+    model: torch.nn.Module,
+    guide: torch.nn.Module,
+    train: torch.Tensor,
+    test: torch.Tensor | None,
+) -> None:
+    """Checks, before training, that Adam trains every parameter of ``model``
+    and ``guide`` (see :func:`check_module_params`, on the first training
+    point) and that the per-epoch test bound can be computed on the ``test``
+    points (see :func:`check_test_bound`).
+
+    :raises ProgramError: as those.
+    """
+    check_module_params(model, guide, train[:1])
+    check_test_bound(model, guide, test, "test_size=0")
+
+
+_PYRO_PARAM_ADVICE = (
+    "write it as a PyroModule with PyroParam s in place of pyro.param "
+    "(or an nn.Parameter of the module)"
+)
+
+
+def check_module_params(
+    model: torch.nn.Module, guide: torch.nn.Module, point: torch.Tensor
+) -> None:
+    """Checks, on one run of ``guide`` and ``model`` on ``point`` as fit trains
+    them (module-local parameters), that each of their ``pyro.param`` sites is a
+    parameter of theirs: fit's Adam updates those alone.
+
+    :raises ProgramError: for a ``pyro.param`` of Pyro's global store, which
+        fit would leave as it was, the bound flat and no word said.
+    """
+    owned = {id(p) for module in (model, guide) for p in module.parameters()}
+    if any(is_lazy(p) for module in (model, guide) for p in module.parameters()):
+        return  # lazy parameters are made in training, from fit's seed
+    try:
+        # Without checks of the values (grey levels that a Bernoulli model is
+        # trained on as binarised draws), nor Pyro's refusal of a pyro.param in
+        # a PyroModule, which names no site.
+        with (
+            evaluating(model, guide),
+            validation_enabled(False),
+            pyro.settings.context(module_local_params=True, validate_poutine=False),
+        ):
+            traces = traced_pair(model, guide, point)
+    except Exception:  # noqa: BLE001 - the first training step names its failure
+        return
+    for name, trace in zip(("model", "guide"), traces, strict=True):
+        for site in trace.nodes.values():
+            if site["type"] != "param":
+                continue
+            value = site["value"]
+            if getattr(value, "unconstrained", None) is not None:
+                value = value.unconstrained()  # a weak reference
+            if id(value) in owned:
+                continue
+            what, advice = (
+                # pyro.module of a module the model or guide does not hold.
+                ("parameter", f"register its module as a submodule of the {name}")
+                if isinstance(value, torch.nn.Parameter)
+                else ("pyro.param", _PYRO_PARAM_ADVICE)
+            )
+            raise ProgramError(
+                f"fit trains the parameters of the model's and guide's modules "
+                f"alone, but the {name}'s {what} {site['name']!r} is none of "
+                f"them: it would stay as it is; {advice}"
+            )
 
 
 def check_test_bound(
