@@ -251,6 +251,11 @@ def test_fit_refuses_bad_arguments_in_one_line():
     holes[3, 1] = float("nan")
     with pytest.raises(ValueError, match=r"NaN or infinite values \(1 of 10 points\)"):
         fit(model, guide, holes, IWELBO(2))
+    # NumPy arrays failed on their missing tensor methods (no attribute 'dim').
+    with pytest.raises(TypeError, match=r"^fit's data is a ndarray, not a tensor; "):
+        fit(model, guide, x.numpy(), IWELBO(2))
+    with pytest.raises(TypeError, match=r"^fit's test_data is a ndarray, not a "):
+        fit(model, guide, x, IWELBO(2), test_data=x.numpy())
     with pytest.raises(TypeError, match=r"objective is a Pyro ELBO.*got str$"):
         fit(model, guide, x, "iwae")
     with pytest.raises(

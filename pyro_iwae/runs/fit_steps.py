@@ -21,6 +21,7 @@ from torch.nn.parameter import is_lazy
 
 from ..data import Dataset, in_unit_interval
 from ..errors import CheckpointError, ProgramError, literal, one_line
+from ..infer.arguments import check_tensor
 from ..infer.estimable import check_plates, traced_pair
 from ..infer.evaluation import evaluating
 from ..infer.hooks import backend_of, compiler, compiles
@@ -136,6 +137,10 @@ def fit_data(
             test_data = data.test
     else:
         train = data
+    # As the evaluators: a NumPy array failed on its missing tensor methods.
+    check_tensor("fit's data", train)
+    if test_data is not None:
+        check_tensor("fit's test_data", test_data)
     if train.dim() < 2 or not len(train):
         raise ValueError(
             f"fit takes data of shape [N, ...], one row per point, with at least "
