@@ -153,6 +153,10 @@ def test_data_of_another_dtype_than_the_networks(paper, dtype):
     with pytest.raises(ValueError, match=rf"dtype torch.float32, got {dtype}") as e:
         log_likelihood(*paper, x.to(dtype), num_samples=3)
     assert "\n" not in str(e.value) and "x.to(torch.float32)" in str(e.value)
+    # fit said it with Pyro's "Trace Shapes:" dump on the lines after.
+    with pytest.raises(ValueError, match=rf"dtype torch.float32, got {dtype}") as e:
+        fit(*paper_architecture(1), x.to(dtype), IWELBO(2), test_size=0)
+    assert "\n" not in str(e.value) and "x.to(torch.float32)" in str(e.value)
     model, guide = (module.double() for module in paper_architecture(1))
     log_px = log_likelihood(model, guide, x.double(), num_samples=3)
     assert log_px.dtype == torch.float64 and log_px.shape == (3,)

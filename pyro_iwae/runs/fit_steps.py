@@ -22,7 +22,7 @@ from torch.nn.parameter import is_lazy
 from ..data import Dataset, in_unit_interval
 from ..errors import CheckpointError, ProgramError, literal, one_line
 from ..infer.arguments import check_tensor
-from ..infer.estimable import check_plates, traced_pair
+from ..infer.estimable import check_plates, trace_shapes_dropped, traced_pair
 from ..infer.evaluation import evaluating
 from ..infer.hooks import backend_of, compiler, compiles
 from . import distributed
@@ -180,6 +180,9 @@ def binarizes(
     return bool(binarize)
 
 
+# A network's own one-line refusal (data of another dtype) is raised as it
+# was, without Pyro's dump of the trace shapes.
+@trace_shapes_dropped()
 def adam_step(
     objective: ELBO,
     differentiable: bool,
