@@ -232,6 +232,28 @@ def test_resume_is_bit_for_bit(small, tmp_path, stop, checkpoint_every, compile)
     assert len(read_metrics(tmp_path / "cut")) == 4
 
 
+def test_the_test_points_change_no_trained_parameter(small):
+    # The test bound drew its particles from training's random stream: the
+    # parameters after epoch 1 depended on the number of test points.
+    trained = []
+    for test_size in (TEST, 3, 0):
+        model, guide = make_pair(small)
+        history = fit(
+            model,
+            guide,
+            small,
+            make_objective("iwae", K),
+            schedule=[(2, 1e-3)],
+            batch_size=BATCH,
+            seed=3,
+            test_size=test_size,
+        )
+        trained.append((state(model, guide), [m["train_bound"] for m in history]))
+    for other, bounds in trained[1:]:
+        assert_same_state(other, trained[0][0])
+        assert bounds == trained[0][1]
+
+
 def test_resume_of_finished_run_does_nothing(small, tmp_path):
     objective = make_objective("iwae", K)
     model, guide = make_pair(small)

@@ -12,15 +12,18 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+import pyro
 import torch
+from pyro.distributions.util import validation_enabled
 from pyro.infer import ELBO
 from pyro.infer.autoguide import AutoGuide
 from torch.nn.parameter import is_lazy
 
 from ..data import Dataset, in_unit_interval
 from ..errors import CheckpointError, ProgramError, literal, one_line
-from ..infer.estimable import check_plates, traced_pair
-from ..infer.evaluation import dataset_log_likelihood, evaluating
+from ..infer.arguments import check_tensor
+from ..infer.estimable import check_plates, trace_shapes_dropped, traced_pair
+from ..infer.evaluation import evaluating
 from ..infer.hooks import backend_of, compiler, compiles
 from . import distributed
 from .callbacks import FitCallback
@@ -134,6 +137,10 @@ def fit_data(
             test_data = data.test
     else:
         train = data
+    # As the evaluators: a NumPy array failed on its missing tensor methods.
+    check_tensor("fit's data", train)
+    if test_data is not None:
+        check_tensor("fit's test_data", test_data)
     if train.dim() < 2 or not len(train):
         raise ValueError(
             f"fit takes data of shape [N, ...], one row per point, with at least "
@@ -173,6 +180,9 @@ def binarizes(
     return bool(binarize)
 
 
+# A network's own one-line refusal (data of another dtype) is raised as it
+# was, without Pyro's dump of the trace shapes.
+@trace_shapes_dropped()
 def adam_step(
     objective: ELBO,
     differentiable: bool,
@@ -318,6 +328,76 @@ def check_continues(
     )
 
 
+def check_fit_program(
+    model: torch.nn.Module,
+    guide: torch.nn.Module,
+    train: torch.Tensor,
+    test: torch.Tensor | None,
+) -> None:
+    """Checks, before training, that Adam trains every parameter of ``model``
+    and ``guide`` (see :func:`check_module_params`, on the first training
+    point) and that the per-epoch test bound can be computed on the ``test``
+    points (see :func:`check_test_bound`).
+
+    :raises ProgramError: as those.
+    """
+    check_module_params(model, guide, train[:1])
+    check_test_bound(model, guide, test, "test_size=0")
+
+
+_PYRO_PARAM_ADVICE = (
+    "write it as a PyroModule with PyroParam s in place of pyro.param "
+    "(or an nn.Parameter of the module)"
+)
+
+
+def check_module_params(
+    model: torch.nn.Module, guide: torch.nn.Module, point: torch.Tensor
+) -> None:
+    """Checks, on one run of ``guide`` and ``model`` on ``point`` as fit trains
+    them (module-local parameters), that each of their ``pyro.param`` sites is a
+    parameter of theirs: fit's Adam updates those alone.
+
+    :raises ProgramError: for a ``pyro.param`` of Pyro's global store, which
+        fit would leave as it was, the bound flat and no word said.
+    """
+    owned = {id(p) for module in (model, guide) for p in module.parameters()}
+    if any(is_lazy(p) for module in (model, guide) for p in module.parameters()):
+        return  # lazy parameters are made in training, from fit's seed
+    try:
+        # Without checks of the values (grey levels that a Bernoulli model is
+        # trained on as binarised draws), nor Pyro's refusal of a pyro.param in
+        # a PyroModule, which names no site.
+        with (
+            evaluating(model, guide),
+            validation_enabled(False),
+            pyro.settings.context(module_local_params=True, validate_poutine=False),
+        ):
+            traces = traced_pair(model, guide, point)
+    except Exception:  # noqa: BLE001 - the first training step names its failure
+        return
+    for name, trace in zip(("model", "guide"), traces, strict=True):
+        for site in trace.nodes.values():
+            if site["type"] != "param":
+                continue
+            value = site["value"]
+            if getattr(value, "unconstrained", None) is not None:
+                value = value.unconstrained()  # a weak reference
+            if id(value) in owned:
+                continue
+            what, advice = (
+                # pyro.module of a module the model or guide does not hold.
+                ("parameter", f"register its module as a submodule of the {name}")
+                if isinstance(value, torch.nn.Parameter)
+                else ("pyro.param", _PYRO_PARAM_ADVICE)
+            )
+            raise ProgramError(
+                f"fit trains the parameters of the model's and guide's modules "
+                f"alone, but the {name}'s {what} {site['name']!r} is none of "
+                f"them: it would stay as it is; {advice}"
+            )
+
+
 def check_test_bound(
     model: torch.nn.Module,
     guide: torch.nn.Module,
@@ -361,26 +441,23 @@ def test_bound(
     objective: ELBO,
     batch_size: int,
     seed: tuple[int, int],
-    sharded: bool,
 ) -> float:
     """The bound of the ``objective``'s number of particles (its plate nesting
-    and particle mode too), mean over the ``test`` points; ``sharded``: shared
-    among the ranks of a torchrun, with its own ``seed``, so that the training
-    noise of each rank goes on undisturbed."""
+    and particle mode too), mean over the ``test`` points, shared among the
+    ranks of a torchrun. Its particles are drawn from streams of their own,
+    seeded by ``seed`` (the run's seed and epoch): drawn from training's, they
+    made the trained parameters depend on the number of test points."""
     nesting = program_nesting(objective)
-    options = {
-        "num_samples": getattr(objective, "num_particles", 1),
-        "max_plate_nesting": 1 if nesting == float("inf") else nesting,
-        "vectorize_particles": getattr(objective, "vectorize_particles", True),
-    }
-    if sharded:
-        estimates = distributed.sharded_log_likelihood(
-            model, guide, test, seed=seed, batch_size=batch_size, **options
-        )
-    else:
-        estimates = dataset_log_likelihood(
-            model, guide, test, batch_size=batch_size, **options
-        )
+    estimates = distributed.sharded_log_likelihood(
+        model,
+        guide,
+        test,
+        seed=seed,
+        batch_size=batch_size,
+        num_samples=getattr(objective, "num_particles", 1),
+        max_plate_nesting=1 if nesting == float("inf") else nesting,
+        vectorize_particles=getattr(objective, "vectorize_particles", True),
+    )
     return float(estimates.mean())
 
 

@@ -54,8 +54,8 @@ from .fit_steps import (
     adam_step,
     binarizes,
     check_continues,
+    check_fit_program,
     check_same_fit,
-    check_test_bound,
     checked_schedule,
     diverged_message,
     fit_data,
@@ -205,7 +205,7 @@ class _Fit:
         model.to(self.device)
         guide.to(self.device)
         self.train, self.test = fit_data(data, test_data, test_size, self.device)
-        check_test_bound(model, guide, self.test, "test_size=0")
+        check_fit_program(model, guide, self.train, self.test)
         self.binarize = binarizes(data, binarize, self.train)
         distributed.check_batches(self.train.shape[0], batch_size, self.ranks)
         first = self.train[:batch_size]
@@ -499,7 +499,6 @@ class _Fit:
             objective=self.objective,
             batch_size=self.test_batch_size,
             seed=(self.seed, self.position.epochs_done),
-            sharded=self.ranks is not None,
         )
 
     # -- checkpoints and checks ---------------------------------------------
