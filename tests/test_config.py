@@ -379,6 +379,19 @@ def test_a_run_made_in_python_records_its_data_paths_absolute(tmp_path, monkeypa
     assert RunConfig(dataset="mnist").dataset == "mnist"
 
 
+def test_a_folder_without_a_run_is_refused_naming_both_ways_to_write_one(tmp_path):
+    # "pass the directory of a run written by fit" said so of a folder that
+    # pyro_iwae.fit had written (fit writes no config.json; train_run does).
+    with pytest.raises(RunError) as error:
+        RunConfig.load(tmp_path)
+    assert str(error.value) == (
+        f"{tmp_path} is not a run directory (no config.json); pass the directory "
+        "of a run written by train_run or pyro-iwae fit"
+    )
+    with pytest.raises(RunError, match="written by train_run or pyro-iwae fit"):
+        RunConfig.load(tmp_path / "none")
+
+
 def test_a_settings_files_relative_paths_are_read_from_its_folder(
     tmp_path, monkeypatch
 ):

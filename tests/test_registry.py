@@ -68,6 +68,38 @@ def test_a_setting_a_built_in_takes_not_is_named_without_builder_advice():
     assert str(info.value) == "model 'sbn' takes no likelihood; drop that setting"
 
 
+def test_a_builder_without_an_argument_every_run_gives_is_told_to_take_it():
+    # "takes no stochastic_layers; drop that setting": no setting drops it, a
+    # run always passes it.
+    from pyro_iwae.nn.registry import GUIDES, register_guide
+
+    def nokw(x_dim):
+        return torch.nn.Linear(x_dim, 1)
+
+    def narrow(x_dim, stochastic_layers):
+        return torch.nn.Linear(x_dim, 1)
+
+    try:
+        register_guide("test-nokw")(nokw)
+        register_guide("test-narrow")(narrow)
+        with pytest.raises(BuilderError) as info:
+            build_guide("test-nokw", x_dim=4, stochastic_layers=1)
+        assert str(info.value) == (
+            "guide 'test-nokw' takes no stochastic_layers, which a run gives every "
+            "guide builder; give its builder that keyword argument (or **kwargs)"
+        )
+        # A setting it lacks may be dropped, or taken: the builder is the user's.
+        with pytest.raises(BuilderError) as info:
+            build_guide("test-narrow", x_dim=4, stochastic_layers=1, hidden=(5,))
+        assert str(info.value) == (
+            "guide 'test-narrow' takes no hidden; drop that setting, or give its "
+            "builder keyword arguments of those names"
+        )
+    finally:
+        GUIDES.pop("test-nokw", None)
+        GUIDES.pop("test-narrow", None)
+
+
 def test_a_builder_that_raises_is_named_in_one_line(bare_folder, monkeypatch):
     # A builder's own error went through as a traceback, from fit and reproduce.
     from test_cli import SMALL, assert_one_line_error, invoke

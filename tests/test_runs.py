@@ -125,6 +125,28 @@ def test_a_new_run_refuses_a_folder_holding_run_files_and_deletes_none(run_dir):
     assert_one_line_error(result, "holds a run already; resume it (--resume)")
 
 
+def test_a_refused_run_folder_names_train_runs_own_arguments(run_dir):
+    # From Python the advice named fit's options as bare words: "resume it
+    # (resume) or choose another run directory (out)"; train_run has no out.
+    with pytest.raises(RunError) as error:
+        train_run(small_config(), run_dir)
+    assert str(error.value) == (
+        f"{run_dir} holds a run already; resume it (resume=True) or choose "
+        "another run directory (run_dir)"
+    )
+    folder = run_dir.parent / "mine"
+    folder.mkdir()
+    (folder / METRICS_FILE).write_text("my notes\n")
+    with pytest.raises(RunError) as error:
+        train_run(small_config(), folder)
+    assert str(error.value).endswith("choose an empty or new folder (run_dir)")
+    # The command line's own names for them.
+    result = invoke("fit", *SMALL, "--out", run_dir, "--quiet")
+    assert_one_line_error(
+        result, "resume it (--resume) or choose another run directory (--out)"
+    )
+
+
 def test_a_run_killed_before_its_first_epoch_starts_again(tmp_path):
     # What a killed (or torchrun-restarted) new run leaves: its own config and an
     # empty metrics file, which a new run may replace, of the same settings or

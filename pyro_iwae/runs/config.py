@@ -442,13 +442,13 @@ class RunConfig:
             what = "is a file, not a folder" if run_dir.exists() else "does not exist"
             raise RunError(
                 f"run directory {run_dir} {what}; pass the directory of a run "
-                "written by fit"
+                "written by train_run or pyro-iwae fit"
             )
         path = run_dir / CONFIG_FILE
         if not path.is_file():
             raise RunError(
                 f"{run_dir} is not a run directory (no {CONFIG_FILE}); pass the "
-                "directory of a run written by fit"
+                "directory of a run written by train_run or pyro-iwae fit"
             )
         try:
             values = json.loads(path.read_text())
