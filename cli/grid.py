@@ -31,7 +31,7 @@ T = TypeVar("T")
 
 #: A grid sets its runs by its keys, the settings' own names, not by fit's
 #: options: its errors name them so (a run's folder is one of --runs-dir).
-GRID_NAMES = {"out": "--runs-dir", "runs_dir": "--runs-dir"}
+GRID_NAMES = {"out": "--runs-dir", "run_dir": "--runs-dir", "runs_dir": "--runs-dir"}
 
 
 def _grid_errors(call: Callable[..., T], *args: Any, **kwargs: Any) -> T:

@@ -30,6 +30,7 @@ OPTION_NAMES = {
     **option_names(RunConfig),
     "resume": "--resume",
     "out": "--out",
+    "run_dir": "--out",  # train_run's folder, named {run_dir} in its messages
 }
 
 

@@ -344,6 +344,54 @@ def test_a_given_data_folder_is_made_absolute(tmp_path, monkeypatch):
     assert resumed.data_dir == str(Path("~/d").expanduser().resolve())
 
 
+def test_a_run_made_in_python_records_its_data_paths_absolute(tmp_path, monkeypatch):
+    # RunConfig(dataset="points.npy") was saved relative: a run evaluated from
+    # another folder read that folder's points.npy ("has changed") or none.
+    import numpy as np
+
+    from pyro_iwae import evaluate_run
+
+    rng = np.random.default_rng(0)
+    for folder in ("here", "elsewhere"):
+        (tmp_path / folder).mkdir()
+        points = rng.standard_normal((60, 3)).astype(np.float32)
+        np.save(tmp_path / folder / "points.npy", points)
+    monkeypatch.chdir(tmp_path / "here")
+    config = RunConfig(
+        dataset="points.npy",
+        data_dir="data",
+        x_dim=3,
+        likelihood="gaussian",
+        sigma=0.5,
+        hidden=[],
+        latent_dim=1,
+        epochs=1,
+        test_limit=0,
+        compile="off",
+    )
+    train_run(config, "run")
+    saved = json.loads((tmp_path / "here" / "run" / CONFIG_FILE).read_text())
+    assert saved["dataset"] == str(tmp_path / "here" / "points.npy")
+    assert saved["data_dir"] == str(tmp_path / "here" / "data")
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    assert evaluate_run(tmp_path / "here" / "run", num_samples=2, limit=3).points == 3
+    # A built-in data set's name stays a name.
+    assert RunConfig(dataset="mnist").dataset == "mnist"
+
+
+def test_a_folder_without_a_run_is_refused_naming_both_ways_to_write_one(tmp_path):
+    # "pass the directory of a run written by fit" said so of a folder that
+    # pyro_iwae.fit had written (fit writes no config.json; train_run does).
+    with pytest.raises(RunError) as error:
+        RunConfig.load(tmp_path)
+    assert str(error.value) == (
+        f"{tmp_path} is not a run directory (no config.json); pass the directory "
+        "of a run written by train_run or pyro-iwae fit"
+    )
+    with pytest.raises(RunError, match="written by train_run or pyro-iwae fit"):
+        RunConfig.load(tmp_path / "none")
+
+
 def test_a_settings_files_relative_paths_are_read_from_its_folder(
     tmp_path, monkeypatch
 ):

@@ -68,6 +68,38 @@ def test_a_setting_a_built_in_takes_not_is_named_without_builder_advice():
     assert str(info.value) == "model 'sbn' takes no likelihood; drop that setting"
 
 
+def test_a_builder_without_an_argument_every_run_gives_is_told_to_take_it():
+    # "takes no stochastic_layers; drop that setting": no setting drops it, a
+    # run always passes it.
+    from pyro_iwae.nn.registry import GUIDES, register_guide
+
+    def nokw(x_dim):
+        return torch.nn.Linear(x_dim, 1)
+
+    def narrow(x_dim, stochastic_layers):
+        return torch.nn.Linear(x_dim, 1)
+
+    try:
+        register_guide("test-nokw")(nokw)
+        register_guide("test-narrow")(narrow)
+        with pytest.raises(BuilderError) as info:
+            build_guide("test-nokw", x_dim=4, stochastic_layers=1)
+        assert str(info.value) == (
+            "guide 'test-nokw' takes no stochastic_layers, which a run gives every "
+            "guide builder; give its builder that keyword argument (or **kwargs)"
+        )
+        # A setting it lacks may be dropped, or taken: the builder is the user's.
+        with pytest.raises(BuilderError) as info:
+            build_guide("test-narrow", x_dim=4, stochastic_layers=1, hidden=(5,))
+        assert str(info.value) == (
+            "guide 'test-narrow' takes no hidden; drop that setting, or give its "
+            "builder keyword arguments of those names"
+        )
+    finally:
+        GUIDES.pop("test-nokw", None)
+        GUIDES.pop("test-narrow", None)
+
+
 def test_a_builder_that_raises_is_named_in_one_line(bare_folder, monkeypatch):
     # A builder's own error went through as a traceback, from fit and reproduce.
     from test_cli import SMALL, assert_one_line_error, invoke
@@ -117,13 +149,64 @@ def test_a_builder_defined_again_replaces_itself_and_another_needs_replace():
         with pytest.raises(BuilderError) as info:
             register_guide("cell-guide")(other)
         assert str(info.value) == (
-            "a guide named 'cell-guide' is registered already (notebook.cell_guide); "
-            "give register_guide replace=True to replace it, or choose another name"
+            "a guide named 'cell-guide' is registered already (notebook.cell_guide, "
+            "<string> line 1); give register_guide replace=True to replace it, or "
+            "choose another name"
         )
         assert register_guide("cell-guide", replace=True)(other) is other
         assert build_guide("cell-guide", x_dim=3, stochastic_layers=1).out_features == 2
     finally:
         GUIDES.pop("cell-guide", None)
+
+
+def test_another_lambda_or_nested_builder_of_a_taken_name_is_refused(
+    bare_folder, monkeypatch
+):
+    # Every __main__.<lambda> (and every f.<locals>.build) counted as the same
+    # builder: a second lambda silently replaced the first.
+    import importlib
+
+    from pyro_iwae import register_guide
+    from pyro_iwae.nn.registry import GUIDES
+
+    def nested(width):
+        def build(x_dim, stochastic_layers):
+            return torch.nn.Linear(x_dim, width)
+
+        return build
+
+    def nested_elsewhere():
+        def build(x_dim, stochastic_layers):
+            return torch.nn.Linear(x_dim, 3)
+
+        return build
+
+    try:
+        first = register_guide("test-lambda")(lambda **kw: torch.nn.Linear(2, 1))
+        with pytest.raises(BuilderError, match="'test-lambda' is registered already"):
+            register_guide("test-lambda")(lambda **kw: 42)
+        assert GUIDES["test-lambda"] is first
+        register_guide("test-nested")(nested(1))
+        with pytest.raises(BuilderError, match=r"nested\.<locals>\.build, "):
+            register_guide("test-nested")(nested_elsewhere())
+        # A plug-in module imported again registers its builder again.
+        (bare_folder / "plugin_guides.py").write_text(
+            "import torch\n"
+            "from pyro_iwae import register_guide\n\n\n"
+            "@register_guide('test-plugin')\n"
+            "def build(x_dim, stochastic_layers):\n"
+            "    return torch.nn.Linear(x_dim, 1)\n"
+        )
+        monkeypatch.syspath_prepend(str(bare_folder))
+        monkeypatch.delitem(sys.modules, "plugin_guides", raising=False)
+        module = importlib.import_module("plugin_guides")
+        old = module.build
+        assert importlib.reload(module).build is not old
+        assert GUIDES["test-plugin"] is module.build
+    finally:
+        for name in ("test-lambda", "test-nested", "test-plugin"):
+            GUIDES.pop(name, None)
+        sys.modules.pop("plugin_guides", None)
 
 
 def test_an_unknown_name_says_a_name_registered_in_python_is_not_the_cli_s():

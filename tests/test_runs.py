@@ -125,6 +125,28 @@ def test_a_new_run_refuses_a_folder_holding_run_files_and_deletes_none(run_dir):
     assert_one_line_error(result, "holds a run already; resume it (--resume)")
 
 
+def test_a_refused_run_folder_names_train_runs_own_arguments(run_dir):
+    # From Python the advice named fit's options as bare words: "resume it
+    # (resume) or choose another run directory (out)"; train_run has no out.
+    with pytest.raises(RunError) as error:
+        train_run(small_config(), run_dir)
+    assert str(error.value) == (
+        f"{run_dir} holds a run already; resume it (resume=True) or choose "
+        "another run directory (run_dir)"
+    )
+    folder = run_dir.parent / "mine"
+    folder.mkdir()
+    (folder / METRICS_FILE).write_text("my notes\n")
+    with pytest.raises(RunError) as error:
+        train_run(small_config(), folder)
+    assert str(error.value).endswith("choose an empty or new folder (run_dir)")
+    # The command line's own names for them.
+    result = invoke("fit", *SMALL, "--out", run_dir, "--quiet")
+    assert_one_line_error(
+        result, "resume it (--resume) or choose another run directory (--out)"
+    )
+
+
 def test_a_run_killed_before_its_first_epoch_starts_again(tmp_path):
     # What a killed (or torchrun-restarted) new run leaves: its own config and an
     # empty metrics file, which a new run may replace, of the same settings or
@@ -459,6 +481,45 @@ def test_a_limit_past_the_split_is_the_whole_split(tmp_path):
     assert result_path(run_dir, settings).name.endswith("-nall-seed1-batch100.json")
     settings = EvalSettings(num_samples=3, seed=1, limit=5)
     assert result_path(run_dir, settings).name.endswith("-n5-seed1-batch100.json")
+
+
+def test_the_training_split_of_a_run_with_a_train_limit_is_its_trained_points(
+    tmp_path,
+):
+    # split="train" scored the whole training split (108 points here), not the
+    # 30 the run trained on, so a train/test gap read from it was wrong.
+    from pyro_iwae import evaluate_run
+
+    data = tmp_path / "points.npy"
+    generator = np.random.default_rng(0)
+    np.save(data, generator.standard_normal((120, 3)).astype(np.float32))
+    run_dir = tmp_path / "run"
+    config = RunConfig(
+        dataset=str(data),
+        x_dim=3,
+        likelihood="gaussian",
+        sigma=0.5,
+        hidden=[],
+        latent_dim=1,
+        epochs=1,
+        train_limit=30,
+        test_limit=0,
+        compile="off",
+    )
+    train_run(config, run_dir)
+    trained = evaluate_run(run_dir, num_samples=3, split="train")
+    assert trained.points == 30 and trained.limit is None
+    # The first 30 training points, as training took them.
+    first = evaluate_run(run_dir, num_samples=3, split="train", limit=30)
+    assert first.nll == trained.nll and first.points == 30
+    fewer = evaluate_run(run_dir, num_samples=3, split="train", limit=10)
+    assert fewer.points == 10
+    # The command line's --split train, past the limit: the same 30 points.
+    result = invoke("eval-nll", run_dir, "--split", "train", "--k", 3, "--seed", 1)
+    assert_ok(result)
+    assert "train split, 30 points" in result.output
+    saved = json.loads((run_dir / "eval-train-k3-nall-seed1-batch100.json").read_text())
+    assert saved["points"] == 30 and saved["split"] == "train"
 
 
 def test_a_moved_data_file_is_pointed_at_again(tmp_path):

@@ -217,6 +217,30 @@ def test_cli_gaussian_linear_model_matches_its_exact_log_likelihood(
     assert report["nll"] < 9.5
 
 
+def test_data_that_do_not_fit_the_likelihood_get_advice_in_python_terms():
+    # The library's advice named command-line options ("use --likelihood
+    # gaussian") to Python callers too.
+    from pyro_iwae_cli.options import cli_text
+
+    wide = support_problem("bernoulli", torch.tensor([0.0, 2.0]))
+    assert wide.endswith(
+        "use likelihood='gaussian', or scale them into [0, 1] and binarise"
+    )
+    grey = support_problem("bernoulli", torch.tensor([0.0, 0.5]))
+    assert grey.endswith(
+        "use binarize='dynamic' or binarize='static' for values in [0, 1], or "
+        "likelihood='continuous-bernoulli'"
+    )
+    outside = support_problem("continuous-bernoulli", torch.tensor([2.0]))
+    assert outside.endswith("scale them into [0, 1] or use likelihood='gaussian'")
+    assert "--" not in wide + grey + outside
+    # The command line spells them as its options.
+    assert cli_text(grey).endswith(
+        "use --binarize dynamic or --binarize static for values in [0, 1], or "
+        "--likelihood continuous-bernoulli"
+    )
+
+
 def test_cli_data_that_do_not_fit_the_likelihood(linear_data, tmp_path):
     result = invoke("fit", "--dataset", linear_data, "--out", tmp_path / "r")
     assert_one_line_error(result, "bernoulli", "--likelihood gaussian")

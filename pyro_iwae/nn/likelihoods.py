@@ -86,14 +86,14 @@ def support_problem(
         return (
             f"the {what} hold values in [{low:g}, {high:g}], outside [0, 1], the "
             "support of the continuous-bernoulli likelihood; "
-            + (fix or "scale them into [0, 1] or use --likelihood gaussian")
+            + (fix or "scale them into [0, 1] or use likelihood='gaussian'")
         )
     if likelihood == "bernoulli" and not bool(((x == 0) | (x == 1)).all()):
         advice = fix or (
-            "use --binarize dynamic or static for values in [0, 1], or "
-            "--likelihood continuous-bernoulli"
+            "use binarize='dynamic' or binarize='static' for values in [0, 1], "
+            "or likelihood='continuous-bernoulli'"
             if low >= 0 and high <= 1
-            else "use --likelihood gaussian, or scale them into [0, 1] and binarise"
+            else "use likelihood='gaussian', or scale them into [0, 1] and binarise"
         )
         return (
             f"the {what} hold values other than 0 and 1 (in [{low:g}, {high:g}]), "

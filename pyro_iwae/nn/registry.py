@@ -36,6 +36,13 @@ Builder = Callable[..., torch.nn.Module]
 MODELS: dict[str, Builder] = {}
 GUIDES: dict[str, Builder] = {}
 
+#: The keyword arguments a run gives every model or guide builder (see the
+#: module); a builder that lacks one cannot do without it by a setting.
+ALWAYS_GIVEN = {
+    "model": ("x_dim", "stochastic_layers", "data_mean"),
+    "guide": ("x_dim", "stochastic_layers"),
+}
+
 #: Entry-point groups searched for models and guides by name.
 ENTRY_POINT_GROUPS = {"model": "pyro_iwae.nn.models", "guide": "pyro_iwae.nn.guides"}
 
@@ -58,11 +65,19 @@ def _register(
 
 
 def _where(builder: Builder) -> str:
-    """``module.qualname`` of ``builder``: the same for a function defined anew
-    by running its notebook cell or module again."""
+    """``module.qualname`` of ``builder`` and the file and line its code starts
+    at: the same for a function defined anew by running its notebook cell or
+    module again; another for each lambda (all ``<lambda>``) and each nested
+    function of one name (``f.<locals>.build``) defined elsewhere."""
     module = getattr(builder, "__module__", None)
     qualname = getattr(builder, "__qualname__", None)
-    return f"{module}.{qualname}" if module and qualname else repr(builder)
+    if not (module and qualname):
+        return repr(builder)
+    # Unwrapped: a decorator's wrapper has the same code for every builder.
+    code = getattr(inspect.unwrap(builder), "__code__", None)
+    if code is None:  # a class, or another callable: by its name
+        return f"{module}.{qualname}"
+    return f"{module}.{qualname}, {code.co_filename} line {code.co_firstlineno}"
 
 
 def register_model(name: str, *, replace: bool = False) -> Callable[[Builder], Builder]:
@@ -74,9 +89,9 @@ def register_model(name: str, *, replace: bool = False) -> Callable[[Builder], B
     ``torch.nn.Module``. The name is known to this Python process only: the
     command line finds a builder by an entry point or an import path.
 
-    A builder of the same module and name as the registered one (the same
-    function, or one defined again by running its notebook cell or module
-    again) replaces it; another needs ``replace=True``.
+    A builder of the same module, name, file and line as the registered one
+    (the same function, or one defined again by running its notebook cell or
+    module again) replaces it; another needs ``replace=True``.
 
     :raises BuilderError: for a name registered already to another builder.
     """
@@ -92,9 +107,9 @@ def register_guide(name: str, *, replace: bool = False) -> Callable[[Builder], B
     known to this Python process only: the command line finds a builder by an
     entry point or an import path.
 
-    A builder of the same module and name as the registered one (the same
-    function, or one defined again by running its notebook cell or module
-    again) replaces it; another needs ``replace=True``.
+    A builder of the same module, name, file and line as the registered one
+    (the same function, or one defined again by running its notebook cell or
+    module again) replaces it; another needs ``replace=True``.
 
     :raises BuilderError: for a name registered already to another builder.
     """
@@ -197,7 +212,7 @@ def _build(kind: str, name: str, **config) -> torch.nn.Module:
     except (TypeError, ValueError):
         parameters = None
     if parameters is not None:
-        _check_call(kind, name, parameters, config)
+        _check_call(kind, name, builder, parameters, config)
     module = _called(kind, name, builder, config, checked=parameters is not None)
     if not isinstance(module, torch.nn.Module):
         raise BuilderError(
@@ -234,19 +249,33 @@ def _called(
 
 
 def _check_call(
-    kind: str, name: str, parameters: list[inspect.Parameter], config: dict
+    kind: str,
+    name: str,
+    builder: Builder,
+    parameters: list[inspect.Parameter],
+    config: dict,
 ) -> None:
-    """:raises BuilderError: where a builder of ``parameters`` cannot take
+    """:raises BuilderError: where ``builder``, of ``parameters``, cannot take
     ``config`` as keyword arguments."""
     if not any(p.kind is p.VAR_KEYWORD for p in parameters):
         extra = [key for key in config if key not in {p.name for p in parameters}]
+        given = [key for key in extra if key in ALWAYS_GIVEN[kind]]
+        if given:
+            # No setting leaves these out: the builder has to take them.
+            raise BuilderError(
+                f"{kind} {name!r} takes no {', '.join(given)}, which a run gives "
+                f"every {kind} builder; give its builder "
+                f"{'that keyword argument' if len(given) == 1 else 'those'} "
+                "(or **kwargs)"
+            )
         if extra:
             # A built-in's builder is not the user's to change.
-            table = MODELS if kind == "model" else GUIDES
+            module = getattr(builder, "__module__", None) or ""
+            builtin = module.startswith("pyro_iwae.")
             change = (
                 ""
-                if name in table
-                else (", or give its builder keyword arguments of those names")
+                if builtin
+                else ", or give its builder keyword arguments of those names"
             )
             raise BuilderError(
                 f"{kind} {name!r} takes no {', '.join(extra)}; drop "

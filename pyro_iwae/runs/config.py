@@ -97,7 +97,10 @@ class RunConfig:
     points (None: all); ``test_limit`` test points give the per-epoch test bound.
     ``device`` is where the run was trained (``"cpu"``, ``"cuda"``).
 
-    Made, the config is checked (see :meth:`validate`).
+    Made, a data file's path (``dataset``) and ``data_dir`` are made absolute
+    from the working directory (a built-in data set's name stays a name), so
+    that a run's ``config.json`` finds them from any other; then the config
+    is checked (see :meth:`validate`).
 
     :raises ConfigError: for settings that do not go together.
     :raises ValueError: for a schedule or objective that cannot be built.
@@ -291,6 +294,11 @@ class RunConfig:
         if isinstance(h := self.hidden, tuple | int) and not isinstance(h, bool):
             self.hidden = list(h) if isinstance(h, tuple) else [h]  # as JSON has it
         normalize_switches(self)  # a settings file's "on" or "off"
+        # Here, not when a run is written: every config (Python's, the command
+        # line's, a grid's) then names the data a run records and is compared
+        # with on resume, whichever folder it is used from.
+        for name, value in absolute_paths(type(self), vars(self)).items():
+            setattr(self, name, value)
         self.validate()
 
     def validate(self, given: Iterable[str] = ()) -> None:
@@ -390,14 +398,12 @@ class RunConfig:
         such as :meth:`command_defaults`) for the settings not given where they
         take effect. Checked with the settings ``named`` (default: all those
         ``given``) named (see :meth:`validate`); a new config of a data file
-        learns its ``x_dim`` from the file; a data file or folder given is made
-        absolute (see :func:`~pyro_iwae.runs.settings.absolute_paths`).
+        learns its ``x_dim`` from the file.
 
         :raises ConfigError, ValueError: see :meth:`validate`.
         :raises RunError: on unknown settings.
         :raises pyro_iwae.data.DataError: if a data file cannot be read.
         """
-        given = absolute_paths(cls, given)
         values = {**(_defaults() if base is None else base.to_dict()), **given}
         dataset = values["dataset"]
         if base is None and isinstance(dataset, str) and is_data_file(dataset):
@@ -436,13 +442,13 @@ class RunConfig:
             what = "is a file, not a folder" if run_dir.exists() else "does not exist"
             raise RunError(
                 f"run directory {run_dir} {what}; pass the directory of a run "
-                "written by fit"
+                "written by train_run or pyro-iwae fit"
             )
         path = run_dir / CONFIG_FILE
         if not path.is_file():
             raise RunError(
                 f"{run_dir} is not a run directory (no {CONFIG_FILE}); pass the "
-                "directory of a run written by fit"
+                "directory of a run written by train_run or pyro-iwae fit"
             )
         try:
             values = json.loads(path.read_text())

@@ -80,8 +80,8 @@ class EvalSettings:
     )
     split: str = setting(
         "test",
-        "Data to evaluate: the binarised test set, or the training set binarised "
-        "once with {seed}.",
+        "Data to evaluate: the binarised test set, or the points the run trained "
+        "on (the first {train_limit} of the training set) binarised once with {seed}.",
         choices=("test", "train"),
     )
     limit: int | None = setting(

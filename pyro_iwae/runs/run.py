@@ -258,7 +258,8 @@ class Run:
 
         Uses the first ``limit`` points (None, or ``limit`` at least the
         split's size: all, saved as None) of ``split`` (``"test"``:
-        the test set; ``"train"``: the training data, binarised once with
+        the test set; ``"train"``: the points the run trained on, the first
+        ``train_limit`` of the training data, binarised once with
         ``seed`` if the run binarises them dynamically) of the run's data, or of
         ``dataset`` and ``data_dir`` where given (a data file since moved, say),
         and counts the active units of each latent site on them. Writes the
@@ -288,10 +289,11 @@ class Run:
         other = dataset is not None and distributed.from_main(
             lambda: not self.holds_own(data)
         )
-        if settings.limit is not None and settings.limit >= len(_split(data, settings)):
+        split = _split(data, settings, config.train_limit)
+        if settings.limit is not None and settings.limit >= len(split):
             # The whole split: the evaluation, and its files, of limit None.
             settings = dataclasses.replace(settings, limit=None)
-        points = _points(data, settings)
+        points = _points(split, data, settings)
         fix = (
             f"the run reads its data with binarize {config.binarization}: pass data "
             "like those it was trained on"
@@ -480,19 +482,27 @@ def evaluate_run(
     )
 
 
-def _points(data: Dataset, settings: EvalSettings) -> torch.Tensor:
-    """The points to evaluate: the test set keeps its fixed binarisation, so
-    that every evaluation (and the per-epoch test bound) sees the same points."""
-    points = _split(data, settings)[: settings.limit]
+def _points(split: torch.Tensor, data: Dataset, settings: EvalSettings) -> torch.Tensor:
+    """The points to evaluate, of ``split`` of ``data``: the test set keeps its
+    fixed binarisation, so that every evaluation (and the per-epoch test bound)
+    sees the same points."""
+    points = split[: settings.limit]
     if settings.split != "test" and data.binarize == "dynamic":
         generator = torch.Generator().manual_seed(settings.seed)
         return torch.bernoulli(points, generator=generator)
     return points
 
 
-def _split(data: Dataset, settings: EvalSettings) -> torch.Tensor:
-    """The split of ``data`` that ``settings`` evaluate, all of it."""
-    return data.test if settings.split == "test" else data.train
+def _split(
+    data: Dataset, settings: EvalSettings, train_limit: int | None
+) -> torch.Tensor:
+    """The split of ``data`` that ``settings`` evaluate, all of it: the training
+    split of a run trained on its first ``train_limit`` points is those points
+    (as :meth:`RunConfig.load_data` cuts them), so that a train/test gap is
+    that of the points it learnt from."""
+    if settings.split == "test":
+        return data.test
+    return data.train if train_limit is None else data.train[:train_limit]
 
 
 def _graph_keys(

@@ -294,7 +294,7 @@ def _check(path: Path, config: RunConfig, resume: bool) -> bool:
         if (path / CHECKPOINT_FILE).is_file():
             raise RunError(
                 f"{literal(path)} holds a run already; resume it "
-                "({resume}) or choose another run directory ({out})",
+                "(resume=True) or choose another run directory ({run_dir})",
                 template=True,
             )
         _check_fresh(path)
@@ -306,7 +306,7 @@ def _check(path: Path, config: RunConfig, resume: bool) -> bool:
             # the process stopped as the first epoch ended, before writing it
             afresh = (
                 ", or, if its process stopped as that epoch ended, start the run "
-                "afresh (without {resume})"
+                "afresh (without resume=True)"
                 if epochs == 1
                 else ", or start a new run"
             )
@@ -363,10 +363,12 @@ def _check_fresh(path: Path) -> None:
         return
     shown = ", ".join(found[:3]) + (f" and {len(found) - 3} more" if found[3:] else "")
     # Only a checkpoint can be resumed (an evaluation alone cannot).
-    resume = ", or resume the run there ({resume})" if CHECKPOINT_FILE in found else ""
+    resume = (
+        ", or resume the run there (resume=True)" if CHECKPOINT_FILE in found else ""
+    )
     raise RunError(
         f"{literal(path)} holds run files ({literal(shown)}) that a new run would "
-        "replace or stand beside; choose an empty or new folder ({out})" + resume,
+        "replace or stand beside; choose an empty or new folder ({run_dir})" + resume,
         template=True,
     )
 

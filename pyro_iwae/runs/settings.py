@@ -92,7 +92,8 @@ def absolute_paths(cls: type, values: Mapping[str, Any]) -> dict[str, Any]:
     paths = dict(values)
     for name, (_, s) in declared(cls).items():
         value = paths.get(name)
-        if value is not None and (
+        # Another type is left as it is, for loading the data to refuse.
+        if isinstance(value, str | os.PathLike) and (
             s.kind == "folder" or (s.kind == "dataset" and is_data_file(value))
         ):
             paths[name] = str(Path(value).expanduser().resolve())
