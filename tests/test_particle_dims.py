@@ -163,3 +163,35 @@ def test_the_evaluators_check_the_first_chunk_only(lg):
     )
     # Three chunks, each run twice (again to tie the global latents), and the check.
     assert len(runs) == 3 * 2 + 1
+
+
+class NormedGuide(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.norm = torch.nn.BatchNorm1d(1)
+
+    def forward(self, x):
+        with pyro.plate("data", x.shape[0]):
+            loc = self.norm(x.unsqueeze(-1)).squeeze(-1)
+            pyro.sample("z", dist.Normal(loc, 1.0))
+
+
+def normed_model(x):
+    with pyro.plate("data", x.shape[0]):
+        z = pyro.sample("z", dist.Normal(0.0, 1.0))
+        pyro.sample("x", dist.Normal(A * z + B, S), obs=x)
+
+
+def test_the_check_moves_no_running_statistics():
+    # Its run put batch norm's running mean forward a second time on the first
+    # step.
+    x = torch.tensor([0.5, 2.0, -1.0, 3.0])
+    means = []
+    for check in (True, False):
+        guide, elbo = NormedGuide(), IWELBO(K)
+        if not check:
+            elbo._dims_check = None
+        elbo.loss(normed_model, guide, x)
+        means.append(guide.norm.running_mean.clone())
+        assert guide.training
+    assert torch.equal(means[0], means[1]) and means[0].abs().sum() > 0

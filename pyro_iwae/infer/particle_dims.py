@@ -7,7 +7,8 @@ both gave wrong bounds silently."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import pyro
 import torch
@@ -43,9 +44,33 @@ class ParticleDims:
         key = (*map(_program_key, (model, guide)), num_particles, particle_dim)
         if key in self._checked:
             return
-        check_particle_dims(pair, redraw, num_particles, particle_dim, args, kwargs)
+
+        def run(count: int) -> tuple[Trace, Trace]:
+            # In eval mode: the run must not move batch norm's running statistics.
+            with _eval_mode(model, guide):
+                return redraw(count)
+
+        check_particle_dims(pair, run, num_particles, particle_dim, args, kwargs)
         if get_proxy_mode() is None:  # a graph being traced checked nothing
             self._checked.add(key)
+
+
+@contextmanager
+def _eval_mode(*programs: Callable) -> Iterator[None]:
+    """The modules among ``programs`` in eval mode, then as they were."""
+    modes = [
+        (module, module.training)
+        for program in programs
+        if isinstance(program, torch.nn.Module)
+        for module in program.modules()
+    ]
+    try:
+        for module, _ in modes:
+            module.training = False
+        yield
+    finally:
+        for module, training in modes:
+            module.training = training
 
 
 def _program_key(program: Callable) -> tuple:
