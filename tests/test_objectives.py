@@ -23,6 +23,7 @@ from pyro_iwae import (
 from pyro_iwae.errors import ParticleBroadcastError, ProgramError
 from pyro_iwae.infer import particles as particle_draws
 from pyro_iwae.infer import traces
+from pyro_iwae.infer.traces import PARTICLE_PLATE as PLATE
 
 
 def bound(elbo, model, guide, *args):
@@ -70,8 +71,12 @@ def test_vectorized_and_sequential_particles_agree(lg):
     calls = iter(range(k))
 
     def vectorized_guide(data):
+        # As many of the values as the particle plate around it has particles
+        # (the check that only the particles' dim follows their number runs it
+        # with another number).
+        (plate,) = [f for f in poutine.runtime.get_plates() if f.name == PLATE]
         with pyro.plate("data", data.shape[0]):
-            pyro.sample("z", dist.Delta(values, event_dim=1))
+            pyro.sample("z", dist.Delta(values[: plate.size], event_dim=1))
 
     def sequential_guide(data):
         i = next(calls)

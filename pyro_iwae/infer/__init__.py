@@ -23,6 +23,7 @@ __all__ = [
     "joint_likelihood",
     "log_weights",
     "objectives",
+    "particle_dims",
     "particles",
     "sampling",
     "support",

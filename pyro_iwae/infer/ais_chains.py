@@ -97,6 +97,8 @@ class Chains:
             )
         except ParticleBroadcastError as e:
             raise e.for_evaluator("AIS") from None
+        # Checked: the later runs replay the chains' values, drawn for as many.
+        self.elbo._dims_check = None
         self.local_dims = particles.local_dims
         self.plate_dims = particles.log_weights.dim()
         model_trace, self.template = particles.traces[0]

@@ -232,12 +232,8 @@ def check_batch_dims(
         if f.vectorized and f.name != PARTICLE_PLATE
     }
     for site in sites:
-        fn, shape = site["fn"], getattr(site["value"], "shape", ())
-        try:
-            batch = torch.broadcast_shapes(
-                fn.batch_shape, shape[: max(len(shape) - fn.event_dim, 0)]
-            )
-        except RuntimeError:  # the log-prob fails: its own error says why
+        batch = log_prob_batch(site)
+        if batch is None:  # the log-prob fails: its own error says why
             continue
         own = {f.dim for f in site["cond_indep_stack"] if f.vectorized}
         for dim in range(-1, -len(batch) - 1, -1):
@@ -286,6 +282,18 @@ def check_plate_dims(
             f"so {caller} would take dim {deepest} for the particles'",
             -deepest,
         )
+
+
+def log_prob_batch(site: dict) -> torch.Size | None:
+    """The batch shape of sample site ``site``'s log-prob: its distribution's
+    batch shape broadcast with its value's; None where they do not broadcast."""
+    fn, shape = site["fn"], getattr(site["value"], "shape", ())
+    try:
+        return torch.broadcast_shapes(
+            fn.batch_shape, shape[: max(len(shape) - fn.event_dim, 0)]
+        )
+    except RuntimeError:
+        return None
 
 
 def _runs(program: Callable, args: tuple, kwargs: dict) -> bool:

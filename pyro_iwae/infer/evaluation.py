@@ -254,6 +254,8 @@ def particle_chunks(
                     max_plate_nesting=max_plate_nesting,
                     vectorize_particles=vectorize_particles,
                 )
+                if index:  # the first chunk's checks cover the program
+                    elbo._dims_check = None
                 draw = functools.partial(elbo.particles, model, guide, *args, **kwargs)
                 yield checked_particles(draw) if index == 0 else draw()
     except (ValueError, RuntimeError) as e:

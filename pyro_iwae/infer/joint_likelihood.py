@@ -90,7 +90,7 @@ def joint_log_likelihood(
     groups_per_chunk = max(1, chunk_size // num_local_samples)
     total = None
     with evaluating(model, guide), torch.no_grad():
-        for groups in chunk_sizes(num_samples, groups_per_chunk):
+        for index, groups in enumerate(chunk_sizes(num_samples, groups_per_chunk)):
             try:
                 part = _chunk(
                     model,
@@ -101,6 +101,7 @@ def joint_log_likelihood(
                     groups,
                     max_plate_nesting,
                     vectorize_particles,
+                    checked=index > 0,
                 )
             except ParticleBroadcastError as e:
                 raise e.for_evaluator("joint_log_likelihood") from None
@@ -124,8 +125,10 @@ def _chunk(
     groups: int,
     max_plate_nesting: int,
     vectorize_particles: bool,
+    checked: bool = False,
 ) -> torch.Tensor:
-    """logsumexp over ``groups`` global draws of each draw's log-weight (0-dim)."""
+    """logsumexp over ``groups`` global draws of each draw's log-weight (0-dim);
+    ``checked``: an earlier chunk's checks covered the program."""
     elbo = _JointDraws(
         num_local_samples,
         groups,
@@ -133,6 +136,8 @@ def _chunk(
         global_latents="factor",
         vectorize_particles=vectorize_particles,
     )
+    if checked:
+        elbo._dims_check = None
     particles = elbo.particles(model, guide, *args, **kwargs)
     if not particles.unscaled:
         raise ValueError(

@@ -42,6 +42,7 @@ from .log_weights import (
     global_score_log_prob,
     log_p_and_q,
 )
+from .particle_dims import ParticleDims
 from .support import OwnLogProb, check_invertible, keep_own_log_q
 from .traces import (
     PARTICLE_PLATE,
@@ -130,6 +131,8 @@ class ParticleELBO(ELBO):
         self._guide_module: torch.nn.Module | None = None
         self._particle_plate: tuple[tuple[int, int], pyro.plate] | None = None
         self._sequential_tie: TieSequentialGlobals | None = None
+        # None: not checked, as by an evaluator's later chunks (see ParticleDims).
+        self._dims_check: ParticleDims | None = ParticleDims()
 
     @property
     def _has_particle_plate(self) -> bool:
@@ -355,7 +358,20 @@ class ParticleELBO(ELBO):
         check_global_sites(traces[0][1], global_names, score_draw)
         if not self._has_particle_plate:  # else they fail under the particle plate
             check_batch_dims(*traces[0], "the bound", self.max_plate_nesting)
-        return self._weigh(traces, sites, local_dims, global_names)
+        particles = self._weigh(traces, sites, local_dims, global_names)
+        if self._has_particle_plate and self._dims_check is not None:
+            # After the log-densities: the run replaces the values cached by the
+            # guide's transforms, which a flow without an inverse needs.
+            dim = -self.max_plate_nesting
+
+            def redraw(count: int) -> tuple[Trace, Trace]:
+                on = pyro.plate(PARTICLE_PLATE, count, dim=dim)
+                with subsample:
+                    return self._get_untied_trace(on(model), on(guide), args, kwargs)
+
+            checked = (model, guide, traces[0], self.num_particles, dim)
+            self._dims_check(*checked, redraw, args, kwargs)
+        return particles
 
     @property
     def _global_score_draws(self) -> bool:

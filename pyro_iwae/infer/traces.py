@@ -254,7 +254,9 @@ class SharedSubsamples(Messenger):
         self._indices: dict[str, Any] = {}
 
     def _pyro_post_sample(self, msg: dict) -> None:
-        if site_is_subsample(msg):
+        # Not the particle plate's: a run with another number of particles (see
+        # check_particle_dims) draws all of its own.
+        if site_is_subsample(msg) and msg["name"] != PARTICLE_PLATE:
             msg["value"] = self._indices.setdefault(msg["name"], msg["value"])
 
 
