@@ -33,6 +33,7 @@ __all__ = [
     "GlobalEnumerationError",
     "Unenumerated",
     "check_enumeration",
+    "check_strata",
     "enumerates",
     "guide_enumerated",
     "is_model_enumerated",
@@ -304,3 +305,47 @@ def marked_parallel(site: dict) -> bool:
     """Whether a guide site is, or may be, enumerated in parallel (one sampled
     instead is checked when it is sampled)."""
     return site["infer"].get("enumerate") == "parallel"
+
+
+def check_strata(
+    guide_trace: Trace,
+    objective: str,
+    estimator: str,
+    takes_strata: bool,
+    takes_strata_scores: bool,
+) -> None:
+    """:raises NotImplementedError: where the bound ``objective`` cannot take the
+    values ``guide_trace`` enumerates: it takes none (``takes_strata`` false),
+    ``estimator`` is DReG and a guide site is shared by those values, or a
+    score-function signal of a sampled site would have to sum over them
+    (``takes_strata_scores`` false)."""
+    enumerated = guide_enumerated(guide_trace)
+    if not enumerated:
+        return
+    if not takes_strata:
+        raise NotImplementedError(
+            f"{objective} does not take sites enumerated in the "
+            f"guide (here {enumerated[0]!r}); use IWELBO or CIWELBO, or "
+            "enumerate the site in the model (leave it out of the guide)"
+        )
+    shared = shared_by_strata(guide_trace)
+    if estimator == "dreg" and shared is not None:
+        raise NotImplementedError(
+            f"estimator='dreg' reweights each particle's path, but guide site "
+            f"{shared[0]!r} has one value for all values of {shared[1]!r}, "
+            "which is enumerated in the guide; sample it below (depending on) "
+            f"{shared[1]!r}, use estimator='stl', or enumerate {shared[1]!r} "
+            "in the model (leave it out of the guide)"
+        )
+    sampled = [
+        name
+        for name, site in latent_sites(guide_trace)
+        if not site["fn"].has_rsample and name not in enumerated
+    ]
+    if sampled and not takes_strata_scores:
+        raise NotImplementedError(
+            f"{objective}'s score-function gradient for {sampled[0]!r} "
+            f"does not take sites enumerated in the guide (here "
+            f"{enumerated[0]!r}); use IWELBO, or enumerate {enumerated[0]!r} in "
+            "the model (leave it out of the guide)"
+        )

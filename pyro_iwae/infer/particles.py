@@ -26,11 +26,11 @@ from .broadcast import BROADCAST_FAILURES, broadcast_error
 from .enumeration import (
     Unenumerated,
     check_enumeration,
+    check_strata,
     guide_enumerated,
     marked_parallel,
     merge_strata,
     sampled_instead,
-    shared_by_strata,
     strata_shape,
 )
 from .enumeration import enumerates as enumerates_sites
@@ -390,40 +390,9 @@ class ParticleELBO(ELBO):
     _takes_strata_scores = True
 
     def _check_strata(self, guide_trace: Trace) -> None:
-        enumerated = guide_enumerated(guide_trace)
-        if not enumerated:
-            return
-        if not self._takes_strata:
-            raise NotImplementedError(
-                f"{type(self).__name__} does not take sites enumerated in the "
-                f"guide (here {enumerated[0]!r}); use IWELBO or CIWELBO, or "
-                "enumerate the site in the model (leave it out of the guide)"
-            )
-        shared = shared_by_strata(guide_trace)
-        if self.estimator == "dreg" and shared is not None:
-            raise NotImplementedError(
-                f"estimator='dreg' reweights each particle's path, but guide site "
-                f"{shared[0]!r} has one value for all values of {shared[1]!r}, "
-                "which is enumerated in the guide; sample it below (depending on) "
-                f"{shared[1]!r}, use estimator='stl', or enumerate {shared[1]!r} "
-                "in the model (leave it out of the guide)"
-            )
-        sampled = [
-            name
-            for name, site in latent_sites(guide_trace)
-            if not site["fn"].has_rsample and name not in enumerated
-        ]
-        if (
-            sampled
-            and self.estimator in SCORE_ESTIMATORS
-            and not self._takes_strata_scores
-        ):
-            raise NotImplementedError(
-                f"{type(self).__name__}'s score-function gradient for {sampled[0]!r} "
-                f"does not take sites enumerated in the guide (here "
-                f"{enumerated[0]!r}); use IWELBO, or enumerate {enumerated[0]!r} in "
-                "the model (leave it out of the guide)"
-            )
+        score = self.estimator in SCORE_ESTIMATORS
+        takes = (self._takes_strata, self._takes_strata_scores or not score)
+        check_strata(guide_trace, type(self).__name__, self.estimator, *takes)
 
     def _traces(
         self,
