@@ -15,7 +15,7 @@ import torch
 from small_run import BATCH, TEST, TRAIN, K, small_config
 from test_cli import SMALL, assert_ok, assert_one_line_error, invoke
 
-from pyro_iwae import PyroIwaeError
+from pyro_iwae import FitCallback, PyroIwaeError
 from pyro_iwae.errors import ConfigError, DataError, RunBusy, TrainingDiverged
 from pyro_iwae.runs import eval_results, locks
 from pyro_iwae.runs.checkpoints import (
@@ -654,6 +654,24 @@ def test_ctrl_c_before_the_first_epoch_ends_keeps_nothing(tmp_path, monkeypatch)
         m.setattr(progress.FitProgress, "on_epoch_start", _interrupt)
         cut = invoke("fit", *SMALL, "--runs-dir", runs, "--quiet")
     assert cut.exit_code == 130 and not any(runs.iterdir())
+
+
+def test_a_run_interrupted_before_its_first_checkpoint_leaves_a_users_folder_as_it_was(
+    tmp_path,
+):
+    # The writer's lock file stayed behind in the folder the user had made.
+    stop = FitCallback()
+    stop.on_step = _interrupt
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    with pytest.raises(KeyboardInterrupt):
+        train_run(small_config(compile="off"), mine, callback=stop)
+    assert list(mine.iterdir()) == []
+    # A lock file the writer found there is not its own to remove.
+    (mine / f".{locks.WRITER}.lock").touch()
+    with pytest.raises(KeyboardInterrupt):
+        train_run(small_config(compile="off"), mine, callback=stop)
+    assert [p.name for p in mine.iterdir()] == [f".{locks.WRITER}.lock"]
 
 
 def test_ctrl_c_mid_run_advises_a_resume_that_works(tmp_path, monkeypatch):

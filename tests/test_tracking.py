@@ -17,6 +17,9 @@ from pyro_iwae.runs.callbacks import CallbackList
 from pyro_iwae.runs.mlflow_store import params_to_log
 from pyro_iwae.runs.tracking import (
     MLFLOW_RUN_FILE,
+    CSVTracker,
+    MLflowTracker,
+    TensorBoardTracker,
     TrackingError,
     log_evaluation,
     make_trackers,
@@ -334,6 +337,122 @@ def test_an_interrupted_fit_leaves_its_mlflow_run_killed_not_running(
     assert result.exit_code == 130
     run_id = json.loads((run_dir / MLFLOW_RUN_FILE).read_text())["run_id"]
     assert _local_client(run_dir).get_run(run_id).info.status == "KILLED"
+
+
+class _StopAtStep(FitCallback):
+    """Ctrl-C at step ``at`` of the fit."""
+
+    def __init__(self, at):
+        self.at, self.steps = at, 0
+
+    def on_step(self, info):
+        self.steps += 1
+        if self.steps == self.at:
+            raise KeyboardInterrupt
+
+
+def _all_trackers(run_dir):
+    return [
+        TensorBoardTracker(run_dir / "tensorboard"),
+        MLflowTracker(run_dir),
+        CSVTracker(run_dir),
+    ]
+
+
+def test_a_run_interrupted_before_its_first_checkpoint_leaves_no_tracker_files(
+    tmp_path,
+):
+    # Its mlflow-run.json, mlflow.db, tensorboard/ and tracking-config.json
+    # stayed, and the next fresh run logged into the same MLflow run: its
+    # parameters the discarded run's (lr 0.001), its own as resume.1.*.
+    run_dir = tmp_path / "runs" / "run"
+    config = small_config(compile="off", lr=1e-3)
+    trackers = CallbackList([*_all_trackers(run_dir), _StopAtStep(3)])
+    with pytest.raises(KeyboardInterrupt):
+        train_run(config, run_dir, callback=trackers)
+    assert not (tmp_path / "runs").exists()  # made by the trackers, for the run
+    config = small_config(compile="off", lr=3e-3)
+    train_run(config, run_dir, callback=CallbackList([MLflowTracker(run_dir)]))
+    client = _local_client(run_dir)
+    (run,) = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    assert (
+        run.info.run_id == json.loads((run_dir / MLFLOW_RUN_FILE).read_text())["run_id"]
+    )
+    assert run.data.params["lr"] == "0.003"
+    assert not [name for name in run.data.params if name.startswith("resume.")]
+
+
+def test_an_interrupted_run_removes_only_the_tracker_files_it_made(tmp_path):
+    # (As above: they all stayed.) A user's files in the folder are not its own.
+    run_dir = tmp_path / "mine"
+    (run_dir / "tensorboard").mkdir(parents=True)
+    theirs = {"notes.txt": b"a user's", "tensorboard/events.out.tfevents.1.x": b"old"}
+    for name, data in theirs.items():
+        (run_dir / name).write_bytes(data)
+    # Not MLflow: its store takes seconds to make (the test above has it).
+    trackers = [TensorBoardTracker(run_dir / "tensorboard"), CSVTracker(run_dir)]
+    trackers = CallbackList([*trackers, _StopAtStep(3)])
+    with pytest.raises(KeyboardInterrupt):
+        train_run(small_config(compile="off"), run_dir, callback=trackers)
+    left = {
+        str(p.relative_to(run_dir)): p.read_bytes()
+        for p in run_dir.rglob("*")
+        if p.is_file()
+    }
+    assert left == theirs
+
+
+def test_an_interrupted_run_deletes_the_mlflow_run_it_made_in_another_store(
+    tmp_path,
+):
+    # (As above: its MLflow run stayed, RUNNING then KILLED, remembered by the
+    # run folder's mlflow-run.json for the next fresh run to take over.)
+    store = f"sqlite:///{tmp_path / 'shared.db'}"
+    run_dir = tmp_path / "run"
+    trackers = CallbackList([MLflowTracker(run_dir, store), _StopAtStep(1)])
+    with pytest.raises(KeyboardInterrupt):
+        train_run(small_config(compile="off"), run_dir, callback=trackers)
+    assert not run_dir.exists()
+    client = mlflow_tracking.MlflowClient(store)
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    assert client.search_runs(experiments) == []  # active runs: none
+
+
+def test_ctrl_c_before_the_first_checkpoint_leaves_no_tracker_files(
+    tmp_path, monkeypatch
+):
+    # "nothing was kept", said the CLI, and left mlflow-run.json, mlflow.db and
+    # tensorboard/, which the next fit took over.
+    from pyro_iwae_cli import progress
+
+    monkeypatch.setattr(progress.FitProgress, "on_step", _interrupt)
+    run_dir = tmp_path / "run"
+    fit = ["fit", "--train-limit", "100", "--test-limit", "20", "--compile", "off"]
+    loggers = ["--logger", "mlflow", "--logger", "tensorboard"]
+    result = CliRunner().invoke(cli, [*fit, "--out", str(run_dir), *loggers])
+    assert result.exit_code == 130 and "Traceback" not in result.output
+    assert "no epoch had finished, so nothing was kept" in result.output
+    assert not run_dir.exists()
+
+
+def test_a_logger_that_cannot_start_removes_those_started_before_it(
+    tmp_path, monkeypatch
+):
+    # The tensorboard folder made before the mlflow logger failed stayed.
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:9")  # refused
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    run_dir = tmp_path / "run"
+    result = CliRunner().invoke(
+        cli,
+        ["fit", "--epochs", "1", "--train-limit", "100", "--out", str(run_dir)]
+        + ["--logger", "tensorboard", "--logger", "mlflow", "--quiet"],
+    )
+    assert result.exit_code == 1 and "the mlflow logger cannot use" in result.output
+    assert not run_dir.exists()
+
+
+def _interrupt(*args, **kwargs):
+    raise KeyboardInterrupt
 
 
 def test_an_evaluation_logged_nowhere_reads_no_metrics(tmp_path):

@@ -76,6 +76,11 @@ class FitCallback:
     def on_epoch_end(self, metrics: dict[str, Any]) -> None:
         """After each epoch, once its metrics and checkpoint are written."""
 
+    def on_run_discarded(self) -> None:
+        """Once, where :func:`pyro_iwae.train_run` (:meth:`pyro_iwae.Run.train`)
+        failed or was interrupted before the run kept a checkpoint, and removed
+        what the run wrote: what this callback wrote of it should go too."""
+
 
 class CallbackList(FitCallback):
     """Several callbacks (trackers, a progress bar) as one, called in order;
@@ -99,3 +104,9 @@ class CallbackList(FitCallback):
     def on_epoch_end(self, metrics: dict[str, Any]) -> None:
         for c in self.callbacks:
             c.on_epoch_end(metrics)
+
+    def on_run_discarded(self) -> None:
+        # Last made, first undone: a folder the first one made is empty by
+        # the time it comes to remove it.
+        for c in reversed(self.callbacks):
+            c.on_run_discarded()

@@ -71,7 +71,8 @@ def hold(folder: Path, name: str) -> Iterator[str | None]:
 
     - ``.<name>.lock``, an ``fcntl.flock``: between the processes of one
       machine; the operating system releases it when a process dies. Not
-      reliable between machines on NFS.
+      reliable between machines on NFS. Removed when the body ends where this
+      process made it.
     - ``.<name>.claim``, created with ``O_CREAT | O_EXCL`` (atomic on a local
       disk and on NFS version 3 and later) and holding the host, process id and
       start time of its holder; removed when the body ends. Between machines
@@ -85,17 +86,47 @@ def hold(folder: Path, name: str) -> Iterator[str | None]:
         with _claim(folder / f".{name}.claim", takeover=False) as holder:
             yield holder
         return
-    with open(folder / f".{name}.lock", "w") as lock:
+    path = folder / f".{name}.lock"
+    lock, made = _locked(path)
+    if lock is None:
+        yield ""
+        return
+    try:
+        with _claim(folder / f".{name}.claim", takeover=True) as holder:
+            yield holder
+    finally:
+        # Removed where made, before it is let go: a folder left as it was
+        # found (a new run's interrupted before its first checkpoint kept its
+        # lock). A process that opened it meanwhile sees it gone (_locked).
+        if made:
+            path.unlink(missing_ok=True)
+        fcntl.flock(lock, fcntl.LOCK_UN)
+        os.close(lock)
+
+
+def _locked(path: Path) -> tuple[int | None, bool]:
+    """The descriptor of the lock file ``path``, flocked by this process, and
+    whether this process made the file; None if another process holds it."""
+    while True:
         try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fd, made = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644), True
+        except FileExistsError:
+            try:
+                fd, made = os.open(path, os.O_WRONLY), False
+            except FileNotFoundError:
+                continue  # removed by its holder as it let go: made afresh
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            yield ""
-            return
+            os.close(fd)
+            return None, False
         try:
-            with _claim(folder / f".{name}.claim", takeover=True) as holder:
-                yield holder
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
+            same = os.path.samestat(os.fstat(fd), os.stat(path))
+        except FileNotFoundError:
+            same = False
+        if same:
+            return fd, made
+        os.close(fd)  # its holder removed it as it let go: locked a file now gone
 
 
 def holder(folder: Path, name: str) -> str:

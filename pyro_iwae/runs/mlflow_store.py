@@ -12,7 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-__all__ = ["LOCAL_STORE", "MLFLOW_DB", "param_text", "params_to_log"]
+__all__ = ["LOCAL_STORE", "MLFLOW_DB", "forget_store", "param_text", "params_to_log"]
 
 #: The run directory's own MLflow store.
 MLFLOW_DB = "mlflow.db"
@@ -79,3 +79,23 @@ def quick_requests() -> Iterator[None]:
     finally:
         for name in added:
             os.environ.pop(name, None)
+
+
+def forget_store(tracking_uri: str | None) -> None:
+    """Drops what MLflow keeps, for the process, of the SQLite store
+    ``tracking_uri``, whose file is to be removed: its store of each URI and
+    their engines, whose pooled connections went on writing to the removed
+    file (a later tracker of the process found no tables in the new one)."""
+    try:
+        from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+        from mlflow.tracking._tracking_service import utils
+    except ImportError:
+        return
+    # MLflow's own caches, not public: looked up, not relied on.
+    registry = getattr(utils, "_tracking_store_registry", None)
+    stores = getattr(type(registry), "_get_store_with_resolved_uri", None)
+    if hasattr(stores, "cache_clear"):
+        stores.cache_clear()  # all URIs': an lru_cache drops no single one
+    engine = getattr(SqlAlchemyStore, "_engine_map", {}).pop(tracking_uri, None)
+    if engine is not None:
+        engine.dispose()

@@ -8,7 +8,7 @@ A *run directory* holds everything about one training run:
 - ``checkpoint.pt`` and ``metrics.jsonl``, written by :func:`pyro_iwae.fit`
   (see :mod:`pyro_iwae.runs.checkpoints`);
 - the evaluations of :meth:`Run.evaluate` (see :mod:`pyro_iwae.runs.eval_results`);
-- ``.writer.lock`` and, while a process trains the run, ``.writer.claim``: the
+- while a process trains the run, ``.writer.lock`` and ``.writer.claim``: the
   lock of :func:`pyro_iwae.runs.locks.hold` that keeps a second writer out.
 """
 

@@ -132,6 +132,9 @@ def train(
     but for ``device``, ``data_dir`` and a schedule that goes on for longer
     (see :data:`EXTENDABLE`). ``data_dir`` overrides ``config.data_dir``
     for loading only. Returns the metrics of every epoch (see :func:`fit`).
+    Where it fails or is interrupted before the run keeps a checkpoint, a new
+    run's files are removed, and ``callback.on_run_discarded`` is called (the
+    trackers remove theirs).
 
     :raises RunBusy: if another process (group) trains the run.
     :raises ConfigError, ValueError: if ``config`` was changed, since it was
@@ -174,6 +177,15 @@ def train(
                 if not resume and distributed.is_main():
                     _discard_unsaved(path)
                 raise
+    except BaseException:
+        # The trackers' files too (made before the lock was taken, the lock's
+        # own file gone now): a fresh fit in the folder took over the MLflow run
+        # of the discarded one, with its parameters.
+        discarded = getattr(callback, "on_run_discarded", None)  # None: none
+        if discarded is not None and distributed.is_main():
+            if not (path / CHECKPOINT_FILE).is_file():
+                discarded()
+        raise
     finally:
         if made and distributed.is_main():
             _remove_if_empty(path)

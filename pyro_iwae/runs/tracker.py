@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +41,10 @@ class Tracker(FitCallback):
         self.num_epochs = 0
         self._grad_norm_sum: torch.Tensor | None = None
         self._grad_norm_steps = 0
+        #: What this tracker made (path, whether with all it holds), in order.
+        self._made: list[tuple[Path, bool]] = []
+        #: Whether :meth:`discard` removed them: it logs no more.
+        self.discarded = False
 
     # -- what a backend provides --------------------------------------------
 
@@ -67,7 +72,45 @@ class Tracker(FitCallback):
     def interrupted(self) -> None:
         """The run stopped before its last epoch (Ctrl-C): writes what is
         buffered; a resume goes on logging."""
-        self.close()
+        if not self.discarded:
+            self.close()
+
+    # -- what it made, for discard ------------------------------------------
+
+    def make_dir(self, path: Path, whole: bool = False) -> None:
+        """Makes the folder ``path`` and its parents, noting those it made;
+        ``whole``: :meth:`discard` removes ``path`` with all it holds (its
+        files are this tracker's), else only where empty."""
+        missing = [p for p in (path, *path.parents) if not p.exists()]
+        path.mkdir(parents=True, exist_ok=True)
+        self._made += [(p, whole and p == path) for p in reversed(missing)]
+
+    def note_made(self, path: Path, whole: bool = False) -> None:
+        """Notes ``path`` as made by this tracker if it is not there yet (call
+        before writing it)."""
+        if not path.exists():
+            self._made.append((path, whole))
+
+    def _keep(self) -> None:
+        """Takes what this tracker made as a kept run's: :meth:`discard` leaves it."""
+        self._made.clear()
+
+    def discard(self) -> None:
+        """Removes what this tracker made (files, and folders it made that are
+        empty then), last made first; it logs no more. For a run that kept
+        nothing: a fresh run in its folder starts afresh."""
+        self.discarded = True
+        for path, whole in reversed(self._made):
+            try:
+                if whole and path.is_dir():
+                    shutil.rmtree(path)
+                elif path.is_dir():
+                    path.rmdir()  # only where empty: others' files stay
+                else:
+                    path.unlink(missing_ok=True)
+            except OSError:
+                pass  # in use, or not empty: not this tracker's to remove
+        self._made.clear()
 
     # -- fit's hooks ----------------------------------------------------------
 
@@ -96,7 +139,13 @@ class Tracker(FitCallback):
         self._grad_norm_sum = norm if total is None else total + norm
         self._grad_norm_steps += 1
 
+    def on_run_discarded(self) -> None:
+        self.discard()
+
     def on_epoch_end(self, metrics: dict[str, Any]) -> None:
+        # Its checkpoint is written: what this tracker made is the run's now,
+        # not a later fit's to discard.
+        self._keep()
         epoch = metrics["epoch"]
         values = {
             "train/bound": metrics["train_bound"],

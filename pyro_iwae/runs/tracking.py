@@ -20,6 +20,7 @@ TensorBoard and MLflow are optional: ``pip install 'pyro-iwae[tensorboard]'`` or
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import os
@@ -37,6 +38,7 @@ from .eval_results import Evaluation
 from .mlflow_store import (
     LOCAL_STORE,
     MLFLOW_DB,
+    forget_store,
     param_text,
     params_to_log,
     quick_requests,
@@ -93,6 +95,9 @@ class TensorBoardTracker(Tracker):
         super().__init__(images_every)
         tensorboard = _require("torch.utils.tensorboard", "tensorboard")
         self.log_dir = Path(log_dir)
+        found = self.log_dir.is_dir()
+        self._found = set(self.log_dir.iterdir()) if found else set()
+        self.make_dir(self.log_dir, whole=True)
         self.writer = tensorboard.SummaryWriter(str(self.log_dir))
 
     def log_scalars(self, values: dict[str, float], step: int) -> None:
@@ -134,6 +139,19 @@ class TensorBoardTracker(Tracker):
     def close(self) -> None:
         self.writer.flush()
 
+    def _keep(self) -> None:
+        super()._keep()
+        self._found = set(self.log_dir.iterdir())
+
+    def discard(self) -> None:
+        if self.discarded:
+            return
+        self.writer.close()
+        # In a folder it found: the event files it wrote, not the others.
+        for path in set(self.log_dir.glob("events.out.tfevents.*")) - self._found:
+            path.unlink(missing_ok=True)
+        super().discard()
+
 
 class MLflowTracker(Tracker):
     """An MLflow run: metrics, the configuration as parameters, images as
@@ -161,6 +179,27 @@ class MLflowTracker(Tracker):
         self.run_dir = Path(run_dir)
         remembered = self.run_dir / MLFLOW_RUN_FILE
         previous = remembered_run(remembered)
+        #: The MLflow run it made (None: one it found), and what
+        #: mlflow-run.json said before: see discard.
+        self._made_run: str | None = None
+        self._remembered = remembered.read_bytes() if remembered.is_file() else None
+        self.tracking_uri: str | None = None
+        try:
+            self._start(tracking, tracking_uri, experiment, previous)
+        except BaseException:
+            self.discard()  # what it made of a tracker that cannot start
+            raise
+
+    def _start(
+        self,
+        tracking: Any,
+        tracking_uri: str | None,
+        experiment: str,
+        previous: dict[str, Any],
+    ) -> None:
+        """Opens the store and the MLflow run: the one ``previous`` (what
+        mlflow-run.json says) names in it, or a new one."""
+        remembered = self.run_dir / MLFLOW_RUN_FILE
         if tracking_uri is None:
             tracking_uri = previous.get("tracking_uri") or os.environ.get(
                 "MLFLOW_TRACKING_URI"
@@ -171,7 +210,9 @@ class MLflowTracker(Tracker):
         remembered_uri = LOCAL_STORE if local else tracking_uri
         if local:
             tracking_uri = f"sqlite:///{(self.run_dir / MLFLOW_DB).resolve()}"
-            self.run_dir.mkdir(parents=True, exist_ok=True)  # for the database
+            self.make_dir(self.run_dir)  # for the database
+            self.note_made(self.run_dir / MLFLOW_DB)
+            self.note_made(self.run_dir / MLFLOW_ARTIFACTS, whole=True)
         self.tracking_uri = tracking_uri
         with warnings.catch_warnings(), quick_requests():
             # SQLAlchemy's deprecation warnings about MLflow's own store code.
@@ -185,7 +226,7 @@ class MLflowTracker(Tracker):
                     "start its server, or unset MLFLOW_TRACKING_URI to log into "
                     "the run directory"
                 ) from e
-        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.make_dir(self.run_dir)
         if previous.get("tracking_uri") == remembered_uri:
             self.run_id = previous["run_id"]
             try:
@@ -206,7 +247,8 @@ class MLflowTracker(Tracker):
                     experiment, artifact_location=artifacts.as_uri() if local else None
                 )
             run = self.client.create_run(experiment_id, run_name=self.run_dir.name)
-            self.run_id = run.info.run_id
+            self.run_id = self._made_run = run.info.run_id
+            self.note_made(remembered)
             remembered.write_text(
                 json.dumps({"tracking_uri": remembered_uri, "run_id": self.run_id})
             )
@@ -238,11 +280,34 @@ class MLflowTracker(Tracker):
         return any(m.step == step and m.value == value for m in history)
 
     def close(self) -> None:
-        self.client.set_terminated(self.run_id)
+        if not self.discarded:
+            self.client.set_terminated(self.run_id)
 
     def interrupted(self) -> None:
         # Not left RUNNING; a resume marks it RUNNING again.
-        self.client.set_terminated(self.run_id, status="KILLED")
+        if not self.discarded:
+            self.client.set_terminated(self.run_id, status="KILLED")
+
+    def _keep(self) -> None:
+        super()._keep()
+        self._made_run = self._remembered = None
+
+    def discard(self) -> None:
+        if self.discarded:
+            return  # its store may be gone: not to be opened again
+        db = self.run_dir / MLFLOW_DB
+        if any(path == db for path, _ in self._made):
+            # Its database goes with the file; MLflow's engine of it too, else a
+            # later tracker of this process logged into the removed file.
+            forget_store(self.tracking_uri)
+        elif self._made_run is not None:
+            with contextlib.suppress(Exception):  # MLflow's own, or its store's
+                self.client.delete_run(self._made_run)
+        if self._remembered is not None and self._made_run is not None:
+            # The MLflow run of another store it remembered, as it was.
+            with contextlib.suppress(OSError):
+                (self.run_dir / MLFLOW_RUN_FILE).write_bytes(self._remembered)
+        super().discard()
 
 
 class CSVTracker(Tracker):
@@ -258,7 +323,8 @@ class CSVTracker(Tracker):
         evaluation = any(name.startswith("eval_") for name in values)
         path = self.log_dir / (CSV_EVALUATION_FILE if evaluation else CSV_FILE)
         row = {"step": step, **values}
-        self.log_dir.mkdir(parents=True, exist_ok=True)
+        self.make_dir(self.log_dir)
+        self.note_made(path)
         if path.exists():
             with path.open(newline="") as f:
                 header = next(csv.reader(f), [])
@@ -289,15 +355,17 @@ class CSVTracker(Tracker):
             writer.writerow(row)
 
     def log_params(self, params: dict[str, Any]) -> None:
-        self.log_dir.mkdir(parents=True, exist_ok=True)
+        self.make_dir(self.log_dir)
         path = self.log_dir / "tracking-config.json"
+        self.note_made(path)
         path.write_text(json.dumps(params, indent=1) + "\n")
 
     def log_image(self, name: str, picture: torch.Tensor, step: int) -> None:
         from torchvision.utils import save_image
 
         path = self.log_dir / "images" / f"{name}-epoch-{step:04d}.png"
-        path.parent.mkdir(parents=True, exist_ok=True)
+        self.make_dir(path.parent)
+        self.note_made(path)
         save_image(picture, path)
 
 
@@ -333,15 +401,22 @@ def make_trackers(
             except RunError as e:
                 raise TrackingError(f"the {name} logger {e}") from e
     trackers: list[Tracker] = []
-    for name in dict.fromkeys(names):
-        if name == "tensorboard":
-            trackers.append(TensorBoardTracker(run_dir / TENSORBOARD_DIR, images_every))
-        elif name == "mlflow":
-            trackers.append(
-                MLflowTracker(run_dir, mlflow_uri, images_every=images_every)
-            )
-        else:
-            trackers.append(CSVTracker(run_dir, images_every))
+    try:
+        for name in dict.fromkeys(names):
+            if name == "tensorboard":
+                trackers.append(
+                    TensorBoardTracker(run_dir / TENSORBOARD_DIR, images_every)
+                )
+            elif name == "mlflow":
+                trackers.append(
+                    MLflowTracker(run_dir, mlflow_uri, images_every=images_every)
+                )
+            else:
+                trackers.append(CSVTracker(run_dir, images_every))
+    except BaseException:
+        for tracker in reversed(trackers):  # those made: their files go
+            tracker.discard()
+        raise
     return trackers
 
 
