@@ -11,9 +11,9 @@ which ``torch.distributions`` reparameterise, as ``Normal.rsample``) are lifted
 out of that graph and made eagerly, in the same order and with the same calls, so
 the compiled loss sees exactly the noise the eager loss would under the same
 seed. Draws whose arguments are tensors, as ``torch.bernoulli(probs)``, stay in
-the graph, where inductor draws them from its own generator: the loss's
-first-call check then fails and it falls back to the eager path; the
-log-likelihood stays compiled, a valid estimate from other draws than eager's.
+the graph, where inductor draws them from its own generator (and the traced
+graph uncompiled, ``backend=None``, after the lifted draws): the loss and the
+log-likelihood fall back to the eager path for them, with a warning.
 The rest is compiled once (``torch.compile``, inductor by default) and later
 calls run the compiled graph alone.
 

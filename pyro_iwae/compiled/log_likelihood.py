@@ -183,8 +183,7 @@ class CompiledLogLikelihood(GraphCache):
         kwargs: dict,
     ) -> torch.Tensor | None:
         """The compiled log-weights of a chunk if they are the eager ones from the
-        same noise (or, where the graph draws some noise of its own, if they have
-        their shape and finite entries); else None."""
+        same noise; else None."""
 
         with torch.random.fork_rng(devices=cuda_devices(args, kwargs)):
             compiled = graph.fn(*params, *tensors, *draw_noise(graph.noise_ops))
@@ -193,8 +192,6 @@ class CompiledLogLikelihood(GraphCache):
         if compiled.shape != eager.shape:
             return None
         finite = eager.isfinite()
-        if graph.own_draws:
-            return compiled if torch.equal(finite, compiled.isfinite()) else None
         same = torch.equal(finite, compiled.isfinite()) and torch.equal(
             compiled[~finite], eager[~finite]
         )
@@ -300,28 +297,26 @@ class CompiledLogLikelihood(GraphCache):
         with evaluating(self.model, self.guide):
             inputs = [t.detach() for t in named.values()] + call.tensors
             gm, noise_ops = trace_graph(step, inputs)
-            # Left in the graph, a compiler draws these from its own generator:
-            # another estimate than the eager path's from the same seed, as the
-            # compiled loss refuses it (uncompiled, the graph draws them after
-            # the lifted draws, not among them: other numbers too).
-            own_draws = bool(seeded_ops(gm.graph))
-            if own_draws and self.backend is not None:
+            # Left in the graph, a compiler draws these from its own generator,
+            # and uncompiled (backend None) the graph draws them after the lifted
+            # draws, not among them: either way another estimate than the eager
+            # path's from the same seed, which the check cannot tell from a valid
+            # one. Refused, as the compiled loss refuses them.
+            if seeded_ops(gm.graph):
                 raise Unsupported(SEEDED_MESSAGE)
             fewer_transcendentals(gm)
             fn = compile_graph(
                 gm, self.backend, self.compile_options, inputs, noise_ops
             )
-        return _LogWeightsGraph(fn, noise_ops, found["local_dims"], own_draws)
+        return _LogWeightsGraph(fn, noise_ops, found["local_dims"])
 
 
 class _LogWeightsGraph(NamedTuple):
-    """The compiled log-weights graph of one input signature and structure; with
-    ``own_draws``, some of its random draws are the compiler's, not eager's."""
+    """The compiled log-weights graph of one input signature and structure."""
 
     fn: Callable
     noise_ops: list
     local_dims: tuple[int, ...]
-    own_draws: bool
 
 
 #: Relative tolerance of the first-chunk check of the compiled log-weights.
