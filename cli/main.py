@@ -284,7 +284,7 @@ def _train(
         epochs = last["epoch"]
         this_call = history[len(history) - progress.epochs_run :]
         compiling = sum(m.get("compile_time", 0.0) for m in this_call)
-        compiling = f", {compiling:.1f} s of it compiling" if compiling else ""
+        compiling = _compiling(compiling, last.get("compiled"), ", ", "")
         steps = "as compiled graphs" if last.get("compiled") else "eagerly"
         if last.get("compile_choice", "as asked") != "as asked":
             steps += f" ({last['compile_choice']})"
@@ -378,6 +378,15 @@ def eval_nll(
     log_evaluation(loggers, run.path, evaluation)
 
 
+def _compiling(seconds: float, compiled: bool | None, before: str, after: str) -> str:
+    """The seconds of a call spent on graphs: compiling them, or tracing ones
+    that fell back to the eager path (nothing where none)."""
+    if not seconds:
+        return ""
+    spent = "compiling" if compiled else "tracing graphs that fell back to eager"
+    return f"{before}{seconds:.1f} s of it {spent}{after}"
+
+
 def _checkpoint_line(
     result: Evaluation, place: tuple[int, int] | None, training: bool
 ) -> str | None:
@@ -458,8 +467,7 @@ def _eval_report(result: Evaluation, checkpoint: str | None = None) -> list[str]
         f"{name} {count}/{result.latent_units[name]}"
         for name, count in result.active_units.items()
     )
-    compiling = result.compile_time
-    compiling = f" ({compiling:.1f} s of it compiling)" if compiling else ""
+    compiling = _compiling(result.compile_time, result.compiled, " (", ")")
     compiled = "compiled" if result.compiled else "eager"
     if result.compile_choice != "as asked":
         compiled += f" ({result.compile_choice})"

@@ -7,7 +7,7 @@ import click
 import pytest
 import torch
 from click.testing import CliRunner
-from small_run import BATCH, K
+from small_run import BATCH, K, small_config
 
 from pyro_iwae import (
     IWELBO,
@@ -17,6 +17,7 @@ from pyro_iwae import (
     fit,
     paper_architecture,
 )
+from pyro_iwae.compiled import CompileFallbackWarning
 from pyro_iwae.data import load_dataset
 from pyro_iwae.errors import ConfigError
 from pyro_iwae.runs import auto_compile
@@ -33,8 +34,9 @@ from pyro_iwae.runs.auto_compile import (
     step_graph_keys,
 )
 from pyro_iwae.runs.callbacks import FitCallback
-from pyro_iwae.runs.run import Run
+from pyro_iwae.runs.run import Run, train_run
 from pyro_iwae.runs.schedules import make_objective
+from pyro_iwae_cli.main import cli
 from pyro_iwae_cli.options import settings_options
 
 CPU = torch.device("cpu")
@@ -317,3 +319,53 @@ def test_a_resumed_run_keeps_the_path_it_began_on(
     history = run(2, True)
     assert [h["compiled"] for h in history] == [began_compiled] * 2
     assert "as when the run began" in history[1]["compile_choice"]
+
+
+def _graph_notes(tmp_path) -> list:
+    notes = tmp_path / auto_compile.GRAPHS_FILE
+    return json.loads(notes.read_text()) if notes.exists() else []
+
+
+def test_an_evaluation_that_falls_back_is_recorded_as_eager_and_notes_no_graph(
+    choices, tmp_path
+):
+    # The SBN's guide draws from computed probabilities: its graph fell back, yet
+    # the evaluation was recorded "compiled" and its graph noted as cached.
+    run_dir = tmp_path / "sbn"
+    config = dict(model="sbn", guide="sbn", estimator="vimco", compile=False)
+    train_run(small_config(**config, train_limit=BATCH, test_limit=10), run_dir)
+    options = dict(num_samples=4, limit=10, compile=None)
+    with pytest.warns(CompileFallbackWarning, match="with tensor arguments"):
+        evaluation = Run(run_dir).evaluate(EvalSettings(**options))
+    assert evaluation.compiled is False and evaluation.compile_time > 0
+    saved = json.loads(next(run_dir.glob("eval-test-k4*.json")).read_text())
+    assert saved["compiled"] is False
+    assert _graph_notes(tmp_path) == []
+    # eval-nll said "0.1 s of it compiling; compiled" (inductor refuses the graph
+    # after tracing it, before compiling).
+    args = ["eval-nll", str(run_dir), "--k", "4", "--limit", "10", "--compile", "on"]
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 0, result.output
+    assert "draws random numbers with tensor arguments" in result.output
+    assert "of it tracing graphs that fell back to eager); eager" in result.output
+    assert _graph_notes(tmp_path) == []
+
+
+def test_a_fit_that_falls_back_notes_no_graph(choices, tmp_path):
+    # fit recorded "ran eagerly" but noted the graph that fell back as cached.
+    # (A backend refuses the SBN's draws after tracing, before compiling.)
+    torch.manual_seed(0)
+    with pytest.warns(CompileFallbackWarning, match="with tensor arguments"):
+        history = train_run(
+            small_config(
+                model="sbn",
+                guide="sbn",
+                estimator="vimco",
+                compile="aot_eager",
+                train_limit=BATCH,
+                test_limit=10,
+            ),
+            tmp_path / "sbn",
+        )
+    assert history[0]["compiled"] is False and history[0]["compile_time"] > 0
+    assert _graph_notes(tmp_path) == []

@@ -14,6 +14,7 @@ from ..infer.ais import ais_log_likelihood
 from ..infer.diagnostics import log_likelihood_with_diagnostics
 from ..infer.estimable import plate_nesting
 from ..infer.evaluation import compile_seconds, evaluating
+from ..infer.hooks import backend_of, compiler, compiles
 from . import distributed
 from .eval_results import EvalSettings
 
@@ -68,22 +69,32 @@ def estimate_points(
     points: torch.Tensor,
     settings: EvalSettings,
     callback: Callable[[torch.Tensor, int], None] | None,
-) -> tuple[torch.Tensor, float, float]:
+) -> tuple[torch.Tensor, float, float, bool]:
     """The estimates and diagnostics of ``points`` (float64 ``[n, 1 +
-    columns]``), the seconds they took and the seconds of those compiling; with
-    the plate nesting of ``model`` and ``guide`` (see :func:`run_nesting`)."""
+    columns]``), the seconds they took, the seconds of those tracing and
+    compiling, and whether compiled graphs computed them (False where asked for
+    and fallen back to the eager path); with the plate nesting of ``model`` and
+    ``guide`` (see :func:`run_nesting`)."""
     ranks = distributed.current()
     world = 1 if ranks is None else ranks.world
     batches = math.ceil(points.shape[0] / settings.batch_size)
     mine = min(math.ceil(batches / world) * settings.batch_size, points.shape[0])
     start = time.perf_counter()
     compiled_before = compile_seconds(settings.compile)
+    nesting = run_nesting(model, guide, points)
     results = distributed.sharded_map(
-        per_point_estimator(model, guide, settings, run_nesting(model, guide, points)),
+        per_point_estimator(model, guide, settings, nesting),
         points,
         seed=settings.seed,
         batch_size=settings.batch_size,
         callback=None if callback is None else lambda r: callback(r[:, 0], mine),
     ).double()
     seconds = time.perf_counter() - start
-    return results, seconds, compile_seconds(settings.compile) - compiled_before
+    compiled = settings.method == "iwae" and compiles(settings.compile)
+    if compiled:
+        # The estimator the evaluation used, cached on the guide: given up for
+        # good where a graph fell back (which a warning told of).
+        backend = backend_of(settings.compile)
+        compiled = compiler().log_likelihood(model, guide, backend, nesting).compiled
+    compiling = compile_seconds(settings.compile) - compiled_before
+    return results, seconds, compiling, compiled

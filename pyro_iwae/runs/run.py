@@ -315,7 +315,7 @@ class Run:
                 cached_graphs(keys),
             )
             settings = dataclasses.replace(settings, compile=compile)
-        results, seconds, compile_time = estimate_points(
+        results, seconds, compile_time, compiled = estimate_points(
             model, guide, points, settings, callback
         )
         activity = distributed.from_main(lambda: activity_of(guide, points, settings))
@@ -329,10 +329,11 @@ class Run:
             )
             evaluation = summarise(results, settings, config, activity, path, on)
             evaluation.time, evaluation.compile_time = seconds, compile_time
-            evaluation.compiled = compiles(compile)
+            # The outcome: compiled where the graphs ran, not where they fell back.
+            evaluation.compiled = compiled
             evaluation.compile_choice = choice
             evaluation.trained_steps = steps
-            if compile_time > 0 and evaluation.compiled and main:
+            if compile_time > 0 and compiled and main:
                 remember_graphs(keys)  # for a later evaluation's "auto"
             if main:
                 warn_of_problems(results[:, 0])

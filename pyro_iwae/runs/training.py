@@ -477,7 +477,8 @@ class _Fit:
             "elapsed": position.elapsed,
             "steps": position.global_step,
         }
-        if metrics["compile_time"] > 0 and self.writes:
+        # Graphs that fell back are not in inductor's cache for a later "auto".
+        if metrics["compile_time"] > 0 and compiled and self.writes:
             self.compile.note_compiled()
         position.advance_epoch(self.schedule)
         self.epoch_rng = None
