@@ -1671,3 +1671,32 @@ def test_an_uncompiled_graph_drawing_from_computed_tensors_falls_back_too():
     torch.manual_seed(7)
     eager = log_likelihood(model, guide, x, num_samples=20)
     torch.testing.assert_close(compiled, eager, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("name", ["iwae", "dreg", "miwae-dreg"])
+def test_an_objective_copies_and_pickles_after_its_compiled_calls(name):
+    """The particle plate, cached on the objective, was first entered while the
+    graph was traced and kept a fake tensor: after the first compiled call the
+    objective could be neither deep-copied nor pickled."""
+    import copy
+    import io
+    import pickle
+
+    # Plain modules: pyro.module (as the paper's modules call) leaves weak
+    # references on the parameters, which no pickle takes, compiled or not.
+    torch.manual_seed(0)
+    model, guide, x = _SmallModel(), _TorchNormalGuide(), _data(4)
+    elbo = OBJECTIVES[name]()
+    elbo.compile = None
+    loss_module = elbo(model, guide)
+    loss_module(x)
+    torch.manual_seed(5)
+    expected = OBJECTIVES[name]().differentiable_loss(model, guide, x)
+    buffer = io.BytesIO()
+    torch.save(loss_module, buffer)
+    buffer.seek(0)
+    copies = [copy.deepcopy(loss_module), torch.load(buffer, weights_only=False)]
+    copies.append(pickle.loads(pickle.dumps(elbo))(model, guide))
+    for each in [loss_module, *copies]:
+        torch.manual_seed(5)
+        torch.testing.assert_close(each(x), expected, rtol=1e-5, atol=0)

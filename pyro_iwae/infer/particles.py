@@ -19,6 +19,7 @@ from pyro.infer.util import is_validation_enabled
 from pyro.poutine.trace_struct import Trace
 from pyro.poutine.util import prune_subsample_sites
 from pyro.util import check_model_guide_match
+from torch.fx.experimental.proxy_tensor import get_proxy_mode
 
 from ..errors import check_count
 from .arguments import check_not_empty, cuda_devices, trial_run
@@ -145,6 +146,10 @@ class ParticleELBO(ELBO):
         if self.num_particles == 1:
             return fn
         key = (self.num_particles, self.max_plate_nesting)
+        if get_proxy_mode() is not None:
+            # A plate first entered while a graph is traced keeps a fake tensor
+            # (its indices), which no later call, copy or pickle can use.
+            return pyro.plate(PARTICLE_PLATE, key[0], dim=-key[1])(fn)
         if self._particle_plate is None or self._particle_plate[0] != key:
             plate = pyro.plate(PARTICLE_PLATE, key[0], dim=-key[1])
             self._particle_plate = (key, plate)
