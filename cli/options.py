@@ -31,6 +31,7 @@ OPTION_NAMES = {
     "resume": "--resume",
     "out": "--out",
     "run_dir": "--out",  # train_run's folder, named {run_dir} in its messages
+    "jobs": "--jobs",  # reproduce's
 }
 
 
@@ -45,7 +46,7 @@ def cli_text(message: str) -> str:
             return match.group(0)
         return flag if value == "True" else f"{flag} {value}"
 
-    return re.sub(r"\b([a-z_]+)=(['\"]?)([\w.,:-]+)\2", option, message)
+    return re.sub(r"\b([a-z_]+)=(['\"]?)([\w.,:/~-]+)\2", option, message)
 
 
 def settings_options(cls: type, skip: tuple[str, ...] = ()) -> Callable:

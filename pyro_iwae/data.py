@@ -343,8 +343,8 @@ def _load_idx_files(
     missing = [f for f in _IDX_FILES if not (raw / f).is_file()]
     if missing and not download:
         raise DataError(
-            f"{name}: {raw / missing[0]} not found; pass --data-dir pointing at a "
-            f"folder holding {folder}/raw, or allow download"
+            f"{name}: {raw / missing[0]} not found; pass data_dir=FOLDER, a folder "
+            f"holding {folder}/raw, or allow download"
         )
     if missing:
         from torchvision import datasets
@@ -355,8 +355,7 @@ def _load_idx_files(
         except (OSError, RuntimeError) as e:
             raise DataError(
                 f"{name}: could not download into {raw} ({one_line(e)}); check the "
-                f"network, or pass --data-dir pointing at a folder holding "
-                f"{folder}/raw"
+                f"network, or pass data_dir=FOLDER, a folder holding {folder}/raw"
             ) from e
     try:
         records = [_read_idx((raw / f).read_bytes()) for f in _IDX_FILES]
@@ -390,7 +389,7 @@ def _load_omniglot(root: Path) -> tuple[Tensor, Tensor]:
     if not path.is_file():
         raise DataError(
             f"omniglot: {path} not found; download {_OMNIGLOT_URL} and pass "
-            "--data-dir pointing at its folder"
+            "data_dir=FOLDER, the folder holding it"
         )
     try:
         mat = scipy.io.loadmat(path)

@@ -591,3 +591,18 @@ def test_checkpoint_with_values_that_are_not_finite(run, tmp_path):
     for command in (["eval-nll", altered], ["sample", altered]):
         assert_one_line_error(invoke(*command), "not finite", repr(name), "new run")
     assert_one_line_error(invoke("fit", "--resume", "--out", altered), "not finite")
+
+
+def test_library_advice_in_python_terms_reads_as_options():
+    # Library messages named CLI options (--data-dir, --dataset, --jobs 1) to
+    # Python callers; they name arguments now, which cli_text turns into options,
+    # paths included.
+    from pyro_iwae_cli.options import cli_text
+
+    assert (
+        cli_text("pass data_dir=FOLDER, a folder") == "pass --data-dir FOLDER, a folder"
+    )
+    assert cli_text("as other data with dataset='/a/b.npy'") == (
+        "as other data with --dataset /a/b.npy"
+    )
+    assert cli_text("use jobs=1, or start") == "use --jobs 1, or start"

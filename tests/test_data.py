@@ -167,7 +167,9 @@ def test_mnist_missing_directory(tmp_path):
         load_dataset("mnist", missing, download=False)
     message = str(info.value)
     assert str(missing / "MNIST" / "raw") in message
-    assert "--data-dir" in message and "\n" not in message
+    # The library's advice names its argument; the CLI's cli_text makes it
+    # --data-dir FOLDER (tests/test_cli.py).
+    assert "data_dir=FOLDER" in message and "\n" not in message
     assert not missing.exists()
 
 

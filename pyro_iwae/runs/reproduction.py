@@ -263,12 +263,12 @@ def run_grid(
     if jobs > 1 and distributed.current() is not None:
         raise RunError(
             "parallel jobs and torchrun do not go together: under torchrun the "
-            "processes train each run together; use --jobs 1, or start several "
+            "processes train each run together; use jobs=1, or start several "
             "torchrun jobs on the grid"
         )
     if jobs > 1 and not HAS_FILE_LOCKS:
         raise RunError(
-            "parallel jobs need file locks, which this system lacks; use --jobs 1"
+            "parallel jobs need file locks, which this system lacks; use jobs=1"
         )
     if distributed.is_main():
         Path(runs_dir).mkdir(parents=True, exist_ok=True)

@@ -169,7 +169,7 @@ class Run:
         config = self.config if config is None else config
         name = config.dataset if dataset is None else _as_dataset(dataset)
         if dataset is None:
-            advice = f"evaluate it as other data with --dataset {name}"
+            advice = f"evaluate it as other data with dataset={str(name)!r}"
             check_data(self.path, name, advice)
         data = load_dataset(
             name,
