@@ -1537,6 +1537,61 @@ def test_a_graph_fixes_private_numbers_and_numbers_in_containers(where):
     assert len(compiled._graphs) == 2
 
 
+class _TensorScaleModel(_SmallModel):
+    """The prior's log-scale, a plain tensor attribute (not a buffer), or one held
+    in a list."""
+
+    def __init__(self, where: str = "attribute") -> None:
+        super().__init__()
+        self.where = where
+        self.log_scale, self.log_scales = torch.tensor(0.0), [torch.tensor(0.0)]
+
+    def forward(self, x):
+        log_scale = self.log_scale if self.where == "attribute" else self.log_scales[0]
+        # Tracing takes a tensor of another origin as a constant where a Python
+        # number comes first (else it refuses it).
+        scale = (1.0 * log_scale).exp()
+        with pyro.plate("data", x.shape[0]):
+            z = pyro.sample("z", dist.Normal(x.new_zeros(2), scale).to_event(1))
+            pyro.sample("x", dist.Bernoulli(logits=self.out(z)).to_event(1), obs=x)
+
+
+def test_a_graph_fixes_the_modules_plain_tensor_attributes():
+    # The tensor was baked into the first graph: after m.log_scale = tensor(-1.0)
+    # (or an in-place change) the loss and estimates kept the old scale, silently.
+    model, guide = _TensorScaleModel(), _TorchNormalGuide()
+    elbo = IWELBO(3)
+    compiled = CompiledLoss(elbo, model, guide, backend=None)
+    estimate = CompiledLogLikelihood(model, guide, backend=None)
+    params = [*model.parameters(), *guide.parameters()]
+
+    def eager(x):
+        return elbo.differentiable_loss(model, guide, x)
+
+    for change in (None, "new", "in place", None):
+        if change == "new":
+            model.log_scale = torch.tensor(-1.0)
+        elif change == "in place":
+            model.log_scale.fill_(0.5)
+        _assert_same(compiled, eager, params, _data())
+        _assert_eager_estimates(estimate, model, guide, _data(), 6, 3, (1e-5, 1e-5))
+    assert len(compiled._graphs) == 3
+
+
+def test_a_tensor_the_graph_key_cannot_see_falls_back():
+    # A tensor in a module's list was baked into the graph as well, unkeyed.
+    model, guide = _TensorScaleModel("list"), _TorchNormalGuide()
+    elbo = IWELBO(3)
+    compiled = CompiledLoss(elbo, model, guide, backend=None)
+    params = [*model.parameters(), *guide.parameters()]
+    with pytest.warns(CompileFallbackWarning, match="register it as a buffer"):
+        compiled(_data())
+    model.log_scales[0] = torch.tensor(-1.0)
+    _assert_same(
+        compiled, lambda x: elbo.differentiable_loss(model, guide, x), params, _data()
+    )
+
+
 @pytest.mark.parametrize(
     "handlers, graphs",
     [

@@ -29,11 +29,13 @@ from ..infer.arguments import cuda_devices
 from ..infer.broadcast import data_dependent
 from .capture import (
     PYRO_MODULE_MESSAGE,
+    TensorAttributes,
     Unsupported,
     call_signature,
     draw_noise,
     pyro_modules,
     submodules,
+    watching,
 )
 
 #: Seconds this process has spent tracing and compiling graphs (all caches).
@@ -261,6 +263,9 @@ class GraphCache:
         self.max_signatures = max_signatures
         self._graphs: dict[tuple, Any] = {}
         self._disabled: str | None = None
+        # The plain tensor attributes (module name, attribute) that a graph has
+        # held as constants: part of every later key (see _tensor_key).
+        self._watched: tuple[tuple[str, str], ...] = ()
 
     @property
     def compiled(self) -> bool:
@@ -303,7 +308,8 @@ class GraphCache:
             return None, False  # this call alone runs eagerly
         if modules is None:
             modules = self.modules()
-        key = (key, signature, module_constants(modules), handlers)
+        tensors = self._tensor_key(modules)
+        key = (key, signature, module_constants(modules), handlers, tensors)
         if key in self._graphs:
             return self._graphs[key], False
         if len(self._graphs) >= self.max_signatures:
@@ -322,7 +328,8 @@ class GraphCache:
                 warnings.filterwarnings(
                     "ignore", "`torch._prims_common.check` is deprecated", FutureWarning
                 )
-                graph = build()
+                with watching(TensorAttributes(modules)) as attributes:
+                    graph = build()
         except Unsupported as error:
             self._disable(str(error))
             return None, False
@@ -331,8 +338,51 @@ class GraphCache:
             return None, False
         finally:
             _compile_seconds += time.perf_counter() - start
+        read = sorted(attributes.read - set(self._watched))
+        if read:
+            # The graph holds these as constants: from now on they are keyed.
+            self._watched += tuple(read)
+            key = (*key[:-1], self._tensor_key(modules))
         self._graphs[key] = graph
         return graph, True
+
+    def _tensor_key(self, modules: list[tuple[str, torch.nn.Module]]) -> tuple:
+        """The plain tensor attributes that graphs of the program hold as
+        constants (:attr:`_watched`), each as the same tensor object unchanged
+        since (its version counter): a new tensor, or one changed in place, is
+        another graph. Empty for most programs, and then free."""
+        if not self._watched:
+            return ()
+        by_name = dict(modules)
+        key = []
+        for prefix, name in self._watched:
+            value = vars(by_name[prefix]).get(name) if prefix in by_name else None
+            key.append(SameTensor(value) if isinstance(value, torch.Tensor) else ...)
+        return tuple(key)
+
+
+class SameTensor:
+    """A tensor in a graph's key: equal to another only for the same tensor at
+    the same version (no in-place change since); kept alive, so that its ``id``
+    is not another tensor's."""
+
+    __slots__ = ("tensor", "version")
+
+    def __init__(self, tensor: torch.Tensor) -> None:
+        self.tensor = tensor
+        # An inference tensor has no version counter (and cannot be changed in
+        # place outside inference mode).
+        self.version = None if tensor.is_inference() else tensor._version
+
+    def __hash__(self) -> int:
+        return id(self.tensor)
+
+    def __eq__(self, other: object) -> bool:
+        return (
+            isinstance(other, SameTensor)
+            and other.tensor is self.tensor
+            and other.version == self.version
+        )
 
 
 #: Types of the attributes that tracing bakes into a graph as constants.
