@@ -1592,6 +1592,32 @@ def test_a_tensor_the_graph_key_cannot_see_falls_back():
     )
 
 
+@pytest.mark.parametrize("how", ["loss", "step"])
+def test_an_input_that_needs_a_gradient_gets_it_on_the_eager_path(how):
+    # The graph gave the parameters' gradients alone: a network before the model
+    # (or x.requires_grad_()) got no gradient, silently, and stopped training.
+    model, guide = _SmallModel(), _TorchNormalGuide()
+    # A trainable input weight (1: the data stay in the Bernoulli's support).
+    weight = torch.nn.Parameter(torch.ones(()))
+    elbo = IWELBO(3)
+    compiled = CompiledLoss(elbo, model, guide, backend=None)
+    params = [*model.parameters(), *guide.parameters(), weight]
+    optim = torch.optim.SGD(params, lr=0.0)
+
+    torch.manual_seed(3)
+    elbo.differentiable_loss(model, guide, _data() * weight).backward()
+    eager = [p.grad.clone() for p in params]
+    optim.zero_grad(set_to_none=True)
+    torch.manual_seed(3)
+    with pytest.warns(CompileFallbackWarning, match="input of the call needs a grad"):
+        if how == "step":
+            compiled.step(optim, _data() * weight)
+        else:
+            compiled(_data() * weight).backward()
+    for a, b in zip([p.grad for p in params], eager, strict=True):
+        torch.testing.assert_close(a, b)
+
+
 @pytest.mark.parametrize(
     "handlers, graphs",
     [

@@ -330,6 +330,20 @@ def call_tensors(args: tuple, kwargs: dict) -> list[torch.Tensor]:
     return [leaf for leaf in leaves if isinstance(leaf, torch.Tensor)]
 
 
+INPUT_GRAD_MESSAGE = (
+    "an input of the call needs a gradient (as the output of a network before "
+    "the model), and a graph gives only the parameters'"
+)
+
+
+def needs_grad(args: tuple, kwargs: dict) -> bool:
+    """Whether, in grad mode, a tensor among ``(args, kwargs)`` needs a gradient:
+    a graph would give it none (nor what made it)."""
+    return torch.is_grad_enabled() and any(
+        t.requires_grad for t in call_tensors(args, kwargs)
+    )
+
+
 class CallArgs:
     """A call's ``(args, kwargs)`` with its tensors as a flat list: a graph takes
     them as inputs, and :meth:`rebuild` puts the traced ones in their places."""

@@ -31,12 +31,14 @@ from .backend import (
     objective_settings,
 )
 from .capture import (
+    INPUT_GRAD_MESSAGE,
     SEEDED_MESSAGE,
     CallArgs,
     Unsupported,
     call_tensors,
     draw_noise,
     named_tensors,
+    needs_grad,
     seeded_ops,
     submodules,
     trace_graph,
@@ -144,6 +146,8 @@ class CompiledLoss(GraphCache):
         return self.elbo.differentiable_loss(self.model, self.guide, *args, **kwargs)
 
     def __call__(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if self._disabled is None and needs_grad(args, kwargs):
+            self._disable(INPUT_GRAD_MESSAGE)
         if self._disabled is not None or not torch.is_grad_enabled():
             return self.eager(*args, **kwargs)
         modules = submodules(self._both)  # each call: a user may swap tensors
@@ -194,6 +198,8 @@ class CompiledLoss(GraphCache):
         :returns: the loss times ``scale``, detached.
         """
         named: dict[str, torch.Tensor] = {}
+        if self._disabled is None and needs_grad(args, kwargs):
+            self._disable(INPUT_GRAD_MESSAGE)
         if self._disabled is None and torch.is_grad_enabled():
             modules = submodules(self._both)
             named = named_tensors(self._both, modules)
