@@ -28,7 +28,6 @@ from .backend import (
     compile_graph,
     describe,
     kept_buffers,
-    objective_settings,
 )
 from .capture import (
     INPUT_GRAD_MESSAGE,
@@ -44,6 +43,7 @@ from .capture import (
     trace_graph,
 )
 from .grads import PrecomputedGrad, announce_params, set_grads
+from .keys import objective_settings
 from .rewrites import fewer_transcendentals
 
 
