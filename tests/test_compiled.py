@@ -10,6 +10,7 @@ with ``PYRO_IWAE_SLOW_TESTS=1``::
 
 from __future__ import annotations
 
+import enum
 import functools
 import json
 import math
@@ -19,6 +20,7 @@ import subprocess
 import sys
 import warnings
 
+import numpy as np
 import pyro
 import pyro.distributions as dist
 import pytest
@@ -1616,6 +1618,56 @@ def test_an_input_that_needs_a_gradient_gets_it_on_the_eager_path(how):
             compiled(_data() * weight).backward()
     for a, b in zip([p.grad for p in params], eager, strict=True):
         torch.testing.assert_close(a, b)
+
+
+class _Width(enum.Enum):
+    WIDE = 1.0
+    NARROW = 0.5
+
+
+class _AttributeModel(_SmallModel):
+    """Settings of other types than numbers: a numpy scalar, an enum member, a
+    set, a function and a submodule's class."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.np_scale, self.width, self.options = np.float32(1.0), _Width.WIDE, set()
+        self.act, self.squash = torch.tanh, torch.nn.Tanh()
+
+    def forward(self, x):
+        scale = float(self.np_scale) * self.width.value
+        scale *= 0.3 if "narrow" in self.options else 1.0
+        with pyro.plate("data", x.shape[0]):
+            z = pyro.sample("z", dist.Normal(x.new_zeros(2), scale).to_event(1))
+            logits = self.out(self.squash(self.act(z)))
+            pyro.sample("x", dist.Bernoulli(logits=logits).to_event(1), obs=x)
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        lambda m: setattr(m, "np_scale", np.float32(0.3)),
+        lambda m: setattr(m, "width", _Width.NARROW),
+        lambda m: m.options.add("narrow"),
+        lambda m: setattr(m, "act", torch.sigmoid),
+        lambda m: setattr(m, "squash", torch.nn.Sigmoid()),
+    ],
+    ids=["numpy scalar", "enum", "set", "function", "submodule"],
+)
+def test_a_graph_fixes_settings_of_other_types(change):
+    # None of these was in the graph's key: the old graph's numbers came back.
+    model, guide = _AttributeModel(), _TorchNormalGuide()
+    elbo = IWELBO(3)
+    compiled = CompiledLoss(elbo, model, guide, backend=None)
+    params = [*model.parameters(), *guide.parameters()]
+
+    def eager(x):
+        return elbo.differentiable_loss(model, guide, x)
+
+    _assert_same(compiled, eager, params, _data())
+    change(model)
+    _assert_same(compiled, eager, params, _data())
+    assert len(compiled._graphs) == 2
 
 
 @pytest.mark.parametrize(

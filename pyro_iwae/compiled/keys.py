@@ -5,8 +5,12 @@ plain tensor attributes a graph holds."""
 
 from __future__ import annotations
 
+import enum
+import functools
+import types
 from typing import Any
 
+import numpy as np
 import torch
 from pyro.poutine.runtime import _PYRO_STACK
 from pyro.poutine.scale_messenger import ScaleMessenger
@@ -65,54 +69,70 @@ def objective_settings(elbo: Any) -> tuple[tuple[str, Any], ...]:
 
 def module_constants(modules: list[tuple[str, torch.nn.Module]]) -> tuple:
     """What a graph fixes of ``modules`` (a :func:`~.capture.submodules` walk)
-    besides their tensors: each module's :func:`module_settings`, its train or
-    eval mode among them (dropout, batch norm), and such values as a KL weight
-    that a schedule sets between steps or a fixed scale. A change gives another
-    graph."""
-    return tuple([module_settings(module) for _, module in modules])
+    besides their tensors: each module's class (a submodule swapped for one of
+    another class) and :func:`module_settings`, its train or eval mode among
+    them (dropout, batch norm), and such values as a KL weight that a schedule
+    sets between steps or a fixed scale. A change gives another graph."""
+    return tuple([(type(module), module_settings(module)) for _, module in modules])
 
 
 #: ``nn.Module``'s own attributes (registries of tensors, submodules and hooks):
 #: not settings of a model. ``training`` is one (the mode).
 _MODULE_BOOKKEEPING = frozenset(vars(torch.nn.Module())) - {"training"}
-_NUMBERS = (bool, int, float, str)
-_CONTAINERS = (dict, list, tuple)
-#: How deep :func:`_numbers_in` walks nested containers.
+#: Values tracing bakes in, keyed as they are: numbers (numpy's too), strings,
+#: enum members, and functions and classes (by identity: ``self.act =
+#: torch.tanh``).
+_VALUES = (
+    bool,
+    int,
+    float,
+    str,
+    np.generic,
+    enum.Enum,
+    types.FunctionType,
+    types.BuiltinFunctionType,
+    types.MethodType,
+    functools.partial,
+    type,
+)
+_CONTAINERS = (dict, list, tuple, set, frozenset)
+#: How deep :func:`_values_in` walks nested containers.
 _MAX_DEPTH = 4
 
 
 def module_settings(module: torch.nn.Module) -> tuple[tuple[str, Any], ...]:
-    """What tracing reads of ``module`` as constants, by attribute name: Python
-    numbers and strings in its public and private attributes and in the
-    dicts, lists and tuples they hold (nested, as :func:`_numbers_in` gives
-    them), and None in public ones (a private None is a cache's empty slot, as a
-    transform's ``_inv``: it would give a second graph once filled). Not
-    ``nn.Module``'s own bookkeeping."""
+    """What tracing reads of ``module`` as constants, by attribute name: the
+    values of :data:`_VALUES` in its public and private attributes and in the
+    dicts, lists, tuples and sets they hold (nested, as :func:`_values_in`
+    gives them), and None in public ones (a private None is a cache's empty
+    slot, as a transform's ``_inv``: it would give a second graph once filled).
+    Not ``nn.Module``'s own bookkeeping."""
     # A loop over the attributes, no generator: a compiled step reads ~20
     # modules of ~20 attributes each (most of them bookkeeping).
     key = []
     for name, value in vars(module).items():
         if name in _MODULE_BOOKKEEPING:
             continue
-        if isinstance(value, _NUMBERS) or (value is None and name[:1] != "_"):
+        if isinstance(value, _VALUES) or (value is None and name[:1] != "_"):
             key.append((name, value))
         elif isinstance(value, _CONTAINERS):
-            key.append((name, _numbers_in(value, 1)))
+            key.append((name, _values_in(value, 1)))
     return tuple(key)
 
 
-def _numbers_in(value: Any, depth: int) -> Any:
-    """``value``'s numbers and strings, in its structure: a container (to
+def _values_in(value: Any, depth: int) -> Any:
+    """``value``'s :data:`_VALUES`, in its structure: a container (to
     :data:`_MAX_DEPTH` deep) as a tuple of its items' (a dict's as
-    ``(key, item)`` pairs), anything else as ``...`` (so that a tensor filling a
-    cache's slot gives no new key)."""
-    if isinstance(value, _NUMBERS):
+    ``(key, item)`` pairs, a set's as a frozenset), anything else as ``...``
+    (so that a tensor filling a cache's slot gives no new key)."""
+    if isinstance(value, _VALUES):
         return value
     if depth > _MAX_DEPTH or not isinstance(value, _CONTAINERS):
         return ...
     if isinstance(value, dict):
-        return tuple([(k, _numbers_in(v, depth + 1)) for k, v in value.items()])
-    return tuple([_numbers_in(v, depth + 1) for v in value])
+        return tuple([(k, _values_in(v, depth + 1)) for k, v in value.items()])
+    items = [_values_in(v, depth + 1) for v in value]
+    return frozenset(items) if isinstance(value, set | frozenset) else tuple(items)
 
 
 def handlers_key() -> tuple | None:
