@@ -1670,6 +1670,35 @@ def test_a_graph_fixes_settings_of_other_types(change):
     assert len(compiled._graphs) == 2
 
 
+class _CastingModel(_SmallModel):
+    def forward(self, x):
+        return super().forward(x.to(self.out.weight.dtype))
+
+
+class _CastingGuide(_TorchNormalGuide):
+    def forward(self, x):
+        return super().forward(x.to(self.loc.weight.dtype))
+
+
+def test_a_graph_fixes_the_dtypes_of_the_parameters():
+    # After model.double(), guide.double() the float32 graph ran on float64
+    # parameters: "mat1 and mat2 must have the same dtype".
+    model, guide = _CastingModel(), _CastingGuide()
+    elbo = IWELBO(3)
+    compiled = CompiledLoss(elbo, model, guide, backend=None)
+    estimate = CompiledLogLikelihood(model, guide, backend=None)
+
+    def eager(x):
+        return elbo.differentiable_loss(model, guide, x)
+
+    for dtype in (torch.float32, torch.float64):
+        model.to(dtype), guide.to(dtype)
+        params = [*model.parameters(), *guide.parameters()]
+        _assert_same(compiled, eager, params, _data())
+        _assert_eager_estimates(estimate, model, guide, _data(), 6, 3, (1e-5, 1e-5))
+    assert len(compiled._graphs) == 2
+
+
 @pytest.mark.parametrize(
     "handlers, graphs",
     [

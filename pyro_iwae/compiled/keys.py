@@ -105,8 +105,9 @@ def module_settings(module: torch.nn.Module) -> tuple[tuple[str, Any], ...]:
     values of :data:`_VALUES` in its public and private attributes and in the
     dicts, lists, tuples and sets they hold (nested, as :func:`_values_in`
     gives them), and None in public ones (a private None is a cache's empty
-    slot, as a transform's ``_inv``: it would give a second graph once filled).
-    Not ``nn.Module``'s own bookkeeping."""
+    slot, as a transform's ``_inv``: it would give a second graph once filled);
+    and the dtype, shape and device of each of its parameters and buffers. Not
+    ``nn.Module``'s other bookkeeping."""
     # A loop over the attributes, no generator: a compiled step reads ~20
     # modules of ~20 attributes each (most of them bookkeeping).
     key = []
@@ -117,6 +118,11 @@ def module_settings(module: torch.nn.Module) -> tuple[tuple[str, Any], ...]:
             key.append((name, value))
         elif isinstance(value, _CONTAINERS):
             key.append((name, _values_in(value, 1)))
+    # The graph is traced for its tensors' dtypes, shapes and devices (after
+    # model.double(), the old graph failed on mixed dtypes).
+    for members in (module._parameters, module._buffers):
+        for name, t in members.items():
+            key.append((name, t if t is None else (t.dtype, t.shape, t.device)))
     return tuple(key)
 
 
