@@ -1460,6 +1460,27 @@ def test_a_graph_fixes_the_modules_modes_and_the_objectives_settings():
     _assert_same(compiled, eager, params, _data())
 
 
+class _DropoutGuide(_TorchNormalGuide):
+    def __init__(self) -> None:
+        super().__init__()
+        self.drop = torch.nn.Dropout(0.3)
+
+    def forward(self, x):
+        return super().forward(self.drop(x))
+
+
+@pytest.mark.parametrize("how", ["loss", "step"])
+def test_a_traced_graph_that_keeps_its_draws_says_so_when_it_falls_back(how):
+    # With backend=None, the draws of dropout on the data stay in the graph and
+    # its first call differs from the eager one: the warning blamed a changing
+    # structure.
+    model, guide = _SmallModel(), _DropoutGuide()
+    compiled = CompiledLoss(IWELBO(3), model, guide, backend=None)
+    optim = torch.optim.SGD([*model.parameters(), *guide.parameters()], lr=0.0)
+    with pytest.warns(CompileFallbackWarning, match="dropout in train mode"):
+        compiled.step(optim, _data()) if how == "step" else compiled(_data())
+
+
 class _WeightedModel(torch.nn.Module):
     """A KL weight and a logit scale held as plain Python floats."""
 

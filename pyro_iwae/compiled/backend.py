@@ -26,6 +26,7 @@ from ..infer.arguments import cuda_devices
 from ..infer.broadcast import data_dependent
 from .capture import (
     PYRO_MODULE_MESSAGE,
+    SEEDED_MESSAGE,
     TensorAttributes,
     Unsupported,
     call_signature,
@@ -378,6 +379,19 @@ def untraceable(error: BaseException) -> str:
             f"inverse may) ({describe(error)})"
         )
     return f"cannot trace the program as a static graph ({describe(error)})"
+
+
+def mismatch(seeded: bool, what: str) -> str:
+    """Why a graph's first call gave other ``what`` than the eager path: where
+    it kept draws with tensor arguments (``seeded``, as only ``backend=None``
+    does), those draws; else, presumably, a structure that changes between
+    calls."""
+    if seeded:
+        return SEEDED_MESSAGE
+    return (
+        f"the compiled {what} differ from the eager ones (does the program's "
+        "structure change between calls?)"
+    )
 
 
 def close_enough(a: torch.Tensor, b: torch.Tensor, rtol: float) -> bool:

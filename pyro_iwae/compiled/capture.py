@@ -224,8 +224,8 @@ def pyro_modules(*fns: Any) -> bool:
 
 SEEDED_MESSAGE = (
     "the program draws random numbers with tensor arguments (as "
-    "torch.bernoulli(probs) or torch.randn_like(x)); compiled, they would come "
-    "from another generator than the eager path's"
+    "torch.bernoulli(probs), torch.randn_like(x), or dropout in train mode), "
+    "which a graph does not draw as the eager path does"
 )
 
 
