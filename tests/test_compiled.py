@@ -10,6 +10,7 @@ with ``PYRO_IWAE_SLOW_TESTS=1``::
 
 from __future__ import annotations
 
+import enum
 import functools
 import json
 import math
@@ -19,6 +20,7 @@ import subprocess
 import sys
 import warnings
 
+import numpy as np
 import pyro
 import pyro.distributions as dist
 import pytest
@@ -1458,6 +1460,27 @@ def test_a_graph_fixes_the_modules_modes_and_the_objectives_settings():
     _assert_same(compiled, eager, params, _data())
 
 
+class _DropoutGuide(_TorchNormalGuide):
+    def __init__(self) -> None:
+        super().__init__()
+        self.drop = torch.nn.Dropout(0.3)
+
+    def forward(self, x):
+        return super().forward(self.drop(x))
+
+
+@pytest.mark.parametrize("how", ["loss", "step"])
+def test_a_traced_graph_that_keeps_its_draws_says_so_when_it_falls_back(how):
+    # With backend=None, the draws of dropout on the data stay in the graph and
+    # its first call differs from the eager one: the warning blamed a changing
+    # structure.
+    model, guide = _SmallModel(), _DropoutGuide()
+    compiled = CompiledLoss(IWELBO(3), model, guide, backend=None)
+    optim = torch.optim.SGD([*model.parameters(), *guide.parameters()], lr=0.0)
+    with pytest.warns(CompileFallbackWarning, match="dropout in train mode"):
+        compiled.step(optim, _data()) if how == "step" else compiled(_data())
+
+
 class _WeightedModel(torch.nn.Module):
     """A KL weight and a logit scale held as plain Python floats."""
 
@@ -1534,6 +1557,166 @@ def test_a_graph_fixes_private_numbers_and_numbers_in_containers(where):
     for weight in (1.0, 2.0, 1.0):
         model._beta = model.cfg["beta"] = model.betas[0] = weight
         _assert_same(compiled, eager, params, _data())
+    assert len(compiled._graphs) == 2
+
+
+class _TensorScaleModel(_SmallModel):
+    """The prior's log-scale, a plain tensor attribute (not a buffer), or one held
+    in a list."""
+
+    def __init__(self, where: str = "attribute") -> None:
+        super().__init__()
+        self.where = where
+        self.log_scale, self.log_scales = torch.tensor(0.0), [torch.tensor(0.0)]
+
+    def forward(self, x):
+        log_scale = self.log_scale if self.where == "attribute" else self.log_scales[0]
+        # Tracing takes a tensor of another origin as a constant where a Python
+        # number comes first (else it refuses it).
+        scale = (1.0 * log_scale).exp()
+        with pyro.plate("data", x.shape[0]):
+            z = pyro.sample("z", dist.Normal(x.new_zeros(2), scale).to_event(1))
+            pyro.sample("x", dist.Bernoulli(logits=self.out(z)).to_event(1), obs=x)
+
+
+def test_a_graph_fixes_the_modules_plain_tensor_attributes():
+    # The tensor was baked into the first graph: after m.log_scale = tensor(-1.0)
+    # (or an in-place change) the loss and estimates kept the old scale, silently.
+    model, guide = _TensorScaleModel(), _TorchNormalGuide()
+    elbo = IWELBO(3)
+    compiled = CompiledLoss(elbo, model, guide, backend=None)
+    estimate = CompiledLogLikelihood(model, guide, backend=None)
+    params = [*model.parameters(), *guide.parameters()]
+
+    def eager(x):
+        return elbo.differentiable_loss(model, guide, x)
+
+    for change in (None, "new", "in place", None):
+        if change == "new":
+            model.log_scale = torch.tensor(-1.0)
+        elif change == "in place":
+            model.log_scale.fill_(0.5)
+        _assert_same(compiled, eager, params, _data())
+        _assert_eager_estimates(estimate, model, guide, _data(), 6, 3, (1e-5, 1e-5))
+    assert len(compiled._graphs) == 3
+
+
+def test_a_tensor_the_graph_key_cannot_see_falls_back():
+    # A tensor in a module's list was baked into the graph as well, unkeyed.
+    model, guide = _TensorScaleModel("list"), _TorchNormalGuide()
+    elbo = IWELBO(3)
+    compiled = CompiledLoss(elbo, model, guide, backend=None)
+    params = [*model.parameters(), *guide.parameters()]
+    with pytest.warns(CompileFallbackWarning, match="register it as a buffer"):
+        compiled(_data())
+    model.log_scales[0] = torch.tensor(-1.0)
+    _assert_same(
+        compiled, lambda x: elbo.differentiable_loss(model, guide, x), params, _data()
+    )
+
+
+@pytest.mark.parametrize("how", ["loss", "step"])
+def test_an_input_that_needs_a_gradient_gets_it_on_the_eager_path(how):
+    # The graph gave the parameters' gradients alone: a network before the model
+    # (or x.requires_grad_()) got no gradient, silently, and stopped training.
+    model, guide = _SmallModel(), _TorchNormalGuide()
+    # A trainable input weight (1: the data stay in the Bernoulli's support).
+    weight = torch.nn.Parameter(torch.ones(()))
+    elbo = IWELBO(3)
+    compiled = CompiledLoss(elbo, model, guide, backend=None)
+    params = [*model.parameters(), *guide.parameters(), weight]
+    optim = torch.optim.SGD(params, lr=0.0)
+
+    torch.manual_seed(3)
+    elbo.differentiable_loss(model, guide, _data() * weight).backward()
+    eager = [p.grad.clone() for p in params]
+    optim.zero_grad(set_to_none=True)
+    torch.manual_seed(3)
+    with pytest.warns(CompileFallbackWarning, match="input of the call needs a grad"):
+        if how == "step":
+            compiled.step(optim, _data() * weight)
+        else:
+            compiled(_data() * weight).backward()
+    for a, b in zip([p.grad for p in params], eager, strict=True):
+        torch.testing.assert_close(a, b)
+
+
+class _Width(enum.Enum):
+    WIDE = 1.0
+    NARROW = 0.5
+
+
+class _AttributeModel(_SmallModel):
+    """Settings of other types than numbers: a numpy scalar, an enum member, a
+    set, a function and a submodule's class."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.np_scale, self.width, self.options = np.float32(1.0), _Width.WIDE, set()
+        self.act, self.squash = torch.tanh, torch.nn.Tanh()
+
+    def forward(self, x):
+        scale = float(self.np_scale) * self.width.value
+        scale *= 0.3 if "narrow" in self.options else 1.0
+        with pyro.plate("data", x.shape[0]):
+            z = pyro.sample("z", dist.Normal(x.new_zeros(2), scale).to_event(1))
+            logits = self.out(self.squash(self.act(z)))
+            pyro.sample("x", dist.Bernoulli(logits=logits).to_event(1), obs=x)
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        lambda m: setattr(m, "np_scale", np.float32(0.3)),
+        lambda m: setattr(m, "width", _Width.NARROW),
+        lambda m: m.options.add("narrow"),
+        lambda m: setattr(m, "act", torch.sigmoid),
+        lambda m: setattr(m, "squash", torch.nn.Sigmoid()),
+    ],
+    ids=["numpy scalar", "enum", "set", "function", "submodule"],
+)
+def test_a_graph_fixes_settings_of_other_types(change):
+    # None of these was in the graph's key: the old graph's numbers came back.
+    model, guide = _AttributeModel(), _TorchNormalGuide()
+    elbo = IWELBO(3)
+    compiled = CompiledLoss(elbo, model, guide, backend=None)
+    params = [*model.parameters(), *guide.parameters()]
+
+    def eager(x):
+        return elbo.differentiable_loss(model, guide, x)
+
+    _assert_same(compiled, eager, params, _data())
+    change(model)
+    _assert_same(compiled, eager, params, _data())
+    assert len(compiled._graphs) == 2
+
+
+class _CastingModel(_SmallModel):
+    def forward(self, x):
+        return super().forward(x.to(self.out.weight.dtype))
+
+
+class _CastingGuide(_TorchNormalGuide):
+    def forward(self, x):
+        return super().forward(x.to(self.loc.weight.dtype))
+
+
+def test_a_graph_fixes_the_dtypes_of_the_parameters():
+    # After model.double(), guide.double() the float32 graph ran on float64
+    # parameters: "mat1 and mat2 must have the same dtype".
+    model, guide = _CastingModel(), _CastingGuide()
+    elbo = IWELBO(3)
+    compiled = CompiledLoss(elbo, model, guide, backend=None)
+    estimate = CompiledLogLikelihood(model, guide, backend=None)
+
+    def eager(x):
+        return elbo.differentiable_loss(model, guide, x)
+
+    for dtype in (torch.float32, torch.float64):
+        model.to(dtype), guide.to(dtype)
+        params = [*model.parameters(), *guide.parameters()]
+        _assert_same(compiled, eager, params, _data())
+        _assert_eager_estimates(estimate, model, guide, _data(), 6, 3, (1e-5, 1e-5))
     assert len(compiled._graphs) == 2
 
 

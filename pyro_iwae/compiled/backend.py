@@ -20,21 +20,22 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import torch
-from pyro.poutine.runtime import _PYRO_STACK
-from pyro.poutine.scale_messenger import ScaleMessenger
-from pyro.poutine.trace_messenger import TraceMessenger
 from torch import fx
 
 from ..infer.arguments import cuda_devices
 from ..infer.broadcast import data_dependent
 from .capture import (
     PYRO_MODULE_MESSAGE,
+    SEEDED_MESSAGE,
+    TensorAttributes,
     Unsupported,
     call_signature,
     draw_noise,
     pyro_modules,
     submodules,
+    watching,
 )
+from .keys import SameTensor, handlers_key, module_constants
 
 #: Seconds this process has spent tracing and compiling graphs (all caches).
 _compile_seconds = 0.0
@@ -261,6 +262,9 @@ class GraphCache:
         self.max_signatures = max_signatures
         self._graphs: dict[tuple, Any] = {}
         self._disabled: str | None = None
+        # The plain tensor attributes (module name, attribute) that a graph has
+        # held as constants: part of every later key (see _tensor_key).
+        self._watched: tuple[tuple[str, str], ...] = ()
 
     @property
     def compiled(self) -> bool:
@@ -303,7 +307,8 @@ class GraphCache:
             return None, False  # this call alone runs eagerly
         if modules is None:
             modules = self.modules()
-        key = (key, signature, module_constants(modules), handlers)
+        tensors = self._tensor_key(modules)
+        key = (key, signature, module_constants(modules), handlers, tensors)
         if key in self._graphs:
             return self._graphs[key], False
         if len(self._graphs) >= self.max_signatures:
@@ -322,7 +327,8 @@ class GraphCache:
                 warnings.filterwarnings(
                     "ignore", "`torch._prims_common.check` is deprecated", FutureWarning
                 )
-                graph = build()
+                with watching(TensorAttributes(modules)) as attributes:
+                    graph = build()
         except Unsupported as error:
             self._disable(str(error))
             return None, False
@@ -331,103 +337,27 @@ class GraphCache:
             return None, False
         finally:
             _compile_seconds += time.perf_counter() - start
+        read = sorted(attributes.read - set(self._watched))
+        if read:
+            # The graph holds these as constants: from now on they are keyed.
+            self._watched += tuple(read)
+            key = (*key[:-1], self._tensor_key(modules))
         self._graphs[key] = graph
         return graph, True
 
-
-#: Types of the attributes that tracing bakes into a graph as constants.
-_CONSTANT_TYPES = (bool, int, float, str, type(None))
-
-
-def public_constants(obj: Any) -> tuple[tuple[str, Any], ...]:
-    """``obj``'s public attributes (by name) whose values are Python numbers,
-    strings or None: what tracing reads as constants. Private ones are caches
-    (a transform's ``_inv``) and state, not settings."""
-    # Names first, and no generator: a compiled step reads ~20 modules' ~17
-    # attributes each: this order takes 26 us of the paper model's step, 48 before.
-    return tuple(
-        [
-            (name, value)
-            for name, value in vars(obj).items()
-            if name[:1] != "_" and isinstance(value, _CONSTANT_TYPES)
-        ]
-    )
-
-
-def objective_settings(elbo: Any) -> tuple[tuple[str, Any], ...]:
-    """What a graph fixes of the objective ``elbo``: its :func:`public_constants`
-    (particles, estimator, groups, ...) but ``compile`` (how it runs, not what it
-    computes), sorted by name. A change of one gives another graph."""
-    return tuple(sorted(c for c in public_constants(elbo) if c[0] != "compile"))
-
-
-def module_constants(modules: list[tuple[str, torch.nn.Module]]) -> tuple:
-    """What a graph fixes of ``modules`` (a :func:`~.capture.submodules` walk)
-    besides their tensors: each module's :func:`module_settings`, its train or
-    eval mode among them (dropout, batch norm), and such values as a KL weight
-    that a schedule sets between steps or a fixed scale. A change gives another
-    graph."""
-    return tuple([module_settings(module) for _, module in modules])
-
-
-#: ``nn.Module``'s own attributes (registries of tensors, submodules and hooks):
-#: not settings of a model. ``training`` is one (the mode).
-_MODULE_BOOKKEEPING = frozenset(vars(torch.nn.Module())) - {"training"}
-_NUMBERS = (bool, int, float, str)
-_CONTAINERS = (dict, list, tuple)
-#: How deep :func:`_numbers_in` walks nested containers.
-_MAX_DEPTH = 4
-
-
-def module_settings(module: torch.nn.Module) -> tuple[tuple[str, Any], ...]:
-    """What tracing reads of ``module`` as constants, by attribute name: Python
-    numbers and strings in its public and private attributes and in the
-    dicts, lists and tuples they hold (nested, as :func:`_numbers_in` gives
-    them), and None in public ones (a private None is a cache's empty slot, as a
-    transform's ``_inv``: it would give a second graph once filled). Not
-    ``nn.Module``'s own bookkeeping."""
-    # A loop over the attributes, no generator: a compiled step reads ~20
-    # modules of ~20 attributes each (most of them bookkeeping).
-    key = []
-    for name, value in vars(module).items():
-        if name in _MODULE_BOOKKEEPING:
-            continue
-        if isinstance(value, _NUMBERS) or (value is None and name[:1] != "_"):
-            key.append((name, value))
-        elif isinstance(value, _CONTAINERS):
-            key.append((name, _numbers_in(value, 1)))
-    return tuple(key)
-
-
-def _numbers_in(value: Any, depth: int) -> Any:
-    """``value``'s numbers and strings, in its structure: a container (to
-    :data:`_MAX_DEPTH` deep) as a tuple of its items' (a dict's as
-    ``(key, item)`` pairs), anything else as ``...`` (so that a tensor filling a
-    cache's slot gives no new key)."""
-    if isinstance(value, _NUMBERS):
-        return value
-    if depth > _MAX_DEPTH or not isinstance(value, _CONTAINERS):
-        return ...
-    if isinstance(value, dict):
-        return tuple([(k, _numbers_in(v, depth + 1)) for k, v in value.items()])
-    return tuple([_numbers_in(v, depth + 1) for v in value])
-
-
-def handlers_key() -> tuple | None:
-    """The Pyro handlers around a call, as a graph traced under them keeps them:
-    SVI's trace of parameters, and scales by Python numbers (by value). None
-    where another one is active (a condition's values, a mask, a tensor
-    scale): a graph would keep what it did on the call that traced it, so the
-    call runs eagerly."""
-    key = []
-    for handler in _PYRO_STACK:
-        if type(handler) is TraceMessenger and handler.param_only:
-            key.append("params")
-        elif type(handler) is ScaleMessenger and isinstance(handler.scale, int | float):
-            key.append(("scale", handler.scale))
-        else:
-            return None
-    return tuple(key)
+    def _tensor_key(self, modules: list[tuple[str, torch.nn.Module]]) -> tuple:
+        """The plain tensor attributes that graphs of the program hold as
+        constants (:attr:`_watched`), each as the same tensor object unchanged
+        since (its version counter): a new tensor, or one changed in place, is
+        another graph. Empty for most programs, and then free."""
+        if not self._watched:
+            return ()
+        by_name = dict(modules)
+        key = []
+        for prefix, name in self._watched:
+            value = vars(by_name[prefix]).get(name) if prefix in by_name else None
+            key.append(SameTensor(value) if isinstance(value, torch.Tensor) else ...)
+        return tuple(key)
 
 
 def describe(error: BaseException) -> str:
@@ -449,6 +379,19 @@ def untraceable(error: BaseException) -> str:
             f"inverse may) ({describe(error)})"
         )
     return f"cannot trace the program as a static graph ({describe(error)})"
+
+
+def mismatch(seeded: bool, what: str) -> str:
+    """Why a graph's first call gave other ``what`` than the eager path: where
+    it kept draws with tensor arguments (``seeded``, as only ``backend=None``
+    does), those draws; else, presumably, a structure that changes between
+    calls."""
+    if seeded:
+        return SEEDED_MESSAGE
+    return (
+        f"the compiled {what} differ from the eager ones (does the program's "
+        "structure change between calls?)"
+    )
 
 
 def close_enough(a: torch.Tensor, b: torch.Tensor, rtol: float) -> bool:

@@ -11,7 +11,9 @@ stay in the graph (:func:`seeded_ops`).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import contextlib
+import contextvars
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import pyro
@@ -115,15 +117,75 @@ def trace_graph(
     with pyro.validation_enabled(False), _NoParamStore():
         gm = make_fx(fn, tracing_mode="fake")(*inputs)
     constants = [
-        getattr(gm, node.target) for node in gm.graph.nodes if node.op == "get_attr"
+        (node, getattr(gm, node.target))
+        for node in gm.graph.nodes
+        if node.op == "get_attr"
     ]
-    if any(isinstance(c, torch.Tensor) and c.requires_grad for c in constants):
+    if any(isinstance(c, torch.Tensor) and c.requires_grad for _, c in constants):
         raise Unsupported(_PARAM_MESSAGE)
+    attributes = _ATTRIBUTES.get()
+    if attributes is not None:
+        for node, c in constants:
+            if not isinstance(c, torch.Tensor) or _literal(node):
+                continue
+            if id(c) not in attributes:
+                raise Unsupported(CAPTURED_MESSAGE)
+            attributes.read.add(attributes[id(c)])
     return gm, _lift_random_ops(gm)
+
+
+def _literal(node: fx.Node) -> bool:
+    """Whether the constant ``node`` is a tensor the program makes from Python
+    values (``torch.tensor(1.0)``, as ``torch.distributions`` makes of a number):
+    the same at every call, unlike a tensor it reads from elsewhere."""
+    return bool(node.users) and all(
+        user.target is torch.ops.aten.lift_fresh_copy.default for user in node.users
+    )
+
+
+class TensorAttributes(dict):
+    """The plain tensor attributes of a program's modules (neither parameters
+    nor buffers), as ``{id(tensor): (module name, attribute)}``; ``read``: those
+    a graph traced under :func:`watching` holds as constants."""
+
+    def __init__(self, modules: Sequence[tuple[str, torch.nn.Module]]) -> None:
+        super().__init__(
+            (id(value), (prefix, name))
+            for prefix, module in modules
+            for name, value in vars(module).items()
+            if isinstance(value, torch.Tensor)
+        )
+        self.read: set[tuple[str, str]] = set()
+
+
+_ATTRIBUTES: contextvars.ContextVar[TensorAttributes | None] = contextvars.ContextVar(
+    "pyro_iwae_tensor_attributes", default=None
+)
+
+
+@contextlib.contextmanager
+def watching(attributes: TensorAttributes) -> Iterator[TensorAttributes]:
+    """Within: :func:`trace_graph` notes in ``attributes.read`` the tensor
+    attributes a graph holds as constants, and refuses (:class:`Unsupported`) a
+    graph that holds any other tensor read from outside the program's inputs
+    (one in a container or a global): its key could not see it change."""
+    token = _ATTRIBUTES.set(attributes)
+    try:
+        yield attributes
+    finally:
+        _ATTRIBUTES.reset(token)
 
 
 class Unsupported(Exception):
     pass
+
+
+CAPTURED_MESSAGE = (
+    "the program reads a tensor that is neither a parameter or buffer of the model "
+    "or guide, nor an input, nor a module's own attribute (one in a container, a "
+    "global, a closure's): a graph would keep its first value; register it as a "
+    "buffer (module.register_buffer) or pass it as an input"
+)
 
 
 _PARAM_MESSAGE = (
@@ -162,8 +224,8 @@ def pyro_modules(*fns: Any) -> bool:
 
 SEEDED_MESSAGE = (
     "the program draws random numbers with tensor arguments (as "
-    "torch.bernoulli(probs) or torch.randn_like(x)); compiled, they would come "
-    "from another generator than the eager path's"
+    "torch.bernoulli(probs), torch.randn_like(x), or dropout in train mode), "
+    "which a graph does not draw as the eager path does"
 )
 
 
@@ -266,6 +328,20 @@ def call_tensors(args: tuple, kwargs: dict) -> list[torch.Tensor]:
         return list(args)
     leaves = torch.utils._pytree.tree_leaves((args, kwargs))
     return [leaf for leaf in leaves if isinstance(leaf, torch.Tensor)]
+
+
+INPUT_GRAD_MESSAGE = (
+    "an input of the call needs a gradient (as the output of a network before "
+    "the model), and a graph gives only the parameters'"
+)
+
+
+def needs_grad(args: tuple, kwargs: dict) -> bool:
+    """Whether, in grad mode, a tensor among ``(args, kwargs)`` needs a gradient:
+    a graph would give it none (nor what made it)."""
+    return torch.is_grad_enabled() and any(
+        t.requires_grad for t in call_tensors(args, kwargs)
+    )
 
 
 class CallArgs:

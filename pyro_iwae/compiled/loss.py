@@ -28,20 +28,23 @@ from .backend import (
     compile_graph,
     describe,
     kept_buffers,
-    objective_settings,
+    mismatch,
 )
 from .capture import (
+    INPUT_GRAD_MESSAGE,
     SEEDED_MESSAGE,
     CallArgs,
     Unsupported,
     call_tensors,
     draw_noise,
     named_tensors,
+    needs_grad,
     seeded_ops,
     submodules,
     trace_graph,
 )
 from .grads import PrecomputedGrad, announce_params, set_grads
+from .keys import objective_settings
 from .rewrites import fewer_transcendentals
 
 
@@ -70,6 +73,8 @@ class _LossGraph:
         self.noise_ops = noise_ops
         self.grad_mask = grad_mask
         self.scale = scale
+        # Draws with tensor arguments left in the graph (backend None keeps them).
+        self.seeded = False
         self.adam: AdamSettings | None = None
         # With adam: the parameters whose state the graph takes (indices), those
         # it updates (the ones of them that get a gradient), and zero stand-ins
@@ -144,6 +149,8 @@ class CompiledLoss(GraphCache):
         return self.elbo.differentiable_loss(self.model, self.guide, *args, **kwargs)
 
     def __call__(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if self._disabled is None and needs_grad(args, kwargs):
+            self._disable(INPUT_GRAD_MESSAGE)
         if self._disabled is not None or not torch.is_grad_enabled():
             return self.eager(*args, **kwargs)
         modules = submodules(self._both)  # each call: a user may swap tensors
@@ -194,6 +201,8 @@ class CompiledLoss(GraphCache):
         :returns: the loss times ``scale``, detached.
         """
         named: dict[str, torch.Tensor] = {}
+        if self._disabled is None and needs_grad(args, kwargs):
+            self._disable(INPUT_GRAD_MESSAGE)
         if self._disabled is None and torch.is_grad_enabled():
             modules = submodules(self._both)
             named = named_tensors(self._both, modules)
@@ -293,10 +302,7 @@ class CompiledLoss(GraphCache):
         loss = self._first(self._verified, graph, list(named.values()), args, kwargs)
         if loss is None:
             if self._disabled is None:
-                self._disable(
-                    "the compiled loss or gradients differ from the eager ones (does "
-                    "the program's structure change between calls?)"
-                )
+                self._disable(mismatch(graph.seeded, "loss or gradients"))
             return None, None
         return graph, loss
 
@@ -365,7 +371,8 @@ class CompiledLoss(GraphCache):
             inputs += spare
         with torch.enable_grad():
             gm, noise_ops = trace_graph(loss_and_grads, inputs)
-        if self.backend is not None and seeded_ops(gm.graph):
+        seeded = bool(seeded_ops(gm.graph))
+        if self.backend is not None and seeded:
             raise Unsupported(SEEDED_MESSAGE)
         # The image log-densities and the tanh layers: ~5% of a small CPU step.
         fewer_transcendentals(gm)
@@ -373,6 +380,7 @@ class CompiledLoss(GraphCache):
         mask = [w and next(full_mask) for w in wanted]
         fn = compile_graph(gm, self.backend, self.compile_options, inputs, noise_ops)
         graph = _LossGraph(fn, noise_ops, mask, scale)
+        graph.seeded = seeded
         if adam is not None:
             graph.adam, graph.candidates, graph.spare = adam, candidates, spare
             graph.updated = [i for i in candidates if mask[i]]
@@ -504,10 +512,7 @@ class CompiledLoss(GraphCache):
                 with torch.no_grad():
                     torch._foreach_copy_(tensors, stepped)
         if not ok:
-            self._disable(
-                "the compiled loss, gradients or Adam update differ from the eager "
-                "ones (does the program's structure change between calls?)"
-            )
+            self._disable(mismatch(graph.seeded, "loss, gradients or Adam update"))
         return loss
 
 
