@@ -1422,6 +1422,20 @@ def test_call_signature_and_tensors_of_a_plain_and_a_nested_call():
     assert call_tensors((x, 2.0), {"y": [y]}) == [x, y]
 
 
+def _traced_pair(model, guide):
+    """An IWELBO(3), its traced loss and log-likelihood of ``model`` and
+    ``guide`` (no compiler), their parameters, and the eager loss."""
+    elbo = IWELBO(3)
+    compiled = CompiledLoss(elbo, model, guide, backend=None)
+    estimate = CompiledLogLikelihood(model, guide, backend=None)
+    params = [*model.parameters(), *guide.parameters()]
+
+    def eager(x):
+        return elbo.differentiable_loss(model, guide, x)
+
+    return elbo, compiled, estimate, params, eager
+
+
 class _DropoutModel(_SmallModel):
     def __init__(self) -> None:
         super().__init__()
@@ -1438,12 +1452,7 @@ def test_a_graph_fixes_the_modules_modes_and_the_objectives_settings():
     """A change of k, or of a module's train or eval mode, after the first graph
     is another graph (or the eager path), never the old graph's numbers."""
     model, guide = _DropoutModel(), _TorchNormalGuide()
-    elbo = IWELBO(3)
-    compiled = CompiledLoss(elbo, model, guide, backend=None)
-    params = [*model.parameters(), *guide.parameters()]
-
-    def eager(x):
-        return elbo.differentiable_loss(model, guide, x)
+    elbo, compiled, _, params, eager = _traced_pair(model, guide)
 
     model.eval()
     _assert_same(compiled, eager, params, _data())
@@ -1502,13 +1511,7 @@ def test_a_graph_fixes_the_modules_python_numbers():
     schedule sets, a scale) changed between calls gives another graph: the first
     graph kept the first values, for the loss and for the log-likelihood."""
     model, guide = _WeightedModel(), _TorchNormalGuide()
-    elbo = IWELBO(3)
-    compiled = CompiledLoss(elbo, model, guide, backend=None)
-    estimate = CompiledLogLikelihood(model, guide, backend=None)
-    params = [*model.parameters(), *guide.parameters()]
-
-    def eager(x):
-        return elbo.differentiable_loss(model, guide, x)
+    elbo, compiled, estimate, params, eager = _traced_pair(model, guide)
 
     for beta, sharpness in [(1.0, 1.0), (0.1, 1.0), (0.1, 3.0)]:
         model.beta, model.sharpness = beta, sharpness
@@ -1547,12 +1550,7 @@ def test_a_graph_fixes_private_numbers_and_numbers_in_containers(where):
     # Only public numbers were in the graph's key: after m._beta = 2.0 (or
     # m.cfg["beta"], m.betas[0]) the old graph's numbers came back, silently.
     model, guide = _HiddenWeightModel(where), _TorchNormalGuide()
-    elbo = IWELBO(3)
-    compiled = CompiledLoss(elbo, model, guide, backend=None)
-    params = [*model.parameters(), *guide.parameters()]
-
-    def eager(x):
-        return elbo.differentiable_loss(model, guide, x)
+    elbo, compiled, _, params, eager = _traced_pair(model, guide)
 
     for weight in (1.0, 2.0, 1.0):
         model._beta = model.cfg["beta"] = model.betas[0] = weight
@@ -1583,13 +1581,7 @@ def test_a_graph_fixes_the_modules_plain_tensor_attributes():
     # The tensor was baked into the first graph: after m.log_scale = tensor(-1.0)
     # (or an in-place change) the loss and estimates kept the old scale, silently.
     model, guide = _TensorScaleModel(), _TorchNormalGuide()
-    elbo = IWELBO(3)
-    compiled = CompiledLoss(elbo, model, guide, backend=None)
-    estimate = CompiledLogLikelihood(model, guide, backend=None)
-    params = [*model.parameters(), *guide.parameters()]
-
-    def eager(x):
-        return elbo.differentiable_loss(model, guide, x)
+    elbo, compiled, estimate, params, eager = _traced_pair(model, guide)
 
     for change in (None, "new", "in place", None):
         if change == "new":
@@ -1678,12 +1670,7 @@ class _AttributeModel(_SmallModel):
 def test_a_graph_fixes_settings_of_other_types(change):
     # None of these was in the graph's key: the old graph's numbers came back.
     model, guide = _AttributeModel(), _TorchNormalGuide()
-    elbo = IWELBO(3)
-    compiled = CompiledLoss(elbo, model, guide, backend=None)
-    params = [*model.parameters(), *guide.parameters()]
-
-    def eager(x):
-        return elbo.differentiable_loss(model, guide, x)
+    elbo, compiled, _, params, eager = _traced_pair(model, guide)
 
     _assert_same(compiled, eager, params, _data())
     change(model)
@@ -1705,12 +1692,7 @@ def test_a_graph_fixes_the_dtypes_of_the_parameters():
     # After model.double(), guide.double() the float32 graph ran on float64
     # parameters: "mat1 and mat2 must have the same dtype".
     model, guide = _CastingModel(), _CastingGuide()
-    elbo = IWELBO(3)
-    compiled = CompiledLoss(elbo, model, guide, backend=None)
-    estimate = CompiledLogLikelihood(model, guide, backend=None)
-
-    def eager(x):
-        return elbo.differentiable_loss(model, guide, x)
+    elbo, compiled, estimate, _, eager = _traced_pair(model, guide)
 
     for dtype in (torch.float32, torch.float64):
         model.to(dtype), guide.to(dtype)
