@@ -16,3 +16,22 @@ def small_config(**changes):
     )
     values.update(changes)
     return RunConfig(**values)
+
+
+def linear_gaussian_config(dataset, **changes):
+    """A one-epoch run of a linear-Gaussian model (no hidden layer, one latent,
+    sigma 0.5) on the 3-wide points of the data file ``dataset``, eagerly and
+    without test points."""
+    values = dict(
+        dataset=dataset,
+        x_dim=3,
+        likelihood="gaussian",
+        sigma=0.5,
+        hidden=[],
+        latent_dim=1,
+        epochs=1,
+        test_limit=0,
+        compile="off",
+    )
+    values.update(changes)
+    return RunConfig(**values)

@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+from small_run import linear_gaussian_config
 
 from pyro_iwae import ConfigError, EvalSettings, RunConfig, RunError, train_run
 from pyro_iwae.runs.config import CONFIG_FILE
@@ -357,18 +358,7 @@ def test_a_run_made_in_python_records_its_data_paths_absolute(tmp_path, monkeypa
         points = rng.standard_normal((60, 3)).astype(np.float32)
         np.save(tmp_path / folder / "points.npy", points)
     monkeypatch.chdir(tmp_path / "here")
-    config = RunConfig(
-        dataset="points.npy",
-        data_dir="data",
-        x_dim=3,
-        likelihood="gaussian",
-        sigma=0.5,
-        hidden=[],
-        latent_dim=1,
-        epochs=1,
-        test_limit=0,
-        compile="off",
-    )
+    config = linear_gaussian_config("points.npy", data_dir="data")
     train_run(config, "run")
     saved = json.loads((tmp_path / "here" / "run" / CONFIG_FILE).read_text())
     assert saved["dataset"] == str(tmp_path / "here" / "points.npy")

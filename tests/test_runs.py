@@ -12,7 +12,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from small_run import BATCH, TEST, TRAIN, K, small_config
+from small_run import BATCH, TEST, TRAIN, K, linear_gaussian_config, small_config
 from test_cli import SMALL, assert_ok, assert_one_line_error, invoke
 
 from pyro_iwae import FitCallback, PyroIwaeError
@@ -494,18 +494,7 @@ def test_the_training_split_of_a_run_with_a_train_limit_is_its_trained_points(
     generator = np.random.default_rng(0)
     np.save(data, generator.standard_normal((120, 3)).astype(np.float32))
     run_dir = tmp_path / "run"
-    config = RunConfig(
-        dataset=str(data),
-        x_dim=3,
-        likelihood="gaussian",
-        sigma=0.5,
-        hidden=[],
-        latent_dim=1,
-        epochs=1,
-        train_limit=30,
-        test_limit=0,
-        compile="off",
-    )
+    config = linear_gaussian_config(str(data), train_limit=30)
     train_run(config, run_dir)
     trained = evaluate_run(run_dir, num_samples=3, split="train")
     assert trained.points == 30 and trained.limit is None

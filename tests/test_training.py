@@ -238,16 +238,8 @@ def test_the_test_points_change_no_trained_parameter(small):
     trained = []
     for test_size in (TEST, 3, 0):
         model, guide = make_pair(small)
-        history = fit(
-            model,
-            guide,
-            small,
-            make_objective("iwae", K),
-            schedule=[(2, 1e-3)],
-            batch_size=BATCH,
-            seed=3,
-            test_size=test_size,
-        )
+        options = dict(schedule=[(2, 1e-3)], batch_size=BATCH, test_size=test_size)
+        history = fit(model, guide, small, make_objective("iwae", K), seed=3, **options)
         trained.append((state(model, guide), [m["train_bound"] for m in history]))
     for other, bounds in trained[1:]:
         assert_same_state(other, trained[0][0])
