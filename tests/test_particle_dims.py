@@ -195,3 +195,25 @@ def test_the_check_moves_no_running_statistics():
         means.append(guide.norm.running_mean.clone())
         assert guide.training
     assert torch.equal(means[0], means[1]) and means[0].abs().sum() > 0
+
+
+def test_a_guide_that_differentiates_is_not_refused():
+    # The check's run with another number of particles ran without gradients:
+    # a guide taking a gradient step of its own (semi-amortised) failed there,
+    # and was refused as a dim "at the particles' place".
+    def model(x):
+        with pyro.plate("data", len(x)):
+            z = pyro.sample("z", dist.Normal(0.0, 1.0))
+            pyro.sample("x", dist.Normal(A * z + B, S), obs=x)
+
+    def guide(x):
+        loc = torch.zeros(len(x), requires_grad=True)
+        fit = dist.Normal(A * loc + B, S).log_prob(x).sum()
+        (step,) = torch.autograd.grad(fit, loc, create_graph=True)
+        with pyro.plate("data", len(x)):
+            pyro.sample("z", dist.Normal(loc + 0.1 * step, 1.0))
+
+    pyro.set_rng_seed(0)
+    x = torch.randn(6)
+    losses = [IWELBO(3).differentiable_loss(model, guide, x) for _ in range(2)]
+    assert all(torch.isfinite(loss) for loss in losses)

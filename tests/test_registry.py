@@ -149,9 +149,8 @@ def test_a_builder_defined_again_replaces_itself_and_another_needs_replace():
         with pytest.raises(BuilderError) as info:
             register_guide("cell-guide")(other)
         assert str(info.value) == (
-            "a guide named 'cell-guide' is registered already (notebook.cell_guide, "
-            "<string> line 1); give register_guide replace=True to replace it, or "
-            "choose another name"
+            "a guide named 'cell-guide' is registered already (notebook.cell_guide); "
+            "give register_guide replace=True to replace it, or choose another name"
         )
         assert register_guide("cell-guide", replace=True)(other) is other
         assert build_guide("cell-guide", x_dim=3, stochastic_layers=1).out_features == 2
@@ -203,6 +202,12 @@ def test_another_lambda_or_nested_builder_of_a_taken_name_is_refused(
         old = module.build
         assert importlib.reload(module).build is not old
         assert GUIDES["test-plugin"] is module.build
+        # Edited, then imported again (autoreload, a notebook's edited cell):
+        # refused since the builder's line moved.
+        path = bare_folder / "plugin_guides.py"
+        path.write_text("# edited\n" + path.read_text())
+        edited = importlib.reload(module).build
+        assert GUIDES["test-plugin"] is edited
     finally:
         for name in ("test-lambda", "test-nested", "test-plugin"):
             GUIDES.pop(name, None)

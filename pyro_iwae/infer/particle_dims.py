@@ -90,8 +90,8 @@ def check_particle_dims(
     """Checks that in the log-prob of every sample site of ``pair`` (traced under
     a particle plate of ``num_particles`` at ``particle_dim``) only the particles'
     dim follows their number, by one run of ``redraw(count)`` (the pair traced
-    with another count; on a forked random stream, without gradients, seen by no
-    handler around it). Skipped while a graph is traced: its eager run checks.
+    with another count; on a forked random stream, seen by no handler around
+    it). Skipped while a graph is traced: its eager run checks.
 
     :raises ProgramError: where a dim at the particles' place does not follow
         their number (data or a value with a leading dim as long as the
@@ -104,18 +104,21 @@ def check_particle_dims(
     # Small, so that the run costs little: any count other than k tells.
     other = 3 if num_particles == 2 else 2
     try:
-        with trial_run(args, kwargs), torch.no_grad(), pyro.poutine.block():
+        # With gradients as the caller has them: a guide may differentiate
+        # (torch.autograd.grad of a step of its own, as semi-amortised ones do).
+        with trial_run(args, kwargs), pyro.poutine.block():
             other_pair = redraw(other)
     except PyroIwaeError:
         raise
     except (ValueError, RuntimeError, TypeError, IndexError) as e:
         raise ProgramError(
             f"model and guide run with {num_particles} particles but fail with "
-            f"{other} ({type(e).__name__}: {one_line(innermost(e))}): a dim of size "
-            f"{num_particles} in no pyro.plate (data or a value with a leading dim "
-            f"as long as the particles) sits at the particles' dim {particle_dim}, "
-            "so the weights would take it for the particles'; declare that dim with "
-            "pyro.plate, or make it the distribution's event (.to_event)"
+            f"{other} ({type(e).__name__}: {one_line(innermost(e))}); where a dim "
+            f"of size {num_particles} in no pyro.plate (data or a value with a "
+            "leading dim as long as the particles) sits at the particles' dim "
+            f"{particle_dim}, the weights would take it for the particles': declare "
+            "that dim with pyro.plate, or make it the distribution's event "
+            "(.to_event)"
         ) from e
     for trace, other_trace in zip(pair, other_pair, strict=True):
         others = {site["name"]: site for site in sample_sites((other_trace,))}

@@ -65,17 +65,19 @@ def _register(
 
 
 def _where(builder: Builder) -> str:
-    """``module.qualname`` of ``builder`` and the file and line its code starts
-    at: the same for a function defined anew by running its notebook cell or
-    module again; another for each lambda (all ``<lambda>``) and each nested
-    function of one name (``f.<locals>.build``) defined elsewhere."""
+    """``module.qualname`` of ``builder``, and for a lambda or a nested
+    function the file and line its code starts at: the same for a function
+    defined anew by running its notebook cell or module again (edited, too: a
+    module-level name is one builder); another for each lambda (all
+    ``<lambda>``) and each nested function of one name (``f.<locals>.build``)
+    defined elsewhere."""
     module = getattr(builder, "__module__", None)
     qualname = getattr(builder, "__qualname__", None)
     if not (module and qualname):
         return repr(builder)
     # Unwrapped: a decorator's wrapper has the same code for every builder.
     code = getattr(inspect.unwrap(builder), "__code__", None)
-    if code is None:  # a class, or another callable: by its name
+    if code is None or "<" not in qualname:  # a class, or a module-level name
         return f"{module}.{qualname}"
     return f"{module}.{qualname}, {code.co_filename} line {code.co_firstlineno}"
 
@@ -89,9 +91,10 @@ def register_model(name: str, *, replace: bool = False) -> Callable[[Builder], B
     ``torch.nn.Module``. The name is known to this Python process only: the
     command line finds a builder by an entry point or an import path.
 
-    A builder of the same module, name, file and line as the registered one
-    (the same function, or one defined again by running its notebook cell or
-    module again) replaces it; another needs ``replace=True``.
+    A builder of the same module and name as the registered one (the same
+    function, or one defined again by running its notebook cell or module
+    again, edited or not; a lambda or nested function: of the same file and line
+    too) replaces it; another needs ``replace=True``.
 
     :raises BuilderError: for a name registered already to another builder.
     """
@@ -107,9 +110,10 @@ def register_guide(name: str, *, replace: bool = False) -> Callable[[Builder], B
     known to this Python process only: the command line finds a builder by an
     entry point or an import path.
 
-    A builder of the same module, name, file and line as the registered one
-    (the same function, or one defined again by running its notebook cell or
-    module again) replaces it; another needs ``replace=True``.
+    A builder of the same module and name as the registered one (the same
+    function, or one defined again by running its notebook cell or module
+    again, edited or not; a lambda or nested function: of the same file and line
+    too) replaces it; another needs ``replace=True``.
 
     :raises BuilderError: for a name registered already to another builder.
     """
