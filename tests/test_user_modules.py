@@ -162,6 +162,34 @@ def test_data_of_another_dtype_than_the_networks(paper, dtype):
     assert log_px.dtype == torch.float64 and log_px.shape == (3,)
 
 
+def test_a_dtype_mismatch_in_users_own_networks_is_one_line():
+    # Torch's matmul raises a RuntimeError, not a ValueError: fit said it with
+    # Pyro's "Trace Shapes:" dump on the lines after.
+    class Model(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.out = nn.Linear(2, 3)
+
+        def forward(self, x):
+            with pyro.plate("data", x.shape[0]):
+                z = pyro.sample("z", dist.Normal(torch.zeros(2), 1.0).to_event(1))
+                pyro.sample("x", dist.Normal(self.out(z), 1.0).to_event(1), obs=x)
+
+    class Guide(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.loc = nn.Linear(3, 2)
+
+        def forward(self, x):
+            with pyro.plate("data", x.shape[0]):
+                pyro.sample("z", dist.Normal(self.loc(x), 1.0).to_event(1))
+
+    x = torch.randn(8, 3, dtype=torch.float64)
+    with pytest.raises(RuntimeError, match="dtype") as e:
+        fit(Model(), Guide(), x, IWELBO(2), test_size=0, schedule=[(1, 1e-3)])
+    assert "\n" not in str(e.value) and "Trace Shapes" not in str(e.value)
+
+
 def test_data_with_nan_are_named_as_the_problem(paper):
     x = torch.bernoulli(torch.full((4, 784), 0.3))
     x[2, 17] = float("nan")

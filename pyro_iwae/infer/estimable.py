@@ -135,12 +135,13 @@ def innermost(error: BaseException) -> BaseException:
 
 @contextmanager
 def trace_shapes_dropped() -> Iterator[None]:
-    """Raises a ``ValueError`` from inside a traced program (a network's own
-    message, say) as it was raised, without the trace shapes Pyro appends (as
-    the evaluators' :func:`check_plates` run does)."""
+    """Raises a ``ValueError`` or ``RuntimeError`` from inside a traced program
+    (a network's own message, say: torch's dtype mismatch is a RuntimeError) as
+    it was raised, without the trace shapes Pyro appends (as the evaluators'
+    :func:`check_plates` run does)."""
     try:
         yield
-    except ValueError as e:
+    except (ValueError, RuntimeError) as e:
         inner = innermost(e)
         if inner is e:
             raise
