@@ -7,6 +7,7 @@ import math
 import os
 import shlex
 import shutil
+import time
 from types import SimpleNamespace
 
 import numpy as np
@@ -978,3 +979,31 @@ def _khat_line(diagnostics: dict, k: int, points: int) -> str:
         diagnostics_file=f"diagnostics-test-k{k}.txt",
     )
     return next(x for x in cli_main._eval_report(result) if "k-hat" in x)
+
+
+def test_the_evaluations_lock_goes_when_let_go_and_still_orders_its_holders(tmp_path):
+    # .evaluations.lock stayed in every evaluated run's folder.
+    import threading
+
+    order = []
+
+    def evaluate(name):
+        with locks.waiting(tmp_path, "evaluations"):
+            order.append(f"{name} in")
+            time.sleep(0.05)
+            order.append(f"{name} out")
+
+    threads = [threading.Thread(target=evaluate, args=(n,)) for n in "ab"]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    # One at a time: each holder's "in" is followed by its own "out".
+    assert [step.split()[0] for step in order[::2]] == [
+        step.split()[0] for step in order[1::2]
+    ]
+    assert not (tmp_path / ".evaluations.lock").exists()
+    # A lock file found there (not this process's) is left as it was.
+    (tmp_path / ".evaluations.lock").touch()
+    evaluate("c")
+    assert (tmp_path / ".evaluations.lock").exists()

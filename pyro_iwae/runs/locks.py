@@ -48,16 +48,20 @@ def hold_for_ranks(folder: Path, name: str) -> Iterator[str | None]:
 def waiting(folder: Path, name: str) -> Iterator[None]:
     """Holds ``.<name>.lock`` of ``folder`` while the body runs, waiting for
     another process that holds it (a short step, such as choosing a file's name
-    and writing it); without file locks (Windows), runs the body as it is."""
+    and writing it); removed after where this process made it; without file
+    locks (Windows), runs the body as it is."""
     if fcntl is None:
         yield
         return
-    with open(folder / f".{name}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
+    path = folder / f".{name}.lock"
+    lock, made = _locked(path, wait=True)
+    try:
+        yield
+    finally:
+        if made:  # an evaluated run's folder kept it
+            path.unlink(missing_ok=True)
+        fcntl.flock(lock, fcntl.LOCK_UN)
+        os.close(lock)
 
 
 @contextmanager
@@ -104,9 +108,10 @@ def hold(folder: Path, name: str) -> Iterator[str | None]:
         os.close(lock)
 
 
-def _locked(path: Path) -> tuple[int | None, bool]:
+def _locked(path: Path, wait: bool = False) -> tuple[int | None, bool]:
     """The descriptor of the lock file ``path``, flocked by this process, and
-    whether this process made the file; None if another process holds it."""
+    whether this process made the file; None if another process holds it (or
+    with ``wait``, once it lets go)."""
     while True:
         try:
             fd, made = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644), True
@@ -116,7 +121,7 @@ def _locked(path: Path) -> tuple[int | None, bool]:
             except FileNotFoundError:
                 continue  # removed by its holder as it let go: made afresh
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(fd, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             os.close(fd)
             return None, False
