@@ -217,3 +217,22 @@ def test_a_guide_that_differentiates_is_not_refused():
     x = torch.randn(6)
     losses = [IWELBO(3).differentiable_loss(model, guide, x) for _ in range(2)]
     assert all(torch.isfinite(loss) for loss in losses)
+
+
+def test_a_program_asserting_its_number_of_particles_is_left_unchecked():
+    # Pyro's test_vectorized_shape_ok asserts its value's shape [k, ...]: the
+    # check's run with another number of particles failed that assert, and the
+    # program, valid, raised it.
+    def model(x):
+        with pyro.plate("data", len(x)):
+            z = pyro.sample("z", dist.Normal(0.0, 1.0))
+            pyro.sample("x", dist.Normal(A * z + B, S), obs=x)
+
+    def guide(x):
+        with pyro.plate("data", len(x)):
+            z = pyro.sample("z", dist.Normal(torch.zeros(len(x)), 1.0))
+        assert z.shape == (K, 1, len(x))
+
+    pyro.set_rng_seed(0)
+    x = torch.randn(3)
+    assert math.isfinite(IWELBO(K, max_plate_nesting=2).loss(model, guide, x))
