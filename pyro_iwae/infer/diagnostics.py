@@ -175,7 +175,7 @@ class Diagnostics(NamedTuple):
     ``[batch]``: ``log_likelihood`` (nats), its delta-method ``stderr`` (nats),
     Kish's ``ess`` of the K weights (1 to K; where the guide enumerates sites,
     a particle's weight is the mean of its weights per value, see
-    :attr:`~pyro_iwae.infer.log_weights.Particles.particle_log_weights`), and
+    ``Particles.particle_log_weights``), and
     the Pareto ``khat`` of their tail (> 0.7: unreliable)."""
 
     log_likelihood: torch.Tensor
