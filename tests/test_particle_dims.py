@@ -33,6 +33,13 @@ def rows_guide(x):
         pyro.sample("z", dist.Normal(var * A * (x - B).sum(0) / S**2, math.sqrt(var)))
 
 
+def point_model(x):
+    # One latent per point of x, in the data plate.
+    with pyro.plate("data", len(x)):
+        z = pyro.sample("z", dist.Normal(0.0, 1.0))
+        pyro.sample("x", dist.Normal(A * z + B, S), obs=x)
+
+
 def test_a_leading_dim_as_long_as_the_particles_is_refused():
     # It was taken for the particles': each particle weighed one row of the data,
     # and IWELBO gave about -10 where log p(x) is about -33, silently.
@@ -201,11 +208,6 @@ def test_a_guide_that_differentiates_is_not_refused():
     # The check's run with another number of particles ran without gradients:
     # a guide taking a gradient step of its own (semi-amortised) failed there,
     # and was refused as a dim "at the particles' place".
-    def model(x):
-        with pyro.plate("data", len(x)):
-            z = pyro.sample("z", dist.Normal(0.0, 1.0))
-            pyro.sample("x", dist.Normal(A * z + B, S), obs=x)
-
     def guide(x):
         loc = torch.zeros(len(x), requires_grad=True)
         fit = dist.Normal(A * loc + B, S).log_prob(x).sum()
@@ -215,7 +217,7 @@ def test_a_guide_that_differentiates_is_not_refused():
 
     pyro.set_rng_seed(0)
     x = torch.randn(6)
-    losses = [IWELBO(3).differentiable_loss(model, guide, x) for _ in range(2)]
+    losses = [IWELBO(3).differentiable_loss(point_model, guide, x) for _ in range(2)]
     assert all(torch.isfinite(loss) for loss in losses)
 
 
@@ -223,11 +225,6 @@ def test_a_program_asserting_its_number_of_particles_is_left_unchecked():
     # Pyro's test_vectorized_shape_ok asserts its value's shape [k, ...]: the
     # check's run with another number of particles failed that assert, and the
     # program, valid, raised it.
-    def model(x):
-        with pyro.plate("data", len(x)):
-            z = pyro.sample("z", dist.Normal(0.0, 1.0))
-            pyro.sample("x", dist.Normal(A * z + B, S), obs=x)
-
     def guide(x):
         with pyro.plate("data", len(x)):
             z = pyro.sample("z", dist.Normal(torch.zeros(len(x)), 1.0))
@@ -235,4 +232,4 @@ def test_a_program_asserting_its_number_of_particles_is_left_unchecked():
 
     pyro.set_rng_seed(0)
     x = torch.randn(3)
-    assert math.isfinite(IWELBO(K, max_plate_nesting=2).loss(model, guide, x))
+    assert math.isfinite(IWELBO(K, max_plate_nesting=2).loss(point_model, guide, x))
