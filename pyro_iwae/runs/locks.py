@@ -58,10 +58,7 @@ def waiting(folder: Path, name: str) -> Iterator[None]:
     try:
         yield
     finally:
-        if made:  # an evaluated run's folder kept it
-            path.unlink(missing_ok=True)
-        fcntl.flock(lock, fcntl.LOCK_UN)
-        os.close(lock)
+        _let_go(path, lock, made)  # an evaluated run's folder kept it
 
 
 @contextmanager
@@ -99,13 +96,19 @@ def hold(folder: Path, name: str) -> Iterator[str | None]:
         with _claim(folder / f".{name}.claim", takeover=True) as holder:
             yield holder
     finally:
-        # Removed where made, before it is let go: a folder left as it was
-        # found (a new run's interrupted before its first checkpoint kept its
-        # lock). A process that opened it meanwhile sees it gone (_locked).
-        if made:
-            path.unlink(missing_ok=True)
-        fcntl.flock(lock, fcntl.LOCK_UN)
-        os.close(lock)
+        # A folder left as it was found (a new run's interrupted before its
+        # first checkpoint kept its lock).
+        _let_go(path, lock, made)
+
+
+def _let_go(path: Path, lock: int, made: bool) -> None:
+    """Lets go of the flocked lock file ``path`` (descriptor ``lock``), removed
+    first where this process ``made`` it: a process that opened it meanwhile
+    sees it gone (:func:`_locked`) and makes it afresh."""
+    if made:
+        path.unlink(missing_ok=True)
+    fcntl.flock(lock, fcntl.LOCK_UN)
+    os.close(lock)
 
 
 def _locked(path: Path, wait: bool = False) -> tuple[int | None, bool]:
