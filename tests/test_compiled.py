@@ -1865,3 +1865,26 @@ def test_an_objective_copies_and_pickles_after_its_compiled_calls(name):
     for each in [loss_module, *copies]:
         torch.manual_seed(5)
         torch.testing.assert_close(each(x), expected, rtol=1e-5, atol=0)
+
+
+def test_an_evaluation_that_fell_back_to_the_eager_path_says_so(tmp_path):
+    # Its record and eval-nll's report said "as asked", where fit says why.
+    config = RunConfig(
+        model="sbn",
+        guide="sbn",
+        estimator="vimco",
+        stochastic_layers=1,
+        train_limit=10,
+        test_limit=5,
+        batch_size=10,
+        num_particles=2,
+        epochs=1,
+    )
+    train_run(config, tmp_path)
+    with pytest.warns(CompileFallbackWarning, match="with tensor arguments"):
+        result = evaluate_run(tmp_path, num_samples=2, limit=2, compile=None)
+    assert result.compiled is False
+    assert result.compile_choice.startswith("as asked; then eager: ")
+    assert "with tensor arguments" in result.compile_choice
+    recorded = json.loads(open(result.file).read())
+    assert recorded["compile_choice"] == result.compile_choice

@@ -271,6 +271,11 @@ class GraphCache:
         """False once the compiled path has been given up for good."""
         return self._disabled is None
 
+    @property
+    def fallback(self) -> str | None:
+        """Why the compiled path was given up for good (None: it was not)."""
+        return self._disabled
+
     def _disable(self, reason: str) -> None:
         self._disabled = reason
         _fallback(reason)

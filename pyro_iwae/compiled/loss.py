@@ -542,4 +542,4 @@ def loss_fallback(elbo: Any, model: Any, guide: Any) -> str | None:
     entry = _LOSS_CACHE.get(elbo, {}).get((id(model), id(guide)))
     if entry is None or entry.model is not model or entry.guide is not guide:
         return None
-    return entry._disabled
+    return entry.fallback

@@ -42,8 +42,9 @@ class Compiler(Protocol):
         """An object whose ``chunks(*args, num_samples=, chunk_size=, **kwargs)``
         yields what ``pyro_iwae.infer.evaluation.log_weight_chunks`` yields (the
         log-weights of each chunk of particles), from compiled graphs
-        (``plates``: the ``max_plate_nesting``), and whose ``compiled`` is False
-        once it has fallen back to the eager path for good. The same object for
+        (``plates``: the ``max_plate_nesting``), and whose ``fallback`` says
+        why it fell back to the eager path for good (None: it has not). The
+        same object for
         the same arguments, while ``guide`` lives."""
         ...
 

@@ -70,6 +70,7 @@ __all__ = [
     "cached_graphs",
     "choose_compile",
     "choose_fit_compile",
+    "compile_outcome",
     "graph_keys",
     "header_built",
     "remember_graphs",
@@ -123,6 +124,19 @@ def choose_compile(
     threshold += header * AUTO_COMPILE_WORK_HEADER
     unit = _unit("particle-points", graphs, cached, header)
     return _choose(setting, points * num_samples, threshold, unit, device)
+
+
+def compile_outcome(
+    compile: bool | str | None, why: str, fallback: str | None
+) -> tuple[bool, str]:
+    """Whether graphs compiled as ``compile`` (settled, not ``"auto"``) ran, and
+    why: ``why``, the choice, and the ``fallback`` to the eager path since
+    (its reason; None: none came), as training and evaluations record it."""
+    if not compiles(compile):
+        return False, why
+    if fallback is None:
+        return True, why
+    return False, f"{why}; then eager: {fallback}"
 
 
 def choose_fit_compile(
@@ -279,12 +293,10 @@ class FitCompile:
     ) -> tuple[bool, str]:
         """Whether the steps run as compiled graphs, and why: the choice, and
         a fallback to the eager path since (which a warning told of)."""
-        if not compiles(self.compile):
-            return False, self.why
-        reason = compiler().fallback(self.objective, model, guide)
-        if reason is None:
-            return True, self.why
-        return False, f"{self.why}; then eager: {reason}"
+        reason = None
+        if compiles(self.compile):
+            reason = compiler().fallback(self.objective, model, guide)
+        return compile_outcome(self.compile, self.why, reason)
 
     def note_compiled(self) -> None:
         """After graphs were compiled: inductor's cache holds them (for a later

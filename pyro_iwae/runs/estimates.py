@@ -69,12 +69,12 @@ def estimate_points(
     points: torch.Tensor,
     settings: EvalSettings,
     callback: Callable[[torch.Tensor, int], None] | None,
-) -> tuple[torch.Tensor, float, float, bool]:
+) -> tuple[torch.Tensor, float, float, str | None]:
     """The estimates and diagnostics of ``points`` (float64 ``[n, 1 +
     columns]``), the seconds they took, the seconds of those tracing and
-    compiling, and whether compiled graphs computed them (False where asked for
-    and fallen back to the eager path); with the plate nesting of ``model`` and
-    ``guide`` (see :func:`run_nesting`)."""
+    compiling, and why compiled graphs asked for gave way to the eager path
+    (None: they did not, or none were asked for); with the plate nesting of
+    ``model`` and ``guide`` (see :func:`run_nesting`)."""
     ranks = distributed.current()
     world = 1 if ranks is None else ranks.world
     batches = math.ceil(points.shape[0] / settings.batch_size)
@@ -90,11 +90,11 @@ def estimate_points(
         callback=None if callback is None else lambda r: callback(r[:, 0], mine),
     ).double()
     seconds = time.perf_counter() - start
-    compiled = settings.method == "iwae" and compiles(settings.compile)
-    if compiled:
+    fallback = None
+    if settings.method == "iwae" and compiles(settings.compile):
         # The estimator the evaluation used, cached on the guide: given up for
         # good where a graph fell back (which a warning told of).
         backend = backend_of(settings.compile)
-        compiled = compiler().log_likelihood(model, guide, backend, nesting).compiled
+        fallback = compiler().log_likelihood(model, guide, backend, nesting).fallback
     compiling = compile_seconds(settings.compile) - compiled_before
-    return results, seconds, compiling, compiled
+    return results, seconds, compiling, fallback

@@ -37,6 +37,7 @@ from .auto_compile import (
     batch_shapes,
     cached_graphs,
     choose_compile,
+    compile_outcome,
     graph_keys,
     remember_graphs,
 )
@@ -315,9 +316,11 @@ class Run:
                 cached_graphs(keys),
             )
             settings = dataclasses.replace(settings, compile=compile)
-        results, seconds, compile_time, compiled = estimate_points(
+        results, seconds, compile_time, fallback = estimate_points(
             model, guide, points, settings, callback
         )
+        # The outcome: compiled where the graphs ran, not where they fell back.
+        compiled, choice = compile_outcome(compile, choice, fallback)
         activity = distributed.from_main(lambda: activity_of(guide, points, settings))
         main = distributed.is_main()
         # The files' name is chosen as they are written, one process at a time:
@@ -329,7 +332,6 @@ class Run:
             )
             evaluation = summarise(results, settings, config, activity, path, on)
             evaluation.time, evaluation.compile_time = seconds, compile_time
-            # The outcome: compiled where the graphs ran, not where they fell back.
             evaluation.compiled = compiled
             evaluation.compile_choice = choice
             evaluation.trained_steps = steps
