@@ -54,9 +54,10 @@ def load_file(
     """
     path = Path(path).expanduser()
     if not path.is_file():
+        *others, last = FILE_SUFFIXES
         raise DataError(
-            f"data file {literal(path)} not found; pass ({{dataset}}) the path of a "
-            f"{', '.join(FILE_SUFFIXES)} file of shape [N, ...], or where it is now",
+            f"data file {literal(path)} not found; set {{dataset}} to where it is "
+            f"now, or to another {', '.join(others)} or {last} file of shape [N, ...]",
             template=True,
         )
     try:

@@ -50,7 +50,7 @@ def test_a_run_whose_data_file_moved_is_checked_on_it_with_dataset(tmp_path):
     assert before.exit_code == 0, before.output
     (tmp_path / "points.pt").rename(tmp_path / "moved.pt")
     result = invoke(tmp_path / "run", "--draws", 20)
-    assert result.exit_code == 1 and "not found; pass (--dataset)" in result.output
+    assert result.exit_code == 1 and "not found; set --dataset to" in result.output
     after = invoke(tmp_path / "run", "--draws", 20, "--dataset", tmp_path / "moved.pt")
     assert after.exit_code == 0, after.output
     assert after.output == before.output  # the same points, the same draws

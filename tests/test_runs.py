@@ -518,7 +518,7 @@ def test_a_moved_data_file_is_pointed_at_again(tmp_path):
     moved.parent.mkdir()
     data.rename(moved)
     missing = invoke("eval-nll", run_dir, "--k", 3)
-    assert_one_line_error(missing, "not found", "(--dataset)", "where it is now")
+    assert_one_line_error(missing, "not found; set --dataset to where it is now")
     result = invoke("eval-nll", run_dir, "--k", 3, "--dataset", moved, "--quiet")
     assert_ok(result)
     assert "12 points" in result.output

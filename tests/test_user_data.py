@@ -73,6 +73,22 @@ def test_bad_files(tmp_path, arrays, fragment):
     assert fragment in str(e.value) and "\n" not in str(e.value)
 
 
+def test_a_missing_data_file_says_which_setting_to_point_at_it(tmp_path):
+    # It read "pass (dataset) the path of a .npy, .npz, .pt file ..., or where it
+    # is now": a setting in brackets, and a fix trailing after the file types.
+    missing = tmp_path / "none.npy"
+    with pytest.raises(DataError) as e:
+        load_dataset(missing)
+    assert str(e.value) == (
+        f"data file {missing} not found; set dataset to where it is now, or to "
+        "another .npy, .npz or .pt file of shape [N, ...]"
+    )
+    result = invoke("fit", "--dataset", missing, "--quiet")
+    assert_one_line_error(
+        result, f"{missing} not found; set --dataset to where it is now, or to"
+    )
+
+
 def test_missing_file_and_binarising_values_outside_unit_interval(tmp_path):
     with pytest.raises(DataError, match="not found"):
         load_dataset(tmp_path / "none.npy")
