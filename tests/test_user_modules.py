@@ -405,6 +405,12 @@ def test_fit_refuses_a_parameter_outside_the_modules_in_one_line():
             ProgramError, fit, PlainParamModel(), LinearGuide(), x, IWELBO(2)
         ).value
     )
+    # A program that is no module is told the same: the two advised apart.
+    with pytest.raises(TypeError, match="got function; ") as not_module:
+        fit(lambda x: None, LinearGuide(), x, IWELBO(2), test_size=0)
+    advice = str(info.value).rsplit("; ", 1)[1]
+    assert str(not_module.value).endswith(f"; {advice}")
+    assert advice.startswith("write it as a PyroModule with PyroParam s (or nn.")
     foreign = nn.Linear(D, D)
 
     class Guide(LinearGuide):

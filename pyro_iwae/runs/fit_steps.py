@@ -93,6 +93,14 @@ def checked_schedule(
     return schedule
 
 
+#: How to give fit a parameter it trains, where a program is no module or a
+#: pyro.param is none of the module's parameters.
+_PYRO_PARAM_ADVICE = (
+    "write it as a PyroModule with PyroParam s (or nn.Parameter s) in place of "
+    "pyro.param"
+)
+
+
 def parameters_of(*modules: Any) -> list[torch.nn.Parameter]:
     """The parameters of the modules among ``modules``, each once.
 
@@ -102,8 +110,7 @@ def parameters_of(*modules: Any) -> list[torch.nn.Parameter]:
         if not isinstance(module, torch.nn.Module):
             raise TypeError(
                 f"fit needs the model and guide to be torch.nn.Module s (e.g. "
-                f"PyroModule), got {type(module).__name__}; write it as a PyroModule "
-                "with PyroParam s in place of pyro.param"
+                f"PyroModule), got {type(module).__name__}; {_PYRO_PARAM_ADVICE}"
             )
         auto = [m for m in module.modules() if isinstance(m, AutoGuide)]
         if auto:
@@ -343,12 +350,6 @@ def check_fit_program(
     """
     check_module_params(model, guide, train[:1])
     check_test_bound(model, guide, test, "test_size=0")
-
-
-_PYRO_PARAM_ADVICE = (
-    "write it as a PyroModule with PyroParam s in place of pyro.param "
-    "(or an nn.Parameter of the module)"
-)
 
 
 def check_module_params(
