@@ -1888,3 +1888,65 @@ def test_an_evaluation_that_fell_back_to_the_eager_path_says_so(tmp_path):
     assert "with tensor arguments" in result.compile_choice
     recorded = json.loads(open(result.file).read())
     assert recorded["compile_choice"] == result.compile_choice
+
+
+class _RowsModel(torch.nn.Module):
+    """x | z ~ N(1.5 z + b, 0.7), z ~ N(0, 1), for x ``[K, N]``: K values per
+    point, their dim in no plate (or, with ``event``, each point's event)."""
+
+    def __init__(self, event: bool = False) -> None:
+        super().__init__()
+        self.event = event
+        self.b = torch.nn.Parameter(torch.tensor(0.3, dtype=torch.float64))
+
+    def forward(self, x):
+        with pyro.plate("data", x.shape[-1]):
+            z = pyro.sample("z", dist.Normal(0.0, 1.0))
+            if self.event:
+                loc = (1.5 * z + self.b).unsqueeze(-1).expand(z.shape + x.shape[:1])
+                pyro.sample("x", dist.Normal(loc, 0.7).to_event(1), obs=x.T)
+            else:
+                pyro.sample("x", dist.Normal(1.5 * z + self.b, 0.7), obs=x)
+
+
+class _RowsGuide(torch.nn.Module):
+    """The exact posterior of each point's z given its K values."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.shift = torch.nn.Parameter(torch.tensor(0.0, dtype=torch.float64))
+
+    def forward(self, x):
+        var = 1 / (1 + x.shape[0] * 1.5**2 / 0.7**2)
+        loc = var * 1.5 * (x - 0.3).sum(0) / 0.7**2 + self.shift
+        with pyro.plate("data", x.shape[-1]):
+            pyro.sample("z", dist.Normal(loc, math.sqrt(var)))
+
+
+def test_an_unverified_compiled_loss_checks_the_particle_dims():
+    # Traced, the program skipped the particle-dims check, and no eager run
+    # verified the graph: a leading dim as long as the particles was taken for
+    # theirs, and the loss came out 8.35 where -log p(x) is 32.37, without a word.
+    from pyro_iwae.errors import ProgramError
+
+    k = 5
+    x = torch.randn(
+        k, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(0)
+    )
+    cov = 1.5**2 * torch.ones(k, k) + 0.7**2 * torch.eye(k)
+    exact = dist.MultivariateNormal(torch.full((k,), 0.3), cov).log_prob(x.T).sum()
+    # Each point's K values as its event: exact, compiled.
+    model, guide = _RowsModel(event=True), _RowsGuide()
+    valid = CompiledLoss(IWELBO(k), model, guide, backend=None, verify=False)
+    assert valid(x).item() == pytest.approx(-exact.item(), rel=1e-6)
+    assert valid.compiled and len(valid._graphs) == 1
+    for step in (False, True):
+        model, guide = _RowsModel(), _RowsGuide()
+        compiled = CompiledLoss(IWELBO(k), model, guide, backend=None, verify=False)
+        optimizer = torch.optim.Adam([*model.parameters(), *guide.parameters()])
+        with (
+            pytest.warns(CompileFallbackWarning, match="ProgramError"),
+            pytest.raises(ProgramError, match=r"dim -2 \(size 5\) does not follow"),
+        ):
+            compiled.step(optimizer, x) if step else compiled(x)
+        assert not compiled.compiled

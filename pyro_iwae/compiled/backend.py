@@ -437,3 +437,16 @@ def kept_buffers(*modules: Any) -> Iterator[None]:
         with torch.no_grad():
             for buffer, value in zip(buffers, saved, strict=True):
                 buffer.copy_(value)
+
+
+def checked_eagerly(
+    eager: Callable[..., Any], args: tuple, kwargs: dict, *modules: Any
+) -> None:
+    """``eager(*args, **kwargs)``, an eager run of a program for its checks
+    alone: off the random stream, the ``modules``' buffers kept. The checks the
+    eager path makes once per program (the particle dims, see
+    :class:`~pyro_iwae.infer.particle_dims.ParticleDims`) are skipped while a
+    graph is traced: a graph no eager run verifies needs this one."""
+    devices = cuda_devices(args, kwargs)
+    with torch.random.fork_rng(devices=devices), kept_buffers(*modules):
+        eager(*args, **kwargs)

@@ -24,6 +24,7 @@ from .adam import (
 from .backend import (
     GraphCache,
     RandomState,
+    checked_eagerly,
     close_enough,
     compile_graph,
     describe,
@@ -98,7 +99,8 @@ class CompiledLoss(GraphCache):
     :param compile_options: more ``torch.compile`` keyword arguments (``mode``,
         ``options``).
     :param verify: check the first call of each input signature against the eager
-        loss and gradients (same noise); on a mismatch warn and fall back.
+        loss and gradients (same noise); on a mismatch warn and fall back. Else
+        an eager run checks the program (its particle dims) before a new graph runs.
     :param rtol: the relative tolerance of that check.
     :param max_signatures: at most this many input signatures (with the modules'
         settings and the objective's) get a graph, each a compilation: one more
@@ -265,9 +267,12 @@ class CompiledLoss(GraphCache):
         ``torch.compile`` backend, or options) compiles on its first call
         (inductor's direct compile fails earlier, in ``_lookup``). Where it
         fails or returns None (the check found a mismatch), the random state is
-        put back: the eager run that follows draws what the eager path would."""
+        put back: the eager run that follows draws what the eager path would.
+        Without ``verify``, an eager run checks the program first."""
         state = RandomState()
         try:
+            if not self.verify:  # args ends with the call's (args, kwargs)
+                checked_eagerly(self.eager, *args[-2:], self.model, self.guide)
             result = call(*args)
         except Exception as error:  # noqa: BLE001
             state.restore()
