@@ -517,3 +517,43 @@ def test_a_repeated_evaluation_is_logged_once(tracked, tmp_path):
     with (copy / "tracking-evaluation.csv").open() as f:
         (row,) = list(csv.DictReader(f))
     assert float(row["eval_test-k30/nll"]) == pytest.approx(result["nll"] + 1)
+
+
+@pytest.mark.parametrize("name", ["tracking.csv", "tracking-config.json"])
+def test_a_new_run_refuses_a_csv_tracker_file_it_did_not_make(tmp_path, name):
+    # A user's tracking.csv in a new run's folder gained the run's rows under a
+    # merged header, and their tracking-config.json was written over.
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / name).write_text("step,mine\n1,42\n")
+    fit = ["fit", "--epochs", "1", "--train-limit", "100", "--test-limit", "10"]
+    result = CliRunner().invoke(
+        cli, [*fit, "--out", str(run_dir), "--logger", "csv", "--quiet"]
+    )
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    (line,) = result.output.strip().splitlines()
+    assert line == (
+        f"Error: the csv logger of a new run would write over {run_dir / name}, "
+        "which it did not make; move that away, or choose another run directory "
+        "(--out)"
+    )
+    assert [p.name for p in run_dir.iterdir()] == [name]  # nothing written
+    assert (run_dir / name).read_text() == "step,mine\n1,42\n"
+
+
+def test_the_tracker_config_of_a_run_killed_before_its_checkpoint_is_replaced(
+    tmp_path,
+):
+    # A refusal of files the csv tracker did not make must not refuse those a
+    # killed run left with its config.json: the run starts afresh, and, itself
+    # interrupted before its first checkpoint, takes them away.
+    run_dir = tmp_path / "run"
+    small_config(compile="off").save(run_dir)
+    (run_dir / "tracking-config.json").write_text('{"lr": 0.5}\n')
+    trackers = CallbackList([CSVTracker(run_dir), _StopAtStep(2)])
+    with pytest.raises(KeyboardInterrupt):
+        train_run(small_config(compile="off"), run_dir, callback=trackers)
+    assert list(run_dir.iterdir()) == []
+    train_run(small_config(compile="off"), run_dir, callback=CSVTracker(run_dir))
+    saved = json.loads((run_dir / "tracking-config.json").read_text())
+    assert saved["lr"] == small_config().lr

@@ -31,9 +31,10 @@ from typing import Any
 
 import torch
 
-from ..errors import PyroIwaeError, one_line
+from ..errors import PyroIwaeError, literal, one_line
 from . import distributed
 from .checkpoints import RunError, check_writable
+from .config import CONFIG_FILE
 from .eval_results import Evaluation
 from .mlflow_store import (
     LOCAL_STORE,
@@ -64,12 +65,13 @@ MLFLOW_ARTIFACTS = "mlartifacts"
 MLFLOW_RUN_FILE = "mlflow-run.json"
 CSV_FILE = "tracking.csv"
 CSV_EVALUATION_FILE = "tracking-evaluation.csv"
+CSV_CONFIG_FILE = "tracking-config.json"
 
 #: What each tracker writes in, or adds to, inside a run directory.
 _FILES = {  # the first: what a fit's tracker leaves (see trackers_of)
     "tensorboard": (TENSORBOARD_DIR,),
     "mlflow": (MLFLOW_RUN_FILE, MLFLOW_DB, MLFLOW_ARTIFACTS),
-    "csv": (CSV_FILE, CSV_EVALUATION_FILE, "images", "tracking-config.json"),
+    "csv": (CSV_FILE, CSV_EVALUATION_FILE, "images", CSV_CONFIG_FILE),
 }
 
 
@@ -313,11 +315,39 @@ class MLflowTracker(Tracker):
 class CSVTracker(Tracker):
     """One CSV row per epoch (``tracking.csv``) and per evaluation
     (``tracking-evaluation.csv``) in ``log_dir``; images as PNG files in
-    ``log_dir/images``, the configuration in ``log_dir/tracking-config.json``."""
+    ``log_dir/images``, the configuration in ``log_dir/tracking-config.json``.
+    A new run refuses a ``log_dir`` that holds such files it did not make."""
 
     def __init__(self, log_dir: str | os.PathLike, images_every: int = 5) -> None:
         super().__init__(images_every)
         self.log_dir = Path(log_dir)
+
+    def on_run_start(self, run_dir: Path, resume: bool) -> None:
+        # A new run's files are its own: a user's tracking.csv gained the run's
+        # rows and tracking-config.json was written over (and, the run
+        # discarded, kept with the run's content).
+        if resume:
+            return
+        config = self.log_dir / CSV_CONFIG_FILE
+        images = self.log_dir / "images"
+        found = [self.log_dir / CSV_FILE, self.log_dir / CSV_EVALUATION_FILE]
+        found += sorted(images.glob("samples-epoch-*.png"))
+        found += sorted(images.glob("reconstructions-epoch-*.png"))
+        if (Path(run_dir) / CONFIG_FILE).is_file():
+            # The run's folder passed as a new run's: a run stopped (killed)
+            # before its first checkpoint left this, to go with the run's.
+            if config.is_file():
+                self._made.append((config, False))
+        else:
+            found.append(config)
+        for path in found:
+            if path.exists():
+                raise TrackingError(
+                    f"the csv logger of a new run would write over "
+                    f"{literal(path)}, which it did not make; move that away, "
+                    "or choose another run directory ({run_dir})",
+                    template=True,
+                )
 
     def log_scalars(self, values: dict[str, float], step: int) -> None:
         evaluation = any(name.startswith("eval_") for name in values)
@@ -356,7 +386,7 @@ class CSVTracker(Tracker):
 
     def log_params(self, params: dict[str, Any]) -> None:
         self.make_dir(self.log_dir)
-        path = self.log_dir / "tracking-config.json"
+        path = self.log_dir / CSV_CONFIG_FILE
         self.note_made(path)
         path.write_text(json.dumps(params, indent=1) + "\n")
 
