@@ -1,6 +1,7 @@
 """Trackers: what a 2-epoch fit and an evaluation logged, read back with
 TensorBoard's own reader, MLflow's client and the csv module."""
 
+import contextlib
 import csv
 import json
 import math
@@ -13,6 +14,7 @@ from click.testing import CliRunner
 from small_run import small_config
 
 from pyro_iwae import FitCallback, RunError, evaluate_run, train_run
+from pyro_iwae.runs import locks
 from pyro_iwae.runs.callbacks import CallbackList
 from pyro_iwae.runs.mlflow_store import params_to_log
 from pyro_iwae.runs.tracking import (
@@ -128,11 +130,15 @@ def test_a_copied_run_logs_into_its_own_mlflow_store(tracked, tmp_path):
 
 
 def test_an_mlflow_run_missing_from_its_store_is_one_line(tracked, tmp_path):
+    """Said when the tracker opens the run, as it first logs; the store it made
+    for it goes."""
     copy = tmp_path / "copy"
     shutil.copytree(tracked[0], copy)
     (copy / "mlflow.db").unlink()
+    (tracker,) = make_trackers(["mlflow"], copy)
     with pytest.raises(TrackingError, match=r"cannot find run \w+, which .*delete"):
-        make_trackers(["mlflow"], copy)
+        tracker.log_params({"lr": 0.001})
+    assert not (copy / "mlflow.db").exists()
 
 
 def test_csv_read_back(tracked):
@@ -557,3 +563,25 @@ def test_the_tracker_config_of_a_run_killed_before_its_checkpoint_is_replaced(
     train_run(small_config(compile="off"), run_dir, callback=CSVTracker(run_dir))
     saved = json.loads((run_dir / "tracking-config.json").read_text())
     assert saved["lr"] == small_config().lr
+
+
+@pytest.mark.parametrize("busy", [False, True])
+def test_a_refused_fit_leaves_the_mlflow_run_as_it_was(tracked, tmp_path, busy):
+    # A fit refused as the folder held a run (no --resume), or as another
+    # process wrote it, had marked the run's MLflow run RUNNING, and left it so.
+    copy = tmp_path / "copy"
+    shutil.copytree(tracked[0], copy)
+    run_id = json.loads((copy / MLFLOW_RUN_FILE).read_text())["run_id"]
+    client = _local_client(copy)
+    assert client.get_run(run_id).info.status == "FINISHED"
+    fit = ["fit", "--epochs", "3", "--out", str(copy), "--logger", "mlflow"]
+    fit += ["--resume", "--quiet"] if busy else ["--quiet"]
+    held = locks.hold(copy, locks.WRITER) if busy else contextlib.nullcontext()
+    with held:
+        result = CliRunner().invoke(cli, fit)
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    refusal = "being written by another" if busy else "holds a run already"
+    assert refusal in result.output
+    assert client.get_run(run_id).info.status == "FINISHED"
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    assert [r.info.run_id for r in client.search_runs(experiments)] == [run_id]
