@@ -1,6 +1,7 @@
 """Trackers: what a 2-epoch fit and an evaluation logged, read back with
 TensorBoard's own reader, MLflow's client and the csv module."""
 
+import contextlib
 import csv
 import json
 import math
@@ -13,6 +14,7 @@ from click.testing import CliRunner
 from small_run import small_config
 
 from pyro_iwae import FitCallback, RunError, evaluate_run, train_run
+from pyro_iwae.runs import locks
 from pyro_iwae.runs.callbacks import CallbackList
 from pyro_iwae.runs.mlflow_store import params_to_log
 from pyro_iwae.runs.tracking import (
@@ -128,11 +130,15 @@ def test_a_copied_run_logs_into_its_own_mlflow_store(tracked, tmp_path):
 
 
 def test_an_mlflow_run_missing_from_its_store_is_one_line(tracked, tmp_path):
+    """Said when the tracker opens the run, as it first logs; the store it made
+    for it goes."""
     copy = tmp_path / "copy"
     shutil.copytree(tracked[0], copy)
     (copy / "mlflow.db").unlink()
+    (tracker,) = make_trackers(["mlflow"], copy)
     with pytest.raises(TrackingError, match=r"cannot find run \w+, which .*delete"):
-        make_trackers(["mlflow"], copy)
+        tracker.log_params({"lr": 0.001})
+    assert not (copy / "mlflow.db").exists()
 
 
 def test_csv_read_back(tracked):
@@ -517,3 +523,65 @@ def test_a_repeated_evaluation_is_logged_once(tracked, tmp_path):
     with (copy / "tracking-evaluation.csv").open() as f:
         (row,) = list(csv.DictReader(f))
     assert float(row["eval_test-k30/nll"]) == pytest.approx(result["nll"] + 1)
+
+
+@pytest.mark.parametrize("name", ["tracking.csv", "tracking-config.json"])
+def test_a_new_run_refuses_a_csv_tracker_file_it_did_not_make(tmp_path, name):
+    # A user's tracking.csv in a new run's folder gained the run's rows under a
+    # merged header, and their tracking-config.json was written over.
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / name).write_text("step,mine\n1,42\n")
+    fit = ["fit", "--epochs", "1", "--train-limit", "100", "--test-limit", "10"]
+    result = CliRunner().invoke(
+        cli, [*fit, "--out", str(run_dir), "--logger", "csv", "--quiet"]
+    )
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    (line,) = result.output.strip().splitlines()
+    assert line == (
+        f"Error: the csv logger of a new run would write over {run_dir / name}, "
+        "which it did not make; move that away, or choose another run directory "
+        "(--out)"
+    )
+    assert [p.name for p in run_dir.iterdir()] == [name]  # nothing written
+    assert (run_dir / name).read_text() == "step,mine\n1,42\n"
+
+
+def test_the_tracker_config_of_a_run_killed_before_its_checkpoint_is_replaced(
+    tmp_path,
+):
+    # A refusal of files the csv tracker did not make must not refuse those a
+    # killed run left with its config.json: the run starts afresh, and, itself
+    # interrupted before its first checkpoint, takes them away.
+    run_dir = tmp_path / "run"
+    small_config(compile="off").save(run_dir)
+    (run_dir / "tracking-config.json").write_text('{"lr": 0.5}\n')
+    trackers = CallbackList([CSVTracker(run_dir), _StopAtStep(2)])
+    with pytest.raises(KeyboardInterrupt):
+        train_run(small_config(compile="off"), run_dir, callback=trackers)
+    assert list(run_dir.iterdir()) == []
+    train_run(small_config(compile="off"), run_dir, callback=CSVTracker(run_dir))
+    saved = json.loads((run_dir / "tracking-config.json").read_text())
+    assert saved["lr"] == small_config().lr
+
+
+@pytest.mark.parametrize("busy", [False, True])
+def test_a_refused_fit_leaves_the_mlflow_run_as_it_was(tracked, tmp_path, busy):
+    # A fit refused as the folder held a run (no --resume), or as another
+    # process wrote it, had marked the run's MLflow run RUNNING, and left it so.
+    copy = tmp_path / "copy"
+    shutil.copytree(tracked[0], copy)
+    run_id = json.loads((copy / MLFLOW_RUN_FILE).read_text())["run_id"]
+    client = _local_client(copy)
+    assert client.get_run(run_id).info.status == "FINISHED"
+    fit = ["fit", "--epochs", "3", "--out", str(copy), "--logger", "mlflow"]
+    fit += ["--resume", "--quiet"] if busy else ["--quiet"]
+    held = locks.hold(copy, locks.WRITER) if busy else contextlib.nullcontext()
+    with held:
+        result = CliRunner().invoke(cli, fit)
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    refusal = "being written by another" if busy else "holds a run already"
+    assert refusal in result.output
+    assert client.get_run(run_id).info.status == "FINISHED"
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    assert [r.info.run_id for r in client.search_runs(experiments)] == [run_id]

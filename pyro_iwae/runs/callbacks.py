@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Iterable, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -54,6 +55,12 @@ class StepInfo:
 class FitCallback:
     """Hooks called by :func:`pyro_iwae.fit`; override any of them (they do nothing)."""
 
+    def on_run_start(self, run_dir: Path, resume: bool) -> None:
+        """Once, where :func:`pyro_iwae.train_run` (:meth:`pyro_iwae.Run.train`)
+        holds the lock of ``run_dir`` and has checked it, before it writes the
+        run (``resume``: it goes on with the run there). Raising refuses the
+        folder: the run is not written."""
+
     def on_fit_start(
         self,
         model: torch.nn.Module,
@@ -88,6 +95,10 @@ class CallbackList(FitCallback):
 
     def __init__(self, callbacks: Iterable[FitCallback | None]) -> None:
         self.callbacks = [c for c in callbacks if c is not None]
+
+    def on_run_start(self, run_dir: Path, resume: bool) -> None:
+        for c in self.callbacks:
+            c.on_run_start(run_dir, resume)
 
     def on_fit_start(self, *args: Any) -> None:
         for c in self.callbacks:

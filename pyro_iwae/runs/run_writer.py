@@ -170,7 +170,9 @@ def train(
                 )
             # Checked before anything can be discarded: a refused folder's
             # files are not the run's to remove.
-            changed = distributed.from_main(lambda: _check(path, config, resume))
+            changed = distributed.from_main(
+                lambda: _check(path, config, resume, callback)
+            )
             try:
                 return _train(path, config, resume, data_dir, callback, changed)
             except BaseException:
@@ -299,9 +301,22 @@ def _stamp(file: Path) -> tuple[int, int] | None:
     return status.st_mtime_ns, status.st_size
 
 
-def _check(path: Path, config: RunConfig, resume: bool) -> bool:
+def _check(
+    path: Path, config: RunConfig, resume: bool, callback: FitCallback | None
+) -> bool:
     """Checks that the run can be resumed with ``config`` (or, without
-    ``resume``, holds no run); whether ``config.json`` is to be written."""
+    ``resume``, holds no run), and that ``callback`` can start on it
+    (:meth:`~FitCallback.on_run_start`); whether ``config.json`` is to be
+    written."""
+    changed = _check_run(path, config, resume)
+    starting = getattr(callback, "on_run_start", None)  # None: no callback
+    if starting is not None:
+        starting(path, resume)
+    return changed
+
+
+def _check_run(path: Path, config: RunConfig, resume: bool) -> bool:
+    """:func:`_check`, less the callback."""
     if not resume:
         if (path / CHECKPOINT_FILE).is_file():
             raise RunError(

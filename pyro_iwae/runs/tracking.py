@@ -31,9 +31,10 @@ from typing import Any
 
 import torch
 
-from ..errors import PyroIwaeError, one_line
+from ..errors import PyroIwaeError, literal, one_line
 from . import distributed
 from .checkpoints import RunError, check_writable
+from .config import CONFIG_FILE
 from .eval_results import Evaluation
 from .mlflow_store import (
     LOCAL_STORE,
@@ -64,12 +65,13 @@ MLFLOW_ARTIFACTS = "mlartifacts"
 MLFLOW_RUN_FILE = "mlflow-run.json"
 CSV_FILE = "tracking.csv"
 CSV_EVALUATION_FILE = "tracking-evaluation.csv"
+CSV_CONFIG_FILE = "tracking-config.json"
 
 #: What each tracker writes in, or adds to, inside a run directory.
 _FILES = {  # the first: what a fit's tracker leaves (see trackers_of)
     "tensorboard": (TENSORBOARD_DIR,),
     "mlflow": (MLFLOW_RUN_FILE, MLFLOW_DB, MLFLOW_ARTIFACTS),
-    "csv": (CSV_FILE, CSV_EVALUATION_FILE, "images", "tracking-config.json"),
+    "csv": (CSV_FILE, CSV_EVALUATION_FILE, "images", CSV_CONFIG_FILE),
 }
 
 
@@ -165,6 +167,10 @@ class MLflowTracker(Tracker):
         (``mlflow-run.json``), so that a resumed fit and ``eval-nll`` log into
         the same MLflow run.
     :param experiment: the MLflow experiment's name.
+
+    A tracking server is reached at once; the MLflow run (and a local store)
+    is opened when it first logs: a fit refused before it starts (another
+    process writes the run, or it holds a run already) marks none RUNNING.
     """
 
     def __init__(
@@ -175,118 +181,136 @@ class MLflowTracker(Tracker):
         images_every: int = 5,
     ) -> None:
         super().__init__(images_every)
-        tracking = _require("mlflow.tracking", "mlflow")
+        self._tracking = _require("mlflow.tracking", "mlflow")
         self.run_dir = Path(run_dir)
+        self.experiment = experiment
         remembered = self.run_dir / MLFLOW_RUN_FILE
-        previous = remembered_run(remembered)
+        self._previous = remembered_run(remembered)
         #: The MLflow run it made (None: one it found), and what
         #: mlflow-run.json said before: see discard.
         self._made_run: str | None = None
         self._remembered = remembered.read_bytes() if remembered.is_file() else None
-        self.tracking_uri: str | None = None
-        try:
-            self._start(tracking, tracking_uri, experiment, previous)
-        except BaseException:
-            self.discard()  # what it made of a tracker that cannot start
-            raise
-
-    def _start(
-        self,
-        tracking: Any,
-        tracking_uri: str | None,
-        experiment: str,
-        previous: dict[str, Any],
-    ) -> None:
-        """Opens the store and the MLflow run: the one ``previous`` (what
-        mlflow-run.json says) names in it, or a new one."""
-        remembered = self.run_dir / MLFLOW_RUN_FILE
+        self._run_id: str | None = None
         if tracking_uri is None:
-            tracking_uri = previous.get("tracking_uri") or os.environ.get(
+            tracking_uri = self._previous.get("tracking_uri") or os.environ.get(
                 "MLFLOW_TRACKING_URI"
             )
-        local = tracking_uri in (None, LOCAL_STORE)
-        # The run directory's own store is remembered as such, not by its path:
-        # a copied or moved run logged into the database of the original.
-        remembered_uri = LOCAL_STORE if local else tracking_uri
-        if local:
+        self._local = tracking_uri in (None, LOCAL_STORE)
+        if self._local:
             tracking_uri = f"sqlite:///{(self.run_dir / MLFLOW_DB).resolve()}"
-            self.make_dir(self.run_dir)  # for the database
-            self.note_made(self.run_dir / MLFLOW_DB)
-            self.note_made(self.run_dir / MLFLOW_ARTIFACTS, whole=True)
-        self.tracking_uri = tracking_uri
+        self.tracking_uri: str = tracking_uri
+        self.client: Any = None
+        if not self._local:
+            self._open()  # a server out of reach is said now, before training
+        # Made now, not when the run opens: made after the other trackers'
+        # files, it was removed before them (discard goes last made first),
+        # and, not empty then, stayed.
+        self.make_dir(self.run_dir)
+
+    @property
+    def run_id(self) -> str:
+        """The MLflow run it logs into, opened at the first call: the one
+        mlflow-run.json names in its store (marked RUNNING), or a new one."""
+        if self._run_id is None:
+            try:
+                self._start()
+            except BaseException:
+                self.discard()  # what it made of a run it cannot start
+                raise
+        assert self._run_id is not None
+        return self._run_id
+
+    def _open(self) -> None:
+        """Opens the store (a local one is made)."""
         with warnings.catch_warnings(), quick_requests():
             # SQLAlchemy's deprecation warnings about MLflow's own store code.
             warnings.simplefilter("ignore", DeprecationWarning)
-            self.client = tracking.MlflowClient(tracking_uri)
+            self.client = self._tracking.MlflowClient(self.tracking_uri)
             try:
                 self.client.search_experiments(max_results=1)  # sets up the store
             except Exception as e:  # MLflow's own, or its store's, errors
                 raise TrackingError(
-                    f"the mlflow logger cannot use {tracking_uri} ({one_line(e)}); "
-                    "start its server, or unset MLFLOW_TRACKING_URI to log into "
-                    "the run directory"
+                    f"the mlflow logger cannot use {self.tracking_uri} "
+                    f"({one_line(e)}); start its server, or unset "
+                    "MLFLOW_TRACKING_URI to log into the run directory"
                 ) from e
-        self.make_dir(self.run_dir)
-        if previous.get("tracking_uri") == remembered_uri:
-            self.run_id = previous["run_id"]
+
+    def _start(self) -> None:
+        """Opens the MLflow run: the one mlflow-run.json names in this store, or
+        a new one."""
+        remembered = self.run_dir / MLFLOW_RUN_FILE
+        if self._local:
+            self.note_made(self.run_dir / MLFLOW_DB)
+            self.note_made(self.run_dir / MLFLOW_ARTIFACTS, whole=True)
+            self._open()
+        # The run directory's own store is remembered as such, not by its path:
+        # a copied or moved run logged into the database of the original.
+        remembered_uri = LOCAL_STORE if self._local else self.tracking_uri
+        if self._previous.get("tracking_uri") == remembered_uri:
+            run_id = self._previous["run_id"]
             try:
-                self.client.update_run(self.run_id, status="RUNNING")
+                self.client.update_run(run_id, status="RUNNING")
             except Exception as e:  # MLflow's own errors: the run is not there
                 raise TrackingError(
-                    f"the mlflow logger cannot find run {self.run_id}, which "
-                    f"{remembered} names, in {tracking_uri} ({one_line(e)}); "
+                    f"the mlflow logger cannot find run {run_id}, which "
+                    f"{remembered} names, in {self.tracking_uri} ({one_line(e)}); "
                     f"delete {remembered} to log into a new MLflow run"
                 ) from e
+            self._run_id = run_id
+            return
+        found = self.client.get_experiment_by_name(self.experiment)
+        if found is not None:
+            experiment_id = found.experiment_id
         else:
-            found = self.client.get_experiment_by_name(experiment)
-            if found is not None:
-                experiment_id = found.experiment_id
-            else:
-                artifacts = self.run_dir.resolve() / MLFLOW_ARTIFACTS
-                experiment_id = self.client.create_experiment(
-                    experiment, artifact_location=artifacts.as_uri() if local else None
-                )
-            run = self.client.create_run(experiment_id, run_name=self.run_dir.name)
-            self.run_id = self._made_run = run.info.run_id
-            self.note_made(remembered)
-            remembered.write_text(
-                json.dumps({"tracking_uri": remembered_uri, "run_id": self.run_id})
+            artifacts = self.run_dir.resolve() / MLFLOW_ARTIFACTS
+            experiment_id = self.client.create_experiment(
+                self.experiment,
+                artifact_location=artifacts.as_uri() if self._local else None,
             )
+        run = self.client.create_run(experiment_id, run_name=self.run_dir.name)
+        self._run_id = self._made_run = run.info.run_id
+        self.note_made(remembered)
+        remembered.write_text(
+            json.dumps({"tracking_uri": remembered_uri, "run_id": self._run_id})
+        )
 
     def log_scalars(self, values: dict[str, float], step: int) -> None:
         from mlflow.entities import Metric
 
-        now = _millis()
+        run_id, now = self.run_id, _millis()
         metrics = [Metric(k, v, now, step) for k, v in values.items()]
-        self.client.log_batch(self.run_id, metrics=metrics)
+        self.client.log_batch(run_id, metrics=metrics)
 
     def log_params(self, params: dict[str, Any]) -> None:
         from mlflow.entities import Param
 
-        logged = self.client.get_run(self.run_id).data.params
+        run_id = self.run_id
+        logged = self.client.get_run(run_id).data.params
         texts = {k: param_text(v) for k, v in params.items()}
         # MLflow refuses to change a parameter: a resume that changed settings
         # logs them as resume.<n>.<key>.
         new = [Param(k, v) for k, v in params_to_log(logged, texts).items()]
         if new:
-            self.client.log_batch(self.run_id, params=new)
+            self.client.log_batch(run_id, params=new)
 
     def log_image(self, name: str, picture: torch.Tensor, step: int) -> None:
+        run_id = self.run_id
         array = (picture.permute(1, 2, 0).clamp(0, 1) * 255).round().byte().numpy()
-        self.client.log_image(self.run_id, array, f"{name}/epoch-{step:04d}.png")
+        self.client.log_image(run_id, array, f"{name}/epoch-{step:04d}.png")
 
     def logged(self, name: str, value: float, step: int) -> bool:
-        history = self.client.get_metric_history(self.run_id, name)
+        run_id = self.run_id
+        history = self.client.get_metric_history(run_id, name)
         return any(m.step == step and m.value == value for m in history)
 
     def close(self) -> None:
-        if not self.discarded:
-            self.client.set_terminated(self.run_id)
+        if not self.discarded and self._run_id is not None:  # else none opened
+            self.client.set_terminated(self._run_id)
 
     def interrupted(self) -> None:
         # Not left RUNNING; a resume marks it RUNNING again.
-        if not self.discarded:
-            self.client.set_terminated(self.run_id, status="KILLED")
+        if not self.discarded and self._run_id is not None:
+            self.client.set_terminated(self._run_id, status="KILLED")
 
     def _keep(self) -> None:
         super()._keep()
@@ -313,11 +337,39 @@ class MLflowTracker(Tracker):
 class CSVTracker(Tracker):
     """One CSV row per epoch (``tracking.csv``) and per evaluation
     (``tracking-evaluation.csv``) in ``log_dir``; images as PNG files in
-    ``log_dir/images``, the configuration in ``log_dir/tracking-config.json``."""
+    ``log_dir/images``, the configuration in ``log_dir/tracking-config.json``.
+    A new run refuses a ``log_dir`` that holds such files it did not make."""
 
     def __init__(self, log_dir: str | os.PathLike, images_every: int = 5) -> None:
         super().__init__(images_every)
         self.log_dir = Path(log_dir)
+
+    def on_run_start(self, run_dir: Path, resume: bool) -> None:
+        # A new run's files are its own: a user's tracking.csv gained the run's
+        # rows and tracking-config.json was written over (and, the run
+        # discarded, kept with the run's content).
+        if resume:
+            return
+        config = self.log_dir / CSV_CONFIG_FILE
+        images = self.log_dir / "images"
+        found = [self.log_dir / CSV_FILE, self.log_dir / CSV_EVALUATION_FILE]
+        found += sorted(images.glob("samples-epoch-*.png"))
+        found += sorted(images.glob("reconstructions-epoch-*.png"))
+        if (Path(run_dir) / CONFIG_FILE).is_file():
+            # The run's folder passed as a new run's: a run stopped (killed)
+            # before its first checkpoint left this, to go with the run's.
+            if config.is_file():
+                self._made.append((config, False))
+        else:
+            found.append(config)
+        for path in found:
+            if path.exists():
+                raise TrackingError(
+                    f"the csv logger of a new run would write over "
+                    f"{literal(path)}, which it did not make; move that away, "
+                    "or choose another run directory ({run_dir})",
+                    template=True,
+                )
 
     def log_scalars(self, values: dict[str, float], step: int) -> None:
         evaluation = any(name.startswith("eval_") for name in values)
@@ -356,7 +408,7 @@ class CSVTracker(Tracker):
 
     def log_params(self, params: dict[str, Any]) -> None:
         self.make_dir(self.log_dir)
-        path = self.log_dir / "tracking-config.json"
+        path = self.log_dir / CSV_CONFIG_FILE
         self.note_made(path)
         path.write_text(json.dumps(params, indent=1) + "\n")
 
