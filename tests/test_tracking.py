@@ -585,3 +585,20 @@ def test_a_refused_fit_leaves_the_mlflow_run_as_it_was(tracked, tmp_path, busy):
     assert client.get_run(run_id).info.status == "FINISHED"
     experiments = [e.experiment_id for e in client.search_experiments()]
     assert [r.info.run_id for r in client.search_runs(experiments)] == [run_id]
+
+
+@pytest.mark.parametrize("busy", [False, True])
+def test_a_refused_fit_adds_no_tensorboard_event_file(tracked, tmp_path, busy):
+    # A refused fit with --logger tensorboard had opened a SummaryWriter, and so
+    # left an empty event file in the finished run's tensorboard/ folder.
+    pytest.importorskip("tensorboard")
+    copy = tmp_path / "copy"
+    shutil.copytree(tracked[0], copy)
+    events = sorted((copy / "tensorboard").iterdir())
+    fit = ["fit", "--epochs", "3", "--out", str(copy), "--logger", "tensorboard"]
+    fit += ["--resume", "--quiet"] if busy else ["--quiet"]
+    held = locks.hold(copy, locks.WRITER) if busy else contextlib.nullcontext()
+    with held:
+        result = CliRunner().invoke(cli, fit)
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert sorted((copy / "tensorboard").iterdir()) == events

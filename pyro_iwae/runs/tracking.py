@@ -91,16 +91,26 @@ def _require(module: str, extra: str) -> Any:
 
 
 class TensorBoardTracker(Tracker):
-    """Event files for TensorBoard in ``log_dir`` (``tensorboard --logdir``)."""
+    """Event files for TensorBoard in ``log_dir`` (``tensorboard --logdir``).
+
+    The event file is opened when it first logs: a fit refused before it starts
+    adds none to a run's folder."""
 
     def __init__(self, log_dir: str | os.PathLike, images_every: int = 5) -> None:
         super().__init__(images_every)
-        tensorboard = _require("torch.utils.tensorboard", "tensorboard")
+        self._tensorboard = _require("torch.utils.tensorboard", "tensorboard")
         self.log_dir = Path(log_dir)
         found = self.log_dir.is_dir()
         self._found = set(self.log_dir.iterdir()) if found else set()
         self.make_dir(self.log_dir, whole=True)
-        self.writer = tensorboard.SummaryWriter(str(self.log_dir))
+        self._writer = None
+
+    @property
+    def writer(self) -> Any:
+        """The ``SummaryWriter``, made on first use."""
+        if self._writer is None:
+            self._writer = self._tensorboard.SummaryWriter(str(self.log_dir))
+        return self._writer
 
     def log_scalars(self, values: dict[str, float], step: int) -> None:
         for name, value in values.items():
@@ -139,7 +149,8 @@ class TensorBoardTracker(Tracker):
         return any(e.step == step and e.value == value for e in found.Scalars(name))
 
     def close(self) -> None:
-        self.writer.flush()
+        if self._writer is not None:
+            self._writer.flush()
 
     def _keep(self) -> None:
         super()._keep()
@@ -148,7 +159,8 @@ class TensorBoardTracker(Tracker):
     def discard(self) -> None:
         if self.discarded:
             return
-        self.writer.close()
+        if self._writer is not None:
+            self._writer.close()
         # In a folder it found: the event files it wrote, not the others.
         for path in set(self.log_dir.glob("events.out.tfevents.*")) - self._found:
             path.unlink(missing_ok=True)
