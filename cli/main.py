@@ -157,7 +157,8 @@ def fit(ctx: click.Context, **options: Any) -> None:
     Under torchrun (`torchrun --nproc-per-node=N $(command -v pyro-iwae) fit
     ...`) the N processes train one run: --batch-size is the global batch,
     split evenly over them; rank 0 writes the run directory. With
-    --max-restarts, pass --out: a restarted worker resumes that run.
+    --max-restarts, pass --out: a restarted worker resumes the run this
+    torchrun job started there, and no other.
     """
     # Before torch's thread pool starts, so that its workers flush too.
     flush_denormals_from_start()

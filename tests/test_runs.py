@@ -1007,3 +1007,35 @@ def test_the_evaluations_lock_goes_when_let_go_and_still_orders_its_holders(tmp_
     (tmp_path / ".evaluations.lock").touch()
     evaluate("c")
     assert (tmp_path / ".evaluations.lock").exists()
+
+
+def test_a_torchrun_restart_resumes_only_the_run_its_own_job_started(
+    tmp_path, monkeypatch
+):
+    # A restart resumed any run with a checkpoint at --out: a new fit refused at
+    # a finished run (another job's) resumed it on the restart, and exited 0.
+    args = [*SMALL[:-1], "2", "--compile", "off", "--quiet"]
+
+    def attempt(job, count, out, *more):
+        monkeypatch.setenv("TORCHELASTIC_RUN_ID", job)
+        monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", str(count))
+        return invoke("fit", *args, *more, "--out", tmp_path / out)
+
+    with monkeypatch.context() as m:  # the first attempts die in epoch 2
+        m.setattr(progress.FitProgress, "on_epoch_start", _stop_at_epoch_2)
+        assert attempt("job-a", 0, "a").exit_code == 130
+        assert attempt("none", 0, "n").exit_code == 130
+    assert_ok(attempt("job-a", 1, "a"))
+    assert [m["epoch"] for m in read_metrics(tmp_path / "a")] == [1, 2]
+    # Job b, told to start a new run there, is refused on every attempt.
+    for count in range(3):
+        result = attempt("job-b", count, "a", "--epochs", 3)
+        assert_one_line_error(result, "holds a run already; resume it (--resume)")
+    assert [m["epoch"] for m in read_metrics(tmp_path / "a")] == [1, 2]
+    # torchrun's id of a job without --rdzv-id ("none") is every such job's.
+    assert_one_line_error(attempt("none", 1, "n"), "holds a run already")
+
+
+def _stop_at_epoch_2(self, epoch, *args):
+    if epoch == 2:
+        raise KeyboardInterrupt
