@@ -54,6 +54,7 @@ from pyro_iwae.runs.tracking import (
 )
 
 from .common import (
+    continue_with,
     cuda_option,
     device_of,
     explicit,
@@ -253,7 +254,7 @@ def _train(
         if run.has_checkpoint:
             out = shlex.quote(str(run.path))  # a command to paste into a shell
             logging = "".join(f" --logger {name}" for name in dict.fromkeys(loggers))
-            advice = f"continue with: pyro-iwae fit --resume --out {out}{logging}"
+            advice = continue_with(f"fit --resume --out {out}{logging}")
         else:
             advice = (
                 "no epoch had finished, so nothing was kept: run the same command "

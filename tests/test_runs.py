@@ -30,6 +30,7 @@ from pyro_iwae.runs.checkpoints import (
 from pyro_iwae.runs.config import CONFIG_FILE, RunConfig
 from pyro_iwae.runs.eval_results import EvalSettings, result_path
 from pyro_iwae.runs.run import Run, find_latest_run, load_run, train_run
+from pyro_iwae_cli import common as cli_common
 from pyro_iwae_cli import main as cli_main
 from pyro_iwae_cli import progress
 from pyro_iwae_cli.options import cli_text
@@ -1034,6 +1035,30 @@ def test_a_torchrun_restart_resumes_only_the_run_its_own_job_started(
     assert [m["epoch"] for m in read_metrics(tmp_path / "a")] == [1, 2]
     # torchrun's id of a job without --rdzv-id ("none") is every such job's.
     assert_one_line_error(attempt("none", 1, "n"), "holds a run already")
+
+
+def test_ctrl_c_under_torchrun_advises_a_resume_with_as_many_processes(
+    tmp_path, monkeypatch
+):
+    # It advised "pyro-iwae fit --resume --out RUN" alone: resumed by one
+    # process, a two-rank run went on with other noise.
+    monkeypatch.setenv("WORLD_SIZE", "2")  # torchrun's; no process group here
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    monkeypatch.setattr(progress.FitProgress, "on_epoch_start", _stop_at_epoch_2)
+    run_dir = tmp_path / "my run"
+    cut = invoke("fit", *SMALL[:-1], 2, "--quiet", "--out", run_dir)
+    assert cut.exit_code == 130
+    advice = shlex.split(cut.output.split("continue with: ")[1].splitlines()[0])
+    assert advice == [
+        *"torchrun --standalone --nproc-per-node=2 $(command -v pyro-iwae)".split(),
+        *["fit", "--resume", "--out", str(run_dir)],
+    ]
+    # Four processes, two a machine: torchrun on each machine, as before.
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    assert cli_common.continue_with("fit --resume --out r") == (
+        "continue with the same 4 processes (torchrun on each machine, as before) "
+        "running: pyro-iwae fit --resume --out r"
+    )
 
 
 def _stop_at_epoch_2(self, epoch, *args):
