@@ -892,7 +892,7 @@ def test_a_run_being_trained_before_its_first_checkpoint_is_said_to_be(
             assert error.endswith("wait for its first epoch to end")
     # Not being trained: the run's own advice.
     error = assert_one_line_error(invoke("eval-nll", run_dir, "--k", 2))
-    assert "start a new run" in error
+    assert "its run never finished an epoch; start it afresh" in error
 
 
 def test_an_evaluation_of_a_mid_epoch_checkpoint_says_so(tmp_path, monkeypatch):
