@@ -127,6 +127,24 @@ def restarted() -> bool:
     return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
 
 
+def continue_with(arguments: str) -> str:
+    """Advice to go on with ``pyro-iwae ARGUMENTS``; under torchrun, with as many
+    processes (``WORLD_SIZE``, ``LOCAL_WORLD_SIZE`` a machine): a resume is exact
+    only with as many as wrote the checkpoint."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return f"continue with: pyro-iwae {arguments}"
+    if int(os.environ.get("LOCAL_WORLD_SIZE", world)) == world:  # one machine
+        return (
+            f"continue with: torchrun --standalone --nproc-per-node={world} "
+            f"$(command -v pyro-iwae) {arguments}"
+        )
+    return (
+        f"continue with the same {world} processes (torchrun on each machine, as "
+        f"before) running: pyro-iwae {arguments}"
+    )
+
+
 def _show_warning(message: Warning | str, *args: Any, **kwargs: Any) -> None:
     click.echo(f"Warning: {cli_text(one_line(message))}", err=True)
 

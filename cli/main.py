@@ -54,6 +54,7 @@ from pyro_iwae.runs.tracking import (
 )
 
 from .common import (
+    continue_with,
     cuda_option,
     device_of,
     explicit,
@@ -157,7 +158,8 @@ def fit(ctx: click.Context, **options: Any) -> None:
     Under torchrun (`torchrun --nproc-per-node=N $(command -v pyro-iwae) fit
     ...`) the N processes train one run: --batch-size is the global batch,
     split evenly over them; rank 0 writes the run directory. With
-    --max-restarts, pass --out: a restarted worker resumes that run.
+    --max-restarts, pass --out: a restarted worker resumes the run this
+    torchrun job started there, and no other.
     """
     # Before torch's thread pool starts, so that its workers flush too.
     flush_denormals_from_start()
@@ -252,7 +254,7 @@ def _train(
         if run.has_checkpoint:
             out = shlex.quote(str(run.path))  # a command to paste into a shell
             logging = "".join(f" --logger {name}" for name in dict.fromkeys(loggers))
-            advice = f"continue with: pyro-iwae fit --resume --out {out}{logging}"
+            advice = continue_with(f"fit --resume --out {out}{logging}")
         else:
             advice = (
                 "no epoch had finished, so nothing was kept: run the same command "

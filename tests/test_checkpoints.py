@@ -6,10 +6,15 @@ import pickle
 
 import pytest
 import torch
-from small_run import small_config
+from small_run import BATCH, K, small_config
+from test_cli import assert_one_line_error, invoke
 
+from pyro_iwae import paper_architecture
+from pyro_iwae.data import load_dataset
 from pyro_iwae.runs.checkpoints import CHECKPOINT_FILE, CheckpointError, write_json
 from pyro_iwae.runs.run import Run, load_run, train_run
+from pyro_iwae.runs.schedules import make_objective
+from pyro_iwae.runs.training import fit
 
 
 def test_truncated_checkpoint(run_dir):
@@ -93,3 +98,35 @@ def test_write_json_writes_non_finite_numbers_as_null(tmp_path):
         "outer": {"nan": None, "list": [None, 1.5], "tuple": [None]},
         "n": 2,
     }
+
+
+def test_a_missing_checkpoint_is_advised_in_its_callers_terms(run_dir, tmp_path):
+    # eval-nll and sample said "start a new run (without resume)", fit's advice,
+    # which means nothing to a command that reads a run.
+    (run_dir / CHECKPOINT_FILE).unlink()
+    for command in (["eval-nll", run_dir, "--k", 2], ["sample", run_dir]):
+        error = assert_one_line_error(invoke(*command))
+        assert error == (
+            f"Error: no checkpoint at {run_dir / CHECKPOINT_FILE}: its run never "
+            "finished an epoch; start it afresh and train it for one, or pass the "
+            "directory of a run that has"
+        )
+    with pytest.raises(CheckpointError, match="never finished an epoch; start it"):
+        load_run(run_dir)
+    # fit's own: resume=True of a folder with no checkpoint.
+    data = load_dataset("mnist-mini")
+    model, guide = paper_architecture(1, data_mean=data.train_mean)
+    with pytest.raises(CheckpointError) as error:
+        fit(
+            model,
+            guide,
+            data,
+            make_objective("iwae", K),
+            batch_size=BATCH,
+            run_dir=tmp_path / "new",
+            resume=True,
+        )
+    assert str(error.value) == (
+        f"no checkpoint at {tmp_path / 'new' / CHECKPOINT_FILE} to resume: its run "
+        "never finished an epoch; start it afresh (without resume=True)"
+    )

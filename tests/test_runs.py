@@ -30,6 +30,7 @@ from pyro_iwae.runs.checkpoints import (
 from pyro_iwae.runs.config import CONFIG_FILE, RunConfig
 from pyro_iwae.runs.eval_results import EvalSettings, result_path
 from pyro_iwae.runs.run import Run, find_latest_run, load_run, train_run
+from pyro_iwae_cli import common as cli_common
 from pyro_iwae_cli import main as cli_main
 from pyro_iwae_cli import progress
 from pyro_iwae_cli.options import cli_text
@@ -891,7 +892,7 @@ def test_a_run_being_trained_before_its_first_checkpoint_is_said_to_be(
             assert error.endswith("wait for its first epoch to end")
     # Not being trained: the run's own advice.
     error = assert_one_line_error(invoke("eval-nll", run_dir, "--k", 2))
-    assert "start a new run" in error
+    assert "its run never finished an epoch; start it afresh" in error
 
 
 def test_an_evaluation_of_a_mid_epoch_checkpoint_says_so(tmp_path, monkeypatch):
@@ -1007,3 +1008,59 @@ def test_the_evaluations_lock_goes_when_let_go_and_still_orders_its_holders(tmp_
     (tmp_path / ".evaluations.lock").touch()
     evaluate("c")
     assert (tmp_path / ".evaluations.lock").exists()
+
+
+def test_a_torchrun_restart_resumes_only_the_run_its_own_job_started(
+    tmp_path, monkeypatch
+):
+    # A restart resumed any run with a checkpoint at --out: a new fit refused at
+    # a finished run (another job's) resumed it on the restart, and exited 0.
+    args = [*SMALL[:-1], "2", "--compile", "off", "--quiet"]
+
+    def attempt(job, count, out, *more):
+        monkeypatch.setenv("TORCHELASTIC_RUN_ID", job)
+        monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", str(count))
+        return invoke("fit", *args, *more, "--out", tmp_path / out)
+
+    with monkeypatch.context() as m:  # the first attempts die in epoch 2
+        m.setattr(progress.FitProgress, "on_epoch_start", _stop_at_epoch_2)
+        assert attempt("job-a", 0, "a").exit_code == 130
+        assert attempt("none", 0, "n").exit_code == 130
+    assert_ok(attempt("job-a", 1, "a"))
+    assert [m["epoch"] for m in read_metrics(tmp_path / "a")] == [1, 2]
+    # Job b, told to start a new run there, is refused on every attempt.
+    for count in range(3):
+        result = attempt("job-b", count, "a", "--epochs", 3)
+        assert_one_line_error(result, "holds a run already; resume it (--resume)")
+    assert [m["epoch"] for m in read_metrics(tmp_path / "a")] == [1, 2]
+    # torchrun's id of a job without --rdzv-id ("none") is every such job's.
+    assert_one_line_error(attempt("none", 1, "n"), "holds a run already")
+
+
+def test_ctrl_c_under_torchrun_advises_a_resume_with_as_many_processes(
+    tmp_path, monkeypatch
+):
+    # It advised "pyro-iwae fit --resume --out RUN" alone: resumed by one
+    # process, a two-rank run went on with other noise.
+    monkeypatch.setenv("WORLD_SIZE", "2")  # torchrun's; no process group here
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    monkeypatch.setattr(progress.FitProgress, "on_epoch_start", _stop_at_epoch_2)
+    run_dir = tmp_path / "my run"
+    cut = invoke("fit", *SMALL[:-1], 2, "--quiet", "--out", run_dir)
+    assert cut.exit_code == 130
+    advice = shlex.split(cut.output.split("continue with: ")[1].splitlines()[0])
+    assert advice == [
+        *"torchrun --standalone --nproc-per-node=2 $(command -v pyro-iwae)".split(),
+        *["fit", "--resume", "--out", str(run_dir)],
+    ]
+    # Four processes, two a machine: torchrun on each machine, as before.
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    assert cli_common.continue_with("fit --resume --out r") == (
+        "continue with the same 4 processes (torchrun on each machine, as before) "
+        "running: pyro-iwae fit --resume --out r"
+    )
+
+
+def _stop_at_epoch_2(self, epoch, *args):
+    if epoch == 2:
+        raise KeyboardInterrupt

@@ -36,6 +36,7 @@ __all__ = [
     "atomic_write",
     "check_writable",
     "load_checkpoint",
+    "load_resumed",
     "load_trained",
     "load_state",
     "read_metrics",
@@ -146,8 +147,8 @@ def load_checkpoint(
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(
-            f"no checkpoint at {path}; start a new run (without resume) or pass the "
-            "directory of a run that finished at least one epoch"
+            f"no checkpoint at {path}; pass the checkpoint of a run that finished "
+            "at least one epoch"
         )
     try:
         checkpoint = torch.load(
@@ -203,6 +204,28 @@ def load_trained(
             f"{path.parent} is being trained and has no checkpoint yet "
             f"({trainer or 'its writer lock is taken'}); wait for its first "
             "epoch to end"
+        )
+    if not path.is_file():  # said as to a reader, who has no run to start
+        raise CheckpointError(
+            f"no checkpoint at {path}: its run never finished an epoch; start it "
+            "afresh and train it for one, or pass the directory of a run that has"
+        )
+    return load_checkpoint(path, map_location)
+
+
+def load_resumed(
+    path: str | os.PathLike, map_location: torch.device | str | None = None
+) -> dict[str, Any]:
+    """:func:`load_checkpoint` of a run to resume (``fit``): where it has none,
+    says to start the run afresh.
+
+    :raises CheckpointError: see :func:`load_checkpoint`.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(
+            f"no checkpoint at {path} to resume: its run never finished an epoch; "
+            "start it afresh (without resume=True)"
         )
     return load_checkpoint(path, map_location)
 

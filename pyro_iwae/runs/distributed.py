@@ -62,6 +62,7 @@ __all__ = [
     "gather_objects",
     "init",
     "is_main",
+    "job",
     "launched",
     "mean_over_ranks",
     "noise_seed",
@@ -93,6 +94,15 @@ class Ranks:
 def launched() -> bool:
     """Whether torchrun (or a launcher like it) started this process."""
     return all(name in os.environ for name in TORCHRUN_VARIABLES)
+
+
+def job() -> str | None:
+    """This torchrun job's id (``TORCHELASTIC_RUN_ID``: its ``--rdzv-id``, drawn
+    afresh by ``--standalone``), the same in every restart of its workers; None
+    outside torchrun and for ``"none"``, torchrun's id of every job given no
+    ``--rdzv-id`` with ``--master-port`` or ``--master-addr``."""
+    name = os.environ.get("TORCHELASTIC_RUN_ID", "")
+    return None if name in ("", "none") else name
 
 
 def current() -> Ranks | None:

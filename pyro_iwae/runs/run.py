@@ -363,8 +363,8 @@ def plan_fit(
     ``resume``, the run at ``out`` (else the latest in ``runs_dir``) with
     ``given`` over its config (see :meth:`~pyro_iwae.Run.resumed_config`); else a
     new run at ``out`` (else in a fresh folder of ``runs_dir``). ``restarted``: torchrun
-    restarted the workers, which resume the run at ``out`` if it has a
-    checkpoint. Under torchrun, rank 0 decides for all. Without
+    restarted the workers, which resume the run at ``out`` if this torchrun job
+    started it and it has a checkpoint. Under torchrun, rank 0 decides for all. Without
     ``make_folder`` (to learn the config alone), a new run in ``runs_dir`` is
     ``Run(runs_dir)``, its folder not made.
 
@@ -372,7 +372,13 @@ def plan_fit(
     :raises RunError: if there is no run to resume.
     """
     if restarted and out is not None and not resume:
-        resume = distributed.from_main(lambda: Run(out).has_checkpoint)
+        # Only the run this job started: a new run the first attempt refused (at
+        # a finished run, or one another process trains) stays refused.
+        resume = distributed.from_main(
+            lambda: (
+                Run(out).has_checkpoint and run_writer.started_by_this_job(Path(out))
+            )
+        )
     if resume:
         run = distributed.from_main(lambda: Run.find(out, runs_dir))
         return run, distributed.from_main(lambda: run.resumed_config(given)), True

@@ -44,6 +44,7 @@ __all__ = [
     "check_support",
     "differing",
     "resumed_config",
+    "started_by_this_job",
     "train",
 ]
 
@@ -59,6 +60,9 @@ RUN_FILES = (
     "estimates-*.txt",
     "diagnostics-*.txt",
 )
+#: The file in which a new run started under torchrun names the job
+#: (:func:`distributed.job`), for a restart of its workers to know the run its own.
+JOB_FILE = ".torchrun-job"
 #: Settings that change where, from what and how a run computes, not what it
 #: computes (compiled steps agree with eager ones to float rounding).
 MEANS = ("device", "data_dir", "compile")
@@ -173,6 +177,8 @@ def train(
             changed = distributed.from_main(
                 lambda: _check(path, config, resume, callback)
             )
+            if not resume and distributed.is_main():
+                _record_job(path)
             try:
                 return _train(path, config, resume, data_dir, callback, changed)
             except BaseException:
@@ -416,6 +422,25 @@ def _untrained(path: Path, found: list[str]) -> bool:
         return False  # not a run's config, or not one fit wrote
 
 
+def _record_job(path: Path) -> None:
+    """Names the torchrun job that starts a new run here (none: a stale name goes)."""
+    job = distributed.job()
+    if job is None:
+        (path / JOB_FILE).unlink(missing_ok=True)
+    else:
+        (path / JOB_FILE).write_text(job + "\n")
+
+
+def started_by_this_job(path: Path) -> bool:
+    """Whether this torchrun job (:func:`distributed.job`) started the run at
+    ``path``: a restart of its workers resumes that run, and no other."""
+    job = distributed.job()
+    try:
+        return job is not None and (path / JOB_FILE).read_text().strip() == job
+    except OSError:
+        return False
+
+
 def _data_recorded(path: Path, dataset: str, resume: bool) -> None:
     """Records the run's data file, or on a resume checks it against the record
     (a run made before runs recorded it does so now)."""
@@ -427,7 +452,7 @@ def _data_recorded(path: Path, dataset: str, resume: bool) -> None:
 def _discard_unsaved(path: Path) -> None:
     """Removes the files of a new run that has no checkpoint yet."""
     if not (path / CHECKPOINT_FILE).is_file():
-        for name in (CONFIG_FILE, METRICS_FILE, DATA_RECORD):
+        for name in (CONFIG_FILE, METRICS_FILE, DATA_RECORD, JOB_FILE):
             (path / name).unlink(missing_ok=True)
 
 

@@ -40,7 +40,7 @@ from .checkpoints import (
     CHECKPOINT_FILE,
     CheckpointError,
     append_metrics,
-    load_checkpoint,
+    load_resumed,
     load_state,
     restore_rng,
     resumed_metrics,
@@ -300,7 +300,7 @@ class _Fit:
         path = self.checkpoint_path
         # Rank 0 reads it and sends it to the others, on the CPU.
         where = self.device if self.ranks is None else "cpu"
-        checkpoint = distributed.from_main(lambda: load_checkpoint(path, where))
+        checkpoint = distributed.from_main(lambda: load_resumed(path, where))
         check_continues(checkpoint, self.schedule, self.batch_size, path)
         check_same_fit(checkpoint, self.record, path)
         load_state(self.model, checkpoint["model"], "model", path)
