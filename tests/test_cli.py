@@ -491,9 +491,13 @@ def test_missing_run_dirs(tmp_path):
     missing = tmp_path / "missing"
     for command in ("eval-nll", "sample"):
         assert_one_line_error(invoke(command, missing), "does not exist")
-    assert_one_line_error(
-        invoke("eval-nll", "--runs-dir", tmp_path / "none"), "no run found"
-    )
+    # The advice did not name --runs-dir.
+    for folder in (tmp_path / "none", tmp_path):
+        assert_one_line_error(
+            invoke("eval-nll", "--runs-dir", folder),
+            "no run found",
+            "or set --runs-dir to the folder of runs to look in",
+        )
     assert_one_line_error(invoke("fit", "--resume", "--out", missing), "does not exist")
     assert_one_line_error(
         invoke("eval-nll", tmp_path), "not a run directory", "config.json"

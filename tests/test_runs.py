@@ -73,8 +73,10 @@ def test_resume_without_checkpoint_and_bad_run_dirs(tmp_path):
     with pytest.raises(RunError, match=r"no run found \(.*empty does not exist\)"):
         find_latest_run(tmp_path / "empty")
     (tmp_path / "empty").mkdir()
-    with pytest.raises(RunError, match="no run found in .*empty; train one"):
+    with pytest.raises(RunError, match="no run found in .*empty; train one") as e:
         find_latest_run(tmp_path / "empty")
+    # The folder to look in was not named as the argument that sets it.
+    assert str(e.value).endswith("or set runs_dir to the folder of runs to look in")
     with pytest.raises(RunError, match="is a file, not a folder"):
         load_run(tmp_path / CONFIG_FILE)
     (tmp_path / CONFIG_FILE).write_text("{broken")
