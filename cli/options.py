@@ -31,6 +31,7 @@ OPTION_NAMES = {
     "resume": "--resume",
     "out": "--out",
     "run_dir": "--out",  # train_run's folder, named {run_dir} in its messages
+    "runs_dir": "--runs-dir",  # the folder find_latest_run looks in
     "jobs": "--jobs",  # reproduce's
 }
 

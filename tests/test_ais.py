@@ -23,6 +23,7 @@ from pyro_iwae import (
     log_likelihood_with_diagnostics,
     sample_joint,
 )
+from pyro_iwae.infer import ais
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -126,6 +127,34 @@ def test_ais_is_unbiased_in_p_and_a_lower_bound_in_log_p(correlated):
     assert abs(ratio - 1) < 3 * ratio_se
     error, error_se = mean_and_se(result.log_likelihood - exact)
     assert error < -3 * error_se
+
+
+def test_the_step_size_is_tuned_on_tune_chains_chains_whatever_the_chunk_size(
+    lg, monkeypatch
+):
+    # A chunk_size below tune_chains tuned on chunk_size chains only: [2, 2] made.
+    made = []
+
+    class Recorded(ais.Chains):
+        def __init__(self, model, guide, args, kwargs, num_chains, settings):
+            super().__init__(model, guide, args, kwargs, num_chains, settings)
+            self.index = len(made)
+            made.append(num_chains)
+
+        def transition(self, z, point, beta, step_size):
+            # The first group accepts every move, the others none.
+            return z, torch.full_like(point.log_w, 1.0 if self.index == 0 else 0.0)
+
+    monkeypatch.setattr(ais, "Chains", Recorded)
+    x = lg.sample_data(3)
+    options = dict(num_steps=5, num_chains=2, step_size=0.1, tune_chains=5)
+    result = ais_log_likelihood(
+        lg.model, lg.diagonal_guide(), x, chunk_size=2, **options
+    )
+    assert made == [2, 2, 1, 2]  # the tuning run's 5 chains, then the estimate's
+    # The last of 4 transitions follows 3 moves by the mean rate over 5 chains, 2/5.
+    expected = 0.1 * math.exp(3 * (2 / 5 - 0.65))
+    torch.testing.assert_close(result.step_size, torch.full((3,), expected).double())
 
 
 def test_bidirectional_bounds_sandwich_log_marginal(correlated):

@@ -2,12 +2,14 @@
 
 import math
 import warnings
+from collections.abc import Callable
 
 import pyro
 import pyro.distributions as dist
 import pytest
 import torch
 from linear_gaussian import LATENT_DIM, PriorSiteModel
+from pyro.distributions.transforms import AffineTransform
 
 from pyro_iwae import (
     IWELBO,
@@ -160,6 +162,49 @@ def test_active_units_of_the_paper_guides():
         with torch.no_grad():
             expected = guide.layers[0](x)[0].var(0, unbiased=False)
         torch.testing.assert_close(activity["z1"], expected, rtol=1e-5, atol=1e-7)
+
+
+def flow_guide(loc_weights: torch.Tensor, scale: float) -> Callable:
+    """q(z|x) = N(x W^T, scale^2 I) through an affine flow: no closed-form mean,
+    so the activity averages sampled values."""
+
+    def guide(data: torch.Tensor) -> None:
+        with pyro.plate("data", data.shape[0]):
+            base = dist.Normal(torch.zeros_like(data @ loc_weights.T), 1.0)
+            flow = AffineTransform(data @ loc_weights.T, scale)
+            pyro.sample("z", dist.TransformedDistribution(base, [flow]).to_event(1))
+
+    return guide
+
+
+def test_a_guide_without_a_closed_form_mean_has_no_active_units_where_none_are():
+    # The sampled means' noise, Var_q / num_samples = 0.01, was taken for activity:
+    # 23 of 50 units counted active at the default num_samples.
+    x = torch.rand(200, 784)
+    guide = flow_guide(torch.zeros(50, 784), 1.0)
+    torch.manual_seed(0)
+    assert active_units(guide, x) == {"z": 0}
+    torch.manual_seed(0)
+    assert latent_activity(guide, x)["z"].max() < 0.005
+
+
+@pytest.mark.parametrize("vectorize", [True, False])
+def test_the_activity_of_a_flow_guide_is_the_variance_of_its_mean(vectorize):
+    """Five units' means vary over x (Var_x 0.03 to 0.07), five do not; the
+    sampled means' noise (0.01 a unit) is not counted."""
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(2000, 8, generator=g)
+    weights = torch.zeros(10, 8)
+    weights[:5, :5] = torch.diag(torch.linspace(0.03, 0.07, 5).sqrt())
+    guide = flow_guide(weights, 1.0)
+    torch.manual_seed(2)
+    activity = latent_activity(guide, x, vectorize_particles=vectorize)["z"]
+    exact = (x @ weights.T).var(0, unbiased=False)
+    # Before, every unit came out about 0.01 above its exact activity.
+    assert (activity - exact).abs().max() < 0.004, activity - exact
+    torch.manual_seed(2)
+    counts = active_units(guide, x, vectorize_particles=vectorize)
+    assert counts == {"z": 5}
 
 
 @pytest.mark.parametrize("kind", ["bernoulli", "normal"])

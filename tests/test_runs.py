@@ -74,8 +74,10 @@ def test_resume_without_checkpoint_and_bad_run_dirs(tmp_path):
     with pytest.raises(RunError, match=r"no run found \(.*empty does not exist\)"):
         find_latest_run(tmp_path / "empty")
     (tmp_path / "empty").mkdir()
-    with pytest.raises(RunError, match="no run found in .*empty; train one"):
+    with pytest.raises(RunError, match="no run found in .*empty; train one") as e:
         find_latest_run(tmp_path / "empty")
+    # The folder to look in was not named as the argument that sets it.
+    assert str(e.value).endswith("or set runs_dir to the folder of runs to look in")
     with pytest.raises(RunError, match="is a file, not a folder"):
         load_run(tmp_path / CONFIG_FILE)
     (tmp_path / CONFIG_FILE).write_text("{broken")
@@ -947,7 +949,7 @@ def test_infinite_and_unfitted_khats_count_as_above_0_7():
     json.dumps(diagnostics, allow_nan=False)
     line = _khat_line(diagnostics, k=200, points=4)
     assert "k-hat median inf, above 0.7 on 75% of points (unreliable there" in line
-    # Half the points flat: the lower median is -inf.
+    # Half the points flat, the other middle value finite: the median is -inf.
     results[:2, 2] = -inf
     diagnostics = eval_results._diagnostics(results, "iwae")
     assert diagnostics["khat_median"] is None and diagnostics["khat_flat"] == 0.5
@@ -956,6 +958,26 @@ def test_infinite_and_unfitted_khats_count_as_above_0_7():
     # NaN at every point is too few weights to fit, still.
     results[:, 2] = nan
     assert eval_results._diagnostics(results, "iwae")["khat_above_0.7"] is None
+
+
+def test_the_median_ess_and_khat_of_an_even_count_are_the_mean_of_the_middle_two():
+    # They were torch.median's lower middle value: ESS 2.0, k-hat 0.3.
+    results = torch.tensor(
+        [[-1.0, 1.0, 0.1], [-2.0, 4.0, 0.5], [-1.5, 2.0, 0.9], [-1.0, 10.0, 0.3]],
+        dtype=torch.float64,
+    )
+    diagnostics = eval_results._diagnostics(results, "iwae")
+    assert diagnostics["ess_median"] == pytest.approx(3.0)
+    assert diagnostics["khat_median"] == pytest.approx(0.4)
+    # An odd count: the middle value.
+    diagnostics = eval_results._diagnostics(results[:3], "iwae")
+    assert diagnostics["ess_median"] == 2.0
+    assert diagnostics["khat_median"] == pytest.approx(0.5)
+    # Middle values -inf and +inf: no median to hold, half the points flat.
+    results[:, 2] = torch.tensor([-math.inf, -math.inf, math.inf, math.inf])
+    diagnostics = eval_results._diagnostics(results, "iwae")
+    assert diagnostics["khat_median"] is None and diagnostics["khat_flat"] == 0.5
+    assert "k-hat median -inf" in _khat_line(diagnostics, k=200, points=4)
 
 
 def _khat_line(diagnostics: dict, k: int, points: int) -> str:

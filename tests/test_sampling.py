@@ -91,6 +91,21 @@ def read_png(path):
     return imread(path)
 
 
+def test_data_of_the_wrong_shape_are_refused_in_one_line(test_images):
+    # The model's own message came with Pyro's multi-line table of trace shapes.
+    model, guide = paper_architecture(1)
+    for draw, name in (
+        (lambda: sample_images(model, 3, 5), "PaperModel"),
+        (lambda: reconstruct(model, guide, test_images[0]), "PaperGuide"),
+    ):
+        with pytest.raises(ValueError) as error:
+            draw()
+        message = str(error.value)
+        assert message.startswith(name)
+        assert " takes x of shape [batch, 784], got shape " in message
+        assert "\n" not in message and "Trace Shapes" not in message
+
+
 def test_png_files(tmp_path, test_images):
     path = save_image_grid(test_images[:10], tmp_path / "sub" / "grid.png", nrow=5)
     image = read_png(path)

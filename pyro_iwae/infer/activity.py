@@ -31,9 +31,17 @@ def latent_activity(
 
     The inner expectation averages the mean of each guide site's distribution
     over ``num_samples`` draws of its parents (exact for a site whose parameters
-    depend on ``x`` only); where the distribution has no closed-form mean, the
-    sampled values are averaged. ``guide`` is called as ``guide(batch)``, with
-    its data plate the outermost of its plates (dim -1 where it has no other).
+    depend on ``x`` only); where the distribution has no closed-form mean (a flow,
+    any ``TransformedDistribution``), the sampled values are averaged. The noise
+    of that average would add about :math:`\mathbb{E}_x[\mathrm{Var}_q(z_u|x)]`
+    ``/ num_samples`` to the variance over ``x`` (0.01 for a unit variance at
+    100 draws, the paper's threshold), so each point's sample variance of its
+    draws, divided by ``num_samples``, is averaged over the points (times
+    ``(N - 1) / N``) and subtracted: the estimate is unbiased, then clamped at 0
+    (which moves only units inactive either way). With ``num_samples=1`` there
+    is no sample variance, and nothing is subtracted. ``guide`` is called as
+    ``guide(batch)``, with its data plate the outermost of its plates (dim -1
+    where it has no other).
     ``vectorize_particles=False`` runs the guide once per draw, for a guide that
     does not broadcast over a leading particle dimension (slower; the same
     estimate), as the evaluators' (see :func:`~pyro_iwae.log_likelihood`).
@@ -81,18 +89,35 @@ def _activity(
     """:func:`latent_activity`, its errors naming ``caller``."""
     check_tensor("data", data)
     means: dict[str, list[torch.Tensor]] = {}
+    noises: dict[str, list[torch.Tensor]] = {}
     with evaluating(guide), pyro.poutine.block():
         for start in range(0, data.shape[0], batch_size):
             batch = data[start : start + batch_size]
             if vectorize_particles:
-                batch_means = _vectorized_means(guide, batch, num_samples, caller)
+                draws = _vectorized_draws(guide, batch, num_samples, caller)
             else:
-                batch_means = _sequential_means(guide, batch, num_samples)
-            for name, mean in batch_means.items():
-                means.setdefault(name, []).append(mean)
-    return {
-        name: torch.cat(chunks).var(0, unbiased=False) for name, chunks in means.items()
-    }
+                draws = _sequential_draws(guide, batch, num_samples)
+            for name, values in draws.items():
+                means.setdefault(name, []).append(values.mean(0))
+                noises.setdefault(name, []).append(_noise(values))
+    activity = {}
+    for name, chunks in means.items():
+        point_means = torch.cat(chunks)
+        n = point_means.shape[0]
+        # E[Var_x of the averages] = Var_x of the means + (n - 1) / n times the
+        # points' mean noise variance; each point's noise variance is estimated
+        # without bias by its draws' sample variance / num_samples.
+        noise = torch.cat(noises[name]).mean(0) * ((n - 1) / n)
+        activity[name] = (point_means.var(0, unbiased=False) - noise).clamp(min=0)
+    return activity
+
+
+def _noise(values: torch.Tensor) -> torch.Tensor:
+    """Each point's estimated variance of the mean of ``values`` (draws along
+    dim 0): their sample variance / the number of draws (0 for one draw)."""
+    if values.shape[0] < 2:
+        return torch.zeros_like(values[0])
+    return values.var(0, unbiased=True) / values.shape[0]
 
 
 def _site_means(trace: pyro.poutine.Trace) -> dict[str, torch.Tensor]:
@@ -108,10 +133,10 @@ def _site_means(trace: pyro.poutine.Trace) -> dict[str, torch.Tensor]:
     return means
 
 
-def _vectorized_means(
+def _vectorized_draws(
     guide: Callable, batch: torch.Tensor, num_samples: int, caller: str
 ) -> dict[str, torch.Tensor]:
-    """The sites' means averaged over ``num_samples`` draws in one particle plate,
+    """The sites' means for ``num_samples`` draws in one particle plate (dim 0),
     left of the guide's own plates (at dim -2 was among those of a guide that
     nests a plate in the data plate)."""
     depth = _depth_without_plate(guide, batch)
@@ -125,19 +150,19 @@ def _vectorized_means(
         raise ParticleBroadcastError.of_failure(
             error, num_samples, nesting, depth, caller
         ) from None
-    return {name: mean.mean(0) for name, mean in _site_means(trace).items()}
+    return _site_means(trace)
 
 
-def _sequential_means(
+def _sequential_draws(
     guide: Callable, batch: torch.Tensor, num_samples: int
 ) -> dict[str, torch.Tensor]:
-    """The sites' means averaged over ``num_samples`` runs of the guide."""
-    sums: dict[str, torch.Tensor] = {}
+    """The sites' means for ``num_samples`` runs of the guide (stacked, dim 0)."""
+    draws: dict[str, list[torch.Tensor]] = {}
     for _ in range(num_samples):
         trace = pyro.poutine.trace(guide).get_trace(batch)
         for name, mean in _site_means(trace).items():
-            sums[name] = mean if name not in sums else sums[name] + mean
-    return {name: total / num_samples for name, total in sums.items()}
+            draws.setdefault(name, []).append(mean)
+    return {name: torch.stack(values) for name, values in draws.items()}
 
 
 def _depth_without_plate(guide: Callable, batch: torch.Tensor) -> int | None:

@@ -31,7 +31,7 @@ from pyro import poutine
 from pyro.poutine.util import site_is_subsample
 
 from ..errors import AIS_NOT_SEQUENTIAL, AISError
-from .ais_chains import Chains, ChainSettings
+from .ais_chains import Chains, ChainSettings, tuned_step_sizes
 from .arguments import check_batch
 from .diagnostics import (
     effective_sample_size,
@@ -144,8 +144,9 @@ def ais_log_likelihood(
     tends to log p(x) as ``num_steps`` grows). ``num_steps=1`` is plain importance
     sampling with ``num_chains`` particles (:func:`~pyro_iwae.log_likelihood`).
     The leapfrog step size, per point and per transition, is tuned first by a
-    separate run of ``tune_chains`` chains whose weights are thrown away: it starts
-    at ``step_size`` and after each transition moves toward ``target_accept`` by
+    separate run of ``tune_chains`` chains whose weights are thrown away (drawn
+    ``chunk_size`` at a time, as the estimate's, in lockstep): it starts at
+    ``step_size`` and after each transition moves toward ``target_accept`` by
     their mean acceptance probability (multiplied by exp(rate - target)). Adapting
     on the estimate's own chains would make each chain's kernel depend on its
     state and bias the estimate (the mean weight overestimated p(x) by 2% on the
@@ -300,15 +301,12 @@ def _run(
     log_weights, acceptance = [], 0.0
     with evaluating(model, guide):
         if step_sizes is None and settings.num_steps > 1:
-            tuning = Chains(
-                model,
-                guide,
-                args,
-                kwargs,
-                min(settings.tune_chains, chunk_size),
-                settings,
-            )
-            step_sizes = tuning.anneal(tuning.start, betas, None)[2]
+            # All tune_chains chains, chunk_size at a time as the estimate's.
+            tuning = [
+                Chains(model, guide, args, kwargs, size, settings)
+                for size in chunk_sizes(settings.tune_chains, chunk_size)
+            ]
+            step_sizes = tuned_step_sizes(tuning, betas)
         for size in chunk_sizes(settings.num_chains, chunk_size):
             chains = Chains(model, guide, args, kwargs, size, settings)
             if latents is None:

@@ -86,6 +86,7 @@ class Chains:
         # IWELBO would follow, do not apply.
         model, guide = Unenumerated()(model), Unenumerated()(guide)
         self.model, self.guide, self.args, self.kwargs = model, guide, args, kwargs
+        self.num_chains = num_chains
         self.settings = settings
         self.elbo = IWELBO(
             num_particles=num_chains, max_plate_nesting=settings.max_plate_nesting
@@ -393,6 +394,37 @@ class Chains:
             nan = torch.full_like(per_point, math.nan)
             return log_weight, nan, nan.unsqueeze(0)[:0]
         return log_weight, torch.stack(rates).mean(0), torch.stack(used)
+
+
+def tuned_step_sizes(groups: list[Chains], betas: list[float]) -> torch.Tensor:
+    """The leapfrog step sizes that :meth:`Chains.anneal` adapts as it goes, of
+    the chains of all ``groups`` (of one model, guide and data) run in lockstep,
+    one group at a time (for memory): after each transition the step size moves
+    by the mean acceptance probability over all their chains, as for one group
+    of as many; at least one transition (``len(betas) > 2``).
+
+    :returns: ``[len(betas) - 2, 1, *plate_shape]``, one per transition.
+    """
+    settings, states = groups[0].settings, [group.start for group in groups]
+    total = sum(group.num_chains for group in groups)
+    step_size, used = None, []
+    # As in anneal: a diverging trajectory must not raise in validation.
+    with pyro.validation_enabled(False):
+        for beta in betas[1:-1]:
+            rate: torch.Tensor | float = 0.0
+            for i, group in enumerate(groups):
+                point = group.densities(states[i], beta)
+                if step_size is None:
+                    step_size = torch.full_like(point.log_w[:1], settings.step_size)
+                if group.redrawn:
+                    states[i], point = group.redraw(states[i], point, beta)
+                states[i], accept_prob = group.transition(
+                    states[i], point, beta, step_size
+                )
+                rate = rate + accept_prob.sum(0, keepdim=True) / total
+            used.append(step_size)
+            step_size = step_size * torch.exp(rate - settings.target_accept)
+    return torch.stack(used)
 
 
 def _real_support(fn: Any) -> bool:

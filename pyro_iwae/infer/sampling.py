@@ -9,6 +9,7 @@ from pyro import poutine
 
 from ..errors import ProgramError
 from ..nn.models import OBSERVED_SITE
+from .estimable import trace_shapes_dropped
 from .evaluation import check_count, evaluating
 
 __all__ = ["reconstruct", "sample_images"]
@@ -22,6 +23,7 @@ def _parameter_of(module: Callable) -> torch.Tensor | None:
     return None
 
 
+@trace_shapes_dropped()
 def sample_images(
     model: Callable,
     num_samples: int,
@@ -52,6 +54,7 @@ def sample_images(
     return _mean_of(trace, observed_site)
 
 
+@trace_shapes_dropped()
 def reconstruct(
     model: Callable,
     guide: Callable,

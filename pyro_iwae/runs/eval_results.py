@@ -460,12 +460,13 @@ def _diagnostics(results: torch.Tensor, method: str) -> dict[str, float | None]:
     # weight on one particle), so counted with those, above 0.7.
     fitted = not bool(khat.isnan().all())
     khat = khat.nan_to_num(nan=math.inf, posinf=math.inf, neginf=-math.inf)
-    # The lower median: -inf exactly where at least half the points are -inf.
-    median = khat.median()
+    # -inf exactly where at least half the points are -inf (NaN, so None, where
+    # the two middle values are -inf and +inf: khat_flat is then 1/2).
+    median = _median(khat)
     above = (khat > KHAT_THRESHOLD).double().mean()
     flat = (khat == -math.inf).double().mean()
     diagnostics = {
-        "ess_median": float(values["ess"].median()),
+        "ess_median": float(_median(values["ess"])),
         "khat_median": float(median) if fitted and median.isfinite() else None,
         # None, not 0 (none unreliable), where no k-hat was fitted.
         "khat_above_0.7": float(above) if fitted else None,
@@ -474,6 +475,16 @@ def _diagnostics(results: torch.Tensor, method: str) -> dict[str, float | None]:
     if "acceptance" in values:
         diagnostics["acceptance_mean"] = float(values["acceptance"].mean())
     return diagnostics
+
+
+def _median(values: torch.Tensor) -> torch.Tensor:
+    """The median of ``values``: of an even count, the mean of the two middle
+    ones (``torch.median`` takes the lower); NaN where any is NaN."""
+    if values.isnan().any():
+        return values.new_tensor(math.nan)
+    ordered = values.sort().values
+    middle = (ordered.numel() - 1) // 2
+    return ordered[middle : ordered.numel() - middle].mean()
 
 
 def checkpoint_place(

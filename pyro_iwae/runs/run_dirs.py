@@ -8,7 +8,7 @@ from datetime import datetime
 from pathlib import Path
 
 from ..data import is_data_file
-from ..errors import RunError
+from ..errors import RunError, literal
 from .checkpoints import CHECKPOINT_FILE
 from .config import CONFIG_FILE, RunConfig
 
@@ -55,8 +55,10 @@ def find_latest_run(runs_dir: str | os.PathLike) -> Path:
         where = (
             f"in {runs_dir}" if runs_dir.is_dir() else f"({runs_dir} does not exist)"
         )
+        # {runs_dir} names the setting as the caller spells it (--runs-dir).
         raise RunError(
-            f"no run found {where}; train one with fit, or pass a run directory, "
-            "or the folder of runs to look in"
+            f"no run found {literal(where)}; train one with fit, pass a run "
+            "directory, or set {runs_dir} to the folder of runs to look in",
+            template=True,
         )
     return max(candidates)[2]
