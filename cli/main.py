@@ -219,6 +219,15 @@ def _fields(cls: type) -> list[str]:
     return list(cls.__dataclass_fields__)
 
 
+def resume_arguments(run_dir: Path, loggers: Sequence[str], device: str) -> str:
+    """``fit``'s arguments to resume the run in ``run_dir`` as it ran: with its
+    loggers and, as a resume may change the device, on ``device``'s kind."""
+    out = shlex.quote(str(run_dir))  # a command to paste into a shell
+    logging = "".join(f" --logger {name}" for name in dict.fromkeys(loggers))
+    cuda = " --cuda" if torch.device(device).type == "cuda" else ""
+    return f"fit --resume --out {out}{logging}{cuda}"
+
+
 def _train(
     run: Run, config: RunConfig, resume: bool, quiet: bool, loggers: Sequence[str]
 ) -> None:
@@ -252,9 +261,7 @@ def _train(
         if not distributed.is_main():
             sys.exit(130)  # rank 0 says how to go on, once
         if run.has_checkpoint:
-            out = shlex.quote(str(run.path))  # a command to paste into a shell
-            logging = "".join(f" --logger {name}" for name in dict.fromkeys(loggers))
-            advice = continue_with(f"fit --resume --out {out}{logging}")
+            advice = continue_with(resume_arguments(run.path, loggers, config.device))
         else:
             advice = (
                 "no epoch had finished, so nothing was kept: run the same command "

@@ -8,6 +8,7 @@ import os
 import shlex
 import shutil
 import time
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -1081,6 +1082,16 @@ def test_ctrl_c_under_torchrun_advises_a_resume_with_as_many_processes(
         "continue with the same 4 processes (torchrun on each machine, as before) "
         "running: pyro-iwae fit --resume --out r"
     )
+
+
+def test_ctrl_c_advice_resumes_a_cuda_run_on_cuda():
+    # The advice left --cuda out, and a resume may change the device: pasted,
+    # it went on training a CUDA run on the CPU.
+    resume_arguments = cli_main.resume_arguments
+    assert resume_arguments(Path("my run"), ["csv", "csv"], "cuda:0") == (
+        "fit --resume --out 'my run' --logger csv --cuda"
+    )
+    assert resume_arguments(Path("r"), [], "cpu") == "fit --resume --out r"
 
 
 def _stop_at_epoch_2(self, epoch, *args):
