@@ -177,6 +177,10 @@ def fit(ctx: click.Context, **options: Any) -> None:
         )
     named = [n for n, v in given.items() if defaults.get(n, v) != v]
     flags = {n: options[n] for n in _fields(RunConfig) if explicit(ctx, n)}
+    if "dataset" in flags and flags["dataset"] != given.get("dataset"):
+        # The file's x_dim is its own data set's (784 in a printed config of
+        # mnist-mini): that of the data set given instead is learnt from it.
+        given.pop("x_dim", None)
     # An error names a setting the file gave as the file's key, not as an option.
     where = f" (in {Path(options['config']).name})" if options["config"] else ""
     # Every key of the file, at its default too: a resume compares it with the run's.

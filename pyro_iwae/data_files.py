@@ -176,6 +176,9 @@ def _as_points(value: object, path: Path, key: str, if_empty: str) -> Tensor:
             f"{path}: {key} is an array of {dtype}, not numbers; save integers, "
             "floats or booleans"
         ) from e
+    # Plain values: a tensor saved with requires_grad keeps it, and training
+    # then backpropagated through the data (a traceback on its second step).
+    x = x.detach()
     if x.layout != torch.strided:  # sparse: most operations take dense tensors
         x = x.to_dense()
     if x.is_complex():

@@ -399,3 +399,36 @@ def test_a_settings_files_relative_paths_are_read_from_its_folder(
     assert result.exit_code == 0, result.output
     printed = json.loads(result.output)
     assert printed["dataset"] == str(folder / "points.npy") and printed["x_dim"] == 12
+
+
+def test_a_printed_config_with_another_dataset_learns_x_dim_from_the_data(
+    tmp_path, monkeypatch
+):
+    # fit --config printed.json --dataset bin16.npy kept the printed 784 (of
+    # mnist-mini) and was refused: "set x_dim to 16", which no option can; a
+    # file's "x_dim": null was taken as the width: "the config says None".
+    import numpy as np
+
+    monkeypatch.chdir(tmp_path)
+    np.save("bin16.npy", np.zeros((40, 16), dtype=np.float32))
+    np.save("bin9.npy", np.zeros((40, 9), dtype=np.float32))
+
+    def printed(*args):
+        result = CliRunner().invoke(cli, ["fit", *args, "--print-config"])
+        assert result.exit_code == 0, result.output
+        return json.loads(result.output)
+
+    Path("printed.json").write_text(json.dumps(printed("--particles", 3)))
+    assert json.loads(Path("printed.json").read_text())["x_dim"] == 784
+    again = printed("--config", "printed.json", "--dataset", "bin16.npy")
+    assert again["x_dim"] == 16 and again["num_particles"] == 3
+    # From a printed config of one data file to another, and back to MNIST.
+    Path("p16.json").write_text(json.dumps(again))
+    assert printed("--config", "p16.json", "--dataset", "bin9.npy")["x_dim"] == 9
+    assert printed("--config", "p16.json", "--dataset", "mnist-mini")["x_dim"] == 784
+    assert printed("--config", "p16.json")["x_dim"] == 16
+    for dataset, width in (("bin16.npy", 16), ("mnist-mini", 784)):
+        Path("null.json").write_text(json.dumps({"dataset": dataset, "x_dim": None}))
+        assert printed("--config", "null.json")["x_dim"] == width
+        given = {"dataset": dataset, "x_dim": None}
+        assert RunConfig.merge(given).x_dim == width

@@ -426,3 +426,22 @@ def test_one_point_and_one_test_point_are_spoken_of_in_the_singular(tmp_path):
     result = invoke("sample", run, "--n", 4)
     assert_ok(result)
     assert "reconstructions of the one test point there is\n" in result.output
+
+
+def test_a_tensor_saved_with_requires_grad_is_read_as_plain_values(tmp_path):
+    # fit died with "Trying to backward through the graph a second time": the
+    # data kept requires_grad, and every step backpropagated into them.
+    g = torch.Generator().manual_seed(0)
+    train = (torch.rand(60, 16, generator=g) > 0.5).float().requires_grad_()
+    torch.save(train, tmp_path / "grad.pt")
+    torch.save(
+        {"train": train, "test": train[:5].detach().requires_grad_()},
+        tmp_path / "both.pt",
+    )
+    data = load_dataset(tmp_path / "both.pt", binarize="none")
+    assert not data.train.requires_grad and not data.test.requires_grad
+    assert torch.equal(data.train, train.detach())
+    options = ["--batch-size", 20, "--particles", 2, "--epochs", 1, "--quiet"]
+    run = tmp_path / "r"
+    assert_ok(invoke("fit", "--dataset", tmp_path / "grad.pt", *options, "--out", run))
+    assert (run / "checkpoint.pt").is_file()

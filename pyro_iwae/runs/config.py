@@ -398,12 +398,14 @@ class RunConfig:
         such as :meth:`command_defaults`) for the settings not given where they
         take effect. Checked with the settings ``named`` (default: all those
         ``given``) named (see :meth:`validate`); a new config of a data file
-        learns its ``x_dim`` from the file.
+        learns its ``x_dim`` from the file, unless ``given`` (None: the data's).
 
         :raises ConfigError, ValueError: see :meth:`validate`.
         :raises RunError: on unknown settings.
         :raises pyro_iwae.data.DataError: if a data file cannot be read.
         """
+        if "x_dim" in given and given["x_dim"] is None:  # a file's null
+            given = {name: v for name, v in given.items() if name != "x_dim"}
         values = {**(_defaults() if base is None else base.to_dict()), **given}
         dataset = values["dataset"]
         if base is None and isinstance(dataset, str) and is_data_file(dataset):

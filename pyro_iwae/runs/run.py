@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from ..data import Dataset, is_data_file, load_dataset
+from ..data import DATASETS, Dataset, is_data_file, load_dataset
 from ..errors import (
     DataError,
     RunError,
@@ -51,7 +51,7 @@ from .checkpoints import (
     trained_steps,
 )
 from .config import CONFIG_FILE, RunConfig
-from .data_record import check_data, is_recorded
+from .data_record import check_data, check_points, data_folder, is_recorded
 from .estimates import estimate_points
 from .eval_results import (
     EVAL_METHODS,
@@ -165,12 +165,13 @@ class Run:
         ``data_dir`` override where they are (such as a data file since moved).
 
         :raises DataError: if they cannot be read or are of another width, or
-            the run's own data file has changed since it was trained on it.
+            the run's own data file has changed since it was trained on it, or
+            its built-in data set's folder holds other points than it recorded.
         """
         config = self.config if config is None else config
         name = config.dataset if dataset is None else _as_dataset(dataset)
-        if dataset is None:
-            advice = f"evaluate it as other data with dataset={str(name)!r}"
+        advice = f"evaluate it as other data with dataset={str(name)!r}"
+        if dataset is None and name not in DATASETS:
             check_data(self.path, name, advice)
         data = load_dataset(
             name,
@@ -178,6 +179,9 @@ class Run:
             binarize=config.binarization,
             test_fraction=config.test_fraction,
         )
+        if dataset is None and name in DATASETS:
+            folder = data_folder(name, data_dir or config.data_dir)
+            check_points(self.path, data, config.train_limit, folder, advice)
         if data.x_dim != config.x_dim:
             raise DataError(
                 f"{name} points have {data.x_dim} values, the run's model takes "
@@ -187,9 +191,11 @@ class Run:
 
     def holds_own(self, data: Dataset) -> bool:
         """Whether ``data`` are the run's own: its recorded data file's contents
-        (a moved copy's too), or where nothing is recorded, its data set's name."""
-        recorded = is_recorded(self.path, data.name)
-        return data.name == self.config.dataset if recorded is None else recorded
+        (a moved copy's too) or built-in data set's points, or where nothing is
+        recorded, its data set's name."""
+        config = self.config
+        recorded = is_recorded(self.path, data.name, data, config.train_limit)
+        return data.name == config.dataset if recorded is None else recorded
 
     def resumed_config(self, given: dict[str, Any] | None = None) -> RunConfig:
         """The run's config with the settings ``given`` (field -> value): only
@@ -326,7 +332,7 @@ class Run:
         # The files' name is chosen as they are written, one process at a time:
         # two evaluations of other settings that ran together took one name.
         with locks.waiting(self.path, "evaluations") if main else nullcontext():
-            on = data.name if other else None
+            on = _label(data.name, data_dir or config.data_dir) if other else None
             path = distributed.from_main(
                 lambda: result_path(self.path, settings, points.shape[0], on)
             )
@@ -388,6 +394,14 @@ def plan_fit(
     if not make_folder:
         return Run(runs_dir), config, False
     return distributed.from_main(lambda: Run.new(config, runs_dir)), config, False
+
+
+def _label(name: str, data_dir: str | os.PathLike | None) -> str:
+    """The name of other data in an evaluation: a built-in data set's with the
+    folder it was read from (that of the run's name, from another folder, got
+    the run's own name), ``<folder>/<name>``."""
+    folder = data_folder(name, data_dir)
+    return name if folder is None else str(Path(folder) / name)
 
 
 def _as_dataset(dataset: str | os.PathLike) -> str:

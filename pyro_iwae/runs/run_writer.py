@@ -6,6 +6,7 @@ behind by a new run that failed before its first checkpoint. Used through
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -33,7 +34,13 @@ from . import distributed, locks
 from .callbacks import FitCallback
 from .checkpoints import CHECKPOINT_FILE, METRICS_FILE, load_checkpoint, read_metrics
 from .config import CONFIG_FILE, RunConfig
-from .data_record import DATA_RECORD, check_data, record_data
+from .data_record import (
+    DATA_RECORD,
+    check_data,
+    check_points,
+    data_folder,
+    record_data,
+)
 from .fit_steps import check_continues, check_test_bound
 from .training import fit
 
@@ -221,8 +228,13 @@ def _train(
 ) -> list[dict[str, Any]]:
     """:func:`train`, with the lock held and the run directory checked
     (``changed``: whether ``config.json`` is to be written)."""
+    folder = data_folder(config.dataset, data_dir or config.data_dir)
+    if folder is not None and not resume:
+        # The folder read, absolute, saved: a later evaluation or resume under
+        # another $PYRO_IWAE_DATA read other data as the run's.
+        config = dataclasses.replace(config, data_dir=folder)
     data = config.load_data(data_dir)
-    distributed.from_main(lambda: _data_recorded(path, config.dataset, resume))
+    distributed.from_main(lambda: _data_recorded(path, config, data, folder, resume))
     if data.x_dim != config.x_dim:
         # A resumed run's model takes its x_dim: other data are what to change.
         fix = (
@@ -441,12 +453,20 @@ def started_by_this_job(path: Path) -> bool:
         return False
 
 
-def _data_recorded(path: Path, dataset: str, resume: bool) -> None:
-    """Records the run's data file, or on a resume checks it against the record
-    (a run made before runs recorded it does so now)."""
+def _data_recorded(
+    path: Path, config: RunConfig, data: Dataset, folder: str | None, resume: bool
+) -> None:
+    """Records the run's data (read from ``folder``), or on a resume checks
+    them against the record (a run made before runs recorded them does so
+    now)."""
+    advice = "start a new run on it"
     # One hash of the file to check it (it was hashed twice on a resume).
-    if not resume or check_data(path, dataset, "start a new run on it") is None:
-        record_data(path, dataset)
+    if folder is not None:  # a built-in data set but the embedded mnist-mini
+        limit = config.train_limit
+        if not resume or check_points(path, data, limit, folder, advice) is None:
+            record_data(path, config.dataset, data, limit, folder)
+    elif not resume or check_data(path, config.dataset, advice) is None:
+        record_data(path, config.dataset)
 
 
 def _discard_unsaved(path: Path) -> None:
