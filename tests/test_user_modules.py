@@ -789,3 +789,20 @@ def test_renyi_gradients_with_a_pyro_module_are_pyros_own_in_fits_step():
     (loss, grads), (wrapped_loss, wrapped_grads) = results
     assert wrapped_loss == loss
     assert all(torch.equal(a, b) for a, b in zip(grads, wrapped_grads, strict=True))
+
+
+def test_renyi_fits_keep_each_pyro_params_own_value():
+    # fit ran RenyiELBO with Pyro's global parameter store: the guide's scale
+    # took the model's same-named one (a shape error), and a second fit's
+    # PyroParams took the first fit's trained values, which Adam left as they were.
+    x = data(200)
+    objective = make_objective("renyi", 5, alpha=0.5)
+    results = []
+    for _ in range(2):
+        torch.manual_seed(0)
+        model, guide = LinearModel(), LinearGuide()
+        fit(model, guide, x, objective, schedule=[(2, 0.05)], batch_size=50)
+        assert model.scale.shape == () and guide.scale.shape == (Z,)
+        assert float(model.scale.detach()) != 2.0
+        results.append([p.detach() for p in (*model.parameters(), *guide.parameters())])
+    assert all(torch.equal(a, b) for a, b in zip(*results, strict=True))
