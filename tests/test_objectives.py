@@ -580,6 +580,30 @@ def test_numpy_integers_count_particles_as_ints_do(lg):
         MIWELBO(4, num_groups=True)
 
 
+def test_an_estimator_in_the_second_argument_of_a_grouped_bound_is_named():
+    # CIWELBO(4, "dreg"), as IWELBO(5, "dreg") is written, raised a raw TypeError
+    # ("'<=' not supported between ... 'float' and 'str'"); MIWELBO gave no hint.
+    for cls, name, kind in (
+        (CIWELBO, "beta", "a number in [0, 1]"),
+        (MIWELBO, "num_groups", "an integer >= 1"),
+        (PIWELBO, "num_groups", "an integer >= 1"),
+    ):
+        with pytest.raises(ValueError) as refused:
+            cls(4, "dreg")
+        assert str(refused.value) == (
+            f"{name} must be {kind}, got 'dreg' (str); the second argument of "
+            f"{cls.__name__} is {name}: pass estimator='dreg' by name"
+        )
+    for beta in (None, [0.5], True):
+        with pytest.raises(ValueError) as refused:
+            CIWELBO(4, beta)
+        kind = type(beta).__name__
+        assert str(refused.value) == (
+            f"beta must be a number in [0, 1], got {beta!r} ({kind})"
+        )
+    assert CIWELBO(4, torch.tensor(0.25)).beta == 0.25
+
+
 def test_particles_whose_iwae_weights_underflow_pass_no_gradient():
     """Log-weights thousands of nats apart underflow most particles' IWAE weights
     in float32: those pass no guide gradient under PIWAE (it was inf * 0 = NaN
