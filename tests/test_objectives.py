@@ -20,7 +20,7 @@ from pyro_iwae import (
     make_objective,
     paper_architecture,
 )
-from pyro_iwae.errors import ParticleBroadcastError, ProgramError
+from pyro_iwae.errors import ParticleBroadcastError, PlateNestingError, ProgramError
 from pyro_iwae.infer import particles as particle_draws
 from pyro_iwae.infer import traces
 from pyro_iwae.infer.traces import PARTICLE_PLATE as PLATE
@@ -580,6 +580,30 @@ def test_numpy_integers_count_particles_as_ints_do(lg):
         MIWELBO(4, num_groups=True)
 
 
+def test_an_estimator_in_the_second_argument_of_a_grouped_bound_is_named():
+    # CIWELBO(4, "dreg"), as IWELBO(5, "dreg") is written, raised a raw TypeError
+    # ("'<=' not supported between ... 'float' and 'str'"); MIWELBO gave no hint.
+    for cls, name, kind in (
+        (CIWELBO, "beta", "a number in [0, 1]"),
+        (MIWELBO, "num_groups", "an integer >= 1"),
+        (PIWELBO, "num_groups", "an integer >= 1"),
+    ):
+        with pytest.raises(ValueError) as refused:
+            cls(4, "dreg")
+        assert str(refused.value) == (
+            f"{name} must be {kind}, got 'dreg' (str); the second argument of "
+            f"{cls.__name__} is {name}: pass estimator='dreg' by name"
+        )
+    for beta in (None, [0.5], True):
+        with pytest.raises(ValueError) as refused:
+            CIWELBO(4, beta)
+        kind = type(beta).__name__
+        assert str(refused.value) == (
+            f"beta must be a number in [0, 1], got {beta!r} ({kind})"
+        )
+    assert CIWELBO(4, torch.tensor(0.25)).beta == 0.25
+
+
 def test_particles_whose_iwae_weights_underflow_pass_no_gradient():
     """Log-weights thousands of nats apart underflow most particles' IWAE weights
     in float32: those pass no guide gradient under PIWAE (it was inf * 0 = NaN
@@ -957,6 +981,67 @@ def test_a_plate_left_of_max_plate_nesting_is_refused_without_the_particle_plate
         max_plate_nesting=2,
     )
     assert -elbo.loss(model, guide, x) == pytest.approx(exact.item(), abs=1e-9)
+
+
+def _values_in_the_data_plate():
+    """Points x in [D, N] (a column each), x_j | z ~ N(A z + B, S^2) in a plate
+    "values" nested in the data plate, both at dims Pyro chooses; their exact
+    guide, and log p(x) summed over the points."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 5, generator=g, dtype=torch.float64)
+    cov = _A**2 + _S**2 * torch.eye(3, dtype=x.dtype)
+    exact = dist.MultivariateNormal(x.new_full((3,), _B), cov).log_prob(x.T).sum()
+    precision = 1 + 3 * _A**2 / _S**2
+
+    def model(x):
+        with pyro.plate("data", x.shape[-1]):
+            z = pyro.sample("z", dist.Normal(x.new_zeros(()), 1.0))
+            with pyro.plate("values", x.shape[0]):
+                pyro.sample("x", dist.Normal(_A * z + _B, _S), obs=x)
+
+    def guide(x):
+        loc = _A / _S**2 * (x - _B).sum(0) / precision
+        with pyro.plate("data", x.shape[-1]):
+            pyro.sample("z", dist.Normal(loc, precision**-0.5))
+
+    return model, guide, x, exact
+
+
+def test_the_plate_nesting_advised_is_the_programs_not_the_particle_plates():
+    # The particle plate pushed the plates Pyro places left by a dim, and the
+    # advice counted it: max_plate_nesting=2 for one data plate, 3 for two.
+    x = torch.tensor([0.5, -1.2, 2.0, 0.1], dtype=torch.float64)
+    exact = dist.Normal(x.new_tensor(_B), math.sqrt(_A**2 + _S**2)).log_prob(x).sum()
+
+    def model(x):
+        with pyro.plate("data", x.shape[0]):
+            z = pyro.sample("z", dist.Normal(x.new_zeros(()), 1.0))
+            pyro.sample("x", dist.Normal(_A * z + _B, _S), obs=x)
+
+    def guide(x):
+        loc = _A * (x - _B) / (_A**2 + _S**2)
+        with pyro.plate("data", x.shape[0]):
+            pyro.sample("z", dist.Normal(loc, _S / math.sqrt(_A**2 + _S**2)))
+
+    with pytest.raises(PlateNestingError) as refused:
+        IWELBO(4, max_plate_nesting=0).loss(model, guide, x)
+    assert str(refused.value) == (
+        "plate 'data' of the model or guide is at dim=-1, but max_plate_nesting=0 "
+        "keeps no batch dim for plates, so the bound would take dim -1 as the "
+        "particles' dim; pass max_plate_nesting=1"
+    )
+    bound = -IWELBO(4, max_plate_nesting=1).loss(model, guide, x)
+    assert bound == pytest.approx(exact.item(), abs=1e-9)
+    model, guide, x, exact = _values_in_the_data_plate()
+    with pytest.raises(PlateNestingError) as refused:
+        IWELBO(4, max_plate_nesting=1).loss(model, guide, x)
+    assert str(refused.value) == (
+        "plate 'values' of the model or guide is at dim=-2, but max_plate_nesting=1 "
+        "keeps only dim -1 for plates, so the bound would take dim -2 as the "
+        "particles' dim; pass max_plate_nesting=2"
+    )
+    bound = -IWELBO(4, max_plate_nesting=2).loss(model, guide, x)
+    assert bound == pytest.approx(exact.item(), abs=1e-9)
 
 
 def test_one_plate_at_dim_2_is_named_as_such_under_the_particle_plate():

@@ -15,7 +15,7 @@ import pytest
 import torch
 from pyro.infer import config_enumerate
 
-from pyro_iwae import CIWELBO, IWELBO, MIWELBO, PIWELBO, log_likelihood
+from pyro_iwae import CIWELBO, IWELBO, MIWELBO, PIWELBO, ConfigError, log_likelihood
 from pyro_iwae.infer.objectives import leave_one_out_signal
 
 REPLICAS = 20000
@@ -213,10 +213,16 @@ def test_errors_name_vimco():
     for estimator in ("iwae", "stl", "dreg"):
         with pytest.raises(NotImplementedError, match="'h'.*estimator='vimco'"):
             IWELBO(5, estimator).differentiable_loss(model, guide, x)
-    with pytest.raises(ValueError, match="at least 2 particles"):
-        IWELBO(1, "vimco")
-    with pytest.raises(ValueError, match="at least 2 particles"):
-        MIWELBO(1, 4, "vimco")
+    # A plain ValueError, where settings that do not fit each other are a
+    # ConfigError (a PyroIwaeError and a ValueError) throughout the library.
+    for make in (lambda: IWELBO(1, "vimco"), lambda: MIWELBO(1, 4, "vimco")):
+        with pytest.raises(ConfigError) as refused:
+            make()
+        assert str(refused.value) == (
+            "estimator='vimco' needs at least 2 particles per bound for its "
+            "leave-one-out baseline, got 1; pass num_particles=2 or more, or "
+            "another estimator"
+        )
     # A guide without discrete sites gets the plain path gradient.
     assert IWELBO(1, "reinforce").num_particles == 1
 

@@ -263,7 +263,7 @@ def check_plate_dims(
 ) -> None:
     """:raises PlateNestingError: (a ``ProgramError``) if a plate of the model or
     guide is at a dim left of the ``max_plate_nesting`` rightmost batch dims (the
-    particle plate's left out): the weights take such a dim for the particles',
+    particle plate's left out): the weights take such a dim as the particles',
     and the number is no bound on log p(x) (Pyro's ELBOs refuse it as a plate
     stack overflow)."""
     plates = {
@@ -280,7 +280,7 @@ def check_plate_dims(
         raise PlateNestingError.of_plate(
             f"plate {plates[deepest]!r} of the model or guide is at dim={deepest}, "
             f"but max_plate_nesting={max_plate_nesting} keeps {kept} for plates, "
-            f"so {caller} would take dim {deepest} for the particles'",
+            f"so {caller} would take dim {deepest} as the particles' dim",
             -deepest,
         )
 

@@ -34,6 +34,7 @@ class MIWELBO(IWELBO):
         estimator: str = "iwae",
         **kwargs: Any,
     ) -> None:
+        _check_not_estimator(type(self), "num_groups", num_groups)
         num_groups = check_count("num_groups", num_groups)
         num_particles = check_count("num_particles", num_particles)
         # The leave-one-out baseline is taken within each group.
@@ -116,8 +117,7 @@ class CIWELBO(IWELBO):
         estimator: str = "iwae",
         **kwargs: Any,
     ) -> None:
-        if not 0.0 <= beta <= 1.0:
-            raise ValueError(f"beta must lie in [0, 1], got {beta}")
+        _check_beta(beta)
         super().__init__(num_particles=num_particles, estimator=estimator, **kwargs)
         self.beta = beta
 
@@ -183,3 +183,29 @@ class PIWELBO(MIWELBO):
         # A group whose IWAE weights underflow has an infinite ratio and no
         # gradient to scale: it passes none, not inf * 0 = NaN.
         return torch.where(factor.isfinite(), factor, 0.0)
+
+
+def _check_not_estimator(cls: type, name: str, value: Any) -> None:
+    """:raises ValueError: for a string as ``name``, the second parameter of
+    ``cls``: the estimator, placed where ``IWELBO(5, "dreg")`` places it."""
+    if isinstance(value, str):
+        kind = "an integer >= 1" if name == "num_groups" else "a number in [0, 1]"
+        raise ValueError(
+            f"{name} must be {kind}, got {value!r} (str); the second argument of "
+            f"{cls.__name__} is {name}: pass estimator={value!r} by name"
+        )
+
+
+def _check_beta(beta: Any) -> None:
+    """:raises ValueError: unless ``beta`` is a number in [0, 1] (not a bool)."""
+    _check_not_estimator(CIWELBO, "beta", beta)
+    try:
+        value = None if isinstance(beta, bool) else float(beta)
+    except (TypeError, ValueError, RuntimeError):  # None, a list, a long tensor
+        value = None
+    if value is None:
+        raise ValueError(
+            f"beta must be a number in [0, 1], got {beta!r} ({type(beta).__name__})"
+        )
+    if not 0.0 <= value <= 1.0:
+        raise ValueError(f"beta must lie in [0, 1], got {beta}")

@@ -14,7 +14,7 @@ from pyro.infer.util import torch_item
 from pyro.poutine.trace_struct import Trace
 from pyro.util import warn_if_nan
 
-from ..errors import check_flag, check_plate_nesting
+from ..errors import ConfigError, check_flag, check_plate_nesting
 from .hooks import backend_of, check_compile, compiler, compiles
 from .particles import (
     ESTIMATORS,
@@ -290,10 +290,13 @@ def _mean_of_others(log_weights: torch.Tensor, dim: int) -> torch.Tensor:
 
 
 def _check_vimco(estimator: str, particles_per_bound: int) -> None:
+    """:raises ConfigError: for ``vimco`` with fewer than 2 particles a bound."""
     if estimator == "vimco" and particles_per_bound < 2:
-        raise ValueError(
+        raise ConfigError(
             "estimator='vimco' needs at least 2 particles per bound for its "
-            f"leave-one-out baseline, got {particles_per_bound}"
+            f"leave-one-out baseline, got {particles_per_bound}; pass "
+            "num_particles=2 or more, or another estimator",
+            literal=True,
         )
 
 

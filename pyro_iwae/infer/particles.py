@@ -21,7 +21,7 @@ from pyro.poutine.util import prune_subsample_sites
 from pyro.util import check_model_guide_match
 from torch.fx.experimental.proxy_tensor import get_proxy_mode
 
-from ..errors import check_count
+from ..errors import PlateNestingError, check_count
 from .arguments import check_not_empty, cuda_devices, trial_run
 from .broadcast import BROADCAST_FAILURES, broadcast_error
 from .enumeration import (
@@ -305,18 +305,23 @@ class ParticleELBO(ELBO):
                 self._guess_max_plate_nesting(model, guide, args, kwargs)
         try:
             return self._particles(model, guide, args, kwargs)
+        except PlateNestingError:
+            if not self._has_particle_plate:
+                raise
+            # Pyro placed the program's plates left of the particle plate's dim:
+            # said of the dims the program gives them, and so the nesting to pass.
+            try:
+                self._single(checks_plate_dims=True)._particles(
+                    model, guide, args, kwargs
+                )
+            except PlateNestingError as own:
+                raise own from None
+            raise
         except BROADCAST_FAILURES as error:
             if not self._has_particle_plate:
                 raise
-            single = ParticleELBO(
-                1,
-                "iwae",
-                vectorize_particles=False,
-                max_plate_nesting=self.max_plate_nesting - 1,
-                global_latents=self.global_latents,
-            )
             # Plates among the particle plate's dims are said by broadcast_error.
-            single._checks_plate_dims = False
+            single = self._single(checks_plate_dims=False)
             broadcast = broadcast_error(
                 error,
                 lambda: single._particles(model, guide, args, kwargs).traces,
@@ -328,6 +333,19 @@ class ParticleELBO(ELBO):
             if broadcast is None:
                 raise
             raise broadcast from None
+
+    def _single(self, checks_plate_dims: bool) -> ParticleELBO:
+        """This objective's program weighed on one particle, without the
+        particle plate."""
+        single = ParticleELBO(
+            1,
+            "iwae",
+            vectorize_particles=False,
+            max_plate_nesting=self.max_plate_nesting - 1,
+            global_latents=self.global_latents,
+        )
+        single._checks_plate_dims = checks_plate_dims
+        return single
 
     def _particles(
         self, model: Callable, guide: Callable, args: tuple, kwargs: dict

@@ -8,15 +8,17 @@ import dataclasses
 import json
 import math
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
 import pyro
 import torch
+from pyro.distributions import constraints
 from pyro.distributions.util import validation_enabled
 from pyro.infer import ELBO
 from pyro.infer.autoguide import AutoGuide
+from pyro.poutine.runtime import effectful
 from torch.nn.parameter import is_lazy
 
 from ..data import Dataset, in_unit_interval
@@ -221,7 +223,9 @@ def adam_step(
     else:
         # RenyiELBO: no differentiable_loss; it accumulates the gradient of the
         # summed bound, so scale the gradients to the bound per point.
-        value = objective.loss_and_grads(model, guide, batch)
+        value = objective.loss_and_grads(
+            with_param_sites(model, "model"), with_param_sites(guide, "guide"), batch
+        )
         for group in optimizer.param_groups:
             for p in group["params"]:
                 if p.grad is not None:
@@ -229,6 +233,27 @@ def adam_step(
         loss = torch.as_tensor(value / n, device=batch.device)
     optimizer.step()
     return loss
+
+
+def with_param_sites(module: torch.nn.Module, name: str) -> Callable[..., Any]:
+    """``module`` as a program that first records each of its trainable
+    parameters as a ``param`` site (named ``fit:<name>.<parameter>``), as a
+    PyroModule in module-local mode records its own.
+
+    Pyro's ``RenyiELBO.loss_and_grads`` calls ``backward`` only where its
+    traces hold a ``param`` site: the ``nn.Parameter`` s of a plain
+    ``nn.Module`` are none, and fit trained nothing. The sites' values are the
+    parameters themselves; no store holds them and the bound is unchanged."""
+
+    def program(*args: Any, **kwargs: Any) -> Any:
+        for param_name, value in module.named_parameters():
+            if value.requires_grad:
+                site = f"fit:{name}.{param_name}"
+                record = effectful(type="param")(lambda *_, _value=value, **__: _value)
+                record(site, constraint=constraints.real, event_dim=None, name=site)
+        return module(*args, **kwargs)
+
+    return program
 
 
 def rate(images: int, seconds: float) -> float:

@@ -397,9 +397,9 @@ class _Fit:
             if self.first_step
             else pyro.validation_enabled(False)
         )
-        # The torch optimizer holds the parameters: on the differentiable path
-        # modules need not register them with Pyro's global store every step.
-        local_params = pyro.settings.context(module_local_params=self.differentiable)
+        # The optimizer holds the parameters; in Pyro's global store a PyroParam
+        # took a same-named one's value (model's and guide's, an earlier fit's).
+        local_params = pyro.settings.context(module_local_params=True)
         with validation, local_params:
             loss = adam_step(
                 self.objective,
