@@ -1053,3 +1053,33 @@ def test_one_plate_at_dim_2_is_named_as_such_under_the_particle_plate():
         r"max_plate_nesting=1, .*; pass max_plate_nesting=2$",
     ):
         IWELBO(5).loss(model, guide, x)
+
+
+def test_explicit_plates_deeper_than_a_nesting_of_0_are_one_line(caplog):
+    # Two plates at dims -2 and -1 under max_plate_nesting=0 gave Pyro's raw
+    # "collide at dim=-1" ValueError with its table of trace shapes: the run
+    # without the particle plate, which names the depth, failed Pyro's own
+    # shape check at that nesting too.
+    def model(x):
+        with pyro.plate("a", 3, dim=-2), pyro.plate("b", 4, dim=-1):
+            z = pyro.sample("z", dist.Normal(0.0, 1.0))
+            pyro.sample("x", dist.Normal(z, 1.0), obs=x)
+
+    def guide(x):  # the exact posterior, N(x / 2, 1 / 2)
+        with pyro.plate("a", 3, dim=-2), pyro.plate("b", 4, dim=-1):
+            pyro.sample("z", dist.Normal(x / 2, 0.5**0.5))
+
+    x = torch.linspace(-2.0, 2.0, 12).reshape(3, 4)
+    with caplog.at_level("INFO", logger="pyro"):
+        with pytest.raises(ParticleBroadcastError) as raised:
+            IWELBO(4, max_plate_nesting=0).loss(model, guide, x)
+    (line,) = str(raised.value).splitlines()
+    assert line.startswith(
+        "the model or guide has plates down to dim=-2, beyond max_plate_nesting=0"
+    )
+    assert line.endswith("; pass max_plate_nesting=2")
+    assert not caplog.records  # no "Guessed max_plate_nesting" of the trial run
+    # The nesting advised works: at the exact posterior, the bound is log p(x).
+    bound = -IWELBO(4, max_plate_nesting=2).loss(model, guide, x)
+    exact = dist.Normal(0.0, 2**0.5).log_prob(x).sum()
+    assert bound == pytest.approx(exact.item(), abs=1e-4)

@@ -3,6 +3,7 @@ arguments, checked before a run, and a trial run on them that leaves no trace.""
 
 from __future__ import annotations
 
+import logging
 import numbers
 import warnings
 from collections.abc import Iterator
@@ -57,11 +58,17 @@ def check_not_empty(args: tuple, kwargs: dict, caller: str = "log_likelihood") -
 @contextmanager
 def trial_run(args: tuple, kwargs: dict) -> Iterator[None]:
     """A run of a program on ``args`` and ``kwargs`` that leaves no trace: on a
-    forked random stream, its warnings silenced."""
-    with torch.random.fork_rng(devices=cuda_devices(args, kwargs)):
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            yield
+    forked random stream, its warnings and Pyro's log messages silenced."""
+    pyro_log = logging.getLogger("pyro")
+    level = pyro_log.level
+    pyro_log.setLevel(logging.WARNING)  # no "Guessed max_plate_nesting" line
+    try:
+        with torch.random.fork_rng(devices=cuda_devices(args, kwargs)):
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                yield
+    finally:
+        pyro_log.setLevel(level)
 
 
 def check_tensor(name: str, value: Any) -> None:

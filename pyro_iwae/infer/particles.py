@@ -320,15 +320,15 @@ class ParticleELBO(ELBO):
         except BROADCAST_FAILURES as error:
             if not self._has_particle_plate:
                 raise
-            # Plates among the particle plate's dims are said by broadcast_error.
+            # Said by broadcast_error, of a run without the plate at any nesting.
             single = self._single(checks_plate_dims=False)
+
+            def run_single() -> list[tuple[Trace, Trace]]:
+                return single.particles(model, guide, *args, **kwargs).traces
+
+            nesting = self.max_plate_nesting - 1
             broadcast = broadcast_error(
-                error,
-                lambda: single._particles(model, guide, args, kwargs).traces,
-                args,
-                kwargs,
-                self.num_particles,
-                self.max_plate_nesting - 1,
+                error, run_single, args, kwargs, self.num_particles, nesting
             )
             if broadcast is None:
                 raise
@@ -336,12 +336,13 @@ class ParticleELBO(ELBO):
 
     def _single(self, checks_plate_dims: bool) -> ParticleELBO:
         """This objective's program weighed on one particle, without the
-        particle plate."""
+        particle plate (without the plate-dims check: at the nesting it has)."""
+        nesting = self.max_plate_nesting - 1 if checks_plate_dims else float("inf")
         single = ParticleELBO(
             1,
             "iwae",
             vectorize_particles=False,
-            max_plate_nesting=self.max_plate_nesting - 1,
+            max_plate_nesting=nesting,
             global_latents=self.global_latents,
         )
         single._checks_plate_dims = checks_plate_dims
