@@ -2,6 +2,7 @@
 writer at a time, evaluations that keep each other, data pointed at again,
 Ctrl-C advice that works, runs extended, through the CLI as a user meets them."""
 
+import dataclasses
 import json
 import math
 import os
@@ -458,6 +459,57 @@ def _fit_on_a_data_file(tmp_path):
     options = ["--batch-size", 20, "--particles", 2, "--epochs", 1, "--quiet"]
     assert_ok(invoke("fit", "--dataset", data, *options, "--out", run_dir))
     return data, run_dir
+
+
+def test_a_model_that_takes_no_likelihood_trains_on_real_valued_data(tmp_path):
+    # Its points were refused as outside the support of the default bernoulli
+    # likelihood, and likelihood="gaussian" as a setting its builder takes not.
+    import pyro
+    import pyro.distributions as dist
+
+    from pyro_iwae import evaluate_run, register_model
+    from pyro_iwae.nn.registry import MODELS
+    from pyro_iwae.runs.run_writer import model_likelihood
+
+    class OwnGaussian(torch.nn.Module):
+        def __init__(self, x_dim: int) -> None:
+            super().__init__()
+            self.decoder = torch.nn.Linear(50, x_dim)
+
+        def forward(self, x: torch.Tensor) -> None:
+            with pyro.plate("data", x.shape[0]):
+                z = pyro.sample("z1", dist.Normal(x.new_zeros(50), 1.0).to_event(1))
+                pyro.sample("x", dist.Normal(self.decoder(z), 1.0).to_event(1), obs=x)
+
+    def build(x_dim, stochastic_layers, data_mean):
+        return OwnGaussian(x_dim)
+
+    register_model("test-own-likelihood")(build)
+    try:
+        data = tmp_path / "points.npy"
+        np.save(data, np.random.default_rng(0).standard_normal((60, 3), np.float32))
+        config = RunConfig(
+            dataset=str(data),
+            x_dim=3,
+            model="test-own-likelihood",
+            batch_size=18,
+            num_particles=2,
+            epochs=1,
+            compile="off",
+        )
+        assert model_likelihood(config) is None
+        assert model_likelihood(small_config()) == "bernoulli"
+        (metrics,) = train_run(config, tmp_path / "run")
+        assert math.isfinite(metrics["test_bound"])
+        evaluation = evaluate_run(tmp_path / "run", num_samples=3, compile="off")
+        assert evaluation.points == 6 and math.isfinite(evaluation.nll)
+        # Points that are not finite are refused still.
+        bad = tmp_path / "nan.npy"
+        np.save(bad, np.full((60, 3), np.nan, np.float32))
+        with pytest.raises(DataError, match="nan or infinite"):
+            train_run(dataclasses.replace(config, dataset=str(bad)), tmp_path / "nan")
+    finally:
+        del MODELS["test-own-likelihood"]
 
 
 def test_a_limit_past_the_split_is_the_whole_split(tmp_path):

@@ -152,6 +152,9 @@ def test_support_problems():
     # The library's advice names Python arguments (cli_text makes them options).
     assert "binarize='dynamic'" in grey
     assert "nan" in support_problem("gaussian", torch.tensor([[float("nan")]]))
+    # None: a user's model's own likelihood, whose support only it knows.
+    assert support_problem(None, torch.tensor([[-5.0, 0.5]])) is None
+    assert "nan" in support_problem(None, torch.tensor([[float("nan")]]))
 
 
 # -- the command line on a Gaussian linear model with a known log p(x) -------

@@ -209,6 +209,24 @@ def _import(module_name: str) -> ModuleType:
         raise
 
 
+def takes(kind: str, name: str, setting: str) -> bool:
+    """Whether the ``kind`` builder ``name`` takes the keyword argument
+    ``setting`` (by name or ``**kwargs``; true for a builder without a
+    signature to tell).
+
+    :raises BuilderError: see :func:`resolve`.
+    """
+    try:
+        parameters = inspect.signature(resolve(kind, name)).parameters.values()
+    except (TypeError, ValueError):
+        return True
+    return any(
+        p.kind is p.VAR_KEYWORD
+        or (p.name == setting and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY))
+        for p in parameters
+    )
+
+
 def _build(kind: str, name: str, **config) -> torch.nn.Module:
     builder = resolve(kind, name)
     try:

@@ -299,7 +299,9 @@ class Run:
             f"the run reads its data with binarize {config.binarization}: pass data "
             "like those it was trained on"
         )
-        problem = support_problem(config.likelihood, points, "points", fix)
+        problem = support_problem(
+            run_writer.model_likelihood(config), points, "points", fix
+        )
         if problem is not None:
             raise DataError(f"{data.name} ({settings.split} split): {problem}")
         points = points.to(next(model.parameters()).device)

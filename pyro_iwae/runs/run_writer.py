@@ -28,7 +28,7 @@ from ..infer.estimable import check_program
 from ..infer.evaluation import evaluating
 from ..infer.objectives import IWELBO
 from ..nn.likelihoods import support_problem
-from ..nn.registry import build_guide, build_model
+from ..nn.registry import build_guide, build_model, takes
 from . import distributed, locks
 from .callbacks import FitCallback
 from .checkpoints import CHECKPOINT_FILE, METRICS_FILE, load_checkpoint, read_metrics
@@ -43,6 +43,7 @@ __all__ = [
     "build_run",
     "check_support",
     "differing",
+    "model_likelihood",
     "resumed_config",
     "train",
 ]
@@ -471,13 +472,26 @@ def build_run(
     return model.to(device), guide.to(device)
 
 
+def model_likelihood(config: RunConfig) -> str | None:
+    """The likelihood of the run's model: ``config.likelihood``, or None for a
+    model whose builder takes no ``likelihood`` (it sets its own).
+
+    :raises BuilderError: see :func:`pyro_iwae.nn.registry.resolve`.
+    """
+    return config.likelihood if takes("model", config.model, "likelihood") else None
+
+
 def check_support(config: RunConfig, data: Dataset) -> None:
     """:raises DataError: if the data, as the model will see them, lie outside
-    the support of the run's likelihood."""
+    the support of the run's likelihood (or are not finite)."""
     splits = [("test", data.test)]
     if data.binarize != "dynamic":  # else binarised before the model sees them
         splits.insert(0, ("training", data.train))
+    # A model that takes no likelihood has its own: real-valued data were
+    # refused as outside the default Bernoulli's support, and --likelihood
+    # gaussian as a setting its builder does not take.
+    likelihood = model_likelihood(config)
     for split, x in splits:
-        problem = support_problem(config.likelihood, x, f"{split} data")
+        problem = support_problem(likelihood, x, f"{split} data")
         if problem is not None:
             raise DataError(f"{config.dataset}: {problem}")
