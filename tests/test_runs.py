@@ -512,6 +512,51 @@ def test_a_model_that_takes_no_likelihood_trains_on_real_valued_data(tmp_path):
         del MODELS["test-own-likelihood"]
 
 
+def test_a_test_fraction_of_data_with_their_own_test_set_is_refused(tmp_path):
+    # It was accepted and stored, and held nothing out: the data's own test set,
+    # a file's test array or a built-in set's, was the test set.
+    generator = np.random.default_rng(0)
+    points = generator.standard_normal((40, 3)).astype(np.float32)
+    np.savez(tmp_path / "both.npz", train=points[:30], test=points[30:])
+    torch.save(
+        {"train": torch.tensor(points[:30]), "test": torch.tensor(points[30:])},
+        tmp_path / "both.pt",
+    )
+    np.save(tmp_path / "train.npy", points)
+    fit = ["fit", "--likelihood", "gaussian", "--epochs", 1, "--quiet"]
+    for dataset in ("both.npz", "both.pt", "mnist-mini"):
+        result = invoke(
+            *fit,
+            "--dataset",
+            dataset if dataset == "mnist-mini" else tmp_path / dataset,
+            "--test-fraction",
+            0.5,
+            "--train-limit",
+            20,
+            "--out",
+            tmp_path / f"run-{dataset}",
+        )
+        assert_one_line_error(
+            result,
+            "--test-fraction applies to a --dataset file without a test set",
+            "has its own: drop it",
+        )
+        assert not (tmp_path / f"run-{dataset}").exists()
+    with pytest.raises(ConfigError, match="has its own"):
+        train_run(
+            linear_gaussian_config(str(tmp_path / "both.npz"), test_fraction=0.5),
+            tmp_path / "py",
+        )
+    # A file without one holds half its points out.
+    train_run(
+        linear_gaussian_config(
+            str(tmp_path / "train.npy"), test_fraction=0.5, test_limit=1000
+        ),
+        tmp_path / "half",
+    )
+    assert read_metrics(tmp_path / "half")[0]["test_points"] == 20
+
+
 def test_a_limit_past_the_split_is_the_whole_split(tmp_path):
     _, run_dir = _fit_on_a_data_file(tmp_path)
     evaluate = ["eval-nll", run_dir, "--k", 3, "--quiet"]

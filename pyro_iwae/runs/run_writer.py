@@ -13,7 +13,8 @@ from typing import Any
 
 import torch
 
-from ..data import Dataset, is_data_file
+from ..data import DATASETS, Dataset, is_data_file
+from ..data_files import holds_test_set
 from ..errors import (
     BuilderError,
     CheckpointError,
@@ -229,6 +230,8 @@ def _train(
             f"{config.dataset} points have {data.x_dim} values, the config "
             f"says {config.x_dim}; {fix}"
         )
+    if not resume:
+        _check_held_out(config)
     check_support(config, data)
     device = distributed.init(config.device)
     try:
@@ -470,6 +473,20 @@ def build_run(
     )
     device = torch.device(config.device if device is None else device)
     return model.to(device), guide.to(device)
+
+
+def _check_held_out(config: RunConfig) -> None:
+    """:raises ConfigError: for a ``test_fraction`` other than its default where
+    the data hold their own test set (a built-in set, or a file's test array)."""
+    if config.test_fraction == RunConfig.__dataclass_fields__["test_fraction"].default:
+        return
+    # Stored and without effect, where --sigma without the gaussian likelihood
+    # is refused: so is this, a share held out of data that hold none out.
+    if config.dataset in DATASETS or holds_test_set(config.dataset):
+        raise ConfigError(
+            "{test_fraction} applies to a {dataset} file without a test set; "
+            f"{literal(config.dataset)} has its own: drop it"
+        )
 
 
 def model_likelihood(config: RunConfig) -> str | None:
