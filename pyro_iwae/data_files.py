@@ -68,8 +68,14 @@ def load_file(
     :raises DataError: if the file is missing, unreadable, or of the wrong shape.
     """
     path = Path(path).expanduser()
+    *others, last = FILE_SUFFIXES
+    if path.is_dir():  # it was "not found", there
+        raise DataError(
+            f"{literal(path)} is a folder, not a data file; set {{dataset}} to a "
+            f"{', '.join(others)} or {last} file of shape [N, ...]",
+            template=True,
+        )
     if not path.is_file():
-        *others, last = FILE_SUFFIXES
         raise DataError(
             f"data file {literal(path)} not found; set {{dataset}} to where it is "
             f"now, or to another {', '.join(others)} or {last} file of shape [N, ...]",
