@@ -609,6 +609,21 @@ def test_the_training_split_of_a_run_with_a_train_limit_is_its_trained_points(
     assert saved["points"] == 30 and saved["split"] == "train"
 
 
+def test_a_resume_whose_data_file_moved_is_told_only_where_it_is_now(tmp_path):
+    # It advised "where it is now, or another .npy, .npz or .pt file", which a
+    # resume refuses (its points differ from those the run began with).
+    data, run_dir = _fit_on_a_data_file(tmp_path)
+    data.rename(tmp_path / "moved.npy")
+    result = invoke("fit", "--resume", "--out", run_dir, "--epochs", 2, "--quiet")
+    message = assert_one_line_error(
+        result, f"{data} not found; set --dataset to where it is now (a resumed run"
+    )
+    assert "another" not in message
+    # An evaluation may take other data: it is told so.
+    result = invoke("eval-nll", run_dir, "--k", 2, "--quiet")
+    assert_one_line_error(result, "where it is now, or to another .npy")
+
+
 def test_a_moved_data_file_is_pointed_at_again(tmp_path):
     data, run_dir = _fit_on_a_data_file(tmp_path)
     moved = tmp_path / "elsewhere" / "points.npy"

@@ -217,7 +217,18 @@ def _train(
 ) -> list[dict[str, Any]]:
     """:func:`train`, with the lock held and the run directory checked
     (``changed``: whether ``config.json`` is to be written)."""
-    data = config.load_data(data_dir)
+    try:
+        data = config.load_data(data_dir)
+    except DataError as e:
+        gone = is_data_file(config.dataset) and not Path(config.dataset).exists()
+        if not (resume and gone):
+            raise
+        # Other points are refused on resume: it said "or to another .npy ... file".
+        raise DataError(
+            f"data file {literal(config.dataset)} not found; set {{dataset}} to "
+            "where it is now (a resumed run trains on the points it began with)",
+            template=True,
+        ) from e
     distributed.from_main(lambda: _data_recorded(path, config.dataset, resume))
     if data.x_dim != config.x_dim:
         # A resumed run's model takes its x_dim: other data are what to change.
