@@ -12,7 +12,7 @@ from pyro_iwae.errors import ConfigError, ParticleBroadcastError
 from pyro_iwae.infer.objectives import ESTIMATORS
 
 from .common import count_option, explicit, library_errors
-from .main import _data_dir_option, cli
+from .main import cli
 from .options import OPTION_NAMES, cli_text, run_option
 
 # The RunConfig settings that pick the model, guide and objective checked.
@@ -59,7 +59,11 @@ _RUN_FIELDS = ("model", "guide", "stochastic_layers")
     "a data file); with RUN_DIR, where the run's data are now (a data file's new "
     "path), its own by default.",
 )
-@_data_dir_option
+@run_option(
+    "data_dir",
+    default_text="with RUN_DIR the run's: its fit's --data-dir, else "
+    "$PYRO_IWAE_DATA, else ~/.cache/pyro-iwae",
+)
 @count_option("--batch-size", 8, "Points in the batch.")
 @click.option(
     "--draws",

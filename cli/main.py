@@ -72,6 +72,13 @@ _OPTION_NAMES = OPTION_NAMES
 
 
 _data_dir_option = run_option("data_dir")
+#: --data-dir of a command on a trained run: the folder it recorded is the
+#: default (the help claimed $PYRO_IWAE_DATA's).
+_run_data_dir_option = run_option(
+    "data_dir",
+    default_text="the run's: its fit's --data-dir, else $PYRO_IWAE_DATA, else "
+    "~/.cache/pyro-iwae",
+)
 _logger_option = click.option(
     "--logger",
     "loggers",
@@ -87,13 +94,15 @@ def _quiet_mlflow() -> None:
     os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
 
 
-def _dataset_option(command: str) -> Callable:
+def _dataset_option(other: str) -> Callable:
+    """--dataset of a command on a trained run; ``other``: what it does with
+    data other than the run's."""
     return run_option(
         "dataset",
         command_default=None,
         default_text="the run's",
-        help=f"Where the run's data are now, for {command}: a data file's new "
-        "path (the same points as in training), or a built-in name.",
+        help="Where the run's data are now (a data file's new path, the same "
+        f"points as in training), or other data of the same width: {other}.",
     )
 
 
@@ -312,8 +321,11 @@ def _train(
 @cli.command("eval-nll", context_settings={"show_default": True})
 @click.argument("run_dir", required=False, type=click.Path(path_type=Path))
 @settings_options(EvalSettings)
-@_dataset_option("eval-nll")
-@_data_dir_option
+@_dataset_option(
+    "evaluated, and named in the result and in its file's name "
+    "(eval-test-k5000-on-NAME.json)"
+)
+@_run_data_dir_option
 @runs_dir_option(
     "Folder searched for the latest trained run (one with a checkpoint) when "
     "RUN_DIR is omitted."
@@ -510,8 +522,8 @@ def _eval_report(result: Evaluation, checkpoint: str | None = None) -> list[str]
     folder=False,
     show_default="RUN_DIR/samples.png",
 )
-@_dataset_option("sample")
-@_data_dir_option
+@_dataset_option("its test points are reconstructed")
+@_run_data_dir_option
 @runs_dir_option(
     "Folder searched for the latest trained run (one with a checkpoint) when "
     "RUN_DIR is omitted."

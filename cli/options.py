@@ -114,8 +114,11 @@ def _parse_sizes(
     """``"200,200"`` -> ``[200, 200]``; ``""`` -> ``[]`` (no hidden layer)."""
     if value is None:
         return None
+    if not value.strip():
+        return []
     try:
-        sizes = [int(part) for part in value.split(",") if part.strip()]
+        # An empty item is refused: '20,,3' was read as [20, 3], ',' as [].
+        sizes = [int(part) for part in value.split(",")]
     except ValueError:
         sizes = [0]
     if any(size < 1 for size in sizes):

@@ -15,7 +15,7 @@ from torch import Tensor
 
 from .errors import DataError, literal
 
-__all__ = ["FILE_SUFFIXES", "file_width", "load_file"]
+__all__ = ["FILE_SUFFIXES", "file_width", "holds_test_set", "load_file"]
 
 #: Suffixes of the files :func:`~pyro_iwae.data.load_dataset` reads as a user's
 #: data set.
@@ -40,6 +40,21 @@ def file_width(path: str | os.PathLike, test_fraction: float = 0.1) -> int:
     return load_file(path, test_fraction)[0].shape[1]
 
 
+def holds_test_set(path: str | os.PathLike) -> bool:
+    """Whether the data file ``path``, one :func:`load_file` reads, holds its
+    own test set (an array named ``test``), so that none of its points are
+    held out."""
+    path = Path(path).expanduser()
+    if path.suffix.lower() == ".npy":
+        return False
+    if path.suffix.lower() == ".npz":
+        import numpy as np
+
+        with np.load(path, allow_pickle=False) as arrays:  # the names, not the arrays
+            return "test" in arrays.files
+    return "test" in _read_arrays(path)
+
+
 def load_file(
     path: str | os.PathLike, test_fraction: float = 0.1, seed: int = 0
 ) -> tuple[Tensor, Tensor, tuple[int, ...] | None]:
@@ -53,8 +68,14 @@ def load_file(
     :raises DataError: if the file is missing, unreadable, or of the wrong shape.
     """
     path = Path(path).expanduser()
+    *others, last = FILE_SUFFIXES
+    if path.is_dir():  # it was "not found", there
+        raise DataError(
+            f"{literal(path)} is a folder, not a data file; set {{dataset}} to a "
+            f"{', '.join(others)} or {last} file of shape [N, ...]",
+            template=True,
+        )
     if not path.is_file():
-        *others, last = FILE_SUFFIXES
         raise DataError(
             f"data file {literal(path)} not found; set {{dataset}} to where it is "
             f"now, or to another {', '.join(others)} or {last} file of shape [N, ...]",

@@ -82,6 +82,33 @@ def test_help(command):
         assert "[default:" in result.output
 
 
+@pytest.mark.parametrize("command", ["eval-nll", "sample", "check-guide"])
+def test_help_on_a_run_says_its_data_folder_and_other_data_are_the_defaults(
+    command,
+):
+    # The help said --data-dir defaults to $PYRO_IWAE_DATA, else ~/.cache: it is
+    # the run's recorded folder; and --dataset only "a data file's new path".
+    text = " ".join(invoke(command, "--help").output.split())
+    assert "[default: ($PYRO_IWAE_DATA" not in text
+    assert "the run's: its fit's --data-dir, else $PYRO_IWAE_DATA" in text
+    if command == "eval-nll":
+        assert "other data of the same width: evaluated" in text
+        assert "-on-NAME.json" in text
+    if command == "sample":
+        assert "other data of the same width: its test points are" in text
+
+
+def test_hidden_sizes_with_an_empty_item_are_refused():
+    # '20,,3' was read as [20, 3] and ',' as no hidden layers, without a word.
+    for value in ("20,,3", ",", "20,"):
+        result = invoke("fit", "--hidden", value, "--print-config")
+        assert_one_line_error(result, repr(value), "comma-separated list")
+    for value, sizes in (("", []), ("20, 3", [20, 3])):
+        result = invoke("fit", "--hidden", value, "--print-config")
+        assert_ok(result)
+        assert json.loads(result.output)["hidden"] == sizes
+
+
 def test_fit_help_explains_options():
     text = invoke("fit", "--help").output
     for option in ("--particles", "--estimator", "--schedule", "--stages", "--resume"):

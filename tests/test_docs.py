@@ -352,3 +352,14 @@ def test_the_layout_page_names_every_module_in_its_package():
         and not re.search(rf"(?<![\w/]){re.escape(module.name)}", entries.get(key, ""))
     ]
     assert not missing, f"name in layout.md: {', '.join(missing)}"
+
+
+def test_the_per_point_files_of_an_evaluation_are_described():
+    # estimates-*.txt (no header, beside a diagnostics file with one) was named
+    # on the pages, its content nowhere.
+    page = " ".join((ROOT / "docs" / "source" / "evaluation.md").read_text().split())
+    assert (
+        "The estimates file has no header: one number a line, the estimate of" in page
+    )
+    assert "log p(x) in nats" in page and "the JSON's `nll` is minus their mean" in page
+    assert "`# ess khat`" in page

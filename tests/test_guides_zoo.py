@@ -12,6 +12,7 @@ from pyro.infer import Trace_ELBO
 from test_cli import assert_ok, assert_one_line_error, invoke
 
 from pyro_iwae import IWELBO, PaperModel, build_guide, build_model, log_likelihood
+from pyro_iwae.errors import ConfigError
 from pyro_iwae_cli import progress
 
 ZOO = ["paper", "lowrank", "iaf", "coupling"]
@@ -196,3 +197,15 @@ def test_a_builder_that_takes_no_such_setting(tmp_path):
         tmp_path / "r",
     )
     assert_one_line_error(result, "takes no hidden")
+
+
+def test_a_coupling_guide_of_one_latent_unit_is_told_to_set_latent_dim(tmp_path):
+    # It said "failed to build (ValueError: ...); fix its builder": a built-in's.
+    result = invoke(
+        "fit", *SMALL, "--guide", "coupling", "--latent-dim", 1, "--out", tmp_path / "r"
+    )
+    message = assert_one_line_error(result, "--latent-dim 2 or more")
+    assert "fix its builder" not in message
+    assert not (tmp_path / "r").exists()
+    with pytest.raises(ConfigError, match="set latent_dim 2 or more"):
+        build_guide("coupling", x_dim=4, stochastic_layers=1, latent_dim=1)

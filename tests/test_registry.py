@@ -224,3 +224,32 @@ def test_an_unknown_name_says_a_name_registered_in_python_is_not_the_cli_s():
         "register_guide in Python is known to that process only: a command line "
         "needs one of the other two)"
     )
+
+
+def test_an_entry_point_a_registered_name_shadows_is_warned_of(tmp_path, monkeypatch):
+    # An entry point named paper was never used, without a word: the built-in ran.
+    import warnings
+
+    from pyro_iwae.nn.guides import PaperGuide
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # none without such an entry point
+        build_guide("paper", x_dim=4, stochastic_layers=1)
+    dist_info = tmp_path / "my_guides-0.1.dist-info"
+    dist_info.mkdir()
+    (dist_info / "METADATA").write_text("Metadata-Version: 2.1\nName: my_guides\n")
+    (dist_info / "entry_points.txt").write_text(
+        "[pyro_iwae.nn.guides]\npaper = user_guides:build_guide\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.warns(UserWarning) as caught:
+        guide = build_guide("paper", x_dim=4, stochastic_layers=1)
+    assert isinstance(guide, PaperGuide)
+    (warning,) = caught
+    assert str(warning.message) == (
+        "the entry point 'paper' of group pyro_iwae.nn.guides (my_guides: "
+        "user_guides:build_guide) is not used: the guide registered as 'paper' "
+        "comes first; rename the entry point, or name its builder by its import "
+        "path (user_guides:build_guide)"
+    )
+    assert warning.filename == __file__  # the caller's line

@@ -2,6 +2,7 @@
 writer at a time, evaluations that keep each other, data pointed at again,
 Ctrl-C advice that works, runs extended, through the CLI as a user meets them."""
 
+import dataclasses
 import json
 import math
 import os
@@ -464,6 +465,102 @@ def _fit_on_a_data_file(tmp_path):
     return data, run_dir
 
 
+def test_a_model_that_takes_no_likelihood_trains_on_real_valued_data(tmp_path):
+    # Its points were refused as outside the support of the default bernoulli
+    # likelihood, and likelihood="gaussian" as a setting its builder takes not.
+    import pyro
+    import pyro.distributions as dist
+
+    from pyro_iwae import evaluate_run, register_model
+    from pyro_iwae.nn.registry import MODELS
+    from pyro_iwae.runs.run_writer import model_likelihood
+
+    class OwnGaussian(torch.nn.Module):
+        def __init__(self, x_dim: int) -> None:
+            super().__init__()
+            self.decoder = torch.nn.Linear(50, x_dim)
+
+        def forward(self, x: torch.Tensor) -> None:
+            with pyro.plate("data", x.shape[0]):
+                z = pyro.sample("z1", dist.Normal(x.new_zeros(50), 1.0).to_event(1))
+                pyro.sample("x", dist.Normal(self.decoder(z), 1.0).to_event(1), obs=x)
+
+    def build(x_dim, stochastic_layers, data_mean):
+        return OwnGaussian(x_dim)
+
+    register_model("test-own-likelihood")(build)
+    try:
+        data = tmp_path / "points.npy"
+        np.save(data, np.random.default_rng(0).standard_normal((60, 3), np.float32))
+        config = RunConfig(
+            dataset=str(data),
+            x_dim=3,
+            model="test-own-likelihood",
+            batch_size=18,
+            num_particles=2,
+            epochs=1,
+            compile="off",
+        )
+        assert model_likelihood(config) is None
+        assert model_likelihood(small_config()) == "bernoulli"
+        (metrics,) = train_run(config, tmp_path / "run")
+        assert math.isfinite(metrics["test_bound"])
+        evaluation = evaluate_run(tmp_path / "run", num_samples=3, compile="off")
+        assert evaluation.points == 6 and math.isfinite(evaluation.nll)
+        # Points that are not finite are refused still.
+        bad = tmp_path / "nan.npy"
+        np.save(bad, np.full((60, 3), np.nan, np.float32))
+        with pytest.raises(DataError, match="nan or infinite"):
+            train_run(dataclasses.replace(config, dataset=str(bad)), tmp_path / "nan")
+    finally:
+        del MODELS["test-own-likelihood"]
+
+
+def test_a_test_fraction_of_data_with_their_own_test_set_is_refused(tmp_path):
+    # It was accepted and stored, and held nothing out: the data's own test set,
+    # a file's test array or a built-in set's, was the test set.
+    generator = np.random.default_rng(0)
+    points = generator.standard_normal((40, 3)).astype(np.float32)
+    np.savez(tmp_path / "both.npz", train=points[:30], test=points[30:])
+    torch.save(
+        {"train": torch.tensor(points[:30]), "test": torch.tensor(points[30:])},
+        tmp_path / "both.pt",
+    )
+    np.save(tmp_path / "train.npy", points)
+    fit = ["fit", "--likelihood", "gaussian", "--epochs", 1, "--quiet"]
+    for dataset in ("both.npz", "both.pt", "mnist-mini"):
+        result = invoke(
+            *fit,
+            "--dataset",
+            dataset if dataset == "mnist-mini" else tmp_path / dataset,
+            "--test-fraction",
+            0.5,
+            "--train-limit",
+            20,
+            "--out",
+            tmp_path / f"run-{dataset}",
+        )
+        assert_one_line_error(
+            result,
+            "--test-fraction applies to a --dataset file without a test set",
+            "has its own: drop it",
+        )
+        assert not (tmp_path / f"run-{dataset}").exists()
+    with pytest.raises(ConfigError, match="has its own"):
+        train_run(
+            linear_gaussian_config(str(tmp_path / "both.npz"), test_fraction=0.5),
+            tmp_path / "py",
+        )
+    # A file without one holds half its points out.
+    train_run(
+        linear_gaussian_config(
+            str(tmp_path / "train.npy"), test_fraction=0.5, test_limit=1000
+        ),
+        tmp_path / "half",
+    )
+    assert read_metrics(tmp_path / "half")[0]["test_points"] == 20
+
+
 def test_a_limit_past_the_split_is_the_whole_split(tmp_path):
     _, run_dir = _fit_on_a_data_file(tmp_path)
     evaluate = ["eval-nll", run_dir, "--k", 3, "--quiet"]
@@ -514,6 +611,21 @@ def test_the_training_split_of_a_run_with_a_train_limit_is_its_trained_points(
     assert "train split, 30 points" in result.output
     saved = json.loads((run_dir / "eval-train-k3-nall-seed1-batch100.json").read_text())
     assert saved["points"] == 30 and saved["split"] == "train"
+
+
+def test_a_resume_whose_data_file_moved_is_told_only_where_it_is_now(tmp_path):
+    # It advised "where it is now, or another .npy, .npz or .pt file", which a
+    # resume refuses (its points differ from those the run began with).
+    data, run_dir = _fit_on_a_data_file(tmp_path)
+    data.rename(tmp_path / "moved.npy")
+    result = invoke("fit", "--resume", "--out", run_dir, "--epochs", 2, "--quiet")
+    message = assert_one_line_error(
+        result, f"{data} not found; set --dataset to where it is now (a resumed run"
+    )
+    assert "another" not in message
+    # An evaluation may take other data: it is told so.
+    result = invoke("eval-nll", run_dir, "--k", 2, "--quiet")
+    assert_one_line_error(result, "where it is now, or to another .npy")
 
 
 def test_a_moved_data_file_is_pointed_at_again(tmp_path):

@@ -89,6 +89,20 @@ def test_a_missing_data_file_says_which_setting_to_point_at_it(tmp_path):
     )
 
 
+def test_a_folder_given_as_the_data_file_is_called_a_folder(tmp_path):
+    # It said "data file .../dir.npy not found" of a folder that is there.
+    folder = tmp_path / "dir.npy"
+    folder.mkdir()
+    with pytest.raises(DataError) as e:
+        load_dataset(folder)
+    assert str(e.value) == (
+        f"{folder} is a folder, not a data file; set dataset to a .npy, .npz or .pt "
+        "file of shape [N, ...]"
+    )
+    result = invoke("fit", "--dataset", folder, "--quiet", "--out", tmp_path / "r")
+    assert_one_line_error(result, "is a folder, not a data file; set --dataset")
+
+
 def test_missing_file_and_binarising_values_outside_unit_interval(tmp_path):
     with pytest.raises(DataError, match="not found"):
         load_dataset(tmp_path / "none.npy")
@@ -152,6 +166,9 @@ def test_support_problems():
     # The library's advice names Python arguments (cli_text makes them options).
     assert "binarize='dynamic'" in grey
     assert "nan" in support_problem("gaussian", torch.tensor([[float("nan")]]))
+    # None: a user's model's own likelihood, whose support only it knows.
+    assert support_problem(None, torch.tensor([[-5.0, 0.5]])) is None
+    assert "nan" in support_problem(None, torch.tensor([[float("nan")]]))
 
 
 # -- the command line on a Gaussian linear model with a known log p(x) -------

@@ -23,6 +23,7 @@ import pyro.distributions.transforms as T
 import torch
 from torch import nn
 
+from ..errors import ConfigError
 from .distributions import DiagonalNormal
 from .models import DATA_PLATE, LATENT_SITES, PaperModel, architecture
 from .networks import GaussianLayer, PyroNetwork
@@ -154,7 +155,11 @@ class CouplingGuide(IAFGuide):
     @staticmethod
     def flow(d: int, hidden: list[int]) -> nn.Module:
         if d < 2:
-            raise ValueError("the coupling guide needs a latent of 2 or more units")
+            # A setting, not the builder, to change: the CLI said "fix its builder".
+            raise ConfigError(
+                f"the coupling guide needs a latent z1 of 2 or more units, got {d}; "
+                "set {latent_dim} 2 or more, or use another guide"
+            )
         return T.affine_coupling(d, hidden_dims=hidden)
 
 

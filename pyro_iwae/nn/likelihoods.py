@@ -72,14 +72,18 @@ class Likelihood(nn.Module):
 
 
 def support_problem(
-    likelihood: str, x: torch.Tensor, what: str = "data", fix: str | None = None
+    likelihood: str | None,
+    x: torch.Tensor,
+    what: str = "data",
+    fix: str | None = None,
 ) -> str | None:
     """One sentence on why values ``x`` lie outside the support of
-    ``likelihood``, or None if they fit; ``fix`` (None: advice for training)
-    ends it where the values are finite."""
+    ``likelihood`` (None: a model's own, of a support unknown here: only
+    finite values are asked for), or None if they fit; ``fix`` (None: advice
+    for training) ends it where the values are finite."""
     if not bool(torch.isfinite(x).all()):
         return f"the {what} hold nan or infinite values; remove them"
-    if likelihood == "gaussian" or not x.numel():
+    if likelihood in ("gaussian", None) or not x.numel():
         return None
     low, high = float(x.min()), float(x.max())
     if likelihood == "continuous-bernoulli" and (low < 0 or high > 1):

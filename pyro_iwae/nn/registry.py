@@ -9,7 +9,8 @@ A name is one of:
   installed packages, so that a file there never shadows one of theirs): so
   ``--guide mymod:build`` finds ``./mymod.py``;
 - the name of an entry point in the group ``pyro_iwae.nn.models`` /
-  ``pyro_iwae.nn.guides`` of an installed package.
+  ``pyro_iwae.nn.guides`` of an installed package (a registered name comes
+  first: building it warns of an entry point of that name, which goes unused).
 
 A builder is called with keyword arguments: ``x_dim`` and ``stochastic_layers``
 always, ``data_mean`` always for models, and the architecture settings that
@@ -24,6 +25,7 @@ import importlib.metadata
 import inspect
 import os
 import sys
+import warnings
 from collections.abc import Callable
 from types import ModuleType
 
@@ -179,6 +181,24 @@ def resolve(kind: str, name: str) -> Builder:
     return builder
 
 
+def _warn_shadowed(kind: str, name: str) -> None:
+    """Warns of the entry points named ``name`` that the builder registered
+    under that name (which comes first) keeps from being used."""
+    # Said where a builder is built, not where names resolve (each config
+    # checks its two): a scan of the entry points takes milliseconds.
+    group = ENTRY_POINT_GROUPS[kind]
+    points = [p for p in importlib.metadata.entry_points(group=group) if p.name == name]
+    if points:
+        # An entry point named paper ran the built-in paper model, without a word.
+        warnings.warn(
+            f"the entry point {name!r} of group {group} ({_providers(points)}) is "
+            f"not used: the {kind} registered as {name!r} comes first; rename the "
+            "entry point, or name its builder by its import path "
+            f"({points[0].value})",
+            stacklevel=4,
+        )
+
+
 def _providers(points: list[importlib.metadata.EntryPoint]) -> str:
     """``dist: module:builder`` of each entry point, for a message."""
     names = []
@@ -209,8 +229,29 @@ def _import(module_name: str) -> ModuleType:
         raise
 
 
+def takes(kind: str, name: str, setting: str) -> bool:
+    """Whether the ``kind`` builder ``name`` takes the keyword argument
+    ``setting`` (by name or ``**kwargs``; true for a builder without a
+    signature to tell).
+
+    :raises BuilderError: see :func:`resolve`.
+    """
+    try:
+        parameters = inspect.signature(resolve(kind, name)).parameters.values()
+    except (TypeError, ValueError):
+        return True
+    return any(
+        p.kind is p.VAR_KEYWORD
+        or (p.name == setting and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY))
+        for p in parameters
+    )
+
+
 def _build(kind: str, name: str, **config) -> torch.nn.Module:
     builder = resolve(kind, name)
+    table = MODELS if kind == "model" else GUIDES
+    if table.get(name) is builder:
+        _warn_shadowed(kind, name)
     try:
         parameters = list(inspect.signature(builder).parameters.values())
     except (TypeError, ValueError):

@@ -25,6 +25,7 @@ __all__ = [
     "fingerprint",
     "is_recorded",
     "record_data",
+    "record_or_check",
 ]
 
 #: The file, in a run directory, that records the run's data.
@@ -163,3 +164,24 @@ def check_points(
             f"or {advice}"
         )
     return recorded
+
+
+def record_or_check(
+    path: Path,
+    dataset: str,
+    data: Dataset,
+    train_limit: int | None,
+    folder: str | None,
+    resume: bool,
+) -> None:
+    """Records in run directory ``path`` the data of a new run (a built-in set's
+    read from ``folder``, of which ``train_limit`` training points), or on a
+    resume checks them against the record (a run made before runs recorded
+    them records them now)."""
+    advice = "start a new run on it"
+    # One hash of the file to check it (it was hashed twice on a resume).
+    if folder is not None:  # a built-in data set but the embedded mnist-mini
+        if not resume or check_points(path, data, train_limit, folder, advice) is None:
+            record_data(path, dataset, data, train_limit, folder)
+    elif not resume or check_data(path, dataset, advice) is None:
+        record_data(path, dataset)

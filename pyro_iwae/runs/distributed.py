@@ -40,6 +40,7 @@ import hashlib
 import math
 import os
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any, TypeVar
 
 import pyro
@@ -62,13 +63,16 @@ __all__ = [
     "gather_objects",
     "init",
     "is_main",
+    "JOB_FILE",
     "job",
     "launched",
     "mean_over_ranks",
     "noise_seed",
+    "record_job",
     "sharded_log_likelihood",
     "sharded_map",
     "shutdown",
+    "started_by_this_job",
 ]
 
 #: The environment variables torchrun sets for every worker.
@@ -103,6 +107,31 @@ def job() -> str | None:
     ``--rdzv-id`` with ``--master-port`` or ``--master-addr``."""
     name = os.environ.get("TORCHELASTIC_RUN_ID", "")
     return None if name in ("", "none") else name
+
+
+#: The file in which a new run started under torchrun names the job
+#: (:func:`job`), for a restart of its workers to know the run its own.
+JOB_FILE = ".torchrun-job"
+
+
+def record_job(path: Path) -> None:
+    """Names the torchrun job that starts a new run in folder ``path`` (outside
+    torchrun: a stale name goes)."""
+    name = job()
+    if name is None:
+        (path / JOB_FILE).unlink(missing_ok=True)
+    else:
+        (path / JOB_FILE).write_text(name + "\n")
+
+
+def started_by_this_job(path: Path) -> bool:
+    """Whether this torchrun job (:func:`job`) started the run in folder
+    ``path``: a restart of its workers resumes that run, and no other."""
+    name = job()
+    try:
+        return name is not None and (path / JOB_FILE).read_text().strip() == name
+    except OSError:
+        return False
 
 
 def current() -> Ranks | None:

@@ -305,7 +305,9 @@ class Run:
             f"the run reads its data with binarize {config.binarization}: pass data "
             "like those it was trained on"
         )
-        problem = support_problem(config.likelihood, points, "points", fix)
+        problem = support_problem(
+            run_writer.model_likelihood(config), points, "points", fix
+        )
         if problem is not None:
             raise DataError(f"{data.name} ({settings.split} split): {problem}")
         points = points.to(next(model.parameters()).device)
@@ -382,7 +384,7 @@ def plan_fit(
         # a finished run, or one another process trains) stays refused.
         resume = distributed.from_main(
             lambda: (
-                Run(out).has_checkpoint and run_writer.started_by_this_job(Path(out))
+                Run(out).has_checkpoint and distributed.started_by_this_job(Path(out))
             )
         )
     if resume:

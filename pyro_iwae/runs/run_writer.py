@@ -14,7 +14,8 @@ from typing import Any
 
 import torch
 
-from ..data import Dataset, is_data_file
+from ..data import DATASETS, Dataset, is_data_file
+from ..data_files import holds_test_set
 from ..errors import (
     BuilderError,
     CheckpointError,
@@ -29,18 +30,12 @@ from ..infer.estimable import check_program
 from ..infer.evaluation import evaluating
 from ..infer.objectives import IWELBO
 from ..nn.likelihoods import support_problem
-from ..nn.registry import build_guide, build_model
+from ..nn.registry import build_guide, build_model, takes
 from . import distributed, locks
 from .callbacks import FitCallback
 from .checkpoints import CHECKPOINT_FILE, METRICS_FILE, load_checkpoint, read_metrics
 from .config import CONFIG_FILE, RunConfig
-from .data_record import (
-    DATA_RECORD,
-    check_data,
-    check_points,
-    data_folder,
-    record_data,
-)
+from .data_record import DATA_RECORD, data_folder, record_or_check
 from .fit_steps import check_continues, check_test_bound
 from .training import fit
 
@@ -50,8 +45,8 @@ __all__ = [
     "build_run",
     "check_support",
     "differing",
+    "model_likelihood",
     "resumed_config",
-    "started_by_this_job",
     "train",
 ]
 
@@ -67,9 +62,6 @@ RUN_FILES = (
     "estimates-*.txt",
     "diagnostics-*.txt",
 )
-#: The file in which a new run started under torchrun names the job
-#: (:func:`distributed.job`), for a restart of its workers to know the run its own.
-JOB_FILE = ".torchrun-job"
 #: Settings that change where, from what and how a run computes, not what it
 #: computes (compiled steps agree with eager ones to float rounding).
 MEANS = ("device", "data_dir", "compile")
@@ -185,7 +177,7 @@ def train(
                 lambda: _check(path, config, resume, callback)
             )
             if not resume and distributed.is_main():
-                _record_job(path)
+                distributed.record_job(path)
             try:
                 return _train(path, config, resume, data_dir, callback, changed)
             except BaseException:
@@ -233,8 +225,20 @@ def _train(
         # The folder read, absolute, saved: a later evaluation or resume under
         # another $PYRO_IWAE_DATA read other data as the run's.
         config = dataclasses.replace(config, data_dir=folder)
-    data = config.load_data(data_dir)
-    distributed.from_main(lambda: _data_recorded(path, config, data, folder, resume))
+    try:
+        data = config.load_data(data_dir)
+    except DataError as e:
+        gone = is_data_file(config.dataset) and not Path(config.dataset).exists()
+        if not (resume and gone):
+            raise
+        # Other points are refused on resume: it said "or to another .npy ... file".
+        raise DataError(
+            f"data file {literal(config.dataset)} not found; set {{dataset}} to "
+            "where it is now (a resumed run trains on the points it began with)",
+            template=True,
+        ) from e
+    recorded = (path, config.dataset, data, config.train_limit, folder, resume)
+    distributed.from_main(lambda: record_or_check(*recorded))
     if data.x_dim != config.x_dim:
         # A resumed run's model takes its x_dim: other data are what to change.
         fix = (
@@ -246,6 +250,8 @@ def _train(
             f"{config.dataset} points have {data.x_dim} values, the config "
             f"says {config.x_dim}; {fix}"
         )
+    if not resume:
+        _check_held_out(config)
     check_support(config, data)
     device = distributed.init(config.device)
     try:
@@ -434,45 +440,10 @@ def _untrained(path: Path, found: list[str]) -> bool:
         return False  # not a run's config, or not one fit wrote
 
 
-def _record_job(path: Path) -> None:
-    """Names the torchrun job that starts a new run here (none: a stale name goes)."""
-    job = distributed.job()
-    if job is None:
-        (path / JOB_FILE).unlink(missing_ok=True)
-    else:
-        (path / JOB_FILE).write_text(job + "\n")
-
-
-def started_by_this_job(path: Path) -> bool:
-    """Whether this torchrun job (:func:`distributed.job`) started the run at
-    ``path``: a restart of its workers resumes that run, and no other."""
-    job = distributed.job()
-    try:
-        return job is not None and (path / JOB_FILE).read_text().strip() == job
-    except OSError:
-        return False
-
-
-def _data_recorded(
-    path: Path, config: RunConfig, data: Dataset, folder: str | None, resume: bool
-) -> None:
-    """Records the run's data (read from ``folder``), or on a resume checks
-    them against the record (a run made before runs recorded them does so
-    now)."""
-    advice = "start a new run on it"
-    # One hash of the file to check it (it was hashed twice on a resume).
-    if folder is not None:  # a built-in data set but the embedded mnist-mini
-        limit = config.train_limit
-        if not resume or check_points(path, data, limit, folder, advice) is None:
-            record_data(path, config.dataset, data, limit, folder)
-    elif not resume or check_data(path, config.dataset, advice) is None:
-        record_data(path, config.dataset)
-
-
 def _discard_unsaved(path: Path) -> None:
     """Removes the files of a new run that has no checkpoint yet."""
     if not (path / CHECKPOINT_FILE).is_file():
-        for name in (CONFIG_FILE, METRICS_FILE, DATA_RECORD, JOB_FILE):
+        for name in (CONFIG_FILE, METRICS_FILE, DATA_RECORD, distributed.JOB_FILE):
             (path / name).unlink(missing_ok=True)
 
 
@@ -516,13 +487,40 @@ def build_run(
     return model.to(device), guide.to(device)
 
 
+def _check_held_out(config: RunConfig) -> None:
+    """:raises ConfigError: for a ``test_fraction`` other than its default where
+    the data hold their own test set (a built-in set, or a file's test array)."""
+    if config.test_fraction == RunConfig.__dataclass_fields__["test_fraction"].default:
+        return
+    # Stored and without effect, where --sigma without the gaussian likelihood
+    # is refused: so is this, a share held out of data that hold none out.
+    if config.dataset in DATASETS or holds_test_set(config.dataset):
+        raise ConfigError(
+            "{test_fraction} applies to a {dataset} file without a test set; "
+            f"{literal(config.dataset)} has its own: drop it"
+        )
+
+
+def model_likelihood(config: RunConfig) -> str | None:
+    """The likelihood of the run's model: ``config.likelihood``, or None for a
+    model whose builder takes no ``likelihood`` (it sets its own).
+
+    :raises BuilderError: see :func:`pyro_iwae.nn.registry.resolve`.
+    """
+    return config.likelihood if takes("model", config.model, "likelihood") else None
+
+
 def check_support(config: RunConfig, data: Dataset) -> None:
     """:raises DataError: if the data, as the model will see them, lie outside
-    the support of the run's likelihood."""
+    the support of the run's likelihood (or are not finite)."""
     splits = [("test", data.test)]
     if data.binarize != "dynamic":  # else binarised before the model sees them
         splits.insert(0, ("training", data.train))
+    # A model that takes no likelihood has its own: real-valued data were
+    # refused as outside the default Bernoulli's support, and --likelihood
+    # gaussian as a setting its builder does not take.
+    likelihood = model_likelihood(config)
     for split, x in splits:
-        problem = support_problem(config.likelihood, x, f"{split} data")
+        problem = support_problem(likelihood, x, f"{split} data")
         if problem is not None:
             raise DataError(f"{config.dataset}: {problem}")
