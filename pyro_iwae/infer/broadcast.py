@@ -55,27 +55,34 @@ def broadcast_error(
     kwargs: dict,
     num_particles: int,
     nesting: int,
+    run_deeper: Callable[[], list[tuple[Trace, Trace]]] | None = None,
 ) -> ParticleBroadcastError | None:
     """The error to raise for ``error``, raised under a particle plate of
     ``num_particles`` at ``max_plate_nesting=nesting + 1``: a
     ParticleBroadcastError where ``run_single`` (the program's traces for one
     particle without the plate, run on a forked random stream without warnings)
-    succeeds; None where ``error`` is to be raised as it is: the library's own,
-    a refusal (NotImplementedError), a failure of tracing (data-dependent: the
-    eager check would run, it says nothing of broadcasting), or one that the
-    run without the plate raises too (the program's own).
+    or else ``run_deeper`` (the same at a nesting it guesses: plates deeper than
+    ``nesting`` fail Pyro's shape check) succeeds; None where ``error`` is to be
+    raised as it is: the library's own, a refusal (NotImplementedError), a
+    failure of tracing (data-dependent: the eager check would run, it says
+    nothing of broadcasting), or one that the runs without the plate raise too
+    (the program's own).
 
     :raises ProgramError: where the run without the plate raises one (a batch
         dim in no plate, which fails under the plate).
     """
     if isinstance(error, PyroIwaeError | NotImplementedError) or data_dependent(error):
         return None
-    try:
-        with trial_run(args, kwargs):
-            traces = run_single()
-    except ProgramError:
-        raise
-    except Exception:  # noqa: BLE001
+    for run in [run_single] if run_deeper is None else [run_single, run_deeper]:
+        try:
+            with trial_run(args, kwargs):
+                traces = run()
+            break
+        except ProgramError:
+            raise
+        except Exception:  # noqa: BLE001
+            continue
+    else:
         # A failure here is the program's own, not the particle plate's.
         return None
     depth = max(plate_depth(sample_sites(pair)) for pair in traces)

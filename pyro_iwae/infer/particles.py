@@ -310,34 +310,34 @@ class ParticleELBO(ELBO):
                 raise
             # Pyro placed the program's plates left of the particle plate's dim:
             # said of the dims the program gives them, and so the nesting to pass.
+            single = self._single(checks_plate_dims=True)
             try:
-                self._single(checks_plate_dims=True)._particles(
-                    model, guide, args, kwargs
-                )
+                single._particles(model, guide, args, kwargs)
             except PlateNestingError as own:
                 raise own from None
             raise
         except BROADCAST_FAILURES as error:
             if not self._has_particle_plate:
                 raise
-            # Said by broadcast_error, of a run without the plate at any nesting.
-            single = self._single(checks_plate_dims=False)
-
-            def run_single() -> list[tuple[Trace, Trace]]:
-                return single.particles(model, guide, *args, **kwargs).traces
-
-            nesting = self.max_plate_nesting - 1
+            # Said by broadcast_error; deeper: for plates past max_plate_nesting.
+            single, deeper = self._single(False), self._single(False, float("inf"))
             broadcast = broadcast_error(
-                error, run_single, args, kwargs, self.num_particles, nesting
+                error,
+                lambda: single._particles(model, guide, args, kwargs).traces,
+                args,
+                kwargs,
+                self.num_particles,
+                self.max_plate_nesting - 1,
+                lambda: deeper.particles(model, guide, *args, **kwargs).traces,
             )
             if broadcast is None:
                 raise
             raise broadcast from None
 
-    def _single(self, checks_plate_dims: bool) -> ParticleELBO:
+    def _single(self, checks_plate_dims: bool, nesting: float = -1) -> ParticleELBO:
         """This objective's program weighed on one particle, without the
-        particle plate (without the plate-dims check: at the nesting it has)."""
-        nesting = self.max_plate_nesting - 1 if checks_plate_dims else float("inf")
+        particle plate, at ``max_plate_nesting=nesting`` (-1: this one's)."""
+        nesting = self.max_plate_nesting - 1 if nesting < 0 else nesting
         single = ParticleELBO(
             1,
             "iwae",
