@@ -453,3 +453,14 @@ def test_the_evaluation_pages_speed_ups_are_those_of_its_numbers():
     ).groups()
     assert round(float(eager) / float(compiled), 1) == float(ratio)
     assert "three times" not in page
+
+
+def test_the_distributed_page_says_estimates_agree_at_the_same_threads_only():
+    # It said "identical with 1 and with N processes" without the condition: a
+    # plain run on 2 threads and `OMP_NUM_THREADS=1 torchrun` differ by ~1e-5.
+    page = " ".join((ROOT / "docs" / "source" / "distributed.md").read_text().split())
+    claim = re.search(
+        r"the estimates are identical with 1 and with N processes[^.]*", page
+    )
+    assert claim and "at the same threads per process (`OMP_NUM_THREADS`)" in claim[0]
+    assert "run the plain one with `OMP_NUM_THREADS=1` too" in page
