@@ -23,7 +23,7 @@ from .common import (
     path_option,
     quiet_option,
 )
-from .options import run_option
+from .options import cli_text, run_option
 from .progress import EvalProgress, FitProgress
 
 T = TypeVar("T")
@@ -33,6 +33,10 @@ T = TypeVar("T")
 #: options: its errors name them so (a run's folder is one of --runs-dir).
 GRID_NAMES = {"out": "--runs-dir", "run_dir": "--runs-dir", "runs_dir": "--runs-dir"}
 
+#: The settings that reproduce takes as options too, where a library message
+#: spells them as Python arguments ("pass data_dir=FOLDER").
+GRID_OPTIONS = {"data_dir": "--data-dir"}
+
 
 def _grid_errors(call: Callable[..., T], *args: Any, **kwargs: Any) -> T:
     """``call(*args, **kwargs)``, its errors rendered in :data:`GRID_NAMES`."""
@@ -41,7 +45,8 @@ def _grid_errors(call: Callable[..., T], *args: Any, **kwargs: Any) -> T:
     except ParticleBroadcastError:
         raise  # said with its own remedy
     except PyroIwaeError as e:
-        raise click.ClickException(e.render(GRID_NAMES)) from None
+        message = cli_text(e.render(GRID_NAMES), GRID_OPTIONS)
+        raise click.ClickException(message) from None
 
 
 @click.command(context_settings={"show_default": True})

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -36,13 +36,14 @@ OPTION_NAMES = {
 }
 
 
-def cli_text(message: str) -> str:
+def cli_text(message: str, names: Mapping[str, str] = OPTION_NAMES) -> str:
     """``message`` with settings spelled as Python arguments (``estimator='vimco'``,
-    ``resume=True``) spelled as options (``--estimator vimco``, ``--resume``)."""
+    ``resume=True``) spelled as options (``--estimator vimco``, ``--resume``), of
+    those ``names`` maps (setting -> option) only."""
 
     def option(match: re.Match) -> str:
         name, value = match.group(1), match.group(3)
-        flag = OPTION_NAMES.get(name)
+        flag = names.get(name)
         if flag is None:
             return match.group(0)
         return flag if value == "True" else f"{flag} {value}"

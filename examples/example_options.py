@@ -1,9 +1,16 @@
 """Command-line helpers the example scripts share: argparse types that refuse a
-bad count or rate in one line, and the ``--smoke`` budget as defaults."""
+bad count or rate in one line, the ``--smoke`` budget as defaults, and the
+library's errors (a data file not found) said in one line too."""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+from pyro_iwae import PyroIwaeError
 
 
 def count(text: str) -> int:
@@ -33,3 +40,15 @@ def parse_with_smoke(
         parser.set_defaults(**smoke)
         args = parser.parse_args(argv)
     return args
+
+
+@contextlib.contextmanager
+def one_line_errors() -> Iterator[None]:
+    """Ends the script with the library's error on one line (``vae.py: error:
+    ...``, as argparse says a bad argument) and exit status 1, not a traceback;
+    its ``data_dir=FOLDER`` written as the scripts' option, ``--data-dir``."""
+    try:
+        yield
+    except PyroIwaeError as e:
+        message = str(e).replace("data_dir=FOLDER", "--data-dir FOLDER")
+        sys.exit(f"{Path(sys.argv[0]).name}: error: {message}")

@@ -36,7 +36,7 @@ import pyro
 import pyro.distributions as dist
 import torch
 import torch.nn.functional as F
-from example_options import count, parse_with_smoke, positive
+from example_options import count, one_line_errors, parse_with_smoke, positive
 from pyro.infer import SVI
 from torch import nn
 
@@ -197,7 +197,8 @@ def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     pyro.set_rng_seed(args.seed)
     pyro.clear_param_store()
-    data = load_dataset(args.data, args.data_dir)
+    with one_line_errors():  # a data file not found: one line, no traceback
+        data = load_dataset(args.data, args.data_dir)
     train, labels = (
         data.train[: args.train_limit],
         data.train_labels[: args.train_limit],

@@ -28,7 +28,7 @@ from pathlib import Path
 import pyro
 import pyro.distributions as dist
 import torch
-from example_options import count, parse_with_smoke, positive
+from example_options import count, one_line_errors, parse_with_smoke, positive
 from pyro.infer import SVI
 from torch import nn
 
@@ -134,7 +134,8 @@ def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     pyro.set_rng_seed(args.seed)
     pyro.clear_param_store()
-    data = load_dataset(args.data, args.data_dir)
+    with one_line_errors():  # a data file not found: one line, no traceback
+        data = load_dataset(args.data, args.data_dir)
     train = data.train[: args.train_limit]
     test = data.test[: args.test_limit]
     mean = train.mean(0).clamp(1e-3, 1 - 1e-3)

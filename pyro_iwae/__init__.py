@@ -3,10 +3,14 @@
 # Registers the compiled path with infer.hooks, for the compile options.
 from . import compiled as compiled
 from ._version import __version__ as __version__
+from .compiled import CompiledLoss, CompileFallbackWarning
+from .data import Dataset, load_dataset, minibatches
 from .errors import (
     AISError,
+    BuilderError,
     DataError,
     ParticleBroadcastError,
+    PlateNestingError,
     ProgramError,
     PyroIwaeError,
     RunBusy,
@@ -29,6 +33,7 @@ from .infer.diagnostics import (
     log_likelihood_with_diagnostics,
     pareto_khat,
 )
+from .infer.enumeration import GlobalEnumerationError
 from .infer.evaluation import (
     EstimateWarning,
     dataset_log_likelihood,
@@ -43,6 +48,7 @@ from .infer.grouped import CIWELBO, MIWELBO, PIWELBO
 from .infer.joint_likelihood import joint_log_likelihood
 from .infer.objectives import ESTIMATORS, IWELBO
 from .infer.sampling import reconstruct, sample_images
+from .infer.support import InaccurateInverseWarning
 from .nn.guides import (
     CouplingGuide,
     IAFGuide,
@@ -61,7 +67,8 @@ from .nn.registry import (
     register_model,
 )
 from .nn.sbn import SBNGuide, SBNModel, sbn_architecture
-from .runs.callbacks import FitCallback, StepInfo
+from .optim import JointOptim
+from .runs.callbacks import CallbackList, FitCallback, StepInfo
 from .runs.check_guide import check_run_guide
 from .runs.checkpoints import CheckpointError, RunError, load_checkpoint, read_metrics
 from .runs.config import RunConfig
@@ -83,9 +90,22 @@ from .runs.schedules import (
     make_schedule,
     paper_schedule,
 )
+from .runs.tracking import TrackingError
 from .runs.training import TrainingDiverged, fit
 
 __all__ = [
+    "BuilderError",
+    "CallbackList",
+    "CompileFallbackWarning",
+    "CompiledLoss",
+    "Dataset",
+    "GlobalEnumerationError",
+    "InaccurateInverseWarning",
+    "JointOptim",
+    "PlateNestingError",
+    "TrackingError",
+    "load_dataset",
+    "minibatches",
     "AISError",
     "AISResult",
     "BDMCResult",

@@ -194,3 +194,36 @@ def test_a_header_claims_no_run_time_the_script_does_not_measure(name):
     text = (EXAMPLES / f"{name}.py").read_text()
     assert not re.search(r"minutes?\b|CPU core", load(name).__doc__)
     assert 'print(f"took {time.perf_counter() - start:.0f} s")' in text
+
+
+def test_a_missing_data_file_is_said_in_one_line(tmp_path, monkeypatch):
+    # `vae.py --data omniglot --smoke` without chardata.mat ended in a traceback
+    # whose last line was the DataError.
+    monkeypatch.setattr(sys, "argv", ["vae.py"])
+    args = ["--smoke", "--data", "omniglot", "--data-dir", str(tmp_path)]
+    with pytest.raises(SystemExit) as info:
+        load("vae").main(args)
+    message = info.value.code
+    assert isinstance(message, str) and "\n" not in message  # exit status 1
+    assert message.startswith(f"vae.py: error: omniglot: {tmp_path}")
+    assert "not found; download" in message
+    assert message.endswith("pass --data-dir FOLDER, the folder holding it")
+
+
+def test_the_semi_supervised_example_says_a_data_error_in_one_line(monkeypatch):
+    # As vae.py: a traceback. Its data sets have labels, none a file to leave out
+    # offline (mnist downloads), so its loader says the error of a missing folder.
+    from pyro_iwae.errors import DataError
+
+    module = load("ss_vae")
+
+    def missing(name, data_dir):
+        raise DataError(f"{name}: x not found; pass data_dir=FOLDER, a folder")
+
+    monkeypatch.setattr(module, "load_dataset", missing)
+    monkeypatch.setattr(sys, "argv", ["ss_vae.py"])
+    with pytest.raises(SystemExit) as info:
+        module.main(["--smoke"])
+    assert info.value.code == (
+        "ss_vae.py: error: mnist-mini: x not found; pass --data-dir FOLDER, a folder"
+    )

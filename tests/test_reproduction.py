@@ -4,6 +4,7 @@ import dataclasses
 import json
 import os
 import socket
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -700,3 +701,29 @@ def test_two_grid_files_in_one_folder_keep_their_runs_and_reports_apart(
         tmp_path / "other" / "runs",
         tmp_path / "other",
     ]
+
+
+@pytest.mark.parametrize("name", ["mnist", "continuous", "sbn"])
+def test_the_results_grids_read_the_data_beside_the_checkout(name):
+    # The grids said "../shared/data", read from the grid file's folder: results/
+    # shared/data, not the ../shared/data beside the checkout that results/README.md
+    # names for a run from the repository root.
+    root = Path(__file__).resolve().parent.parent
+    grid = Grid.load(root / "results" / name / "grid.json")
+    wanted = str((root.parent / "shared" / "data").resolve())
+    assert {grid.config(run).data_dir for run in grid.runs} == {wanted}
+    assert "`../shared/data/MNIST/raw`" in (root / "results" / "README.md").read_text()
+
+
+def test_a_missing_data_file_is_said_with_the_data_dir_option(tmp_path):
+    # reproduce said "pass data_dir=FOLDER", a Python argument, on the command line.
+    grid = {**GRID, "base": {**GRID["base"], "dataset": "omniglot"}}
+    grid_file = tmp_path / "grid.json"
+    grid_file.write_text(json.dumps(grid))
+    args = ["reproduce", str(grid_file), "--only", "vae-k1", "--quiet"]
+    result = CliRunner().invoke(cli, [*args, "--data-dir", str(tmp_path)])
+    assert result.exit_code == 1
+    error = result.output.strip().splitlines()[-1]
+    assert error.startswith("Error: omniglot: ") and " not found; " in error
+    assert "pass --data-dir FOLDER, the folder holding it" in error
+    assert "data_dir=" not in error

@@ -857,6 +857,25 @@ def test_run_object_trains_and_evaluates_as_the_cli_does(tmp_path):
         EvalSettings(ais_steps=5)
 
 
+def test_an_evaluation_is_a_read_only_mapping_of_its_json():
+    # Only __getitem__ and get were defined: "nll" in r, dict(r) and list(r)
+    # iterated by integer index and raised KeyError: 0.
+    from collections.abc import Mapping
+
+    fields = {f.name: None for f in dataclasses.fields(eval_results.Evaluation)}
+    evaluation = eval_results.Evaluation(**{**fields, "nll": 90.5, "method": "iwae"})
+    saved = evaluation.to_json()
+    assert isinstance(evaluation, Mapping)
+    assert "nll" in evaluation and "ais_steps" not in evaluation
+    assert dict(evaluation) == saved and list(evaluation) == list(saved)
+    assert len(evaluation) == len(saved) and evaluation.keys() == saved.keys()
+    assert evaluation.get("nll") == 90.5 and evaluation.get("chains", 7) == 7
+    with pytest.raises(KeyError):
+        evaluation["chains"]  # as the JSON, AIS's settings with AIS only
+    with pytest.raises(TypeError):
+        evaluation["nll"] = 1.0
+
+
 def test_two_fits_started_together_one_is_refused(tmp_path):
     """A real second process: the first fit's run comes out whole, as if alone."""
     import subprocess

@@ -7,7 +7,7 @@ cost. Measured on a 2-core AVX-512 Xeon (results/benchmarks.md):
 
 - evaluation: 11 s to compile the paper model's log-weights cold (8 s since the
   ISA-probe cut), 2.3 s from inductor's cache, then each particle-point about
-  three times faster (``eval-nll --k 5000`` on 1,000 MNIST test points: 33.3 s
+  2.5 times as fast (``eval-nll --k 5000`` on 1,000 MNIST test points: 33.3 s
   eagerly, 24.4 s compiled of which 11.1 s compiling; 4 microseconds saved per
   particle-point); it pays from about 3 million particle-points (points times
   ``num_samples``) per graph to compile (one per batch shape), 600,000 per graph

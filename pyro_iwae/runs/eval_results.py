@@ -21,6 +21,7 @@ import json
 import math
 import os
 import platform
+from collections.abc import Iterator, Mapping
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -193,7 +194,7 @@ class EvalSettings:
 
 
 @dataclasses.dataclass
-class Evaluation:
+class Evaluation(Mapping):
     """The result of an evaluation of a run, as written to its JSON file.
 
     ``nll`` (mean, nats) and ``stderr`` (std / sqrt(n), None for one point);
@@ -215,7 +216,8 @@ class Evaluation:
     absolute path) and the names of the per-point ``estimates_file`` and
     ``diagnostics_file`` beside it.
 
-    ``evaluation["nll"]`` reads a field as from the JSON's dict.
+    It is a read-only mapping of the JSON's dict: ``evaluation["nll"]``,
+    ``"k" in evaluation``, ``dict(evaluation)`` (that dict, a copy), ``keys()``.
     """
 
     nll: float
@@ -253,8 +255,11 @@ class Evaluation:
     def __getitem__(self, key: str) -> Any:
         return self.to_json()[key]
 
-    def get(self, key: str, default: Any = None) -> Any:
-        return self.to_json().get(key, default)
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.to_json())
+
+    def __len__(self) -> int:
+        return len(self.to_json())
 
     def to_json(self) -> dict[str, Any]:
         """The JSON file's dict (``ais_steps`` and ``chains`` with AIS only)."""
