@@ -1023,24 +1023,31 @@ def test_the_plate_nesting_advised_is_the_programs_not_the_particle_plates():
         with pyro.plate("data", x.shape[0]):
             pyro.sample("z", dist.Normal(loc, _S / math.sqrt(_A**2 + _S**2)))
 
-    with pytest.raises(PlateNestingError) as refused:
-        IWELBO(4, max_plate_nesting=0).loss(model, guide, x)
-    assert str(refused.value) == (
+    _refused_then_exact(
+        (model, guide, x, exact),
+        0,
         "plate 'data' of the model or guide is at dim=-1, but max_plate_nesting=0 "
         "keeps no batch dim for plates, so the bound would take dim -1 as the "
-        "particles' dim; pass max_plate_nesting=1"
+        "particles' dim; pass max_plate_nesting=1",
     )
-    bound = -IWELBO(4, max_plate_nesting=1).loss(model, guide, x)
-    assert bound == pytest.approx(exact.item(), abs=1e-9)
-    model, guide, x, exact = _values_in_the_data_plate()
-    with pytest.raises(PlateNestingError) as refused:
-        IWELBO(4, max_plate_nesting=1).loss(model, guide, x)
-    assert str(refused.value) == (
+    _refused_then_exact(
+        _values_in_the_data_plate(),
+        1,
         "plate 'values' of the model or guide is at dim=-2, but max_plate_nesting=1 "
         "keeps only dim -1 for plates, so the bound would take dim -2 as the "
-        "particles' dim; pass max_plate_nesting=2"
+        "particles' dim; pass max_plate_nesting=2",
     )
-    bound = -IWELBO(4, max_plate_nesting=2).loss(model, guide, x)
+
+
+def _refused_then_exact(program, nesting, message):
+    """``IWELBO`` at ``max_plate_nesting=nesting`` refuses ``program`` (model,
+    guide, data, exact log p(x)) with ``message``; at the nesting advised, its
+    bound at the exact posterior is log p(x)."""
+    model, guide, x, exact = program
+    with pytest.raises(PlateNestingError) as refused:
+        IWELBO(4, max_plate_nesting=nesting).loss(model, guide, x)
+    assert str(refused.value) == message
+    bound = -IWELBO(4, max_plate_nesting=nesting + 1).loss(model, guide, x)
     assert bound == pytest.approx(exact.item(), abs=1e-9)
 
 

@@ -574,14 +574,7 @@ def test_a_refused_fit_leaves_the_mlflow_run_as_it_was(tracked, tmp_path, busy):
     run_id = json.loads((copy / MLFLOW_RUN_FILE).read_text())["run_id"]
     client = _local_client(copy)
     assert client.get_run(run_id).info.status == "FINISHED"
-    fit = ["fit", "--epochs", "3", "--out", str(copy), "--logger", "mlflow"]
-    fit += ["--resume", "--quiet"] if busy else ["--quiet"]
-    held = locks.hold(copy, locks.WRITER) if busy else contextlib.nullcontext()
-    with held:
-        result = CliRunner().invoke(cli, fit)
-    assert result.exit_code == 1 and "Traceback" not in result.output
-    refusal = "being written by another" if busy else "holds a run already"
-    assert refusal in result.output
+    _refused_fit(copy, "mlflow", busy)
     assert client.get_run(run_id).info.status == "FINISHED"
     experiments = [e.experiment_id for e in client.search_experiments()]
     assert [r.info.run_id for r in client.search_runs(experiments)] == [run_id]
@@ -595,10 +588,18 @@ def test_a_refused_fit_adds_no_tensorboard_event_file(tracked, tmp_path, busy):
     copy = tmp_path / "copy"
     shutil.copytree(tracked[0], copy)
     events = sorted((copy / "tensorboard").iterdir())
-    fit = ["fit", "--epochs", "3", "--out", str(copy), "--logger", "tensorboard"]
+    _refused_fit(copy, "tensorboard", busy)
+    assert sorted((copy / "tensorboard").iterdir()) == events
+
+
+def _refused_fit(run_dir, logger, busy):
+    """A fit with ``logger`` refused at the finished run ``run_dir``: without
+    --resume, or (``busy``) with it while another process holds the run."""
+    fit = ["fit", "--epochs", "3", "--out", str(run_dir), "--logger", logger]
     fit += ["--resume", "--quiet"] if busy else ["--quiet"]
-    held = locks.hold(copy, locks.WRITER) if busy else contextlib.nullcontext()
+    held = locks.hold(run_dir, locks.WRITER) if busy else contextlib.nullcontext()
     with held:
         result = CliRunner().invoke(cli, fit)
     assert result.exit_code == 1 and "Traceback" not in result.output
-    assert sorted((copy / "tensorboard").iterdir()) == events
+    refusal = "being written by another" if busy else "holds a run already"
+    assert refusal in result.output
