@@ -172,7 +172,8 @@ def stripped_says(result: dict) -> str:
 
 
 def one_line(reason: str, limit: int = 300) -> str:
-    line = " ".join(reason.split()) or "(no message)"
+    # Object addresses differ from run to run: a rerun writes the same file.
+    line = re.sub(r" at 0x[0-9a-f]+", "", " ".join(reason.split())) or "(no message)"
     return line if len(line) <= limit else line[: limit - 3] + "..."
 
 
