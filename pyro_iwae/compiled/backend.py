@@ -280,6 +280,27 @@ class GraphCache:
         self._disabled = reason
         _fallback(reason)
 
+    def check_eagerly(
+        self, eager: Callable[..., Any], args: tuple, kwargs: dict
+    ) -> None:
+        """``eager(*args, **kwargs)``, an eager run of the program for its checks
+        alone: off the random stream, its modules' buffers kept. The checks the
+        eager path makes once per program (the particle dims, see
+        :class:`~pyro_iwae.infer.particle_dims.ParticleDims`) are skipped while a
+        graph is traced: a graph no eager run verifies needs this one. Where it
+        raises, the error is the program's: raised as it is, the compiled path
+        given up without a word of the compiler (later calls run eagerly)."""
+        devices = cuda_devices(args, kwargs)
+        try:
+            with (
+                torch.random.fork_rng(devices=devices),
+                kept_buffers(self.model, self.guide),
+            ):
+                eager(*args, **kwargs)
+        except Exception as error:
+            self._disabled = f"the program failed its eager check ({describe(error)})"
+            raise
+
     def modules(self) -> list[tuple[str, torch.nn.Module]]:
         """The model's and then the guide's modules (of those that are
         ``nn.Module`` s), as :func:`~.capture.submodules` walks each."""
@@ -437,16 +458,3 @@ def kept_buffers(*modules: Any) -> Iterator[None]:
         with torch.no_grad():
             for buffer, value in zip(buffers, saved, strict=True):
                 buffer.copy_(value)
-
-
-def checked_eagerly(
-    eager: Callable[..., Any], args: tuple, kwargs: dict, *modules: Any
-) -> None:
-    """``eager(*args, **kwargs)``, an eager run of a program for its checks
-    alone: off the random stream, the ``modules``' buffers kept. The checks the
-    eager path makes once per program (the particle dims, see
-    :class:`~pyro_iwae.infer.particle_dims.ParticleDims`) are skipped while a
-    graph is traced: a graph no eager run verifies needs this one."""
-    devices = cuda_devices(args, kwargs)
-    with torch.random.fork_rng(devices=devices), kept_buffers(*modules):
-        eager(*args, **kwargs)

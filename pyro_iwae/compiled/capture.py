@@ -143,6 +143,15 @@ def _literal(node: fx.Node) -> bool:
     )
 
 
+class ModelAndGuide(torch.nn.Module):
+    """Model and guide as one module, so that one ``functional_call`` swaps both."""
+
+    def __init__(self, model: torch.nn.Module, guide: torch.nn.Module) -> None:
+        super().__init__()
+        self.model = model
+        self.guide = guide
+
+
 class TensorAttributes(dict):
     """The plain tensor attributes of a program's modules (neither parameters
     nor buffers), as ``{id(tensor): (module name, attribute)}``; ``read``: those

@@ -56,15 +56,24 @@ def set_grads(params: list[torch.Tensor], grads: list[torch.Tensor | None]) -> N
             p.grad = g if p.grad is None else p.grad + g
 
 
-def announce_params(params: Iterable[torch.Tensor]) -> None:
+def announce_params(params: Iterable[torch.Tensor], announced: set[int]) -> bool:
     """Under Pyro's global parameter store (``SVI``), the parameters that the
     eager program registered there, as ``pyro.param`` sites: the compiled graph
     skips the program, and ``SVI.step`` optimises only the parameters whose
-    sites it sees."""
+    sites it sees. ``announced`` keeps the ids of those announced before.
+
+    :returns: False where one announced before is no longer in the store (it
+        was cleared): only the eager program registers it again.
+    """
     if pyro.settings.get("module_local_params") or not am_i_wrapped():
-        return
+        return True
     store = pyro.get_param_store()
     for p in params:
         name = store.param_name(p)
         if name is not None:
             pyro.param(name)
+            announced.add(id(p))
+        elif id(p) in announced:
+            announced.clear()
+            return False
+    return True

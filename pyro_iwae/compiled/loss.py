@@ -24,7 +24,6 @@ from .adam import (
 from .backend import (
     GraphCache,
     RandomState,
-    checked_eagerly,
     close_enough,
     compile_graph,
     describe,
@@ -35,6 +34,7 @@ from .capture import (
     INPUT_GRAD_MESSAGE,
     SEEDED_MESSAGE,
     CallArgs,
+    ModelAndGuide,
     Unsupported,
     call_tensors,
     draw_noise,
@@ -47,15 +47,6 @@ from .capture import (
 from .grads import PrecomputedGrad, announce_params, set_grads
 from .keys import objective_settings
 from .rewrites import fewer_transcendentals
-
-
-class _Both(torch.nn.Module):
-    """Model and guide as one module, so that one ``functional_call`` swaps both."""
-
-    def __init__(self, model: torch.nn.Module, guide: torch.nn.Module) -> None:
-        super().__init__()
-        self.model = model
-        self.guide = guide
 
 
 class _LossGraph:
@@ -130,12 +121,13 @@ class CompiledLoss(GraphCache):
         self.rtol = rtol
         # The last learning rate of step(), as a float and as a graph input.
         self._lr: tuple[float, torch.Tensor] | None = None
+        self._announced: set[int] = set()  # ids of the parameters SVI was told of
         if not (
             isinstance(model, torch.nn.Module) and isinstance(guide, torch.nn.Module)
         ):
             self._disable("model and guide must both be nn.Modules")
         else:
-            self._both = _Both(model, guide)
+            self._both = ModelAndGuide(model, guide)
 
     def eager(self, *args: Any, **kwargs: Any) -> torch.Tensor:
         """The eager loss, ``elbo.differentiable_loss(model, guide, *args)``.
@@ -164,7 +156,8 @@ class CompiledLoss(GraphCache):
         graph, loss = self._graph(named, modules, args, kwargs)
         if graph is None:
             return self.eager(*args, **kwargs)
-        announce_params(named.values())
+        if not announce_params(named.values(), self._announced):
+            return self.eager(*args, **kwargs)  # a cleared store: registered again
         if loss is not None:
             return loss
         return self._run(graph, list(named.values()), args, kwargs)
@@ -201,7 +194,13 @@ class CompiledLoss(GraphCache):
         the loss is the eager one and the optimiser makes no step.
 
         :returns: the loss times ``scale``, detached.
+        :raises TypeError: if ``optimizer`` is no ``torch.optim.Optimizer``.
         """
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise TypeError(
+                f"step takes a torch.optim.Optimizer, got {type(optimizer).__name__}; "
+                "a Pyro optimiser (pyro.optim, JointOptim) is for pyro.infer.SVI"
+            )
         named: dict[str, torch.Tensor] = {}
         if self._disabled is None and needs_grad(args, kwargs):
             self._disable(INPUT_GRAD_MESSAGE)
@@ -270,9 +269,9 @@ class CompiledLoss(GraphCache):
         put back: the eager run that follows draws what the eager path would.
         Without ``verify``, an eager run checks the program first."""
         state = RandomState()
+        if not self.verify:  # a program's error is its own, not the compiler's
+            self.check_eagerly(self.eager, *args[-2:])
         try:
-            if not self.verify:  # args ends with the call's (args, kwargs)
-                checked_eagerly(self.eager, *args[-2:], self.model, self.guide)
             result = call(*args)
         except Exception as error:  # noqa: BLE001
             state.restore()
