@@ -115,7 +115,7 @@ class ProgramError(PyroIwaeError, ValueError):
 class PlateNestingError(ProgramError):
     """A plate left of the ``max_plate_nesting`` dims, drawn without the particle
     plate: the weights would take its dim as the particles'. The message says
-    so and offers the ``max_plate_nesting`` that fits, :attr:`depth`."""
+    so and offers the ``max_plate_nesting`` that fits, ``depth``."""
 
     problem: str = ""
     depth: int = 0
