@@ -1609,9 +1609,7 @@ class _TensorScaleModel(_SmallModel):
 
     def forward(self, x):
         log_scale = self.log_scale if self.where == "attribute" else self.log_scales[0]
-        # Tracing takes a tensor of another origin as a constant where a Python
-        # number comes first (else it refuses it).
-        scale = (1.0 * log_scale).exp()
+        scale = log_scale.exp()
         with pyro.plate("data", x.shape[0]):
             z = pyro.sample("z", dist.Normal(x.new_zeros(2), scale).to_event(1))
             pyro.sample("x", dist.Bernoulli(logits=self.out(z)).to_event(1), obs=x)
@@ -1645,6 +1643,109 @@ def test_a_tensor_the_graph_key_cannot_see_falls_back():
     _assert_same(
         compiled, lambda x: elbo.differentiable_loss(model, guide, x), params, _data()
     )
+
+
+class _TensorWeightModel(torch.nn.Module):
+    """The decoder's weight and shift as plain tensor attributes of more than
+    zero dims (neither parameters nor buffers), and a 0-dim scale met by a
+    tensor argument."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        g = torch.Generator().manual_seed(5)
+        self.W = torch.randn(X_DIM, 2, generator=g)
+        self.shift = torch.randn(X_DIM, generator=g)
+        self.scale = torch.tensor(0.8)
+
+    def forward(self, x, beta=None):
+        scale = self.scale if beta is None else self.scale * beta
+        with pyro.plate("data", x.shape[0]):
+            z = pyro.sample("z", dist.Normal(x.new_zeros(2), scale).to_event(1))
+            logits = z @ self.W.T + self.shift
+            pyro.sample("x", dist.Bernoulli(logits=logits).to_event(1), obs=x)
+
+
+class _BetaGuide(_TorchNormalGuide):
+    def forward(self, x, beta=None):
+        return super().forward(x)
+
+
+def test_plain_tensor_attributes_of_more_than_zero_dims_compile_and_are_keyed():
+    # Tracing refused them with torch's "Please convert all Tensors to
+    # FakeTensors first" and the program always fell back to the eager path.
+    model, guide = _TensorWeightModel(), _TorchNormalGuide()
+    elbo, compiled, estimate, params, eager = _traced_pair(model, guide)
+
+    for change in (None, "in place", "new", "shift in place", None):
+        if change == "in place":
+            model.W.mul_(-2.0)
+        elif change == "new":
+            model.W = torch.ones(X_DIM, 2)
+        elif change == "shift in place":
+            model.shift[0] = 3.0
+        _assert_same(compiled, eager, params, _data())
+        _assert_eager_estimates(estimate, model, guide, _data(), 6, 3, (1e-5, 1e-5))
+    assert compiled.compiled and estimate.compiled
+    assert len(compiled._graphs) == 4
+
+
+def test_a_0_dim_plain_tensor_attribute_compiles_with_a_tensor_argument():
+    # scale * beta (beta a tensor argument) fell back with torch's "Please
+    # convert all Tensors to FakeTensors first".
+    model, guide = _TensorWeightModel(), _BetaGuide()
+    elbo, compiled, _, params, _ = _traced_pair(model, guide)
+    beta = torch.tensor(1.5)
+
+    def eager(x):
+        return elbo.differentiable_loss(model, guide, x, beta)
+
+    _assert_same(lambda x: compiled(x, beta), eager, params, _data())
+    model.scale = torch.tensor(0.4)
+    _assert_same(lambda x: compiled(x, beta), eager, params, _data())
+    assert compiled.compiled
+
+
+class _GlobalShiftModel(_SmallModel):
+    def forward(self, x):
+        with pyro.plate("data", x.shape[0]):
+            z = pyro.sample("z", dist.Normal(x.new_zeros(2), 1.0).to_event(1))
+            logits = self.out(z) + _GLOBAL_SHIFT
+            pyro.sample("x", dist.Bernoulli(logits=logits).to_event(1), obs=x)
+
+
+_GLOBAL_SHIFT = torch.linspace(-1.0, 1.0, X_DIM)
+
+
+def test_a_global_tensor_of_more_than_zero_dims_falls_back_with_the_advice():
+    # The fallback's reason was torch's "Please convert all Tensors to
+    # FakeTensors first", not what to do.
+    model, guide = _GlobalShiftModel(), _TorchNormalGuide()
+    elbo, compiled, _, params, eager = _traced_pair(model, guide)
+    with pytest.warns(CompileFallbackWarning, match="register it as a buffer"):
+        _assert_same(compiled, eager, params, _data())
+    assert not compiled.compiled
+
+
+class _CountingModel(_SmallModel):
+    """Counts its calls in a plain tensor attribute, in place."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls = torch.zeros(())
+
+    def forward(self, x):
+        self.calls.add_(1)
+        return super().forward(x)
+
+
+def test_a_plain_tensor_attribute_the_program_changes_in_place_falls_back():
+    # Traced as a constant, it would be changed again at every run of the graph
+    # (before, it fell back with torch's fake-tensor assertion as the reason).
+    model, guide = _CountingModel(), _TorchNormalGuide()
+    _, compiled, _, _, _ = _traced_pair(model, guide)
+    with pytest.warns(CompileFallbackWarning, match="attribute model.calls in place"):
+        compiled(_data())
+    assert not compiled.compiled
 
 
 @pytest.mark.parametrize("how", ["loss", "step"])

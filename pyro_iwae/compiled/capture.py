@@ -113,9 +113,12 @@ def trace_graph(
     from torch.fx.experimental.proxy_tensor import make_fx
 
     # Validation reads values (data-dependent): the eager check of the first call
-    # validates, the graph does not.
+    # validates, the graph does not. Non-fake inputs: the tensors the program
+    # reads from elsewhere (a module's plain tensor attributes) become constants
+    # of the graph, checked below, where fake tensors alone would refuse any of
+    # more than 0 dims with torch's assertion.
     with pyro.validation_enabled(False), _NoParamStore():
-        gm = make_fx(fn, tracing_mode="fake")(*inputs)
+        gm = make_fx(fn, tracing_mode="fake", _allow_non_fake_inputs=True)(*inputs)
     constants = [
         (node, getattr(gm, node.target))
         for node in gm.graph.nodes
@@ -130,6 +133,8 @@ def trace_graph(
                 continue
             if id(c) not in attributes:
                 raise Unsupported(CAPTURED_MESSAGE)
+            if attributes.changed(c):
+                raise Unsupported(CHANGED_MESSAGE.format(".".join(attributes[id(c)])))
             attributes.read.add(attributes[id(c)])
     return gm, _lift_random_ops(gm)
 
@@ -158,13 +163,25 @@ class TensorAttributes(dict):
     a graph traced under :func:`watching` holds as constants."""
 
     def __init__(self, modules: Sequence[tuple[str, torch.nn.Module]]) -> None:
-        super().__init__(
-            (id(value), (prefix, name))
+        tensors = [
+            (prefix, name, value)
             for prefix, module in modules
             for name, value in vars(module).items()
             if isinstance(value, torch.Tensor)
-        )
+        ]
+        super().__init__((id(t), (prefix, name)) for prefix, name, t in tensors)
+        self._versions = {id(t): _version(t) for _, _, t in tensors}
         self.read: set[tuple[str, str]] = set()
+
+    def changed(self, tensor: torch.Tensor) -> bool:
+        """Whether the attribute ``tensor`` was changed in place since (by the
+        program, while it was traced: a graph would change it at every run)."""
+        return _version(tensor) != self._versions[id(tensor)]
+
+
+def _version(t: torch.Tensor) -> int | None:
+    # An inference tensor has no version counter (nor changes outside inference).
+    return None if t.is_inference() else t._version
 
 
 _ATTRIBUTES: contextvars.ContextVar[TensorAttributes | None] = contextvars.ContextVar(
@@ -194,6 +211,12 @@ CAPTURED_MESSAGE = (
     "or guide, nor an input, nor a module's own attribute (one in a container, a "
     "global, a closure's): a graph would keep its first value; register it as a "
     "buffer (module.register_buffer) or pass it as an input"
+)
+
+
+CHANGED_MESSAGE = (
+    "the program changes the plain tensor attribute {} in place, which a graph "
+    "would do again at every run; register it as a buffer (module.register_buffer)"
 )
 
 
