@@ -52,12 +52,16 @@ def test_mnist_of_another_data_dir_is_refused_or_evaluated_as_other_data(
     for command in (
         ["eval-nll", run_dir, *EVAL],
         ["sample", run_dir, "--n", 2],
+        ["check-guide", run_dir],
         ["fit", "--resume", "--out", run_dir, "--epochs", 2, "--quiet"],
     ):
         error = assert_one_line_error(
             invoke(*command, "--data-dir", b), f"mnist in {b} holds other points"
         )
         assert f"pass --data-dir {a}, where they were" in error
+        if command[0] != "fit":
+            # It advised sample too to "evaluate it as other data".
+            assert error.endswith("or use them as other data with --dataset mnist")
     assert (run_dir / "eval-test-k3.json").read_text() == own
     assert len(read_metrics(run_dir)) == 1
     # Deliberately: named as other data, beside the run's own evaluation.

@@ -170,7 +170,8 @@ class Run:
         """
         config = self.config if config is None else config
         name = config.dataset if dataset is None else _as_dataset(dataset)
-        advice = f"evaluate it as other data with dataset={str(name)!r}"
+        # Said to eval-nll, sample and check-guide alike: not all evaluate.
+        advice = f"use them as other data with dataset={str(name)!r}"
         if dataset is None and name not in DATASETS:
             check_data(self.path, name, advice)
         data = load_dataset(
