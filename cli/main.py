@@ -76,8 +76,8 @@ _data_dir_option = run_option("data_dir")
 #: default (the help claimed $PYRO_IWAE_DATA's).
 _run_data_dir_option = run_option(
     "data_dir",
-    default_text="the run's: its fit's --data-dir, else $PYRO_IWAE_DATA, else "
-    "~/.cache/pyro-iwae",
+    default_text="the folder the run's fit read, recorded in its config.json; for "
+    "a run that recorded none, $PYRO_IWAE_DATA, else ~/.cache/pyro-iwae",
 )
 _logger_option = click.option(
     "--logger",

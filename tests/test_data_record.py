@@ -144,3 +144,21 @@ def test_a_run_recorded_before_built_in_data_were_still_evaluates(tmp_path, fold
         )
     )
     assert json.loads((run_dir / DATA_RECORD).read_text())["dataset"] == "mnist"
+
+
+def test_a_run_whose_data_folder_is_gone_is_refused_naming_it(tmp_path, folders):
+    # eval-nll tried to download MNIST into the recorded folder, long gone.
+    a, _ = folders
+    run_dir = tmp_path / "run"
+    assert_ok(
+        invoke("fit", "--dataset", "mnist", *FIT, "--data-dir", a, "--out", run_dir)
+    )
+    moved = a.rename(tmp_path / "moved")
+    for command in (["eval-nll", run_dir, *EVAL], ["sample", run_dir, "--n", 2]):
+        assert_one_line_error(
+            invoke(*command),
+            f"mnist: {a}, the folder the run's fit read it from (see its "
+            "config.json), is gone; pass --data-dir FOLDER, where the data are now",
+        )
+    assert not a.exists()
+    assert_ok(invoke("eval-nll", run_dir, *EVAL, "--data-dir", moved))

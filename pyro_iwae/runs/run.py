@@ -51,7 +51,7 @@ from .checkpoints import (
     trained_steps,
 )
 from .config import CONFIG_FILE, RunConfig
-from .data_record import check_data, check_points, data_folder, is_recorded
+from .data_record import check_data, check_dir, check_points, data_folder, is_recorded
 from .estimates import estimate_points
 from .eval_results import (
     EVAL_METHODS,
@@ -174,6 +174,8 @@ class Run:
         advice = f"use them as other data with dataset={str(name)!r}"
         if dataset is None and name not in DATASETS:
             check_data(self.path, name, advice)
+        if data_dir is None:
+            check_dir(name, config.data_dir)
         data = load_dataset(
             name,
             data_dir or config.data_dir,
