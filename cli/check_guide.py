@@ -61,8 +61,9 @@ _RUN_FIELDS = ("model", "guide", "stochastic_layers")
 )
 @run_option(
     "data_dir",
-    default_text="with RUN_DIR the run's: its fit's --data-dir, else "
-    "$PYRO_IWAE_DATA, else ~/.cache/pyro-iwae",
+    default_text="with RUN_DIR the folder the run's fit read, recorded in its "
+    "config.json; for a run that recorded none, $PYRO_IWAE_DATA, else "
+    "~/.cache/pyro-iwae",
 )
 @count_option("--batch-size", 8, "Points in the batch.")
 @click.option(

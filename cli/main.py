@@ -76,8 +76,8 @@ _data_dir_option = run_option("data_dir")
 #: default (the help claimed $PYRO_IWAE_DATA's).
 _run_data_dir_option = run_option(
     "data_dir",
-    default_text="the run's: its fit's --data-dir, else $PYRO_IWAE_DATA, else "
-    "~/.cache/pyro-iwae",
+    default_text="the folder the run's fit read, recorded in its config.json; for "
+    "a run that recorded none, $PYRO_IWAE_DATA, else ~/.cache/pyro-iwae",
 )
 _logger_option = click.option(
     "--logger",
@@ -216,16 +216,27 @@ def fit(ctx: click.Context, **options: Any) -> None:
     except ValueError as e:
         if isinstance(e, PyroIwaeError) and not isinstance(e, ConfigError):
             raise
-        names = {**OPTION_NAMES, **in_file}
-        message = e.render(names) if isinstance(e, ConfigError) else str(e)
-        if in_file:  # said once: "(in f.json)" after every setting read as noise
-            head, found, rest = message.partition(where)
-            message = head + found + rest.replace(where, "")
-        raise click.UsageError(cli_text(message)) from None
+        raise _settings_error(e, in_file, where) from None
     if options["print_config"]:
         click.echo(json.dumps(config.to_dict(), indent=2))
         return
-    _train(run, config, resume, options["quiet"], options["loggers"])
+    try:
+        _train(run, config, resume, options["quiet"], options["loggers"])
+    except ConfigError as e:  # a data file's own test set, known once it is read
+        raise _settings_error(e, in_file, where) from None
+
+
+def _settings_error(
+    e: ValueError, in_file: dict[str, str], where: str
+) -> click.UsageError:
+    """The usage error of ``e``, naming a setting read from the settings file
+    (``in_file``: field -> its name there) as the file's key."""
+    names = {**OPTION_NAMES, **in_file}
+    message = e.render(names) if isinstance(e, ConfigError) else str(e)
+    if in_file:  # said once: "(in f.json)" after every setting read as noise
+        head, found, rest = message.partition(where)
+        message = head + found + rest.replace(where, "")
+    return click.UsageError(cli_text(message))
 
 
 def _fields(cls: type) -> list[str]:

@@ -90,7 +90,12 @@ def test_help_on_a_run_says_its_data_folder_and_other_data_are_the_defaults(
     # the run's recorded folder; and --dataset only "a data file's new path".
     text = " ".join(invoke(command, "--help").output.split())
     assert "[default: ($PYRO_IWAE_DATA" not in text
-    assert "the run's: its fit's --data-dir, else $PYRO_IWAE_DATA" in text
+    # Then it said "its fit's --data-dir, else $PYRO_IWAE_DATA", as if today's
+    # $PYRO_IWAE_DATA counted: a run records the folder its fit read.
+    assert (
+        "the folder the run's fit read, recorded in its config.json; for a run "
+        "that recorded none, $PYRO_IWAE_DATA"
+    ) in text
     if command == "eval-nll":
         assert "other data of the same width: evaluated" in text
         assert "-on-NAME.json" in text

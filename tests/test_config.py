@@ -97,6 +97,7 @@ def test_settings_that_go_together():
         "beta",
         "alpha",
         "sigma",
+        "test_fraction",  # the built-in set holds its own test set
     ]
     for settings in (
         {"schedule": "paper", "stages": 2},
@@ -113,6 +114,7 @@ def test_settings_that_go_together():
         "beta",
         "sigma",
         "compile",
+        "test_fraction",
     ]
 
 
@@ -188,6 +190,46 @@ def test_config_file_and_print_config_round_trip(tmp_path):
     broken.write_text("{")
     result = CliRunner().invoke(cli, ["fit", "--config", str(broken)])
     assert result.exit_code != 0 and "cannot read settings file" in result.output
+
+
+def test_a_built_in_sets_test_fraction_is_refused_before_any_data_are_read(
+    tmp_path, monkeypatch
+):
+    # Refused only once the data were loaded: --print-config printed a config
+    # that fit then refused, merge accepted it, and without the data fit tried
+    # a download first; a settings file's value was named --test-fraction.
+    monkeypatch.setenv("PYRO_IWAE_DATA", str(tmp_path / "no-data"))
+    with pytest.raises(ConfigError, match="test_fraction applies to data without"):
+        RunConfig.merge({"dataset": "mnist", "test_fraction": 0.2})
+    with pytest.raises(ConfigError, match="mnist has its own: drop it"):
+        RunConfig(dataset="mnist", test_fraction=0.2)
+    for options in (["--print-config"], ["--dataset", "mnist"]):
+        result = CliRunner().invoke(
+            cli, ["fit", *options, "--test-fraction", "0.2", "--out", str(tmp_path)]
+        )
+        assert result.exit_code == 2
+        assert "Error: --test-fraction applies to data without a test set; " in (
+            result.output
+        )
+    # Named, it is refused at its default too, as sigma is.
+    result = CliRunner().invoke(
+        cli, ["fit", "--print-config", "--test-fraction", "0.1"]
+    )
+    assert "Error: --test-fraction applies to data" in result.output
+    settings = tmp_path / "tf.json"
+    settings.write_text(json.dumps({"dataset": "mnist", "test_fraction": 0.2}))
+    result = CliRunner().invoke(cli, ["fit", "--config", str(settings)])
+    assert (
+        "Error: test_fraction (in tf.json) applies to data without a test set; "
+        "dataset mnist has its own: drop it"
+    ) in result.output
+    assert not (tmp_path / "no-data").exists()
+    # A run of an older version that stored one still loads, without it.
+    run = tmp_path / "old"
+    run.mkdir()
+    values = {**RunConfig(dataset="mnist").to_dict(), "test_fraction": 0.2}
+    (run / CONFIG_FILE).write_text(json.dumps(values))
+    assert RunConfig.load(run) == RunConfig(dataset="mnist")
 
 
 @pytest.mark.parametrize(

@@ -52,12 +52,16 @@ def test_mnist_of_another_data_dir_is_refused_or_evaluated_as_other_data(
     for command in (
         ["eval-nll", run_dir, *EVAL],
         ["sample", run_dir, "--n", 2],
+        ["check-guide", run_dir],
         ["fit", "--resume", "--out", run_dir, "--epochs", 2, "--quiet"],
     ):
         error = assert_one_line_error(
             invoke(*command, "--data-dir", b), f"mnist in {b} holds other points"
         )
         assert f"pass --data-dir {a}, where they were" in error
+        if command[0] != "fit":
+            # It advised sample too to "evaluate it as other data".
+            assert error.endswith("or use them as other data with --dataset mnist")
     assert (run_dir / "eval-test-k3.json").read_text() == own
     assert len(read_metrics(run_dir)) == 1
     # Deliberately: named as other data, beside the run's own evaluation.
@@ -140,3 +144,21 @@ def test_a_run_recorded_before_built_in_data_were_still_evaluates(tmp_path, fold
         )
     )
     assert json.loads((run_dir / DATA_RECORD).read_text())["dataset"] == "mnist"
+
+
+def test_a_run_whose_data_folder_is_gone_is_refused_naming_it(tmp_path, folders):
+    # eval-nll tried to download MNIST into the recorded folder, long gone.
+    a, _ = folders
+    run_dir = tmp_path / "run"
+    assert_ok(
+        invoke("fit", "--dataset", "mnist", *FIT, "--data-dir", a, "--out", run_dir)
+    )
+    moved = a.rename(tmp_path / "moved")
+    for command in (["eval-nll", run_dir, *EVAL], ["sample", run_dir, "--n", 2]):
+        assert_one_line_error(
+            invoke(*command),
+            f"mnist: {a}, the folder the run's fit read it from (see its "
+            "config.json), is gone; pass --data-dir FOLDER, where the data are now",
+        )
+    assert not a.exists()
+    assert_ok(invoke("eval-nll", run_dir, *EVAL, "--data-dir", moved))

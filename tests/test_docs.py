@@ -464,3 +464,19 @@ def test_the_distributed_page_says_estimates_agree_at_the_same_threads_only():
     )
     assert claim and "at the same threads per process (`OMP_NUM_THREADS`)" in claim[0]
     assert "run the plain one with `OMP_NUM_THREADS=1` too" in page
+
+
+def test_the_evaluation_pages_medians_are_those_eval_nll_reports():
+    # It printed d.ess.median(), torch's lower median (2 of 1, 2, 3, 4), where
+    # eval-nll reports the usual one (2.5).
+    import torch
+
+    from pyro_iwae.runs.eval_results import _median
+
+    page = ROOT / "docs" / "source" / "evaluation.md"
+    code = next(b.code for b in blocks(page) if "median ESS" in b.code)
+    calls = re.findall(r"d\.(ess|khat)(\.\w+\([^)]*\))", code)
+    assert sorted(name for name, _ in calls) == ["ess", "khat"]
+    x = torch.tensor([4.0, 1.0, 3.0, 2.0])
+    for _, call in calls:
+        assert float(eval(f"x{call}")) == float(_median(x)) == 2.5

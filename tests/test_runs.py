@@ -542,7 +542,7 @@ def test_a_test_fraction_of_data_with_their_own_test_set_is_refused(tmp_path):
         )
         assert_one_line_error(
             result,
-            "--test-fraction applies to a --dataset file without a test set",
+            "--test-fraction applies to data without a test set; --dataset",
             "has its own: drop it",
         )
         assert not (tmp_path / f"run-{dataset}").exists()
@@ -559,6 +559,22 @@ def test_a_test_fraction_of_data_with_their_own_test_set_is_refused(tmp_path):
         tmp_path / "half",
     )
     assert read_metrics(tmp_path / "half")[0]["test_points"] == 20
+
+
+def test_a_data_files_test_fraction_from_a_settings_file_is_named_as_its_key(tmp_path):
+    # The refusal said --test-fraction, an option the user never passed.
+    points = np.random.default_rng(0).standard_normal((40, 3)).astype(np.float32)
+    np.savez(tmp_path / "both.npz", train=points[:30], test=points[30:])
+    settings = tmp_path / "tf.json"
+    config = linear_gaussian_config(str(tmp_path / "both.npz"), test_fraction=0.5)
+    settings.write_text(json.dumps(config.to_dict()))
+    result = invoke("fit", "--config", settings, "--out", tmp_path / "run")
+    assert_one_line_error(
+        result,
+        "test_fraction (in tf.json) applies to data without a test set; dataset ",
+        "both.npz has its own: drop it",
+    )
+    assert not (tmp_path / "run").exists()
 
 
 def test_a_limit_past_the_split_is_the_whole_split(tmp_path):

@@ -61,7 +61,9 @@ def trial_run(args: tuple, kwargs: dict) -> Iterator[None]:
     forked random stream, its warnings and Pyro's log messages silenced."""
     pyro_log = logging.getLogger("pyro")
     level = pyro_log.level
-    pyro_log.setLevel(logging.WARNING)  # no "Guessed max_plate_nesting" line
+    # No "Guessed max_plate_nesting" line; a level set higher (or inherited:
+    # 0, NOTSET) stays as it is.
+    pyro_log.setLevel(max(pyro_log.getEffectiveLevel(), logging.WARNING))
     try:
         with torch.random.fork_rng(devices=cuda_devices(args, kwargs)):
             with warnings.catch_warnings():

@@ -48,9 +48,11 @@ from .settings import (
     NO_DEFAULT,
     absolute_paths,
     check_applies,
+    check_held_out,
     check_values,
     declared,
     normalize_switches,
+    own_test_set,
     setting,
     unused,
 )
@@ -316,7 +318,9 @@ class RunConfig:
         # the choice another setting applies to; and the objective would refuse
         # a wrong value without the setting's name.
         check_values(self)
+        given = set(given)
         check_applies(self.to_dict(), _defaults(), given, _APPLIES_WITH)
+        check_held_out(self.to_dict(), _defaults(), given)
         self.make_schedule()
         self.make_objective()
         check_likelihood(self.likelihood, self.sigma)
@@ -364,7 +368,7 @@ class RunConfig:
         }
 
     def unused_settings(self) -> list[str]:
-        """The settings that take no effect with this schedule and objective."""
+        """The settings that take no effect with this schedule, objective and data."""
         return _unused(self.to_dict())
 
     def to_dict(self) -> dict[str, Any]:
@@ -526,8 +530,8 @@ class RunConfig:
 
 
 def _unused(values: dict[str, Any]) -> list[str]:
-    """The fields of :data:`_APPLIES_WITH` that take no effect with ``values``."""
-    return unused(values, _APPLIES_WITH)
+    """The fields that take no effect with ``values``: see :data:`_APPLIES_WITH`."""
+    return unused(values, _APPLIES_WITH) + own_test_set(values)
 
 
 def _unknown(values: dict[str, Any]) -> list[str]:

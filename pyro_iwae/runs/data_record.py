@@ -19,6 +19,7 @@ from .checkpoints import write_json
 __all__ = [
     "DATA_RECORD",
     "check_data",
+    "check_dir",
     "check_points",
     "data_folder",
     "digest",
@@ -60,6 +61,19 @@ def data_folder(dataset: str, data_dir: str | os.PathLike | None) -> str | None:
         return None
     folder = default_data_dir() if data_dir is None else Path(data_dir)
     return str(folder.expanduser().resolve())
+
+
+def check_dir(dataset: str, recorded: str | None) -> None:
+    """:raises DataError: where the folder ``recorded``, that a run's fit read
+    the built-in data set ``dataset`` from, is gone (a download would make it
+    anew, or name a file missing in it)."""
+    if recorded is None or data_folder(dataset, recorded) is None:
+        return
+    if not Path(recorded).expanduser().is_dir():
+        raise DataError(
+            f"{dataset}: {recorded}, the folder the run's fit read it from (see "
+            "its config.json), is gone; pass data_dir=FOLDER, where the data are now"
+        )
 
 
 def record_data(

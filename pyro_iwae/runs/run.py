@@ -51,7 +51,7 @@ from .checkpoints import (
     trained_steps,
 )
 from .config import CONFIG_FILE, RunConfig
-from .data_record import check_data, check_points, data_folder, is_recorded
+from .data_record import check_data, check_dir, check_points, data_folder, is_recorded
 from .estimates import estimate_points
 from .eval_results import (
     EVAL_METHODS,
@@ -170,9 +170,12 @@ class Run:
         """
         config = self.config if config is None else config
         name = config.dataset if dataset is None else _as_dataset(dataset)
-        advice = f"evaluate it as other data with dataset={str(name)!r}"
+        # Said to eval-nll, sample and check-guide alike: not all evaluate.
+        advice = f"use them as other data with dataset={str(name)!r}"
         if dataset is None and name not in DATASETS:
             check_data(self.path, name, advice)
+        if data_dir is None:
+            check_dir(name, config.data_dir)
         data = load_dataset(
             name,
             data_dir or config.data_dir,

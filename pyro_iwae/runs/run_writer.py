@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from ..data import DATASETS, Dataset, is_data_file
+from ..data import Dataset, is_data_file
 from ..data_files import holds_test_set
 from ..errors import (
     BuilderError,
@@ -37,6 +37,7 @@ from .checkpoints import CHECKPOINT_FILE, METRICS_FILE, load_checkpoint, read_me
 from .config import CONFIG_FILE, RunConfig
 from .data_record import DATA_RECORD, data_folder, record_or_check
 from .fit_steps import check_continues, check_test_bound
+from .settings import held_out_error
 from .training import fit
 
 __all__ = [
@@ -489,16 +490,14 @@ def build_run(
 
 def _check_held_out(config: RunConfig) -> None:
     """:raises ConfigError: for a ``test_fraction`` other than its default where
-    the data hold their own test set (a built-in set, or a file's test array)."""
+    the data file holds its own test set (a built-in set's is refused by
+    :meth:`RunConfig.validate`)."""
     if config.test_fraction == RunConfig.__dataclass_fields__["test_fraction"].default:
         return
     # Stored and without effect, where --sigma without the gaussian likelihood
     # is refused: so is this, a share held out of data that hold none out.
-    if config.dataset in DATASETS or holds_test_set(config.dataset):
-        raise ConfigError(
-            "{test_fraction} applies to a {dataset} file without a test set; "
-            f"{literal(config.dataset)} has its own: drop it"
-        )
+    if is_data_file(config.dataset) and holds_test_set(config.dataset):
+        raise held_out_error(config.dataset)
 
 
 def model_likelihood(config: RunConfig) -> str | None:

@@ -25,7 +25,7 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
-from ..data import is_data_file
+from ..data import DATASETS, is_data_file
 from ..errors import ConfigError, literal, one_line
 from ..infer.hooks import is_backend
 
@@ -33,10 +33,13 @@ __all__ = [
     "Setting",
     "absolute_paths",
     "check_applies",
+    "check_held_out",
     "check_values",
     "normalize_switches",
     "declared",
+    "held_out_error",
     "option_names",
+    "own_test_set",
     "read_settings",
     "setting",
 ]
@@ -252,6 +255,37 @@ def check_applies(
             raise ConfigError(
                 f"{{{field}}} applies to {{{setting_}}} {_or(applies)}; {instead}"
             )
+
+
+def own_test_set(values: Mapping[str, Any]) -> list[str]:
+    """``["test_fraction"]`` where ``values`` name a built-in data set, which
+    holds its own test set, else ``[]``: whether a data file holds one is known
+    only once it is read."""
+    return ["test_fraction"] if values["dataset"] in DATASETS else []
+
+
+def check_held_out(
+    values: Mapping[str, Any], defaults: Mapping[str, Any], given: Iterable[str]
+) -> None:
+    """Checks, as :func:`check_applies` does, that a built-in data set's
+    ``test_fraction`` keeps its default and is not among the settings ``given``.
+
+    :raises ConfigError: naming the settings as ``{field}``.
+    """
+    # Before any data are read: a built-in set's own test set is the test set,
+    # and downloading it first would answer with a network error instead.
+    if own_test_set(values) and (
+        "test_fraction" in given or values["test_fraction"] != defaults["test_fraction"]
+    ):
+        raise held_out_error(values["dataset"])
+
+
+def held_out_error(dataset: str) -> ConfigError:
+    """The error for a ``test_fraction`` of a ``dataset`` with its own test set."""
+    return ConfigError(
+        "{test_fraction} applies to data without a test set; {dataset} "
+        f"{literal(dataset)} has its own: drop it"
+    )
 
 
 def unused(
