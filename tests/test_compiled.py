@@ -410,30 +410,20 @@ def test_a_step_with_frozen_parameters_updates_nothing(optimizer):
 def test_pyro_svi_steps_with_the_compiled_loss_follow_the_eager_ones():
     # SVI optimises the parameters whose pyro.param sites it sees; the compiled
     # graph skips the program that makes them, so it must announce them.
-    init = _initial_states()
-    x = _data(4)
-    trained = []
-    for compile in (None, False):
-        pyro.clear_param_store()
-        model, guide = _paper_pair(init)
-        elbo = IWELBO(3, compile=compile)
-        svi = pyro.infer.SVI(model, guide, pyro.optim.Adam({"lr": 1e-2}), elbo)
-        torch.manual_seed(5)
-        for _ in range(3):
-            svi.step(x)
-        if compile is not False:
-            assert compiled_loss(elbo, model, guide).compiled
-        trained.append([*model.state_dict().values(), *guide.state_dict().values()])
-    start = [*init[0].values(), *init[1].values()]
-    moved = [(a - b).abs().max() for a, b in zip(trained[1], start, strict=True)]
-    assert max(moved) > 1e-3  # the eager steps did train
-    _assert_same_tensors(*trained)
+    _svi_steps_follow_the_eager_ones(clear_after=None)
 
 
 def test_pyro_svi_trains_on_after_the_param_store_is_cleared():
     # The graph skips the pyro.module calls that register the parameters: after
     # clear_param_store() nothing announced them, and SVI's compiled steps left
     # the parameters as they were, with plausible losses and no word.
+    _svi_steps_follow_the_eager_ones(clear_after=1)  # a notebook's cell run again
+
+
+def _svi_steps_follow_the_eager_ones(clear_after):
+    """Four SVI steps with the compiled IWELBO and with the eager one, the param
+    store cleared after step ``clear_after`` (None: never): the same parameters,
+    moved by the steps after the clear."""
     init = _initial_states()
     x = _data(4)
     trained = []
@@ -443,17 +433,22 @@ def test_pyro_svi_trains_on_after_the_param_store_is_cleared():
         elbo = IWELBO(3, compile=compile)
         svi = pyro.infer.SVI(model, guide, pyro.optim.Adam({"lr": 1e-2}), elbo)
         torch.manual_seed(5)
-        svi.step(x)
-        pyro.clear_param_store()  # a notebook's training cell run again
-        before = [p.detach().clone() for p in guide.parameters()]
-        for _ in range(3):
+        for step in range(4):
+            if step in (0, clear_after):
+                pyro.clear_param_store()
+                before = [t.clone() for t in _state(model, guide)]
             svi.step(x)
-        after = list(guide.parameters())
-        moved = [(p - b).abs().max() for p, b in zip(after, before, strict=True)]
-        assert max(moved) > 1e-3
-        trained.append([*model.state_dict().values(), *guide.state_dict().values()])
+        if compile is not False and clear_after is None:
+            assert compiled_loss(elbo, model, guide).compiled
+        trained.append(_state(model, guide))
+        moved = [(a - b).abs().max() for a, b in zip(trained[-1], before, strict=True)]
+        assert max(moved) > 1e-3  # the steps (after the clear) did train
     _assert_same_tensors(*trained)
     pyro.clear_param_store()
+
+
+def _state(model, guide):
+    return [*model.state_dict().values(), *guide.state_dict().values()]
 
 
 def test_a_pyro_optimiser_given_to_step_is_refused_in_one_line():
