@@ -516,6 +516,48 @@ def test_a_model_that_takes_no_likelihood_trains_on_real_valued_data(tmp_path):
         del MODELS["test-own-likelihood"]
 
 
+def test_a_model_builder_s_own_likelihood_default_is_the_one_checked(tmp_path):
+    # A builder taking likelihood="gaussian" by default is not given the run's
+    # default, bernoulli: it built a Gaussian model, yet real-valued points were
+    # refused as outside the bernoulli support.
+    from pyro_iwae import register_model
+    from pyro_iwae.nn.models import paper_model
+    from pyro_iwae.nn.registry import MODELS
+    from pyro_iwae.runs.run_writer import model_likelihood
+
+    def gaussian_by_default(x_dim, stochastic_layers, data_mean, likelihood="gaussian"):
+        return paper_model(x_dim, stochastic_layers, data_mean, likelihood=likelihood)
+
+    def other_default(x_dim, stochastic_layers, data_mean, likelihood="poisson"):
+        return gaussian_by_default(x_dim, stochastic_layers, data_mean)
+
+    register_model("test-gaussian-default")(gaussian_by_default)
+    register_model("test-other-default")(other_default)
+    try:
+        data = tmp_path / "points.npy"
+        np.save(data, np.random.default_rng(0).standard_normal((60, 3), np.float32))
+        config = RunConfig(
+            dataset=str(data),
+            x_dim=3,
+            model="test-gaussian-default",
+            batch_size=18,
+            num_particles=2,
+            epochs=1,
+            compile="off",
+        )
+        assert model_likelihood(config) == "gaussian"
+        (metrics,) = train_run(config, tmp_path / "run")
+        assert math.isfinite(metrics["test_bound"])
+        # Given, the run's setting is the builder's; a default of no known
+        # likelihood is the builder's own (only finite values are asked for).
+        given = dataclasses.replace(config, likelihood="continuous-bernoulli")
+        assert model_likelihood(given) == "continuous-bernoulli"
+        other = dataclasses.replace(config, model="test-other-default")
+        assert model_likelihood(other) is None
+    finally:
+        del MODELS["test-gaussian-default"], MODELS["test-other-default"]
+
+
 def test_a_test_fraction_of_data_with_their_own_test_set_is_refused(tmp_path):
     # It was accepted and stored, and held nothing out: the data's own test set,
     # a file's test array or a built-in set's, was the test set.

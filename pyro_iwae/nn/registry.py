@@ -28,6 +28,7 @@ import sys
 import warnings
 from collections.abc import Callable
 from types import ModuleType
+from typing import Any
 
 import torch
 
@@ -245,6 +246,21 @@ def takes(kind: str, name: str, setting: str) -> bool:
         or (p.name == setting and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY))
         for p in parameters
     )
+
+
+def own_default(kind: str, name: str, setting: str) -> Any:
+    """The default the ``kind`` builder ``name`` gives its keyword argument
+    ``setting``; ``inspect.Parameter.empty`` where it gives none (or has no
+    signature to tell).
+
+    :raises BuilderError: see :func:`resolve`.
+    """
+    try:
+        parameters = inspect.signature(resolve(kind, name)).parameters
+    except (TypeError, ValueError):
+        return inspect.Parameter.empty
+    parameter = parameters.get(setting)
+    return inspect.Parameter.empty if parameter is None else parameter.default
 
 
 def _build(kind: str, name: str, **config) -> torch.nn.Module:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import inspect
 import os
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -29,8 +30,8 @@ from ..errors import (
 from ..infer.estimable import check_program
 from ..infer.evaluation import evaluating
 from ..infer.objectives import IWELBO
-from ..nn.likelihoods import support_problem
-from ..nn.registry import build_guide, build_model, takes
+from ..nn.likelihoods import LIKELIHOODS, support_problem
+from ..nn.registry import build_guide, build_model, own_default, takes
 from . import distributed, locks
 from .callbacks import FitCallback
 from .checkpoints import CHECKPOINT_FILE, METRICS_FILE, load_checkpoint, read_metrics
@@ -501,12 +502,22 @@ def _check_held_out(config: RunConfig) -> None:
 
 
 def model_likelihood(config: RunConfig) -> str | None:
-    """The likelihood of the run's model: ``config.likelihood``, or None for a
-    model whose builder takes no ``likelihood`` (it sets its own).
+    """The likelihood of the run's model: ``config.likelihood``; at its default
+    (which the builder is not given), the builder's own default where it names
+    one of :data:`~pyro_iwae.nn.likelihoods.LIKELIHOODS`; None for a model
+    whose builder takes no ``likelihood``, or whose own default is another
+    (it sets its own).
 
     :raises BuilderError: see :func:`pyro_iwae.nn.registry.resolve`.
     """
-    return config.likelihood if takes("model", config.model, "likelihood") else None
+    if not takes("model", config.model, "likelihood"):
+        return None
+    if "likelihood" in config.builder_settings("model"):
+        return config.likelihood
+    own = own_default("model", config.model, "likelihood")
+    if own is inspect.Parameter.empty:
+        return config.likelihood
+    return own if own in LIKELIHOODS else None
 
 
 def check_support(config: RunConfig, data: Dataset) -> None:
