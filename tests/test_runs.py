@@ -490,17 +490,7 @@ def test_a_model_that_takes_no_likelihood_trains_on_real_valued_data(tmp_path):
 
     register_model("test-own-likelihood")(build)
     try:
-        data = tmp_path / "points.npy"
-        np.save(data, np.random.default_rng(0).standard_normal((60, 3), np.float32))
-        config = RunConfig(
-            dataset=str(data),
-            x_dim=3,
-            model="test-own-likelihood",
-            batch_size=18,
-            num_particles=2,
-            epochs=1,
-            compile="off",
-        )
+        config = _real_valued_run(tmp_path, "test-own-likelihood")
         assert model_likelihood(config) is None
         assert model_likelihood(small_config()) == "bernoulli"
         (metrics,) = train_run(config, tmp_path / "run")
@@ -534,17 +524,7 @@ def test_a_model_builder_s_own_likelihood_default_is_the_one_checked(tmp_path):
     register_model("test-gaussian-default")(gaussian_by_default)
     register_model("test-other-default")(other_default)
     try:
-        data = tmp_path / "points.npy"
-        np.save(data, np.random.default_rng(0).standard_normal((60, 3), np.float32))
-        config = RunConfig(
-            dataset=str(data),
-            x_dim=3,
-            model="test-gaussian-default",
-            batch_size=18,
-            num_particles=2,
-            epochs=1,
-            compile="off",
-        )
+        config = _real_valued_run(tmp_path, "test-gaussian-default")
         assert model_likelihood(config) == "gaussian"
         (metrics,) = train_run(config, tmp_path / "run")
         assert math.isfinite(metrics["test_bound"])
@@ -556,6 +536,21 @@ def test_a_model_builder_s_own_likelihood_default_is_the_one_checked(tmp_path):
         assert model_likelihood(other) is None
     finally:
         del MODELS["test-gaussian-default"], MODELS["test-other-default"]
+
+
+def _real_valued_run(tmp_path, model):
+    """A one-epoch run of ``model`` on 60 standard-normal points of 3 values."""
+    data = tmp_path / "points.npy"
+    np.save(data, np.random.default_rng(0).standard_normal((60, 3), np.float32))
+    return RunConfig(
+        dataset=str(data),
+        x_dim=3,
+        model=model,
+        batch_size=18,
+        num_particles=2,
+        epochs=1,
+        compile="off",
+    )
 
 
 def test_a_test_fraction_of_data_with_their_own_test_set_is_refused(tmp_path):
