@@ -26,7 +26,7 @@ import inspect
 import os
 import sys
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from types import ModuleType
 from typing import Any
 
@@ -237,14 +237,11 @@ def takes(kind: str, name: str, setting: str) -> bool:
 
     :raises BuilderError: see :func:`resolve`.
     """
-    try:
-        parameters = inspect.signature(resolve(kind, name)).parameters.values()
-    except (TypeError, ValueError):
-        return True
-    return any(
+    parameters = _parameters(kind, name)
+    return parameters is None or any(
         p.kind is p.VAR_KEYWORD
         or (p.name == setting and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY))
-        for p in parameters
+        for p in parameters.values()
     )
 
 
@@ -255,12 +252,17 @@ def own_default(kind: str, name: str, setting: str) -> Any:
 
     :raises BuilderError: see :func:`resolve`.
     """
-    try:
-        parameters = inspect.signature(resolve(kind, name)).parameters
-    except (TypeError, ValueError):
-        return inspect.Parameter.empty
-    parameter = parameters.get(setting)
+    parameter = (_parameters(kind, name) or {}).get(setting)
     return inspect.Parameter.empty if parameter is None else parameter.default
+
+
+def _parameters(kind: str, name: str) -> Mapping[str, inspect.Parameter] | None:
+    """The parameters of the ``kind`` builder ``name``; None where it has no
+    signature to tell."""
+    try:
+        return inspect.signature(resolve(kind, name)).parameters
+    except (TypeError, ValueError):
+        return None
 
 
 def _build(kind: str, name: str, **config) -> torch.nn.Module:
